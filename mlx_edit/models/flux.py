@@ -1,0 +1,280 @@
+"""The FLUX.1 transformer (MM-DiT): Fill, dev, schnell and the Canny/Depth control models.
+
+One configurable model; the variant comes from the checkpoint's config (in_channels 384
+for Fill, 128 for Canny/Depth, 64 for dev/schnell; guidance embedding on or off).
+Reference: diffusers `models/transformers/transformer_flux.py` (FluxTransformer2DModel),
+BFL `src/flux/model.py` and `modules/layers.py`.
+
+Compute layout (ours, chosen for speed): fused QKV per stream in double blocks, and one
+fused input projection (q, k, v, MLP) per single block, as in BFL checkpoints. Loaders
+map diffusers' separate projections into it (mlx_edit/weights/flux.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_edit.models.layers import (
+    ControlResiduals,
+    IPAdapterKV,
+    MLPEmbedder,
+    apply_rope,
+    attention,
+    modulate,
+    residual_index,
+    rope_table,
+    timestep_embedding,
+)
+
+
+@dataclass
+class FluxConfig:
+    """diffusers FluxTransformer2DModel config (defaults: FLUX.1-Fill-dev)."""
+
+    in_channels: int = 384
+    out_channels: int | None = 64
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    patch_size: int = 1
+    theta: float = 10000.0
+    mlp_ratio: float = 4.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FluxConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.axes_dims_rope = tuple(cfg.axes_dims_rope)
+        if cfg.out_channels is None:
+            cfg.out_channels = cfg.in_channels
+        if cfg.patch_size != 1:
+            raise ValueError(f"patch_size {cfg.patch_size} is not supported (FLUX uses 1)")
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim "
+                f"{cfg.attention_head_dim}"
+            )
+        return cfg
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm over head_dim for queries and keys (eps 1e-6, learnable weight)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+
+
+def _split_heads(qkv: mx.array, heads: int) -> tuple[mx.array, mx.array, mx.array]:
+    """(B, N, 3*H*D) -> three (B, H, N, D)."""
+    b, n, _ = qkv.shape
+    qkv = qkv.reshape(b, n, 3, heads, -1).transpose(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+class StreamAttention(QKNorm):
+    """One stream's fused QKV projection, QK norm and output projection (double block)."""
+
+    def __init__(self, hidden: int, head_dim: int):
+        super().__init__(head_dim)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def qkv_heads(self, x: mx.array, heads: int):
+        q, k, v = _split_heads(self.qkv(x), heads)
+        return self.norm_q(q), self.norm_k(k), v
+
+
+class MLP(nn.Module):
+    """Linear -> tanh-GELU -> Linear (diffusers FeedForward 'gelu-approximate')."""
+
+    def __init__(self, hidden: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, hidden)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu_approx(self.fc1(x)))
+
+
+class DoubleBlock(nn.Module):
+    """Joint attention over [text, image] with separate weights per stream."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.img_mod = nn.Linear(h, 6 * h)
+        self.txt_mod = nn.Linear(h, 6 * h)
+        self.img_attn = StreamAttention(h, cfg.attention_head_dim)
+        self.txt_attn = StreamAttention(h, cfg.attention_head_dim)
+        self.img_mlp = MLP(h, cfg.mlp_hidden)
+        self.txt_mlp = MLP(h, cfg.mlp_hidden)
+
+    def __call__(self, img, txt, vec, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
+        img_mod = mx.split(self.img_mod(vec), 6, axis=-1)
+        txt_mod = mx.split(self.txt_mod(vec), 6, axis=-1)
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, img_mod[0], img_mod[1]), self.heads)
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, txt_mod[0], txt_mod[1]), self.heads)
+        q = apply_rope(mx.concatenate([tq, iq], axis=2), rope)
+        k = apply_rope(mx.concatenate([tk, ik], axis=2), rope)
+        out = attention(q, k, mx.concatenate([tv, iv], axis=2))
+        n_txt = txt.shape[1]
+        txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
+
+        img = img + img_mod[2][:, None] * self.img_attn.proj(img_out)
+        img = img + img_mod[5][:, None] * self.img_mlp(modulate(img, img_mod[3], img_mod[4]))
+        for adapter in ip:
+            # IP-Adapter: image query after QK norm, before RoPE (FluxIPAdapterAttnProcessor).
+            img = img + adapter.scale[index] * attention(iq, adapter.k[index], adapter.v[index])
+        txt = txt + txt_mod[2][:, None] * self.txt_attn.proj(txt_out)
+        txt = txt + txt_mod[5][:, None] * self.txt_mlp(modulate(txt, txt_mod[3], txt_mod[4]))
+        return img, txt
+
+
+class SingleBlock(QKNorm):
+    """Parallel attention + MLP over the joint sequence, one fused input projection."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__(cfg.attention_head_dim)
+        h = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.hidden = h
+        self.modulation = nn.Linear(h, 3 * h)
+        self.linear1 = nn.Linear(h, 3 * h + cfg.mlp_hidden)
+        self.linear2 = nn.Linear(h + cfg.mlp_hidden, h)
+
+    def __call__(self, x, vec, rope):
+        shift, scale, gate = mx.split(self.modulation(vec), 3, axis=-1)
+        qkv, mlp = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden], axis=-1)
+        q, k, v = _split_heads(qkv, self.heads)
+        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
+        out = mx.concatenate([attention(q, k, v), nn.gelu_approx(mlp)], axis=-1)
+        return x + gate[:, None] * self.linear2(out)
+
+
+class FinalLayer(nn.Module):
+    """AdaLayerNormContinuous (scale, shift order as diffusers) + output projection."""
+
+    def __init__(self, hidden: int, out: int):
+        super().__init__()
+        self.modulation = nn.Linear(hidden, 2 * hidden)
+        self.linear = nn.Linear(hidden, out)
+
+    def __call__(self, x, vec):
+        scale, shift = mx.split(self.modulation(nn.silu(vec)), 2, axis=-1)
+        return self.linear(modulate(x, shift, scale))
+
+
+class FluxTransformer(nn.Module):
+    """FLUX.1 MM-DiT. See `__call__` for shapes."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, h)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, h)
+        self.time_in = MLPEmbedder(256, h)
+        self.vector_in = MLPEmbedder(cfg.pooled_projection_dim, h)
+        if cfg.guidance_embeds:
+            self.guidance_in = MLPEmbedder(256, h)
+        self.double_blocks = [DoubleBlock(cfg) for _ in range(cfg.num_layers)]
+        self.single_blocks = [SingleBlock(cfg) for _ in range(cfg.num_single_layers)]
+        self.final_layer = FinalLayer(h, cfg.out_channels)
+
+    def embed_conditioning(self, timestep, pooled, guidance=None) -> mx.array:
+        """The modulation vector: time + guidance + pooled-text embeddings, (B, hidden).
+
+        `timestep` (B,) is sigma in [0, 1] and `guidance` (B,) the raw guidance scale;
+        both are multiplied by 1000 (diffusers casts them to the model dtype first).
+        """
+        dtype = self.img_in.weight.dtype
+        t = (timestep.astype(dtype) * 1000).astype(mx.float32)
+        vec = self.time_in(timestep_embedding(t).astype(dtype))
+        if self.config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("this FLUX model embeds guidance: pass guidance (B,)")
+            g = (guidance.astype(dtype) * 1000).astype(mx.float32)
+            vec = vec + self.guidance_in(timestep_embedding(g).astype(dtype))
+        return vec + self.vector_in(pooled.astype(dtype))
+
+    def rope(self, img_ids: mx.array, txt_ids: mx.array) -> mx.array:
+        """RoPE table for [text, image] tokens, (L + N, head_dim/2, 2) float32."""
+        ids = mx.concatenate([txt_ids, img_ids], axis=0)
+        return rope_table(ids, self.config.axes_dims_rope, self.config.theta)
+
+    def __call__(
+        self,
+        img: mx.array,
+        img_ids: mx.array,
+        txt: mx.array,
+        txt_ids: mx.array,
+        timestep: mx.array,
+        pooled: mx.array,
+        guidance: mx.array | None = None,
+        *,
+        controlnet: Sequence[ControlResiduals] | None = None,
+        ip: Sequence[IPAdapterKV] | None = None,
+        rope: mx.array | None = None,
+    ) -> mx.array:
+        """One denoiser evaluation: the flow velocity for the image tokens.
+
+        Args:
+            img: packed image tokens (B, N, in_channels) (Fill: [noisy 64|masked 64|mask 256]).
+            img_ids: (N, 3) position ids (0, row, col); txt_ids: (L, 3), zeros for text.
+            txt: T5 hidden states (B, L, joint_attention_dim).
+            timestep: (B,) sigma in [0, 1]; guidance: (B,) guidance scale (None if the
+                model has no guidance embedding); pooled: CLIP pooled (B, pooled_dim).
+            controlnet: residuals per ControlNet, added after each block (interval rule).
+            ip: precomputed IP-Adapter keys/values (see IPAdapterKV).
+            rope: a precomputed `self.rope(img_ids, txt_ids)` (computed here if None).
+        Returns:
+            (B, N, out_channels) in the model dtype.
+        """
+        dtype = self.img_in.weight.dtype
+        vec = self.embed_conditioning(timestep, pooled, guidance)
+        if rope is None:
+            rope = self.rope(img_ids, txt_ids)
+        x = self.img_in(img.astype(dtype))
+        ctx = self.txt_in(txt.astype(dtype))
+        controlnet, ip = controlnet or (), ip or ()
+        silu_vec = nn.silu(vec)
+
+        n_double = len(self.double_blocks)
+        for i, block in enumerate(self.double_blocks):
+            x, ctx = block(x, ctx, silu_vec, rope, ip, i)
+            for res in controlnet:
+                if res.double:
+                    x = x + res.double[residual_index(i, n_double, len(res.double), res.repeat)]
+
+        n_txt = ctx.shape[1]
+        x = mx.concatenate([ctx, x], axis=1)
+        n_single = len(self.single_blocks)
+        for i, block in enumerate(self.single_blocks):
+            x = block(x, silu_vec, rope)
+            for res in controlnet:
+                if res.single:
+                    r = res.single[residual_index(i, n_single, len(res.single), False)]
+                    x = mx.concatenate([x[:, :n_txt], x[:, n_txt:] + r], axis=1)
+        return self.final_layer(x[:, n_txt:], vec)
+

@@ -1,0 +1,123 @@
+"""Shared FLUX building blocks: timestep embedding, 3-axis RoPE, attention, embedders.
+
+Reference: diffusers `models/embeddings.py` (Timesteps, get_1d_rotary_pos_embed,
+apply_rotary_emb, TimestepEmbedding) and BFL `src/flux/modules/layers.py`, `math.py`.
+RoPE tables and timestep embeddings are computed in float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding [cos, sin] of `t` (B,) (already scaled, e.g. sigma*1000).
+
+    Returns (B, dim) float32. diffusers `Timesteps(dim, flip_sin_to_cos=True,
+    downscale_freq_shift=0)`; BFL `timestep_embedding`.
+    """
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.out_layer(nn.silu(self.in_layer(x)))
+
+
+def rope_table(ids: mx.array, axes_dim: Sequence[int], theta: float = 10000.0) -> mx.array:
+    """Rotation table for position ids (N, n_axes) -> (N, head_dim/2, 2) float32 [cos, sin].
+
+    Pair k of axis a rotates by angle pos_a * theta^(-2k/dim_a), the axes concatenated
+    in order (diffusers FluxPosEmbed, repeat_interleave_real). Built once per run on the
+    host in float64, as diffusers does, then cast to float32.
+    """
+    pos = np.asarray(ids, dtype=np.float64)
+    angles = [
+        pos[:, a : a + 1] * theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+        for a, dim in enumerate(axes_dim)
+    ]
+    angle = np.concatenate(angles, axis=-1)
+    return mx.array(np.stack([np.cos(angle), np.sin(angle)], axis=-1).astype(np.float32))
+
+
+def apply_rope(x: mx.array, table: mx.array) -> mx.array:
+    """Rotate interleaved pairs of `x` (B, H, N, D) by `table` (N, D/2, 2), in float32.
+
+    out[2i] = x[2i] cos - x[2i+1] sin; out[2i+1] = x[2i+1] cos + x[2i] sin
+    (diffusers apply_rotary_emb with use_real_unbind_dim=-1). Returns x's dtype.
+    """
+    shape = x.shape
+    xf = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = table[..., 0], table[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.reshape(shape).astype(x.dtype)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Scaled dot-product attention, (B, H, N, D) each -> (B, N, H*D), scale 1/sqrt(D)."""
+    b, h, n, d = q.shape
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def layer_norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    """LayerNorm without affine parameters (statistics in float32 inside mx.fast)."""
+    return mx.fast.layer_norm(x, None, None, eps)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    """LN(x) * (1 + scale) + shift, with shift/scale (B, D) broadcast over tokens."""
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+@dataclass
+class ControlResiduals:
+    """ControlNet residuals for one ControlNet, already multiplied by its scale.
+
+    `double`: list of (B, N_img, hidden) added after the double blocks; `single`: the same
+    for single blocks (image tokens only). Block i receives `double[i // ceil(n/len)]`
+    (diffusers' interval rule) or, with `repeat=True`, `double[i % len]` (XLabs).
+    Reference: diffusers transformer_flux.py, FluxTransformer2DModel.forward.
+    """
+
+    double: list[mx.array] = field(default_factory=list)
+    single: list[mx.array] = field(default_factory=list)
+    repeat: bool = False
+
+
+@dataclass
+class IPAdapterKV:
+    """One IP-Adapter's keys/values, precomputed once per run for every double block.
+
+    `k`, `v`: one (B, H, T, D) array per double block; `scale`: one float per block.
+    The transformer adds scale * SDPA(image query after QK-norm, before RoPE, k, v) to the
+    image stream after the feed-forward residual (diffusers FluxIPAdapterAttnProcessor).
+    """
+
+    k: list[mx.array]
+    v: list[mx.array]
+    scale: list[float]
+
+
+def residual_index(i: int, n_blocks: int, n_residuals: int, repeat: bool) -> int:
+    """Which residual block i of n_blocks gets (diffusers interval rule / XLabs repeat)."""
+    if repeat:
+        return i % n_residuals
+    return i // int(math.ceil(n_blocks / n_residuals))

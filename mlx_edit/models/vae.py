@@ -1,0 +1,283 @@
+"""The FLUX VAE (diffusers `AutoencoderKL`) in MLX, NHWC layout.
+
+Reference: diffusers `models/autoencoders/autoencoder_kl.py` (AutoencoderKL),
+`models/autoencoders/vae.py` (Encoder, Decoder, DiagonalGaussianDistribution),
+`models/unets/unet_2d_blocks.py` (DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D),
+`models/resnet.py` (ResnetBlock2D), `models/downsampling.py`, `models/upsampling.py`.
+
+Module names follow diffusers (`encoder.down_blocks.0.resnets.1.conv1`, ...), so a
+diffusers checkpoint maps by name; conv weights are MLX's OHWI. Latent scaling is not
+applied here: the pipeline computes `(z - shift_factor) * scaling_factor` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_EPS = 1e-6  # every norm of the diffusers VAE (resnet_eps, conv_norm_out, attention)
+
+
+@dataclass
+class VAEConfig:
+    """diffusers `AutoencoderKL` config; the defaults are the FLUX.1 VAE (a BFL
+    `ae.safetensors` carries no config and uses them)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = field(default=(128, 256, 512, 512))
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    act_fn: str = "silu"
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        """Build from a diffusers `config.json` dict; unknown keys are ignored.
+
+        A `shift_factor` of None (SD-style VAEs) becomes 0.0. Raises ValueError for an
+        activation other than SiLU or block types other than the plain VAE blocks.
+        """
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "block_out_channels" in kw:
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        if kw.get("shift_factor", 0.0) is None:
+            kw["shift_factor"] = 0.0
+        if kw.get("act_fn", "silu") not in ("silu", "swish"):
+            raise ValueError(f"VAE act_fn {kw['act_fn']!r} is not supported (only silu)")
+        for key, allowed in (("down_block_types", "DownEncoderBlock2D"),
+                             ("up_block_types", "UpDecoderBlock2D")):
+            bad = [t for t in d.get(key, ()) if t != allowed]
+            if bad:
+                raise ValueError(f"VAE {key} {bad} not supported (only {allowed})")
+        return cls(**kw)
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for FLUX)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    # pytorch_compatible: groups of consecutive channels as torch; statistics run in
+    # float32 inside mx.fast.layer_norm even for bf16 inputs.
+    return nn.GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without time embedding: GN-SiLU-conv, GN-SiLU-conv, + skip
+    (a 1x1 `conv_shortcut` when the channel count changes). (B,H,W,Cin) -> (B,H,W,Cout)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels with a residual (diffusers `Attention`
+    built with `_from_deprecated_attn_block`, heads = 1, dim_head = channels).
+    (B,H,W,C) -> (B,H,W,C)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = _group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        t = self.group_norm(x).reshape(b, 1, h * w, c)
+        q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        return x + self.to_out[0](o).reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero padding one row at the bottom and one column at the
+    right (diffusers Downsample2D with padding=0: F.pad(x, (0, 1, 0, 1)))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (diffusers Upsample2D, use_conv=True)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return self.conv(x.reshape(b, 2 * h, 2 * w, c))
+
+
+class MidBlock(nn.Module):
+    """resnet, [attention], resnet (diffusers UNetMidBlock2D, one layer)."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups) for _ in range(2)]
+        self.attentions = [Attention(channels, groups)] if add_attention else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class DownBlock(nn.Module):
+    """`num_layers` resnets, then an optional Downsample (diffusers DownEncoderBlock2D)."""
+
+    def __init__(self, cin: int, cout: int, num_layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_layers)]
+        self.downsamplers = [Downsample(cout)] if downsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.resnets + self.downsamplers:
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """`num_layers` resnets, then an optional Upsample (diffusers UpDecoderBlock2D)."""
+
+    def __init__(self, cin: int, cout: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_layers)]
+        self.upsamplers = [Upsample(cout)] if upsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.resnets + self.upsamplers:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """(B,H,W,in_channels) -> (B,H/f,W/f,2*latent_channels): [mean | logvar] on channels."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = [
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = _group_norm(ch[-1], g)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(B,h,w,latent_channels) -> (B,h*f,w*f,out_channels)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
+        self.up_blocks = [
+            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.conv_norm_out = _group_norm(ch[-1], g)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """The KL autoencoder: images (B,H,W,C) in [-1, 1] <-> latents (B,H/f,W/f,latent).
+
+    f = `config.scale_factor` (8 for FLUX); H and W must be multiples of f for `decode`
+    to give back the input size. Computation runs in the dtype of the weights (inputs
+    are cast to it). Latents here are unscaled: FLUX's transformer sees
+    `(z - config.shift_factor) * config.scaling_factor`.
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
+        """Posterior parameters of images (B,H,W,in_channels) in [-1, 1].
+
+        Returns (mean, logvar), each (B,H/f,W/f,latent_channels) in the weights' dtype;
+        logvar is clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution.
+        """
+        h = self.encoder(images.astype(self.dtype))
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        mean, logvar = mx.split(h, 2, axis=-1)
+        return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def encode_mean(self, images: mx.array) -> mx.array:
+        """Posterior mean (= mode) (B,H/f,W/f,latent_channels) of images (B,H,W,3)."""
+        return self.encode(images)[0]
+
+    def encode_sample(self, images: mx.array, key: mx.array) -> mx.array:
+        """A posterior sample `mean + exp(logvar / 2) * eps`, eps = normal(key) drawn with
+        the latent's shape and dtype. (B,H,W,3) -> (B,H/f,W/f,latent_channels)."""
+        mean, logvar = self.encode(images)
+        eps = mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
+        return mean + mx.exp(0.5 * logvar) * eps
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """Images (B,h*f,w*f,out_channels), nominally in [-1, 1] (not clipped), from
+        unscaled latents (B,h,w,latent_channels)."""
+        z = latents.astype(self.dtype)
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)

@@ -1,0 +1,303 @@
+"""Text tokenizers of FLUX.1: CLIP-L byte-level BPE and T5 SentencePiece.
+
+Both return fixed-length int32 id arrays, as diffusers' FluxFillPipeline asks
+transformers for them (`padding="max_length", truncation=True`), see
+`_get_clip_prompt_embeds` / `_get_t5_prompt_embeds` in
+diffusers/pipelines/flux/pipeline_flux_fill.py. The references are transformers'
+`CLIPTokenizer` (transformers/models/clip/tokenization_clip.py, a `tokenizers` BPE) and
+`T5TokenizerFast` (transformers/models/t5/tokenization_t5.py, a `tokenizers` Unigram);
+tests/test_tokenizers.py checks ids against both on the same files.
+
+Runtime dependencies: numpy and sentencepiece only (stdlib `unicodedata` for the CLIP
+pre-tokenizer's `\\p{L}`/`\\p{N}` classes instead of the `regex` package).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+T5_MAX_LENGTH = 512
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the encoder's token limit; the tail was dropped.
+
+    Attributes: `encoder` ("CLIP" or "T5"), `dropped` (number of ids removed), `limit`
+    (max_length in ids, specials included).
+    """
+
+    def __init__(self, encoder: str, dropped: int, limit: int):
+        self.encoder, self.dropped, self.limit = encoder, dropped, limit
+        super().__init__(
+            f"{encoder} prompt truncated: {dropped} token(s) beyond the {limit}-token limit "
+            "were dropped"
+        )
+
+
+def _as_list(prompts: str | list[str]) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def _fit(ids: list[int], max_length: int, eos: int, pad: int, encoder: str) -> list[int]:
+    """Truncate keeping eos last (warning with the dropped count), then pad to max_length."""
+    if len(ids) > max_length:
+        warnings.warn(PromptTruncatedWarning(encoder, len(ids) - max_length, max_length), stacklevel=3)
+        ids = ids[: max_length - 1] + [eos]
+    return ids + [pad] * (max_length - len(ids))
+
+
+def _split_specials(text: str, specials: dict[str, int]) -> list[str | int]:
+    """Split `text` on literal special tokens (leftmost, longest first); ids replace them."""
+    if not specials or not any(s in text for s in specials):
+        return [text] if text else []
+    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+    parts: list[str | int] = []
+    for i, part in enumerate(re.split(f"({pattern})", text)):
+        if i % 2:
+            parts.append(specials[part])
+        elif part:
+            parts.append(part)
+    return parts
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _added_tokens(folder: Path) -> dict[str, dict]:
+    """Content -> AddedToken dict (with "id") from tokenizer_config.json's added_tokens_decoder."""
+    decoder = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
+    return {v["content"]: {**v, "id": int(k)} for k, v in decoder.items()}
+
+
+# ---------------------------------------------------------------- CLIP
+
+# Unicode White_Space: Oniguruma's `\s` (tokenizers' Regex) and Rust's char::is_whitespace
+# (WhitespaceSplit). Python's `\s` also matches \x1c-\x1f, so it is spelled out here.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+_WS += "\u2028\u2029\u202f\u205f\u3000"
+_WS_RE = re.compile(f"[{_WS}]+")
+_CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP table mapping each byte to a printable unicode char."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def _clip_normalize(text: str) -> str:
+    # tokenizers: NFC, Replace(\s+ -> " "), Lowercase (per char: no final-sigma rule)
+    text = _WS_RE.sub(" ", unicodedata.normalize("NFC", text))
+    return "".join(ch.lower() for ch in text)
+
+
+def _cat(ch: str) -> str:
+    return unicodedata.category(ch)[0]
+
+
+def _clip_pieces(text: str, literals: tuple[str, ...]) -> list[str]:
+    r"""CLIP's split regex on normalized text, left to right like the regex engine:
+    `<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`
+    """
+    pieces, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in _WS:
+            i += 1
+            continue
+        fixed = next((s for s in literals + _CLIP_CONTRACTIONS if text.startswith(s, i)), None)
+        if fixed is not None:
+            j = i + len(fixed)
+        elif _cat(ch) == "L":
+            j = i + 1
+            while j < n and _cat(text[j]) == "L":
+                j += 1
+        elif _cat(ch) == "N":
+            j = i + 1
+        else:
+            j = i + 1
+            while j < n and text[j] not in _WS and _cat(text[j]) not in "LN":
+                j += 1
+        pieces.append(text[i:j])
+        i = j
+    return pieces
+
+
+class ClipTokenizer:
+    """CLIP-L byte-level BPE tokenizer (lower-cased), as transformers' `CLIPTokenizer`.
+
+    `__call__` returns (B, max_length) int32: bos, BPE ids, eos, then the pad id
+    (`<|endoftext|>` = 49407 for CLIP-L). Literal special tokens in a prompt map to
+    their ids as in transformers (`<|endoftext|>` matched case-sensitively, `<|startoftext|>`
+    after lower-casing, per the folder's `added_tokens_decoder` "normalized" flags).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                 bos: str = "<|startoftext|>", eos: str = "<|endoftext|>",
+                 pad: str = "<|endoftext|>", normalized: tuple[str, ...] = ("<|startoftext|>",)):
+        self.vocab = vocab
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.bos_id, self.eos_id, self.pad_id = vocab[bos], vocab[eos], vocab[pad]
+        specials = {bos: self.bos_id, eos: self.eos_id}
+        self._raw_specials = {s: i for s, i in specials.items() if s not in normalized}
+        self._norm_specials = {s: i for s, i in specials.items() if s in normalized}
+        self._literals = (bos, eos)
+        self._byte_chars = _bytes_to_unicode()
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ClipTokenizer:
+        """Load `vocab.json` and `merges.txt` (+ `tokenizer_config.json` if present).
+
+        Raises FileNotFoundError when vocab.json or merges.txt is missing.
+        """
+        folder = Path(folder)
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(ln.split()) for ln in lines if ln and not ln.startswith("#version")]
+        config = _read_json(folder / "tokenizer_config.json")
+        added = _added_tokens(folder)
+        normalized = tuple(c for c, t in added.items() if t.get("normalized", False))
+        pad = config.get("pad_token", "<|endoftext|>")
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        return cls(vocab, merges, pad=pad, normalized=normalized)
+
+    def _bpe(self, piece: str) -> list[int]:
+        """Byte-level BPE of one pre-token, `</w>` on its last symbol (lowest rank first)."""
+        ids = self._cache.get(piece)
+        if ids is not None:
+            return ids
+        word = [self._byte_chars[b] for b in piece.encode("utf-8")]
+        word[-1] += "</w>"
+        while len(word) > 1:
+            pairs = [(self.ranks.get(p, len(self.ranks)), k) for k, p in enumerate(zip(word, word[1:]))]
+            rank, k = min(pairs)
+            if rank == len(self.ranks):
+                break
+            first, second = word[k], word[k + 1]
+            merged, k = [], 0
+            while k < len(word):
+                if k < len(word) - 1 and word[k] == first and word[k + 1] == second:
+                    merged.append(first + second)
+                    k += 2
+                else:
+                    merged.append(word[k])
+                    k += 1
+            word = merged
+        ids = [self.vocab[w] for w in word]
+        if len(self._cache) < 50_000:
+            self._cache[piece] = ids
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        out: list[int] = []
+        for part in _split_specials(text, self._raw_specials):
+            if isinstance(part, int):
+                out.append(part)
+                continue
+            for sub in _split_specials(_clip_normalize(part), self._norm_specials):
+                if isinstance(sub, int):
+                    out.append(sub)
+                    continue
+                for piece in _clip_pieces(sub, self._literals):
+                    if piece in self._literals:  # byte-level's GPT-2 regex splits "<|", word, "|>"
+                        out += [i for p in (piece[:2], piece[2:-2], piece[-2:]) for i in self._bpe(p)]
+                    else:
+                        out += self._bpe(piece)
+        return out
+
+    def encode(self, prompt: str) -> list[int]:
+        """Untruncated ids of one prompt, bos and eos included."""
+        return [self.bos_id, *self._encode_text(prompt), self.eos_id]
+
+    def count_tokens(self, prompt: str) -> int:
+        """Number of ids of `prompt` before truncation, bos and eos included."""
+        return len(self.encode(prompt))
+
+    def __call__(self, prompts: str | list[str], max_length: int = 77) -> np.ndarray:
+        """Tokenize to (B, max_length) int32, truncated (eos kept last) and padded.
+
+        Warns PromptTruncatedWarning per truncated prompt; raises ValueError if
+        max_length < 2.
+        """
+        if max_length < 2:
+            raise ValueError(f"CLIP max_length must be >= 2 (bos + eos), got {max_length}")
+        rows = [_fit(self.encode(p), max_length, self.eos_id, self.pad_id, "CLIP")
+                for p in _as_list(prompts)]
+        return np.array(rows, dtype=np.int32).reshape(len(rows), max_length)
+
+
+# ---------------------------------------------------------------- T5
+
+
+class T5Tokenizer:
+    """T5 SentencePiece tokenizer, as transformers' `T5TokenizerFast` (legacy=True).
+
+    `__call__` returns (B, max_length) int32: SentencePiece ids, eos (`</s>`, 1), then pad
+    (`<pad>`, 0). Special-token strings in a prompt (`</s>`, `<pad>`, `<unk>`,
+    `<extra_id_N>`) map to their ids as in transformers; sentinel ids follow the spiece
+    ids (`<extra_id_0>` last), per the folder's tokenizer_config.json (`extra_ids`).
+    """
+
+    def __init__(self, model_proto: bytes, extra_ids: int = 0):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        size = self.sp.get_piece_size()
+        self.eos_id, self.pad_id, self.unk_id = self.sp.eos_id(), self.sp.pad_id(), self.sp.unk_id()
+        self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.unk_id)}
+        self.specials.update({f"<extra_id_{k}>": size + extra_ids - 1 - k for k in range(extra_ids)})
+        self.vocab_size = size + extra_ids
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> T5Tokenizer:
+        """Load `spiece.model` (+ `extra_ids` from `tokenizer_config.json`, default 100 as
+        transformers). Raises FileNotFoundError when spiece.model is missing.
+        """
+        folder = Path(folder)
+        proto = (folder / "spiece.model").read_bytes()
+        config = _read_json(folder / "tokenizer_config.json")
+        extra = config.get("extra_ids", 100)
+        return cls(proto, extra_ids=int(extra))
+
+    def encode(self, prompt: str) -> list[int]:
+        """Untruncated ids of one prompt, eos included."""
+        ids: list[int] = []
+        for part in _split_specials(prompt, self.specials):
+            # transformers splits words on all White_Space after normalising; nmt_nfkc
+            # leaves some (U+0085) as characters, so map them to spaces first.
+            ids += [part] if isinstance(part, int) else self.sp.encode(_WS_RE.sub(" ", part))
+        return ids + [self.eos_id]
+
+    def count_tokens(self, prompt: str) -> int:
+        """Number of ids of `prompt` before truncation, eos included."""
+        return len(self.encode(prompt))
+
+    def __call__(self, prompts: str | list[str], max_length: int = T5_MAX_LENGTH) -> np.ndarray:
+        """Tokenize to (B, max_length) int32, truncated (eos kept last) and padded with 0.
+
+        Warns PromptTruncatedWarning per truncated prompt. Raises ValueError when
+        max_length > 512 (FLUX's T5 limit) or < 1.
+        """
+        if max_length > T5_MAX_LENGTH:
+            raise ValueError(f"T5 max_length must be <= {T5_MAX_LENGTH}, got {max_length}")
+        if max_length < 1:
+            raise ValueError(f"T5 max_length must be >= 1, got {max_length}")
+        rows = [_fit(self.encode(p), max_length, self.eos_id, self.pad_id, "T5")
+                for p in _as_list(prompts)]
+        return np.array(rows, dtype=np.int32).reshape(len(rows), max_length)

@@ -1,0 +1,1 @@
+"""Weight sources, key maps (data tables) and strict loading."""

@@ -1,0 +1,250 @@
+"""Strict, streaming weight loading driven by key-map tables.
+
+A key map is a tuple of `Rule`s (data, not code paths). Each rule names one target key
+of our compute layout and the source key(s) it is made from, with `{placeholders}` that
+match one dotted segment (`{rest}` matches any remainder), plus an op:
+
+- ``copy``: the one source tensor as is;
+- ``concat``: the sources concatenated on axis 0 (fused QKV, fused single-block input);
+- ``split:A:B``: rows [A, B) of the one source tensor (fused source, split target);
+- ``conv``: a PyTorch conv weight OIHW transposed to MLX's OHWI;
+- ``conv1x1``: a 1x1 conv weight (O, I, 1, 1) squeezed to a Linear (O, I);
+- ``swap``: the two halves on axis 0 swapped (BFL's final layer is [shift; scale]).
+
+Loading reads tensors lazily (`mx.load` of safetensors is lazy), casts each to the
+requested dtype and evaluates it before reading the next, so peak memory is the model
+plus about one tensor, never two full copies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors,
+    a checkpoint of the wrong kind, or unreadable files."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of a key map: `target` is made from `sources` by `op` (see module doc)."""
+
+    target: str
+    sources: tuple[str, ...]
+    op: str = "copy"
+
+
+def rename(source: str, target: str) -> Rule:
+    """A copy rule, written source-first as key tables usually read."""
+    return Rule(target, (source,), "copy")
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _compile(pattern: str) -> re.Pattern:
+    parts, pos, seen = [], 0, set()
+    for m in _PLACEHOLDER.finditer(pattern):
+        parts.append(re.escape(pattern[pos : m.start()]))
+        name = m.group(1)
+        if name in seen:
+            parts.append(f"(?P={name})")
+        else:
+            parts.append(f"(?P<{name}>.+)" if name == "rest" else f"(?P<{name}>[^.]+)")
+            seen.add(name)
+        pos = m.end()
+    parts.append(re.escape(pattern[pos:]))
+    return re.compile("".join(parts) + r"\Z")
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    target: str
+    sources: tuple[str, ...]
+    op: str
+
+
+def plan_mapping(
+    source_keys: Iterable[str], rules: Iterable[Rule]
+) -> tuple[list[PlanItem], list[str]]:
+    """Match checkpoint keys to targets. Returns (plan, unclaimed source keys).
+
+    Rules are tried in order; a source key is claimed by the first rule that can be
+    completed (all of its sources present).
+    """
+    remaining = set(source_keys)
+    plan: list[PlanItem] = []
+    for rule in rules:
+        regex = _compile(rule.sources[0])
+        for key in sorted(remaining):
+            if key not in remaining:
+                continue
+            m = regex.match(key)
+            if not m:
+                continue
+            binds = m.groupdict()
+            sources = tuple(s.format(**binds) for s in rule.sources)
+            if not all(s in remaining for s in sources):
+                continue
+            remaining.difference_update(sources)
+            plan.append(PlanItem(rule.target.format(**binds), sources, rule.op))
+    return plan, sorted(remaining)
+
+
+def _apply(op: str, tensors: list[mx.array]) -> mx.array:
+    if op == "copy":
+        return tensors[0]
+    if op == "concat":
+        return mx.concatenate(tensors, axis=0)
+    if op.startswith("split:"):
+        _, a, b = op.split(":")
+        return tensors[0][int(a) : int(b)]
+    if op == "conv":
+        return tensors[0].transpose(0, 2, 3, 1)
+    if op == "conv1x1":
+        t = tensors[0]
+        return t.reshape(t.shape[0], -1)
+    if op == "swap":
+        a, b = mx.split(tensors[0], 2, axis=0)
+        return mx.concatenate([b, a], axis=0)
+    raise ValueError(f"unknown key-map op {op!r}")
+
+
+def _out_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if op == "concat":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    if op.startswith("split:"):
+        _, a, b = op.split(":")
+        return (int(b) - int(a), *shapes[0][1:])
+    if op == "conv":
+        o, i, h, w = shapes[0]
+        return (o, h, w, i)
+    if op == "conv1x1":
+        return (shapes[0][0], math.prod(shapes[0][1:]))
+    return tuple(shapes[0])
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of one component folder (sharded via `*.index.json` or not).
+
+    Raises WeightLoadError when the folder has none or an index names a missing shard.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        with open(indexes[0]) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise WeightLoadError(f"{folder}: index names missing shards: {_listing(missing)}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(f"{folder}: no .safetensors files found")
+    return files
+
+
+def open_tensors(files: Iterable[str | Path], strip_prefixes: tuple[str, ...] = ()) -> dict:
+    """Lazily open safetensors files into one {key: mx.array} dict (nothing is read yet).
+
+    Keys starting with one of `strip_prefixes` lose it (e.g. ``model.diffusion_model.``).
+    Raises WeightLoadError for an unreadable, truncated or corrupt file.
+    """
+    tensors: dict[str, mx.array] = {}
+    for path in files:
+        try:
+            loaded = mx.load(str(path))
+        except Exception as e:  # mlx raises RuntimeError/ValueError on bad headers
+            raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from e
+        for key, value in loaded.items():
+            for prefix in strip_prefixes:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    break
+            tensors[key] = value
+    return tensors
+
+
+def load_into(
+    model: nn.Module,
+    tensors: Mapping[str, mx.array],
+    rules: Iterable[Rule],
+    dtype: mx.Dtype | None,
+    *,
+    name: str = "model",
+) -> nn.Module:
+    """Load `tensors` (a lazy key->array mapping) into `model` through `rules`, strictly.
+
+    Every model parameter must be produced exactly once with its exact shape and every
+    checkpoint tensor must be used; otherwise WeightLoadError lists the missing,
+    unexpected and mis-shaped keys (first few, and counts). Floating tensors are cast to
+    `dtype` (None keeps the checkpoint's); integer tensors (quantized weights) are kept.
+    Tensors are evaluated one at a time, so peak memory is the model plus one tensor.
+    """
+    plan, unexpected = plan_mapping(tensors.keys(), rules)
+    params = dict(tree_flatten(model.parameters()))
+    produced = {item.target for item in plan}
+    missing = sorted(set(params) - produced)
+    unexpected = unexpected + sorted(produced - set(params))
+    misshaped = []
+    for item in plan:
+        if item.target not in params:
+            continue
+        shape = _out_shape(item.op, [tuple(tensors[s].shape) for s in item.sources])
+        if shape != tuple(params[item.target].shape):
+            misshaped.append(
+                f"{item.target}: checkpoint {shape} vs model {tuple(params[item.target].shape)}"
+            )
+    if missing or unexpected or misshaped:
+        lines = [f"{name}: the checkpoint does not match the model"]
+        if missing:
+            lines.append(f"{len(missing)} missing: {_listing(missing)}")
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        if misshaped:
+            lines.append(f"{len(misshaped)} mis-shaped: {_listing(misshaped, 3)}")
+        raise WeightLoadError("; ".join(lines))
+
+    loaded = []
+    for item in plan:
+        value = _apply(item.op, [tensors[s] for s in item.sources])
+        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        mx.eval(value)
+        loaded.append((item.target, value))
+    model.load_weights(loaded, strict=False)
+    return model
+
+
+def read_config(folder: str | Path, filename: str = "config.json") -> dict:
+    """Read a component's JSON config; WeightLoadError if it is missing or invalid."""
+    path = Path(folder) / filename
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise WeightLoadError(f"{path} not found: is {Path(folder)} a model component folder?") from e
+    except json.JSONDecodeError as e:
+        raise WeightLoadError(f"{path}: invalid JSON ({e})") from e
+
+
+def default_dtype() -> mx.Dtype:
+    """bfloat16 on Metal/CUDA, float32 on the CPU backend (its bf16 matmul is slow)."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32

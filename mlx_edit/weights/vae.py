@@ -1,0 +1,154 @@
+"""Load the FLUX VAE from a diffusers `vae/` folder or a BFL / LDM single file.
+
+Key maps are data (tuples of `Rule`). Our module names are the diffusers names, so the
+diffusers map only transposes conv weights; the BFL map follows diffusers'
+`convert_ldm_vae_checkpoint` (diffusers `loaders/single_file_utils.py`):
+`down.i.block.j` -> `down_blocks.i.resnets.j`, `up.(n-1-i)` -> `up_blocks.i` (reversed),
+`mid.block_{1,2}` -> `mid_block.resnets.{0,1}`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1
+convs) -> `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (Linear),
+`norm_out` -> `conv_norm_out`, `nin_shortcut` -> `conv_shortcut`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.weights.core import (
+    Rule,
+    WeightLoadError,
+    default_dtype,
+    load_into,
+    open_tensors,
+    read_config,
+    rename,
+    safetensors_files,
+)
+
+# Prefixes of the VAE inside LDM / BFL single files (diffusers LDM_VAE_KEYS).
+BFL_PREFIXES = ("first_stage_model.", "vae.")
+
+# Our layers whose weight is a PyTorch conv (OIHW -> OHWI); the rest copy as is.
+_CONV_LAYERS = ("conv_in", "conv_out", "conv1", "conv2", "conv_shortcut", "conv")
+
+DIFFUSERS_RULES: tuple[Rule, ...] = (
+    *(Rule(f"{{rest}}.{n}.weight", (f"{{rest}}.{n}.weight",), "conv") for n in _CONV_LAYERS),
+    Rule("quant_conv.weight", ("quant_conv.weight",), "conv"),
+    Rule("post_quant_conv.weight", ("post_quant_conv.weight",), "conv"),
+    rename("{rest}", "{rest}"),
+)
+
+
+def _resnet(src: str, dst: str) -> tuple[Rule, ...]:
+    """Rows for one BFL ResnetBlock `src` -> our ResnetBlock `dst` (placeholders allowed)."""
+    rows = []
+    for s, d in (("norm1", "norm1"), ("norm2", "norm2")):
+        rows += [rename(f"{src}.{s}.weight", f"{dst}.{d}.weight"),
+                 rename(f"{src}.{s}.bias", f"{dst}.{d}.bias")]
+    for s, d in (("conv1", "conv1"), ("conv2", "conv2"), ("nin_shortcut", "conv_shortcut")):
+        rows += [Rule(f"{dst}.{d}.weight", (f"{src}.{s}.weight",), "conv"),
+                 rename(f"{src}.{s}.bias", f"{dst}.{d}.bias")]
+    return tuple(rows)
+
+
+def _conv(src: str, dst: str) -> tuple[Rule, ...]:
+    return (Rule(f"{dst}.weight", (f"{src}.weight",), "conv"), rename(f"{src}.bias", f"{dst}.bias"))
+
+
+def _attention(part: str) -> tuple[Rule, ...]:
+    src, dst = f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0"
+    rows = [rename(f"{src}.norm.{p}", f"{dst}.group_norm.{p}") for p in ("weight", "bias")]
+    for s, d in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        rows += [Rule(f"{dst}.{d}.weight", (f"{src}.{s}.weight",), "conv1x1"),
+                 rename(f"{src}.{s}.bias", f"{dst}.{d}.bias")]
+    return tuple(rows)
+
+
+def bfl_rules(num_levels: int = 4) -> tuple[Rule, ...]:
+    """The BFL/LDM `ae.safetensors` key map (prefixes already stripped) for a VAE with
+    `num_levels` = len(block_out_channels); the decoder's up blocks are numbered in
+    reverse in BFL, so the table depends on it."""
+    rows: list[Rule] = []
+    for part in ("encoder", "decoder"):
+        rows += [*_conv(f"{part}.conv_in", f"{part}.conv_in"),
+                 *_conv(f"{part}.conv_out", f"{part}.conv_out"),
+                 rename(f"{part}.norm_out.weight", f"{part}.conv_norm_out.weight"),
+                 rename(f"{part}.norm_out.bias", f"{part}.conv_norm_out.bias"),
+                 *_resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0"),
+                 *_resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1"),
+                 *_attention(part)]
+    rows += _resnet("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}")
+    rows += _conv("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsamplers.0.conv")
+    for b in range(num_levels):
+        i = num_levels - 1 - b
+        rows += _resnet(f"decoder.up.{b}.block.{{j}}", f"decoder.up_blocks.{i}.resnets.{{j}}")
+        rows += _conv(f"decoder.up.{b}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv")
+    rows += [*_conv("quant_conv", "quant_conv"), *_conv("post_quant_conv", "post_quant_conv")]
+    return tuple(rows)
+
+
+def _is_diffusers(keys) -> bool:
+    return any(".down_blocks." in k or ".mid_block." in k for k in keys)
+
+
+def _strip_vae_prefix(tensors: dict) -> dict:
+    """Keep only the VAE of a full LDM/BFL checkpoint and strip its prefix (as
+    diffusers' convert_ldm_vae_checkpoint: the last prefix that occurs wins)."""
+    prefix = ""
+    for p in BFL_PREFIXES:
+        if any(k.startswith(p) for k in tensors):
+            prefix = p
+    if not prefix:
+        return tensors
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _resolve(path: Path) -> tuple[list[Path], dict | None]:
+    """(safetensors files, config dict or None) for a folder, a model root or a file."""
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise WeightLoadError(f"{path}: no such VAE file or folder")
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"  # a diffusers model root
+    return safetensors_files(path), read_config(path)
+
+
+def load_vae(
+    path: str | Path,
+    dtype: mx.Dtype | None = None,
+    config: VAEConfig | dict | None = None,
+) -> AutoencoderKL:
+    """Load an AutoencoderKL from `path`, strictly.
+
+    `path`: a diffusers `vae/` folder (config.json + safetensors, possibly sharded), a
+    diffusers model root holding `vae/`, or a single safetensors file in BFL/LDM naming
+    (`ae.safetensors`; keys may carry `first_stage_model.` or `vae.`, and other
+    components of a full checkpoint are ignored) or in diffusers naming.
+    `dtype`: parameter and compute dtype; None -> `default_dtype()` (float32 on CPU).
+    `config`: overrides the folder's config.json; a single file without one uses the
+    FLUX defaults, with `use_quant_conv` / `use_post_quant_conv` set by the keys present.
+
+    Raises WeightLoadError naming the missing, unexpected or mis-shaped keys, or when
+    the path holds no readable safetensors / config.
+    """
+    files, cfg_dict = _resolve(Path(path))
+    tensors = _strip_vae_prefix(open_tensors(files))
+    if isinstance(config, VAEConfig):
+        cfg = config
+    else:
+        d = dict(cfg_dict or {}) if config is None else dict(config)
+        # Configs that predate these keys (and BFL files) decide by the keys present.
+        d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
+        d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
+        try:
+            cfg = VAEConfig.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
+    rules = DIFFUSERS_RULES if _is_diffusers(tensors) else bfl_rules(len(cfg.block_out_channels))
+    model = AutoencoderKL(cfg)
+    load_into(model, tensors, rules, default_dtype() if dtype is None else dtype, name="vae")
+    model.eval()
+    return model

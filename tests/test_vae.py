@@ -1,0 +1,232 @@
+"""VAE parity against diffusers' AutoencoderKL (float32, CPU), diffusers folder and BFL file."""
+
+import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
+
+import json
+import re
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlx_edit.models.vae import VAEConfig
+from mlx_edit.weights.core import WeightLoadError
+from mlx_edit.weights.vae import load_vae
+
+FLUX_FACTORS = dict(scaling_factor=0.3611, shift_factor=0.1159)
+# 4 levels, so the scale factor is 8 as in FLUX; channel changes give conv_shortcuts.
+TINY = dict(
+    block_out_channels=(8, 16, 16, 16), latent_channels=16, layers_per_block=1,
+    norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False, **FLUX_FACTORS,
+)
+# The real FLUX.1 VAE config (black-forest-labs/FLUX.1-Fill-dev vae/config.json).
+WIDE = dict(
+    block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2,
+    norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, **FLUX_FACTORS,
+)
+
+
+def build_reference(cfg, seed=0):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg["block_out_channels"])
+    torch.manual_seed(seed)
+    model = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        **cfg,
+    ).eval()
+    # GroupNorms start as identity (1, 0): perturb every parameter so a mis-wired layer
+    # shows; weights relative to their own spread, so activations stay O(1).
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = p.std() if p.ndim > 1 else 1.0
+            p.add_(0.05 * scale * torch.randn_like(p))
+    return model
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def to_bfl(state: dict, num_levels: int) -> dict:
+    """diffusers AutoencoderKL names -> BFL/LDM `ae.safetensors` names (the test's own
+    inverse map, checked against diffusers' converter below)."""
+    out = {}
+    for key, t in state.items():
+        k = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", key)
+        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0", r"down.\1.downsample", k)
+        k = re.sub(r"up_blocks\.(\d+)\.resnets\.",
+                   lambda m: f"up.{num_levels - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0",
+                   lambda m: f"up.{num_levels - 1 - int(m[1])}.upsample", k)
+        k = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
+        k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
+        k = k.replace("attn_1.group_norm.", "attn_1.norm.").replace("attn_1.to_out.0.", "attn_1.proj_out.")
+        k = re.sub(r"attn_1\.to_([qkv])\.", r"attn_1.\1.", k)
+        k = k.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
+        if ".attn_1." in k and k.endswith("weight") and t.ndim == 2:
+            t = t[:, :, None, None]  # BFL's attention projections are 1x1 convs
+        out[k] = t.contiguous()
+    return out
+
+
+def make_image(batch, h, w, seed=1):
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, 3, h, w)).astype(np.float32)
+
+
+def make_latent(batch, h, w, seed=2):
+    return np.random.default_rng(seed).standard_normal((batch, 16, h, w)).astype(np.float32)
+
+
+def nchw(x):
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def reference_outputs(ref, image, latent):
+    with torch.no_grad():
+        dist = ref.encode(torch.from_numpy(image)).latent_dist
+        dec = ref.decode(torch.from_numpy(latent)).sample
+    return dist.mean.numpy(), dist.logvar.numpy(), dec.numpy()
+
+
+def compare(model, ref_out, image, latent):
+    """Max relative errors (mean, logvar, decoded) of our model against the reference."""
+    mean, logvar = model.encode(mx.array(image.transpose(0, 2, 3, 1)))
+    dec = model.decode(mx.array(latent.transpose(0, 2, 3, 1)))
+    errs = [rel_err(nchw(a), r) for a, r in zip((mean, logvar, dec), ref_out)]
+    print("rel errors mean/logvar/decode:", ["%.2e" % e for e in errs])
+    return errs
+
+
+def check_bfl_file(ref, path, num_levels):
+    """Write the reference as a BFL file; diffusers' converter must map it back exactly."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    state = ref.state_dict()
+    bfl = to_bfl(state, num_levels)
+    save_file(bfl, str(path))
+    back = convert_ldm_vae_checkpoint(load_file(str(path)), dict(ref.config))
+    assert sorted(back) == sorted(state)
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k
+    return bfl
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae_tiny")
+    ref = build_reference(TINY)
+    ref.save_pretrained(root / "vae", safe_serialization=True)
+    image, latent = make_image(2, 40, 56), make_latent(2, 5, 7)
+    return dict(ref=ref, root=root, image=image, latent=latent,
+                out=reference_outputs(ref, image, latent))
+
+
+def test_config_from_dict():
+    cfg = VAEConfig.from_dict({"block_out_channels": [8, 16], "shift_factor": None, "foo": 1})
+    assert cfg.block_out_channels == (8, 16) and cfg.shift_factor == 0.0
+    assert cfg.scale_factor == 2 and VAEConfig().scale_factor == 8
+    assert (VAEConfig().scaling_factor, VAEConfig().shift_factor) == (0.3611, 0.1159)
+    with pytest.raises(ValueError, match="act_fn"):
+        VAEConfig.from_dict({"act_fn": "gelu"})
+
+
+@pytest.mark.parity
+def test_tiny_diffusers_folder(tiny):
+    for path in (tiny["root"] / "vae", tiny["root"]):  # the vae/ folder and the model root
+        model = load_vae(path, dtype=mx.float32)
+        assert model.config.block_out_channels == (8, 16, 16, 16)
+        assert max(compare(model, tiny["out"], tiny["image"], tiny["latent"])) <= 1e-4
+
+
+@pytest.mark.parity
+def test_tiny_bfl_file(tiny, tmp_path):
+    bfl = check_bfl_file(tiny["ref"], tmp_path / "ae.safetensors", 4)
+    # The FLUX defaults fill in what the file cannot say, except the tiny widths.
+    cfg = VAEConfig.from_dict(dict(tiny["ref"].config))
+    model = load_vae(tmp_path / "ae.safetensors", dtype=mx.float32, config=cfg)
+    assert max(compare(model, tiny["out"], tiny["image"], tiny["latent"])) <= 1e-4
+    # Prefixed inside a full checkpoint: only the VAE part is read.
+    full = {f"first_stage_model.{k}": v for k, v in bfl.items()}
+    full["model.diffusion_model.img_in.weight"] = torch.zeros(2, 2)
+    save_file(full, str(tmp_path / "full.safetensors"))
+    model = load_vae(tmp_path / "full.safetensors", dtype=mx.float32, config=cfg)
+    assert max(compare(model, tiny["out"], tiny["image"], tiny["latent"])) <= 1e-4
+
+
+@pytest.mark.parity
+def test_wide_flux_vae(tmp_path):
+    ref = build_reference(WIDE, seed=3)
+    ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    image, latent = make_image(2, 48, 64), make_latent(2, 6, 8)
+    out = reference_outputs(ref, image, latent)
+    model = load_vae(tmp_path / "vae", dtype=mx.float32)
+    assert max(compare(model, out, image, latent)) <= 1e-4
+    # The real-width BFL file loads with no config at all (FLUX defaults).
+    check_bfl_file(ref, tmp_path / "ae.safetensors", 4)
+    shutil.rmtree(tmp_path / "vae")
+    model = load_vae(tmp_path / "ae.safetensors", dtype=mx.float32)
+    assert max(compare(model, out, image, latent)) <= 1e-4
+
+
+def test_encode_sample(tiny):
+    model = load_vae(tiny["root"] / "vae", dtype=mx.float32)
+    x = mx.array(tiny["image"].transpose(0, 2, 3, 1))
+    key = mx.random.key(7)
+    a, b = model.encode_sample(x, key), model.encode_sample(x, key)
+    assert np.array_equal(np.array(a), np.array(b))
+    mean, logvar = model.encode(x)
+    eps = mx.random.normal(mean.shape, key=key)
+    np.testing.assert_allclose(np.array(a), np.array(mean + mx.exp(0.5 * logvar) * eps),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.array(a), np.array(model.encode_sample(x, mx.random.key(8))))
+    assert a.shape == (2, 5, 7, 16)
+
+
+def test_bfloat16_load(tiny):
+    model = load_vae(tiny["root"] / "vae", dtype=mx.bfloat16)
+    assert model.encoder.conv_in.weight.dtype == mx.bfloat16
+    dec = model.decode(mx.array(tiny["latent"].transpose(0, 2, 3, 1)))
+    assert dec.dtype == mx.bfloat16
+    assert rel_err(nchw(dec.astype(mx.float32)), tiny["out"][2]) <= 5e-2
+
+
+def _write_variant(tiny, folder, edit):
+    folder.mkdir()
+    shutil.copy(tiny["root"] / "vae" / "config.json", folder / "config.json")
+    state = {k: v.clone() for k, v in tiny["ref"].state_dict().items()}
+    edit(state)
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda s: s.pop("decoder.up_blocks.1.resnets.0.conv1.weight"),
+     "decoder.up_blocks.1.resnets.0.conv1.weight"),
+    (lambda s: s.__setitem__("encoder.extra.weight", torch.zeros(3)), "encoder.extra.weight"),
+    (lambda s: s.__setitem__("decoder.conv_out.bias", torch.zeros(4)), "decoder.conv_out.bias"),
+    (lambda s: s.__setitem__("encoder.mid_block.attentions.0.to_q.weight", torch.zeros(16, 8)),
+     "encoder.mid_block.attentions.0.to_q.weight"),
+])
+def test_strict_diffusers(tiny, tmp_path, edit, key):
+    folder = _write_variant(tiny, tmp_path / "bad", edit)
+    with pytest.raises(WeightLoadError, match=re.escape(key)):
+        load_vae(folder, dtype=mx.float32)
+
+
+def test_strict_bfl(tiny, tmp_path):
+    bfl = to_bfl(tiny["ref"].state_dict(), 4)
+    cfg = json.loads((tiny["root"] / "vae" / "config.json").read_text())
+    bfl.pop("encoder.mid.attn_1.q.weight")
+    save_file(bfl, str(tmp_path / "ae.safetensors"))
+    with pytest.raises(WeightLoadError, match=re.escape("encoder.mid_block.attentions.0.to_q.weight")):
+        load_vae(tmp_path / "ae.safetensors", dtype=mx.float32, config=cfg)
+    # The FLUX default widths do not fit a tiny file: a shape error, not a silent load.
+    bfl["encoder.mid.attn_1.q.weight"] = torch.zeros(16, 16, 1, 1)
+    save_file(bfl, str(tmp_path / "ae.safetensors"))
+    with pytest.raises(WeightLoadError, match="mis-shaped"):
+        load_vae(tmp_path / "ae.safetensors", dtype=mx.float32)

@@ -243,6 +243,138 @@ class ClipTokenizer:
 
 
 # ---------------------------------------------------------------- T5
+# transformers runs T5's SentencePiece model through `tokenizers`: the Precompiled
+# normalizer (spm_precompiled) maps each grapheme shorter than 6 bytes by the charsmap
+# entry of its *shortest* matching prefix (dropping the rest of it, e.g. "e\u0301\u0301"
+# -> "é"), while SentencePiece itself takes the longest match. To give the same ids, the
+# charsmap is applied here as tokenizers does, and SentencePiece then encodes the result
+# with its own normalisation switched off.
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, pos
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
+    """Top-level protobuf fields as (field number, payload, raw bytes of the field)."""
+    fields, pos = [], 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+            payload = b""
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            payload, pos = buf[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            payload, pos = buf[pos : pos + (8 if wire == 1 else 4)], pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} in spiece.model")
+        fields.append((key >> 3, payload, buf[start:pos]))
+    return fields
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    out, size = bytearray([number << 3 | 2]), len(payload)
+    while size >= 0x80:
+        out.append(size & 0x7F | 0x80)
+        size >>= 7
+    return bytes(out) + bytes([size]) + payload
+
+
+def _split_model(proto: bytes) -> tuple[bytes, bytes]:
+    """(charsmap, model proto with identity normalisation and no self-test data).
+
+    ModelProto: 3 = normalizer_spec, 4 = self_test_data; NormalizerSpec: 1 name,
+    2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_ws.
+    """
+    charsmap, kept = b"", []
+    for number, payload, raw in _proto_fields(proto):
+        if number == 3:
+            charsmap = next((p for n, p, _ in _proto_fields(payload) if n == 2), b"")
+        elif number != 4:
+            kept.append(raw)
+    spec = _len_field(1, b"identity") + bytes([0x18, 1, 0x20, 1, 0x28, 1])
+    return charsmap, b"".join(kept) + _len_field(3, spec)
+
+
+class _Charsmap:
+    """SentencePiece precompiled charsmap: a darts-clone trie over UTF-8 keys plus a blob
+    of NUL-terminated replacements (layout as read by spm_precompiled / sentencepiece)."""
+
+    def __init__(self, blob: bytes):
+        size = int.from_bytes(blob[:4], "little") if blob else 0
+        self.units = np.frombuffer(blob[4 : 4 + size], dtype="<u4").tolist()
+        self.strings = blob[4 + size :]
+        self.cache: dict[str, str | None] = {}
+
+    def shortest(self, chunk: str) -> str | None:
+        """Replacement of the shortest key that prefixes `chunk`, None if no key does."""
+        if chunk in self.cache:
+            return self.cache[chunk]
+        result, units = None, self.units
+        if units:
+            pos = (units[0] >> 10) << ((units[0] & 512) >> 6)
+            for c in chunk.encode("utf-8"):
+                if c == 0:  # spm_precompiled stops at NUL
+                    break
+                pos ^= c
+                unit = units[pos]
+                if unit & 0x800000FF != c:
+                    break
+                pos ^= (unit >> 10) << ((unit & 512) >> 6)
+                if unit >> 8 & 1:
+                    start = units[pos] & 0x7FFFFFFF
+                    result = self.strings[start : self.strings.index(0, start)].decode("utf-8")
+                    break
+        self.cache[chunk] = result
+        return result
+
+    def normalize(self, text: str) -> str:
+        """tokenizers' Precompiled.normalize: whole short graphemes, else char by char."""
+        out, i, n = [], 0, len(text)
+        while i < n:
+            j = _grapheme_end(text, i)
+            g = text[i:j]
+            if j - i > 1 and len(g.encode("utf-8")) < 6:
+                norm = self.shortest(g)
+                if norm is not None:
+                    out.append(norm)
+                    i = j
+                    continue
+            for ch in g:
+                norm = self.shortest(ch)
+                out.append(ch if norm is None else norm)
+            i = j
+        return "".join(out)
+
+
+def _is_extend(ch: str) -> bool:
+    # UAX #29 Extend / SpacingMark / ZWJ, approximated by category (exact for marks)
+    cp = ord(ch)
+    return (unicodedata.category(ch) in ("Mn", "Me", "Mc") or cp in (0x200C, 0x200D, 0xFF9E, 0xFF9F)
+            or 0x1F3FB <= cp <= 0x1F3FF or 0xE0020 <= cp <= 0xE007F)
+
+
+def _grapheme_end(text: str, i: int) -> int:
+    """End of the extended grapheme cluster starting at i (only short ones matter here)."""
+    if text[i] == "\r":
+        return i + 2 if text.startswith("\n", i + 1) else i + 1
+    if unicodedata.category(text[i]) in ("Cc", "Zl", "Zp"):
+        return i + 1
+    j = i + 1
+    while j < len(text) and _is_extend(text[j]):
+        j += 1
+    return j
 
 
 class T5Tokenizer:
@@ -257,7 +389,9 @@ class T5Tokenizer:
     def __init__(self, model_proto: bytes, extra_ids: int = 0):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        charsmap, identity_proto = _split_model(model_proto)
+        self.charsmap = _Charsmap(charsmap)
+        self.sp = spm.SentencePieceProcessor(model_proto=identity_proto)
         size = self.sp.get_piece_size()
         self.eos_id, self.pad_id, self.unk_id = self.sp.eos_id(), self.sp.pad_id(), self.sp.unk_id()
         self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.unk_id)}
@@ -272,16 +406,16 @@ class T5Tokenizer:
         folder = Path(folder)
         proto = (folder / "spiece.model").read_bytes()
         config = _read_json(folder / "tokenizer_config.json")
-        extra = config.get("extra_ids", 100)
-        return cls(proto, extra_ids=int(extra))
+        return cls(proto, extra_ids=int(config.get("extra_ids", 100)))
 
     def encode(self, prompt: str) -> list[int]:
         """Untruncated ids of one prompt, eos included."""
         ids: list[int] = []
         for part in _split_specials(prompt, self.specials):
-            # transformers splits words on all White_Space after normalising; nmt_nfkc
-            # leaves some (U+0085) as characters, so map them to spaces first.
-            ids += [part] if isinstance(part, int) else self.sp.encode(_WS_RE.sub(" ", part))
+            if isinstance(part, int):
+                ids.append(part)
+            else:  # words split on all White_Space after normalising, as WhitespaceSplit
+                ids += self.sp.encode(_WS_RE.sub(" ", self.charsmap.normalize(part)))
         return ids + [self.eos_id]
 
     def count_tokens(self, prompt: str) -> int:

@@ -249,12 +249,22 @@ def _write_scheduler(out: Path) -> None:
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
 
 
+def _quiet_libraries() -> None:
+    # Progress bars and the "cast with to()" advice are noise for a fixture builder.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
+            raise FileExistsError(f"{out} exists and is not empty (pass --overwrite, or overwrite=True)")
         if not (out / "model_index.json").is_file():
             # Guard against wiping an unrelated folder given by mistake.
             raise FileExistsError(f"{out} is not a checkpoint folder; refusing to overwrite it")
@@ -275,6 +285,7 @@ def build(
     """
     out = Path(out)
     torch_dtype = DTYPES[dtype]
+    _quiet_libraries()
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     _prepare_out(out, overwrite)
@@ -287,7 +298,9 @@ def build(
         cfgs = configs(preset, t5_ids)
         _write_scheduler(tmp)
         for offset, name in enumerate(("transformer", "vae", "text_encoder", "text_encoder_2")):
-            model = make_component(name, cfgs[name], seed + offset).to(torch_dtype)
+            model = make_component(name, cfgs[name], seed + offset)
+            if torch_dtype != torch.float32:
+                model = model.to(torch_dtype)
             _save_component(model, tmp / name, shard=name in ("transformer", "text_encoder_2"))
             if name == "transformer":
                 _save_bfl(bfl_keys.transformer_to_bfl(model.state_dict()),

@@ -98,7 +98,7 @@ def compare(model, ref_out, image, latent):
     mean, logvar = model.encode(mx.array(image.transpose(0, 2, 3, 1)))
     dec = model.decode(mx.array(latent.transpose(0, 2, 3, 1)))
     errs = [rel_err(nchw(a), r) for a, r in zip((mean, logvar, dec), ref_out)]
-    print("rel errors mean/logvar/decode:", ["%.2e" % e for e in errs])
+    print("rel errors mean/logvar/decode:", [f"{e:.2e}" for e in errs])
     return errs
 
 
@@ -159,6 +159,7 @@ def test_tiny_bfl_file(tiny, tmp_path):
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_wide_flux_vae(tmp_path):
     ref = build_reference(WIDE, seed=3)
     ref.save_pretrained(tmp_path / "vae", safe_serialization=True)

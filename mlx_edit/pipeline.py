@@ -1,0 +1,450 @@
+"""FluxFill: inpainting and outpainting with FLUX.1 Fill on MLX.
+
+encode prompt (then free the text encoders) -> prepare the canvas and Fill conditioning
+-> one denoise loop (a generator) -> decode -> stitch/paste back into the original.
+Numerics follow diffusers' FluxFillPipeline (pipelines/flux/pipeline_flux_fill.py),
+except that the masked image is encoded with the VAE posterior mode (BFL's choice, and
+deterministic) instead of a sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from mlx_edit import __version__
+from mlx_edit.images import InputError, from_array, load_image, load_mask, to_array
+from mlx_edit.latents import (
+    fill_conditioning,
+    image_ids,
+    model_input,
+    pack_latents,
+    pack_mask,
+    scale_latents,
+    text_ids,
+    token_grid,
+    unpack_latents,
+    unscale_latents,
+)
+from mlx_edit import masks
+from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
+from mlx_edit.models.vae import AutoencoderKL
+from mlx_edit.sampler import (
+    euler_step,
+    flux_sigmas,
+    load_scheduler_config,
+    model_timesteps,
+    noise_latents,
+)
+from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+from mlx_edit.weights.core import default_dtype
+from mlx_edit.weights.flux import load_transformer
+from mlx_edit.weights.sources import DEFAULT_MODEL, component_dir, resolve
+from mlx_edit.weights.text import load_clip_text, load_t5
+from mlx_edit.weights.vae import load_vae
+
+DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
+DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
+DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
+OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
+MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
+
+# A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
+ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
+
+
+@dataclass
+class PromptEmbeds:
+    """T5 sequence (1, L, joint_dim) and CLIP pooled (1, pooled_dim) for one prompt."""
+
+    txt: mx.array
+    pooled: mx.array
+
+
+@dataclass
+class EditJob:
+    """Everything the denoise loop and the decoder need, prepared before the loop.
+
+    latents: initial packed latents (B, N, 64); conditioning: (1|B, N, 320) Fill input;
+    sigmas: float32 (n+1,); geometry: where the canvas maps back into the original.
+    """
+
+    original: Image.Image
+    plan: CropPlan
+    blend: np.ndarray
+    latents: mx.array
+    conditioning: mx.array
+    embeds: PromptEmbeds
+    guidance: float
+    sigmas: np.ndarray
+    seeds: list[int]
+    metadata: dict
+    controls: Sequence[ControlFn] = ()
+    ip: Sequence[IPAdapterKV] = ()
+    stats: dict = field(default_factory=dict)
+
+
+class _Phase:
+    """Times a phase and records MLX's peak memory during it into `stats`."""
+
+    def __init__(self, stats: dict, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self):
+        mx.reset_peak_memory()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.stats[f"{self.name}_s"] = time.perf_counter() - self.t0
+        self.stats[f"{self.name}_peak_gb"] = mx.get_peak_memory() / 1e9
+
+
+def denoise(
+    transformer: FluxTransformer,
+    latents: mx.array,
+    conditioning: mx.array,
+    img_ids: mx.array,
+    embeds: PromptEmbeds,
+    sigmas: np.ndarray,
+    guidance: float,
+    *,
+    controls: Sequence[ControlFn] = (),
+    ip: Sequence[IPAdapterKV] = (),
+) -> Iterator[tuple[int, mx.array]]:
+    """The one denoise loop: flow-match Euler over the FLUX transformer.
+
+    latents (B, N, 64) packed at sigmas[0]; conditioning (1|B, N, C) concatenated on the
+    channel axis every step (Fill: 320 channels); img_ids (N, 3). Yields (step index,
+    latents at sigmas[i+1]) after each step, evaluated, so the caller can report
+    progress, preview or stop. RoPE and the text batch are built once, not per step.
+    """
+    b = latents.shape[0]
+    txt_ids = text_ids(embeds.txt.shape[1])
+    rope = transformer.rope(img_ids, txt_ids)
+    txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
+    pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
+    g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
+    timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
+    for i in range(len(sigmas) - 1):
+        t = mx.broadcast_to(timesteps[i], (b,))
+        residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
+        velocity = transformer(
+            model_input(latents, conditioning), img_ids, txt, txt_ids, t, pooled, g,
+            controlnet=residuals, ip=ip, rope=rope,
+        )
+        latents = euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
+        mx.eval(latents)
+        yield i, latents
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+    """Gaussian noise (len(seeds), *shape), image i drawn from seed i alone (reproducible
+    one by one: seed s gives the same image whether run alone or in a batch)."""
+    return mx.stack([mx.random.normal(shape, key=mx.random.key(s)) for s in seeds]).astype(dtype)
+
+
+class FluxFill:
+    """FLUX.1 Fill inpainting/outpainting. Build with `FluxFill.from_pretrained`.
+
+    The transformer and VAE stay loaded; the text encoders are loaded for each new
+    prompt and freed right after encoding (prompt embeddings are cached), so they never
+    sit in memory during denoising.
+    """
+
+    def __init__(self, root: Path, transformer: FluxTransformer, vae: AutoencoderKL,
+                 dtype: mx.Dtype, source: str):
+        self.root, self.transformer, self.vae = root, transformer, vae
+        self.dtype, self.source = dtype, source
+        self.scheduler_config = load_scheduler_config(component_dir(root, "scheduler"))
+        self.clip_tokenizer = ClipTokenizer.from_folder(component_dir(root, "tokenizer"))
+        self.t5_tokenizer = T5Tokenizer.from_folder(component_dir(root, "tokenizer_2"))
+        for name in ("text_encoder", "text_encoder_2"):
+            component_dir(root, name)  # fail at load time, not after the first prompt
+        self._prompt_cache: dict[tuple, PromptEmbeds] = {}
+        self.load_stats: dict = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_path: str | Path = DEFAULT_MODEL,
+        dtype: mx.Dtype | None = None,
+        quantize: int | None = None,
+    ) -> FluxFill:
+        """Load from a Hugging Face repo id (downloads only the needed components), a
+        local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
+
+        dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
+        quantize the transformer and T5 at load (see mlx_edit.quantize).
+        Raises WeightLoadError (missing component, wrong model kind, damaged files).
+        """
+        stats: dict = {}
+        with _Phase(stats, "load"):
+            root = resolve(repo_or_path)
+            dtype = dtype or default_dtype()
+            transformer = load_transformer(
+                component_dir(root, "transformer"), dtype, expect_in_channels=384
+            )
+            if quantize:
+                from mlx_edit.quantize import quantize_transformer
+
+                quantize_transformer(transformer, bits=quantize)
+            vae = load_vae(component_dir(root, "vae"), dtype)
+            pipe = cls(root, transformer, vae, dtype, str(repo_or_path))
+        pipe.load_stats = stats
+        return pipe
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompt(
+        self, prompt: str, prompt_2: str | None = None, max_sequence_length: int = 512
+    ) -> PromptEmbeds:
+        """CLIP pooled from `prompt`, T5 sequence from `prompt_2 or prompt` (as diffusers).
+
+        Raises InputError when the T5 prompt exceeds max_sequence_length tokens (a CLIP
+        prompt over 77 tokens is truncated with a PromptTruncatedWarning, as CLIP only
+        gives the pooled summary).
+        """
+        key = (prompt, prompt_2, max_sequence_length)
+        if key in self._prompt_cache:
+            return self._prompt_cache[key]
+        if not 1 <= max_sequence_length <= 512:
+            raise InputError(f"max_sequence_length must be 1..512, got {max_sequence_length}")
+        t5_prompt = prompt_2 if prompt_2 is not None else prompt
+        n = self.t5_tokenizer.count_tokens(t5_prompt)
+        if n > max_sequence_length:
+            raise InputError(
+                f"prompt is {n} T5 tokens, over the limit of {max_sequence_length}: "
+                "shorten it (or raise --max-sequence-length, at most 512)"
+            )
+        clip = load_clip_text(component_dir(self.root, "text_encoder"), self.dtype)
+        _, pooled = clip(mx.array(self.clip_tokenizer(prompt)))
+        mx.eval(pooled)
+        del clip
+        t5 = load_t5(component_dir(self.root, "text_encoder_2"), self.dtype)
+        txt = t5(mx.array(self.t5_tokenizer(t5_prompt, max_length=max_sequence_length)))
+        mx.eval(txt)
+        del t5
+        mx.clear_cache()
+        embeds = PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))
+        self._prompt_cache = {key: embeds}  # keep only the latest: embeddings are small
+        return embeds
+
+    # ------------------------------------------------------------------ preparation
+
+    def _encode(self, pixels: np.ndarray) -> mx.array:
+        """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode)."""
+        cfg = self.vae.config
+        z = self.vae.encode_mean(mx.array(pixels)[None])
+        return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
+
+    def prepare(
+        self,
+        image: Image.Image,
+        model_mask: np.ndarray,
+        blend: np.ndarray,
+        prompt: str,
+        *,
+        steps: int,
+        guidance: float,
+        seed: int,
+        num_images: int,
+        strength: float,
+        crop_to_mask: bool | None,
+        prompt_2: str | None,
+        max_sequence_length: int,
+        noise: mx.array | None = None,
+        metadata: dict | None = None,
+    ) -> EditJob:
+        """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
+
+        noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
+        """
+        if steps < 1:
+            raise InputError(f"steps must be >= 1, got {steps}")
+        if num_images < 1:
+            raise InputError(f"num_images must be >= 1, got {num_images}")
+        if not 0.0 < strength <= 1.0:
+            raise InputError(f"strength must be in (0, 1], got {strength}")
+        stats: dict = {}
+        with _Phase(stats, "text_encode"):
+            embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+        target = MODEL_PIXELS if crop_to_mask is not False else None
+        plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
+        canvas, mask = crop_for_model(image, model_mask, plan)
+        if not mask.any():
+            raise InputError(
+                "the mask covers no pixel at the model's resolution: paint a larger area "
+                "or use --grow-mask"
+            )
+        width, height = canvas.size
+        h_tok, w_tok = token_grid(height, width)
+        with _Phase(stats, "vae_encode"):
+            pixels = to_array(canvas)
+            masked = self._encode(pixels * (1.0 - mask[..., None]))
+            conditioning = fill_conditioning(masked, pack_mask(mx.array(mask)[None]))
+            image_latents = self._encode(pixels) if strength < 1.0 else None
+            mx.eval(conditioning, image_latents)
+        sigmas = flux_sigmas(steps, h_tok * w_tok, self.scheduler_config, strength)
+        seeds = [seed + i for i in range(num_images)]
+        if noise is None:
+            noise = initial_noise(seeds, (h_tok * w_tok, conditioning.shape[-1] // 5), mx.float32)
+        latents = noise.astype(self.dtype)
+        if image_latents is not None:
+            latents = noise_latents(image_latents.astype(self.dtype), latents, float(sigmas[0]))
+        meta = {
+            "prompt": prompt, "prompt_2": prompt_2, "steps": steps, "guidance": guidance,
+            "strength": strength, "model": self.source, "mlx_edit_version": __version__,
+            "model_size": [width, height], "crop_box": list(plan.box),
+            **(metadata or {}),
+        }
+        return EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
+                       seeds, meta, stats=stats)
+
+    # ------------------------------------------------------------------ run
+
+    def steps(self, job: EditJob) -> Iterator[tuple[int, mx.array]]:
+        """Run the denoise loop for `job`, yielding (step, latents); keeps the last latents."""
+        w, h = job.plan.model_size
+        ids = image_ids(*token_grid(h, w))
+        t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
+                                  job.embeds, job.sigmas, job.guidance,
+                                  controls=job.controls, ip=job.ip):
+            job.latents = latents
+            yield i, latents
+        n = len(job.sigmas) - 1
+        job.stats["denoise_s"] = time.perf_counter() - t0
+        job.stats["step_s"] = job.stats["denoise_s"] / n
+        job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
+
+    def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
+        """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32)."""
+        cfg = self.vae.config
+        z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
+                            cfg.shift_factor)
+        return self.vae.decode(z).astype(mx.float32)
+
+    def finish(self, job: EditJob, paste_back: bool = True) -> list[Image.Image]:
+        """Decode the job's latents and map them back into the original image.
+
+        With paste_back, pixels where the blend is 0 are the original's exactly; without
+        it the whole model window replaces the original (outside the window it stays).
+        Each returned image carries its metadata in `.info` (str values).
+        """
+        w, h = job.plan.model_size
+        with _Phase(job.stats, "vae_decode"):
+            images = []
+            for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
+                px = self.decode(job.latents[b : b + 1], w, h)
+                mx.eval(px)
+                images.append(from_array(np.array(px[0])))
+        blend = job.blend
+        if not paste_back:
+            blend = np.zeros_like(job.blend)
+            x0, y0, x1, y1 = job.plan.box
+            blend[y0:y1, x0:x1] = 1.0
+        out = []
+        for seed, edited in zip(job.seeds, images):
+            result = stitch_back(job.original, edited, job.plan, blend)
+            meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
+            result.info.update({k: str(v) for k, v in meta.items() if v is not None})
+            out.append(result)
+        return out
+
+    # ------------------------------------------------------------------ public edits
+
+    def inpaint(
+        self,
+        image,
+        mask,
+        prompt: str,
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = 0,
+        num_images: int = 1,
+        strength: float = 1.0,
+        grow_mask: float = 0,
+        feather: float = DEFAULT_FEATHER,
+        paste_back: bool = True,
+        crop_to_mask: bool | None = None,
+        prompt_2: str | None = None,
+        max_sequence_length: int = 512,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Image.Image]:
+        """Repaint the white area of `mask` in `image` following `prompt`.
+
+        image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
+        mask: path, PIL or array, white = repaint; resized (with a warning) if its size
+        differs. grow_mask / feather: px. crop_to_mask: None = automatic (edit a ~1 MP
+        window around the mask when the image is large), True/False to force.
+        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
+        Raises InputError (bad input: empty mask, bad numbers, prompt too long).
+        """
+        image = load_image(image)
+        user_mask = load_mask(mask, image.size)
+        model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
+        blend = masks.blend_mask(user_mask, grow_mask, feather)
+        job = self.prepare(
+            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
+            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
+            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
+            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
+        )
+        return self.run(job, paste_back, progress)
+
+    def outpaint(
+        self,
+        image,
+        prompt: str,
+        *,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        overlap: int = OUTPAINT_OVERLAP,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = 0,
+        num_images: int = 1,
+        crop_to_mask: bool | None = None,
+        prompt_2: str | None = None,
+        max_sequence_length: int = 512,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Image.Image]:
+        """Extend `image` by left/right/top/bottom px, generating the new border.
+
+        The original is kept exactly except for an `overlap` px band along each extended
+        side, which is regenerated and blended so the seam does not show.
+        Returns PIL images of size (W + left + right, H + top + bottom).
+        Raises InputError (no expansion, negative values).
+        """
+        image = load_image(image)
+        canvas, model_mask, blend = outpaint_canvas(image, left, right, top, bottom,
+                                                    overlap=overlap)
+        job = self.prepare(
+            canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
+            num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
+            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
+            metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
+                      "overlap": overlap},
+        )
+        return self.run(job, True, progress)
+
+    def run(self, job: EditJob, paste_back: bool = True,
+            progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """Denoise a prepared job to the end and finish it (`progress(step, total)`)."""
+        total = len(job.sigmas) - 1
+        for i, _ in self.steps(job):
+            if progress is not None:
+                progress(i + 1, total)
+        return self.finish(job, paste_back)

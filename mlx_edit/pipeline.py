@@ -170,6 +170,7 @@ class FluxFill:
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
         self.load_stats: dict = {}
+        self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
 
     @classmethod
     def from_pretrained(
@@ -447,4 +448,6 @@ class FluxFill:
         for i, _ in self.steps(job):
             if progress is not None:
                 progress(i + 1, total)
-        return self.finish(job, paste_back)
+        images = self.finish(job, paste_back)
+        self.last_stats = {**self.load_stats, **job.stats}
+        return images

@@ -40,16 +40,17 @@ class PromptTruncatedWarning(UserWarning):
         )
 
 
-def _as_list(prompts: str | list[str]) -> list[str]:
-    return [prompts] if isinstance(prompts, str) else list(prompts)
-
-
-def _fit(ids: list[int], max_length: int, eos: int, pad: int, encoder: str) -> list[int]:
-    """Truncate keeping eos last (warning with the dropped count), then pad to max_length."""
-    if len(ids) > max_length:
-        warnings.warn(PromptTruncatedWarning(encoder, len(ids) - max_length, max_length), stacklevel=3)
-        ids = ids[: max_length - 1] + [eos]
-    return ids + [pad] * (max_length - len(ids))
+def _batch(tok, prompts: str | list[str], max_length: int, pad: int, encoder: str) -> np.ndarray:
+    """(B, max_length) int32 rows: truncated keeping eos last (with a warning), then padded."""
+    rows = []
+    for prompt in [prompts] if isinstance(prompts, str) else prompts:
+        ids = tok.encode(prompt)
+        if len(ids) > max_length:
+            dropped = len(ids) - max_length
+            warnings.warn(PromptTruncatedWarning(encoder, dropped, max_length), stacklevel=3)
+            ids = ids[: max_length - 1] + [tok.eos_id]
+        rows.append(ids + [pad] * (max_length - len(ids)))
+    return np.array(rows, dtype=np.int32).reshape(len(rows), max_length)
 
 
 def _split_specials(text: str, specials: dict[str, int]) -> list[str | int]:
@@ -100,9 +101,22 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+# Combining marks that tokenizers' NFC (Unicode 9 tables) sees as ccc 0 starters, so it
+# does not reorder them; found by comparing with unicodedata over all code points.
+_NFC_STARTER_MARKS = re.compile(
+    "([\u07fd\u0898-\u089f\u08ca-\u08d3\u09fe\u0c3c\u0d3b\u0d3c\u0eba\u1715"
+    "\u1abf-\u1ace\u1df6-\u1dfa\ua82c\U00010d24-\U00010d27\U00010eab\U00010eac"
+    "\U00010f46-\U00010f50\U00010f82-\U00010f85\U00011070\U0001133b\U0001145e"
+    "\U00011839\U0001183a\U0001193d\U0001193e\U00011943\U000119e0\U00011a34\U00011a47"
+    "\U00011a99\U00011d42\U00011d44\U00011d45\U00011d97\U00016ff0\U00016ff1"
+    "\U0001e130-\U0001e136\U0001e2ae\U0001e2ec-\U0001e2ef])"
+)
+
+
 def _clip_normalize(text: str) -> str:
     # tokenizers: NFC, Replace(\s+ -> " "), Lowercase (per char: no final-sigma rule)
-    text = _WS_RE.sub(" ", unicodedata.normalize("NFC", text))
+    text = "".join(unicodedata.normalize("NFC", p) for p in _NFC_STARTER_MARKS.split(text))
+    text = _WS_RE.sub(" ", text)
     return "".join(ch.lower() for ch in text)
 
 
@@ -147,9 +161,16 @@ class ClipTokenizer:
     after lower-casing, per the folder's `added_tokens_decoder` "normalized" flags).
     """
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
-                 bos: str = "<|startoftext|>", eos: str = "<|endoftext|>",
-                 pad: str = "<|endoftext|>", normalized: tuple[str, ...] = ("<|startoftext|>",)):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        *,
+        bos: str = "<|startoftext|>",
+        eos: str = "<|endoftext|>",
+        pad: str = "<|endoftext|>",
+        normalized: tuple[str, ...] = ("<|startoftext|>",),
+    ):
         self.vocab = vocab
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.bos_id, self.eos_id, self.pad_id = vocab[bos], vocab[eos], vocab[pad]
@@ -185,7 +206,9 @@ class ClipTokenizer:
         word = [self._byte_chars[b] for b in piece.encode("utf-8")]
         word[-1] += "</w>"
         while len(word) > 1:
-            pairs = [(self.ranks.get(p, len(self.ranks)), k) for k, p in enumerate(zip(word, word[1:]))]
+            pairs = [
+                (self.ranks.get(p, len(self.ranks)), k) for k, p in enumerate(zip(word, word[1:]))
+            ]
             rank, k = min(pairs)
             if rank == len(self.ranks):
                 break
@@ -216,7 +239,9 @@ class ClipTokenizer:
                     continue
                 for piece in _clip_pieces(sub, self._literals):
                     if piece in self._literals:  # byte-level's GPT-2 regex splits "<|", word, "|>"
-                        out += [i for p in (piece[:2], piece[2:-2], piece[-2:]) for i in self._bpe(p)]
+                        out += [
+                            i for p in (piece[:2], piece[2:-2], piece[-2:]) for i in self._bpe(p)
+                        ]
                     else:
                         out += self._bpe(piece)
         return out
@@ -237,9 +262,7 @@ class ClipTokenizer:
         """
         if max_length < 2:
             raise ValueError(f"CLIP max_length must be >= 2 (bos + eos), got {max_length}")
-        rows = [_fit(self.encode(p), max_length, self.eos_id, self.pad_id, "CLIP")
-                for p in _as_list(prompts)]
-        return np.array(rows, dtype=np.int32).reshape(len(rows), max_length)
+        return _batch(self, prompts, max_length, self.pad_id, "CLIP")
 
 
 # ---------------------------------------------------------------- T5
@@ -263,7 +286,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def _proto_fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
-    """Top-level protobuf fields as (field number, payload, raw bytes of the field)."""
+    """Protobuf fields as (number, payload, raw bytes); ModelProto and NormalizerSpec hold
+    only varint and length-delimited fields at their top level."""
     fields, pos = [], 0
     while pos < len(buf):
         start = pos
@@ -275,8 +299,6 @@ def _proto_fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
         elif wire == 2:
             size, pos = _varint(buf, pos)
             payload, pos = buf[pos : pos + size], pos + size
-        elif wire in (1, 5):
-            payload, pos = buf[pos : pos + (8 if wire == 1 else 4)], pos + (8 if wire == 1 else 4)
         else:
             raise ValueError(f"unsupported protobuf wire type {wire} in spiece.model")
         fields.append((key >> 3, payload, buf[start:pos]))
@@ -358,21 +380,44 @@ class _Charsmap:
         return "".join(out)
 
 
+# UAX #29 Prepend characters (2-3 byte UTF-8 ones; longer clusters are not looked up whole)
+_PREPEND = set("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\u0d4e")
+
+
+def _is_control(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return cat in ("Cc", "Zl", "Zp") or (
+        cat == "Cf"
+        and ch not in "\u200c\u200d"
+        and ch not in _PREPEND
+        and not 0xE0020 <= ord(ch) <= 0xE007F
+    )
+
+
 def _is_extend(ch: str) -> bool:
     # UAX #29 Extend / SpacingMark / ZWJ, approximated by category (exact for marks)
     cp = ord(ch)
-    return (unicodedata.category(ch) in ("Mn", "Me", "Mc") or cp in (0x200C, 0x200D, 0xFF9E, 0xFF9F)
-            or 0x1F3FB <= cp <= 0x1F3FF or 0xE0020 <= cp <= 0xE007F)
+    return (
+        unicodedata.category(ch) in ("Mn", "Me", "Mc")
+        or cp in (0x200C, 0x200D, 0xE33, 0xEB3, 0xFF9E, 0xFF9F)
+        or 0x1F3FB <= cp <= 0x1F3FF
+        or 0xE0020 <= cp <= 0xE007F
+    )
 
 
 def _grapheme_end(text: str, i: int) -> int:
-    """End of the extended grapheme cluster starting at i (only short ones matter here)."""
+    """End of the extended grapheme cluster starting at i (UAX #29 rules that can give
+    clusters under 6 bytes: CR LF, controls, Prepend, Extend/SpacingMark/ZWJ)."""
+    n = len(text)
     if text[i] == "\r":
         return i + 2 if text.startswith("\n", i + 1) else i + 1
-    if unicodedata.category(text[i]) in ("Cc", "Zl", "Zp"):
+    if _is_control(text[i]):
         return i + 1
-    j = i + 1
-    while j < len(text) and _is_extend(text[j]):
+    j = i
+    while text[j] in _PREPEND and j + 1 < n and not _is_control(text[j + 1]):
+        j += 1
+    j += 1
+    while j < n and _is_extend(text[j]):
         j += 1
     return j
 
@@ -395,7 +440,9 @@ class T5Tokenizer:
         size = self.sp.get_piece_size()
         self.eos_id, self.pad_id, self.unk_id = self.sp.eos_id(), self.sp.pad_id(), self.sp.unk_id()
         self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.unk_id)}
-        self.specials.update({f"<extra_id_{k}>": size + extra_ids - 1 - k for k in range(extra_ids)})
+        self.specials.update(
+            {f"<extra_id_{k}>": size + extra_ids - 1 - k for k in range(extra_ids)}
+        )
         self.vocab_size = size + extra_ids
 
     @classmethod
@@ -432,6 +479,4 @@ class T5Tokenizer:
             raise ValueError(f"T5 max_length must be <= {T5_MAX_LENGTH}, got {max_length}")
         if max_length < 1:
             raise ValueError(f"T5 max_length must be >= 1, got {max_length}")
-        rows = [_fit(self.encode(p), max_length, self.eos_id, self.pad_id, "T5")
-                for p in _as_list(prompts)]
-        return np.array(rows, dtype=np.int32).reshape(len(rows), max_length)
+        return _batch(self, prompts, max_length, self.pad_id, "T5")

@@ -41,8 +41,14 @@ TRANSFORMER_RENAMES: list[tuple[str, str]] = [
         rf"transformer_blocks\.(\d+)\.norm1_context\.linear\.{_P}",
         "double_blocks.{0}.txt_mod.lin.{1}",
     ),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "double_blocks.{0}.img_attn.norm.query_norm.scale"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "double_blocks.{0}.img_attn.norm.key_norm.scale"),
+    (
+        r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight",
+        "double_blocks.{0}.img_attn.norm.query_norm.scale",
+    ),
+    (
+        r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight",
+        "double_blocks.{0}.img_attn.norm.key_norm.scale",
+    ),
     (
         r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight",
         "double_blocks.{0}.txt_attn.norm.query_norm.scale",
@@ -55,11 +61,23 @@ TRANSFORMER_RENAMES: list[tuple[str, str]] = [
     (rf"transformer_blocks\.(\d+)\.attn\.to_add_out\.{_P}", "double_blocks.{0}.txt_attn.proj.{1}"),
     (rf"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.{_P}", "double_blocks.{0}.img_mlp.0.{1}"),
     (rf"transformer_blocks\.(\d+)\.ff\.net\.2\.{_P}", "double_blocks.{0}.img_mlp.2.{1}"),
-    (rf"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj\.{_P}", "double_blocks.{0}.txt_mlp.0.{1}"),
+    (
+        rf"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj\.{_P}",
+        "double_blocks.{0}.txt_mlp.0.{1}",
+    ),
     (rf"transformer_blocks\.(\d+)\.ff_context\.net\.2\.{_P}", "double_blocks.{0}.txt_mlp.2.{1}"),
-    (rf"single_transformer_blocks\.(\d+)\.norm\.linear\.{_P}", "single_blocks.{0}.modulation.lin.{1}"),
-    (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "single_blocks.{0}.norm.query_norm.scale"),
-    (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "single_blocks.{0}.norm.key_norm.scale"),
+    (
+        rf"single_transformer_blocks\.(\d+)\.norm\.linear\.{_P}",
+        "single_blocks.{0}.modulation.lin.{1}",
+    ),
+    (
+        r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight",
+        "single_blocks.{0}.norm.query_norm.scale",
+    ),
+    (
+        r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight",
+        "single_blocks.{0}.norm.key_norm.scale",
+    ),
     (rf"single_transformer_blocks\.(\d+)\.proj_out\.{_P}", "single_blocks.{0}.linear2.{1}"),
     (rf"proj_out\.{_P}", "final_layer.linear.{0}"),
     (rf"norm_out\.linear\.{_P}", "final_layer.adaLN_modulation.1.{0}"),

@@ -87,32 +87,68 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=16,
-                         num_attention_heads=2, axes_dims_rope=[4, 4, 8]),
+        transformer=dict(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            axes_dims_rope=[4, 4, 8],
+        ),
         vae=dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4),
-        clip=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                  num_attention_heads=4),
-        t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, relative_attention_max_distance=16),
+        clip=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+        t5=dict(
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+        ),
     ),
     "small": Preset(
-        transformer=dict(num_layers=2, num_single_layers=2, attention_head_dim=64,
-                         num_attention_heads=2, axes_dims_rope=[16, 24, 24]),
+        transformer=dict(
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=64,
+            num_attention_heads=2,
+            axes_dims_rope=[16, 24, 24],
+        ),
         vae=dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8),
-        clip=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=2),
-        t5=dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128),
+        clip=dict(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2
+        ),
+        t5=dict(
+            d_model=128,
+            d_kv=32,
+            d_ff=256,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        ),
     ),
     "wide": Preset(
-        transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=128,
-                         num_attention_heads=24, axes_dims_rope=[16, 56, 56]),
-        vae=dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                 norm_num_groups=32),
-        clip=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12),
-        t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128),
+        transformer=dict(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            axes_dims_rope=[16, 56, 56],
+        ),
+        vae=dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
+        clip=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+        ),
+        t5=dict(
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=2,
+            num_heads=64,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        ),
         t5_min_vocab=32128,
     ),
 }
@@ -126,27 +162,54 @@ def configs(preset: str, t5_vocab: int) -> dict[str, dict]:
     """
     p = PRESETS[preset]
     transformer = dict(
-        patch_size=1, in_channels=384, out_channels=64, guidance_embeds=True,
-        joint_attention_dim=p.t5["d_model"], pooled_projection_dim=p.clip["hidden_size"],
+        patch_size=1,
+        in_channels=384,
+        out_channels=64,
+        guidance_embeds=True,
+        joint_attention_dim=p.t5["d_model"],
+        pooled_projection_dim=p.clip["hidden_size"],
         **p.transformer,
     )
     vae = dict(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        act_fn="silu", sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
-        mid_block_add_attention=True, **p.vae,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        act_fn="silu",
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+        mid_block_add_attention=True,
+        **p.vae,
     )
     clip = dict(
-        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        projection_dim=p.clip["hidden_size"], **p.clip,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=p.clip["hidden_size"],
+        **p.clip,
     )
     t5 = dict(
-        vocab_size=max(t5_vocab, p.t5_min_vocab), feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6, dropout_rate=0.1, is_encoder_decoder=True, use_cache=False,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        num_decoder_layers=p.t5["num_layers"], **p.t5,
+        vocab_size=max(t5_vocab, p.t5_min_vocab),
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.1,
+        is_encoder_decoder=True,
+        use_cache=False,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        num_decoder_layers=p.t5["num_layers"],
+        **p.t5,
     )
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
 
@@ -264,7 +327,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass --overwrite, or overwrite=True)")
+            raise FileExistsError(
+                f"{out} exists and is not empty (pass --overwrite, or overwrite=True)"
+            )
         if not (out / "model_index.json").is_file():
             # Guard against wiping an unrelated folder given by mistake.
             raise FileExistsError(f"{out} is not a checkpoint folder; refusing to overwrite it")
@@ -303,8 +368,10 @@ def build(
                 model = model.to(torch_dtype)
             _save_component(model, tmp / name, shard=name in ("transformer", "text_encoder_2"))
             if name == "transformer":
-                _save_bfl(bfl_keys.transformer_to_bfl(model.state_dict()),
-                          tmp / "flux1-fill-dev.safetensors")
+                _save_bfl(
+                    bfl_keys.transformer_to_bfl(model.state_dict()),
+                    tmp / "flux1-fill-dev.safetensors",
+                )
             elif name == "vae":
                 _save_bfl(bfl_keys.vae_to_bfl(model.state_dict()), tmp / "ae.safetensors")
             del model

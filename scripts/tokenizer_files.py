@@ -222,9 +222,7 @@ def write_t5_tokenizer(folder: str | Path) -> int:
     extra = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
     specials = {0: "<pad>", 1: "</s>", 2: "<unk>"}
     specials.update({T5_SPIECE_SIZE + T5_EXTRA_IDS - 1 - i: t for i, t in enumerate(extra)})
-    added = {
-        str(i): {**_special(t, False), "special": True} for i, t in sorted(specials.items())
-    }
+    added = {str(i): {**_special(t, False), "special": True} for i, t in sorted(specials.items())}
     _write_json(
         folder / "tokenizer_config.json",
         {

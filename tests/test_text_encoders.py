@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel as HFT5EncoderModel
+from transformers.initialization import no_init_weights
 
 from mlx_edit.models.clip import CLIPTextConfig
 from mlx_edit.models.t5 import T5Config, relative_position_bucket
@@ -58,14 +59,16 @@ def rel_err(ours: mx.array, ref: torch.Tensor) -> float:
 
 
 def clip_ids(seed: int, lengths: list[int], pads: list[int], n: int = 77) -> np.ndarray:
-    """Rows like tokenized prompts: bos, `length` words, eos, then the row's pad id."""
+    """Rows like tokenized prompts: bos, `length` words, eos, then the row's pad id
+    (length n - 1: no room for eos, the case where the two pooling rules differ)."""
     rng = np.random.default_rng(seed)
     ids = np.empty((len(lengths), n), np.int64)
     for row, (length, pad) in enumerate(zip(lengths, pads, strict=True)):
         ids[row] = pad
         ids[row, 0] = BOS
         ids[row, 1 : 1 + length] = rng.integers(0, BOS, length)
-        ids[row, 1 + length] = EOS
+        if 1 + length < n:
+            ids[row, 1 + length] = EOS
     return ids
 
 
@@ -94,14 +97,43 @@ def rewrite(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def build_clip(cfg: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    return HFCLIPTextModel(HFCLIPTextConfig(**cfg)).eval()
+def fast_init(model, seed: int):
+    """Seeded normal weights scaled like a trained net (unit-scale activations), written
+    directly: transformers' own init of the wide models costs ~10 s of the budget."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # LayerNorm / RMSNorm weight and bias
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=g)
+            elif name.endswith("bias") and p.ndim == 1:
+                p.normal_(0.0, 0.02, generator=g)
+            elif "embed" in name or name == "shared.weight" or "relative_attention" in name:
+                p.normal_(0.0, 1.0, generator=g)
+            else:  # Linear (out, in); T5 scores are unscaled, so q carries 1/sqrt(d_kv)
+                std = p.shape[1] ** -0.5
+                if name.endswith("SelfAttention.q.weight"):
+                    std *= model.config.d_kv**-0.5
+                p.normal_(0.0, std, generator=g)
+    return model.eval()
 
 
-def build_t5(cfg: dict, seed: int = 0):
+def build(cls, config, seed: int, fast: bool = False):
+    """A transformers model from `config`, seeded; `fast`: skip its init, use fast_init."""
     torch.manual_seed(seed)
-    return HFT5EncoderModel(HFT5Config(**cfg)).eval()
+    if not fast:
+        return cls(config).eval()
+    with no_init_weights():
+        model = cls(config)
+    model.tie_weights()  # skipped by no_init_weights: T5's embed_tokens is shared.weight
+    return fast_init(model, seed)
+
+
+def build_clip(cfg: dict, seed: int = 0, fast: bool = False):
+    return build(HFCLIPTextModel, HFCLIPTextConfig(**cfg), seed, fast)
+
+
+def build_t5(cfg: dict, seed: int = 0, fast: bool = False):
+    return build(HFT5EncoderModel, HFT5Config(**cfg), seed, fast)
 
 
 def clip_parity(ref_model, folder: Path, ids: np.ndarray) -> tuple[float, float]:
@@ -139,7 +171,7 @@ def test_clip_tiny_parity(clip_tiny, tmp_path, layout):
             sd["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
 
         folder = rewrite(folder, tmp_path / "prefixed", edit)
-    ids = clip_ids(1, [5, 40], [EOS, 0])  # second row pads with 0, not eos
+    ids = clip_ids(1, [5, 40, 76], [EOS, 0, EOS])  # row 1 pads with 0; row 2 has no eos
     e_hidden, e_pooled = clip_parity(model, folder, ids)
     print(f"clip tiny {layout}: hidden {e_hidden:.2e} pooled {e_pooled:.2e}")
     assert e_hidden <= TOL and e_pooled <= TOL
@@ -159,7 +191,8 @@ def test_clip_tiny_other_activation(tmp_path, act):
 def test_clip_tiny_legacy_eos(tmp_path):
     # eos_token_id 2 (openai/clip-vit-large-patch14's config): pooled at argmax(ids)
     model = build_clip({**CLIP_TINY, "eos_token_id": 2, "bos_token_id": 0, "pad_token_id": 1}, 4)
-    ids = clip_ids(5, [3, 20], [EOS, EOS])  # pads equal the max id: the first one wins
+    # pads equal the max id: the first one wins; the last row has no eos (argmax elsewhere)
+    ids = clip_ids(5, [3, 20, 76], [EOS, EOS, EOS])
     e_hidden, e_pooled = clip_parity(model, save_hf(model, tmp_path / "m"), ids)
     print(f"clip tiny legacy eos: hidden {e_hidden:.2e} pooled {e_pooled:.2e}")
     assert e_hidden <= TOL and e_pooled <= TOL
@@ -172,7 +205,7 @@ def test_clip_wide_parity(tmp_path, eos):
     cfg = {**CLIP_WIDE, "eos_token_id": eos}
     if eos == 2:
         cfg.update(bos_token_id=0, pad_token_id=1)  # the hub config of CLIP-L
-    model = build_clip(cfg, seed=5)
+    model = build_clip(cfg, seed=5, fast=True)
     ids = clip_ids(6, [7, 30], [EOS, EOS])
     e_hidden, e_pooled = clip_parity(model, save_hf(model, tmp_path / "m"), ids)
     print(f"clip wide eos={eos}: hidden {e_hidden:.2e} pooled {e_pooled:.2e}")
@@ -199,14 +232,13 @@ def t5_parity(ref_model, folder: Path, ids: np.ndarray) -> float:
 @pytest.mark.parametrize("embedding", ["shared", "shared+tied_copy", "tied_copy_only"])
 def test_t5_tiny_parity_512(t5_tiny, tmp_path, embedding):
     model, folder = t5_tiny
-    if embedding == "shared+tied_copy":
-        folder = rewrite(
-            folder, tmp_path / "e", lambda sd: sd.update({"encoder.embed_tokens.weight": sd["shared.weight"]})
-        )
-    elif embedding == "tied_copy_only":
-        folder = rewrite(
-            folder, tmp_path / "e", lambda sd: sd.update({"encoder.embed_tokens.weight": sd.pop("shared.weight")})
-        )
+
+    def edit(sd):  # the tied copy beside shared.weight, or in its place
+        copy = sd["shared.weight"] if embedding == "shared+tied_copy" else sd.pop("shared.weight")
+        sd["encoder.embed_tokens.weight"] = copy
+
+    if embedding != "shared":
+        folder = rewrite(folder, tmp_path / "e", edit)
     ids = t5_ids(7, [12, 300], T5_TINY["vocab_size"], 512)
     err = t5_parity(model, folder, ids)
     print(f"t5 tiny 512 tokens ({embedding}): {err:.2e}")
@@ -226,7 +258,7 @@ def test_t5_tiny_other_ff(tmp_path, proj):
 @pytest.mark.parity
 @pytest.mark.slow
 def test_t5_wide_parity_sharded(tmp_path):
-    model = build_t5(T5_WIDE, seed=10)
+    model = build_t5(T5_WIDE, seed=10, fast=True)
     ids = t5_ids(11, [20, 50], T5_WIDE["vocab_size"], 64)
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).last_hidden_state

@@ -1,0 +1,214 @@
+"""`mlx-edit`: inpaint and outpaint photos with FLUX.1 Fill from the terminal.
+
+Heavy imports (mlx, the pipeline) happen inside the commands so `--help` is instant.
+Usage errors exit with status 2 and a one-line message; nothing is written on error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from mlx_edit import __version__
+
+
+class Failure(click.ClickException):
+    """A one-line error for a run that could not be done (exit status 1)."""
+
+
+def _usage(message: str) -> click.UsageError:
+    return click.UsageError(message)
+
+
+def common_options(f):
+    """Options shared by inpaint and outpaint."""
+    opts = [
+        click.option("--prompt", "-p", required=True, help="What to paint."),
+        click.option("--prompt-2", default=None, help="T5 prompt (default: --prompt)."),
+        click.option("--model", "-m", default=None, show_default="black-forest-labs/FLUX.1-Fill-dev",
+                     help="Hugging Face repo id, diffusers folder or mlx-edit folder."),
+        click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="Output PNG (default: <image>-edit.png)."),
+        click.option("--steps", type=int, default=50, show_default=True),
+        click.option("--guidance", type=float, default=30.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Random seed (default: random)."),
+        click.option("--num-images", "-n", type=int, default=1, show_default=True,
+                     help="Images generated as one batch (seeds seed, seed+1, ...)."),
+        click.option("--crop-to-mask/--no-crop-to-mask", default=None,
+                     help="Edit a ~1 MP window around the mask of a large photo and stitch "
+                          "it back (default: automatic)."),
+        click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
+                     help="Quantize the transformer at load (bits)."),
+        click.option("--max-sequence-length", type=int, default=512, show_default=True),
+        click.option("--metadata", is_flag=True, help="Also write a JSON sidecar."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _default_output(image: Path, n: int) -> Path:
+    return image.with_name(f"{image.stem}-edit.png")
+
+
+def _outputs(output: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(n)]
+
+
+def _check_outputs(paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    """Refuse before any work: existing outputs without --overwrite, or an input path."""
+    for p in paths:
+        if p.suffix.lower() != ".png":
+            raise _usage(f"output {p} must end in .png (PNG keeps the metadata lossless)")
+        if not p.parent.is_dir():
+            raise _usage(f"output folder {p.parent} does not exist")
+        for i in inputs:
+            if i.exists() and p.exists() and p.resolve() == i.resolve():
+                raise _usage(f"output {p} is an input file; choose another --output")
+        if p.exists() and not overwrite:
+            raise _usage(f"{p} exists; pass --overwrite to replace it or choose another --output")
+
+
+def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dict) -> None:
+    """Load the model, run one edit with a progress bar, write the outputs."""
+    from mlx_edit.images import InputError, load_image, load_mask, save_json_sidecar, save_png
+    from mlx_edit.weights.core import WeightLoadError
+
+    if opts["steps"] < 1:
+        raise _usage(f"--steps must be >= 1, got {opts['steps']}")
+    if opts["num_images"] < 1:
+        raise _usage(f"--num-images must be >= 1, got {opts['num_images']}")
+    seed = opts["seed"] if opts["seed"] is not None else int.from_bytes(os.urandom(3), "big")
+    output = opts["output"] or _default_output(image, opts["num_images"])
+    outputs = _outputs(output, opts["num_images"])
+    inputs = [image] + ([mask] if mask else [])
+    _check_outputs(outputs, inputs, opts["overwrite"])
+    try:  # validate inputs before the (slow) model load
+        load_image(image)
+        if mask is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_mask(mask, load_image(image).size)
+    except InputError as e:
+        raise _usage(str(e)) from None
+
+    from mlx_edit.pipeline import DEFAULT_MODEL, FluxFill
+
+    model = opts["model"] or DEFAULT_MODEL
+    try:
+        pipe = FluxFill.from_pretrained(model, quantize=int(opts["quantize"]) if opts["quantize"] else None)
+    except WeightLoadError as e:
+        raise Failure(str(e)) from None
+
+    from tqdm import tqdm
+
+    common = dict(steps=opts["steps"], guidance=opts["guidance"], seed=seed,
+                  num_images=opts["num_images"], crop_to_mask=opts["crop_to_mask"],
+                  prompt_2=opts["prompt_2"], max_sequence_length=opts["max_sequence_length"])
+    try:
+        bar = tqdm(total=opts["steps"], unit="step", desc=kind, file=sys.stderr)
+
+        def progress(step, total):
+            bar.total = total
+            bar.update(1)
+
+        if kind == "inpaint":
+            method = functools.partial(pipe.inpaint, image, mask, opts["prompt"])
+        else:
+            method = functools.partial(pipe.outpaint, image, opts["prompt"])
+        images = method(**common, **edit_kwargs, progress=progress)
+        bar.close()
+    except InputError as e:
+        raise _usage(str(e)) from None
+    icc = load_image(image).info.get("icc_profile")
+    for path, img in zip(outputs, images):
+        meta = dict(img.info)
+        save_png(img, path, meta, overwrite=opts["overwrite"], protect=inputs, icc_profile=icc)
+        if opts["metadata"]:
+            save_json_sidecar(path.with_suffix(".json"), {**meta, "stats": pipe.last_stats},
+                              overwrite=opts["overwrite"], protect=inputs)
+        click.echo(str(path))
+    s = pipe.last_stats
+    peak = max(v for k, v in s.items() if k.endswith("_peak_gb"))
+    click.echo(
+        f"load {s['load_s']:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
+        f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  vae-dec {s['vae_decode_s']:.1f}s  "
+        f"peak {peak:.2f} GB",
+        err=True,
+    )
+
+
+@click.group()
+@click.version_option(__version__, prog_name="mlx-edit")
+def main():
+    """Edit photos with FLUX.1 Fill on Apple MLX: inpaint, outpaint, convert, parity."""
+
+
+@main.command()
+@click.option("--image", "-i", required=True, type=click.Path(path_type=Path), help="Photo to edit.")
+@click.option("--mask", required=True, type=click.Path(path_type=Path),
+              help="White = repaint, black = keep (any size; resized with a warning).")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="< 1 starts from the photo (img2img style).")
+@click.option("--grow-mask", type=float, default=0, show_default=True, help="Dilate the mask (px).")
+@click.option("--feather", type=float, default=8, show_default=True, help="Soft blend width (px).")
+@click.option("--no-paste-back", is_flag=True,
+              help="Keep the model's pixels outside the mask too (default: exact originals).")
+@common_options
+def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
+    """Repaint the white area of MASK in IMAGE following PROMPT."""
+    for path, what in ((image, "image"), (mask, "mask")):
+        if not path.exists():
+            raise _usage(f"{what} {path} does not exist")
+    if not 0 < strength <= 1:
+        raise _usage(f"--strength must be in (0, 1], got {strength}")
+    if grow_mask < 0 or feather < 0:
+        raise _usage("--grow-mask and --feather must be >= 0")
+    _run("inpaint", image, mask, opts, dict(strength=strength, grow_mask=grow_mask,
+                                             feather=feather, paste_back=not no_paste_back))
+
+
+@main.command()
+@click.option("--image", "-i", required=True, type=click.Path(path_type=Path), help="Photo to extend.")
+@click.option("--left", type=int, default=0, show_default=True, help="px to add on the left.")
+@click.option("--right", type=int, default=0, show_default=True)
+@click.option("--top", type=int, default=0, show_default=True)
+@click.option("--bottom", type=int, default=0, show_default=True)
+@click.option("--overlap", type=int, default=32, show_default=True,
+              help="px of the original regenerated along each seam.")
+@common_options
+def outpaint(image, left, right, top, bottom, overlap, **opts):
+    """Extend IMAGE by LEFT/RIGHT/TOP/BOTTOM pixels, painting the new area from PROMPT."""
+    if not image.exists():
+        raise _usage(f"image {image} does not exist")
+    if min(left, right, top, bottom) < 0 or max(left, right, top, bottom) == 0:
+        raise _usage("outpaint needs --left/--right/--top/--bottom >= 0, at least one > 0")
+    _run("outpaint", image, None, opts, dict(left=left, right=right, top=top, bottom=bottom,
+                                              overlap=overlap))
+
+
+def _add_optional_commands() -> None:
+    """Commands that live in their own modules (conversion, parity)."""
+    from mlx_edit.cli_convert import convert_command
+    from mlx_edit.parity import parity_command
+
+    main.add_command(convert_command, "convert")
+    main.add_command(parity_command, "parity")
+
+
+try:
+    _add_optional_commands()
+except ImportError:  # pragma: no cover - during development only
+    pass
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

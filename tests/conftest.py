@@ -1,0 +1,76 @@
+"""Shared pytest fixtures: random-weight FLUX Fill checkpoint folders and script imports.
+
+- `tiny_ckpt`, `small_ckpt`, `wide_ckpt` (session scope): Path of a folder built once per
+  session by `scripts/make_tiny_checkpoint.py`'s `build(out, preset, seed=0,
+  dtype="float32")` (real FLUX.1-Fill-dev diffusers layout plus BFL single files).
+  `wide_ckpt` (~5 GB, ~1 min) is for tests marked `slow`; set MLX_EDIT_WIDE_CKPT to a folder
+  built with `--preset wide` to reuse it instead (it is then never deleted). A wide folder
+  built here is deleted at the end of the session.
+- `repo_root`: the repository root. `import_script(name)`: import `scripts/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import mlx_edit  # noqa: F401  (first: loads OpenBLAS before anything imports mlx)
+
+import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS_DIR = REPO_ROOT / "scripts"
+
+
+def import_script(name: str) -> ModuleType:
+    """Import `scripts/<name>.py` as a top-level module (scripts/ goes on sys.path)."""
+    if str(SCRIPTS_DIR) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS_DIR))
+    return importlib.import_module(name)
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
+    out = tmp_path_factory.mktemp(f"ckpt-{preset}") / preset
+    return import_script("make_tiny_checkpoint").build(out, preset, seed=0, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session", name="import_script")
+def import_script_fixture():
+    """The `import_script(name)` function, for tests that prefer a fixture."""
+    return import_script
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Preset `tiny`: transformer hidden 32, VAE (8,16,16,16), CLIP/T5 width 32."""
+    return _build(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory) -> Path:
+    """Preset `small`: every Linear input width a multiple of 64 (group-64 quantization)."""
+    return _build(tmp_path_factory, "small")
+
+
+@pytest.fixture(scope="session")
+def wide_ckpt(tmp_path_factory):
+    """Preset `wide`: real FLUX widths, reduced depth (~5 GB float32)."""
+    given = os.environ.get("MLX_EDIT_WIDE_CKPT")
+    if given:
+        path = Path(given)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"MLX_EDIT_WIDE_CKPT={given} holds no model_index.json")
+        yield path
+        return
+    path = _build(tmp_path_factory, "wide")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # 5 GB: do not leave it in pytest's tmp dirs

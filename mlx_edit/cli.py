@@ -17,10 +17,6 @@ import click
 from mlx_edit import __version__
 
 
-class Failure(click.ClickException):
-    """A one-line error for a run that could not be done (exit status 1)."""
-
-
 def _usage(message: str) -> click.UsageError:
     return click.UsageError(message)
 
@@ -105,8 +101,8 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
     model = opts["model"] or DEFAULT_MODEL
     try:
         pipe = FluxFill.from_pretrained(model, quantize=int(opts["quantize"]) if opts["quantize"] else None)
-    except WeightLoadError as e:
-        raise Failure(str(e)) from None
+    except WeightLoadError as e:  # wrong --model: a usage error
+        raise _usage(str(e)) from None
 
     from tqdm import tqdm
 

@@ -1,15 +1,10 @@
 """Text tokenizers of FLUX.1: CLIP-L byte-level BPE and T5 SentencePiece.
 
-Both return fixed-length int32 id arrays, as diffusers' FluxFillPipeline asks
-transformers for them (`padding="max_length", truncation=True`), see
-`_get_clip_prompt_embeds` / `_get_t5_prompt_embeds` in
-diffusers/pipelines/flux/pipeline_flux_fill.py. The references are transformers'
-`CLIPTokenizer` (transformers/models/clip/tokenization_clip.py, a `tokenizers` BPE) and
-`T5TokenizerFast` (transformers/models/t5/tokenization_t5.py, a `tokenizers` Unigram);
-tests/test_tokenizers.py checks ids against both on the same files.
-
-Runtime dependencies: numpy and sentencepiece only (stdlib `unicodedata` for the CLIP
-pre-tokenizer's `\\p{L}`/`\\p{N}` classes instead of the `regex` package).
+Fixed-length int32 ids as diffusers' FluxFillPipeline gets them from transformers
+(`padding="max_length", truncation=True`; pipeline_flux_fill.py `_get_clip_prompt_embeds`,
+`_get_t5_prompt_embeds`). References: transformers' `CLIPTokenizer` and `T5TokenizerFast`
+(models/clip/tokenization_clip.py, models/t5/tokenization_t5.py, both `tokenizers`-backed).
+Needs numpy and sentencepiece only (stdlib `unicodedata` stands in for `regex`'s \\p{L}).
 """
 
 from __future__ import annotations
@@ -71,12 +66,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _added_tokens(folder: Path) -> dict[str, dict]:
-    """Content -> AddedToken dict (with "id") from tokenizer_config.json's added_tokens_decoder."""
-    decoder = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
-    return {v["content"]: {**v, "id": int(k)} for k, v in decoder.items()}
-
-
 # ---------------------------------------------------------------- CLIP
 
 # Unicode White_Space: Oniguruma's `\s` (tokenizers' Regex) and Rust's char::is_whitespace
@@ -84,7 +73,9 @@ def _added_tokens(folder: Path) -> dict[str, dict]:
 _WS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
 _WS += "\u2028\u2029\u202f\u205f\u3000"
 _WS_RE = re.compile(f"[{_WS}]+")
-_CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+_CLIP_LITERALS = (_BOS, _EOS)
+_CLIP_FIXED = _CLIP_LITERALS + ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -124,30 +115,21 @@ def _cat(ch: str) -> str:
     return unicodedata.category(ch)[0]
 
 
-def _clip_pieces(text: str, literals: tuple[str, ...]) -> list[str]:
+def _clip_pieces(text: str) -> list[str]:
     r"""CLIP's split regex on normalized text, left to right like the regex engine:
     `<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`
     """
+    cls = [
+        "W" if c in _WS else "L" if _cat(c) == "L" else "N" if _cat(c) == "N" else "P" for c in text
+    ]
     pieces, i, n = [], 0, len(text)
     while i < n:
-        ch = text[i]
-        if ch in _WS:
-            i += 1
-            continue
-        fixed = next((s for s in literals + _CLIP_CONTRACTIONS if text.startswith(s, i)), None)
-        if fixed is not None:
-            j = i + len(fixed)
-        elif _cat(ch) == "L":
-            j = i + 1
-            while j < n and _cat(text[j]) == "L":
-                j += 1
-        elif _cat(ch) == "N":
-            j = i + 1
-        else:
-            j = i + 1
-            while j < n and text[j] not in _WS and _cat(text[j]) not in "LN":
-                j += 1
-        pieces.append(text[i:j])
+        fixed = next((s for s in _CLIP_FIXED if text.startswith(s, i)), "")
+        j = i + max(len(fixed), 1)
+        while not fixed and cls[i] in "LP" and j < n and cls[j] == cls[i]:  # runs of L / other
+            j += 1
+        if cls[i] != "W" or fixed:
+            pieces.append(text[i:j])
         i = j
     return pieces
 
@@ -165,19 +147,15 @@ class ClipTokenizer:
         self,
         vocab: dict[str, int],
         merges: list[tuple[str, str]],
-        *,
-        bos: str = "<|startoftext|>",
-        eos: str = "<|endoftext|>",
-        pad: str = "<|endoftext|>",
-        normalized: tuple[str, ...] = ("<|startoftext|>",),
+        pad: str = _EOS,
+        normalized: tuple[str, ...] = (_BOS,),
     ):
         self.vocab = vocab
         self.ranks = {m: i for i, m in enumerate(merges)}
-        self.bos_id, self.eos_id, self.pad_id = vocab[bos], vocab[eos], vocab[pad]
-        specials = {bos: self.bos_id, eos: self.eos_id}
+        self.bos_id, self.eos_id, self.pad_id = vocab[_BOS], vocab[_EOS], vocab[pad]
+        specials = {_BOS: self.bos_id, _EOS: self.eos_id}
         self._raw_specials = {s: i for s, i in specials.items() if s not in normalized}
         self._norm_specials = {s: i for s, i in specials.items() if s in normalized}
-        self._literals = (bos, eos)
         self._byte_chars = _bytes_to_unicode()
         self._cache: dict[str, list[int]] = {}
 
@@ -191,12 +169,20 @@ class ClipTokenizer:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(ln.split()) for ln in lines if ln and not ln.startswith("#version")]
+        # transformers matches "normalized" added tokens after lower-casing: <|startoftext|>
+        # for configs like FLUX's, none without a tokenizer_config.json
         config = _read_json(folder / "tokenizer_config.json")
-        added = _added_tokens(folder)
-        normalized = tuple(c for c, t in added.items() if t.get("normalized", False))
-        pad = config.get("pad_token", "<|endoftext|>")
-        pad = pad["content"] if isinstance(pad, dict) else pad
-        return cls(vocab, merges, pad=pad, normalized=normalized)
+        added = config.get("added_tokens_decoder", {}).values()
+        normalized = tuple(t["content"] for t in added if t.get("normalized"))
+        if not added and isinstance(config.get("bos_token"), dict):
+            normalized = (_BOS,) if config["bos_token"].get("normalized") else ()
+        pad = config.get("pad_token", _EOS)
+        return cls(
+            vocab,
+            merges,
+            pad=pad["content"] if isinstance(pad, dict) else pad,
+            normalized=normalized,
+        )
 
     def _bpe(self, piece: str) -> list[int]:
         """Byte-level BPE of one pre-token, `</w>` on its last symbol (lowest rank first)."""
@@ -205,23 +191,12 @@ class ClipTokenizer:
             return ids
         word = [self._byte_chars[b] for b in piece.encode("utf-8")]
         word[-1] += "</w>"
-        while len(word) > 1:
-            pairs = [
-                (self.ranks.get(p, len(self.ranks)), k) for k, p in enumerate(zip(word, word[1:]))
-            ]
-            rank, k = min(pairs)
-            if rank == len(self.ranks):
+        none = len(self.ranks)
+        while len(word) > 1:  # leftmost lowest-rank pair first, as tokenizers' BPE
+            rank, k = min((self.ranks.get(p, none), k) for k, p in enumerate(zip(word, word[1:])))
+            if rank == none:
                 break
-            first, second = word[k], word[k + 1]
-            merged, k = [], 0
-            while k < len(word):
-                if k < len(word) - 1 and word[k] == first and word[k + 1] == second:
-                    merged.append(first + second)
-                    k += 2
-                else:
-                    merged.append(word[k])
-                    k += 1
-            word = merged
+            word[k : k + 2] = [word[k] + word[k + 1]]
         ids = [self.vocab[w] for w in word]
         if len(self._cache) < 50_000:
             self._cache[piece] = ids
@@ -237,8 +212,8 @@ class ClipTokenizer:
                 if isinstance(sub, int):
                     out.append(sub)
                     continue
-                for piece in _clip_pieces(sub, self._literals):
-                    if piece in self._literals:  # byte-level's GPT-2 regex splits "<|", word, "|>"
+                for piece in _clip_pieces(sub):
+                    if piece in _CLIP_LITERALS:  # byte-level's GPT-2 regex splits "<|", word, "|>"
                         out += [
                             i for p in (piece[:2], piece[2:-2], piece[-2:]) for i in self._bpe(p)
                         ]
@@ -266,23 +241,17 @@ class ClipTokenizer:
 
 
 # ---------------------------------------------------------------- T5
-# transformers runs T5's SentencePiece model through `tokenizers`: the Precompiled
-# normalizer (spm_precompiled) maps each grapheme shorter than 6 bytes by the charsmap
-# entry of its *shortest* matching prefix (dropping the rest of it, e.g. "e\u0301\u0301"
-# -> "é"), while SentencePiece itself takes the longest match. To give the same ids, the
-# charsmap is applied here as tokenizers does, and SentencePiece then encodes the result
-# with its own normalisation switched off.
+# transformers' Precompiled normalizer (spm_precompiled) maps a grapheme under 6 bytes by the
+# charsmap entry of its *shortest* matching prefix (e.g. "e\u0301\u0301" -> "é"); SentencePiece
+# takes the longest. So the charsmap is applied here as tokenizers does, and SentencePiece
+# encodes the result with its own normalisation switched off.
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return value, pos
+    while buf[pos] >= 0x80:
+        value, shift, pos = value | (buf[pos] & 0x7F) << shift, shift + 7, pos + 1
+    return value | buf[pos] << shift, pos + 1
 
 
 def _proto_fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:

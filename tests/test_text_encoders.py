@@ -58,17 +58,22 @@ def rel_err(ours: mx.array, ref: torch.Tensor) -> float:
     return float(np.abs(np.array(ours, dtype=np.float32) - ref).max() / np.abs(ref).max())
 
 
-def clip_ids(seed: int, lengths: list[int], pads: list[int], n: int = 77) -> np.ndarray:
-    """Rows like tokenized prompts: bos, `length` words, eos, then the row's pad id
-    (length n - 1: no room for eos, the case where the two pooling rules differ)."""
+def clip_ids(seed: int, lengths: list[int | None], pads: list[int], n: int = 77) -> np.ndarray:
+    """Rows like tokenized prompts: bos, `length` words, eos, then the row's pad id.
+
+    A `None` length gives a row of plain words, without bos or eos: there the two pooling
+    rules differ (legacy: the largest id; otherwise: position 0).
+    """
     rng = np.random.default_rng(seed)
     ids = np.empty((len(lengths), n), np.int64)
     for row, (length, pad) in enumerate(zip(lengths, pads, strict=True)):
+        if length is None:
+            ids[row] = rng.integers(0, BOS, n)
+            continue
         ids[row] = pad
         ids[row, 0] = BOS
         ids[row, 1 : 1 + length] = rng.integers(0, BOS, length)
-        if 1 + length < n:
-            ids[row, 1 + length] = EOS
+        ids[row, 1 + length] = EOS
     return ids
 
 
@@ -171,7 +176,7 @@ def test_clip_tiny_parity(clip_tiny, tmp_path, layout):
             sd["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
 
         folder = rewrite(folder, tmp_path / "prefixed", edit)
-    ids = clip_ids(1, [5, 40, 76], [EOS, 0, EOS])  # row 1 pads with 0; row 2 has no eos
+    ids = clip_ids(1, [5, 40, None], [EOS, 0, 0])  # row 1 pads with 0; row 2 has no eos
     e_hidden, e_pooled = clip_parity(model, folder, ids)
     print(f"clip tiny {layout}: hidden {e_hidden:.2e} pooled {e_pooled:.2e}")
     assert e_hidden <= TOL and e_pooled <= TOL
@@ -191,8 +196,8 @@ def test_clip_tiny_other_activation(tmp_path, act):
 def test_clip_tiny_legacy_eos(tmp_path):
     # eos_token_id 2 (openai/clip-vit-large-patch14's config): pooled at argmax(ids)
     model = build_clip({**CLIP_TINY, "eos_token_id": 2, "bos_token_id": 0, "pad_token_id": 1}, 4)
-    # pads equal the max id: the first one wins; the last row has no eos (argmax elsewhere)
-    ids = clip_ids(5, [3, 20, 76], [EOS, EOS, EOS])
+    # pads equal the max id: the first one wins; the last row has no bos/eos
+    ids = clip_ids(5, [3, 20, None], [EOS, EOS, 0])
     e_hidden, e_pooled = clip_parity(model, save_hf(model, tmp_path / "m"), ids)
     print(f"clip tiny legacy eos: hidden {e_hidden:.2e} pooled {e_pooled:.2e}")
     assert e_hidden <= TOL and e_pooled <= TOL

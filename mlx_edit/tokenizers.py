@@ -111,17 +111,16 @@ def _clip_normalize(text: str) -> str:
     return "".join(ch.lower() for ch in text)
 
 
-def _cat(ch: str) -> str:
-    return unicodedata.category(ch)[0]
+def _char_class(ch: str) -> str:
+    """W(hite_Space), L(etter), N(umber) or P (anything else) for the CLIP split regex."""
+    return "W" if ch in _WS else {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "P")
 
 
 def _clip_pieces(text: str) -> list[str]:
     r"""CLIP's split regex on normalized text, left to right like the regex engine:
     `<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`
     """
-    cls = [
-        "W" if c in _WS else "L" if _cat(c) == "L" else "N" if _cat(c) == "N" else "P" for c in text
-    ]
+    cls = [_char_class(c) for c in text]
     pieces, i, n = [], 0, len(text)
     while i < n:
         fixed = next((s for s in _CLIP_FIXED if text.startswith(s, i)), "")

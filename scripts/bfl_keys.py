@@ -143,7 +143,7 @@ def transformer_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if renames:
             (_, template), m = renames[0]
             new = template.format(*m.groups())
-            out[new] = t
+            out[new] = swap_scale_shift(t) if _SWAP_SCALE_SHIFT.fullmatch(new) else t
         else:
             (_, template, order), m = fuses[0]
             new = template.format(*m.groups())

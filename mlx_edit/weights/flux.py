@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.quantize import apply_recorded_quantization
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
@@ -186,4 +187,6 @@ def load_transformer(
         )
     model = FluxTransformer(cfg)
     rules = {"diffusers": DIFFUSERS_RULES, "bfl": BFL_RULES, "mlx": MLX_RULES}[fmt]
+    if fmt == "mlx":  # a quantized mlx-edit folder: build the quantized structure first
+        apply_recorded_quantization(model, cfg_dict, tensors, name=f"transformer ({path})")
     return load_into(model, tensors, rules, dtype or default_dtype(), name=f"transformer ({path})")

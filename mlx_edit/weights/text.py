@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.t5 import T5Config, T5Encoder
+from mlx_edit.quantize import IDENTITY_RULES, apply_recorded_quantization, is_mlx_layout
 from mlx_edit.weights.core import (
     Rule,
     default_dtype,
@@ -101,6 +102,15 @@ def drop_keys(
     }
 
 
+def _mlx_layout_rules(model, cfg: dict, tensors, name: str):
+    """For an mlx-edit folder (our names, maybe quantized; see mlx_edit/quantize.py): build
+    the recorded quantized structure and return the identity key map; else None."""
+    if not is_mlx_layout(cfg):
+        return None
+    apply_recorded_quantization(model, cfg, tensors, name=name)
+    return IDENTITY_RULES
+
+
 def load_clip_text(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTextModel:
     """Load a CLIP text tower from a diffusers `text_encoder/` folder (or any transformers
     CLIPTextModel folder): `config.json` plus one or sharded `*.safetensors`.
@@ -109,12 +119,13 @@ def load_clip_text(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTex
     Raises WeightLoadError on a missing config or files, or missing, unexpected or
     mis-shaped tensors (e.g. a `CLIPTextModelWithProjection` checkpoint).
     """
-    config = CLIPTextConfig.from_dict(read_config(folder))
-    model = CLIPTextModel(config)
+    cfg = read_config(folder)
+    model = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
     tensors = open_tensors(safetensors_files(folder), strip_prefixes=CLIP_STRIP_PREFIXES)
     tensors = drop_keys(tensors, CLIP_TEXT_DROP)
     dtype = default_dtype() if dtype is None else dtype
-    load_into(model, tensors, CLIP_TEXT_RULES, dtype, name=f"CLIP text encoder ({folder})")
+    rules = _mlx_layout_rules(model, cfg, tensors, f"CLIP text encoder ({folder})")
+    load_into(model, tensors, rules or CLIP_TEXT_RULES, dtype, name=f"CLIP text encoder ({folder})")
     model.eval()
     return model
 
@@ -128,10 +139,11 @@ def load_t5(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Encoder:
     Raises WeightLoadError on a missing config or files, or missing, unexpected or
     mis-shaped tensors (e.g. decoder weights of a full T5 checkpoint).
     """
-    config = T5Config.from_dict(read_config(folder))
-    model = T5Encoder(config)
+    cfg = read_config(folder)
+    model = T5Encoder(T5Config.from_dict(cfg))
     tensors = drop_keys(open_tensors(safetensors_files(folder)), duplicates=T5_DUPLICATES)
     dtype = default_dtype() if dtype is None else dtype
-    load_into(model, tensors, T5_RULES, dtype, name=f"T5 encoder ({folder})")
+    rules = _mlx_layout_rules(model, cfg, tensors, f"T5 encoder ({folder})")
+    load_into(model, tensors, rules or T5_RULES, dtype, name=f"T5 encoder ({folder})")
     model.eval()
     return model

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.quantize import IDENTITY_RULES, apply_recorded_quantization, is_mlx_layout
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
@@ -149,6 +150,9 @@ def load_vae(
             raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
     rules = DIFFUSERS_RULES if _is_diffusers(tensors) else bfl_rules(len(cfg.block_out_channels))
     model = AutoencoderKL(cfg)
+    if is_mlx_layout(cfg_dict):  # an mlx-edit folder: our names (OHWI convs), maybe quantized
+        rules = IDENTITY_RULES
+        apply_recorded_quantization(model, cfg_dict, tensors, name=f"vae ({path})")
     load_into(model, tensors, rules, default_dtype() if dtype is None else dtype, name="vae")
     model.eval()
     return model

@@ -1,0 +1,468 @@
+"""Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
+
+Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
+`mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
+plus `ae.safetensors` / a diffusers folder for the VAE and text encoders), or an mlx-edit
+folder (re-quantized: quantized layers are dequantized, then quantized again).
+
+Streaming: one component at a time, one tensor at a time. The model is only *built
+lazily* (MLX allocates nothing until evaluated) to know the target names and shapes;
+each target tensor is made from its lazily read sources by the loader's key map,
+cast, quantized when the policy says so, evaluated and handed to a `ShardWriter`; its
+sources are dropped at once. Peak memory: one shard plus the largest tensor (x2 while
+it is cast or quantized). Everything is written into a hidden folder next to DEST that
+is renamed to DEST at the very end (save.publish).
+
+Key maps and config handling are the loaders' (weights/flux.py, vae.py, text.py), so
+a converted folder holds exactly what a loader would build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_edit import __version__
+from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.t5 import T5Config, T5Encoder
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.quantize import (
+    COMPONENTS,
+    DEFAULT_GROUP_SIZE,
+    GROUP_SIZES,
+    IDENTITY_RULES,
+    MLX_LAYOUT_KEY,
+    check_tensors,
+    component_bits,
+    is_mlx_layout,
+    quantizable_layers,
+    quantize_component,
+    read_record,
+)
+from mlx_edit.weights import flux as flux_w
+from mlx_edit.weights import save
+from mlx_edit.weights import text as text_w
+from mlx_edit.weights import vae as vae_w
+from mlx_edit.weights.core import (
+    Rule,
+    WeightLoadError,
+    _apply,
+    _listing,
+    _out_shape,
+    open_tensors,
+    plan_mapping,
+    read_config,
+    safetensors_files,
+)
+from mlx_edit.weights.sources import is_repo_id, resolve
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+AUX_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+# FLUX.1-Fill-dev's model_index.json, written when the source has none (BFL files).
+MODEL_INDEX = {
+    "_class_name": "FluxFillPipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+class ConversionError(ValueError):
+    """A conversion cannot start: wrong arguments, missing sources, DEST in the way."""
+
+
+@dataclass
+class ComponentSource:
+    """One component to convert: a lazily built model (our layout, full precision), the
+    lazily opened source tensors, the key map from them to the model, the config to write."""
+
+    name: str
+    origin: Path
+    model: nn.Module
+    tensors: dict
+    rules: tuple[Rule, ...]
+    config: dict
+
+
+def _jsonable(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _clean_config(cfg: Mapping) -> dict:
+    """The source config without our own keys (they are rewritten)."""
+    return {k: v for k, v in cfg.items() if k not in (MLX_LAYOUT_KEY, "quantization")}
+
+
+def dequantized_view(model: nn.Module, config: Mapping, tensors: dict, name: str) -> dict:
+    """For an mlx-edit source: check its recorded quantization against its tensors, then
+    replace each quantized layer's (weight, scales, biases) by a lazy `mx.dequantize`
+    under `.weight`, so the source reads as full precision. Nothing is evaluated."""
+    record = read_record(config, name)
+    layers = [p for p, _ in quantizable_layers(model)]
+    check_tensors(record, layers, tensors, name)
+    if record is None:
+        return tensors
+    out = dict(tensors)
+    for path in layers:
+        keys = [f"{path}.{s}" for s in ("weight", "scales", "biases")]
+        if path in record["skipped"] or not all(k in out for k in keys):
+            continue  # incomplete layers are reported by the strict plan
+        w, s, b = (out.pop(k) for k in keys)
+        out[keys[0]] = mx.dequantize(w, s, b, record["group_size"], record["bits"])
+    return out
+
+
+def _transformer_source(path: Path, overrides: Mapping | None) -> ComponentSource:
+    tensors = open_tensors(safetensors_files(path), strip_prefixes=flux_w.BFL_PREFIXES)
+    fmt = flux_w.detect_format(tensors)
+    overrides = dict(overrides or {})
+    if fmt == "bfl":
+        try:
+            inferred = flux_w.infer_bfl_config(tensors, overrides.get("axes_dims_rope"))
+        except ValueError as e:
+            raise ConversionError(
+                f"{path}: {e} (give a transformer config.json with --transformer-config)"
+            ) from e
+        config = {"_class_name": "FluxTransformer2DModel", **_jsonable(inferred), **overrides}
+    else:
+        config = {**read_config(path), **overrides}
+    try:
+        model = FluxTransformer(FluxConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise WeightLoadError(f"{path}: unsupported transformer config ({e})") from e
+    rules = {"diffusers": flux_w.DIFFUSERS_RULES, "bfl": flux_w.BFL_RULES,
+             "mlx": IDENTITY_RULES}[fmt]
+    if fmt == "mlx":
+        tensors = dequantized_view(model, config, tensors, f"transformer ({path})")
+    return ComponentSource("transformer", path, model, tensors, rules, _clean_config(config))
+
+
+def _vae_source(path: Path) -> ComponentSource:
+    files, cfg_dict = vae_w._resolve(path)
+    tensors = vae_w._strip_vae_prefix(open_tensors(files))
+    d = dict(cfg_dict or {})
+    d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
+    d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
+    try:
+        cfg = VAEConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
+    model = AutoencoderKL(cfg)
+    if is_mlx_layout(cfg_dict):
+        rules = IDENTITY_RULES
+        tensors = dequantized_view(model, cfg_dict, tensors, f"vae ({path})")
+    elif vae_w._is_diffusers(tensors):
+        rules = vae_w.DIFFUSERS_RULES
+    else:
+        rules = vae_w.bfl_rules(len(cfg.block_out_channels))
+    config = dict(cfg_dict) if cfg_dict else {"_class_name": "AutoencoderKL", **_jsonable(cfg)}
+    config.update(use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv)
+    return ComponentSource("vae", path, model, tensors, rules, _clean_config(config))
+
+
+def _text_source(name: str, folder: Path) -> ComponentSource:
+    cfg_dict = read_config(folder)
+    if name == "text_encoder":
+        model = CLIPTextModel(CLIPTextConfig.from_dict(cfg_dict))
+        tensors = open_tensors(safetensors_files(folder), text_w.CLIP_STRIP_PREFIXES)
+        tensors = text_w.drop_keys(tensors, text_w.CLIP_TEXT_DROP)
+        rules = text_w.CLIP_TEXT_RULES
+    else:
+        model = T5Encoder(T5Config.from_dict(cfg_dict))
+        tensors = open_tensors(safetensors_files(folder))
+        tensors = text_w.drop_keys(tensors, duplicates=text_w.T5_DUPLICATES)
+        rules = text_w.T5_RULES
+    if is_mlx_layout(cfg_dict):
+        rules = IDENTITY_RULES
+        tensors = dequantized_view(model, cfg_dict, tensors, f"{name} ({folder})")
+    return ComponentSource(name, folder, model, tensors, rules, _clean_config(cfg_dict))
+
+
+def open_component(name: str, path: str | Path, overrides: Mapping | None = None):
+    """A ComponentSource for `name` (one of COMPONENTS) from its folder or file.
+
+    Raises WeightLoadError for unreadable or foreign checkpoints, ConversionError for a
+    BFL transformer whose RoPE axes cannot be inferred (pass `overrides`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightLoadError(f"{path}: no such {name} file or folder")
+    if name == "transformer":
+        return _transformer_source(path, overrides)
+    if name == "vae":
+        return _vae_source(path)
+    if name in ("text_encoder", "text_encoder_2"):
+        return _text_source(name, path)
+    raise KeyError(f"unknown component {name!r}")
+
+
+def checked_plan(params: Mapping[str, mx.array], tensors: Mapping, rules, name: str):
+    """The key-map plan from `tensors` to `params`, strictly: WeightLoadError listing
+    missing, unexpected and mis-shaped keys, as `core.load_into` does."""
+    plan, unexpected = plan_mapping(tensors.keys(), rules)
+    produced = {item.target for item in plan}
+    missing = sorted(set(params) - produced)
+    unexpected = unexpected + sorted(produced - set(params))
+    misshaped = []
+    for item in plan:
+        if item.target in params:
+            shape = _out_shape(item.op, [tuple(tensors[s].shape) for s in item.sources])
+            if shape != tuple(params[item.target].shape):
+                misshaped.append(f"{item.target}: checkpoint {shape} vs model "
+                                 f"{tuple(params[item.target].shape)}")
+    if missing or unexpected or misshaped:
+        lines = [f"{name}: the checkpoint does not match the model"]
+        for label, keys, n in (("missing", missing, 5), ("unexpected", unexpected, 5),
+                               ("mis-shaped", misshaped, 3)):
+            if keys:
+                lines.append(f"{len(keys)} {label}: {_listing(keys, n)}")
+        raise WeightLoadError("; ".join(lines))
+    return plan
+
+
+def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
+                   group_size: int = DEFAULT_GROUP_SIZE):
+    """Yield (key, evaluated array) of the converted component, one target at a time, and
+    return the quantization record (None when not quantized) as the generator's value.
+
+    `src.model` is quantized in place (lazily) by the policy; its parameters are the
+    keys and shapes produced. Source tensors are dropped once used.
+    """
+    plan = checked_plan(dict(tree_flatten(src.model.parameters())), src.tensors, src.rules,
+                        f"{src.name} ({src.origin})")
+    record = quantize_component(src.model, src.name, bits, group_size) if bits else None
+    params = dict(tree_flatten(src.model.parameters()))
+    uses = Counter(s for item in plan for s in item.sources)
+    for item in plan:
+        value = _apply(item.op, [src.tensors[s] for s in item.sources])
+        for s in item.sources:
+            uses[s] -= 1
+            if not uses[s]:
+                del src.tensors[s]  # its buffer is freed once `value` is evaluated
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        layer, _, leaf = item.target.rpartition(".")
+        if leaf == "weight" and f"{layer}.scales" in params:
+            w, s, b = mx.quantize(value, group_size, bits)
+            out = {item.target: w, f"{layer}.scales": s, f"{layer}.biases": b}
+        else:
+            out = {item.target: value}
+        del value
+        for key, array in out.items():
+            if tuple(array.shape) != tuple(params[key].shape):  # a policy/model bug, not data
+                raise AssertionError(f"{key}: produced {array.shape}, model has {params[key].shape}")
+            mx.eval(array)
+            yield key, array
+    return record
+
+
+def convert_component(src: ComponentSource, out_dir: Path, dtype: mx.Dtype, bits: int | None,
+                      group_size: int = DEFAULT_GROUP_SIZE,
+                      max_shard_bytes: int = save.MAX_SHARD_BYTES) -> dict:
+    """Write `src` converted into `out_dir` (shards, index, config.json).
+
+    Returns {"bits", "files", "bytes", "tensors", "largest_shard", "largest_tensor",
+    "skipped", "seconds"}. Raises WeightLoadError (strict key check, unreadable tensors).
+    """
+    t0 = time.perf_counter()
+    writer = save.ShardWriter(out_dir, max_shard_bytes)
+    gen = iter_converted(src, dtype, bits, group_size)
+    while True:
+        try:
+            key, array = next(gen)
+        except StopIteration as stop:
+            record = stop.value
+            break
+        except RuntimeError as e:  # mlx read errors surface at evaluation
+            raise WeightLoadError(f"{src.name} ({src.origin}): {e}") from e
+        writer.add(key, array)
+    info = writer.close()
+    config = {**src.config, MLX_LAYOUT_KEY: __version__}
+    for key in ("torch_dtype", "dtype"):  # transformers' record of the saved dtype
+        if key in config:
+            config[key] = str(dtype).split(".")[-1]
+    if record is not None:
+        config["quantization"] = record
+    save.write_json(out_dir / "config.json", config)
+    return {**info, "bits": bits, "skipped": record["skipped"] if record else None,
+            "seconds": time.perf_counter() - t0}
+
+
+def _text_root(path: str | Path) -> Path:
+    root = resolve(path, components=(*TEXT_PARTS, "scheduler"))
+    if not (root / "text_encoder").is_dir() and root.name in TEXT_PARTS:
+        root = root.parent  # a text_encoder/ folder given instead of its root
+    return root
+
+
+def locate_sources(source: str | Path, vae: str | Path | None = None,
+                   text_encoders: str | Path | None = None) -> dict[str, Path | None]:
+    """Where each part comes from: {component or tokenizer/scheduler folder: path, and
+    "root": the pipeline folder (None for a single file)}. "scheduler" may be None.
+
+    Raises ConversionError when a BFL file comes without findable VAE / text encoders,
+    WeightLoadError for a source that does not exist or fails to download.
+    """
+    single = Path(str(source)).expanduser()
+    if single.is_file():
+        near = single.parent
+        if vae is None:
+            vae = next((p for p in (near / "vae", near / "ae.safetensors") if p.exists()), None)
+        if text_encoders is None and (near / "text_encoder").is_dir():
+            text_encoders = near
+        if vae is None or text_encoders is None:
+            raise ConversionError(
+                f"{single} is a single-file transformer: pass --vae (ae.safetensors or a vae/ "
+                "folder) and --text-encoders (a diffusers folder or repo id with text_encoder/, "
+                "text_encoder_2/, tokenizer/, tokenizer_2/)"
+            )
+        root, parts = None, {"transformer": single}
+    else:
+        need = ["transformer"] + ([] if vae else ["vae"]) + ([] if text_encoders else
+                                                             [*TEXT_PARTS, "scheduler"])
+        root = resolve(source, components=need)
+        if not root.is_dir():
+            raise WeightLoadError(f"{root}: not a model folder")
+        parts = {"transformer": root / "transformer"}
+    parts["vae"] = (resolve(vae, components=("vae",)) if vae and is_repo_id(str(vae))
+                    else Path(str(vae)).expanduser() if vae else root / "vae")
+    text_root = _text_root(text_encoders) if text_encoders else root
+    for name in TEXT_PARTS:
+        parts[name] = text_root / name
+    parts["scheduler"] = next((r / "scheduler" for r in (text_root, root)
+                               if r is not None and (r / "scheduler").is_dir()), None)
+    parts["root"] = root
+    for name in ("transformer", *TEXT_PARTS):
+        if not parts[name].exists():
+            raise WeightLoadError(f"{parts[name]}: missing (needed for the {name})")
+    return parts
+
+
+def _check_not_inside(dest: Path, parts: Mapping[str, Path | None]) -> None:
+    d = dest.expanduser().resolve()
+    for p in parts.values():
+        if p is None:
+            continue
+        p = p.resolve()
+        if p == d or d in p.parents:
+            raise ConversionError(f"DEST {dest} holds the source {p}: choose another DEST")
+
+
+def _write_top_level(tmp: Path, parts: Mapping, manifest: dict) -> None:
+    root = parts.get("root")
+    index = dict(MODEL_INDEX)
+    if root is not None and (root / "model_index.json").is_file():
+        index = json.loads((root / "model_index.json").read_text())
+    index["_mlx_edit_version"] = __version__
+    save.write_json(tmp / "model_index.json", index)
+    save.write_json(tmp / save.MANIFEST_NAME, manifest)
+
+
+def _write_scheduler(tmp: Path, src: Path | None) -> None:
+    if src is not None:
+        save.copy_folder(src, tmp / "scheduler")
+        return
+    from mlx_edit.sampler import SchedulerConfig  # FLUX.1's defaults
+
+    (tmp / "scheduler").mkdir()
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler",
+           **_jsonable(SchedulerConfig())}
+    save.write_json(tmp / "scheduler" / "scheduler_config.json", cfg)
+
+
+def convert_checkpoint(
+    source: str | Path,
+    dest: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    component_bits_override: Mapping[str, int | None] | None = None,
+    vae: str | Path | None = None,
+    text_encoders: str | Path | None = None,
+    transformer_config: Mapping | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = save.MAX_SHARD_BYTES,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Convert `source` into the mlx-edit folder `dest`; returns the manifest written.
+
+    dtype: "bfloat16" | "float16" | "float32" for floating tensors (quantization scales
+    included). quantize: bits for the transformer and T5 (None: full precision);
+    `component_bits_override` ({component: bits or None}) overrides per component.
+    `transformer_config` overrides/complements the transformer config (BFL files with a
+    head_dim other than 128 need its "axes_dims_rope"). The folder is written next to
+    `dest` and renamed into place when complete; on any error or interruption nothing is
+    left at `dest` (an existing `dest` replaced with `overwrite` stays as it was).
+    Raises ConversionError (bad arguments, `dest` not empty without `overwrite`, missing
+    sources), WeightLoadError (unreadable, truncated or mismatching checkpoints).
+    """
+    log = log or (lambda _msg: None)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if group_size not in GROUP_SIZES:
+        raise ConversionError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
+    try:
+        bits = component_bits(quantize, component_bits_override)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    dest = Path(dest).expanduser()
+    try:
+        save.check_dest(dest, overwrite)
+    except FileExistsError as e:
+        raise ConversionError(str(e)) from e
+    parts = locate_sources(source, vae, text_encoders)
+    _check_not_inside(dest, parts)
+    save.remove_stale_temps(dest)
+    tmp = save.temp_folder_for(dest)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    components = {}
+    try:
+        for name in COMPONENTS:
+            overrides = transformer_config if name == "transformer" else None
+            src = open_component(name, parts[name], overrides)
+            info = convert_component(src, tmp / name, DTYPES[dtype], bits[name], group_size,
+                                     max_shard_bytes)
+            del src
+            components[name] = {"bits": bits[name], "bytes": info["bytes"],
+                                "files": info["files"], "source": str(parts[name])}
+            kept = f", {len(info['skipped'])} layers kept full" if info["skipped"] else ""
+            precision = f"{bits[name]}-bit (group {group_size}){kept}" if bits[name] else dtype
+            log(f"{name}: {precision}, {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} "
+                f"file(s), {info['seconds']:.1f} s")
+        for name in ("tokenizer", "tokenizer_2"):
+            save.copy_folder(parts[name], tmp / name)
+        _write_scheduler(tmp, parts["scheduler"])
+        manifest = {
+            "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dtype": dtype, "group_size": group_size, "mode": "affine",
+            "components": components,
+        }
+        _write_top_level(tmp, parts, manifest)
+        save.publish(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")
+    return manifest

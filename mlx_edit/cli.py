@@ -28,6 +28,9 @@ def common_options(f):
         click.option("--prompt-2", default=None, help="T5 prompt (default: --prompt)."),
         click.option("--model", "-m", default=None, show_default="black-forest-labs/FLUX.1-Fill-dev",
                      help="Hugging Face repo id, diffusers folder or mlx-edit folder."),
+        click.option("--transformer", type=click.Path(exists=True, path_type=Path),
+                     default=None, help="A BFL single-file Fill transformer "
+                     "(flux1-fill-dev.safetensors) used with --model's other parts."),
         click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
                      default=None, help="Output PNG (default: <image>-edit.png)."),
         click.option("--steps", type=int, default=50, show_default=True),
@@ -100,7 +103,10 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
 
     model = opts["model"] or DEFAULT_MODEL
     try:
-        pipe = FluxFill.from_pretrained(model, quantize=int(opts["quantize"]) if opts["quantize"] else None)
+        pipe = FluxFill.from_pretrained(
+            model, quantize=int(opts["quantize"]) if opts["quantize"] else None,
+            transformer=opts["transformer"],
+        )
     except WeightLoadError as e:  # wrong --model: a usage error
         raise _usage(str(e)) from None
 

@@ -47,7 +47,7 @@ from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype
 from mlx_edit.weights.flux import load_transformer
-from mlx_edit.weights.sources import DEFAULT_MODEL, component_dir, resolve
+from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5
 from mlx_edit.weights.vae import load_vae
 
@@ -178,20 +178,26 @@ class FluxFill:
         repo_or_path: str | Path = DEFAULT_MODEL,
         dtype: mx.Dtype | None = None,
         quantize: int | None = None,
+        *,
+        transformer: str | Path | None = None,
     ) -> FluxFill:
         """Load from a Hugging Face repo id (downloads only the needed components), a
         local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
 
         dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
         quantize the transformer and T5 at load (see mlx_edit.quantize).
+        transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
+        not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
+        not downloaded).
         Raises WeightLoadError (missing component, wrong model kind, damaged files).
         """
         stats: dict = {}
         with _Phase(stats, "load"):
-            root = resolve(repo_or_path)
+            components = [c for c in COMPONENTS if not (transformer and c == "transformer")]
+            root = resolve(repo_or_path, components)
             dtype = dtype or default_dtype()
             transformer = load_transformer(
-                component_dir(root, "transformer"), dtype, expect_in_channels=384
+                transformer or component_dir(root, "transformer"), dtype, expect_in_channels=384
             )
             if quantize:
                 from mlx_edit.quantize import quantize_transformer

@@ -1,12 +1,14 @@
-"""CLIP transformer encoder (generic layers) and the CLIP text tower.
+"""CLIP transformer encoder (generic layers), the CLIP text tower and the vision tower.
 
 Reference: transformers `models/clip/modeling_clip.py` (CLIPAttention, CLIPMLP,
-CLIPEncoderLayer, CLIPEncoder, CLIPTextModel). FLUX uses the text tower of
-openai/clip-vit-large-patch14 for its pooled 768-d prompt vector.
+CLIPEncoderLayer, CLIPEncoder, CLIPTextModel, CLIPVisionModelWithProjection). FLUX uses
+the text tower of openai/clip-vit-large-patch14 for its pooled 768-d prompt vector; the
+XLabs IP-Adapter uses the vision tower's projected 768-d `image_embeds`.
 
 Our layout differs from the checkpoint in one place: q/k/v are one fused projection
-`self_attn.qkv_proj` (rows ordered q, k, v); `mlx_edit.weights.text` maps the names.
-The encoder layers take sizes, not a text config, so the vision tower reuses them.
+`self_attn.qkv_proj` (rows ordered q, k, v); `mlx_edit.weights.text` and
+`mlx_edit.weights.vision` map the names (and `pre_layrnorm` to `pre_layernorm`). The
+encoder layers take sizes, not a text config, so the vision towers (CLIP, SigLIP) reuse them.
 """
 
 from __future__ import annotations
@@ -218,3 +220,98 @@ class CLIPTextModel(nn.Module):
         idx = eos_positions(input_ids, self.config.eos_token_id)
         pooled = mx.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         return x, pooled
+
+
+# ---------------------------------------------------------------- vision tower
+
+
+@dataclass
+class CLIPVisionConfig:
+    """transformers `CLIPVisionConfig` fields we use (defaults: CLIP ViT-L/14 at 224 px)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    projection_dim: int = 768
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CLIPVisionConfig:
+        """Build from a `config.json` dict; unknown keys are ignored. A full CLIPConfig is
+        accepted too: its nested `vision_config`, with the top-level `projection_dim`."""
+        if "vision_config" in d and isinstance(d["vision_config"], dict):
+            d = {"projection_dim": d.get("projection_dim"), **d["vision_config"]}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """[class token, patch tokens] + learned positions: (B, S, S, C) -> (B, 1 + N, D).
+
+    The patch embedding is a stride-`patch` convolution without bias (NHWC, MLX layout).
+    """
+
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.image_size = c.image_size
+        self.class_embedding = mx.zeros((c.hidden_size,))
+        self.patch_embedding = nn.Conv2d(
+            c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        b, h, w, _ = pixels.shape
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"input image size ({h}*{w}) doesn't match the model "
+                f"({self.image_size}*{self.image_size})"
+            )
+        x = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))
+        x = x.reshape(b, -1, x.shape[-1])  # row-major patches, as torch's flatten(2)
+        cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, x.shape[-1]))
+        return mx.concatenate([cls, x], axis=1) + self.position_embedding.weight
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP vision tower with projection (transformers `CLIPVisionModelWithProjection`).
+
+    `__call__(pixels (B, S, S, 3) float, NHWC, S = config.image_size, normalised as
+    CLIPImageProcessor does)` returns `image_embeds` (B, projection_dim): the class token
+    after `post_layernorm`, through `visual_projection` (no bias).
+    `encode(pixels)` returns `(last_hidden_state (B, 1 + N, D), image_embeds)`.
+    Raises ValueError for an input of another size (no position interpolation).
+    """
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = c = config
+        self.embeddings = CLIPVisionEmbeddings(c)
+        # transformers spells it `pre_layrnorm`; mlx_edit.weights.vision maps the name
+        self.pre_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.encoder = CLIPEncoder(
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.hidden_act,
+            c.layer_norm_eps,
+        )
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.visual_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
+
+    def encode(self, pixels: mx.array) -> tuple[mx.array, mx.array]:
+        x = self.encoder(self.pre_layernorm(self.embeddings(pixels)))
+        return x, self.visual_projection(self.post_layernorm(x[:, 0]))
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        return self.encode(pixels)[1]

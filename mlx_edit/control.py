@@ -251,6 +251,8 @@ def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spe
     w, h = job.plan.model_size
     ids = image_ids(*token_grid(h, w))
     rope = model.rope(ids, job.embeds.txt.shape[1])
+    control = model.embed_control(cond)  # step-independent (XLabs: the hint conv stack)
+    mx.eval(control)
 
     def control_fn(latents: mx.array, timestep: mx.array, i: int):
         if not active[i]:
@@ -259,7 +261,7 @@ def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spe
         txt = mx.broadcast_to(job.embeds.txt, (b, *job.embeds.txt.shape[1:]))
         pooled = mx.broadcast_to(job.embeds.pooled, (b, job.embeds.pooled.shape[-1]))
         g = mx.full((b,), job.guidance, mx.float32) if model.config.guidance_embeds else None
-        return model(latents, ids, txt, timestep, pooled, g, cond=cond, mode=mode,
+        return model(latents, ids, txt, timestep, pooled, g, control=control, mode=mode,
                      scale=spec.scale, rope=rope)
 
     return control_fn
@@ -272,16 +274,17 @@ def prepare_controls(pipe: FluxFill, job: EditJob,
     Each spec's model is loaded once (specs naming the same model share it, as diffusers'
     Union multi-condition path), checked against the transformer, and its control image
     aligned to job.plan and encoded. Several ControlNets are summed by the transformer.
-    Records `control_prepare_s` in job.stats. Raises InputError (bad spec, image,
+    Records `control_prepare_s` in job.stats and the specs in job.metadata. Raises InputError (bad spec, image,
     incompatible model) and WeightLoadError (unloadable ControlNet).
     """
     from mlx_edit.weights.controlnet import load_controlnet
 
     t0 = time.perf_counter()
+    for spec in controlnets:  # all numbers first, before any model is loaded
+        spec.validate()
     loaded: dict[str, FluxControlNet] = {}
     fns = []
     for spec in controlnets:
-        spec.validate()
         if isinstance(spec.model, FluxControlNet):
             model = spec.model
         else:
@@ -301,6 +304,9 @@ def prepare_controls(pipe: FluxFill, job: EditJob,
         mx.eval(cond)
         fns.append(make_control_fn(model, cond, mode, spec, job))
     job.stats["control_prepare_s"] = time.perf_counter() - t0
+    job.metadata["controlnets"] = [
+        {"model": s.label, "type": s.type, "mode": s.mode, "scale": s.scale, "start": s.start,
+         "end": s.end} for s in controlnets]
     return fns
 
 

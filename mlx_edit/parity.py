@@ -215,14 +215,18 @@ def run_parity(
     """Compare mlx-edit on `model_dir` with the reference dump `ref_path`.
 
     Runs in the dtype the reference records (float32 or bfloat16). components: token ids,
-    CLIP, T5, VAE, transformer rows; pipeline: every recorded case (per-step latents and
-    the final image). Returns the rows in that order. Raises ValueError for a file that is
+    CLIP, T5, VAE, transformer rows (when the dump has them: not `--pipeline-only`);
+    pipeline: every recorded case (per-step latents and the final image). Returns the rows in that order. Raises ValueError for a file that is
     not a reference dump, WeightLoadError for an unusable model folder.
     """
     from mlx_edit.pipeline import FluxFill
 
     ref, meta = read_reference(ref_path)
+    components = components and meta.get("components", "true") == "true"
     dtype_name = meta.get("dtype", "float32")
+    if dtype_name not in TOLERANCES:
+        raise ValueError(f"{ref_path}: reference dtype {dtype_name!r} is not one of "
+                         f"{sorted(TOLERANCES)}")
     tol = TOLERANCES[dtype_name].scaled(tolerance_scale)
     root = Path(model_dir)
     rows: list[Row] = []

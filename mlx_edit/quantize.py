@@ -315,6 +315,25 @@ def apply_recorded_quantization(
     return record
 
 
+def dequantized_view(model: nn.Module, config: Mapping, tensors: Mapping, name: str) -> dict:
+    """For an mlx-edit source: check its recorded quantization against its tensors, then
+    replace each quantized layer's (weight, scales, biases) by a lazy `mx.dequantize`
+    under `.weight`, so the source reads as full precision. Nothing is evaluated."""
+    record = read_record(config, name)
+    layers = [p for p, _ in quantizable_layers(model)]
+    check_tensors(record, layers, tensors, name)
+    if record is None:
+        return tensors
+    out = dict(tensors)
+    for path in layers:
+        keys = [f"{path}.{s}" for s in ("weight", "scales", "biases")]
+        if path in record["skipped"] or not all(k in out for k in keys):
+            continue  # incomplete layers are reported by the strict plan
+        w, s, b = (out.pop(k) for k in keys)
+        out[keys[0]] = mx.dequantize(w, s, b, record["group_size"], record["bits"])
+    return out
+
+
 def model_nbytes(model: nn.Module, float_dtype: mx.Dtype | None = None) -> int:
     """Bytes of the model's parameters, floating ones counted at `float_dtype` (None: as
     they are). Reads only shapes: works on lazily built models without allocating."""

@@ -75,7 +75,7 @@ def test_parity_command_passes(tiny_ref, tiny_ckpt):
                 "pipeline.latents.step1", "pipeline.image", "pipeline_strength50.latents.step0",
                 "pipeline_strength50.image"]
     assert list(rows) == expected
-    for name, line in rows.items():
+    for line in rows.values():
         assert line.endswith("pass"), line
     assert "PSNR>=40" in rows["pipeline.image"]
     assert "FAIL" not in result.output

@@ -21,7 +21,7 @@ F32 = TOLERANCES["float32"]
 
 
 def _pipeline_rows(import_script, model, out, **kwargs) -> dict[str, Row]:
-    ref = import_script("parity_reference").dump(model, out, **kwargs)
+    ref = import_script("parity_reference").dump(model, out, components=False, **kwargs)
     rows = run_parity(ref, model, components=False)
     return {r.component: r for r in rows}
 

@@ -160,12 +160,17 @@ class FluxControlNet(nn.Module):
         return rope_table(ids, self.config.axes_dims_rope, self.config.theta)
 
     def embed_control(self, cond: mx.array) -> mx.array:
-        """The control input as tokens (B, N, in_channels): packed latents as given, or
-        (XLabs) pixels (B, H, W, 3) in [-1, 1] through the hint block, patchified."""
+        """The control term added to the embedded latents, (1|B, N, hidden).
+
+        cond: packed control latents (1|B, N, in_channels), or (XLabs) pixels
+        (1|B, H, W, 3) in [-1, 1] through the hint block, patchified. It does not depend on
+        the step: the pipeline computes it once per run and passes it as `control`.
+        """
         dtype = self.img_in.weight.dtype
-        if self.config.conditioning_embedding_channels is None:
-            return cond.astype(dtype)
-        return patchify(self.input_hint_block(cond.astype(dtype)), self.config.patch_size)
+        cond = cond.astype(dtype)
+        if self.config.conditioning_embedding_channels is not None:
+            cond = patchify(self.input_hint_block(cond), self.config.patch_size)
+        return self.controlnet_x_embedder(cond)
 
     def _vec(self, timestep, pooled, guidance):
         dtype = self.img_in.weight.dtype
@@ -187,7 +192,8 @@ class FluxControlNet(nn.Module):
         pooled: mx.array,
         guidance: mx.array | None = None,
         *,
-        cond: mx.array,
+        cond: mx.array | None = None,
+        control: mx.array | None = None,
         mode: int | None = None,
         scale: float = 1.0,
         rope: mx.array | None = None,
@@ -202,19 +208,24 @@ class FluxControlNet(nn.Module):
                 ControlNet embeds guidance, as diffusers' pipelines do).
             cond: (1|B, N, in_channels) packed control latents, or for XLabs (1|B, H, W, 3)
                 pixels in [-1, 1] with H = 16 * token rows (NHWC).
+            control: `self.embed_control(cond)` precomputed (give cond or control).
             mode: Union control mode in [0, num_mode) (required for Union models).
             rope: a precomputed `self.rope(img_ids, L)`.
         Returns:
             ControlResiduals with one (B, N, hidden) array per double / single block and
             `repeat` set for XLabs models.
         Raises:
-            ValueError: a Union model without a valid mode, or a mode for a non-Union one.
+            ValueError: a Union model without a valid mode, or a mode for a non-Union one;
+                neither cond nor control given.
         """
         cfg = self.config
         dtype = self.img_in.weight.dtype
         b = img.shape[0]
+        if control is None:
+            if cond is None:
+                raise ValueError("pass the control input: cond or control")
+            control = self.embed_control(cond)
         vec = self._vec(timestep, pooled, guidance)
-        control = self.controlnet_x_embedder(self.embed_control(cond))
         x = self.img_in(img.astype(dtype)) + control
         ctx = self.txt_in(txt.astype(dtype))
         if cfg.num_mode:

@@ -44,12 +44,10 @@ from mlx_edit.quantize import (
     GROUP_SIZES,
     IDENTITY_RULES,
     MLX_LAYOUT_KEY,
-    check_tensors,
     component_bits,
+    dequantized_view,
     is_mlx_layout,
-    quantizable_layers,
     quantize_component,
-    read_record,
 )
 from mlx_edit.weights import flux as flux_w
 from mlx_edit.weights import save
@@ -71,19 +69,6 @@ from mlx_edit.weights.sources import is_repo_id, resolve
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 AUX_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-# FLUX.1-Fill-dev's model_index.json, written when the source has none (BFL files).
-MODEL_INDEX = {
-    "_class_name": "FluxFillPipeline",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "FluxTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-
 
 class ConversionError(ValueError):
     """A conversion cannot start: wrong arguments, missing sources, DEST in the way."""
@@ -109,25 +94,6 @@ def _jsonable(cfg) -> dict:
 def _clean_config(cfg: Mapping) -> dict:
     """The source config without our own keys (they are rewritten)."""
     return {k: v for k, v in cfg.items() if k not in (MLX_LAYOUT_KEY, "quantization")}
-
-
-def dequantized_view(model: nn.Module, config: Mapping, tensors: dict, name: str) -> dict:
-    """For an mlx-edit source: check its recorded quantization against its tensors, then
-    replace each quantized layer's (weight, scales, biases) by a lazy `mx.dequantize`
-    under `.weight`, so the source reads as full precision. Nothing is evaluated."""
-    record = read_record(config, name)
-    layers = [p for p, _ in quantizable_layers(model)]
-    check_tensors(record, layers, tensors, name)
-    if record is None:
-        return tensors
-    out = dict(tensors)
-    for path in layers:
-        keys = [f"{path}.{s}" for s in ("weight", "scales", "biases")]
-        if path in record["skipped"] or not all(k in out for k in keys):
-            continue  # incomplete layers are reported by the strict plan
-        w, s, b = (out.pop(k) for k in keys)
-        out[keys[0]] = mx.dequantize(w, s, b, record["group_size"], record["bits"])
-    return out
 
 
 def _transformer_source(path: Path, overrides: Mapping | None) -> ComponentSource:
@@ -366,28 +332,6 @@ def _check_not_inside(dest: Path, parts: Mapping[str, Path | None]) -> None:
             raise ConversionError(f"DEST {dest} holds the source {p}: choose another DEST")
 
 
-def _write_top_level(tmp: Path, parts: Mapping, manifest: dict) -> None:
-    root = parts.get("root")
-    index = dict(MODEL_INDEX)
-    if root is not None and (root / "model_index.json").is_file():
-        index = json.loads((root / "model_index.json").read_text())
-    index["_mlx_edit_version"] = __version__
-    save.write_json(tmp / "model_index.json", index)
-    save.write_json(tmp / save.MANIFEST_NAME, manifest)
-
-
-def _write_scheduler(tmp: Path, src: Path | None) -> None:
-    if src is not None:
-        save.copy_folder(src, tmp / "scheduler")
-        return
-    from mlx_edit.sampler import SchedulerConfig  # FLUX.1's defaults
-
-    (tmp / "scheduler").mkdir()
-    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler",
-           **_jsonable(SchedulerConfig())}
-    save.write_json(tmp / "scheduler" / "scheduler_config.json", cfg)
-
-
 def convert_checkpoint(
     source: str | Path,
     dest: str | Path,
@@ -437,6 +381,7 @@ def convert_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     components = {}
+    cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
         for name in COMPONENTS:
             overrides = transformer_config if name == "transformer" else None
@@ -452,16 +397,18 @@ def convert_checkpoint(
                 f"file(s), {info['seconds']:.1f} s")
         for name in ("tokenizer", "tokenizer_2"):
             save.copy_folder(parts[name], tmp / name)
-        _write_scheduler(tmp, parts["scheduler"])
+        save.write_scheduler(tmp, parts["scheduler"])
         manifest = {
             "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dtype": dtype, "group_size": group_size, "mode": "affine",
             "components": components,
         }
-        _write_top_level(tmp, parts, manifest)
+        save.write_model_index(tmp, parts.get("root"))
+        save.write_json(tmp / save.MANIFEST_NAME, manifest)
         save.publish(tmp, dest)
     finally:
+        mx.set_cache_limit(cache_limit)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")

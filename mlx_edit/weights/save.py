@@ -18,6 +18,7 @@ The index format is the Hugging Face one (`{"metadata": {"total_size"}, "weight_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,10 +26,24 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_edit import __version__
+
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard limit (5 GB)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "mlx_edit.json"
+
+# FLUX.1-Fill-dev's model_index.json, written when the source has none (BFL files).
+MODEL_INDEX = {
+    "_class_name": "FluxFillPipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -114,6 +129,29 @@ def copy_folder(src: Path, dst: Path) -> None:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
     shutil.copytree(src, dst, dirs_exist_ok=False)
+
+
+def write_model_index(folder: Path, source_root: Path | None) -> None:
+    """`model_index.json`: the source pipeline's (if any) or FLUX.1 Fill's, marked with
+    the mlx-edit version."""
+    index = dict(MODEL_INDEX)
+    if source_root is not None and (source_root / "model_index.json").is_file():
+        index = json.loads((source_root / "model_index.json").read_text())
+    index["_mlx_edit_version"] = __version__
+    write_json(folder / "model_index.json", index)
+
+
+def write_scheduler(folder: Path, source: Path | None) -> None:
+    """`scheduler/`: a copy of `source`, or FLUX.1's scheduler config when there is none."""
+    if source is not None:
+        copy_folder(source, folder / "scheduler")
+        return
+    from mlx_edit.sampler import SchedulerConfig  # FLUX.1's defaults
+
+    (folder / "scheduler").mkdir()
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler",
+           **json.loads(json.dumps(dataclasses.asdict(SchedulerConfig())))}
+    write_json(folder / "scheduler" / "scheduler_config.json", cfg)
 
 
 def folder_bytes(path: str | Path) -> int:

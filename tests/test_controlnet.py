@@ -8,7 +8,10 @@ against diffusers' own converters, strict loading and the mlx-edit folder round 
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
+import json
+
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.weights.controlnet import (
     CONTROLNET_DIFFUSERS_RULES,
     XLABS_HINT_INDEX,
+    convert_controlnet,
     load_controlnet,
     save_controlnet,
 )
@@ -296,6 +300,31 @@ def test_mlx_folder_round_trip(nets, tmp_path):
     a, b = our_residuals(ours, x), our_residuals(again, x)
     assert again.config == ours.config and again.repeat
     assert all(np.array_equal(np.array(p), np.array(q)) for p, q in zip(a.double, b.double))
+
+
+def test_convert_quantized_round_trip(tmp_path):
+    """Group-64 widths: an 8-bit mlx-edit folder loads quantized (never via full precision)
+    and gives exactly what quantize-at-load gives; embedders stay in full precision."""
+    small = dict(attention_head_dim=64, num_attention_heads=2, joint_attention_dim=128,
+                 pooled_projection_dim=64, axes_dims_rope=[16, 24, 24])
+    ref = cf.make_controlnet(cf.controlnet_config("union", small, 1, 1), seed=2)
+    ref.save_pretrained(tmp_path / "src", safe_serialization=True)
+    dest = convert_controlnet(tmp_path / "src", tmp_path / "q8", mx.float32, bits=8)
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 8
+    assert "controlnet_x_embedder" in cfg["quantization"]["skipped"]
+    assert "controlnet_blocks.0" not in cfg["quantization"]["skipped"]
+    loaded = load_controlnet(dest, mx.float32)
+    at_load = load_controlnet(tmp_path / "src", mx.float32, quantize=8)
+    full = load_controlnet(tmp_path / "src", mx.float32)
+    assert isinstance(loaded.controlnet_blocks[0], nn.QuantizedLinear)
+    assert isinstance(loaded.controlnet_x_embedder, nn.Linear)
+    x = make_inputs(small, seed=9)
+    q, q2, f = (our_residuals(m, x, mode=3) for m in (loaded, at_load, full))
+    assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(q.double, q2.double))
+    assert 1e-6 < rel_err(q.single[0], f.single[0]) < 5e-2
+    with pytest.raises(FileExistsError):
+        convert_controlnet(tmp_path / "src", dest, mx.float32)
 
 
 def test_config_checks():

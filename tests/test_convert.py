@@ -286,3 +286,10 @@ def test_pipeline_on_converted_q4_folder(q4):
     pixels = np.asarray(result)
     assert np.array_equal(pixels[:, :8], image[:, :8])  # pasted back far from the mask
     assert np.isfinite(pixels).all() and pixels[24:40, 40:56].std() > 0
+
+
+def test_from_pretrained_quantize_at_load_equals_converted(small_ckpt, q4):
+    from mlx_edit.pipeline import FluxFill
+
+    pipe = FluxFill.from_pretrained(small_ckpt, mx.float32, quantize=4)
+    assert _same(pipe.transformer, load_transformer(q4 / "transformer", mx.float32))

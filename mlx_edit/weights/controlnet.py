@@ -9,19 +9,40 @@ Formats (detected from the tensor names):
   `input_hint_block.{0,2,...,14}` (x-flux src/flux/controlnet.py: an nn.Sequential of
   convs at even indices, SiLUs at odd ones, the same numbering as diffusers' SD ControlNet
   converter in loaders/single_file_utils.py convert_controlnet_checkpoint).
-- our MLX folders: config.json + `model.safetensors` with our names (`save_controlnet`).
+- our MLX folders (`save_controlnet`, `convert_controlnet`): config.json marked with
+  `_mlx_edit_version` (+ a `quantization` record) and safetensors with our names, as
+  `mlx-edit convert` writes pipeline components (weights/save.py, quantize.py).
+
+Quantization (`quantize_controlnet`): the transformer's policy (attention, MLP and
+modulation linears; embedders in full precision) plus `controlnet_x_embedder` (the control
+input) kept in full precision; the per-block output projections are quantized.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_edit import __version__
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
+from mlx_edit.quantize import (
+    DEFAULT_GROUP_SIZE,
+    FULL_PRECISION,
+    MLX_LAYOUT_KEY,
+    apply_recorded_quantization,
+    check_bits,
+    describe_quantization,
+    is_mlx_layout,
+    quantizable_layers,
+    quantization_record,
+    quantized_layers,
+)
+from mlx_edit.weights import save
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
@@ -65,8 +86,10 @@ XLABS_RULES: tuple[Rule, ...] = BFL_RULES + _CONTROL_COMMON + (
 CONTROLNET_MLX_RULES = MLX_RULES
 
 
-def detect_format(keys) -> str:
-    """'diffusers', 'xlabs' or 'mlx' from a ControlNet checkpoint's tensor names."""
+def detect_format(keys, config: dict | None = None) -> str:
+    """'diffusers', 'xlabs' or 'mlx' from a ControlNet checkpoint's config / tensor names."""
+    if is_mlx_layout(config):
+        return "mlx"
     keys = set(keys)
     if "x_embedder.weight" in keys and any(k.startswith("controlnet_") for k in keys):
         return "diffusers"
@@ -139,38 +162,98 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_controlnet(
-    repo_or_path: str | Path, dtype: mx.Dtype | None = None, *, config: dict | None = None
+    repo_or_path: str | Path, dtype: mx.Dtype | None = None, *, config: dict | None = None,
+    quantize: int | None = None, group_size: int = DEFAULT_GROUP_SIZE,
 ) -> FluxControlNet:
     """Load a FLUX ControlNet from a repo id, a diffusers folder, an x-flux single file
-    (or a folder holding one) or an mlx-edit folder.
+    (or a folder holding one) or an mlx-edit folder (quantized or not).
 
     dtype: None -> bfloat16 on GPU, float32 on CPU. config: overrides (x-flux files with
-    head_dim != 128 need {"axes_dims_rope": [...]}).
+    head_dim != 128 need {"axes_dims_rope": [...]}). quantize: bits to quantize at load
+    (`quantize_controlnet`; ignored for an already quantized folder).
     Raises WeightLoadError (unreadable, missing/unexpected/mis-shaped tensors, not a
     ControlNet), ValueError (inconsistent config).
     """
     path = resolve_controlnet(repo_or_path)
     tensors = open_tensors(_checkpoint_files(path), strip_prefixes=BFL_PREFIXES)
-    fmt = detect_format(tensors)
+    folder = path if path.is_dir() else path.parent
+    cfg_dict = read_config(folder) if (folder / "config.json").is_file() else {}
+    fmt = detect_format(tensors, cfg_dict)
     if fmt == "xlabs":
         cfg = infer_xlabs_config(tensors, (config or {}).get("axes_dims_rope"))
     else:
-        folder = path if path.is_dir() else path.parent
-        cfg = ControlNetConfig.from_dict({**read_config(folder), **(config or {})})
+        cfg = ControlNetConfig.from_dict({**(cfg_dict or read_config(folder)),
+                                         **(config or {})})
+    model = FluxControlNet(cfg)
+    name = f"ControlNet ({path})"
+    if fmt == "mlx":  # a quantized mlx-edit folder: build the quantized structure first
+        apply_recorded_quantization(model, cfg_dict, tensors, name=name)
     rules = {"diffusers": CONTROLNET_DIFFUSERS_RULES, "xlabs": XLABS_RULES,
              "mlx": CONTROLNET_MLX_RULES}[fmt]
-    return load_into(FluxControlNet(cfg), tensors, rules, dtype or default_dtype(),
-                     name=f"ControlNet ({path})")
+    model = load_into(model, tensors, rules, dtype or default_dtype(), name=name)
+    if quantize:
+        quantize_controlnet(model, quantize, group_size)
+    return model
 
 
-def save_controlnet(model: FluxControlNet, folder: str | Path) -> Path:
-    """Write `model` as an mlx-edit folder: config.json (diffusers field names) and
-    model.safetensors with our tensor names. Returns the folder."""
+# Kept in full precision: the transformer's embedders, and the control input projection.
+CONTROLNET_FULL_PRECISION = FULL_PRECISION["transformer"] + ("controlnet_x_embedder",)
+
+
+def _quantize_layer(path: str, module: nn.Module, group_size: int) -> bool:
+    keep = any(path == p or path.startswith(p + ".") for p in CONTROLNET_FULL_PRECISION)
+    return isinstance(module, nn.Linear) and not keep and module.weight.shape[-1] % group_size == 0
+
+
+def quantize_controlnet(model: FluxControlNet, bits: int,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """Quantize a ControlNet in place (policy in the module doc); returns the record
+    ({"bits", "group_size", "mode", "skipped"}). An already quantized model is left as is.
+    Raises ValueError for unsupported bits / group size."""
+    check_bits(bits, group_size)
+    if quantized_layers(model):
+        return describe_quantization(model)
+    skipped = sorted(p for p, m in quantizable_layers(model)
+                     if not _quantize_layer(p, m, group_size))
+    nn.quantize(model, group_size, bits, class_predicate=lambda p, m: _quantize_layer(
+        p, m, group_size))
+    return quantization_record(bits, group_size, skipped)
+
+
+def save_controlnet(model: FluxControlNet, folder: str | Path,
+                    max_shard_bytes: int = save.MAX_SHARD_BYTES) -> Path:
+    """Write `model` (quantized or not) as an mlx-edit folder: config.json (diffusers field
+    names, `_mlx_edit_version`, the quantization record) and sharded safetensors with our
+    names. Returns the folder."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"_class_name": "FluxControlNetModel", "_mlx_edit_format": "mlx",
-           **{k: v for k, v in vars(model.config).items()}}
+    cfg = {"_class_name": "FluxControlNetModel", **vars(model.config), MLX_LAYOUT_KEY: __version__}
     cfg["axes_dims_rope"] = list(cfg["axes_dims_rope"])
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    record = describe_quantization(model)
+    if record is not None:
+        cfg["quantization"] = record
+    writer = save.ShardWriter(folder, max_shard_bytes)
+    for key, value in tree_flatten(model.parameters()):
+        writer.add(key, value)
+    writer.close()
+    save.write_json(folder / "config.json", cfg)
     return folder
+
+
+def convert_controlnet(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloat16,
+                       bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE, *,
+                       overwrite: bool = False, config: dict | None = None) -> Path:
+    """Convert any ControlNet `load_controlnet` reads into an mlx-edit folder `dest`,
+    cast to `dtype` and quantized to `bits` (None: not quantized). Written next to dest
+    and renamed into place when complete. Peak memory: the model once (ControlNets are
+    at most a few GB). Raises FileExistsError (dest in the way), WeightLoadError."""
+    dest = Path(dest)
+    save.check_dest(dest, overwrite)
+    model = load_controlnet(source, dtype, config=config, quantize=bits, group_size=group_size)
+    tmp = save.temp_folder_for(dest)
+    try:
+        save_controlnet(model, tmp)
+        save.publish(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

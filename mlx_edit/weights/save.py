@@ -81,10 +81,12 @@ class ShardWriter:
         self.pending_bytes = 0
         self.parts: list[tuple[Path, list[str], int]] = []  # (path, keys, bytes)
         self.largest_tensor = 0
+        self.seen: set[str] = set()
 
     def add(self, key: str, value: mx.array) -> None:
-        if key in self.pending or any(key in keys for _, keys, _ in self.parts):
+        if key in self.seen:
             raise ValueError(f"tensor {key} written twice")
+        self.seen.add(key)
         mx.eval(value)
         if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
             self.flush()

@@ -197,7 +197,7 @@ def outpaint(image, left, right, top, bottom, overlap, **opts):
                                               overlap=overlap))
 
 
-def _add_optional_commands() -> None:
+def _register_commands() -> None:
     """Commands that live in their own modules (conversion, parity)."""
     from mlx_edit.cli_convert import convert_command
     from mlx_edit.parity import parity_command
@@ -206,10 +206,7 @@ def _add_optional_commands() -> None:
     main.add_command(parity_command, "parity")
 
 
-try:
-    _add_optional_commands()
-except ImportError:  # pragma: no cover - during development only
-    pass
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -36,6 +36,7 @@ from mlx_edit import masks
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL
+from mlx_edit.quantize import quantize_t5, quantize_transformer
 from mlx_edit.sampler import (
     euler_step,
     flux_sigmas,
@@ -169,6 +170,7 @@ class FluxFill:
         for name in ("text_encoder", "text_encoder_2"):
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
+        self.quantize: int | None = None  # bits for T5 when it is loaded for a prompt
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
 
@@ -200,11 +202,10 @@ class FluxFill:
                 transformer or component_dir(root, "transformer"), dtype, expect_in_channels=384
             )
             if quantize:
-                from mlx_edit.quantize import quantize_transformer
-
                 quantize_transformer(transformer, bits=quantize)
             vae = load_vae(component_dir(root, "vae"), dtype)
             pipe = cls(root, transformer, vae, dtype, str(repo_or_path))
+            pipe.quantize = quantize
         pipe.load_stats = stats
         return pipe
 
@@ -236,6 +237,8 @@ class FluxFill:
         mx.eval(pooled)
         del clip
         t5 = load_t5(component_dir(self.root, "text_encoder_2"), self.dtype)
+        if self.quantize:
+            quantize_t5(t5, self.quantize)
         txt = t5(mx.array(self.t5_tokenizer(t5_prompt, max_length=max_sequence_length)))
         mx.eval(txt)
         del t5

@@ -56,11 +56,9 @@ from mlx_edit.weights import vae as vae_w
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
-    _apply,
-    _listing,
-    _out_shape,
+    apply_op,
+    checked_plan,
     open_tensors,
-    plan_mapping,
     read_config,
     safetensors_files,
 )
@@ -122,8 +120,8 @@ def _transformer_source(path: Path, overrides: Mapping | None) -> ComponentSourc
 
 
 def _vae_source(path: Path) -> ComponentSource:
-    files, cfg_dict = vae_w._resolve(path)
-    tensors = vae_w._strip_vae_prefix(open_tensors(files))
+    files, cfg_dict = vae_w.resolve_files(path)
+    tensors = vae_w.strip_vae_prefix(open_tensors(files))
     d = dict(cfg_dict or {})
     d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
     d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
@@ -135,7 +133,7 @@ def _vae_source(path: Path) -> ComponentSource:
     if is_mlx_layout(cfg_dict):
         rules = IDENTITY_RULES
         tensors = dequantized_view(model, cfg_dict, tensors, f"vae ({path})")
-    elif vae_w._is_diffusers(tensors):
+    elif vae_w.is_diffusers(tensors):
         rules = vae_w.DIFFUSERS_RULES
     else:
         rules = vae_w.bfl_rules(len(cfg.block_out_channels))
@@ -180,30 +178,6 @@ def open_component(name: str, path: str | Path, overrides: Mapping | None = None
     raise KeyError(f"unknown component {name!r}")
 
 
-def checked_plan(params: Mapping[str, mx.array], tensors: Mapping, rules, name: str):
-    """The key-map plan from `tensors` to `params`, strictly: WeightLoadError listing
-    missing, unexpected and mis-shaped keys, as `core.load_into` does."""
-    plan, unexpected = plan_mapping(tensors.keys(), rules)
-    produced = {item.target for item in plan}
-    missing = sorted(set(params) - produced)
-    unexpected = unexpected + sorted(produced - set(params))
-    misshaped = []
-    for item in plan:
-        if item.target in params:
-            shape = _out_shape(item.op, [tuple(tensors[s].shape) for s in item.sources])
-            if shape != tuple(params[item.target].shape):
-                misshaped.append(f"{item.target}: checkpoint {shape} vs model "
-                                 f"{tuple(params[item.target].shape)}")
-    if missing or unexpected or misshaped:
-        lines = [f"{name}: the checkpoint does not match the model"]
-        for label, keys, n in (("missing", missing, 5), ("unexpected", unexpected, 5),
-                               ("mis-shaped", misshaped, 3)):
-            if keys:
-                lines.append(f"{len(keys)} {label}: {_listing(keys, n)}")
-        raise WeightLoadError("; ".join(lines))
-    return plan
-
-
 def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
                    group_size: int = DEFAULT_GROUP_SIZE):
     """Yield (key, evaluated array) of the converted component, one target at a time, and
@@ -218,7 +192,7 @@ def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
     params = dict(tree_flatten(src.model.parameters()))
     uses = Counter(s for item in plan for s in item.sources)
     for item in plan:
-        value = _apply(item.op, [src.tensors[s] for s in item.sources])
+        value = apply_op(item.op, [src.tensors[s] for s in item.sources])
         for s in item.sources:
             uses[s] -= 1
             if not uses[s]:

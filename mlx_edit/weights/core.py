@@ -101,7 +101,7 @@ def plan_mapping(
     return plan, sorted(remaining)
 
 
-def _apply(op: str, tensors: list[mx.array]) -> mx.array:
+def apply_op(op: str, tensors: list[mx.array]) -> mx.array:
     if op == "copy":
         return tensors[0]
     if op == "concat":
@@ -120,7 +120,7 @@ def _apply(op: str, tensors: list[mx.array]) -> mx.array:
     raise ValueError(f"unknown key-map op {op!r}")
 
 
-def _out_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+def op_output_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     if op == "concat":
         return (sum(s[0] for s in shapes), *shapes[0][1:])
     if op.startswith("split:"):
@@ -134,7 +134,7 @@ def _out_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(shapes[0])
 
 
-def _listing(keys: list[str], limit: int = 5) -> str:
+def format_keys(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -153,7 +153,7 @@ def safetensors_files(folder: str | Path) -> list[Path]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise WeightLoadError(f"{folder}: index names missing shards: {_listing(missing)}")
+            raise WeightLoadError(f"{folder}: index names missing shards: {format_keys(missing)}")
         return [folder / s for s in shards]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -182,6 +182,37 @@ def open_tensors(files: Iterable[str | Path], strip_prefixes: tuple[str, ...] = 
     return tensors
 
 
+def checked_plan(params: Mapping[str, mx.array], tensors: Mapping, rules: Iterable[Rule],
+                 name: str) -> list[PlanItem]:
+    """The key-map plan from checkpoint `tensors` to model `params`, checked strictly.
+
+    Every parameter must be produced exactly once with its exact shape and every
+    checkpoint tensor must be used; otherwise WeightLoadError lists the missing,
+    unexpected and mis-shaped keys (first few, and counts).
+    """
+    plan, unexpected = plan_mapping(tensors.keys(), rules)
+    produced = {item.target for item in plan}
+    missing = sorted(set(params) - produced)
+    unexpected = unexpected + sorted(produced - set(params))
+    misshaped = []
+    for item in plan:
+        if item.target not in params:
+            continue
+        shape = op_output_shape(item.op, [tuple(tensors[s].shape) for s in item.sources])
+        if shape != tuple(params[item.target].shape):
+            misshaped.append(
+                f"{item.target}: checkpoint {shape} vs model {tuple(params[item.target].shape)}"
+            )
+    if missing or unexpected or misshaped:
+        lines = [f"{name}: the checkpoint does not match the model"]
+        for label, keys, n in (("missing", missing, 5), ("unexpected", unexpected, 5),
+                               ("mis-shaped", misshaped, 3)):
+            if keys:
+                lines.append(f"{len(keys)} {label}: {format_keys(keys, n)}")
+        raise WeightLoadError("; ".join(lines))
+    return plan
+
+
 def load_into(
     model: nn.Module,
     tensors: Mapping[str, mx.array],
@@ -192,39 +223,14 @@ def load_into(
 ) -> nn.Module:
     """Load `tensors` (a lazy key->array mapping) into `model` through `rules`, strictly.
 
-    Every model parameter must be produced exactly once with its exact shape and every
-    checkpoint tensor must be used; otherwise WeightLoadError lists the missing,
-    unexpected and mis-shaped keys (first few, and counts). Floating tensors are cast to
+    See `checked_plan` for the strictness (WeightLoadError). Floating tensors are cast to
     `dtype` (None keeps the checkpoint's); integer tensors (quantized weights) are kept.
     Tensors are evaluated one at a time, so peak memory is the model plus one tensor.
     """
-    plan, unexpected = plan_mapping(tensors.keys(), rules)
-    params = dict(tree_flatten(model.parameters()))
-    produced = {item.target for item in plan}
-    missing = sorted(set(params) - produced)
-    unexpected = unexpected + sorted(produced - set(params))
-    misshaped = []
-    for item in plan:
-        if item.target not in params:
-            continue
-        shape = _out_shape(item.op, [tuple(tensors[s].shape) for s in item.sources])
-        if shape != tuple(params[item.target].shape):
-            misshaped.append(
-                f"{item.target}: checkpoint {shape} vs model {tuple(params[item.target].shape)}"
-            )
-    if missing or unexpected or misshaped:
-        lines = [f"{name}: the checkpoint does not match the model"]
-        if missing:
-            lines.append(f"{len(missing)} missing: {_listing(missing)}")
-        if unexpected:
-            lines.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
-        if misshaped:
-            lines.append(f"{len(misshaped)} mis-shaped: {_listing(misshaped, 3)}")
-        raise WeightLoadError("; ".join(lines))
-
+    plan = checked_plan(dict(tree_flatten(model.parameters())), tensors, rules, name)
     loaded = []
     for item in plan:
-        value = _apply(item.op, [tensors[s] for s in item.sources])
+        value = apply_op(item.op, [tensors[s] for s in item.sources])
         if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
         mx.eval(value)

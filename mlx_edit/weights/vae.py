@@ -90,11 +90,11 @@ def bfl_rules(num_levels: int = 4) -> tuple[Rule, ...]:
     return tuple(rows)
 
 
-def _is_diffusers(keys) -> bool:
+def is_diffusers(keys) -> bool:
     return any(".down_blocks." in k or ".mid_block." in k for k in keys)
 
 
-def _strip_vae_prefix(tensors: dict) -> dict:
+def strip_vae_prefix(tensors: dict) -> dict:
     """Keep only the VAE of a full LDM/BFL checkpoint and strip its prefix (as
     diffusers' convert_ldm_vae_checkpoint: the last prefix that occurs wins)."""
     prefix = ""
@@ -106,7 +106,7 @@ def _strip_vae_prefix(tensors: dict) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _resolve(path: Path) -> tuple[list[Path], dict | None]:
+def resolve_files(path: Path) -> tuple[list[Path], dict | None]:
     """(safetensors files, config dict or None) for a folder, a model root or a file."""
     if path.is_file():
         return [path], None
@@ -135,8 +135,8 @@ def load_vae(
     Raises WeightLoadError naming the missing, unexpected or mis-shaped keys, or when
     the path holds no readable safetensors / config.
     """
-    files, cfg_dict = _resolve(Path(path))
-    tensors = _strip_vae_prefix(open_tensors(files))
+    files, cfg_dict = resolve_files(Path(path))
+    tensors = strip_vae_prefix(open_tensors(files))
     if isinstance(config, VAEConfig):
         cfg = config
     else:
@@ -148,7 +148,7 @@ def load_vae(
             cfg = VAEConfig.from_dict(d)
         except (TypeError, ValueError) as e:
             raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
-    rules = DIFFUSERS_RULES if _is_diffusers(tensors) else bfl_rules(len(cfg.block_out_channels))
+    rules = DIFFUSERS_RULES if is_diffusers(tensors) else bfl_rules(len(cfg.block_out_channels))
     model = AutoencoderKL(cfg)
     if is_mlx_layout(cfg_dict):  # an mlx-edit folder: our names (OHWI convs), maybe quantized
         rules = IDENTITY_RULES

@@ -101,6 +101,9 @@ class ControlNetSpec:
     scale: residual multiplier in [0, 2]; start/end: the active part of the schedule as
       fractions, step i of n runs when i/n >= start and (i+1)/n <= end (diffusers'
       controlnet_keep rule). canny_low / canny_high: Canny thresholds (0-255 scale).
+    guidance: the guidance value fed to a guidance-embedding ControlNet (None: the edit's,
+      as diffusers' community Fill + ControlNet pipeline; dev-trained ControlNets such as
+      InstantX's saw ~3.5, Fill runs at 30).
     """
 
     model: Any
@@ -112,6 +115,7 @@ class ControlNetSpec:
     end: float = 1.0
     canny_low: float = DEFAULT_CANNY[0]
     canny_high: float = DEFAULT_CANNY[1]
+    guidance: float | None = None
 
     def validate(self) -> None:
         """Check the numbers and the type (InputError with a one-line message)."""
@@ -253,6 +257,7 @@ def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spe
     rope = model.rope(ids, job.embeds.txt.shape[1])
     control = model.embed_control(cond)  # step-independent (XLabs: the hint conv stack)
     mx.eval(control)
+    guidance = job.guidance if spec.guidance is None else spec.guidance
 
     def control_fn(latents: mx.array, timestep: mx.array, i: int):
         if not active[i]:
@@ -260,7 +265,7 @@ def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spe
         b = latents.shape[0]
         txt = mx.broadcast_to(job.embeds.txt, (b, *job.embeds.txt.shape[1:]))
         pooled = mx.broadcast_to(job.embeds.pooled, (b, job.embeds.pooled.shape[-1]))
-        g = mx.full((b,), job.guidance, mx.float32) if model.config.guidance_embeds else None
+        g = mx.full((b,), guidance, mx.float32) if model.config.guidance_embeds else None
         return model(latents, ids, txt, timestep, pooled, g, control=control, mode=mode,
                      scale=spec.scale, rope=rope)
 

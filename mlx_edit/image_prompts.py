@@ -32,7 +32,7 @@ from mlx_edit.models.layers import IPAdapterKV
 
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
     from mlx_edit.models.clip import CLIPVisionModel
-    from mlx_edit.models.siglip import SiglipVisionModel
+    from mlx_edit.models.redux import SiglipVisionModel
     from mlx_edit.pipeline import FluxFill, PromptEmbeds
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers OPENAI_CLIP_MEAN
@@ -170,17 +170,18 @@ def prepare_ip_adapters(pipe: FluxFill, specs: Sequence[IPAdapterSpec],
     """IPAdapterKV per spec for the transformer's `ip=` argument (EditJob.ip).
 
     Each CLIP vision tower is loaded once, encodes every reference image that uses it
-    and is freed; each adapter is loaded, computes its keys/values (batch_size: the
-    latents' batch, e.g. num_images) and is freed. Raises InputError (unreadable image,
-    bad scale, adapter not made for this transformer) and WeightLoadError (missing or
-    damaged adapter / vision tower, failed download).
+    and is freed; each adapter file likewise computes the keys/values of every spec that
+    names it (batch_size: the latents' batch, e.g. num_images) and is freed.
+    Raises InputError (unreadable image, bad scale, adapter not made for this
+    transformer) and WeightLoadError (missing or damaged adapter / vision tower, failed
+    download). Images are read first, so a bad path fails before any model loads.
     """
     from mlx_edit.weights.vision import load_clip_vision, load_ip_adapter, resolve_ip_adapter
 
     for spec in specs:
         spec.validate()
-    paths = [resolve_ip_adapter(s.model, s.image_encoder) for s in specs]
     images = [[load_image(im) for im in _images(s.image)] for s in specs]
+    paths = [resolve_ip_adapter(s.model, s.image_encoder) for s in specs]
     embeds: list[mx.array | None] = [None] * len(specs)
     for encoder in dict.fromkeys(p[1] for p in paths):
         clip = load_clip_vision(encoder, pipe.dtype)
@@ -190,17 +191,19 @@ def prepare_ip_adapters(pipe: FluxFill, specs: Sequence[IPAdapterSpec],
                 mx.eval(embeds[i])
         del clip
         _free()
-    out = []
+    out: list[IPAdapterKV | None] = [None] * len(specs)
     heads = pipe.transformer.config.num_attention_heads
-    for spec, (adapter_path, _), emb in zip(specs, paths, embeds):
+    for adapter_path in dict.fromkeys(p[0] for p in paths):
         adapter = load_ip_adapter(adapter_path, pipe.dtype)
-        _check_ip_compatible(adapter, pipe, spec, emb.shape[-1])
-        try:
-            kv = adapter.kv(emb, spec.scale, heads, batch_size)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        mx.eval(kv.k, kv.v)
-        out.append(kv)
+        for i, spec in enumerate(specs):
+            if paths[i][0] != adapter_path:
+                continue
+            _check_ip_compatible(adapter, pipe, spec, embeds[i].shape[-1])
+            try:
+                out[i] = adapter.kv(embeds[i], spec.scale, heads, batch_size)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            mx.eval(out[i].k, out[i].v)
         del adapter
         _free()
     return out
@@ -244,8 +247,8 @@ def redux_tokens(pipe: FluxFill, specs: Sequence[ReduxSpec]) -> list[mx.array]:
 
     for spec in specs:
         spec.validate()
-    paths = [resolve_redux(s.model, s.image_encoder) for s in specs]
     images = [load_image(s.image) for s in specs]
+    paths = [resolve_redux(s.model, s.image_encoder) for s in specs]
     feats: list[mx.array | None] = [None] * len(specs)
     for encoder in dict.fromkeys(p[1] for p in paths):
         siglip = load_siglip_vision(encoder, pipe.dtype)

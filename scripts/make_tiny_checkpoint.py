@@ -341,6 +341,7 @@ def build(
     seed: int = 0,
     dtype: str = "float32",
     overwrite: bool = False,
+    extras: tuple[str, ...] = (),  # "controlnet": controlnets/ (scripts/controlnet_fixtures.py)
 ) -> Path:
     """Build the checkpoint folder `out` (layout in the module docstring); returns its Path.
 
@@ -376,6 +377,20 @@ def build(
                 _save_bfl(bfl_keys.vae_to_bfl(model.state_dict()), tmp / "ae.safetensors")
             del model
             gc.collect()
+        # --- extras: --extras controlnet (scripts/controlnet_fixtures.py) ---
+        if "controlnet" in extras:
+            import controlnet_fixtures
+
+            controlnet_fixtures.write_controlnets(tmp / "controlnets", cfgs["transformer"],
+                                                  preset, seed + 10, torch_dtype)
+        # --- extras: --extras ip-adapter / redux (scripts/image_prompt_fixtures.py) ---
+        kinds = tuple(k for k in ("ip-adapter", "redux") if k in extras)
+        if kinds:
+            import image_prompt_fixtures
+
+            image_prompt_fixtures.write_image_prompt_fixtures(
+                tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
+        # --- end extras ---
         _write_model_index(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -398,10 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--extras", action="append", choices=["controlnet"], default=[],
+                    help="also build controlnets/ (InstantX, Union, XLabs; x-flux file)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        build(args.out, args.preset, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+        build(args.out, args.preset, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+              extras=tuple(args.extras))
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

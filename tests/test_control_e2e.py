@@ -53,15 +53,25 @@ def photo():
 
 
 @pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny Fill checkpoint built with `--extras controlnet` (controlnets/ inside)."""
+    out = tmp_path_factory.mktemp("ckpt-cn") / "tiny"
+    return import_script("make_tiny_checkpoint").build(out, "tiny", extras=("controlnet",))
+
+
+@pytest.fixture(scope="module")
 def pipe(tiny_ckpt):
     return FluxFill.from_pretrained(tiny_ckpt, mx.float32)
 
 
 @pytest.fixture(scope="module")
-def nets(tiny_ckpt, tmp_path_factory):
-    """{kind: folder} of ControlNets sized for the tiny Fill checkpoint."""
-    cfg = json.loads((tiny_ckpt / "transformer" / "config.json").read_text())
-    return cf.write_controlnets(tmp_path_factory.mktemp("cn"), cfg, "tiny", seed=3)
+def nets(tiny_ckpt):
+    """{kind: path} of the ControlNets sized for the tiny Fill checkpoint."""
+    folder = tiny_ckpt / "controlnets"
+    paths = {kind: folder / kind for kind in cf.KINDS}
+    paths["xlabs-raw"] = folder / "xlabs-flux-controlnet.safetensors"
+    assert all(p.exists() for p in paths.values())
+    return paths
 
 
 def _job(pipe, image, mask, steps=2, crop_to_mask=None, **kw):
@@ -246,8 +256,9 @@ def test_controlnets_in_the_loop_on_a_photo(pipe, nets, photo):
     _, plain = edit([])
     _, zero = edit([ControlNetSpec(nets["union"], image, "canny", scale=0.0)])
     assert np.array_equal(zero, plain)
+    xflux = load_controlnet(nets["xlabs-raw"], mx.float32, config={"axes_dims_rope": [4, 4, 8]})
     job, both = edit([ControlNetSpec(nets["union"], image, "canny"),
-                      ControlNetSpec(nets["xlabs"], image, "none", scale=0.5)])
+                      ControlNetSpec(xflux, image, "none", scale=0.5)])
     assert "control_prepare_s" in job.stats
     assert np.abs(both - plain)[mask.astype(bool)].mean() > 1.0
     keep = masks.blend_mask(mask, 0, 8) == 0
@@ -280,6 +291,9 @@ def test_prepare_controls_follows_the_crop_and_the_schedule(pipe, nets, photo):
     got = fn(latents, t, 1)
     assert all(np.array_equal(np.array(a), np.array(b))
                for a, b in zip(got.double + got.single, want.double + want.single))
+    two = fn(mx.concatenate([latents, latents * 0.5]), mx.array([0.5, 0.5]), 1)  # num_images 2
+    assert two.double[0].shape == (2, n, 32)
+    assert rel_err(np.array(two.double[0][:1]), np.array(want.double[0])) < 1e-5
 
 
 def test_incompatible_controlnet_is_one_clear_error(pipe, tmp_path, photo):
@@ -378,3 +392,33 @@ def test_outpaint_api_with_controlnet_of_the_original(pipe, nets, photo):
     assert np.abs(a - b)[:, :64].mean() > 1.0
     kept = np.asarray(image).astype(int)[:128, 32:]  # beyond the 32 px overlaps: untouched
     assert np.array_equal(a[:128, 96:], kept)
+
+
+def test_cli_inpaint_with_union_controlnet(tiny_ckpt, nets, photo, tmp_path):
+    """`mlx-edit inpaint ... --controlnet --control-image --control-type canny` end to end
+    on a real photo (the options are added to the commands by mlx_edit/cli.py)."""
+    from mlx_edit.cli import main
+
+    image = photo.resize((301, 257), Image.LANCZOS)  # odd size: kept exactly
+    image.save(tmp_path / "photo.png")
+    mask = _rect_mask(image.size, (100, 60, 190, 140))
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    assert "--controlnet" in run("inpaint", "--help").output
+    assert "--control-type" in run("outpaint", "--help").output
+    base = ("inpaint", "--model", tiny_ckpt, "--image", tmp_path / "photo.png", "--mask",
+            tmp_path / "mask.png", "--prompt", "a red hat", "--steps", 2, "--seed", 1)
+    out = tmp_path / "out.png"
+    r = run(*base, "--controlnet", nets["union"], "--control-image", tmp_path / "photo.png",
+            "--control-type", "canny", "--control-scale", 0.8, "--control-end", 0.5,
+            "--output", out)
+    assert r.exit_code == 0, r.output
+    res = Image.open(out)
+    assert res.size == image.size and "union" in res.text["controlnets"]
+    keep = masks.blend_mask(mask, 0, 8) == 0
+    assert np.array_equal(np.asarray(res.convert("RGB"))[keep], np.asarray(image)[keep])
+    bad = run(*base, "--controlnet", nets["union"], "--output", tmp_path / "b.png")
+    assert bad.exit_code == 2 and "--control-image" in bad.output
+    bad = run(*base, "--controlnet", nets["union"], "--control-image", tmp_path / "photo.png",
+              "--output", tmp_path / "c.png")
+    assert bad.exit_code == 2 and "Union ControlNet: give --control-type" in bad.output

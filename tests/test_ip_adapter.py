@@ -95,7 +95,7 @@ def test_clip_vision_from_full_clip_model_and_bare_file(tmp_path):
                 num_attention_heads=4, vocab_size=99, max_position_embeddings=16)
     torch.manual_seed(0)
     full = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=tcfg, vision_config=vcfg, projection_dim=vcfg["projection_dim"])).eval()
+        text_config=tcfg, vision_config=vcfg, projection_dim=24)).eval()  # top-level wins
     full.save_pretrained(tmp_path / "full")
     ours = load_clip_vision(tmp_path / "full", mx.float32)
     px = clip_preprocess(photos()[0], 224)[None]
@@ -104,7 +104,8 @@ def test_clip_vision_from_full_clip_model_and_bare_file(tmp_path):
         want = full.visual_projection(pooled)
     assert rel_err(ours(mx.array(px)), want) <= TOL
     # a bare file with a config given explicitly (ComfyUI-style clip_vision files)
-    bare = load_clip_vision(tmp_path / "full" / "model.safetensors", mx.float32, config=vcfg)
+    bare = load_clip_vision(tmp_path / "full" / "model.safetensors", mx.float32,
+                            config=dict(vcfg, projection_dim=24))
     assert rel_err(bare(mx.array(px)), want) <= TOL
     # ... and the ViT-L/14 defaults when none is given: shapes disagree, named in the error
     with pytest.raises(WeightLoadError, match="mis-shaped"):
@@ -132,9 +133,10 @@ def ip_setup(tmp_path_factory):
                for i in range(2)]
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=ref)
+    encoder = str(folders[0] / "image_encoder")
     pipe.load_ip_adapter([str(f) for f in folders], subfolder="",
                          weight_name=["ip_adapter.safetensors"] * 2,
-                         image_encoder_pretrained_model_name_or_path=str(folders[0] / "image_encoder"),
+                         image_encoder_pretrained_model_name_or_path=encoder,
                          image_encoder_dtype=torch.float32)  # its default is float16
     ours = load_transformer(root / "transformer", mx.float32)
     return pipe, ours, folders

@@ -8,7 +8,8 @@ XLabs IP-Adapter uses the vision tower's projected 768-d `image_embeds`.
 Our layout differs from the checkpoint in one place: q/k/v are one fused projection
 `self_attn.qkv_proj` (rows ordered q, k, v); `mlx_edit.weights.text` and
 `mlx_edit.weights.vision` map the names (and `pre_layrnorm` to `pre_layernorm`). The
-encoder layers take sizes, not a text config, so the vision towers (CLIP, SigLIP) reuse them.
+encoder layers take sizes, not a text config, so the vision towers reuse them (CLIP here,
+SigLIP in `mlx_edit.models.redux`).
 """
 
 from __future__ import annotations
@@ -243,9 +244,11 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> CLIPVisionConfig:
         """Build from a `config.json` dict; unknown keys are ignored. A full CLIPConfig is
-        accepted too: its nested `vision_config`, with the top-level `projection_dim`."""
+        accepted too: its nested `vision_config`, with the top-level `projection_dim` (the
+        width of CLIPModel's `visual_projection`) when it has one."""
         if "vision_config" in d and isinstance(d["vision_config"], dict):
-            d = {"projection_dim": d.get("projection_dim"), **d["vision_config"]}
+            top = d.get("projection_dim")
+            d = {**d["vision_config"], **({"projection_dim": top} if top else {})}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 

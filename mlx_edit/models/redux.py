@@ -1,9 +1,17 @@
-"""FLUX.1 Redux image embedder: SigLIP patch features -> tokens in the T5 text space.
+"""FLUX.1 Redux: the SigLIP vision tower and the Redux image embedder.
 
-Reference: diffusers `pipelines/flux/modeling_flux.py` (ReduxImageEncoder) and BFL
-`src/flux/modules/image_embedders.py` (ReduxImageEncoder): redux_down(silu(redux_up(x))),
-1152 -> 3 x 4096 -> 4096. Its 729 tokens per image are appended to the T5 prompt tokens
-(mlx_edit.image_prompts.prepare_redux); the SigLIP tower is mlx_edit.models.siglip.
+SigLIP (google/siglip-so400m-patch14-384), reference transformers
+`models/siglip/modeling_siglip.py` (SiglipVisionEmbeddings, SiglipEncoder,
+SiglipVisionTransformer): its encoder layers are CLIP's (pre-LayerNorm, biased q/k/v/out,
+1/sqrt(head_dim) scale, fc1-act-fc2), so they are reused from `mlx_edit.models.clip`. No
+class token; `last_hidden_state` is the encoder output after `post_layernorm`. The
+attention-pooling head is not built: Redux reads `last_hidden_state` (diffusers
+FluxPriorReduxPipeline.encode_image).
+
+Redux embedder, reference diffusers `pipelines/flux/modeling_flux.py` (ReduxImageEncoder)
+and BFL `src/flux/modules/image_embedders.py`: redux_down(silu(redux_up(x))), 1152 ->
+3 x 4096 -> 4096. Its 729 tokens per image are appended to the T5 prompt tokens
+(mlx_edit.image_prompts.prepare_redux).
 """
 
 from __future__ import annotations
@@ -12,6 +20,92 @@ from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_edit.models.clip import CLIPEncoder
+
+
+@dataclass
+class SiglipVisionConfig:
+    """transformers `SiglipVisionConfig` fields we use (defaults: so400m-patch14-384)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SiglipVisionConfig:
+        """Build from a `config.json` dict; unknown keys are ignored. A full SiglipConfig
+        (with a nested `vision_config`) is accepted too."""
+        if "vision_config" in d and isinstance(d["vision_config"], dict):
+            d = d["vision_config"]
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: image_size // patch_size (384 // 14 = 27; the rest is cut)."""
+        return self.image_size // self.patch_size
+
+
+class SiglipVisionEmbeddings(nn.Module):
+    """Patch tokens + learned positions: (B, S, S, C) NHWC -> (B, grid^2, D).
+
+    A stride-`patch` convolution with bias and "valid" padding (pixels past the last
+    whole patch are ignored, as in PyTorch).
+    """
+
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.image_size = c.image_size
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size,
+                                         stride=c.patch_size)
+        self.position_embedding = nn.Embedding(c.grid**2, c.hidden_size)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        b, h, w, _ = pixels.shape
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"input image size ({h}*{w}) doesn't match the model "
+                f"({self.image_size}*{self.image_size})"
+            )
+        x = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))
+        return x.reshape(b, -1, x.shape[-1]) + self.position_embedding.weight
+
+
+class SiglipVisionModel(nn.Module):
+    """SigLIP vision transformer without the pooling head.
+
+    `__call__(pixels (B, S, S, 3) float, NHWC, S = config.image_size, normalised as
+    SiglipImageProcessor does: (x/255 - 0.5) / 0.5)` returns `last_hidden_state`
+    (B, grid^2, hidden): 729 x 1152 for so400m-patch14-384.
+    Raises ValueError for an input of another size (no position interpolation).
+    """
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.config = c = config
+        self.embeddings = SiglipVisionEmbeddings(c)
+        self.encoder = CLIPEncoder(
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.hidden_act,
+            c.layer_norm_eps,
+        )
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        return self.post_layernorm(self.encoder(self.embeddings(pixels)))
+
+
+# ---------------------------------------------------------------- Redux embedder
 
 
 @dataclass

@@ -26,8 +26,12 @@ import mlx.core as mx
 
 from mlx_edit.models.clip import CLIPVisionConfig, CLIPVisionModel
 from mlx_edit.models.ip_adapter import IPAdapter, IPAdapterConfig
-from mlx_edit.models.redux import ReduxConfig, ReduxImageEncoder
-from mlx_edit.models.siglip import SiglipVisionConfig, SiglipVisionModel
+from mlx_edit.models.redux import (
+    ReduxConfig,
+    ReduxImageEncoder,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,

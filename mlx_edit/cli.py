@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
+from mlx_edit.cli_image_prompts import image_prompt_kwargs, image_prompt_options
 
 
 def _usage(message: str) -> click.UsageError:
@@ -128,7 +129,7 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
             method = functools.partial(pipe.outpaint, image, opts["prompt"])
         images = method(**common, **edit_kwargs, progress=progress)
         bar.close()
-    except InputError as e:
+    except (InputError, WeightLoadError) as e:
         raise _usage(str(e)) from None
     icc = load_image(image).info.get("icc_profile")
     for path, img in zip(outputs, images):
@@ -165,8 +166,10 @@ def main():
 @click.option("--no-paste-back", is_flag=True,
               help="Keep the model's pixels outside the mask too (default: exact originals).")
 @common_options
+@image_prompt_options
 def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
     """Repaint the white area of MASK in IMAGE following PROMPT."""
+    extra = image_prompt_kwargs(opts)
     for path, what in ((image, "image"), (mask, "mask")):
         if not path.exists():
             raise _usage(f"{what} {path} does not exist")
@@ -175,7 +178,8 @@ def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
     if grow_mask < 0 or feather < 0:
         raise _usage("--grow-mask and --feather must be >= 0")
     _run("inpaint", image, mask, opts, dict(strength=strength, grow_mask=grow_mask,
-                                             feather=feather, paste_back=not no_paste_back))
+                                             feather=feather, paste_back=not no_paste_back,
+                                             **extra))
 
 
 @main.command()
@@ -187,14 +191,16 @@ def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
 @click.option("--overlap", type=int, default=32, show_default=True,
               help="px of the original regenerated along each seam.")
 @common_options
+@image_prompt_options
 def outpaint(image, left, right, top, bottom, overlap, **opts):
     """Extend IMAGE by LEFT/RIGHT/TOP/BOTTOM pixels, painting the new area from PROMPT."""
+    extra = image_prompt_kwargs(opts)
     if not image.exists():
         raise _usage(f"image {image} does not exist")
     if min(left, right, top, bottom) < 0 or max(left, right, top, bottom) == 0:
         raise _usage("outpaint needs --left/--right/--top/--bottom >= 0, at least one > 0")
     _run("outpaint", image, None, opts, dict(left=left, right=right, top=top, bottom=bottom,
-                                              overlap=overlap))
+                                              overlap=overlap, **extra))
 
 
 def _register_commands() -> None:

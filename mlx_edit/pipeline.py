@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit import __version__
+from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
 from mlx_edit.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.latents import (
     fill_conditioning,
@@ -272,10 +273,13 @@ class FluxFill:
         max_sequence_length: int,
         noise: mx.array | None = None,
         metadata: dict | None = None,
+        ip_adapters: Sequence[IPAdapterSpec] = (),
+        redux: Sequence[ReduxSpec] = (),
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
+        ip_adapters / redux: image prompts (mlx_edit.image_prompts), prepared once here.
         """
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
@@ -286,6 +290,13 @@ class FluxFill:
         stats: dict = {}
         with _Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+        ip: list[IPAdapterKV] = []
+        if redux or ip_adapters:
+            with _Phase(stats, "image_prompts"):
+                if redux:
+                    embeds = prepare_redux(self, redux, embeds)
+                if ip_adapters:
+                    ip = prepare_ip_adapters(self, ip_adapters, batch_size=num_images)
         target = MODEL_PIXELS if crop_to_mask is not False else None
         plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
         canvas, mask = crop_for_model(image, model_mask, plan)
@@ -313,10 +324,12 @@ class FluxFill:
             "prompt": prompt, "prompt_2": prompt_2, "steps": steps, "guidance": guidance,
             "strength": strength, "model": self.source, "mlx_edit_version": __version__,
             "model_size": [width, height], "crop_box": list(plan.box),
+            "ip_adapters": [[str(a.model), a.scale] for a in ip_adapters] or None,
+            "redux": [[str(r.model), r.strength] for r in redux] or None,
             **(metadata or {}),
         }
         return EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
-                       seeds, meta, stats=stats)
+                       seeds, meta, ip=ip, stats=stats)
 
     # ------------------------------------------------------------------ run
 
@@ -389,6 +402,8 @@ class FluxFill:
         crop_to_mask: bool | None = None,
         prompt_2: str | None = None,
         max_sequence_length: int = 512,
+        ip_adapters: Sequence[IPAdapterSpec] = (),
+        redux: Sequence[ReduxSpec] = (),
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
@@ -397,6 +412,8 @@ class FluxFill:
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
         differs. grow_mask / feather: px. crop_to_mask: None = automatic (edit a ~1 MP
         window around the mask when the image is large), True/False to force.
+        ip_adapters / redux: image prompts (IPAdapterSpec / ReduxSpec from
+        mlx_edit.image_prompts): the style or subject of reference images.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: empty mask, bad numbers, prompt too long).
         """
@@ -408,6 +425,7 @@ class FluxFill:
             image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
+            ip_adapters=ip_adapters, redux=redux,
             metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
         )
         return self.run(job, paste_back, progress)
@@ -429,6 +447,8 @@ class FluxFill:
         crop_to_mask: bool | None = None,
         prompt_2: str | None = None,
         max_sequence_length: int = 512,
+        ip_adapters: Sequence[IPAdapterSpec] = (),
+        redux: Sequence[ReduxSpec] = (),
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Extend `image` by left/right/top/bottom px, generating the new border.
@@ -445,6 +465,7 @@ class FluxFill:
             canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
+            ip_adapters=ip_adapters, redux=redux,
             metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
                       "overlap": overlap},
         )

@@ -413,9 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--extras", action="append", choices=["controlnet"], default=[],
-                    help="also build controlnets/ (InstantX, Union, XLabs; x-flux file)")
+    ap.add_argument("--extras", action="append", default=[],
+                    help="comma-separated extras to build too: controlnet (controlnets/: "
+                         "InstantX, Union, XLabs, x-flux file), ip-adapter, redux")
     args = ap.parse_args(argv)
+    args.extras = [e for group in args.extras for e in group.split(",") if e]
+    unknown = sorted(set(args.extras) - {"controlnet", "ip-adapter", "redux"})
+    if unknown:
+        ap.error(f"unknown --extras {unknown}: choose from controlnet, ip-adapter, redux")
     t0 = time.perf_counter()
     try:
         build(args.out, args.preset, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,

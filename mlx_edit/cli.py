@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
+from mlx_edit.cli_control import control_options, pop_control_specs
 from mlx_edit.cli_image_prompts import image_prompt_kwargs, image_prompt_options
 
 
@@ -166,10 +167,11 @@ def main():
 @click.option("--no-paste-back", is_flag=True,
               help="Keep the model's pixels outside the mask too (default: exact originals).")
 @common_options
+@control_options
 @image_prompt_options
 def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
     """Repaint the white area of MASK in IMAGE following PROMPT."""
-    extra = image_prompt_kwargs(opts)
+    extra = {**image_prompt_kwargs(opts), "controlnets": pop_control_specs(opts)}
     for path, what in ((image, "image"), (mask, "mask")):
         if not path.exists():
             raise _usage(f"{what} {path} does not exist")
@@ -191,10 +193,11 @@ def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
 @click.option("--overlap", type=int, default=32, show_default=True,
               help="px of the original regenerated along each seam.")
 @common_options
+@control_options
 @image_prompt_options
 def outpaint(image, left, right, top, bottom, overlap, **opts):
     """Extend IMAGE by LEFT/RIGHT/TOP/BOTTOM pixels, painting the new area from PROMPT."""
-    extra = image_prompt_kwargs(opts)
+    extra = {**image_prompt_kwargs(opts), "controlnets": pop_control_specs(opts)}
     if not image.exists():
         raise _usage(f"image {image} does not exist")
     if min(left, right, top, bottom) < 0 or max(left, right, top, bottom) == 0:

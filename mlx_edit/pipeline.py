@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit import __version__
+from mlx_edit.control import ControlNetSpec, prepare_controls
 from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
 from mlx_edit.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.latents import (
@@ -275,11 +276,13 @@ class FluxFill:
         metadata: dict | None = None,
         ip_adapters: Sequence[IPAdapterSpec] = (),
         redux: Sequence[ReduxSpec] = (),
+        controlnets: Sequence[ControlNetSpec] = (),
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
         ip_adapters / redux: image prompts (mlx_edit.image_prompts), prepared once here.
+        controlnets: ControlNets (mlx_edit.control), their inputs aligned to the canvas.
         """
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
@@ -328,8 +331,11 @@ class FluxFill:
             "redux": [[str(r.model), r.strength] for r in redux] or None,
             **(metadata or {}),
         }
-        return EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
-                       seeds, meta, ip=ip, stats=stats)
+        job = EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
+                      seeds, meta, ip=ip, stats=stats)
+        if controlnets:
+            job.controls = prepare_controls(self, job, list(controlnets))
+        return job
 
     # ------------------------------------------------------------------ run
 
@@ -404,6 +410,7 @@ class FluxFill:
         max_sequence_length: int = 512,
         ip_adapters: Sequence[IPAdapterSpec] = (),
         redux: Sequence[ReduxSpec] = (),
+        controlnets: Sequence[ControlNetSpec] = (),
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
@@ -414,6 +421,8 @@ class FluxFill:
         window around the mask when the image is large), True/False to force.
         ip_adapters / redux: image prompts (IPAdapterSpec / ReduxSpec from
         mlx_edit.image_prompts): the style or subject of reference images.
+        controlnets: ControlNetSpec list (mlx_edit.control): structure (edges, depth,
+        pose...) to keep; several are summed.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: empty mask, bad numbers, prompt too long).
         """
@@ -425,7 +434,7 @@ class FluxFill:
             image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux,
+            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
             metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
         )
         return self.run(job, paste_back, progress)
@@ -449,6 +458,7 @@ class FluxFill:
         max_sequence_length: int = 512,
         ip_adapters: Sequence[IPAdapterSpec] = (),
         redux: Sequence[ReduxSpec] = (),
+        controlnets: Sequence[ControlNetSpec] = (),
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Extend `image` by left/right/top/bottom px, generating the new border.
@@ -465,7 +475,7 @@ class FluxFill:
             canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux,
+            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
             metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
                       "overlap": overlap},
         )

@@ -26,7 +26,7 @@ from mlx_edit.cli_image_prompts import (
     parse_ip_adapters,
     parse_redux,
 )
-from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
+from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_redux
 from mlx_edit.images import load_image, load_mask
 from mlx_edit.pipeline import FluxFill
 from conftest import import_script
@@ -56,10 +56,7 @@ def inpaint(pipe, root, ip=(), redux=(), num_images=1, seed=1):
     blend = masks.blend_mask(mask, 0, 6)
     job = pipe.prepare(image, mask, blend, "a cup of coffee", steps=2, guidance=30.0,
                        seed=seed, num_images=num_images, strength=1.0, crop_to_mask=None,
-                       prompt_2=None, max_sequence_length=32)
-    if redux:
-        job.embeds = prepare_redux(pipe, redux, job.embeds)
-    job.ip = prepare_ip_adapters(pipe, ip, batch_size=num_images)
+                       prompt_2=None, max_sequence_length=32, ip_adapters=ip, redux=redux)
     out = pipe.run(job)
     return [np.asarray(im.convert("RGB")) for im in out], blend, job
 
@@ -167,3 +164,29 @@ def test_parse_redux_defaults():
     assert parse_redux([], []) == []
     with pytest.raises(click.UsageError, match="--redux needs"):
         parse_redux(["R"], [])
+
+
+def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_ckpt, tmp_path):
+    """mlx-edit inpaint --ip-adapter DIR --ip-image REF: one photo edited, another as reference."""
+    from click.testing import CliRunner
+
+    from mlx_edit.cli import main
+
+    _, extras, root = setup
+    outs = []
+    for scale in ("1.0", "0.0"):
+        out = tmp_path / f"ip{scale}.png"
+        args = ["inpaint", "--model", tiny_ckpt, "--image", root / "astronaut.png", "--mask",
+                root / "mask.png", "--prompt", "a cup of coffee", "--steps", 2, "--seed", 1,
+                "--max-sequence-length", 32, "--ip-adapter", extras["ip-adapter"],
+                "--ip-image", root / "coffee.jpg", "--ip-scale", scale, "--output", out]
+        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        outs.append(np.asarray(Image.open(out).convert("RGB")))
+        assert Image.open(out).text["ip_adapters"]
+    src = np.asarray(load_image(root / "astronaut.png"))
+    mask = load_mask(root / "mask.png", (301, 257))
+    outside = masks.blend_mask(mask, 0, 8) == 0
+    assert outs[0].shape == src.shape
+    assert np.array_equal(outs[0][outside], src[outside])
+    assert np.abs(outs[0][mask > 0.5].astype(int) - outs[1][mask > 0.5]).mean() > 1.0

@@ -1,4 +1,5 @@
-"""`mlx-edit`: inpaint and outpaint photos with FLUX.1 Fill from the terminal.
+"""`mlx-edit`: inpaint and outpaint photos with FLUX.1 Fill, restyle them with FLUX.1
+Canny/Depth-dev, from the terminal.
 
 Heavy imports (mlx, the pipeline) happen inside the commands so `--help` is instant.
 Usage errors exit with status 2 and a one-line message; nothing is written on error.
@@ -78,8 +79,10 @@ def _check_outputs(paths: list[Path], inputs: list[Path], overwrite: bool) -> No
             raise _usage(f"{p} exists; pass --overwrite to replace it or choose another --output")
 
 
-def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dict) -> None:
-    """Load the model, run one edit with a progress bar, write the outputs."""
+def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dict,
+         extra_inputs: tuple[Path, ...] = ()) -> None:
+    """Load the model, run one edit with a progress bar, write the outputs (never over
+    `image`, `mask` or `extra_inputs`)."""
     from mlx_edit.images import InputError, load_image, load_mask, save_json_sidecar, save_png
     from mlx_edit.weights.core import WeightLoadError
 
@@ -90,7 +93,7 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
     seed = opts["seed"] if opts["seed"] is not None else int.from_bytes(os.urandom(3), "big")
     output = opts["output"] or _default_output(image, opts["num_images"])
     outputs = _outputs(output, opts["num_images"])
-    inputs = [image] + ([mask] if mask else [])
+    inputs = [image] + ([mask] if mask else []) + list(extra_inputs)
     _check_outputs(outputs, inputs, opts["overwrite"])
     try:  # validate inputs before the (slow) model load
         load_image(image)
@@ -126,6 +129,8 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
 
         if kind == "inpaint":
             method = functools.partial(pipe.inpaint, image, mask, opts["prompt"])
+        elif kind == "restyle":
+            method = functools.partial(pipe.restyle, image, prompt=opts["prompt"], mask=mask)
         else:
             method = functools.partial(pipe.outpaint, image, opts["prompt"])
         images = method(**common, **edit_kwargs, progress=progress)
@@ -204,6 +209,57 @@ def outpaint(image, left, right, top, bottom, overlap, **opts):
         raise _usage("outpaint needs --left/--right/--top/--bottom >= 0, at least one > 0")
     _run("outpaint", image, None, opts, dict(left=left, right=right, top=top, bottom=bottom,
                                               overlap=overlap, **extra))
+
+
+@main.command()
+@click.option("--image", "-i", required=True, type=click.Path(path_type=Path),
+              help="Photo to restyle.")
+@click.option("--control-image", type=click.Path(path_type=Path), default=None,
+              help="Structure to keep: a photo (canny edges are computed), an edge map or a "
+                   "depth map, framed like --image (default: --image itself, for canny).")
+@click.option("--control-type", type=click.Choice(["canny", "depth", "none"]), default="canny",
+              show_default=True, help="canny: edges of --control-image; depth / none: "
+                                      "--control-image is a ready-made map.")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Restyle only the white area (default: the whole image).")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="< 1 starts from the photo (img2img style).")
+@click.option("--grow-mask", type=float, default=0, show_default=True, help="Dilate the mask (px).")
+@click.option("--feather", type=float, default=8, show_default=True, help="Soft blend width (px).")
+@click.option("--no-paste-back", is_flag=True,
+              help="With --mask: keep the model's pixels outside the mask too.")
+@click.option("--canny-low", type=float, default=50.0, show_default=True,
+              help="Canny low threshold (0-255 scale).")
+@click.option("--canny-high", type=float, default=200.0, show_default=True)
+@common_options
+def restyle(image, control_image, control_type, mask, strength, grow_mask, feather,
+            no_paste_back, canny_low, canny_high, **opts):
+    """Repaint IMAGE (or its MASK area) from PROMPT, keeping its edges or depth, with the
+    FLUX.1 Canny-dev / Depth-dev models (default --model: black-forest-labs/FLUX.1-Canny-dev,
+    FLUX.1-Depth-dev for --control-type depth; default --guidance 30, 10 for depth)."""
+    for path, what in ((image, "image"), (mask, "mask"), (control_image, "control image")):
+        if path is not None and not path.exists():
+            raise _usage(f"{what} {path} does not exist")
+    if control_image is None and control_type != "canny":
+        raise _usage(f"--control-type {control_type} needs --control-image (a ready-made map)")
+    if not 0 < strength <= 1:
+        raise _usage(f"--strength must be in (0, 1], got {strength}")
+    if grow_mask < 0 or feather < 0:
+        raise _usage("--grow-mask and --feather must be >= 0")
+    if not 0 <= canny_low <= canny_high:
+        raise _usage(f"--canny-low/--canny-high must satisfy 0 <= low <= high, got "
+                     f"{canny_low}, {canny_high}")
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("guidance") == click.core.ParameterSource.DEFAULT:
+        opts["guidance"] = None  # the pipeline picks BFL's default for the control type
+    if opts["model"] is None:
+        opts["model"] = ("black-forest-labs/FLUX.1-Depth-dev" if control_type == "depth"
+                         else "black-forest-labs/FLUX.1-Canny-dev")
+    _run("restyle", image, mask, opts,
+         dict(control_image=control_image, control_type=control_type, strength=strength,
+              grow_mask=grow_mask, feather=feather, paste_back=not no_paste_back,
+              canny_low=canny_low, canny_high=canny_high),
+         extra_inputs=(control_image,) if control_image else ())
 
 
 def _register_commands() -> None:

@@ -22,7 +22,9 @@ HELP_SOURCE = """Convert SOURCE into the mlx-edit folder DEST.
 SOURCE: a Hugging Face repo id (e.g. black-forest-labs/FLUX.1-Fill-dev), a diffusers
 folder, a BFL single file (flux1-fill-dev.safetensors; the VAE and text encoders come
 from --vae / --text-encoders, or from ae.safetensors and text_encoder/ next to it), or
-an mlx-edit folder (to re-quantize or change the dtype).
+an mlx-edit folder (to re-quantize or change the dtype). A FLUX ControlNet (diffusers
+FluxControlNetModel folder or repo id, XLabs x-flux .safetensors) is detected and converted
+on its own (--dtype, --quantize, --group-size; --transformer-config gives its config).
 
 --quantize N quantizes the transformer and T5 (their attention and MLP layers; the
 embedders, final layer, VAE and CLIP stay in full precision); --component-bits sets
@@ -76,7 +78,8 @@ def _transformer_config(path: Path | None) -> dict | None:
               help="Folder or repo id with text_encoder/, text_encoder_2/ and tokenizers.")
 @click.option("--transformer-config", type=click.Path(path_type=Path, dir_okay=False,
                                                        exists=True),
-              help="config.json for a BFL transformer (needed when head_dim != 128).")
+              help="config.json for a BFL transformer or an x-flux ControlNet (needed when "
+                   "head_dim != 128).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_shard_size,
               help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists and is not empty.")

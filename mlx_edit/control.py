@@ -10,7 +10,8 @@
   latents, as diffusers' community Fill + ControlNet pipeline
   (examples/community/pipline_flux_fill_controlnet_Inpaint.py).
 - `bfl_control_conditioning` builds the channel-concatenated input of the BFL
-  FLUX.1-Canny/Depth-dev models (BFL src/flux/sampling.py prepare_control).
+  FLUX.1-Canny/Depth-dev models (BFL src/flux/sampling.py prepare_control);
+  `bfl_conditioner` wraps it for `FluxFill.prepare(conditioning=...)` (FluxFill.restyle).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")
 # InstantX / Shakker-Labs Union mode ids (their model cards); 6 = low quality.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5}
 DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds (BFL Canny-dev: 50, 200)
+BFL_CANNY = (50.0, 200.0)  # BFL cli_control.py's thresholds for FLUX.1-Canny-dev
+# Control types of the BFL Canny/Depth models: edges computed here, or a ready-made map.
+RESTYLE_TYPES = ("canny", "depth", "none")
 
 
 # ---------------------------------------------------------------- preprocessors
@@ -277,7 +281,8 @@ def prepare_controls(pipe: FluxFill, job: EditJob,
     """ControlFn hooks for `job` (call after `pipe.prepare`; set them as `job.controls`).
 
     Each spec's model is loaded once (specs naming the same model share it, as diffusers'
-    Union multi-condition path), checked against the transformer, and its control image
+    Union multi-condition path; quantized to `pipe.quantize` bits when set, a model given
+    as an object is used as it is), checked against the transformer, and its control image
     aligned to job.plan and encoded. Several ControlNets are summed by the transformer.
     Records `control_prepare_s` in job.stats and the specs in job.metadata. Raises InputError (bad spec, image,
     incompatible model) and WeightLoadError (unloadable ControlNet).
@@ -294,8 +299,8 @@ def prepare_controls(pipe: FluxFill, job: EditJob,
             model = spec.model
         else:
             key = str(Path(str(spec.model)).expanduser())
-            if key not in loaded:
-                loaded[key] = load_controlnet(spec.model, pipe.dtype)
+            if key not in loaded:  # quantized like the transformer when pipe.quantize is set
+                loaded[key] = load_controlnet(spec.model, pipe.dtype, quantize=pipe.quantize)
             model = loaded[key]
         _check_compatible(model, pipe, spec)
         mode = union_mode(spec, model)
@@ -339,3 +344,27 @@ def bfl_control_conditioning(pipe: FluxFill, control_image, canvas_size: tuple[i
     cond = encode_control(pipe, to_array(control))
     mx.eval(cond)
     return cond
+
+
+def bfl_conditioner(pipe: FluxFill, control_image, control_type: str = "canny", *,
+                    canny_low: float = BFL_CANNY[0], canny_high: float = BFL_CANNY[1]):
+    """A `Conditioner` for `FluxFill.prepare(conditioning=...)`: (canvas pixels, model
+    mask, plan) -> the BFL control conditioning (1, N, 64) of `control_image` aligned to the
+    plan (`bfl_control_conditioning`; the mask is not an input of these models).
+
+    control_type: RESTYLE_TYPES. The control image is loaded here, so a bad file fails
+    before the prompt is encoded. Raises InputError (type, thresholds, unreadable image).
+    """
+    if control_type not in RESTYLE_TYPES:
+        raise InputError(f"control type {control_type!r} is not one of the BFL control "
+                         f"models' ({', '.join(RESTYLE_TYPES)})")
+    ControlNetSpec(None, None, control_type, canny_low=canny_low,
+                   canny_high=canny_high).validate()
+    control_image = load_image(control_image)
+
+    def build(pixels: np.ndarray, mask: np.ndarray, plan: CropPlan) -> mx.array:
+        return bfl_control_conditioning(pipe, control_image, plan.image_size, plan,
+                                        control_type, canny_low=canny_low,
+                                        canny_high=canny_high)
+
+    return build

@@ -1,10 +1,12 @@
-"""FluxFill: inpainting and outpainting with FLUX.1 Fill on MLX.
+"""FluxFill: inpainting and outpainting with FLUX.1 Fill on MLX, and restyling with the
+FLUX.1 Canny/Depth-dev control models.
 
-encode prompt (then free the text encoders) -> prepare the canvas and Fill conditioning
--> one denoise loop (a generator) -> decode -> stitch/paste back into the original.
-Numerics follow diffusers' FluxFillPipeline (pipelines/flux/pipeline_flux_fill.py),
-except that the masked image is encoded with the VAE posterior mode (BFL's choice, and
-deterministic) instead of a sample.
+encode prompt (then free the text encoders) -> prepare the canvas and the conditioning
+(Fill: masked image + mask; Canny/Depth: the control image's latents) -> one denoise loop
+(a generator) -> decode -> stitch/paste back into the original.
+Numerics follow diffusers' FluxFillPipeline (pipelines/flux/pipeline_flux_fill.py) and
+FluxControlPipeline / FluxControlImg2ImgPipeline, except that images are encoded with the
+VAE posterior mode (BFL's choice, and deterministic) instead of a sample.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit import __version__
-from mlx_edit.control import ControlNetSpec, prepare_controls
+from mlx_edit.control import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
 from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
 from mlx_edit.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.latents import (
@@ -49,7 +51,7 @@ from mlx_edit.sampler import (
 from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype
-from mlx_edit.weights.flux import load_transformer
+from mlx_edit.weights.flux import describe_variant, load_transformer
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5
 from mlx_edit.weights.vae import load_vae
@@ -59,9 +61,14 @@ DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance va
 DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
 OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
+CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
+FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
 ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
+# A conditioning builder: (canvas pixels (H, W, 3) in [-1, 1], binary model mask (H, W),
+# crop plan) -> (1, N, K) concatenated after the noisy latents (Fill: K 320, control: 64).
+Conditioner = Callable[[np.ndarray, np.ndarray, CropPlan], mx.array]
 
 
 @dataclass
@@ -76,7 +83,8 @@ class PromptEmbeds:
 class EditJob:
     """Everything the denoise loop and the decoder need, prepared before the loop.
 
-    latents: initial packed latents (B, N, 64); conditioning: (1|B, N, 320) Fill input;
+    latents: initial packed latents (B, N, 64); conditioning: (1|B, N, K) (Fill 320,
+    Canny/Depth 64);
     sigmas: float32 (n+1,); geometry: where the canvas maps back into the original.
     """
 
@@ -188,8 +196,10 @@ class FluxFill:
         """Load from a Hugging Face repo id (downloads only the needed components), a
         local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
 
+        The transformer is FLUX.1 Fill (inpaint, outpaint) or FLUX.1 Canny/Depth-dev
+        (restyle); see `variant`.
         dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
-        quantize the transformer and T5 at load (see mlx_edit.quantize).
+        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.quantize).
         transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
         not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
         not downloaded).
@@ -201,7 +211,8 @@ class FluxFill:
             root = resolve(repo_or_path, components)
             dtype = dtype or default_dtype()
             transformer = load_transformer(
-                transformer or component_dir(root, "transformer"), dtype, expect_in_channels=384
+                transformer or component_dir(root, "transformer"), dtype,
+                expect_in_channels=(FILL_IN, CONTROL_IN),
             )
             if quantize:
                 quantize_transformer(transformer, bits=quantize)
@@ -210,6 +221,20 @@ class FluxFill:
             pipe.quantize = quantize
         pipe.load_stats = stats
         return pipe
+
+    @property
+    def variant(self) -> str:
+        """'fill' (FLUX.1 Fill, in_channels 384) or 'control' (FLUX.1 Canny/Depth-dev, 128)."""
+        return "control" if self.transformer.config.in_channels == CONTROL_IN else "fill"
+
+    def _require(self, variant: str, edit: str) -> None:
+        """InputError unless the loaded transformer is `variant` (before any work)."""
+        if self.variant != variant:
+            need = {"fill": "a FLUX.1 Fill model (black-forest-labs/FLUX.1-Fill-dev)",
+                    "control": "a FLUX.1 Canny or Depth control model "
+                               "(black-forest-labs/FLUX.1-Canny-dev or FLUX.1-Depth-dev)"}
+            found = describe_variant(self.transformer.config)
+            raise InputError(f"{edit} needs {need[variant]}; {self.source} is {found}")
 
     # ------------------------------------------------------------------ text
 
@@ -257,6 +282,12 @@ class FluxFill:
         z = self.vae.encode_mean(mx.array(pixels)[None])
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
+    def _fill_conditioning(self, pixels: np.ndarray, mask: np.ndarray, plan: CropPlan
+                           ) -> mx.array:
+        """The default Conditioner: Fill's masked-image latents + packed mask (1, N, 320)."""
+        masked = self._encode(pixels * (1.0 - mask[..., None]))
+        return fill_conditioning(masked, pack_mask(mx.array(mask)[None]))
+
     def prepare(
         self,
         image: Image.Image,
@@ -277,9 +308,13 @@ class FluxFill:
         ip_adapters: Sequence[IPAdapterSpec] = (),
         redux: Sequence[ReduxSpec] = (),
         controlnets: Sequence[ControlNetSpec] = (),
+        conditioning: Conditioner | None = None,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
+        conditioning: the Conditioner of the transformer's extra input channels (None:
+        Fill's; `mlx_edit.control.bfl_conditioner` for Canny/Depth-dev). Raises InputError
+        when its channels do not fit the transformer's in_channels.
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
         ip_adapters / redux: image prompts (mlx_edit.image_prompts), prepared once here.
         controlnets: ControlNets (mlx_edit.control), their inputs aligned to the canvas.
@@ -312,14 +347,19 @@ class FluxFill:
         h_tok, w_tok = token_grid(height, width)
         with _Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
-            masked = self._encode(pixels * (1.0 - mask[..., None]))
-            conditioning = fill_conditioning(masked, pack_mask(mx.array(mask)[None]))
+            conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)
             image_latents = self._encode(pixels) if strength < 1.0 else None
             mx.eval(conditioning, image_latents)
+        channels = 4 * self.vae.config.latent_channels  # packed 2x2 latents: 64
+        if channels + conditioning.shape[-1] != self.transformer.config.in_channels:
+            raise InputError(
+                f"the conditioning has {conditioning.shape[-1]} channels but the "
+                f"{describe_variant(self.transformer.config)} transformer takes "
+                f"{self.transformer.config.in_channels - channels}")
         sigmas = flux_sigmas(steps, h_tok * w_tok, self.scheduler_config, strength)
         seeds = [seed + i for i in range(num_images)]
         if noise is None:
-            noise = initial_noise(seeds, (h_tok * w_tok, conditioning.shape[-1] // 5), mx.float32)
+            noise = initial_noise(seeds, (h_tok * w_tok, channels), mx.float32)
         latents = noise.astype(self.dtype)
         if image_latents is not None:
             latents = noise_latents(image_latents.astype(self.dtype), latents, float(sigmas[0]))
@@ -424,8 +464,10 @@ class FluxFill:
         controlnets: ControlNetSpec list (mlx_edit.control): structure (edges, depth,
         pose...) to keep; several are summed.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (bad input: empty mask, bad numbers, prompt too long).
+        Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
+        Canny/Depth transformer loaded instead of Fill).
         """
+        self._require("fill", "inpaint")
         image = load_image(image)
         user_mask = load_mask(mask, image.size)
         model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
@@ -466,8 +508,9 @@ class FluxFill:
         The original is kept exactly except for an `overlap` px band along each extended
         side, which is regenerated and blended so the seam does not show.
         Returns PIL images of size (W + left + right, H + top + bottom).
-        Raises InputError (no expansion, negative values).
+        Raises InputError (no expansion, negative values; not a Fill transformer).
         """
+        self._require("fill", "outpaint")
         image = load_image(image)
         canvas, model_mask, blend = outpaint_canvas(image, left, right, top, bottom,
                                                     overlap=overlap)
@@ -480,6 +523,68 @@ class FluxFill:
                       "overlap": overlap},
         )
         return self.run(job, True, progress)
+
+    def restyle(
+        self,
+        image,
+        control_image,
+        prompt: str,
+        *,
+        control_type: str = "canny",
+        mask=None,
+        strength: float = 1.0,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        grow_mask: float = 0,
+        feather: float = DEFAULT_FEATHER,
+        paste_back: bool = True,
+        crop_to_mask: bool | None = None,
+        prompt_2: str | None = None,
+        max_sequence_length: int = 512,
+        canny_low: float = BFL_CANNY[0],
+        canny_high: float = BFL_CANNY[1],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Image.Image]:
+        """Repaint `image` following `prompt` while keeping the structure (edges or depth)
+        of `control_image`, with FLUX.1 Canny-dev / Depth-dev (in_channels 128).
+
+        control_image: path, PIL or array, the same framing as `image`; None = `image`
+        itself (for canny). control_type: "canny" (edges computed here; thresholds on the
+        0-255 scale, BFL's 50/200), "depth" or "none" (a ready-made map, used as given).
+        mask: None = the whole image; else white = restyle, and outside the grown and
+        feathered mask the original is kept exactly (crop_to_mask as in `inpaint`).
+        strength < 1 starts from the image (img2img). guidance None: 30 for canny and
+        none, 10 for depth (BFL's defaults).
+        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
+        Raises InputError (not a Canny/Depth transformer, depth without a control image,
+        bad numbers, empty mask, prompt too long).
+        """
+        self._require("control", "restyle")
+        image = load_image(image)
+        if control_image is None and control_type != "canny":
+            raise InputError(f"--control-type {control_type} needs --control-image (a "
+                             "ready-made map: no depth estimator is bundled)")
+        if mask is None:
+            model_mask = blend = np.ones(image.size[::-1], np.float32)
+        else:
+            user_mask = load_mask(mask, image.size)
+            model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
+            blend = masks.blend_mask(user_mask, grow_mask, feather)
+        if guidance is None:
+            guidance = CONTROL_GUIDANCE.get(control_type, DEFAULT_GUIDANCE)
+        conditioner = bfl_conditioner(self, image if control_image is None else control_image,
+                                      control_type, canny_low=canny_low, canny_high=canny_high)
+        job = self.prepare(
+            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
+            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
+            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
+            conditioning=conditioner,
+            metadata={"mode": "restyle", "control_type": control_type,
+                      "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
+        )
+        return self.run(job, paste_back, progress)
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:

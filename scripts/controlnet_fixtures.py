@@ -1,6 +1,8 @@
-"""Random-weight FLUX ControlNets built by diffusers, for tests and `--extras controlnet`.
+"""Random-weight FLUX ControlNets built by diffusers, for tests and `--extras controlnet`,
+and a FLUX.1-Canny-dev-style control model for `--extras control-model`.
 
     write_controlnets(OUT, transformer_cfg, preset, seed)   # called by make_tiny_checkpoint
+    write_control_model(ROOT, transformer_cfg, seed)        # ROOT/control-model/
 
 OUT gets, for a base FLUX Fill transformer config (widths must match: the residuals are
 added to its hidden states and the ControlNet reads the same text embeddings):
@@ -17,10 +19,17 @@ default Linear/Conv init and other constant tensors get seeded noise, so that a 
 can fail. The x-flux names (XLabs-AI/x-flux src/flux/controlnet.py, ControlNetFlux):
 BFL block/embedder names (`bfl_keys.transformer_to_bfl`), `controlnet_blocks.N`,
 `pos_embed_input` and `input_hint_block.{0,2,...,14}`.
+
+`write_control_model` makes ROOT/control-model/, the hub layout of
+black-forest-labs/FLUX.1-Canny-dev: model_index.json (FluxControlPipeline), transformer/
+(FluxTransformer2DModel like the Fill one but in_channels 128), flux1-canny-dev.safetensors
+(BFL keys), and relative symlinks to ROOT's vae/, text encoders, tokenizers and scheduler
+(the real Canny-dev repo ships the same ones as Fill-dev).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -137,3 +146,38 @@ def write_controlnets(out: str | Path, transformer_cfg: dict, preset: str = "tin
             paths["xlabs-raw"] = raw
         del model
     return paths
+
+
+CONTROL_MODEL_SHARED = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                        "scheduler")
+
+
+def write_control_model(root: str | Path, transformer_cfg: dict, seed: int = 0,
+                        dtype: torch.dtype = torch.float32) -> Path:
+    """Write ROOT/control-model/ (module doc) next to ROOT's Fill components (ROOT must
+    hold model_index.json already: FileNotFoundError otherwise); returns it.
+
+    The transformer is `FluxTransformer2DModel(**transformer_cfg, in_channels=128)` under
+    `torch.manual_seed(seed)`, constant tensors perturbed (`perturb_constants`).
+    """
+    import diffusers
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    out = root / "control-model"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**dict(transformer_cfg, in_channels=128, out_channels=64))
+    perturb_constants(model, seed + 1000)
+    model = model.eval().to(dtype)
+    model.save_pretrained(out / "transformer", safe_serialization=True)
+    bfl = bfl_keys.transformer_to_bfl(model.state_dict())
+    save_file({k: v.contiguous() for k, v in bfl.items()}, str(out / "flux1-canny-dev.safetensors"),
+              metadata={"format": "pt"})
+    for name in CONTROL_MODEL_SHARED:
+        (out / name).symlink_to(Path("..") / name, target_is_directory=True)
+    index = json.loads((root / "model_index.json").read_text())  # the Fill pipeline's
+    index.update(_class_name="FluxControlPipeline", _diffusers_version=diffusers.__version__)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

@@ -341,7 +341,8 @@ def build(
     seed: int = 0,
     dtype: str = "float32",
     overwrite: bool = False,
-    extras: tuple[str, ...] = (),  # "controlnet": controlnets/ (scripts/controlnet_fixtures.py)
+    extras: tuple[str, ...] = (),  # "controlnet": controlnets/, "control-model":
+    # control-model/ (FLUX.1-Canny-dev layout), both from scripts/controlnet_fixtures.py
 ) -> Path:
     """Build the checkpoint folder `out` (layout in the module docstring); returns its Path.
 
@@ -392,6 +393,11 @@ def build(
                 tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
         # --- end extras ---
         _write_model_index(tmp)
+        if "control-model" in extras:  # after model_index.json: it copies its entries
+            import controlnet_fixtures
+
+            controlnet_fixtures.write_control_model(tmp, cfgs["transformer"], seed + 30,
+                                                    torch_dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -415,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--extras", action="append", default=[],
                     help="comma-separated extras to build too: controlnet (controlnets/: "
-                         "InstantX, Union, XLabs, x-flux file), ip-adapter, redux")
+                         "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
+                         "FLUX.1-Canny-dev layout), ip-adapter, redux")
     args = ap.parse_args(argv)
     args.extras = [e for group in args.extras for e in group.split(",") if e]
-    unknown = sorted(set(args.extras) - {"controlnet", "ip-adapter", "redux"})
+    known = {"controlnet", "control-model", "ip-adapter", "redux"}
+    unknown = sorted(set(args.extras) - known)
     if unknown:
-        ap.error(f"unknown --extras {unknown}: choose from controlnet, ip-adapter, redux")
+        ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")
     t0 = time.perf_counter()
     try:
         build(args.out, args.preset, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,

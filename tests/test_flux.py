@@ -140,3 +140,11 @@ def test_wide_forward_matches_diffusers(tmp_path):
     x = make_inputs(WIDE, batch=2, h=4, w=6, n_txt=16)
     err = rel_err(run_ours(ours, x), run_reference(ref, x))
     assert err <= 1e-4, err
+
+
+def test_layer_norm_is_precise_when_mean_dominates():
+    from mlx_edit.models.layers import layer_norm
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 512)).astype(np.float32) * 1e-3 + 5
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (512,), eps=1e-6).numpy()
+    assert np.abs(np.array(layer_norm(mx.array(x))) - ref).max() <= 1e-4

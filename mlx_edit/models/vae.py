@@ -66,10 +66,32 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    # pytorch_compatible: groups of consecutive channels as torch; statistics run in
-    # float32 inside mx.fast.layer_norm even for bf16 inputs.
-    return nn.GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
+class GroupNorm(nn.Module):
+    """GroupNorm over groups of consecutive channels (as PyTorch), NHWC input.
+
+    The group mean is removed before `mx.fast.layer_norm`: MLX's CPU kernel computes the
+    variance in one pass (E[x^2] - E[x]^2), which loses ~1e-3 when |mean| >> std (e.g.
+    encoding a flat control/edge image). Statistics run in float32 inside mx.fast.
+    Parameters `weight`, `bias` (C,) as nn.GroupNorm.
+    """
+
+    def __init__(self, groups: int, channels: int, eps: float = _EPS):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, *rest, c = x.shape
+        g = x.reshape(b, -1, self.groups, c // self.groups).transpose(0, 2, 1, 3)
+        g = g.reshape(b, self.groups, -1)
+        g = mx.fast.layer_norm(g - g.mean(axis=-1, keepdims=True), None, None, self.eps)
+        g = g.reshape(b, self.groups, -1, c // self.groups).transpose(0, 2, 1, 3)
+        return g.reshape(b, *rest, c) * self.weight + self.bias
+
+
+def _group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=_EPS)
 
 
 class ResnetBlock(nn.Module):

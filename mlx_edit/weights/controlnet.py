@@ -151,6 +151,64 @@ def resolve_controlnet(repo_or_path: str | Path) -> Path:
         raise WeightLoadError(f"could not download ControlNet {name} ({type(e).__name__}: {e})") from e
 
 
+def _root_files_of_repo(name: str) -> list[str] | None:
+    """The file names of a Hugging Face repo (None when the hub cannot be asked)."""
+    try:
+        from huggingface_hub import list_repo_files
+
+        return list_repo_files(name)
+    except Exception:  # offline, gated, unknown: the pipeline path reports the cause
+        return None
+
+
+def _is_controlnet_config(folder: Path) -> bool:
+    try:
+        return read_config(folder).get("_class_name") == "FluxControlNetModel"
+    except WeightLoadError:
+        return False
+
+
+def is_controlnet_source(source: str | Path) -> bool:
+    """Whether `source` is a FLUX ControlNet rather than a pipeline or transformer.
+
+    True for: a folder whose config.json is a `FluxControlNetModel` (diffusers, or an
+    mlx-edit folder from `save_controlnet`); an x-flux `.safetensors` file
+    (`pos_embed_input.*` keys), or a folder holding one without config.json or
+    model_index.json; a Hugging Face repo with such a config.json, or with safetensors
+    files but neither config.json nor model_index.json at its root (x-flux repos).
+    Only the config or the tensor names are read (safetensors are opened lazily).
+    """
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _is_controlnet_config(path)
+        if (path / "model_index.json").is_file():
+            return False
+        files = sorted(path.glob("*.safetensors"))
+        return len(files) == 1 and is_controlnet_source(files[0])
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            return False
+        try:
+            keys = open_tensors([path], strip_prefixes=BFL_PREFIXES).keys()
+        except WeightLoadError:
+            return False
+        return "pos_embed_input.weight" in keys
+    if not is_repo_id(str(source)):
+        return False
+    files = _root_files_of_repo(str(source))
+    if not files or "model_index.json" in files:
+        return False
+    if "config.json" in files:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return _is_controlnet_config(Path(hf_hub_download(str(source), "config.json")).parent)
+        except Exception:  # the download's own error surfaces when the pipeline path runs
+            return False
+    return any(f.endswith(".safetensors") and "/" not in f for f in files)
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     if path.is_file() or (path / "config.json").is_file():
         return safetensors_files(path)
@@ -241,7 +299,8 @@ def save_controlnet(model: FluxControlNet, folder: str | Path,
 
 def convert_controlnet(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloat16,
                        bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE, *,
-                       overwrite: bool = False, config: dict | None = None) -> Path:
+                       overwrite: bool = False, config: dict | None = None,
+                       max_shard_bytes: int = save.MAX_SHARD_BYTES) -> Path:
     """Convert any ControlNet `load_controlnet` reads into an mlx-edit folder `dest`,
     cast to `dtype` and quantized to `bits` (None: not quantized). Written next to dest
     and renamed into place when complete. Peak memory: the model once (ControlNets are
@@ -251,7 +310,7 @@ def convert_controlnet(source: str | Path, dest: str | Path, dtype: mx.Dtype = m
     model = load_controlnet(source, dtype, config=config, quantize=bits, group_size=group_size)
     tmp = save.temp_folder_for(dest)
     try:
-        save_controlnet(model, tmp)
+        save_controlnet(model, tmp, max_shard_bytes)
         save.publish(tmp, dest)
     finally:
         if tmp.exists():

@@ -1,4 +1,6 @@
 """Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
+A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
+by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`).
 
 Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
 `mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
@@ -49,6 +51,7 @@ from mlx_edit.quantize import (
     is_mlx_layout,
     quantize_component,
 )
+from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import flux as flux_w
 from mlx_edit.weights import save
 from mlx_edit.weights import text as text_w
@@ -306,6 +309,56 @@ def _check_not_inside(dest: Path, parts: Mapping[str, Path | None]) -> None:
             raise ConversionError(f"DEST {dest} holds the source {p}: choose another DEST")
 
 
+def convert_controlnet_source(
+    source: str | Path,
+    dest: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    config: Mapping | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = save.MAX_SHARD_BYTES,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Convert a ControlNet (`is_controlnet_source`) into the mlx-edit folder `dest`
+    (`save_controlnet`'s layout), cast to `dtype`, quantized to `quantize` bits
+    (`quantize_controlnet`). `config`: overrides (x-flux files with head_dim != 128 need
+    "axes_dims_rope"). Returns {"format", "kind", "source", "dtype", "bits", "group_size",
+    "bytes"}. Raises ConversionError (DEST in the way, missing config, a quantized source
+    asked for other bits), WeightLoadError (damaged checkpoint)."""
+    log = log or (lambda _msg: None)
+    dest = Path(dest).expanduser()
+    try:
+        save.check_dest(dest, overwrite)
+    except FileExistsError as e:
+        raise ConversionError(str(e)) from e
+    path = controlnet_w.resolve_controlnet(source)
+    _check_not_inside(dest, {"controlnet": path})
+    cfg = read_config(path) if (path / "config.json").is_file() else {}
+    recorded = (cfg.get("quantization") or {}).get("bits") if is_mlx_layout(cfg) else None
+    if recorded and recorded != quantize:
+        raise ConversionError(f"{path} is already quantized to {recorded} bits: pass "
+                              f"--quantize {recorded} or convert from the original ControlNet")
+    save.remove_stale_temps(dest)
+    t0 = time.perf_counter()
+    try:
+        controlnet_w.convert_controlnet(path, dest, DTYPES[dtype], quantize, group_size,
+                                        overwrite=overwrite, config=dict(config or {}),
+                                        max_shard_bytes=max_shard_bytes)
+    except WeightLoadError:
+        raise
+    except ValueError as e:  # an x-flux file whose RoPE axes cannot be inferred
+        raise ConversionError(f"{path}: {e} (give a config.json with --transformer-config)"
+                              ) from e
+    size = save.folder_bytes(dest)
+    precision = f"{quantize}-bit (group {group_size})" if quantize else dtype
+    log(f"wrote ControlNet {dest}: {precision}, {size / 1e6:.1f} MB, "
+        f"{time.perf_counter() - t0:.1f} s")
+    return {"format": "mlx-edit", "kind": "controlnet", "source": str(source), "dtype": dtype,
+            "bits": quantize, "group_size": group_size, "bytes": size}
+
+
 def convert_checkpoint(
     source: str | Path,
     dest: str | Path,
@@ -330,6 +383,8 @@ def convert_checkpoint(
     head_dim other than 128 need its "axes_dims_rope"). The folder is written next to
     `dest` and renamed into place when complete; on any error or interruption nothing is
     left at `dest` (an existing `dest` replaced with `overwrite` stays as it was).
+    A ControlNet `source` goes to `convert_controlnet_source` (`transformer_config` is
+    then its config override; VAE, text encoder and per-component options are refused).
     Raises ConversionError (bad arguments, `dest` not empty without `overwrite`, missing
     sources), WeightLoadError (unreadable, truncated or mismatching checkpoints).
     """
@@ -338,6 +393,16 @@ def convert_checkpoint(
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if group_size not in GROUP_SIZES:
         raise ConversionError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if controlnet_w.is_controlnet_source(source):
+        given = [flag for flag, v in (("--component-bits", component_bits_override),
+                                      ("--vae", vae), ("--text-encoders", text_encoders)) if v]
+        if given:
+            raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
+                                  "pipeline checkpoints only")
+        return convert_controlnet_source(
+            source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
+            config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+            log=log)
     try:
         bits = component_bits(quantize, component_bits_override)
     except ValueError as e:

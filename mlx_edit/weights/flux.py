@@ -156,7 +156,7 @@ def load_transformer(
     path: str | Path,
     dtype: mx.Dtype | None = None,
     *,
-    expect_in_channels: int | None = None,
+    expect_in_channels: int | tuple[int, ...] | None = None,
     config: dict | None = None,
 ) -> FluxTransformer:
     """Load a FLUX transformer from a diffusers `transformer/` folder, one of our MLX
@@ -164,8 +164,9 @@ def load_transformer(
     `model.diffusion_model.` prefix).
 
     dtype: parameters' dtype (None: bfloat16 on GPU, float32 on CPU).
-    expect_in_channels: e.g. 384 for Fill; a checkpoint of another kind raises
-    WeightLoadError naming the variant found. `config` overrides the folder's config
+    expect_in_channels: e.g. 384 for Fill, or a tuple of accepted values ((384, 128):
+    Fill or Canny/Depth); a checkpoint of another kind raises WeightLoadError naming the
+    variant found. `config` overrides the folder's config
     (needed only for BFL files with head_dim != 128: {"axes_dims_rope": [...]}).
     Raises WeightLoadError for unreadable files and for missing, unexpected or
     mis-shaped tensors (listed in the message).
@@ -180,10 +181,13 @@ def load_transformer(
     else:
         cfg_dict = read_config(path) if path.is_dir() else {}
         cfg = FluxConfig.from_dict({**cfg_dict, **(config or {})})
-    if expect_in_channels is not None and cfg.in_channels != expect_in_channels:
+    accepted = (expect_in_channels,) if isinstance(expect_in_channels, int) \
+        else tuple(expect_in_channels or ())
+    if accepted and cfg.in_channels not in accepted:
+        wanted = " or ".join(str(c) for c in accepted)
         raise WeightLoadError(
             f"{path}: found a {describe_variant(cfg)} transformer (x_embedder in_channels "
-            f"{cfg.in_channels}) where in_channels {expect_in_channels} is needed"
+            f"{cfg.in_channels}) where in_channels {wanted} is needed"
         )
     model = FluxTransformer(cfg)
     rules = {"diffusers": DIFFUSERS_RULES, "bfl": BFL_RULES, "mlx": MLX_RULES}[fmt]

@@ -1,0 +1,90 @@
+"""One denoising step (transformer forward + flow-match Euler update), optionally compiled.
+
+`make_step(transformer)` returns `step(...)`, the body of `pipeline.denoise`'s loop as one
+function, wrapped in `mx.compile` unless `compile=False`. Compilation traces the graph once
+per input shape and fuses elementwise chains (modulation, gating, RoPE, the Euler update)
+into single kernels; the result equals the uncompiled step up to float rounding
+(tests/test_compile.py). Measured effect: benchmarks/RESULTS.md ("compiled step").
+
+Everything that changes from step to step is an array argument (latents, timestep, dt,
+ControlNet residuals), so the trace is reused for every step of a run; the transformer's
+parameters are declared as implicit inputs (`inputs=transformer.state`), so reloading or
+updating weights in place is seen by later calls. Changing the model's structure
+(quantizing it, adding layers) needs a new `make_step`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_edit.latents import model_input
+from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
+
+StepFn = Callable[..., mx.array]
+
+
+def compile_enabled(default: bool = True) -> bool:
+    """The default for `make_step(compile=...)`: MLX_EDIT_COMPILE=0 turns it off."""
+    value = os.environ.get("MLX_EDIT_COMPILE")
+    return default if value is None else value not in ("0", "false", "no", "off")
+
+
+def step_dt(sigma: float, sigma_next: float) -> mx.array:
+    """`sigma_next - sigma` as a 0-d float32 array, rounded as `sampler.euler_step` does."""
+    return mx.array(np.float32(sigma_next) - np.float32(sigma))
+
+
+def _euler(latents: mx.array, velocity: mx.array, dt: mx.array) -> mx.array:
+    # sampler.euler_step with dt as an array (a Python float would retrace every step).
+    out = latents.astype(mx.float32) + dt * velocity.astype(mx.float32)
+    return out.astype(latents.dtype)
+
+
+def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> StepFn:
+    """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
+    rope, dt, *, controlnet=(), ip=()) -> latents at the next sigma`.
+
+    Shapes as `pipeline.denoise`: latents (B, N, 64) packed, conditioning (1|B, N, C),
+    img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), timestep (B,) (sigma, model
+    dtype), pooled (B, pooled_dim), guidance (B,) or None, rope = transformer.rope(img_ids,
+    txt_ids), dt = `step_dt(sigma, sigma_next)`. controlnet: ControlResiduals per
+    ControlNet for this step; ip: IPAdapterKV per adapter. Returns latents in their dtype.
+
+    compile: None -> `compile_enabled()` (on unless MLX_EDIT_COMPILE=0). A new ControlNet
+    count, residual list length or IP-Adapter scale triggers one retrace, not an error.
+    """
+    if compile is None:
+        compile = compile_enabled()
+
+    def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
+             dt, residuals, repeats, ip_kv, ip_scales):
+        controlnet = [ControlResiduals(list(d), list(s), rep)
+                      for (d, s), rep in zip(residuals, repeats)]
+        ip = [IPAdapterKV(list(k), list(v), list(sc)) for (k, v), sc in zip(ip_kv, ip_scales)]
+        velocity = transformer(
+            model_input(latents, conditioning), img_ids, txt, txt_ids, timestep, pooled,
+            guidance, controlnet=controlnet, ip=ip, rope=rope,
+        )
+        return _euler(latents, velocity, dt)
+
+    fn = mx.compile(body, inputs=transformer.state) if compile else body
+
+    def step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
+             dt, *, controlnet: Sequence[ControlResiduals] = (),
+             ip: Sequence[IPAdapterKV] = ()) -> mx.array:
+        # Dataclasses are not traceable: pass their arrays as lists, their flags/scales as
+        # constants (part of the trace's cache key).
+        residuals = [(list(r.double), list(r.single)) for r in controlnet]
+        repeats = tuple(bool(r.repeat) for r in controlnet)
+        ip_kv = [(list(a.k), list(a.v)) for a in ip]
+        ip_scales = tuple(tuple(float(s) for s in a.scale) for a in ip)
+        return fn(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                  rope, dt, residuals, repeats, ip_kv, ip_scales)
+
+    step.compiled = compile  # type: ignore[attr-defined]
+    return step

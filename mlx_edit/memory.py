@@ -1,0 +1,252 @@
+"""Memory estimate before a run, and a refusal (with options that fit) when it cannot fit.
+
+Weights are counted exactly from the component configs: each model is built lazily (MLX
+allocates nothing until evaluated), quantized by the package policy when asked
+(mlx_edit.quantize), and its parameter bytes summed. Activations use per-token and
+per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory model"):
+
+- transformer: on the CPU backend attention has no fused kernel, so it materialises its
+  scores and their softmax, 2 x B*H*L^2*4 bytes; plus ~ACT_LINEAR_COPIES copies of the
+  widest projection (L x (3*hidden + mlp_hidden)) per image. On Metal/CUDA the fused
+  kernel drops the L^2 term.
+- VAE: bytes per pixel of the tile (or of the image when untiled), 2 x (H/8*W/8)^2*4
+  for the mid-block attention scores on the CPU backend, and the float32 output.
+
+The peak is the largest phase: text encoding, VAE encode, denoising, VAE decode. With
+`low_memory` only the components a phase needs are resident (the pipeline loads them
+one at a time).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlx_edit import tiling
+from mlx_edit.images import InputError
+from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.t5 import T5Config, T5Encoder
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.quantize import component_bits, model_nbytes, quantize_component
+
+GB = 1e9
+ACT_SCORE_COPIES = 2.0  # scores + softmax(scores), float32, CPU-backend SDPA fallback
+ACT_LINEAR_COPIES = 3.0  # linear1 output, gelu(mlp), [attn | mlp] concat (single block)
+# VAE activation bytes per pixel and per byte of the compute dtype (measured float32 on
+# the CPU backend, where convs go through im2col; Metal: mflux's 3.08 GB peak for a
+# 512x512 bf16 decode [performance-anchors S12], weights taken off).
+VAE_DECODE_BYTES_PER_PX = {"cpu": 10_000.0, "gpu": 5_500.0}
+VAE_ENCODE_BYTES_PER_PX = {"cpu": 6_000.0, "gpu": 3_000.0}
+RUNTIME_GB = 0.6  # Python, MLX, tokenizers, prompt embeddings, small buffers
+TEXT_TOKENS = 512
+PHASES = ("text_encode", "vae_encode", "denoise", "vae_decode")
+
+
+def _backend() -> str:
+    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+
+def _config(cls, value):
+    if value is None:
+        return cls()
+    return value if isinstance(value, cls) else cls.from_dict(dict(value))
+
+
+def _dtype_size(dtype) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(mx, dtype)
+    return dtype.size
+
+
+def weights_gb(transformer=None, vae=None, clip=None, t5=None, dtype="float32",
+               quantize: int | None = None) -> dict[str, float]:
+    """Parameter GB per component, from configs (FluxConfig/VAEConfig/CLIPTextConfig/
+    T5Config or their config.json dicts; None = FLUX.1 Fill-dev's). `quantize` 4/8 applies
+    the package policy (transformer and T5 quantized, embedders/VAE/CLIP not)."""
+    float_dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+    bits = component_bits(quantize)
+    models = {
+        "transformer": FluxTransformer(_config(FluxConfig, transformer)),
+        "vae": AutoencoderKL(_config(VAEConfig, vae)),
+        "text_encoder": CLIPTextModel(_config(CLIPTextConfig, clip)),
+        "text_encoder_2": T5Encoder(_config(T5Config, t5)),
+    }
+    out = {}
+    for name, model in models.items():  # built lazily: nothing is allocated
+        if bits.get(name):
+            model.set_dtype(float_dtype)  # scales/biases take the compute dtype
+            quantize_component(model, name, bits[name])
+        out[name] = model_nbytes(model, float_dtype) / GB
+    return out
+
+
+def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_size: int,
+                              fused_attention: bool | None = None) -> float:
+    """Peak activations of one transformer forward over `tokens` = image + text tokens."""
+    if fused_attention is None:
+        fused_attention = _backend() == "gpu"
+    linear = ACT_LINEAR_COPIES * tokens * (3 * cfg.hidden_size + cfg.mlp_hidden) * dtype_size
+    scores = 0.0 if fused_attention else ACT_SCORE_COPIES * cfg.num_attention_heads * tokens**2 * 4
+    return batch * (linear + scores) / GB
+
+
+def vae_activation_gb(height: int, width: int, dtype_size: int, decode: bool = True,
+                      backend: str | None = None) -> float:
+    """Activations of one untiled VAE pass over a height x width image (GB)."""
+    backend = backend or _backend()
+    per_px = (VAE_DECODE_BYTES_PER_PX if decode else VAE_ENCODE_BYTES_PER_PX)[backend]
+    tokens = (height // 8) * (width // 8)
+    scores = 0.0 if backend == "gpu" else 2 * tokens**2 * 4
+    return (per_px * dtype_size * height * width + scores) / GB
+
+
+def vae_pass_gb(height: int, width: int, dtype_size: int, decode: bool = True) -> float:
+    """VAE activations as `tiling.encode_auto/decode_auto` will run them: one tile's pass
+    plus the float32 host accumulators when tiled, the whole image otherwise."""
+    if not tiling.should_tile(height, width):
+        return vae_activation_gb(height, width, dtype_size, decode)
+    tile = tiling.DEFAULT_TILE
+    channels = 3 if decode else 16 / 64  # latents: 16 channels at 1/64 of the pixels
+    acc = (height * width * channels * 4 + height * width * 8 * (1 if decode else 1 / 64)) / GB
+    return vae_activation_gb(tile, tile, dtype_size, decode) + acc
+
+
+@dataclass
+class _Inputs:
+    width: int
+    height: int
+    num_images: int
+    dtype: str
+    quantize: int | None
+    configs: dict
+
+
+class MemoryEstimate(dict):
+    """{name: GB}: weights per component, activations per phase, `peak` (normal run),
+    `peak_low_memory` and per-phase totals `phase_<name>`. `.inputs` keeps the request."""
+
+    inputs: _Inputs
+
+
+def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
+             quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
+             text_tokens: int = TEXT_TOKENS) -> MemoryEstimate:
+    """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
+
+    Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
+    dtype: "float32" / "bfloat16" (or an mx.Dtype); quantize: None, 4 or 8.
+    Returns a MemoryEstimate (a dict of GB); `peak` is max over PHASES of resident
+    weights + that phase's activations + RUNTIME_GB.
+    """
+    dtype_name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
+    size = _dtype_size(dtype_name)
+    cfgs = {"transformer": _config(FluxConfig, transformer), "vae": _config(VAEConfig, vae),
+            "clip": _config(CLIPTextConfig, clip), "t5": _config(T5Config, t5)}
+    w = weights_gb(cfgs["transformer"], cfgs["vae"], cfgs["clip"], cfgs["t5"], dtype_name,
+                   quantize)
+    tokens = (height // 16) * (width // 16) + text_tokens
+    t5_cfg = cfgs["t5"]
+    act = {
+        "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
+        + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
+        "vae_encode": vae_pass_gb(height, width, size, decode=False),
+        "denoise": transformer_activation_gb(tokens, cfgs["transformer"], num_images, size),
+        "vae_decode": vae_pass_gb(height, width, size, decode=True),
+    }
+    text_w = w["text_encoder"] + w["text_encoder_2"]
+    resident = w["transformer"] + w["vae"]
+    normal = {"text_encode": resident + text_w, "vae_encode": resident,
+              "denoise": resident, "vae_decode": resident}
+    low = {"text_encode": max(w["text_encoder"], w["text_encoder_2"]),
+           "vae_encode": w["vae"], "denoise": w["transformer"], "vae_decode": w["vae"]}
+    out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
+    out.update({f"activations_{k}": v for k, v in act.items()})
+    for p in PHASES:
+        out[f"phase_{p}"] = normal[p] + act[p] + RUNTIME_GB
+    out["peak"] = max(out[f"phase_{p}"] for p in PHASES)
+    out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in PHASES)
+    out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs)
+    return out
+
+
+def available_memory() -> int:
+    """Bytes the run may use: Metal's recommended working set (or device memory) on a
+    GPU, else the machine's physical memory (os.sysconf on Linux and macOS)."""
+    if _backend() == "gpu":
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+            if info.get(key):
+                return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
+    i = est.inputs
+    kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
+              quantize=i.quantize, transformer=i.configs["transformer"],
+              vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"])
+    kw.update(changes)
+    return estimate(**kw)
+
+
+def _smaller_size(est: MemoryEstimate, limit: float, key: str) -> tuple[int, int] | None:
+    i = est.inputs
+    for step in range(1, 16):  # shrink the area by ~12% a step, sides multiples of 16
+        s = 0.94**step
+        w, h = max(16, int(i.width * s) // 16 * 16), max(16, int(i.height * s) // 16 * 16)
+        if _with(est, width=w, height=h)[key] <= limit:
+            return w, h
+    return None
+
+
+def fitting_options(est: MemoryEstimate, available: float, low_memory: bool = False) -> list[str]:
+    """Human-readable changes that each bring the estimate under `available` GB."""
+    i, key = est.inputs, "peak_low_memory" if low_memory else "peak"
+    options = []
+    if not low_memory and est["peak_low_memory"] <= available:
+        options.append(f"--low-memory (about {est['peak_low_memory']:.1f} GB)")
+    for bits in (8, 4):
+        if i.quantize is None or bits < i.quantize:
+            q = _with(est, quantize=bits)
+            for k, flag in ((key, ""), ("peak_low_memory", " --low-memory")):
+                if q[k] <= available and (k == key or not low_memory):
+                    options.append(f"--quantize {bits}{flag} (about {q[k]:.1f} GB)")
+                    break
+    if i.num_images > 1:
+        fits = [n for n in range(i.num_images - 1, 0, -1) if _with(est, num_images=n)[key] <= available]
+        if fits:
+            options.append(f"--num-images {fits[0]} (run the others separately)")
+    size = _smaller_size(est, available, key)
+    if size:
+        options.append(f"a smaller canvas, about {size[0]}x{size[1]} px (crop to the mask)")
+    return options
+
+
+def check_fits(est: MemoryEstimate, available: float | None = None,
+               low_memory: bool = False) -> None:
+    """Raise InputError when the estimate's peak (low-memory peak if `low_memory`) exceeds
+    `available` GB (None: `available_memory()`); the message lists options that fit."""
+    available = available_memory() / GB if available is None else float(available)
+    need = est["peak_low_memory"] if low_memory else est["peak"]
+    if need <= available:
+        return
+    i = est.inputs
+    parts = ", ".join(f"{k.removeprefix('weights_')} {v:.1f}" for k, v in est.items()
+                      if k.startswith("weights_"))
+    options = fitting_options(est, available, low_memory)
+    advice = ("options that fit: " + "; ".join(options)) if options else (
+        "no smaller setting fits either: use a machine with more memory")
+    raise InputError(
+        f"this edit needs about {need:.1f} GB ({i.width}x{i.height}, {i.num_images} image(s), "
+        f"{i.dtype}{f', {i.quantize}-bit' if i.quantize else ''}; weights GB: {parts}) but "
+        f"this machine has {available:.1f} GB; {advice}"
+    )
+
+
+def summary(est: Mapping[str, float]) -> str:
+    """One line per entry, GB with one decimal (for --verbose / benchmarks)."""
+    return "\n".join(f"{k:28s} {v:7.2f} GB" for k, v in est.items())

@@ -145,6 +145,9 @@ def test_wide_forward_matches_diffusers(tmp_path):
 def test_layer_norm_is_precise_when_mean_dominates():
     from mlx_edit.models.layers import layer_norm
 
+    # |mean| >> std: MLX's CPU kernel alone (one-pass variance) is off by 1.4e-3 here
+    # (torch float32 by 2.5e-4); the float64 two-pass result is the reference.
     x = np.random.default_rng(0).standard_normal((2, 3, 512)).astype(np.float32) * 1e-3 + 5
-    ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (512,), eps=1e-6).numpy()
-    assert np.abs(np.array(layer_norm(mx.array(x))) - ref).max() <= 1e-4
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    assert np.abs(np.array(layer_norm(mx.array(x))) - ref).max() <= 1e-5

@@ -236,10 +236,11 @@ def test_strict_bfl(tiny, tmp_path):
 @pytest.mark.parity
 def test_group_norm_is_precise_when_mean_dominates():
     """Features with |mean| >> std (flat control/edge images give them): a one-pass
-    variance (MLX's CPU layer_norm alone) is off by ~1e-3 there; ours matches torch."""
+    variance (MLX's CPU layer_norm alone) is off by ~1e-3 there. Reference: float64."""
     from mlx_edit.models.vae import GroupNorm
 
     x = np.random.default_rng(0).standard_normal((2, 64, 4, 4)).astype(np.float32) * 1e-3 + 5
-    ref = torch.nn.GroupNorm(4, 64, eps=1e-6)(torch.from_numpy(x)).detach().numpy()
+    g = x.astype(np.float64).reshape(2, 4, -1)
+    ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6))
     ours = GroupNorm(4, 64, eps=1e-6)(mx.array(x.transpose(0, 2, 3, 1)))
-    assert np.abs(nchw(ours) - ref).max() <= 1e-4
+    assert np.abs(nchw(ours).reshape(2, 4, -1) - ref).max() <= 1e-5

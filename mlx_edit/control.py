@@ -32,7 +32,8 @@ from mlx_edit.models.controlnet import FluxControlNet
 from mlx_edit.stitch import CropPlan, crop_for_model
 
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
-    from mlx_edit.pipeline import EditJob, FluxFill
+    from mlx_edit.denoise import EditJob
+    from mlx_edit.pipeline import FluxFill
 
 CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")
 # InstantX / Shakker-Labs Union mode ids (their model cards); 6 = low quality.

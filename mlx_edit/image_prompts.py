@@ -33,7 +33,8 @@ from mlx_edit.models.layers import IPAdapterKV
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
     from mlx_edit.models.clip import CLIPVisionModel
     from mlx_edit.models.redux import SiglipVisionModel
-    from mlx_edit.pipeline import FluxFill, PromptEmbeds
+    from mlx_edit.denoise import PromptEmbeds
+    from mlx_edit.pipeline import FluxFill
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers OPENAI_CLIP_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,31 +20,35 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit import __version__
+from mlx_edit.denoise import (
+    Conditioner,
+    EditJob,
+    Phase,
+    PromptEmbeds,
+    denoise,
+    initial_noise,
+)
 from mlx_edit.control import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
 from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
 from mlx_edit.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.latents import (
     fill_conditioning,
     image_ids,
-    model_input,
     pack_latents,
     pack_mask,
     scale_latents,
-    text_ids,
     token_grid,
     unpack_latents,
     unscale_latents,
 )
 from mlx_edit import masks
 from mlx_edit.models.flux import FluxTransformer
-from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
+from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL
 from mlx_edit.quantize import quantize_t5, quantize_transformer
 from mlx_edit.sampler import (
-    euler_step,
     flux_sigmas,
     load_scheduler_config,
-    model_timesteps,
     noise_latents,
 )
 from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
@@ -63,104 +66,6 @@ OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
 CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
 FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
-
-# A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
-ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
-# A conditioning builder: (canvas pixels (H, W, 3) in [-1, 1], binary model mask (H, W),
-# crop plan) -> (1, N, K) concatenated after the noisy latents (Fill: K 320, control: 64).
-Conditioner = Callable[[np.ndarray, np.ndarray, CropPlan], mx.array]
-
-
-@dataclass
-class PromptEmbeds:
-    """T5 sequence (1, L, joint_dim) and CLIP pooled (1, pooled_dim) for one prompt."""
-
-    txt: mx.array
-    pooled: mx.array
-
-
-@dataclass
-class EditJob:
-    """Everything the denoise loop and the decoder need, prepared before the loop.
-
-    latents: initial packed latents (B, N, 64); conditioning: (1|B, N, K) (Fill 320,
-    Canny/Depth 64);
-    sigmas: float32 (n+1,); geometry: where the canvas maps back into the original.
-    """
-
-    original: Image.Image
-    plan: CropPlan
-    blend: np.ndarray
-    latents: mx.array
-    conditioning: mx.array
-    embeds: PromptEmbeds
-    guidance: float
-    sigmas: np.ndarray
-    seeds: list[int]
-    metadata: dict
-    controls: Sequence[ControlFn] = ()
-    ip: Sequence[IPAdapterKV] = ()
-    stats: dict = field(default_factory=dict)
-
-
-class _Phase:
-    """Times a phase and records MLX's peak memory during it into `stats`."""
-
-    def __init__(self, stats: dict, name: str):
-        self.stats, self.name = stats, name
-
-    def __enter__(self):
-        mx.reset_peak_memory()
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.stats[f"{self.name}_s"] = time.perf_counter() - self.t0
-        self.stats[f"{self.name}_peak_gb"] = mx.get_peak_memory() / 1e9
-
-
-def denoise(
-    transformer: FluxTransformer,
-    latents: mx.array,
-    conditioning: mx.array,
-    img_ids: mx.array,
-    embeds: PromptEmbeds,
-    sigmas: np.ndarray,
-    guidance: float,
-    *,
-    controls: Sequence[ControlFn] = (),
-    ip: Sequence[IPAdapterKV] = (),
-) -> Iterator[tuple[int, mx.array]]:
-    """The one denoise loop: flow-match Euler over the FLUX transformer.
-
-    latents (B, N, 64) packed at sigmas[0]; conditioning (1|B, N, C) concatenated on the
-    channel axis every step (Fill: 320 channels); img_ids (N, 3). Yields (step index,
-    latents at sigmas[i+1]) after each step, evaluated, so the caller can report
-    progress, preview or stop. RoPE and the text batch are built once, not per step.
-    """
-    b = latents.shape[0]
-    txt_ids = text_ids(embeds.txt.shape[1])
-    rope = transformer.rope(img_ids, txt_ids)
-    txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
-    pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
-    g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
-    timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    for i in range(len(sigmas) - 1):
-        t = mx.broadcast_to(timesteps[i], (b,))
-        residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
-        velocity = transformer(
-            model_input(latents, conditioning), img_ids, txt, txt_ids, t, pooled, g,
-            controlnet=residuals, ip=ip, rope=rope,
-        )
-        latents = euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
-        mx.eval(latents)
-        yield i, latents
-
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
-    """Gaussian noise (len(seeds), *shape), image i drawn from seed i alone (reproducible
-    one by one: seed s gives the same image whether run alone or in a batch)."""
-    return mx.stack([mx.random.normal(shape, key=mx.random.key(s)) for s in seeds]).astype(dtype)
-
 
 class FluxFill:
     """FLUX.1 Fill inpainting/outpainting. Build with `FluxFill.from_pretrained`.
@@ -206,7 +111,7 @@ class FluxFill:
         Raises WeightLoadError (missing component, wrong model kind, damaged files).
         """
         stats: dict = {}
-        with _Phase(stats, "load"):
+        with Phase(stats, "load"):
             components = [c for c in COMPONENTS if not (transformer and c == "transformer")]
             root = resolve(repo_or_path, components)
             dtype = dtype or default_dtype()
@@ -326,11 +231,11 @@ class FluxFill:
         if not 0.0 < strength <= 1.0:
             raise InputError(f"strength must be in (0, 1], got {strength}")
         stats: dict = {}
-        with _Phase(stats, "text_encode"):
+        with Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
         ip: list[IPAdapterKV] = []
         if redux or ip_adapters:
-            with _Phase(stats, "image_prompts"):
+            with Phase(stats, "image_prompts"):
                 if redux:
                     embeds = prepare_redux(self, redux, embeds)
                 if ip_adapters:
@@ -345,7 +250,7 @@ class FluxFill:
             )
         width, height = canvas.size
         h_tok, w_tok = token_grid(height, width)
-        with _Phase(stats, "vae_encode"):
+        with Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)
             image_latents = self._encode(pixels) if strength < 1.0 else None
@@ -410,7 +315,7 @@ class FluxFill:
         Each returned image carries its metadata in `.info` (str values).
         """
         w, h = job.plan.model_size
-        with _Phase(job.stats, "vae_decode"):
+        with Phase(job.stats, "vae_decode"):
             images = []
             for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
                 px = self.decode(job.latents[b : b + 1], w, h)

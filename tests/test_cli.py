@@ -136,24 +136,20 @@ def test_prompt_over_the_token_limit(tiny_ckpt, photos, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_path):
+def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_path,
+                                                         monkeypatch):
     """--transformer flux1-fill-dev.safetensors (BFL layout) == the diffusers folder."""
     import mlx_edit.weights.flux as wf
 
     outs = []
     for extra in ([], ["--transformer", tiny_ckpt / "flux1-fill-dev.safetensors"]):
         out = tmp_path / f"o{len(outs)}.png"
-        args = ["inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png", "--mask",
-                photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 2, "--output", out]
         if extra:  # the tiny head_dim (16) needs its RoPE axes: BFL files carry no config
             orig = wf.infer_bfl_config
-            wf.infer_bfl_config = lambda t, axes=None: orig(t, (4, 4, 8))
-            try:
-                r = invoke(*args, *extra)
-            finally:
-                wf.infer_bfl_config = orig
-        else:
-            r = invoke(*args)
+            monkeypatch.setattr(wf, "infer_bfl_config", lambda t, axes=None: orig(t, (4, 4, 8)))
+        r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+                   "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 2,
+                   "--output", out, *extra)
         assert r.exit_code == 0, r.output
         outs.append(np.asarray(Image.open(out)))
     assert np.array_equal(outs[0], outs[1])

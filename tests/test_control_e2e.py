@@ -32,7 +32,8 @@ from mlx_edit.control import (
 from mlx_edit.images import InputError, to_array
 from mlx_edit.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
-from mlx_edit.pipeline import EditJob, FluxFill, denoise
+from mlx_edit.denoise import EditJob, denoise
+from mlx_edit.pipeline import FluxFill
 from mlx_edit.stitch import crop_for_model, outpaint_canvas, plan_crop
 from mlx_edit.weights.controlnet import load_controlnet
 

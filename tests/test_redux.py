@@ -29,7 +29,7 @@ from mlx_edit.image_prompts import (
     siglip_preprocess,
 )
 from mlx_edit.images import InputError
-from mlx_edit.pipeline import PromptEmbeds
+from mlx_edit.denoise import PromptEmbeds
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.vision import load_redux_embedder, load_siglip_vision, resolve_redux
 from conftest import import_script

@@ -136,6 +136,10 @@ def test_prompt_over_the_token_limit(tiny_ckpt, photos, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
+def tiny_axes(infer):
+    return lambda tensors, axes=None: infer(tensors, (4, 4, 8))
+
+
 def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_path,
                                                          monkeypatch):
     """--transformer flux1-fill-dev.safetensors (BFL layout) == the diffusers folder."""
@@ -145,8 +149,7 @@ def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_
     for extra in ([], ["--transformer", tiny_ckpt / "flux1-fill-dev.safetensors"]):
         out = tmp_path / f"o{len(outs)}.png"
         if extra:  # the tiny head_dim (16) needs its RoPE axes: BFL files carry no config
-            orig = wf.infer_bfl_config
-            monkeypatch.setattr(wf, "infer_bfl_config", lambda t, axes=None: orig(t, (4, 4, 8)))
+            monkeypatch.setattr(wf, "infer_bfl_config", tiny_axes(wf.infer_bfl_config))
         r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
                    "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 2,
                    "--output", out, *extra)

@@ -14,10 +14,12 @@ SigLIP in `mlx_edit.models.redux`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_edit.models.config import known_fields
 
 
 def quick_gelu(x: mx.array) -> mx.array:
@@ -66,8 +68,7 @@ class CLIPTextConfig:
         (with a nested `text_config`) is accepted too."""
         if "text_config" in d and isinstance(d["text_config"], dict):
             d = d["text_config"]
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**known_fields(cls, d))
 
 
 class CLIPAttention(nn.Module):
@@ -249,8 +250,7 @@ class CLIPVisionConfig:
         if "vision_config" in d and isinstance(d["vision_config"], dict):
             top = d.get("projection_dim")
             d = {**d["vision_config"], **({"projection_dim": top} if top else {})}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**known_fields(cls, d))
 
     @property
     def num_patches(self) -> int:

@@ -16,12 +16,12 @@ diffusers' interval rule, or XLabs' repeat rule (`repeat`, set for hint-block mo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_edit.models.config import check_rope_axes, known_fields
 from mlx_edit.models.flux import DoubleBlock, FluxConfig, SingleBlock
 from mlx_edit.models.layers import ControlResiduals, MLPEmbedder, rope_table, timestep_embedding
 
@@ -54,14 +54,8 @@ class ControlNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ControlNetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.axes_dims_rope = tuple(cfg.axes_dims_rope)
-        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
-            raise ValueError(
-                f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim "
-                f"{cfg.attention_head_dim}"
-            )
+        cfg = cls(**known_fields(cls, d, drop_none=False))
+        cfg.axes_dims_rope = check_rope_axes(cfg.axes_dims_rope, cfg.attention_head_dim)
         if cfg.conditioning_embedding_channels is not None:
             hint = cfg.conditioning_embedding_channels * cfg.patch_size**2
             if hint != cfg.in_channels:

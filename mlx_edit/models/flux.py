@@ -12,13 +12,13 @@ map diffusers' separate projections into it (mlx_edit/weights/flux.py).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_edit.models.config import check_rope_axes, known_fields
 from mlx_edit.models.layers import (
     ControlResiduals,
     IPAdapterKV,
@@ -52,18 +52,12 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.axes_dims_rope = tuple(cfg.axes_dims_rope)
+        cfg = cls(**known_fields(cls, d, drop_none=False))  # out_channels null = in_channels
+        cfg.axes_dims_rope = check_rope_axes(cfg.axes_dims_rope, cfg.attention_head_dim)
         if cfg.out_channels is None:
             cfg.out_channels = cfg.in_channels
         if cfg.patch_size != 1:
             raise ValueError(f"patch_size {cfg.patch_size} is not supported (FLUX uses 1)")
-        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
-            raise ValueError(
-                f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim "
-                f"{cfg.attention_head_dim}"
-            )
         return cfg
 
     @property

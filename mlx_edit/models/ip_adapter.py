@@ -18,11 +18,12 @@ Several images for one adapter are concatenated along the token axis (diffusers'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_edit.models.config import known_fields
 from mlx_edit.models.layers import IPAdapterKV
 
 
@@ -44,8 +45,7 @@ class IPAdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> IPAdapterConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**known_fields(cls, d))
 
 
 class ImageProjection(nn.Module):

@@ -16,11 +16,12 @@ and BFL `src/flux/modules/image_embedders.py`: redux_down(silu(redux_up(x))), 11
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_edit.models.config import known_fields
 from mlx_edit.models.clip import CLIPEncoder
 
 
@@ -44,8 +45,7 @@ class SiglipVisionConfig:
         (with a nested `vision_config`) is accepted too."""
         if "vision_config" in d and isinstance(d["vision_config"], dict):
             d = d["vision_config"]
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**known_fields(cls, d))
 
     @property
     def grid(self) -> int:
@@ -118,8 +118,7 @@ class ReduxConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ReduxConfig:
         """Build from `image_embedder/config.json`; unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**known_fields(cls, d))
 
 
 class ReduxImageEncoder(nn.Module):

@@ -16,10 +16,12 @@ Our layout: q/k/v are fused into `attn.qkv` (rows q, k, v), the bias table lives
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_edit.models.config import known_fields
 
 # transformers ACT2FN names -> functions with the same numerics
 _ACTIVATIONS = {
@@ -49,8 +51,7 @@ class T5Config:
     @classmethod
     def from_dict(cls, d: dict) -> T5Config:
         """Build from a `config.json` dict; unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**known_fields(cls, d))
 
     @property
     def is_gated_act(self) -> bool:

@@ -12,10 +12,12 @@ applied here: the pipeline computes `(z - shift_factor) * scaling_factor` itself
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_edit.models.config import known_fields
 
 _EPS = 1e-6  # every norm of the diffusers VAE (resnet_eps, conv_norm_out, attention)
 
@@ -45,8 +47,7 @@ class VAEConfig:
         A `shift_factor` of None (SD-style VAEs) becomes 0.0. Raises ValueError for an
         activation other than SiLU or block types other than the plain VAE blocks.
         """
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
+        kw = known_fields(cls, d, drop_none=False)
         if "block_out_channels" in kw:
             kw["block_out_channels"] = tuple(kw["block_out_channels"])
         if kw.get("shift_factor", 0.0) is None:

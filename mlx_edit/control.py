@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from mlx_edit.images import InputError, load_image, to_array
-from mlx_edit.latents import image_ids, pack_latents, scale_latents, token_grid
+from mlx_edit.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import FluxControlNet
 from mlx_edit.stitch import CropPlan, crop_for_model
 
@@ -223,13 +223,6 @@ def _outpaint_inner(job: EditJob) -> tuple[int, int, int, int] | None:
     return (left, top, w - right, h - bottom)
 
 
-def encode_control(pipe: FluxFill, pixels: np.ndarray) -> mx.array:
-    """(H, W, 3) in [-1, 1] -> packed, scaled VAE latents (1, N, 4C) (posterior mode)."""
-    cfg = pipe.vae.config
-    z = pipe.vae.encode_mean(mx.array(pixels)[None].astype(pipe.dtype))
-    return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
-
-
 # ---------------------------------------------------------------- ControlNet hooks
 
 
@@ -311,7 +304,7 @@ def prepare_controls(pipe: FluxFill, job: EditJob,
         if model.config.kind == "xlabs":
             cond = mx.array(pixels)[None].astype(pipe.dtype)
         else:
-            cond = encode_control(pipe, pixels)
+            cond = pipe.encode_image(pixels)
         mx.eval(cond)
         fns.append(make_control_fn(model, cond, mode, spec, job))
     job.stats["control_prepare_s"] = time.perf_counter() - t0
@@ -342,7 +335,7 @@ def bfl_control_conditioning(pipe: FluxFill, control_image, canvas_size: tuple[i
     spec = ControlNetSpec(None, None, control_type, canny_low=canny_low, canny_high=canny_high)
     spec.validate()
     control = align_control(load_image(control_image), canvas_size, plan, spec)
-    cond = encode_control(pipe, to_array(control))
+    cond = pipe.encode_image(to_array(control))
     mx.eval(cond)
     return cond
 

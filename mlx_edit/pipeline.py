@@ -52,6 +52,7 @@ from mlx_edit.sampler import (
     noise_latents,
 )
 from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype
 from mlx_edit.weights.flux import describe_variant, load_transformer
@@ -181,16 +182,19 @@ class FluxFill:
 
     # ------------------------------------------------------------------ preparation
 
-    def _encode(self, pixels: np.ndarray) -> mx.array:
-        """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode)."""
+    def encode_image(self, pixels: np.ndarray) -> mx.array:
+        """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
+
+        Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
+        stay within a few GB."""
         cfg = self.vae.config
-        z = self.vae.encode_mean(mx.array(pixels)[None])
+        z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype))
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
     def _fill_conditioning(self, pixels: np.ndarray, mask: np.ndarray, plan: CropPlan
                            ) -> mx.array:
         """The default Conditioner: Fill's masked-image latents + packed mask (1, N, 320)."""
-        masked = self._encode(pixels * (1.0 - mask[..., None]))
+        masked = self.encode_image(pixels * (1.0 - mask[..., None]))
         return fill_conditioning(masked, pack_mask(mx.array(mask)[None]))
 
     def prepare(
@@ -253,7 +257,7 @@ class FluxFill:
         with Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)
-            image_latents = self._encode(pixels) if strength < 1.0 else None
+            image_latents = self.encode_image(pixels) if strength < 1.0 else None
             mx.eval(conditioning, image_latents)
         channels = 4 * self.vae.config.latent_channels  # packed 2x2 latents: 64
         if channels + conditioning.shape[-1] != self.transformer.config.in_channels:
@@ -305,7 +309,7 @@ class FluxFill:
         cfg = self.vae.config
         z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
                             cfg.shift_factor)
-        return self.vae.decode(z).astype(mx.float32)
+        return decode_auto(self.vae, z).astype(mx.float32)
 
     def finish(self, job: EditJob, paste_back: bool = True) -> list[Image.Image]:
         """Decode the job's latents and map them back into the original image.

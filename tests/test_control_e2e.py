@@ -23,7 +23,6 @@ from mlx_edit.control import (
     ControlNetSpec,
     align_control,
     bfl_control_conditioning,
-    encode_control,
     prepare_controls,
     preprocess,
     step_active,
@@ -210,7 +209,7 @@ def test_fill_controlnet_denoise_matches_diffusers(pipe, nets, photo, tiny_ckpt)
         z = (vae.encode(canny).latent_dist.mode() - vae.config.shift_factor)
         z = z * vae.config.scaling_factor  # (1, 16, 32, 32) -> packed (1, 256, 64)
         z = z.reshape(1, 16, 16, 2, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 256, 64)
-    ours_z = np.array(encode_control(pipe, np.asarray(preprocess(image, "canny"),
+    ours_z = np.array(pipe.encode_image(np.asarray(preprocess(image, "canny"),
                                                       np.float32) / 127.5 - 1))
     # Our VAE encoder is ~6e-4 off diffusers' on binary edge maps (mx.fast.layer_norm's
     # one-pass variance in GroupNorm; 1e-6 for torch float32 vs float64): checked at 1e-3,
@@ -285,7 +284,7 @@ def test_prepare_controls_follows_the_crop_and_the_schedule(pipe, nets, photo):
     t = mx.array([0.5])
     assert [fn(latents, t, i) is not None for i in range(4)] == [False, True, True, False]
     model = load_controlnet(nets["union"], mx.float32)
-    cond = encode_control(pipe, to_array(align_control(big, big.size, plan, spec)))
+    cond = pipe.encode_image(to_array(align_control(big, big.size, plan, spec)))
     emb = job.embeds
     want = model(latents, image_ids(*token_grid(h, w)), emb.txt, t, emb.pooled,
                  mx.array([30.0]), cond=cond, mode=1, scale=0.7)
@@ -317,7 +316,7 @@ def test_bfl_control_conditioning_needs_a_128_channel_transformer(pipe, photo):
         cond = bfl_control_conditioning(pipe, photo, photo.size, plan, "canny")
     finally:
         cfg.in_channels = 384
-    want = encode_control(pipe, np.asarray(preprocess(photo, "canny", canny_low=50),
+    want = pipe.encode_image(np.asarray(preprocess(photo, "canny", canny_low=50),
                                            np.float32) / 127.5 - 1)
     assert cond.shape == (1, 256, 64) and np.array_equal(np.array(cond), np.array(want))
 

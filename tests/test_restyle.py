@@ -27,7 +27,6 @@ from mlx_edit.cli import main
 from mlx_edit.control import (
     ControlNetSpec,
     bfl_conditioner,
-    encode_control,
     prepare_controls,
     preprocess,
 )
@@ -275,7 +274,7 @@ def test_controlnets_are_quantized_with_the_pipeline(ckpt, photo):
     latents = mx.random.normal(job.latents.shape, key=mx.random.key(1))
     t = mx.array([0.6])
     got = fn(latents, t, 0)
-    cond = encode_control(fill, to_array(preprocess(photo, "canny")))
+    cond = fill.encode_image(to_array(preprocess(photo, "canny")))
     ids = image_ids(*token_grid(H, W))
     q8 = cw.load_controlnet(union, mx.float32, quantize=8)
     full = cw.load_controlnet(union, mx.float32)

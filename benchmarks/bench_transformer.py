@@ -55,10 +55,30 @@ sys.path.insert(0, str(common.REPO_ROOT / "scripts"))
 # ---------------------------------------------------------------- proposed variants
 # Each replaces one helper that flux.py calls (looked up at call time), in this process only.
 
-@mx.compile
-def _gelu_sigmoid(x):
+def _gelu_sigmoid_body(x):
     # tanh-GELU rewritten exactly: 0.5 * (1 + tanh(z)) == sigmoid(2z); no pow, one exp.
     return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+
+
+def _gelu_cubed_body(x):
+    # nn.gelu_approx's formula with x * x * x for x**3: MLX's CPU pow is a slow scalar call.
+    return 0.5 * x * (1 + mx.tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x))))
+
+
+_gelu_sigmoid = mx.compile(_gelu_sigmoid_body)
+_gelu_cubed = mx.compile(_gelu_cubed_body)
+# A compiled trace keeps the stream it was traced on: one compiled copy per stream.
+_gelu_per_stream = [mx.compile(_gelu_cubed_body), mx.compile(_gelu_cubed_body)]
+
+
+def _gelu_two_streams(x):
+    # Tokens split over two CPU streams (MLX runs each stream on its own thread).
+    n = x.shape[1] // 2
+    parts = []
+    for i, sl in enumerate((slice(0, n), slice(n, None))):
+        with mx.stream(_STREAMS[i]):
+            parts.append(_gelu_per_stream[i](x[:, sl]))
+    return mx.concatenate(parts, axis=1)
 
 
 def _attention_two_streams(q, k, v):
@@ -76,6 +96,8 @@ def _attention_two_streams(q, k, v):
 _STREAMS = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)] if mx.default_device() == mx.cpu else []
 VARIANTS = {
     "gelu_sigmoid": (nn, "gelu_approx", _gelu_sigmoid),
+    "gelu_cubed": (nn, "gelu_approx", _gelu_cubed),
+    "gelu_two_streams": (nn, "gelu_approx", _gelu_two_streams),
     "rope_compiled": (flux, "apply_rope", mx.compile(flux.apply_rope)),
     "modulate_compiled": (flux, "modulate", mx.compile(flux.modulate)),
     "attention_two_streams": (flux, "attention", _attention_two_streams),
@@ -143,7 +165,7 @@ def parse_args(argv=None):
     ap.add_argument("--double", type=int, default=1, help="double (joint) blocks")
     ap.add_argument("--single", type=int, default=2, help="single blocks")
     ap.add_argument("--compile", action="store_true", help="also time the compiled step")
-    ap.add_argument("--variant", default="", help=f"comma list of {sorted(VARIANTS)}")
+    ap.add_argument("--variant", default="", help=f"comma list of {sorted(VARIANTS)}; ';' separates sets")
     ap.add_argument("--profile", action="store_true", help="time op categories (eager)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -317,8 +339,8 @@ def main(argv=None) -> int:
     runs = {"mlx-edit": runner_ours(ours, inp, args.dtype, compiled=False)}
     if args.compile:
         runs["mlx-edit compiled"] = runner_ours(ours, inp, args.dtype, compiled=True)
-    if args.variant:  # the proposed changes, timed side by side with the code as it is
-        runs[f"mlx-edit +{args.variant}"] = with_variants(runs["mlx-edit"], args.variant)
+    for names in [v for v in args.variant.split(";") if v]:  # proposed changes, side by side
+        runs[f"mlx-edit +{names}"] = with_variants(runs["mlx-edit"], names)
     if "diffusers" in compare:
         runs["diffusers"] = runner_diffusers(ref_model, inp, args.dtype)
     if "mflux" in compare:

@@ -16,10 +16,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit.latents import model_input, text_ids
+from mlx_edit.compiled import make_step, step_dt
+from mlx_edit.latents import text_ids
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
-from mlx_edit.sampler import euler_step, model_timesteps
+from mlx_edit.sampler import model_timesteps
 from mlx_edit.stitch import CropPlan
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
@@ -87,6 +88,7 @@ def denoise(
     *,
     controls: Sequence[ControlFn] = (),
     ip: Sequence[IPAdapterKV] = (),
+    compile: bool | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -94,6 +96,8 @@ def denoise(
     channel axis every step (Fill: 320 channels); img_ids (N, 3). Yields (step index,
     latents at sigmas[i+1]) after each step, evaluated, so the caller can report
     progress, preview or stop. RoPE and the text batch are built once, not per step.
+    compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
+    mlx_edit/compiled.py).
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
@@ -102,14 +106,13 @@ def denoise(
     pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
+    step = make_step(transformer, compile=compile)
     for i in range(len(sigmas) - 1):
         t = mx.broadcast_to(timesteps[i], (b,))
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
-        velocity = transformer(
-            model_input(latents, conditioning), img_ids, txt, txt_ids, t, pooled, g,
-            controlnet=residuals, ip=ip, rope=rope,
-        )
-        latents = euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
+        latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
+                       step_dt(float(sigmas[i]), float(sigmas[i + 1])),
+                       controlnet=residuals, ip=ip)
         mx.eval(latents)
         yield i, latents
 

@@ -6,11 +6,11 @@ allocates nothing until evaluated), quantized by the package policy when asked
 per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory model"):
 
 - transformer: on the CPU backend attention has no fused kernel, so it materialises its
-  scores and their softmax, 2 x B*H*L^2*4 bytes; plus ~ACT_LINEAR_COPIES copies of the
+  scores, B*H*L^2*4 bytes (x ACT_SCORE_COPIES); plus ACT_LINEAR_COPIES copies of the
   widest projection (L x (3*hidden + mlp_hidden)) per image. On Metal/CUDA the fused
   kernel drops the L^2 term.
-- VAE: bytes per pixel of the tile (or of the image when untiled), 2 x (H/8*W/8)^2*4
-  for the mid-block attention scores on the CPU backend, and the float32 output.
+- VAE: `tiling.vae_activation_gb` (bytes per pixel, measured) for the image, or for one
+  tile plus the host accumulators when `tiling.should_tile` says the pass is tiled.
 
 The peak is the largest phase: text encoding, VAE encode, denoising, VAE decode. With
 `low_memory` only the components a phase needs are resident (the pipeline loads them
@@ -34,13 +34,9 @@ from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.quantize import component_bits, model_nbytes, quantize_component
 
 GB = 1e9
-ACT_SCORE_COPIES = 2.0  # scores + softmax(scores), float32, CPU-backend SDPA fallback
-ACT_LINEAR_COPIES = 3.0  # linear1 output, gelu(mlp), [attn | mlp] concat (single block)
-# VAE activation bytes per pixel and per byte of the compute dtype (measured float32 on
-# the CPU backend, where convs go through im2col; Metal: mflux's 3.08 GB peak for a
-# 512x512 bf16 decode [performance-anchors S12], weights taken off).
-VAE_DECODE_BYTES_PER_PX = {"cpu": 10_000.0, "gpu": 5_500.0}
-VAE_ENCODE_BYTES_PER_PX = {"cpu": 6_000.0, "gpu": 3_000.0}
+# Fitted to measured peaks of a wide forward at 512, 1536 and 2560 tokens (within 2%):
+ACT_SCORE_COPIES = 1.2  # the scores (softmax runs in place), float32, CPU SDPA fallback
+ACT_LINEAR_COPIES = 4.3  # widest projection (linear1 out), gelu, concat, residuals
 RUNTIME_GB = 0.6  # Python, MLX, tokenizers, prompt embeddings, small buffers
 TEXT_TOKENS = 512
 PHASES = ("text_encode", "vae_encode", "denoise", "vae_decode")
@@ -90,29 +86,21 @@ def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_si
     if fused_attention is None:
         fused_attention = _backend() == "gpu"
     linear = ACT_LINEAR_COPIES * tokens * (3 * cfg.hidden_size + cfg.mlp_hidden) * dtype_size
-    scores = 0.0 if fused_attention else ACT_SCORE_COPIES * cfg.num_attention_heads * tokens**2 * 4
+    scores = 0.0 if fused_attention else (
+        ACT_SCORE_COPIES * cfg.num_attention_heads * tokens**2 * dtype_size)
     return batch * (linear + scores) / GB
 
 
-def vae_activation_gb(height: int, width: int, dtype_size: int, decode: bool = True,
-                      backend: str | None = None) -> float:
-    """Activations of one untiled VAE pass over a height x width image (GB)."""
-    backend = backend or _backend()
-    per_px = (VAE_DECODE_BYTES_PER_PX if decode else VAE_ENCODE_BYTES_PER_PX)[backend]
-    tokens = (height // 8) * (width // 8)
-    scores = 0.0 if backend == "gpu" else 2 * tokens**2 * 4
-    return (per_px * dtype_size * height * width + scores) / GB
-
-
-def vae_pass_gb(height: int, width: int, dtype_size: int, decode: bool = True) -> float:
-    """VAE activations as `tiling.encode_auto/decode_auto` will run them: one tile's pass
-    plus the float32 host accumulators when tiled, the whole image otherwise."""
-    if not tiling.should_tile(height, width):
-        return vae_activation_gb(height, width, dtype_size, decode)
-    tile = tiling.DEFAULT_TILE
-    channels = 3 if decode else 16 / 64  # latents: 16 channels at 1/64 of the pixels
-    acc = (height * width * channels * 4 + height * width * 8 * (1 if decode else 1 / 64)) / GB
-    return vae_activation_gb(tile, tile, dtype_size, decode) + acc
+def vae_pass_gb(height: int, width: int, dtype_size: int, decode: bool = True,
+                config: VAEConfig | None = None) -> float:
+    """VAE activations (GB) as `tiling.decode_auto` / `encode_auto` run them: the whole
+    image when it fits TILE_BUDGET_GB, else one tile plus the host accumulators (float32
+    output and float64 weights: 20 B per output pixel decoding, 72 B per latent encoding)."""
+    if not tiling.should_tile(height, width, dtype_size, decode=decode, config=config):
+        return tiling.vae_activation_gb(height, width, dtype_size, decode, config=config)
+    tile = tiling.default_tile(dtype_size, decode=decode, config=config)
+    acc = 20 * height * width if decode else 72 * (height // 8) * (width // 8)
+    return tiling.vae_activation_gb(tile, tile, dtype_size, decode, config=config) + acc / GB
 
 
 @dataclass
@@ -153,9 +141,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     act = {
         "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
         + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
-        "vae_encode": vae_pass_gb(height, width, size, decode=False),
+        "vae_encode": vae_pass_gb(height, width, size, decode=False, config=cfgs["vae"]),
         "denoise": transformer_activation_gb(tokens, cfgs["transformer"], num_images, size),
-        "vae_decode": vae_pass_gb(height, width, size, decode=True),
+        "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = w["text_encoder"] + w["text_encoder_2"]
     resident = w["transformer"] + w["vae"]

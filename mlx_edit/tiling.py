@@ -3,16 +3,19 @@
 The image (or latent) is cut into overlapping tiles on a regular grid; each tile goes
 through the VAE on its own and the results are blended with ramps (cosine or linear)
 across each overlap, weights normalised to sum to one. Memory then depends on the tile
-size, not on the image size: a 4096x4096 decode needs about what one 512x512 tile needs.
+size, not on the image size: a 4096x4096 decode needs what one tile needs, plus 20 bytes
+per output pixel of host-side accumulators (float32 image, float64 weights).
 
 Tiles differ from the whole-image pass because GroupNorm statistics and the mid-block
-attention see one tile instead of the whole image; with 512 px tiles and 128 px of
-overlap (25%, diffusers' `tile_overlap_factor`) the result is > 40 dB PSNR from the
-untiled one on the FLUX VAE (tests/test_tiling.py, benchmarks/RESULTS.md).
+attention see one tile instead of the whole image. On the FLUX VAE (random weights) with
+256 px tiles overlapping by 64 px, stationary content (random latents / noise images)
+comes out at 41.1 dB (decode) and 42.3 dB (encode) PSNR from the untiled pass at 512x512;
+a photo's latents come out at 28-30 dB, the per-tile statistics differing more there
+(benchmarks/RESULTS.md; tests/test_tiling.py checks >= 40 dB and the seams).
 Reference: diffusers `AutoencoderKL.tiled_encode` / `tiled_decode`
 (models/autoencoders/autoencoder_kl.py), which blend linearly between neighbours.
-`encode_auto` / `decode_auto` tile only above `TILE_THRESHOLD_PIXELS`, so 1 MP edits
-stay bit-identical to the untiled (diffusers) path.
+`encode_auto` / `decode_auto` tile only when an untiled pass would need more than
+TILE_BUDGET_GB of activations (`should_tile`), with the largest tile that fits it.
 """
 
 from __future__ import annotations
@@ -22,19 +25,57 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit.models.vae import AutoencoderKL
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 
-DEFAULT_TILE = 512  # px: one tile's side (64 latent cells)
-DEFAULT_OVERLAP = 128  # px: minimum overlap between neighbouring tiles
-# Above this many pixels, `*_auto` tiles: an untiled decode of 2048x2048 on the CPU backend
-# peaks near 20 GB of activations (the mid-block attention alone is N^2 * 4 bytes).
-TILE_THRESHOLD_PIXELS = 1536 * 1536
+# VAE activation bytes per pixel, per byte of the compute dtype. CPU: measured float32,
+# linear from 128 to 512 px (untiled 35.1 / 20.3 kB/px decode / encode; inside a tiled
+# pass 38 / 24 kB/px: MLX's CPU convolution goes through im2col, 9x its input). GPU:
+# estimated from mflux's 3.08 GB peak for a 512x512 bf16 decode on Metal
+# (performance-anchors.md [S12]), weights taken off; not measured here.
+DECODE_BYTES_PER_PX = {"cpu": 9_600.0, "gpu": 5_500.0}
+ENCODE_BYTES_PER_PX = {"cpu": 6_200.0, "gpu": 3_400.0}
+TILE_BUDGET_GB = 3.0  # activations of one VAE pass, tiled or not (issue 7: 4096^2 < 3 GB)
+TILE_SIDES = (1024, 768, 512, 384, 256, 192, 128)
 BLENDS = ("cosine", "linear")
 
 
-def should_tile(height: int, width: int, threshold: int = TILE_THRESHOLD_PIXELS) -> bool:
-    """True when an image of height x width px is large enough to go through tiles."""
-    return height * width > threshold
+def _backend() -> str:
+    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+
+def vae_activation_gb(height: int, width: int, dtype_size: int = 4, decode: bool = True,
+                      backend: str | None = None, config: VAEConfig | None = None) -> float:
+    """Estimated activations (GB) of one untiled VAE decode (or encode) of a height x width
+    image: bytes per pixel (measured on the FLUX VAE; other widths scale with their second
+    level's channels, which dominate at full resolution) plus, on the CPU backend, the
+    mid-block attention's materialised scores and softmax, 2 * (H/8 * W/8)^2 * 4 bytes."""
+    backend = backend or _backend()
+    per_px = (DECODE_BYTES_PER_PX if decode else ENCODE_BYTES_PER_PX)[backend] * dtype_size
+    if config is not None:
+        channels = config.block_out_channels
+        per_px *= channels[min(1, len(channels) - 1)] / 256
+    tokens = (height // 8) * (width // 8)
+    scores = 0.0 if backend == "gpu" else 2.0 * tokens**2 * 4
+    return (per_px * height * width + scores) / 1e9
+
+
+def should_tile(height: int, width: int, dtype_size: int = 4,
+                budget_gb: float = TILE_BUDGET_GB, decode: bool = True,
+                config: VAEConfig | None = None) -> bool:
+    """True when an untiled VAE decode (or encode) of height x width px would need more
+    than `budget_gb` of activations (FLUX VAE, CPU backend, float32 decode: above about
+    270x270 px; bf16 on a GPU: above about 520x520 px)."""
+    return vae_activation_gb(height, width, dtype_size, decode, config=config) > budget_gb
+
+
+def default_tile(dtype_size: int = 4, budget_gb: float = TILE_BUDGET_GB,
+                 decode: bool = True, config: VAEConfig | None = None) -> int:
+    """The largest tile side in TILE_SIDES whose pass fits `budget_gb` (FLUX VAE decode:
+    256 px on the CPU backend in float32, 512 px on a GPU in bf16); overlap: a quarter."""
+    for side in TILE_SIDES:
+        if vae_activation_gb(side, side, dtype_size, decode, config=config) <= budget_gb:
+            return side
+    return TILE_SIDES[-1]
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -112,24 +153,32 @@ def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
     return mx.array(acc)
 
 
-def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, blend: str = "cosine") -> mx.array:
+def _tile_args(vae: AutoencoderKL, tile: int | None, overlap: int | None,
+               decode: bool) -> tuple[int, int]:
+    tile = tile or default_tile(vae.dtype.size, decode=decode, config=vae.config)
+    return tile, tile // 4 if overlap is None else overlap
+
+
+def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int | None = None,
+                 overlap: int | None = None, blend: str = "cosine") -> mx.array:
     """Decode unscaled latents (B, h, w, C) to images (B, h*f, w*f, 3) through tiles.
 
-    tile / overlap: in pixels, multiples of the VAE scale factor f (8). Returns float32
-    (the same values as `vae.decode` up to the tile seams; identical when one tile covers
-    the image). Peak MLX memory is about one tile's decode plus the float32 output.
+    tile / overlap: in pixels, multiples of the VAE scale factor f (8); None: `default_tile`
+    and a quarter of it. Returns float32 (`vae.decode`'s values up to the tile seams;
+    identical when one tile covers the image). Peak MLX memory: one tile's decode; the
+    float32 output and the blend weights accumulate on the host (16 B/px).
     Raises ValueError for a bad tile/overlap/blend.
     """
     f = vae.config.scale_factor
+    tile, overlap = _tile_args(vae, tile, overlap, True)
     if tile % f or overlap % f:
         raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {f}")
     return _tiled(vae.decode, latents, tile // f, overlap // f, f, 1,
                   vae.config.out_channels, blend)
 
 
-def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, blend: str = "cosine") -> mx.array:
+def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
+                 overlap: int | None = None, blend: str = "cosine") -> mx.array:
     """Posterior mean (B, H/f, W/f, latent_channels) of images (B, H, W, 3) in [-1, 1],
     encoded through overlapping tiles and blended in latent space. float32.
 
@@ -137,6 +186,7 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int = DEFAULT_TILE,
     the latent grids line up. Raises ValueError otherwise.
     """
     f = vae.config.scale_factor
+    tile, overlap = _tile_args(vae, tile, overlap, False)
     _, h, w, _ = images.shape
     if h % f or w % f or tile % f or overlap % f:
         raise ValueError(
@@ -146,22 +196,22 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int = DEFAULT_TILE,
                   vae.config.latent_channels, blend)
 
 
-def decode_auto(vae: AutoencoderKL, latents: mx.array, tile: int = DEFAULT_TILE,
-                overlap: int = DEFAULT_OVERLAP) -> mx.array:
-    """`vae.decode` for images up to TILE_THRESHOLD_PIXELS, `decode_tiled` above it.
+def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB
+                ) -> mx.array:
+    """`vae.decode`, or `decode_tiled` (largest tile within `budget_gb`) when `should_tile`.
     (B, h, w, C) unscaled latents -> (B, h*f, w*f, 3); the untiled path keeps the VAE dtype."""
-    f = vae.config.scale_factor
-    if should_tile(latents.shape[1] * f, latents.shape[2] * f):
-        return decode_tiled(vae, latents, tile, overlap)
+    f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
+    if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, budget_gb, config=cfg):
+        return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg))
     return vae.decode(latents)
 
 
-def encode_auto(vae: AutoencoderKL, images: mx.array, tile: int = DEFAULT_TILE,
-                overlap: int = DEFAULT_OVERLAP) -> mx.array:
-    """`vae.encode_mean` up to TILE_THRESHOLD_PIXELS (or when H, W are not multiples of
-    f), `encode_tiled` above it. (B, H, W, 3) -> (B, H/f, W/f, latent_channels)."""
-    f = vae.config.scale_factor
+def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BUDGET_GB
+                ) -> mx.array:
+    """`vae.encode_mean`, or `encode_tiled` when `should_tile` (and H, W are multiples of
+    f). (B, H, W, 3) -> (B, H/f, W/f, latent_channels) posterior mean."""
+    f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
     _, h, w, _ = images.shape
-    if should_tile(h, w) and h % f == 0 and w % f == 0:
-        return encode_tiled(vae, images, tile, overlap)
+    if should_tile(h, w, size, budget_gb, False, cfg) and h % f == 0 and w % f == 0:
+        return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg))
     return vae.encode_mean(images)

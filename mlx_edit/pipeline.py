@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
@@ -42,6 +43,7 @@ from mlx_edit.latents import (
     unscale_latents,
 )
 from mlx_edit import masks
+from mlx_edit.memory import MemoryEstimate, check_fits, estimate
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL
@@ -54,7 +56,7 @@ from mlx_edit.sampler import (
 from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
-from mlx_edit.weights.core import default_dtype
+from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import describe_variant, load_transformer
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5
@@ -182,6 +184,17 @@ class FluxFill:
 
     # ------------------------------------------------------------------ preparation
 
+    def memory_estimate(self, width: int, height: int, num_images: int = 1) -> MemoryEstimate:
+        """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
+        with this pipeline's models, dtype and quantization."""
+        bits = next((m.bits for _, m in self.transformer.named_modules()
+                     if isinstance(m, nn.QuantizedLinear)), None)
+        return estimate(
+            width, height, num_images, self.dtype, bits, transformer=self.transformer.config,
+            vae=self.vae.config, clip=read_config(component_dir(self.root, "text_encoder")),
+            t5=read_config(component_dir(self.root, "text_encoder_2")),
+        )
+
     def encode_image(self, pixels: np.ndarray) -> mx.array:
         """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
 
@@ -235,15 +248,6 @@ class FluxFill:
         if not 0.0 < strength <= 1.0:
             raise InputError(f"strength must be in (0, 1], got {strength}")
         stats: dict = {}
-        with Phase(stats, "text_encode"):
-            embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
-        ip: list[IPAdapterKV] = []
-        if redux or ip_adapters:
-            with Phase(stats, "image_prompts"):
-                if redux:
-                    embeds = prepare_redux(self, redux, embeds)
-                if ip_adapters:
-                    ip = prepare_ip_adapters(self, ip_adapters, batch_size=num_images)
         target = MODEL_PIXELS if crop_to_mask is not False else None
         plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
         canvas, mask = crop_for_model(image, model_mask, plan)
@@ -254,6 +258,16 @@ class FluxFill:
             )
         width, height = canvas.size
         h_tok, w_tok = token_grid(height, width)
+        check_fits(self.memory_estimate(width, height, num_images))
+        with Phase(stats, "text_encode"):
+            embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+        ip: list[IPAdapterKV] = []
+        if redux or ip_adapters:
+            with Phase(stats, "image_prompts"):
+                if redux:
+                    embeds = prepare_redux(self, redux, embeds)
+                if ip_adapters:
+                    ip = prepare_ip_adapters(self, ip_adapters, batch_size=num_images)
         with Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)

@@ -156,3 +156,17 @@ def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_
         assert r.exit_code == 0, r.output
         outs.append(np.asarray(Image.open(out)))
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_memory_estimate_refuses_before_any_work(tiny_ckpt, photos, tmp_path, monkeypatch):
+    """An edit whose estimate exceeds the machine's memory is refused with the options
+    that would fit, before the prompt is encoded; nothing is written."""
+    import mlx_edit.memory as memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: int(0.05e9))
+    out = tmp_path / "never.png"
+    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+               "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--output", out)
+    assert r.exit_code == 2, r.output
+    assert "needs about" in r.output and "GB" in r.output
+    assert not out.exists()

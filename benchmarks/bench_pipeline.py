@@ -1,7 +1,7 @@
 """A whole inpaint, phase by phase: seconds and MLX peak memory (GB) per phase.
 
     python benchmarks/bench_pipeline.py --model DIR --size 1024x1024 --steps 2
-        [--dtype float32|bfloat16] [--quantize 4|8] [--vae auto|untiled] [--preset wide]
+        [--dtype float32|bfloat16] [--quantize 4|8] [--preset wide]
 
 DIR: a FLUX.1 Fill folder (e.g. `python scripts/make_tiny_checkpoint.py DIR --preset
 wide`); with --preset and no existing DIR, the fixture is built into DIR first. The edit
@@ -10,9 +10,9 @@ size) without crop-to-mask, so the model canvas is exactly --size. Phases (FluxF
 `load_stats` / `last_stats`, recorded by `denoise.Phase`: the peak is reset at the start
 of each phase and includes the resident weights): load, text encode, VAE encode, each
 denoising step, VAE decode. The memory estimate (mlx_edit.memory) for the same run is
-printed next to it. --vae auto routes the VAE through `tiling.encode_auto/decode_auto`
-(what the pipeline is meant to call; untiled, the CPU backend needs ~35 kB per pixel to
-decode: 37 GB at 1024x1024). Last line: `pipeline <size>: load X s, text Y s, ...`.
+printed next to it (FluxFill checks it before the edit). The pipeline's VAE goes through
+`tiling.encode_auto/decode_auto`: untiled, the CPU backend needs ~35 kB per pixel to
+decode (37 GB at 1024x1024). Last line: `pipeline <size>: load X s, text Y s, ...`.
 """
 
 from __future__ import annotations
@@ -30,26 +30,10 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlx_edit import memory, tiling  # noqa: E402
+from mlx_edit import memory  # noqa: E402
 from mlx_edit.pipeline import FluxFill  # noqa: E402
 
 PHASES = ("load", "text_encode", "vae_encode", "denoise", "vae_decode")
-
-
-class AutoTiledVAE:
-    """The pipeline's VAE with encode_mean/decode through tiling's *_auto functions."""
-
-    def __init__(self, vae):
-        self._vae = vae
-
-    def __getattr__(self, name):
-        return getattr(self._vae, name)
-
-    def encode_mean(self, images):
-        return tiling.encode_auto(self._vae, images)
-
-    def decode(self, latents):
-        return tiling.decode_auto(self._vae, latents)
 
 
 def ensure_model(path: Path, preset: str | None) -> Path:
@@ -88,7 +72,6 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"))
     ap.add_argument("--quantize", type=int, choices=(4, 8))
-    ap.add_argument("--vae", choices=("auto", "untiled"), default="auto")
     ap.add_argument("--prompt", default="a red helmet")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -97,8 +80,6 @@ def main(argv=None) -> int:
     dtype = getattr(mx, args.dtype) if args.dtype else None
 
     pipe = FluxFill.from_pretrained(root, dtype=dtype, quantize=args.quantize)
-    if args.vae == "auto":
-        pipe.vae = AutoTiledVAE(pipe.vae)
     image, mask = inputs(width, height)
     step_times, last = [], [time.perf_counter()]
 
@@ -133,7 +114,7 @@ def main(argv=None) -> int:
     print("memory estimate (mlx_edit.memory) for this run:")
     print(memory.summary(est))
     print(f"process peak RSS: {common.process_rss_gb():.2f} GB")
-    print(f"pipeline {width}x{height} ({str(dt).split('.')[-1]}, vae {args.vae}): load "
+    print(f"pipeline {width}x{height} ({str(dt).split('.')[-1]}): load "
           f"{stats['load_s']:.1f} s, text {stats['text_encode_s']:.1f} s, VAE encode "
           f"{stats['vae_encode_s']:.1f} s, step {stats['step_s']:.1f} s, VAE decode "
           f"{stats['vae_decode_s']:.1f} s; peak {max(stats[f'{p}_peak_gb'] for p in PHASES):.2f}"

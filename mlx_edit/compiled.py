@@ -4,7 +4,9 @@
 function, wrapped in `mx.compile` unless `compile=False`. Compilation traces the graph once
 per input shape and fuses elementwise chains (modulation, gating, RoPE, the Euler update)
 into single kernels; the result equals the uncompiled step up to float rounding
-(tests/test_compile.py). Measured effect: benchmarks/RESULTS.md ("compiled step").
+(tests/test_compile.py). Measured on the CPU backend (benchmarks/RESULTS.md): 5.6%
+slower than eager (MLX's generated CPU kernels are no faster than its built-in ones), so
+it is on by default only on a GPU; not yet measured on Metal/CUDA.
 
 Everything that changes from step to step is an array argument (latents, timestep, dt,
 ControlNet residuals), so the trace is reused for every step of a run; the transformer's

@@ -93,10 +93,11 @@ def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_si
 
 def vae_pass_gb(height: int, width: int, dtype_size: int, decode: bool = True,
                 config: VAEConfig | None = None) -> float:
-    """VAE activations (GB) as `tiling.decode_auto` / `encode_auto` run them: the whole
-    image when it fits TILE_BUDGET_GB, else one tile plus the host accumulators (float32
-    output and float64 weights: 20 B per output pixel decoding, 72 B per latent encoding)."""
-    if not tiling.should_tile(height, width, dtype_size, decode=decode, config=config):
+    """VAE activations (GB) as the pipeline runs them (`tiling.decode_auto` / `encode_auto`
+    with `tile_threshold_gb()`): the whole image when it fits the threshold, else one tile
+    plus the host accumulators (float32 output and float64 weights: 20 B per output pixel
+    decoding, 72 B per latent encoding)."""
+    if not tiling.should_tile(height, width, dtype_size, tile_threshold_gb(), decode, config):
         return tiling.vae_activation_gb(height, width, dtype_size, decode, config=config)
     tile = tiling.default_tile(dtype_size, decode=decode, config=config)
     acc = 20 * height * width if decode else 72 * (height // 8) * (width // 8)
@@ -159,6 +160,13 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in PHASES)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs)
     return out
+
+
+def tile_threshold_gb() -> float:
+    """Untiled VAE passes above this many GB of activations are tiled: 40% of the machine's
+    memory (tiles cost quality: per-tile GroupNorm statistics and mid-block attention,
+    benchmarks/RESULTS.md), never below tiling.TILE_BUDGET_GB."""
+    return max(tiling.TILE_BUDGET_GB, 0.4 * available_memory() / GB)
 
 
 def available_memory() -> int:

@@ -43,7 +43,7 @@ from mlx_edit.latents import (
     unscale_latents,
 )
 from mlx_edit import masks
-from mlx_edit.memory import MemoryEstimate, check_fits, estimate
+from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL
@@ -89,6 +89,7 @@ class FluxFill:
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
         self.quantize: int | None = None  # bits for T5 when it is loaded for a prompt
+        self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
 
@@ -201,7 +202,8 @@ class FluxFill:
         Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
         stay within a few GB."""
         cfg = self.vae.config
-        z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype))
+        z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
+                        threshold_gb=self.tile_threshold_gb)
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
     def _fill_conditioning(self, pixels: np.ndarray, mask: np.ndarray, plan: CropPlan
@@ -323,7 +325,7 @@ class FluxFill:
         cfg = self.vae.config
         z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
                             cfg.shift_factor)
-        return decode_auto(self.vae, z).astype(mx.float32)
+        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
 
     def finish(self, job: EditJob, paste_back: bool = True) -> list[Image.Image]:
         """Decode the job's latents and map them back into the original image.

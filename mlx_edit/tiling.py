@@ -196,22 +196,26 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
                   vae.config.latent_channels, blend)
 
 
-def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB
-                ) -> mx.array:
-    """`vae.decode`, or `decode_tiled` (largest tile within `budget_gb`) when `should_tile`.
+def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB,
+                threshold_gb: float | None = None) -> mx.array:
+    """`vae.decode`, or `decode_tiled` (largest tile within `budget_gb`) when the untiled
+    pass would need more than `threshold_gb` (None: `budget_gb`) of activations.
     (B, h, w, C) unscaled latents -> (B, h*f, w*f, 3); the untiled path keeps the VAE dtype."""
     f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
-    if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, budget_gb, config=cfg):
+    limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
+    if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, limit, config=cfg):
         return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg))
     return vae.decode(latents)
 
 
-def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BUDGET_GB
-                ) -> mx.array:
-    """`vae.encode_mean`, or `encode_tiled` when `should_tile` (and H, W are multiples of
-    f). (B, H, W, 3) -> (B, H/f, W/f, latent_channels) posterior mean."""
+def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BUDGET_GB,
+                threshold_gb: float | None = None) -> mx.array:
+    """`vae.encode_mean`, or `encode_tiled` when the untiled pass would need more than
+    `threshold_gb` (None: `budget_gb`) and H, W are multiples of f.
+    (B, H, W, 3) -> (B, H/f, W/f, latent_channels) posterior mean."""
     f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
     _, h, w, _ = images.shape
-    if should_tile(h, w, size, budget_gb, False, cfg) and h % f == 0 and w % f == 0:
+    limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
+    if should_tile(h, w, size, limit, False, cfg) and h % f == 0 and w % f == 0:
         return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg))
     return vae.encode_mean(images)

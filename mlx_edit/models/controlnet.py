@@ -22,8 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import check_rope_axes, known_fields
-from mlx_edit.models.flux import DoubleBlock, FluxConfig, SingleBlock
-from mlx_edit.models.layers import ControlResiduals, MLPEmbedder, rope_table, timestep_embedding
+from mlx_edit.models.flux import DoubleBlock, FluxConfig, SingleBlock, embed_conditioning
+from mlx_edit.models.layers import ControlResiduals, MLPEmbedder, rope_table
 
 HINT_CHANNELS = (16, 16, 16, 16)  # diffusers' XLabs hint block (x-flux input_hint_block)
 
@@ -166,17 +166,6 @@ class FluxControlNet(nn.Module):
             cond = patchify(self.input_hint_block(cond), self.config.patch_size)
         return self.controlnet_x_embedder(cond)
 
-    def _vec(self, timestep, pooled, guidance):
-        dtype = self.img_in.weight.dtype
-        t = (timestep.astype(dtype) * 1000).astype(mx.float32)
-        vec = self.time_in(timestep_embedding(t).astype(dtype))
-        if self.config.guidance_embeds:
-            if guidance is None:
-                raise ValueError("this ControlNet embeds guidance: pass guidance (B,)")
-            g = (guidance.astype(dtype) * 1000).astype(mx.float32)
-            vec = vec + self.guidance_in(timestep_embedding(g).astype(dtype))
-        return vec + self.vector_in(pooled.astype(dtype))
-
     def __call__(
         self,
         img: mx.array,
@@ -219,7 +208,7 @@ class FluxControlNet(nn.Module):
             if cond is None:
                 raise ValueError("pass the control input: cond or control")
             control = self.embed_control(cond)
-        vec = self._vec(timestep, pooled, guidance)
+        vec = embed_conditioning(self, timestep, pooled, guidance)
         x = self.img_in(img.astype(dtype)) + control
         ctx = self.txt_in(txt.astype(dtype))
         if cfg.num_mode:

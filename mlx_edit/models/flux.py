@@ -179,6 +179,25 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(x, shift, scale))
 
 
+def embed_conditioning(model: nn.Module, timestep, pooled, guidance=None) -> mx.array:
+    """Time + guidance + pooled-text embeddings of a FLUX transformer or ControlNet
+    (`img_in`, `time_in`, `vector_in`, optional `guidance_in`), (B, hidden).
+
+    `timestep` (B,) is sigma in [0, 1] and `guidance` (B,) the raw guidance scale; both
+    are multiplied by 1000 after a cast to the model dtype, as diffusers does.
+    Raises ValueError when the model embeds guidance and none is given.
+    """
+    dtype = model.img_in.weight.dtype
+    t = (timestep.astype(dtype) * 1000).astype(mx.float32)
+    vec = model.time_in(timestep_embedding(t).astype(dtype))
+    if model.config.guidance_embeds:
+        if guidance is None:
+            raise ValueError("this FLUX model embeds guidance: pass guidance (B,)")
+        g = (guidance.astype(dtype) * 1000).astype(mx.float32)
+        vec = vec + model.guidance_in(timestep_embedding(g).astype(dtype))
+    return vec + model.vector_in(pooled.astype(dtype))
+
+
 class FluxTransformer(nn.Module):
     """FLUX.1 MM-DiT. See `__call__` for shapes."""
 
@@ -197,20 +216,8 @@ class FluxTransformer(nn.Module):
         self.final_layer = FinalLayer(h, cfg.out_channels)
 
     def embed_conditioning(self, timestep, pooled, guidance=None) -> mx.array:
-        """The modulation vector: time + guidance + pooled-text embeddings, (B, hidden).
-
-        `timestep` (B,) is sigma in [0, 1] and `guidance` (B,) the raw guidance scale;
-        both are multiplied by 1000 (diffusers casts them to the model dtype first).
-        """
-        dtype = self.img_in.weight.dtype
-        t = (timestep.astype(dtype) * 1000).astype(mx.float32)
-        vec = self.time_in(timestep_embedding(t).astype(dtype))
-        if self.config.guidance_embeds:
-            if guidance is None:
-                raise ValueError("this FLUX model embeds guidance: pass guidance (B,)")
-            g = (guidance.astype(dtype) * 1000).astype(mx.float32)
-            vec = vec + self.guidance_in(timestep_embedding(g).astype(dtype))
-        return vec + self.vector_in(pooled.astype(dtype))
+        """The modulation vector (B, hidden); see `embed_conditioning`."""
+        return embed_conditioning(self, timestep, pooled, guidance)
 
     def rope(self, img_ids: mx.array, txt_ids: mx.array) -> mx.array:
         """RoPE table for [text, image] tokens, (L + N, head_dim/2, 2) float32."""

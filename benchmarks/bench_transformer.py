@@ -2,7 +2,7 @@
 
     python benchmarks/bench_transformer.py --preset wide --image-tokens 1024 --text-tokens 512 \
         [--dtype float32|bfloat16] [--quantize 4|8] [--compare diffusers,mflux] \
-        [--double 1 --single 2] [--compile] [--variant gelu_sigmoid,...] [--profile]
+        [--double 1 --single 2] [--compile] [--variant one_stream,gelu_approx] [--profile]
 
 Weights: diffusers' FluxTransformer2DModel built from the preset's config under
 torch.manual_seed (scripts/make_tiny_checkpoint.py), loaded into ours through our strict
@@ -21,8 +21,9 @@ next to mlx[cpu]:
 random init (timing does not depend on the values); absent, the script prints
 "mflux: not installed" and Y = n/a.
 
---variant applies proposed changes to flux.py's helpers on a copy (monkeypatched in this
-process only) so their effect can be measured before touching the model code.
+--variant times extra rows with model helpers swapped (monkeypatched in this process only):
+proposed changes before they touch the model code, or the code as it was before a change
+(`one_stream,gelu_approx` = attention and GELU before the CPU-stream split).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from mlx_edit.compiled import make_step, step_dt  # noqa: E402
 from mlx_edit.latents import image_ids, text_ids  # noqa: E402
-from mlx_edit.models import flux  # noqa: E402
+from mlx_edit.models import flux, layers  # noqa: E402
 from mlx_edit.models.flux import FluxConfig, FluxTransformer  # noqa: E402
 from mlx_edit.weights.core import load_into  # noqa: E402
 from mlx_edit.weights.flux import DIFFUSERS_RULES  # noqa: E402
@@ -52,55 +53,15 @@ from mlx_edit.weights.flux import DIFFUSERS_RULES  # noqa: E402
 sys.path.insert(0, str(common.REPO_ROOT / "scripts"))
 
 
-# ---------------------------------------------------------------- proposed variants
-# Each replaces one helper that flux.py calls (looked up at call time), in this process only.
+# ---------------------------------------------------------------- variants
+# Each replaces one helper that the model calls (looked up at call time), in this process
+# only: proposed changes to measure side by side, or the code as it was before a change.
 
-def _gelu_sigmoid_body(x):
-    # tanh-GELU rewritten exactly: 0.5 * (1 + tanh(z)) == sigmoid(2z); no pow, one exp.
-    return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
-
-
-def _gelu_cubed_body(x):
-    # nn.gelu_approx's formula with x * x * x for x**3: MLX's CPU pow is a slow scalar call.
-    return 0.5 * x * (1 + mx.tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x))))
-
-
-_gelu_sigmoid = mx.compile(_gelu_sigmoid_body)
-_gelu_cubed = mx.compile(_gelu_cubed_body)
-# A compiled trace keeps the stream it was traced on: one compiled copy per stream.
-_gelu_per_stream = [mx.compile(_gelu_cubed_body), mx.compile(_gelu_cubed_body)]
-
-
-def _gelu_two_streams(x):
-    # Tokens split over two CPU streams (MLX runs each stream on its own thread).
-    n = x.shape[1] // 2
-    parts = []
-    for i, sl in enumerate((slice(0, n), slice(n, None))):
-        with mx.stream(_STREAMS[i]):
-            parts.append(_gelu_per_stream[i](x[:, sl]))
-    return mx.concatenate(parts, axis=1)
-
-
-def _attention_two_streams(q, k, v):
-    # Heads split over two CPU streams: MLX runs each stream's (single-threaded)
-    # elementwise work, softmax included, on its own thread.
-    b, heads, n, d = q.shape
-    parts = []
-    for s, st in ((slice(0, heads // 2), _STREAMS[0]), (slice(heads // 2, None), _STREAMS[1])):
-        o = mx.fast.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], scale=d**-0.5,
-                                                 stream=st)
-        parts.append(o.transpose(0, 2, 1, 3).reshape(b, n, -1))
-    return mx.concatenate(parts, axis=-1)
-
-
-_STREAMS = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)] if mx.default_device() == mx.cpu else []
 VARIANTS = {
-    "gelu_sigmoid": (nn, "gelu_approx", _gelu_sigmoid),
-    "gelu_cubed": (nn, "gelu_approx", _gelu_cubed),
-    "gelu_two_streams": (nn, "gelu_approx", _gelu_two_streams),
-    "rope_compiled": (flux, "apply_rope", mx.compile(flux.apply_rope)),
-    "modulate_compiled": (flux, "modulate", mx.compile(flux.modulate)),
-    "attention_two_streams": (flux, "attention", _attention_two_streams),
+    # before the CPU-stream split (attention/GELU on one stream, as up to commit 92c8058)
+    "one_stream": (layers, "cpu_streams", lambda: []),
+    # before gelu_tanh: MLX's nn.gelu_approx (tanh and pow, one stream)
+    "gelu_approx": (flux, "gelu_tanh", nn.gelu_approx),
 }
 
 
@@ -138,7 +99,7 @@ def profile(run) -> str:
     hooks = [(nn.Linear, "__call__", "linear"), (nn.QuantizedLinear, "__call__", "linear"),
              (nn.RMSNorm, "__call__", "qk rms_norm"), (flux, "attention", "attention"),
              (flux, "apply_rope", "rope"), (flux, "modulate", "layer_norm+modulate"),
-             (nn, "gelu_approx", "gelu")]
+             (flux, "gelu_tanh", "gelu")]
     saved = [(o, a, getattr(o, a)) for o, a, _ in hooks]
     for o, a, cat in hooks:
         setattr(o, a, timed(cat, getattr(o, a)))

@@ -29,6 +29,7 @@ from PIL import Image, ImageFilter
 from mlx_edit.images import InputError, load_image, to_array
 from mlx_edit.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import FluxControlNet
+from mlx_edit.resident import model_config
 from mlx_edit.stitch import CropPlan, crop_for_model
 
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
@@ -227,7 +228,7 @@ def _outpaint_inner(job: EditJob) -> tuple[int, int, int, int] | None:
 
 
 def _check_compatible(model: FluxControlNet, pipe: FluxFill, spec: ControlNetSpec) -> None:
-    t, c = pipe.transformer.config, model.config
+    t, c = model_config(pipe, "transformer"), model.config
     for what, ours, theirs in (("hidden size", c.hidden_size, t.hidden_size),
                                ("text width", c.joint_attention_dim, t.joint_attention_dim),
                                ("pooled width", c.pooled_projection_dim,
@@ -235,7 +236,7 @@ def _check_compatible(model: FluxControlNet, pipe: FluxFill, spec: ControlNetSpe
         if ours != theirs:
             raise InputError(f"ControlNet {spec.label} has {what} {ours} but the FLUX "
                              f"transformer has {theirs}: it was made for another base model")
-    latent = 4 * pipe.vae.config.latent_channels
+    latent = 4 * model_config(pipe, "vae").latent_channels
     if c.kind != "xlabs" and c.in_channels != latent:
         raise InputError(f"ControlNet {spec.label} takes {c.in_channels} input channels, "
                          f"not the VAE's packed {latent}")
@@ -328,7 +329,7 @@ def bfl_control_conditioning(pipe: FluxFill, control_image, canvas_size: tuple[i
     by the loop (BFL sampling.py prepare_control; diffusers FluxControlPipeline).
     Raises InputError when the transformer is not a 128-channel control model.
     """
-    in_ch = pipe.transformer.config.in_channels
+    in_ch = model_config(pipe, "transformer").in_channels
     if in_ch != 128:
         raise InputError(f"the transformer takes {in_ch} input channels; BFL Canny/Depth "
                          "control models take 128 (FLUX.1-Canny-dev / FLUX.1-Depth-dev)")

@@ -29,6 +29,7 @@ from PIL import Image
 
 from mlx_edit.images import InputError, load_image
 from mlx_edit.models.layers import IPAdapterKV
+from mlx_edit.resident import model_config
 
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
     from mlx_edit.models.clip import CLIPVisionModel
@@ -153,8 +154,8 @@ def _free() -> None:
 
 
 def _check_ip_compatible(adapter, pipe: FluxFill, spec: IPAdapterSpec, embed_dim: int) -> None:
-    a, t = adapter.config, pipe.transformer.config
-    want = (t.hidden_size, t.joint_attention_dim, len(pipe.transformer.double_blocks))
+    a, t = adapter.config, model_config(pipe, "transformer")
+    want = (t.hidden_size, t.joint_attention_dim, t.num_layers)
     have = (a.hidden_size, a.cross_attention_dim, a.num_layers)
     if have != want:
         raise InputError(
@@ -193,7 +194,7 @@ def prepare_ip_adapters(pipe: FluxFill, specs: Sequence[IPAdapterSpec],
         del clip
         _free()
     out: list[IPAdapterKV | None] = [None] * len(specs)
-    heads = pipe.transformer.config.num_attention_heads
+    heads = model_config(pipe, "transformer").num_attention_heads
     for adapter_path in dict.fromkeys(p[0] for p in paths):
         adapter = load_ip_adapter(adapter_path, pipe.dtype)
         for i, spec in enumerate(specs):
@@ -261,7 +262,7 @@ def redux_tokens(pipe: FluxFill, specs: Sequence[ReduxSpec]) -> list[mx.array]:
         del siglip
         _free()
     tokens: list[mx.array | None] = [None] * len(specs)
-    width = pipe.transformer.config.joint_attention_dim
+    width = model_config(pipe, "transformer").joint_attention_dim
     for embedder_path in dict.fromkeys(p[0] for p in paths):
         embedder = load_redux_embedder(embedder_path, pipe.dtype)
         c = embedder.config

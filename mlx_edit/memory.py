@@ -12,9 +12,13 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
 - VAE: `tiling.vae_activation_gb` (bytes per pixel, measured) for the image, or for one
   tile plus the host accumulators when `tiling.should_tile` says the pass is tiled.
 
-The peak is the largest phase: text encoding, VAE encode, denoising, VAE decode. With
-`low_memory` only the components a phase needs are resident (the pipeline loads them
-one at a time).
+The peak is the largest phase: text encoding, VAE encode, denoising, VAE decode. The
+text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
+transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
+mlx_edit.resident) only the phase's own model is resident: CLIP or T5, the VAE, the
+transformer, the VAE. Quantized components count at their quantized size in both modes,
+as the loaders quantize layer by layer (weights/core.py `load_into`). ControlNets and
+image-prompt models are not counted.
 """
 
 from __future__ import annotations
@@ -146,12 +150,12 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
         "denoise": transformer_activation_gb(tokens, cfgs["transformer"], num_images, size),
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
-    text_w = w["text_encoder"] + w["text_encoder_2"]
+    text_w = max(w["text_encoder"], w["text_encoder_2"])  # CLIP is freed before T5 loads
     resident = w["transformer"] + w["vae"]
     normal = {"text_encode": resident + text_w, "vae_encode": resident,
               "denoise": resident, "vae_decode": resident}
-    low = {"text_encode": max(w["text_encoder"], w["text_encoder_2"]),
-           "vae_encode": w["vae"], "denoise": w["transformer"], "vae_decode": w["vae"]}
+    low = {"text_encode": text_w, "vae_encode": w["vae"], "denoise": w["transformer"],
+           "vae_decode": w["vae"]}
     out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
     out.update({f"activations_{k}": v for k, v in act.items()})
     for p in PHASES:

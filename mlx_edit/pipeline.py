@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
@@ -44,10 +44,10 @@ from mlx_edit.latents import (
 )
 from mlx_edit import masks
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
-from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
-from mlx_edit.models.vae import AutoencoderKL
-from mlx_edit.quantize import quantize_t5, quantize_transformer
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.resident import Components, limit_cache
 from mlx_edit.sampler import (
     flux_sigmas,
     load_scheduler_config,
@@ -57,10 +57,10 @@ from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
-from mlx_edit.weights.flux import describe_variant, load_transformer
+from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5
-from mlx_edit.weights.vae import load_vae
+from mlx_edit.weights.vae import load_vae, read_vae_config
 
 DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
 DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
@@ -73,22 +73,34 @@ FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/D
 class FluxFill:
     """FLUX.1 Fill inpainting/outpainting. Build with `FluxFill.from_pretrained`.
 
-    The transformer and VAE stay loaded; the text encoders are loaded for each new
-    prompt and freed right after encoding (prompt embeddings are cached), so they never
-    sit in memory during denoising.
+    The text encoders are loaded for each new prompt and freed right after encoding
+    (prompt embeddings are cached), so they never sit in memory during denoising. The
+    transformer and VAE (`components`) stay loaded, or with `low_memory` are loaded for
+    the phase that needs them and freed after it (mlx_edit.resident).
     """
 
-    def __init__(self, root: Path, transformer: FluxTransformer, vae: AutoencoderKL,
-                 dtype: mx.Dtype, source: str):
-        self.root, self.transformer, self.vae = root, transformer, vae
-        self.dtype, self.source = dtype, source
+    def __init__(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path, *,
+                 quantize: int | None = None, low_memory: bool = False):
+        """Use `from_pretrained`. transformer: the transformer's folder or BFL file. Reads
+        configs and tokenizers only; the models load through `components`."""
+        self.root, self.dtype, self.source = root, dtype, source
+        self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
+        self.low_memory = low_memory
+        kinds, vae_dir = (FILL_IN, CONTROL_IN), component_dir(root, "vae")
+        # Configs come from config.json / tensor headers: no weights needed to plan an edit.
+        t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
+        self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
+        self.components = Components(
+            {"transformer": partial(load_transformer, transformer, dtype,
+                                    expect_in_channels=kinds, quantize=quantize),
+             "vae": partial(load_vae, vae_dir, dtype)},
+            {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
         self.scheduler_config = load_scheduler_config(component_dir(root, "scheduler"))
         self.clip_tokenizer = ClipTokenizer.from_folder(component_dir(root, "tokenizer"))
         self.t5_tokenizer = T5Tokenizer.from_folder(component_dir(root, "tokenizer_2"))
         for name in ("text_encoder", "text_encoder_2"):
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
-        self.quantize: int | None = None  # bits for T5 when it is loaded for a prompt
         self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
@@ -101,6 +113,7 @@ class FluxFill:
         quantize: int | None = None,
         *,
         transformer: str | Path | None = None,
+        low_memory: bool = False,
     ) -> FluxFill:
         """Load from a Hugging Face repo id (downloads only the needed components), a
         local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
@@ -108,33 +121,62 @@ class FluxFill:
         The transformer is FLUX.1 Fill (inpaint, outpaint) or FLUX.1 Canny/Depth-dev
         (restyle); see `variant`.
         dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
-        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.quantize).
+        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.quantize),
+        layer by layer as they load (full precision is never resident as a whole).
         transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
         not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
         not downloaded).
-        Raises WeightLoadError (missing component, wrong model kind, damaged files).
+        low_memory: load nothing now; each edit loads the VAE for encoding, then the
+        transformer for denoising, then the VAE again for decoding, freeing each after
+        its phase, so only one model is resident at a time (peak: memory.estimate's
+        `peak_low_memory`; cost: the weights are read again for every edit). It also caps
+        MLX's buffer cache for the whole process (`mlx_edit.resident.limit_cache`,
+        256 MB; not restored).
+        Raises WeightLoadError (missing component, wrong model kind, damaged files; with
+        low_memory damaged tensors are found when the edit first loads them).
         """
         stats: dict = {}
         with Phase(stats, "load"):
             components = [c for c in COMPONENTS if not (transformer and c == "transformer")]
             root = resolve(repo_or_path, components)
-            dtype = dtype or default_dtype()
-            transformer = load_transformer(
-                transformer or component_dir(root, "transformer"), dtype,
-                expect_in_channels=(FILL_IN, CONTROL_IN),
-            )
-            if quantize:
-                quantize_transformer(transformer, bits=quantize)
-            vae = load_vae(component_dir(root, "vae"), dtype)
-            pipe = cls(root, transformer, vae, dtype, str(repo_or_path))
-            pipe.quantize = quantize
+            pipe = cls(root, dtype or default_dtype(), str(repo_or_path),
+                       Path(transformer or component_dir(root, "transformer")),
+                       quantize=quantize, low_memory=low_memory)
+            if low_memory:
+                limit_cache()
+            else:  # load both now; they stay
+                for name in ("transformer", "vae"):
+                    pipe.components.get(name)
         pipe.load_stats = stats
         return pipe
 
     @property
+    def transformer(self) -> FluxTransformer:
+        """The FLUX transformer, loaded if not resident (with low_memory it is freed when
+        the phase using it ends or the next edit starts; `transformer_config` needs no
+        weights)."""
+        return self.components.get("transformer")
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        """The VAE, loaded if not resident (freed like `transformer`; `vae_config` needs no
+        weights)."""
+        return self.components.get("vae")
+
+    @property
+    def transformer_config(self) -> FluxConfig:
+        """The transformer's config, known without loading its weights."""
+        return self.components.config("transformer")
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        """The VAE's config, known without loading its weights."""
+        return self.components.config("vae")
+
+    @property
     def variant(self) -> str:
         """'fill' (FLUX.1 Fill, in_channels 384) or 'control' (FLUX.1 Canny/Depth-dev, 128)."""
-        return "control" if self.transformer.config.in_channels == CONTROL_IN else "fill"
+        return "control" if self.transformer_config.in_channels == CONTROL_IN else "fill"
 
     def _require(self, variant: str, edit: str) -> None:
         """InputError unless the loaded transformer is `variant` (before any work)."""
@@ -142,7 +184,7 @@ class FluxFill:
             need = {"fill": "a FLUX.1 Fill model (black-forest-labs/FLUX.1-Fill-dev)",
                     "control": "a FLUX.1 Canny or Depth control model "
                                "(black-forest-labs/FLUX.1-Canny-dev or FLUX.1-Depth-dev)"}
-            found = describe_variant(self.transformer.config)
+            found = describe_variant(self.transformer_config)
             raise InputError(f"{edit} needs {need[variant]}; {self.source} is {found}")
 
     # ------------------------------------------------------------------ text
@@ -169,12 +211,11 @@ class FluxFill:
                 "shorten it (or raise --max-sequence-length, at most 512)"
             )
         clip = load_clip_text(component_dir(self.root, "text_encoder"), self.dtype)
-        _, pooled = clip(mx.array(self.clip_tokenizer(prompt)))
+        pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
         mx.eval(pooled)
         del clip
-        t5 = load_t5(component_dir(self.root, "text_encoder_2"), self.dtype)
-        if self.quantize:
-            quantize_t5(t5, self.quantize)
+        mx.clear_cache()
+        t5 = load_t5(component_dir(self.root, "text_encoder_2"), self.dtype, self.quantize)
         txt = t5(mx.array(self.t5_tokenizer(t5_prompt, max_length=max_sequence_length)))
         mx.eval(txt)
         del t5
@@ -188,11 +229,10 @@ class FluxFill:
     def memory_estimate(self, width: int, height: int, num_images: int = 1) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
         with this pipeline's models, dtype and quantization."""
-        bits = next((m.bits for _, m in self.transformer.named_modules()
-                     if isinstance(m, nn.QuantizedLinear)), None)
         return estimate(
-            width, height, num_images, self.dtype, bits, transformer=self.transformer.config,
-            vae=self.vae.config, clip=read_config(component_dir(self.root, "text_encoder")),
+            width, height, num_images, self.dtype, self.transformer_bits,
+            transformer=self.transformer_config, vae=self.vae_config,
+            clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
         )
 
@@ -260,7 +300,8 @@ class FluxFill:
             )
         width, height = canvas.size
         h_tok, w_tok = token_grid(height, width)
-        check_fits(self.memory_estimate(width, height, num_images))
+        check_fits(self.memory_estimate(width, height, num_images), low_memory=self.low_memory)
+        self.components.release()  # low_memory: nothing but the text encoders while encoding
         with Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
         ip: list[IPAdapterKV] = []
@@ -270,17 +311,17 @@ class FluxFill:
                     embeds = prepare_redux(self, redux, embeds)
                 if ip_adapters:
                     ip = prepare_ip_adapters(self, ip_adapters, batch_size=num_images)
-        with Phase(stats, "vae_encode"):
+        with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)
             image_latents = self.encode_image(pixels) if strength < 1.0 else None
             mx.eval(conditioning, image_latents)
-        channels = 4 * self.vae.config.latent_channels  # packed 2x2 latents: 64
-        if channels + conditioning.shape[-1] != self.transformer.config.in_channels:
+        channels = 4 * self.vae_config.latent_channels  # packed 2x2 latents: 64
+        if channels + conditioning.shape[-1] != self.transformer_config.in_channels:
             raise InputError(
                 f"the conditioning has {conditioning.shape[-1]} channels but the "
-                f"{describe_variant(self.transformer.config)} transformer takes "
-                f"{self.transformer.config.in_channels - channels}")
+                f"{describe_variant(self.transformer_config)} transformer takes "
+                f"{self.transformer_config.in_channels - channels}")
         sigmas = flux_sigmas(steps, h_tok * w_tok, self.scheduler_config, strength)
         seeds = [seed + i for i in range(num_images)]
         if noise is None:
@@ -298,27 +339,35 @@ class FluxFill:
         }
         job = EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
                       seeds, meta, ip=ip, stats=stats)
-        if controlnets:
-            job.controls = prepare_controls(self, job, list(controlnets))
+        if controlnets:  # their control images go through the VAE
+            with self.components.using("vae", stats):
+                job.controls = prepare_controls(self, job, list(controlnets))
         return job
 
     # ------------------------------------------------------------------ run
 
     def steps(self, job: EditJob) -> Iterator[tuple[int, mx.array]]:
-        """Run the denoise loop for `job`, yielding (step, latents); keeps the last latents."""
+        """Run the denoise loop for `job`, yielding (step, latents); keeps the last latents.
+
+        With low_memory the transformer is loaded first (`load_transformer_s`) and freed
+        when the loop ends or the generator is closed; after a completed loop the job's
+        ControlNets are dropped too (decoding does not need them)."""
         w, h = job.plan.model_size
         ids = image_ids(*token_grid(h, w))
-        t0 = time.perf_counter()
-        mx.reset_peak_memory()
-        for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
-                                  job.embeds, job.sigmas, job.guidance,
-                                  controls=job.controls, ip=job.ip):
-            job.latents = latents
-            yield i, latents
-        n = len(job.sigmas) - 1
-        job.stats["denoise_s"] = time.perf_counter() - t0
-        job.stats["step_s"] = job.stats["denoise_s"] / n
-        job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
+        with self.components.using("transformer", job.stats):
+            t0 = time.perf_counter()
+            mx.reset_peak_memory()
+            for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
+                                      job.embeds, job.sigmas, job.guidance,
+                                      controls=job.controls, ip=job.ip):
+                job.latents = latents
+                yield i, latents
+            n = len(job.sigmas) - 1
+            job.stats["denoise_s"] = time.perf_counter() - t0
+            job.stats["step_s"] = job.stats["denoise_s"] / n
+            job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
+            if self.low_memory:
+                job.controls = ()
 
     def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
         """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32)."""
@@ -335,7 +384,7 @@ class FluxFill:
         Each returned image carries its metadata in `.info` (str values).
         """
         w, h = job.plan.model_size
-        with Phase(job.stats, "vae_decode"):
+        with self.components.using("vae", job.stats), Phase(job.stats, "vae_decode"):
             images = []
             for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
                 px = self.decode(job.latents[b : b + 1], w, h)

@@ -25,6 +25,7 @@ from mlx_edit.models.layers import (
     MLPEmbedder,
     apply_rope,
     attention,
+    gelu_tanh,
     modulate,
     residual_index,
     rope_table,
@@ -107,7 +108,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DoubleBlock(nn.Module):
@@ -162,7 +163,7 @@ class SingleBlock(QKNorm):
         qkv, mlp = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden], axis=-1)
         q, k, v = _split_heads(qkv, self.heads)
         q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
-        out = mx.concatenate([attention(q, k, v), nn.gelu_approx(mlp)], axis=-1)
+        out = mx.concatenate([attention(q, k, v), gelu_tanh(mlp)], axis=-1)
         return x + gate[:, None] * self.linear2(out)
 
 

@@ -3,11 +3,17 @@
 Reference: diffusers `models/embeddings.py` (Timesteps, get_1d_rotary_pos_embed,
 apply_rotary_emb, TimestepEmbedding) and BFL `src/flux/modules/layers.py`, `math.py`.
 RoPE tables and timestep embeddings are computed in float32 whatever the model dtype.
+
+On MLX's CPU backend elementwise kernels (softmax's exp, GELU's tanh) run on one thread
+per stream while matmuls use every core (BLAS), so `attention` and `gelu_tanh` split
+their work over one CPU stream per core (`cpu_streams`); measured in
+benchmarks/RESULTS.md. On a GPU they run as one kernel.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -70,11 +76,64 @@ def apply_rope(x: mx.array, table: mx.array) -> mx.array:
     return out.reshape(shape).astype(x.dtype)
 
 
+MAX_CPU_STREAMS = 8
+_CPU_STREAMS: list[mx.Stream] = []
+
+
+def cpu_streams() -> list[mx.Stream]:
+    """One MLX stream per CPU core (at most MAX_CPU_STREAMS) on the CPU backend, else [].
+
+    MLX runs each stream's ops on its own thread, so elementwise work split over these
+    streams uses every core; results join on the default stream (MLX orders the streams).
+    """
+    if mx.default_device() != mx.cpu:
+        return []
+    n = min(os.cpu_count() or 1, MAX_CPU_STREAMS)
+    while len(_CPU_STREAMS) < n:
+        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
+    return _CPU_STREAMS[:n] if n > 1 else []
+
+
+def split_over_streams(fn, arrays: Sequence[mx.array], axis: int) -> mx.array:
+    """`fn(*arrays)` computed in near-equal chunks along `axis`, one chunk per CPU stream,
+    concatenated along `axis`. `fn` must act independently on each index of `axis` (heads
+    of an attention, tokens of an elementwise op); the result equals `fn(*arrays)`."""
+    size = arrays[0].shape[axis]
+    streams = cpu_streams()[:size]
+    if len(streams) < 2:
+        return fn(*arrays)
+    bounds = [round(i * size / len(streams)) for i in range(len(streams) + 1)]
+    lead = (slice(None),) * (axis % arrays[0].ndim)
+    parts = []
+    for stream, start, stop in zip(streams, bounds, bounds[1:]):
+        with mx.stream(stream):
+            parts.append(fn(*(a[(*lead, slice(start, stop))] for a in arrays)))
+    return mx.concatenate(parts, axis=axis)
+
+
+def _sdpa(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Scaled dot-product attention, (B, H, N, D) each -> (B, N, H*D), scale 1/sqrt(D)."""
+    """Scaled dot-product attention, q (B, H, N, D), k/v (B, H, T, D) -> (B, N, H*D),
+    scale 1/sqrt(D); heads split over the CPU streams (`split_over_streams`)."""
     b, h, n, d = q.shape
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    out = split_over_streams(_sdpa, (q, k, v), axis=1)
     return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def _gelu_tanh(x: mx.array) -> mx.array:
+    # 0.5 * (1 + tanh(z)) == sigmoid(2z): one exp instead of tanh, and x*x*x (MLX's CPU
+    # pow is a slow scalar call); 1.5957691216057308 = 2 * sqrt(2 / pi).
+    return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """tanh-approximate GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), of x
+    (..., N, C), any float dtype; tokens (axis -2) split over the CPU streams.
+    diffusers FeedForward 'gelu-approximate' (torch gelu(approximate='tanh'))."""
+    return split_over_streams(_gelu_tanh, (x,), axis=-2)
 
 
 def layer_norm(x: mx.array, eps: float = 1e-6) -> mx.array:

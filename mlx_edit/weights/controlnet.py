@@ -228,7 +228,8 @@ def load_controlnet(
 
     dtype: None -> bfloat16 on GPU, float32 on CPU. config: overrides (x-flux files with
     head_dim != 128 need {"axes_dims_rope": [...]}). quantize: bits to quantize at load
-    (`quantize_controlnet`; ignored for an already quantized folder).
+    (`quantize_controlnet`), layer by layer so full precision is never resident beyond
+    one layer; ignored for an already quantized folder.
     Raises WeightLoadError (unreadable, missing/unexpected/mis-shaped tensors, not a
     ControlNet), ValueError (inconsistent config).
     """
@@ -248,10 +249,9 @@ def load_controlnet(
         apply_recorded_quantization(model, cfg_dict, tensors, name=name)
     rules = {"diffusers": CONTROLNET_DIFFUSERS_RULES, "xlabs": XLABS_RULES,
              "mlx": CONTROLNET_MLX_RULES}[fmt]
-    model = load_into(model, tensors, rules, dtype or default_dtype(), name=name)
-    if quantize:
-        quantize_controlnet(model, quantize, group_size)
-    return model
+    return load_into(model, tensors, rules, dtype or default_dtype(), name=name,
+                     quantize=(lambda m: quantize_controlnet(m, quantize, group_size))
+                     if quantize else None)
 
 
 # Kept in full precision: the transformer's embedders, and the control input projection.

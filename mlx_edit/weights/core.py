@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,22 +220,37 @@ def load_into(
     dtype: mx.Dtype | None,
     *,
     name: str = "model",
+    quantize: Callable[[nn.Module], object] | None = None,
 ) -> nn.Module:
     """Load `tensors` (a lazy key->array mapping) into `model` through `rules`, strictly.
 
     See `checked_plan` for the strictness (WeightLoadError). Floating tensors are cast to
     `dtype` (None keeps the checkpoint's); integer tensors (quantized weights) are kept.
-    Tensors are evaluated one at a time, so peak memory is the model plus one tensor.
+    Tensors are evaluated one at a time and a dict `tensors` is consumed (each entry is
+    removed once used, so an evaluated source is freed with its target): peak memory is
+    the model plus about one tensor.
+    quantize: quantizes the model in place (e.g. `lambda m: quantize_transformer(m, 4)`);
+    it runs while the weights are still lazy, then each layer is evaluated in turn, so
+    peak memory is the quantized model plus about one full-precision layer. The result
+    is identical to loading in full precision and quantizing afterwards.
     """
     plan = checked_plan(dict(tree_flatten(model.parameters())), tensors, rules, name)
+    take = tensors.pop if isinstance(tensors, dict) else tensors.__getitem__
     loaded = []
     for item in plan:
-        value = apply_op(item.op, [tensors[s] for s in item.sources])
+        value = apply_op(item.op, [take(s) for s in item.sources])
         if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
-        mx.eval(value)
+        if quantize is None:
+            mx.eval(value)
         loaded.append((item.target, value))
     model.load_weights(loaded, strict=False)
+    del loaded
+    if quantize is not None:
+        quantize(model)
+        for _, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())  # arrays held by non-leaf modules, if any
     return model
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.quantize import apply_recorded_quantization
+from mlx_edit.quantize import apply_recorded_quantization, quantize_transformer, read_record
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
@@ -152,12 +152,53 @@ def describe_variant(cfg: FluxConfig) -> str:
     return f"an unknown FLUX variant (in_channels {cfg.in_channels})"
 
 
+def _open(path: str | Path, expect_in_channels, config: dict | None):
+    """(lazy tensors, format, config.json dict, FluxConfig) of a transformer checkpoint,
+    its kind checked (see `load_transformer`); only file headers are read."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightLoadError(f"{path}: no such transformer file or folder")
+    tensors = open_tensors(safetensors_files(path), strip_prefixes=BFL_PREFIXES)
+    fmt = detect_format(tensors)
+    cfg_dict = read_config(path) if fmt != "bfl" and path.is_dir() else {}
+    if fmt == "bfl":
+        cfg = infer_bfl_config(tensors, (config or {}).get("axes_dims_rope"))
+    else:
+        cfg = FluxConfig.from_dict({**cfg_dict, **(config or {})})
+    accepted = (expect_in_channels,) if isinstance(expect_in_channels, int) \
+        else tuple(expect_in_channels or ())
+    if accepted and cfg.in_channels not in accepted:
+        wanted = " or ".join(str(c) for c in accepted)
+        raise WeightLoadError(
+            f"{path}: found a {describe_variant(cfg)} transformer (x_embedder in_channels "
+            f"{cfg.in_channels}) where in_channels {wanted} is needed"
+        )
+    return tensors, fmt, cfg_dict, cfg
+
+
+def read_transformer_config(
+    path: str | Path,
+    *,
+    expect_in_channels: int | tuple[int, ...] | None = None,
+    config: dict | None = None,
+) -> tuple[FluxConfig, int | None]:
+    """(config, stored bits) of the transformer `load_transformer(path, ...)` would load,
+    without loading it: only config.json and the safetensors headers are read. Stored
+    bits: the recorded quantization of an mlx-edit folder, None for full precision.
+    Raises WeightLoadError as `load_transformer` does for a missing path, the wrong kind
+    or a malformed quantization record (tensor-level checks happen at load)."""
+    _, _, cfg_dict, cfg = _open(path, expect_in_channels, config)
+    record = read_record(cfg_dict, f"transformer ({path})")
+    return cfg, record["bits"] if record else None
+
+
 def load_transformer(
     path: str | Path,
     dtype: mx.Dtype | None = None,
     *,
     expect_in_channels: int | tuple[int, ...] | None = None,
     config: dict | None = None,
+    quantize: int | None = None,
 ) -> FluxTransformer:
     """Load a FLUX transformer from a diffusers `transformer/` folder, one of our MLX
     folders, or a BFL single file (`flux1-fill-dev.safetensors`, with or without the
@@ -168,29 +209,17 @@ def load_transformer(
     Fill or Canny/Depth); a checkpoint of another kind raises WeightLoadError naming the
     variant found. `config` overrides the folder's config
     (needed only for BFL files with head_dim != 128: {"axes_dims_rope": [...]}).
+    quantize: 4 or 8 quantizes at load by the package policy (`quantize_transformer`)
+    layer by layer, so full precision is never resident beyond one layer; a folder
+    already quantized is kept as stored (with a warning if its bits differ).
     Raises WeightLoadError for unreadable files and for missing, unexpected or
-    mis-shaped tensors (listed in the message).
+    mis-shaped tensors (listed in the message); ValueError for unsupported bits.
     """
-    path = Path(path)
-    if not path.exists():
-        raise WeightLoadError(f"{path}: no such transformer file or folder")
-    tensors = open_tensors(safetensors_files(path), strip_prefixes=BFL_PREFIXES)
-    fmt = detect_format(tensors)
-    if fmt == "bfl":
-        cfg = infer_bfl_config(tensors, (config or {}).get("axes_dims_rope"))
-    else:
-        cfg_dict = read_config(path) if path.is_dir() else {}
-        cfg = FluxConfig.from_dict({**cfg_dict, **(config or {})})
-    accepted = (expect_in_channels,) if isinstance(expect_in_channels, int) \
-        else tuple(expect_in_channels or ())
-    if accepted and cfg.in_channels not in accepted:
-        wanted = " or ".join(str(c) for c in accepted)
-        raise WeightLoadError(
-            f"{path}: found a {describe_variant(cfg)} transformer (x_embedder in_channels "
-            f"{cfg.in_channels}) where in_channels {wanted} is needed"
-        )
+    tensors, fmt, cfg_dict, cfg = _open(path, expect_in_channels, config)
+    name = f"transformer ({path})"
     model = FluxTransformer(cfg)
     rules = {"diffusers": DIFFUSERS_RULES, "bfl": BFL_RULES, "mlx": MLX_RULES}[fmt]
     if fmt == "mlx":  # a quantized mlx-edit folder: build the quantized structure first
-        apply_recorded_quantization(model, cfg_dict, tensors, name=f"transformer ({path})")
-    return load_into(model, tensors, rules, dtype or default_dtype(), name=f"transformer ({path})")
+        apply_recorded_quantization(model, cfg_dict, tensors, name=name)
+    return load_into(model, tensors, rules, dtype or default_dtype(), name=name,
+                     quantize=(lambda m: quantize_transformer(m, quantize)) if quantize else None)

@@ -19,7 +19,12 @@ import mlx.core as mx
 
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.t5 import T5Config, T5Encoder
-from mlx_edit.quantize import IDENTITY_RULES, apply_recorded_quantization, is_mlx_layout
+from mlx_edit.quantize import (
+    IDENTITY_RULES,
+    apply_recorded_quantization,
+    is_mlx_layout,
+    quantize_t5,
+)
 from mlx_edit.weights.core import (
     Rule,
     default_dtype,
@@ -130,12 +135,16 @@ def load_clip_text(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTex
     return model
 
 
-def load_t5(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Encoder:
+def load_t5(folder: str | Path, dtype: mx.Dtype | None = None,
+            quantize: int | None = None) -> T5Encoder:
     """Load a T5 encoder from a diffusers `text_encoder_2/` folder (transformers
     T5EncoderModel layout; sharded via `model.safetensors.index.json` or single-file).
 
     dtype: parameter dtype; None means `default_dtype()` (float32 on the CPU backend).
     The model is built lazily, so peak memory is the weights plus about one tensor.
+    quantize: 4 or 8 quantizes at load by the package policy (`quantize_t5`), layer by
+    layer (full precision never resident beyond one layer); an mlx-edit folder already
+    quantized is kept as stored (with a warning if its bits differ).
     Raises WeightLoadError on a missing config or files, or missing, unexpected or
     mis-shaped tensors (e.g. decoder weights of a full T5 checkpoint).
     """
@@ -144,6 +153,7 @@ def load_t5(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Encoder:
     tensors = drop_keys(open_tensors(safetensors_files(folder)), duplicates=T5_DUPLICATES)
     dtype = default_dtype() if dtype is None else dtype
     rules = _mlx_layout_rules(model, cfg, tensors, f"T5 encoder ({folder})")
-    load_into(model, tensors, rules or T5_RULES, dtype, name=f"T5 encoder ({folder})")
+    load_into(model, tensors, rules or T5_RULES, dtype, name=f"T5 encoder ({folder})",
+              quantize=(lambda m: quantize_t5(m, quantize)) if quantize else None)
     model.eval()
     return model

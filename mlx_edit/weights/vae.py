@@ -117,6 +117,30 @@ def resolve_files(path: Path) -> tuple[list[Path], dict | None]:
     return safetensors_files(path), read_config(path)
 
 
+def _open(path: str | Path, config: VAEConfig | dict | None):
+    """(lazy tensors, config.json dict or None, VAEConfig) of a VAE checkpoint (see
+    `load_vae`); only config.json and the safetensors headers are read."""
+    files, cfg_dict = resolve_files(Path(path))
+    tensors = strip_vae_prefix(open_tensors(files))
+    if isinstance(config, VAEConfig):
+        return tensors, cfg_dict, config
+    d = dict(cfg_dict or {}) if config is None else dict(config)
+    # Configs that predate these keys (and BFL files) decide by the keys present.
+    d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
+    d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
+    try:
+        return tensors, cfg_dict, VAEConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
+
+
+def read_vae_config(path: str | Path, config: VAEConfig | dict | None = None) -> VAEConfig:
+    """The VAEConfig `load_vae(path, config=config)` would use, without loading weights
+    (config.json and the safetensors headers only). Raises WeightLoadError as `load_vae`
+    does for a missing or unreadable path or an unsupported config."""
+    return _open(path, config)[2]
+
+
 def load_vae(
     path: str | Path,
     dtype: mx.Dtype | None = None,
@@ -135,19 +159,7 @@ def load_vae(
     Raises WeightLoadError naming the missing, unexpected or mis-shaped keys, or when
     the path holds no readable safetensors / config.
     """
-    files, cfg_dict = resolve_files(Path(path))
-    tensors = strip_vae_prefix(open_tensors(files))
-    if isinstance(config, VAEConfig):
-        cfg = config
-    else:
-        d = dict(cfg_dict or {}) if config is None else dict(config)
-        # Configs that predate these keys (and BFL files) decide by the keys present.
-        d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
-        d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
-        try:
-            cfg = VAEConfig.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
+    tensors, cfg_dict, cfg = _open(path, config)
     rules = DIFFUSERS_RULES if is_diffusers(tensors) else bfl_rules(len(cfg.block_out_channels))
     model = AutoencoderKL(cfg)
     if is_mlx_layout(cfg_dict):  # an mlx-edit folder: our names (OHWI convs), maybe quantized

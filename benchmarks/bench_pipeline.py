@@ -1,7 +1,7 @@
 """A whole inpaint, phase by phase: seconds and MLX peak memory (GB) per phase.
 
     python benchmarks/bench_pipeline.py --model DIR --size 1024x1024 --steps 2
-        [--dtype float32|bfloat16] [--quantize 4|8] [--preset wide]
+        [--dtype float32|bfloat16] [--quantize 4|8] [--preset wide] [--low-memory]
 
 DIR: a FLUX.1 Fill folder (e.g. `python scripts/make_tiny_checkpoint.py DIR --preset
 wide`); with --preset and no existing DIR, the fixture is built into DIR first. The edit
@@ -12,7 +12,8 @@ of each phase and includes the resident weights): load, text encode, VAE encode,
 denoising step, VAE decode. The memory estimate (mlx_edit.memory) for the same run is
 printed next to it (FluxFill checks it before the edit). The pipeline's VAE goes through
 `tiling.encode_auto/decode_auto`: untiled, the CPU backend needs ~35 kB per pixel to
-decode (37 GB at 1024x1024). Last line: `pipeline <size>: load X s, text Y s, ...`.
+decode (37 GB at 1024x1024). --low-memory runs `FluxFill(low_memory=True)`: each phase
+loads its model (the reload seconds are listed as load_<model>) and frees it. Last line: `pipeline <size>: load X s, text Y s, ...`.
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"))
     ap.add_argument("--quantize", type=int, choices=(4, 8))
     ap.add_argument("--prompt", default="a red helmet")
+    ap.add_argument("--low-memory", action="store_true")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
     root = ensure_model(args.model, args.preset)
     dtype = getattr(mx, args.dtype) if args.dtype else None
 
-    pipe = FluxFill.from_pretrained(root, dtype=dtype, quantize=args.quantize)
+    pipe = FluxFill.from_pretrained(root, dtype=dtype, quantize=args.quantize,
+                                low_memory=args.low_memory)
     image, mask = inputs(width, height)
     step_times, last = [], [time.perf_counter()]
 
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
         peak = stats.get(f"{phase}_peak_gb")
         if secs is not None:
             rows.append([phase, f"{secs:.2f}", f"{peak:.2f}" if peak is not None else "-"])
+    for key in sorted(k for k in stats if k.startswith("load_") and k.endswith("_s") and k != "load_s"):
+        rows.append([key[:-2], f"{stats[key]:.2f}", ""])  # low-memory reloads
     for i, t in enumerate(step_times):
         rows.append([f"  step {i + 1}", f"{t:.2f}", ""])
     print(common.table(rows, ["phase", "seconds", "MLX peak GB (incl. weights)"]))
@@ -114,11 +119,13 @@ def main(argv=None) -> int:
     print("memory estimate (mlx_edit.memory) for this run:")
     print(memory.summary(est))
     print(f"process peak RSS: {common.process_rss_gb():.2f} GB")
-    print(f"pipeline {width}x{height} ({str(dt).split('.')[-1]}): load "
+    key = "peak_low_memory" if args.low_memory else "peak"
+    mode = ", low memory" if args.low_memory else ""
+    print(f"pipeline {width}x{height} ({str(dt).split('.')[-1]}{mode}): load "
           f"{stats['load_s']:.1f} s, text {stats['text_encode_s']:.1f} s, VAE encode "
           f"{stats['vae_encode_s']:.1f} s, step {stats['step_s']:.1f} s, VAE decode "
           f"{stats['vae_decode_s']:.1f} s; peak {max(stats[f'{p}_peak_gb'] for p in PHASES):.2f}"
-          f" GB (estimate {est['peak']:.2f} GB)")
+          f" GB (estimate {est[key]:.2f} GB)")
     return 0
 
 

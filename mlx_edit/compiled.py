@@ -4,9 +4,10 @@
 function, wrapped in `mx.compile` unless `compile=False`. Compilation traces the graph once
 per input shape and fuses elementwise chains (modulation, gating, RoPE, the Euler update)
 into single kernels; the result equals the uncompiled step up to float rounding
-(tests/test_compile.py). Measured on the CPU backend (benchmarks/RESULTS.md): 5.6%
-slower than eager (MLX's generated CPU kernels are no faster than its built-in ones), so
-it is on by default only on a GPU; not yet measured on Metal/CUDA.
+(tests/test_compile.py). Measured on the CPU backend (benchmarks/RESULTS.md): no gain
+(8.29 s compiled vs 8.27 s eager per wide forward; 5.6% slower before attention/GELU were
+split over CPU streams: MLX's generated CPU kernels are no faster than its built-in
+ones), so it is on by default only on a GPU; not yet measured on Metal/CUDA.
 
 Everything that changes from step to step is an array argument (latents, timestep, dt,
 ControlNet residuals), so the trace is reused for every step of a run; the transformer's
@@ -32,8 +33,8 @@ StepFn = Callable[..., mx.array]
 
 def compile_enabled() -> bool:
     """The default for `make_step(compile=...)`: MLX_EDIT_COMPILE=1/0 forces it; otherwise
-    on for a GPU and off on the CPU backend, where it measured slower (wide preset, 1024 +
-    512 tokens: 17.6 s compiled vs 16.1 s eager; benchmarks/RESULTS.md)."""
+    on for a GPU and off on the CPU backend, where it measured no faster (wide preset,
+    1024 + 512 tokens: 8.29 s compiled vs 8.27 s eager; benchmarks/RESULTS.md)."""
     value = os.environ.get("MLX_EDIT_COMPILE")
     if value is None:
         return mx.default_device() == mx.gpu

@@ -20,30 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import known_fields
-
-
-def quick_gelu(x: mx.array) -> mx.array:
-    """x * sigmoid(1.702 x), transformers' QuickGELUActivation (original CLIP)."""
-    return x * mx.sigmoid(1.702 * x)
-
-
-# transformers ACT2FN names -> functions with the same numerics
-ACTIVATIONS = {
-    "quick_gelu": quick_gelu,
-    "gelu": nn.gelu,  # exact (erf) GELU
-    "gelu_new": nn.gelu_approx,  # tanh approximation
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "relu": nn.relu,
-    "silu": nn.silu,
-}
-
-
-def activation(name: str):
-    """The activation function for a transformers `hidden_act` name; ValueError if unknown."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+from mlx_edit.models.layers import activation
 
 
 @dataclass

@@ -136,6 +136,30 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return split_over_streams(_gelu_tanh, (x,), axis=-2)
 
 
+def quick_gelu(x: mx.array) -> mx.array:
+    """x * sigmoid(1.702 x), transformers' QuickGELUActivation (original CLIP)."""
+    return x * mx.sigmoid(1.702 * x)
+
+
+# transformers ACT2FN names -> functions with the same numerics (CLIP, SigLIP, T5)
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": nn.gelu,  # exact (erf) GELU
+    "gelu_new": gelu_tanh,  # tanh approximation
+    "gelu_pytorch_tanh": gelu_tanh,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str):
+    """The activation function for a transformers `hidden_act` name; ValueError if unknown."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
 def layer_norm(x: mx.array, eps: float = 1e-6) -> mx.array:
     """LayerNorm without affine parameters (statistics in float32 inside mx.fast).
 

@@ -22,16 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import known_fields
-
-# transformers ACT2FN names -> functions with the same numerics
-_ACTIVATIONS = {
-    "gelu_new": nn.gelu_approx,  # tanh approximation
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu": nn.gelu,  # exact (erf)
-    "relu": nn.relu,
-    "silu": nn.silu,
-}
-
+from mlx_edit.models.layers import activation
 
 @dataclass
 class T5Config:
@@ -112,9 +103,7 @@ class T5FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, act: str, gated: bool):
         super().__init__()
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"unsupported T5 activation {act!r}; known: {sorted(_ACTIVATIONS)}")
-        self.act = _ACTIVATIONS[act]
+        self.act = activation(act)
         self.gated = gated
         if gated:
             self.wi_0 = nn.Linear(d_model, d_ff, bias=False)

@@ -16,24 +16,33 @@ Reference: diffusers `AutoencoderKL.tiled_encode` / `tiled_decode`
 (models/autoencoders/autoencoder_kl.py), which blend linearly between neighbours.
 `encode_auto` / `decode_auto` tile only when an untiled pass would need more than
 TILE_BUDGET_GB of activations (`should_tile`), with the largest tile that fits it.
+
+On the CPU backend every pass, tiled or not, runs inside `AutoencoderKL.banded`
+(BAND_BYTES): convolutions in bands of rows and attention in blocks of queries, exact,
+so MLX's im2col scratch (9x a 3x3 conv's input) no longer scales with the image. That
+cut the activations from ~38 to ~7.5 kB/px (float32 decode) and made the pass faster
+(benchmarks/RESULTS.md), so whole-image (exact) passes reach ~1024x1024 and tiles are
+4x larger in area than before.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 
-# VAE activation bytes per pixel, per byte of the compute dtype. CPU: measured float32,
-# linear from 128 to 512 px (untiled 35.1 / 20.3 kB/px decode / encode; inside a tiled
-# pass 38 / 24 kB/px: MLX's CPU convolution goes through im2col, 9x its input). GPU:
-# estimated from mflux's 3.08 GB peak for a 512x512 bf16 decode on Metal
-# (performance-anchors.md [S12]), weights taken off; not measured here.
-DECODE_BYTES_PER_PX = {"cpu": 9_600.0, "gpu": 5_500.0}
-ENCODE_BYTES_PER_PX = {"cpu": 6_200.0, "gpu": 3_400.0}
+# VAE activation bytes per pixel, per byte of the compute dtype. CPU: measured float32
+# inside `banded(BAND_BYTES)` at 256 and 512 px (decode 7.9 / 7.5 kB/px, encode 5.9 /
+# 4.9 kB/px, the BAND_BYTES scratch included), rounded up. GPU (not banded): estimated
+# from mflux's 3.08 GB peak for a 512x512 bf16 decode on Metal (performance-anchors.md
+# [S12]), weights taken off; not measured here.
+DECODE_BYTES_PER_PX = {"cpu": 2_000.0, "gpu": 5_500.0}
+ENCODE_BYTES_PER_PX = {"cpu": 1_400.0, "gpu": 3_400.0}
+BAND_BYTES = 64 * 2**20  # CPU: largest im2col / attention-score scratch of one op
 TILE_BUDGET_GB = 3.0  # activations of one VAE pass, tiled or not (issue 7: 4096^2 < 3 GB)
 TILE_SIDES = (1024, 768, 512, 384, 256, 192, 128)
 BLENDS = ("cosine", "linear")
@@ -46,17 +55,16 @@ def _backend() -> str:
 def vae_activation_gb(height: int, width: int, dtype_size: int = 4, decode: bool = True,
                       backend: str | None = None, config: VAEConfig | None = None) -> float:
     """Estimated activations (GB) of one untiled VAE decode (or encode) of a height x width
-    image: bytes per pixel (measured on the FLUX VAE; other widths scale with their second
-    level's channels, which dominate at full resolution) plus, on the CPU backend, the
-    mid-block attention's materialised scores and softmax, 2 * (H/8 * W/8)^2 * 4 bytes."""
+    image as `decode_auto` runs it: bytes per pixel (measured on the FLUX VAE; other widths
+    scale with their second level's channels, which dominate at full resolution) plus, on
+    the CPU backend, the banded scratch (BAND_BYTES)."""
     backend = backend or _backend()
     per_px = (DECODE_BYTES_PER_PX if decode else ENCODE_BYTES_PER_PX)[backend] * dtype_size
     if config is not None:
         channels = config.block_out_channels
         per_px *= channels[min(1, len(channels) - 1)] / 256
-    tokens = (height // 8) * (width // 8)
-    scores = 0.0 if backend == "gpu" else 2.0 * tokens**2 * 4
-    return (per_px * height * width + scores) / 1e9
+    scratch = 0.0 if backend == "gpu" else BAND_BYTES
+    return (per_px * height * width + scratch) / 1e9
 
 
 def should_tile(height: int, width: int, dtype_size: int = 4,
@@ -64,14 +72,14 @@ def should_tile(height: int, width: int, dtype_size: int = 4,
                 config: VAEConfig | None = None) -> bool:
     """True when an untiled VAE decode (or encode) of height x width px would need more
     than `budget_gb` of activations (FLUX VAE, CPU backend, float32 decode: above about
-    270x270 px; bf16 on a GPU: above about 520x520 px)."""
+    600x600 px for 3 GB; bf16 on a GPU: above about 520x520 px)."""
     return vae_activation_gb(height, width, dtype_size, decode, config=config) > budget_gb
 
 
 def default_tile(dtype_size: int = 4, budget_gb: float = TILE_BUDGET_GB,
                  decode: bool = True, config: VAEConfig | None = None) -> int:
-    """The largest tile side in TILE_SIDES whose pass fits `budget_gb` (FLUX VAE decode:
-    256 px on the CPU backend in float32, 512 px on a GPU in bf16); overlap: a quarter."""
+    """The largest tile side in TILE_SIDES whose pass fits `budget_gb` (FLUX VAE decode,
+    3 GB: 512 px on the CPU backend in float32 and on a GPU in bf16); overlap: a quarter."""
     for side in TILE_SIDES:
         if vae_activation_gb(side, side, dtype_size, decode, config=config) <= budget_gb:
             return side
@@ -153,6 +161,12 @@ def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
     return mx.array(acc)
 
 
+def scratch_bounded(vae: AutoencoderKL) -> AbstractContextManager:
+    """`vae.banded(BAND_BYTES)` on the CPU backend (exact, bounded im2col/score scratch),
+    nothing on a GPU (not measured there)."""
+    return vae.banded(BAND_BYTES) if _backend() == "cpu" else nullcontext(vae)
+
+
 def _tile_args(vae: AutoencoderKL, tile: int | None, overlap: int | None,
                decode: bool) -> tuple[int, int]:
     tile = tile or default_tile(vae.dtype.size, decode=decode, config=vae.config)
@@ -173,8 +187,9 @@ def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int | None = None,
     tile, overlap = _tile_args(vae, tile, overlap, True)
     if tile % f or overlap % f:
         raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {f}")
-    return _tiled(vae.decode, latents, tile // f, overlap // f, f, 1,
-                  vae.config.out_channels, blend)
+    with scratch_bounded(vae):
+        return _tiled(vae.decode, latents, tile // f, overlap // f, f, 1,
+                      vae.config.out_channels, blend)
 
 
 def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
@@ -192,8 +207,9 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
         raise ValueError(
             f"image {h}x{w}, tile {tile} and overlap {overlap} must be multiples of {f}"
         )
-    return _tiled(vae.encode_mean, images, tile, overlap, 1 / f, f,
-                  vae.config.latent_channels, blend)
+    with scratch_bounded(vae):
+        return _tiled(vae.encode_mean, images, tile, overlap, 1 / f, f,
+                      vae.config.latent_channels, blend)
 
 
 def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB,
@@ -205,7 +221,8 @@ def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_B
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
     if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, limit, config=cfg):
         return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg))
-    return vae.decode(latents)
+    with scratch_bounded(vae):
+        return vae.decode(latents)
 
 
 def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BUDGET_GB,
@@ -218,4 +235,5 @@ def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BU
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
     if should_tile(h, w, size, limit, False, cfg) and h % f == 0 and w % f == 0:
         return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg))
-    return vae.encode_mean(images)
+    with scratch_bounded(vae):
+        return vae.encode_mean(images)

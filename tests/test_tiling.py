@@ -138,9 +138,9 @@ def test_no_seams(vae, latents, decoded):
 
 
 def test_auto_tiles_only_above_the_budget(vae, latents, decoded):
-    # FLUX VAE, float32, CPU: 256 px fits the 3 GB budget, 4096 px does not.
-    assert not tiling.should_tile(256, 256) and tiling.should_tile(4096, 4096)
-    assert tiling.default_tile(4) == 256
+    # FLUX VAE, float32, CPU (banded passes): 512 px fits the 3 GB budget, 4096 px does not.
+    assert not tiling.should_tile(512, 512) and tiling.should_tile(4096, 4096)
+    assert tiling.default_tile(4) == 512
     cfg = vae.config  # a narrower VAE: its estimate scales down (32 vs 256 channels)
     assert not tiling.should_tile(SIZE, SIZE, config=cfg)
     np.testing.assert_array_equal(np.array(tiling.decode_auto(vae, latents)), decoded)
@@ -168,3 +168,62 @@ def test_memory_stays_bounded(vae):
         peaks.append(mx.get_peak_memory() - base)
     output_growth = (512**2 - 256**2) * 3 * 4  # the returned array
     assert peaks[1] - peaks[0] <= output_growth * 1.1 + 1e6
+
+
+@pytest.mark.parametrize("max_bytes", [1, 20_000, 300_000])
+def test_banded_pass_equals_the_plain_pass(vae, latents, decoded, max_bytes):
+    # Bands of 1 row (max_bytes 1), a few rows, and query blocks in the mid-block
+    # attention (48x48 latents: 2304 tokens): GroupNorm and attention still see the
+    # whole image, so the result is the plain pass's up to float rounding.
+    with vae.banded(max_bytes):
+        out = np.array(vae.decode(latents))
+        images = mx.random.uniform(-1, 1, (1, SIZE - 8, SIZE, 3), key=mx.random.key(5))
+        z = np.array(vae.encode_mean(images))
+    assert all(m.max_bytes is None for _, m in vae.named_modules() if hasattr(m, "max_bytes"))
+    np.testing.assert_allclose(out, decoded, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(z, np.array(vae.encode_mean(images)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 0, 3), (2, 1, 3), (1, 0, 1)])
+def test_banded_conv_matches_mlx_conv(stride, padding, kernel):
+    from mlx_edit.models.vae import Conv2d
+
+    conv = Conv2d(5, 7, kernel, stride=stride, padding=padding)
+    x = mx.random.normal((2, 23, 17, 5), key=mx.random.key(6))
+    ref = np.array(conv(x))
+    conv.max_bytes = 1  # one output row per band
+    np.testing.assert_allclose(np.array(conv(x)), ref, rtol=0, atol=1e-5)
+
+
+def test_banding_bounds_the_convolution_scratch():
+    # MLX's CPU conv unfolds its input (9x for 3x3); in bands only one band's worth.
+    from mlx_edit.models.vae import Conv2d
+
+    conv = Conv2d(64, 64, 3, padding=1)
+    x = mx.random.normal((1, 256, 256, 64), key=mx.random.key(7))
+    mx.eval(conv.parameters(), x)
+    peaks = []
+    for max_bytes in (None, 2**20):
+        conv.max_bytes = max_bytes
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(conv(x))
+        peaks.append(mx.get_peak_memory() - base)
+    unfolded = 256 * 256 * 9 * 64 * 4  # 151 MB
+    assert peaks[0] >= unfolded  # the plain conv holds the unfolded input (measured 1.22x)
+    assert peaks[1] <= 0.3 * unfolded  # output + padded copy + one 1 MB band (measured 0.23)
+
+
+def test_auto_passes_are_banded_on_the_cpu(vae, latents, monkeypatch):
+    calls = []
+    real = AutoencoderKL.banded
+
+    def spy(self, max_bytes):
+        calls.append(max_bytes)
+        return real(self, max_bytes)
+
+    monkeypatch.setattr(AutoencoderKL, "banded", spy)
+    tiling.decode_auto(vae, latents)
+    tiling.encode_tiled(vae, mx.zeros((1, 64, 64, 3)), tile=32, overlap=8)
+    assert calls == ([tiling.BAND_BYTES] * 2 if mx.default_device() == mx.cpu else [])

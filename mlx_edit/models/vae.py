@@ -12,6 +12,8 @@ applied here: the pipeline computes `(z - shift_factor) * scaling_factor` itself
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -70,10 +72,11 @@ class VAEConfig:
 class GroupNorm(nn.Module):
     """GroupNorm over groups of consecutive channels (as PyTorch), NHWC input.
 
-    The group mean is removed before `mx.fast.layer_norm`: MLX's CPU kernel computes the
-    variance in one pass (E[x^2] - E[x]^2), which loses ~1e-3 when |mean| >> std (e.g.
-    encoding a flat control/edge image). Statistics run in float32 inside mx.fast.
-    Parameters `weight`, `bias` (C,) as nn.GroupNorm.
+    Statistics in float32, the group mean removed (twice: the second pass takes out the
+    first mean's rounding error) before the variance is taken (a one-pass E[x^2] - E[x]^2, as MLX's CPU layer_norm kernel computes it, loses
+    ~1e-3 when |mean| >> std, e.g. encoding a flat control/edge image). Grouping is a
+    reshape of the channel axis, no transpose, so the full-resolution layers hold few
+    copies of their input. Parameters `weight`, `bias` (C,) as nn.GroupNorm.
     """
 
     def __init__(self, groups: int, channels: int, eps: float = _EPS):
@@ -84,15 +87,55 @@ class GroupNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         b, *rest, c = x.shape
-        g = x.reshape(b, -1, self.groups, c // self.groups).transpose(0, 2, 1, 3)
-        g = g.reshape(b, self.groups, -1)
-        g = mx.fast.layer_norm(g - g.mean(axis=-1, keepdims=True), None, None, self.eps)
-        g = g.reshape(b, self.groups, -1, c // self.groups).transpose(0, 2, 1, 3)
-        return g.reshape(b, *rest, c) * self.weight + self.bias
+        g = x.reshape(b, -1, self.groups, c // self.groups).astype(mx.float32)
+        centred = g - g.mean(axis=(1, 3), keepdims=True)
+        centred = centred - centred.mean(axis=(1, 3), keepdims=True)  # the mean's rounding
+        var = mx.square(centred).mean(axis=(1, 3), keepdims=True)
+        y = (centred * mx.rsqrt(var + self.eps)).reshape(x.shape).astype(x.dtype)
+        return y * self.weight + self.bias
 
 
 def _group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(groups, channels, eps=_EPS)
+
+
+def _evaluated_blocks(fn, size: int, block: int, axis: int) -> mx.array:
+    """concatenate([fn(0), fn(block), ...], axis), each part evaluated before the next is
+    built: MLX keeps an op's scratch buffers (im2col, scores) until the evaluation that
+    ran it ends, so one evaluation over all parts would hold every part's scratch."""
+    parts = []
+    for start in range(0, size, block):
+        parts.append(fn(start))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=axis)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (stride, symmetric padding, no dilation/groups) that runs in bands of
+    output rows when `max_bytes` is set and its unfolded input would exceed it.
+
+    MLX's CPU convolution unfolds its input (im2col: a k x k conv needs k*k times its
+    input); a band of output rows needs that for its own rows only. Each band reads its
+    input rows plus the kernel's halo, so the result is the plain convolution's (exact,
+    up to float rounding). `max_bytes` None (default): one plain call.
+    """
+
+    max_bytes: int | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kh, kw = self.weight.shape[1:3]
+        b, h, w, cin = x.shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        h_out, w_out = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        row_bytes = b * w_out * kh * kw * cin * x.dtype.size
+        if self.max_bytes is None or kh * kw == 1 or h_out * row_bytes <= self.max_bytes:
+            return super().__call__(x)
+        rows = max(1, self.max_bytes // row_bytes)
+        x = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+        y = _evaluated_blocks(
+            lambda r: mx.conv2d(x[:, r * sh : (min(r + rows, h_out) - 1) * sh + kh],
+                                self.weight, (sh, sw)), h_out, rows, axis=1)
+        return y + self.bias if "bias" in self else y
 
 
 class ResnetBlock(nn.Module):
@@ -102,11 +145,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = _group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(nn.silu(self.norm1(x)))
@@ -119,7 +162,11 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over all pixels with a residual (diffusers `Attention`
     built with `_from_deprecated_attn_block`, heads = 1, dim_head = channels).
-    (B,H,W,C) -> (B,H,W,C)."""
+    (B,H,W,C) -> (B,H,W,C). With `max_bytes` set, queries run in blocks whose scores
+    (and softmax) stay within it (exact: each query attends to every key).
+    """
+
+    max_bytes: int | None = None
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -133,7 +180,11 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         t = self.group_norm(x).reshape(b, 1, h * w, c)
         q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        n = h * w
+        rows = n if self.max_bytes is None else max(1, self.max_bytes // (b * n * 4 * 2))
+        o = _evaluated_blocks(
+            lambda i: mx.fast.scaled_dot_product_attention(q[:, :, i : i + rows], k, v,
+                                                           scale=c**-0.5), n, rows, axis=2)
         return x + self.to_out[0](o).reshape(b, h, w, c)
 
 
@@ -143,7 +194,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
@@ -154,7 +205,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -211,14 +262,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1)
             for i in range(len(ch))
         ]
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = _group_norm(ch[-1], g)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -234,14 +285,14 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
         self.up_blocks = [
             UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < len(ch) - 1)
             for i in range(len(ch))
         ]
         self.conv_norm_out = _group_norm(ch[-1], g)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
@@ -266,9 +317,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         c = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+            self.quant_conv = Conv2d(2 * c, 2 * c, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(c, c, 1)
+            self.post_quant_conv = Conv2d(c, c, 1)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -296,6 +347,23 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.encode(images)
         eps = mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
         return mean + mx.exp(0.5 * logvar) * eps
+
+    @contextmanager
+    def banded(self, max_bytes: int) -> Iterator[AutoencoderKL]:
+        """Within this context every convolution runs in bands of output rows and every
+        attention in blocks of queries, so no single op's working buffer (im2col, scores)
+        exceeds `max_bytes`; the result equals the plain pass (float rounding aside).
+        Unlike tiles (mlx_edit.tiling), GroupNorm and attention still see the whole image,
+        and the whole image's activations stay in memory (a few per pixel, not the 9x of
+        an unfolded 3x3 convolution)."""
+        layers = [m for _, m in self.named_modules() if isinstance(m, (Conv2d, Attention))]
+        for layer in layers:
+            layer.max_bytes = max_bytes
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.max_bytes = None
 
     def decode(self, latents: mx.array) -> mx.array:
         """Images (B,h*f,w*f,out_channels), nominally in [-1, 1] (not clipped), from

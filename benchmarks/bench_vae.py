@@ -1,7 +1,7 @@
 """Tiled VAE encode + decode at large sizes: time and peak memory; tiled vs untiled PSNR.
 
     python benchmarks/bench_vae.py --sizes 2048,4096 [--model DIR] [--dtype float32]
-        [--tile PX --overlap PX] [--max-tiles K] [--psnr 512]
+        [--tile PX --overlap PX] [--max-tiles K] [--psnr 512] [--whole 256,512]
 
 VAE: the `vae/` of a FLUX Fill folder (e.g. a `wide` fixture: the full FLUX VAE config
 with random weights) or, without --model, the FLUX VAE config with MLX's random init.
@@ -11,7 +11,8 @@ host accumulators of the tiled path (float32 output + float64 weights) are liste
 --max-tiles K stops each pass after K tiles and extrapolates the time from the tile
 count (the memory peak is reached on the first tile: every tile has the same shape and
 the accumulators are allocated up front). --psnr S compares tiled and untiled passes at
-S x S px, for the photo and for stationary random latents. Last line:
+S x S px, for the photo and for stationary random latents. --whole S times the untiled
+passes at S x S px, plain and banded (the CPU backend's bounded im2col scratch). Last line:
 `vae tiled: <size> decode peak X GB (bound 3 GB) ...`.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,6 +70,9 @@ def timed_pass(fn, vae, x, tile, overlap, max_tiles, total_tiles):
     class Counting:  # the VAE as tiling sees it, with a tile counter
         config, dtype = vae.config, vae.dtype
 
+        def banded(self, max_bytes):
+            return vae.banded(max_bytes)
+
         def decode(self, z):
             return self._tile(vae.decode, z)
 
@@ -80,20 +85,40 @@ def timed_pass(fn, vae, x, tile, overlap, max_tiles, total_tiles):
                 raise _Stop
             return f(a)
 
+    out, secs, act = measured(lambda: fn(Counting(), x, tile=tile, overlap=overlap))
+    done = total_tiles if out is not None else min(max_tiles, total_tiles)
+    return out, secs * total_tiles / max(done, 1), act, done
+
+
+def measured(thunk):
+    """(thunk()'s evaluated result, or None when cut short by _Stop; seconds; MLX peak
+    memory above what was active before, GB)."""
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     t0 = time.perf_counter()
     out = None
     try:
-        out = fn(Counting(), x, tile=tile, overlap=overlap)
+        out = thunk()
         mx.eval(out)
     except _Stop:
         pass
-    secs = time.perf_counter() - t0
-    done = total_tiles if out is not None else min(max_tiles, total_tiles)
-    act = (mx.get_peak_memory() - base) / 1e9
-    return out, secs * total_tiles / max(done, 1), act, done
+    return out, time.perf_counter() - t0, (mx.get_peak_memory() - base) / 1e9
+
+
+def whole_image(vae, size: int) -> list[list[str]]:
+    """Untiled encode + decode of the photo at size x size, plain and banded
+    (`tiling.scratch_bounded`): seconds, activations GB and bytes per pixel."""
+    rows = []
+    x = photo(size)
+    for label, scope in (("plain", nullcontext), ("banded", lambda: tiling.scratch_bounded(vae))):
+        with scope():
+            z, enc_s, enc_gb = measured(lambda: vae.encode_mean(x))
+            _, dec_s, dec_gb = measured(lambda z=z: vae.decode(z))
+        for what, secs, gb in (("encode", enc_s, enc_gb), ("decode", dec_s, dec_gb)):
+            rows.append([what, label, f"{size}x{size}", f"{secs:.1f}", f"{gb:.2f}",
+                         f"{gb * 1e9 / size**2:,.0f}"])
+    return rows
 
 
 def psnr(x, ref) -> float:
@@ -127,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", type=int, help="px (default: a quarter of the tile)")
     ap.add_argument("--max-tiles", type=int, default=0)
     ap.add_argument("--psnr", type=int, default=0, help="size for tiled vs untiled")
+    ap.add_argument("--whole", default="", help="sizes for untiled passes, plain and banded")
     args = ap.parse_args(argv)
     print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
     dtype = getattr(mx, args.dtype)
@@ -154,8 +180,12 @@ def main(argv=None) -> int:
                          f"{secs:.0f}" + ("" if done == total else " (extrap.)"),
                          f"{act:.2f}", f"{est:.2f}", f"{host:.2f}"])
             summary.append(f"{size} {what} peak {act:.2f} GB")
-    print(common.table(rows, ["pass", "size", "tile/overlap px", "tiles run", "seconds",
-                              "activations GB", "estimate GB", "host acc. GB"]))
+    if rows:
+        print(common.table(rows, ["pass", "size", "tile/overlap px", "tiles run", "seconds",
+                                  "activations GB", "estimate GB", "host acc. GB"]))
+    for size in [int(s) for s in args.whole.split(",") if s]:
+        print(common.table(whole_image(vae, size), ["untiled", "scratch", "size", "seconds",
+                                                    "activations GB", "bytes/px"]))
     if args.psnr:
         tile = args.tile or args.psnr // 2
         overlap = tile // 4 if args.overlap is None else args.overlap

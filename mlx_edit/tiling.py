@@ -7,11 +7,12 @@ size, not on the image size: a 4096x4096 decode needs what one tile needs, plus 
 per output pixel of host-side accumulators (float32 image, float64 weights).
 
 Tiles differ from the whole-image pass because GroupNorm statistics and the mid-block
-attention see one tile instead of the whole image. On the FLUX VAE (random weights) with
-256 px tiles overlapping by 64 px, stationary content (random latents / noise images)
-comes out at 41.1 dB (decode) and 42.3 dB (encode) PSNR from the untiled pass at 512x512;
-a photo's latents come out at 28-30 dB, the per-tile statistics differing more there
-(benchmarks/RESULTS.md; tests/test_tiling.py checks >= 40 dB and the seams).
+attention see one tile instead of the whole image. On the FLUX VAE (random weights),
+1024x1024, 512 px tiles overlapping by 128 px against the exact whole-image pass:
+stationary content (random latents) decodes at 48.6 dB PSNR, a photo's latents at
+35.9 dB, and the photo encodes at 30.1 dB (256 px tiles at 512x512: 41.7 / 32.5 /
+28.7 dB); the per-tile statistics differ more for a photo (benchmarks/RESULTS.md;
+tests/test_tiling.py checks >= 40 dB and the seams).
 Reference: diffusers `AutoencoderKL.tiled_encode` / `tiled_decode`
 (models/autoencoders/autoencoder_kl.py), which blend linearly between neighbours.
 `encode_auto` / `decode_auto` tile only when an untiled pass would need more than
@@ -21,7 +22,8 @@ On the CPU backend every pass, tiled or not, runs inside `AutoencoderKL.banded`
 (BAND_BYTES): convolutions in bands of rows and attention in blocks of queries, exact,
 so MLX's im2col scratch (9x a 3x3 conv's input) no longer scales with the image. That
 cut the activations from ~38 to ~7.5 kB/px (float32 decode) and made the pass faster
-(benchmarks/RESULTS.md), so whole-image (exact) passes reach ~1024x1024 and tiles are
+(benchmarks/RESULTS.md), so whole-image (exact) passes reach ~1024x1024 under the
+pipeline's threshold (40% of memory: 9.6 GB on a 24 GB machine) and tiles are 512 px,
 4x larger in area than before.
 """
 

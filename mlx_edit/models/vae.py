@@ -73,8 +73,9 @@ class GroupNorm(nn.Module):
     """GroupNorm over groups of consecutive channels (as PyTorch), NHWC input.
 
     Statistics in float32, the group mean removed (twice: the second pass takes out the
-    first mean's rounding error) before the variance is taken (a one-pass E[x^2] - E[x]^2, as MLX's CPU layer_norm kernel computes it, loses
-    ~1e-3 when |mean| >> std, e.g. encoding a flat control/edge image). Grouping is a
+    first mean's rounding error) before the variance is taken (a one-pass
+    E[x^2] - E[x]^2, as MLX's CPU layer_norm kernel computes it, loses ~1e-3 when
+    |mean| >> std, e.g. encoding a flat control/edge image). Grouping is a
     reshape of the channel axis, no transpose, so the full-resolution layers hold few
     copies of their input. Parameters `weight`, `bias` (C,) as nn.GroupNorm.
     """

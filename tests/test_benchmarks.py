@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end and print their summary line (tiny shapes).
+
+They time nothing here (timings belong in benchmarks/RESULTS.md, measured on a quiet
+machine); the point is that a change to the library does not leave a benchmark broken,
+as happened when the tiled VAE gained `banded` and bench_vae's wrapper did not.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+def _run(repo_root, script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), *args],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_bench_vae_tiled_whole_and_psnr(repo_root, tiny_ckpt):
+    last = _run(repo_root, "bench_vae.py", "--model", str(tiny_ckpt), "--sizes", "64",
+                "--tile", "32", "--psnr", "64", "--whole", "64")
+    assert re.fullmatch(r"vae tiled \(float32\): 64 encode peak [\d.]+ GB; "
+                        r"64 decode peak [\d.]+ GB \(bound 3 GB\)", last), last
+
+
+def test_bench_transformer_against_diffusers(repo_root):
+    last = _run(repo_root, "bench_transformer.py", "--preset", "tiny", "--image-tokens", "64",
+                "--text-tokens", "16", "--compare", "diffusers", "--reps", "2")
+    m = re.fullmatch(r"ratio mlx-edit/diffusers: ([\d.]+)  ratio mlx-edit/mflux: n/a  "
+                     r"fraction of matmul ceiling: ([\d.]+)", last)
+    assert m, last
+    assert float(m.group(1)) > 0
+
+
+def test_bench_pipeline_phases(repo_root, tiny_ckpt):
+    last = _run(repo_root, "bench_pipeline.py", "--model", str(tiny_ckpt), "--size", "64x64",
+                "--steps", "1", "--low-memory")
+    assert re.match(r"pipeline 64x64 \(float32, low memory\): load [\d.]+ s, text [\d.]+ s, "
+                    r"VAE encode [\d.]+ s, step [\d.]+ s, VAE decode [\d.]+ s; "
+                    r"peak [\d.]+ GB", last), last

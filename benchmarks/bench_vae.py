@@ -67,11 +67,9 @@ def timed_pass(fn, vae, x, tile, overlap, max_tiles, total_tiles):
     """Run a tiled pass; returns (result or None, seconds (extrapolated), activations GB)."""
     count = [0]
 
-    class Counting:  # the VAE as tiling sees it, with a tile counter
-        config, dtype = vae.config, vae.dtype
-
-        def banded(self, max_bytes):
-            return vae.banded(max_bytes)
+    class Counting:  # the VAE as tiling sees it, with a tile counter on its passes
+        def __getattr__(self, name):  # everything else (config, dtype, banded): the VAE's
+            return getattr(vae, name)
 
         def decode(self, z):
             return self._tile(vae.decode, z)

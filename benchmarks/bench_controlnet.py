@@ -31,7 +31,7 @@ import mlx_edit  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit.latents import image_ids, model_input, text_ids
+from mlx_edit.sampling.latents import image_ids, model_input, text_ids
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 

@@ -37,13 +37,13 @@ import numpy as np
 from mlx.utils import tree_map_with_path
 
 from mlx_edit import pipeline as pl
-from mlx_edit.latents import image_ids, text_ids
+from mlx_edit.sampling.latents import image_ids, text_ids
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.quantize import COMPONENTS, component_bits, model_nbytes, quantize_component
-from mlx_edit.quantize import quantize_transformer
+from mlx_edit.weights.quantize import COMPONENTS, component_bits, model_nbytes, quantize_component
+from mlx_edit.weights.quantize import quantize_transformer
 from mlx_edit.weights.convert import convert_checkpoint
 from mlx_edit.weights.core import read_config
 from mlx_edit.weights.flux import load_transformer

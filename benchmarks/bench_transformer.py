@@ -43,8 +43,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_edit.compiled import make_step, step_dt  # noqa: E402
-from mlx_edit.latents import image_ids, text_ids  # noqa: E402
+from mlx_edit.sampling.compiled import make_step, step_dt  # noqa: E402
+from mlx_edit.sampling.latents import image_ids, text_ids  # noqa: E402
 from mlx_edit.models import flux, layers  # noqa: E402
 from mlx_edit.models.flux import FluxConfig, FluxTransformer  # noqa: E402
 from mlx_edit.weights.core import load_into  # noqa: E402
@@ -172,7 +172,7 @@ def to_ours(model, cfg: dict, dtype: str, quantize: int | None) -> FluxTransform
     ours = load_into(FluxTransformer(FluxConfig.from_dict(cfg)), tensors, DIFFUSERS_RULES,
                      getattr(mx, dtype), name="transformer")
     if quantize:
-        from mlx_edit.quantize import quantize_transformer
+        from mlx_edit.weights.quantize import quantize_transformer
 
         quantize_transformer(ours, quantize)
         mx.eval(ours.parameters())

@@ -2,7 +2,7 @@
 
     python -m convert SOURCE DEST [--quantize 4|8] [--dtype ...] [...]
 
-The same command as `mlx-edit convert` (see `mlx_edit.cli_convert`); the library is
+The same command as `mlx-edit convert` (see `mlx_edit.cli.convert`); the library is
 `mlx_edit.weights.convert.convert_checkpoint`. Nothing in `mlx_edit` imports this package.
 """
 

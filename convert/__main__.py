@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlx_edit.cli_convert import main
+from mlx_edit.cli.convert import main
 
 if __name__ == "__main__":
     main(prog_name="python -m convert")

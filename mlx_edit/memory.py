@@ -2,7 +2,7 @@
 
 Weights are counted exactly from the component configs: each model is built lazily (MLX
 allocates nothing until evaluated), quantized by the package policy when asked
-(mlx_edit.quantize), and its parameter bytes summed. Activations use per-token and
+(mlx_edit.weights.quantize), and its parameter bytes summed. Activations use per-token and
 per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory model"):
 
 - transformer: on the CPU backend attention has no fused kernel, so it materialises its
@@ -15,7 +15,7 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
 The peak is the largest phase: text encoding, VAE encode, denoising, VAE decode. The
 text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
-mlx_edit.resident) only the phase's own model is resident: CLIP or T5, the VAE, the
+mlx_edit.components) only the phase's own model is resident: CLIP or T5, the VAE, the
 transformer, the VAE. Quantized components count at their quantized size in both modes,
 as the loaders quantize layer by layer (weights/core.py `load_into`). ControlNets and
 image-prompt models are not counted.
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from mlx_edit import tiling
-from mlx_edit.images import InputError
+from mlx_edit.imaging.images import InputError
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.quantize import component_bits, model_nbytes, quantize_component
+from mlx_edit.weights.quantize import component_bits, model_nbytes, quantize_component
 
 GB = 1e9
 # Fitted to measured peaks of a wide forward at 512, 1536 and 2560 tokens (within 2%):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit import __version__
-from mlx_edit.denoise import (
+from mlx_edit.sampling.denoise import (
     Conditioner,
     EditJob,
     Phase,
@@ -29,10 +29,10 @@ from mlx_edit.denoise import (
     denoise,
     initial_noise,
 )
-from mlx_edit.control import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
-from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
-from mlx_edit.images import InputError, from_array, load_image, load_mask, to_array
-from mlx_edit.latents import (
+from mlx_edit.conditioning.controlnet import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
+from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
+from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
+from mlx_edit.sampling.latents import (
     fill_conditioning,
     image_ids,
     pack_latents,
@@ -42,18 +42,18 @@ from mlx_edit.latents import (
     unpack_latents,
     unscale_latents,
 )
-from mlx_edit import masks
+from mlx_edit.imaging import masks
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.resident import Components, limit_cache
-from mlx_edit.sampler import (
+from mlx_edit.components import Components, limit_cache
+from mlx_edit.sampling.sampler import (
     flux_sigmas,
     load_scheduler_config,
     noise_latents,
 )
-from mlx_edit.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
@@ -76,7 +76,7 @@ class FluxFill:
     The text encoders are loaded for each new prompt and freed right after encoding
     (prompt embeddings are cached), so they never sit in memory during denoising. The
     transformer and VAE (`components`) stay loaded, or with `low_memory` are loaded for
-    the phase that needs them and freed after it (mlx_edit.resident).
+    the phase that needs them and freed after it (mlx_edit.components).
     """
 
     def __init__(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path, *,
@@ -121,7 +121,7 @@ class FluxFill:
         The transformer is FLUX.1 Fill (inpaint, outpaint) or FLUX.1 Canny/Depth-dev
         (restyle); see `variant`.
         dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
-        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.quantize),
+        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.weights.quantize),
         layer by layer as they load (full precision is never resident as a whole).
         transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
         not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
@@ -130,7 +130,7 @@ class FluxFill:
         transformer for denoising, then the VAE again for decoding, freeing each after
         its phase, so only one model is resident at a time (peak: memory.estimate's
         `peak_low_memory`; cost: the weights are read again for every edit). It also caps
-        MLX's buffer cache for the whole process (`mlx_edit.resident.limit_cache`,
+        MLX's buffer cache for the whole process (`mlx_edit.components.limit_cache`,
         256 MB; not restored).
         Raises WeightLoadError (missing component, wrong model kind, damaged files; with
         low_memory damaged tensors are found when the edit first loads them).
@@ -277,11 +277,11 @@ class FluxFill:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
         conditioning: the Conditioner of the transformer's extra input channels (None:
-        Fill's; `mlx_edit.control.bfl_conditioner` for Canny/Depth-dev). Raises InputError
+        Fill's; `mlx_edit.conditioning.controlnet.bfl_conditioner` for Canny/Depth-dev). Raises InputError
         when its channels do not fit the transformer's in_channels.
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
-        ip_adapters / redux: image prompts (mlx_edit.image_prompts), prepared once here.
-        controlnets: ControlNets (mlx_edit.control), their inputs aligned to the canvas.
+        ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts), prepared once here.
+        controlnets: ControlNets (mlx_edit.conditioning.controlnet), their inputs aligned to the canvas.
         """
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
@@ -434,8 +434,8 @@ class FluxFill:
         differs. grow_mask / feather: px. crop_to_mask: None = automatic (edit a ~1 MP
         window around the mask when the image is large), True/False to force.
         ip_adapters / redux: image prompts (IPAdapterSpec / ReduxSpec from
-        mlx_edit.image_prompts): the style or subject of reference images.
-        controlnets: ControlNetSpec list (mlx_edit.control): structure (edges, depth,
+        mlx_edit.conditioning.image_prompts): the style or subject of reference images.
+        controlnets: ControlNetSpec list (mlx_edit.conditioning.controlnet): structure (edges, depth,
         pose...) to keep; several are summed.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: empty mask, bad numbers, prompt too long; a

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.cli import main
-from mlx_edit.masks import blend_mask
+from mlx_edit.imaging.masks import blend_mask
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_edit import compiled
-from mlx_edit.latents import image_ids, model_input, text_ids
+from mlx_edit.sampling import compiled
+from mlx_edit.sampling.latents import image_ids, model_input, text_ids
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
-from mlx_edit.sampler import euler_step
+from mlx_edit.sampling.sampler import euler_step
 
 CFG = dict(in_channels=384, out_channels=64, num_layers=2, num_single_layers=2,
            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,

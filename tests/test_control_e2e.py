@@ -17,9 +17,9 @@ from conftest import import_script
 from PIL import Image
 from skimage import data
 
-from mlx_edit import masks
-from mlx_edit.cli_control import control_options, parse_control_groups, pop_control_specs
-from mlx_edit.control import (
+from mlx_edit.imaging import masks
+from mlx_edit.cli.control import control_options, parse_control_groups, pop_control_specs
+from mlx_edit.conditioning.controlnet import (
     ControlNetSpec,
     align_control,
     bfl_control_conditioning,
@@ -28,12 +28,12 @@ from mlx_edit.control import (
     step_active,
     union_mode,
 )
-from mlx_edit.images import InputError, to_array
-from mlx_edit.latents import image_ids, token_grid
+from mlx_edit.imaging.images import InputError, to_array
+from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
-from mlx_edit.denoise import EditJob, denoise
+from mlx_edit.sampling.denoise import EditJob, denoise
 from mlx_edit.pipeline import FluxFill
-from mlx_edit.stitch import crop_for_model, outpaint_canvas, plan_crop
+from mlx_edit.imaging.stitch import crop_for_model, outpaint_canvas, plan_crop
 from mlx_edit.weights.controlnet import load_controlnet
 
 cf = import_script("controlnet_fixtures")

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlx_edit.cli_convert import convert_command
-from mlx_edit.latents import image_ids, text_ids
-from mlx_edit.quantize import quantize_t5, quantize_transformer
+from mlx_edit.cli.convert import convert_command
+from mlx_edit.sampling.latents import image_ids, text_ids
+from mlx_edit.weights.quantize import quantize_t5, quantize_transformer
 from mlx_edit.weights import convert as cv
 from mlx_edit.weights import save
 from mlx_edit.weights.core import WeightLoadError

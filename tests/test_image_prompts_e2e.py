@@ -19,15 +19,15 @@ from click.testing import CliRunner
 from PIL import Image
 from skimage import data
 
-from mlx_edit import masks
-from mlx_edit.cli_image_prompts import (
+from mlx_edit.imaging import masks
+from mlx_edit.cli.image_prompts import (
     image_prompt_kwargs,
     image_prompt_options,
     parse_ip_adapters,
     parse_redux,
 )
-from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec, prepare_redux
-from mlx_edit.images import load_image, load_mask
+from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_redux
+from mlx_edit.imaging.images import load_image, load_mask
 from mlx_edit.pipeline import FluxFill
 from conftest import import_script
 
@@ -93,7 +93,7 @@ def test_ip_adapter_and_redux_together_batch_of_two(setup):
 
 def test_outpaint_with_redux(setup):
     pipe, extras, root = setup
-    from mlx_edit.stitch import outpaint_canvas
+    from mlx_edit.imaging.stitch import outpaint_canvas
 
     image = Image.fromarray(data.coffee()).resize((96, 64))
     canvas, model_mask, blend = outpaint_canvas(image, 32, 0, 0, 16, overlap=8)

@@ -1,4 +1,4 @@
-"""Image/mask I/O (mlx_edit.images), mask ops (mlx_edit.masks), geometry (mlx_edit.stitch).
+"""Image/mask I/O (mlx_edit.imaging.images), mask ops (mlx_edit.imaging.masks), geometry (mlx_edit.imaging.stitch).
 
 Fast, no torch: real photos from skimage.data plus synthetic images.
 """
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageCms
 from skimage import data as skdata
 
-from mlx_edit.images import (
+from mlx_edit.imaging.images import (
     EmptyMaskError,
     InputError,
     InputNotFoundError,
@@ -30,8 +30,8 @@ from mlx_edit.images import (
     sidecar_path,
     to_array,
 )
-from mlx_edit.masks import binarize_mask, blend_mask, feather_mask, grow_mask, mask_bbox
-from mlx_edit.stitch import (
+from mlx_edit.imaging.masks import binarize_mask, blend_mask, feather_mask, grow_mask, mask_bbox
+from mlx_edit.imaging.stitch import (
     crop_for_model,
     outpaint_canvas,
     pad_to_multiple,

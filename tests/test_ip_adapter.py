@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
 
-from mlx_edit.image_prompts import IPAdapterSpec, clip_preprocess, prepare_ip_adapters
-from mlx_edit.images import InputError
+from mlx_edit.conditioning.image_prompts import IPAdapterSpec, clip_preprocess, prepare_ip_adapters
+from mlx_edit.imaging.images import InputError
 from mlx_edit.models.clip import CLIPVisionConfig
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.flux import load_transformer

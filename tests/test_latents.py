@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_edit.latents import (
+from mlx_edit.sampling.latents import (
     fill_conditioning,
     image_ids,
     model_input,

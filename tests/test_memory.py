@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_edit import memory, tiling
-from mlx_edit.images import InputError
+from mlx_edit.imaging.images import InputError
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 
 TINY_FLUX = dict(num_layers=1, num_single_layers=1, attention_head_dim=16,

@@ -14,7 +14,7 @@ import mlx_edit  # noqa: F401  (first: loads OpenBLAS before mlx)
 import pytest
 
 from mlx_edit.parity import TOLERANCES, Row, run_parity
-from mlx_edit.sampler import start_index
+from mlx_edit.sampling.sampler import start_index
 
 pytestmark = pytest.mark.parity
 F32 = TOLERANCES["float32"]

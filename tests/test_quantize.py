@@ -13,7 +13,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_edit import quantize as q
+from mlx_edit.weights import quantize as q
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.t5 import T5Config, T5Encoder

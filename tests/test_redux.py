@@ -21,15 +21,15 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
 
-from mlx_edit.image_prompts import (
+from mlx_edit.conditioning.image_prompts import (
     ReduxSpec,
     prepare_redux,
     prior_redux_embeds,
     redux_tokens,
     siglip_preprocess,
 )
-from mlx_edit.images import InputError
-from mlx_edit.denoise import PromptEmbeds
+from mlx_edit.imaging.images import InputError
+from mlx_edit.sampling.denoise import PromptEmbeds
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.vision import load_redux_embedder, load_siglip_vision, resolve_redux
 from conftest import import_script

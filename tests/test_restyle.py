@@ -22,18 +22,18 @@ from mlx.utils import tree_flatten
 from PIL import Image, ImageFilter
 from skimage import data
 
-from mlx_edit import masks
+from mlx_edit.imaging import masks
 from mlx_edit.cli import main
-from mlx_edit.control import (
+from mlx_edit.conditioning.controlnet import (
     ControlNetSpec,
     bfl_conditioner,
     prepare_controls,
     preprocess,
 )
-from mlx_edit.images import InputError, to_array
-from mlx_edit.latents import image_ids, token_grid
+from mlx_edit.imaging.images import InputError, to_array
+from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.pipeline import FluxFill
-from mlx_edit.quantize import quantized_layers
+from mlx_edit.weights.quantize import quantized_layers
 from mlx_edit.weights import controlnet as cw
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.flux import load_transformer

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_edit.sampler import (
+from mlx_edit.sampling.sampler import (
     SchedulerConfig,
     compute_mu,
     euler_step,

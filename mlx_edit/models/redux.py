@@ -11,7 +11,7 @@ FluxPriorReduxPipeline.encode_image).
 Redux embedder, reference diffusers `pipelines/flux/modeling_flux.py` (ReduxImageEncoder)
 and BFL `src/flux/modules/image_embedders.py`: redux_down(silu(redux_up(x))), 1152 ->
 3 x 4096 -> 4096. Its 729 tokens per image are appended to the T5 prompt tokens
-(mlx_edit.image_prompts.prepare_redux).
+(mlx_edit.conditioning.image_prompts.prepare_redux).
 """
 
 from __future__ import annotations

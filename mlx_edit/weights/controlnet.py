@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 
 from mlx_edit import __version__
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
-from mlx_edit.quantize import (
+from mlx_edit.weights.quantize import (
     DEFAULT_GROUP_SIZE,
     FULL_PRECISION,
     MLX_LAYOUT_KEY,

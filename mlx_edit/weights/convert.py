@@ -40,7 +40,7 @@ from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.quantize import (
+from mlx_edit.weights.quantize import (
     COMPONENTS,
     DEFAULT_GROUP_SIZE,
     GROUP_SIZES,

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.quantize import apply_recorded_quantization, quantize_transformer, read_record
+from mlx_edit.weights.quantize import apply_recorded_quantization, quantize_transformer, read_record
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,

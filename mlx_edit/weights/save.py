@@ -148,7 +148,7 @@ def write_scheduler(folder: Path, source: Path | None) -> None:
     if source is not None:
         copy_folder(source, folder / "scheduler")
         return
-    from mlx_edit.sampler import SchedulerConfig  # FLUX.1's defaults
+    from mlx_edit.sampling.sampler import SchedulerConfig  # FLUX.1's defaults
 
     (folder / "scheduler").mkdir()
     cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler",

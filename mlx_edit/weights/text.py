@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.t5 import T5Config, T5Encoder
-from mlx_edit.quantize import (
+from mlx_edit.weights.quantize import (
     IDENTITY_RULES,
     apply_recorded_quantization,
     is_mlx_layout,

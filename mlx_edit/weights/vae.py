@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.quantize import IDENTITY_RULES, apply_recorded_quantization, is_mlx_layout
+from mlx_edit.weights.quantize import IDENTITY_RULES, apply_recorded_quantization, is_mlx_layout
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,

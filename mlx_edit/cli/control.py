@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from mlx_edit.control import CONTROL_TYPES, DEFAULT_CANNY, ControlNetSpec
-from mlx_edit.images import InputError
+from mlx_edit.conditioning.controlnet import CONTROL_TYPES, DEFAULT_CANNY, ControlNetSpec
+from mlx_edit.imaging.images import InputError
 
 PARAMS = ("controlnet", "control_image", "control_type", "control_mode", "control_scale",
           "control_start", "control_end", "canny_low", "canny_high")

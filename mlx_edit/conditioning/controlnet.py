@@ -26,14 +26,14 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter
 
-from mlx_edit.images import InputError, load_image, to_array
-from mlx_edit.latents import image_ids, token_grid
+from mlx_edit.imaging.images import InputError, load_image, to_array
+from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import FluxControlNet
-from mlx_edit.resident import model_config
-from mlx_edit.stitch import CropPlan, crop_for_model
+from mlx_edit.components import model_config
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model
 
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
-    from mlx_edit.denoise import EditJob
+    from mlx_edit.sampling.denoise import EditJob
     from mlx_edit.pipeline import FluxFill
 
 CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")

@@ -16,12 +16,12 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit.compiled import make_step, step_dt
-from mlx_edit.latents import text_ids
+from mlx_edit.sampling.compiled import make_step, step_dt
+from mlx_edit.sampling.latents import text_ids
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
-from mlx_edit.sampler import model_timesteps
-from mlx_edit.stitch import CropPlan
+from mlx_edit.sampling.sampler import model_timesteps
+from mlx_edit.imaging.stitch import CropPlan
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
 ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]

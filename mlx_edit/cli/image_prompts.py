@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-if TYPE_CHECKING:  # imported inside the parsers: mlx_edit.image_prompts imports mlx
-    from mlx_edit.image_prompts import IPAdapterSpec, ReduxSpec
+if TYPE_CHECKING:  # imported inside the parsers: mlx_edit.conditioning.image_prompts imports mlx
+    from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec
 
 OPTION_NAMES = ("ip_adapter", "ip_image", "ip_scale", "redux", "redux_image", "redux_strength")
 
@@ -88,7 +88,7 @@ def parse_ip_adapters(adapters: Sequence[str], images: Sequence[Path],
                       scales: Sequence[str] = ()) -> list[IPAdapterSpec]:
     """IPAdapterSpecs from the repeated option values (pairing rules in the module doc).
     Raises click.UsageError (missing image, counts that do not pair, bad scale)."""
-    from mlx_edit.image_prompts import IPAdapterSpec
+    from mlx_edit.conditioning.image_prompts import IPAdapterSpec
 
     if not adapters:
         if images or scales:
@@ -113,7 +113,7 @@ def parse_redux(models: Sequence[str], images: Sequence[Path],
                 strengths: Sequence[float] = ()) -> list[ReduxSpec]:
     """ReduxSpecs, one per image (pairing rules in the module doc).
     Raises click.UsageError (missing image, counts that do not pair, bad strength)."""
-    from mlx_edit.image_prompts import ReduxSpec
+    from mlx_edit.conditioning.image_prompts import ReduxSpec
 
     if not models:
         if images or strengths:

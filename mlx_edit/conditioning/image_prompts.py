@@ -27,14 +27,14 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit.images import InputError, load_image
+from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.models.layers import IPAdapterKV
-from mlx_edit.resident import model_config
+from mlx_edit.components import model_config
 
 if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
     from mlx_edit.models.clip import CLIPVisionModel
     from mlx_edit.models.redux import SiglipVisionModel
-    from mlx_edit.denoise import PromptEmbeds
+    from mlx_edit.sampling.denoise import PromptEmbeds
     from mlx_edit.pipeline import FluxFill
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers OPENAI_CLIP_MEAN

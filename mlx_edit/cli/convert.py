@@ -36,7 +36,7 @@ precision). DEST is written next to its final place and renamed when complete.
 def _component_bits(ctx, param, value):
     if not value:
         return None
-    from mlx_edit.quantize import parse_component_bits
+    from mlx_edit.weights.quantize import parse_component_bits
 
     try:
         return parse_component_bits(value)

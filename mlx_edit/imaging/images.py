@@ -1,7 +1,7 @@
 """Image and mask I/O: loading, [-1, 1] array conversion, PNG/JSON writing.
 
 Pure Pillow/numpy (no mlx). The editing geometry (grow/feather, crop-to-mask, paste-back,
-outpaint canvas) lives in `mlx_edit.stitch`.
+outpaint canvas) lives in `mlx_edit.imaging.stitch`.
 
 Conventions: sizes are PIL's `(width, height)`; arrays are `(H, W)` or `(H, W, C)`; a mask
 is float32 in [0, 1] where 1 (white) means "repaint", as in diffusers' FluxFillPipeline.

@@ -8,7 +8,7 @@ Pure Pillow/numpy (no mlx). The pipeline's flow for an edit is
     result = stitch_back(image, edited, plan, blend)    # exact outside the blend
 
 with `mask = grow_mask(user_mask, g)` and `blend = blend_mask(user_mask, g, f)` from
-`mlx_edit.masks`.
+`mlx_edit.imaging.masks`.
 Masks are float32 (H, W) in [0, 1], 1 = repaint; sizes are PIL `(width, height)`;
 boxes are `(left, top, right, bottom)` with right/bottom exclusive.
 """
@@ -23,8 +23,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from mlx_edit.images import EmptyMaskError, InputError
-from mlx_edit.masks import binarize_mask, mask_bbox
+from mlx_edit.imaging.images import EmptyMaskError, InputError
+from mlx_edit.imaging.masks import binarize_mask, mask_bbox
 
 # ---------------------------------------------------------------- paste-back
 

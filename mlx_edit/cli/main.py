@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
-from mlx_edit.cli_control import control_options, pop_control_specs
-from mlx_edit.cli_image_prompts import image_prompt_kwargs, image_prompt_options
+from mlx_edit.cli.control import control_options, pop_control_specs
+from mlx_edit.cli.image_prompts import image_prompt_kwargs, image_prompt_options
 
 
 def _usage(message: str) -> click.UsageError:
@@ -88,7 +88,7 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
          extra_inputs: tuple[Path, ...] = ()) -> None:
     """Load the model, run one edit with a progress bar, write the outputs (never over
     `image`, `mask` or `extra_inputs`)."""
-    from mlx_edit.images import InputError, load_image, load_mask, save_json_sidecar, save_png
+    from mlx_edit.imaging.images import InputError, load_image, load_mask, save_json_sidecar, save_png
     from mlx_edit.weights.core import WeightLoadError
 
     if opts["steps"] < 1:
@@ -270,7 +270,7 @@ def restyle(image, control_image, control_type, mask, strength, grow_mask, feath
 
 def _register_commands() -> None:
     """Commands that live in their own modules (conversion, parity)."""
-    from mlx_edit.cli_convert import convert_command
+    from mlx_edit.cli.convert import convert_command
     from mlx_edit.parity import parity_command
 
     main.add_command(convert_command, "convert")

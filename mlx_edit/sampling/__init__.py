@@ -1,0 +1,1 @@
+"""The flow-match schedule, packing, the one denoise loop and its compiled step."""

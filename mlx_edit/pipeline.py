@@ -12,7 +12,7 @@ VAE posterior mode (BFL's choice, and deterministic) instead of a sample.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -29,8 +29,8 @@ from mlx_edit.sampling.denoise import (
     denoise,
     initial_noise,
 )
-from mlx_edit.conditioning.controlnet import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
-from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
+from mlx_edit.conditioning.controlnet import ControlNetSpec, bfl_conditioner, prepare_controls  # noqa: F401
+from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux  # noqa: F401
 from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.sampling.latents import (
     fill_conditioning,
@@ -43,6 +43,16 @@ from mlx_edit.sampling.latents import (
     unscale_latents,
 )
 from mlx_edit.imaging import masks
+from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
+    CONTROL_GUIDANCE,
+    DEFAULT_FEATHER,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    OUTPAINT_OVERLAP,
+    EditOptions,
+    check_canvas,
+    check_prompt,
+)
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
@@ -62,12 +72,7 @@ from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, r
 from mlx_edit.weights.text import load_clip_text, load_t5
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
-DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
-DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
-DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
-OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
-CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
 FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
 
 class FluxFill:
@@ -258,24 +263,16 @@ class FluxFill:
         model_mask: np.ndarray,
         blend: np.ndarray,
         prompt: str,
+        options: EditOptions | None = None,
         *,
-        steps: int,
-        guidance: float,
-        seed: int,
-        num_images: int,
-        strength: float,
-        crop_to_mask: bool | None,
-        prompt_2: str | None,
-        max_sequence_length: int,
         noise: mx.array | None = None,
         metadata: dict | None = None,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
         conditioning: Conditioner | None = None,
+        **overrides,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
+        options: EditOptions (or its fields as keyword `overrides`), checked here (InputError).
         conditioning: the Conditioner of the transformer's extra input channels (None:
         Fill's; `mlx_edit.conditioning.controlnet.bfl_conditioner` for Canny/Depth-dev). Raises InputError
         when its channels do not fit the transformer's in_channels.
@@ -283,12 +280,12 @@ class FluxFill:
         ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts), prepared once here.
         controlnets: ControlNets (mlx_edit.conditioning.controlnet), their inputs aligned to the canvas.
         """
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        if num_images < 1:
-            raise InputError(f"num_images must be >= 1, got {num_images}")
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
+        o = EditOptions.of(options, overrides)
+        prompt = check_prompt(prompt)
+        steps, guidance, seed, num_images = o.steps, o.effective_guidance, o.seed, o.num_images
+        strength, crop_to_mask, prompt_2 = o.strength, o.crop_to_mask, o.prompt_2
+        max_sequence_length = o.max_sequence_length
+        ip_adapters, redux, controlnets = o.ip_adapters, o.redux, o.controlnets
         stats: dict = {}
         target = MODEL_PIXELS if crop_to_mask is not False else None
         plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
@@ -405,160 +402,100 @@ class FluxFill:
 
     # ------------------------------------------------------------------ public edits
 
-    def inpaint(
-        self,
-        image,
-        mask,
-        prompt: str,
-        *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = 0,
-        num_images: int = 1,
-        strength: float = 1.0,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        paste_back: bool = True,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
+                progress: Callable[[int, int], None] | None = None,
+                **overrides) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
 
         image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
-        differs. grow_mask / feather: px. crop_to_mask: None = automatic (edit a ~1 MP
-        window around the mask when the image is large), True/False to force.
-        ip_adapters / redux: image prompts (IPAdapterSpec / ReduxSpec from
-        mlx_edit.conditioning.image_prompts): the style or subject of reference images.
-        controlnets: ControlNetSpec list (mlx_edit.conditioning.controlnet): structure (edges, depth,
-        pose...) to keep; several are summed.
+        differs. options: EditOptions, or its fields as keywords (steps, guidance, seed,
+        num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
+        automatic: edit a ~1 MP window around the mask when the image is large),
+        prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
+        the style or subject of reference images), controlnets (ControlNetSpec list:
+        structure to keep; several are summed)); defaults and ranges: mlx_edit.options.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
-        Canny/Depth transformer loaded instead of Fill).
+        Raises InputError (bad input: a bad option, empty mask, prompt too long; a
+        Canny/Depth transformer loaded instead of Fill), before any model loads.
         """
+        o = EditOptions.of(options, overrides, "inpaint")
+        check_prompt(prompt)
         self._require("fill", "inpaint")
         image = load_image(image)
         user_mask = load_mask(mask, image.size)
-        model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-        blend = masks.blend_mask(user_mask, grow_mask, feather)
-        job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
-        )
-        return self.run(job, paste_back, progress)
+        model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
+        blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
+        job = self.prepare(image, model_mask, blend, prompt, o, metadata={
+            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather})
+        return self.run(job, o.paste_back, progress)
 
-    def outpaint(
-        self,
-        image,
-        prompt: str,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        overlap: int = OUTPAINT_OVERLAP,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = 0,
-        num_images: int = 1,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
+                 progress: Callable[[int, int], None] | None = None,
+                 **overrides) -> list[Image.Image]:
         """Extend `image` by left/right/top/bottom px, generating the new border.
 
+        options: EditOptions or its fields as keywords (left, right, top, bottom, overlap,
+        and the common ones of `inpaint` except strength/grow_mask/feather/paste_back).
         The original is kept exactly except for an `overlap` px band along each extended
         side, which is regenerated and blended so the seam does not show.
         Returns PIL images of size (W + left + right, H + top + bottom).
-        Raises InputError (no expansion, negative values; not a Fill transformer).
+        Raises InputError (no expansion, bad values, a canvas too large for the machine,
+        checked before it is allocated; not a Fill transformer).
         """
+        o = EditOptions.of(options, overrides, "outpaint")
+        check_prompt(prompt)
         self._require("fill", "outpaint")
         image = load_image(image)
-        canvas, model_mask, blend = outpaint_canvas(image, left, right, top, bottom,
-                                                    overlap=overlap)
-        job = self.prepare(
-            canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
-                      "overlap": overlap},
-        )
+        w, h = image.size
+        check_canvas(w + o.left + o.right, h + o.top + o.bottom)
+        canvas, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
+                                                    overlap=o.overlap)
+        job = self.prepare(canvas, model_mask, blend, prompt, o, metadata={
+            "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
+            "overlap": o.overlap})
         return self.run(job, True, progress)
 
-    def restyle(
-        self,
-        image,
-        control_image,
-        prompt: str,
-        *,
-        control_type: str = "canny",
-        mask=None,
-        strength: float = 1.0,
-        steps: int = DEFAULT_STEPS,
-        guidance: float | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        paste_back: bool = True,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        canny_low: float = BFL_CANNY[0],
-        canny_high: float = BFL_CANNY[1],
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def restyle(self, image, control_image, prompt: str, options: EditOptions | None = None,
+                *, mask=None, progress: Callable[[int, int], None] | None = None,
+                **overrides) -> list[Image.Image]:
         """Repaint `image` following `prompt` while keeping the structure (edges or depth)
         of `control_image`, with FLUX.1 Canny-dev / Depth-dev (in_channels 128).
 
         control_image: path, PIL or array, the same framing as `image`; None = `image`
-        itself (for canny). control_type: "canny" (edges computed here; thresholds on the
-        0-255 scale, BFL's 50/200), "depth" or "none" (a ready-made map, used as given).
+        itself (for canny). options: EditOptions or its fields as keywords: control_type
+        "canny" (edges computed here; canny_low / canny_high on the 0-255 scale, BFL's
+        50/200), "depth" or "none" (a ready-made map, used as given), and the common ones
+        of `inpaint` except the image prompts and ControlNets.
         mask: None = the whole image; else white = restyle, and outside the grown and
         feathered mask the original is kept exactly (crop_to_mask as in `inpaint`).
         strength < 1 starts from the image (img2img). guidance None: 30 for canny and
         none, 10 for depth (BFL's defaults).
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (not a Canny/Depth transformer, depth without a control image,
-        bad numbers, empty mask, prompt too long).
+        bad options, empty mask, prompt too long).
         """
+        o = EditOptions.of(options, overrides, "restyle")
+        check_prompt(prompt)
         self._require("control", "restyle")
         image = load_image(image)
-        if control_image is None and control_type != "canny":
-            raise InputError(f"--control-type {control_type} needs --control-image (a "
+        if control_image is None and o.control_type != "canny":
+            raise InputError(f"--control-type {o.control_type} needs --control-image (a "
                              "ready-made map: no depth estimator is bundled)")
         if mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:
             user_mask = load_mask(mask, image.size)
-            model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-            blend = masks.blend_mask(user_mask, grow_mask, feather)
-        if guidance is None:
-            guidance = CONTROL_GUIDANCE.get(control_type, DEFAULT_GUIDANCE)
+            model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
+            blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
         conditioner = bfl_conditioner(self, image if control_image is None else control_image,
-                                      control_type, canny_low=canny_low, canny_high=canny_high)
-        job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            conditioning=conditioner,
-            metadata={"mode": "restyle", "control_type": control_type,
-                      "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
-        )
-        return self.run(job, paste_back, progress)
+                                      o.control_type, canny_low=o.canny_low,
+                                      canny_high=o.canny_high)
+        job = self.prepare(image, model_mask, blend, prompt, o, conditioning=conditioner,
+                           metadata={"mode": "restyle", "control_type": o.control_type,
+                                     "masked": mask is not None, "grow_mask": o.grow_mask,
+                                     "feather": o.feather})
+        return self.run(job, o.paste_back, progress)
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:

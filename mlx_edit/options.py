@@ -25,9 +25,12 @@ from mlx_edit.imaging.images import InputError
 DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
 DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
 CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0, "none": 30.0}  # BFL cli_control.py
+RESTYLE_CONTROL_TYPES = tuple(CONTROL_GUIDANCE)  # the BFL Canny/Depth models' inputs
 DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
 OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 BFL_CANNY = (50.0, 200.0)  # BFL cli_control.py's Canny thresholds (0-255 scale)
+CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")  # ControlNet preprocessing
+DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds for ControlNets
 MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED (every seed of a batch: seed + i)
 MAX_STEPS = 1000
 MAX_IMAGES = 64

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from mlx_edit.imaging.images import InputError, load_image, to_array
-from mlx_edit.options import BFL_CANNY  # noqa: F401  (BFL cli_control.py, FLUX.1-Canny-dev)
+from mlx_edit.options import BFL_CANNY, CONTROL_TYPES, DEFAULT_CANNY  # noqa: F401  (one place)
 from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import FluxControlNet
 from mlx_edit.components import model_config
@@ -37,10 +37,8 @@ if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
     from mlx_edit.sampling.denoise import EditJob
     from mlx_edit.pipeline import FluxFill
 
-CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")
 # InstantX / Shakker-Labs Union mode ids (their model cards); 6 = low quality.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5}
-DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds (BFL Canny-dev: 50, 200)
 # Control types of the BFL Canny/Depth models: edges computed here, or a ready-made map.
 RESTYLE_TYPES = ("canny", "depth", "none")
 

@@ -60,16 +60,14 @@ from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.components import Components, limit_cache
 from mlx_edit.sampling.sampler import (
     flux_sigmas,
-    load_scheduler_config,
     noise_latents,
 )
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.tiling import decode_auto, encode_auto
-from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
-from mlx_edit.weights.text import load_clip_text, load_t5
+from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
@@ -100,9 +98,8 @@ class FluxFill:
                                     expect_in_channels=kinds, quantize=quantize),
              "vae": partial(load_vae, vae_dir, dtype)},
             {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
-        self.scheduler_config = load_scheduler_config(component_dir(root, "scheduler"))
-        self.clip_tokenizer = ClipTokenizer.from_folder(component_dir(root, "tokenizer"))
-        self.t5_tokenizer = T5Tokenizer.from_folder(component_dir(root, "tokenizer_2"))
+        # damaged tokenizer/scheduler files fail here, as one WeightLoadError
+        self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
         for name in ("text_encoder", "text_encoder_2"):
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}

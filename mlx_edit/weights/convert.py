@@ -437,6 +437,7 @@ def convert_checkpoint(
         for name in ("tokenizer", "tokenizer_2"):
             save.copy_folder(parts[name], tmp / name)
         save.write_scheduler(tmp, parts["scheduler"])
+        text_w.load_text_tools(tmp)  # damaged tokenizer/scheduler files: refused, never published
         manifest = {
             "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

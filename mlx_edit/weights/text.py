@@ -31,6 +31,7 @@ from mlx_edit.weights.core import (
     load_into,
     open_tensors,
     read_config,
+    reading,
     rename,
     safetensors_files,
 )
@@ -157,3 +158,26 @@ def load_t5(folder: str | Path, dtype: mx.Dtype | None = None,
               quantize=(lambda m: quantize_t5(m, quantize)) if quantize else None)
     model.eval()
     return model
+
+
+def load_text_tools(root: Path):
+    """The scheduler config and the CLIP/T5 tokenizers of the model folder `root`, each
+    tried on a short prompt so that damaged files fail now (WeightLoadError naming the
+    folder), not after the first edit's work. Returns (SchedulerConfig, ClipTokenizer,
+    T5Tokenizer)."""
+    from mlx_edit.sampling.sampler import load_scheduler_config
+    from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+    from mlx_edit.weights.sources import component_dir
+
+    folder = component_dir(root, "scheduler")
+    with reading("scheduler config", folder):
+        scheduler = load_scheduler_config(folder)
+    folder = component_dir(root, "tokenizer")
+    with reading("CLIP tokenizer files", folder):
+        clip = ClipTokenizer.from_folder(folder)
+        clip("a photo")
+    folder = component_dir(root, "tokenizer_2")
+    with reading("T5 tokenizer files", folder):
+        t5 = T5Tokenizer.from_folder(folder)
+        t5("a photo", max_length=8)
+    return scheduler, clip, t5

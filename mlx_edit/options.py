@@ -110,7 +110,10 @@ def _spec_from_dict(name: str, d: Mapping, kind: str):
     unknown = sorted(set(d) - known)
     if unknown:
         raise InputError(f"{name}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except TypeError as e:  # a required key missing
+        raise InputError(f"{name}: {e}") from None
 
 
 # field -> (the modes that take it, help text). Defaults live on the dataclass below.

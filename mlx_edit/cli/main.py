@@ -118,8 +118,9 @@ def build_options(mode: str, opts: dict, specs: dict):
         raise _flagged(e) from None
 
 
-def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> None:
-    """Read every input image now (missing, unreadable, empty mask): one-line errors."""
+def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> tuple[int, int]:
+    """Read every input image now (missing, unreadable, empty mask): one-line errors.
+    Returns the image's (width, height)."""
     from mlx_edit.imaging.images import load_image, load_mask
 
     size = load_image(image).size
@@ -129,6 +130,7 @@ def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> None:
             load_mask(mask, size)
     for other in others:
         load_image(other)
+    return size
 
 
 def _stats_line(s: dict) -> str:
@@ -150,7 +152,12 @@ def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
     prompt = opts["prompt"]
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
     inputs += input_paths(specs)
-    check_inputs(image, mask, [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
+    w, h = check_inputs(image, mask,
+                        [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
+    if mode == "outpaint":  # before the model loads, and before the canvas is allocated
+        from mlx_edit.options import check_canvas
+
+        check_canvas(w + options.left + options.right, h + options.top + options.bottom)
     output = opts["output"] or image.with_name(f"{image.stem}-edit.png")
     outputs = output_paths(output, options.num_images, opts["metadata"])
     for png, sidecar in outputs:
@@ -165,11 +172,12 @@ def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
     pipe = FluxFill.from_pretrained(
         opts["model"] or DEFAULT_MODEL, quantize=int(opts["quantize"]) if opts["quantize"] else None,
         transformer=opts["transformer"], low_memory=opts["low_memory"])
-    bar = tqdm(total=options.steps, unit="step", desc=mode, file=sys.stderr)
+    bars = []  # made at the first step: an error before it stays one line
 
     def progress(step, total):
-        bar.total = total
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
+        bars[0].update(1)
 
     if mode == "inpaint":
         images = pipe.inpaint(image, mask, prompt, options, progress=progress)
@@ -177,7 +185,8 @@ def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
         images = pipe.restyle(image, control_image, prompt, options, mask=mask, progress=progress)
     else:
         images = pipe.outpaint(image, prompt, options, progress=progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):

@@ -414,6 +414,8 @@ def convert_checkpoint(
         raise ConversionError(str(e)) from e
     parts = locate_sources(source, vae, text_encoders)
     _check_not_inside(dest, parts)
+    # damaged tokenizer/scheduler files: refused before any work, never published
+    text_w.read_text_tools(parts["scheduler"], parts["tokenizer"], parts["tokenizer_2"])
     save.remove_stale_temps(dest)
     tmp = save.temp_folder_for(dest)
     if tmp.exists():
@@ -437,7 +439,6 @@ def convert_checkpoint(
         for name in ("tokenizer", "tokenizer_2"):
             save.copy_folder(parts[name], tmp / name)
         save.write_scheduler(tmp, parts["scheduler"])
-        text_w.load_text_tools(tmp)  # damaged tokenizer/scheduler files: refused, never published
         manifest = {
             "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

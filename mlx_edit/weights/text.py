@@ -165,19 +165,28 @@ def load_text_tools(root: Path):
     tried on a short prompt so that damaged files fail now (WeightLoadError naming the
     folder), not after the first edit's work. Returns (SchedulerConfig, ClipTokenizer,
     T5Tokenizer)."""
-    from mlx_edit.sampling.sampler import load_scheduler_config
-    from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
     from mlx_edit.weights.sources import component_dir
 
-    folder = component_dir(root, "scheduler")
-    with reading("scheduler config", folder):
-        scheduler = load_scheduler_config(folder)
-    folder = component_dir(root, "tokenizer")
-    with reading("CLIP tokenizer files", folder):
-        clip = ClipTokenizer.from_folder(folder)
-        clip("a photo")
-    folder = component_dir(root, "tokenizer_2")
-    with reading("T5 tokenizer files", folder):
-        t5 = T5Tokenizer.from_folder(folder)
-        t5("a photo", max_length=8)
-    return scheduler, clip, t5
+    return read_text_tools(*(component_dir(root, c)
+                             for c in ("scheduler", "tokenizer", "tokenizer_2")))
+
+
+def read_text_tools(scheduler: Path | None, tokenizer: Path | None,
+                    tokenizer_2: Path | None):
+    """`load_text_tools` on separate folders; a None folder is skipped (None returned)."""
+    from mlx_edit.sampling.sampler import load_scheduler_config
+    from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+
+    out = [None, None, None]
+    if scheduler is not None:
+        with reading("scheduler config", scheduler):
+            out[0] = load_scheduler_config(scheduler)
+    if tokenizer is not None:
+        with reading("CLIP tokenizer files", tokenizer):
+            out[1] = ClipTokenizer.from_folder(tokenizer)
+            out[1]("a photo")
+    if tokenizer_2 is not None:
+        with reading("T5 tokenizer files", tokenizer_2):
+            out[2] = T5Tokenizer.from_folder(tokenizer_2)
+            out[2]("a photo", max_length=8)
+    return tuple(out)

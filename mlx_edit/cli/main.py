@@ -22,7 +22,7 @@ import click
 from mlx_edit import __version__
 from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_conditioning
 from mlx_edit.cli.errors import OneLineGroup
-from mlx_edit.options import FIELDS, MAX_SEED, RESTYLE_CONTROL_TYPES, default
+from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, default
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
 _TYPES = {"guidance": float, "prompt_2": str}  # fields whose library default is None
@@ -34,8 +34,7 @@ def _field_option(name: str):
     value, text = default(name), FIELDS[name][1]
     flag = "--" + name.replace("_", "-")
     if name == "seed":  # the CLI's one deliberate difference: a random seed
-        return click.option(flag, type=int, default=None,
-                            help=f"Random seed 0..{MAX_SEED} (default: random).")
+        return click.option(flag, type=int, default=None, help=f"{text} [default: random]")
     if name in ("paste_back", "crop_to_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)

@@ -157,10 +157,13 @@ def _unit_from_array(a: np.ndarray) -> np.ndarray:
         return a.astype(np.float32) / 255.0
     if a.dtype == np.uint16:
         return a.astype(np.float32) / 65535.0
-    f = a.astype(np.float32)
-    if not np.isfinite(f).all():
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise InputError(f"mask array must be bool, integer or float, got {a.dtype}")
+    wide = a.astype(np.float64)  # checked before the float32 cast, which could overflow
+    if not np.isfinite(wide).all():
         raise InputError("mask array contains NaN or inf; pass values in [0, 1]")
-    lo, hi = float(f.min(initial=0.0)), float(f.max(initial=0.0))
+    lo, hi = float(wide.min(initial=0.0)), float(wide.max(initial=0.0))
+    f = a.astype(np.float32) if -1.0 <= lo and hi <= 65535.0 else wide
     if np.issubdtype(a.dtype, np.integer) and 0 <= lo and hi <= 255:
         return f / (255.0 if hi > 1 else 1.0)
     if lo < -1e-3 or hi > 1.0 + 1e-3:

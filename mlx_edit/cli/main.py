@@ -178,14 +178,17 @@ def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
             bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
         bars[0].update(1)
 
-    if mode == "inpaint":
-        images = pipe.inpaint(image, mask, prompt, options, progress=progress)
-    elif mode == "restyle":
-        images = pipe.restyle(image, control_image, prompt, options, mask=mask, progress=progress)
-    else:
-        images = pipe.outpaint(image, prompt, options, progress=progress)
-    for bar in bars:
-        bar.close()
+    try:
+        if mode == "inpaint":
+            images = pipe.inpaint(image, mask, prompt, options, progress=progress)
+        elif mode == "restyle":
+            images = pipe.restyle(image, control_image, prompt, options, mask=mask,
+                                  progress=progress)
+        else:
+            images = pipe.outpaint(image, prompt, options, progress=progress)
+    finally:  # the bar's line ends before any error line
+        for bar in bars:
+            bar.close()
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):

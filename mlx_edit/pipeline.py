@@ -64,7 +64,7 @@ from mlx_edit.sampling.sampler import (
 )
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.tiling import decode_auto, encode_auto
-from mlx_edit.weights.core import default_dtype, read_config
+from mlx_edit.weights.core import check_headers, default_dtype, read_config
 from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
@@ -100,8 +100,9 @@ class FluxFill:
             {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
         # damaged tokenizer/scheduler files fail here, as one WeightLoadError
         self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
-        for name in ("text_encoder", "text_encoder_2"):
-            component_dir(root, name)  # fail at load time, not after the first prompt
+        for part in (transformer, vae_dir, *(component_dir(root, name)
+                                            for name in ("text_encoder", "text_encoder_2"))):
+            check_headers(part)  # damaged files fail at load time, not mid-edit
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
         self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
         self.load_stats: dict = {}

@@ -65,6 +65,13 @@ def world(tmp_path_factory, tiny_ckpt):
         dst = w / "models" / name
         shutil.copytree(tiny_ckpt, dst, symlinks=True)
         (dst / rel).write_bytes(data)
+    dst = w / "models" / "t5-cut"  # a truncated text-encoder shard
+    shutil.copytree(tiny_ckpt, dst, symlinks=True)
+    shard = sorted((dst / "text_encoder_2").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    dst = w / "models" / "clip-garbage"
+    shutil.copytree(tiny_ckpt, dst, symlinks=True)
+    (dst / "text_encoder" / "model.safetensors").write_bytes(b"garbage" * 3)
     return w
 
 
@@ -264,6 +271,8 @@ MODELS = [  # what --model names; a path is never downloaded
     (["--model", "{w}/models/vocab"], "damaged or unreadable CLIP tokenizer"),
     (["--model", "{w}/models/spiece"], "damaged or unreadable T5 tokenizer"),
     (["--model", "{w}/models/scheduler"], "damaged or unreadable scheduler config"),
+    (["--model", "{w}/models/t5-cut"], "truncated"),
+    (["--model", "{w}/models/clip-garbage"], "damaged or unreadable safetensors header"),
     (["--prompt", "word " * 600], "T5 tokens"),
 ]
 USAGE = [

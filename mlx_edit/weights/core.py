@@ -285,3 +285,21 @@ def reading(what: str, path: Path):
         detail = " ".join(str(e).split())[:200]
         raise WeightLoadError(f"{path}: damaged or unreadable {what} ({type(e).__name__}: "
                               f"{detail}); re-download or re-convert the model") from e
+
+
+def check_headers(path: str | Path) -> None:
+    """Read the header of every safetensors file of a component (folder or file) and
+    check it against the file size, without reading any tensor, so a truncated or
+    damaged file fails when the model is opened, not halfway through an edit.
+    Raises WeightLoadError naming the file."""
+    for file in safetensors_files(path):
+        with reading("safetensors header", file), open(file, "rb") as f:
+            size = file.stat().st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if 8 + n + max(ends, default=0) > size:
+                raise ValueError(f"truncated: the tensors need {8 + n + max(ends)} bytes, "
+                                 f"the file has {size}")

@@ -54,6 +54,7 @@ def world(tmp_path_factory, tiny_ckpt):
     (w / "photos").mkdir()
     _png(w / "photos" / "a.png", photo)
     (w / "link.png").symlink_to(w / "photo.png")
+    (w / "sub-link").symlink_to(w / "photos")
     (w / "dangling.png").symlink_to(w / "nowhere.png")
     os.link(w / "photo.png", w / "hard.png")
     (w / "bad.json").write_text("{not json")
@@ -291,6 +292,7 @@ CONVERT = [
     (["convert", "{ckpt}", "{w}/photos"], "exists and is not empty"),
     (["convert", "{ckpt}", "{w}/notes.txt", "--overwrite"], "notes.txt"),
     (["convert", "{ckpt}", "{w}/link.png"], "link.png"),
+    (["convert", "{ckpt}", "{w}/sub-link", "--overwrite"], "is a link"),
     (["convert", "./missing-model", "{w}/dest"], "not found"),
     (["convert", "../missing-model", "{w}/dest"], "not found"),
     (["convert", "{ckpt}", "{w}/dest", "--component-bits", "unet=4"], "unknown component"),

@@ -215,7 +215,9 @@ def check_dest(dest: Path, overwrite: bool) -> None:
     """FileExistsError unless `dest` is absent, an empty folder, or (with `overwrite`) a
     folder `is_ours`: a file, a link or any other non-empty folder (photos, a diffusers
     checkpoint) is never replaced."""
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+    if dest.is_symlink():
+        raise FileExistsError(f"{dest} is a link; give the folder itself or another DEST")
+    if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is not a folder; choose another DEST")
     if not dest.is_dir() or not any(dest.iterdir()):
         return

@@ -81,6 +81,8 @@ def _snapshot(folder: Path) -> dict:
     for p in sorted(folder.rglob("*")):
         if p.is_symlink():
             out[str(p)] = "->" + os.readlink(p)
+        elif p.is_file() and p.stat().st_size > 100_000:  # model files: size and time
+            out[str(p)] = (p.stat().st_size, p.stat().st_mtime_ns)
         elif p.is_file():
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
         else:

@@ -20,64 +20,80 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import __version__
-from mlx_edit.sampling.denoise import (
-    Conditioner,
-    EditJob,
-    Phase,
-    PromptEmbeds,
-    denoise,
-    initial_noise,
+from mlx_edit import __version__, variants
+from mlx_edit.components import Components, limit_cache
+from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner
+from mlx_edit.conditioning.context import Conditioner, ConditioningContext
+from mlx_edit.conditioning.controlnet import ControlNetSpec, prepare_controls
+from mlx_edit.conditioning.fill import fill_conditioner
+from mlx_edit.conditioning.image_prompts import (
+    IPAdapterSpec,
+    ReduxSpec,
+    prepare_ip_adapters,
+    prepare_redux,
 )
-from mlx_edit.conditioning.controlnet import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
-from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
+from mlx_edit.conditioning.kontext import kontext_tokens
+from mlx_edit.imaging import masks
 from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.layers import IPAdapterKV
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.latents import (
-    fill_conditioning,
     image_ids,
     pack_latents,
-    pack_mask,
     scale_latents,
     token_grid,
     unpack_latents,
     unscale_latents,
 )
-from mlx_edit.imaging import masks
-from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.models.layers import IPAdapterKV
-from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.components import Components, limit_cache
-from mlx_edit.sampling.sampler import (
-    flux_sigmas,
-    load_scheduler_config,
-    noise_latents,
-)
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.sampling.sampler import flux_sigmas, load_scheduler_config, noise_latents
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
-from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
+from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
-DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
-DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
+DEFAULT_STEPS = variants.VARIANTS["fill"].steps  # diffusers FluxFillPipeline, BFL cli_fill
+DEFAULT_GUIDANCE = variants.VARIANTS["fill"].guidance  # Fill is distilled for high guidance
 DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
 OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
-CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
-FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
+CONTROL_GUIDANCE = variants.CONTROL_GUIDANCE
 
-class FluxFill:
-    """FLUX.1 Fill inpainting/outpainting. Build with `FluxFill.from_pretrained`.
+
+def _check_numbers(steps: int, num_images: int, strength: float) -> None:
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    if num_images < 1:
+        raise InputError(f"num_images must be >= 1, got {num_images}")
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength must be in (0, 1], got {strength}")
+
+
+def _tokens(plan: CropPlan) -> int:
+    """Packed image tokens of the plan's model canvas."""
+    w, h = plan.model_size
+    h_tok, w_tok = token_grid(h, w)
+    return h_tok * w_tok
+
+
+class FluxPipeline:
+    """What every FLUX edit shares: models on demand, prompt encoding, planning,
+    conditioning, the one denoise loop and decoding. Edits live in subclasses
+    (`FluxFill`, `FluxKontext`), which name the variants they load (mlx_edit.variants).
 
     The text encoders are loaded for each new prompt and freed right after encoding
     (prompt embeddings are cached), so they never sit in memory during denoising. The
     transformer and VAE (`components`) stay loaded, or with `low_memory` are loaded for
     the phase that needs them and freed after it (mlx_edit.components).
     """
+
+    VARIANTS: tuple[str, ...] = ("fill", "control")  # names in mlx_edit.variants.VARIANTS
 
     def __init__(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path, *,
                  quantize: int | None = None, low_memory: bool = False):
@@ -86,7 +102,10 @@ class FluxFill:
         self.root, self.dtype, self.source = root, dtype, source
         self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
         self.low_memory = low_memory
-        kinds, vae_dir = (FILL_IN, CONTROL_IN), component_dir(root, "vae")
+        kinds, vae_dir = variants.accepted_in_channels(*self.VARIANTS), component_dir(root, "vae")
+        index = root / "model_index.json"
+        self.pipeline_class = read_config(root, index.name).get("_class_name") \
+            if index.is_file() else None
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
         t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
         self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
@@ -174,18 +193,30 @@ class FluxFill:
         return self.components.config("vae")
 
     @property
-    def variant(self) -> str:
-        """'fill' (FLUX.1 Fill, in_channels 384) or 'control' (FLUX.1 Canny/Depth-dev, 128)."""
-        return "control" if self.transformer_config.in_channels == CONTROL_IN else "fill"
+    def variant_info(self) -> variants.Variant:
+        """The loaded transformer's variant (mlx_edit.variants), known without weights."""
+        cfg = self.transformer_config
+        found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
+        ours = [variants.VARIANTS[n] for n in self.VARIANTS]
+        same_width = [v for v in ours if v.in_channels == cfg.in_channels]
+        if found not in ours and same_width:  # e.g. a BFL Kontext file: no model_index
+            return same_width[0]
+        return found or variants.Variant("unknown", variants.describe(cfg.in_channels), "",
+                                         cfg.in_channels, cfg.guidance_embeds, 0, 0.0,
+                                         "none", ())
 
-    def _require(self, variant: str, edit: str) -> None:
-        """InputError unless the loaded transformer is `variant` (before any work)."""
-        if self.variant != variant:
-            need = {"fill": "a FLUX.1 Fill model (black-forest-labs/FLUX.1-Fill-dev)",
-                    "control": "a FLUX.1 Canny or Depth control model "
-                               "(black-forest-labs/FLUX.1-Canny-dev or FLUX.1-Depth-dev)"}
-            found = describe_variant(self.transformer_config)
-            raise InputError(f"{edit} needs {need[variant]}; {self.source} is {found}")
+    @property
+    def variant(self) -> str:
+        """The variant's name: 'fill' (FLUX.1 Fill, in_channels 384), 'control' (FLUX.1
+        Canny/Depth-dev, 128), 'kontext' (64), ... (mlx_edit.variants)."""
+        return self.variant_info.name
+
+    def _require(self, edit: str) -> None:
+        """InputError unless the loaded transformer is the variant serving `edit`."""
+        want = variants.for_edit(edit)
+        if self.variant != want.name:
+            raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
+                             f"{self.source} is {self.variant_info.title}")
 
     # ------------------------------------------------------------------ text
 
@@ -246,11 +277,40 @@ class FluxFill:
                         threshold_gb=self.tile_threshold_gb)
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
-    def _fill_conditioning(self, pixels: np.ndarray, mask: np.ndarray, plan: CropPlan
-                           ) -> mx.array:
-        """The default Conditioner: Fill's masked-image latents + packed mask (1, N, 320)."""
-        masked = self.encode_image(pixels * (1.0 - mask[..., None]))
-        return fill_conditioning(masked, pack_mask(mx.array(mask)[None]))
+    def context(self, plan: CropPlan, inner: tuple[int, int, int, int] | None = None
+                ) -> ConditioningContext:
+        """What conditioners see of an edit planned as `plan` (mlx_edit.conditioning)."""
+        return ConditioningContext(self.dtype, self.quantize, self.transformer_config,
+                                   self.vae_config, self.encode_image, plan, inner)
+
+    def job_context(self, job: EditJob) -> ConditioningContext:
+        """The conditioning context of a prepared `job` (e.g. to add ControlNet hooks by
+        hand: `job.controls = prepare_controls(pipe.job_context(job), specs)[0]`)."""
+        inner = None
+        if job.metadata.get("mode") == "outpaint":
+            left, right, top, bottom = job.metadata["expand"]
+            w, h = job.original.size
+            inner = (left, top, w - right, h - bottom)
+        return self.context(job.plan, inner).for_loop(
+            job.embeds, job.guidance, len(job.sigmas) - 1, job.latents.shape[0])
+
+    def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
+             crop_to_mask: bool | None, num_images: int = 1
+             ) -> tuple[CropPlan, Image.Image, np.ndarray]:
+        """(crop plan, model canvas, binary model mask at the canvas size) of an edit,
+        its memory checked. Raises InputError (mask empty at the model's resolution, or
+        an edit that would not fit in memory: the message lists options that do)."""
+        target = MODEL_PIXELS if crop_to_mask is not False else None
+        plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
+        check_fits(self.memory_estimate(*plan.model_size, num_images),
+                   low_memory=self.low_memory)
+        canvas, mask = crop_for_model(image, model_mask, plan)
+        if not mask.any():
+            raise InputError(
+                "the mask covers no pixel at the model's resolution: paint a larger area "
+                "or use --grow-mask"
+            )
+        return plan, canvas, mask
 
     def prepare(
         self,
@@ -273,76 +333,89 @@ class FluxFill:
         redux: Sequence[ReduxSpec] = (),
         controlnets: Sequence[ControlNetSpec] = (),
         conditioning: Conditioner | None = None,
+        references: Sequence[Image.Image] = (),
+        reference_resize: bool = True,
+        inner: tuple[int, int, int, int] | None = None,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
         conditioning: the Conditioner of the transformer's extra input channels (None:
-        Fill's; `mlx_edit.conditioning.controlnet.bfl_conditioner` for Canny/Depth-dev). Raises InputError
-        when its channels do not fit the transformer's in_channels.
+        the variant's own: Fill's masked image + mask; `conditioning.bfl_control.
+        bfl_conditioner` for Canny/Depth-dev; none for Kontext). references: Kontext
+        reference images (conditioning.kontext), appended as sequence tokens (resized to
+        the preferred Kontext resolution unless reference_resize is False).
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
-        ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts), prepared once here.
-        controlnets: ControlNets (mlx_edit.conditioning.controlnet), their inputs aligned to the canvas.
+        ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts).
+        controlnets: ControlNets (mlx_edit.conditioning.controlnet), aligned to the canvas.
+        inner: for an outpaint, the original's box on the canvas (ControlNet alignment).
+        Raises InputError (bad numbers, empty mask, memory, channel mismatch).
         """
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        if num_images < 1:
-            raise InputError(f"num_images must be >= 1, got {num_images}")
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
+        _check_numbers(steps, num_images, strength)
+        plan, canvas, mask = self.plan(image, model_mask, blend, crop_to_mask, num_images)
         stats: dict = {}
-        target = MODEL_PIXELS if crop_to_mask is not False else None
-        plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
-        canvas, mask = crop_for_model(image, model_mask, plan)
-        if not mask.any():
-            raise InputError(
-                "the mask covers no pixel at the model's resolution: paint a larger area "
-                "or use --grow-mask"
-            )
-        width, height = canvas.size
-        h_tok, w_tok = token_grid(height, width)
-        check_fits(self.memory_estimate(width, height, num_images), low_memory=self.low_memory)
         self.components.release()  # low_memory: nothing but the text encoders while encoding
         with Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+        ctx = self.context(plan, inner).for_loop(embeds, guidance, steps, num_images)
         ip: list[IPAdapterKV] = []
         if redux or ip_adapters:
             with Phase(stats, "image_prompts"):
-                if redux:
-                    embeds = prepare_redux(self, redux, embeds)
-                if ip_adapters:
-                    ip = prepare_ip_adapters(self, ip_adapters, batch_size=num_images)
+                embeds = prepare_redux(ctx, redux, embeds) if redux else embeds
+                ip = prepare_ip_adapters(ctx, ip_adapters) if ip_adapters else []
+            ctx = ctx.for_loop(embeds, guidance, steps, num_images)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
-            conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)
+            channels = self._channels(ctx, conditioning, pixels, mask)
+            tokens, token_ids = kontext_tokens(ctx, references, reference_resize) \
+                if references else (None, None)
             image_latents = self.encode_image(pixels) if strength < 1.0 else None
-            mx.eval(conditioning, image_latents)
-        channels = 4 * self.vae_config.latent_channels  # packed 2x2 latents: 64
-        if channels + conditioning.shape[-1] != self.transformer_config.in_channels:
-            raise InputError(
-                f"the conditioning has {conditioning.shape[-1]} channels but the "
-                f"{describe_variant(self.transformer_config)} transformer takes "
-                f"{self.transformer_config.in_channels - channels}")
-        sigmas = flux_sigmas(steps, h_tok * w_tok, self.scheduler_config, strength)
+            mx.eval(channels, tokens, image_latents)
+        sigmas = flux_sigmas(steps, _tokens(plan), self.scheduler_config, strength)
         seeds = [seed + i for i in range(num_images)]
-        if noise is None:
-            noise = initial_noise(seeds, (h_tok * w_tok, channels), mx.float32)
-        latents = noise.astype(self.dtype)
-        if image_latents is not None:
-            latents = noise_latents(image_latents.astype(self.dtype), latents, float(sigmas[0]))
+        latents = self._initial_latents(seeds, plan, noise, image_latents, float(sigmas[0]))
         meta = {
             "prompt": prompt, "prompt_2": prompt_2, "steps": steps, "guidance": guidance,
             "strength": strength, "model": self.source, "mlx_edit_version": __version__,
-            "model_size": [width, height], "crop_box": list(plan.box),
+            "model_size": list(plan.model_size), "crop_box": list(plan.box),
             "ip_adapters": [[str(a.model), a.scale] for a in ip_adapters] or None,
             "redux": [[str(r.model), r.strength] for r in redux] or None,
             **(metadata or {}),
         }
-        job = EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
-                      seeds, meta, ip=ip, stats=stats)
+        job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
+                      seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, stats=stats)
         if controlnets:  # their control images go through the VAE
             with self.components.using("vae", stats):
-                job.controls = prepare_controls(self, job, list(controlnets))
+                job.controls, control_meta = prepare_controls(ctx, list(controlnets))
+            stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
+            job.metadata.update(control_meta)
         return job
+
+    def _channels(self, ctx: ConditioningContext, conditioner: Conditioner | None,
+                  pixels: np.ndarray, mask: np.ndarray) -> mx.array | None:
+        """The channel conditioning (1, N, K) of the edit, checked against the
+        transformer's input width (None when the variant takes no extra channels)."""
+        if conditioner is None and self.variant_info.conditioner == "fill":
+            conditioner = fill_conditioner
+        channels = conditioner(ctx, pixels, mask) if conditioner else None
+        have = ctx.latent_channels + (0 if channels is None else channels.shape[-1])
+        if have != ctx.transformer.in_channels:
+            raise InputError(
+                f"the conditioning has {have - ctx.latent_channels} channels but the "
+                f"{self.variant_info.title} transformer takes "
+                f"{ctx.transformer.in_channels - ctx.latent_channels}")
+        return channels
+
+    def _initial_latents(self, seeds: list[int], plan: CropPlan, noise: mx.array | None,
+                         image_latents: mx.array | None, sigma0: float) -> mx.array:
+        """Packed noise (B, N, 64) in the model dtype, mixed with the image's latents at
+        sigma0 when starting from the image (strength < 1)."""
+        if noise is None:
+            channels = 4 * self.vae_config.latent_channels
+            noise = initial_noise(seeds, (_tokens(plan), channels), mx.float32)
+        latents = noise.astype(self.dtype)
+        if image_latents is not None:
+            latents = noise_latents(image_latents.astype(self.dtype), latents, sigma0)
+        return latents
 
     # ------------------------------------------------------------------ run
 
@@ -359,7 +432,8 @@ class FluxFill:
             mx.reset_peak_memory()
             for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
                                       job.embeds, job.sigmas, job.guidance,
-                                      controls=job.controls, ip=job.ip):
+                                      controls=job.controls, ip=job.ip, tokens=job.tokens,
+                                      token_ids=job.token_ids):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
@@ -403,7 +477,24 @@ class FluxFill:
             out.append(result)
         return out
 
-    # ------------------------------------------------------------------ public edits
+    def run(self, job: EditJob, paste_back: bool = True,
+            progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """Denoise a prepared job to the end and finish it (`progress(step, total)`)."""
+        total = len(job.sigmas) - 1
+        for i, _ in self.steps(job):
+            if progress is not None:
+                progress(i + 1, total)
+        images = self.finish(job, paste_back)
+        self.last_stats = {**self.load_stats, **job.stats}
+        return images
+
+
+class FluxFill(FluxPipeline):
+    """FLUX.1 Fill inpainting/outpainting, and restyling with FLUX.1 Canny/Depth-dev.
+    Build with `FluxFill.from_pretrained`."""
+
+    VARIANTS = ("fill", "control")
+
 
     def inpaint(
         self,
@@ -441,7 +532,7 @@ class FluxFill:
         Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
         Canny/Depth transformer loaded instead of Fill).
         """
-        self._require("fill", "inpaint")
+        self._require("inpaint")
         image = load_image(image)
         user_mask = load_mask(mask, image.size)
         model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
@@ -484,17 +575,18 @@ class FluxFill:
         Returns PIL images of size (W + left + right, H + top + bottom).
         Raises InputError (no expansion, negative values; not a Fill transformer).
         """
-        self._require("fill", "outpaint")
+        self._require("outpaint")
         image = load_image(image)
         canvas, model_mask, blend = outpaint_canvas(image, left, right, top, bottom,
                                                     overlap=overlap)
+        inner = (left, top, left + image.size[0], top + image.size[1])
         job = self.prepare(
             canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
             ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
             metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
-                      "overlap": overlap},
+                      "overlap": overlap}, inner=inner,
         )
         return self.run(job, True, progress)
 
@@ -535,7 +627,7 @@ class FluxFill:
         Raises InputError (not a Canny/Depth transformer, depth without a control image,
         bad numbers, empty mask, prompt too long).
         """
-        self._require("control", "restyle")
+        self._require("restyle")
         image = load_image(image)
         if control_image is None and control_type != "canny":
             raise InputError(f"--control-type {control_type} needs --control-image (a "
@@ -548,7 +640,7 @@ class FluxFill:
             blend = masks.blend_mask(user_mask, grow_mask, feather)
         if guidance is None:
             guidance = CONTROL_GUIDANCE.get(control_type, DEFAULT_GUIDANCE)
-        conditioner = bfl_conditioner(self, image if control_image is None else control_image,
+        conditioner = bfl_conditioner(image if control_image is None else control_image,
                                       control_type, canny_low=canny_low, canny_high=canny_high)
         job = self.prepare(
             image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
@@ -559,14 +651,3 @@ class FluxFill:
                       "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
         )
         return self.run(job, paste_back, progress)
-
-    def run(self, job: EditJob, paste_back: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        """Denoise a prepared job to the end and finish it (`progress(step, total)`)."""
-        total = len(job.sigmas) - 1
-        for i, _ in self.steps(job):
-            if progress is not None:
-                progress(i + 1, total)
-        images = self.finish(job, paste_back)
-        self.last_stats = {**self.load_stats, **job.stats}
-        return images

@@ -341,8 +341,8 @@ def build(
     seed: int = 0,
     dtype: str = "float32",
     overwrite: bool = False,
-    extras: tuple[str, ...] = (),  # "controlnet": controlnets/, "control-model":
-    # control-model/ (FLUX.1-Canny-dev layout), both from scripts/controlnet_fixtures.py
+    extras: tuple[str, ...] = (),  # "controlnet": controlnets/, "control-model" /
+    # "kontext-model": FLUX.1-Canny-dev / Kontext-dev layouts (scripts/controlnet_fixtures.py)
 ) -> Path:
     """Build the checkpoint folder `out` (layout in the module docstring); returns its Path.
 
@@ -393,11 +393,12 @@ def build(
                 tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
         # --- end extras ---
         _write_model_index(tmp)
-        if "control-model" in extras:  # after model_index.json: it copies its entries
-            import controlnet_fixtures
+        for offset, kind in ((30, "control-model"), (40, "kontext-model")):
+            if kind in extras:  # after model_index.json: it copies its entries
+                import controlnet_fixtures
 
-            controlnet_fixtures.write_control_model(tmp, cfgs["transformer"], seed + 30,
-                                                    torch_dtype)
+                controlnet_fixtures.write_variant_model(tmp, cfgs["transformer"], kind,
+                                                        seed + offset, torch_dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -422,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extras", action="append", default=[],
                     help="comma-separated extras to build too: controlnet (controlnets/: "
                          "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
-                         "FLUX.1-Canny-dev layout), ip-adapter, redux")
+                         "FLUX.1-Canny-dev layout), kontext-model (kontext-model/: "
+                         "FLUX.1-Kontext-dev layout), ip-adapter, redux")
     args = ap.parse_args(argv)
     args.extras = [e for group in args.extras for e in group.split(",") if e]
-    known = {"controlnet", "control-model", "ip-adapter", "redux"}
+    known = {"controlnet", "control-model", "kontext-model", "ip-adapter", "redux"}
     unknown = sorted(set(args.extras) - known)
     if unknown:
         ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")

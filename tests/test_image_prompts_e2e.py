@@ -100,7 +100,7 @@ def test_outpaint_with_redux(setup):
     job = pipe.prepare(canvas, model_mask, blend, "a table", steps=1, guidance=30.0, seed=0,
                        num_images=1, strength=1.0, crop_to_mask=None, prompt_2=None,
                        max_sequence_length=16)
-    job.embeds = prepare_redux(pipe, [ReduxSpec(extras["redux"], root / "astronaut.png")],
+    job.embeds = prepare_redux(pipe.job_context(job), [ReduxSpec(extras["redux"], root / "astronaut.png")],
                                job.embeds)
     out = np.asarray(pipe.run(job)[0])
     assert out.shape == (64 + 16, 96 + 32, 3)

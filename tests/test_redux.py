@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
 
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +20,8 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
 
+from contexts import make_context
+from mlx_edit.models.flux import FluxConfig
 from mlx_edit.conditioning.image_prompts import (
     ReduxSpec,
     prepare_redux,
@@ -53,8 +54,7 @@ def photos() -> list[Image.Image]:
 
 
 def pipe_like(dtype=mx.float32, width=TXT_DIM):
-    config = SimpleNamespace(joint_attention_dim=width)
-    return SimpleNamespace(dtype=dtype, transformer=SimpleNamespace(config=config))
+    return make_context(FluxConfig(joint_attention_dim=width, in_channels=64), dtype=dtype)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ from skimage import data
 
 from mlx_edit.imaging import masks
 from mlx_edit.cli import main
+from mlx_edit.conditioning.bfl_control import bfl_conditioner
+from mlx_edit.conditioning.fill import fill_conditioner
 from mlx_edit.conditioning.controlnet import (
     ControlNetSpec,
-    bfl_conditioner,
     prepare_controls,
     preprocess,
 )
@@ -148,7 +149,7 @@ def test_restyle_matches_diffusers_control_pipelines(pipe, ckpt, photo, strength
     job = pipe.prepare(photo, ones, ones, PROMPT, steps=3, guidance=30.0, seed=0,
                        num_images=1, strength=strength, crop_to_mask=None, prompt_2=None,
                        max_sequence_length=32, noise=mx.array(noise),
-                       conditioning=bfl_conditioner(pipe, ours_control, control_type))
+                       conditioning=bfl_conditioner(ours_control, control_type))
     ours = [np.array(latents) for _, latents in pipe.steps(job)]
     image = np.array(pipe.decode(job.latents, W, H))
     ref_steps, ref_image = _reference(ckpt, photo, ref_control.convert("RGB"), noise,
@@ -201,6 +202,10 @@ def test_variant_checks(pipe, ckpt, photo, tmp_path):
         fill.restyle(photo, None, PROMPT, steps=1)
     ones = np.ones((H, W), np.float32)  # the Fill conditioning on a control transformer
     with pytest.raises(InputError, match="conditioning has 320 channels.*takes 64"):
+        pipe.prepare(photo, ones, ones, PROMPT, steps=1, guidance=30.0, seed=0, num_images=1,
+                     strength=1.0, crop_to_mask=None, prompt_2=None, max_sequence_length=32,
+                     conditioning=fill_conditioner)
+    with pytest.raises(InputError, match="conditioning has 0 channels.*takes 64"):
         pipe.prepare(photo, ones, ones, PROMPT, steps=1, guidance=30.0, seed=0, num_images=1,
                      strength=1.0, crop_to_mask=None, prompt_2=None, max_sequence_length=32)
     dev = json.loads((ckpt / "transformer" / "config.json").read_text())
@@ -270,7 +275,8 @@ def test_controlnets_are_quantized_with_the_pipeline(ckpt, photo):
                        guidance=30.0, seed=0, num_images=1, strength=1.0, crop_to_mask=None,
                        prompt_2=None, max_sequence_length=32)
     assert job.plan.model_size == (W, H) and not job.plan.resized
-    fn = prepare_controls(fill, job, [ControlNetSpec(union, photo, "canny", scale=0.8)])[0]
+    spec = ControlNetSpec(union, photo, "canny", scale=0.8)
+    fn = prepare_controls(fill.job_context(job), [spec])[0][0]
     latents = mx.random.normal(job.latents.shape, key=mx.random.key(1))
     t = mx.array([0.6])
     got = fn(latents, t, 0)

@@ -16,18 +16,15 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit.sampling.compiled import make_step, step_dt
-from mlx_edit.sampling.latents import text_ids
+from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
+from mlx_edit.sampling.compiled import make_step, step_dt
+from mlx_edit.sampling.latents import text_ids
 from mlx_edit.sampling.sampler import model_timesteps
-from mlx_edit.imaging.stitch import CropPlan
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
 ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
-# A conditioning builder: (canvas pixels (H, W, 3) in [-1, 1], binary model mask (H, W),
-# crop plan) -> (1, N, K) concatenated after the noisy latents (Fill: K 320, control: 64).
-Conditioner = Callable[[np.ndarray, np.ndarray, CropPlan], mx.array]
 
 
 @dataclass
@@ -42,16 +39,17 @@ class PromptEmbeds:
 class EditJob:
     """Everything the denoise loop and the decoder need, prepared before the loop.
 
-    latents: initial packed latents (B, N, 64); conditioning: (1|B, N, K) (Fill 320,
-    Canny/Depth 64);
-    sigmas: float32 (n+1,); geometry: where the canvas maps back into the original.
+    latents: initial packed latents (B, N, 64); conditioning: channels (1|B, N, K) (Fill
+    320, Canny/Depth 64) or None; tokens / token_ids: extra sequence tokens (1, M, 64) and
+    their position ids (M, 3) appended after the latents (Kontext references) or None;
+    sigmas: float32 (n+1,); plan / blend: where the canvas maps back into the original.
     """
 
     original: Image.Image
     plan: CropPlan
     blend: np.ndarray
     latents: mx.array
-    conditioning: mx.array
+    conditioning: mx.array | None
     embeds: PromptEmbeds
     guidance: float
     sigmas: np.ndarray
@@ -59,6 +57,8 @@ class EditJob:
     metadata: dict
     controls: Sequence[ControlFn] = ()
     ip: Sequence[IPAdapterKV] = ()
+    tokens: mx.array | None = None
+    token_ids: mx.array | None = None
     stats: dict = field(default_factory=dict)
 
 
@@ -80,7 +80,7 @@ class Phase:
 def denoise(
     transformer: FluxTransformer,
     latents: mx.array,
-    conditioning: mx.array,
+    conditioning: mx.array | None,
     img_ids: mx.array,
     embeds: PromptEmbeds,
     sigmas: np.ndarray,
@@ -88,12 +88,17 @@ def denoise(
     *,
     controls: Sequence[ControlFn] = (),
     ip: Sequence[IPAdapterKV] = (),
+    tokens: mx.array | None = None,
+    token_ids: mx.array | None = None,
     compile: bool | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
     latents (B, N, 64) packed at sigmas[0]; conditioning (1|B, N, C) concatenated on the
-    channel axis every step (Fill: 320 channels); img_ids (N, 3). Yields (step index,
+    channel axis every step (Fill: 320 channels) or None; img_ids (N, 3); tokens (1|B, M,
+    64) with token_ids (M, 3): reference tokens appended after the latents on the sequence
+    axis, the velocity taken on the first N outputs (Kontext, BFL sampling.py denoise;
+    diffusers FluxKontextPipeline). Yields (step index,
     latents at sigmas[i+1]) after each step, evaluated, so the caller can report
     progress, preview or stop. RoPE and the text batch are built once, not per step.
     compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
@@ -101,7 +106,8 @@ def denoise(
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
-    rope = transformer.rope(img_ids, txt_ids)
+    ids = img_ids if tokens is None else mx.concatenate([img_ids, token_ids], axis=0)
+    rope = transformer.rope(ids, txt_ids)
     txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
     pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
@@ -112,7 +118,7 @@ def denoise(
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
         latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
                        step_dt(float(sigmas[i]), float(sigmas[i + 1])),
-                       controlnet=residuals, ip=ip)
+                       controlnet=residuals, ip=ip, tokens=tokens)
         mx.eval(latents)
         yield i, latents
 

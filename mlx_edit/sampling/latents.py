@@ -149,26 +149,34 @@ def fill_conditioning(masked_image_latents: mx.array, mask_packed: mx.array) -> 
     return mx.concatenate([masked_image_latents, mask_packed], axis=-1)
 
 
-def model_input(latents_packed: mx.array, conditioning: mx.array) -> mx.array:
-    """Transformer input tokens: concat [noisy latents | conditioning] on channels.
+def model_input(latents_packed: mx.array, conditioning: mx.array | None,
+                tokens: mx.array | None = None) -> mx.array:
+    """Transformer input tokens: [noisy latents | conditioning] on channels, then the
+    reference `tokens` appended on the sequence.
 
     Args:
         latents_packed: (B, N, 4C) noisy packed latents (64 for FLUX).
-        conditioning: (B, N, K) or (1, N, K) from `fill_conditioning` (K = 320 for FLUX);
-            a batch of 1 is broadcast to B.
+        conditioning: (B, N, K) or (1, N, K) from `fill_conditioning` (K = 320 for FLUX),
+            or None (no channel conditioning: dev, Kontext); a batch of 1 is broadcast to B.
+        tokens: (B|1, M, 4C + K) reference tokens (Kontext) or None.
 
     Returns:
-        (B, N, 4C + K) (384 for FLUX), the `hidden_states` of the Fill transformer.
+        (B, N [+ M], 4C + K) (384 for Fill), the `hidden_states` of the transformer.
 
     Raises:
         ValueError: N differs, or the batch sizes differ and conditioning's is not 1.
     """
-    if conditioning.ndim == 3 and conditioning.shape[0] == 1 and latents_packed.ndim == 3:
-        conditioning = mx.broadcast_to(
-            conditioning, (latents_packed.shape[0], *conditioning.shape[1:])
-        )
-    _check_tokens(latents_packed, conditioning, "model_input")
-    return mx.concatenate([latents_packed, conditioning.astype(latents_packed.dtype)], axis=-1)
+    b = latents_packed.shape[0]
+    x = latents_packed
+    if conditioning is not None:
+        if conditioning.ndim == 3 and conditioning.shape[0] == 1 and x.ndim == 3:
+            conditioning = mx.broadcast_to(conditioning, (b, *conditioning.shape[1:]))
+        _check_tokens(x, conditioning, "model_input")
+        x = mx.concatenate([x, conditioning.astype(x.dtype)], axis=-1)
+    if tokens is not None:
+        tokens = mx.broadcast_to(tokens, (b, *tokens.shape[1:])).astype(x.dtype)
+        x = mx.concatenate([x, tokens], axis=1)
+    return x
 
 
 def scale_latents(z: mx.array, scaling: float, shift: float) -> mx.array:

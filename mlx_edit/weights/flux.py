@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_edit import variants
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.weights.quantize import apply_recorded_quantization, quantize_transformer, read_record
 from mlx_edit.weights.core import (
@@ -142,14 +143,8 @@ def infer_bfl_config(tensors: dict, axes_dims_rope=None) -> FluxConfig:
 
 
 def describe_variant(cfg: FluxConfig) -> str:
-    """Human name of a FLUX transformer variant from its config."""
-    if cfg.in_channels == 384:
-        return "FLUX.1 Fill"
-    if cfg.in_channels == 128:
-        return "FLUX.1 Canny/Depth (control)"
-    if cfg.in_channels == 64:
-        return "FLUX.1 dev" if cfg.guidance_embeds else "FLUX.1 schnell"
-    return f"an unknown FLUX variant (in_channels {cfg.in_channels})"
+    """Human name of a FLUX transformer variant from its config (mlx_edit.variants)."""
+    return variants.describe(cfg.in_channels, cfg.guidance_embeds)
 
 
 def _open(path: str | Path, expect_in_channels, config: dict | None):

@@ -18,8 +18,10 @@ from PIL import Image
 
 from mlx_edit import variants
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
-from mlx_edit.imaging.images import InputError, load_image
-from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.imaging import masks
+from mlx_edit.imaging.images import InputError, load_image, load_mask
+from mlx_edit.imaging.stitch import CropPlan
+from mlx_edit.pipeline import DEFAULT_FEATHER, FluxPipeline
 
 KONTEXT = variants.VARIANTS["kontext"]
 
@@ -52,6 +54,8 @@ class FluxKontext(FluxPipeline):
         images,
         instruction: str,
         *,
+        mask=None,
+        strength: float = 1.0,
         steps: int = KONTEXT.steps,
         guidance: float = KONTEXT.guidance,
         seed: int = 0,
@@ -60,6 +64,8 @@ class FluxKontext(FluxPipeline):
         height: int | None = None,
         keep_size: bool = False,
         auto_resize: bool = True,
+        grow_mask: float = 0,
+        feather: float = DEFAULT_FEATHER,
         prompt_2: str | None = None,
         max_sequence_length: int = 512,
         noise: mx.array | None = None,
@@ -67,42 +73,59 @@ class FluxKontext(FluxPipeline):
     ) -> list[Image.Image]:
         """Edit `images` following `instruction` ("make the car red").
 
-        images: one image or a list (path, PIL or uint8 (H, W, 3)); the first sets the
-        output's framing. width / height: output px (multiples of 16; default: the first
-        reference's preferred Kontext size). keep_size: return the edit resized (Lanczos)
-        to the first image's own size. auto_resize: references at the preferred
-        resolution (True, as BFL and diffusers) or at their own size floored to 16 px.
+        images: one image or a list (path, PIL or uint8 (H, W, 3)); the first is the one
+        edited and sets the framing, all are references. width / height: output px
+        (multiples of 16; default: the first image's preferred Kontext size).
+        keep_size: return the edit at the first image's own size. auto_resize: references
+        at the preferred resolution (True, as BFL and diffusers) or at their own size
+        floored to 16 px.
+        mask: white = edit (path, PIL or array of the first image's size): Kontext
+        inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
+        `strength` and, after every step, outside the mask are the image's re-noised;
+        the pixels outside the grown, feathered mask are then the (resized, or with
+        keep_size the original) image's exactly. grow_mask / feather: px.
         noise: optional packed initial noise (num_images, N, 64) (parity tests).
         Returns num_images PIL images (seeds seed, seed+1, ...) with parameters in `.info`.
-        Raises InputError (no image, unreadable image, bad numbers, prompt too long; a
-        transformer that is not Kontext's 64-channel model).
+        Raises InputError (no image, unreadable image or mask, bad numbers, prompt too
+        long; a transformer that is not Kontext's 64-channel model).
         """
         self._require("edit")
         refs = [load_image(im) for im in (images if isinstance(images, (list, tuple))
                                           else [images])]
         if not refs:
             raise InputError("edit needs at least one --image")
-        size = output_size(refs[0], width, height, auto_resize)
-        canvas = refs[0].convert("RGB").resize(size, Image.LANCZOS)
-        ones = np.ones(size[::-1], np.float32)
+        first, size = refs[0], output_size(refs[0], width, height, auto_resize)
+        if mask is None:
+            model_mask = blend = np.ones(first.size[::-1], np.float32)
+        else:
+            user_mask = load_mask(mask, first.size)
+            model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
+            blend = masks.blend_mask(user_mask, grow_mask, feather)
+        # The whole image, resized to the Kontext size; mapped back at the original size
+        # (keep_size) or onto the image resized like the edit.
+        image = first.convert("RGB")
+        if not keep_size:
+            image, model_mask, blend = _to_size(image, model_mask, blend, size)
+        plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
         job = self.prepare(
-            canvas, ones, ones, instruction, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=1.0, crop_to_mask=False, prompt_2=prompt_2,
+            image, model_mask, blend, instruction, steps=steps, guidance=guidance, seed=seed,
+            num_images=num_images, strength=strength, crop_to_mask=False, prompt_2=prompt_2,
             max_sequence_length=max_sequence_length, noise=noise, references=refs,
-            reference_resize=auto_resize,
-            metadata={"mode": "edit", "references": len(refs), "keep_size": keep_size},
+            reference_resize=auto_resize, plan=plan, keep_source=mask is not None,
+            metadata={"mode": "edit", "references": len(refs), "keep_size": keep_size,
+                      "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
         )
-        out = self.run(job, False, progress)
-        if keep_size and out[0].size != refs[0].size:
-            out = [_resized(im, refs[0].size) for im in out]
-        return out
+        return self.run(job, mask is not None, progress)
 
 
-def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """`image` resized to `size` with its `.info` (metadata) kept."""
-    out = image.resize(size, Image.LANCZOS)
-    out.info.update(image.info)
-    return out
+def _to_size(image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
+             size: tuple[int, int]) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """The image (Lanczos) and its masks (bilinear) resized to `size`."""
+    if image.size == size:
+        return image, model_mask, blend
+    resize = lambda m: np.asarray(  # noqa: E731
+        Image.fromarray(m.astype(np.float32), "F").resize(size, Image.BILINEAR))
+    return image.resize(size, Image.LANCZOS), resize(model_mask), np.clip(resize(blend), 0, 1)
 
 
 __all__: Sequence[str] = ("FluxKontext", "output_size")

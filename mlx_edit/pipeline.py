@@ -41,8 +41,10 @@ from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
+from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import (
     image_ids,
+    pack_latent_mask,
     pack_latents,
     scale_latents,
     token_grid,
@@ -295,13 +297,15 @@ class FluxPipeline:
             job.embeds, job.guidance, len(job.sigmas) - 1, job.latents.shape[0])
 
     def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
-             crop_to_mask: bool | None, num_images: int = 1
+             crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None
              ) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit,
-        its memory checked. Raises InputError (mask empty at the model's resolution, or
-        an edit that would not fit in memory: the message lists options that do)."""
-        target = MODEL_PIXELS if crop_to_mask is not False else None
-        plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
+        its memory checked (`plan` given: used as it is). Raises InputError (mask empty at
+        the model's resolution, or an edit that would not fit in memory: the message lists
+        options that do)."""
+        if plan is None:
+            target = MODEL_PIXELS if crop_to_mask is not False else None
+            plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
         check_fits(self.memory_estimate(*plan.model_size, num_images),
                    low_memory=self.low_memory)
         canvas, mask = crop_for_model(image, model_mask, plan)
@@ -336,6 +340,8 @@ class FluxPipeline:
         references: Sequence[Image.Image] = (),
         reference_resize: bool = True,
         inner: tuple[int, int, int, int] | None = None,
+        plan: CropPlan | None = None,
+        keep_source: bool = False,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
@@ -348,10 +354,13 @@ class FluxPipeline:
         ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts).
         controlnets: ControlNets (mlx_edit.conditioning.controlnet), aligned to the canvas.
         inner: for an outpaint, the original's box on the canvas (ControlNet alignment).
+        plan: a crop plan to use instead of planning one (Kontext: the preferred size).
+        keep_source: after every step, latents outside the model mask are the source's
+        re-noised to the next sigma (`denoise.keep_source`; Kontext with a mask).
         Raises InputError (bad numbers, empty mask, memory, channel mismatch).
         """
         _check_numbers(steps, num_images, strength)
-        plan, canvas, mask = self.plan(image, model_mask, blend, crop_to_mask, num_images)
+        plan, canvas, mask = self.plan(image, model_mask, blend, crop_to_mask, num_images, plan)
         stats: dict = {}
         self.components.release()  # low_memory: nothing but the text encoders while encoding
         with Phase(stats, "text_encode"):
@@ -368,11 +377,17 @@ class FluxPipeline:
             channels = self._channels(ctx, conditioning, pixels, mask)
             tokens, token_ids = kontext_tokens(ctx, references, reference_resize) \
                 if references else (None, None)
-            image_latents = self.encode_image(pixels) if strength < 1.0 else None
+            image_latents = self.encode_image(pixels) \
+                if strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
         sigmas = flux_sigmas(steps, _tokens(plan), self.scheduler_config, strength)
         seeds = [seed + i for i in range(num_images)]
-        latents = self._initial_latents(seeds, plan, noise, image_latents, float(sigmas[0]))
+        if noise is None:
+            noise = initial_noise(seeds, (_tokens(plan), self.vae_config.latent_channels * 4),
+                                  mx.float32)
+        noise = noise.astype(self.dtype)
+        latents = noise if strength == 1.0 else \
+            noise_latents(image_latents.astype(self.dtype), noise, float(sigmas[0]))
         meta = {
             "prompt": prompt, "prompt_2": prompt_2, "steps": steps, "guidance": guidance,
             "strength": strength, "model": self.source, "mlx_edit_version": __version__,
@@ -383,6 +398,9 @@ class FluxPipeline:
         }
         job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
                       seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, stats=stats)
+        if keep_source:
+            job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
+                                              image_latents, noise, sigmas)
         if controlnets:  # their control images go through the VAE
             with self.components.using("vae", stats):
                 job.controls, control_meta = prepare_controls(ctx, list(controlnets))
@@ -405,18 +423,6 @@ class FluxPipeline:
                 f"{ctx.transformer.in_channels - ctx.latent_channels}")
         return channels
 
-    def _initial_latents(self, seeds: list[int], plan: CropPlan, noise: mx.array | None,
-                         image_latents: mx.array | None, sigma0: float) -> mx.array:
-        """Packed noise (B, N, 64) in the model dtype, mixed with the image's latents at
-        sigma0 when starting from the image (strength < 1)."""
-        if noise is None:
-            channels = 4 * self.vae_config.latent_channels
-            noise = initial_noise(seeds, (_tokens(plan), channels), mx.float32)
-        latents = noise.astype(self.dtype)
-        if image_latents is not None:
-            latents = noise_latents(image_latents.astype(self.dtype), latents, sigma0)
-        return latents
-
     # ------------------------------------------------------------------ run
 
     def steps(self, job: EditJob) -> Iterator[tuple[int, mx.array]]:
@@ -433,7 +439,7 @@ class FluxPipeline:
             for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
                                       job.embeds, job.sigmas, job.guidance,
                                       controls=job.controls, ip=job.ip, tokens=job.tokens,
-                                      token_ids=job.token_ids):
+                                      token_ids=job.token_ids, after_step=job.after_step):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1

@@ -206,3 +206,74 @@ def test_edit_end_to_end_and_variant_checks(pipe, ckpt, photo):
         FluxFill.from_pretrained(ckpt / "kontext-model", mx.float32)
     with pytest.raises(WeightLoadError, match="FLUX.1 Fill.*in_channels 64 is needed"):
         FluxKontext.from_pretrained(ckpt, mx.float32)
+
+
+@pytest.mark.parity
+def test_kontext_inpaint_matches_diffusers(pipe, ckpt, photo):
+    """Kontext with a mask at strength 0.8 (5 steps: 4 run) vs diffusers'
+    FluxKontextInpaintPipeline: the source kept outside the mask at every step, the image
+    itself as the reference; same noise, posterior mode. Inputs sized so that no side
+    resamples them (288x192, a 16-px-aligned rectangle)."""
+    import diffusers
+    import torch
+    from diffusers.models.autoencoders import vae as dvae
+    from diffusers.pipelines.flux import pipeline_flux_kontext_inpaint as pki
+
+    w, h = 288, 192
+    image = photo.resize((w, h), Image.LANCZOS)
+    mask = np.zeros((h, w), np.float32)
+    mask[48:144, 96:208] = 1.0
+    noise = np.random.default_rng(4).standard_normal((1, (w // 16) * (h // 16), 64))
+    noise = noise.astype(np.float32)
+    job = pipe.prepare(
+        image, mask, mask, PROMPT, steps=5, guidance=2.5, seed=0, num_images=1, strength=0.8,
+        crop_to_mask=False, prompt_2=None, max_sequence_length=32, noise=mx.array(noise),
+        references=[image], reference_resize=False, keep_source=True)
+    ours = [np.array(latents) for _, latents in pipe.steps(job)]
+    ours_image = np.array(pipe.decode(job.latents, w, h))
+
+    diffusers.utils.logging.set_verbosity_error()
+    base = _diffusers(ckpt)
+    ref = diffusers.FluxKontextInpaintPipeline(**base.components)
+    ref.set_progress_bar_config(disable=True)
+    unpacked = ref._unpack_latents(torch.from_numpy(noise), h, w, ref.vae_scale_factor)
+    steps_out = []
+
+    def on_step(_pipe, i, t, kwargs):
+        steps_out.append(kwargs["latents"].numpy().copy())
+        return {}
+
+    randn, sample = pki.randn_tensor, dvae.DiagonalGaussianDistribution.sample
+    pki.randn_tensor = lambda shape, **kw: unpacked.clone()
+    dvae.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mode()
+    try:
+        with torch.no_grad():
+            latents = ref(image=image, mask_image=Image.fromarray((mask * 255).astype(np.uint8)),
+                          prompt=PROMPT, strength=0.8, num_inference_steps=5,
+                          guidance_scale=2.5, max_sequence_length=32, _auto_resize=False,
+                          output_type="latent", callback_on_step_end=on_step,
+                          return_dict=False)[0]
+            z = ref._unpack_latents(latents, h, w, ref.vae_scale_factor)
+            z = z / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
+            ref_image = ref.vae.decode(z, return_dict=False)[0].permute(0, 2, 3, 1).numpy()
+    finally:
+        pki.randn_tensor, dvae.DiagonalGaussianDistribution.sample = randn, sample
+    assert len(ours) == len(steps_out) == 4
+    errs = [rel_err(a, b) for a, b in zip(ours, steps_out, strict=True)]
+    assert max(errs) <= 1e-3, errs
+    assert psnr(ours_image, ref_image) >= 40.0
+
+
+def test_kontext_mask_keeps_the_photo_outside(pipe, photo):
+    mask = np.zeros(photo.size[::-1], np.uint8)
+    mask[60:140, 100:200] = 255
+    for keep in (True, False):
+        out = pipe.edit(photo, PROMPT, mask=mask, steps=2, strength=0.9, auto_resize=False,
+                        max_sequence_length=32, keep_size=keep, feather=4)[0]
+        base = photo if keep else photo.convert("RGB").resize((288, 192), Image.LANCZOS)
+        m = mask if keep else np.asarray(Image.fromarray(mask).resize((288, 192)))
+        assert out.size == base.size and out.info["masked"] == "True"
+        far = np.ones(m.shape, bool)
+        ys, xs = np.nonzero(m)
+        far[max(ys.min() - 12, 0):ys.max() + 12, max(xs.min() - 12, 0):xs.max() + 12] = False
+        assert np.array_equal(np.asarray(out)[far], np.asarray(base.convert("RGB"))[far])

@@ -25,6 +25,8 @@ from mlx_edit.sampling.sampler import model_timesteps
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
 ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
+# After step i: (i, latents at sigmas[i+1]) -> latents (e.g. the source kept outside a mask).
+StepHook = Callable[[int, mx.array], mx.array]
 
 
 @dataclass
@@ -59,6 +61,7 @@ class EditJob:
     ip: Sequence[IPAdapterKV] = ()
     tokens: mx.array | None = None
     token_ids: mx.array | None = None
+    after_step: StepHook | None = None
     stats: dict = field(default_factory=dict)
 
 
@@ -90,6 +93,7 @@ def denoise(
     ip: Sequence[IPAdapterKV] = (),
     tokens: mx.array | None = None,
     token_ids: mx.array | None = None,
+    after_step: StepHook | None = None,
     compile: bool | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
@@ -98,7 +102,8 @@ def denoise(
     channel axis every step (Fill: 320 channels) or None; img_ids (N, 3); tokens (1|B, M,
     64) with token_ids (M, 3): reference tokens appended after the latents on the sequence
     axis, the velocity taken on the first N outputs (Kontext, BFL sampling.py denoise;
-    diffusers FluxKontextPipeline). Yields (step index,
+    diffusers FluxKontextPipeline). after_step: applied to the latents after each step
+    (`keep_source`: the source outside a mask). Yields (step index,
     latents at sigmas[i+1]) after each step, evaluated, so the caller can report
     progress, preview or stop. RoPE and the text batch are built once, not per step.
     compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
@@ -119,8 +124,31 @@ def denoise(
         latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
                        step_dt(float(sigmas[i]), float(sigmas[i + 1])),
                        controlnet=residuals, ip=ip, tokens=tokens)
+        if after_step is not None:
+            latents = after_step(i, latents)
         mx.eval(latents)
         yield i, latents
+
+
+def keep_source(mask: mx.array, image_latents: mx.array, noise: mx.array,
+                sigmas: np.ndarray) -> StepHook:
+    """A StepHook keeping the source outside `mask`: after step i the latents become
+    `(1 - mask) * noise_latents(image_latents, noise, sigmas[i+1]) + mask * latents`
+    (diffusers FluxKontextInpaintPipeline / FluxInpaintPipeline's per-step blend; at the
+    last sigma, 0, the source latents themselves).
+
+    mask (1|B, N, 64) packed, 1 = generate (`latents.pack_latent_mask`); image_latents
+    (1|B, N, 64) the source's packed latents; noise (B, N, 64) the run's initial noise.
+    """
+    from mlx_edit.sampling.sampler import noise_latents
+
+    def after(i: int, latents: mx.array) -> mx.array:
+        source = noise_latents(image_latents.astype(latents.dtype), noise,
+                               float(sigmas[i + 1]))
+        m = mask.astype(latents.dtype)
+        return (1 - m) * source + m * latents
+
+    return after
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:

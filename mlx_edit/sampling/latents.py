@@ -124,6 +124,17 @@ def pack_mask(mask: mx.array, vae_scale_factor: int = 8) -> mx.array:
     return pack_latents(x.reshape(b, h, w, f * f))
 
 
+def pack_latent_mask(mask: mx.array, channels: int = 16, vae_scale_factor: int = 8
+                     ) -> mx.array:
+    """A pixel mask (B, H_px, W_px) sampled at latent resolution (nearest: pixel (f i, f j)
+    for latent pixel (i, j), as torch's `interpolate` default) and repeated over the latent
+    channels, packed: (B, N, 4 channels), matching packed latents channel by channel
+    (diffusers FluxKontextInpaintPipeline.prepare_mask_latents)."""
+    token_grid(mask.shape[1], mask.shape[2], vae_scale_factor)  # validates the size
+    m = mask[:, ::vae_scale_factor, ::vae_scale_factor, None]
+    return pack_latents(mx.broadcast_to(m, (*m.shape[:3], channels)))
+
+
 def _check_tokens(a: mx.array, b: mx.array, what: str) -> None:
     if a.ndim != 3 or b.ndim != 3 or a.shape[:2] != b.shape[:2]:
         raise ValueError(

@@ -66,6 +66,8 @@ class FluxKontext(FluxPipeline):
         auto_resize: bool = True,
         grow_mask: float = 0,
         feather: float = DEFAULT_FEATHER,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float = 1.0,
         prompt_2: str | None = None,
         max_sequence_length: int = 512,
         noise: mx.array | None = None,
@@ -84,6 +86,8 @@ class FluxKontext(FluxPipeline):
         `strength` and, after every step, outside the mask are the image's re-noised;
         the pixels outside the grown, feathered mask are then the (resized, or with
         keep_size the original) image's exactly. grow_mask / feather: px.
+        negative_prompt / true_cfg_scale: true classifier-free guidance when the scale is
+        above 1 (diffusers' `true_cfg_scale`; two transformer passes per step).
         noise: optional packed initial noise (num_images, N, 64) (parity tests).
         Returns num_images PIL images (seeds seed, seed+1, ...) with parameters in `.info`.
         Raises InputError (no image, unreadable image or mask, bad numbers, prompt too
@@ -112,6 +116,7 @@ class FluxKontext(FluxPipeline):
             num_images=num_images, strength=strength, crop_to_mask=False, prompt_2=prompt_2,
             max_sequence_length=max_sequence_length, noise=noise, references=refs,
             reference_resize=auto_resize, plan=plan, keep_source=mask is not None,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
             metadata={"mode": "edit", "references": len(refs), "keep_size": keep_size,
                       "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
         )

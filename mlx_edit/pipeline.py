@@ -64,6 +64,7 @@ DEFAULT_STEPS = variants.VARIANTS["fill"].steps  # diffusers FluxFillPipeline, B
 DEFAULT_GUIDANCE = variants.VARIANTS["fill"].guidance  # Fill is distilled for high guidance
 DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
 OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
+PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
 CONTROL_GUIDANCE = variants.CONTROL_GUIDANCE
 
@@ -254,7 +255,9 @@ class FluxPipeline:
         del t5
         mx.clear_cache()
         embeds = PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))
-        self._prompt_cache = {key: embeds}  # keep only the latest: embeddings are small
+        self._prompt_cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
         return embeds
 
     # ------------------------------------------------------------------ preparation
@@ -342,6 +345,8 @@ class FluxPipeline:
         inner: tuple[int, int, int, int] | None = None,
         plan: CropPlan | None = None,
         keep_source: bool = False,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float = 1.0,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
@@ -357,14 +362,21 @@ class FluxPipeline:
         plan: a crop plan to use instead of planning one (Kontext: the preferred size).
         keep_source: after every step, latents outside the model mask are the source's
         re-noised to the next sigma (`denoise.keep_source`; Kontext with a mask).
+        negative_prompt / true_cfg_scale: true classifier-free guidance when the scale is
+        above 1 and a negative prompt is given (two transformer passes per step).
         Raises InputError (bad numbers, empty mask, memory, channel mismatch).
         """
         _check_numbers(steps, num_images, strength)
         plan, canvas, mask = self.plan(image, model_mask, blend, crop_to_mask, num_images, plan)
         stats: dict = {}
         self.components.release()  # low_memory: nothing but the text encoders while encoding
+        if not (np.isfinite(true_cfg_scale) and true_cfg_scale >= 1.0):
+            raise InputError(f"true_cfg_scale must be a number >= 1, got {true_cfg_scale}")
         with Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+            negative = None
+            if negative_prompt is not None and true_cfg_scale > 1.0:
+                negative = self.encode_prompt(negative_prompt, None, max_sequence_length)
         ctx = self.context(plan, inner).for_loop(embeds, guidance, steps, num_images)
         ip: list[IPAdapterKV] = []
         if redux or ip_adapters:
@@ -398,6 +410,9 @@ class FluxPipeline:
         }
         job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
                       seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, stats=stats)
+        job.negative, job.true_cfg_scale = negative, true_cfg_scale
+        if negative is not None:
+            meta.update(negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
         if keep_source:
             job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
                                               image_latents, noise, sigmas)
@@ -439,7 +454,9 @@ class FluxPipeline:
             for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
                                       job.embeds, job.sigmas, job.guidance,
                                       controls=job.controls, ip=job.ip, tokens=job.tokens,
-                                      token_ids=job.token_ids, after_step=job.after_step):
+                                      token_ids=job.token_ids, after_step=job.after_step,
+                                      negative=job.negative,
+                                      true_cfg_scale=job.true_cfg_scale):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1

@@ -116,22 +116,26 @@ def _run_reference(ref, image, noise, steps, guidance, **kw):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("auto_resize", [True, False])
-def test_edit_matches_diffusers(pipe, ckpt, photo, auto_resize):
-    """One non-square reference (snapped to 1248x832, or floored to 288x192), 3 steps."""
+@pytest.mark.parametrize("auto_resize, cfg", [(True, 1.0), (False, 2.0)])
+def test_edit_matches_diffusers(pipe, ckpt, photo, auto_resize, cfg):
+    """One non-square reference (snapped to 1248x832, or floored to 288x192), 3 steps;
+    true CFG (scale 2, a negative prompt) on the second case."""
+    negative = "blurry, low quality" if cfg > 1 else None
     noise = np.random.default_rng(1).standard_normal((1, (W // 16) * (H // 16), 64))
     noise = noise.astype(np.float32)
     job = pipe.prepare(
         photo.resize((W, H)), np.ones((H, W), np.float32), np.ones((H, W), np.float32),
         PROMPT, steps=3, guidance=2.5, seed=0, num_images=1, strength=1.0,
         crop_to_mask=False, prompt_2=None, max_sequence_length=32, noise=mx.array(noise),
-        references=[photo], reference_resize=auto_resize)
+        references=[photo], reference_resize=auto_resize, negative_prompt=negative,
+        true_cfg_scale=cfg)
     ref_w, ref_h = (1248, 832) if auto_resize else (288, 192)
     assert job.tokens.shape == (1, (ref_w // 16) * (ref_h // 16), 64)
     ours = [np.array(latents) for _, latents in pipe.steps(job)]
     image = np.array(pipe.decode(job.latents, W, H))
     ref_steps, ref_image = _run_reference(_diffusers(ckpt), photo, noise, 3, 2.5,
-                                          _auto_resize=auto_resize)
+                                          _auto_resize=auto_resize, negative_prompt=negative,
+                                          true_cfg_scale=cfg)
     errs = [rel_err(a, b) for a, b in zip(ours, ref_steps, strict=True)]
     assert max(errs) <= 1e-3, errs
     assert psnr(image, ref_image) >= 40.0

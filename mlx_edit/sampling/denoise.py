@@ -62,6 +62,8 @@ class EditJob:
     tokens: mx.array | None = None
     token_ids: mx.array | None = None
     after_step: StepHook | None = None
+    negative: PromptEmbeds | None = None
+    true_cfg_scale: float = 1.0
     stats: dict = field(default_factory=dict)
 
 
@@ -94,6 +96,8 @@ def denoise(
     tokens: mx.array | None = None,
     token_ids: mx.array | None = None,
     after_step: StepHook | None = None,
+    negative: PromptEmbeds | None = None,
+    true_cfg_scale: float = 1.0,
     compile: bool | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
@@ -103,7 +107,10 @@ def denoise(
     64) with token_ids (M, 3): reference tokens appended after the latents on the sequence
     axis, the velocity taken on the first N outputs (Kontext, BFL sampling.py denoise;
     diffusers FluxKontextPipeline). after_step: applied to the latents after each step
-    (`keep_source`: the source outside a mask). Yields (step index,
+    (`keep_source`: the source outside a mask). negative / true_cfg_scale: true
+    classifier-free guidance, `neg + scale * (pos - neg)` per step, used when scale > 1
+    and a negative prompt is given (diffusers FluxKontextPipeline / FluxPipeline; its T5
+    length must equal the prompt's). Yields (step index,
     latents at sigmas[i+1]) after each step, evaluated, so the caller can report
     progress, preview or stop. RoPE and the text batch are built once, not per step.
     compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
@@ -117,13 +124,18 @@ def denoise(
     pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
+    cfg = None
+    if negative is not None and true_cfg_scale > 1.0:
+        cfg = (mx.broadcast_to(negative.txt, (b, *negative.txt.shape[1:])),
+               mx.broadcast_to(negative.pooled, (b, negative.pooled.shape[-1])),
+               mx.array(true_cfg_scale, dtype=mx.float32))
     step = make_step(transformer, compile=compile)
     for i in range(len(sigmas) - 1):
         t = mx.broadcast_to(timesteps[i], (b,))
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
         latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
                        step_dt(float(sigmas[i]), float(sigmas[i + 1])),
-                       controlnet=residuals, ip=ip, tokens=tokens)
+                       controlnet=residuals, ip=ip, tokens=tokens, negative=cfg)
         if after_step is not None:
             latents = after_step(i, latents)
         mx.eval(latents)

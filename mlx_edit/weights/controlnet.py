@@ -1,6 +1,6 @@
 """FLUX ControlNet weights: diffusers folders, XLabs x-flux single files, our MLX folders.
 
-Formats (detected from the tensor names):
+Formats (the "controlnet" entry of weights/specs.py, detected from the tensor names):
 - diffusers `FluxControlNetModel` folders (config.json + safetensors): InstantX Canny /
   Union, Shakker-Labs Union Pro (2.0), XLabs' `*-diffusers` repos. Blocks and embedders use
   the transformer's names (`DIFFUSERS_RULES`), plus `controlnet_*` and `input_hint_block.*`.

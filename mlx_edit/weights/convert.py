@@ -337,13 +337,7 @@ def convert_checkpoint(
         options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
         components = _write_components(tmp, parts, bits, transformer_config, options,
                                        max_shard_bytes, log)
-        manifest = {
-            "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **options, "components": components,
-        }
-        save.write_model_index(tmp, parts.get("root"))
-        save.write_json(tmp / save.MANIFEST_NAME, manifest)
+        manifest = _write_manifest(tmp, source, parts, options, components)
         save.publish(tmp, dest)
     finally:
         mx.set_cache_limit(cache_limit)
@@ -368,6 +362,19 @@ def _fresh_temp(dest: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _write_manifest(tmp: Path, source, parts: Mapping[str, Path | None], options: Mapping,
+                    components: dict) -> dict:
+    """`model_index.json` and the manifest (`save.MANIFEST_NAME`) of a converted folder."""
+    manifest = {
+        "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **options, "components": components,
+    }
+    save.write_model_index(tmp, parts.get("root"))
+    save.write_json(tmp / save.MANIFEST_NAME, manifest)
+    return manifest
 
 
 def _write_components(tmp: Path, parts: Mapping[str, Path | None], bits: Mapping[str, int | None],

@@ -1,4 +1,5 @@
-"""FLUX transformer weights: key maps (diffusers, BFL, ours) and the loader.
+"""FLUX transformer weights: key maps (diffusers, BFL, ours), the config of a BFL file
+read off its shapes, and `load_transformer` (the "transformer" entry of weights/specs.py).
 
 Sources: diffusers `scripts/convert_flux_to_diffusers.py` and
 `loaders/single_file_utils.py` (convert_flux_transformer_checkpoint_to_diffusers) for the

@@ -1,4 +1,5 @@
-"""Load the FLUX VAE from a diffusers `vae/` folder or a BFL / LDM single file.
+"""Load the FLUX VAE from a diffusers `vae/` folder or a BFL / LDM single file (the
+"vae" entry of weights/specs.py; this module holds its key maps and file layout).
 
 Key maps are data (tuples of `Rule`). Our module names are the diffusers names, so the
 diffusers map only transposes conv weights; the BFL map follows diffusers'

@@ -15,6 +15,7 @@ IP-Adapter: the mapping of diffusers `FluxIPAdapterMixin.load_ip_adapter`
 which maps proj from norm and overwrites to_k_ip with the v weight.
 Redux: `redux_{up,down}.{weight,bias}` (diffusers `image_embedder/` and BFL
 `flux1-redux-dev.safetensors` use the same names). Everything else must match exactly.
+The loaders are entries of weights/specs.py; this module holds their tables and sources.
 """
 
 from __future__ import annotations

@@ -16,15 +16,12 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import variants
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging import masks
 from mlx_edit.imaging.images import InputError, load_image, load_mask
 from mlx_edit.imaging.stitch import CropPlan
-from mlx_edit.pipeline import DEFAULT_FEATHER, FluxPipeline
-
-KONTEXT = variants.VARIANTS["kontext"]
-
+from mlx_edit.options import EditOptions, check_prompt
+from mlx_edit.pipeline import FluxPipeline
 
 def output_size(first: Image.Image, width: int | None, height: int | None,
                 auto_resize: bool = True) -> tuple[int, int]:
@@ -49,76 +46,57 @@ class FluxKontext(FluxPipeline):
 
     VARIANTS = ("kontext",)
 
-    def edit(
-        self,
-        images,
-        instruction: str,
-        *,
-        mask=None,
-        strength: float = 1.0,
-        steps: int = KONTEXT.steps,
-        guidance: float = KONTEXT.guidance,
-        seed: int = 0,
-        num_images: int = 1,
-        width: int | None = None,
-        height: int | None = None,
-        keep_size: bool = False,
-        auto_resize: bool = True,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        negative_prompt: str | None = None,
-        true_cfg_scale: float = 1.0,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        noise: mx.array | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def edit(self, images, instruction: str, options: EditOptions | None = None, *,
+             mask=None, noise: mx.array | None = None,
+             progress: Callable[[int, int], None] | None = None,
+             **overrides) -> list[Image.Image]:
         """Edit `images` following `instruction` ("make the car red").
 
         images: one image or a list (path, PIL or uint8 (H, W, 3)); the first is the one
-        edited and sets the framing, all are references. width / height: output px
-        (multiples of 16; default: the first image's preferred Kontext size).
-        keep_size: return the edit at the first image's own size. auto_resize: references
-        at the preferred resolution (True, as BFL and diffusers) or at their own size
-        floored to 16 px.
+        edited and sets the framing, all are references. options: EditOptions or its
+        fields as keywords (mlx_edit.options; defaults: 28 steps, guidance 2.5): width /
+        height (output px, multiples of 16; default: the first image's preferred Kontext
+        size), keep_size (the edit returned at the first image's own size), auto_resize
+        (references at the preferred resolution, as BFL and diffusers, or at their own
+        size floored to 16 px), negative_prompt / true_cfg_scale (true classifier-free
+        guidance when the scale is above 1: two transformer passes per step), strength,
+        grow_mask / feather (px), seed, num_images, ...
         mask: white = edit (path, PIL or array of the first image's size): Kontext
         inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
         `strength` and, after every step, outside the mask are the image's re-noised;
         the pixels outside the grown, feathered mask are then the (resized, or with
-        keep_size the original) image's exactly. grow_mask / feather: px.
-        negative_prompt / true_cfg_scale: true classifier-free guidance when the scale is
-        above 1 (diffusers' `true_cfg_scale`; two transformer passes per step).
+        keep_size the original) image's exactly.
         noise: optional packed initial noise (num_images, N, 64) (parity tests).
         Returns num_images PIL images (seeds seed, seed+1, ...) with parameters in `.info`.
-        Raises InputError (no image, unreadable image or mask, bad numbers, prompt too
+        Raises InputError (no image, unreadable image or mask, bad options, prompt too
         long; a transformer that is not Kontext's 64-channel model).
         """
+        o = EditOptions.of(options, overrides, "edit")
+        check_prompt(instruction, "instruction")
         self._require("edit")
         refs = [load_image(im) for im in (images if isinstance(images, (list, tuple))
                                           else [images])]
         if not refs:
             raise InputError("edit needs at least one --image")
-        first, size = refs[0], output_size(refs[0], width, height, auto_resize)
+        first, size = refs[0], output_size(refs[0], o.width, o.height, o.auto_resize)
         if mask is None:
             model_mask = blend = np.ones(first.size[::-1], np.float32)
         else:
             user_mask = load_mask(mask, first.size)
-            model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-            blend = masks.blend_mask(user_mask, grow_mask, feather)
+            model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
+            blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
         # The whole image, resized to the Kontext size; mapped back at the original size
         # (keep_size) or onto the image resized like the edit.
         image = first.convert("RGB")
-        if not keep_size:
+        if not o.keep_size:
             image, model_mask, blend = _to_size(image, model_mask, blend, size)
         plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
         job = self.prepare(
-            image, model_mask, blend, instruction, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=False, prompt_2=prompt_2,
-            max_sequence_length=max_sequence_length, noise=noise, references=refs,
-            reference_resize=auto_resize, plan=plan, keep_source=mask is not None,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-            metadata={"mode": "edit", "references": len(refs), "keep_size": keep_size,
-                      "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
+            image, model_mask, blend, instruction, o, noise=noise, references=refs,
+            reference_resize=o.auto_resize, plan=plan, keep_source=mask is not None,
+            metadata={"mode": "edit", "references": len(refs), "keep_size": o.keep_size,
+                      "masked": mask is not None, "grow_mask": o.grow_mask,
+                      "feather": o.feather},
         )
         return self.run(job, mask is not None, progress)
 

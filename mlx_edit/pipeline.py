@@ -22,11 +22,11 @@ from PIL import Image
 
 from mlx_edit import __version__, variants
 from mlx_edit.components import Components, limit_cache
-from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner
+from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
 from mlx_edit.conditioning.context import Conditioner, ConditioningContext
-from mlx_edit.conditioning.controlnet import ControlNetSpec, prepare_controls
+from mlx_edit.conditioning.controlnet import ControlNetSpec, prepare_controls  # noqa: F401
 from mlx_edit.conditioning.fill import fill_conditioner
-from mlx_edit.conditioning.image_prompts import (
+from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public names)
     IPAdapterSpec,
     ReduxSpec,
     prepare_ip_adapters,
@@ -34,6 +34,16 @@ from mlx_edit.conditioning.image_prompts import (
 )
 from mlx_edit.conditioning.kontext import kontext_tokens
 from mlx_edit.imaging import masks
+from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
+    CONTROL_GUIDANCE,
+    DEFAULT_FEATHER,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    OUTPAINT_OVERLAP,
+    EditOptions,
+    check_canvas,
+    check_prompt,
+)
 from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
@@ -51,31 +61,16 @@ from mlx_edit.sampling.latents import (
     unpack_latents,
     unscale_latents,
 )
-from mlx_edit.sampling.sampler import flux_sigmas, load_scheduler_config, noise_latents
+from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
 from mlx_edit.tiling import decode_auto, encode_auto
-from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
-from mlx_edit.weights.text import load_clip_text, load_t5
+from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
-DEFAULT_STEPS = variants.VARIANTS["fill"].steps  # diffusers FluxFillPipeline, BFL cli_fill
-DEFAULT_GUIDANCE = variants.VARIANTS["fill"].guidance  # Fill is distilled for high guidance
-DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
-OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
-CONTROL_GUIDANCE = variants.CONTROL_GUIDANCE
-
-
-def _check_numbers(steps: int, num_images: int, strength: float) -> None:
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if num_images < 1:
-        raise InputError(f"num_images must be >= 1, got {num_images}")
-    if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength must be in (0, 1], got {strength}")
 
 
 def _tokens(plan: CropPlan) -> int:
@@ -117,9 +112,8 @@ class FluxPipeline:
                                     expect_in_channels=kinds, quantize=quantize),
              "vae": partial(load_vae, vae_dir, dtype)},
             {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
-        self.scheduler_config = load_scheduler_config(component_dir(root, "scheduler"))
-        self.clip_tokenizer = ClipTokenizer.from_folder(component_dir(root, "tokenizer"))
-        self.t5_tokenizer = T5Tokenizer.from_folder(component_dir(root, "tokenizer_2"))
+        # damaged tokenizer/scheduler files fail here, as one WeightLoadError
+        self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
         for name in ("text_encoder", "text_encoder_2"):
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
@@ -325,103 +319,98 @@ class FluxPipeline:
         model_mask: np.ndarray,
         blend: np.ndarray,
         prompt: str,
+        options: EditOptions | None = None,
         *,
-        steps: int,
-        guidance: float,
-        seed: int,
-        num_images: int,
-        strength: float,
-        crop_to_mask: bool | None,
-        prompt_2: str | None,
-        max_sequence_length: int,
         noise: mx.array | None = None,
         metadata: dict | None = None,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
         conditioning: Conditioner | None = None,
         references: Sequence[Image.Image] = (),
         reference_resize: bool = True,
         inner: tuple[int, int, int, int] | None = None,
         plan: CropPlan | None = None,
         keep_source: bool = False,
-        negative_prompt: str | None = None,
-        true_cfg_scale: float = 1.0,
+        **overrides,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
+        options: EditOptions (or its fields as keyword `overrides`), checked here
+        (InputError): steps, guidance, seed(s), strength, the image prompts (ip_adapters,
+        redux: mlx_edit.conditioning.image_prompts), ControlNets (controlnets, aligned to
+        the canvas), true CFG (negative_prompt, true_cfg_scale > 1: two passes per step).
         conditioning: the Conditioner of the transformer's extra input channels (None:
         the variant's own: Fill's masked image + mask; `conditioning.bfl_control.
         bfl_conditioner` for Canny/Depth-dev; none for Kontext). references: Kontext
         reference images (conditioning.kontext), appended as sequence tokens (resized to
         the preferred Kontext resolution unless reference_resize is False).
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
-        ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts).
-        controlnets: ControlNets (mlx_edit.conditioning.controlnet), aligned to the canvas.
         inner: for an outpaint, the original's box on the canvas (ControlNet alignment).
         plan: a crop plan to use instead of planning one (Kontext: the preferred size).
         keep_source: after every step, latents outside the model mask are the source's
         re-noised to the next sigma (`denoise.keep_source`; Kontext with a mask).
-        negative_prompt / true_cfg_scale: true classifier-free guidance when the scale is
-        above 1 and a negative prompt is given (two transformer passes per step).
-        Raises InputError (bad numbers, empty mask, memory, channel mismatch).
+        Raises InputError (bad options, empty mask, memory, channel mismatch).
         """
-        _check_numbers(steps, num_images, strength)
-        plan, canvas, mask = self.plan(image, model_mask, blend, crop_to_mask, num_images, plan)
+        o = EditOptions.of(options, overrides)
+        prompt = check_prompt(prompt)
+        plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
+                                       o.num_images, plan)
         stats: dict = {}
+        guidance = o.effective_guidance
         self.components.release()  # low_memory: nothing but the text encoders while encoding
-        if not (np.isfinite(true_cfg_scale) and true_cfg_scale >= 1.0):
-            raise InputError(f"true_cfg_scale must be a number >= 1, got {true_cfg_scale}")
         with Phase(stats, "text_encode"):
-            embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+            embeds = self.encode_prompt(prompt, o.prompt_2, o.max_sequence_length)
             negative = None
-            if negative_prompt is not None and true_cfg_scale > 1.0:
-                negative = self.encode_prompt(negative_prompt, None, max_sequence_length)
-        ctx = self.context(plan, inner).for_loop(embeds, guidance, steps, num_images)
+            if o.negative_prompt is not None and o.true_cfg_scale > 1.0:
+                negative = self.encode_prompt(o.negative_prompt, None, o.max_sequence_length)
+        steps = o.effective_steps
+        ctx = self.context(plan, inner).for_loop(embeds, guidance, steps, o.num_images)
         ip: list[IPAdapterKV] = []
-        if redux or ip_adapters:
+        if o.redux or o.ip_adapters:
             with Phase(stats, "image_prompts"):
-                embeds = prepare_redux(ctx, redux, embeds) if redux else embeds
-                ip = prepare_ip_adapters(ctx, ip_adapters) if ip_adapters else []
-            ctx = ctx.for_loop(embeds, guidance, steps, num_images)
+                embeds = prepare_redux(ctx, o.redux, embeds) if o.redux else embeds
+                ip = prepare_ip_adapters(ctx, o.ip_adapters) if o.ip_adapters else []
+            ctx = ctx.for_loop(embeds, guidance, steps, o.num_images)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             channels = self._channels(ctx, conditioning, pixels, mask)
             tokens, token_ids = kontext_tokens(ctx, references, reference_resize) \
                 if references else (None, None)
             image_latents = self.encode_image(pixels) \
-                if strength < 1.0 or keep_source else None
+                if o.strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
-        sigmas = flux_sigmas(steps, _tokens(plan), self.scheduler_config, strength)
-        seeds = [seed + i for i in range(num_images)]
+        sigmas = flux_sigmas(steps, _tokens(plan), self.scheduler_config, o.strength)
         if noise is None:
-            noise = initial_noise(seeds, (_tokens(plan), self.vae_config.latent_channels * 4),
-                                  mx.float32)
+            noise = initial_noise(o.seeds, (_tokens(plan), ctx.latent_channels), mx.float32)
         noise = noise.astype(self.dtype)
-        latents = noise if strength == 1.0 else \
+        latents = noise if o.strength == 1.0 else \
             noise_latents(image_latents.astype(self.dtype), noise, float(sigmas[0]))
-        meta = {
-            "prompt": prompt, "prompt_2": prompt_2, "steps": steps, "guidance": guidance,
-            "strength": strength, "model": self.source, "mlx_edit_version": __version__,
-            "model_size": list(plan.model_size), "crop_box": list(plan.box),
-            "ip_adapters": [[str(a.model), a.scale] for a in ip_adapters] or None,
-            "redux": [[str(r.model), r.strength] for r in redux] or None,
-            **(metadata or {}),
-        }
+        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
         job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
-                      seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, stats=stats)
-        job.negative, job.true_cfg_scale = negative, true_cfg_scale
-        if negative is not None:
-            meta.update(negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
+                      o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids,
+                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats)
         if keep_source:
             job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
                                               image_latents, noise, sigmas)
-        if controlnets:  # their control images go through the VAE
+        if o.controlnets:  # their control images go through the VAE
             with self.components.using("vae", stats):
-                job.controls, control_meta = prepare_controls(ctx, list(controlnets))
+                job.controls, control_meta = prepare_controls(ctx, list(o.controlnets))
             stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
             job.metadata.update(control_meta)
         return job
+
+    def _metadata(self, o: EditOptions, plan: CropPlan, cfg: bool, extra: dict | None
+                  ) -> dict:
+        """The parameters an output records (PNG text chunks): options, model, geometry."""
+        return {
+            "prompt_2": o.prompt_2, "steps": o.effective_steps,
+            "guidance": o.effective_guidance,
+            "strength": o.strength, "model": self.source, "mlx_edit_version": __version__,
+            "model_size": list(plan.model_size), "crop_box": list(plan.box),
+            "ip_adapters": [[str(a.model), a.scale] for a in o.ip_adapters] or None,
+            "redux": [[str(r.model), r.strength] for r in o.redux] or None,
+            "negative_prompt": o.negative_prompt if cfg else None,
+            "true_cfg_scale": o.true_cfg_scale if cfg else None,
+            **(extra or {}),
+        }
 
     def _channels(self, ctx: ConditioningContext, conditioner: Conditioner | None,
                   pixels: np.ndarray, mask: np.ndarray) -> mx.array | None:
@@ -518,159 +507,97 @@ class FluxFill(FluxPipeline):
 
     VARIANTS = ("fill", "control")
 
-
-    def inpaint(
-        self,
-        image,
-        mask,
-        prompt: str,
-        *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = 0,
-        num_images: int = 1,
-        strength: float = 1.0,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        paste_back: bool = True,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
+                progress: Callable[[int, int], None] | None = None,
+                **overrides) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
 
         image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
-        differs. grow_mask / feather: px. crop_to_mask: None = automatic (edit a ~1 MP
-        window around the mask when the image is large), True/False to force.
-        ip_adapters / redux: image prompts (IPAdapterSpec / ReduxSpec from
-        mlx_edit.conditioning.image_prompts): the style or subject of reference images.
-        controlnets: ControlNetSpec list (mlx_edit.conditioning.controlnet): structure (edges, depth,
-        pose...) to keep; several are summed.
+        differs. options: EditOptions, or its fields as keywords (steps, guidance, seed,
+        num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
+        automatic: edit a ~1 MP window around the mask when the image is large),
+        prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
+        the style or subject of reference images), controlnets (ControlNetSpec list:
+        structure to keep; several are summed)); defaults and ranges: mlx_edit.options.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
-        Canny/Depth transformer loaded instead of Fill).
+        Raises InputError (bad input: a bad option, empty mask, prompt too long; a
+        Canny/Depth transformer loaded instead of Fill), before any model loads.
         """
+        o = EditOptions.of(options, overrides, "inpaint")
+        check_prompt(prompt)
         self._require("inpaint")
         image = load_image(image)
         user_mask = load_mask(mask, image.size)
-        model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-        blend = masks.blend_mask(user_mask, grow_mask, feather)
-        job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
-        )
-        return self.run(job, paste_back, progress)
+        model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
+        blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
+        job = self.prepare(image, model_mask, blend, prompt, o, metadata={
+            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather})
+        return self.run(job, o.paste_back, progress)
 
-    def outpaint(
-        self,
-        image,
-        prompt: str,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        overlap: int = OUTPAINT_OVERLAP,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = 0,
-        num_images: int = 1,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
+                 progress: Callable[[int, int], None] | None = None,
+                 **overrides) -> list[Image.Image]:
         """Extend `image` by left/right/top/bottom px, generating the new border.
 
+        options: EditOptions or its fields as keywords (left, right, top, bottom, overlap,
+        and the common ones of `inpaint` except strength/grow_mask/feather/paste_back).
         The original is kept exactly except for an `overlap` px band along each extended
         side, which is regenerated and blended so the seam does not show.
         Returns PIL images of size (W + left + right, H + top + bottom).
-        Raises InputError (no expansion, negative values; not a Fill transformer).
+        Raises InputError (no expansion, bad values, a canvas too large for the machine,
+        checked before it is allocated; not a Fill transformer).
         """
+        o = EditOptions.of(options, overrides, "outpaint")
+        check_prompt(prompt)
         self._require("outpaint")
         image = load_image(image)
-        canvas, model_mask, blend = outpaint_canvas(image, left, right, top, bottom,
-                                                    overlap=overlap)
-        inner = (left, top, left + image.size[0], top + image.size[1])
-        job = self.prepare(
-            canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
-                      "overlap": overlap}, inner=inner,
-        )
+        w, h = image.size
+        check_canvas(w + o.left + o.right, h + o.top + o.bottom)
+        canvas, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
+                                                    overlap=o.overlap)
+        job = self.prepare(canvas, model_mask, blend, prompt, o, metadata={
+            "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
+            "overlap": o.overlap}, inner=(o.left, o.top, o.left + w, o.top + h))
         return self.run(job, True, progress)
 
-    def restyle(
-        self,
-        image,
-        control_image,
-        prompt: str,
-        *,
-        control_type: str = "canny",
-        mask=None,
-        strength: float = 1.0,
-        steps: int = DEFAULT_STEPS,
-        guidance: float | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        paste_back: bool = True,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        canny_low: float = BFL_CANNY[0],
-        canny_high: float = BFL_CANNY[1],
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
+    def restyle(self, image, control_image, prompt: str, options: EditOptions | None = None,
+                *, mask=None, progress: Callable[[int, int], None] | None = None,
+                **overrides) -> list[Image.Image]:
         """Repaint `image` following `prompt` while keeping the structure (edges or depth)
         of `control_image`, with FLUX.1 Canny-dev / Depth-dev (in_channels 128).
 
         control_image: path, PIL or array, the same framing as `image`; None = `image`
-        itself (for canny). control_type: "canny" (edges computed here; thresholds on the
-        0-255 scale, BFL's 50/200), "depth" or "none" (a ready-made map, used as given).
+        itself (for canny). options: EditOptions or its fields as keywords: control_type
+        "canny" (edges computed here; canny_low / canny_high on the 0-255 scale, BFL's
+        50/200), "depth" or "none" (a ready-made map, used as given), and the common ones
+        of `inpaint` except the image prompts and ControlNets.
         mask: None = the whole image; else white = restyle, and outside the grown and
         feathered mask the original is kept exactly (crop_to_mask as in `inpaint`).
         strength < 1 starts from the image (img2img). guidance None: 30 for canny and
         none, 10 for depth (BFL's defaults).
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (not a Canny/Depth transformer, depth without a control image,
-        bad numbers, empty mask, prompt too long).
+        bad options, empty mask, prompt too long).
         """
+        o = EditOptions.of(options, overrides, "restyle")
+        check_prompt(prompt)
         self._require("restyle")
         image = load_image(image)
-        if control_image is None and control_type != "canny":
-            raise InputError(f"--control-type {control_type} needs --control-image (a "
+        if control_image is None and o.control_type != "canny":
+            raise InputError(f"--control-type {o.control_type} needs --control-image (a "
                              "ready-made map: no depth estimator is bundled)")
         if mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:
             user_mask = load_mask(mask, image.size)
-            model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-            blend = masks.blend_mask(user_mask, grow_mask, feather)
-        if guidance is None:
-            guidance = CONTROL_GUIDANCE.get(control_type, DEFAULT_GUIDANCE)
+            model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
+            blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
         conditioner = bfl_conditioner(image if control_image is None else control_image,
-                                      control_type, canny_low=canny_low, canny_high=canny_high)
-        job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            conditioning=conditioner,
-            metadata={"mode": "restyle", "control_type": control_type,
-                      "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
-        )
-        return self.run(job, paste_back, progress)
+                                      o.control_type, canny_low=o.canny_low,
+                                      canny_high=o.canny_high)
+        job = self.prepare(image, model_mask, blend, prompt, o, conditioning=conditioner,
+                           metadata={"mode": "restyle", "control_type": o.control_type,
+                                     "masked": mask is not None, "grow_mask": o.grow_mask,
+                                     "feather": o.feather})
+        return self.run(job, o.paste_back, progress)

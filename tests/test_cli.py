@@ -84,7 +84,7 @@ def test_batch_writes_numbered_outputs(tiny_ckpt, photos, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--image", "missing.png", "--mask", "mask.png"], "does not exist"),
+        (["--image", "missing.png", "--mask", "mask.png"], "image file not found"),
         (["--image", "notes.txt", "--mask", "mask.png"], "image"),
         (["--image", "astronaut.png", "--mask", "empty.png"], "mask is empty"),
         (["--image", "astronaut.png", "--mask", "mask.png", "--steps", "0"], "--steps"),
@@ -104,7 +104,7 @@ def test_inpaint_bad_input_is_a_usage_error(tiny_ckpt, photos, tmp_path, args, m
 def test_outpaint_without_expansion_is_a_usage_error(tiny_ckpt, photos, tmp_path):
     r = invoke("outpaint", "--model", tiny_ckpt, "--image", photos / "coffee.jpg",
                "--prompt", "x", "--output", tmp_path / "o.png")
-    assert r.exit_code == 2 and "at least one > 0" in r.output
+    assert r.exit_code == 2 and "at least one of left/right/top/bottom > 0" in r.output
 
 
 def test_existing_output_and_input_are_never_overwritten(tiny_ckpt, photos, tmp_path):

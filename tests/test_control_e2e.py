@@ -18,7 +18,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.imaging import masks
-from mlx_edit.cli.control import control_options, parse_control_groups, pop_control_specs
+from mlx_edit.cli.conditioning import conditioning_options, parse_control_groups, pop_conditioning
 from mlx_edit.conditioning.bfl_control import bfl_conditioner
 from mlx_edit.conditioning.controlnet import (
     ControlNetSpec,
@@ -327,9 +327,9 @@ def test_bfl_control_conditioning_needs_a_128_channel_transformer(pipe, photo):
 
 def _cli():
     @click.command()
-    @control_options
+    @conditioning_options
     def cmd(**kwargs):
-        specs = pop_control_specs(kwargs)
+        specs = pop_conditioning(kwargs)["controlnets"]
         assert not kwargs
         click.echo(json.dumps([[str(s.model), s.type, s.mode, s.scale, s.start, s.end]
                                for s in specs]))

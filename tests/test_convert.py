@@ -188,11 +188,12 @@ def test_interrupted_conversion_leaves_nothing(small_ckpt, tmp_path, monkeypatch
     # an existing DEST replaced with --overwrite survives an interruption untouched
     dest.mkdir()
     (dest / "keep.txt").write_text("old")
+    (dest / save.MANIFEST_NAME).write_text('{"format": "mlx-edit"}')  # an earlier conversion
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         cv.convert_checkpoint(small_ckpt, dest, quantize=4, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]
-    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == ["keep.txt", save.MANIFEST_NAME]
 
 
 def test_stale_temp_folder_of_dead_process_is_removed(tmp_path):
@@ -212,13 +213,21 @@ def test_cli_overwrite_and_usage_errors(small_ckpt, f32, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(f32, src)
     res = runner.invoke(convert_command, [str(src), str(tmp_path), "--overwrite"])
+    assert res.exit_code == 2 and "not an mlx-edit conversion" in res.output
+    (tmp_path / save.MANIFEST_NAME).write_text('{"format": "mlx-edit"}')  # even if marked:
+    res = runner.invoke(convert_command, [str(src), str(tmp_path), "--overwrite"])
     assert res.exit_code == 2 and "holds the source" in res.output  # never over the source
+    (tmp_path / save.MANIFEST_NAME).unlink()
     assert (src / "mlx_edit.json").is_file()
     dest = tmp_path / "over"
     dest.mkdir()
     (dest / "old.txt").write_text("x")
-    res = runner.invoke(convert_command, [str(f32), str(dest), "-q", "8", "--overwrite",
-                                          "--dtype", "float32"])
+    args = [str(f32), str(dest), "-q", "8", "--overwrite", "--dtype", "float32"]
+    res = runner.invoke(convert_command, args)  # not ours: never replaced
+    assert res.exit_code == 2 and "not an mlx-edit conversion" in res.output
+    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+    (dest / save.MANIFEST_NAME).write_text('{"format": "mlx-edit"}')
+    res = runner.invoke(convert_command, args)
     assert res.exit_code == 0, res.output
     assert not (dest / "old.txt").exists() and (dest / "mlx_edit.json").is_file()
     assert json.loads((dest / "transformer" / "config.json").read_text())["quantization"][
@@ -233,7 +242,7 @@ def test_bfl_single_file_source_and_sharding(small_ckpt, q4, tmp_path):
         "--text-encoders", str(small_ckpt), "--max-shard-size", "300KB",
         "--transformer-config", str(small_ckpt / "transformer" / "config.json")])
     # the BFL ae.safetensors has FLUX's widths, not the fixture's: a strict, one-line error
-    assert res.exit_code == 1 and "vae" in res.output and "mis-shaped" in res.output
+    assert res.exit_code == 2 and "vae" in res.output and "mis-shaped" in res.output
     assert not dest.exists()
     res = CliRunner().invoke(convert_command, [
         str(small_ckpt / "flux1-fill-dev.safetensors"), str(dest), "-q", "4",

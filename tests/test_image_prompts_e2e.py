@@ -20,11 +20,12 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.imaging import masks
-from mlx_edit.cli.image_prompts import (
-    image_prompt_kwargs,
-    image_prompt_options,
+from mlx_edit.cli.errors import OneLineCommand
+from mlx_edit.cli.conditioning import (
+    conditioning_options,
     parse_ip_adapters,
     parse_redux,
+    pop_conditioning,
 )
 from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_redux
 from mlx_edit.imaging.images import load_image, load_mask
@@ -109,10 +110,11 @@ def test_outpaint_with_redux(setup):
 # ---------------------------------------------------------------- CLI options
 
 
-@click.command()
-@image_prompt_options
+@click.command(cls=OneLineCommand)
+@conditioning_options
 def _command(**opts):
-    extra = image_prompt_kwargs(opts)
+    extra = pop_conditioning(opts)
+    assert extra.pop("controlnets") == []
     assert not opts
     click.echo(json.dumps({k: [[str(s.model), str(s.image), getattr(s, "scale", None),
                                 getattr(s, "strength", None)] for s in v]
@@ -141,12 +143,12 @@ def test_cli_options_pair_adapters_and_images(setup):
 
 @pytest.mark.parametrize("args, message", [
     (["--ip-adapter", "A"], "--ip-adapter needs at least one --ip-image"),
-    (["--ip-image", "{a}"], "need --ip-adapter"),
+    (["--ip-image", "{a}"], "--ip-image given without --ip-adapter"),
     (["--ip-adapter", "A", "--ip-adapter", "B", "--ip-image", "{a}"], "2 --ip-adapter for 1"),
     (["--ip-adapter", "A", "--ip-image", "{a}", "--ip-scale", "x"], "expected a number"),
     (["--ip-adapter", "A", "--ip-image", "missing.png"], "--ip-image missing.png does not"),
     (["--ip-adapter", "A", "--ip-image", "{a}", "--ip-scale", "1", "--ip-scale", "2"],
-     "2 --ip-scale values for 1 adapters"),
+     "--ip-scale given 2 times for 1 --ip-adapter"),
     (["--redux", "R", "--redux-image", "{a}", "--redux-strength", "-1"], ">= 0"),
     (["--redux", "R", "--redux", "S", "--redux", "T", "--redux-image", "{a}",
       "--redux-image", "{a}"], "3 --redux for 2 --redux-image"),
@@ -157,7 +159,7 @@ def test_cli_option_errors_are_one_line(setup, args, message):
     r = CliRunner().invoke(_command, args)
     assert r.exit_code == 2, r.output
     assert message in r.output
-    assert r.output.strip().splitlines()[-1].startswith("Error: ")
+    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error: ")
 
 
 def test_parse_redux_defaults():

@@ -281,3 +281,36 @@ def test_kontext_mask_keeps_the_photo_outside(pipe, photo):
         ys, xs = np.nonzero(m)
         far[max(ys.min() - 12, 0):ys.max() + 12, max(xs.min() - 12, 0):xs.max() + 12] = False
         assert np.array_equal(np.asarray(out)[far], np.asarray(base.convert("RGB"))[far])
+
+
+def test_edit_cli_end_to_end(ckpt, photo, tmp_path):
+    """`mlx-edit edit` on a real photo: the size asked for, --keep-size, a second
+    reference and a mask; bad input is one line with exit status 2 and writes nothing."""
+    from click.testing import CliRunner
+
+    from mlx_edit.cli import main
+
+    src, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    photo.save(src)
+    m = np.zeros(photo.size[::-1], np.uint8)
+    m[50:150, 80:220] = 255
+    Image.fromarray(m).save(mask)
+    base = ["edit", "--model", str(ckpt / "kontext-model"), "-i", str(src),
+            "--instruction", PROMPT, "--steps", "1", "--max-sequence-length", "32",
+            "--no-auto-resize", "--seed", "5"]
+    run = CliRunner().invoke
+    r = run(main, [*base, "--width", "96", "--height", "64", "-o", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    out = Image.open(tmp_path / "a.png")
+    assert out.size == (96, 64) and out.info["mode"] == "edit" and out.info["seed"] == "5"
+    r = run(main, [*base, "-i", str(src), "--mask", str(mask), "--keep-size",
+                   "-o", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    kept = Image.open(tmp_path / "b.png")
+    assert kept.size == photo.size and kept.info["references"] == "2"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad in (["--steps", "0"], ["--true-cfg-scale", "0.5"], ["--width", "8"],
+                ["-o", str(src), "--overwrite"]):
+        r = run(main, [*base, *bad])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, (bad, r.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -194,7 +194,7 @@ def test_variant_checks(pipe, ckpt, photo, tmp_path):
         pipe.outpaint(photo, PROMPT, left=16, steps=1)
     with pytest.raises(InputError, match="depth needs --control-image"):
         pipe.restyle(photo, None, PROMPT, control_type="depth", steps=1)
-    with pytest.raises(InputError, match="not one of the BFL control models"):
+    with pytest.raises(InputError, match="control_type must be one of canny, depth, none"):
         pipe.restyle(photo, photo, PROMPT, control_type="pose", steps=1)
     fill = FluxFill.from_pretrained(ckpt, mx.float32)
     assert fill.variant == "fill"

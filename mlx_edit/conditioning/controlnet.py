@@ -26,15 +26,13 @@ from PIL import Image, ImageFilter
 
 from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.imaging.images import InputError, load_image, to_array
+from mlx_edit.options import CONTROL_TYPES, DEFAULT_CANNY  # noqa: F401  (one place)
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model
 from mlx_edit.models.controlnet import FluxControlNet
 from mlx_edit.sampling.latents import image_ids, token_grid
 
-CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")
 # InstantX / Shakker-Labs Union mode ids (their model cards); 6 = low quality.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5}
-DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds (BFL Canny-dev: 50, 200)
-BFL_CANNY = (50.0, 200.0)  # BFL cli_control.py's thresholds for FLUX.1-Canny-dev
 # Control types of the BFL Canny/Depth models: edges computed here, or a ready-made map.
 RESTYLE_TYPES = ("canny", "depth", "none")
 

@@ -37,6 +37,7 @@ from mlx_edit import __version__
 from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import save
 from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan, read_config
+from mlx_edit.weights.text import read_text_tools
 from mlx_edit.weights.loader import open_checkpoint
 from mlx_edit.weights.quantize import (
     COMPONENTS,
@@ -331,6 +332,8 @@ def convert_checkpoint(
     dest = _checked_dest(dest, overwrite)
     parts = locate_sources(source, vae, text_encoders)
     _check_not_inside(dest, parts)
+    # damaged tokenizer/scheduler files: refused before any work, never published
+    read_text_tools(parts["scheduler"], parts["tokenizer"], parts["tokenizer_2"])
     tmp = _fresh_temp(dest)
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:

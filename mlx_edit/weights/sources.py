@@ -32,9 +32,33 @@ CONFIG_AND_WEIGHTS = ("config.json", "*.safetensors", "*.safetensors.index.json"
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
+_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def looks_like_path(name: str) -> bool:
+    """True for a string meant as a local path, existing or not: absolute or `~`, `.`,
+    `./`, `../`, a backslash, a weights-file suffix, or a first component that exists
+    here (`models/flux` when ./models is a folder). Such a string is never downloaded."""
+    name = str(name)
+    first = name.replace("\\", "/").split("/", 1)[0]
+    return (Path(name).expanduser().is_absolute() or name.startswith("~")
+            or first in (".", "..") or "\\" in name
+            or name.lower().endswith(_FILE_SUFFIXES)
+            or ("/" in name and Path(first).expanduser().is_dir()))
+
+
 def is_repo_id(name: str) -> bool:
-    """True for an `owner/name` string that is not an existing local path."""
-    return bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+    """True for an `owner/name` string that is not an existing local path and does not
+    look like one (`looks_like_path`)."""
+    name = str(name)
+    return (bool(_REPO_ID.match(name)) and not looks_like_path(name)
+            and not Path(name).expanduser().exists())
+
+
+def not_found(name: str) -> WeightLoadError:
+    """The error for a path that does not exist (never taken for a repo id)."""
+    return WeightLoadError(f"{name}: not found (a local path; a Hugging Face repo id is "
+                           "owner/name, e.g. black-forest-labs/FLUX.1-Fill-dev)")
 
 
 def local_or_remote(repo_or_path: str | Path, what: str = "") -> tuple[Path, bool]:
@@ -44,8 +68,7 @@ def local_or_remote(repo_or_path: str | Path, what: str = "") -> tuple[Path, boo
     if path.exists():
         return path, False
     if not is_repo_id(str(repo_or_path)):
-        raise WeightLoadError(f"{repo_or_path}: no such {what + ' ' if what else ''}folder or "
-                              "file, and not a Hugging Face repo id (owner/name)")
+        raise not_found(str(repo_or_path))
     return path, True
 
 

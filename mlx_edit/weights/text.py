@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_edit.models.clip import CLIPTextModel
 from mlx_edit.models.t5 import T5Encoder
 from mlx_edit.weights import loader
-from mlx_edit.weights.core import Rule, rename
+from mlx_edit.weights.core import Rule, reading, rename
 
 CLIP_STRIP_PREFIXES = ("text_model.",)
 
@@ -104,3 +104,35 @@ def load_t5(folder: str | Path, dtype: mx.Dtype | None = None,
     mis-shaped tensors (e.g. decoder weights of a full T5 checkpoint).
     """
     return loader.load("t5", folder, dtype, quantize=quantize)
+
+
+def load_text_tools(root: Path):
+    """The scheduler config and the CLIP/T5 tokenizers of the model folder `root`, each
+    tried on a short prompt so that damaged files fail now (WeightLoadError naming the
+    folder), not after the first edit's work. Returns (SchedulerConfig, ClipTokenizer,
+    T5Tokenizer)."""
+    from mlx_edit.weights.sources import component_dir
+
+    return read_text_tools(*(component_dir(root, c)
+                             for c in ("scheduler", "tokenizer", "tokenizer_2")))
+
+
+def read_text_tools(scheduler: Path | None, tokenizer: Path | None,
+                    tokenizer_2: Path | None):
+    """`load_text_tools` on separate folders; a None folder is skipped (None returned)."""
+    from mlx_edit.sampling.sampler import load_scheduler_config
+    from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+
+    out = [None, None, None]
+    if scheduler is not None:
+        with reading("scheduler config", scheduler):
+            out[0] = load_scheduler_config(scheduler)
+    if tokenizer is not None:
+        with reading("CLIP tokenizer files", tokenizer):
+            out[1] = ClipTokenizer.from_folder(tokenizer)
+            out[1]("a photo")
+    if tokenizer_2 is not None:
+        with reading("T5 tokenizer files", tokenizer_2):
+            out[2] = T5Tokenizer.from_folder(tokenizer_2)
+            out[2]("a photo", max_length=8)
+    return tuple(out)

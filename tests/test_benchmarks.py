@@ -45,3 +45,10 @@ def test_bench_pipeline_phases(repo_root, tiny_ckpt):
     assert re.match(r"pipeline 64x64 \(float32, low memory\): load [\d.]+ s, text [\d.]+ s, "
                     r"VAE encode [\d.]+ s, step [\d.]+ s, VAE decode [\d.]+ s; "
                     r"peak [\d.]+ GB", last), last
+
+
+def test_bench_kontext_ratio(repo_root):
+    last = _run(repo_root, "bench_kontext.py", "--preset", "tiny", "--size", "64x64",
+                "--text-tokens", "16", "--reps", "1")
+    m = re.fullmatch(r"ratio Kontext/Fill per step: ([\d.]+)", last)
+    assert m and float(m.group(1)) > 0, last

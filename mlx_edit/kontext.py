@@ -82,9 +82,8 @@ class FluxKontext(FluxPipeline):
         if mask is None:
             model_mask = blend = np.ones(first.size[::-1], np.float32)
         else:
-            user_mask = load_mask(mask, first.size)
-            model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
-            blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
+            model_mask, blend = masks.edit_masks(load_mask(mask, first.size), o.grow_mask,
+                                                 o.feather)
         # The whole image, resized to the Kontext size; mapped back at the original size
         # (keep_size) or onto the image resized like the edit.
         image = first.convert("RGB")

@@ -528,9 +528,8 @@ class FluxFill(FluxPipeline):
         check_prompt(prompt)
         self._require("inpaint")
         image = load_image(image)
-        user_mask = load_mask(mask, image.size)
-        model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
-        blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
+        model_mask, blend = masks.edit_masks(load_mask(mask, image.size), o.grow_mask,
+                                             o.feather)
         job = self.prepare(image, model_mask, blend, prompt, o, metadata={
             "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather})
         return self.run(job, o.paste_back, progress)
@@ -590,9 +589,8 @@ class FluxFill(FluxPipeline):
         if mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:
-            user_mask = load_mask(mask, image.size)
-            model_mask = masks.grow_mask(user_mask, o.grow_mask) if o.grow_mask else user_mask
-            blend = masks.blend_mask(user_mask, o.grow_mask, o.feather)
+            model_mask, blend = masks.edit_masks(load_mask(mask, image.size), o.grow_mask,
+                                                 o.feather)
         conditioner = bfl_conditioner(image if control_image is None else control_image,
                                       o.control_type, canny_low=o.canny_low,
                                       canny_high=o.canny_high)

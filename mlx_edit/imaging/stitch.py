@@ -227,7 +227,8 @@ def crop_for_model(
 
 
 def stitch_back(
-    original: Image.Image, edited: Image.Image, plan: CropPlan, blend: np.ndarray
+    original: Image.Image, edited: Image.Image, plan: CropPlan, blend: np.ndarray, *,
+    color_match: str = "none", method: str = "feather",
 ) -> Image.Image:
     """Map the model output back into the original and blend it in.
 
@@ -235,8 +236,12 @@ def stitch_back(
     then `paste_back` into the window with `blend[window]`. Pixels outside the window,
     and inside it where blend == 0, are bit-identical to `original`. Blend weight
     outside the window is ignored with a warning (raise min_context in plan_crop).
+    color_match ("none" | "mean-std" | "histogram") and method ("feather" | "poisson")
+    run first, inside the window (`mlx_edit.imaging.blend.blend_images`; they need the
+    `[blend]` extra, OpenCV).
     Args: original PIL (plan.image_size); edited PIL (plan.model_size); blend float (H, W).
     Returns: new PIL RGB image of the original's size.
+    Raises: InputError (unknown method, OpenCV missing), ValueError (sizes).
     """
     if edited.size != plan.model_size:
         raise ValueError(f"stitch_back: edited size {edited.size} != plan {plan.model_size}")
@@ -251,7 +256,15 @@ def stitch_back(
     else:
         edited = edited.crop((0, 0, *plan.window_size))
     out = original.convert("RGB")  # a copy
-    out.paste(paste_back(out.crop(plan.box), edited, inside), plan.box[:2])
+    window = out.crop(plan.box)
+    if color_match == "none" and method == "feather":  # no OpenCV needed
+        pasted = paste_back(window, edited, inside)
+    else:
+        from mlx_edit.imaging.blend import blend_images
+
+        pasted = blend_images(window, edited, inside, color_match_method=color_match,
+                              method=method)
+    out.paste(pasted, plan.box[:2])
     return out
 
 

@@ -1,6 +1,6 @@
 """Paste-back that does not look pasted: colour matching and Poisson blending.
 
-Pure numpy + OpenCV (the `[blend]` extra), no mlx. Both steps change only the *edited*
+Pure numpy; Poisson blending needs OpenCV (the `[blend]` extra); no mlx. Both steps change only the *edited*
 image inside the blend mask; the final composite is `stitch.paste_back`, so pixels where
 the blend weight is 0 stay the original's bit for bit in every mode.
 
@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.imaging.images import InputError
+from mlx_edit.imaging.masks import grow_mask
 
 COLOR_MATCH_METHODS = ("none", "mean-std", "histogram")
 BLEND_METHODS = ("feather", "poisson")
@@ -40,8 +41,8 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        raise InputError("colour matching and Poisson blending need OpenCV: "
-                         "pip install 'mlx-edit[blend]' (opencv-python-headless)") from None
+        raise InputError("--blend poisson needs OpenCV: pip install 'mlx-edit[blend]' "
+                         "(opencv-python-headless), or use --blend feather") from None
     return cv2
 
 
@@ -54,29 +55,45 @@ def check_methods(color_match: str, blend: str) -> None:
         raise InputError(f"blend must be one of {', '.join(BLEND_METHODS)}, got {blend!r}")
 
 
+# sRGB (IEC 61966-2-1) primaries, D65 white: linear RGB -> CIE XYZ, rows X, Y, Z.
+_RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423],
+                        [0.212671, 0.715160, 0.072169],
+                        [0.019334, 0.119193, 0.950227]])
+_WHITE = _RGB_TO_XYZ.sum(axis=1)  # XYZ of RGB (1, 1, 1): the D65 white point
+_EPS, _KAPPA = (6.0 / 29.0) ** 3, (29.0 / 6.0) ** 2 / 3.0  # CIE 1976 L*a*b* constants
+
+
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB (..., 3) -> float32 CIE Lab (D65; L in [0, 100], a/b about [-128, 127])."""
-    cv2 = _cv2()
-    a = np.ascontiguousarray(rgb, dtype=np.float32).reshape(-1, 1, 3) / 255.0
-    return cv2.cvtColor(a, cv2.COLOR_RGB2Lab).reshape(np.shape(rgb))
+    """uint8 sRGB (..., 3) -> float32 CIE 1976 L*a*b* (D65; L in [0, 100]).
+
+    The textbook conversion (sRGB transfer curve, XYZ, CIE f(t)); agrees with
+    skimage.color.rgb2lab to < 5e-3 (its D65 white is rounded; ours is the
+    matrix's own, so greys have a = b = 0 exactly). Pure numpy (no extra needed).
+    """
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    t = (lin @ _RGB_TO_XYZ.T) / _WHITE
+    f = np.where(t > _EPS, np.cbrt(t), _KAPPA * t + 4.0 / 29.0)
+    lab = np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
+                    200.0 * (f[..., 1] - f[..., 2])], axis=-1)
+    return lab.astype(np.float32)
 
 
 def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """float32 Lab (..., 3) -> uint8 RGB (rounded, clipped to the sRGB gamut)."""
-    cv2 = _cv2()
-    a = np.ascontiguousarray(lab, dtype=np.float32).reshape(-1, 1, 3)
-    rgb = cv2.cvtColor(a, cv2.COLOR_Lab2RGB).reshape(np.shape(lab))
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    """float CIE L*a*b* (..., 3) -> uint8 sRGB (rounded, clipped to the sRGB gamut)."""
+    lab = np.asarray(lab, dtype=np.float64)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
+    t = np.where(f > 6.0 / 29.0, f ** 3, (f - 4.0 / 29.0) / _KAPPA)
+    lin = np.clip((t * _WHITE) @ np.linalg.inv(_RGB_TO_XYZ).T, 0.0, 1.0)
+    c = np.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin ** (1.0 / 2.4) - 0.055)
+    return np.clip(np.rint(c * 255.0), 0, 255).astype(np.uint8)
 
 
 def outside_ring(blend: np.ndarray, px: float = RING_PX) -> np.ndarray:
     """bool (H, W): pixels where blend == 0 within Euclidean distance `px` of blend > 0."""
-    cv2 = _cv2()
-    keep = (np.asarray(blend) <= 0).astype(np.uint8)
-    if keep.all() or not keep.any():
-        return np.zeros(keep.shape, bool)
-    d = cv2.distanceTransform(keep, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return (d > 0) & (d <= px)
+    inside = np.asarray(blend) > 0
+    return (grow_mask(inside.astype(np.float32), px) > 0) & ~inside
 
 
 def _quantile_map(x: np.ndarray, src: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -103,7 +120,7 @@ def color_match(original: np.ndarray, edited: np.ndarray, blend: np.ndarray,
     covers nearly everything) it warns and returns a copy.
     Args: original, edited uint8 (H, W, 3) RGB; blend float (H, W).
     Returns: uint8 (H, W, 3), equal to `edited` where blend == 0.
-    Raises: InputError (unknown method, no OpenCV), ValueError (shapes differ).
+    Raises: InputError (unknown method), ValueError (shapes differ).
     """
     check_methods(method, "feather")
     o, e = np.asarray(original), np.asarray(edited)
@@ -166,7 +183,8 @@ def blend_images(original, edited, blend: np.ndarray, *, color_match_method: str
     over blend > 0, so the feathered weights blend two images that already agree at the
     boundary.
     Args: original, edited PIL or uint8 (H, W, 3) of the same size; blend float (H, W).
-    Returns: PIL RGB. Raises: InputError (unknown method, no OpenCV), ValueError (sizes).
+    Returns: PIL RGB. Raises: InputError (unknown method; "poisson" without OpenCV),
+    ValueError (sizes).
     """
     from mlx_edit.imaging.stitch import paste_back
 

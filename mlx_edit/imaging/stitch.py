@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from mlx_edit.imaging.blend import blend_images
 from mlx_edit.imaging.images import EmptyMaskError, InputError
 from mlx_edit.imaging.masks import binarize_mask, mask_bbox
 
@@ -237,8 +238,8 @@ def stitch_back(
     and inside it where blend == 0, are bit-identical to `original`. Blend weight
     outside the window is ignored with a warning (raise min_context in plan_crop).
     color_match ("none" | "mean-std" | "histogram") and method ("feather" | "poisson")
-    run first, inside the window (`mlx_edit.imaging.blend.blend_images`; they need the
-    `[blend]` extra, OpenCV).
+    run first, inside the window (`mlx_edit.imaging.blend.blend_images`; "poisson" needs
+    the `[blend]` extra, OpenCV).
     Args: original PIL (plan.image_size); edited PIL (plan.model_size); blend float (H, W).
     Returns: new PIL RGB image of the original's size.
     Raises: InputError (unknown method, OpenCV missing), ValueError (sizes).
@@ -257,13 +258,8 @@ def stitch_back(
         edited = edited.crop((0, 0, *plan.window_size))
     out = original.convert("RGB")  # a copy
     window = out.crop(plan.box)
-    if color_match == "none" and method == "feather":  # no OpenCV needed
-        pasted = paste_back(window, edited, inside)
-    else:
-        from mlx_edit.imaging.blend import blend_images
-
-        pasted = blend_images(window, edited, inside, color_match_method=color_match,
-                              method=method)
+    pasted = blend_images(window, edited, inside, color_match_method=color_match,
+                          method=method)
     out.paste(pasted, plan.box[:2])
     return out
 

@@ -43,6 +43,7 @@ from mlx_edit.sampling.latents import (
     unscale_latents,
 )
 from mlx_edit.imaging import masks
+from mlx_edit.imaging.blend import check_methods
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
@@ -54,6 +55,7 @@ from mlx_edit.sampling.sampler import (
     noise_latents,
 )
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
@@ -68,6 +70,8 @@ DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
 OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
 CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
+DEFAULT_COLOR_MATCH = "mean-std"  # benchmarks/RESULTS.md (bench_blend): cuts a cast's dE ~97%
+DEFAULT_BLEND = "feather"  # Poisson adds nothing once colours match, and needs OpenCV
 FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
 
 class FluxFill:
@@ -359,7 +363,7 @@ class FluxFill:
             mx.reset_peak_memory()
             for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
                                       job.embeds, job.sigmas, job.guidance,
-                                      controls=job.controls, ip=job.ip):
+                                      controls=job.controls, ip=job.ip, hook=job.hook):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
@@ -397,7 +401,8 @@ class FluxFill:
             blend[y0:y1, x0:x1] = 1.0
         out = []
         for seed, edited in zip(job.seeds, images):
-            result = stitch_back(job.original, edited, job.plan, blend)
+            result = stitch_back(job.original, edited, job.plan, blend,
+                                 **(job.paste if paste_back else {}))
             meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
             result.info.update({k: str(v) for k, v in meta.items() if v is not None})
             out.append(result)
@@ -426,6 +431,9 @@ class FluxFill:
         redux: Sequence[ReduxSpec] = (),
         controlnets: Sequence[ControlNetSpec] = (),
         progress: Callable[[int, int], None] | None = None,
+        color_match: str = DEFAULT_COLOR_MATCH,
+        blend: str = DEFAULT_BLEND,
+        soft_mask: bool = False,
     ) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
 
@@ -437,23 +445,44 @@ class FluxFill:
         mlx_edit.conditioning.image_prompts): the style or subject of reference images.
         controlnets: ControlNetSpec list (mlx_edit.conditioning.controlnet): structure (edges, depth,
         pose...) to keep; several are summed.
+        color_match: "none" | "mean-std" | "histogram": match the edit's colours to the
+        photo's in a ring around the mask (mlx_edit.imaging.blend). blend: "feather" |
+        "poisson" (seamless cloning; needs the [blend] extra). soft_mask: the mask's grey
+        levels are per-pixel strengths (differential diffusion, mlx_edit.sampling.soft_mask;
+        its noise is redrawn from the seeds); everything > 0 is pasted back.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
-        Canny/Depth transformer loaded instead of Fill).
+        Raises InputError (bad input: empty mask, bad numbers, prompt too long, unknown
+        color_match/blend; a Canny/Depth transformer loaded instead of Fill).
         """
         self._require("fill", "inpaint")
+        check_methods(color_match, blend)
         image = load_image(image)
         user_mask = load_mask(mask, image.size)
         model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-        blend = masks.blend_mask(user_mask, grow_mask, feather)
+        support = (user_mask > 0).astype(np.float32) if soft_mask else user_mask
+        weights = masks.blend_mask(support, grow_mask, feather)
         job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
+            image, model_mask, weights, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
             ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
+            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather,
+                      "color_match": color_match, "blend": blend, "soft_mask": soft_mask},
         )
+        job.paste = {"color_match": color_match, "method": blend}
+        if soft_mask:
+            job.hook = self._soft_mask_hook(job, image, user_mask)
         return self.run(job, paste_back, progress)
+
+    def _soft_mask_hook(self, job: EditJob, image: Image.Image, soft: np.ndarray):
+        """Differential-diffusion hook for `job`: the canvas's source latents, the noise
+        `prepare` drew from the seeds, per-token strengths of the soft mask."""
+        canvas, m = crop_for_model(image, soft, job.plan, binarize=False)
+        with self.components.using("vae", job.stats):
+            source = self.encode_image(to_array(canvas)).astype(self.dtype)
+            mx.eval(source)
+        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
+        return soft_mask_hook(source, noise, token_strength(m), job.sigmas)
 
     def outpaint(
         self,

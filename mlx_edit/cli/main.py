@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
+from mlx_edit.cli.blend import blend_options, pop_blend_kwargs
 from mlx_edit.cli.control import control_options, pop_control_specs
 from mlx_edit.cli.image_prompts import image_prompt_kwargs, image_prompt_options
 
@@ -180,9 +181,11 @@ def main():
 @common_options
 @control_options
 @image_prompt_options
+@blend_options
 def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
     """Repaint the white area of MASK in IMAGE following PROMPT."""
-    extra = {**image_prompt_kwargs(opts), "controlnets": pop_control_specs(opts)}
+    extra = {**image_prompt_kwargs(opts), "controlnets": pop_control_specs(opts),
+             **pop_blend_kwargs(opts)}
     for path, what in ((image, "image"), (mask, "mask")):
         if not path.exists():
             raise _usage(f"{what} {path} does not exist")

@@ -1,0 +1,44 @@
+"""Paste-back options of `mlx-edit inpaint`: --color-match, --blend, --soft-mask.
+
+`blend_options` adds the options to a command; `pop_blend_kwargs(opts)` removes them from
+the command's keyword arguments and returns the `FluxFill.inpaint` keywords. Light
+imports only (the method names live in mlx_edit.imaging.blend, numpy + Pillow).
+"""
+
+from __future__ import annotations
+
+import click
+
+from mlx_edit.imaging.blend import BLEND_METHODS, COLOR_MATCH_METHODS
+
+# The pipeline's defaults (mlx_edit.pipeline.DEFAULT_COLOR_MATCH / DEFAULT_BLEND), restated
+# here so `--help` does not import mlx; tests/test_blend_cli.py checks they agree.
+COLOR_MATCH_DEFAULT = "mean-std"
+BLEND_DEFAULT = "feather"
+
+
+def blend_options(f):
+    """Decorator: the paste-back options (see the module docstring)."""
+    opts = [
+        click.option("--color-match", type=click.Choice(COLOR_MATCH_METHODS),
+                     default=COLOR_MATCH_DEFAULT, show_default=True,
+                     help="Match the edit's colours to the photo's, measured in a ring "
+                          "just outside the mask (Lab mean/std or histogram); fixes the "
+                          "colour drift of the VAE round trip."),
+        click.option("--blend", "blend_method", type=click.Choice(BLEND_METHODS),
+                     default=BLEND_DEFAULT, show_default=True,
+                     help="feather: soft alpha blend; poisson: seamless cloning "
+                          "(OpenCV, pip install 'mlx-edit[blend]')."),
+        click.option("--soft-mask", is_flag=True,
+                     help="Grey levels of the mask are per-pixel strengths (differential "
+                          "diffusion): darker areas change less."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def pop_blend_kwargs(opts: dict) -> dict:
+    """Remove the paste-back options from `opts`; return FluxFill.inpaint's keywords."""
+    return {"color_match": opts.pop("color_match"), "blend": opts.pop("blend_method"),
+            "soft_mask": opts.pop("soft_mask")}

@@ -1,0 +1,77 @@
+"""`mlx-edit inpaint --blend poisson --color-match histogram --soft-mask` end to end on a
+real photo (skimage astronaut) with the tiny random checkpoint."""
+
+import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data
+
+from mlx_edit.cli import main
+from mlx_edit.cli.blend import BLEND_DEFAULT, COLOR_MATCH_DEFAULT
+from mlx_edit.imaging.images import InputError
+from mlx_edit.imaging.masks import blend_mask
+
+pytest.importorskip("cv2")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).resize((203, 171)).save(d / "astronaut.png")
+    mask = np.zeros((171, 203), np.uint8)
+    mask[40:110, 60:100] = 255  # full strength
+    mask[40:110, 100:150] = 80  # a third: changes only late in the schedule
+    Image.fromarray(mask).save(d / "soft.png")
+    return d
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_inpaint_poisson_histogram_soft_mask(tiny_ckpt, photos, tmp_path):
+    common = ["inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+              "--mask", photos / "soft.png", "--prompt", "a red hat", "--steps", 3,
+              "--seed", 2, "--feather", 4, "--num-images", 2]
+    r = invoke(*common, "--blend", "poisson", "--color-match", "histogram", "--soft-mask",
+               "--output", tmp_path / "soft.png")
+    assert r.exit_code == 0, r.output
+    r = invoke(*common, "--blend", "poisson", "--color-match", "histogram",
+               "--output", tmp_path / "hard.png")
+    assert r.exit_code == 0, r.output
+    src = np.asarray(Image.open(photos / "astronaut.png").convert("RGB"))
+    mask = np.asarray(Image.open(photos / "soft.png"), np.float32) / 255
+    outside = blend_mask((mask > 0).astype(np.float32), 0, 4) == 0
+    for i in range(2):
+        soft = Image.open(tmp_path / f"soft-{i}.png")
+        meta = soft.text
+        assert (meta["blend"], meta["color_match"], meta["soft_mask"]) == (
+            "poisson", "histogram", "True")
+        assert meta["seed"] == str(2 + i)
+        a = np.asarray(soft.convert("RGB"))
+        assert a.shape == src.shape and np.array_equal(a[outside], src[outside])
+        assert not np.array_equal(a[mask > 0], src[mask > 0])
+        hard = Image.open(tmp_path / f"hard-{i}.png")
+        assert hard.text["soft_mask"] == "False"
+        grey = mask == 80 / 255  # only the soft mask lets the grey area change
+        assert not np.array_equal(a[grey], np.asarray(hard.convert("RGB"))[grey])
+
+
+def test_bad_method_is_a_usage_error(tiny_ckpt, photos, tmp_path):
+    r = CliRunner().invoke(main, ["inpaint", "--model", str(tiny_ckpt), "--image",
+                                  str(photos / "astronaut.png"), "--mask",
+                                  str(photos / "soft.png"), "--prompt", "x",
+                                  "--blend", "laplace", "--output", str(tmp_path / "o.png")])
+    assert r.exit_code == 2 and "laplace" in r.output
+
+
+def test_api_defaults_and_validation(tiny_ckpt, photos):
+    from mlx_edit.pipeline import DEFAULT_BLEND, DEFAULT_COLOR_MATCH, FluxFill
+
+    assert (COLOR_MATCH_DEFAULT, BLEND_DEFAULT) == (DEFAULT_COLOR_MATCH, DEFAULT_BLEND)
+    pipe = FluxFill.from_pretrained(tiny_ckpt)
+    with pytest.raises(InputError, match="color match must be one of"):
+        pipe.inpaint(photos / "astronaut.png", photos / "soft.png", "x", color_match="lab")

@@ -63,31 +63,37 @@ _WHITE = _RGB_TO_XYZ.sum(axis=1)  # XYZ of RGB (1, 1, 1): the D65 white point
 _EPS, _KAPPA = (6.0 / 29.0) ** 3, (29.0 / 6.0) ** 2 / 3.0  # CIE 1976 L*a*b* constants
 
 
+def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+_LINEAR = _srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
+_TO_XYZN = (_RGB_TO_XYZ.T / _WHITE).astype(np.float32)  # linear RGB -> XYZ / white
+_FROM_XYZN = np.linalg.inv(_RGB_TO_XYZ.T / _WHITE).astype(np.float32)
+
+
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """uint8 sRGB (..., 3) -> float32 CIE 1976 L*a*b* (D65; L in [0, 100]).
 
     The textbook conversion (sRGB transfer curve, XYZ, CIE f(t)); agrees with
-    skimage.color.rgb2lab to < 5e-3 (its D65 white is rounded; ours is the
-    matrix's own, so greys have a = b = 0 exactly). Pure numpy (no extra needed).
+    skimage.color.rgb2lab to < 5e-3 (its D65 white is rounded; ours is the matrix's own,
+    so greys have a = b = 0 exactly). Pure numpy, float32 (no extra needed).
     """
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    t = (lin @ _RGB_TO_XYZ.T) / _WHITE
-    f = np.where(t > _EPS, np.cbrt(t), _KAPPA * t + 4.0 / 29.0)
-    lab = np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
-                    200.0 * (f[..., 1] - f[..., 2])], axis=-1)
-    return lab.astype(np.float32)
+    t = _LINEAR[np.asarray(rgb, dtype=np.uint8)] @ _TO_XYZN
+    f = np.where(t > _EPS, np.cbrt(t), np.float32(_KAPPA) * t + np.float32(4.0 / 29.0))
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
+                     200.0 * (f[..., 1] - f[..., 2])], axis=-1).astype(np.float32)
 
 
 def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     """float CIE L*a*b* (..., 3) -> uint8 sRGB (rounded, clipped to the sRGB gamut)."""
-    lab = np.asarray(lab, dtype=np.float64)
+    lab = np.asarray(lab, dtype=np.float32)
     fy = (lab[..., 0] + 16.0) / 116.0
     f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
-    t = np.where(f > 6.0 / 29.0, f ** 3, (f - 4.0 / 29.0) / _KAPPA)
-    lin = np.clip((t * _WHITE) @ np.linalg.inv(_RGB_TO_XYZ).T, 0.0, 1.0)
-    c = np.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin ** (1.0 / 2.4) - 0.055)
-    return np.clip(np.rint(c * 255.0), 0, 255).astype(np.uint8)
+    t = np.where(f > 6.0 / 29.0, f ** 3, (f - np.float32(4.0 / 29.0)) / np.float32(_KAPPA))
+    lin = np.clip(t @ _FROM_XYZN, 0.0, 1.0)
+    c = np.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin ** np.float32(1 / 2.4) - 0.055)
+    return np.rint(c * 255.0).astype(np.uint8)
 
 
 def outside_ring(blend: np.ndarray, px: float = RING_PX) -> np.ndarray:

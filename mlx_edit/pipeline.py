@@ -43,7 +43,7 @@ from mlx_edit.sampling.latents import (
     unscale_latents,
 )
 from mlx_edit.imaging import masks
-from mlx_edit.imaging.blend import check_methods
+from mlx_edit.imaging.blend import check_methods, seam_band
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
@@ -72,6 +72,7 @@ MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
 CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
 DEFAULT_COLOR_MATCH = "mean-std"  # benchmarks/RESULTS.md (bench_blend): cuts a cast's dE ~97%
 DEFAULT_BLEND = "feather"  # Poisson adds nothing once colours match, and needs OpenCV
+SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
 FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
 
 class FluxFill:
@@ -434,6 +435,7 @@ class FluxFill:
         color_match: str = DEFAULT_COLOR_MATCH,
         blend: str = DEFAULT_BLEND,
         soft_mask: bool = False,
+        seam_fix: float = 0,
     ) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
 
@@ -449,7 +451,9 @@ class FluxFill:
         photo's in a ring around the mask (mlx_edit.imaging.blend). blend: "feather" |
         "poisson" (seamless cloning; needs the [blend] extra). soft_mask: the mask's grey
         levels are per-pixel strengths (differential diffusion, mlx_edit.sampling.soft_mask;
-        its noise is redrawn from the seeds); everything > 0 is pasted back.
+        its noise is redrawn from the seeds); everything > 0 is pasted back. seam_fix: px;
+        > 0 runs a second pass at strength SEAM_STRENGTH over a band of that half-width
+        around the blend boundary (`mlx_edit.imaging.blend.seam_band`), same seed/prompt.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: empty mask, bad numbers, prompt too long, unknown
         color_match/blend; a Canny/Depth transformer loaded instead of Fill).
@@ -467,12 +471,31 @@ class FluxFill:
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
             ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
             metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather,
-                      "color_match": color_match, "blend": blend, "soft_mask": soft_mask},
+                      "color_match": color_match, "blend": blend, "soft_mask": soft_mask,
+                      "seam_fix": seam_fix or None},
         )
         job.paste = {"color_match": color_match, "method": blend}
         if soft_mask:
             job.hook = self._soft_mask_hook(job, image, user_mask)
-        return self.run(job, paste_back, progress)
+        images = self.run(job, paste_back, progress)
+        if seam_fix:
+            band = seam_band(weights, seam_fix)
+            kw = dict(steps=steps, guidance=guidance, crop_to_mask=crop_to_mask,
+                      prompt_2=prompt_2, max_sequence_length=max_sequence_length)
+            images = [self._seam_pass(img, band, prompt, job.paste, seed=seed + i, **kw)
+                      for i, img in enumerate(images)]
+        return images
+
+    def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
+                   **kw) -> Image.Image:
+        """Regenerate `band` of a finished edit at SEAM_STRENGTH; keeps its metadata."""
+        weights = masks.blend_mask(band, 0, 2)
+        job = self.prepare(image, band, weights, prompt, num_images=1,
+                           strength=SEAM_STRENGTH, metadata=dict(image.info), **kw)
+        job.paste = paste
+        out = self.run(job, True)[0]
+        out.info.update({k: v for k, v in image.info.items()})  # the first pass's values
+        return out
 
     def _soft_mask_hook(self, job: EditJob, image: Image.Image, soft: np.ndarray):
         """Differential-diffusion hook for `job`: the canvas's source latents, the noise

@@ -144,3 +144,15 @@ def test_lab_matches_skimage():
     # own white (grey stays at a = b = 0): they differ by < 5e-3 in a/b.
     assert np.abs(ours - ref).max() < 1e-2
     assert np.array_equal(lab_to_rgb(ours), rgb)  # the round trip is exact in 8 bits
+
+
+def test_seam_band_straddles_the_boundary():
+    from mlx_edit.imaging.blend import seam_band
+
+    m = np.zeros((40, 50), np.float32)
+    m[10:30, 15:35] = 1.0
+    band = seam_band(m, 3)
+    assert band[20, 15] == 1 and band[20, 12] == 1 and band[20, 17] == 1  # both sides
+    assert band[20, 25] == 0 and band[20, 5] == 0  # deep inside, far outside
+    with pytest.raises(ValueError):
+        seam_band(m, 0)

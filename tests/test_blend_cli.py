@@ -75,3 +75,27 @@ def test_api_defaults_and_validation(tiny_ckpt, photos):
     pipe = FluxFill.from_pretrained(tiny_ckpt)
     with pytest.raises(InputError, match="color match must be one of"):
         pipe.inpaint(photos / "astronaut.png", photos / "soft.png", "x", color_match="lab")
+
+
+def test_seam_fix_redraws_only_a_band(tiny_ckpt, photos):
+    """--seam-fix: a second low-strength pass over a band around the blend boundary; outside
+    the first blend and the band's own blend the photo stays exact."""
+    from mlx_edit.imaging.blend import seam_band
+    from mlx_edit.pipeline import FluxFill
+
+    pipe = FluxFill.from_pretrained(tiny_ckpt)
+    path, mask_path = photos / "astronaut.png", photos / "soft.png"
+    kw = dict(steps=4, seed=5, feather=4, color_match="none")
+    plain = pipe.inpaint(path, mask_path, "a hat", **kw)[0]
+    fixed = pipe.inpaint(path, mask_path, "a hat", seam_fix=6, **kw)[0]
+    assert fixed.info["seam_fix"] == "6" and fixed.info["strength"] == "1.0"
+    src = np.asarray(Image.open(path).convert("RGB"))
+    mask = np.asarray(Image.open(mask_path), np.float32) / 255
+    weights = blend_mask(mask, 0, 4)
+    band = seam_band(weights, 6)
+    a, p = np.asarray(fixed.convert("RGB")), np.asarray(plain.convert("RGB"))
+    keep = (weights == 0) & (blend_mask(band, 0, 2) == 0)
+    assert np.array_equal(a[keep], src[keep])
+    core = (weights == 1) & (blend_mask(band, 0, 2) == 0)  # the edit away from the seam
+    assert core.any() and np.array_equal(a[core], p[core])
+    assert not np.array_equal(a[band > 0], p[band > 0])

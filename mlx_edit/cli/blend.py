@@ -1,4 +1,4 @@
-"""Paste-back options of `mlx-edit inpaint`: --color-match, --blend, --soft-mask.
+"""Paste-back options of `mlx-edit inpaint`: --color-match, --blend, --soft-mask, --seam-fix.
 
 `blend_options` adds the options to a command; `pop_blend_kwargs(opts)` removes them from
 the command's keyword arguments and returns the `FluxFill.inpaint` keywords. Light
@@ -32,6 +32,9 @@ def blend_options(f):
         click.option("--soft-mask", is_flag=True,
                      help="Grey levels of the mask are per-pixel strengths (differential "
                           "diffusion): darker areas change less."),
+        click.option("--seam-fix", type=click.FloatRange(min=0), default=0, show_default=True,
+                     metavar="PX", help="Then redraw a band of PX px each side of the mask "
+                     "boundary at low strength (0.3): a second pass for stubborn seams."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -41,4 +44,4 @@ def blend_options(f):
 def pop_blend_kwargs(opts: dict) -> dict:
     """Remove the paste-back options from `opts`; return FluxFill.inpaint's keywords."""
     return {"color_match": opts.pop("color_match"), "blend": opts.pop("blend_method"),
-            "soft_mask": opts.pop("soft_mask")}
+            "soft_mask": opts.pop("soft_mask"), "seam_fix": opts.pop("seam_fix")}

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.imaging.images import InputError
-from mlx_edit.imaging.masks import grow_mask
+from mlx_edit.imaging.masks import binarize_mask, grow_mask
 
 COLOR_MATCH_METHODS = ("none", "mean-std", "histogram")
 BLEND_METHODS = ("feather", "poisson")
@@ -204,3 +204,17 @@ def blend_images(original, edited, blend: np.ndarray, *, color_match_method: str
     if method == "poisson":
         e = poisson_blend(o, e, np.asarray(blend) > 0)
     return paste_back(Image.fromarray(o, "RGB"), Image.fromarray(e, "RGB"), blend)
+
+
+def seam_band(mask: np.ndarray, px: float) -> np.ndarray:
+    """float32 (H, W) 0/1: pixels within `px` of the boundary of `mask >= 0.5`, either side.
+
+    The area a seam-repair pass regenerates at low strength (issue 17: a second pass over
+    the mask boundary for extreme cases). Raises ValueError if px <= 0.
+    """
+    if px <= 0:
+        raise ValueError(f"seam band width must be > 0, got {px}")
+    m = binarize_mask(mask)
+    outer = grow_mask(m, px)
+    inner = 1.0 - grow_mask(1.0 - m, px)  # erosion by px: the complement grown
+    return (outer * (1.0 - inner)).astype(np.float32)

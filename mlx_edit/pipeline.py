@@ -436,6 +436,9 @@ class FluxFill:
         blend: str = DEFAULT_BLEND,
         soft_mask: bool = False,
         seam_fix: float = 0,
+        rank: str | None = None,
+        keep_best: int | None = None,
+        rank_model: str | Path | None = None,
     ) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
 
@@ -454,12 +457,19 @@ class FluxFill:
         its noise is redrawn from the seeds); everything > 0 is pasted back. seam_fix: px;
         > 0 runs a second pass at strength SEAM_STRENGTH over a band of that half-width
         around the blend boundary (`mlx_edit.imaging.blend.seam_band`), same seed/prompt.
+        rank: "clip" orders the candidates by CLIP similarity of the edited region to
+        `prompt` (mlx_edit.ranking; scores and ranks in the metadata), keep_best K keeps
+        the best K; rank_model: a CLIPModel folder or repo (default: the model folder's
+        `ranker/` when present, else openai/clip-vit-large-patch14).
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: empty mask, bad numbers, prompt too long, unknown
         color_match/blend; a Canny/Depth transformer loaded instead of Fill).
         """
         self._require("fill", "inpaint")
         check_methods(color_match, blend)
+        if rank not in (None, "clip") or (keep_best is not None and (not rank or keep_best < 1)):
+            raise InputError(f"rank must be None or 'clip' and keep_best >= 1 needs a rank; "
+                             f"got rank={rank!r}, keep_best={keep_best!r}")
         image = load_image(image)
         user_mask = load_mask(mask, image.size)
         model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
@@ -484,7 +494,22 @@ class FluxFill:
                       prompt_2=prompt_2, max_sequence_length=max_sequence_length)
             images = [self._seam_pass(img, band, prompt, job.paste, seed=seed + i, **kw)
                       for i, img in enumerate(images)]
+        if rank:
+            images = self._rank(images, prompt, weights, keep_best, rank_model)
         return images
+
+    def _rank(self, images: list[Image.Image], prompt: str, weights: np.ndarray,
+              keep_best: int | None, rank_model) -> list[Image.Image]:
+        """CLIP-rank finished candidates (mlx_edit.ranking); the ranker is freed after."""
+        from mlx_edit.ranking import rank_images
+        from mlx_edit.weights.ranker import load_clip_ranker, resolve_ranker
+
+        folder = resolve_ranker(rank_model, self.root)
+        ranker = load_clip_ranker(folder, self.dtype)
+        out = rank_images(ranker, images, prompt, weights, keep_best, str(rank_model or folder))
+        del ranker
+        mx.clear_cache()
+        return out
 
     def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
                    **kw) -> Image.Image:

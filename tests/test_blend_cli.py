@@ -32,32 +32,40 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_inpaint_poisson_histogram_soft_mask(tiny_ckpt, photos, tmp_path):
+def test_inpaint_poisson_histogram_soft_mask_ranked(tiny_ckpt, photos, tmp_path):
+    """The issue's command: 3 candidates, CLIP-ranked by the fixture's ranker/, best 2 kept."""
     common = ["inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
               "--mask", photos / "soft.png", "--prompt", "a red hat", "--steps", 3,
-              "--seed", 2, "--feather", 4, "--num-images", 2]
-    r = invoke(*common, "--blend", "poisson", "--color-match", "histogram", "--soft-mask",
+              "--seed", 2, "--feather", 4, "--num-images", 3,
+              "--blend", "poisson", "--color-match", "histogram"]
+    r = invoke(*common, "--soft-mask", "--rank", "clip", "--keep-best", 2,
                "--output", tmp_path / "soft.png")
     assert r.exit_code == 0, r.output
-    r = invoke(*common, "--blend", "poisson", "--color-match", "histogram",
-               "--output", tmp_path / "hard.png")
+    assert not (tmp_path / "soft-2.png").exists()  # --keep-best 2 of 3
+    r = invoke(*common, "--output", tmp_path / "hard.png")
     assert r.exit_code == 0, r.output
     src = np.asarray(Image.open(photos / "astronaut.png").convert("RGB"))
     mask = np.asarray(Image.open(photos / "soft.png"), np.float32) / 255
     outside = blend_mask((mask > 0).astype(np.float32), 0, 4) == 0
+    grey = mask == 80 / 255  # only the soft mask lets the grey area change
+    scores, seeds = [], set()
     for i in range(2):
         soft = Image.open(tmp_path / f"soft-{i}.png")
         meta = soft.text
         assert (meta["blend"], meta["color_match"], meta["soft_mask"]) == (
             "poisson", "histogram", "True")
-        assert meta["seed"] == str(2 + i)
+        assert (meta["rank_method"], meta["rank"]) == ("clip", str(i + 1))
+        assert meta["rank_model"] == str(tiny_ckpt / "ranker")
+        scores.append(float(meta["rank_score"]))
+        seed = int(meta["seed"])
+        seeds.add(seed)
         a = np.asarray(soft.convert("RGB"))
         assert a.shape == src.shape and np.array_equal(a[outside], src[outside])
         assert not np.array_equal(a[mask > 0], src[mask > 0])
-        hard = Image.open(tmp_path / f"hard-{i}.png")
-        assert hard.text["soft_mask"] == "False"
-        grey = mask == 80 / 255  # only the soft mask lets the grey area change
+        hard = Image.open(tmp_path / f"hard-{seed - 2}.png")
+        assert hard.text["soft_mask"] == "False" and "rank" not in hard.text
         assert not np.array_equal(a[grey], np.asarray(hard.convert("RGB"))[grey])
+    assert scores[0] >= scores[1] and len(seeds) == 2 and seeds <= {2, 3, 4}
 
 
 def test_bad_method_is_a_usage_error(tiny_ckpt, photos, tmp_path):

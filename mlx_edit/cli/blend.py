@@ -1,4 +1,5 @@
-"""Paste-back options of `mlx-edit inpaint`: --color-match, --blend, --soft-mask, --seam-fix.
+"""Paste-back and ranking options of `mlx-edit inpaint`: --color-match, --blend, --soft-mask,
+--seam-fix, --rank, --keep-best, --rank-model.
 
 `blend_options` adds the options to a command; `pop_blend_kwargs(opts)` removes them from
 the command's keyword arguments and returns the `FluxFill.inpaint` keywords. Light
@@ -35,6 +36,14 @@ def blend_options(f):
         click.option("--seam-fix", type=click.FloatRange(min=0), default=0, show_default=True,
                      metavar="PX", help="Then redraw a band of PX px each side of the mask "
                      "boundary at low strength (0.3): a second pass for stubborn seams."),
+        click.option("--rank", type=click.Choice(["clip"]), default=None,
+                     help="Order the --num-images candidates by CLIP similarity of the "
+                          "edited region to the prompt (scores in the metadata)."),
+        click.option("--keep-best", type=click.IntRange(min=1), default=None, metavar="K",
+                     help="With --rank: write only the best K candidates."),
+        click.option("--rank-model", default=None, metavar="REPO_OR_PATH",
+                     help="Ranking CLIP (a CLIPModel folder or repo; default: the model "
+                          "folder's ranker/ when present, else openai/clip-vit-large-patch14)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -43,5 +52,9 @@ def blend_options(f):
 
 def pop_blend_kwargs(opts: dict) -> dict:
     """Remove the paste-back options from `opts`; return FluxFill.inpaint's keywords."""
+    if opts["keep_best"] is not None and opts["rank"] is None:
+        raise click.UsageError("--keep-best needs --rank clip")
     return {"color_match": opts.pop("color_match"), "blend": opts.pop("blend_method"),
-            "soft_mask": opts.pop("soft_mask"), "seam_fix": opts.pop("seam_fix")}
+            "soft_mask": opts.pop("soft_mask"), "seam_fix": opts.pop("seam_fix"),
+            "rank": opts.pop("rank"), "keep_best": opts.pop("keep_best"),
+            "rank_model": opts.pop("rank_model")}

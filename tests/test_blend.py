@@ -156,3 +156,10 @@ def test_seam_band_straddles_the_boundary():
     assert band[20, 25] == 0 and band[20, 5] == 0  # deep inside, far outside
     with pytest.raises(ValueError):
         seam_band(m, 0)
+
+
+def test_bench_blend_main_runs(bench, capsys):
+    """The benchmark script end to end at a small size (its summary line)."""
+    bench.main(["--size", "96", "--feather", "4"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("lowest dE in: ")

@@ -1,8 +1,9 @@
 """Paste-back that does not look pasted: colour matching and Poisson blending.
 
-Pure numpy; Poisson blending needs OpenCV (the `[blend]` extra); no mlx. Both steps change only the *edited*
-image inside the blend mask; the final composite is `stitch.paste_back`, so pixels where
-the blend weight is 0 stay the original's bit for bit in every mode.
+Pure numpy; Poisson blending needs OpenCV (the `[blend]` extra); no mlx. Both steps
+change only the *edited* image inside the blend mask; the final composite is
+`stitch.paste_back`, so pixels where the blend weight is 0 stay the original's bit for
+bit in every mode. Measured in benchmarks/bench_blend.py (results: benchmarks/RESULTS.md).
 
 - Colour match (`none | mean-std | histogram`): a VAE round trip shifts colours globally
   (the FLUX Fill colour drift ComfyUI users fix with colour-corrected paste-back). The

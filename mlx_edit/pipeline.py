@@ -495,21 +495,12 @@ class FluxFill:
             images = [self._seam_pass(img, band, prompt, job.paste, seed=seed + i, **kw)
                       for i, img in enumerate(images)]
         if rank:
-            images = self._rank(images, prompt, weights, keep_best, rank_model)
+            from mlx_edit.ranking import rank_candidates
+
+            images = rank_candidates(images, prompt, weights, keep_best=keep_best,
+                                     rank_model=rank_model, model_root=self.root,
+                                     dtype=self.dtype)
         return images
-
-    def _rank(self, images: list[Image.Image], prompt: str, weights: np.ndarray,
-              keep_best: int | None, rank_model) -> list[Image.Image]:
-        """CLIP-rank finished candidates (mlx_edit.ranking); the ranker is freed after."""
-        from mlx_edit.ranking import rank_images
-        from mlx_edit.weights.ranker import load_clip_ranker, resolve_ranker
-
-        folder = resolve_ranker(rank_model, self.root)
-        ranker = load_clip_ranker(folder, self.dtype)
-        out = rank_images(ranker, images, prompt, weights, keep_best, str(rank_model or folder))
-        del ranker
-        mx.clear_cache()
-        return out
 
     def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
                    **kw) -> Image.Image:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mlx_edit.conditioning.image_prompts import clip_image_embeds
 from mlx_edit.imaging.masks import mask_bbox
-from mlx_edit.weights.ranker import ClipRanker
+from mlx_edit.weights.ranker import ClipRanker, load_clip_ranker, resolve_ranker
 
 REGION_MARGIN = 0.25  # of the region's longer side, added around it for context
 
@@ -73,4 +73,17 @@ def rank_images(ranker: ClipRanker, images: Sequence[Image.Image], prompt: str,
         img.info.update({"rank_method": "clip", "rank": str(rank),
                          "rank_score": f"{float(scores[i]):.6g}", "rank_model": model_name})
         out.append(img)
+    return out
+
+
+def rank_candidates(images: list[Image.Image], prompt: str, blend: np.ndarray, *,
+                    keep_best: int | None = None, rank_model=None, model_root=None,
+                    dtype: mx.Dtype | None = None) -> list[Image.Image]:
+    """Load the ranking CLIP (`resolve_ranker(rank_model, model_root)`), `rank_images`,
+    free it. Raises WeightLoadError (no ranker), ValueError (keep_best < 1)."""
+    folder = resolve_ranker(rank_model, model_root)
+    ranker = load_clip_ranker(folder, dtype)
+    out = rank_images(ranker, images, prompt, blend, keep_best, str(rank_model or folder))
+    del ranker
+    mx.clear_cache()
     return out

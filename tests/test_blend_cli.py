@@ -74,6 +74,12 @@ def test_bad_method_is_a_usage_error(tiny_ckpt, photos, tmp_path):
                                   str(photos / "soft.png"), "--prompt", "x",
                                   "--blend", "laplace", "--output", str(tmp_path / "o.png")])
     assert r.exit_code == 2 and "laplace" in r.output
+    r = CliRunner().invoke(main, ["inpaint", "--model", str(tiny_ckpt), "--image",
+                                  str(photos / "astronaut.png"), "--mask",
+                                  str(photos / "soft.png"), "--prompt", "x",
+                                  "--keep-best", "1", "--output", str(tmp_path / "o.png")])
+    assert r.exit_code == 2 and "--keep-best needs --rank clip" in r.output
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_api_defaults_and_validation(tiny_ckpt, photos):
@@ -83,6 +89,8 @@ def test_api_defaults_and_validation(tiny_ckpt, photos):
     pipe = FluxFill.from_pretrained(tiny_ckpt)
     with pytest.raises(InputError, match="color match must be one of"):
         pipe.inpaint(photos / "astronaut.png", photos / "soft.png", "x", color_match="lab")
+    with pytest.raises(InputError, match="rank must be None or 'clip'"):
+        pipe.inpaint(photos / "astronaut.png", photos / "soft.png", "x", rank="aesthetic")
 
 
 def test_seam_fix_redraws_only_a_band(tiny_ckpt, photos):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_edit import variants
+from mlx_edit.imaging.blend import BLEND_METHODS, COLOR_MATCH_METHODS
 from mlx_edit.imaging.images import InputError
 
 DEFAULT_STEPS = variants.VARIANTS["fill"].steps  # diffusers FluxFillPipeline, BFL cli_fill
@@ -147,6 +148,20 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "ip_adapters": (("inpaint", "outpaint"), "IPAdapterSpec list."),
     "redux": (("inpaint", "outpaint"), "ReduxSpec list."),
     "controlnets": (("inpaint", "outpaint"), "ControlNetSpec list."),
+    "color_match": (("inpaint",), "Match the edit's colours to the photo's, measured in a "
+                                  "ring just outside the mask (Lab mean-std or histogram; "
+                                  "none); fixes the colour drift of the VAE round trip."),
+    "blend": (("inpaint",), "feather: soft alpha blend; poisson: seamless cloning (OpenCV, "
+                            "pip install 'mlx-edit[blend]')."),
+    "soft_mask": (("inpaint",), "Grey levels of the mask are per-pixel strengths "
+                                "(differential diffusion): darker areas change less."),
+    "seam_fix": (("inpaint",), "Then redraw a band of this many px each side of the mask "
+                               "boundary at low strength (0.3); 0 = off."),
+    "rank": (("inpaint",), "clip: order the candidates by CLIP similarity of the edited "
+                           "region to the prompt (scores in the metadata)."),
+    "keep_best": (("inpaint",), "With --rank: keep only the best K candidates."),
+    "rank_model": (("inpaint",), "Ranking CLIP (a CLIPModel folder or repo; default: the "
+                                 "model folder's ranker/, else openai/clip-vit-large-patch14)."),
     "negative_prompt": (("edit",), "Negative prompt for true CFG (with --true-cfg > 1)."),
     "true_cfg_scale": (("edit",), f"True classifier-free guidance scale (1..{MAX_CFG:g}; "
                                   "1 = off; > 1 doubles the work per step)."),
@@ -191,6 +206,13 @@ class EditOptions:
     ip_adapters: tuple = field(default=())
     redux: tuple = field(default=())
     controlnets: tuple = field(default=())
+    color_match: str = "mean-std"  # benchmarks/RESULTS.md (bench_blend): cuts a cast's dE ~98%
+    blend: str = "feather"  # Poisson adds nothing once colours match, and needs OpenCV
+    soft_mask: bool = False
+    seam_fix: float = 0.0
+    rank: str | None = None
+    keep_best: int | None = None
+    rank_model: str | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
     width: int | None = None
@@ -228,12 +250,27 @@ class EditOptions:
         set_("ip_adapters", _specs("ip_adapters", self.ip_adapters, "IPAdapterSpec"))
         set_("redux", _specs("redux", self.redux, "ReduxSpec"))
         set_("controlnets", _specs("controlnets", self.controlnets, "ControlNetSpec"))
+        self._check_paste_back(set_)
         set_("negative_prompt", _optional(_text, "negative_prompt", self.negative_prompt))
         set_("true_cfg_scale", _float("true_cfg_scale", self.true_cfg_scale, 1.0, MAX_CFG))
         for name in ("width", "height"):
             set_(name, _optional(_int, name, getattr(self, name), 16, MAX_SIZE))
         for name in ("keep_size", "auto_resize"):
             set_(name, _bool(name, getattr(self, name)))
+
+    def _check_paste_back(self, set_) -> None:
+        for name, methods in (("color_match", COLOR_MATCH_METHODS), ("blend", BLEND_METHODS)):
+            if getattr(self, name) not in methods:
+                raise InputError(f"{name} must be one of {', '.join(methods)}, got "
+                                 f"{getattr(self, name)!r}")
+        set_("soft_mask", _bool("soft_mask", self.soft_mask))
+        set_("seam_fix", _float("seam_fix", self.seam_fix, 0.0, MAX_MASK_PX))
+        if self.rank not in (None, "clip"):
+            raise InputError(f"rank must be clip (or unset), got {self.rank!r}")
+        set_("keep_best", _optional(_int, "keep_best", self.keep_best, 1, MAX_IMAGES))
+        if self.keep_best is not None and self.rank is None:
+            raise InputError("keep_best needs rank clip")
+        set_("rank_model", _optional(_text, "rank_model", self.rank_model))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], mode: str | None = None) -> EditOptions:

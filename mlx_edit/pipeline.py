@@ -11,6 +11,7 @@ VAE posterior mode (BFL's choice, and deterministic) instead of a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -62,6 +63,8 @@ from mlx_edit.sampling.latents import (
     unscale_latents,
 )
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
+from mlx_edit.imaging.blend import seam_band
+from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import load_transformer, read_transformer_config
@@ -71,6 +74,7 @@ from mlx_edit.weights.vae import load_vae, read_vae_config
 
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
+SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
 
 
 def _tokens(plan: CropPlan) -> int:
@@ -445,7 +449,7 @@ class FluxPipeline:
                                       controls=job.controls, ip=job.ip, tokens=job.tokens,
                                       token_ids=job.token_ids, after_step=job.after_step,
                                       negative=job.negative,
-                                      true_cfg_scale=job.true_cfg_scale):
+                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
@@ -483,7 +487,8 @@ class FluxPipeline:
             blend[y0:y1, x0:x1] = 1.0
         out = []
         for seed, edited in zip(job.seeds, images):
-            result = stitch_back(job.original, edited, job.plan, blend)
+            result = stitch_back(job.original, edited, job.plan, blend,
+                                 **(job.paste if paste_back else {}))
             meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
             result.info.update({k: str(v) for k, v in meta.items() if v is not None})
             out.append(result)
@@ -520,6 +525,15 @@ class FluxFill(FluxPipeline):
         prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
         the style or subject of reference images), controlnets (ControlNetSpec list:
         structure to keep; several are summed)); defaults and ranges: mlx_edit.options.
+        Paste-back (mlx_edit.imaging.blend): color_match "none" | "mean-std" | "histogram"
+        (the edit's colours matched to the photo's in a ring around the mask), blend
+        "feather" | "poisson" (seamless cloning; the [blend] extra). soft_mask: the mask's
+        grey levels are per-pixel strengths (differential diffusion,
+        mlx_edit.sampling.soft_mask); everything > 0 is pasted back. seam_fix: px; > 0 runs
+        a second pass at strength SEAM_STRENGTH over a band of that half-width around the
+        blend boundary. rank "clip": candidates ordered by CLIP similarity of the edited
+        region to the prompt (mlx_edit.ranking; scores in the metadata), keep_best K kept;
+        rank_model: a CLIPModel folder or repo (default: the model folder's `ranker/`).
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: a bad option, empty mask, prompt too long; a
         Canny/Depth transformer loaded instead of Fill), before any model loads.
@@ -528,11 +542,54 @@ class FluxFill(FluxPipeline):
         check_prompt(prompt)
         self._require("inpaint")
         image = load_image(image)
-        model_mask, blend = masks.edit_masks(load_mask(mask, image.size), o.grow_mask,
-                                             o.feather)
+        user_mask = load_mask(mask, image.size)
+        model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
+        if o.soft_mask:  # everything the soft mask touches is pasted back
+            blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,
+                                     o.feather)
         job = self.prepare(image, model_mask, blend, prompt, o, metadata={
-            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather})
-        return self.run(job, o.paste_back, progress)
+            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
+            "color_match": o.color_match, "blend": o.blend, "soft_mask": o.soft_mask,
+            "seam_fix": o.seam_fix or None})
+        job.paste = {"color_match": o.color_match, "method": o.blend}
+        if o.soft_mask:
+            job.hook = self._soft_mask_hook(job, image, user_mask)
+        images = self.run(job, o.paste_back, progress)
+        if o.seam_fix:
+            band = seam_band(blend, o.seam_fix)
+            images = [self._seam_pass(img, band, prompt, job.paste, o, seed=o.seed + i)
+                      for i, img in enumerate(images)]
+        if o.rank:
+            from mlx_edit.ranking import rank_candidates
+
+            images = rank_candidates(images, prompt, blend, keep_best=o.keep_best,
+                                     rank_model=o.rank_model, model_root=self.root,
+                                     dtype=self.dtype)
+        return images
+
+    def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
+                   o: EditOptions, seed: int) -> Image.Image:
+        """Regenerate `band` of a finished edit at SEAM_STRENGTH; keeps its metadata."""
+        weights = masks.blend_mask(band, 0, 2)
+        seam = dataclasses.replace(EditOptions(), steps=o.steps, guidance=o.guidance,
+                                   crop_to_mask=o.crop_to_mask, prompt_2=o.prompt_2,
+                                   max_sequence_length=o.max_sequence_length, seed=seed,
+                                   strength=SEAM_STRENGTH)
+        job = self.prepare(image, band, weights, prompt, seam, metadata=dict(image.info))
+        job.paste = paste
+        out = self.run(job, True)[0]
+        out.info.update({k: v for k, v in image.info.items()})  # the first pass's values
+        return out
+
+    def _soft_mask_hook(self, job: EditJob, image: Image.Image, soft: np.ndarray):
+        """Differential-diffusion hook for `job`: the canvas's source latents, the noise
+        `prepare` drew from the seeds, per-token strengths of the soft mask."""
+        canvas, m = crop_for_model(image, soft, job.plan, binarize=False)
+        with self.components.using("vae", job.stats):
+            source = self.encode_image(to_array(canvas)).astype(self.dtype)
+            mx.eval(source)
+        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
+        return soft_mask_hook(source, noise, token_strength(m), job.sigmas)
 
     def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
                  progress: Callable[[int, int], None] | None = None,

@@ -13,6 +13,8 @@ by diffusers / transformers themselves from a config under `torch.manual_seed`:
     text_encoder/                        CLIPTextModel
     text_encoder_2/                      T5EncoderModel, sharded (+ model.safetensors.index.json)
     tokenizer/  tokenizer_2/             written by scripts/tokenizer_files.py
+    ranker/                              CLIPModel + tokenizer for `--rank clip` (not in
+                                         `wide`; scripts/ranker_fixtures.py)
     flux1-fill-dev.safetensors           the transformer with BFL keys (scripts/bfl_keys.py)
     ae.safetensors                       the VAE with BFL keys
 
@@ -378,6 +380,11 @@ def build(
                 _save_bfl(bfl_keys.vae_to_bfl(model.state_dict()), tmp / "ae.safetensors")
             del model
             gc.collect()
+        if preset != "wide":  # ranker/: the ranking CLIP, so `--rank clip` runs offline
+            import ranker_fixtures
+
+            ranker_fixtures.write_ranker(tmp / "ranker", cfgs["text_encoder"], preset,
+                                         seed + 40, tmp / "tokenizer", torch_dtype)
         # --- extras: --extras controlnet (scripts/controlnet_fixtures.py) ---
         if "controlnet" in extras:
             import controlnet_fixtures

@@ -27,7 +27,7 @@ from mlx_edit.options import FIELDS, MAX_SEED, RESTYLE_CONTROL_TYPES, default
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
 # fields whose library default is None
 _TYPES = {"guidance": float, "prompt_2": str, "steps": int, "negative_prompt": str,
-          "width": int, "height": int}
+          "width": int, "height": int, "rank": str, "keep_best": int, "rank_model": str}
 _SHORT = {"num_images": "-n"}
 
 
@@ -38,7 +38,7 @@ def _field_option(name: str):
     if name == "seed":  # the CLI's one deliberate difference: a random seed
         return click.option(flag, type=int, default=None,
                             help=f"Random seed 0..{MAX_SEED} (default: random).")
-    if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize"):
+    if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)
     if name == "control_type":

@@ -65,6 +65,8 @@ class EditJob:
     negative: PromptEmbeds | None = None
     true_cfg_scale: float = 1.0
     stats: dict = field(default_factory=dict)
+    hook: Callable[[int, mx.array], mx.array] | None = None  # per-step (soft masks)
+    paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
 
 
 class Phase:
@@ -99,6 +101,7 @@ def denoise(
     negative: PromptEmbeds | None = None,
     true_cfg_scale: float = 1.0,
     compile: bool | None = None,
+    hook: Callable[[int, mx.array], mx.array] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -115,6 +118,8 @@ def denoise(
     progress, preview or stop. RoPE and the text batch are built once, not per step.
     compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
     mlx_edit/compiled.py).
+    hook: optional `hook(i, latents) -> latents`, applied before step i to the latents at
+    sigmas[i] (soft masks: mlx_edit.sampling.soft_mask.soft_mask_hook).
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
@@ -132,6 +137,8 @@ def denoise(
     step = make_step(transformer, compile=compile)
     for i in range(len(sigmas) - 1):
         t = mx.broadcast_to(timesteps[i], (b,))
+        if hook is not None:
+            latents = hook(i, latents)
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
         latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
                        step_dt(float(sigmas[i]), float(sigmas[i + 1])),

@@ -55,7 +55,7 @@ from mlx_edit.sampling.sampler import (
 )
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.tiling import decode_auto, encode_auto
-from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+from mlx_edit.text import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve

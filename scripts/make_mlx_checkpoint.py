@@ -35,12 +35,15 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import controlnet_fixtures as cf  # noqa: E402  (ControlNet configs; imports no torch)
 import make_tiny_checkpoint as mtc  # noqa: E402  (presets and configs; imports no torch)
 
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet  # noqa: E402
 from mlx_edit.models.flux import FluxConfig, FluxTransformer  # noqa: E402
 from mlx_edit.models.t5 import T5Config, T5Encoder  # noqa: E402
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from mlx_edit.weights import controlnet as controlnet_keys  # noqa: E402
 from mlx_edit.weights import flux as flux_keys  # noqa: E402
 from mlx_edit.weights import text as text_keys  # noqa: E402
 from mlx_edit.weights import vae as vae_keys  # noqa: E402
@@ -57,6 +60,7 @@ COMPONENTS = {
     "text_encoder_2": (T5Config, T5Encoder, text_keys.T5_RULES, "model",
                        {"architectures": ["T5EncoderModel"], "model_type": "t5"}),
 }
+EXTRAS = ("controlnet", "control-model")
 SHARDED = ("transformer", "text_encoder_2")  # >= 2 shards + index, as the reference folders
 
 
@@ -113,16 +117,21 @@ def perturb_constants(params: dict[str, np.ndarray], seed: int) -> list[str]:
     return names
 
 
-def make_params(name: str, cfg: dict, seed: int) -> tuple[dict[str, np.ndarray], object]:
-    """(float32 numpy parameters by our names, model config) of one component: MLX's own
+def random_params(model_cls, config, seed: int) -> dict[str, np.ndarray]:
+    """float32 numpy parameters, by our names, of `model_cls(config)`: MLX's own
     initialisation under `mx.random.seed(seed)`, then `perturb_constants(seed + 1000)`."""
-    config_cls, model_cls = COMPONENTS[name][:2]
-    config = config_cls.from_dict(cfg)
     mx.random.seed(seed)
     model = model_cls(config)
     params = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
     perturb_constants(params, seed + 1000)
-    return params, config
+    return params
+
+
+def make_params(name: str, cfg: dict, seed: int) -> tuple[dict[str, np.ndarray], object]:
+    """(parameters, model config) of one pipeline component (`random_params`)."""
+    config_cls, model_cls = COMPONENTS[name][:2]
+    config = config_cls.from_dict(cfg)
+    return random_params(model_cls, config, seed), config
 
 
 def _concat_unit(name: str, config) -> int:
@@ -169,10 +178,71 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
+def _save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_controlnet(folder: str | Path, cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A diffusers FluxControlNetModel folder (`cfg`: its kwargs, e.g. from
+    controlnet_fixtures.controlnet_config) built from our FluxControlNet; returns our params."""
+    folder = Path(folder)
+    config = ControlNetConfig.from_dict(cfg)
+    params = random_params(FluxControlNet, config, seed)
+    unit = config.num_attention_heads * config.attention_head_dim
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(to_checkpoint(params, controlnet_keys.CONTROLNET_DIFFUSERS_RULES, unit),
+          folder / "diffusion_pytorch_model.safetensors")
+    _write_json(folder / "config.json", {"_class_name": "FluxControlNetModel", **cfg})
+    return params
+
+
+def write_controlnets(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
+                      seed: int = 0) -> dict[str, Path]:
+    """controlnet_fixtures.write_controlnets' layout (instantx/, union/, xlabs/ and the x-flux
+    file `xlabs-flux-controlnet.safetensors`), torch-free; returns {name: path}."""
+    out, paths = Path(out), {}
+    for offset, kind in enumerate(cf.KINDS):
+        layers, single = cf.DEPTHS[preset][kind]
+        cfg = cf.controlnet_config(kind, transformer_cfg, layers, single)
+        params = write_controlnet(out / kind, cfg, seed + offset)
+        paths[kind] = out / kind
+        if kind == "xlabs":
+            paths["xlabs-raw"] = out / "xlabs-flux-controlnet.safetensors"
+            _save(to_checkpoint(params, controlnet_keys.XLABS_RULES), paths["xlabs-raw"])
+    return paths
+
+
+def write_control_model(root: str | Path, transformer_cfg: dict, seed: int = 0) -> Path:
+    """controlnet_fixtures.write_control_model's ROOT/control-model/ (FLUX.1-Canny-dev
+    layout: in_channels 128, diffusers folder + BFL file, links to ROOT's shared parts)."""
+    root = Path(root)
+    out = root / "control-model"
+    cfg = dict(transformer_cfg, in_channels=128, out_channels=64)
+    config = FluxConfig.from_dict(cfg)
+    params = random_params(FluxTransformer, config, seed)
+    unit = config.num_attention_heads * config.attention_head_dim
+    write_weights(out / "transformer", "diffusion_pytorch_model",
+                  to_checkpoint(params, flux_keys.DIFFUSERS_RULES, unit), shard=False)
+    _write_json(out / "transformer" / "config.json",
+                {"_class_name": "FluxTransformer2DModel", **cfg})
+    _save(to_checkpoint(params, flux_keys.BFL_RULES), out / "flux1-canny-dev.safetensors")
+    for name in cf.CONTROL_MODEL_SHARED:
+        (out / name).symlink_to(Path("..") / name, target_is_directory=True)
+    index = json.loads((root / "model_index.json").read_text())
+    _write_json(out / "model_index.json", {**index, "_class_name": "FluxControlPipeline"})
+    return out
+
+
+def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
+          extras: tuple[str, ...] = ()) -> Path:
     """Build the folder `out` (module doc) and return its Path; float32 only. Built next to
-    `out` and renamed into place. Raises KeyError for an unknown preset, FileExistsError as
+    `out` and renamed into place. extras: "controlnet" (controlnets/, `write_controlnets`),
+    "control-model" (control-model/, `write_control_model`), seeds as make_tiny_checkpoint.
+    Raises KeyError for an unknown preset or extra, FileExistsError as
     make_tiny_checkpoint.build does."""
+    unknown = sorted(set(extras) - set(EXTRAS))
+    if unknown:
+        raise KeyError(f"unknown extras {unknown}; choose from {EXTRAS}")
     out = Path(out)
     if preset not in mtc.PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(mtc.PRESETS)}")
@@ -187,14 +257,16 @@ def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool 
         for offset, name in enumerate(COMPONENTS):
             params = write_component(tmp, name, cfgs[name], seed + offset)
             if name == "transformer":
-                bfl = to_checkpoint(params, flux_keys.BFL_RULES)
-                save_file(bfl, str(tmp / "flux1-fill-dev.safetensors"), metadata={"format": "pt"})
+                _save(to_checkpoint(params, flux_keys.BFL_RULES), tmp / "flux1-fill-dev.safetensors")
             elif name == "vae":
                 rules = vae_keys.bfl_rules(len(cfgs["vae"]["block_out_channels"]))
-                save_file(to_checkpoint(params, rules), str(tmp / "ae.safetensors"),
-                          metadata={"format": "pt"})
+                _save(to_checkpoint(params, rules), tmp / "ae.safetensors")
             del params
+        if "controlnet" in extras:
+            write_controlnets(tmp / "controlnets", cfgs["transformer"], preset, seed + 10)
         _write_json(tmp / "model_index.json", mtc.MODEL_INDEX)
+        if "control-model" in extras:  # after model_index.json: it copies its entries
+            write_control_model(tmp, cfgs["transformer"], seed + 30)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     finally:
@@ -208,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(mtc.PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--extras", default="", help=f"comma-separated: {', '.join(EXTRAS)}")
     args = ap.parse_args(argv)
     try:
-        build(args.out, args.preset, seed=args.seed, overwrite=args.overwrite)
+        build(args.out, args.preset, seed=args.seed, overwrite=args.overwrite,
+              extras=tuple(e for e in args.extras.split(",") if e))
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

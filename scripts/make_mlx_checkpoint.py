@@ -163,12 +163,14 @@ def write_weights(folder: Path, stem: str, tensors: dict[str, np.ndarray], shard
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_component(out: Path, name: str, cfg: dict, seed: int) -> dict[str, np.ndarray]:
-    """Build one component and write `out/name/` (config.json + weights); returns our params."""
+def write_component(out: Path, name: str, cfg: dict, seed: int, shard: bool | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Build one component and write `out/name/` (config.json + weights, sharded as the
+    reference folders unless `shard` says otherwise); returns our params."""
     _, _, rules, stem, extra = COMPONENTS[name]
     params, config = make_params(name, cfg, seed)
     tensors = to_checkpoint(params, rules, _concat_unit(name, config))
-    write_weights(out / name, stem, tensors, name in SHARDED)
+    write_weights(out / name, stem, tensors, name in SHARDED if shard is None else shard)
     (out / name / "config.json").write_text(json.dumps({**extra, **cfg}, indent=2) + "\n")
     return params
 

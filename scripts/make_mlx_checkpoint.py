@@ -36,17 +36,31 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import controlnet_fixtures as cf  # noqa: E402  (ControlNet configs; imports no torch)
+import image_prompt_fixtures as ipf  # noqa: E402  (vision configs; imports no torch)
 import make_tiny_checkpoint as mtc  # noqa: E402  (presets and configs; imports no torch)
 
-from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from mlx_edit.models.clip import (  # noqa: E402
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet  # noqa: E402
 from mlx_edit.models.flux import FluxConfig, FluxTransformer  # noqa: E402
+from mlx_edit.models.ip_adapter import IPAdapter, IPAdapterConfig  # noqa: E402
+from mlx_edit.models.redux import (  # noqa: E402
+    ReduxConfig,
+    ReduxImageEncoder,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 from mlx_edit.models.t5 import T5Config, T5Encoder  # noqa: E402
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from mlx_edit.weights import controlnet as controlnet_keys  # noqa: E402
 from mlx_edit.weights import flux as flux_keys  # noqa: E402
 from mlx_edit.weights import text as text_keys  # noqa: E402
 from mlx_edit.weights import vae as vae_keys  # noqa: E402
+from mlx_edit.weights import vision as vision_keys  # noqa: E402
 from mlx_edit.weights.core import Rule, _compile  # noqa: E402
 
 # (config class, model class, key rules, weight file stem, config.json extras) per component
@@ -60,7 +74,7 @@ COMPONENTS = {
     "text_encoder_2": (T5Config, T5Encoder, text_keys.T5_RULES, "model",
                        {"architectures": ["T5EncoderModel"], "model_type": "t5"}),
 }
-EXTRAS = ("controlnet", "control-model")
+EXTRAS = ("controlnet", "control-model", "ip-adapter", "redux")
 SHARDED = ("transformer", "text_encoder_2")  # >= 2 shards + index, as the reference folders
 
 
@@ -235,11 +249,70 @@ def write_control_model(root: str | Path, transformer_cfg: dict, seed: int = 0) 
     return out
 
 
+def _write_vision(folder: Path, config_cls, model_cls, rules, cfg: dict, model_type: str,
+                  seed: int) -> None:
+    """A transformers vision tower folder (config.json + model.safetensors)."""
+    config = config_cls.from_dict(cfg)
+    params = random_params(model_cls, config, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(to_checkpoint(params, rules, config.hidden_size), folder / "model.safetensors")
+    _write_json(folder / "config.json", {"model_type": model_type, **cfg})
+
+
+def write_ip_adapter(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
+                     seed: int = 0) -> Path:
+    """image_prompt_fixtures.write_ip_adapter's folder (XLabs `ip_adapter.safetensors` +
+    CLIP `image_encoder/`), torch-free; returns `out`."""
+    out = Path(out)
+    _write_vision(out / "image_encoder", CLIPVisionConfig, CLIPVisionModel,
+                  vision_keys.CLIP_VISION_RULES, ipf.clip_vision_config(preset),
+                  "clip_vision_model", seed)
+    config = IPAdapterConfig(
+        image_embed_dim=ipf.CLIP_PROJECTION[preset],
+        cross_attention_dim=transformer_cfg["joint_attention_dim"], num_tokens=ipf.IP_TOKENS,
+        hidden_size=transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"],
+        num_layers=transformer_cfg["num_layers"])
+    params = random_params(IPAdapter, config, seed + 1)
+    _save(to_checkpoint(params, vision_keys.IP_ADAPTER_RULES), out / "ip_adapter.safetensors")
+    return out
+
+
+def write_redux(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
+                seed: int = 0) -> Path:
+    """image_prompt_fixtures.write_redux's FLUX.1-Redux-dev folder, torch-free; returns `out`."""
+    out = Path(out)
+    cfg = ipf.siglip_vision_config(preset)
+    _write_vision(out / "image_encoder", SiglipVisionConfig, SiglipVisionModel,
+                  vision_keys.SIGLIP_RULES, cfg, "siglip_vision_model", seed)
+    redux = {"redux_dim": cfg["hidden_size"], "txt_in_features": transformer_cfg["joint_attention_dim"]}
+    embedder = to_checkpoint(random_params(ReduxImageEncoder, ReduxConfig(**redux), seed + 1),
+                             vision_keys.REDUX_RULES)
+    write_weights(out / "image_embedder", "diffusion_pytorch_model", embedder, shard=False)
+    _write_json(out / "image_embedder" / "config.json", {"_class_name": "ReduxImageEncoder", **redux})
+    _save(embedder, out / "flux1-redux-dev.safetensors")
+    size = {"height": cfg["image_size"], "width": cfg["image_size"]}
+    _write_json(out / "feature_extractor" / "preprocessor_config.json",
+                {"image_processor_type": "SiglipImageProcessor", "size": size})
+    _write_json(out / "model_index.json", ipf.REDUX_MODEL_INDEX)
+    return out
+
+
+def write_image_prompt_fixtures(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
+                                seed: int = 0, kinds: tuple[str, ...] = ("ip-adapter", "redux"),
+                                ) -> dict[str, Path]:
+    """image_prompt_fixtures.write_image_prompt_fixtures, torch-free: `out/ip-adapter/` and/or
+    `out/redux/`; returns {kind: folder}. Raises KeyError for an unknown kind."""
+    writers = {"ip-adapter": write_ip_adapter, "redux": write_redux}
+    return {kind: writers[kind](Path(out) / kind, transformer_cfg, preset, seed + 10 * offset)
+            for offset, kind in enumerate(kinds)}
+
+
 def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
           extras: tuple[str, ...] = ()) -> Path:
     """Build the folder `out` (module doc) and return its Path; float32 only. Built next to
     `out` and renamed into place. extras: "controlnet" (controlnets/, `write_controlnets`),
-    "control-model" (control-model/, `write_control_model`), seeds as make_tiny_checkpoint.
+    "control-model" (control-model/, `write_control_model`), "ip-adapter", "redux"
+    (`write_image_prompt_fixtures`), seeds as make_tiny_checkpoint.
     Raises KeyError for an unknown preset or extra, FileExistsError as
     make_tiny_checkpoint.build does."""
     unknown = sorted(set(extras) - set(EXTRAS))
@@ -266,6 +339,9 @@ def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool 
             del params
         if "controlnet" in extras:
             write_controlnets(tmp / "controlnets", cfgs["transformer"], preset, seed + 10)
+        kinds = tuple(k for k in ("ip-adapter", "redux") if k in extras)
+        if kinds:
+            write_image_prompt_fixtures(tmp, cfgs["transformer"], preset, seed + 20, kinds)
         _write_json(tmp / "model_index.json", mtc.MODEL_INDEX)
         if "control-model" in extras:  # after model_index.json: it copies its entries
             write_control_model(tmp, cfgs["transformer"], seed + 30)

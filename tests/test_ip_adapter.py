@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
@@ -31,6 +30,7 @@ from mlx_edit.weights.vision import load_clip_vision, load_ip_adapter, resolve_i
 from conftest import import_script
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 fx = import_script("image_prompt_fixtures")
 
 TOL = 1e-4

@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("torch")
-
 
 def _run(repo_root, script: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), *args],
@@ -30,6 +28,7 @@ def test_bench_vae_tiled_whole_and_psnr(repo_root, tiny_mlx):
                         r"64 decode peak [\d.]+ GB \(bound 3 GB\)", last), last
 
 
+@pytest.mark.parity
 def test_bench_transformer_against_diffusers(repo_root):
     last = _run(repo_root, "bench_transformer.py", "--preset", "tiny", "--image-tokens", "64",
                 "--text-tokens", "16", "--compare", "diffusers", "--reps", "2")

@@ -122,7 +122,7 @@ class _Tokenizer:
     def __call__(self, prompts: str | list[str], max_length: int | None = None) -> np.ndarray:
         """(B, max_length) int32 ids: truncated keeping eos last (one PromptTruncatedWarning
         per truncated prompt), then padded. ValueError: max_length < 2 (CLIP), not 1..512 (T5)."""
-        n = max_length or self.max_length
+        n = self.max_length if max_length is None else max_length
         if n < self.low or (self.limit and n > self.limit):
             raise ValueError(f"{self.encoder} max_length {n} not in {self.low}..{self.limit or ''}")
         rows = []

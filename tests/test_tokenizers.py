@@ -324,6 +324,16 @@ def test_t5_max_length_over_512_raises(t5):
     assert t5("a cat", max_length=512).shape == (1, 512)
 
 
+def test_too_short_max_length_raises(clip, t5):
+    with pytest.raises(ValueError, match="max_length 0"):
+        t5("a cat", max_length=0)
+    with pytest.raises(ValueError, match="max_length 1"):
+        clip("a cat", max_length=1)  # no room for bos and eos
+    with pytest.warns(PromptTruncatedWarning):  # the smallest lengths: only the specials
+        assert t5("a cat", max_length=1).tolist() == [[1]]
+        assert clip("a", max_length=2).tolist() == [[49406, 49407]]
+
+
 def test_batch_input(clip, t5):
     prompts = ["a cat", "", "A DOG on a couch, don't move!"]
     for tok, length, pad in ((clip, 77, 49407), (t5, 512, 0)):

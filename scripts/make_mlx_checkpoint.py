@@ -1,14 +1,17 @@
 """Build a FLUX.1-Fill-dev checkpoint folder with random weights, without torch.
 
     python scripts/make_mlx_checkpoint.py OUT --preset tiny|small|wide [--seed 0] [--overwrite]
+        [--extras controlnet,control-model,ip-adapter,redux]
 
 The torch-free twin of scripts/make_tiny_checkpoint.py, for the tests that do not compare
 with diffusers/transformers (they must pass in an environment without torch, diffusers and
 transformers). Same presets and configs, same layout (diffusers folders for the transformer
 and VAE, transformers folders for the text encoders, sharded with an index where the
 reference folders are, `flux1-fill-dev.safetensors` and `ae.safetensors` with BFL keys,
-tokenizers from scripts/tokenizer_files.py, scheduler config, model_index.json), but every
-model is mlx-edit's own (FluxTransformer, AutoencoderKL, CLIPTextModel, T5Encoder) built
+tokenizers from scripts/tokenizer_files.py, scheduler config, model_index.json; the same
+extras as controlnet_fixtures.py and image_prompt_fixtures.py), but every model is
+mlx-edit's own (FluxTransformer, AutoencoderKL, CLIPTextModel, T5Encoder, FluxControlNet,
+the vision towers, IP-Adapter, Redux) built
 from the config with MLX's random initialisation under `mx.random.seed`; tensors that
 initialise to a constant (norm weights, some biases) get seeded noise as in the torch
 builder. The files are written in the checkpoint key layouts by running mlx-edit's own key

@@ -83,15 +83,26 @@ def test_no_parameter_is_constant_and_seeds_differ(tiny_mlx):
 
 
 def test_extras_load(tmp_path):
+    """ControlNets (diffusers folders and the x-flux file), IP-Adapter and Redux load."""
+    from mlx_edit.weights import vision
+
     cfg = mtc.configs("tiny", 1100)["transformer"]
     paths = mmc.write_controlnets(tmp_path / "cn", cfg, "tiny", seed=10)
-    for kind in ("instantx", "union", "xlabs"):
-        net = load_controlnet(paths[kind], mx.float32)
-        raw = paths["xlabs-raw"] if kind == "xlabs" else None
-        if raw:  # the x-flux file and the diffusers folder hold the same XLabs model
-            other = load_controlnet(raw, mx.float32, config={"axes_dims_rope": [4, 4, 8]})
-            a, b = _params(net), _params(other)
-            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    nets = {kind: _params(load_controlnet(paths[kind], mx.float32))
+            for kind in ("instantx", "union", "xlabs")}
+    assert "mode_embedder.weight" in nets["union"] and "mode_embedder.weight" not in nets["xlabs"]
+    raw = _params(load_controlnet(paths["xlabs-raw"], mx.float32,
+                                  config={"axes_dims_rope": [4, 4, 8]}))
+    assert raw.keys() == nets["xlabs"].keys()  # the same XLabs model under x-flux names
+    assert all(np.array_equal(raw[k], nets["xlabs"][k]) for k in raw)
+    extras = mmc.write_image_prompt_fixtures(tmp_path / "ip", cfg, "tiny", seed=20)
+    ip = vision.load_ip_adapter(extras["ip-adapter"] / "ip_adapter.safetensors", mx.float32)
+    assert ip.config.num_layers == cfg["num_layers"] and ip.config.num_tokens == 4
+    vision.load_clip_vision(extras["ip-adapter"] / "image_encoder", mx.float32)
+    vision.load_siglip_vision(extras["redux"] / "image_encoder", mx.float32)
+    a = _params(vision.load_redux_embedder(extras["redux"] / "image_embedder", mx.float32))
+    b = _params(vision.load_redux_embedder(extras["redux"] / "flux1-redux-dev.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_build_refuses_to_clobber(tmp_path):

@@ -9,16 +9,17 @@ transformers). Same presets and configs, same layout (diffusers folders for the 
 and VAE, transformers folders for the text encoders, sharded with an index where the
 reference folders are, `flux1-fill-dev.safetensors` and `ae.safetensors` with BFL keys,
 tokenizers from scripts/tokenizer_files.py, scheduler config, model_index.json; the same
-extras as controlnet_fixtures.py and image_prompt_fixtures.py), but every model is
-mlx-edit's own (FluxTransformer, AutoencoderKL, CLIPTextModel, T5Encoder, FluxControlNet,
-the vision towers, IP-Adapter, Redux) built
-from the config with MLX's random initialisation under `mx.random.seed`; tensors that
-initialise to a constant (norm weights, some biases) get seeded noise as in the torch
-builder. The files are written in the checkpoint key layouts by running mlx-edit's own key
-maps (mlx_edit/weights: diffusers, transformers and BFL rules) backwards (`to_checkpoint`).
+extras as controlnet_fixtures.py and image_prompt_fixtures.py), but every model is mlx-edit's
+own (FluxTransformer, AutoencoderKL, CLIPTextModel, T5Encoder, FluxControlNet, the vision
+towers, IP-Adapter, Redux) built from the config with MLX's random initialisation under
+`mx.random.seed`; tensors that initialise to a constant (norm weights, some biases) get
+seeded noise as in the torch builder. The files are written in the checkpoint key layouts
+by running mlx-edit's own key maps (mlx_edit/weights: diffusers, transformers and BFL
+rules) backwards (`to_checkpoint`).
 
-The weights differ from the torch builder's (another RNG), so parity tests keep using the
-folders diffusers builds; these folders exercise loading, editing, conversion and the CLI.
+diffusers and transformers load these folders strictly (tests/test_fixtures_mlx.py), so a
+parity test may use them too (test_control_e2e, test_restyle do); the component parity
+tests keep the folders diffusers builds (other weights: another RNG).
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the configs serve the torch-free builder too
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bfl_keys  # noqa: E402
@@ -67,6 +69,7 @@ def controlnet_config(kind: str, transformer_cfg: dict, layers: int = 2,
 
 def make_controlnet(cfg: dict, seed: int = 0) -> torch.nn.Module:
     """`FluxControlNetModel(**cfg)` with random weights (see the module doc), float32, eval."""
+    import torch
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(seed)
@@ -85,6 +88,8 @@ def perturb_constants(module: torch.nn.Module, seed: int) -> list[str]:
     """make_tiny_checkpoint.perturb_constant_tensors' rule (zeros get N(0, 0.02^2), a
     constant c gets c (1 + 0.1 N(0, 1))), with a cheap first test: a full comparison of
     every wide weight costs seconds on these CPUs. Returns the perturbed names."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     names = []
     with torch.no_grad():
@@ -125,9 +130,13 @@ def xlabs_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_controlnets(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
-                      seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Write the ControlNet fixtures (module doc) under `out`; returns {name: path}."""
+                      seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, Path]:
+    """Write the ControlNet fixtures (module doc) under `out`; returns {name: path}.
+    dtype: a torch dtype, None for float32."""
+    import torch
     from safetensors.torch import save_file
+
+    dtype = dtype or torch.float32
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +170,7 @@ VARIANT_MODELS = {
 
 
 def write_variant_model(root: str | Path, transformer_cfg: dict, kind: str, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> Path:
+                        dtype: torch.dtype | None = None) -> Path:
     """Write ROOT/<kind>/ (`VARIANT_MODELS`: a transformer of another in_channels, its BFL
     file, the pipeline class in model_index.json, the other components linked to ROOT's)
     next to ROOT's Fill components (ROOT must hold model_index.json already:
@@ -171,10 +180,12 @@ def write_variant_model(root: str | Path, transformer_cfg: dict, kind: str, seed
     `torch.manual_seed(seed)`, constant tensors perturbed (`perturb_constants`).
     """
     import diffusers
+    import torch
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
     in_channels, pipeline_class, bfl_name = VARIANT_MODELS[kind]
+    dtype = dtype or torch.float32
     root = Path(root)
     out = root / kind
     out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +207,6 @@ def write_variant_model(root: str | Path, transformer_cfg: dict, kind: str, seed
 
 
 def write_control_model(root: str | Path, transformer_cfg: dict, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> Path:
+                        dtype: torch.dtype | None = None) -> Path:
     """ROOT/control-model/: the FLUX.1-Canny-dev layout (`write_variant_model`)."""
     return write_variant_model(root, transformer_cfg, "control-model", seed, dtype)

@@ -42,14 +42,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bfl_keys  # noqa: E402
 import tokenizer_files  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# torch, diffusers and transformers are imported where used: the presets, configs and
+# scheduler config are shared with the torch-free builder (scripts/make_mlx_checkpoint.py).
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}  # torch dtype names
 
 # FLUX.1-dev's scheduler/scheduler_config.json (FLUX.1-Fill-dev ships the same).
 SCHEDULER_CONFIG = {
@@ -223,6 +226,8 @@ def perturb_constant_tensors(module: torch.nn.Module, seed: int) -> list[str]:
     Small enough that activations keep their scale, large enough that a swapped or dropped
     bias/norm weight shows up far above a 1e-4 parity tolerance.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     names = []
     with torch.no_grad():
@@ -245,6 +250,7 @@ def make_component(name: str, cfg: dict, seed: int) -> torch.nn.Module:
     """Construct one component with random weights: `torch.manual_seed(seed)`, then the
     diffusers/transformers constructor, then `perturb_constant_tensors`. float32, eval mode."""
     import diffusers
+    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -352,8 +358,11 @@ def build(
     Raises KeyError for an unknown preset or dtype, FileExistsError when `out` is non-empty
     and `overwrite` is False (or `out` holds no `model_index.json`).
     """
+    import bfl_keys
+    import torch
+
     out = Path(out)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, DTYPES[dtype])
     _quiet_libraries()
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")

@@ -11,7 +11,6 @@ import click
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import import_script
 from PIL import Image
@@ -54,9 +53,10 @@ def photo():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """The tiny Fill checkpoint built with `--extras controlnet` (controlnets/ inside)."""
+    """The tiny Fill checkpoint with `--extras controlnet` (controlnets/ inside), built
+    torch-free (scripts/make_mlx_checkpoint.py); diffusers loads it for the parity test."""
     out = tmp_path_factory.mktemp("ckpt-cn") / "tiny"
-    return import_script("make_tiny_checkpoint").build(out, "tiny", extras=("controlnet",))
+    return import_script("make_mlx_checkpoint").build(out, "tiny", extras=("controlnet",))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,7 @@ def test_fill_controlnet_denoise_matches_diffusers(pipe, nets, photo, tiny_ckpt)
     """Our loop with Union + XLabs hooks (Union from step 1 on) vs a diffusers loop built
     like the community Fill + ControlNet pipeline, on the same noise, Fill conditioning
     and prompt embeddings; control latents from diffusers' VAE (posterior mode)."""
+    import torch
     from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
 
     image = photo.resize((256, 256), Image.LANCZOS)
@@ -298,7 +299,7 @@ def test_prepare_controls_follows_the_crop_and_the_schedule(pipe, nets, photo):
 def test_incompatible_controlnet_is_one_clear_error(pipe, tmp_path, photo):
     cfg = cf.controlnet_config("instantx", dict(TINY, attention_head_dim=8,
                                                 axes_dims_rope=[2, 2, 4]), 1, 0)
-    cf.make_controlnet(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    import_script("make_mlx_checkpoint").write_controlnet(tmp_path, cfg)
     job = _job(pipe, photo, _rect_mask(photo.size, (100, 100, 200, 200)), steps=1)
     with pytest.raises(InputError, match="hidden size 16 but the FLUX transformer has 32"):
         prepare_controls(pipe.job_context(job), [ControlNetSpec(tmp_path, photo, "canny")])[0]

@@ -16,7 +16,6 @@ import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
@@ -31,6 +30,7 @@ from conftest import import_script
 from contexts import make_context
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 fx = import_script("image_prompt_fixtures")
 
 TOL = 1e-4

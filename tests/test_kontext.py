@@ -43,8 +43,9 @@ def psnr(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, import_script):
+    # torch-free builder (mlx-edit's own models); diffusers loads the same folder
     out = tmp_path_factory.mktemp("kontext") / "tiny"
-    return import_script("make_tiny_checkpoint").build(out, "tiny", extras=("kontext-model",))
+    return import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
 
 
 @pytest.fixture(scope="module")

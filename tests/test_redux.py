@@ -15,7 +15,6 @@ import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
@@ -36,6 +35,7 @@ from mlx_edit.weights.vision import load_redux_embedder, load_siglip_vision, res
 from conftest import import_script
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 fx = import_script("image_prompt_fixtures")
 
 TOL = 1e-4

@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import import_script
 from mlx.utils import tree_flatten
@@ -56,8 +55,9 @@ def psnr(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """Built torch-free (scripts/make_mlx_checkpoint.py); diffusers loads it for parity."""
     out = tmp_path_factory.mktemp("ckpt-restyle") / "tiny"
-    return import_script("make_tiny_checkpoint").build(
+    return import_script("make_mlx_checkpoint").build(
         out, "tiny", extras=("controlnet", "control-model"))
 
 
@@ -102,6 +102,7 @@ def _deterministic(unpacked_noise):
 def _reference(ckpt, image, control, noise, strength, steps, guidance):
     """Per-step latents and the decoded image (B, H, W, 3) of diffusers' pipeline."""
     import diffusers
+    import torch
 
     diffusers.utils.logging.set_verbosity_error()
     ref = diffusers.FluxControlPipeline.from_pretrained(ckpt / "control-model")

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionModel
-from mlx_edit.tokenizers import ClipTokenizer
+from mlx_edit.text import ClipTokenizer
 from mlx_edit.weights.core import (
     WeightLoadError,
     default_dtype,

@@ -1,0 +1,162 @@
+"""SAM 2.1 image model against transformers' Sam2Model on the same weights and a real photo.
+
+Checkpoints come from scripts/sam_fixtures.py (`tiny`; `hiera-tiny` = the
+facebook/sam2.1-hiera-tiny config, marked slow), loaded by transformers with
+`Sam2Model.from_pretrained` and by us with `load_sam`. Both sides get the same normalised
+pixels of skimage's astronaut. Metric: max|ours - ref| / max|ref| in float32; image
+embeddings and high-res features <= 1e-4, IoU and object scores <= 1e-4, mask logits
+<= 1e-3 (the issue's tolerances).
+"""
+
+from __future__ import annotations
+
+import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from mlx_edit.weights.core import WeightLoadError
+from mlx_edit.weights.sam import load_sam
+from conftest import import_script
+
+pytestmark = pytest.mark.parity
+fx = import_script("sam_fixtures")
+
+EMB_TOL, MASK_TOL, SCORE_TOL = 1e-4, 1e-3, 1e-4
+
+
+def rel_err(ours, ref) -> float:
+    ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else ref
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+class Pair:
+    """The reference and our model for one fixture, plus the photo's pixels at input size."""
+
+    def __init__(self, folder):
+        from transformers import Sam2Model
+
+        self.folder = folder
+        self.ref = Sam2Model.from_pretrained(folder).eval()
+        self.ours = load_sam(folder)
+        size = self.ours.cfg.image_size
+        photo = Image.fromarray(data.astronaut()).resize((size, size), Image.BILINEAR)
+        x = (np.asarray(photo, np.float32) / 255 - fx.IMAGENET_MEAN) / fx.IMAGENET_STD
+        self.pixels = x.astype(np.float32)[None]  # (1, S, S, 3)
+        with torch.no_grad():
+            self.ref_emb = self.ref.get_image_embeddings(torch.from_numpy(self.pixels).permute(0, 3, 1, 2))
+        self.emb = self.ours.image_embeddings(mx.array(self.pixels))
+        mx.eval(self.emb.embedding, self.emb.high_res)
+
+    @property
+    def size(self) -> int:
+        return self.ours.cfg.image_size
+
+
+def _build(tmp_path_factory, preset) -> Pair:
+    folder = fx.build_sam(tmp_path_factory.mktemp(f"sam-{preset}") / preset, preset)
+    return Pair(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Pair:
+    return _build(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="module")
+def hiera_tiny(tmp_path_factory) -> Pair:
+    return _build(tmp_path_factory, "hiera-tiny")
+
+
+def prompts(size: int) -> dict[str, dict]:
+    """Prompt sets in input pixels (astronaut: face near (0.45, 0.25) of the frame)."""
+    s = size / 512  # coordinates written for the 512 px photo
+    pts = np.array([[[[230, 130], [300, 400]]]], np.float32) * s
+    box = np.array([[[150, 40, 340, 260]]], np.float32) * s
+    two_pts = np.array([[[[230, 130]], [[400, 300]]]], np.float32) * s
+    two_box = np.array([[[150, 40, 340, 260], [330, 180, 500, 510]]], np.float32) * s
+    return {
+        "points": dict(input_points=pts, input_labels=np.array([[[1, 0]]])),
+        "box": dict(input_boxes=box),
+        "point+box": dict(input_points=pts[:, :, :1], input_labels=np.array([[[1]]]),
+                          input_boxes=box),
+        "two objects": dict(input_points=two_pts, input_labels=np.array([[[1], [1]]]),
+                            input_boxes=two_box),
+        "none": {},
+    }
+
+
+def run_both(pair: Pair, prompt: dict, multimask: bool = True, masks=None):
+    """(ref outputs, ours (masks, iou, object logits)) for one prompt set."""
+    kw = {k: torch.from_numpy(np.asarray(v)) for k, v in prompt.items()}
+    with torch.no_grad():
+        ref = pair.ref(image_embeddings=pair.ref_emb, multimask_output=multimask,
+                       input_masks=None if masks is None else torch.from_numpy(masks), **kw)
+    ours = pair.ours.decode(
+        pair.emb,
+        points=None if "input_points" not in prompt else mx.array(prompt["input_points"]),
+        labels=None if "input_labels" not in prompt else mx.array(prompt["input_labels"]),
+        boxes=None if "input_boxes" not in prompt else mx.array(prompt["input_boxes"]),
+        masks=None if masks is None else mx.array(masks.transpose(0, 2, 3, 1)),
+        multimask=multimask,
+    )
+    mx.eval(ours)
+    return ref, ours
+
+
+def check_embeddings(pair: Pair) -> None:
+    ours = [*pair.emb.high_res, pair.emb.embedding]
+    for name, a, ref in zip(("feat_s0", "feat_s1", "embedding"), ours, pair.ref_emb):
+        assert a.shape == tuple(ref.permute(0, 2, 3, 1).shape), name
+        err = rel_err(np.array(a), ref.permute(0, 2, 3, 1))
+        assert err <= EMB_TOL, f"{name}: {err:.2e}"
+
+
+def check_decode(pair: Pair, name: str, multimask: bool = True, masks=None) -> None:
+    ref, (m, iou, obj) = run_both(pair, prompts(pair.size)[name], multimask, masks)
+    assert m.shape == tuple(ref.pred_masks.shape)
+    errs = (rel_err(m, ref.pred_masks), rel_err(iou, ref.iou_scores),
+            rel_err(obj, ref.object_score_logits))
+    assert errs[0] <= MASK_TOL and max(errs[1:]) <= SCORE_TOL, f"{name}: {errs}"
+
+
+def test_tiny_image_embeddings(tiny):
+    check_embeddings(tiny)
+
+
+@pytest.mark.parametrize("name", ["points", "box", "point+box", "two objects", "none"])
+def test_tiny_decode(tiny, name):
+    check_decode(tiny, name)
+
+
+def test_tiny_single_mask_and_mask_prompt(tiny):
+    check_decode(tiny, "points", multimask=False)
+    ref, _ = run_both(tiny, prompts(tiny.size)["box"], multimask=False)
+    low_res = ref.pred_masks[:, 0].numpy()  # (1, 1, 4h, 4w): the previous prediction
+    check_decode(tiny, "point+box", masks=low_res)
+
+
+def test_strict_loading_names_keys(tmp_path, tiny):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tiny.folder / "model.safetensors"))
+    tensors.pop("mask_decoder.iou_token.weight")
+    tensors["memory_encoder.x"] = np.zeros(1, np.float32)  # video keys are dropped
+    tensors["extra.weight"] = np.zeros(1, np.float32)
+    (tmp_path / "config.json").write_text((tiny.folder / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"1 missing: mask_decoder.iou_token.weight.*"
+                                              r"1 unexpected: extra.weight"):
+        load_sam(tmp_path)
+
+
+@pytest.mark.slow
+def test_hiera_tiny_parity(hiera_tiny):
+    check_embeddings(hiera_tiny)
+    for name in ("points", "box", "point+box", "two objects"):
+        check_decode(hiera_tiny, name)

@@ -160,3 +160,91 @@ def test_hiera_tiny_parity(hiera_tiny):
     check_embeddings(hiera_tiny)
     for name in ("points", "box", "point+box", "two objects"):
         check_decode(hiera_tiny, name)
+
+
+# ---------------------------------------------------------------- the predictor
+
+
+def reference_predict(pair: Pair, photo: np.ndarray, points=None, labels=None, boxes=None,
+                      multimask=True):
+    """transformers' Sam2Processor + Sam2Model + post_process_masks on `photo` (H, W, 3)
+    uint8 -> (masks (O, M, H, W) bool, upscaled logits, iou (O, M)). The module of
+    Sam2ImageProcessor imports torchvision (absent here), so its steps are replayed with
+    the torch ops it calls: torchvision's uint8 antialiased bilinear resize is
+    F.interpolate(antialias=True) on uint8, then rescale 1/255 and ImageNet
+    normalisation; post_process_masks is F.interpolate(bilinear, align_corners=False)
+    to the original size, then > 0. The coordinate scaling is Sam2Processor's own."""
+    import torch.nn.functional as F
+    from transformers.models.sam2.processing_sam2 import Sam2Processor
+
+    s, (h, w) = pair.size, photo.shape[:2]
+    img = F.interpolate(torch.from_numpy(photo).permute(2, 0, 1)[None], size=(s, s),
+                        mode="bilinear", antialias=True, align_corners=False)
+    mean, std = torch.tensor(fx.IMAGENET_MEAN), torch.tensor(fx.IMAGENET_STD)
+    pixels = ((img.float() / 255).permute(0, 2, 3, 1) - mean) / std
+    kw = {}
+    if points is not None:
+        pts = torch.tensor(points, dtype=torch.float32)
+        kw["input_points"] = Sam2Processor._normalize_coordinates(None, s, pts, (h, w))[None]
+        kw["input_labels"] = torch.tensor(labels)[None]
+    if boxes is not None:
+        b = torch.tensor(boxes, dtype=torch.float32)
+        kw["input_boxes"] = Sam2Processor._normalize_coordinates(None, s, b, (h, w),
+                                                                 is_bounding_box=True)[None]
+    with torch.no_grad():
+        out = pair.ref(pixel_values=pixels.permute(0, 3, 1, 2), multimask_output=multimask, **kw)
+    logits = F.interpolate(out.pred_masks[0], (h, w), mode="bilinear", align_corners=False)
+    return (logits > 0).numpy(), logits.numpy(), out.iou_scores[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny):
+    from mlx_edit.segment import Segmenter
+
+    seg = Segmenter.from_pretrained(tiny.folder)
+    seg.set_image(data.coffee())  # 400 x 600, not square: per-axis coordinate scaling
+    return seg
+
+
+@pytest.mark.parametrize("prompt", [
+    dict(points=[[(300, 200)]], labels=[[1]]),
+    dict(points=[[(300, 200), (100, 350)]], labels=[[1, 0]], boxes=[(150, 60, 480, 330)]),
+    dict(points=[[(300, 200)], [(520, 100)]], labels=[[1], [1]],
+         boxes=[(150, 60, 480, 330), (450, 20, 599, 200)]),
+], ids=["point", "points+box", "two objects"])
+def test_predictor_matches_processor_pipeline(tiny, segmenter, prompt):
+    from mlx_edit.segment import upscale_logits
+
+    photo = data.coffee()
+    ref_masks, ref_logits, ref_iou = reference_predict(tiny, photo, **prompt)
+    masks, scores = segmenter.predict(**prompt)
+    assert masks.shape == (ref_masks.shape[0] * ref_masks.shape[1], *photo.shape[:2])
+    assert masks.dtype == bool
+    logits, iou, _ = segmenter.predict_logits(**prompt)
+    assert rel_err(upscale_logits(logits, *photo.shape[:2]), ref_logits) <= MASK_TOL
+    assert rel_err(scores, ref_iou.reshape(-1)) <= SCORE_TOL
+    # pixels may only disagree where the logit is ~0 (|diff| ~1e-6 of the range)
+    assert (masks != ref_masks.reshape(masks.shape)).mean() <= 1e-4
+    assert 0 < ref_masks.mean() < 1  # the comparison covered both classes
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "no prompt"),
+    (dict(points=[(600, 10)]), "outside the 600x400 image"),
+    (dict(points=[(-1, 10)]), "outside"),
+    (dict(boxes=[(100, 100, 100, 200)]), "empty"),
+    (dict(boxes=[(700, 10, 800, 50)]), "outside"),
+    (dict(points=[(10, 10)], labels=[2]), "labels are 1"),
+    (dict(points=[(10, 10), (20, 20)], labels=[1]), "2 points but 1 labels"),
+])
+def test_predictor_bad_prompts(segmenter, kwargs, message):
+    from mlx_edit.imaging.images import InputError
+
+    with pytest.raises(InputError, match=message) as e:
+        segmenter.predict(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_best_mask_is_image_sized(segmenter):
+    mask = segmenter.best_mask(points=[(300, 200)])
+    assert mask.shape == (400, 600) and mask.dtype == bool

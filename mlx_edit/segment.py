@@ -71,6 +71,58 @@ def _objects(points, labels, boxes) -> tuple[list[list], list[list], list | None
     return points, labels, boxes
 
 
+def _check_point(x: float, y: float, image_size: tuple[int, int]) -> None:
+    h, w = image_size
+    if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
+        raise InputError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image; points are "
+                         "pixel (x, y) with 0 <= x < width, 0 <= y < height")
+
+
+def _check_box(box, image_size: tuple[int, int]) -> None:
+    if len(box) != 4:
+        raise InputError(f"a box is (x0, y0, x1, y1), got {tuple(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    h, w = image_size
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        raise InputError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1")
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise InputError(f"box {tuple(box)} lies outside the {w}x{h} image")
+
+
+def prompt_arrays(points, labels, boxes, image_size: tuple[int, int], input_size: int) -> dict:
+    """Validate prompts given in pixels of an image of `image_size` (height, width) and
+    scale them to the model's square input of side `input_size`:
+    {'points': (1, O, N, 2), 'labels': (1, O, N), 'boxes': (1, O, 4)} (present keys only).
+    Objects with fewer points are padded with label -10 (as Sam2Processor).
+    Raises InputError: no prompt, a point outside the image, an empty or outside box, a
+    label other than 0/1, mismatched counts."""
+    if _empty(points) and _empty(boxes):
+        raise InputError("no prompt: give at least one point or one box")
+    points, labels, boxes = _objects(points, labels, boxes)
+    h, w = image_size
+    scale = np.array([input_size / w, input_size / h], np.float32)
+    out = {}
+    if points is not None:
+        n = max(len(p) for p in points)
+        pts = np.zeros((1, len(points), n, 2), np.float32)
+        lab = np.full((1, len(points), n), PAD_LABEL, np.int32)
+        for o, (ps, ls) in enumerate(zip(points, labels)):
+            if len(ps) != len(ls):
+                raise InputError(f"{len(ps)} points but {len(ls)} labels for object {o}")
+            for i, ((x, y), lb) in enumerate(zip(ps, ls)):
+                _check_point(float(x), float(y), image_size)
+                if lb not in (0, 1):
+                    raise InputError(f"point labels are 1 (object) or 0 (background), got {lb}")
+                pts[0, o, i], lab[0, o, i] = (x, y), lb
+        out["points"] = pts * scale
+        out["labels"] = lab
+    if boxes is not None:
+        for box in boxes:
+            _check_box(box, image_size)
+        out["boxes"] = np.asarray(boxes, np.float32)[None] * np.tile(scale, 2)
+    return out
+
+
 class Segmenter:
     """SAM 2.1 image predictor on MLX (see module doc)."""
 
@@ -111,53 +163,11 @@ class Segmenter:
         self.embeddings = self.model.image_embeddings(mx.array(self.preprocess(img)))
         mx.eval(self.embeddings.embedding, self.embeddings.high_res)
 
-    def _check_point(self, x: float, y: float) -> None:
-        h, w = self.image_size
-        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
-            raise InputError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image; points are "
-                             "pixel (x, y) with 0 <= x < width, 0 <= y < height")
-
-    def _check_box(self, box) -> None:
-        if len(box) != 4:
-            raise InputError(f"a box is (x0, y0, x1, y1), got {tuple(box)}")
-        x0, y0, x1, y1 = (float(v) for v in box)
-        h, w = self.image_size
-        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
-            raise InputError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1")
-        if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-            raise InputError(f"box {tuple(box)} lies outside the {w}x{h} image")
-
     def prompt_arrays(self, points=None, labels=None, boxes=None) -> dict:
-        """Validate prompts in original-image pixels and scale them to the model input:
-        {'points': (1, O, N, 2), 'labels': (1, O, N), 'boxes': (1, O, 4)} (present keys only).
-        Objects with fewer points are padded with label -10. Raises InputError."""
+        """`prompt_arrays` for the set image; InputError when no image is set."""
         if self.embeddings is None:
             raise InputError("no image: call set_image(image) before predict()")
-        if _empty(points) and _empty(boxes):
-            raise InputError("no prompt: give at least one point or one box")
-        points, labels, boxes = _objects(points, labels, boxes)
-        h, w = self.image_size
-        scale = np.array([self.size / w, self.size / h], np.float32)
-        out = {}
-        if not _empty(points):
-            n = max(len(p) for p in points)
-            pts = np.zeros((1, len(points), n, 2), np.float32)
-            lab = np.full((1, len(points), n), PAD_LABEL, np.int32)
-            for o, (ps, ls) in enumerate(zip(points, labels)):
-                if len(ps) != len(ls):
-                    raise InputError(f"{len(ps)} points but {len(ls)} labels for object {o}")
-                for i, ((x, y), lb) in enumerate(zip(ps, ls)):
-                    self._check_point(float(x), float(y))
-                    if lb not in (0, 1):
-                        raise InputError(f"point labels are 1 (object) or 0 (background), got {lb}")
-                    pts[0, o, i], lab[0, o, i] = (x, y), lb
-            out["points"] = pts * scale
-            out["labels"] = lab
-        if not _empty(boxes):
-            for box in boxes:
-                self._check_box(box)
-            out["boxes"] = np.asarray(boxes, np.float32)[None] * np.tile(scale, 2)
-        return out
+        return prompt_arrays(points, labels, boxes, self.image_size, self.size)
 
     def predict_logits(self, points=None, labels=None, boxes=None, multimask: bool = True,
                        mask_input: np.ndarray | None = None):

@@ -248,3 +248,60 @@ def test_predictor_bad_prompts(segmenter, kwargs, message):
 def test_best_mask_is_image_sized(segmenter):
     mask = segmenter.best_mask(points=[(300, 200)])
     assert mask.shape == (400, 600) and mask.dtype == bool
+
+
+# ---------------------------------------------------------------- mlx-edit mask
+
+
+def _mask_cli(*args):
+    from click.testing import CliRunner
+
+    from mlx_edit.cli.main import main
+
+    return CliRunner().invoke(main, ["mask", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def test_mask_cli_writes_photo_sized_mask(tiny, segmenter, tmp_path):
+    photo = tmp_path / "coffee.jpg"
+    Image.fromarray(data.coffee()).save(photo)
+    out = tmp_path / "mask.png"
+    res = _mask_cli("--image", photo, "--point", "300,200", "--negative", "100,350",
+                    "--box", "150,60,480,330", "--model", tiny.folder, "--output", out)
+    assert res.exit_code == 0, res.output
+    written = np.asarray(Image.open(out))
+    assert written.shape == (400, 600) and set(np.unique(written)) <= {0, 255}
+    seg = segmenter  # coffee.jpg is lossy: compare with the Segmenter on the same file
+    seg.set_image(photo)
+    expected = seg.best_mask(points=[(300, 200), (100, 350)], labels=[1, 0],
+                             boxes=[(150, 60, 480, 330)])
+    seg.set_image(data.coffee())
+    assert np.array_equal(written == 255, expected)
+    again = _mask_cli("--image", photo, "--point", "300,200", "--model", tiny.folder,
+                      "--output", out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--point", "700,10"], "outside"),
+    (["--box", "10,10,10,50"], "empty"),
+    ([], "no prompt"),
+    (["--point", "1,2,3"], "expected 2"),
+    (["--point", "5,5", "--box", "1,1,9,9", "--box", "2,2,8,8"], "several --box"),
+])
+def test_mask_cli_bad_prompts_exit_2_and_write_nothing(tiny, tmp_path, args, message):
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    out = tmp_path / "mask.png"
+    res = _mask_cli("--image", photo, *args, "--model", tiny.folder, "--output", out)
+    assert res.exit_code == 2 and message in res.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["coffee.png"]
+
+
+def test_mask_cli_refuses_to_write_over_the_image(tiny, tmp_path):
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    before = photo.read_bytes()
+    res = _mask_cli("--image", photo, "--point", "300,200", "--model", tiny.folder,
+                    "--output", photo, "--overwrite")
+    assert res.exit_code == 2 and "input" in res.output
+    assert photo.read_bytes() == before

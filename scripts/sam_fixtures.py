@@ -8,9 +8,10 @@ OUT gets `config.json` + `model.safetensors` (transformers `save_pretrained` of 
 resize to the model's square input, ImageNet mean/std; written as JSON because
 transformers' SAM 2 image processor needs torchvision, which is not installed here).
 
-Presets: `tiny` (Hiera widths 16/32/64/128, seven blocks, 256 px input, FPN width 32) and
+Presets: `tiny` (Hiera widths 16/32/64/128, seven blocks, 256 px input, FPN width 32),
 `hiera-tiny` (the facebook/sam2.1-hiera-tiny config: transformers' `Sam2Config()`
-defaults, 1024 px). The tiny windows (8, 4, 6, 3) make stage 2 and 3 pad their windows
+defaults, 1024 px) and `hiera-small|base-plus|large` (the other released sizes, for
+benchmarks). The tiny windows (8, 4, 6, 3) make stage 2 and 3 pad their windows
 as the real 14/7 windows do on 64/32 grids. Weights: `torch.manual_seed(seed)`, the
 transformers constructor, torch's default layer inits, then seeded noise on every constant tensor (norm weights,
 zero biases, zero position embeddings) so a miswired one fails parity.
@@ -37,12 +38,33 @@ TINY_BACKBONE = dict(
 )
 
 
+def _hiera(width: int, heads: int, blocks: list, global_blocks: list, **extra) -> dict:
+    """The vision config of a released Hiera size (transformers convert_sam2_to_hf.py)."""
+    dims = [width * 2**i for i in range(4)]
+    backbone = dict(model_type="sam2_hiera_det_model", hidden_size=width,
+                    num_attention_heads=heads, embed_dim_per_stage=dims,
+                    num_attention_heads_per_stage=[heads * 2**i for i in range(4)],
+                    blocks_per_stage=blocks, global_attention_blocks=global_blocks, **extra)
+    return dict(vision_config=dict(backbone_config=backbone, backbone_channel_list=dims[::-1]))
+
+
+# The released SAM 2.1 image encoders; the prompt encoder and decoder are the same in all.
+PRESETS = {
+    "hiera-tiny": {},  # transformers' defaults are facebook/sam2.1-hiera-tiny
+    "hiera-small": _hiera(96, 1, [1, 2, 11, 2], [7, 10, 13]),
+    "hiera-base-plus": _hiera(112, 2, [2, 3, 16, 3], [12, 16, 20],
+                              window_positional_embedding_background_size=[14, 14]),
+    "hiera-large": _hiera(144, 2, [2, 6, 36, 4], [23, 33, 43],
+                          window_size_per_stage=[8, 4, 16, 8]),
+}
+
+
 def sam_config(preset: str = "tiny") -> dict:
     """Sam2Config kwargs (nested dicts) for `preset`."""
-    if preset == "hiera-tiny":
-        return {}  # transformers' defaults are facebook/sam2.1-hiera-tiny
+    if preset in PRESETS:
+        return PRESETS[preset]
     if preset != "tiny":
-        raise ValueError(f"unknown SAM fixture preset {preset!r} (tiny, hiera-tiny)")
+        raise ValueError(f"unknown SAM fixture preset {preset!r} (tiny, {', '.join(PRESETS)})")
     hidden = 32
     return dict(
         vision_config=dict(
@@ -115,7 +137,7 @@ def build_sam(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "hiera-tiny"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", *PRESETS])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(build_sam(args.out, args.preset, args.seed))

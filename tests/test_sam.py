@@ -305,3 +305,62 @@ def test_mask_cli_refuses_to_write_over_the_image(tiny, tmp_path):
                     "--output", photo, "--overwrite")
     assert res.exit_code == 2 and "input" in res.output
     assert photo.read_bytes() == before
+
+
+# ---------------------------------------------------------------- automatic masks
+
+
+def test_box_nms_and_stability_helpers():
+    from mlx_edit.automask import box_nms, mask_boxes, point_grid, stability_scores
+
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 9, 10]])
+    keep = box_nms(boxes, np.array([0.5, 0.9, 0.7, 0.4]), 0.7)
+    assert keep.tolist() == [1, 2]  # 0 and 3 overlap 1 by IoU 0.81 / 0.72
+    assert box_nms(boxes, np.array([0.5, 0.9, 0.7, 0.4]), 0.85).tolist() == [1, 2, 0]  # 3~0: 0.9
+    assert box_nms(boxes, np.array([0.5, 0.9, 0.7, 0.4]), 0.95).tolist() == [1, 2, 0, 3]
+    m = np.zeros((2, 5, 6), bool)
+    m[0, 1:3, 2:5] = True
+    assert mask_boxes(m).tolist() == [[2, 1, 4, 2], [0, 0, 0, 0]]
+    logits = np.array([[[3.0, 0.5], [-0.5, -3.0]]])
+    assert stability_scores(logits, 0.0, 1.0).tolist() == [1 / 3]
+    assert point_grid(2, 100, 200).tolist() == [[50, 25], [150, 25], [50, 75], [150, 75]]
+
+
+def test_generate_masks_filters_sorts_and_matches_single_clicks(segmenter):
+    from mlx_edit.automask import box_nms, generate_masks
+
+    found = generate_masks(segmenter, points_per_side=4, points_per_batch=5,
+                           pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
+    assert found and [m.area for m in found] == sorted((m.area for m in found), reverse=True)
+    boxes = np.array([m.bbox for m in found])
+    assert len(box_nms(boxes, np.array([m.predicted_iou for m in found]), 0.7)) == len(found)
+    for m in found[:3]:
+        ys, xs = np.nonzero(m.mask)
+        assert m.bbox == (xs.min(), ys.min(), xs.max(), ys.max()) and m.area == len(xs)
+        masks, scores = segmenter.predict(points=[m.point], labels=[1], multimask=True)
+        assert any(np.array_equal(m.mask, k) for k in masks)
+        assert np.isclose(scores, m.predicted_iou).any()
+    strict = generate_masks(segmenter, points_per_side=4, pred_iou_thresh=1.0)
+    assert strict == []  # sigmoid IoU predictions never reach 1
+
+
+def test_mask_cli_all_writes_numbered_masks_and_index(tiny, tmp_path, monkeypatch):
+    import json
+
+    import mlx_edit.automask as automask
+
+    real = automask.generate_masks
+    # random weights predict IoU ~0.5: keep every candidate so files are written
+    monkeypatch.setattr(automask, "generate_masks", lambda seg, points_per_side: real(
+        seg, points_per_side=points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0))
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    out = tmp_path / "masks.png"
+    res = _mask_cli("--image", photo, "--all", "--points-per-side", "3", "--model", tiny.folder,
+                    "--output", out)
+    assert res.exit_code == 0, res.output
+    index = json.loads((tmp_path / "masks.json").read_text())
+    assert index["masks"] and [e["file"] for e in index["masks"]] == [
+        f"masks-{i}.png" for i in range(len(index["masks"]))]
+    first = np.asarray(Image.open(tmp_path / "masks-0.png"))
+    assert first.shape == (400, 600) and (first == 255).sum() == index["masks"][0]["area"]

@@ -217,3 +217,25 @@ def _empty(x) -> bool:
 
 def _mx(a: np.ndarray | None):
     return None if a is None else mx.array(a)
+
+
+DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"
+
+
+def mask_from_prompts(image, points=None, labels=None, boxes=None,
+                      model: str | Path = DEFAULT_SEGMENTER) -> np.ndarray:
+    """One-shot click/box -> (H, W) bool mask of `image` (path, PIL or uint8 array), as
+    `Segmenter.best_mask`; for an edit that segments first and then denoises.
+
+    The prompts are checked before the model is loaded, and the model is released (and
+    MLX's cache cleared) before returning, so nothing of SAM stays resident.
+    Raises InputError (bad image or prompt) before any load, WeightLoadError (model)."""
+    img = load_image(image)
+    prompt_arrays(points, labels, boxes, (img.height, img.width), 1024)
+    seg = Segmenter.from_pretrained(model)
+    try:
+        seg.set_image(img)
+        return seg.best_mask(points, labels, boxes)
+    finally:
+        del seg
+        mx.clear_cache()

@@ -364,3 +364,18 @@ def test_mask_cli_all_writes_numbered_masks_and_index(tiny, tmp_path, monkeypatc
         f"masks-{i}.png" for i in range(len(index["masks"]))]
     first = np.asarray(Image.open(tmp_path / "masks-0.png"))
     assert first.shape == (400, 600) and (first == 255).sum() == index["masks"][0]["area"]
+
+
+@pytest.mark.slow
+def test_bench_segment_runs(repo_root):
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "bench_segment.py"),
+                           "--presets", "tiny", "--reps", "1"], cwd=repo_root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"segment ratios mlx/transformers: tiny embed [\d.]+ decode [\d.]+",
+                        last), last

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"
+DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"  # = mlx_edit.segment.DEFAULT_SEGMENTER
 
 
 def _coords(n: int):
@@ -64,7 +64,7 @@ def mask_command(image, points, negatives, boxes, model, output, all_masks, poin
     """Segment an object of IMAGE from clicks and boxes and write its mask as a PNG."""
     from PIL import Image
 
-    from mlx_edit.imaging.images import InputError, load_image, save_png
+    from mlx_edit.imaging.images import InputError, save_png
     from mlx_edit.weights.core import WeightLoadError
 
     if output.suffix.lower() != ".png":
@@ -78,24 +78,17 @@ def mask_command(image, points, negatives, boxes, model, output, all_masks, poin
     if clicks and len(boxes) > 1:
         raise click.UsageError("points with several --box: give one box per object without "
                                "points, or one box with the points")
-    prompt = dict(points=clicks or None, labels=labels or None, boxes=list(boxes) or None)
     if output.resolve() == image.resolve():
         raise click.UsageError(f"refusing to write {output}: it is the input image")
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
-    try:  # everything the user gave is checked before the (slow) model load
-        photo = load_image(image)
-        from mlx_edit.segment import Segmenter, prompt_arrays
+    from mlx_edit.segment import mask_from_prompts
 
-        prompt_arrays(**prompt, image_size=(photo.height, photo.width), input_size=1024)
-    except InputError as e:
-        raise click.UsageError(str(e)) from None
-    try:
-        seg = Segmenter.from_pretrained(model)
-    except WeightLoadError as e:
+    try:  # the image and prompts are checked before the (slow) model load
+        mask = mask_from_prompts(image, clicks or None, labels or None, list(boxes) or None,
+                                 model=model)
+    except (InputError, WeightLoadError) as e:
         raise click.UsageError(" ".join(str(e).split())) from None
-    seg.set_image(photo)
-    mask = seg.best_mask(**prompt)
     try:
         save_png(Image.fromarray(mask.astype("uint8") * 255, "L"), output,
                  overwrite=overwrite, protect=[image])

@@ -175,8 +175,14 @@ class Segmenter:
 
         mask_input: (4h, 4w) low-res logits of an earlier prediction (a dense prompt)."""
         arrays = self.prompt_arrays(points, labels, boxes)
-        masks = None if mask_input is None else mx.array(
-            np.asarray(mask_input, np.float32)[None, :, :, None])
+        masks = None
+        if mask_input is not None:
+            side = 4 * self.model.cfg.prompt_encoder.embedding_size
+            mask_input = np.asarray(mask_input, np.float32)
+            if mask_input.shape != (side, side):
+                raise InputError(f"mask_input must be low-res logits of shape ({side}, {side}) "
+                                 f"(from predict_logits), got {mask_input.shape}")
+            masks = mx.array(mask_input[None, :, :, None])
         m, iou, obj = self.model.decode(
             self.embeddings, points=_mx(arrays.get("points")), labels=_mx(arrays.get("labels")),
             boxes=_mx(arrays.get("boxes")), masks=masks, multimask=multimask)

@@ -379,3 +379,18 @@ def test_bench_segment_runs(repo_root):
     last = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"segment ratios mlx/transformers: tiny embed [\d.]+ decode [\d.]+",
                         last), last
+
+
+def test_video_checkpoint_loads_its_image_model(tmp_path):
+    """The released facebook/sam2.1-* folders also hold the video-memory modules
+    (Sam2VideoModel); they are dropped by name and the rest loads strictly and equal."""
+    from transformers import Sam2VideoConfig, Sam2VideoModel
+
+    torch.manual_seed(0)
+    video = Sam2VideoModel(Sam2VideoConfig(**fx.sam_config("tiny"))).eval()
+    video.save_pretrained(tmp_path)
+    ours = load_sam(tmp_path)
+    ref = video.state_dict()
+    w = ours.mask_decoder.transformer.layers[1].cross_attn_image_to_token.k_proj.weight
+    assert np.array_equal(np.array(w), ref["mask_decoder.transformer.layers.1."
+                                           "cross_attn_image_to_token.k_proj.weight"].numpy())

@@ -236,6 +236,7 @@ def test_predictor_matches_processor_pipeline(tiny, segmenter, prompt):
     (dict(boxes=[(700, 10, 800, 50)]), "outside"),
     (dict(points=[(10, 10)], labels=[2]), "labels are 1"),
     (dict(points=[(10, 10), (20, 20)], labels=[1]), "2 points but 1 labels"),
+    (dict(points=[(10, 10)], mask_input=np.zeros((3, 3))), "mask_input must be"),
 ])
 def test_predictor_bad_prompts(segmenter, kwargs, message):
     from mlx_edit.imaging.images import InputError

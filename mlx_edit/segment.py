@@ -52,6 +52,32 @@ def upscale_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     return ry @ logits.astype(np.float32) @ rx.T
 
 
+def remove_holes_and_sprinkles(logits: np.ndarray, max_hole_area: float = 0.0,
+                               max_sprinkle_area: float = 0.0) -> np.ndarray:
+    """SAM 2's optional mask clean-up on low-res logits (..., h, w) (facebookresearch/sam2
+    `utils/transforms.py` postprocess_masks): background components (logit <= 0, 8-connected)
+    of at most `max_hole_area` low-res pixels become foreground (logit 10), foreground
+    components of at most `max_sprinkle_area` become background (-10). Both are found on
+    the input logits. Needs SciPy (`pip install scipy`; the `segment` extra)."""
+    if max_hole_area <= 0 and max_sprinkle_area <= 0:
+        return logits
+    from scipy import ndimage
+
+    out = np.array(logits, np.float32, copy=True)
+    flat_in, flat_out = logits.reshape(-1, *logits.shape[-2:]), out.reshape(-1, *out.shape[-2:])
+    eight = np.ones((3, 3), bool)
+    for src, dst in zip(flat_in, flat_out):
+        for region, limit, value in ((src <= 0, max_hole_area, 10.0),
+                                     (src > 0, max_sprinkle_area, -10.0)):
+            if limit <= 0:
+                continue
+            labels, n = ndimage.label(region, structure=eight)
+            areas = np.bincount(labels.ravel(), minlength=n + 1)
+            small = (areas <= limit) & (np.arange(n + 1) > 0)
+            dst[small[labels]] = value
+    return out
+
+
 def _objects(points, labels, boxes) -> tuple[list[list], list[list], list | None]:
     """Normalise prompts to per-object lists: points [[(x, y), ...], ...], labels, boxes."""
     points = None if _empty(points) else points
@@ -190,19 +216,22 @@ class Segmenter:
 
     def predict(self, points: Sequence | None = None, labels: Sequence | None = None,
                 boxes: Sequence | None = None, multimask: bool = True,
-                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                mask_input: np.ndarray | None = None, max_hole_area: float = 0.0,
+                max_sprinkle_area: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Masks for the prompts, at the set image's own size.
 
         points: [(x, y), ...] pixels of the original image for one object, or a list of
           such lists (one per object); labels: matching 1 (object) / 0 (background),
           default all 1. boxes: [(x0, y0, x1, y1), ...], one object each (with one point
           list, or one point list per box). multimask: three candidate masks per object
-          (SAM's advice for a single click) instead of one.
+          (SAM's advice for a single click) instead of one. max_hole_area /
+          max_sprinkle_area: `remove_holes_and_sprinkles` (low-res pixels; 0 = off).
         Returns: masks (N, H, W) bool and IoU scores (N,) float32, N = objects x (3 or 1),
           object-major. Raises InputError: no image set, no prompt, a point outside the
           image, an empty box, mismatched labels.
         """
         logits, iou, _ = self.predict_logits(points, labels, boxes, multimask, mask_input)
+        logits = remove_holes_and_sprinkles(logits, max_hole_area, max_sprinkle_area)
         h, w = self.image_size
         full = upscale_logits(logits, h, w)
         return (full > 0.0).reshape(-1, h, w), iou.reshape(-1)

@@ -395,3 +395,22 @@ def test_video_checkpoint_loads_its_image_model(tmp_path):
     w = ours.mask_decoder.transformer.layers[1].cross_attn_image_to_token.k_proj.weight
     assert np.array_equal(np.array(w), ref["mask_decoder.transformer.layers.1."
                                            "cross_attn_image_to_token.k_proj.weight"].numpy())
+
+
+def test_remove_holes_and_sprinkles():
+    from mlx_edit.segment import remove_holes_and_sprinkles
+
+    logits = np.full((1, 12, 12), -5.0, np.float32)
+    logits[0, 2:10, 2:10] = 5.0
+    logits[0, 5, 5] = -1.0  # a 1-pixel hole
+    logits[0, 0, 11] = 2.0  # a 1-pixel sprinkle
+    logits[0, 11, 0:3] = 2.0  # a 3-pixel strip: kept at max area 2
+    out = remove_holes_and_sprinkles(logits, max_hole_area=1, max_sprinkle_area=2)
+    assert out[0, 5, 5] == 10.0 and out[0, 0, 11] == -10.0 and (out[0, 11, 0:3] == 2.0).all()
+    changed = out != logits
+    assert changed.sum() == 2
+    assert remove_holes_and_sprinkles(logits) is logits
+    # 8-connectivity: a diagonal pair is one component of area 2
+    diag = np.full((1, 6, 6), -5.0, np.float32)
+    diag[0, 1, 1] = diag[0, 2, 2] = 1.0
+    assert (remove_holes_and_sprinkles(diag, max_sprinkle_area=1) == diag).all()

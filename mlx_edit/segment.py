@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -274,3 +275,42 @@ def mask_from_prompts(image, points=None, labels=None, boxes=None,
     finally:
         del seg
         mx.clear_cache()
+
+
+@dataclass(frozen=True)
+class Points:
+    """A click prompt for an edit's mask: pixels (x, y) of the photo, labels 1 (on the
+    object, the default) or 0 (not on it)."""
+
+    xy: tuple
+    labels: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box prompt for an edit's mask: (x0, y0, x1, y1) pixels of the photo."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+def prompts_from_specs(specs) -> dict:
+    """`Points` and `Box` specs (one, or a list) -> the `points/labels/boxes` keywords of
+    `Segmenter.best_mask`: all points with at most one box are one object; several boxes
+    without points are one object each. Raises InputError for anything else."""
+    specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    points, labels, boxes = [], [], []
+    for spec in specs:
+        if isinstance(spec, Points):
+            points += [tuple(p) for p in spec.xy]
+            labels += list(spec.labels) if spec.labels is not None else [1] * len(spec.xy)
+        elif isinstance(spec, Box):
+            boxes.append((spec.x0, spec.y0, spec.x1, spec.y1))
+        else:
+            raise InputError(f"a mask prompt is Points(...) or Box(...), got {type(spec).__name__}")
+    if points and len(boxes) > 1:
+        raise InputError("Points with several Box prompts: give one Box per object without "
+                         "Points, or one Box with the Points")
+    return dict(points=points or None, labels=labels or None, boxes=boxes or None)

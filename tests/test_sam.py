@@ -15,7 +15,6 @@ import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
@@ -24,6 +23,7 @@ from mlx_edit.weights.sam import load_sam
 from conftest import import_script
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the reference and the fixtures need the parity extra
 fx = import_script("sam_fixtures")
 
 EMB_TOL, MASK_TOL, SCORE_TOL = 1e-4, 1e-3, 1e-4
@@ -414,3 +414,20 @@ def test_remove_holes_and_sprinkles():
     diag = np.full((1, 6, 6), -5.0, np.float32)
     diag[0, 1, 1] = diag[0, 2, 2] = 1.0
     assert (remove_holes_and_sprinkles(diag, max_sprinkle_area=1) == diag).all()
+
+
+def test_point_and_box_specs_give_the_predictor_mask(segmenter):
+    from mlx_edit.imaging.images import InputError
+    from mlx_edit.segment import Box, Points, prompts_from_specs
+
+    kw = prompts_from_specs([Points([(300, 200), (100, 350)], labels=[1, 0]),
+                             Box(150, 60, 480, 330)])
+    assert kw == dict(points=[(300, 200), (100, 350)], labels=[1, 0],
+                      boxes=[(150, 60, 480, 330)])
+    assert np.array_equal(segmenter.best_mask(**kw), segmenter.best_mask(
+        points=[(300, 200), (100, 350)], labels=[1, 0], boxes=[(150, 60, 480, 330)]))
+    assert prompts_from_specs(Points([(1, 2)])) == dict(points=[(1, 2)], labels=[1], boxes=None)
+    with pytest.raises(InputError, match="several Box"):
+        prompts_from_specs([Points([(1, 2)]), Box(0, 0, 5, 5), Box(1, 1, 4, 4)])
+    with pytest.raises(InputError, match="Points"):
+        prompts_from_specs("300,200")

@@ -11,6 +11,10 @@ the model's square input with an antialiased bilinear filter (Pillow's BILINEAR 
 torchvision's uint8 antialiased resize), scaled to [0, 1] and ImageNet-normalised; prompt
 coordinates are scaled by input/original size per axis; low-resolution mask logits are
 resized bilinearly (align_corners=False) to the original size and thresholded at 0.
+
+For edits: `mask_from_prompts(image, points, labels, boxes, model)` loads, segments and
+frees in one call (prompts checked before the load); `Points(...)` / `Box(...)` specs
+become its keywords through `prompts_from_specs`. Automatic masks: mlx_edit.automask.
 """
 
 from __future__ import annotations

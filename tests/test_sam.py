@@ -431,3 +431,30 @@ def test_point_and_box_specs_give_the_predictor_mask(segmenter):
         prompts_from_specs([Points([(1, 2)]), Box(0, 0, 5, 5), Box(1, 1, 4, 4)])
     with pytest.raises(InputError, match="Points"):
         prompts_from_specs("300,200")
+
+
+@pytest.mark.parametrize("preset", ["hiera-small", "hiera-base-plus", "hiera-large"])
+def test_released_sizes_map_strictly(preset):
+    """Every key and shape of transformers' Sam2Model for the released configs (built on
+    the meta device: shapes only) is produced by our model and key map, and back."""
+    from dataclasses import asdict
+
+    from mlx.utils import tree_flatten
+    from transformers import Sam2Config, Sam2Model
+
+    from mlx_edit.models.sam import SamConfig, SamModel
+    from mlx_edit.weights.core import checked_plan
+    from mlx_edit.weights.sam import SAM_RULES
+
+    config = Sam2Config(**fx.sam_config(preset))
+    with torch.device("meta"):
+        ref = Sam2Model(config)
+    tensors = {k: v for k, v in ref.state_dict().items()}
+    ours = SamModel(SamConfig.from_dict(config.to_dict()))
+    plan = checked_plan(dict(tree_flatten(ours.parameters())), tensors, SAM_RULES, preset)
+    assert len(plan) == len(tensors)
+    backbone = config.vision_config.backbone_config
+    ours_backbone = asdict(ours.cfg.vision.backbone)
+    for name in ("global_attention_blocks", "window_size_per_stage", "blocks_per_stage",
+                 "window_positional_embedding_background_size"):
+        assert list(ours_backbone[name]) == list(getattr(backbone, name)), name

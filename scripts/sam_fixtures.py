@@ -9,6 +9,8 @@ resize to the model's square input, ImageNet mean/std; written as JSON because
 transformers' SAM 2 image processor needs torchvision, which is not installed here).
 
 Presets: `tiny` (Hiera widths 16/32/64/128, seven blocks, 256 px input, FPN width 32),
+`tiny-b` (the same widths in base-plus/large's layout: 2 blocks and heads in stage 0,
+14 x 14 background position embedding),
 `hiera-tiny` (the facebook/sam2.1-hiera-tiny config: transformers' `Sam2Config()`
 defaults, 1024 px) and `hiera-small|base-plus|large` (the other released sizes, for
 benchmarks). The tiny windows (8, 4, 6, 3) make stage 2 and 3 pad their windows
@@ -59,12 +61,23 @@ PRESETS = {
 }
 
 
+# `tiny` in the layout of base-plus/large: two blocks and two heads in stage 0, a 14 x 14
+# background position embedding, default FPN levels.
+TINY_B_BACKBONE = dict(TINY_BACKBONE, num_attention_heads=2, blocks_per_stage=[2, 2, 3, 2],
+                       num_attention_heads_per_stage=[2, 2, 4, 4], window_size_per_stage=[8, 4, 6, 4],
+                       global_attention_blocks=[5], window_positional_embedding_background_size=[14, 14])
+
+
 def sam_config(preset: str = "tiny") -> dict:
     """Sam2Config kwargs (nested dicts) for `preset`."""
     if preset in PRESETS:
         return PRESETS[preset]
+    if preset == "tiny-b":
+        cfg = sam_config("tiny")
+        cfg["vision_config"]["backbone_config"] = dict(TINY_B_BACKBONE)
+        return cfg
     if preset != "tiny":
-        raise ValueError(f"unknown SAM fixture preset {preset!r} (tiny, {', '.join(PRESETS)})")
+        raise ValueError(f"unknown SAM fixture preset {preset!r} (tiny, tiny-b, {', '.join(PRESETS)})")
     hidden = 32
     return dict(
         vision_config=dict(
@@ -137,7 +150,7 @@ def build_sam(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--preset", default="tiny", choices=["tiny", *PRESETS])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "tiny-b", *PRESETS])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(build_sam(args.out, args.preset, args.seed))

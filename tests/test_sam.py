@@ -155,6 +155,14 @@ def test_strict_loading_names_keys(tmp_path, tiny):
         load_sam(tmp_path)
 
 
+def test_tiny_b_layout_parity(tmp_path_factory):
+    """base-plus/large specifics (stage-0 heads and depth, 14 x 14 background embedding)."""
+    pair = _build(tmp_path_factory, "tiny-b")
+    check_embeddings(pair)
+    for name in ("point+box", "two objects"):
+        check_decode(pair, name)
+
+
 @pytest.mark.slow
 def test_hiera_tiny_parity(hiera_tiny):
     check_embeddings(hiera_tiny)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging import masks
-from mlx_edit.imaging.images import InputError, load_image, load_mask
+from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
@@ -61,7 +61,8 @@ class FluxKontext(FluxPipeline):
         size floored to 16 px), negative_prompt / true_cfg_scale (true classifier-free
         guidance when the scale is above 1: two transformer passes per step), strength,
         grow_mask / feather (px), seed, num_images, ...
-        mask: white = edit (path, PIL or array of the first image's size): Kontext
+        mask: white = edit (path, PIL or array of the first image's size; or clicks/boxes,
+        `mlx_edit.segment.Points` / `Box`, segmented first with SAM 2.1): Kontext
         inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
         `strength` and, after every step, outside the mask are the image's re-noised;
         the pixels outside the grown, feathered mask are then the (resized, or with
@@ -82,7 +83,8 @@ class FluxKontext(FluxPipeline):
         if mask is None:
             model_mask = blend = np.ones(first.size[::-1], np.float32)
         else:
-            model_mask, blend = masks.edit_masks(load_mask(mask, first.size), o.grow_mask,
+            model_mask, blend = masks.edit_masks(self.user_mask(first, mask, o.segment_model),
+                                                 o.grow_mask,
                                                  o.feather)
         # The whole image, resized to the Kontext size; mapped back at the original size
         # (keep_size) or onto the image resized like the edit.

@@ -162,6 +162,9 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "keep_best": (("inpaint",), "With --rank: keep only the best K candidates."),
     "rank_model": (("inpaint",), "Ranking CLIP (a CLIPModel folder or repo; default: the "
                                  "model folder's ranker/, else openai/clip-vit-large-patch14)."),
+    "segment_model": (("inpaint", "edit"), "SAM 2.1 checkpoint for --mask-point/--mask-box "
+                                           "(default: the model folder's segmenter/, else "
+                                           "facebook/sam2.1-hiera-large)."),
     "negative_prompt": (("edit",), "Negative prompt for true CFG (with --true-cfg > 1)."),
     "true_cfg_scale": (("edit",), f"True classifier-free guidance scale (1..{MAX_CFG:g}; "
                                   "1 = off; > 1 doubles the work per step)."),
@@ -213,6 +216,7 @@ class EditOptions:
     rank: str | None = None
     keep_best: int | None = None
     rank_model: str | None = None
+    segment_model: str | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
     width: int | None = None
@@ -271,6 +275,7 @@ class EditOptions:
         if self.keep_best is not None and self.rank is None:
             raise InputError("keep_best needs rank clip")
         set_("rank_model", _optional(_text, "rank_model", self.rank_model))
+        set_("segment_model", _optional(_text, "segment_model", self.segment_model))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], mode: str | None = None) -> EditOptions:

@@ -219,6 +219,26 @@ class FluxPipeline:
             raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
                              f"{self.source} is {self.variant_info.title}")
 
+    def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
+                  ) -> np.ndarray:
+        """The edit mask (H, W) float32 in [0, 1] of `image`: `mask` as a path, PIL or array
+        (resized with a warning when its size differs), or `segment.Points` / `segment.Box`
+        prompts (one or a list), segmented first with SAM 2.1 (`segment_model`, default the
+        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large) and
+        freed before anything else loads. Raises InputError (bad mask or prompt) and
+        WeightLoadError (segmenter)."""
+        from mlx_edit.segment import Box, Points
+
+        prompts = mask if isinstance(mask, (list, tuple)) else [mask]
+        if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
+            return load_mask(mask, image.size)
+        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_from_prompts, prompts_from_specs
+
+        own = self.root / "segmenter"
+        model = segment_model or (own if own.is_dir() else DEFAULT_SEGMENTER)
+        return mask_from_prompts(image, **prompts_from_specs(prompts), model=model
+                                 ).astype(np.float32)
+
     # ------------------------------------------------------------------ text
 
     def encode_prompt(
@@ -519,7 +539,8 @@ class FluxFill(FluxPipeline):
 
         image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
-        differs. options: EditOptions, or its fields as keywords (steps, guidance, seed,
+        differs; or clicks/boxes (`mlx_edit.segment.Points` / `Box`, segmented first with
+        SAM 2.1: `user_mask`). options: EditOptions, or its fields as keywords (steps, guidance, seed,
         num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
         automatic: edit a ~1 MP window around the mask when the image is large),
         prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
@@ -542,7 +563,7 @@ class FluxFill(FluxPipeline):
         check_prompt(prompt)
         self._require("inpaint")
         image = load_image(image)
-        user_mask = load_mask(mask, image.size)
+        user_mask = self.user_mask(image, mask, o.segment_model)
         model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
         if o.soft_mask:  # everything the soft mask touches is pasted back
             blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,

@@ -466,3 +466,47 @@ def test_released_sizes_map_strictly(preset):
     for name in ("global_attention_blocks", "window_size_per_stage", "blocks_per_stage",
                  "window_positional_embedding_background_size"):
         assert list(ours_backbone[name]) == list(getattr(backbone, name)), name
+
+
+def test_inpaint_from_clicks(tiny, tmp_path, tiny_mlx):
+    """`inpaint --mask-point/--mask-box` on a fixture folder carrying its `segmenter/`:
+    SAM segments first, then only pixels inside the grown, feathered mask change; the
+    same through the API (Points/Box); bad clicks are one line, exit 2."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mlx_edit.cli.main import main
+    from mlx_edit.imaging.masks import blend_mask
+    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.segment import Box, Points, Segmenter
+
+    root = tmp_path / "model"
+    shutil.copytree(tiny_mlx, root, symlinks=True)
+    shutil.copytree(tiny.folder, root / "segmenter")
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).resize((200, 150)).save(photo)
+    seg = Segmenter.from_pretrained(root / "segmenter")
+    seg.set_image(Image.open(photo))
+    want = seg.best_mask([(100, 75)], [1], None).astype(np.float32)
+    out = tmp_path / "out.png"
+    r = CliRunner().invoke(main, [str(a) for a in (
+        "inpaint", "--model", root, "--image", photo, "--mask-point", "100,75", "--prompt",
+        "a cup", "--steps", "1", "--seed", "1", "--feather", "4",
+        "--max-sequence-length", "16", "-o", out)])
+    assert r.exit_code == 0, r.output
+    keep = blend_mask(want, 0, 4) == 0
+    got, src = np.asarray(Image.open(out).convert("RGB")), np.asarray(Image.open(photo))
+    assert keep.any() and np.array_equal(got[keep], src[keep])
+    pipe = FluxFill.from_pretrained(root)
+    api = pipe.inpaint(photo, [Points(((100, 75),)), Box(60, 40, 150, 120)], "a cup",
+                       steps=1, seed=1, max_sequence_length=16)[0]
+    assert api.size == (200, 150)
+    for bad, message in ((["--mask-point", "500,10"], "outside"),
+                         (["--mask-box", "10,10,10,50"], "box"),
+                         ([], "--mask")):
+        r = CliRunner().invoke(main, [str(a) for a in (
+            "inpaint", "--model", root, "--image", photo, "--prompt", "x",
+            "-o", tmp_path / "bad.png", *bad)])
+        assert r.exit_code == 2 and message in r.output, (bad, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "bad.png").exists()

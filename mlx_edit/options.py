@@ -20,15 +20,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_edit import variants
+from mlx_edit.imaging.blend import BLEND_METHODS, COLOR_MATCH_METHODS
 from mlx_edit.imaging.images import InputError
 
-DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
-DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
-CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0, "none": 30.0}  # BFL cli_control.py
+DEFAULT_STEPS = variants.VARIANTS["fill"].steps  # diffusers FluxFillPipeline, BFL cli_fill
+DEFAULT_GUIDANCE = variants.VARIANTS["fill"].guidance  # Fill is distilled for high guidance
+CONTROL_GUIDANCE = {**variants.CONTROL_GUIDANCE, "none": 30.0}  # BFL cli_control.py
 RESTYLE_CONTROL_TYPES = tuple(CONTROL_GUIDANCE)  # the BFL Canny/Depth models' inputs
 DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
 OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
 BFL_CANNY = (50.0, 200.0)  # BFL cli_control.py's Canny thresholds (0-255 scale)
+MAX_CFG = 100.0  # true_cfg_scale bound
+MAX_SIZE = 8192  # Kontext output width/height bound (px)
 CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")  # ControlNet preprocessing
 DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds for ControlNets
 MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED (every seed of a batch: seed + i)
@@ -38,7 +42,7 @@ MAX_GUIDANCE = 100.0
 MAX_MASK_PX = 1024  # grow/feather radius bound: the disc dilation costs O(px) per pixel
 MAX_EXPAND = 16384  # px added on one side by outpaint
 MAX_TEXT_TOKENS = 512  # T5's longest sequence in FLUX
-MODES = ("inpaint", "outpaint", "restyle")
+MODES = ("inpaint", "outpaint", "restyle", "edit")
 
 
 def _int(name: str, v: Any, lo: int, hi: int) -> int:
@@ -118,17 +122,19 @@ def _spec_from_dict(name: str, d: Mapping, kind: str):
 
 # field -> (the modes that take it, help text). Defaults live on the dataclass below.
 FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "steps": (MODES, f"Denoising steps (1..{MAX_STEPS})."),
-    "guidance": (MODES, "Guidance (0..100; default 30, 10 for restyle --control-type depth)."),
+    "steps": (MODES, f"Denoising steps (1..{MAX_STEPS}; default 50, 28 for edit)."),
+    "guidance": (MODES, "Guidance (0..100; default 30, 10 for restyle --control-type depth, "
+                        "2.5 for edit)."),
     "seed": (MODES, f"Random seed 0..{MAX_SEED} (image i uses seed + i)."),
     "num_images": (MODES, f"Images generated as one batch (1..{MAX_IMAGES})."),
     "crop_to_mask": (MODES, "Edit a ~1 MP window around the mask of a large photo and stitch "
                             "it back (default: automatic)."),
     "prompt_2": (MODES, "T5 prompt (default: the prompt)."),
     "max_sequence_length": (MODES, f"T5 tokens (1..{MAX_TEXT_TOKENS})."),
-    "strength": (("inpaint", "restyle"), "< 1 starts from the photo (img2img style), (0, 1]."),
-    "grow_mask": (("inpaint", "restyle"), f"Dilate the mask (px, 0..{MAX_MASK_PX})."),
-    "feather": (("inpaint", "restyle"), f"Soft blend width (px, 0..{MAX_MASK_PX})."),
+    "strength": (("inpaint", "restyle", "edit"),
+                 "< 1 starts from the photo (img2img style), (0, 1]."),
+    "grow_mask": (("inpaint", "restyle", "edit"), f"Dilate the mask (px, 0..{MAX_MASK_PX})."),
+    "feather": (("inpaint", "restyle", "edit"), f"Soft blend width (px, 0..{MAX_MASK_PX})."),
     "paste_back": (("inpaint", "restyle"), "Keep the exact original outside the mask."),
     "left": (("outpaint",), "px to add on the left."),
     "right": (("outpaint",), "px to add on the right."),
@@ -142,6 +148,30 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "ip_adapters": (("inpaint", "outpaint"), "IPAdapterSpec list."),
     "redux": (("inpaint", "outpaint"), "ReduxSpec list."),
     "controlnets": (("inpaint", "outpaint"), "ControlNetSpec list."),
+    "color_match": (("inpaint",), "Match the edit's colours to the photo's, measured in a "
+                                  "ring just outside the mask (Lab mean-std or histogram; "
+                                  "none); fixes the colour drift of the VAE round trip."),
+    "blend": (("inpaint",), "feather: soft alpha blend; poisson: seamless cloning (OpenCV, "
+                            "pip install 'mlx-edit[blend]')."),
+    "soft_mask": (("inpaint",), "Grey levels of the mask are per-pixel strengths "
+                                "(differential diffusion): darker areas change less."),
+    "seam_fix": (("inpaint",), "Then redraw a band of this many px each side of the mask "
+                               "boundary at low strength (0.3); 0 = off."),
+    "rank": (("inpaint",), "clip: order the candidates by CLIP similarity of the edited "
+                           "region to the prompt (scores in the metadata)."),
+    "keep_best": (("inpaint",), "With --rank: keep only the best K candidates."),
+    "rank_model": (("inpaint",), "Ranking CLIP (a CLIPModel folder or repo; default: the "
+                                 "model folder's ranker/, else openai/clip-vit-large-patch14)."),
+    "segment_model": (("inpaint", "edit"), "SAM 2.1 checkpoint for --mask-point/--mask-box "
+                                           "(default: the model folder's segmenter/, else "
+                                           "facebook/sam2.1-hiera-large)."),
+    "negative_prompt": (("edit",), "Negative prompt for true CFG (with --true-cfg > 1)."),
+    "true_cfg_scale": (("edit",), f"True classifier-free guidance scale (1..{MAX_CFG:g}; "
+                                  "1 = off; > 1 doubles the work per step)."),
+    "width": (("edit",), "Output width px (default: the image's preferred Kontext size)."),
+    "height": (("edit",), "Output height px (default: the image's preferred Kontext size)."),
+    "keep_size": (("edit",), "Return the edit at the input image's own size."),
+    "auto_resize": (("edit",), "Resize references to the preferred Kontext resolution."),
 }
 
 
@@ -157,7 +187,7 @@ class EditOptions:
     Which fields each mode takes: `FIELDS`.
     """
 
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     guidance: float | None = None
     seed: int = 0
     num_images: int = 1
@@ -179,10 +209,24 @@ class EditOptions:
     ip_adapters: tuple = field(default=())
     redux: tuple = field(default=())
     controlnets: tuple = field(default=())
+    color_match: str = "mean-std"  # benchmarks/RESULTS.md (bench_blend): cuts a cast's dE ~98%
+    blend: str = "feather"  # Poisson adds nothing once colours match, and needs OpenCV
+    soft_mask: bool = False
+    seam_fix: float = 0.0
+    rank: str | None = None
+    keep_best: int | None = None
+    rank_model: str | None = None
+    segment_model: str | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0
+    width: int | None = None
+    height: int | None = None
+    keep_size: bool = False
+    auto_resize: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
-        set_("steps", _int("steps", self.steps, 1, MAX_STEPS))
+        set_("steps", _optional(_int, "steps", self.steps, 1, MAX_STEPS))
         set_("guidance", _optional(_float, "guidance", self.guidance, 0.0, MAX_GUIDANCE))
         set_("seed", _int("seed", self.seed, 0, MAX_SEED))
         set_("num_images", _int("num_images", self.num_images, 1, MAX_IMAGES))
@@ -210,6 +254,28 @@ class EditOptions:
         set_("ip_adapters", _specs("ip_adapters", self.ip_adapters, "IPAdapterSpec"))
         set_("redux", _specs("redux", self.redux, "ReduxSpec"))
         set_("controlnets", _specs("controlnets", self.controlnets, "ControlNetSpec"))
+        self._check_paste_back(set_)
+        set_("negative_prompt", _optional(_text, "negative_prompt", self.negative_prompt))
+        set_("true_cfg_scale", _float("true_cfg_scale", self.true_cfg_scale, 1.0, MAX_CFG))
+        for name in ("width", "height"):
+            set_(name, _optional(_int, name, getattr(self, name), 16, MAX_SIZE))
+        for name in ("keep_size", "auto_resize"):
+            set_(name, _bool(name, getattr(self, name)))
+
+    def _check_paste_back(self, set_) -> None:
+        for name, methods in (("color_match", COLOR_MATCH_METHODS), ("blend", BLEND_METHODS)):
+            if getattr(self, name) not in methods:
+                raise InputError(f"{name} must be one of {', '.join(methods)}, got "
+                                 f"{getattr(self, name)!r}")
+        set_("soft_mask", _bool("soft_mask", self.soft_mask))
+        set_("seam_fix", _float("seam_fix", self.seam_fix, 0.0, MAX_MASK_PX))
+        if self.rank not in (None, "clip"):
+            raise InputError(f"rank must be clip (or unset), got {self.rank!r}")
+        set_("keep_best", _optional(_int, "keep_best", self.keep_best, 1, MAX_IMAGES))
+        if self.keep_best is not None and self.rank is None:
+            raise InputError("keep_best needs rank clip")
+        set_("rank_model", _optional(_text, "rank_model", self.rank_model))
+        set_("segment_model", _optional(_text, "segment_model", self.segment_model))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], mode: str | None = None) -> EditOptions:
@@ -244,15 +310,23 @@ class EditOptions:
                 raise InputError(f"{mode} does not take {name}")
         if mode == "outpaint" and not (self.left or self.right or self.top or self.bottom):
             raise InputError("outpaint needs at least one of left/right/top/bottom > 0")
-        if self.guidance is None:
-            g = CONTROL_GUIDANCE[self.control_type] if mode == "restyle" else DEFAULT_GUIDANCE
-            return dataclasses.replace(self, guidance=g)
-        return self
+        variant = variants.for_edit(mode)
+        steps = variant.steps if self.steps is None else self.steps
+        guidance = self.guidance
+        if guidance is None:
+            guidance = CONTROL_GUIDANCE[self.control_type] if mode == "restyle" \
+                else variant.guidance
+        return dataclasses.replace(self, steps=steps, guidance=guidance)
 
     @property
     def effective_guidance(self) -> float:
         """guidance, or Fill's default when it was left None."""
         return DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+
+    @property
+    def effective_steps(self) -> int:
+        """steps, or Fill's default when it was left None."""
+        return DEFAULT_STEPS if self.steps is None else self.steps
 
     @property
     def seeds(self) -> list[int]:

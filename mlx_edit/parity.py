@@ -123,7 +123,7 @@ def _timed(row: Row, timer: _Timer) -> Row:
 
 
 def _text_rows(ref: dict, meta: dict, root: Path, dtype: mx.Dtype, tol: Tolerances) -> list[Row]:
-    from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+    from mlx_edit.text import ClipTokenizer, T5Tokenizer
     from mlx_edit.weights.sources import component_dir
     from mlx_edit.weights.text import load_clip_text, load_t5
 

@@ -32,13 +32,13 @@ from mlx_edit.imaging.images import load_image, load_mask
 from mlx_edit.pipeline import FluxFill
 from conftest import import_script
 
-fx = import_script("image_prompt_fixtures")
+fx = import_script("make_mlx_checkpoint")  # torch-free image-prompt fixtures
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ckpt, tmp_path_factory):
+def setup(tiny_mlx, tmp_path_factory):
     root = tmp_path_factory.mktemp("image-prompts")
-    cfg = json.loads((tiny_ckpt / "transformer" / "config.json").read_text())
+    cfg = json.loads((tiny_mlx / "transformer" / "config.json").read_text())
     extras = fx.write_image_prompt_fixtures(root / "extras", cfg, "tiny", seed=3)
     astronaut = Image.fromarray(data.astronaut()).resize((301, 257))
     astronaut.save(root / "astronaut.png")
@@ -47,7 +47,7 @@ def setup(tiny_ckpt, tmp_path_factory):
     mask = np.zeros((257, 301), np.uint8)
     mask[60:140, 100:190] = 255
     Image.fromarray(mask).save(root / "mask.png")
-    pipe = FluxFill.from_pretrained(tiny_ckpt, dtype=mx.float32)
+    pipe = FluxFill.from_pretrained(tiny_mlx, dtype=mx.float32)
     return pipe, extras, root
 
 
@@ -101,7 +101,7 @@ def test_outpaint_with_redux(setup):
     job = pipe.prepare(canvas, model_mask, blend, "a table", steps=1, guidance=30.0, seed=0,
                        num_images=1, strength=1.0, crop_to_mask=None, prompt_2=None,
                        max_sequence_length=16)
-    job.embeds = prepare_redux(pipe, [ReduxSpec(extras["redux"], root / "astronaut.png")],
+    job.embeds = prepare_redux(pipe.job_context(job), [ReduxSpec(extras["redux"], root / "astronaut.png")],
                                job.embeds)
     out = np.asarray(pipe.run(job)[0])
     assert out.shape == (64 + 16, 96 + 32, 3)
@@ -168,7 +168,7 @@ def test_parse_redux_defaults():
         parse_redux(["R"], [])
 
 
-def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_ckpt, tmp_path):
+def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_mlx, tmp_path):
     """mlx-edit inpaint --ip-adapter DIR --ip-image REF: one photo edited, another as reference."""
     from click.testing import CliRunner
 
@@ -178,7 +178,7 @@ def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_ckpt, tmp_path):
     outs = []
     for scale in ("1.0", "0.0"):
         out = tmp_path / f"ip{scale}.png"
-        args = ["inpaint", "--model", tiny_ckpt, "--image", root / "astronaut.png", "--mask",
+        args = ["inpaint", "--model", tiny_mlx, "--image", root / "astronaut.png", "--mask",
                 root / "mask.png", "--prompt", "a cup of coffee", "--steps", 2, "--seed", 1,
                 "--max-sequence-length", 32, "--ip-adapter", extras["ip-adapter"],
                 "--ip-image", root / "coffee.jpg", "--ip-scale", scale, "--output", out]

@@ -74,11 +74,11 @@ def _interrupt(tmp_path: Path, slow: str, args: list, sig: int) -> subprocess.Co
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_interrupted_convert_publishes_nothing(tiny_ckpt, tmp_path, sig):
+def test_interrupted_convert_publishes_nothing(tiny_mlx, tmp_path, sig):
     work = tmp_path / "work"
     work.mkdir()
-    before = _tree(tiny_ckpt)
-    r = _interrupt(tmp_path, "convert", ["convert", tiny_ckpt, work / "dest", "--dtype",
+    before = _tree(tiny_mlx)
+    r = _interrupt(tmp_path, "convert", ["convert", tiny_mlx, work / "dest", "--dtype",
                                          "float32"], sig)
     if sig == signal.SIGINT:
         assert r.returncode == 130
@@ -89,11 +89,11 @@ def test_interrupted_convert_publishes_nothing(tiny_ckpt, tmp_path, sig):
         assert r.returncode == -signal.SIGKILL
         assert not (work / "dest").exists()  # only a hidden temp folder may stay
         assert all(n.startswith(".dest.converting-") for n in os.listdir(work))
-    assert _tree(tiny_ckpt) == before
+    assert _tree(tiny_mlx) == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_interrupted_inpaint_writes_nothing(tiny_ckpt, tmp_path, sig):
+def test_interrupted_inpaint_writes_nothing(tiny_mlx, tmp_path, sig):
     work = tmp_path / "work"
     work.mkdir()
     rng = np.random.default_rng(0)
@@ -104,7 +104,7 @@ def test_interrupted_inpaint_writes_nothing(tiny_ckpt, tmp_path, sig):
     (work / "o.png").write_bytes(b"an older result")
     before = _tree(work)
     r = _interrupt(tmp_path, "inpaint", [
-        "inpaint", "--model", tiny_ckpt, "--image", work / "p.png", "--mask", work / "m.png",
+        "inpaint", "--model", tiny_mlx, "--image", work / "p.png", "--mask", work / "m.png",
         "--prompt", "x", "--steps", "40", "--output", work / "o.png", "--overwrite",
         "--metadata"], sig)
     if sig == signal.SIGINT:

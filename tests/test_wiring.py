@@ -26,8 +26,8 @@ class Stop(InputError):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return FluxFill.from_pretrained(tiny_ckpt)
+def pipe(tiny_mlx):
+    return FluxFill.from_pretrained(tiny_mlx)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_cli_defaults_are_the_librarys(command):
 
 
 @pytest.fixture
-def seen_cli(monkeypatch, tiny_ckpt):
+def seen_cli(monkeypatch, tiny_mlx):
     """`mlx-edit` runs up to the edit call and records what it passes."""
     seen = {}
 

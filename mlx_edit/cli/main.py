@@ -25,7 +25,10 @@ from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, default
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
-_TYPES = {"guidance": float, "prompt_2": str}  # fields whose library default is None
+# fields whose library default is None
+_TYPES = {"guidance": float, "prompt_2": str, "steps": int, "negative_prompt": str,
+          "width": int, "height": int, "rank": str, "keep_best": int, "rank_model": str,
+          "segment_model": str}
 _SHORT = {"num_images": "-n"}
 
 
@@ -35,7 +38,7 @@ def _field_option(name: str):
     flag = "--" + name.replace("_", "-")
     if name == "seed":  # the CLI's one deliberate difference: a random seed
         return click.option(flag, type=int, default=None, help=f"{text} [default: random]")
-    if name in ("paste_back", "crop_to_mask"):
+    if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)
     if name == "control_type":
@@ -53,11 +56,17 @@ def mode_fields(mode: str) -> list[str]:
 
 def edit_options(mode: str):
     """Add the run options and `mode`'s EditOptions fields to a click command."""
+    from mlx_edit import variants
+
     default_model = ("black-forest-labs/FLUX.1-Canny-dev (FLUX.1-Depth-dev for "
                      "--control-type depth)" if mode == "restyle"
-                     else "black-forest-labs/FLUX.1-Fill-dev")
+                     else variants.for_edit(mode).repo)
+    prompt = (click.option("--instruction", "--prompt", "-p", "prompt", required=True,
+                           help="The edit to make, e.g. 'make the car red'.")
+              if mode == "edit" else
+              click.option("--prompt", "-p", required=True, help="What to paint."))
     opts = [
-        click.option("--prompt", "-p", required=True, help="What to paint."),
+        prompt,
         click.option("--model", "-m", default=None, show_default=default_model,
                      help="Hugging Face repo id, diffusers folder or mlx-edit folder."),
         click.option("--transformer", type=click.Path(exists=True, path_type=Path),
@@ -140,19 +149,62 @@ def _stats_line(s: dict) -> str:
             f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB")
 
 
-def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
-         control_image: Path | None = None) -> None:
+def click_mask(opts: dict, mask: Path | None, required: bool):
+    """The edit's mask: the --mask path, or the --mask-point/--mask-negative/--mask-box
+    clicks as segment.Points/Box prompts (popped from opts), or None when neither was
+    given and none is `required`. Raises click.UsageError for both or (required) none."""
+    points, negatives, boxes = (opts.pop(k) for k in ("mask_point", "mask_negative",
+                                                      "mask_box"))
+    if mask is not None and (points or negatives or boxes):
+        raise click.UsageError("give --mask or --mask-point/--mask-box, not both")
+    if mask is not None or not (points or negatives or boxes):
+        if required and mask is None:
+            raise click.UsageError("give --mask, or --mask-point/--mask-box to segment one")
+        return mask
+    from mlx_edit.segment import Box, Points
+
+    clicks = [*points, *negatives]
+    spec = [Points(tuple(clicks), tuple([1] * len(points) + [0] * len(negatives)))] \
+        if clicks else []
+    return spec + [Box(*b) for b in boxes]
+
+
+def mask_prompt_options(f):
+    """--mask-point / --mask-negative / --mask-box: a mask from clicks (SAM 2.1)."""
+    from mlx_edit.cli.mask import _coords
+
+    for opt in reversed([
+        click.option("--mask-point", multiple=True, callback=_coords(2), metavar="X,Y",
+                     help="Segment the object under this pixel as the mask (repeatable)."),
+        click.option("--mask-negative", multiple=True, callback=_coords(2), metavar="X,Y",
+                     help="A pixel not on the object (with --mask-point)."),
+        click.option("--mask-box", multiple=True, callback=_coords(4), metavar="X0,Y0,X1,Y1",
+                     help="Segment the object in this box as the mask."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
+         control_image: Path | None = None, references: tuple[Path, ...] = ()) -> None:
     """Check everything, load the model, run one edit with a progress bar, write the
-    outputs together (never over an input)."""
+    outputs together (never over an input). mask: a path, click prompts or None;
+    references: edit's further images."""
+    clicks = None if mask is None or isinstance(mask, Path) else mask
+    mask = None if clicks is not None else mask
     from mlx_edit.imaging.images import (
         check_output, json_writer, load_image, png_writer, write_together)
 
     options = build_options(mode, opts, specs)
     prompt = opts["prompt"]
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
-    inputs += input_paths(specs)
+    inputs += input_paths(specs) + list(references)
     w, h = check_inputs(image, mask,
                         [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
+    if clicks:  # click prompts checked against the photo before any model loads
+        from mlx_edit.segment import prompt_arrays, prompts_from_specs
+
+        prompt_arrays(**prompts_from_specs(clicks), image_size=(h, w), input_size=1024)
     if mode == "outpaint":  # before the model loads, and before the canvas is allocated
         from mlx_edit.options import check_canvas
 
@@ -166,10 +218,14 @@ def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
 
     from tqdm import tqdm
 
-    from mlx_edit.pipeline import DEFAULT_MODEL, FluxFill
+    from mlx_edit import variants
+    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.pipeline import FluxFill
 
-    pipe = FluxFill.from_pretrained(
-        opts["model"] or DEFAULT_MODEL, quantize=int(opts["quantize"]) if opts["quantize"] else None,
+    cls = FluxKontext if mode == "edit" else FluxFill
+    pipe = cls.from_pretrained(
+        opts["model"] or variants.for_edit(mode).repo,
+        quantize=int(opts["quantize"]) if opts["quantize"] else None,
         transformer=opts["transformer"], low_memory=opts["low_memory"])
     bars = []  # made at the first step: an error before it stays one line
 
@@ -180,10 +236,13 @@ def _run(mode: str, image: Path, mask: Path | None, opts: dict, specs: dict,
 
     try:
         if mode == "inpaint":
-            images = pipe.inpaint(image, mask, prompt, options, progress=progress)
+            images = pipe.inpaint(image, clicks or mask, prompt, options, progress=progress)
         elif mode == "restyle":
             images = pipe.restyle(image, control_image, prompt, options, mask=mask,
                                   progress=progress)
+        elif mode == "edit":
+            images = pipe.edit([image, *references], prompt, options, mask=clicks or mask,
+                               progress=progress)
         else:
             images = pipe.outpaint(image, prompt, options, progress=progress)
     finally:  # the bar's line ends before any error line
@@ -214,12 +273,15 @@ _IMAGE = click.Path(path_type=Path, dir_okay=False)
 
 @main.command()
 @click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to edit.")
-@click.option("--mask", required=True, type=_IMAGE,
+@click.option("--mask", type=_IMAGE, default=None,
               help="White = repaint, black = keep (any size; resized with a warning).")
 @edit_options("inpaint")
 @conditioning_options
+@mask_prompt_options
 def inpaint(image, mask, **opts):
-    """Repaint the white area of MASK in IMAGE following PROMPT."""
+    """Repaint the white area of MASK in IMAGE following PROMPT (or the object under
+    --mask-point / in --mask-box, segmented with SAM 2.1)."""
+    mask = click_mask(opts, mask, required=True)
     _run("inpaint", image, mask, opts, pop_conditioning(opts))
 
 
@@ -252,13 +314,30 @@ def restyle(image, control_image, mask, **opts):
     _run("restyle", image, mask, opts, {}, control_image)
 
 
+@main.command()
+@click.option("--image", "-i", "images", required=True, multiple=True, type=_IMAGE,
+              help="Photo to edit; repeat to add reference images (the first is edited).")
+@click.option("--mask", type=_IMAGE, default=None,
+              help="Edit only the white area (Kontext inpainting; default: everywhere).")
+@edit_options("edit")
+@mask_prompt_options
+def edit(images, mask, **opts):
+    """Edit IMAGE following INSTRUCTION with FLUX.1 Kontext [dev] (default --model
+    black-forest-labs/FLUX.1-Kontext-dev; 28 steps, guidance 2.5; output at the image's
+    preferred Kontext size unless --width/--height or --keep-size)."""
+    mask = click_mask(opts, mask, required=False)
+    _run("edit", images[0], mask, opts, {}, references=tuple(images[1:]))
+
+
 def _register_commands() -> None:
     """Commands that live in their own modules (conversion, parity)."""
     from mlx_edit.cli.convert import convert_command
+    from mlx_edit.cli.mask import mask_command
     from mlx_edit.parity import parity_command
 
     main.add_command(convert_command, "convert")
     main.add_command(parity_command, "parity")
+    main.add_command(mask_command, "mask")
 
 
 _register_commands()

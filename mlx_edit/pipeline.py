@@ -58,6 +58,7 @@ from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
+from mlx_edit.weights import lora as lora_files
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_clip_text, load_t5
 from mlx_edit.weights.vae import load_vae, read_vae_config
@@ -104,6 +105,7 @@ class FluxFill:
         self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
+        self.loras: dict[str, lora_files.LoadedLoRA] = {}  # applied on every transformer load
 
     @classmethod
     def from_pretrained(
@@ -155,7 +157,9 @@ class FluxFill:
         """The FLUX transformer, loaded if not resident (with low_memory it is freed when
         the phase using it ends or the next edit starts; `transformer_config` needs no
         weights)."""
-        return self.components.get("transformer")
+        model = self.components.get("transformer")
+        lora_files.sync(model, self.loras)  # (re)loaded models get the current LoRAs
+        return model
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -186,6 +190,51 @@ class FluxFill:
                                "(black-forest-labs/FLUX.1-Canny-dev or FLUX.1-Depth-dev)"}
             found = describe_variant(self.transformer_config)
             raise InputError(f"{edit} needs {need[variant]}; {self.source} is {found}")
+
+    # ------------------------------------------------------------------ LoRA
+
+    def load_lora(self, source: str | Path, scale: float = 1.0, name: str | None = None,
+                  *, weight_name: str | None = None) -> str:
+        """Apply a FLUX LoRA (any format diffusers reads; mlx_edit.weights.lora) unfused,
+        on float or quantized transformers, summed with those already loaded.
+
+        source: a .safetensors file, a Hugging Face repo id (`owner/name`, with
+        `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
+        (default: the file's stem). Raises WeightLoadError for unreadable files, keys
+        that map to no layer (named) and layers the model lacks, InputError for a name
+        in use; on error nothing is applied.
+        """
+        if name in self.loras:
+            raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
+        lora = lora_files.load_lora_file(source, weight_name)
+        name = name or lora_files.default_name(source, self.loras)
+        # Check against the model's structure (lazy, no weights) before recording it.
+        lora.updates(FluxTransformer(self.transformer_config))
+        self.loras[name] = lora_files.LoadedLoRA(lora, str(source), float(scale))
+        if "transformer" in self.components.resident:
+            try:
+                self.transformer  # noqa: B018  (applies it now)
+            except Exception:
+                del self.loras[name]
+                raise
+        return name
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Change loaded LoRAs' strengths by name, without reloading (InputError for
+        unknown names)."""
+        unknown = sorted(set(scales) - set(self.loras))
+        if unknown:
+            raise InputError(f"no LoRA named {', '.join(unknown)} is loaded "
+                             f"(loaded: {', '.join(self.loras) or 'none'})")
+        for n, value in scales.items():
+            self.loras[n].scale = float(value)
+
+    def unload_loras(self, names: Sequence[str] | None = None) -> None:
+        """Remove LoRAs by name (all when None); the base transformer is restored exactly."""
+        for n in list(self.loras) if names is None else names:
+            self.loras.pop(n, None)
+        if "transformer" in self.components.resident:
+            self.transformer  # noqa: B018  (removes them now)
 
     # ------------------------------------------------------------------ text
 
@@ -335,6 +384,7 @@ class FluxFill:
             "model_size": [width, height], "crop_box": list(plan.box),
             "ip_adapters": [[str(a.model), a.scale] for a in ip_adapters] or None,
             "redux": [[str(r.model), r.strength] for r in redux] or None,
+            "loras": [[n, x.source, x.scale] for n, x in self.loras.items()] or None,
             **(metadata or {}),
         }
         job = EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,

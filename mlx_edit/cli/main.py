@@ -18,6 +18,7 @@ import click
 from mlx_edit import __version__
 from mlx_edit.cli.control import control_options, pop_control_specs
 from mlx_edit.cli.image_prompts import image_prompt_kwargs, image_prompt_options
+from mlx_edit.cli.lora import apply_loras, lora_option
 
 
 def _usage(message: str) -> click.UsageError:
@@ -57,7 +58,7 @@ def common_options(f):
     ]
     for opt in reversed(opts):
         f = opt(f)
-    return f
+    return lora_option(f)
 
 
 def _default_output(image: Path, n: int) -> Path:
@@ -117,7 +118,8 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
             model, quantize=int(opts["quantize"]) if opts["quantize"] else None,
             transformer=opts["transformer"], low_memory=opts["low_memory"],
         )
-    except WeightLoadError as e:  # wrong --model: a usage error
+        apply_loras(pipe, opts.get("lora", ()))
+    except (WeightLoadError, InputError) as e:  # wrong --model: a usage error
         raise _usage(str(e)) from None
 
     from tqdm import tqdm

@@ -259,6 +259,14 @@ def set_scales(model: nn.Module, scales: Mapping[str, float]) -> None:
                 layer.adapters[name]["scale"] = mx.array(value, dtype=mx.float32)
 
 
+def scale_of(model: nn.Module, name: str) -> float | None:
+    """The strength of adapter `name` on `model` (None when not applied)."""
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            return layer.adapters[name]["scale"].item()
+    return None
+
+
 def remove(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Remove adapters by name (all when None); layers left without adapters get their
     original base layer back (the very same object, so outputs are restored exactly)."""

@@ -344,3 +344,39 @@ def load_lora_file(source: str | Path, weight_name: str | None = None) -> LoRAFi
         raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from e
     arrays = {k: np.array(v.astype(mx.float32)) for k, v in tensors.items()}
     return convert(arrays, metadata, name=str(source))
+
+
+@dataclass
+class LoadedLoRA:
+    """A LoRA a pipeline holds: its converted file, where it came from, its strength."""
+
+    file: LoRAFile
+    source: str
+    scale: float
+
+
+def default_name(source: str | Path, taken) -> str:
+    """A short unique adapter name from a LoRA source ('style', 'style_2', ...)."""
+    stem = Path(split_spec(str(source))[0].split(":")[-1]).stem or "lora"
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}_{n}", n + 1
+    return name
+
+
+def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
+    """Make the adapters on `model` exactly `loras` (attach new ones, drop removed ones,
+    set every scale). Raises WeightLoadError as `LoRAFile.updates` (model unchanged)."""
+    from mlx_edit.models import lora as adapters
+
+    applied = adapters.adapter_names(model)
+    stale = [n for n in applied if n not in loras]
+    if stale:
+        adapters.remove(model, stale)
+    for name, lora in loras.items():
+        if name not in applied:
+            adapters.attach(model, name, lora.file.updates(model), lora.scale)
+    changed = {n: lora.scale for n, lora in loras.items()
+               if adapters.scale_of(model, n) != np.float32(lora.scale)}  # stored as float32
+    if changed:
+        adapters.set_scales(model, changed)

@@ -180,3 +180,45 @@ def test_two_loras_rescaled_and_unloaded(tiny, tmp_path):
     assert rel_err(run_ours(fused, x), run_ours(ours, x)) <= TOL
     L.remove(ours)
     assert np.array_equal(run_ours(ours, x), base)  # unloading restores the base exactly
+
+
+def test_fill_edit_with_two_loras_matches_diffusers_pipeline(tiny_ckpt, tmp_path, import_script,
+                                                             monkeypatch):
+    """FluxFillPipeline with two LoRAs (0.8, 0.5) vs FluxFill: every step's latents and
+    the decoded image (PSNR >= 40 dB), injected noise (see test_parity_pipeline.py)."""
+    from mlx_edit.parity import run_parity
+    from mlx_edit.pipeline import FluxFill
+
+    ref = fresh_reference(tiny_ckpt / "transformer")
+    ours = load_transformer(tiny_ckpt / "transformer", mx.float32)
+    files = {_save(diffusers_lora(ref, 11, alpha=8, std=0.1), tmp_path / "a.safetensors"): 0.8,
+             _save(bfl_lora(ours, 12, "lora_unet_", "lora_down", "lora_up", "_", alpha=4,
+                            skip=KOHYA_SKIP, std=0.2), tmp_path / "b.safetensors"): 0.5}
+    script = import_script("parity_reference")
+    load_pipeline = script.load_pipeline
+
+    def with_loras(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        for i, path in enumerate(files):
+            pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        pipe.set_adapters([f"l{i}" for i in range(len(files))], list(files.values()))
+        return pipe
+
+    monkeypatch.setattr(script, "load_pipeline", with_loras)
+    dump = script.dump(tiny_ckpt, tmp_path / "ref.safetensors", components=False, steps=2,
+                       strengths=(1.0,))
+    plain = {r.component: r for r in run_parity(dump, tiny_ckpt, components=False)}
+    from_pretrained = FluxFill.from_pretrained.__func__
+
+    def ours_with_loras(cls, *args, **kwargs):
+        pipe = from_pretrained(cls, *args, **kwargs)
+        for path, scale in files.items():
+            pipe.load_lora(path, scale)
+        return pipe
+
+    monkeypatch.setattr(FluxFill, "from_pretrained", classmethod(ours_with_loras))
+    rows = {r.component: r for r in run_parity(dump, tiny_ckpt, components=False)}
+    assert plain["pipeline.image"].psnr < 30, plain["pipeline.image"]  # the LoRAs matter
+    for key in ("pipeline.latents.step0", "pipeline.latents.step1"):
+        assert rows[key].rel <= 1e-3, rows[key]
+    assert rows["pipeline.image"].psnr >= 40.0, rows["pipeline.image"]

@@ -176,3 +176,13 @@ def test_quantized_lora_delta_matches_float(tmp_path, bits, tol):
         assert np.array_equal(run(m, x), base)  # unloading restores the base exactly
         assert all(v is params[k] for k, v in tree_flatten(m.parameters()))
     assert rel(deltas[1], deltas[0]) <= tol, rel(deltas[1], deltas[0])
+
+
+@pytest.mark.parametrize("key, match", [
+    ("double_blocks.0.img_attn.norm.query_norm.scale", "BFL control LoRA"),
+    ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "LyCORIS"),
+])
+def test_unsupported_kinds_are_named(tmp_path, key, match):
+    keys = {**pair("double_blocks.0.img_attn.qkv", 192, 64), key: (32,)}
+    with pytest.raises(WeightLoadError, match=match):
+        load_lora_file(save(tmp_path, "u.safetensors", keys))

@@ -239,6 +239,24 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
     return modules, ignored, unknown
 
 
+# Whole kinds of file we recognise but cannot apply: (key pattern, why / what to do).
+UNSUPPORTED: tuple[tuple[str, str], ...] = (
+    (r"query_norm\.scale$", "a BFL control LoRA (FLUX.1-Canny/Depth-dev-lora: it replaces "
+     "QK-norm scales and widens img_in to 128 inputs), not supported: use the full "
+     "FLUX.1-Canny-dev or FLUX.1-Depth-dev model with `restyle`"),
+    (r"\.(lokr_w1|lokr_w1_a|hada_w1_a)$", "a LyCORIS LoKr/LoHa file, not supported "
+     "(diffusers' FLUX.1 loader does not read them either)"),
+    (r"lora_magnitude_vector", "a DoRA adapter (magnitude vectors), not supported"),
+)
+
+
+def _refuse_unsupported(tensors: Mapping[str, np.ndarray], name: str) -> None:
+    for pattern, why in UNSUPPORTED:
+        hits = [k for k in tensors if re.search(pattern, k)]
+        if hits:
+            raise WeightLoadError(f"{name}: {why} (e.g. {hits[0]})")
+
+
 def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
             *, name: str = "LoRA") -> LoRAFile:
     """Convert a LoRA state dict (numpy arrays) to parts of our layers.
@@ -246,6 +264,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     Raises WeightLoadError naming keys that map nowhere, modules missing A or B, and
     mis-shaped pairs. Warns (UserWarning) about ignored key kinds (module docstring).
     """
+    _refuse_unsupported(tensors, name)
     modules, ignored, unknown = _group(tensors)
     scaling = _peft_scaling(metadata or {})
     parts: dict[str, list[Part]] = {}

@@ -116,6 +116,7 @@ class _Inputs:
     dtype: str
     quantize: int | None
     configs: dict
+    lora_params: int = 0
 
 
 class MemoryEstimate(dict):
@@ -127,11 +128,13 @@ class MemoryEstimate(dict):
 
 def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
-             text_tokens: int = TEXT_TOKENS) -> MemoryEstimate:
+             text_tokens: int = TEXT_TOKENS, lora_params: int = 0) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
     dtype: "float32" / "bfloat16" (or an mx.Dtype); quantize: None, 4 or 8.
+    lora_params: LoRA parameters applied unfused (held in `dtype` next to the
+    transformer, whatever its quantization; `weights_lora`).
     Returns a MemoryEstimate (a dict of GB); `peak` is max over PHASES of resident
     weights + that phase's activations + RUNTIME_GB.
     """
@@ -141,6 +144,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
             "clip": _config(CLIPTextConfig, clip), "t5": _config(T5Config, t5)}
     w = weights_gb(cfgs["transformer"], cfgs["vae"], cfgs["clip"], cfgs["t5"], dtype_name,
                    quantize)
+    if lora_params:
+        w["lora"] = lora_params * size / GB
+    transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
     tokens = (height // 16) * (width // 16) + text_tokens
     t5_cfg = cfgs["t5"]
     act = {
@@ -151,10 +157,10 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = max(w["text_encoder"], w["text_encoder_2"])  # CLIP is freed before T5 loads
-    resident = w["transformer"] + w["vae"]
+    resident = transformer_w + w["vae"]
     normal = {"text_encode": resident + text_w, "vae_encode": resident,
               "denoise": resident, "vae_decode": resident}
-    low = {"text_encode": text_w, "vae_encode": w["vae"], "denoise": w["transformer"],
+    low = {"text_encode": text_w, "vae_encode": w["vae"], "denoise": transformer_w,
            "vae_decode": w["vae"]}
     out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
     out.update({f"activations_{k}": v for k, v in act.items()})
@@ -162,7 +168,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
         out[f"phase_{p}"] = normal[p] + act[p] + RUNTIME_GB
     out["peak"] = max(out[f"phase_{p}"] for p in PHASES)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in PHASES)
-    out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs)
+    out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params)
     return out
 
 
@@ -188,7 +194,8 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
     i = est.inputs
     kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
               quantize=i.quantize, transformer=i.configs["transformer"],
-              vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"])
+              vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
+              lora_params=i.lora_params)
     kw.update(changes)
     return estimate(**kw)
 

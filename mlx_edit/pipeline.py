@@ -283,6 +283,7 @@ class FluxFill:
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
+            lora_params=sum(x.file.parameter_count for x in self.loras.values()),
         )
 
     def encode_image(self, pixels: np.ndarray) -> mx.array:

@@ -186,3 +186,14 @@ def test_unsupported_kinds_are_named(tmp_path, key, match):
     keys = {**pair("double_blocks.0.img_attn.qkv", 192, 64), key: (32,)}
     with pytest.raises(WeightLoadError, match=match):
         load_lora_file(save(tmp_path, "u.safetensors", keys))
+
+
+def test_memory_estimate_counts_lora_parameters():
+    from mlx_edit import memory
+
+    base = memory.estimate(1024, 1024, dtype="bfloat16", quantize=4)
+    with_lora = memory.estimate(1024, 1024, dtype="bfloat16", quantize=4, lora_params=10**9)
+    assert with_lora["weights_lora"] == pytest.approx(2.0)  # bf16 even on a q4 model
+    assert with_lora["peak"] == pytest.approx(base["peak"] + 2.0)
+    assert with_lora["peak_low_memory"] >= base["peak_low_memory"] + 2.0 - 1e-9
+    assert "weights_lora" not in base

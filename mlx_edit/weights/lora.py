@@ -187,6 +187,12 @@ class LoRAFile:
     formats: tuple[str, ...]
     ignored: dict[str, list[str]]
 
+    @property
+    def parameter_count(self) -> int:
+        """LoRA parameters once applied (upper bound: stacked downs are counted per part)."""
+        return sum(p.a.size + p.b.size + (0 if p.bias is None else p.bias.size)
+                   for parts in self.parts.values() for p in parts)
+
     def updates(self, model) -> dict[str, LayerUpdate]:
         """Exact per-layer updates for `model` (see models/lora.combine).
 

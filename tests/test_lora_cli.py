@@ -107,3 +107,47 @@ def test_api_lora_for_a_missing_layer_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(WeightLoadError, match="double_blocks.40.img_attn.qkv"):
         pipe.load_lora(path)
     assert not pipe.loras and not L.lora_layers(pipe.transformer)
+
+
+def test_convert_bakes_loras(tiny_ckpt, loras, tmp_path):
+    """`mlx-edit convert --lora a:0.8 --lora b:0.5` equals the unfused LoRAs on the
+    source, records them, and refuses a LoRA for the wrong model before writing."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mlx_edit.cli.convert import convert_command
+    from mlx_edit.weights.flux import load_transformer
+    from mlx_edit.weights.lora import load_lora_file
+
+    out = tmp_path / "baked"
+    r = CliRunner().invoke(convert_command, [str(tiny_ckpt), str(out), "--dtype", "float32",
+                                             "--lora", f"{loras[0]}:0.8",
+                                             "--lora", f"{loras[1]}:0.5"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "transformer" / "config.json").read_text())
+    assert cfg["baked_loras"] == [[str(loras[0]), 0.8], [str(loras[1]), 0.5]]
+    baked = load_transformer(out / "transformer", mx.float32)
+    ref = load_transformer(tiny_ckpt / "transformer", mx.float32)
+    for i, (path, scale) in enumerate(zip(loras, (0.8, 0.5))):
+        L.attach(ref, f"l{i}", load_lora_file(path).updates(ref), scale)
+    g = np.random.default_rng(0)
+    cfgm = ref.config
+    x = [mx.array(g.standard_normal((1, 8, cfgm.in_channels)).astype(np.float32)),
+         mx.array(np.stack([np.zeros(8), np.arange(8) // 4, np.arange(8) % 4], 1)),
+         mx.array(g.standard_normal((1, 3, cfgm.joint_attention_dim)).astype(np.float32)),
+         mx.zeros((3, 3)), mx.array([0.5]),
+         mx.array(g.standard_normal((1, cfgm.pooled_projection_dim)).astype(np.float32)),
+         mx.array([30.0])]
+    want, got = np.array(ref(*x)), np.array(baked(*x))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+    wrong = tmp_path / "wrong.safetensors"
+    mx.save_safetensors(str(wrong), {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight":
+                                     mx.zeros((4, 7)),
+                                     "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight":
+                                     mx.zeros((cfgm.hidden_size, 4))})
+    r = CliRunner().invoke(convert_command, [str(tiny_ckpt), str(tmp_path / "no"), "--lora",
+                                             str(wrong)])
+    assert r.exit_code == 1 and "double_blocks.0.img_attn.proj" in r.output
+    assert not (tmp_path / "no").exists()

@@ -26,7 +26,7 @@ import json
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +53,7 @@ from mlx_edit.weights.quantize import (
 )
 from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import flux as flux_w
+from mlx_edit.weights import lora as lora_w
 from mlx_edit.weights import save
 from mlx_edit.weights import text as text_w
 from mlx_edit.weights import vae as vae_w
@@ -182,12 +183,13 @@ def open_component(name: str, path: str | Path, overrides: Mapping | None = None
 
 
 def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
-                   group_size: int = DEFAULT_GROUP_SIZE):
+                   group_size: int = DEFAULT_GROUP_SIZE, adjust: Callable | None = None):
     """Yield (key, evaluated array) of the converted component, one target at a time, and
     return the quantization record (None when not quantized) as the generator's value.
 
     `src.model` is quantized in place (lazily) by the policy; its parameters are the
-    keys and shapes produced. Source tensors are dropped once used.
+    keys and shapes produced. Source tensors are dropped once used. `adjust(key, value)`
+    may change each full-precision tensor before the cast (LoRA baking).
     """
     plan = checked_plan(dict(tree_flatten(src.model.parameters())), src.tensors, src.rules,
                         f"{src.name} ({src.origin})")
@@ -200,6 +202,8 @@ def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
             uses[s] -= 1
             if not uses[s]:
                 del src.tensors[s]  # its buffer is freed once `value` is evaluated
+        if adjust is not None:
+            value = adjust(item.target, value)
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
         layer, _, leaf = item.target.rpartition(".")
@@ -219,7 +223,8 @@ def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
 
 def convert_component(src: ComponentSource, out_dir: Path, dtype: mx.Dtype, bits: int | None,
                       group_size: int = DEFAULT_GROUP_SIZE,
-                      max_shard_bytes: int = save.MAX_SHARD_BYTES) -> dict:
+                      max_shard_bytes: int = save.MAX_SHARD_BYTES,
+                      adjust: Callable | None = None) -> dict:
     """Write `src` converted into `out_dir` (shards, index, config.json).
 
     Returns {"bits", "files", "bytes", "tensors", "largest_shard", "largest_tensor",
@@ -227,7 +232,7 @@ def convert_component(src: ComponentSource, out_dir: Path, dtype: mx.Dtype, bits
     """
     t0 = time.perf_counter()
     writer = save.ShardWriter(out_dir, max_shard_bytes)
-    gen = iter_converted(src, dtype, bits, group_size)
+    gen = iter_converted(src, dtype, bits, group_size, adjust)
     while True:
         try:
             key, array = next(gen)
@@ -320,6 +325,7 @@ def convert_controlnet_source(
     overwrite: bool = False,
     max_shard_bytes: int = save.MAX_SHARD_BYTES,
     log: Callable[[str], None] | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> dict:
     """Convert a ControlNet (`is_controlnet_source`) into the mlx-edit folder `dest`
     (`save_controlnet`'s layout), cast to `dtype`, quantized to `quantize` bits
@@ -373,6 +379,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = save.MAX_SHARD_BYTES,
     log: Callable[[str], None] | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> dict:
     """Convert `source` into the mlx-edit folder `dest`; returns the manifest written.
 
@@ -383,6 +390,8 @@ def convert_checkpoint(
     head_dim other than 128 need its "axes_dims_rope"). The folder is written next to
     `dest` and renamed into place when complete; on any error or interruption nothing is
     left at `dest` (an existing `dest` replaced with `overwrite` stays as it was).
+    loras: (source, scale) pairs baked into the transformer before it is cast/quantized
+    (mlx_edit.weights.lora.baker), recorded as "baked_loras" in its config.json.
     A ControlNet `source` goes to `convert_controlnet_source` (`transformer_config` is
     then its config override; VAE, text encoder and per-component options are refused).
     Raises ConversionError (bad arguments, `dest` not empty without `overwrite`, missing
@@ -395,7 +404,8 @@ def convert_checkpoint(
         raise ConversionError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
     if controlnet_w.is_controlnet_source(source):
         given = [flag for flag, v in (("--component-bits", component_bits_override),
-                                      ("--vae", vae), ("--text-encoders", text_encoders)) if v]
+                                      ("--vae", vae), ("--text-encoders", text_encoders),
+                                      ("--lora", loras)) if v]
         if given:
             raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
                                   "pipeline checkpoints only")
@@ -425,8 +435,11 @@ def convert_checkpoint(
         for name in COMPONENTS:
             overrides = transformer_config if name == "transformer" else None
             src = open_component(name, parts[name], overrides)
+            adjust = None
+            if name == "transformer" and loras:
+                adjust, src.config["baked_loras"] = lora_w.baker(src.model, loras)
             info = convert_component(src, tmp / name, DTYPES[dtype], bits[name], group_size,
-                                     max_shard_bytes)
+                                     max_shard_bytes, adjust)
             del src
             components[name] = {"bits": bits[name], "bytes": info["bytes"],
                                 "files": info["files"], "source": str(parts[name])}

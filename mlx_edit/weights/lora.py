@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,3 +405,29 @@ def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
                if adapters.scale_of(model, n) != np.float32(lora.scale)}  # stored as float32
     if changed:
         adapters.set_scales(model, changed)
+
+
+def baker(model, loras: Sequence[tuple[str | Path, float]]):
+    """`adjust(key, value) -> value` that adds the LoRAs (scaled) to the float tensors of
+    `model`'s layers as a converter streams them (`mlx-edit convert --lora`), and the
+    record [[source, scale], ...] to store in the config. The LoRAs are read and checked
+    against `model` (its structure, before quantization) first: WeightLoadError as
+    `load_lora_file` / `LoRAFile.updates`, before anything is written."""
+    deltas: dict[str, list[tuple[LayerUpdate, float]]] = {}
+    for source, scale in loras:
+        for path, update in load_lora_file(source).updates(model).items():
+            deltas.setdefault(path, []).append((update, float(scale)))
+
+    def adjust(key: str, value: mx.array) -> mx.array:
+        layer, _, leaf = key.rpartition(".")
+        if layer not in deltas or leaf not in ("weight", "bias"):
+            return value
+        total = value.astype(mx.float32)
+        for update, scale in deltas[layer]:
+            if leaf == "weight":
+                total = total + scale * (mx.array(update.a) @ mx.array(update.b)).T
+            elif update.bias is not None:
+                total = total + scale * mx.array(update.bias)
+        return total.astype(value.dtype)
+
+    return adjust, [[str(s), float(c)] for s, c in loras]

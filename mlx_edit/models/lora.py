@@ -45,53 +45,71 @@ class Part:
 
 @dataclass
 class LayerUpdate:
-    """The update of one whole layer: x @ a (in, R) @ b (R, out) + bias (out,)."""
+    """The update of one whole layer: x @ a (in, R), then block i of B (r_i, rows_i) maps
+    columns [col_i, col_i + r_i) of that to output rows [row_i, row_i + rows_i); rows no
+    block covers get 0; plus bias (out,). Keeping B as blocks (not one block-diagonal
+    matrix) costs the ideal sum_i r_i * rows_i per token, not R * out."""
 
     a: np.ndarray
-    b: np.ndarray
+    blocks: list[np.ndarray]
+    layout: list[tuple[int, int]]  # (row_i, col_i) per block, rows increasing
+    out_features: int
     bias: np.ndarray | None = None
 
     @property
+    def b(self) -> np.ndarray:
+        """The dense (R, out) B (zeros off the blocks)."""
+        dense = np.zeros((self.a.shape[1], self.out_features), np.float32)
+        for (row, col), blk in zip(self.layout, self.blocks):
+            dense[col:col + blk.shape[0], row:row + blk.shape[1]] = blk
+        return dense
+
+    @property
     def size(self) -> int:
-        return self.a.size + self.b.size + (0 if self.bias is None else self.bias.size)
+        return self.a.size + sum(b.size for b in self.blocks) + \
+            (0 if self.bias is None else self.bias.size)
 
 
 def combine(parts: Sequence[Part], in_features: int, out_features: int) -> LayerUpdate:
     """Exact single update of a layer from per-output-slice parts (see module docstring).
 
-    Parts sharing one A give A (in, r) and B (r, out) with each part's rows in place;
-    otherwise A's are stacked to (in, sum r) and B is block-diagonal (sum r, out).
-    Rows no part covers get zeros. Raises ValueError for overlapping or out-of-range
-    rows and for an A whose input width is not `in_features`.
+    Parts sharing one A keep that A (in, r) once; otherwise the A's are stacked to
+    (in, sum r) and each part's B reads its own columns. Rows no part covers get zeros.
+    Raises ValueError for overlapping or out-of-range rows and for an A whose input
+    width is not `in_features`.
     """
-    covered = np.zeros(out_features, dtype=bool)
+    parts = sorted(parts, key=lambda p: p.offset)
+    end = 0
     for p in parts:
-        end = p.offset + p.b.shape[0]
         if p.a.shape[1] != in_features or p.a.shape[0] != p.b.shape[1]:
             raise ValueError(
                 f"LoRA shapes A {p.a.shape}, B {p.b.shape} do not fit a layer with "
                 f"{in_features} inputs"
             )
-        if end > out_features or covered[p.offset:end].any():
-            raise ValueError(f"LoRA rows {p.offset}:{end} overlap or exceed {out_features}")
-        covered[p.offset:end] = True
+        if p.offset < end or p.offset + p.b.shape[0] > out_features:
+            raise ValueError(f"LoRA rows {p.offset}:{p.offset + p.b.shape[0]} overlap or "
+                             f"exceed {out_features}")
+        end = p.offset + p.b.shape[0]
     shared = all(p.a.shape == parts[0].a.shape and np.array_equal(p.a, parts[0].a) for p in parts)
     downs = [parts[0].a] if shared else [p.a for p in parts]
-    rank = sum(a.shape[0] for a in downs)
-    b = np.zeros((rank, out_features), dtype=np.float32)
+    cols = np.cumsum([0] + [a.shape[0] for a in downs])
+    blocks, layout = [], []
+    for i, p in enumerate(parts):
+        col = 0 if shared else int(cols[i])
+        last = layout[-1] if layout else None
+        if shared and last and last[0] + blocks[-1].shape[1] == p.offset:
+            blocks[-1] = np.concatenate([blocks[-1], p.b.T], axis=1)  # adjacent rows: one block
+        else:
+            blocks.append(np.ascontiguousarray(p.b.T, dtype=np.float32))
+            layout.append((p.offset, col))
     bias = None
-    col = 0
-    for p in parts:
-        r = p.a.shape[0]
-        rows = slice(p.offset, p.offset + p.b.shape[0])
-        b[col:col + r, rows] = p.b.T
-        if not shared:
-            col += r
-        if p.bias is not None:
-            bias = np.zeros(out_features, np.float32) if bias is None else bias
-            bias[rows] = p.bias
-    a = np.concatenate(downs, axis=0).T.astype(np.float32)
-    return LayerUpdate(np.ascontiguousarray(a), b, bias)
+    if any(p.bias is not None for p in parts):
+        bias = np.zeros(out_features, np.float32)
+        for p in parts:
+            if p.bias is not None:
+                bias[p.offset:p.offset + p.bias.shape[0]] = p.bias
+    a = np.ascontiguousarray(np.concatenate(downs, axis=0).T, dtype=np.float32)
+    return LayerUpdate(a, blocks, layout, out_features, bias)
 
 
 def _out_in(base: nn.Module) -> tuple[int, int]:
@@ -113,6 +131,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.adapters = {}
+        object.__setattr__(self, "_layouts", {})  # name -> block layout (not parameters)
 
     @property
     def weight(self) -> mx.array:
@@ -129,19 +148,37 @@ class LoRALinear(nn.Module):
         out, inp = self.shape
         if name in self.adapters:
             raise ValueError(f"a LoRA named {name!r} is already applied")
-        if update.a.shape[0] != inp or update.b.shape[1] != out:
-            raise ValueError(f"LoRA ({update.a.shape[0]} -> {update.b.shape[1]}) does not fit "
-                             f"a {inp} -> {out} layer")
-        entry = {"a": mx.array(update.a, dtype=dtype), "b": mx.array(update.b, dtype=dtype),
+        if update.a.shape[0] != inp or update.out_features != out:
+            raise ValueError(f"LoRA ({update.a.shape[0]} -> {update.out_features}) does not "
+                             f"fit a {inp} -> {out} layer")
+        entry = {"a": mx.array(update.a, dtype=dtype),
+                 "b": [mx.array(blk, dtype=dtype) for blk in update.blocks],
                  "scale": mx.array(scale, dtype=mx.float32)}
         if update.bias is not None:
             entry["bias"] = mx.array(update.bias, dtype=dtype)
         self.adapters[name] = entry
+        self._layouts[name] = list(update.layout)
+
+    def _through_b(self, name: str, xa: mx.array) -> mx.array:
+        """xa (..., R) = x @ A through the blocks of B -> (..., out); see LayerUpdate."""
+        entry, layout = self.adapters[name], self._layouts[name]
+        out = self.shape[0]
+        if len(layout) == 1 and layout[0] == (0, 0) and entry["b"][0].shape == (xa.shape[-1], out):
+            return xa @ entry["b"][0]
+        pieces, row = [], 0
+        for (start, col), blk in zip(layout, entry["b"]):
+            if start > row:
+                pieces.append(mx.zeros((*xa.shape[:-1], start - row), xa.dtype))
+            pieces.append(xa[..., col:col + blk.shape[0]] @ blk)
+            row = start + blk.shape[1]
+        if row < out:
+            pieces.append(mx.zeros((*xa.shape[:-1], out - row), xa.dtype))
+        return mx.concatenate(pieces, axis=-1)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        for entry in self.adapters.values():
-            delta = (x @ entry["a"]) @ entry["b"]
+        for name, entry in self.adapters.items():
+            delta = self._through_b(name, x @ entry["a"])
             if "bias" in entry:
                 delta = delta + entry["bias"]
             y = y + (entry["scale"] * delta).astype(y.dtype)
@@ -151,8 +188,9 @@ class LoRALinear(nn.Module):
         """sum_i scale_i * (A_i @ B_i).T, (out, in) float32."""
         out, inp = self.shape
         total = mx.zeros((out, inp), dtype=mx.float32)
-        for e in self.adapters.values():
-            total = total + e["scale"] * (e["a"].astype(mx.float32) @ e["b"].astype(mx.float32)).T
+        for name, e in self.adapters.items():
+            # A (in, R) is x @ A for x = the identity: (in, out) = (A @ B)
+            total = total + e["scale"] * self._through_b(name, e["a"]).astype(mx.float32).T
         return total
 
     def fused(self) -> nn.Linear:
@@ -203,8 +241,8 @@ def check_targets(model: nn.Module, updates: Mapping[str, LayerUpdate]) -> list[
             problems.append(f"{path} (a {type(layer).__name__}, not a linear layer)")
             continue
         out, inp = _out_in(layer.base if isinstance(layer, LoRALinear) else layer)
-        if update.a.shape[0] != inp or update.b.shape[1] != out:
-            problems.append(f"{path} (LoRA {update.a.shape[0]} -> {update.b.shape[1]}, "
+        if update.a.shape[0] != inp or update.out_features != out:
+            problems.append(f"{path} (LoRA {update.a.shape[0]} -> {update.out_features}, "
                             f"layer {inp} -> {out})")
     return problems
 
@@ -273,6 +311,7 @@ def remove(model: nn.Module, names: Sequence[str] | None = None) -> None:
     for path, layer in lora_layers(model):
         for name in list(layer.adapters) if names is None else names:
             layer.adapters.pop(name, None)
+            layer._layouts.pop(name, None)
         if not layer.adapters:
             parent, key, _ = _lookup(model, path)
             parent[key] = layer.base
@@ -294,4 +333,4 @@ def fuse(model: nn.Module) -> None:
 def parameter_count(model: nn.Module) -> int:
     """Number of LoRA parameters (A, B, biases) attached to `model`."""
     return sum(v.size for _, layer in lora_layers(model) for e in layer.adapters.values()
-               for k, v in e.items() if k != "scale")
+               for v in [e["a"], *e["b"], *([e["bias"]] if "bias" in e else [])])

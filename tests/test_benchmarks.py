@@ -45,3 +45,10 @@ def test_bench_pipeline_phases(repo_root, tiny_ckpt):
     assert re.match(r"pipeline 64x64 \(float32, low memory\): load [\d.]+ s, text [\d.]+ s, "
                     r"VAE encode [\d.]+ s, step [\d.]+ s, VAE decode [\d.]+ s; "
                     r"peak [\d.]+ GB", last), last
+
+
+def test_bench_lora_overhead_line(repo_root):
+    last = _run(repo_root, "bench_lora.py", "--hidden", "128", "--image-tokens", "16",
+                "--text-tokens", "8", "--ranks", "4", "--counts", "1,2", "--reps", "1")
+    assert re.fullmatch(r"lora rank 4 x1 unfused overhead: -?[\d.]+%  \(FLOP share [\d.]+%\)",
+                        last), last

@@ -197,3 +197,32 @@ def test_memory_estimate_counts_lora_parameters():
     assert with_lora["peak"] == pytest.approx(base["peak"] + 2.0)
     assert with_lora["peak_low_memory"] >= base["peak_low_memory"] + 2.0 - 1e-9
     assert "weights_lora" not in base
+
+
+def test_hub_sources_go_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from mlx_edit.weights.lora import locate, split_spec
+
+    files = {"owner/one": ["README.md", "style.safetensors"],
+             "owner/two": ["a.safetensors", "b.safetensors"]}
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: files[repo])
+
+    def download(repo, filename):
+        calls.append((repo, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert locate("owner/one") == tmp_path / "style.safetensors"
+    assert locate("owner/two:b.safetensors") == tmp_path / "b.safetensors"
+    assert locate("owner/two", weight_name="a.safetensors") == tmp_path / "a.safetensors"
+    assert calls == [("owner/one", "style.safetensors"), ("owner/two", "b.safetensors"),
+                     ("owner/two", "a.safetensors")]
+    with pytest.raises(WeightLoadError, match="several .safetensors files.*owner/two:FILE"):
+        locate("owner/two")
+    with pytest.raises(WeightLoadError, match="no such LoRA file"):
+        locate(str(tmp_path / "missing.safetensors"))
+    assert split_spec("owner/two:b.safetensors:0.5") == ("owner/two:b.safetensors", 0.5)
+    assert split_spec("style.safetensors") == ("style.safetensors", None)
+    assert split_spec("dir/style.safetensors:-1") == ("dir/style.safetensors", -1.0)

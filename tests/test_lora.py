@@ -113,9 +113,9 @@ def xlabs_lora(ours, seed, rank=4):
     return sd
 
 
-def compare(folder, files_scales, tmp_path=None):
+def compare(folder, files_scales, cfg=TINY):
     """(rel err ours vs diffusers with the LoRAs, rel size of the LoRA effect)."""
-    x = make_inputs(TINY)
+    x = make_inputs(cfg)
     ref = fresh_reference(folder)
     base = run_reference(ref, x)
     Host(ref).load(files_scales)
@@ -297,3 +297,22 @@ def test_fal_kontext_names_match_diffusers(tmp_path):
                         "lora_B")
     assert load_lora_file(path).formats == ("bfl",)
     assert converted_mismatch(path, FULL["hidden"]) <= 1e-6
+
+
+# FLUX.1 widths (diffusers' kohya converter splits linear1 at 3072/12288), one single block
+# and no double block: the smallest model its converter accepts (~0.2 B parameters).
+WIDE_SINGLE = dict(in_channels=64, out_channels=64, num_layers=0, num_single_layers=1,
+                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=64,
+                   pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+@pytest.mark.slow
+def test_kohya_linear1_on_a_full_width_model_matches_diffusers(tmp_path):
+    folder = tmp_path / "wide_single"
+    build_reference(WIDE_SINGLE).save_pretrained(folder, safe_serialization=True)
+    mods = _full_width_modules(blocks=False)
+    path = _factor_file(tmp_path / "k.safetensors", mods, "lora_unet_", "lora_down", "lora_up",
+                        "_", alpha=8, rank=4)
+    err, effect = compare(folder, {path: 0.8}, WIDE_SINGLE)
+    assert effect > 1e-3, effect
+    assert err <= TOL, err

@@ -82,7 +82,7 @@ def test_combine_is_exact_for_shared_and_stacked_downs():
     ({**pair("lora_unet_down_blocks_0_attentions_0_proj_in", 64, 64, down="lora_down",
              up="lora_up")}, "lora_unet_down_blocks_0_attentions_0_proj_in"),
     ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (4, 64)},
-     "transformer.transformer_blocks.0.attn.to_q.a"),
+     "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"),
     ({**pair("transformer.transformer_blocks.0.attn.to_q", 64, 64),
       "transformer.transformer_blocks.0.attn.weird": (3,)}, "attn.weird"),
 ])

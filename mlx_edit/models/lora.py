@@ -112,7 +112,7 @@ def combine(parts: Sequence[Part], in_features: int, out_features: int) -> Layer
     return LayerUpdate(a, blocks, layout, out_features, bias)
 
 
-def _out_in(base: nn.Module) -> tuple[int, int]:
+def linear_shape(base: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a Linear or QuantizedLinear."""
     out = base.weight.shape[0]
     if isinstance(base, nn.QuantizedLinear):
@@ -141,7 +141,7 @@ class LoRALinear(nn.Module):
     @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features) of the base layer."""
-        return _out_in(self.base)
+        return linear_shape(self.base)
 
     def add(self, name: str, update: LayerUpdate, scale: float, dtype: mx.Dtype) -> None:
         """Add adapter `name` (ValueError if present or mis-shaped)."""
@@ -212,7 +212,7 @@ class LoRALinear(nn.Module):
         return layer
 
 
-def _lookup(model: nn.Module, path: str):
+def find_layer(model: nn.Module, path: str):
     """(parent, key, module) of the dotted module `path`; KeyError if absent."""
     parent, node, key = None, model, None
     for part in path.split("."):
@@ -233,14 +233,14 @@ def check_targets(model: nn.Module, updates: Mapping[str, LayerUpdate]) -> list[
     problems = []
     for path, update in updates.items():
         try:
-            _, _, layer = _lookup(model, path)
+            _, _, layer = find_layer(model, path)
         except KeyError:
             problems.append(f"{path} (no such layer in this model)")
             continue
         if not isinstance(layer, (nn.Linear, nn.QuantizedLinear, LoRALinear)):
             problems.append(f"{path} (a {type(layer).__name__}, not a linear layer)")
             continue
-        out, inp = _out_in(layer.base if isinstance(layer, LoRALinear) else layer)
+        out, inp = linear_shape(layer.base if isinstance(layer, LoRALinear) else layer)
         if update.a.shape[0] != inp or update.out_features != out:
             problems.append(f"{path} (LoRA {update.a.shape[0]} -> {update.out_features}, "
                             f"layer {inp} -> {out})")
@@ -268,7 +268,7 @@ def attach(model: nn.Module, name: str, updates: Mapping[str, LayerUpdate], scal
     if name in adapter_names(model):
         raise ValueError(f"a LoRA named {name!r} is already applied; unload it or pick a name")
     for path, update in updates.items():
-        parent, key, layer = _lookup(model, path)
+        parent, key, layer = find_layer(model, path)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             parent[key] = layer
@@ -313,7 +313,7 @@ def remove(model: nn.Module, names: Sequence[str] | None = None) -> None:
             layer.adapters.pop(name, None)
             layer._layouts.pop(name, None)
         if not layer.adapters:
-            parent, key, _ = _lookup(model, path)
+            parent, key, _ = find_layer(model, path)
             parent[key] = layer.base
 
 
@@ -326,7 +326,7 @@ def fuse(model: nn.Module) -> None:
         raise ValueError("cannot fuse LoRAs into quantized layers (" + ", ".join(quantized[:3])
                          + "): fuse into the float model, then quantize")
     for path, layer in layers:
-        parent, key, _ = _lookup(model, path)
+        parent, key, _ = find_layer(model, path)
         parent[key] = layer.fused()
 
 

@@ -34,7 +34,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit.models.lora import LayerUpdate, Part, check_targets, combine
+from mlx_edit.models.lora import (
+    LayerUpdate,
+    Part,
+    check_targets,
+    combine,
+    find_layer,
+    linear_shape,
+)
 from mlx_edit.weights.core import WeightLoadError
 
 _D, _S = "double_blocks.{i}.", "single_blocks.{i}."
@@ -218,18 +225,17 @@ class LoRAFile:
 
 
 def _layer_out(model, path: str) -> int | None:
-    from mlx_edit.models.lora import _lookup, _out_in
-
     try:
-        layer = _lookup(model, path)[2]
-        return _out_in(getattr(layer, "base", layer))[0]
+        layer = find_layer(model, path)[2]
+        return linear_shape(getattr(layer, "base", layer))[0]
     except (KeyError, AttributeError, IndexError):
         return None
 
 
 def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
-    """Group keys by module: ({module: {role: array}}, ignored {reason: keys}, unknown)."""
-    modules: dict[str, dict[str, np.ndarray]] = {}
+    """Group keys by module: ({module: {role: (key, array)}}, ignored {reason: keys},
+    unknown keys)."""
+    modules: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     ignored: dict[str, list[str]] = {}
     unknown = []
     for key, value in tensors.items():
@@ -241,7 +247,7 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
         if split is None:
             unknown.append(key)
             continue
-        modules.setdefault(split[0], {})[split[1]] = value
+        modules.setdefault(split[0], {})[split[1]] = (key, value)
     return modules, ignored, unknown
 
 
@@ -276,11 +282,12 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     parts: dict[str, list[Part]] = {}
     formats = set()
     bad = list(unknown)
-    for module, roles in modules.items():
+    for module, named in modules.items():
         target = resolve_module(module)
-        if target is None or "a" not in roles or "b" not in roles:
-            bad.extend(f"{module}.{r}" for r in roles)
+        if target is None or "a" not in named or "b" not in named:
+            bad.extend(key for key, _ in named.values())
             continue
+        roles = {role: value for role, (_, value) in named.items()}
         fmt, path, offset, swap = target
         formats.add(fmt)
         a, b = roles["a"].astype(np.float32), roles["b"].astype(np.float32)

@@ -7,12 +7,14 @@
 
 Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
 default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks.
-Each LoRA is a random file in diffusers naming on every attention and MLP projection of
+A fused LoRA costs exactly the "none" row (the same layers, other values). Each LoRA is a
+random file in diffusers naming on every attention and MLP projection of
 every block (to_q/k/v, to_out, add_*_proj, to_add_out, ff, ff_context, the single block's
 to_q/k/v, proj_mlp and proj_out; as ai-toolkit trains them), converted by our loader
 (separate q/k/v downs stacked into the fused layers). Reported per row: median forward
-seconds after one warm-up and the overhead against no LoRA; the LoRA FLOPs as a share
-of the linear layers' FLOPs. Last line:
+seconds (rows interleaved round by round, so load changes hit all of them; one warm-up
+per row and round) and the overhead against no LoRA; the ideal LoRA FLOPs as a share of
+the LoRA'd layers' FLOPs. Last line:
 `lora rank R x1 unfused overhead: X%  (FLOP share Y%)` for the largest rank.
 """
 
@@ -78,13 +80,11 @@ def random_lora(cfg: FluxConfig, rank: int, seed: int):
     return convert(tensors, name=f"rank{rank}")
 
 
-def flop_share(cfg: FluxConfig, rank: int, n_tokens: int) -> float:
-    """Ideal LoRA FLOPs (rank r per separate projection) / the LoRA'd layers' FLOPs."""
+def flop_share(cfg: FluxConfig, rank: int) -> float:
+    """Ideal LoRA FLOPs (rank r per separate projection) / the LoRA'd layers' FLOPs (both
+    per token)."""
     shapes = module_shapes(cfg).values()
-    lora = sum(rank * (o + i) for o, i in shapes)
-    base = sum(o * i for o, i in shapes)
-    del n_tokens  # both scale with the token count
-    return lora / base
+    return sum(rank * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
 
 
 def main(argv=None) -> int:
@@ -113,24 +113,28 @@ def main(argv=None) -> int:
 
     ranks = [int(r) for r in args.ranks.split(",")]
     counts = [int(c) for c in args.counts.split(",")]
-    base = common.med(common.median_time(forward, args.reps))
-    rows = [["none", "", f"{base:.3f}", "", ""]]
-    results = {}
-    for rank in ranks:
-        files = [random_lora(cfg, rank, s) for s in range(max(counts))]
-        for count in counts:
-            for i, f in enumerate(files[:count]):
+    files = {r: [random_lora(cfg, r, s) for s in range(max(counts))] for r in ranks}
+    configs = [(0, 0)] + [(r, c) for r in ranks for c in counts]
+    times = {k: [] for k in configs}
+    forward()  # warm-up
+    for _ in range(args.reps):  # interleaved rounds: load changes hit every row alike
+        for rank, count in configs:
+            for i, f in enumerate(files.get(rank, [])[:count]):
                 L.attach(model, f"l{i}", f.updates(model), 0.8)
-            s = common.med(common.median_time(forward, args.reps))
-            results[(rank, count)] = s / base - 1
-            share = count * flop_share(cfg, rank, n + t)
-            rows.append([f"{count} x rank {rank}", "unfused", f"{s:.3f}",
-                         f"{100 * (s / base - 1):+.1f}%", f"{100 * share:.1f}%"])
+            forward()  # warm-up of this structure
+            times[(rank, count)] += common.median_time(forward, 1, warmup=0)
             L.remove(model)
-    print(common.table(rows, ["LoRAs", "mode", "median s", "vs none", "ideal FLOP share"]))
+    base = common.med(times[(0, 0)])
+    rows, overhead = [["none (= fused)", f"{base:.3f}", "", ""]], {}
+    for rank, count in configs[1:]:
+        s = common.med(times[(rank, count)])
+        overhead[(rank, count)] = s / base - 1
+        rows.append([f"{count} x rank {rank}, unfused", f"{s:.3f}", f"{100 * (s / base - 1):+.1f}%",
+                     f"{100 * count * flop_share(cfg, rank):.1f}%"])
+    print(common.table(rows, ["LoRAs", "median s", "vs none", "ideal FLOP share"]))
     top = max(ranks)
-    print(f"lora rank {top} x1 unfused overhead: {100 * results[(top, 1)]:.1f}%  "
-          f"(FLOP share {100 * flop_share(cfg, top, n + t):.1f}%)")
+    print(f"lora rank {top} x1 unfused overhead: {100 * overhead[(top, min(counts))]:.1f}%  "
+          f"(FLOP share {100 * flop_share(cfg, top):.1f}%)")
     return 0
 
 

@@ -127,8 +127,22 @@ def compare(folder, files_scales, cfg=TINY):
 
 
 def _save(sd, path):
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    metadata = sd.pop("__metadata__", None)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata)
     return path
+
+
+def with_peft_metadata(sd, alpha, alpha_pattern):
+    """A diffusers `save_lora_weights` file: PEFT config (lora_alpha, patterns) in the
+    safetensors metadata instead of alpha tensors."""
+    import json
+
+    modules = sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in sd})
+    rank = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": modules,
+              "alpha_pattern": alpha_pattern, "rank_pattern": {}}
+    return {**sd, "__metadata__": {"format": "pt", "lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in config.items()})}}
 
 
 # diffusers' kohya converter splits linear1 at FLUX's full widths (3072, 12288) only, and
@@ -140,6 +154,9 @@ FORMATS = {
     "diffusers_alpha": lambda ref, ours: diffusers_lora(ref, 1, alpha=8),
     "diffusers_subset_mixed_rank": lambda ref, ours: diffusers_lora(
         ref, 2, only=r"(to_q|to_v|add_k_proj|proj_mlp|ff\.net\.2)$", std=0.15),
+    "diffusers_peft_metadata": lambda ref, ours: with_peft_metadata(
+        diffusers_lora(ref, 6, std=0.1), 12.0,
+        {"transformer_blocks.1.attn.to_k": 2.0, "single_transformer_blocks.0.proj_out": 1.0}),
     "kohya": lambda ref, ours: bfl_lora(ours, 3, "lora_unet_", "lora_down", "lora_up", "_",
                                         alpha=2, skip=KOHYA_SKIP),
     "comfyui": lambda ref, ours: bfl_lora(ours, 4, "diffusion_model.", "lora_down", "lora_up",

@@ -1,5 +1,31 @@
-"""mlx-edit: FLUX.1 Fill inpainting and outpainting on Apple MLX."""
+"""mlx-edit: edit photos with FLUX.1 on Apple MLX (Fill inpainting and outpainting,
+Canny/Depth restyling, Kontext instruction edits), proven against diffusers.
+
+    from mlx_edit import FluxFill, FluxKontext, ControlNetSpec, IPAdapterSpec, ReduxSpec
+
+Names load lazily (PEP 562), so `import mlx_edit` stays light (the CLI's --help).
+"""
 
 from mlx_edit import _blas  # noqa: F401  (must run before mlx is imported)
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "FluxFill": "mlx_edit.pipeline",
+    "FluxPipeline": "mlx_edit.pipeline",
+    "FluxKontext": "mlx_edit.kontext",
+    "ControlNetSpec": "mlx_edit.conditioning.controlnet",
+    "IPAdapterSpec": "mlx_edit.conditioning.image_prompts",
+    "ReduxSpec": "mlx_edit.conditioning.image_prompts",
+    "InputError": "mlx_edit.imaging.images",
+    "WeightLoadError": "mlx_edit.weights.core",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mlx_edit' has no attribute {name!r}")

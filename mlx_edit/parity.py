@@ -95,11 +95,14 @@ def psnr(ours: np.ndarray, ref: np.ndarray, peak_to_peak: float = 2.0) -> float:
 
 def read_reference(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(arrays, metadata) of a reference dump. Raises ValueError if it is not one."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors reference ({e})") from None
     if not meta.get("format", "").startswith("mlx-edit parity reference"):
         raise ValueError(f"{path}: not an mlx-edit parity reference (no 'format' metadata); "
                          "make one with scripts/parity_reference.py")
@@ -120,7 +123,7 @@ def _timed(row: Row, timer: _Timer) -> Row:
 
 
 def _text_rows(ref: dict, meta: dict, root: Path, dtype: mx.Dtype, tol: Tolerances) -> list[Row]:
-    from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
+    from mlx_edit.text import ClipTokenizer, T5Tokenizer
     from mlx_edit.weights.sources import component_dir
     from mlx_edit.weights.text import load_clip_text, load_t5
 
@@ -269,12 +272,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(s.rstrip() for s in out)
 
 
+def _finite(value: float) -> float:
+    if not math.isfinite(value):  # FloatRange lets NaN through (its comparisons are False)
+        raise click.BadParameter(f"{value} is not a finite number",
+                                 param_hint="'--tolerance-scale'")
+    return value
+
+
 @click.command("parity")
 @click.argument("ref", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The FLUX.1 Fill folder the reference was made from.")
-@click.option("--tolerance-scale", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--tolerance-scale", type=click.FloatRange(min=0, max=1e6, min_open=True),
+              default=1.0, callback=lambda ctx, p, v: _finite(v),
               show_default=True, help="Multiply every relative tolerance by this factor.")
 def parity_command(ref: Path, model_dir: Path, tolerance_scale: float) -> None:
     """Compare mlx-edit with a diffusers reference dump REF (scripts/parity_reference.py).

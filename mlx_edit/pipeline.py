@@ -11,6 +11,7 @@ VAE posterior mode (BFL's choice, and deterministic) instead of a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -20,65 +21,82 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import __version__
-from mlx_edit.sampling.denoise import (
-    Conditioner,
-    EditJob,
-    Phase,
-    PromptEmbeds,
-    denoise,
-    initial_noise,
+from mlx_edit import __version__, variants
+from mlx_edit.components import Components, limit_cache
+from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
+from mlx_edit.conditioning.context import Conditioner, ConditioningContext
+from mlx_edit.conditioning.controlnet import ControlNetSpec, prepare_controls  # noqa: F401
+from mlx_edit.conditioning.fill import fill_conditioner
+from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public names)
+    IPAdapterSpec,
+    ReduxSpec,
+    prepare_ip_adapters,
+    prepare_redux,
 )
-from mlx_edit.conditioning.controlnet import BFL_CANNY, ControlNetSpec, bfl_conditioner, prepare_controls
-from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_ip_adapters, prepare_redux
+from mlx_edit.conditioning.kontext import kontext_tokens
+from mlx_edit.imaging import masks
+from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
+    CONTROL_GUIDANCE,
+    DEFAULT_FEATHER,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    OUTPAINT_OVERLAP,
+    EditOptions,
+    check_canvas,
+    check_prompt,
+)
 from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.layers import IPAdapterKV
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
+from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import (
-    fill_conditioning,
     image_ids,
+    pack_latent_mask,
     pack_latents,
-    pack_mask,
     scale_latents,
     token_grid,
     unpack_latents,
     unscale_latents,
 )
-from mlx_edit.imaging import masks
-from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.models.layers import IPAdapterKV
-from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.components import Components, limit_cache
-from mlx_edit.sampling.sampler import (
-    flux_sigmas,
-    load_scheduler_config,
-    noise_latents,
-)
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
+from mlx_edit.imaging.blend import seam_band
+from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 from mlx_edit.tiling import decode_auto, encode_auto
-from mlx_edit.tokenizers import ClipTokenizer, T5Tokenizer
 from mlx_edit.weights.core import default_dtype, read_config
-from mlx_edit.weights.flux import describe_variant, load_transformer, read_transformer_config
+from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights import lora as lora_files
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
-from mlx_edit.weights.text import load_clip_text, load_t5
+from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
-DEFAULT_STEPS = 50  # diffusers FluxFillPipeline and BFL cli_fill
-DEFAULT_GUIDANCE = 30.0  # idem: Fill is guidance-distilled for high guidance values
-DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
-OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
+PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
-CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}  # BFL cli_control.py defaults
-FILL_IN, CONTROL_IN = 384, 128  # transformer in_channels of Fill and of Canny/Depth-dev
+SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
 
-class FluxFill:
-    """FLUX.1 Fill inpainting/outpainting. Build with `FluxFill.from_pretrained`.
+
+def _tokens(plan: CropPlan) -> int:
+    """Packed image tokens of the plan's model canvas."""
+    w, h = plan.model_size
+    h_tok, w_tok = token_grid(h, w)
+    return h_tok * w_tok
+
+
+class FluxPipeline:
+    """What every FLUX edit shares: models on demand, prompt encoding, planning,
+    conditioning, the one denoise loop and decoding. Edits live in subclasses
+    (`FluxFill`, `FluxKontext`), which name the variants they load (mlx_edit.variants).
 
     The text encoders are loaded for each new prompt and freed right after encoding
     (prompt embeddings are cached), so they never sit in memory during denoising. The
     transformer and VAE (`components`) stay loaded, or with `low_memory` are loaded for
     the phase that needs them and freed after it (mlx_edit.components).
     """
+
+    VARIANTS: tuple[str, ...] = ("fill", "control")  # names in mlx_edit.variants.VARIANTS
 
     def __init__(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path, *,
                  quantize: int | None = None, low_memory: bool = False):
@@ -87,7 +105,10 @@ class FluxFill:
         self.root, self.dtype, self.source = root, dtype, source
         self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
         self.low_memory = low_memory
-        kinds, vae_dir = (FILL_IN, CONTROL_IN), component_dir(root, "vae")
+        kinds, vae_dir = variants.accepted_in_channels(*self.VARIANTS), component_dir(root, "vae")
+        index = root / "model_index.json"
+        self.pipeline_class = read_config(root, index.name).get("_class_name") \
+            if index.is_file() else None
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
         t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
         self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
@@ -96,9 +117,8 @@ class FluxFill:
                                     expect_in_channels=kinds, quantize=quantize),
              "vae": partial(load_vae, vae_dir, dtype)},
             {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
-        self.scheduler_config = load_scheduler_config(component_dir(root, "scheduler"))
-        self.clip_tokenizer = ClipTokenizer.from_folder(component_dir(root, "tokenizer"))
-        self.t5_tokenizer = T5Tokenizer.from_folder(component_dir(root, "tokenizer_2"))
+        # damaged tokenizer/scheduler files fail here, as one WeightLoadError
+        self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
         for name in ("text_encoder", "text_encoder_2"):
             component_dir(root, name)  # fail at load time, not after the first prompt
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
@@ -178,18 +198,50 @@ class FluxFill:
         return self.components.config("vae")
 
     @property
-    def variant(self) -> str:
-        """'fill' (FLUX.1 Fill, in_channels 384) or 'control' (FLUX.1 Canny/Depth-dev, 128)."""
-        return "control" if self.transformer_config.in_channels == CONTROL_IN else "fill"
+    def variant_info(self) -> variants.Variant:
+        """The loaded transformer's variant (mlx_edit.variants), known without weights."""
+        cfg = self.transformer_config
+        found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
+        ours = [variants.VARIANTS[n] for n in self.VARIANTS]
+        same_width = [v for v in ours if v.in_channels == cfg.in_channels]
+        if found not in ours and same_width:  # e.g. a BFL Kontext file: no model_index
+            return same_width[0]
+        return found or variants.Variant("unknown", variants.describe(cfg.in_channels), "",
+                                         cfg.in_channels, cfg.guidance_embeds, 0, 0.0,
+                                         "none", ())
 
-    def _require(self, variant: str, edit: str) -> None:
-        """InputError unless the loaded transformer is `variant` (before any work)."""
-        if self.variant != variant:
-            need = {"fill": "a FLUX.1 Fill model (black-forest-labs/FLUX.1-Fill-dev)",
-                    "control": "a FLUX.1 Canny or Depth control model "
-                               "(black-forest-labs/FLUX.1-Canny-dev or FLUX.1-Depth-dev)"}
-            found = describe_variant(self.transformer_config)
-            raise InputError(f"{edit} needs {need[variant]}; {self.source} is {found}")
+    @property
+    def variant(self) -> str:
+        """The variant's name: 'fill' (FLUX.1 Fill, in_channels 384), 'control' (FLUX.1
+        Canny/Depth-dev, 128), 'kontext' (64), ... (mlx_edit.variants)."""
+        return self.variant_info.name
+
+    def _require(self, edit: str) -> None:
+        """InputError unless the loaded transformer is the variant serving `edit`."""
+        want = variants.for_edit(edit)
+        if self.variant != want.name:
+            raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
+                             f"{self.source} is {self.variant_info.title}")
+
+    def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
+                  ) -> np.ndarray:
+        """The edit mask (H, W) float32 in [0, 1] of `image`: `mask` as a path, PIL or array
+        (resized with a warning when its size differs), or `segment.Points` / `segment.Box`
+        prompts (one or a list), segmented first with SAM 2.1 (`segment_model`, default the
+        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large) and
+        freed before anything else loads. Raises InputError (bad mask or prompt) and
+        WeightLoadError (segmenter)."""
+        from mlx_edit.segment import Box, Points
+
+        prompts = mask if isinstance(mask, (list, tuple)) else [mask]
+        if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
+            return load_mask(mask, image.size)
+        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_from_prompts, prompts_from_specs
+
+        own = self.root / "segmenter"
+        model = segment_model or (own if own.is_dir() else DEFAULT_SEGMENTER)
+        return mask_from_prompts(image, **prompts_from_specs(prompts), model=model
+                                 ).astype(np.float32)
 
     # ------------------------------------------------------------------ LoRA
 
@@ -270,7 +322,9 @@ class FluxFill:
         del t5
         mx.clear_cache()
         embeds = PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))
-        self._prompt_cache = {key: embeds}  # keep only the latest: embeddings are small
+        self._prompt_cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
         return embeds
 
     # ------------------------------------------------------------------ preparation
@@ -296,11 +350,42 @@ class FluxFill:
                         threshold_gb=self.tile_threshold_gb)
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
-    def _fill_conditioning(self, pixels: np.ndarray, mask: np.ndarray, plan: CropPlan
-                           ) -> mx.array:
-        """The default Conditioner: Fill's masked-image latents + packed mask (1, N, 320)."""
-        masked = self.encode_image(pixels * (1.0 - mask[..., None]))
-        return fill_conditioning(masked, pack_mask(mx.array(mask)[None]))
+    def context(self, plan: CropPlan, inner: tuple[int, int, int, int] | None = None
+                ) -> ConditioningContext:
+        """What conditioners see of an edit planned as `plan` (mlx_edit.conditioning)."""
+        return ConditioningContext(self.dtype, self.quantize, self.transformer_config,
+                                   self.vae_config, self.encode_image, plan, inner)
+
+    def job_context(self, job: EditJob) -> ConditioningContext:
+        """The conditioning context of a prepared `job` (e.g. to add ControlNet hooks by
+        hand: `job.controls = prepare_controls(pipe.job_context(job), specs)[0]`)."""
+        inner = None
+        if job.metadata.get("mode") == "outpaint":
+            left, right, top, bottom = job.metadata["expand"]
+            w, h = job.original.size
+            inner = (left, top, w - right, h - bottom)
+        return self.context(job.plan, inner).for_loop(
+            job.embeds, job.guidance, len(job.sigmas) - 1, job.latents.shape[0])
+
+    def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
+             crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None
+             ) -> tuple[CropPlan, Image.Image, np.ndarray]:
+        """(crop plan, model canvas, binary model mask at the canvas size) of an edit,
+        its memory checked (`plan` given: used as it is). Raises InputError (mask empty at
+        the model's resolution, or an edit that would not fit in memory: the message lists
+        options that do)."""
+        if plan is None:
+            target = MODEL_PIXELS if crop_to_mask is not False else None
+            plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
+        check_fits(self.memory_estimate(*plan.model_size, num_images),
+                   low_memory=self.low_memory)
+        canvas, mask = crop_for_model(image, model_mask, plan)
+        if not mask.any():
+            raise InputError(
+                "the mask covers no pixel at the model's resolution: paint a larger area "
+                "or use --grow-mask"
+            )
+        return plan, canvas, mask
 
     def prepare(
         self,
@@ -308,92 +393,114 @@ class FluxFill:
         model_mask: np.ndarray,
         blend: np.ndarray,
         prompt: str,
+        options: EditOptions | None = None,
         *,
-        steps: int,
-        guidance: float,
-        seed: int,
-        num_images: int,
-        strength: float,
-        crop_to_mask: bool | None,
-        prompt_2: str | None,
-        max_sequence_length: int,
         noise: mx.array | None = None,
         metadata: dict | None = None,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
         conditioning: Conditioner | None = None,
+        references: Sequence[Image.Image] = (),
+        reference_resize: bool = True,
+        inner: tuple[int, int, int, int] | None = None,
+        plan: CropPlan | None = None,
+        keep_source: bool = False,
+        **overrides,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
+        options: EditOptions (or its fields as keyword `overrides`), checked here
+        (InputError): steps, guidance, seed(s), strength, the image prompts (ip_adapters,
+        redux: mlx_edit.conditioning.image_prompts), ControlNets (controlnets, aligned to
+        the canvas), true CFG (negative_prompt, true_cfg_scale > 1: two passes per step).
         conditioning: the Conditioner of the transformer's extra input channels (None:
-        Fill's; `mlx_edit.conditioning.controlnet.bfl_conditioner` for Canny/Depth-dev). Raises InputError
-        when its channels do not fit the transformer's in_channels.
+        the variant's own: Fill's masked image + mask; `conditioning.bfl_control.
+        bfl_conditioner` for Canny/Depth-dev; none for Kontext). references: Kontext
+        reference images (conditioning.kontext), appended as sequence tokens (resized to
+        the preferred Kontext resolution unless reference_resize is False).
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
-        ip_adapters / redux: image prompts (mlx_edit.conditioning.image_prompts), prepared once here.
-        controlnets: ControlNets (mlx_edit.conditioning.controlnet), their inputs aligned to the canvas.
+        inner: for an outpaint, the original's box on the canvas (ControlNet alignment).
+        plan: a crop plan to use instead of planning one (Kontext: the preferred size).
+        keep_source: after every step, latents outside the model mask are the source's
+        re-noised to the next sigma (`denoise.keep_source`; Kontext with a mask).
+        Raises InputError (bad options, empty mask, memory, channel mismatch).
         """
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        if num_images < 1:
-            raise InputError(f"num_images must be >= 1, got {num_images}")
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
+        o = EditOptions.of(options, overrides)
+        prompt = check_prompt(prompt)
+        plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
+                                       o.num_images, plan)
         stats: dict = {}
-        target = MODEL_PIXELS if crop_to_mask is not False else None
-        plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
-        canvas, mask = crop_for_model(image, model_mask, plan)
-        if not mask.any():
-            raise InputError(
-                "the mask covers no pixel at the model's resolution: paint a larger area "
-                "or use --grow-mask"
-            )
-        width, height = canvas.size
-        h_tok, w_tok = token_grid(height, width)
-        check_fits(self.memory_estimate(width, height, num_images), low_memory=self.low_memory)
+        guidance = o.effective_guidance
         self.components.release()  # low_memory: nothing but the text encoders while encoding
         with Phase(stats, "text_encode"):
-            embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
+            embeds = self.encode_prompt(prompt, o.prompt_2, o.max_sequence_length)
+            negative = None
+            if o.negative_prompt is not None and o.true_cfg_scale > 1.0:
+                negative = self.encode_prompt(o.negative_prompt, None, o.max_sequence_length)
+        steps = o.effective_steps
+        ctx = self.context(plan, inner).for_loop(embeds, guidance, steps, o.num_images)
         ip: list[IPAdapterKV] = []
-        if redux or ip_adapters:
+        if o.redux or o.ip_adapters:
             with Phase(stats, "image_prompts"):
-                if redux:
-                    embeds = prepare_redux(self, redux, embeds)
-                if ip_adapters:
-                    ip = prepare_ip_adapters(self, ip_adapters, batch_size=num_images)
+                embeds = prepare_redux(ctx, o.redux, embeds) if o.redux else embeds
+                ip = prepare_ip_adapters(ctx, o.ip_adapters) if o.ip_adapters else []
+            ctx = ctx.for_loop(embeds, guidance, steps, o.num_images)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
-            conditioning = (conditioning or self._fill_conditioning)(pixels, mask, plan)
-            image_latents = self.encode_image(pixels) if strength < 1.0 else None
-            mx.eval(conditioning, image_latents)
-        channels = 4 * self.vae_config.latent_channels  # packed 2x2 latents: 64
-        if channels + conditioning.shape[-1] != self.transformer_config.in_channels:
-            raise InputError(
-                f"the conditioning has {conditioning.shape[-1]} channels but the "
-                f"{describe_variant(self.transformer_config)} transformer takes "
-                f"{self.transformer_config.in_channels - channels}")
-        sigmas = flux_sigmas(steps, h_tok * w_tok, self.scheduler_config, strength)
-        seeds = [seed + i for i in range(num_images)]
+            channels = self._channels(ctx, conditioning, pixels, mask)
+            tokens, token_ids = kontext_tokens(ctx, references, reference_resize) \
+                if references else (None, None)
+            image_latents = self.encode_image(pixels) \
+                if o.strength < 1.0 or keep_source else None
+            mx.eval(channels, tokens, image_latents)
+        sigmas = flux_sigmas(steps, _tokens(plan), self.scheduler_config, o.strength)
         if noise is None:
-            noise = initial_noise(seeds, (h_tok * w_tok, channels), mx.float32)
-        latents = noise.astype(self.dtype)
-        if image_latents is not None:
-            latents = noise_latents(image_latents.astype(self.dtype), latents, float(sigmas[0]))
-        meta = {
-            "prompt": prompt, "prompt_2": prompt_2, "steps": steps, "guidance": guidance,
-            "strength": strength, "model": self.source, "mlx_edit_version": __version__,
-            "model_size": [width, height], "crop_box": list(plan.box),
-            "ip_adapters": [[str(a.model), a.scale] for a in ip_adapters] or None,
-            "redux": [[str(r.model), r.strength] for r in redux] or None,
-            "loras": [[n, x.source, x.scale] for n, x in self.loras.items()] or None,
-            **(metadata or {}),
-        }
-        job = EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
-                      seeds, meta, ip=ip, stats=stats)
-        if controlnets:  # their control images go through the VAE
+            noise = initial_noise(o.seeds, (_tokens(plan), ctx.latent_channels), mx.float32)
+        noise = noise.astype(self.dtype)
+        latents = noise if o.strength == 1.0 else \
+            noise_latents(image_latents.astype(self.dtype), noise, float(sigmas[0]))
+        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
+        job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
+                      o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids,
+                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats)
+        if keep_source:
+            job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
+                                              image_latents, noise, sigmas)
+        if o.controlnets:  # their control images go through the VAE
             with self.components.using("vae", stats):
-                job.controls = prepare_controls(self, job, list(controlnets))
+                job.controls, control_meta = prepare_controls(ctx, list(o.controlnets))
+            stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
+            job.metadata.update(control_meta)
         return job
+
+    def _metadata(self, o: EditOptions, plan: CropPlan, cfg: bool, extra: dict | None
+                  ) -> dict:
+        """The parameters an output records (PNG text chunks): options, model, geometry."""
+        return {
+            "prompt_2": o.prompt_2, "steps": o.effective_steps,
+            "guidance": o.effective_guidance,
+            "strength": o.strength, "model": self.source, "mlx_edit_version": __version__,
+            "model_size": list(plan.model_size), "crop_box": list(plan.box),
+            "ip_adapters": [[str(a.model), a.scale] for a in o.ip_adapters] or None,
+            "redux": [[str(r.model), r.strength] for r in o.redux] or None,
+            "loras": [[n, x.source, x.scale] for n, x in self.loras.items()] or None,
+            "negative_prompt": o.negative_prompt if cfg else None,
+            "true_cfg_scale": o.true_cfg_scale if cfg else None,
+            **(extra or {}),
+        }
+
+    def _channels(self, ctx: ConditioningContext, conditioner: Conditioner | None,
+                  pixels: np.ndarray, mask: np.ndarray) -> mx.array | None:
+        """The channel conditioning (1, N, K) of the edit, checked against the
+        transformer's input width (None when the variant takes no extra channels)."""
+        if conditioner is None and self.variant_info.conditioner == "fill":
+            conditioner = fill_conditioner
+        channels = conditioner(ctx, pixels, mask) if conditioner else None
+        have = ctx.latent_channels + (0 if channels is None else channels.shape[-1])
+        if have != ctx.transformer.in_channels:
+            raise InputError(
+                f"the conditioning has {have - ctx.latent_channels} channels but the "
+                f"{self.variant_info.title} transformer takes "
+                f"{ctx.transformer.in_channels - ctx.latent_channels}")
+        return channels
 
     # ------------------------------------------------------------------ run
 
@@ -410,7 +517,10 @@ class FluxFill:
             mx.reset_peak_memory()
             for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
                                       job.embeds, job.sigmas, job.guidance,
-                                      controls=job.controls, ip=job.ip):
+                                      controls=job.controls, ip=job.ip, tokens=job.tokens,
+                                      token_ids=job.token_ids, after_step=job.after_step,
+                                      negative=job.negative,
+                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
@@ -448,168 +558,12 @@ class FluxFill:
             blend[y0:y1, x0:x1] = 1.0
         out = []
         for seed, edited in zip(job.seeds, images):
-            result = stitch_back(job.original, edited, job.plan, blend)
+            result = stitch_back(job.original, edited, job.plan, blend,
+                                 **(job.paste if paste_back else {}))
             meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
             result.info.update({k: str(v) for k, v in meta.items() if v is not None})
             out.append(result)
         return out
-
-    # ------------------------------------------------------------------ public edits
-
-    def inpaint(
-        self,
-        image,
-        mask,
-        prompt: str,
-        *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = 0,
-        num_images: int = 1,
-        strength: float = 1.0,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        paste_back: bool = True,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
-        """Repaint the white area of `mask` in `image` following `prompt`.
-
-        image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
-        mask: path, PIL or array, white = repaint; resized (with a warning) if its size
-        differs. grow_mask / feather: px. crop_to_mask: None = automatic (edit a ~1 MP
-        window around the mask when the image is large), True/False to force.
-        ip_adapters / redux: image prompts (IPAdapterSpec / ReduxSpec from
-        mlx_edit.conditioning.image_prompts): the style or subject of reference images.
-        controlnets: ControlNetSpec list (mlx_edit.conditioning.controlnet): structure (edges, depth,
-        pose...) to keep; several are summed.
-        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
-        Canny/Depth transformer loaded instead of Fill).
-        """
-        self._require("fill", "inpaint")
-        image = load_image(image)
-        user_mask = load_mask(mask, image.size)
-        model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-        blend = masks.blend_mask(user_mask, grow_mask, feather)
-        job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
-        )
-        return self.run(job, paste_back, progress)
-
-    def outpaint(
-        self,
-        image,
-        prompt: str,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        overlap: int = OUTPAINT_OVERLAP,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = 0,
-        num_images: int = 1,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        ip_adapters: Sequence[IPAdapterSpec] = (),
-        redux: Sequence[ReduxSpec] = (),
-        controlnets: Sequence[ControlNetSpec] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
-        """Extend `image` by left/right/top/bottom px, generating the new border.
-
-        The original is kept exactly except for an `overlap` px band along each extended
-        side, which is regenerated and blended so the seam does not show.
-        Returns PIL images of size (W + left + right, H + top + bottom).
-        Raises InputError (no expansion, negative values; not a Fill transformer).
-        """
-        self._require("fill", "outpaint")
-        image = load_image(image)
-        canvas, model_mask, blend = outpaint_canvas(image, left, right, top, bottom,
-                                                    overlap=overlap)
-        job = self.prepare(
-            canvas, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
-                      "overlap": overlap},
-        )
-        return self.run(job, True, progress)
-
-    def restyle(
-        self,
-        image,
-        control_image,
-        prompt: str,
-        *,
-        control_type: str = "canny",
-        mask=None,
-        strength: float = 1.0,
-        steps: int = DEFAULT_STEPS,
-        guidance: float | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        grow_mask: float = 0,
-        feather: float = DEFAULT_FEATHER,
-        paste_back: bool = True,
-        crop_to_mask: bool | None = None,
-        prompt_2: str | None = None,
-        max_sequence_length: int = 512,
-        canny_low: float = BFL_CANNY[0],
-        canny_high: float = BFL_CANNY[1],
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
-        """Repaint `image` following `prompt` while keeping the structure (edges or depth)
-        of `control_image`, with FLUX.1 Canny-dev / Depth-dev (in_channels 128).
-
-        control_image: path, PIL or array, the same framing as `image`; None = `image`
-        itself (for canny). control_type: "canny" (edges computed here; thresholds on the
-        0-255 scale, BFL's 50/200), "depth" or "none" (a ready-made map, used as given).
-        mask: None = the whole image; else white = restyle, and outside the grown and
-        feathered mask the original is kept exactly (crop_to_mask as in `inpaint`).
-        strength < 1 starts from the image (img2img). guidance None: 30 for canny and
-        none, 10 for depth (BFL's defaults).
-        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (not a Canny/Depth transformer, depth without a control image,
-        bad numbers, empty mask, prompt too long).
-        """
-        self._require("control", "restyle")
-        image = load_image(image)
-        if control_image is None and control_type != "canny":
-            raise InputError(f"--control-type {control_type} needs --control-image (a "
-                             "ready-made map: no depth estimator is bundled)")
-        if mask is None:
-            model_mask = blend = np.ones(image.size[::-1], np.float32)
-        else:
-            user_mask = load_mask(mask, image.size)
-            model_mask = masks.grow_mask(user_mask, grow_mask) if grow_mask else user_mask
-            blend = masks.blend_mask(user_mask, grow_mask, feather)
-        if guidance is None:
-            guidance = CONTROL_GUIDANCE.get(control_type, DEFAULT_GUIDANCE)
-        conditioner = bfl_conditioner(self, image if control_image is None else control_image,
-                                      control_type, canny_low=canny_low, canny_high=canny_high)
-        job = self.prepare(
-            image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
-            num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
-            prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            conditioning=conditioner,
-            metadata={"mode": "restyle", "control_type": control_type,
-                      "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
-        )
-        return self.run(job, paste_back, progress)
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
@@ -621,3 +575,156 @@ class FluxFill:
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images
+
+
+class FluxFill(FluxPipeline):
+    """FLUX.1 Fill inpainting/outpainting, and restyling with FLUX.1 Canny/Depth-dev.
+    Build with `FluxFill.from_pretrained`."""
+
+    VARIANTS = ("fill", "control")
+
+    def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
+                progress: Callable[[int, int], None] | None = None,
+                **overrides) -> list[Image.Image]:
+        """Repaint the white area of `mask` in `image` following `prompt`.
+
+        image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
+        mask: path, PIL or array, white = repaint; resized (with a warning) if its size
+        differs; or clicks/boxes (`mlx_edit.segment.Points` / `Box`, segmented first with
+        SAM 2.1: `user_mask`). options: EditOptions, or its fields as keywords (steps, guidance, seed,
+        num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
+        automatic: edit a ~1 MP window around the mask when the image is large),
+        prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
+        the style or subject of reference images), controlnets (ControlNetSpec list:
+        structure to keep; several are summed)); defaults and ranges: mlx_edit.options.
+        Paste-back (mlx_edit.imaging.blend): color_match "none" | "mean-std" | "histogram"
+        (the edit's colours matched to the photo's in a ring around the mask), blend
+        "feather" | "poisson" (seamless cloning; the [blend] extra). soft_mask: the mask's
+        grey levels are per-pixel strengths (differential diffusion,
+        mlx_edit.sampling.soft_mask); everything > 0 is pasted back. seam_fix: px; > 0 runs
+        a second pass at strength SEAM_STRENGTH over a band of that half-width around the
+        blend boundary. rank "clip": candidates ordered by CLIP similarity of the edited
+        region to the prompt (mlx_edit.ranking; scores in the metadata), keep_best K kept;
+        rank_model: a CLIPModel folder or repo (default: the model folder's `ranker/`).
+        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
+        Raises InputError (bad input: a bad option, empty mask, prompt too long; a
+        Canny/Depth transformer loaded instead of Fill), before any model loads.
+        """
+        o = EditOptions.of(options, overrides, "inpaint")
+        check_prompt(prompt)
+        self._require("inpaint")
+        image = load_image(image)
+        user_mask = self.user_mask(image, mask, o.segment_model)
+        model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
+        if o.soft_mask:  # everything the soft mask touches is pasted back
+            blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,
+                                     o.feather)
+        job = self.prepare(image, model_mask, blend, prompt, o, metadata={
+            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
+            "color_match": o.color_match, "blend": o.blend, "soft_mask": o.soft_mask,
+            "seam_fix": o.seam_fix or None})
+        job.paste = {"color_match": o.color_match, "method": o.blend}
+        if o.soft_mask:
+            job.hook = self._soft_mask_hook(job, image, user_mask)
+        images = self.run(job, o.paste_back, progress)
+        if o.seam_fix:
+            band = seam_band(blend, o.seam_fix)
+            images = [self._seam_pass(img, band, prompt, job.paste, o, seed=o.seed + i)
+                      for i, img in enumerate(images)]
+        if o.rank:
+            from mlx_edit.ranking import rank_candidates
+
+            images = rank_candidates(images, prompt, blend, keep_best=o.keep_best,
+                                     rank_model=o.rank_model, model_root=self.root,
+                                     dtype=self.dtype)
+        return images
+
+    def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
+                   o: EditOptions, seed: int) -> Image.Image:
+        """Regenerate `band` of a finished edit at SEAM_STRENGTH; keeps its metadata."""
+        weights = masks.blend_mask(band, 0, 2)
+        seam = dataclasses.replace(EditOptions(), steps=o.steps, guidance=o.guidance,
+                                   crop_to_mask=o.crop_to_mask, prompt_2=o.prompt_2,
+                                   max_sequence_length=o.max_sequence_length, seed=seed,
+                                   strength=SEAM_STRENGTH)
+        job = self.prepare(image, band, weights, prompt, seam, metadata=dict(image.info))
+        job.paste = paste
+        out = self.run(job, True)[0]
+        out.info.update({k: v for k, v in image.info.items()})  # the first pass's values
+        return out
+
+    def _soft_mask_hook(self, job: EditJob, image: Image.Image, soft: np.ndarray):
+        """Differential-diffusion hook for `job`: the canvas's source latents, the noise
+        `prepare` drew from the seeds, per-token strengths of the soft mask."""
+        canvas, m = crop_for_model(image, soft, job.plan, binarize=False)
+        with self.components.using("vae", job.stats):
+            source = self.encode_image(to_array(canvas)).astype(self.dtype)
+            mx.eval(source)
+        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
+        return soft_mask_hook(source, noise, token_strength(m), job.sigmas)
+
+    def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
+                 progress: Callable[[int, int], None] | None = None,
+                 **overrides) -> list[Image.Image]:
+        """Extend `image` by left/right/top/bottom px, generating the new border.
+
+        options: EditOptions or its fields as keywords (left, right, top, bottom, overlap,
+        and the common ones of `inpaint` except strength/grow_mask/feather/paste_back).
+        The original is kept exactly except for an `overlap` px band along each extended
+        side, which is regenerated and blended so the seam does not show.
+        Returns PIL images of size (W + left + right, H + top + bottom).
+        Raises InputError (no expansion, bad values, a canvas too large for the machine,
+        checked before it is allocated; not a Fill transformer).
+        """
+        o = EditOptions.of(options, overrides, "outpaint")
+        check_prompt(prompt)
+        self._require("outpaint")
+        image = load_image(image)
+        w, h = image.size
+        check_canvas(w + o.left + o.right, h + o.top + o.bottom)
+        canvas, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
+                                                    overlap=o.overlap)
+        job = self.prepare(canvas, model_mask, blend, prompt, o, metadata={
+            "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
+            "overlap": o.overlap}, inner=(o.left, o.top, o.left + w, o.top + h))
+        return self.run(job, True, progress)
+
+    def restyle(self, image, control_image, prompt: str, options: EditOptions | None = None,
+                *, mask=None, progress: Callable[[int, int], None] | None = None,
+                **overrides) -> list[Image.Image]:
+        """Repaint `image` following `prompt` while keeping the structure (edges or depth)
+        of `control_image`, with FLUX.1 Canny-dev / Depth-dev (in_channels 128).
+
+        control_image: path, PIL or array, the same framing as `image`; None = `image`
+        itself (for canny). options: EditOptions or its fields as keywords: control_type
+        "canny" (edges computed here; canny_low / canny_high on the 0-255 scale, BFL's
+        50/200), "depth" or "none" (a ready-made map, used as given), and the common ones
+        of `inpaint` except the image prompts and ControlNets.
+        mask: None = the whole image; else white = restyle, and outside the grown and
+        feathered mask the original is kept exactly (crop_to_mask as in `inpaint`).
+        strength < 1 starts from the image (img2img). guidance None: 30 for canny and
+        none, 10 for depth (BFL's defaults).
+        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
+        Raises InputError (not a Canny/Depth transformer, depth without a control image,
+        bad options, empty mask, prompt too long).
+        """
+        o = EditOptions.of(options, overrides, "restyle")
+        check_prompt(prompt)
+        self._require("restyle")
+        image = load_image(image)
+        if control_image is None and o.control_type != "canny":
+            raise InputError(f"--control-type {o.control_type} needs --control-image (a "
+                             "ready-made map: no depth estimator is bundled)")
+        if mask is None:
+            model_mask = blend = np.ones(image.size[::-1], np.float32)
+        else:
+            model_mask, blend = masks.edit_masks(load_mask(mask, image.size), o.grow_mask,
+                                                 o.feather)
+        conditioner = bfl_conditioner(image if control_image is None else control_image,
+                                      o.control_type, canny_low=o.canny_low,
+                                      canny_high=o.canny_high)
+        job = self.prepare(image, model_mask, blend, prompt, o, conditioning=conditioner,
+                           metadata={"mode": "restyle", "control_type": o.control_type,
+                                     "masked": mask is not None, "grow_mask": o.grow_mask,
+                                     "feather": o.feather})
+        return self.run(job, o.paste_back, progress)

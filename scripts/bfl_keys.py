@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the module's tables serve torch-free code too
+    import torch
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -110,12 +112,20 @@ _SWAP_SCALE_SHIFT = re.compile(r"final_layer\.adaLN_modulation\.1\.(weight|bias)
 def swap_scale_shift(t: torch.Tensor) -> torch.Tensor:
     """[a; b] -> [b; a] along dim 0 (its own inverse). Shape (2n, ...) -> (2n, ...)."""
     a, b = t.chunk(2, dim=0)
+    import torch
+
     return torch.cat([b, a], dim=0)
 
 
 def _fullmatch(rules, key):
     hits = [(rule, m) for rule in rules if (m := re.fullmatch(rule[0], key))]
     return hits
+
+
+def _cat(tensors: list) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors, dim=0)
 
 
 def transformer_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,7 +165,7 @@ def transformer_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if incomplete:
         raise KeyError(f"transformer_to_bfl: incomplete fused groups {incomplete}")
     for new, parts in groups.items():
-        out[new] = torch.cat([parts[p] for p in group_order[new]], dim=0)
+        out[new] = _cat([parts[p] for p in group_order[new]])
     return out
 
 

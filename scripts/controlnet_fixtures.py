@@ -32,8 +32,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the configs serve the torch-free builder too
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bfl_keys  # noqa: E402
@@ -67,6 +69,7 @@ def controlnet_config(kind: str, transformer_cfg: dict, layers: int = 2,
 
 def make_controlnet(cfg: dict, seed: int = 0) -> torch.nn.Module:
     """`FluxControlNetModel(**cfg)` with random weights (see the module doc), float32, eval."""
+    import torch
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(seed)
@@ -85,6 +88,8 @@ def perturb_constants(module: torch.nn.Module, seed: int) -> list[str]:
     """make_tiny_checkpoint.perturb_constant_tensors' rule (zeros get N(0, 0.02^2), a
     constant c gets c (1 + 0.1 N(0, 1))), with a cheap first test: a full comparison of
     every wide weight costs seconds on these CPUs. Returns the perturbed names."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     names = []
     with torch.no_grad():
@@ -125,9 +130,13 @@ def xlabs_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_controlnets(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
-                      seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Write the ControlNet fixtures (module doc) under `out`; returns {name: path}."""
+                      seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, Path]:
+    """Write the ControlNet fixtures (module doc) under `out`; returns {name: path}.
+    dtype: a torch dtype, None for float32."""
+    import torch
     from safetensors.torch import save_file
+
+    dtype = dtype or torch.float32
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,32 +161,52 @@ CONTROL_MODEL_SHARED = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "t
                         "scheduler")
 
 
-def write_control_model(root: str | Path, transformer_cfg: dict, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> Path:
-    """Write ROOT/control-model/ (module doc) next to ROOT's Fill components (ROOT must
-    hold model_index.json already: FileNotFoundError otherwise); returns it.
+# Variant models written next to the Fill components: folder, in_channels, pipeline class,
+# BFL file name (the hub layouts of FLUX.1-Canny-dev and FLUX.1-Kontext-dev).
+VARIANT_MODELS = {
+    "control-model": (128, "FluxControlPipeline", "flux1-canny-dev.safetensors"),
+    "kontext-model": (64, "FluxKontextPipeline", "flux1-kontext-dev.safetensors"),
+}
 
-    The transformer is `FluxTransformer2DModel(**transformer_cfg, in_channels=128)` under
+
+def write_variant_model(root: str | Path, transformer_cfg: dict, kind: str, seed: int = 0,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Write ROOT/<kind>/ (`VARIANT_MODELS`: a transformer of another in_channels, its BFL
+    file, the pipeline class in model_index.json, the other components linked to ROOT's)
+    next to ROOT's Fill components (ROOT must hold model_index.json already:
+    FileNotFoundError otherwise); returns it.
+
+    The transformer is `FluxTransformer2DModel(**transformer_cfg, in_channels=...)` under
     `torch.manual_seed(seed)`, constant tensors perturbed (`perturb_constants`).
     """
     import diffusers
+    import torch
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
+    in_channels, pipeline_class, bfl_name = VARIANT_MODELS[kind]
+    dtype = dtype or torch.float32
     root = Path(root)
-    out = root / "control-model"
+    out = root / kind
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**dict(transformer_cfg, in_channels=128, out_channels=64))
+    model = FluxTransformer2DModel(**dict(transformer_cfg, in_channels=in_channels,
+                                          out_channels=64))
     perturb_constants(model, seed + 1000)
     model = model.eval().to(dtype)
     model.save_pretrained(out / "transformer", safe_serialization=True)
     bfl = bfl_keys.transformer_to_bfl(model.state_dict())
-    save_file({k: v.contiguous() for k, v in bfl.items()}, str(out / "flux1-canny-dev.safetensors"),
+    save_file({k: v.contiguous() for k, v in bfl.items()}, str(out / bfl_name),
               metadata={"format": "pt"})
     for name in CONTROL_MODEL_SHARED:
         (out / name).symlink_to(Path("..") / name, target_is_directory=True)
     index = json.loads((root / "model_index.json").read_text())  # the Fill pipeline's
-    index.update(_class_name="FluxControlPipeline", _diffusers_version=diffusers.__version__)
+    index.update(_class_name=pipeline_class, _diffusers_version=diffusers.__version__)
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def write_control_model(root: str | Path, transformer_cfg: dict, seed: int = 0,
+                        dtype: torch.dtype | None = None) -> Path:
+    """ROOT/control-model/: the FLUX.1-Canny-dev layout (`write_variant_model`)."""
+    return write_variant_model(root, transformer_cfg, "control-model", seed, dtype)

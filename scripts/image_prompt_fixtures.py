@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the configs serve the torch-free builder too
+    import torch
 
 # Vision tower widths per preset: (hidden, intermediate, heads, layers).
 CLIP_WIDTHS = {"tiny": (32, 37, 4, 2), "small": (64, 256, 2, 2), "wide": (1024, 4096, 16, 2)}
@@ -73,6 +75,7 @@ def siglip_vision_config(preset: str = "tiny") -> dict:
 
 def make_clip_vision(cfg: dict, seed: int = 0) -> torch.nn.Module:
     """`CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))`, random, float32, eval."""
+    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -83,6 +86,7 @@ def make_clip_vision(cfg: dict, seed: int = 0) -> torch.nn.Module:
 
 def make_siglip_vision(cfg: dict, seed: int = 0) -> torch.nn.Module:
     """`SiglipVisionModel(SiglipVisionConfig(**cfg))`, random, float32, eval."""
+    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -93,6 +97,7 @@ def make_siglip_vision(cfg: dict, seed: int = 0) -> torch.nn.Module:
 
 def make_redux_embedder(redux_dim: int, txt_in_features: int, seed: int = 0) -> torch.nn.Module:
     """diffusers `ReduxImageEncoder(redux_dim, txt_in_features)`, random, float32, eval."""
+    import torch
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
     torch.manual_seed(seed)
@@ -109,6 +114,7 @@ def xlabs_ip_adapter_state_dict(transformer_cfg: dict, image_embed_dim: int,
     hidden) for k and v, PyTorch's default init. `num_layers` defaults to the
     transformer's double-block count.
     """
+    import torch
     from diffusers.models.embeddings import ImageProjection
 
     cross = transformer_cfg["joint_attention_dim"]
@@ -137,8 +143,12 @@ def _save_file(sd: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> N
 
 
 def write_ip_adapter(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
-                     seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `out` = an XLabs-layout IP-Adapter folder (module doc); returns `out`."""
+                     seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Write `out` = an XLabs-layout IP-Adapter folder (module doc); returns `out`.
+    dtype: a torch dtype, None for float32."""
+    import torch
+
+    dtype = dtype or torch.float32
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clip = make_clip_vision(clip_vision_config(preset), seed)
@@ -151,11 +161,14 @@ def write_ip_adapter(out: str | Path, transformer_cfg: dict, preset: str = "tiny
 
 
 def write_redux(out: str | Path, transformer_cfg: dict, preset: str = "tiny", seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> Path:
-    """Write `out` = a FLUX.1-Redux-dev-layout folder (module doc); returns `out`."""
+                dtype: torch.dtype | None = None) -> Path:
+    """Write `out` = a FLUX.1-Redux-dev-layout folder (module doc); returns `out`.
+    dtype: a torch dtype, None for float32."""
     import diffusers
+    import torch
     from transformers import SiglipImageProcessor
 
+    dtype = dtype or torch.float32
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = siglip_vision_config(preset)
@@ -180,7 +193,7 @@ EXTRAS = {"ip-adapter": write_ip_adapter, "redux": write_redux}
 
 
 def write_image_prompt_fixtures(out: str | Path, transformer_cfg: dict, preset: str = "tiny",
-                                seed: int = 0, dtype: torch.dtype = torch.float32,
+                                seed: int = 0, dtype: torch.dtype | None = None,
                                 kinds: tuple[str, ...] = ("ip-adapter", "redux"),
                                 ) -> dict[str, Path]:
     """Write `out/ip-adapter/` and/or `out/redux/` (module doc); returns {kind: folder}.

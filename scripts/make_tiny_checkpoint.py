@@ -13,6 +13,8 @@ by diffusers / transformers themselves from a config under `torch.manual_seed`:
     text_encoder/                        CLIPTextModel
     text_encoder_2/                      T5EncoderModel, sharded (+ model.safetensors.index.json)
     tokenizer/  tokenizer_2/             written by scripts/tokenizer_files.py
+    ranker/                              CLIPModel + tokenizer for `--rank clip` (not in
+                                         `wide`; scripts/ranker_fixtures.py)
     flux1-fill-dev.safetensors           the transformer with BFL keys (scripts/bfl_keys.py)
     ae.safetensors                       the VAE with BFL keys
 
@@ -40,14 +42,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bfl_keys  # noqa: E402
 import tokenizer_files  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# torch, diffusers and transformers are imported where used: the presets, configs and
+# scheduler config are shared with the torch-free builder (scripts/make_mlx_checkpoint.py).
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}  # torch dtype names
 
 # FLUX.1-dev's scheduler/scheduler_config.json (FLUX.1-Fill-dev ships the same).
 SCHEDULER_CONFIG = {
@@ -221,6 +226,8 @@ def perturb_constant_tensors(module: torch.nn.Module, seed: int) -> list[str]:
     Small enough that activations keep their scale, large enough that a swapped or dropped
     bias/norm weight shows up far above a 1e-4 parity tolerance.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     names = []
     with torch.no_grad():
@@ -243,6 +250,7 @@ def make_component(name: str, cfg: dict, seed: int) -> torch.nn.Module:
     """Construct one component with random weights: `torch.manual_seed(seed)`, then the
     diffusers/transformers constructor, then `perturb_constant_tensors`. float32, eval mode."""
     import diffusers
+    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -341,8 +349,8 @@ def build(
     seed: int = 0,
     dtype: str = "float32",
     overwrite: bool = False,
-    extras: tuple[str, ...] = (),  # "controlnet": controlnets/, "control-model":
-    # control-model/ (FLUX.1-Canny-dev layout), both from scripts/controlnet_fixtures.py
+    extras: tuple[str, ...] = (),  # "controlnet": controlnets/, "control-model" /
+    # "kontext-model": FLUX.1-Canny-dev / Kontext-dev layouts (scripts/controlnet_fixtures.py)
 ) -> Path:
     """Build the checkpoint folder `out` (layout in the module docstring); returns its Path.
 
@@ -350,8 +358,11 @@ def build(
     Raises KeyError for an unknown preset or dtype, FileExistsError when `out` is non-empty
     and `overwrite` is False (or `out` holds no `model_index.json`).
     """
+    import bfl_keys
+    import torch
+
     out = Path(out)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, DTYPES[dtype])
     _quiet_libraries()
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -378,6 +389,11 @@ def build(
                 _save_bfl(bfl_keys.vae_to_bfl(model.state_dict()), tmp / "ae.safetensors")
             del model
             gc.collect()
+        if preset != "wide":  # ranker/: the ranking CLIP, so `--rank clip` runs offline
+            import ranker_fixtures
+
+            ranker_fixtures.write_ranker(tmp / "ranker", cfgs["text_encoder"], preset,
+                                         seed + 40, tmp / "tokenizer", torch_dtype)
         # --- extras: --extras controlnet (scripts/controlnet_fixtures.py) ---
         if "controlnet" in extras:
             import controlnet_fixtures
@@ -393,11 +409,12 @@ def build(
                 tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
         # --- end extras ---
         _write_model_index(tmp)
-        if "control-model" in extras:  # after model_index.json: it copies its entries
-            import controlnet_fixtures
+        for offset, kind in ((30, "control-model"), (40, "kontext-model")):
+            if kind in extras:  # after model_index.json: it copies its entries
+                import controlnet_fixtures
 
-            controlnet_fixtures.write_control_model(tmp, cfgs["transformer"], seed + 30,
-                                                    torch_dtype)
+                controlnet_fixtures.write_variant_model(tmp, cfgs["transformer"], kind,
+                                                        seed + offset, torch_dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -422,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extras", action="append", default=[],
                     help="comma-separated extras to build too: controlnet (controlnets/: "
                          "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
-                         "FLUX.1-Canny-dev layout), ip-adapter, redux")
+                         "FLUX.1-Canny-dev layout), kontext-model (kontext-model/: "
+                         "FLUX.1-Kontext-dev layout), ip-adapter, redux")
     args = ap.parse_args(argv)
     args.extras = [e for group in args.extras for e in group.split(",") if e]
-    known = {"controlnet", "control-model", "ip-adapter", "redux"}
+    known = {"controlnet", "control-model", "kontext-model", "ip-adapter", "redux"}
     unknown = sorted(set(args.extras) - known)
     if unknown:
         ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")

@@ -8,7 +8,10 @@
 - `write_t5_tokenizer(folder)`: no real T5 `spiece.model` is available offline, so a small
   unigram SentencePiece model (1000 pieces) is trained here with T5's special ids
   (`<pad>`=0, `</s>`=1, `<unk>`=2, no bos) on a corpus generated deterministically from
-  the CLIP BPE word list, and written as `google/t5-v1_1-xxl`'s `tokenizer_2/` folder.
+  the CLIP BPE word list, and written as FLUX.1's `tokenizer_2/` folder (`spiece.model`,
+  configs and the `tokenizer.json` the FLUX repos also ship).
+
+Neither torch nor transformers is needed (the non-parity tests run without them).
 
 Used by `scripts/make_tiny_checkpoint.py` and by the tokenizer tests.
 """
@@ -209,7 +212,8 @@ def train_t5_spiece(vocab_size: int = T5_SPIECE_SIZE) -> bytes:
 
 
 def write_t5_tokenizer(folder: str | Path) -> int:
-    """Write `spiece.model`, `tokenizer_config.json` and `special_tokens_map.json`.
+    """Write `spiece.model`, `tokenizer_config.json`, `special_tokens_map.json` and
+    `tokenizer.json` (`write_t5_tokenizer_json`).
 
     Returns the number of ids the tokenizer can emit: the spiece pieces (1000) plus the
     100 `<extra_id_N>` sentinels that transformers appends (ids 1000..1099, `<extra_id_0>`
@@ -249,4 +253,16 @@ def write_t5_tokenizer(folder: str | Path) -> int:
             "unk_token": _special("<unk>", False),
         },
     )
+    write_t5_tokenizer_json(folder)
     return T5_SPIECE_SIZE + T5_EXTRA_IDS
+
+
+def write_t5_tokenizer_json(folder: str | Path) -> None:
+    """Add `tokenizer.json` (as the FLUX repos ship in `tokenizer_2/`) to a folder holding
+    `spiece.model` + `tokenizer_config.json`: the HF `tokenizers` pipeline that mlx-edit
+    builds from them (mlx_edit.text), whose ids the tokenizer tests check against
+    transformers' own conversion."""
+    from mlx_edit.text import T5Tokenizer
+
+    folder = Path(folder)
+    T5Tokenizer.from_folder(folder).tokenizer.save(str(folder / "tokenizer.json"))

@@ -1,8 +1,12 @@
 """Shared pytest fixtures: random-weight FLUX Fill checkpoint folders and script imports.
 
-- `tiny_ckpt`, `small_ckpt`, `wide_ckpt` (session scope): Path of a folder built once per
-  session by `scripts/make_tiny_checkpoint.py`'s `build(out, preset, seed=0,
-  dtype="float32")` (real FLUX.1-Fill-dev diffusers layout plus BFL single files).
+- `tiny_mlx`, `small_mlx` (session scope): the folders the non-parity tests use, built
+  without torch by `scripts/make_mlx_checkpoint.py` (mlx-edit's own models, MLX random init;
+  same presets and layout as below). No torch, diffusers or transformers needed.
+- `tiny_ckpt`, `small_ckpt`, `wide_ckpt` (session scope, parity tests): Path of a folder
+  built once per session by `scripts/make_tiny_checkpoint.py`'s `build(out, preset, seed=0,
+  dtype="float32")` (real FLUX.1-Fill-dev diffusers layout plus BFL single files, every
+  model built by diffusers/transformers: needs the `parity` extra).
   `wide_ckpt` (~5 GB, ~1 min) is for tests marked `slow`; set MLX_EDIT_WIDE_CKPT to a folder
   built with `--preset wide` to reuse it instead (it is then never deleted). A wide folder
   built here is deleted at the end of the session.
@@ -47,6 +51,23 @@ def repo_root() -> Path:
 def import_script_fixture():
     """The `import_script(name)` function, for tests that prefer a fixture."""
     return import_script
+
+
+def _build_mlx(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
+    out = tmp_path_factory.mktemp(f"mlx-{preset}") / preset
+    return import_script("make_mlx_checkpoint").build(out, preset, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx(tmp_path_factory) -> Path:
+    """Preset `tiny`, built torch-free (mlx-edit's models)."""
+    return _build_mlx(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_mlx(tmp_path_factory) -> Path:
+    """Preset `small`, built torch-free (every Linear input width a multiple of 64)."""
+    return _build_mlx(tmp_path_factory, "small")
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("torch")
-
 
 def _run(repo_root, script: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), *args],
@@ -23,13 +21,14 @@ def _run(repo_root, script: str, *args: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def test_bench_vae_tiled_whole_and_psnr(repo_root, tiny_ckpt):
-    last = _run(repo_root, "bench_vae.py", "--model", str(tiny_ckpt), "--sizes", "64",
+def test_bench_vae_tiled_whole_and_psnr(repo_root, tiny_mlx):
+    last = _run(repo_root, "bench_vae.py", "--model", str(tiny_mlx), "--sizes", "64",
                 "--tile", "32", "--psnr", "64", "--whole", "64")
     assert re.fullmatch(r"vae tiled \(float32\): 64 encode peak [\d.]+ GB; "
                         r"64 decode peak [\d.]+ GB \(bound 3 GB\)", last), last
 
 
+@pytest.mark.parity
 def test_bench_transformer_against_diffusers(repo_root):
     last = _run(repo_root, "bench_transformer.py", "--preset", "tiny", "--image-tokens", "64",
                 "--text-tokens", "16", "--compare", "diffusers", "--reps", "2")
@@ -39,12 +38,19 @@ def test_bench_transformer_against_diffusers(repo_root):
     assert float(m.group(1)) > 0
 
 
-def test_bench_pipeline_phases(repo_root, tiny_ckpt):
-    last = _run(repo_root, "bench_pipeline.py", "--model", str(tiny_ckpt), "--size", "64x64",
+def test_bench_pipeline_phases(repo_root, tiny_mlx):
+    last = _run(repo_root, "bench_pipeline.py", "--model", str(tiny_mlx), "--size", "64x64",
                 "--steps", "1", "--low-memory")
     assert re.match(r"pipeline 64x64 \(float32, low memory\): load [\d.]+ s, text [\d.]+ s, "
                     r"VAE encode [\d.]+ s, step [\d.]+ s, VAE decode [\d.]+ s; "
                     r"peak [\d.]+ GB", last), last
+
+
+def test_bench_kontext_ratio(repo_root):
+    last = _run(repo_root, "bench_kontext.py", "--preset", "tiny", "--size", "64x64",
+                "--text-tokens", "16", "--reps", "1")
+    m = re.fullmatch(r"ratio Kontext/Fill per step: ([\d.]+)", last)
+    assert m and float(m.group(1)) > 0, last
 
 
 def test_bench_lora_overhead_line(repo_root):

@@ -33,9 +33,9 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_inpaint_end_to_end(tiny_ckpt, photos, tmp_path):
+def test_inpaint_end_to_end(tiny_mlx, photos, tmp_path):
     out = tmp_path / "out.png"
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "a red hat", "--steps", 2,
                "--seed", 1, "--grow-mask", 4, "--feather", 6, "--output", out, "--metadata")
     assert r.exit_code == 0, r.output
@@ -45,7 +45,7 @@ def test_inpaint_end_to_end(tiny_ckpt, photos, tmp_path):
     text = res.text
     assert text["prompt"] == "a red hat" and text["seed"] == "1" and text["steps"] == "2"
     assert text["guidance"] == "30.0" and text["mlx_edit_version"] == mlx_edit.__version__
-    assert text["model"] == str(tiny_ckpt)
+    assert text["model"] == str(tiny_mlx)
     # Pixels outside the grown + feathered mask are the input's, bit for bit.
     mask = np.asarray(Image.open(photos / "mask.png"), np.float32) / 255
     outside = blend_mask(mask, 4, 6) == 0
@@ -57,9 +57,9 @@ def test_inpaint_end_to_end(tiny_ckpt, photos, tmp_path):
     assert sidecar["seed"] == "1" and "denoise_s" in sidecar["stats"]
 
 
-def test_outpaint_end_to_end(tiny_ckpt, photos, tmp_path):
+def test_outpaint_end_to_end(tiny_mlx, photos, tmp_path):
     out = tmp_path / "wider.png"
-    r = invoke("outpaint", "--model", tiny_ckpt, "--image", photos / "coffee.jpg",
+    r = invoke("outpaint", "--model", tiny_mlx, "--image", photos / "coffee.jpg",
                "--prompt", "a kitchen table", "--left", 40, "--bottom", 23, "--steps", 2,
                "--seed", 3, "--overlap", 16, "--output", out)
     assert r.exit_code == 0, r.output
@@ -71,9 +71,9 @@ def test_outpaint_end_to_end(tiny_ckpt, photos, tmp_path):
     assert np.array_equal(inner, src[0 : 190 - 16, 16:])
 
 
-def test_batch_writes_numbered_outputs(tiny_ckpt, photos, tmp_path):
+def test_batch_writes_numbered_outputs(tiny_mlx, photos, tmp_path):
     out = tmp_path / "many.png"
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 7,
                "--num-images", 2, "--output", out)
     assert r.exit_code == 0, r.output
@@ -84,39 +84,39 @@ def test_batch_writes_numbered_outputs(tiny_ckpt, photos, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--image", "missing.png", "--mask", "mask.png"], "does not exist"),
+        (["--image", "missing.png", "--mask", "mask.png"], "image file not found"),
         (["--image", "notes.txt", "--mask", "mask.png"], "image"),
         (["--image", "astronaut.png", "--mask", "empty.png"], "mask is empty"),
         (["--image", "astronaut.png", "--mask", "mask.png", "--steps", "0"], "--steps"),
         (["--image", "astronaut.png", "--mask", "mask.png", "--strength", "1.5"], "--strength"),
     ],
 )
-def test_inpaint_bad_input_is_a_usage_error(tiny_ckpt, photos, tmp_path, args, message):
+def test_inpaint_bad_input_is_a_usage_error(tiny_mlx, photos, tmp_path, args, message):
     (photos / "notes.txt").write_text("not an image")
     args = [str(photos / a) if a.endswith((".png", ".txt")) else a for a in args]
     out = tmp_path / "never.png"
-    r = invoke("inpaint", "--model", tiny_ckpt, "--prompt", "x", "--output", out, *args)
+    r = invoke("inpaint", "--model", tiny_mlx, "--prompt", "x", "--output", out, *args)
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert not out.exists()
 
 
-def test_outpaint_without_expansion_is_a_usage_error(tiny_ckpt, photos, tmp_path):
-    r = invoke("outpaint", "--model", tiny_ckpt, "--image", photos / "coffee.jpg",
+def test_outpaint_without_expansion_is_a_usage_error(tiny_mlx, photos, tmp_path):
+    r = invoke("outpaint", "--model", tiny_mlx, "--image", photos / "coffee.jpg",
                "--prompt", "x", "--output", tmp_path / "o.png")
-    assert r.exit_code == 2 and "at least one > 0" in r.output
+    assert r.exit_code == 2 and "at least one of left/right/top/bottom > 0" in r.output
 
 
-def test_existing_output_and_input_are_never_overwritten(tiny_ckpt, photos, tmp_path):
+def test_existing_output_and_input_are_never_overwritten(tiny_mlx, photos, tmp_path):
     out = tmp_path / "exists.png"
     out.write_bytes(b"keep me")
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "x", "--output", out)
     assert r.exit_code == 2 and "--overwrite" in r.output
     assert out.read_bytes() == b"keep me"
     src = photos / "astronaut.png"
     before = src.read_bytes()
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", src, "--mask", photos / "mask.png",
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", src, "--mask", photos / "mask.png",
                "--prompt", "x", "--output", src, "--overwrite")
     assert r.exit_code == 2 and "input" in r.output
     assert src.read_bytes() == before
@@ -128,8 +128,8 @@ def test_model_without_fill_transformer_is_named(photos, tmp_path):
     assert r.exit_code == 2 and "transformer" in r.output
 
 
-def test_prompt_over_the_token_limit(tiny_ckpt, photos, tmp_path):
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+def test_prompt_over_the_token_limit(tiny_mlx, photos, tmp_path):
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "word " * 600, "--steps", 1,
                "--output", tmp_path / "o.png")
     assert r.exit_code == 2 and "T5 tokens" in r.output
@@ -140,17 +140,17 @@ def tiny_axes(infer):
     return lambda tensors, axes=None: infer(tensors, (4, 4, 8))
 
 
-def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_path,
+def test_bfl_single_file_transformer_gives_the_same_edit(tiny_mlx, photos, tmp_path,
                                                          monkeypatch):
     """--transformer flux1-fill-dev.safetensors (BFL layout) == the diffusers folder."""
     import mlx_edit.weights.flux as wf
 
     outs = []
-    for extra in ([], ["--transformer", tiny_ckpt / "flux1-fill-dev.safetensors"]):
+    for extra in ([], ["--transformer", tiny_mlx / "flux1-fill-dev.safetensors"]):
         out = tmp_path / f"o{len(outs)}.png"
         if extra:  # the tiny head_dim (16) needs its RoPE axes: BFL files carry no config
             monkeypatch.setattr(wf, "infer_bfl_config", tiny_axes(wf.infer_bfl_config))
-        r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+        r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                    "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 2,
                    "--output", out, *extra)
         assert r.exit_code == 0, r.output
@@ -158,14 +158,14 @@ def test_bfl_single_file_transformer_gives_the_same_edit(tiny_ckpt, photos, tmp_
     assert np.array_equal(outs[0], outs[1])
 
 
-def test_memory_estimate_refuses_before_any_work(tiny_ckpt, photos, tmp_path, monkeypatch):
+def test_memory_estimate_refuses_before_any_work(tiny_mlx, photos, tmp_path, monkeypatch):
     """An edit whose estimate exceeds the machine's memory is refused with the options
     that would fit, before the prompt is encoded; nothing is written."""
     import mlx_edit.memory as memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: int(0.05e9))
     out = tmp_path / "never.png"
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--output", out)
     assert r.exit_code == 2, r.output
     assert "needs about" in r.output and "GB" in r.output

@@ -11,18 +11,17 @@ import click
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import import_script
 from PIL import Image
 from skimage import data
 
 from mlx_edit.imaging import masks
-from mlx_edit.cli.control import control_options, parse_control_groups, pop_control_specs
+from mlx_edit.cli.conditioning import conditioning_options, parse_control_groups, pop_conditioning
+from mlx_edit.conditioning.bfl_control import bfl_conditioner
 from mlx_edit.conditioning.controlnet import (
     ControlNetSpec,
     align_control,
-    bfl_control_conditioning,
     prepare_controls,
     preprocess,
     step_active,
@@ -54,9 +53,10 @@ def photo():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """The tiny Fill checkpoint built with `--extras controlnet` (controlnets/ inside)."""
+    """The tiny Fill checkpoint with `--extras controlnet` (controlnets/ inside), built
+    torch-free (scripts/make_mlx_checkpoint.py); diffusers loads it for the parity test."""
     out = tmp_path_factory.mktemp("ckpt-cn") / "tiny"
-    return import_script("make_tiny_checkpoint").build(out, "tiny", extras=("controlnet",))
+    return import_script("make_mlx_checkpoint").build(out, "tiny", extras=("controlnet",))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,7 @@ def test_fill_controlnet_denoise_matches_diffusers(pipe, nets, photo, tiny_ckpt)
     """Our loop with Union + XLabs hooks (Union from step 1 on) vs a diffusers loop built
     like the community Fill + ControlNet pipeline, on the same noise, Fill conditioning
     and prompt embeddings; control latents from diffusers' VAE (posterior mode)."""
+    import torch
     from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
 
     image = photo.resize((256, 256), Image.LANCZOS)
@@ -195,7 +196,7 @@ def test_fill_controlnet_denoise_matches_diffusers(pipe, nets, photo, tiny_ckpt)
              ControlNetSpec(nets["xlabs"], image, "gray", scale=0.6)]
     steps = denoise(pipe.transformer, job.latents, job.conditioning, image_ids(16, 16),
                     job.embeds, job.sigmas, job.guidance,
-                    controls=prepare_controls(pipe, job, specs))
+                    controls=prepare_controls(pipe.job_context(job), specs)[0])
     ours = [latents for _, latents in steps][-1]
 
     vae = AutoencoderKL.from_pretrained(tiny_ckpt / "vae").eval()
@@ -249,8 +250,7 @@ def test_controlnets_in_the_loop_on_a_photo(pipe, nets, photo):
     mask = _rect_mask(image.size, (80, 60, 180, 150))
 
     def edit(specs):
-        job = _job(pipe, image, mask)
-        job.controls = prepare_controls(pipe, job, specs)
+        job = _job(pipe, image, mask, controlnets=specs)  # through prepare's hook set-up
         return job, np.asarray(pipe.run(job)[0]).astype(int)
 
     _, plain = edit([])
@@ -279,7 +279,7 @@ def test_prepare_controls_follows_the_crop_and_the_schedule(pipe, nets, photo):
                   pipe.encode_prompt("a helmet", max_sequence_length=32), 30.0,
                   np.linspace(1, 0, 5), [0], {"mode": "inpaint"})
     spec = ControlNetSpec(nets["union"], big, "tile", scale=0.7, start=0.25, end=0.75)
-    fn = prepare_controls(pipe, job, [spec])[0]
+    fn = prepare_controls(pipe.job_context(job), [spec])[0][0]
     latents = mx.random.normal((1, n, 64), key=mx.random.key(0))
     t = mx.array([0.5])
     assert [fn(latents, t, i) is not None for i in range(4)] == [False, True, True, False]
@@ -299,21 +299,23 @@ def test_prepare_controls_follows_the_crop_and_the_schedule(pipe, nets, photo):
 def test_incompatible_controlnet_is_one_clear_error(pipe, tmp_path, photo):
     cfg = cf.controlnet_config("instantx", dict(TINY, attention_head_dim=8,
                                                 axes_dims_rope=[2, 2, 4]), 1, 0)
-    cf.make_controlnet(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    import_script("make_mlx_checkpoint").write_controlnet(tmp_path, cfg)
     job = _job(pipe, photo, _rect_mask(photo.size, (100, 100, 200, 200)), steps=1)
     with pytest.raises(InputError, match="hidden size 16 but the FLUX transformer has 32"):
-        prepare_controls(pipe, job, [ControlNetSpec(tmp_path, photo, "canny")])
+        prepare_controls(pipe.job_context(job), [ControlNetSpec(tmp_path, photo, "canny")])[0]
 
 
 def test_bfl_control_conditioning_needs_a_128_channel_transformer(pipe, photo):
     photo = photo.resize((256, 256), Image.LANCZOS)
     plan = plan_crop(photo.size, np.ones((256, 256), np.float32), None)
+    ones = np.ones((256, 256), np.float32)
+    build = bfl_conditioner(photo, "canny")
     with pytest.raises(InputError, match="take 128"):
-        bfl_control_conditioning(pipe, photo, photo.size, plan, "canny")
+        build(pipe.context(plan), to_array(photo), ones)
     cfg = pipe.transformer.config
     cfg.in_channels = 128  # only the check reads it: the conditioning does not use the DiT
     try:
-        cond = bfl_control_conditioning(pipe, photo, photo.size, plan, "canny")
+        cond = build(pipe.context(plan), to_array(photo), ones)
     finally:
         cfg.in_channels = 384
     want = pipe.encode_image(np.asarray(preprocess(photo, "canny", canny_low=50),
@@ -326,9 +328,9 @@ def test_bfl_control_conditioning_needs_a_128_channel_transformer(pipe, photo):
 
 def _cli():
     @click.command()
-    @control_options
+    @conditioning_options
     def cmd(**kwargs):
-        specs = pop_control_specs(kwargs)
+        specs = pop_conditioning(kwargs)["controlnets"]
         assert not kwargs
         click.echo(json.dumps([[str(s.model), s.type, s.mode, s.scale, s.start, s.end]
                                for s in specs]))

@@ -14,7 +14,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
 from conftest import import_script
 
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
@@ -29,6 +28,7 @@ from mlx_edit.weights.core import WeightLoadError, load_into
 from mlx_edit.weights.flux import load_transformer
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 cf = import_script("controlnet_fixtures")
 
 TINY = dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

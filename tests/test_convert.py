@@ -32,13 +32,13 @@ def out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def q4(small_ckpt, out):
-    return _convert(small_ckpt, out / "q4", quantize=4)
+def q4(small_mlx, out):
+    return _convert(small_mlx, out / "q4", quantize=4)
 
 
 @pytest.fixture(scope="module")
-def f32(small_ckpt, out):
-    return _convert(small_ckpt, out / "f32")
+def f32(small_mlx, out):
+    return _convert(small_mlx, out / "f32")
 
 
 def _convert(source, dest, **kw):
@@ -71,31 +71,31 @@ def _kinds(model):
     return {p: m for p, m in leaves if hasattr(m, "bits") or isinstance(m, nn.Linear)}
 
 
-def test_round_trip_matches_quantize_at_load(small_ckpt, q4):
-    at_load = load_transformer(small_ckpt / "transformer", mx.float32)
+def test_round_trip_matches_quantize_at_load(small_mlx, q4):
+    at_load = load_transformer(small_mlx / "transformer", mx.float32)
     quantize_transformer(at_load, 4)
     converted = load_transformer(q4 / "transformer", mx.float32)
     assert _same(at_load, converted)
     assert mx.array_equal(_forward(at_load), _forward(converted)).item()
 
-    t5 = load_t5(small_ckpt / "text_encoder_2", mx.float32)
+    t5 = load_t5(small_mlx / "text_encoder_2", mx.float32)
     quantize_t5(t5, 4)
     t5_converted = load_t5(q4 / "text_encoder_2", mx.float32)
     ids = mx.array([[5, 9, 2, 1]])
     assert _same(t5, t5_converted) and mx.array_equal(t5(ids), t5_converted(ids)).item()
     # full-precision components are copied exactly (VAE convs transposed once, CLIP fused)
-    assert _same(load_vae(small_ckpt / "vae", mx.float32), load_vae(q4 / "vae", mx.float32))
-    assert _same(load_clip_text(small_ckpt / "text_encoder", mx.float32),
+    assert _same(load_vae(small_mlx / "vae", mx.float32), load_vae(q4 / "vae", mx.float32))
+    assert _same(load_clip_text(small_mlx / "text_encoder", mx.float32),
                  load_clip_text(q4 / "text_encoder", mx.float32))
 
 
-def test_layout_sizes_and_manifest(q4, f32, small_ckpt, out):
+def test_layout_sizes_and_manifest(q4, f32, small_mlx, out):
     for sub in ("tokenizer", "tokenizer_2", "scheduler", "transformer", "vae", "text_encoder",
                 "text_encoder_2"):
         assert (q4 / sub).is_dir()
     manifest = json.loads((q4 / "mlx_edit.json").read_text())
     assert manifest["mlx_edit_version"] == mlx_edit.__version__
-    assert manifest["source"] == str(small_ckpt) and manifest["dtype"] == "float32"
+    assert manifest["source"] == str(small_mlx) and manifest["dtype"] == "float32"
     assert {k: v["bits"] for k, v in manifest["components"].items()} == {
         "transformer": 4, "vae": None, "text_encoder": None, "text_encoder_2": 4}
     assert json.loads((q4 / "model_index.json").read_text())["_class_name"] == "FluxFillPipeline"
@@ -103,16 +103,16 @@ def test_layout_sizes_and_manifest(q4, f32, small_ckpt, out):
     assert cfg["quantization"]["bits"] == 4 and "img_in" in cfg["quantization"]["skipped"]
     assert cfg["num_layers"] == 2  # the source config is kept
     assert "quantization" not in json.loads((q4 / "vae" / "config.json").read_text())
-    q8 = _convert(small_ckpt, out / "q8", quantize=8)
+    q8 = _convert(small_mlx, out / "q8", quantize=8)
     full = folder_bytes(f32 / "transformer")
     assert folder_bytes(q4 / "transformer") < 0.40 * full
     assert folder_bytes(q8 / "transformer") < 0.40 * full
     assert _same(load_transformer(f32 / "transformer", mx.float32),
-                 load_transformer(small_ckpt / "transformer", mx.float32))
+                 load_transformer(small_mlx / "transformer", mx.float32))
 
 
-def test_component_bits_recorded_and_honoured(small_ckpt, out):
-    dest = _convert(small_ckpt, out / "mixed", quantize=4, group_size=32,
+def test_component_bits_recorded_and_honoured(small_mlx, out):
+    dest = _convert(small_mlx, out / "mixed", quantize=4, group_size=32,
                     component_bits_override={"transformer": 8, "text_encoder": 8,
                                              "text_encoder_2": None})
     rec = {c: json.loads((dest / c / "config.json").read_text()).get("quantization")
@@ -170,7 +170,7 @@ def test_damaged_folder_truncated_shard(q4, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
 
 
-def test_interrupted_conversion_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_nothing(small_mlx, tmp_path, monkeypatch):
     dest = tmp_path / "dest"
     calls = {"n": 0}
     real_add = save.ShardWriter.add
@@ -183,16 +183,17 @@ def test_interrupted_conversion_leaves_nothing(small_ckpt, tmp_path, monkeypatch
 
     monkeypatch.setattr(save.ShardWriter, "add", add)
     with pytest.raises(KeyboardInterrupt):
-        cv.convert_checkpoint(small_ckpt, dest, quantize=4)
+        cv.convert_checkpoint(small_mlx, dest, quantize=4)
     assert list(tmp_path.iterdir()) == []
     # an existing DEST replaced with --overwrite survives an interruption untouched
     dest.mkdir()
     (dest / "keep.txt").write_text("old")
+    (dest / save.MANIFEST_NAME).write_text('{"format": "mlx-edit"}')  # an earlier conversion
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        cv.convert_checkpoint(small_ckpt, dest, quantize=4, overwrite=True)
+        cv.convert_checkpoint(small_mlx, dest, quantize=4, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]
-    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == ["keep.txt", save.MANIFEST_NAME]
 
 
 def test_stale_temp_folder_of_dead_process_is_removed(tmp_path):
@@ -202,43 +203,51 @@ def test_stale_temp_folder_of_dead_process_is_removed(tmp_path):
     assert save.remove_stale_temps(dest) == [stale] and not stale.exists()
 
 
-def test_cli_overwrite_and_usage_errors(small_ckpt, f32, tmp_path):
+def test_cli_overwrite_and_usage_errors(small_mlx, f32, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(convert_command, [str(small_ckpt), str(f32), "-q", "4"])
+    res = runner.invoke(convert_command, [str(small_mlx), str(f32), "-q", "4"])
     assert res.exit_code == 2 and "exists and is not empty (pass --overwrite" in res.output
-    res = runner.invoke(convert_command, [str(small_ckpt), str(tmp_path / "x"),
+    res = runner.invoke(convert_command, [str(small_mlx), str(tmp_path / "x"),
                                           "--component-bits", "unet=4"])
     assert res.exit_code == 2 and "unknown component 'unet'" in res.output
     src = tmp_path / "src"
     shutil.copytree(f32, src)
     res = runner.invoke(convert_command, [str(src), str(tmp_path), "--overwrite"])
+    assert res.exit_code == 2 and "not an mlx-edit conversion" in res.output
+    (tmp_path / save.MANIFEST_NAME).write_text('{"format": "mlx-edit"}')  # even if marked:
+    res = runner.invoke(convert_command, [str(src), str(tmp_path), "--overwrite"])
     assert res.exit_code == 2 and "holds the source" in res.output  # never over the source
+    (tmp_path / save.MANIFEST_NAME).unlink()
     assert (src / "mlx_edit.json").is_file()
     dest = tmp_path / "over"
     dest.mkdir()
     (dest / "old.txt").write_text("x")
-    res = runner.invoke(convert_command, [str(f32), str(dest), "-q", "8", "--overwrite",
-                                          "--dtype", "float32"])
+    args = [str(f32), str(dest), "-q", "8", "--overwrite", "--dtype", "float32"]
+    res = runner.invoke(convert_command, args)  # not ours: never replaced
+    assert res.exit_code == 2 and "not an mlx-edit conversion" in res.output
+    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+    (dest / save.MANIFEST_NAME).write_text('{"format": "mlx-edit"}')
+    res = runner.invoke(convert_command, args)
     assert res.exit_code == 0, res.output
     assert not (dest / "old.txt").exists() and (dest / "mlx_edit.json").is_file()
     assert json.loads((dest / "transformer" / "config.json").read_text())["quantization"][
         "bits"] == 8
 
 
-def test_bfl_single_file_source_and_sharding(small_ckpt, q4, tmp_path):
+def test_bfl_single_file_source_and_sharding(small_mlx, q4, tmp_path):
     dest = tmp_path / "from-bfl"
     res = CliRunner().invoke(convert_command, [
-        str(small_ckpt / "flux1-fill-dev.safetensors"), str(dest), "-q", "4",
-        "--dtype", "float32", "--vae", str(small_ckpt / "ae.safetensors"),
-        "--text-encoders", str(small_ckpt), "--max-shard-size", "300KB",
-        "--transformer-config", str(small_ckpt / "transformer" / "config.json")])
+        str(small_mlx / "flux1-fill-dev.safetensors"), str(dest), "-q", "4",
+        "--dtype", "float32", "--vae", str(small_mlx / "ae.safetensors"),
+        "--text-encoders", str(small_mlx), "--max-shard-size", "300KB",
+        "--transformer-config", str(small_mlx / "transformer" / "config.json")])
     # the BFL ae.safetensors has FLUX's widths, not the fixture's: a strict, one-line error
-    assert res.exit_code == 1 and "vae" in res.output and "mis-shaped" in res.output
+    assert res.exit_code == 2 and "vae" in res.output and "mis-shaped" in res.output
     assert not dest.exists()
     res = CliRunner().invoke(convert_command, [
-        str(small_ckpt / "flux1-fill-dev.safetensors"), str(dest), "-q", "4",
-        "--dtype", "float32", "--text-encoders", str(small_ckpt), "--max-shard-size", "300KB",
-        "--transformer-config", str(small_ckpt / "transformer" / "config.json")])
+        str(small_mlx / "flux1-fill-dev.safetensors"), str(dest), "-q", "4",
+        "--dtype", "float32", "--text-encoders", str(small_mlx), "--max-shard-size", "300KB",
+        "--transformer-config", str(small_mlx / "transformer" / "config.json")])
     assert res.exit_code == 0, res.output
     index = json.loads((dest / "transformer" / save.INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -248,7 +257,7 @@ def test_bfl_single_file_source_and_sharding(small_ckpt, q4, tmp_path):
                  load_transformer(q4 / "transformer", mx.float32))
 
 
-def test_requantize_mlx_folder(small_ckpt, q4, f32, out):
+def test_requantize_mlx_folder(small_mlx, q4, f32, out):
     again = _convert(f32, out / "f32-to-q4", quantize=4)  # full-precision mlx folder
     assert _same(load_transformer(again / "transformer", mx.float32),
                  load_transformer(q4 / "transformer", mx.float32))
@@ -258,8 +267,8 @@ def test_requantize_mlx_folder(small_ckpt, q4, f32, out):
     assert _kinds(load_vae(q8 / "vae", mx.float32))["decoder.mid_block.attentions.0.to_q"].bits == 8
 
 
-def test_streaming_peak_memory(small_ckpt, tmp_path):
-    src = cv.open_component("transformer", small_ckpt / "transformer")
+def test_streaming_peak_memory(small_mlx, tmp_path):
+    src = cv.open_component("transformer", small_mlx / "transformer")
     mx.eval(mx.zeros(1))
     before = mx.get_active_memory()
     mx.reset_peak_memory()
@@ -288,8 +297,8 @@ def test_pipeline_on_converted_q4_folder(q4):
     assert np.isfinite(pixels).all() and pixels[24:40, 40:56].std() > 0
 
 
-def test_from_pretrained_quantize_at_load_equals_converted(small_ckpt, q4):
+def test_from_pretrained_quantize_at_load_equals_converted(small_mlx, q4):
     from mlx_edit.pipeline import FluxFill
 
-    pipe = FluxFill.from_pretrained(small_ckpt, mx.float32, quantize=4)
+    pipe = FluxFill.from_pretrained(small_mlx, mx.float32, quantize=4)
     assert _same(pipe.transformer, load_transformer(q4 / "transformer", mx.float32))

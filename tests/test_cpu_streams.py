@@ -6,7 +6,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
 
 from mlx_edit.models import layers
 
@@ -35,14 +34,34 @@ def test_attention_over_streams_equals_one_kernel(streams, heads, n, t):
     ref = np.array(ref.transpose(0, 2, 1, 3).reshape(2, n, heads * 16))
     assert got.shape == (2, n, heads * 16)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
-    # against torch's SDPA too (the reference the transformer parity tests use)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("streams", [1, 2, 4], indirect=True)
+@pytest.mark.parametrize("heads,n,t", [(3, 37, 37), (24, 20, 5), (1, 8, 8)])
+def test_attention_over_streams_matches_torch_sdpa(streams, heads, n, t):
+    """Against torch's SDPA (the reference the transformer parity tests use)."""
+    import torch
+
+    q, k, v = _qkv(heads, n, t)
+    got = np.array(layers.attention(q, k, v))
     tq, tk, tv = (torch.from_numpy(np.array(a)) for a in (q, k, v))
     want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
     np.testing.assert_allclose(got, want.transpose(1, 2).reshape(2, n, -1).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("streams", [1, 2, 3], indirect=True)
+def test_gelu_tanh_equals_mlx_gelu_approx(streams):
+    x = np.linspace(-12, 12, 7 * 301, dtype=np.float32).reshape(1, 7, 301)
+    got = np.array(layers.gelu_tanh(mx.array(x)))
+    np.testing.assert_allclose(got, np.array(nn.gelu_approx(mx.array(x))), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("streams", [1, 2, 3], indirect=True)
 def test_gelu_tanh_matches_torch(streams):
+    import torch
+
     x = np.linspace(-12, 12, 7 * 301, dtype=np.float32).reshape(1, 7, 301)
     got = np.array(layers.gelu_tanh(mx.array(x)))
     want = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()

@@ -16,12 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import import_script
-from diffusers import AutoencoderKL, FluxFillPipeline, FluxTransformer2DModel
-from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
-from safetensors.torch import load_file
+
+# The reference fixtures, built by diffusers/transformers: every test needs the parity extra
+# (the torch-free builder is tested in test_fixtures_mlx.py).
+pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")
+from diffusers import AutoencoderKL, FluxFillPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers.loaders import single_file_utils as sfu  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 bfl_keys = import_script("bfl_keys")
 mtc = import_script("make_tiny_checkpoint")

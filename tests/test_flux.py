@@ -5,13 +5,13 @@ import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
 from mlx_edit.models.layers import ControlResiduals
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.flux import load_transformer
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 
 TINY = dict(
     in_channels=384, out_channels=64, num_layers=2, num_single_layers=2,

@@ -20,24 +20,25 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.imaging import masks
-from mlx_edit.cli.image_prompts import (
-    image_prompt_kwargs,
-    image_prompt_options,
+from mlx_edit.cli.errors import OneLineCommand
+from mlx_edit.cli.conditioning import (
+    conditioning_options,
     parse_ip_adapters,
     parse_redux,
+    pop_conditioning,
 )
 from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_redux
 from mlx_edit.imaging.images import load_image, load_mask
 from mlx_edit.pipeline import FluxFill
 from conftest import import_script
 
-fx = import_script("image_prompt_fixtures")
+fx = import_script("make_mlx_checkpoint")  # torch-free image-prompt fixtures
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ckpt, tmp_path_factory):
+def setup(tiny_mlx, tmp_path_factory):
     root = tmp_path_factory.mktemp("image-prompts")
-    cfg = json.loads((tiny_ckpt / "transformer" / "config.json").read_text())
+    cfg = json.loads((tiny_mlx / "transformer" / "config.json").read_text())
     extras = fx.write_image_prompt_fixtures(root / "extras", cfg, "tiny", seed=3)
     astronaut = Image.fromarray(data.astronaut()).resize((301, 257))
     astronaut.save(root / "astronaut.png")
@@ -46,7 +47,7 @@ def setup(tiny_ckpt, tmp_path_factory):
     mask = np.zeros((257, 301), np.uint8)
     mask[60:140, 100:190] = 255
     Image.fromarray(mask).save(root / "mask.png")
-    pipe = FluxFill.from_pretrained(tiny_ckpt, dtype=mx.float32)
+    pipe = FluxFill.from_pretrained(tiny_mlx, dtype=mx.float32)
     return pipe, extras, root
 
 
@@ -100,7 +101,7 @@ def test_outpaint_with_redux(setup):
     job = pipe.prepare(canvas, model_mask, blend, "a table", steps=1, guidance=30.0, seed=0,
                        num_images=1, strength=1.0, crop_to_mask=None, prompt_2=None,
                        max_sequence_length=16)
-    job.embeds = prepare_redux(pipe, [ReduxSpec(extras["redux"], root / "astronaut.png")],
+    job.embeds = prepare_redux(pipe.job_context(job), [ReduxSpec(extras["redux"], root / "astronaut.png")],
                                job.embeds)
     out = np.asarray(pipe.run(job)[0])
     assert out.shape == (64 + 16, 96 + 32, 3)
@@ -109,10 +110,11 @@ def test_outpaint_with_redux(setup):
 # ---------------------------------------------------------------- CLI options
 
 
-@click.command()
-@image_prompt_options
+@click.command(cls=OneLineCommand)
+@conditioning_options
 def _command(**opts):
-    extra = image_prompt_kwargs(opts)
+    extra = pop_conditioning(opts)
+    assert extra.pop("controlnets") == []
     assert not opts
     click.echo(json.dumps({k: [[str(s.model), str(s.image), getattr(s, "scale", None),
                                 getattr(s, "strength", None)] for s in v]
@@ -141,12 +143,12 @@ def test_cli_options_pair_adapters_and_images(setup):
 
 @pytest.mark.parametrize("args, message", [
     (["--ip-adapter", "A"], "--ip-adapter needs at least one --ip-image"),
-    (["--ip-image", "{a}"], "need --ip-adapter"),
+    (["--ip-image", "{a}"], "--ip-image given without --ip-adapter"),
     (["--ip-adapter", "A", "--ip-adapter", "B", "--ip-image", "{a}"], "2 --ip-adapter for 1"),
     (["--ip-adapter", "A", "--ip-image", "{a}", "--ip-scale", "x"], "expected a number"),
     (["--ip-adapter", "A", "--ip-image", "missing.png"], "--ip-image missing.png does not"),
     (["--ip-adapter", "A", "--ip-image", "{a}", "--ip-scale", "1", "--ip-scale", "2"],
-     "2 --ip-scale values for 1 adapters"),
+     "--ip-scale given 2 times for 1 --ip-adapter"),
     (["--redux", "R", "--redux-image", "{a}", "--redux-strength", "-1"], ">= 0"),
     (["--redux", "R", "--redux", "S", "--redux", "T", "--redux-image", "{a}",
       "--redux-image", "{a}"], "3 --redux for 2 --redux-image"),
@@ -157,7 +159,7 @@ def test_cli_option_errors_are_one_line(setup, args, message):
     r = CliRunner().invoke(_command, args)
     assert r.exit_code == 2, r.output
     assert message in r.output
-    assert r.output.strip().splitlines()[-1].startswith("Error: ")
+    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error: ")
 
 
 def test_parse_redux_defaults():
@@ -166,7 +168,7 @@ def test_parse_redux_defaults():
         parse_redux(["R"], [])
 
 
-def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_ckpt, tmp_path):
+def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_mlx, tmp_path):
     """mlx-edit inpaint --ip-adapter DIR --ip-image REF: one photo edited, another as reference."""
     from click.testing import CliRunner
 
@@ -176,7 +178,7 @@ def test_cli_inpaint_with_ip_adapter_on_photos(setup, tiny_ckpt, tmp_path):
     outs = []
     for scale in ("1.0", "0.0"):
         out = tmp_path / f"ip{scale}.png"
-        args = ["inpaint", "--model", tiny_ckpt, "--image", root / "astronaut.png", "--mask",
+        args = ["inpaint", "--model", tiny_mlx, "--image", root / "astronaut.png", "--mask",
                 root / "mask.png", "--prompt", "a cup of coffee", "--steps", 2, "--seed", 1,
                 "--max-sequence-length", 32, "--ip-adapter", extras["ip-adapter"],
                 "--ip-image", root / "coffee.jpg", "--ip-scale", scale, "--output", out]

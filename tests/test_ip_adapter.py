@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
 
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
@@ -29,8 +27,10 @@ from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.flux import load_transformer
 from mlx_edit.weights.vision import load_clip_vision, load_ip_adapter, resolve_ip_adapter
 from conftest import import_script
+from contexts import make_context
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 fx = import_script("image_prompt_fixtures")
 
 TOL = 1e-4
@@ -185,8 +185,7 @@ def test_ip_adapter_end_to_end_matches_diffusers(ip_setup):
     # diffusers shares one image encoder between adapters: name it for the second one
     specs = [IPAdapterSpec(folders[0], [refs[0], refs[1]], scales[0]),
              IPAdapterSpec(folders[1], refs[2], scales[1], folders[0] / "image_encoder")]
-    pipe_like = SimpleNamespace(dtype=mx.float32, transformer=ours)
-    ip = prepare_ip_adapters(pipe_like, specs, batch_size=2)
+    ip = prepare_ip_adapters(make_context(ours.config, batch_size=2), specs)
     assert ip[0].k[0].shape == (2, 2, 8, 16) and ip[1].scale == [0.6, 0.6]
     assert rel_err(_run_ours(ours, x, ip), want) <= TOL
     no_ip = _run_ours(ours, x, None)
@@ -231,7 +230,7 @@ def test_ip_adapter_loading_is_strict(tmp_path):
 
 def test_ip_adapter_input_errors(ip_setup, tmp_path):
     _, ours, folders = ip_setup
-    pipe_like = SimpleNamespace(dtype=mx.float32, transformer=ours)
+    pipe_like = make_context(ours.config)
     img = photos()[1]
     with pytest.raises(InputError, match="scale has 3 values; the transformer has 2"):
         prepare_ip_adapters(pipe_like, [IPAdapterSpec(folders[0], img, [1.0, 1.0, 1.0])])

@@ -149,5 +149,5 @@ def test_convert_bakes_loras(tiny_ckpt, loras, tmp_path):
                                      mx.zeros((cfgm.hidden_size, 4))})
     r = CliRunner().invoke(convert_command, [str(tiny_ckpt), str(tmp_path / "no"), "--lora",
                                              str(wrong)])
-    assert r.exit_code == 1 and "double_blocks.0.img_attn.proj" in r.output
+    assert r.exit_code == 2 and "double_blocks.0.img_attn.proj" in r.output
     assert not (tmp_path / "no").exists()

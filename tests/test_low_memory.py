@@ -66,8 +66,8 @@ def _pipes(ckpt):
             FluxFill.from_pretrained(ckpt, mx.float32, low_memory=True))
 
 
-def test_low_memory_inpaint_equals_default(tiny_ckpt):
-    default, low = _pipes(tiny_ckpt)
+def test_low_memory_inpaint_equals_default(tiny_mlx):
+    default, low = _pipes(tiny_mlx)
     assert low.components.resident == ()  # nothing loaded up front
     assert low.variant == "fill" and low.transformer_config == default.transformer.config
     assert low.vae_config == default.vae.config and low.components.resident == ()
@@ -89,15 +89,15 @@ def test_low_memory_inpaint_equals_default(tiny_ckpt):
     assert "load_vae_s" not in default.last_stats
 
 
-def test_low_memory_controlnet_edit_equals_default(tiny_ckpt, tmp_path):
+def test_low_memory_controlnet_edit_equals_default(tiny_mlx, tmp_path):
     cf = import_script("controlnet_fixtures")
-    cfg = json.loads((tiny_ckpt / "transformer" / "config.json").read_text())
-    cf.make_controlnet(cf.controlnet_config("instantx", cfg), seed=4).save_pretrained(
-        tmp_path / "instantx", safe_serialization=True)
+    cfg = json.loads((tiny_mlx / "transformer" / "config.json").read_text())
+    import_script("make_mlx_checkpoint").write_controlnet(
+        tmp_path / "instantx", cf.controlnet_config("instantx", cfg), seed=4)
     image, mask = _photo()
     control, _ = _photo(seed=1)
     spec = ControlNetSpec(tmp_path / "instantx", control, "none", scale=0.9)
-    default, low = _pipes(tiny_ckpt)
+    default, low = _pipes(tiny_mlx)
     ref_px, ref_latents = _edit(default, image, mask, controlnets=[spec])
     plain_px, _ = _edit(default, image, mask)
     assert not np.array_equal(ref_px, plain_px)  # the ControlNet changes the edit
@@ -107,9 +107,9 @@ def test_low_memory_controlnet_edit_equals_default(tiny_ckpt, tmp_path):
     assert low.components.resident == ()
 
 
-def test_each_phase_holds_only_its_model(small_ckpt, monkeypatch):
+def test_each_phase_holds_only_its_model(small_mlx, monkeypatch):
     """What is loaded, and MLX's active memory, when each phase's computation starts."""
-    default, low = _pipes(small_ckpt)
+    default, low = _pipes(small_mlx)
     nbytes = {n: model_nbytes(default.components.get(n)) for n in ("transformer", "vae")}
     seen: list[tuple[str, tuple, int]] = []
 
@@ -144,8 +144,8 @@ def test_each_phase_holds_only_its_model(small_ckpt, monkeypatch):
     assert mx.get_active_memory() - base < min(t, v)  # both freed after the edit
 
 
-def test_closing_the_denoise_generator_frees_the_transformer(tiny_ckpt):
-    low = FluxFill.from_pretrained(tiny_ckpt, mx.float32, low_memory=True)
+def test_closing_the_denoise_generator_frees_the_transformer(tiny_mlx):
+    low = FluxFill.from_pretrained(tiny_mlx, mx.float32, low_memory=True)
     image, mask = _photo()
     job = low.prepare(image, mask, mask, "x", steps=3, guidance=30.0, seed=0, num_images=1,
                       strength=1.0, crop_to_mask=None, prompt_2=None, max_sequence_length=16)
@@ -157,16 +157,16 @@ def test_closing_the_denoise_generator_frees_the_transformer(tiny_ckpt):
     assert low.components.resident == ()
 
 
-def test_cache_limit_set_only_by_low_memory(tiny_ckpt):
-    FluxFill.from_pretrained(tiny_ckpt, mx.float32)
+def test_cache_limit_set_only_by_low_memory(tiny_mlx):
+    FluxFill.from_pretrained(tiny_mlx, mx.float32)
     assert mx.set_cache_limit(KNOWN_LIMIT) == KNOWN_LIMIT  # default: untouched
-    low = FluxFill.from_pretrained(tiny_ckpt, mx.float32, low_memory=True)
+    low = FluxFill.from_pretrained(tiny_mlx, mx.float32, low_memory=True)
     assert mx.set_cache_limit(LOW_MEMORY_CACHE_BYTES) == LOW_MEMORY_CACHE_BYTES
     assert low.low_memory and low.components.resident == ()
 
 
-def test_memory_check_uses_the_low_memory_peak(tiny_ckpt, monkeypatch):
-    default, low = _pipes(tiny_ckpt)
+def test_memory_check_uses_the_low_memory_peak(tiny_mlx, monkeypatch):
+    default, low = _pipes(tiny_mlx)
     image, mask = _photo()
     est = default.memory_estimate(*image.size)
     assert est == low.memory_estimate(*image.size)  # same models, configs only
@@ -179,7 +179,7 @@ def test_memory_check_uses_the_low_memory_peak(tiny_ckpt, monkeypatch):
     assert px.shape == (128, 160, 3)
 
 
-def test_cli_low_memory_end_to_end(tiny_ckpt, tmp_path):
+def test_cli_low_memory_end_to_end(tiny_mlx, tmp_path):
     image, mask = _photo()
     image.save(tmp_path / "photo.png")
     Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
@@ -188,7 +188,7 @@ def test_cli_low_memory_end_to_end(tiny_ckpt, tmp_path):
     outputs = {}
     for flags in ((), ("--low-memory",)):
         out = tmp_path / f"out{len(flags)}.png"
-        args = ["inpaint", "--model", tiny_ckpt, "--image", tmp_path / "photo.png", "--mask",
+        args = ["inpaint", "--model", tiny_mlx, "--image", tmp_path / "photo.png", "--mask",
                 tmp_path / "mask.png", "--prompt", "a red apple", "--steps", 2, "--seed", 3,
                 "--output", out, "--metadata", *flags]
         r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -207,10 +207,10 @@ def _params(model):
 
 
 @pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
-def test_quantize_at_load_is_identical_and_never_full_precision(small_ckpt, component):
+def test_quantize_at_load_is_identical_and_never_full_precision(small_mlx, component):
     load, quantize = {"transformer": (load_transformer, quantize_transformer),
                       "text_encoder_2": (load_t5, quantize_t5)}[component]
-    folder = small_ckpt / component
+    folder = small_mlx / component
     full = load(folder, mx.float32)
     full_bytes = model_nbytes(full)
     quantize(full, 4)  # the old way: load in full precision, then quantize
@@ -228,12 +228,12 @@ def test_quantize_at_load_is_identical_and_never_full_precision(small_ckpt, comp
     assert peak < q_bytes + 0.5 * (full_bytes - q_bytes), (peak, q_bytes, full_bytes)
 
 
-def test_loading_with_a_cast_holds_no_source_copy(small_ckpt):
+def test_loading_with_a_cast_holds_no_source_copy(small_mlx):
     """A float32 checkpoint loaded as bfloat16: the float32 sources are freed as they are
     cast (they used to stay referenced until the load returned: peak 3x the model)."""
     mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
-    model = load_transformer(small_ckpt / "transformer", mx.bfloat16)
+    model = load_transformer(small_mlx / "transformer", mx.bfloat16)
     peak = mx.get_peak_memory() - before
     assert peak < 1.3 * model_nbytes(model), (peak, model_nbytes(model))

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
 
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 from skimage import data
 
+from contexts import make_context
+from mlx_edit.models.flux import FluxConfig
 from mlx_edit.conditioning.image_prompts import (
     ReduxSpec,
     prepare_redux,
@@ -35,6 +35,7 @@ from mlx_edit.weights.vision import load_redux_embedder, load_siglip_vision, res
 from conftest import import_script
 
 pytestmark = pytest.mark.parity
+torch = pytest.importorskip("torch")  # the parity extra: every test here uses it
 fx = import_script("image_prompt_fixtures")
 
 TOL = 1e-4
@@ -53,8 +54,7 @@ def photos() -> list[Image.Image]:
 
 
 def pipe_like(dtype=mx.float32, width=TXT_DIM):
-    config = SimpleNamespace(joint_attention_dim=width)
-    return SimpleNamespace(dtype=dtype, transformer=SimpleNamespace(config=config))
+    return make_context(FluxConfig(joint_attention_dim=width, in_channels=64), dtype=dtype)
 
 
 @pytest.fixture(scope="module")

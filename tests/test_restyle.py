@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import import_script
 from mlx.utils import tree_flatten
@@ -24,9 +23,10 @@ from skimage import data
 
 from mlx_edit.imaging import masks
 from mlx_edit.cli import main
+from mlx_edit.conditioning.bfl_control import bfl_conditioner
+from mlx_edit.conditioning.fill import fill_conditioner
 from mlx_edit.conditioning.controlnet import (
     ControlNetSpec,
-    bfl_conditioner,
     prepare_controls,
     preprocess,
 )
@@ -55,8 +55,9 @@ def psnr(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """Built torch-free (scripts/make_mlx_checkpoint.py); diffusers loads it for parity."""
     out = tmp_path_factory.mktemp("ckpt-restyle") / "tiny"
-    return import_script("make_tiny_checkpoint").build(
+    return import_script("make_mlx_checkpoint").build(
         out, "tiny", extras=("controlnet", "control-model"))
 
 
@@ -101,6 +102,7 @@ def _deterministic(unpacked_noise):
 def _reference(ckpt, image, control, noise, strength, steps, guidance):
     """Per-step latents and the decoded image (B, H, W, 3) of diffusers' pipeline."""
     import diffusers
+    import torch
 
     diffusers.utils.logging.set_verbosity_error()
     ref = diffusers.FluxControlPipeline.from_pretrained(ckpt / "control-model")
@@ -148,7 +150,7 @@ def test_restyle_matches_diffusers_control_pipelines(pipe, ckpt, photo, strength
     job = pipe.prepare(photo, ones, ones, PROMPT, steps=3, guidance=30.0, seed=0,
                        num_images=1, strength=strength, crop_to_mask=None, prompt_2=None,
                        max_sequence_length=32, noise=mx.array(noise),
-                       conditioning=bfl_conditioner(pipe, ours_control, control_type))
+                       conditioning=bfl_conditioner(ours_control, control_type))
     ours = [np.array(latents) for _, latents in pipe.steps(job)]
     image = np.array(pipe.decode(job.latents, W, H))
     ref_steps, ref_image = _reference(ckpt, photo, ref_control.convert("RGB"), noise,
@@ -193,7 +195,7 @@ def test_variant_checks(pipe, ckpt, photo, tmp_path):
         pipe.outpaint(photo, PROMPT, left=16, steps=1)
     with pytest.raises(InputError, match="depth needs --control-image"):
         pipe.restyle(photo, None, PROMPT, control_type="depth", steps=1)
-    with pytest.raises(InputError, match="not one of the BFL control models"):
+    with pytest.raises(InputError, match="control_type must be one of canny, depth, none"):
         pipe.restyle(photo, photo, PROMPT, control_type="pose", steps=1)
     fill = FluxFill.from_pretrained(ckpt, mx.float32)
     assert fill.variant == "fill"
@@ -201,6 +203,10 @@ def test_variant_checks(pipe, ckpt, photo, tmp_path):
         fill.restyle(photo, None, PROMPT, steps=1)
     ones = np.ones((H, W), np.float32)  # the Fill conditioning on a control transformer
     with pytest.raises(InputError, match="conditioning has 320 channels.*takes 64"):
+        pipe.prepare(photo, ones, ones, PROMPT, steps=1, guidance=30.0, seed=0, num_images=1,
+                     strength=1.0, crop_to_mask=None, prompt_2=None, max_sequence_length=32,
+                     conditioning=fill_conditioner)
+    with pytest.raises(InputError, match="conditioning has 0 channels.*takes 64"):
         pipe.prepare(photo, ones, ones, PROMPT, steps=1, guidance=30.0, seed=0, num_images=1,
                      strength=1.0, crop_to_mask=None, prompt_2=None, max_sequence_length=32)
     dev = json.loads((ckpt / "transformer" / "config.json").read_text())
@@ -270,7 +276,8 @@ def test_controlnets_are_quantized_with_the_pipeline(ckpt, photo):
                        guidance=30.0, seed=0, num_images=1, strength=1.0, crop_to_mask=None,
                        prompt_2=None, max_sequence_length=32)
     assert job.plan.model_size == (W, H) and not job.plan.resized
-    fn = prepare_controls(fill, job, [ControlNetSpec(union, photo, "canny", scale=0.8)])[0]
+    spec = ControlNetSpec(union, photo, "canny", scale=0.8)
+    fn = prepare_controls(fill.job_context(job), [spec])[0][0]
     latents = mx.random.normal(job.latents.shape, key=mx.random.key(1))
     t = mx.array([0.6])
     got = fn(latents, t, 0)

@@ -16,18 +16,23 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+from conftest import import_script
 from safetensors.numpy import load_file, save_file
-from transformers import CLIPTextConfig as HFCLIPTextConfig
-from transformers import CLIPTextModel as HFCLIPTextModel
-from transformers import T5Config as HFT5Config
-from transformers import T5EncoderModel as HFT5EncoderModel
-from transformers.initialization import no_init_weights
 
 from mlx_edit.models.clip import CLIPTextConfig
 from mlx_edit.models.t5 import T5Config, relative_position_bucket
 from mlx_edit.weights.core import WeightLoadError, safetensors_files
 from mlx_edit.weights.text import load_clip_text, load_t5
+
+try:  # the parity extra: only the parity tests use torch / transformers
+    import torch
+    from transformers import CLIPTextConfig as HFCLIPTextConfig
+    from transformers import CLIPTextModel as HFCLIPTextModel
+    from transformers import T5Config as HFT5Config
+    from transformers import T5EncoderModel as HFT5EncoderModel
+    from transformers.initialization import no_init_weights
+except ImportError:
+    torch = None
 
 TOL = 1e-4
 BOS, EOS = 49406, 49407
@@ -161,6 +166,24 @@ def t5_tiny(tmp_path_factory):
     return model, save_hf(model, tmp_path_factory.mktemp("t5_tiny"))
 
 
+@pytest.fixture(scope="module")
+def clip_tiny_np(tmp_path_factory):
+    """Torch-free: CLIP_TINY built by mlx-edit (scripts/make_mlx_checkpoint.py), saved in
+    transformers' single-file layout."""
+    root = tmp_path_factory.mktemp("clip_tiny_np")
+    import_script("make_mlx_checkpoint").write_component(root, "text_encoder", CLIP_TINY, 0)
+    return None, root / "text_encoder"
+
+
+@pytest.fixture(scope="module")
+def t5_tiny_np(tmp_path_factory):
+    """Torch-free: T5_TINY built by mlx-edit, transformers' single-file layout."""
+    root = tmp_path_factory.mktemp("t5_tiny_np")
+    import_script("make_mlx_checkpoint").write_component(root, "text_encoder_2", T5_TINY, 0,
+                                                         shard=False)
+    return None, root / "text_encoder_2"
+
+
 # ---------------------------------------------------------------- CLIP parity
 
 
@@ -217,8 +240,8 @@ def test_clip_wide_parity(tmp_path, eos):
     assert e_hidden <= TOL and e_pooled <= TOL
 
 
-def test_clip_rejects_long_input(clip_tiny):
-    ours = load_clip_text(clip_tiny[1])
+def test_clip_rejects_long_input(clip_tiny_np):
+    ours = load_clip_text(clip_tiny_np[1])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ours(mx.zeros((1, 78), dtype=mx.int32))
 
@@ -327,9 +350,9 @@ CLIP_BROKEN = {
 
 
 @pytest.mark.parametrize("case", sorted(CLIP_BROKEN))
-def test_clip_strict_loading(clip_tiny, tmp_path, case):
+def test_clip_strict_loading(clip_tiny_np, tmp_path, case):
     edit, pattern = CLIP_BROKEN[case]
-    folder = rewrite(clip_tiny[1], tmp_path / "broken", edit)
+    folder = rewrite(clip_tiny_np[1], tmp_path / "broken", edit)
     with pytest.raises(WeightLoadError, match=pattern):
         load_clip_text(folder)
 
@@ -357,16 +380,17 @@ T5_BROKEN = {
 
 
 @pytest.mark.parametrize("case", sorted(T5_BROKEN))
-def test_t5_strict_loading(t5_tiny, tmp_path, case):
+def test_t5_strict_loading(t5_tiny_np, tmp_path, case):
     edit, pattern = T5_BROKEN[case]
-    folder = rewrite(t5_tiny[1], tmp_path / "broken", edit)
+    folder = rewrite(t5_tiny_np[1], tmp_path / "broken", edit)
     with pytest.raises(WeightLoadError, match=pattern):
         load_t5(folder)
 
 
 def test_t5_missing_shard(tmp_path):
-    folder = tmp_path / "sharded"
-    build_t5(T5_TINY).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    import_script("make_mlx_checkpoint").write_component(tmp_path, "text_encoder_2", T5_TINY, 0,
+                                                         shard=True)
+    folder = tmp_path / "text_encoder_2"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     victim = sorted(set(index["weight_map"].values()))[0]
     (folder / victim).unlink()

@@ -1,9 +1,12 @@
-"""CLIP BPE and T5 SentencePiece tokenizers against transformers on the same files.
+"""CLIP BPE and T5 Unigram tokenizers (mlx_edit.text) against transformers on the same files.
 
 The fixture files are the real CLIP-L BPE (from open-clip-torch's wheel) and a small T5
-unigram model trained by scripts/tokenizer_files.py. transformers 5 has no slow
-(SentencePiece) T5 class: `T5Tokenizer` is `T5TokenizerFast`; the legacy slow path
-(SentencePiece encode + eos) is checked on ordinary prompts by `_sp_legacy_ids` below.
+unigram model trained by scripts/tokenizer_files.py, which also writes the T5 `tokenizer.json`.
+Both load paths are checked: `tokenizer.json` (ours, and one written by transformers'
+`save_pretrained`) and the classic files (`vocab.json` + `merges.txt`, `spiece.model`).
+transformers 5 has no slow (SentencePiece) T5 class: `T5Tokenizer` is `T5TokenizerFast`;
+the legacy slow path (SentencePiece encode + eos) is checked on ordinary prompts by
+`_sp_legacy_ids` below.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import mlx_edit  # noqa: F401  (first: loads OpenBLAS before mlx)
 
 import json
 import random
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_edit.tokenizers import ClipTokenizer, PromptTruncatedWarning, T5Tokenizer
+from mlx_edit.text import ClipTokenizer, PromptTruncatedWarning, T5Tokenizer
+from mlx_edit.weights.core import WeightLoadError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tokenizer_files  # noqa: E402
@@ -51,11 +56,11 @@ def make_prompts(seed: int = 0) -> list[str]:
     """Deterministic prompts: specials cases, realistic, unicode mixes and long ones."""
     rng = random.Random(seed)
     prompts = ["", " ", "\n\t  ", "\u3000", "\u0085", "a", "A PHOTO OF A CAT"]
-    for _ in range(60):  # prompt-like English, mixed case and punctuation
+    for _ in range(300):  # prompt-like English, mixed case and punctuation
         words = rng.choices(WORDS, k=rng.randint(3, 25))
         words = [w.capitalize() if rng.random() < 0.15 else w for w in words]
         prompts.append(", ".join(" ".join(words[k : k + 4]) for k in range(0, len(words), 4)))
-    for _ in range(160):  # unicode, numbers, contractions, specials, odd whitespace
+    for _ in range(700):  # unicode, numbers, contractions, specials, odd whitespace
         parts = [rng.choice(FRAGMENTS if rng.random() < 0.6 else WORDS) for _ in range(12)]
         prompts.append("".join(p + rng.choice(SEPARATORS) for p in parts[: rng.randint(1, 12)]))
     for n_words in (50, 60, 70, 80, 100, 120, 150, 200, 300, 400, 600, 900):  # CLIP/T5 limits
@@ -68,9 +73,13 @@ PROMPTS = make_prompts()
 
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory) -> Path:
+    """tokenizer/ (CLIP files), tokenizer_2/ (T5 files with tokenizer.json) and
+    tokenizer_2_spiece/ (the same without tokenizer.json: the spiece.model path)."""
     root = tmp_path_factory.mktemp("tokenizers")
     tokenizer_files.write_clip_tokenizer(root / "tokenizer")
     tokenizer_files.write_t5_tokenizer(root / "tokenizer_2")
+    shutil.copytree(root / "tokenizer_2", root / "tokenizer_2_spiece")
+    (root / "tokenizer_2_spiece" / "tokenizer.json").unlink()
     return root
 
 
@@ -85,6 +94,11 @@ def t5(tok_dir) -> T5Tokenizer:
 
 
 @pytest.fixture(scope="session")
+def t5_spiece(tok_dir) -> T5Tokenizer:
+    return T5Tokenizer.from_folder(tok_dir / "tokenizer_2_spiece")
+
+
+@pytest.fixture(scope="session")
 def hf_clip(tok_dir):
     import transformers
 
@@ -93,9 +107,25 @@ def hf_clip(tok_dir):
 
 @pytest.fixture(scope="session", params=["T5TokenizerFast", "T5Tokenizer"])
 def hf_t5(request, tok_dir):
+    """transformers' own conversion of spiece.model (the folder without our tokenizer.json)."""
     import transformers
 
-    return getattr(transformers, request.param).from_pretrained(tok_dir / "tokenizer_2")
+    return getattr(transformers, request.param).from_pretrained(tok_dir / "tokenizer_2_spiece")
+
+
+@pytest.fixture(scope="session")
+def hf_saved(tok_dir, hf_clip):
+    """Folders holding only transformers' own `tokenizer.json` + `tokenizer_config.json`."""
+    import transformers
+
+    out = tok_dir / "hf_saved"
+    hf_clip.save_pretrained(out / "tokenizer")
+    t5 = transformers.T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2_spiece")
+    t5.save_pretrained(out / "tokenizer_2")
+    for sub in ("tokenizer", "tokenizer_2"):
+        assert sorted(f.name for f in (out / sub).iterdir()) == [
+            "tokenizer.json", "tokenizer_config.json"]
+    return out
 
 
 def _ours(tok, prompts, max_length):
@@ -122,14 +152,64 @@ def test_fixture_files(tok_dir):
     assert merges[0] == "#version: 0.2" and len(merges) == 1 + 48894
     config = json.loads((t5_dir / "tokenizer_config.json").read_text())
     assert config["extra_ids"] == 100 and config["model_max_length"] == 512
-    t5 = T5Tokenizer.from_folder(t5_dir)
-    assert t5.vocab_size == 1100 and (t5.pad_id, t5.eos_id, t5.unk_id) == (0, 1, 2)
-    assert t5.sp.id_to_piece(1) == "</s>" and t5.sp.bos_id() == -1
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(t5_dir / "spiece.model"))
+    assert sp.get_piece_size() == 1000 and sp.id_to_piece(1) == "</s>" and sp.bos_id() == -1
+    assert (t5_dir / "tokenizer.json").is_file()
+    for folder in (t5_dir, tok_dir / "tokenizer_2_spiece"):
+        t5 = T5Tokenizer.from_folder(folder)
+        assert t5.vocab_size == 1100 and (t5.pad_id, t5.eos_id) == (0, 1)
+        ids = {t: t5.tokenizer.token_to_id(t) for t in ("<unk>", "<extra_id_0>", "<extra_id_99>")}
+        assert ids == {"<unk>": 2, "<extra_id_0>": 1099, "<extra_id_99>": 1000}
 
 
-def test_t5_fixture_training_is_deterministic(tok_dir):
+def test_t5_fixture_training_is_deterministic(tok_dir, tmp_path):
     spiece = (tok_dir / "tokenizer_2" / "spiece.model").read_bytes()
     assert tokenizer_files.train_t5_spiece() == spiece
+    shutil.copytree(tok_dir / "tokenizer_2_spiece", tmp_path / "t5")
+    tokenizer_files.write_t5_tokenizer_json(tmp_path / "t5")
+    written = (tok_dir / "tokenizer_2" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "t5" / "tokenizer.json").read_bytes() == written
+
+
+def test_t5_tokenizer_json_and_spiece_paths_agree(t5, t5_spiece):
+    assert t5.tokenizer is not t5_spiece.tokenizer
+    assert np.array_equal(_ours(t5, PROMPTS, 512), _ours(t5_spiece, PROMPTS, 512))
+    assert [t5.count_tokens(p) for p in PROMPTS] == [t5_spiece.count_tokens(p) for p in PROMPTS]
+
+
+def test_clip_tokenizer_json_path(clip, tok_dir, tmp_path):
+    """A CLIP folder with only tokenizer.json (as transformers 5 saves one) gives the same ids."""
+    clip.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    from_json = ClipTokenizer.from_folder(tmp_path)
+    assert np.array_equal(_ours(from_json, PROMPTS, 77), _ours(clip, PROMPTS, 77))
+
+
+@pytest.mark.parametrize("cls,files", [(ClipTokenizer, ("vocab.json", "merges.txt")),
+                                       (T5Tokenizer, ("spiece.model",))])
+def test_missing_tokenizer_files_are_one_line_errors(tmp_path, cls, files):
+    with pytest.raises(WeightLoadError) as info:
+        cls.from_folder(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message and "tokenizer.json" in message
+    assert all(f in message for f in files)
+
+
+@pytest.mark.parametrize("sub,name,cls,data", [
+    ("tokenizer", "vocab.json", ClipTokenizer, b'{"a": 1'),
+    ("tokenizer", "merges.txt", ClipTokenizer, b"#version: 0.2\nq z\n"),
+    ("tokenizer_2_spiece", "spiece.model", T5Tokenizer, b"\x0a\xff\xff not a model"),
+    ("tokenizer_2", "tokenizer.json", T5Tokenizer, b'{"version": "1.0", "model": 3}'),
+    ("tokenizer_2", "tokenizer_config.json", T5Tokenizer, b"{not json"),
+])
+def test_damaged_tokenizer_files_are_one_line_errors(tok_dir, tmp_path, sub, name, cls, data):
+    folder = tmp_path / sub
+    shutil.copytree(tok_dir / sub, folder)
+    (folder / name).write_bytes(data)
+    with pytest.raises(WeightLoadError, match="cannot read the") as info:
+        cls.from_folder(folder)
+    assert "\n" not in str(info.value) and str(folder) in str(info.value)
 
 
 @pytest.mark.parity
@@ -153,27 +233,35 @@ def test_fixture_files_load_in_transformers(tok_dir, hf_clip, hf_t5):
 
 
 def test_prompt_set_covers_the_cases(clip, t5):
-    assert len(PROMPTS) >= 200 and PROMPTS == make_prompts()  # deterministic
+    assert len(PROMPTS) >= 1000 and PROMPTS == make_prompts()  # deterministic
+    assert "" in PROMPTS and any("  " in p or "\t" in p for p in PROMPTS)
+    assert any(ord(c) > 0x4E00 for p in PROMPTS for c in p)  # CJK
+    assert any(ord(c) > 0x1F000 for p in PROMPTS for c in p)  # emoji
     assert sum(clip.count_tokens(p) > 77 for p in PROMPTS) >= 10
     assert sum(t5.count_tokens(p) > 512 for p in PROMPTS) >= 2
 
 
 @pytest.mark.parity
-def test_clip_ids_match_transformers(clip, hf_clip):
+@pytest.mark.parametrize("files", ["vocab+merges", "transformers tokenizer.json"])
+def test_clip_ids_match_transformers(clip, hf_clip, hf_saved, files):
+    ours = clip if files == "vocab+merges" else ClipTokenizer.from_folder(hf_saved / "tokenizer")
     ref = hf_clip(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
-    assert _mismatches(_ours(clip, PROMPTS, 77), ref) == []
+    assert _mismatches(_ours(ours, PROMPTS, 77), ref) == []
     untruncated = hf_clip(PROMPTS).input_ids
-    assert [clip.count_tokens(p) for p in PROMPTS] == [len(ids) for ids in untruncated]
+    assert [ours.count_tokens(p) for p in PROMPTS] == [len(ids) for ids in untruncated]
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("files", ["tokenizer.json", "spiece.model", "transformers tokenizer.json"])
 @pytest.mark.parametrize("max_length", [512, 48])
-def test_t5_ids_match_transformers(t5, hf_t5, max_length):
+def test_t5_ids_match_transformers(t5, t5_spiece, hf_t5, hf_saved, files, max_length):
+    ours = {"tokenizer.json": t5, "spiece.model": t5_spiece}.get(files) \
+        or T5Tokenizer.from_folder(hf_saved / "tokenizer_2")
     ref = hf_t5(PROMPTS, padding="max_length", max_length=max_length, truncation=True).input_ids
-    assert _mismatches(_ours(t5, PROMPTS, max_length), ref) == []
+    assert _mismatches(_ours(ours, PROMPTS, max_length), ref) == []
     if max_length == 512:
         untruncated = hf_t5(PROMPTS).input_ids
-        assert [t5.count_tokens(p) for p in PROMPTS] == [len(ids) for ids in untruncated]
+        assert [ours.count_tokens(p) for p in PROMPTS] == [len(ids) for ids in untruncated]
 
 
 def _sp_legacy_ids(sp, prompt: str, specials: dict[str, int]) -> list[int]:
@@ -195,9 +283,11 @@ def test_t5_matches_sentencepiece_on_ordinary_prompts(t5, tok_dir):
     ordinary = [
         p for p in PROMPTS if "\x85" not in p and not any(0x300 <= ord(c) < 0x370 for c in p)
     ]
-    assert len(ordinary) > 150
+    assert len(ordinary) > 600
+    specials = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    specials.update({f"<extra_id_{k}>": 1099 - k for k in range(100)})
     assert [t5.encode(p) for p in ordinary] == [
-        _sp_legacy_ids(sp, p, t5.specials) for p in ordinary
+        _sp_legacy_ids(sp, p, specials) for p in ordinary
     ]
 
 
@@ -232,6 +322,16 @@ def test_t5_max_length_over_512_raises(t5):
     with pytest.raises(ValueError, match="512"):
         t5("a cat", max_length=513)
     assert t5("a cat", max_length=512).shape == (1, 512)
+
+
+def test_too_short_max_length_raises(clip, t5):
+    with pytest.raises(ValueError, match="max_length 0"):
+        t5("a cat", max_length=0)
+    with pytest.raises(ValueError, match="max_length 1"):
+        clip("a cat", max_length=1)  # no room for bos and eos
+    with pytest.warns(PromptTruncatedWarning):  # the smallest lengths: only the specials
+        assert t5("a cat", max_length=1).tolist() == [[1]]
+        assert clip("a", max_length=2).tolist() == [[49406, 49407]]
 
 
 def test_batch_input(clip, t5):

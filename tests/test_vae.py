@@ -9,12 +9,19 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from conftest import import_script
+from safetensors.numpy import save_file as save_numpy
 
 from mlx_edit.models.vae import VAEConfig
+from mlx_edit.weights import vae as vae_keys
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.vae import load_vae
+
+try:  # the parity extra: only the parity tests use torch / diffusers
+    import torch
+    from safetensors.torch import load_file, save_file
+except ImportError:
+    torch = None
 
 FLUX_FACTORS = dict(scaling_factor=0.3611, shift_factor=0.1159)
 # 4 levels, so the scale factor is 8 as in FLUX; channel changes give conv_shortcuts.
@@ -70,7 +77,7 @@ def to_bfl(state: dict, num_levels: int) -> dict:
         k = k.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
         if ".attn_1." in k and k.endswith("weight") and t.ndim == 2:
             t = t[:, :, None, None]  # BFL's attention projections are 1x1 convs
-        out[k] = t.contiguous()
+        out[k] = t.contiguous() if hasattr(t, "contiguous") else np.ascontiguousarray(t)
     return out
 
 
@@ -126,6 +133,19 @@ def tiny(tmp_path_factory):
                 out=reference_outputs(ref, image, latent))
 
 
+@pytest.fixture(scope="module")
+def tiny_np(tmp_path_factory):
+    """Torch-free: the TINY VAE built by mlx-edit (scripts/make_mlx_checkpoint.py) as a
+    diffusers vae/ folder, with its diffusers-named state as numpy arrays."""
+    mmc = import_script("make_mlx_checkpoint")
+    root = tmp_path_factory.mktemp("vae_tiny_np")
+    cfg = dict(TINY, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4)
+    params = mmc.write_component(root, "vae", cfg, 0)
+    return dict(root=root, state=mmc.to_checkpoint(params, vae_keys.DIFFUSERS_RULES),
+                image=make_image(2, 40, 56))
+
+
 def test_config_from_dict():
     cfg = VAEConfig.from_dict({"block_out_channels": [8, 16], "shift_factor": None, "foo": 1})
     assert cfg.block_out_channels == (8, 16) and cfg.shift_factor == 0.0
@@ -174,7 +194,8 @@ def test_wide_flux_vae(tmp_path):
     assert max(compare(model, out, image, latent)) <= 1e-4
 
 
-def test_encode_sample(tiny):
+def test_encode_sample(tiny_np):
+    tiny = tiny_np
     model = load_vae(tiny["root"] / "vae", dtype=mx.float32)
     x = mx.array(tiny["image"].transpose(0, 2, 3, 1))
     key = mx.random.key(7)
@@ -188,6 +209,7 @@ def test_encode_sample(tiny):
     assert a.shape == (2, 5, 7, 16)
 
 
+@pytest.mark.parity
 def test_bfloat16_load(tiny):
     model = load_vae(tiny["root"] / "vae", dtype=mx.bfloat16)
     assert model.encoder.conv_in.weight.dtype == mx.bfloat16
@@ -199,36 +221,39 @@ def test_bfloat16_load(tiny):
 def _write_variant(tiny, folder, edit):
     folder.mkdir()
     shutil.copy(tiny["root"] / "vae" / "config.json", folder / "config.json")
-    state = {k: v.clone() for k, v in tiny["ref"].state_dict().items()}
+    state = {k: v.copy() for k, v in tiny["state"].items()}
     edit(state)
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    save_numpy(state, str(folder / "diffusion_pytorch_model.safetensors"))
     return folder
 
 
 @pytest.mark.parametrize("edit, key", [
     (lambda s: s.pop("decoder.up_blocks.1.resnets.0.conv1.weight"),
      "decoder.up_blocks.1.resnets.0.conv1.weight"),
-    (lambda s: s.__setitem__("encoder.extra.weight", torch.zeros(3)), "encoder.extra.weight"),
-    (lambda s: s.__setitem__("decoder.conv_out.bias", torch.zeros(4)), "decoder.conv_out.bias"),
-    (lambda s: s.__setitem__("encoder.mid_block.attentions.0.to_q.weight", torch.zeros(16, 8)),
+    (lambda s: s.__setitem__("encoder.extra.weight", np.zeros(3, np.float32)),
+     "encoder.extra.weight"),
+    (lambda s: s.__setitem__("decoder.conv_out.bias", np.zeros(4, np.float32)),
+     "decoder.conv_out.bias"),
+    (lambda s: s.__setitem__("encoder.mid_block.attentions.0.to_q.weight",
+                             np.zeros((16, 8), np.float32)),
      "encoder.mid_block.attentions.0.to_q.weight"),
 ])
-def test_strict_diffusers(tiny, tmp_path, edit, key):
-    folder = _write_variant(tiny, tmp_path / "bad", edit)
+def test_strict_diffusers(tiny_np, tmp_path, edit, key):
+    folder = _write_variant(tiny_np, tmp_path / "bad", edit)
     with pytest.raises(WeightLoadError, match=re.escape(key)):
         load_vae(folder, dtype=mx.float32)
 
 
-def test_strict_bfl(tiny, tmp_path):
-    bfl = to_bfl(tiny["ref"].state_dict(), 4)
-    cfg = json.loads((tiny["root"] / "vae" / "config.json").read_text())
+def test_strict_bfl(tiny_np, tmp_path):
+    bfl = to_bfl(tiny_np["state"], 4)
+    cfg = json.loads((tiny_np["root"] / "vae" / "config.json").read_text())
     bfl.pop("encoder.mid.attn_1.q.weight")
-    save_file(bfl, str(tmp_path / "ae.safetensors"))
+    save_numpy(bfl, str(tmp_path / "ae.safetensors"))
     with pytest.raises(WeightLoadError, match=re.escape("encoder.mid_block.attentions.0.to_q.weight")):
         load_vae(tmp_path / "ae.safetensors", dtype=mx.float32, config=cfg)
     # The FLUX default widths do not fit a tiny file: a shape error, not a silent load.
-    bfl["encoder.mid.attn_1.q.weight"] = torch.zeros(16, 16, 1, 1)
-    save_file(bfl, str(tmp_path / "ae.safetensors"))
+    bfl["encoder.mid.attn_1.q.weight"] = np.zeros((16, 16, 1, 1), np.float32)
+    save_numpy(bfl, str(tmp_path / "ae.safetensors"))
     with pytest.raises(WeightLoadError, match="mis-shaped"):
         load_vae(tmp_path / "ae.safetensors", dtype=mx.float32)
 

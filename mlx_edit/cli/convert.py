@@ -6,8 +6,9 @@
         [--max-shard-size 5GB] [--lora PATH_OR_REPO[:SCALE] ...] [--overwrite]
 
 The library is `mlx_edit.weights.convert.convert_checkpoint`; heavy imports happen
-inside the command so that `mlx-edit --help` stays fast. Exit status: 0 done, 1 a
-damaged or mismatching checkpoint (one-line message), 2 a usage error.
+inside the command so that `mlx-edit --help` stays fast. Exit status: 0 done, 2 any
+error (one line: a usage error, a damaged or mismatching checkpoint, a DEST that is not
+an earlier mlx-edit conversion, which --overwrite never replaces).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from mlx_edit.cli.errors import OneLineCommand
 from mlx_edit.cli.lora import lora_option
 
 HELP_SOURCE = """Convert SOURCE into the mlx-edit folder DEST.
@@ -66,7 +68,7 @@ def _transformer_config(path: Path | None) -> dict | None:
         raise click.BadParameter(f"{path}: {e}", param_hint="--transformer-config") from None
 
 
-@click.command("convert", help=HELP_SOURCE)
+@click.command("convert", help=HELP_SOURCE, cls=OneLineCommand)
 @click.argument("source")
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
@@ -86,7 +88,9 @@ def _transformer_config(path: Path | None) -> dict | None:
                    "head_dim != 128).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_shard_size,
               help="Largest safetensors shard.")
-@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace DEST if it is an earlier mlx-edit conversion (anything else is "
+                   "refused).")
 @lora_option
 def convert_command(source, dest, dtype, quantize, group_size, component_bits, vae,
                     text_encoders, transformer_config, max_shard_size, overwrite, lora):
@@ -106,7 +110,7 @@ def convert_command(source, dest, dtype, quantize, group_size, component_bits, v
     except ConversionError as e:
         raise click.UsageError(str(e)) from None
     except WeightLoadError as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+        raise click.UsageError(str(e)) from None
 
 
 def main(argv: list[str] | None = None, prog_name: str = "mlx-edit convert") -> None:

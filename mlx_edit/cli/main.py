@@ -1,13 +1,17 @@
 """`mlx-edit`: inpaint and outpaint photos with FLUX.1 Fill, restyle them with FLUX.1
 Canny/Depth-dev, from the terminal.
 
-Heavy imports (mlx, the pipeline) happen inside the commands so `--help` is instant.
-Usage errors exit with status 2 and a one-line message; nothing is written on error.
+The edit options, their defaults, ranges and help come from `mlx_edit.options` (the CLI
+re-types none). Everything a run reads or writes is checked before any model loads:
+the options, every input file, every output path (never an input, even with
+--overwrite; its folder must exist and be writable). Outputs (images and sidecars) are
+written together when the edit succeeded, or not at all. Errors are one line on stderr
+with exit status 2 (`mlx_edit.cli.errors`). Heavy imports happen inside the commands so
+`--help` is instant.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import warnings
@@ -16,35 +20,63 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
-from mlx_edit.cli.control import control_options, pop_control_specs
-from mlx_edit.cli.image_prompts import image_prompt_kwargs, image_prompt_options
+from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_conditioning
+from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option
+from mlx_edit.options import FIELDS, MAX_SEED, RESTYLE_CONTROL_TYPES, default
+
+SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
+# fields whose library default is None
+_TYPES = {"guidance": float, "prompt_2": str, "steps": int, "negative_prompt": str,
+          "width": int, "height": int, "rank": str, "keep_best": int, "rank_model": str,
+          "segment_model": str}
+_SHORT = {"num_images": "-n"}
 
 
-def _usage(message: str) -> click.UsageError:
-    return click.UsageError(message)
+def _field_option(name: str):
+    """The click option of EditOptions field `name`: the library's default and help."""
+    value, text = default(name), FIELDS[name][1]
+    flag = "--" + name.replace("_", "-")
+    if name == "seed":  # the CLI's one deliberate difference: a random seed
+        return click.option(flag, type=int, default=None,
+                            help=f"Random seed 0..{MAX_SEED} (default: random).")
+    if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
+                            show_default=value is not None)
+    if name == "control_type":
+        return click.option(flag, type=click.Choice(RESTYLE_CONTROL_TYPES), default=value,
+                            show_default=True, help=text)
+    decls = [flag, *([_SHORT[name]] if name in _SHORT else [])]
+    return click.option(*decls, name, type=_TYPES.get(name, type(value)), default=value,
+                        show_default=value is not None, help=text)
 
 
-def common_options(f):
-    """Options shared by inpaint and outpaint."""
+def mode_fields(mode: str) -> list[str]:
+    """The EditOptions fields `mode`'s command has as options (specs come separately)."""
+    return [f for f, (modes, _) in FIELDS.items() if mode in modes and f not in SPEC_FIELDS]
+
+
+def edit_options(mode: str):
+    """Add the run options and `mode`'s EditOptions fields to a click command."""
+    from mlx_edit import variants
+
+    default_model = ("black-forest-labs/FLUX.1-Canny-dev (FLUX.1-Depth-dev for "
+                     "--control-type depth)" if mode == "restyle"
+                     else variants.for_edit(mode).repo)
+    prompt = (click.option("--instruction", "--prompt", "-p", "prompt", required=True,
+                           help="The edit to make, e.g. 'make the car red'.")
+              if mode == "edit" else
+              click.option("--prompt", "-p", required=True, help="What to paint."))
     opts = [
-        click.option("--prompt", "-p", required=True, help="What to paint."),
-        click.option("--prompt-2", default=None, help="T5 prompt (default: --prompt)."),
-        click.option("--model", "-m", default=None, show_default="black-forest-labs/FLUX.1-Fill-dev",
+        prompt,
+        click.option("--model", "-m", default=None, show_default=default_model,
                      help="Hugging Face repo id, diffusers folder or mlx-edit folder."),
         click.option("--transformer", type=click.Path(exists=True, path_type=Path),
-                     default=None, help="A BFL single-file Fill transformer "
+                     default=None, help="A BFL single-file transformer "
                      "(flux1-fill-dev.safetensors) used with --model's other parts."),
-        click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-                     default=None, help="Output PNG (default: <image>-edit.png)."),
-        click.option("--steps", type=int, default=50, show_default=True),
-        click.option("--guidance", type=float, default=30.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Random seed (default: random)."),
-        click.option("--num-images", "-n", type=int, default=1, show_default=True,
-                     help="Images generated as one batch (seeds seed, seed+1, ...)."),
-        click.option("--crop-to-mask/--no-crop-to-mask", default=None,
-                     help="Edit a ~1 MP window around the mask of a large photo and stitch "
-                          "it back (default: automatic)."),
+        click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+                     help="Output PNG (default: <image>-edit.png; -0, -1... with -n)."),
+        *[_field_option(f) for f in mode_fields(mode)],
         click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
                      help="Quantize the transformer at load (bits)."),
         click.option("--low-memory", is_flag=True,
@@ -52,235 +84,263 @@ def common_options(f):
                           "transformer, then the VAE again for each edit and free each after "
                           "use, and cap MLX's cache. Lower peak memory, slower (weights are "
                           "read again every run)."),
-        click.option("--max-sequence-length", type=int, default=512, show_default=True),
         click.option("--metadata", is_flag=True, help="Also write a JSON sidecar."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace existing outputs (never an input file)."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return lora_option(f)
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return lora_option(f)
+    return decorate
 
 
-def _default_output(image: Path, n: int) -> Path:
-    return image.with_name(f"{image.stem}-edit.png")
+def output_paths(output: Path, n: int, metadata: bool) -> list[tuple[Path, Path | None]]:
+    """(PNG, sidecar or None) per image: `output`, or output-0.png, output-1.png..."""
+    if output.suffix.lower() != ".png":
+        raise click.UsageError(f"--output {output} must end in .png (PNG keeps the metadata)")
+    pngs = [output] if n == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(n)]
+    return [(p, p.with_suffix(".json") if metadata else None) for p in pngs]
 
 
-def _outputs(output: Path, n: int) -> list[Path]:
-    if n == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(n)]
+def _flagged(e: Exception) -> click.UsageError:
+    """An EditOptions message ("steps must be ...") with the field named as its flag."""
+    msg = str(e)
+    field = msg.split(" ", 1)[0]
+    if field in FIELDS:
+        msg = "--" + field.replace("_", "-") + msg[len(field):]
+    return click.UsageError(msg)
 
 
-def _check_outputs(paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
-    """Refuse before any work: existing outputs without --overwrite, or an input path."""
-    for p in paths:
-        if p.suffix.lower() != ".png":
-            raise _usage(f"output {p} must end in .png (PNG keeps the metadata lossless)")
-        if not p.parent.is_dir():
-            raise _usage(f"output folder {p.parent} does not exist")
-        for i in inputs:
-            if i.exists() and p.exists() and p.resolve() == i.resolve():
-                raise _usage(f"output {p} is an input file; choose another --output")
-        if p.exists() and not overwrite:
-            raise _usage(f"{p} exists; pass --overwrite to replace it or choose another --output")
+def build_options(mode: str, opts: dict, specs: dict):
+    """EditOptions from the command's values (popped from `opts`), checked now."""
+    from mlx_edit.imaging.images import InputError
+    from mlx_edit.options import EditOptions
 
-
-def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dict,
-         extra_inputs: tuple[Path, ...] = ()) -> None:
-    """Load the model, run one edit with a progress bar, write the outputs (never over
-    `image`, `mask` or `extra_inputs`)."""
-    from mlx_edit.imaging.images import InputError, load_image, load_mask, save_json_sidecar, save_png
-    from mlx_edit.weights.core import WeightLoadError
-
-    if opts["steps"] < 1:
-        raise _usage(f"--steps must be >= 1, got {opts['steps']}")
-    if opts["num_images"] < 1:
-        raise _usage(f"--num-images must be >= 1, got {opts['num_images']}")
-    seed = opts["seed"] if opts["seed"] is not None else int.from_bytes(os.urandom(3), "big")
-    output = opts["output"] or _default_output(image, opts["num_images"])
-    outputs = _outputs(output, opts["num_images"])
-    inputs = [image] + ([mask] if mask else []) + list(extra_inputs)
-    _check_outputs(outputs, inputs, opts["overwrite"])
-    try:  # validate inputs before the (slow) model load
-        load_image(image)
-        if mask is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                load_mask(mask, load_image(image).size)
-    except InputError as e:
-        raise _usage(str(e)) from None
-
-    from mlx_edit.pipeline import DEFAULT_MODEL, FluxFill
-
-    model = opts["model"] or DEFAULT_MODEL
+    values = {f: opts.pop(f) for f in mode_fields(mode)}
+    if values["seed"] is None:
+        values["seed"] = int.from_bytes(os.urandom(3), "big")
+    values.update({k: v for k, v in specs.items() if v})
     try:
-        pipe = FluxFill.from_pretrained(
-            model, quantize=int(opts["quantize"]) if opts["quantize"] else None,
-            transformer=opts["transformer"], low_memory=opts["low_memory"],
-        )
-        apply_loras(pipe, opts.get("lora", ()))
-    except (WeightLoadError, InputError) as e:  # wrong --model: a usage error
-        raise _usage(str(e)) from None
+        return EditOptions.from_dict(values, mode)
+    except InputError as e:
+        raise _flagged(e) from None
+
+
+def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> tuple[int, int]:
+    """Read every input image now (missing, unreadable, empty mask): one-line errors.
+    Returns the image's (width, height)."""
+    from mlx_edit.imaging.images import load_image, load_mask
+
+    size = load_image(image).size
+    if mask is not None:
+        with warnings.catch_warnings():  # the edit itself warns about a resized mask
+            warnings.simplefilter("ignore")
+            load_mask(mask, size)
+    for other in others:
+        load_image(other)
+    return size
+
+
+def _stats_line(s: dict) -> str:
+    peak = max(v for k, v in s.items() if k.endswith("_peak_gb"))
+    load = sum(v for k, v in s.items() if k.startswith("load") and k.endswith("_s"))
+    return (f"load {load:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
+            f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  "
+            f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB")
+
+
+def click_mask(opts: dict, mask: Path | None, required: bool):
+    """The edit's mask: the --mask path, or the --mask-point/--mask-negative/--mask-box
+    clicks as segment.Points/Box prompts (popped from opts), or None when neither was
+    given and none is `required`. Raises click.UsageError for both or (required) none."""
+    points, negatives, boxes = (opts.pop(k) for k in ("mask_point", "mask_negative",
+                                                      "mask_box"))
+    if mask is not None and (points or negatives or boxes):
+        raise click.UsageError("give --mask or --mask-point/--mask-box, not both")
+    if mask is not None or not (points or negatives or boxes):
+        if required and mask is None:
+            raise click.UsageError("give --mask, or --mask-point/--mask-box to segment one")
+        return mask
+    from mlx_edit.segment import Box, Points
+
+    clicks = [*points, *negatives]
+    spec = [Points(tuple(clicks), tuple([1] * len(points) + [0] * len(negatives)))] \
+        if clicks else []
+    return spec + [Box(*b) for b in boxes]
+
+
+def mask_prompt_options(f):
+    """--mask-point / --mask-negative / --mask-box: a mask from clicks (SAM 2.1)."""
+    from mlx_edit.cli.mask import _coords
+
+    for opt in reversed([
+        click.option("--mask-point", multiple=True, callback=_coords(2), metavar="X,Y",
+                     help="Segment the object under this pixel as the mask (repeatable)."),
+        click.option("--mask-negative", multiple=True, callback=_coords(2), metavar="X,Y",
+                     help="A pixel not on the object (with --mask-point)."),
+        click.option("--mask-box", multiple=True, callback=_coords(4), metavar="X0,Y0,X1,Y1",
+                     help="Segment the object in this box as the mask."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
+         control_image: Path | None = None, references: tuple[Path, ...] = ()) -> None:
+    """Check everything, load the model, run one edit with a progress bar, write the
+    outputs together (never over an input). mask: a path, click prompts or None;
+    references: edit's further images."""
+    clicks = None if mask is None or isinstance(mask, Path) else mask
+    mask = None if clicks is not None else mask
+    from mlx_edit.imaging.images import (
+        check_output, json_writer, load_image, png_writer, write_together)
+
+    options = build_options(mode, opts, specs)
+    prompt = opts["prompt"]
+    inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
+    inputs += input_paths(specs) + list(references)
+    w, h = check_inputs(image, mask,
+                        [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
+    if clicks:  # click prompts checked against the photo before any model loads
+        from mlx_edit.segment import prompt_arrays, prompts_from_specs
+
+        prompt_arrays(**prompts_from_specs(clicks), image_size=(h, w), input_size=1024)
+    if mode == "outpaint":  # before the model loads, and before the canvas is allocated
+        from mlx_edit.options import check_canvas
+
+        check_canvas(w + options.left + options.right, h + options.top + options.bottom)
+    output = opts["output"] or image.with_name(f"{image.stem}-edit.png")
+    outputs = output_paths(output, options.num_images, opts["metadata"])
+    for png, sidecar in outputs:
+        for path in (png, sidecar):
+            if path is not None:
+                check_output(path, opts["overwrite"], inputs)
 
     from tqdm import tqdm
 
-    common = dict(steps=opts["steps"], guidance=opts["guidance"], seed=seed,
-                  num_images=opts["num_images"], crop_to_mask=opts["crop_to_mask"],
-                  prompt_2=opts["prompt_2"], max_sequence_length=opts["max_sequence_length"])
-    try:
-        bar = tqdm(total=opts["steps"], unit="step", desc=kind, file=sys.stderr)
+    from mlx_edit import variants
+    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.pipeline import FluxFill
 
-        def progress(step, total):
-            bar.total = total
-            bar.update(1)
+    cls = FluxKontext if mode == "edit" else FluxFill
+    pipe = cls.from_pretrained(
+        opts["model"] or variants.for_edit(mode).repo,
+        quantize=int(opts["quantize"]) if opts["quantize"] else None,
+        transformer=opts["transformer"], low_memory=opts["low_memory"])
+    apply_loras(pipe, opts.get("lora", ()))
+    bars = []  # made at the first step: an error before it stays one line
 
-        if kind == "inpaint":
-            method = functools.partial(pipe.inpaint, image, mask, opts["prompt"])
-        elif kind == "restyle":
-            method = functools.partial(pipe.restyle, image, prompt=opts["prompt"], mask=mask)
-        else:
-            method = functools.partial(pipe.outpaint, image, opts["prompt"])
-        images = method(**common, **edit_kwargs, progress=progress)
+    def progress(step, total):
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
+        bars[0].update(1)
+
+    if mode == "inpaint":
+        images = pipe.inpaint(image, clicks or mask, prompt, options, progress=progress)
+    elif mode == "restyle":
+        images = pipe.restyle(image, control_image, prompt, options, mask=mask, progress=progress)
+    elif mode == "edit":
+        images = pipe.edit([image, *references], prompt, options, mask=clicks or mask,
+                           progress=progress)
+    else:
+        images = pipe.outpaint(image, prompt, options, progress=progress)
+    for bar in bars:
         bar.close()
-    except (InputError, WeightLoadError) as e:
-        raise _usage(str(e)) from None
     icc = load_image(image).info.get("icc_profile")
-    for path, img in zip(outputs, images):
+    files = []
+    for (png, sidecar), img in zip(outputs, images):
         meta = dict(img.info)
-        save_png(img, path, meta, overwrite=opts["overwrite"], protect=inputs, icc_profile=icc)
-        if opts["metadata"]:
-            save_json_sidecar(path.with_suffix(".json"), {**meta, "stats": pipe.last_stats},
-                              overwrite=opts["overwrite"], protect=inputs)
-        click.echo(str(path))
-    s = pipe.last_stats
-    peak = max(v for k, v in s.items() if k.endswith("_peak_gb"))
-    load = sum(v for k, v in s.items() if k.startswith("load") and k.endswith("_s"))
-    click.echo(  # load: at start, plus the per-edit loads of --low-memory
-        f"load {load:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
-        f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  vae-dec {s['vae_decode_s']:.1f}s  "
-        f"peak {peak:.2f} GB",
-        err=True,
-    )
+        files.append((png, png_writer(img, meta, icc)))
+        if sidecar is not None:
+            files.append((sidecar, json_writer({**meta, "stats": pipe.last_stats})))
+    write_together(files, overwrite=opts["overwrite"], protect=inputs)
+    for png, _ in outputs:
+        click.echo(str(png))
+    click.echo(_stats_line(pipe.last_stats), err=True)
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 @click.version_option(__version__, prog_name="mlx-edit")
 def main():
-    """Edit photos with FLUX.1 Fill on Apple MLX: inpaint, outpaint, convert, parity."""
+    """Edit photos with FLUX.1 Fill on Apple MLX: inpaint, outpaint, restyle, convert,
+    parity. Errors: one line on stderr, exit status 2 (MLX_EDIT_DEBUG=1: traceback)."""
+
+
+_IMAGE = click.Path(path_type=Path, dir_okay=False)
 
 
 @main.command()
-@click.option("--image", "-i", required=True, type=click.Path(path_type=Path), help="Photo to edit.")
-@click.option("--mask", required=True, type=click.Path(path_type=Path),
+@click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to edit.")
+@click.option("--mask", type=_IMAGE, default=None,
               help="White = repaint, black = keep (any size; resized with a warning).")
-@click.option("--strength", type=float, default=1.0, show_default=True,
-              help="< 1 starts from the photo (img2img style).")
-@click.option("--grow-mask", type=float, default=0, show_default=True, help="Dilate the mask (px).")
-@click.option("--feather", type=float, default=8, show_default=True, help="Soft blend width (px).")
-@click.option("--no-paste-back", is_flag=True,
-              help="Keep the model's pixels outside the mask too (default: exact originals).")
-@common_options
-@control_options
-@image_prompt_options
-def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
-    """Repaint the white area of MASK in IMAGE following PROMPT."""
-    extra = {**image_prompt_kwargs(opts), "controlnets": pop_control_specs(opts)}
-    for path, what in ((image, "image"), (mask, "mask")):
-        if not path.exists():
-            raise _usage(f"{what} {path} does not exist")
-    if not 0 < strength <= 1:
-        raise _usage(f"--strength must be in (0, 1], got {strength}")
-    if grow_mask < 0 or feather < 0:
-        raise _usage("--grow-mask and --feather must be >= 0")
-    _run("inpaint", image, mask, opts, dict(strength=strength, grow_mask=grow_mask,
-                                             feather=feather, paste_back=not no_paste_back,
-                                             **extra))
+@edit_options("inpaint")
+@conditioning_options
+@mask_prompt_options
+def inpaint(image, mask, **opts):
+    """Repaint the white area of MASK in IMAGE following PROMPT (or the object under
+    --mask-point / in --mask-box, segmented with SAM 2.1)."""
+    mask = click_mask(opts, mask, required=True)
+    _run("inpaint", image, mask, opts, pop_conditioning(opts))
 
 
 @main.command()
-@click.option("--image", "-i", required=True, type=click.Path(path_type=Path), help="Photo to extend.")
-@click.option("--left", type=int, default=0, show_default=True, help="px to add on the left.")
-@click.option("--right", type=int, default=0, show_default=True)
-@click.option("--top", type=int, default=0, show_default=True)
-@click.option("--bottom", type=int, default=0, show_default=True)
-@click.option("--overlap", type=int, default=32, show_default=True,
-              help="px of the original regenerated along each seam.")
-@common_options
-@control_options
-@image_prompt_options
-def outpaint(image, left, right, top, bottom, overlap, **opts):
+@click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to extend.")
+@edit_options("outpaint")
+@conditioning_options
+def outpaint(image, **opts):
     """Extend IMAGE by LEFT/RIGHT/TOP/BOTTOM pixels, painting the new area from PROMPT."""
-    extra = {**image_prompt_kwargs(opts), "controlnets": pop_control_specs(opts)}
-    if not image.exists():
-        raise _usage(f"image {image} does not exist")
-    if min(left, right, top, bottom) < 0 or max(left, right, top, bottom) == 0:
-        raise _usage("outpaint needs --left/--right/--top/--bottom >= 0, at least one > 0")
-    _run("outpaint", image, None, opts, dict(left=left, right=right, top=top, bottom=bottom,
-                                              overlap=overlap, **extra))
+    _run("outpaint", image, None, opts, pop_conditioning(opts))
 
 
 @main.command()
-@click.option("--image", "-i", required=True, type=click.Path(path_type=Path),
-              help="Photo to restyle.")
-@click.option("--control-image", type=click.Path(path_type=Path), default=None,
+@click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to restyle.")
+@click.option("--control-image", type=_IMAGE, default=None,
               help="Structure to keep: a photo (canny edges are computed), an edge map or a "
                    "depth map, framed like --image (default: --image itself, for canny).")
-@click.option("--control-type", type=click.Choice(["canny", "depth", "none"]), default="canny",
-              show_default=True, help="canny: edges of --control-image; depth / none: "
-                                      "--control-image is a ready-made map.")
-@click.option("--mask", type=click.Path(path_type=Path), default=None,
+@click.option("--mask", type=_IMAGE, default=None,
               help="Restyle only the white area (default: the whole image).")
-@click.option("--strength", type=float, default=1.0, show_default=True,
-              help="< 1 starts from the photo (img2img style).")
-@click.option("--grow-mask", type=float, default=0, show_default=True, help="Dilate the mask (px).")
-@click.option("--feather", type=float, default=8, show_default=True, help="Soft blend width (px).")
-@click.option("--no-paste-back", is_flag=True,
-              help="With --mask: keep the model's pixels outside the mask too.")
-@click.option("--canny-low", type=float, default=50.0, show_default=True,
-              help="Canny low threshold (0-255 scale).")
-@click.option("--canny-high", type=float, default=200.0, show_default=True)
-@common_options
-def restyle(image, control_image, control_type, mask, strength, grow_mask, feather,
-            no_paste_back, canny_low, canny_high, **opts):
+@edit_options("restyle")
+def restyle(image, control_image, mask, **opts):
     """Repaint IMAGE (or its MASK area) from PROMPT, keeping its edges or depth, with the
-    FLUX.1 Canny-dev / Depth-dev models (default --model: black-forest-labs/FLUX.1-Canny-dev,
-    FLUX.1-Depth-dev for --control-type depth; default --guidance 30, 10 for depth)."""
-    for path, what in ((image, "image"), (mask, "mask"), (control_image, "control image")):
-        if path is not None and not path.exists():
-            raise _usage(f"{what} {path} does not exist")
-    if control_image is None and control_type != "canny":
-        raise _usage(f"--control-type {control_type} needs --control-image (a ready-made map)")
-    if not 0 < strength <= 1:
-        raise _usage(f"--strength must be in (0, 1], got {strength}")
-    if grow_mask < 0 or feather < 0:
-        raise _usage("--grow-mask and --feather must be >= 0")
-    if not 0 <= canny_low <= canny_high:
-        raise _usage(f"--canny-low/--canny-high must satisfy 0 <= low <= high, got "
-                     f"{canny_low}, {canny_high}")
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source("guidance") == click.core.ParameterSource.DEFAULT:
-        opts["guidance"] = None  # the pipeline picks BFL's default for the control type
+    FLUX.1 Canny-dev / Depth-dev models (default --guidance 30, 10 for depth)."""
+    if control_image is None and opts["control_type"] != "canny":
+        raise click.UsageError(f"--control-type {opts['control_type']} needs --control-image "
+                               "(a ready-made map)")
     if opts["model"] is None:
-        opts["model"] = ("black-forest-labs/FLUX.1-Depth-dev" if control_type == "depth"
+        opts["model"] = ("black-forest-labs/FLUX.1-Depth-dev" if opts["control_type"] == "depth"
                          else "black-forest-labs/FLUX.1-Canny-dev")
-    _run("restyle", image, mask, opts,
-         dict(control_image=control_image, control_type=control_type, strength=strength,
-              grow_mask=grow_mask, feather=feather, paste_back=not no_paste_back,
-              canny_low=canny_low, canny_high=canny_high),
-         extra_inputs=(control_image,) if control_image else ())
+    _run("restyle", image, mask, opts, {}, control_image)
+
+
+@main.command()
+@click.option("--image", "-i", "images", required=True, multiple=True, type=_IMAGE,
+              help="Photo to edit; repeat to add reference images (the first is edited).")
+@click.option("--mask", type=_IMAGE, default=None,
+              help="Edit only the white area (Kontext inpainting; default: everywhere).")
+@edit_options("edit")
+@mask_prompt_options
+def edit(images, mask, **opts):
+    """Edit IMAGE following INSTRUCTION with FLUX.1 Kontext [dev] (default --model
+    black-forest-labs/FLUX.1-Kontext-dev; 28 steps, guidance 2.5; output at the image's
+    preferred Kontext size unless --width/--height or --keep-size)."""
+    mask = click_mask(opts, mask, required=False)
+    _run("edit", images[0], mask, opts, {}, references=tuple(images[1:]))
 
 
 def _register_commands() -> None:
     """Commands that live in their own modules (conversion, parity)."""
     from mlx_edit.cli.convert import convert_command
+    from mlx_edit.cli.mask import mask_command
     from mlx_edit.parity import parity_command
 
     main.add_command(convert_command, "convert")
     main.add_command(parity_command, "parity")
+    main.add_command(mask_command, "mask")
 
 
 _register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

@@ -3,15 +3,13 @@
 - Preprocessors turn a control image into the map a ControlNet expects: Canny edges
   (scikit-image), grayscale, blur, tile (down- then up-sampled), or pass-through for a
   ready-made depth / pose / edge map (`none`, `depth`, `pose`).
-- `prepare_controls(pipe, job, specs)` loads the ControlNets, aligns each control image to
-  the edit's canvas and crop (`job.plan`, via `stitch.crop_for_model`), encodes it (VAE
+- `prepare_controls(ctx, specs)` loads the ControlNets, aligns each control image to
+  the edit's canvas and crop (`ctx.plan`, via `stitch.crop_for_model`), encodes it (VAE
   posterior mode, scaled, packed; raw [-1, 1] pixels for XLabs) and returns one
   `ControlFn` per spec for the denoise loop. The ControlNet sees the 64-channel noisy
   latents, as diffusers' community Fill + ControlNet pipeline
   (examples/community/pipline_flux_fill_controlnet_Inpaint.py).
-- `bfl_control_conditioning` builds the channel-concatenated input of the BFL
-  FLUX.1-Canny/Depth-dev models (BFL src/flux/sampling.py prepare_control);
-  `bfl_conditioner` wraps it for `FluxFill.prepare(conditioning=...)` (FluxFill.restyle).
+The BFL FLUX.1-Canny/Depth-dev models' channel conditioning is in `bfl_control.py`.
 """
 
 from __future__ import annotations
@@ -20,27 +18,21 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter
 
+from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.imaging.images import InputError, load_image, to_array
-from mlx_edit.sampling.latents import image_ids, token_grid
-from mlx_edit.models.controlnet import FluxControlNet
-from mlx_edit.components import model_config
+from mlx_edit.options import CONTROL_TYPES, DEFAULT_CANNY  # noqa: F401  (one place)
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model
+from mlx_edit.models.controlnet import FluxControlNet
+from mlx_edit.sampling.latents import image_ids, token_grid
 
-if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
-    from mlx_edit.sampling.denoise import EditJob
-    from mlx_edit.pipeline import FluxFill
-
-CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")
 # InstantX / Shakker-Labs Union mode ids (their model cards); 6 = low quality.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5}
-DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds (BFL Canny-dev: 50, 200)
-BFL_CANNY = (50.0, 200.0)  # BFL cli_control.py's thresholds for FLUX.1-Canny-dev
 # Control types of the BFL Canny/Depth models: edges computed here, or a ready-made map.
 RESTYLE_TYPES = ("canny", "depth", "none")
 
@@ -216,19 +208,12 @@ def align_control(control: Image.Image, canvas_size: tuple[int, int], plan: Crop
     return preprocess(crop_for_model(control, None, plan)[0], spec.type, **kw)
 
 
-def _outpaint_inner(job: EditJob) -> tuple[int, int, int, int] | None:
-    if job.metadata.get("mode") != "outpaint":
-        return None
-    left, right, top, bottom = job.metadata["expand"]
-    w, h = job.original.size
-    return (left, top, w - right, h - bottom)
-
-
 # ---------------------------------------------------------------- ControlNet hooks
 
 
-def _check_compatible(model: FluxControlNet, pipe: FluxFill, spec: ControlNetSpec) -> None:
-    t, c = model_config(pipe, "transformer"), model.config
+def _check_compatible(model: FluxControlNet, ctx: ConditioningContext,
+                      spec: ControlNetSpec) -> None:
+    t, c = ctx.transformer, model.config
     for what, ours, theirs in (("hidden size", c.hidden_size, t.hidden_size),
                                ("text width", c.joint_attention_dim, t.joint_attention_dim),
                                ("pooled width", c.pooled_projection_dim,
@@ -236,34 +221,35 @@ def _check_compatible(model: FluxControlNet, pipe: FluxFill, spec: ControlNetSpe
         if ours != theirs:
             raise InputError(f"ControlNet {spec.label} has {what} {ours} but the FLUX "
                              f"transformer has {theirs}: it was made for another base model")
-    latent = 4 * model_config(pipe, "vae").latent_channels
+    latent = ctx.latent_channels
     if c.kind != "xlabs" and c.in_channels != latent:
         raise InputError(f"ControlNet {spec.label} takes {c.in_channels} input channels, "
                          f"not the VAE's packed {latent}")
 
 
 def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spec,
-                    job: EditJob):
+                    ctx: ConditioningContext):
     """A ControlFn for the denoise loop: (latents (B, N, 64), timestep (B,), step) ->
     ControlResiduals scaled by spec.scale, or None outside [start, end]."""
-    n_steps = len(job.sigmas) - 1
+    n_steps = ctx.num_steps
     active = [step_active(i, n_steps, spec.start, spec.end) for i in range(n_steps)]
     if not any(active):
         warnings.warn(f"ControlNet {spec.label} is active at no step of {n_steps} "
                       f"(start {spec.start}, end {spec.end})", stacklevel=3)
-    w, h = job.plan.model_size
+    w, h = ctx.plan.model_size
     ids = image_ids(*token_grid(h, w))
-    rope = model.rope(ids, job.embeds.txt.shape[1])
+    embeds = ctx.embeds
+    rope = model.rope(ids, embeds.txt.shape[1])
     control = model.embed_control(cond)  # step-independent (XLabs: the hint conv stack)
     mx.eval(control)
-    guidance = job.guidance if spec.guidance is None else spec.guidance
+    guidance = ctx.guidance if spec.guidance is None else spec.guidance
 
     def control_fn(latents: mx.array, timestep: mx.array, i: int):
         if not active[i]:
             return None
         b = latents.shape[0]
-        txt = mx.broadcast_to(job.embeds.txt, (b, *job.embeds.txt.shape[1:]))
-        pooled = mx.broadcast_to(job.embeds.pooled, (b, job.embeds.pooled.shape[-1]))
+        txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
+        pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
         g = mx.full((b,), guidance, mx.float32) if model.config.guidance_embeds else None
         return model(latents, ids, txt, timestep, pooled, g, control=control, mode=mode,
                      scale=spec.scale, rope=rope)
@@ -271,16 +257,17 @@ def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spe
     return control_fn
 
 
-def prepare_controls(pipe: FluxFill, job: EditJob,
-                     controlnets: list[ControlNetSpec]) -> list:
-    """ControlFn hooks for `job` (call after `pipe.prepare`; set them as `job.controls`).
+def prepare_controls(ctx: ConditioningContext, controlnets: list[ControlNetSpec]
+                     ) -> tuple[list, dict]:
+    """(ControlFn hooks for the denoise loop, their metadata) for the edit of `ctx`
+    (a context `for_loop`: prompt, guidance and steps known).
 
     Each spec's model is loaded once (specs naming the same model share it, as diffusers'
-    Union multi-condition path; quantized to `pipe.quantize` bits when set, a model given
+    Union multi-condition path; quantized to `ctx.quantize` bits when set, a model given
     as an object is used as it is), checked against the transformer, and its control image
-    aligned to job.plan and encoded. Several ControlNets are summed by the transformer.
-    Records `control_prepare_s` in job.stats and the specs in job.metadata. Raises InputError (bad spec, image,
-    incompatible model) and WeightLoadError (unloadable ControlNet).
+    aligned to ctx.plan and encoded. Several ControlNets are summed by the transformer.
+    Metadata: {"controlnets": [...], "control_prepare_s": seconds}. Raises InputError (bad
+    spec, image, incompatible model) and WeightLoadError (unloadable ControlNet).
     """
     from mlx_edit.weights.controlnet import load_controlnet
 
@@ -294,72 +281,22 @@ def prepare_controls(pipe: FluxFill, job: EditJob,
             model = spec.model
         else:
             key = str(Path(str(spec.model)).expanduser())
-            if key not in loaded:  # quantized like the transformer when pipe.quantize is set
-                loaded[key] = load_controlnet(spec.model, pipe.dtype, quantize=pipe.quantize)
+            if key not in loaded:  # quantized like the transformer when ctx.quantize is set
+                loaded[key] = load_controlnet(spec.model, ctx.dtype, quantize=ctx.quantize)
             model = loaded[key]
-        _check_compatible(model, pipe, spec)
+        _check_compatible(model, ctx, spec)
         mode = union_mode(spec, model)
-        control = align_control(load_image(spec.image), job.original.size, job.plan, spec,
-                                _outpaint_inner(job))
+        control = align_control(load_image(spec.image), ctx.plan.image_size, ctx.plan, spec,
+                                ctx.inner)
         pixels = to_array(control)
         if model.config.kind == "xlabs":
-            cond = mx.array(pixels)[None].astype(pipe.dtype)
+            cond = mx.array(pixels)[None].astype(ctx.dtype)
         else:
-            cond = pipe.encode_image(pixels)
+            cond = ctx.encode_image(pixels)
         mx.eval(cond)
-        fns.append(make_control_fn(model, cond, mode, spec, job))
-    job.stats["control_prepare_s"] = time.perf_counter() - t0
-    job.metadata["controlnets"] = [
+        fns.append(make_control_fn(model, cond, mode, spec, ctx))
+    meta = {"controlnets": [
         {"model": s.label, "type": s.type, "mode": s.mode, "scale": s.scale, "start": s.start,
-         "end": s.end} for s in controlnets]
-    return fns
-
-
-# ---------------------------------------------------------------- BFL Canny / Depth
-
-
-def bfl_control_conditioning(pipe: FluxFill, control_image, canvas_size: tuple[int, int],
-                             plan: CropPlan, control_type: str = "none", *,
-                             canny_low: float = 50.0, canny_high: float = 200.0) -> mx.array:
-    """The `conditioning` of FLUX.1-Canny/Depth-dev (in_channels 128) for the denoise loop.
-
-    The control image (path/PIL/array; canny computed here, depth maps given ready-made)
-    is aligned like the edit (see `align_control`), VAE-encoded (posterior mode), scaled
-    and packed: (1, N, 64) in pipe.dtype, concatenated after the 64 noisy-latent channels
-    by the loop (BFL sampling.py prepare_control; diffusers FluxControlPipeline).
-    Raises InputError when the transformer is not a 128-channel control model.
-    """
-    in_ch = model_config(pipe, "transformer").in_channels
-    if in_ch != 128:
-        raise InputError(f"the transformer takes {in_ch} input channels; BFL Canny/Depth "
-                         "control models take 128 (FLUX.1-Canny-dev / FLUX.1-Depth-dev)")
-    spec = ControlNetSpec(None, None, control_type, canny_low=canny_low, canny_high=canny_high)
-    spec.validate()
-    control = align_control(load_image(control_image), canvas_size, plan, spec)
-    cond = pipe.encode_image(to_array(control))
-    mx.eval(cond)
-    return cond
-
-
-def bfl_conditioner(pipe: FluxFill, control_image, control_type: str = "canny", *,
-                    canny_low: float = BFL_CANNY[0], canny_high: float = BFL_CANNY[1]):
-    """A `Conditioner` for `FluxFill.prepare(conditioning=...)`: (canvas pixels, model
-    mask, plan) -> the BFL control conditioning (1, N, 64) of `control_image` aligned to the
-    plan (`bfl_control_conditioning`; the mask is not an input of these models).
-
-    control_type: RESTYLE_TYPES. The control image is loaded here, so a bad file fails
-    before the prompt is encoded. Raises InputError (type, thresholds, unreadable image).
-    """
-    if control_type not in RESTYLE_TYPES:
-        raise InputError(f"control type {control_type!r} is not one of the BFL control "
-                         f"models' ({', '.join(RESTYLE_TYPES)})")
-    ControlNetSpec(None, None, control_type, canny_low=canny_low,
-                   canny_high=canny_high).validate()
-    control_image = load_image(control_image)
-
-    def build(pixels: np.ndarray, mask: np.ndarray, plan: CropPlan) -> mx.array:
-        return bfl_control_conditioning(pipe, control_image, plan.image_size, plan,
-                                        control_type, canny_low=canny_low,
-                                        canny_high=canny_high)
-
-    return build
+         "end": s.end} for s in controlnets],
+        "control_prepare_s": time.perf_counter() - t0}
+    return fns, meta

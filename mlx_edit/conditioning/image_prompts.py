@@ -6,9 +6,9 @@
   `get_resize_output_image_size`), center crop S x S, x/255 in float64 -> float32, then
   (x - mean) / std with the OpenAI CLIP mean/std; SigLIP: bicubic resize to S x S,
   (x/255 - 0.5) / 0.5. S comes from the vision tower's config (224 / 384).
-- `prepare_ip_adapters(pipe, specs)`: CLIP `image_embeds` of each reference, projected
+- `prepare_ip_adapters(ctx, specs)`: CLIP `image_embeds` of each reference, projected
   and turned into per-block keys/values once (IPAdapterKV, the transformer's `ip=`).
-- `prepare_redux(pipe, specs, embeds)`: SigLIP features -> Redux tokens, appended to the
+- `prepare_redux(ctx, specs, embeds)`: SigLIP features -> Redux tokens, appended to the
   T5 tokens, each image's tokens multiplied by its strength (text ids stay zeros).
   `prior_redux_embeds` reproduces diffusers' FluxPriorReduxPipeline combination instead.
 Vision towers and adapters are loaded, used and freed here; nothing stays in memory.
@@ -27,15 +27,14 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.models.layers import IPAdapterKV
-from mlx_edit.components import model_config
+from mlx_edit.sampling.denoise import PromptEmbeds
 
-if TYPE_CHECKING:  # the pipeline imports this module, not the other way round
+if TYPE_CHECKING:
     from mlx_edit.models.clip import CLIPVisionModel
     from mlx_edit.models.redux import SiglipVisionModel
-    from mlx_edit.sampling.denoise import PromptEmbeds
-    from mlx_edit.pipeline import FluxFill
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers OPENAI_CLIP_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,8 +152,9 @@ def _free() -> None:
 # ---------------------------------------------------------------- IP-Adapter
 
 
-def _check_ip_compatible(adapter, pipe: FluxFill, spec: IPAdapterSpec, embed_dim: int) -> None:
-    a, t = adapter.config, model_config(pipe, "transformer")
+def _check_ip_compatible(adapter, ctx: ConditioningContext, spec: IPAdapterSpec,
+                         embed_dim: int) -> None:
+    a, t = adapter.config, ctx.transformer
     want = (t.hidden_size, t.joint_attention_dim, t.num_layers)
     have = (a.hidden_size, a.cross_attention_dim, a.num_layers)
     if have != want:
@@ -167,13 +167,13 @@ def _check_ip_compatible(adapter, pipe: FluxFill, spec: IPAdapterSpec, embed_dim
                          f"embeddings; its CLIP vision tower gives {embed_dim}-d")
 
 
-def prepare_ip_adapters(pipe: FluxFill, specs: Sequence[IPAdapterSpec],
-                        batch_size: int = 1) -> list[IPAdapterKV]:
+def prepare_ip_adapters(ctx: ConditioningContext, specs: Sequence[IPAdapterSpec]
+                        ) -> list[IPAdapterKV]:
     """IPAdapterKV per spec for the transformer's `ip=` argument (EditJob.ip).
 
     Each CLIP vision tower is loaded once, encodes every reference image that uses it
     and is freed; each adapter file likewise computes the keys/values of every spec that
-    names it (batch_size: the latents' batch, e.g. num_images) and is freed.
+    names it (for ctx.batch_size, the latents' batch, e.g. num_images) and is freed.
     Raises InputError (unreadable image, bad scale, adapter not made for this
     transformer) and WeightLoadError (missing or damaged adapter / vision tower, failed
     download). Images are read first, so a bad path fails before any model loads.
@@ -186,7 +186,7 @@ def prepare_ip_adapters(pipe: FluxFill, specs: Sequence[IPAdapterSpec],
     paths = [resolve_ip_adapter(s.model, s.image_encoder) for s in specs]
     embeds: list[mx.array | None] = [None] * len(specs)
     for encoder in dict.fromkeys(p[1] for p in paths):
-        clip = load_clip_vision(encoder, pipe.dtype)
+        clip = load_clip_vision(encoder, ctx.dtype)
         for i, (_, enc) in enumerate(paths):
             if enc == encoder:
                 embeds[i] = clip_image_embeds(clip, images[i])
@@ -194,15 +194,15 @@ def prepare_ip_adapters(pipe: FluxFill, specs: Sequence[IPAdapterSpec],
         del clip
         _free()
     out: list[IPAdapterKV | None] = [None] * len(specs)
-    heads = model_config(pipe, "transformer").num_attention_heads
+    heads = ctx.transformer.num_attention_heads
     for adapter_path in dict.fromkeys(p[0] for p in paths):
-        adapter = load_ip_adapter(adapter_path, pipe.dtype)
+        adapter = load_ip_adapter(adapter_path, ctx.dtype)
         for i, spec in enumerate(specs):
             if paths[i][0] != adapter_path:
                 continue
-            _check_ip_compatible(adapter, pipe, spec, embeds[i].shape[-1])
+            _check_ip_compatible(adapter, ctx, spec, embeds[i].shape[-1])
             try:
-                out[i] = adapter.kv(embeds[i], spec.scale, heads, batch_size)
+                out[i] = adapter.kv(embeds[i], spec.scale, heads, ctx.batch_size)
             except ValueError as e:
                 raise InputError(str(e)) from None
             mx.eval(out[i].k, out[i].v)
@@ -243,7 +243,7 @@ def prior_redux_embeds(txt: mx.array, pooled: mx.array, tokens: Sequence[mx.arra
     return seq, pooled * sum(pooled_scales)
 
 
-def redux_tokens(pipe: FluxFill, specs: Sequence[ReduxSpec]) -> list[mx.array]:
+def redux_tokens(ctx: ConditioningContext, specs: Sequence[ReduxSpec]) -> list[mx.array]:
     """Redux tokens (1, grid^2, joint_attention_dim) per spec (loaded, used, freed)."""
     from mlx_edit.weights.vision import load_redux_embedder, load_siglip_vision, resolve_redux
 
@@ -253,7 +253,7 @@ def redux_tokens(pipe: FluxFill, specs: Sequence[ReduxSpec]) -> list[mx.array]:
     paths = [resolve_redux(s.model, s.image_encoder) for s in specs]
     feats: list[mx.array | None] = [None] * len(specs)
     for encoder in dict.fromkeys(p[1] for p in paths):
-        siglip = load_siglip_vision(encoder, pipe.dtype)
+        siglip = load_siglip_vision(encoder, ctx.dtype)
         idx = [i for i, p in enumerate(paths) if p[1] == encoder]
         out = siglip_features(siglip, [images[i] for i in idx])
         mx.eval(out)
@@ -262,9 +262,9 @@ def redux_tokens(pipe: FluxFill, specs: Sequence[ReduxSpec]) -> list[mx.array]:
         del siglip
         _free()
     tokens: list[mx.array | None] = [None] * len(specs)
-    width = model_config(pipe, "transformer").joint_attention_dim
+    width = ctx.transformer.joint_attention_dim
     for embedder_path in dict.fromkeys(p[0] for p in paths):
-        embedder = load_redux_embedder(embedder_path, pipe.dtype)
+        embedder = load_redux_embedder(embedder_path, ctx.dtype)
         c = embedder.config
         if c.txt_in_features != width:
             raise InputError(f"Redux {embedder_path} makes {c.txt_in_features}-d tokens; the "
@@ -281,7 +281,7 @@ def redux_tokens(pipe: FluxFill, specs: Sequence[ReduxSpec]) -> list[mx.array]:
     return tokens
 
 
-def prepare_redux(pipe: FluxFill, specs: Sequence[ReduxSpec],
+def prepare_redux(ctx: ConditioningContext, specs: Sequence[ReduxSpec],
                   embeds: PromptEmbeds) -> PromptEmbeds:
     """`embeds` with each spec's Redux tokens appended to the T5 tokens (strength-scaled,
     see `append_redux_tokens`); the pooled CLIP vector is unchanged. Text ids for the
@@ -293,7 +293,7 @@ def prepare_redux(pipe: FluxFill, specs: Sequence[ReduxSpec],
     """
     if not specs:
         return embeds
-    tokens = redux_tokens(pipe, specs)
+    tokens = redux_tokens(ctx, specs)
     txt = append_redux_tokens(embeds.txt, tokens, [s.strength for s in specs])
     mx.eval(txt)
     return dataclasses.replace(embeds, txt=txt)

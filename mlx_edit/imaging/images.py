@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -283,31 +284,58 @@ def from_array(arr: Any) -> Image.Image:
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """True when writing `a` would replace `b`'s content: the same path once links are
+    followed, or the same inode (hard links; case-insensitive file systems)."""
     if a.resolve() == b.resolve():
         return True
-    try:  # catches hard links and case-insensitive file systems (APFS default)
+    try:
         return os.path.samefile(a, b)
     except OSError:
         return False
 
 
-def _check_output(path: Path, overwrite: bool, protect: Iterable[PathLike]) -> None:
+def _probe_writable(folder: Path) -> None:
+    # os.access is wrong for root and for read-only mounts: create and remove a file.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mlx-edit-probe-", dir=folder)
+    except OSError as e:
+        raise InputError(f"cannot write to the output folder {folder}: "
+                         f"{e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output(path: PathLike, overwrite: bool = False, protect: Iterable[PathLike] = (),
+                 *, probe: bool = True) -> Path:
+    """Refuse an output path before any work; returns it (expanded).
+
+    Refused: a directory; a missing or unwritable folder (probed by creating a file when
+    `probe`); any path that is, or links to, one of `protect` (the inputs: compared
+    resolved and with `os.path.samefile`, so symlinks and hard links count), even with
+    `overwrite`; an existing path (a dangling symlink too) without `overwrite`.
+    Raises: InputError, OutputExistsError (one line, naming the path).
+    """
+    path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"output path is a directory: {path}; give a file name")
     if not path.parent.is_dir():
-        raise InputError(f"output directory does not exist: {path.parent}; create it first")
+        raise InputError(f"output folder does not exist: {path.parent}; create it first")
     for p in protect:
         if p is not None and _same_file(path, Path(p).expanduser()):
-            raise InputError(
-                f"refusing to write {path}: it is one of the input files; "
-                "choose another output path"
-            )
-    if path.exists() and not overwrite:
+            raise InputError(f"refusing to write {path}: it is one of the input files "
+                             f"({p}); choose another output path")
+    if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if probe:
+        _probe_writable(path.parent)
+    return path
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None], overwrite: bool) -> None:
-    """Write to a temp file in the same directory, fsync, then move it into place."""
+_check_output = check_output  # the name the writers below used
+
+
+def _write_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a hidden temp file next to `path` and fsync it; removed on failure."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
@@ -318,23 +346,66 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], overwrite: bool
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move a finished temp file into place (never clobbering without `overwrite`)."""
+    try:
         if overwrite:
             os.replace(tmp, path)
-        else:
-            try:  # link() refuses to clobber, closing the race after _check_output
-                os.link(tmp, path)
-            except FileExistsError:
+            return
+        try:  # link() refuses to clobber, closing the race after check_output
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputExistsError(
+                f"{path} already exists (written meanwhile?); pass --overwrite to replace it"
+            ) from None
+        except OSError:  # file systems without hard links (exFAT, some SMB)
+            if os.path.lexists(path):
                 raise OutputExistsError(
-                    f"{path} already exists; pass --overwrite to replace it"
-                ) from None
-            except OSError:  # file systems without hard links (exFAT, some SMB)
-                if path.exists():
-                    raise OutputExistsError(
-                        f"{path} already exists; pass --overwrite to replace it"
-                    ) from None
-                os.replace(tmp, path)
+                    f"{path} already exists; pass --overwrite to replace it") from None
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], overwrite: bool) -> None:
+    """Write to a temp file in the same directory, fsync, then move it into place."""
+    _commit(_write_temp(path, write), path, overwrite)
+
+
+def write_together(files: Sequence[tuple[PathLike, Callable[[BinaryIO], None]]], *,
+                   overwrite: bool = False, protect: Iterable[PathLike] = ()) -> list[Path]:
+    """Write several files (an image and its sidecar, a batch) as one commit: every path
+    is checked, every temp file written, then all are moved into place; if one cannot be,
+    the ones this call created are removed again, so a failure leaves no new file.
+    Raises as `check_output`."""
+    protect = list(protect)
+    paths = [check_output(p, overwrite, protect, probe=False) for p, _ in files]
+    if len(set(paths)) != len(paths):
+        raise InputError(f"two outputs share one path: {', '.join(map(str, paths))}")
+    temps: list[Path] = []
+    done: list[Path] = []
+    try:
+        for path, (_, write) in zip(paths, files):
+            temps.append(_write_temp(path, write))
+        for path, tmp in zip(paths, temps):
+            existed = os.path.lexists(path)
+            _commit(tmp, path, overwrite)
+            if not existed:
+                done.append(path)
+    except BaseException:
+        for p in done:
+            p.unlink(missing_ok=True)
+        raise
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    return paths
 
 
 def _png_info(metadata: dict[str, Any] | None) -> PngInfo:
@@ -371,13 +442,25 @@ def save_png(
     Raises: OutputExistsError (exists, no overwrite; mentions --overwrite), InputError
       (protected path, missing directory, bad key, unwritable directory).
     """
-    out = Path(path).expanduser()
-    _check_output(out, overwrite, protect)
+    out = _check_output(path, overwrite, protect)
+    _atomic_write(out, png_writer(img, metadata, icc_profile), overwrite)
+    return out
+
+
+def png_writer(img: Image.Image, metadata: dict[str, Any] | None = None,
+               icc_profile: bytes | None = None) -> Callable[[BinaryIO], None]:
+    """A writer of `img` as PNG (metadata as text chunks, as `save_png`) for
+    `write_together`. Raises InputError (bad metadata key) now, not when writing."""
     info = _png_info(metadata)
     icc = icc_profile if icc_profile is not None else img.info.get("icc_profile")
     extra = {"icc_profile": icc} if icc else {}
-    _atomic_write(out, lambda f: img.save(f, format="PNG", pnginfo=info, **extra), overwrite)
-    return out
+    return lambda f: img.save(f, format="PNG", pnginfo=info, **extra)
+
+
+def json_writer(metadata: dict[str, Any]) -> Callable[[BinaryIO], None]:
+    """A writer of `metadata` as indented UTF-8 JSON (as `save_json_sidecar`)."""
+    data = (json.dumps(metadata, indent=2, ensure_ascii=False, default=str) + "\n").encode()
+    return lambda f: f.write(data)
 
 
 def sidecar_path(png_path: PathLike) -> Path:
@@ -397,8 +480,6 @@ def save_json_sidecar(
     Values JSON cannot encode (paths, numpy scalars) are written with `str()`.
     Raises: OutputExistsError, InputError as `save_png`.
     """
-    out = Path(path).expanduser()
-    _check_output(out, overwrite, protect)
-    data = (json.dumps(metadata, indent=2, ensure_ascii=False, default=str) + "\n").encode()
-    _atomic_write(out, lambda f: f.write(data), overwrite)
+    out = _check_output(path, overwrite, protect)
+    _atomic_write(out, json_writer(metadata), overwrite)
     return out

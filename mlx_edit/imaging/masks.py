@@ -138,3 +138,11 @@ def blend_mask(mask: np.ndarray, grow_px: float = 0.0, feather_px: float = 0.0) 
     """
     extra = math.ceil(feather_px * math.sqrt(2.0)) if feather_px > 0 else 0
     return feather_mask(grow_mask(mask, grow_px + extra), feather_px)
+
+
+def edit_masks(mask: np.ndarray, grow_px: float = 0.0, feather_px: float = 0.0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(model mask, blend) of a user mask: the mask grown by `grow_px` (what the model
+    repaints) and the paste-back weights `blend_mask(mask, grow_px, feather_px)`."""
+    model = grow_mask(mask, grow_px) if grow_px else mask
+    return model, blend_mask(mask, grow_px, feather_px)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from mlx_edit.imaging.blend import blend_images
 from mlx_edit.imaging.images import EmptyMaskError, InputError
 from mlx_edit.imaging.masks import binarize_mask, mask_bbox
 
@@ -227,7 +228,8 @@ def crop_for_model(
 
 
 def stitch_back(
-    original: Image.Image, edited: Image.Image, plan: CropPlan, blend: np.ndarray
+    original: Image.Image, edited: Image.Image, plan: CropPlan, blend: np.ndarray, *,
+    color_match: str = "none", method: str = "feather",
 ) -> Image.Image:
     """Map the model output back into the original and blend it in.
 
@@ -235,8 +237,12 @@ def stitch_back(
     then `paste_back` into the window with `blend[window]`. Pixels outside the window,
     and inside it where blend == 0, are bit-identical to `original`. Blend weight
     outside the window is ignored with a warning (raise min_context in plan_crop).
+    color_match ("none" | "mean-std" | "histogram") and method ("feather" | "poisson")
+    run first, inside the window (`mlx_edit.imaging.blend.blend_images`; "poisson" needs
+    the `[blend]` extra, OpenCV).
     Args: original PIL (plan.image_size); edited PIL (plan.model_size); blend float (H, W).
     Returns: new PIL RGB image of the original's size.
+    Raises: InputError (unknown method, OpenCV missing), ValueError (sizes).
     """
     if edited.size != plan.model_size:
         raise ValueError(f"stitch_back: edited size {edited.size} != plan {plan.model_size}")
@@ -251,7 +257,10 @@ def stitch_back(
     else:
         edited = edited.crop((0, 0, *plan.window_size))
     out = original.convert("RGB")  # a copy
-    out.paste(paste_back(out.crop(plan.box), edited, inside), plan.box[:2])
+    window = out.crop(plan.box)
+    pasted = blend_images(window, edited, inside, color_match_method=color_match,
+                          method=method)
+    out.paste(pasted, plan.box[:2])
     return out
 
 

@@ -54,13 +54,18 @@ def _euler(latents: mx.array, velocity: mx.array, dt: mx.array) -> mx.array:
 
 def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> StepFn:
     """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-    rope, dt, *, controlnet=(), ip=()) -> latents at the next sigma`.
+    rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> latents at the next
+    sigma`.
 
     Shapes as `pipeline.denoise`: latents (B, N, 64) packed, conditioning (1|B, N, C),
     img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), timestep (B,) (sigma, model
     dtype), pooled (B, pooled_dim), guidance (B,) or None, rope = transformer.rope(img_ids,
     txt_ids), dt = `step_dt(sigma, sigma_next)`. controlnet: ControlResiduals per
-    ControlNet for this step; ip: IPAdapterKV per adapter. Returns latents in their dtype.
+    ControlNet for this step; ip: IPAdapterKV per adapter; tokens: (1|B, M, 64) reference
+    tokens appended on the sequence (their ids are in rope), velocity kept for the first N;
+    negative: (txt, pooled, scale 0-d) of a negative prompt for true classifier-free
+    guidance (a second forward per step; diffusers `true_cfg_scale`).
+    Returns latents in their dtype.
 
     compile: None -> `compile_enabled()` (GPU: on, CPU: off; MLX_EDIT_COMPILE forces it).
     A new ControlNet count, residual list length or IP-Adapter scale triggers one
@@ -70,21 +75,29 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> S
         compile = compile_enabled()
 
     def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
-             dt, residuals, repeats, ip_kv, ip_scales):
+             dt, residuals, repeats, ip_kv, ip_scales, tokens, negative):
         controlnet = [ControlResiduals(list(d), list(s), rep)
                       for (d, s), rep in zip(residuals, repeats)]
         ip = [IPAdapterKV(list(k), list(v), list(sc)) for (k, v), sc in zip(ip_kv, ip_scales)]
-        velocity = transformer(
-            model_input(latents, conditioning), img_ids, txt, txt_ids, timestep, pooled,
-            guidance, controlnet=controlnet, ip=ip, rope=rope,
-        )
-        return _euler(latents, velocity, dt)
+        x, n = model_input(latents, conditioning, tokens), latents.shape[1]
+
+        def velocity(txt, pooled):
+            return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                               controlnet=controlnet, ip=ip, rope=rope)[:, :n]
+
+        v = velocity(txt, pooled)
+        if negative is not None:  # true CFG: neg + scale * (pos - neg), as diffusers
+            neg_txt, neg_pooled, scale = negative
+            v_neg = velocity(neg_txt, neg_pooled)
+            v = v_neg + scale.astype(v.dtype) * (v - v_neg)
+        return _euler(latents, v, dt)
 
     fn = mx.compile(body, inputs=transformer.state) if compile else body
 
     def step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
              dt, *, controlnet: Sequence[ControlResiduals] = (),
-             ip: Sequence[IPAdapterKV] = ()) -> mx.array:
+             ip: Sequence[IPAdapterKV] = (), tokens: mx.array | None = None,
+             negative: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
         # Dataclasses are not traceable: pass their arrays as lists, their flags/scales as
         # constants (part of the trace's cache key).
         residuals = [(list(r.double), list(r.single)) for r in controlnet]
@@ -92,7 +105,7 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> S
         ip_kv = [(list(a.k), list(a.v)) for a in ip]
         ip_scales = tuple(tuple(float(s) for s in a.scale) for a in ip)
         return fn(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                  rope, dt, residuals, repeats, ip_kv, ip_scales)
+                  rope, dt, residuals, repeats, ip_kv, ip_scales, tokens, negative)
 
     step.compiled = compile  # type: ignore[attr-defined]
     return step

@@ -16,18 +16,17 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit.sampling.compiled import make_step, step_dt
-from mlx_edit.sampling.latents import text_ids
+from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
+from mlx_edit.sampling.compiled import make_step, step_dt
+from mlx_edit.sampling.latents import text_ids
 from mlx_edit.sampling.sampler import model_timesteps
-from mlx_edit.imaging.stitch import CropPlan
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
 ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
-# A conditioning builder: (canvas pixels (H, W, 3) in [-1, 1], binary model mask (H, W),
-# crop plan) -> (1, N, K) concatenated after the noisy latents (Fill: K 320, control: 64).
-Conditioner = Callable[[np.ndarray, np.ndarray, CropPlan], mx.array]
+# After step i: (i, latents at sigmas[i+1]) -> latents (e.g. the source kept outside a mask).
+StepHook = Callable[[int, mx.array], mx.array]
 
 
 @dataclass
@@ -42,16 +41,17 @@ class PromptEmbeds:
 class EditJob:
     """Everything the denoise loop and the decoder need, prepared before the loop.
 
-    latents: initial packed latents (B, N, 64); conditioning: (1|B, N, K) (Fill 320,
-    Canny/Depth 64);
-    sigmas: float32 (n+1,); geometry: where the canvas maps back into the original.
+    latents: initial packed latents (B, N, 64); conditioning: channels (1|B, N, K) (Fill
+    320, Canny/Depth 64) or None; tokens / token_ids: extra sequence tokens (1, M, 64) and
+    their position ids (M, 3) appended after the latents (Kontext references) or None;
+    sigmas: float32 (n+1,); plan / blend: where the canvas maps back into the original.
     """
 
     original: Image.Image
     plan: CropPlan
     blend: np.ndarray
     latents: mx.array
-    conditioning: mx.array
+    conditioning: mx.array | None
     embeds: PromptEmbeds
     guidance: float
     sigmas: np.ndarray
@@ -59,7 +59,14 @@ class EditJob:
     metadata: dict
     controls: Sequence[ControlFn] = ()
     ip: Sequence[IPAdapterKV] = ()
+    tokens: mx.array | None = None
+    token_ids: mx.array | None = None
+    after_step: StepHook | None = None
+    negative: PromptEmbeds | None = None
+    true_cfg_scale: float = 1.0
     stats: dict = field(default_factory=dict)
+    hook: Callable[[int, mx.array], mx.array] | None = None  # per-step (soft masks)
+    paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
 
 
 class Phase:
@@ -80,7 +87,7 @@ class Phase:
 def denoise(
     transformer: FluxTransformer,
     latents: mx.array,
-    conditioning: mx.array,
+    conditioning: mx.array | None,
     img_ids: mx.array,
     embeds: PromptEmbeds,
     sigmas: np.ndarray,
@@ -88,33 +95,79 @@ def denoise(
     *,
     controls: Sequence[ControlFn] = (),
     ip: Sequence[IPAdapterKV] = (),
+    tokens: mx.array | None = None,
+    token_ids: mx.array | None = None,
+    after_step: StepHook | None = None,
+    negative: PromptEmbeds | None = None,
+    true_cfg_scale: float = 1.0,
     compile: bool | None = None,
+    hook: Callable[[int, mx.array], mx.array] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
     latents (B, N, 64) packed at sigmas[0]; conditioning (1|B, N, C) concatenated on the
-    channel axis every step (Fill: 320 channels); img_ids (N, 3). Yields (step index,
+    channel axis every step (Fill: 320 channels) or None; img_ids (N, 3); tokens (1|B, M,
+    64) with token_ids (M, 3): reference tokens appended after the latents on the sequence
+    axis, the velocity taken on the first N outputs (Kontext, BFL sampling.py denoise;
+    diffusers FluxKontextPipeline). after_step: applied to the latents after each step
+    (`keep_source`: the source outside a mask). negative / true_cfg_scale: true
+    classifier-free guidance, `neg + scale * (pos - neg)` per step, used when scale > 1
+    and a negative prompt is given (diffusers FluxKontextPipeline / FluxPipeline; its T5
+    length must equal the prompt's). Yields (step index,
     latents at sigmas[i+1]) after each step, evaluated, so the caller can report
     progress, preview or stop. RoPE and the text batch are built once, not per step.
     compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
     mlx_edit/compiled.py).
+    hook: optional `hook(i, latents) -> latents`, applied before step i to the latents at
+    sigmas[i] (soft masks: mlx_edit.sampling.soft_mask.soft_mask_hook).
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
-    rope = transformer.rope(img_ids, txt_ids)
+    ids = img_ids if tokens is None else mx.concatenate([img_ids, token_ids], axis=0)
+    rope = transformer.rope(ids, txt_ids)
     txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
     pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
+    cfg = None
+    if negative is not None and true_cfg_scale > 1.0:
+        cfg = (mx.broadcast_to(negative.txt, (b, *negative.txt.shape[1:])),
+               mx.broadcast_to(negative.pooled, (b, negative.pooled.shape[-1])),
+               mx.array(true_cfg_scale, dtype=mx.float32))
     step = make_step(transformer, compile=compile)
     for i in range(len(sigmas) - 1):
         t = mx.broadcast_to(timesteps[i], (b,))
+        if hook is not None:
+            latents = hook(i, latents)
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
         latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
                        step_dt(float(sigmas[i]), float(sigmas[i + 1])),
-                       controlnet=residuals, ip=ip)
+                       controlnet=residuals, ip=ip, tokens=tokens, negative=cfg)
+        if after_step is not None:
+            latents = after_step(i, latents)
         mx.eval(latents)
         yield i, latents
+
+
+def keep_source(mask: mx.array, image_latents: mx.array, noise: mx.array,
+                sigmas: np.ndarray) -> StepHook:
+    """A StepHook keeping the source outside `mask`: after step i the latents become
+    `(1 - mask) * noise_latents(image_latents, noise, sigmas[i+1]) + mask * latents`
+    (diffusers FluxKontextInpaintPipeline / FluxInpaintPipeline's per-step blend; at the
+    last sigma, 0, the source latents themselves).
+
+    mask (1|B, N, 64) packed, 1 = generate (`latents.pack_latent_mask`); image_latents
+    (1|B, N, 64) the source's packed latents; noise (B, N, 64) the run's initial noise.
+    """
+    from mlx_edit.sampling.sampler import noise_latents
+
+    def after(i: int, latents: mx.array) -> mx.array:
+        source = noise_latents(image_latents.astype(latents.dtype), noise,
+                               float(sigmas[i + 1]))
+        m = mask.astype(latents.dtype)
+        return (1 - m) * source + m * latents
+
+    return after
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:

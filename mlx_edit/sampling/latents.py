@@ -124,6 +124,17 @@ def pack_mask(mask: mx.array, vae_scale_factor: int = 8) -> mx.array:
     return pack_latents(x.reshape(b, h, w, f * f))
 
 
+def pack_latent_mask(mask: mx.array, channels: int = 16, vae_scale_factor: int = 8
+                     ) -> mx.array:
+    """A pixel mask (B, H_px, W_px) sampled at latent resolution (nearest: pixel (f i, f j)
+    for latent pixel (i, j), as torch's `interpolate` default) and repeated over the latent
+    channels, packed: (B, N, 4 channels), matching packed latents channel by channel
+    (diffusers FluxKontextInpaintPipeline.prepare_mask_latents)."""
+    token_grid(mask.shape[1], mask.shape[2], vae_scale_factor)  # validates the size
+    m = mask[:, ::vae_scale_factor, ::vae_scale_factor, None]
+    return pack_latents(mx.broadcast_to(m, (*m.shape[:3], channels)))
+
+
 def _check_tokens(a: mx.array, b: mx.array, what: str) -> None:
     if a.ndim != 3 or b.ndim != 3 or a.shape[:2] != b.shape[:2]:
         raise ValueError(
@@ -149,26 +160,34 @@ def fill_conditioning(masked_image_latents: mx.array, mask_packed: mx.array) -> 
     return mx.concatenate([masked_image_latents, mask_packed], axis=-1)
 
 
-def model_input(latents_packed: mx.array, conditioning: mx.array) -> mx.array:
-    """Transformer input tokens: concat [noisy latents | conditioning] on channels.
+def model_input(latents_packed: mx.array, conditioning: mx.array | None,
+                tokens: mx.array | None = None) -> mx.array:
+    """Transformer input tokens: [noisy latents | conditioning] on channels, then the
+    reference `tokens` appended on the sequence.
 
     Args:
         latents_packed: (B, N, 4C) noisy packed latents (64 for FLUX).
-        conditioning: (B, N, K) or (1, N, K) from `fill_conditioning` (K = 320 for FLUX);
-            a batch of 1 is broadcast to B.
+        conditioning: (B, N, K) or (1, N, K) from `fill_conditioning` (K = 320 for FLUX),
+            or None (no channel conditioning: dev, Kontext); a batch of 1 is broadcast to B.
+        tokens: (B|1, M, 4C + K) reference tokens (Kontext) or None.
 
     Returns:
-        (B, N, 4C + K) (384 for FLUX), the `hidden_states` of the Fill transformer.
+        (B, N [+ M], 4C + K) (384 for Fill), the `hidden_states` of the transformer.
 
     Raises:
         ValueError: N differs, or the batch sizes differ and conditioning's is not 1.
     """
-    if conditioning.ndim == 3 and conditioning.shape[0] == 1 and latents_packed.ndim == 3:
-        conditioning = mx.broadcast_to(
-            conditioning, (latents_packed.shape[0], *conditioning.shape[1:])
-        )
-    _check_tokens(latents_packed, conditioning, "model_input")
-    return mx.concatenate([latents_packed, conditioning.astype(latents_packed.dtype)], axis=-1)
+    b = latents_packed.shape[0]
+    x = latents_packed
+    if conditioning is not None:
+        if conditioning.ndim == 3 and conditioning.shape[0] == 1 and x.ndim == 3:
+            conditioning = mx.broadcast_to(conditioning, (b, *conditioning.shape[1:]))
+        _check_tokens(x, conditioning, "model_input")
+        x = mx.concatenate([x, conditioning.astype(x.dtype)], axis=-1)
+    if tokens is not None:
+        tokens = mx.broadcast_to(tokens, (b, *tokens.shape[1:])).astype(x.dtype)
+        x = mx.concatenate([x, tokens], axis=1)
+    return x
 
 
 def scale_latents(z: mx.array, scaling: float, shift: float) -> mx.array:

@@ -54,6 +54,15 @@ class SchedulerConfig:
     stochastic_sampling: bool = False
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a damaged config fails here, not in the first edit
+            v, kind = getattr(self, f.name), str(f.type)
+            if kind == "bool" and not isinstance(v, bool):
+                raise ValueError(f"{f.name} must be true or false, got {v!r}")
+            if kind in ("int", "float", "float | None") and not (
+                    (v is None and "None" in kind) or (
+                        isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) and v >= 0)):
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
         if self.time_shift_type not in ("exponential", "linear"):
             raise ValueError(
                 f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}"

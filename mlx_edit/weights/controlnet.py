@@ -1,6 +1,6 @@
 """FLUX ControlNet weights: diffusers folders, XLabs x-flux single files, our MLX folders.
 
-Formats (detected from the tensor names):
+Formats (the "controlnet" entry of weights/specs.py, detected from the tensor names):
 - diffusers `FluxControlNetModel` folders (config.json + safetensors): InstantX Canny /
   Union, Shakker-Labs Union Pro (2.0), XLabs' `*-diffusers` repos. Blocks and embedders use
   the transformer's names (`DIFFUSERS_RULES`), plus `controlnet_*` and `input_hint_block.*`.
@@ -25,36 +25,34 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_edit import __version__
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
-from mlx_edit.weights.quantize import (
-    DEFAULT_GROUP_SIZE,
-    FULL_PRECISION,
-    MLX_LAYOUT_KEY,
-    apply_recorded_quantization,
-    check_bits,
-    describe_quantization,
-    is_mlx_layout,
-    quantizable_layers,
-    quantization_record,
-    quantized_layers,
-)
-from mlx_edit.weights import save
+from mlx_edit.weights import loader, save
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
-    default_dtype,
-    load_into,
     open_tensors,
     read_config,
     rename,
     safetensors_files,
 )
-from mlx_edit.weights.flux import BFL_PREFIXES, BFL_RULES, DIFFUSERS_RULES, MLX_RULES, _count
-from mlx_edit.weights.sources import is_repo_id
+from mlx_edit.weights.flux import (
+    BFL_PREFIXES,
+    BFL_RULES,
+    DIFFUSERS_RULES,
+    MLX_RULES,
+    bfl_config_fields,
+)
+from mlx_edit.weights.quantize import (
+    DEFAULT_GROUP_SIZE,
+    FULL_PRECISION,
+    MLX_LAYOUT_KEY,
+    describe_quantization,
+    quantize_at_load,
+)
+from mlx_edit.weights.sources import CONFIG_AND_WEIGHTS, download, is_repo_id, local_or_remote
 
 _HINT = "input_hint_block."
 # diffusers ControlNetConditioningEmbedding name -> x-flux nn.Sequential index.
@@ -87,20 +85,9 @@ CONTROLNET_MLX_RULES = MLX_RULES
 
 
 def detect_format(keys, config: dict | None = None) -> str:
-    """'diffusers', 'xlabs' or 'mlx' from a ControlNet checkpoint's config / tensor names."""
-    if is_mlx_layout(config):
-        return "mlx"
-    keys = set(keys)
-    if "x_embedder.weight" in keys and any(k.startswith("controlnet_") for k in keys):
-        return "diffusers"
-    if "pos_embed_input.weight" in keys:
-        return "xlabs"
-    if "controlnet_x_embedder.weight" in keys or "controlnet_x_embedder.scales" in keys:
-        return "mlx"
-    raise WeightLoadError(
-        "not a FLUX ControlNet checkpoint: found neither diffusers (x_embedder + "
-        "controlnet_*), XLabs x-flux (pos_embed_input) nor mlx-edit names"
-    )
+    """'diffusers', 'xlabs' or 'mlx' from a ControlNet checkpoint's config / tensor names
+    (the formats of `specs.SPECS["controlnet"]`); WeightLoadError for none of them."""
+    return loader.detect("controlnet", set(keys), config)
 
 
 def infer_xlabs_config(tensors: dict, axes_dims_rope=None) -> ControlNetConfig:
@@ -108,25 +95,11 @@ def infer_xlabs_config(tensors: dict, axes_dims_rope=None) -> ControlNetConfig:
 
     axes_dims_rope: needed only when head_dim != 128 (ValueError otherwise).
     """
-    head_dim = tensors["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    hidden, in_channels = tensors["img_in.weight"].shape
-    if axes_dims_rope is None:
-        if head_dim != 128:
-            raise ValueError(f"head_dim {head_dim}: pass axes_dims_rope for this XLabs file")
-        axes_dims_rope = (16, 56, 56)
+    fields = bfl_config_fields(tensors, axes_dims_rope, "XLabs")
     hint = tensors[f"{_HINT}14.weight"].shape[0]
     return ControlNetConfig.from_dict({
-        "in_channels": in_channels,
-        "num_layers": _count(tensors, r"double_blocks\.(\d+)\."),
-        "num_single_layers": _count(tensors, r"single_blocks\.(\d+)\."),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": hidden // head_dim,
-        "joint_attention_dim": tensors["txt_in.weight"].shape[1],
-        "pooled_projection_dim": tensors["vector_in.in_layer.weight"].shape[1],
-        "guidance_embeds": "guidance_in.in_layer.weight" in tensors,
-        "axes_dims_rope": axes_dims_rope,
-        "conditioning_embedding_channels": hint,
-        "patch_size": math.isqrt(in_channels // hint),
+        **fields, "conditioning_embedding_channels": hint,
+        "patch_size": math.isqrt(fields["in_channels"] // hint),
     })
 
 
@@ -136,19 +109,10 @@ def resolve_controlnet(repo_or_path: str | Path) -> Path:
 
     Raises WeightLoadError for a missing path that is not a repo id, or a failed download.
     """
-    path = Path(str(repo_or_path)).expanduser()
-    if path.exists():
+    path, remote = local_or_remote(repo_or_path, "ControlNet")
+    if not remote:
         return path
-    name = str(repo_or_path)
-    if not is_repo_id(name):
-        raise WeightLoadError(f"{name}: no such ControlNet folder or file, and not a repo id")
-    from huggingface_hub import snapshot_download  # network code only when needed
-
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # hub errors are many; the message names the cause
-        raise WeightLoadError(f"could not download ControlNet {name} ({type(e).__name__}: {e})") from e
+    return download(str(repo_or_path), list(CONFIG_AND_WEIGHTS), "ControlNet")
 
 
 def _root_files_of_repo(name: str) -> list[str] | None:
@@ -209,14 +173,18 @@ def is_controlnet_source(source: str | Path) -> bool:
     return any(f.endswith(".safetensors") and "/" not in f for f in files)
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    if path.is_file() or (path / "config.json").is_file():
-        return safetensors_files(path)
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) > 1:  # e.g. several x-flux versions in one folder: the user must choose
-        names = ", ".join(f.name for f in files)
-        raise WeightLoadError(f"{path}: several ControlNet files ({names}); pass one file")
-    return safetensors_files(path)
+def locate(repo_or_path: str | Path) -> tuple[list[Path], Path]:
+    """(safetensors files, config folder) of a ControlNet repo id, folder or file (see
+    `resolve_controlnet`); a folder without config.json must hold one file.
+    Raises WeightLoadError (nothing there, several candidate files, failed download)."""
+    path = resolve_controlnet(repo_or_path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and not (path / "config.json").is_file():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) > 1:  # e.g. several x-flux versions in one folder: the user must choose
+            names = ", ".join(f.name for f in files)
+            raise WeightLoadError(f"{path}: several ControlNet files ({names}); pass one file")
+    return safetensors_files(path), folder
 
 
 def load_controlnet(
@@ -229,53 +197,25 @@ def load_controlnet(
     dtype: None -> bfloat16 on GPU, float32 on CPU. config: overrides (x-flux files with
     head_dim != 128 need {"axes_dims_rope": [...]}). quantize: bits to quantize at load
     (`quantize_controlnet`), layer by layer so full precision is never resident beyond
-    one layer; ignored for an already quantized folder.
+    one layer; ignored for an already quantized folder (with a warning if bits differ).
     Raises WeightLoadError (unreadable, missing/unexpected/mis-shaped tensors, not a
     ControlNet), ValueError (inconsistent config).
     """
-    path = resolve_controlnet(repo_or_path)
-    tensors = open_tensors(_checkpoint_files(path), strip_prefixes=BFL_PREFIXES)
-    folder = path if path.is_dir() else path.parent
-    cfg_dict = read_config(folder) if (folder / "config.json").is_file() else {}
-    fmt = detect_format(tensors, cfg_dict)
-    if fmt == "xlabs":
-        cfg = infer_xlabs_config(tensors, (config or {}).get("axes_dims_rope"))
-    else:
-        cfg = ControlNetConfig.from_dict({**(cfg_dict or read_config(folder)),
-                                         **(config or {})})
-    model = FluxControlNet(cfg)
-    name = f"ControlNet ({path})"
-    if fmt == "mlx":  # a quantized mlx-edit folder: build the quantized structure first
-        apply_recorded_quantization(model, cfg_dict, tensors, name=name)
-    rules = {"diffusers": CONTROLNET_DIFFUSERS_RULES, "xlabs": XLABS_RULES,
-             "mlx": CONTROLNET_MLX_RULES}[fmt]
-    return load_into(model, tensors, rules, dtype or default_dtype(), name=name,
-                     quantize=(lambda m: quantize_controlnet(m, quantize, group_size))
-                     if quantize else None)
+    return loader.load("controlnet", repo_or_path, dtype, config=config, quantize=quantize,
+                       group_size=group_size)
 
 
 # Kept in full precision: the transformer's embedders, and the control input projection.
-CONTROLNET_FULL_PRECISION = FULL_PRECISION["transformer"] + ("controlnet_x_embedder",)
-
-
-def _quantize_layer(path: str, module: nn.Module, group_size: int) -> bool:
-    keep = any(path == p or path.startswith(p + ".") for p in CONTROLNET_FULL_PRECISION)
-    return isinstance(module, nn.Linear) and not keep and module.weight.shape[-1] % group_size == 0
+CONTROLNET_FULL_PRECISION = FULL_PRECISION["controlnet"]
 
 
 def quantize_controlnet(model: FluxControlNet, bits: int,
                         group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """Quantize a ControlNet in place (policy in the module doc); returns the record
-    ({"bits", "group_size", "mode", "skipped"}). An already quantized model is left as is.
-    Raises ValueError for unsupported bits / group size."""
-    check_bits(bits, group_size)
-    if quantized_layers(model):
-        return describe_quantization(model)
-    skipped = sorted(p for p, m in quantizable_layers(model)
-                     if not _quantize_layer(p, m, group_size))
-    nn.quantize(model, group_size, bits, class_predicate=lambda p, m: _quantize_layer(
-        p, m, group_size))
-    return quantization_record(bits, group_size, skipped)
+    ({"bits", "group_size", "mode", "skipped"}). An already quantized model is left as
+    is (with a warning if its bits differ). Raises ValueError for unsupported bits /
+    group size."""
+    return quantize_at_load(model, "controlnet", bits, group_size)
 
 
 def save_controlnet(model: FluxControlNet, folder: str | Path,

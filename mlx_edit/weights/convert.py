@@ -15,14 +15,12 @@ sources are dropped at once. Peak memory: one shard plus the largest tensor (x2 
 it is cast or quantized). Everything is written into a hidden folder next to DEST that
 is renamed to DEST at the very end (save.publish).
 
-Key maps and config handling are the loaders' (weights/flux.py, vae.py, text.py), so
+Key maps and config handling are the loaders' (the spec table, weights/specs.py), so
 a converted folder holds exactly what a loader would build.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 import time
 from collections import Counter
@@ -36,36 +34,23 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_edit import __version__
-from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.models.t5 import T5Config, T5Encoder
-from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.weights import controlnet as controlnet_w
+from mlx_edit.weights import lora as lora_w
+from mlx_edit.weights import save
+from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan, read_config
+from mlx_edit.weights.text import read_text_tools
+from mlx_edit.weights.loader import open_checkpoint
 from mlx_edit.weights.quantize import (
     COMPONENTS,
     DEFAULT_GROUP_SIZE,
     GROUP_SIZES,
-    IDENTITY_RULES,
     MLX_LAYOUT_KEY,
     component_bits,
     dequantized_view,
     is_mlx_layout,
     quantize_component,
 )
-from mlx_edit.weights import controlnet as controlnet_w
-from mlx_edit.weights import flux as flux_w
-from mlx_edit.weights import lora as lora_w
-from mlx_edit.weights import save
-from mlx_edit.weights import text as text_w
-from mlx_edit.weights import vae as vae_w
-from mlx_edit.weights.core import (
-    Rule,
-    WeightLoadError,
-    apply_op,
-    checked_plan,
-    open_tensors,
-    read_config,
-    safetensors_files,
-)
+from mlx_edit.weights.specs import COMPONENT_KINDS
 from mlx_edit.weights.sources import is_repo_id, resolve
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -89,83 +74,15 @@ class ComponentSource:
     config: dict
 
 
-def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
 def _clean_config(cfg: Mapping) -> dict:
     """The source config without our own keys (they are rewritten)."""
     return {k: v for k, v in cfg.items() if k not in (MLX_LAYOUT_KEY, "quantization")}
 
 
-def _transformer_source(path: Path, overrides: Mapping | None) -> ComponentSource:
-    tensors = open_tensors(safetensors_files(path), strip_prefixes=flux_w.BFL_PREFIXES)
-    fmt = flux_w.detect_format(tensors)
-    overrides = dict(overrides or {})
-    if fmt == "bfl":
-        try:
-            inferred = flux_w.infer_bfl_config(tensors, overrides.get("axes_dims_rope"))
-        except ValueError as e:
-            raise ConversionError(
-                f"{path}: {e} (give a transformer config.json with --transformer-config)"
-            ) from e
-        config = {"_class_name": "FluxTransformer2DModel", **_jsonable(inferred), **overrides}
-    else:
-        config = {**read_config(path), **overrides}
-    try:
-        model = FluxTransformer(FluxConfig.from_dict(config))
-    except (TypeError, ValueError) as e:
-        raise WeightLoadError(f"{path}: unsupported transformer config ({e})") from e
-    rules = {"diffusers": flux_w.DIFFUSERS_RULES, "bfl": flux_w.BFL_RULES,
-             "mlx": IDENTITY_RULES}[fmt]
-    if fmt == "mlx":
-        tensors = dequantized_view(model, config, tensors, f"transformer ({path})")
-    return ComponentSource("transformer", path, model, tensors, rules, _clean_config(config))
-
-
-def _vae_source(path: Path) -> ComponentSource:
-    files, cfg_dict = vae_w.resolve_files(path)
-    tensors = vae_w.strip_vae_prefix(open_tensors(files))
-    d = dict(cfg_dict or {})
-    d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
-    d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
-    try:
-        cfg = VAEConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
-    model = AutoencoderKL(cfg)
-    if is_mlx_layout(cfg_dict):
-        rules = IDENTITY_RULES
-        tensors = dequantized_view(model, cfg_dict, tensors, f"vae ({path})")
-    elif vae_w.is_diffusers(tensors):
-        rules = vae_w.DIFFUSERS_RULES
-    else:
-        rules = vae_w.bfl_rules(len(cfg.block_out_channels))
-    config = dict(cfg_dict) if cfg_dict else {"_class_name": "AutoencoderKL", **_jsonable(cfg)}
-    config.update(use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv)
-    return ComponentSource("vae", path, model, tensors, rules, _clean_config(config))
-
-
-def _text_source(name: str, folder: Path) -> ComponentSource:
-    cfg_dict = read_config(folder)
-    if name == "text_encoder":
-        model = CLIPTextModel(CLIPTextConfig.from_dict(cfg_dict))
-        tensors = open_tensors(safetensors_files(folder), text_w.CLIP_STRIP_PREFIXES)
-        tensors = text_w.drop_keys(tensors, text_w.CLIP_TEXT_DROP)
-        rules = text_w.CLIP_TEXT_RULES
-    else:
-        model = T5Encoder(T5Config.from_dict(cfg_dict))
-        tensors = open_tensors(safetensors_files(folder))
-        tensors = text_w.drop_keys(tensors, duplicates=text_w.T5_DUPLICATES)
-        rules = text_w.T5_RULES
-    if is_mlx_layout(cfg_dict):
-        rules = IDENTITY_RULES
-        tensors = dequantized_view(model, cfg_dict, tensors, f"{name} ({folder})")
-    return ComponentSource(name, folder, model, tensors, rules, _clean_config(cfg_dict))
-
-
 def open_component(name: str, path: str | Path, overrides: Mapping | None = None):
-    """A ComponentSource for `name` (one of COMPONENTS) from its folder or file.
+    """A ComponentSource for `name` (one of COMPONENTS) from its folder or file, opened
+    by the loaders' spec (`specs.COMPONENT_KINDS`); an mlx-edit source reads as full
+    precision (`dequantized_view`).
 
     Raises WeightLoadError for unreadable or foreign checkpoints, ConversionError for a
     BFL transformer whose RoPE axes cannot be inferred (pass `overrides`).
@@ -173,13 +90,22 @@ def open_component(name: str, path: str | Path, overrides: Mapping | None = None
     path = Path(path)
     if not path.exists():
         raise WeightLoadError(f"{path}: no such {name} file or folder")
-    if name == "transformer":
-        return _transformer_source(path, overrides)
-    if name == "vae":
-        return _vae_source(path)
-    if name in ("text_encoder", "text_encoder_2"):
-        return _text_source(name, path)
-    raise KeyError(f"unknown component {name!r}")
+    if name not in COMPONENT_KINDS:
+        raise KeyError(f"unknown component {name!r}")
+    try:
+        ckpt = open_checkpoint(COMPONENT_KINDS[name], path, overrides)
+    except WeightLoadError:
+        raise
+    except ValueError as e:  # a BFL file whose RoPE axes cannot be read off its shapes
+        raise ConversionError(
+            f"{path}: {e} (give a transformer config.json with --transformer-config)"
+        ) from e
+    model = ckpt.spec.model_class(ckpt.config)
+    tensors = ckpt.tensors
+    if ckpt.format.recorded:
+        tensors = dequantized_view(model, ckpt.stored, tensors, f"{name} ({path})")
+    return ComponentSource(name, path, model, tensors, ckpt.rules,
+                           _clean_config(ckpt.config_dict))
 
 
 def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
@@ -314,6 +240,16 @@ def _check_not_inside(dest: Path, parts: Mapping[str, Path | None]) -> None:
             raise ConversionError(f"DEST {dest} holds the source {p}: choose another DEST")
 
 
+def _checked_dest(dest: str | Path, overwrite: bool) -> Path:
+    """`dest` expanded; ConversionError when something is in the way (`save.check_dest`)."""
+    dest = Path(dest).expanduser()
+    try:
+        save.check_dest(dest, overwrite)
+    except FileExistsError as e:
+        raise ConversionError(str(e)) from e
+    return dest
+
+
 def convert_controlnet_source(
     source: str | Path,
     dest: str | Path,
@@ -325,7 +261,6 @@ def convert_controlnet_source(
     overwrite: bool = False,
     max_shard_bytes: int = save.MAX_SHARD_BYTES,
     log: Callable[[str], None] | None = None,
-    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> dict:
     """Convert a ControlNet (`is_controlnet_source`) into the mlx-edit folder `dest`
     (`save_controlnet`'s layout), cast to `dtype`, quantized to `quantize` bits
@@ -334,11 +269,7 @@ def convert_controlnet_source(
     "bytes"}. Raises ConversionError (DEST in the way, missing config, a quantized source
     asked for other bits), WeightLoadError (damaged checkpoint)."""
     log = log or (lambda _msg: None)
-    dest = Path(dest).expanduser()
-    try:
-        save.check_dest(dest, overwrite)
-    except FileExistsError as e:
-        raise ConversionError(str(e)) from e
+    dest = _checked_dest(dest, overwrite)
     path = controlnet_w.resolve_controlnet(source)
     _check_not_inside(dest, {"controlnet": path})
     cfg = read_config(path) if (path / "config.json").is_file() else {}
@@ -366,19 +297,12 @@ def convert_controlnet_source(
 
 
 def convert_checkpoint(
-    source: str | Path,
-    dest: str | Path,
-    *,
-    dtype: str = "bfloat16",
-    quantize: int | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    source: str | Path, dest: str | Path, *, dtype: str = "bfloat16",
+    quantize: int | None = None, group_size: int = DEFAULT_GROUP_SIZE,
     component_bits_override: Mapping[str, int | None] | None = None,
-    vae: str | Path | None = None,
-    text_encoders: str | Path | None = None,
-    transformer_config: Mapping | None = None,
-    overwrite: bool = False,
-    max_shard_bytes: int = save.MAX_SHARD_BYTES,
-    log: Callable[[str], None] | None = None,
+    vae: str | Path | None = None, text_encoders: str | Path | None = None,
+    transformer_config: Mapping | None = None, overwrite: bool = False,
+    max_shard_bytes: int = save.MAX_SHARD_BYTES, log: Callable[[str], None] | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
 ) -> dict:
     """Convert `source` into the mlx-edit folder `dest`; returns the manifest written.
@@ -391,17 +315,15 @@ def convert_checkpoint(
     `dest` and renamed into place when complete; on any error or interruption nothing is
     left at `dest` (an existing `dest` replaced with `overwrite` stays as it was).
     loras: (source, scale) pairs baked into the transformer before it is cast/quantized
-    (mlx_edit.weights.lora.baker), recorded as "baked_loras" in its config.json.
+    (mlx_edit.weights.lora.baker), recorded as "baked_loras" in its config.json and the
+    manifest.
     A ControlNet `source` goes to `convert_controlnet_source` (`transformer_config` is
     then its config override; VAE, text encoder and per-component options are refused).
     Raises ConversionError (bad arguments, `dest` not empty without `overwrite`, missing
     sources), WeightLoadError (unreadable, truncated or mismatching checkpoints).
     """
     log = log or (lambda _msg: None)
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if group_size not in GROUP_SIZES:
-        raise ConversionError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
+    _check_options(dtype, group_size)
     if controlnet_w.is_controlnet_source(source):
         given = [flag for flag, v in (("--component-bits", component_bits_override),
                                       ("--vae", vae), ("--text-encoders", text_encoders),
@@ -417,47 +339,20 @@ def convert_checkpoint(
         bits = component_bits(quantize, component_bits_override)
     except ValueError as e:
         raise ConversionError(str(e)) from e
-    dest = Path(dest).expanduser()
-    try:
-        save.check_dest(dest, overwrite)
-    except FileExistsError as e:
-        raise ConversionError(str(e)) from e
+    dest = _checked_dest(dest, overwrite)
     parts = locate_sources(source, vae, text_encoders)
     _check_not_inside(dest, parts)
-    save.remove_stale_temps(dest)
-    tmp = save.temp_folder_for(dest)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    components = {}
+    # damaged tokenizer/scheduler files: refused before any work, never published
+    read_text_tools(parts["scheduler"], parts["tokenizer"], parts["tokenizer_2"])
+    tmp = _fresh_temp(dest)
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
-        for name in COMPONENTS:
-            overrides = transformer_config if name == "transformer" else None
-            src = open_component(name, parts[name], overrides)
-            adjust = None
-            if name == "transformer" and loras:
-                adjust, src.config["baked_loras"] = lora_w.baker(src.model, loras)
-            info = convert_component(src, tmp / name, DTYPES[dtype], bits[name], group_size,
-                                     max_shard_bytes, adjust)
-            del src
-            components[name] = {"bits": bits[name], "bytes": info["bytes"],
-                                "files": info["files"], "source": str(parts[name])}
-            kept = f", {len(info['skipped'])} layers kept full" if info["skipped"] else ""
-            precision = f"{bits[name]}-bit (group {group_size}){kept}" if bits[name] else dtype
-            log(f"{name}: {precision}, {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} "
-                f"file(s), {info['seconds']:.1f} s")
-        for name in ("tokenizer", "tokenizer_2"):
-            save.copy_folder(parts[name], tmp / name)
-        save.write_scheduler(tmp, parts["scheduler"])
-        manifest = {
-            "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dtype": dtype, "group_size": group_size, "mode": "affine",
-            "components": components,
-        }
-        save.write_model_index(tmp, parts.get("root"))
-        save.write_json(tmp / save.MANIFEST_NAME, manifest)
+        options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
+        if loras:
+            options["baked_loras"] = [[str(src), float(scale)] for src, scale in loras]
+        components = _write_components(tmp, parts, bits, transformer_config, options,
+                                       max_shard_bytes, log)
+        manifest = _write_manifest(tmp, source, parts, options, components)
         save.publish(tmp, dest)
     finally:
         mx.set_cache_limit(cache_limit)
@@ -465,3 +360,62 @@ def convert_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")
     return manifest
+
+
+def _check_options(dtype: str, group_size: int) -> None:
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if group_size not in GROUP_SIZES:
+        raise ConversionError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
+
+
+def _fresh_temp(dest: Path) -> Path:
+    """An empty temporary folder next to `dest` (left-overs of killed runs removed)."""
+    save.remove_stale_temps(dest)
+    tmp = save.temp_folder_for(dest)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_manifest(tmp: Path, source, parts: Mapping[str, Path | None], options: Mapping,
+                    components: dict) -> dict:
+    """`model_index.json` and the manifest (`save.MANIFEST_NAME`) of a converted folder."""
+    manifest = {
+        "format": "mlx-edit", "mlx_edit_version": __version__, "source": str(source),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **options, "components": components,
+    }
+    save.write_model_index(tmp, parts.get("root"))
+    save.write_json(tmp / save.MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _write_components(tmp: Path, parts: Mapping[str, Path | None], bits: Mapping[str, int | None],
+                      transformer_config: Mapping | None, options: Mapping,
+                      max_shard_bytes: int, log: Callable[[str], None]) -> dict:
+    """Convert each of COMPONENTS into `tmp/<name>` (one at a time), copy the tokenizers
+    and the scheduler; returns the manifest's {component: {"bits", "bytes", "files",
+    "source"}}."""
+    dtype, group_size = options["dtype"], options["group_size"]
+    components = {}
+    for name in COMPONENTS:
+        overrides = transformer_config if name == "transformer" else None
+        src = open_component(name, parts[name], overrides)
+        adjust = None
+        if name == "transformer" and options.get("baked_loras"):
+            adjust, src.config["baked_loras"] = lora_w.baker(src.model, options["baked_loras"])
+        info = convert_component(src, tmp / name, DTYPES[dtype], bits[name], group_size,
+                                 max_shard_bytes, adjust)
+        del src
+        components[name] = {"bits": bits[name], "bytes": info["bytes"],
+                            "files": info["files"], "source": str(parts[name])}
+        kept = f", {len(info['skipped'])} layers kept full" if info["skipped"] else ""
+        precision = f"{bits[name]}-bit (group {group_size}){kept}" if bits[name] else dtype
+        log(f"{name}: {precision}, {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} "
+            f"file(s), {info['seconds']:.1f} s")
+    for name in ("tokenizer", "tokenizer_2"):
+        save.copy_folder(parts[name], tmp / name)
+    save.write_scheduler(tmp, parts["scheduler"])
+    return components

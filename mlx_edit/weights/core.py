@@ -18,6 +18,7 @@ plus about one tensor, never two full copies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -269,3 +270,18 @@ def read_config(folder: str | Path, filename: str = "config.json") -> dict:
 def default_dtype() -> mx.Dtype:
     """bfloat16 on Metal/CUDA, float32 on the CPU backend (its bf16 matmul is slow)."""
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+@contextlib.contextmanager
+def reading(what: str, path: Path):
+    """Turn any failure while reading `what` at `path` (bad JSON, bad bytes, wrong types)
+    into a one-line WeightLoadError naming it, raised at load time rather than mid-edit."""
+    try:
+        yield
+    except WeightLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            NotImplementedError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise WeightLoadError(f"{path}: damaged or unreadable {what} ({type(e).__name__}: "
+                              f"{detail}); re-download or re-convert the model") from e

@@ -1,4 +1,5 @@
-"""FLUX transformer weights: key maps (diffusers, BFL, ours) and the loader.
+"""FLUX transformer weights: key maps (diffusers, BFL, ours), the config of a BFL file
+read off its shapes, and `load_transformer` (the "transformer" entry of weights/specs.py).
 
 Sources: diffusers `scripts/convert_flux_to_diffusers.py` and
 `loaders/single_file_utils.py` (convert_flux_transformer_checkpoint_to_diffusers) for the
@@ -8,35 +9,28 @@ BFL <-> diffusers names; our layout is BFL's fused one with our own short names.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_edit import variants
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.weights.quantize import apply_recorded_quantization, quantize_transformer, read_record
-from mlx_edit.weights.core import (
-    Rule,
-    WeightLoadError,
-    default_dtype,
-    load_into,
-    open_tensors,
-    read_config,
-    rename,
-    safetensors_files,
-)
+from mlx_edit.weights import loader
+from mlx_edit.weights.core import Rule, WeightLoadError, rename
+from mlx_edit.weights.quantize import IDENTITY_RULES, read_record
 
 _T, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
 _D, _SB = "double_blocks.{i}.", "single_blocks.{i}."
+# diffusers' time_text_embed.* embedders -> ours (BFL's names)
+_EMBEDDERS = {"timestep_embedder": "time_in", "guidance_embedder": "guidance_in",
+              "text_embedder": "vector_in"}
 
 DIFFUSERS_RULES: tuple[Rule, ...] = (
     rename("x_embedder.{p}", "img_in.{p}"),
     rename("context_embedder.{p}", "txt_in.{p}"),
-    rename("time_text_embed.timestep_embedder.linear_1.{p}", "time_in.in_layer.{p}"),
-    rename("time_text_embed.timestep_embedder.linear_2.{p}", "time_in.out_layer.{p}"),
-    rename("time_text_embed.guidance_embedder.linear_1.{p}", "guidance_in.in_layer.{p}"),
-    rename("time_text_embed.guidance_embedder.linear_2.{p}", "guidance_in.out_layer.{p}"),
-    rename("time_text_embed.text_embedder.linear_1.{p}", "vector_in.in_layer.{p}"),
-    rename("time_text_embed.text_embedder.linear_2.{p}", "vector_in.out_layer.{p}"),
+    *(rename(f"time_text_embed.{src}.linear_{n}.{{p}}", f"{dst}.{layer}.{{p}}")
+      for src, dst in _EMBEDDERS.items() for n, layer in ((1, "in_layer"), (2, "out_layer"))),
     rename(_T + "norm1.linear.{p}", _D + "img_mod.{p}"),
     rename(_T + "norm1_context.linear.{p}", _D + "txt_mod.{p}"),
     Rule(_D + "img_attn.qkv.{p}", tuple(_T + f"attn.to_{c}.{{p}}" for c in "qkv"), "concat"),
@@ -65,11 +59,7 @@ DIFFUSERS_RULES: tuple[Rule, ...] = (
 )
 
 BFL_RULES: tuple[Rule, ...] = (
-    rename("img_in.{p}", "img_in.{p}"),
-    rename("txt_in.{p}", "txt_in.{p}"),
-    rename("time_in.{l}.{p}", "time_in.{l}.{p}"),
-    rename("guidance_in.{l}.{p}", "guidance_in.{l}.{p}"),
-    rename("vector_in.{l}.{p}", "vector_in.{l}.{p}"),
+    *(rename(f"{e}.{{rest}}", f"{e}.{{rest}}") for e in ("img_in", "txt_in", *_EMBEDDERS.values())),
     rename(_D + "img_mod.lin.{p}", _D + "img_mod.{p}"),
     rename(_D + "txt_mod.lin.{p}", _D + "txt_mod.{p}"),
     rename(_D + "{s}_attn.qkv.{p}", _D + "{s}_attn.qkv.{p}"),
@@ -88,29 +78,46 @@ BFL_RULES: tuple[Rule, ...] = (
 )
 
 # Our own MLX folders (written by `mlx-edit convert`) already use our names.
-MLX_RULES: tuple[Rule, ...] = (rename("{rest}", "{rest}"),)
+MLX_RULES: tuple[Rule, ...] = IDENTITY_RULES
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 def detect_format(keys) -> str:
-    """'diffusers', 'bfl' or 'mlx' from the tensor names of a transformer checkpoint."""
-    keys = set(keys)
-    if "x_embedder.weight" in keys:
-        return "diffusers"
-    if "final_layer.adaLN_modulation.1.weight" in keys:
-        return "bfl"
-    if "final_layer.modulation.weight" in keys or "final_layer.modulation.scales" in keys:
-        return "mlx"
-    raise WeightLoadError(
-        "not a FLUX transformer checkpoint: found neither diffusers (x_embedder.*), "
-        "BFL (img_in.*, final_layer.adaLN_modulation.*) nor mlx-edit names"
-    )
+    """'diffusers', 'bfl' or 'mlx' from the tensor names of a transformer checkpoint
+    (the formats of `specs.SPECS["transformer"]`); WeightLoadError for none of them."""
+    return loader.detect("transformer", set(keys))
 
 
 def _count(keys, pattern: str) -> int:
     regex = re.compile(pattern)
     return len({m.group(1) for k in keys if (m := regex.match(k))})
+
+
+def bfl_config_fields(tensors: Mapping, axes_dims_rope=None, what: str = "BFL") -> dict:
+    """The config fields of a BFL-layout transformer read off its tensor shapes (BFL and
+    x-flux single files carry no config): depth, widths, in_channels, guidance.
+
+    RoPE axes cannot be read from the weights: (16, 56, 56) is used for head_dim 128,
+    otherwise `axes_dims_rope` must be given (ValueError naming the `what` file).
+    """
+    head_dim = tensors["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    hidden, in_channels = tensors["img_in.weight"].shape
+    if axes_dims_rope is None:
+        if head_dim != 128:
+            raise ValueError(f"head_dim {head_dim}: pass axes_dims_rope for this {what} file")
+        axes_dims_rope = (16, 56, 56)
+    return {
+        "in_channels": in_channels,
+        "num_layers": _count(tensors, r"double_blocks\.(\d+)\."),
+        "num_single_layers": _count(tensors, r"single_blocks\.(\d+)\."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": tensors["txt_in.weight"].shape[1],
+        "pooled_projection_dim": tensors["vector_in.in_layer.weight"].shape[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in tensors,
+        "axes_dims_rope": axes_dims_rope,
+    }
 
 
 def infer_bfl_config(tensors: dict, axes_dims_rope=None) -> FluxConfig:
@@ -119,61 +126,27 @@ def infer_bfl_config(tensors: dict, axes_dims_rope=None) -> FluxConfig:
     RoPE axes cannot be read from the weights: (16, 56, 56) is used for head_dim 128,
     otherwise `axes_dims_rope` must be given (ValueError).
     """
-    head_dim = tensors["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    hidden = tensors["img_in.weight"].shape[0]
-    if axes_dims_rope is None:
-        if head_dim != 128:
-            raise ValueError(f"head_dim {head_dim}: pass axes_dims_rope for this BFL file")
-        axes_dims_rope = (16, 56, 56)
-    return FluxConfig.from_dict(
-        {
-            "in_channels": tensors["img_in.weight"].shape[1],
-            "out_channels": tensors["final_layer.linear.weight"].shape[0],
-            "num_layers": _count(tensors, r"double_blocks\.(\d+)\."),
-            "num_single_layers": _count(tensors, r"single_blocks\.(\d+)\."),
-            "attention_head_dim": head_dim,
-            "num_attention_heads": hidden // head_dim,
-            "joint_attention_dim": tensors["txt_in.weight"].shape[1],
-            "pooled_projection_dim": tensors["vector_in.in_layer.weight"].shape[1],
-            "guidance_embeds": "guidance_in.in_layer.weight" in tensors,
-            "axes_dims_rope": axes_dims_rope,
-        }
-    )
+    out_channels = tensors["final_layer.linear.weight"].shape[0]
+    return FluxConfig.from_dict({**bfl_config_fields(tensors, axes_dims_rope),
+                                 "out_channels": out_channels})
 
 
 def describe_variant(cfg: FluxConfig) -> str:
-    """Human name of a FLUX transformer variant from its config."""
-    if cfg.in_channels == 384:
-        return "FLUX.1 Fill"
-    if cfg.in_channels == 128:
-        return "FLUX.1 Canny/Depth (control)"
-    if cfg.in_channels == 64:
-        return "FLUX.1 dev" if cfg.guidance_embeds else "FLUX.1 schnell"
-    return f"an unknown FLUX variant (in_channels {cfg.in_channels})"
+    """Human name of a FLUX transformer variant from its config (mlx_edit.variants)."""
+    return variants.describe(cfg.in_channels, cfg.guidance_embeds)
 
 
-def _open(path: str | Path, expect_in_channels, config: dict | None):
-    """(lazy tensors, format, config.json dict, FluxConfig) of a transformer checkpoint,
-    its kind checked (see `load_transformer`); only file headers are read."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightLoadError(f"{path}: no such transformer file or folder")
-    tensors = open_tensors(safetensors_files(path), strip_prefixes=BFL_PREFIXES)
-    fmt = detect_format(tensors)
-    cfg_dict = read_config(path) if fmt != "bfl" and path.is_dir() else {}
-    if fmt == "bfl":
-        cfg = infer_bfl_config(tensors, (config or {}).get("axes_dims_rope"))
-    else:
-        cfg = FluxConfig.from_dict({**cfg_dict, **(config or {})})
+def _check_variant(ckpt: loader.Checkpoint, expect_in_channels) -> None:
+    """WeightLoadError naming the variant found unless its in_channels is accepted."""
+    cfg = ckpt.config
     accepted = (expect_in_channels,) if isinstance(expect_in_channels, int) \
         else tuple(expect_in_channels or ())
     if accepted and cfg.in_channels not in accepted:
         wanted = " or ".join(str(c) for c in accepted)
         raise WeightLoadError(
-            f"{path}: found a {describe_variant(cfg)} transformer (x_embedder in_channels "
+            f"{ckpt.path}: found a {describe_variant(cfg)} transformer (x_embedder in_channels "
             f"{cfg.in_channels}) where in_channels {wanted} is needed"
         )
-    return tensors, fmt, cfg_dict, cfg
 
 
 def read_transformer_config(
@@ -187,9 +160,10 @@ def read_transformer_config(
     bits: the recorded quantization of an mlx-edit folder, None for full precision.
     Raises WeightLoadError as `load_transformer` does for a missing path, the wrong kind
     or a malformed quantization record (tensor-level checks happen at load)."""
-    _, _, cfg_dict, cfg = _open(path, expect_in_channels, config)
-    record = read_record(cfg_dict, f"transformer ({path})")
-    return cfg, record["bits"] if record else None
+    ckpt = loader.open_checkpoint("transformer", path, config)
+    _check_variant(ckpt, expect_in_channels)
+    record = read_record(ckpt.stored, ckpt.name)
+    return ckpt.config, record["bits"] if record else None
 
 
 def load_transformer(
@@ -215,11 +189,5 @@ def load_transformer(
     Raises WeightLoadError for unreadable files and for missing, unexpected or
     mis-shaped tensors (listed in the message); ValueError for unsupported bits.
     """
-    tensors, fmt, cfg_dict, cfg = _open(path, expect_in_channels, config)
-    name = f"transformer ({path})"
-    model = FluxTransformer(cfg)
-    rules = {"diffusers": DIFFUSERS_RULES, "bfl": BFL_RULES, "mlx": MLX_RULES}[fmt]
-    if fmt == "mlx":  # a quantized mlx-edit folder: build the quantized structure first
-        apply_recorded_quantization(model, cfg_dict, tensors, name=name)
-    return load_into(model, tensors, rules, dtype or default_dtype(), name=name,
-                     quantize=(lambda m: quantize_transformer(m, quantize)) if quantize else None)
+    return loader.load("transformer", path, dtype, config=config, quantize=quantize,
+                       check=lambda ckpt: _check_variant(ckpt, expect_in_channels))

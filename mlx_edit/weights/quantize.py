@@ -11,6 +11,8 @@ where it pays and is safe:
   conditioning embedders (img_in = x_embedder, txt_in = context_embedder, time_in,
   vector_in, guidance_in) and its final layer (norm_out / proj_out); all embeddings;
 - the VAE and CLIP stay in full precision unless bits are given for them explicitly;
+- a FLUX ControlNet follows the transformer's policy and keeps its control input
+  projection (`controlnet_x_embedder`) in full precision too;
 - a Linear whose input width is not a multiple of `group_size` cannot be grouped and
   stays in full precision.
 
@@ -42,13 +44,16 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 # Components a plain `--quantize N` / `quantize=N` applies to; the others need explicit bits.
 QUANTIZED_BY_DEFAULT = ("transformer", "text_encoder_2")
 
+_EMBEDDERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
 # Layers (path prefixes) kept in full precision even when their component is quantized:
-# few bytes, large effect on the output (inputs, conditioning, final projection).
+# few bytes, large effect on the output (inputs, conditioning, final projection). A FLUX
+# ControlNet (not a pipeline component) keeps its control input projection too.
 FULL_PRECISION: Mapping[str, tuple[str, ...]] = {
-    "transformer": ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"),
+    "transformer": (*_EMBEDDERS, "final_layer"),
     "vae": (),
     "text_encoder": (),
     "text_encoder_2": (),
+    "controlnet": (*_EMBEDDERS, "final_layer", "controlnet_x_embedder"),
 }
 
 # Config key marking a component folder written by mlx-edit (our parameter names).
@@ -142,7 +147,11 @@ def describe_quantization(model: nn.Module) -> dict | None:
     return quantization_record(bits, group_size, skipped)
 
 
-def _quantize_at_load(model, component: str, bits: int, group_size: int) -> dict:
+def quantize_at_load(model: nn.Module, component: str, bits: int,
+                     group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """Quantize `model` in place by the policy of `component` (a FULL_PRECISION key) and
+    return the record; a model already quantized is left as is, with a warning when its
+    bits differ. Raises ValueError for unsupported bits / group size."""
     existing = describe_quantization(model)
     if existing is not None:
         if existing["bits"] != bits:
@@ -160,13 +169,13 @@ def quantize_transformer(model: nn.Module, bits: int, group_size: int = DEFAULT_
     embedders and final layer stay in full precision). Returns the record (see
     `quantize_component`). An already quantized model is left as is (with a warning if
     its bits differ). Raises ValueError for unsupported bits / group size."""
-    return _quantize_at_load(model, "transformer", bits, group_size)
+    return quantize_at_load(model, "transformer", bits, group_size)
 
 
 def quantize_t5(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """Quantize a loaded T5Encoder in place (attention and feed-forward linears; the
     embeddings stay in full precision). Same contract as `quantize_transformer`."""
-    return _quantize_at_load(model, "text_encoder_2", bits, group_size)
+    return quantize_at_load(model, "text_encoder_2", bits, group_size)
 
 
 def component_bits(

@@ -189,22 +189,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
+MARKER_KEY = "_mlx_edit_version"  # = weights.quantize.MLX_LAYOUT_KEY: configs we wrote
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_ours(folder: Path) -> bool:
+    """True for a folder `mlx-edit convert` wrote: a pipeline folder (its `mlx_edit.json`
+    manifest says format "mlx-edit") or a ControlNet folder (config.json marked with
+    `_mlx_edit_version`). Only such a folder may be replaced by `--overwrite`."""
+    manifest = _json(folder / MANIFEST_NAME)
+    if manifest is not None and manifest.get("format") == "mlx-edit":
+        return True
+    config = _json(folder / "config.json")
+    return config is not None and MARKER_KEY in config
+
+
 def check_dest(dest: Path, overwrite: bool) -> None:
-    """FileExistsError unless `dest` is absent, an empty folder, or `overwrite` is set (a
-    file in the way is refused even then)."""
-    if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"{dest} exists and is not a folder")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dest} exists and is not empty (pass --overwrite to replace it)")
+    """FileExistsError unless `dest` is absent, an empty folder, or (with `overwrite`) a
+    folder `is_ours`: a file, a link or any other non-empty folder (photos, a diffusers
+    checkpoint) is never replaced."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise FileExistsError(f"{dest} exists and is not a folder; choose another DEST")
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty (pass --overwrite to replace "
+                              "an earlier mlx-edit conversion)")
+    if not is_ours(dest):
+        raise FileExistsError(f"{dest} is not an mlx-edit conversion (no {MANIFEST_NAME} or "
+                              "marked config.json): refusing to replace it, even with "
+                              "--overwrite; choose another DEST")
 
 
 def publish(tmp: Path, dest: Path) -> None:
-    """Move the finished `tmp` folder to `dest`, replacing an old `dest` only once the new
-    one is complete (the old one is renamed aside first, then deleted)."""
+    """Move the finished `tmp` folder to `dest`, replacing an old `dest` (only one
+    `check_dest` accepts) once the new one is complete: the old one is renamed aside,
+    the new one renamed in, then the old one deleted (restored if the rename fails)."""
     old = None
-    if dest.exists():
+    if dest.is_symlink() or dest.exists():  # checked again: it may have changed meanwhile
+        check_dest(dest, overwrite=True)
         old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        dest.rename(old)
+        if any(dest.iterdir()):
+            dest.rename(old)
+        else:
+            dest.rmdir()
+            old = None
     try:
         tmp.rename(dest)
     except BaseException:

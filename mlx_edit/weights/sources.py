@@ -26,12 +26,63 @@ COMPONENTS = (
     "scheduler",
 )
 
+# What a single-model repo (ControlNet, vision tower) is downloaded for.
+CONFIG_AND_WEIGHTS = ("config.json", "*.safetensors", "*.safetensors.index.json")
+
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
+_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def looks_like_path(name: str) -> bool:
+    """True for a string meant as a local path, existing or not: absolute or `~`, `.`,
+    `./`, `../`, a backslash, a weights-file suffix, or a first component that exists
+    here (`models/flux` when ./models is a folder). Such a string is never downloaded."""
+    name = str(name)
+    first = name.replace("\\", "/").split("/", 1)[0]
+    return (Path(name).expanduser().is_absolute() or name.startswith("~")
+            or first in (".", "..") or "\\" in name
+            or name.lower().endswith(_FILE_SUFFIXES)
+            or ("/" in name and Path(first).expanduser().is_dir()))
+
+
 def is_repo_id(name: str) -> bool:
-    """True for an `owner/name` string that is not an existing local path."""
-    return bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+    """True for an `owner/name` string that is not an existing local path and does not
+    look like one (`looks_like_path`)."""
+    name = str(name)
+    return (bool(_REPO_ID.match(name)) and not looks_like_path(name)
+            and not Path(name).expanduser().exists())
+
+
+def not_found(name: str) -> WeightLoadError:
+    """The error for a path that does not exist (never taken for a repo id)."""
+    return WeightLoadError(f"{name}: not found (a local path; a Hugging Face repo id is "
+                           "owner/name, e.g. black-forest-labs/FLUX.1-Fill-dev)")
+
+
+def local_or_remote(repo_or_path: str | Path, what: str = "") -> tuple[Path, bool]:
+    """(path, remote): an existing local path as given (remote False), or a Hugging Face
+    repo id to download (remote True). Raises WeightLoadError for neither."""
+    path = Path(str(repo_or_path)).expanduser()
+    if path.exists():
+        return path, False
+    if not is_repo_id(str(repo_or_path)):
+        raise not_found(str(repo_or_path))
+    return path, True
+
+
+def download(repo: str, patterns: list[str], what: str = "", hint: str = "") -> Path:
+    """The local snapshot of the files of hub `repo` matching `patterns` (files already
+    in the Hugging Face cache are reused). Raises WeightLoadError naming the reason (gated
+    repo without a token, no network, unknown repo), followed by `hint`."""
+    from huggingface_hub import snapshot_download  # network code only when needed
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:  # hub errors are many; the message names the cause
+        raise WeightLoadError(f"could not download {what + ' ' if what else ''}{repo} "
+                              f"({type(e).__name__}: {e}){hint}") from e
 
 
 def resolve(repo_or_path: str | Path, components: Iterable[str] = COMPONENTS) -> Path:
@@ -42,24 +93,13 @@ def resolve(repo_or_path: str | Path, components: Iterable[str] = COMPONENTS) ->
     not exist and is not a repo id, and for a failed download (with the reason: gated
     repo without a token, no network, unknown repo).
     """
-    path = Path(str(repo_or_path)).expanduser()
-    if path.exists():
+    path, remote = local_or_remote(repo_or_path)
+    if not remote:
         return path
-    name = str(repo_or_path)
-    if not is_repo_id(name):
-        raise WeightLoadError(
-            f"{name}: no such folder or file, and not a Hugging Face repo id (owner/name)"
-        )
-    from huggingface_hub import snapshot_download  # network code only when needed
-
     patterns = ["model_index.json", *[f"{c}/*" for c in components]]
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # hub errors are many; the message names the cause
-        raise WeightLoadError(
-            f"could not download {name} ({type(e).__name__}: {e}); for gated FLUX repos "
-            "accept the license on huggingface.co and run `hf auth login`, or pass a local folder"
-        ) from e
+    return download(str(repo_or_path), patterns, hint=(
+        "; for gated FLUX repos accept the license on huggingface.co and run "
+        "`hf auth login`, or pass a local folder"))
 
 
 def component_dir(root: Path, component: str) -> Path:

@@ -7,7 +7,7 @@ stripped before the key map applies. Known non-weights are dropped by explicit t
 CLIP's `embeddings.position_ids` buffer (older checkpoints) and T5's tied copy of the
 embedding, `encoder.embed_tokens.weight`, when `shared.weight` is also present (alone,
 it is loaded as the embedding). Everything else must match exactly (see
-`mlx_edit.weights.core.load_into`).
+`mlx_edit.weights.core.load_into`). The loaders are entries of `weights/specs.py`.
 """
 
 from __future__ import annotations
@@ -17,23 +17,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
-from mlx_edit.models.t5 import T5Config, T5Encoder
-from mlx_edit.weights.quantize import (
-    IDENTITY_RULES,
-    apply_recorded_quantization,
-    is_mlx_layout,
-    quantize_t5,
-)
-from mlx_edit.weights.core import (
-    Rule,
-    default_dtype,
-    load_into,
-    open_tensors,
-    read_config,
-    rename,
-    safetensors_files,
-)
+from mlx_edit.models.clip import CLIPTextModel
+from mlx_edit.models.t5 import T5Encoder
+from mlx_edit.weights import loader
+from mlx_edit.weights.core import Rule, reading, rename
 
 CLIP_STRIP_PREFIXES = ("text_model.",)
 
@@ -92,30 +79,6 @@ T5_RULES: tuple[Rule, ...] = (
 T5_DUPLICATES: Mapping[str, str] = {"encoder.embed_tokens.weight": "shared.weight"}
 
 
-def drop_keys(
-    tensors: Mapping[str, mx.array],
-    drop: tuple[str, ...] = (),
-    duplicates: Mapping[str, str] | None = None,
-) -> dict[str, mx.array]:
-    """`tensors` without the keys in `drop` and without each `duplicates` key whose
-    original is present. Nothing is read (the arrays stay lazy)."""
-    duplicates = duplicates or {}
-    return {
-        k: v
-        for k, v in tensors.items()
-        if k not in drop and not (k in duplicates and duplicates[k] in tensors)
-    }
-
-
-def _mlx_layout_rules(model, cfg: dict, tensors, name: str):
-    """For an mlx-edit folder (our names, maybe quantized; see mlx_edit/quantize.py): build
-    the recorded quantized structure and return the identity key map; else None."""
-    if not is_mlx_layout(cfg):
-        return None
-    apply_recorded_quantization(model, cfg, tensors, name=name)
-    return IDENTITY_RULES
-
-
 def load_clip_text(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTextModel:
     """Load a CLIP text tower from a diffusers `text_encoder/` folder (or any transformers
     CLIPTextModel folder): `config.json` plus one or sharded `*.safetensors`.
@@ -124,15 +87,7 @@ def load_clip_text(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTex
     Raises WeightLoadError on a missing config or files, or missing, unexpected or
     mis-shaped tensors (e.g. a `CLIPTextModelWithProjection` checkpoint).
     """
-    cfg = read_config(folder)
-    model = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
-    tensors = open_tensors(safetensors_files(folder), strip_prefixes=CLIP_STRIP_PREFIXES)
-    tensors = drop_keys(tensors, CLIP_TEXT_DROP)
-    dtype = default_dtype() if dtype is None else dtype
-    rules = _mlx_layout_rules(model, cfg, tensors, f"CLIP text encoder ({folder})")
-    load_into(model, tensors, rules or CLIP_TEXT_RULES, dtype, name=f"CLIP text encoder ({folder})")
-    model.eval()
-    return model
+    return loader.load("clip_text", folder, dtype)
 
 
 def load_t5(folder: str | Path, dtype: mx.Dtype | None = None,
@@ -148,12 +103,36 @@ def load_t5(folder: str | Path, dtype: mx.Dtype | None = None,
     Raises WeightLoadError on a missing config or files, or missing, unexpected or
     mis-shaped tensors (e.g. decoder weights of a full T5 checkpoint).
     """
-    cfg = read_config(folder)
-    model = T5Encoder(T5Config.from_dict(cfg))
-    tensors = drop_keys(open_tensors(safetensors_files(folder)), duplicates=T5_DUPLICATES)
-    dtype = default_dtype() if dtype is None else dtype
-    rules = _mlx_layout_rules(model, cfg, tensors, f"T5 encoder ({folder})")
-    load_into(model, tensors, rules or T5_RULES, dtype, name=f"T5 encoder ({folder})",
-              quantize=(lambda m: quantize_t5(m, quantize)) if quantize else None)
-    model.eval()
-    return model
+    return loader.load("t5", folder, dtype, quantize=quantize)
+
+
+def load_text_tools(root: Path):
+    """The scheduler config and the CLIP/T5 tokenizers of the model folder `root`, each
+    tried on a short prompt so that damaged files fail now (WeightLoadError naming the
+    folder), not after the first edit's work. Returns (SchedulerConfig, ClipTokenizer,
+    T5Tokenizer)."""
+    from mlx_edit.weights.sources import component_dir
+
+    return read_text_tools(*(component_dir(root, c)
+                             for c in ("scheduler", "tokenizer", "tokenizer_2")))
+
+
+def read_text_tools(scheduler: Path | None, tokenizer: Path | None,
+                    tokenizer_2: Path | None):
+    """`load_text_tools` on separate folders; a None folder is skipped (None returned)."""
+    from mlx_edit.sampling.sampler import load_scheduler_config
+    from mlx_edit.text import ClipTokenizer, T5Tokenizer
+
+    out = [None, None, None]
+    if scheduler is not None:
+        with reading("scheduler config", scheduler):
+            out[0] = load_scheduler_config(scheduler)
+    if tokenizer is not None:
+        with reading("CLIP tokenizer files", tokenizer):
+            out[1] = ClipTokenizer.from_folder(tokenizer)
+            out[1]("a photo")
+    if tokenizer_2 is not None:
+        with reading("T5 tokenizer files", tokenizer_2):
+            out[2] = T5Tokenizer.from_folder(tokenizer_2)
+            out[2]("a photo", max_length=8)
+    return tuple(out)

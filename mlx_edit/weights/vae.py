@@ -1,4 +1,5 @@
-"""Load the FLUX VAE from a diffusers `vae/` folder or a BFL / LDM single file.
+"""Load the FLUX VAE from a diffusers `vae/` folder or a BFL / LDM single file (the
+"vae" entry of weights/specs.py; this module holds its key maps and file layout).
 
 Key maps are data (tuples of `Rule`). Our module names are the diffusers names, so the
 diffusers map only transposes conv weights; the BFL map follows diffusers'
@@ -16,17 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.weights.quantize import IDENTITY_RULES, apply_recorded_quantization, is_mlx_layout
-from mlx_edit.weights.core import (
-    Rule,
-    WeightLoadError,
-    default_dtype,
-    load_into,
-    open_tensors,
-    read_config,
-    rename,
-    safetensors_files,
-)
+from mlx_edit.weights import loader
+from mlx_edit.weights.core import Rule, rename, safetensors_files
 
 # Prefixes of the VAE inside LDM / BFL single files (diffusers LDM_VAE_KEYS).
 BFL_PREFIXES = ("first_stage_model.", "vae.")
@@ -106,39 +98,29 @@ def strip_vae_prefix(tensors: dict) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def resolve_files(path: Path) -> tuple[list[Path], dict | None]:
-    """(safetensors files, config dict or None) for a folder, a model root or a file."""
+def locate(path: Path) -> tuple[list[Path], Path | None]:
+    """(safetensors files, config folder or None) of a VAE file, `vae/` folder or a
+    diffusers model root holding `vae/`; WeightLoadError when there is none."""
+    path = loader.existing(path, "VAE")
     if path.is_file():
         return [path], None
-    if not path.is_dir():
-        raise WeightLoadError(f"{path}: no such VAE file or folder")
     if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"  # a diffusers model root
-    return safetensors_files(path), read_config(path)
+    return safetensors_files(path), path
 
 
-def _open(path: str | Path, config: VAEConfig | dict | None):
-    """(lazy tensors, config.json dict or None, VAEConfig) of a VAE checkpoint (see
-    `load_vae`); only config.json and the safetensors headers are read."""
-    files, cfg_dict = resolve_files(Path(path))
-    tensors = strip_vae_prefix(open_tensors(files))
-    if isinstance(config, VAEConfig):
-        return tensors, cfg_dict, config
-    d = dict(cfg_dict or {}) if config is None else dict(config)
-    # Configs that predate these keys (and BFL files) decide by the keys present.
-    d.setdefault("use_quant_conv", "quant_conv.weight" in tensors)
-    d.setdefault("use_post_quant_conv", "post_quant_conv.weight" in tensors)
-    try:
-        return tensors, cfg_dict, VAEConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise WeightLoadError(f"{path}: unsupported VAE config ({e})") from e
+def complete_config(config: dict, tensors) -> dict:
+    """Configs that predate `use_quant_conv` / `use_post_quant_conv` (and BFL files)
+    decide by the keys present."""
+    return {"use_quant_conv": "quant_conv.weight" in tensors,
+            "use_post_quant_conv": "post_quant_conv.weight" in tensors, **config}
 
 
 def read_vae_config(path: str | Path, config: VAEConfig | dict | None = None) -> VAEConfig:
     """The VAEConfig `load_vae(path, config=config)` would use, without loading weights
     (config.json and the safetensors headers only). Raises WeightLoadError as `load_vae`
     does for a missing or unreadable path or an unsupported config."""
-    return _open(path, config)[2]
+    return loader.open_checkpoint("vae", path, config).config
 
 
 def load_vae(
@@ -153,18 +135,10 @@ def load_vae(
     (`ae.safetensors`; keys may carry `first_stage_model.` or `vae.`, and other
     components of a full checkpoint are ignored) or in diffusers naming.
     `dtype`: parameter and compute dtype; None -> `default_dtype()` (float32 on CPU).
-    `config`: overrides the folder's config.json; a single file without one uses the
+    `config`: replaces the folder's config.json; a single file without one uses the
     FLUX defaults, with `use_quant_conv` / `use_post_quant_conv` set by the keys present.
 
     Raises WeightLoadError naming the missing, unexpected or mis-shaped keys, or when
     the path holds no readable safetensors / config.
     """
-    tensors, cfg_dict, cfg = _open(path, config)
-    rules = DIFFUSERS_RULES if is_diffusers(tensors) else bfl_rules(len(cfg.block_out_channels))
-    model = AutoencoderKL(cfg)
-    if is_mlx_layout(cfg_dict):  # an mlx-edit folder: our names (OHWI convs), maybe quantized
-        rules = IDENTITY_RULES
-        apply_recorded_quantization(model, cfg_dict, tensors, name=f"vae ({path})")
-    load_into(model, tensors, rules, default_dtype() if dtype is None else dtype, name="vae")
-    model.eval()
-    return model
+    return loader.load("vae", path, dtype, config=config)

@@ -15,6 +15,7 @@ IP-Adapter: the mapping of diffusers `FluxIPAdapterMixin.load_ip_adapter`
 which maps proj from norm and overwrites to_k_ip with the v weight.
 Redux: `redux_{up,down}.{weight,bias}` (diffusers `image_embedder/` and BFL
 `flux1-redux-dev.safetensors` use the same names). Everything else must match exactly.
+The loaders are entries of weights/specs.py; this module holds their tables and sources.
 """
 
 from __future__ import annotations
@@ -24,26 +25,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_edit.models.clip import CLIPVisionConfig, CLIPVisionModel
+from mlx_edit.models.clip import CLIPVisionModel
 from mlx_edit.models.ip_adapter import IPAdapter, IPAdapterConfig
-from mlx_edit.models.redux import (
-    ReduxConfig,
-    ReduxImageEncoder,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
-from mlx_edit.weights.core import (
-    Rule,
-    WeightLoadError,
-    default_dtype,
-    load_into,
-    open_tensors,
-    plan_mapping,
-    read_config,
-    rename,
-    safetensors_files,
-)
-from mlx_edit.weights.sources import is_repo_id
+from mlx_edit.models.redux import ReduxConfig, ReduxImageEncoder, SiglipVisionModel
+from mlx_edit.weights import loader
+from mlx_edit.weights.core import Rule, WeightLoadError, plan_mapping, rename
+from mlx_edit.weights.sources import CONFIG_AND_WEIGHTS, download, local_or_remote
 
 DEFAULT_CLIP_VISION = "openai/clip-vit-large-patch14"  # XLabs / diffusers IP-Adapter docs
 DEFAULT_SIGLIP = "google/siglip-so400m-patch14-384"  # BFL Redux
@@ -110,18 +97,6 @@ REDUX_RULES: tuple[Rule, ...] = (
 )
 
 
-def _vision_tensors(path: Path) -> dict[str, mx.array]:
-    tensors = open_tensors(safetensors_files(path), strip_prefixes=("vision_model.",))
-    return {k: v for k, v in tensors.items()
-            if k not in VISION_DROP_KEYS and not k.startswith(VISION_DROP_PREFIXES)}
-
-
-def _vision_config(path: Path, config: dict | None) -> dict:
-    if config is not None:
-        return config
-    return read_config(path) if path.is_dir() else {}
-
-
 def load_clip_vision(path: str | Path, dtype: mx.Dtype | None = None, *,
                      config: dict | None = None) -> CLIPVisionModel:
     """Load a CLIP vision tower with projection from a transformers folder (`config.json`
@@ -130,14 +105,7 @@ def load_clip_vision(path: str | Path, dtype: mx.Dtype | None = None, *,
 
     Raises WeightLoadError (missing files/config, missing, unexpected or mis-shaped keys).
     """
-    path = Path(path)
-    cfg = CLIPVisionConfig.from_dict(_vision_config(path, config))
-    model = CLIPVisionModel(cfg)
-    dtype = default_dtype() if dtype is None else dtype
-    load_into(model, _vision_tensors(path), CLIP_VISION_RULES, dtype,
-              name=f"CLIP vision tower ({path})")
-    model.eval()
-    return model
+    return loader.load("clip_vision", path, dtype, config=config)
 
 
 def load_siglip_vision(path: str | Path, dtype: mx.Dtype | None = None, *,
@@ -147,14 +115,7 @@ def load_siglip_vision(path: str | Path, dtype: mx.Dtype | None = None, *,
 
     Raises WeightLoadError (missing files/config, missing, unexpected or mis-shaped keys).
     """
-    path = Path(path)
-    cfg = SiglipVisionConfig.from_dict(_vision_config(path, config))
-    model = SiglipVisionModel(cfg)
-    dtype = default_dtype() if dtype is None else dtype
-    load_into(model, _vision_tensors(path), SIGLIP_RULES, dtype,
-              name=f"SigLIP vision tower ({path})")
-    model.eval()
-    return model
+    return loader.load("siglip_vision", path, dtype, config=config)
 
 
 def ip_adapter_config(tensors: Mapping[str, mx.array]) -> IPAdapterConfig:
@@ -188,13 +149,13 @@ def load_ip_adapter(path: str | Path, dtype: mx.Dtype | None = None) -> IPAdapte
 
     Raises WeightLoadError (unreadable, not an IP-Adapter, missing/unexpected/mis-shaped).
     """
-    path = Path(path)
-    tensors = open_tensors(safetensors_files(path))
-    model = IPAdapter(ip_adapter_config(tensors))
-    dtype = default_dtype() if dtype is None else dtype
-    load_into(model, tensors, IP_ADAPTER_RULES, dtype, name=f"IP-Adapter ({path})")
-    model.eval()
-    return model
+    return loader.load("ip_adapter", path, dtype)
+
+
+def redux_config(tensors: Mapping[str, mx.array]) -> ReduxConfig:
+    """Sizes of a Redux embedder from its tensor shapes (the BFL file has no config)."""
+    up = tensors["redux_up.weight"].shape
+    return ReduxConfig(redux_dim=up[1], txt_in_features=up[0] // 3)
 
 
 def load_redux_embedder(path: str | Path, dtype: mx.Dtype | None = None) -> ReduxImageEncoder:
@@ -203,46 +164,17 @@ def load_redux_embedder(path: str | Path, dtype: mx.Dtype | None = None) -> Redu
 
     Raises WeightLoadError (unreadable, missing/unexpected/mis-shaped tensors).
     """
-    path = Path(path)
-    tensors = open_tensors(safetensors_files(path))
-    if path.is_dir():
-        cfg = ReduxConfig.from_dict(read_config(path))
-    elif "redux_up.weight" in tensors:
-        up = tensors["redux_up.weight"].shape
-        cfg = ReduxConfig(redux_dim=up[1], txt_in_features=up[0] // 3)
-    else:
-        raise WeightLoadError(f"{path}: not a Redux embedder (no redux_up.weight)")
-    model = ReduxImageEncoder(cfg)
-    dtype = default_dtype() if dtype is None else dtype
-    load_into(model, tensors, REDUX_RULES, dtype, name=f"Redux embedder ({path})")
-    model.eval()
-    return model
+    return loader.load("redux", path, dtype)
 
 
 # ---------------------------------------------------------------- sources
 
 
-def _download(repo: str, patterns: list[str], what: str) -> Path:
-    from huggingface_hub import snapshot_download  # network code only when needed
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as e:  # hub errors are many; the message names the cause
-        raise WeightLoadError(f"could not download {what} {repo} ({type(e).__name__}: {e})") \
-            from e
-
-
 def resolve_encoder(repo_or_path: str | Path, what: str = "image encoder") -> Path:
     """A vision tower: a local folder or file as given, or a hub snapshot of the repo's
     config.json and safetensors. Raises WeightLoadError (missing path, failed download)."""
-    path = Path(str(repo_or_path)).expanduser()
-    if path.exists():
-        return path
-    if not is_repo_id(str(repo_or_path)):
-        raise WeightLoadError(f"{repo_or_path}: no such {what} folder or file, and not a "
-                              "Hugging Face repo id")
-    return _download(str(repo_or_path), ["config.json", "*.safetensors",
-                                         "*.safetensors.index.json"], what)
+    path, remote = local_or_remote(repo_or_path, what)
+    return download(str(repo_or_path), list(CONFIG_AND_WEIGHTS), what) if remote else path
 
 
 def _pick_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
@@ -279,14 +211,10 @@ def resolve_ip_adapter(repo_or_path: str | Path, image_encoder: str | Path | Non
     else (repo ids only) openai/clip-vit-large-patch14 from the hub.
     Raises WeightLoadError (missing file or vision tower, failed download).
     """
-    path = Path(str(repo_or_path)).expanduser()
-    remote = not path.exists()
+    path, remote = local_or_remote(repo_or_path, "IP-Adapter")
     if remote:
-        if not is_repo_id(str(repo_or_path)):
-            raise WeightLoadError(f"{repo_or_path}: no such IP-Adapter file or folder, and "
-                                  "not a Hugging Face repo id")
-        path = _download(str(repo_or_path), [*IP_ADAPTER_FILES, f"{ENCODER_FOLDER}/*"],
-                         "IP-Adapter")
+        path = download(str(repo_or_path), [*IP_ADAPTER_FILES, f"{ENCODER_FOLDER}/*"],
+                        "IP-Adapter")
     adapter = path if path.is_file() else _pick_file(path, IP_ADAPTER_FILES, "IP-Adapter")
     base = path.parent if path.is_file() else path
     clip = _local_encoder(base, image_encoder, DEFAULT_CLIP_VISION, "CLIP vision tower", remote)
@@ -303,16 +231,12 @@ def resolve_redux(repo_or_path: str | Path, image_encoder: str | Path | None = N
     (repo ids only) google/siglip-so400m-patch14-384 from the hub.
     Raises WeightLoadError (missing embedder or vision tower, failed download).
     """
-    path = Path(str(repo_or_path)).expanduser()
-    remote = not path.exists()
+    path, remote = local_or_remote(repo_or_path, "Redux")
     if remote:
-        if not is_repo_id(str(repo_or_path)):
-            raise WeightLoadError(f"{repo_or_path}: no such Redux folder or file, and not a "
-                                  "Hugging Face repo id")
-        path = _download(str(repo_or_path), [f"{EMBEDDER_FOLDER}/*", f"{ENCODER_FOLDER}/*"],
-                         "Redux")
+        path = download(str(repo_or_path), [f"{EMBEDDER_FOLDER}/*", f"{ENCODER_FOLDER}/*"],
+                        "Redux")
         if not (path / EMBEDDER_FOLDER).is_dir():
-            path = _download(str(repo_or_path), list(REDUX_FILES), "Redux")
+            path = download(str(repo_or_path), list(REDUX_FILES), "Redux")
     if path.is_file():
         embedder, base = path, path.parent
     elif (path / EMBEDDER_FOLDER).is_dir():

@@ -1,0 +1,115 @@
+"""FluxKontext: edit by instruction with FLUX.1 Kontext [dev], one or several reference
+images, on the shared pipeline machinery (one denoise loop, conditioning, decoding).
+
+Numerics follow diffusers' FluxKontextPipeline (pipelines/flux/pipeline_flux_kontext.py)
+and BFL's cli_kontext / sampling.py prepare_kontext: references resized to the preferred
+resolution, encoded (posterior mode) and appended as sequence tokens with axis-0 ids 1;
+the schedule is shifted for the target's token count; the velocity is taken on the target
+tokens. The output defaults to the (first) reference's preferred size, as BFL's CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
+from mlx_edit.imaging import masks
+from mlx_edit.imaging.images import InputError, load_image
+from mlx_edit.imaging.stitch import CropPlan
+from mlx_edit.options import EditOptions, check_prompt
+from mlx_edit.pipeline import FluxPipeline
+
+def output_size(first: Image.Image, width: int | None, height: int | None,
+                auto_resize: bool = True) -> tuple[int, int]:
+    """The edit's size (W, H): width/height floored to multiples of 16 when given (one
+    alone keeps the reference's aspect), else the reference's `reference_size`.
+    Raises InputError for sizes under 16 px."""
+    if width is None and height is None:
+        return reference_size(*first.size, auto_resize=auto_resize)
+    w0, h0 = first.size
+    width = width if width is not None else round(height * w0 / h0)
+    height = height if height is not None else round(width * h0 / w0)
+    w, h = int(width) // MULTIPLE * MULTIPLE, int(height) // MULTIPLE * MULTIPLE
+    if w < MULTIPLE or h < MULTIPLE:
+        raise InputError(f"width and height must be >= {MULTIPLE} px, got {width}x{height}")
+    return w, h
+
+
+class FluxKontext(FluxPipeline):
+    """FLUX.1 Kontext instruction editing. Build with `FluxKontext.from_pretrained(
+    "black-forest-labs/FLUX.1-Kontext-dev")` (or a local diffusers / mlx-edit folder, or
+    `transformer=` a BFL `flux1-kontext-dev.safetensors`)."""
+
+    VARIANTS = ("kontext",)
+
+    def edit(self, images, instruction: str, options: EditOptions | None = None, *,
+             mask=None, noise: mx.array | None = None,
+             progress: Callable[[int, int], None] | None = None,
+             **overrides) -> list[Image.Image]:
+        """Edit `images` following `instruction` ("make the car red").
+
+        images: one image or a list (path, PIL or uint8 (H, W, 3)); the first is the one
+        edited and sets the framing, all are references. options: EditOptions or its
+        fields as keywords (mlx_edit.options; defaults: 28 steps, guidance 2.5): width /
+        height (output px, multiples of 16; default: the first image's preferred Kontext
+        size), keep_size (the edit returned at the first image's own size), auto_resize
+        (references at the preferred resolution, as BFL and diffusers, or at their own
+        size floored to 16 px), negative_prompt / true_cfg_scale (true classifier-free
+        guidance when the scale is above 1: two transformer passes per step), strength,
+        grow_mask / feather (px), seed, num_images, ...
+        mask: white = edit (path, PIL or array of the first image's size; or clicks/boxes,
+        `mlx_edit.segment.Points` / `Box`, segmented first with SAM 2.1): Kontext
+        inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
+        `strength` and, after every step, outside the mask are the image's re-noised;
+        the pixels outside the grown, feathered mask are then the (resized, or with
+        keep_size the original) image's exactly.
+        noise: optional packed initial noise (num_images, N, 64) (parity tests).
+        Returns num_images PIL images (seeds seed, seed+1, ...) with parameters in `.info`.
+        Raises InputError (no image, unreadable image or mask, bad options, prompt too
+        long; a transformer that is not Kontext's 64-channel model).
+        """
+        o = EditOptions.of(options, overrides, "edit")
+        check_prompt(instruction, "instruction")
+        self._require("edit")
+        refs = [load_image(im) for im in (images if isinstance(images, (list, tuple))
+                                          else [images])]
+        if not refs:
+            raise InputError("edit needs at least one --image")
+        first, size = refs[0], output_size(refs[0], o.width, o.height, o.auto_resize)
+        if mask is None:
+            model_mask = blend = np.ones(first.size[::-1], np.float32)
+        else:
+            model_mask, blend = masks.edit_masks(self.user_mask(first, mask, o.segment_model),
+                                                 o.grow_mask,
+                                                 o.feather)
+        # The whole image, resized to the Kontext size; mapped back at the original size
+        # (keep_size) or onto the image resized like the edit.
+        image = first.convert("RGB")
+        if not o.keep_size:
+            image, model_mask, blend = _to_size(image, model_mask, blend, size)
+        plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
+        job = self.prepare(
+            image, model_mask, blend, instruction, o, noise=noise, references=refs,
+            reference_resize=o.auto_resize, plan=plan, keep_source=mask is not None,
+            metadata={"mode": "edit", "references": len(refs), "keep_size": o.keep_size,
+                      "masked": mask is not None, "grow_mask": o.grow_mask,
+                      "feather": o.feather},
+        )
+        return self.run(job, mask is not None, progress)
+
+
+def _to_size(image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
+             size: tuple[int, int]) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """The image (Lanczos) and its masks (bilinear) resized to `size`."""
+    if image.size == size:
+        return image, model_mask, blend
+    resize = lambda m: np.asarray(  # noqa: E731
+        Image.fromarray(m.astype(np.float32), "F").resize(size, Image.BILINEAR))
+    return image.resize(size, Image.LANCZOS), resize(model_mask), np.clip(resize(blend), 0, 1)
+
+
+__all__: Sequence[str] = ("FluxKontext", "output_size")

@@ -1,0 +1,371 @@
+"""EditOptions: every option of an edit, its default and its check, in one place.
+
+    opts = EditOptions(steps=28, seed=7)              # checked now: InputError if bad
+    opts = EditOptions.from_dict(manifest_line)        # unknown keys refused by name
+    pipe.inpaint(image, mask, prompt, opts)            # or pipe.inpaint(..., steps=28)
+
+The API (`FluxFill.inpaint/outpaint/restyle/prepare`), the CLI (its defaults and help
+come from `FIELDS`), batch manifests and request bodies all build this object, so a bad
+value (NaN guidance, steps 0, seed -1, steps "2") is refused with a one-line
+`InputError` naming the field before any model loads. No mlx import here: the CLI's
+`--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_edit import variants
+from mlx_edit.imaging.blend import BLEND_METHODS, COLOR_MATCH_METHODS
+from mlx_edit.imaging.images import InputError
+
+DEFAULT_STEPS = variants.VARIANTS["fill"].steps  # diffusers FluxFillPipeline, BFL cli_fill
+DEFAULT_GUIDANCE = variants.VARIANTS["fill"].guidance  # Fill is distilled for high guidance
+CONTROL_GUIDANCE = {**variants.CONTROL_GUIDANCE, "none": 30.0}  # BFL cli_control.py
+RESTYLE_CONTROL_TYPES = tuple(CONTROL_GUIDANCE)  # the BFL Canny/Depth models' inputs
+DEFAULT_FEATHER = 8  # px of soft blend outside the (grown) mask
+OUTPAINT_OVERLAP = 32  # px of the original regenerated along an outpainted seam
+BFL_CANNY = (50.0, 200.0)  # BFL cli_control.py's Canny thresholds (0-255 scale)
+MAX_CFG = 100.0  # true_cfg_scale bound
+MAX_SIZE = 8192  # Kontext output width/height bound (px)
+CONTROL_TYPES = ("canny", "depth", "pose", "tile", "blur", "gray", "none")  # ControlNet preprocessing
+DEFAULT_CANNY = (100.0, 200.0)  # InstantX's cv2.Canny thresholds for ControlNets
+MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED (every seed of a batch: seed + i)
+MAX_STEPS = 1000
+MAX_IMAGES = 64
+MAX_GUIDANCE = 100.0
+MAX_MASK_PX = 1024  # grow/feather radius bound: the disc dilation costs O(px) per pixel
+MAX_EXPAND = 16384  # px added on one side by outpaint
+MAX_TEXT_TOKENS = 512  # T5's longest sequence in FLUX
+MODES = ("inpaint", "outpaint", "restyle", "edit")
+
+
+def _int(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise InputError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    if not lo <= int(v) <= hi:
+        raise InputError(f"{name} must be in {lo}..{hi}, got {v}")
+    return int(v)
+
+
+def _float(name: str, v: Any, lo: float, hi: float, *, open_low: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise InputError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise InputError(f"{name} must be a finite number, got {f}")
+    if (f <= lo if open_low else f < lo) or f > hi:
+        raise InputError(f"{name} must be in {'(' if open_low else '['}{lo:g}, {hi:g}], got {f:g}")
+    return f
+
+
+def _optional(check, name: str, v: Any, *args):
+    return None if v is None else check(name, v, *args)
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise InputError(f"{name} must be true or false, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _text(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise InputError(f"{name} must be a string, got {type(v).__name__}")
+    if "\x00" in v:
+        raise InputError(f"{name} contains a NUL character")
+    return v
+
+
+def check_prompt(prompt: Any, name: str = "prompt") -> str:
+    """The prompt as given, or InputError (not a string, NUL characters)."""
+    return _text(name, prompt)
+
+
+def _specs(name: str, v: Any, kind: str) -> tuple:
+    """A tuple of conditioning specs (dicts are turned into `kind` specs), each validated."""
+    if v is None:
+        return ()
+    if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
+        raise InputError(f"{name} must be a list of {kind}, got {type(v).__name__}")
+    out = []
+    for item in v:
+        if isinstance(item, Mapping):
+            item = _spec_from_dict(name, item, kind)
+        if type(item).__name__ != kind or not hasattr(item, "validate"):
+            raise InputError(f"{name} items must be {kind}, got {type(item).__name__}")
+        item.validate()
+        out.append(item)
+    return tuple(out)
+
+
+def _spec_from_dict(name: str, d: Mapping, kind: str):
+    import mlx_edit.conditioning.controlnet as cn  # imports mlx: only when specs are given
+    import mlx_edit.conditioning.image_prompts as ip
+
+    cls = {"ControlNetSpec": cn.ControlNetSpec, "IPAdapterSpec": ip.IPAdapterSpec,
+           "ReduxSpec": ip.ReduxSpec}[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InputError(f"{name}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**d)
+    except TypeError as e:  # a required key missing
+        raise InputError(f"{name}: {e}") from None
+
+
+# field -> (the modes that take it, help text). Defaults live on the dataclass below.
+FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "steps": (MODES, f"Denoising steps (1..{MAX_STEPS}; default 50, 28 for edit)."),
+    "guidance": (MODES, "Guidance (0..100; default 30, 10 for restyle --control-type depth, "
+                        "2.5 for edit)."),
+    "seed": (MODES, f"Random seed 0..{MAX_SEED} (image i uses seed + i)."),
+    "num_images": (MODES, f"Images generated as one batch (1..{MAX_IMAGES})."),
+    "crop_to_mask": (MODES, "Edit a ~1 MP window around the mask of a large photo and stitch "
+                            "it back (default: automatic)."),
+    "prompt_2": (MODES, "T5 prompt (default: the prompt)."),
+    "max_sequence_length": (MODES, f"T5 tokens (1..{MAX_TEXT_TOKENS})."),
+    "strength": (("inpaint", "restyle", "edit"),
+                 "< 1 starts from the photo (img2img style), (0, 1]."),
+    "grow_mask": (("inpaint", "restyle", "edit"), f"Dilate the mask (px, 0..{MAX_MASK_PX})."),
+    "feather": (("inpaint", "restyle", "edit"), f"Soft blend width (px, 0..{MAX_MASK_PX})."),
+    "paste_back": (("inpaint", "restyle"), "Keep the exact original outside the mask."),
+    "left": (("outpaint",), "px to add on the left."),
+    "right": (("outpaint",), "px to add on the right."),
+    "top": (("outpaint",), "px to add at the top."),
+    "bottom": (("outpaint",), "px to add at the bottom."),
+    "overlap": (("outpaint",), "px of the original regenerated along each seam."),
+    "control_type": (("restyle",), "canny: edges of the control image; depth / none: a "
+                                   "ready-made map."),
+    "canny_low": (("restyle",), "Canny low threshold (0-255 scale)."),
+    "canny_high": (("restyle",), "Canny high threshold (0-255 scale)."),
+    "ip_adapters": (("inpaint", "outpaint"), "IPAdapterSpec list."),
+    "redux": (("inpaint", "outpaint"), "ReduxSpec list."),
+    "controlnets": (("inpaint", "outpaint"), "ControlNetSpec list."),
+    "color_match": (("inpaint",), "Match the edit's colours to the photo's, measured in a "
+                                  "ring just outside the mask (Lab mean-std or histogram; "
+                                  "none); fixes the colour drift of the VAE round trip."),
+    "blend": (("inpaint",), "feather: soft alpha blend; poisson: seamless cloning (OpenCV, "
+                            "pip install 'mlx-edit[blend]')."),
+    "soft_mask": (("inpaint",), "Grey levels of the mask are per-pixel strengths "
+                                "(differential diffusion): darker areas change less."),
+    "seam_fix": (("inpaint",), "Then redraw a band of this many px each side of the mask "
+                               "boundary at low strength (0.3); 0 = off."),
+    "rank": (("inpaint",), "clip: order the candidates by CLIP similarity of the edited "
+                           "region to the prompt (scores in the metadata)."),
+    "keep_best": (("inpaint",), "With --rank: keep only the best K candidates."),
+    "rank_model": (("inpaint",), "Ranking CLIP (a CLIPModel folder or repo; default: the "
+                                 "model folder's ranker/, else openai/clip-vit-large-patch14)."),
+    "segment_model": (("inpaint", "edit"), "SAM 2.1 checkpoint for --mask-point/--mask-box "
+                                           "(default: the model folder's segmenter/, else "
+                                           "facebook/sam2.1-hiera-large)."),
+    "negative_prompt": (("edit",), "Negative prompt for true CFG (with --true-cfg > 1)."),
+    "true_cfg_scale": (("edit",), f"True classifier-free guidance scale (1..{MAX_CFG:g}; "
+                                  "1 = off; > 1 doubles the work per step)."),
+    "width": (("edit",), "Output width px (default: the image's preferred Kontext size)."),
+    "height": (("edit",), "Output height px (default: the image's preferred Kontext size)."),
+    "keep_size": (("edit",), "Return the edit at the input image's own size."),
+    "auto_resize": (("edit",), "Resize references to the preferred Kontext resolution."),
+}
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """The options of one edit, checked when made (InputError naming the field).
+
+    Numbers: steps 1..1000 (int), guidance finite 0..100 or None (the variant's default:
+    30, 10 for restyle depth), seed 0..2**32-1 (int; seed + num_images - 1 too),
+    num_images 1..64, strength (0, 1], grow_mask / feather 0..1024 px, max_sequence_length
+    1..512, outpaint sides 0..16384 px (ints), canny thresholds 0 <= low <= high <= 1000.
+    Integers must be ints (not bools, floats or strings); numbers must be real numbers.
+    Which fields each mode takes: `FIELDS`.
+    """
+
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    num_images: int = 1
+    crop_to_mask: bool | None = None
+    prompt_2: str | None = None
+    max_sequence_length: int = MAX_TEXT_TOKENS
+    strength: float = 1.0
+    grow_mask: float = 0.0
+    feather: float = float(DEFAULT_FEATHER)
+    paste_back: bool = True
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+    overlap: int = OUTPAINT_OVERLAP
+    control_type: str = "canny"
+    canny_low: float = BFL_CANNY[0]
+    canny_high: float = BFL_CANNY[1]
+    ip_adapters: tuple = field(default=())
+    redux: tuple = field(default=())
+    controlnets: tuple = field(default=())
+    color_match: str = "mean-std"  # benchmarks/RESULTS.md (bench_blend): cuts a cast's dE ~98%
+    blend: str = "feather"  # Poisson adds nothing once colours match, and needs OpenCV
+    soft_mask: bool = False
+    seam_fix: float = 0.0
+    rank: str | None = None
+    keep_best: int | None = None
+    rank_model: str | None = None
+    segment_model: str | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0
+    width: int | None = None
+    height: int | None = None
+    keep_size: bool = False
+    auto_resize: bool = True
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
+        set_("steps", _optional(_int, "steps", self.steps, 1, MAX_STEPS))
+        set_("guidance", _optional(_float, "guidance", self.guidance, 0.0, MAX_GUIDANCE))
+        set_("seed", _int("seed", self.seed, 0, MAX_SEED))
+        set_("num_images", _int("num_images", self.num_images, 1, MAX_IMAGES))
+        if self.seed + self.num_images - 1 > MAX_SEED:
+            raise InputError(f"seed + num_images - 1 must be <= {MAX_SEED}, got "
+                             f"{self.seed + self.num_images - 1}")
+        set_("crop_to_mask", _optional(_bool, "crop_to_mask", self.crop_to_mask))
+        set_("prompt_2", _optional(_text, "prompt_2", self.prompt_2))
+        set_("max_sequence_length", _int("max_sequence_length", self.max_sequence_length,
+                                         1, MAX_TEXT_TOKENS))
+        set_("strength", _float("strength", self.strength, 0.0, 1.0, open_low=True))
+        for name in ("grow_mask", "feather"):
+            set_(name, _float(name, getattr(self, name), 0.0, MAX_MASK_PX))
+        set_("paste_back", _bool("paste_back", self.paste_back))
+        for name in ("left", "right", "top", "bottom", "overlap"):
+            set_(name, _int(name, getattr(self, name), 0, MAX_EXPAND))
+        if self.control_type not in CONTROL_GUIDANCE:
+            raise InputError(f"control_type must be one of {', '.join(CONTROL_GUIDANCE)}, "
+                             f"got {self.control_type!r}")
+        set_("canny_low", _float("canny_low", self.canny_low, 0.0, 1000.0))
+        set_("canny_high", _float("canny_high", self.canny_high, 0.0, 1000.0))
+        if self.canny_low > self.canny_high:
+            raise InputError(f"canny_low must be <= canny_high, got {self.canny_low:g} > "
+                             f"{self.canny_high:g}")
+        set_("ip_adapters", _specs("ip_adapters", self.ip_adapters, "IPAdapterSpec"))
+        set_("redux", _specs("redux", self.redux, "ReduxSpec"))
+        set_("controlnets", _specs("controlnets", self.controlnets, "ControlNetSpec"))
+        self._check_paste_back(set_)
+        set_("negative_prompt", _optional(_text, "negative_prompt", self.negative_prompt))
+        set_("true_cfg_scale", _float("true_cfg_scale", self.true_cfg_scale, 1.0, MAX_CFG))
+        for name in ("width", "height"):
+            set_(name, _optional(_int, name, getattr(self, name), 16, MAX_SIZE))
+        for name in ("keep_size", "auto_resize"):
+            set_(name, _bool(name, getattr(self, name)))
+
+    def _check_paste_back(self, set_) -> None:
+        for name, methods in (("color_match", COLOR_MATCH_METHODS), ("blend", BLEND_METHODS)):
+            if getattr(self, name) not in methods:
+                raise InputError(f"{name} must be one of {', '.join(methods)}, got "
+                                 f"{getattr(self, name)!r}")
+        set_("soft_mask", _bool("soft_mask", self.soft_mask))
+        set_("seam_fix", _float("seam_fix", self.seam_fix, 0.0, MAX_MASK_PX))
+        if self.rank not in (None, "clip"):
+            raise InputError(f"rank must be clip (or unset), got {self.rank!r}")
+        set_("keep_best", _optional(_int, "keep_best", self.keep_best, 1, MAX_IMAGES))
+        if self.keep_best is not None and self.rank is None:
+            raise InputError("keep_best needs rank clip")
+        set_("rank_model", _optional(_text, "rank_model", self.rank_model))
+        set_("segment_model", _optional(_text, "segment_model", self.segment_model))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], mode: str | None = None) -> EditOptions:
+        """Options from a manifest line or request body, field by field. Unknown keys, and
+        keys the `mode` does not take, are refused (InputError naming the key)."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"options must be a mapping, got {type(d).__name__}")
+        _check_keys(d, mode)
+        opts = cls(**d)
+        return opts.for_mode(mode) if mode else opts
+
+    @classmethod
+    def of(cls, options: EditOptions | None, overrides: Mapping[str, Any],
+           mode: str | None = None) -> EditOptions:
+        """`options` (or the defaults) with keyword `overrides` applied and checked; with
+        `mode`, also the mode's rules (`for_mode`). The public methods' entry point."""
+        if options is not None and not isinstance(options, EditOptions):
+            raise InputError(f"options must be an EditOptions, got {type(options).__name__}")
+        _check_keys(overrides, mode)
+        opts = dataclasses.replace(options or cls(), **overrides)
+        return opts.for_mode(mode) if mode else opts
+
+    def for_mode(self, mode: str) -> EditOptions:
+        """Check the mode's rules and resolve guidance None to the variant's default.
+        Raises InputError (a field the mode does not take set to a non-default value,
+        an outpaint without any expansion)."""
+        if mode not in MODES:
+            raise InputError(f"unknown edit mode {mode!r}; choose from {', '.join(MODES)}")
+        defaults = EditOptions()
+        for name, (modes, _) in FIELDS.items():
+            if mode not in modes and getattr(self, name) != getattr(defaults, name):
+                raise InputError(f"{mode} does not take {name}")
+        if mode == "outpaint" and not (self.left or self.right or self.top or self.bottom):
+            raise InputError("outpaint needs at least one of left/right/top/bottom > 0")
+        variant = variants.for_edit(mode)
+        steps = variant.steps if self.steps is None else self.steps
+        guidance = self.guidance
+        if guidance is None:
+            guidance = CONTROL_GUIDANCE[self.control_type] if mode == "restyle" \
+                else variant.guidance
+        return dataclasses.replace(self, steps=steps, guidance=guidance)
+
+    @property
+    def effective_guidance(self) -> float:
+        """guidance, or Fill's default when it was left None."""
+        return DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+
+    @property
+    def effective_steps(self) -> int:
+        """steps, or Fill's default when it was left None."""
+        return DEFAULT_STEPS if self.steps is None else self.steps
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: seed, seed + 1, ..."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+def _check_keys(d: Mapping[str, Any], mode: str | None) -> None:
+    for key in d:
+        if key not in FIELDS:
+            raise InputError(f"unknown option {key!r}; known: {', '.join(FIELDS)}")
+        if mode is not None and mode not in FIELDS[key][0]:
+            raise InputError(f"{mode} does not take {key}")
+
+
+def default(name: str) -> Any:
+    """The library default of option `name` (what the CLI shows and uses)."""
+    return getattr(EditOptions(), name)
+
+
+CANVAS_BYTES_PER_PIXEL = 48  # canvas uint8 + model/blend masks + float32 copies while preparing
+
+
+def check_canvas(width: int, height: int, available_bytes: int | None = None) -> None:
+    """Refuse a canvas before it is allocated: more pixels than Pillow's decompression
+    bomb limit (what `load_image` accepts), or more memory for its arrays than the machine
+    has. Raises InputError (one line, with the size)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS or 2 * 89_478_485
+    if width * height > limit:
+        raise InputError(f"the canvas would be {width}x{height} px, over the limit of "
+                         f"{limit / 1e6:.0f} MP: add fewer pixels")
+    if available_bytes is None:
+        from mlx_edit.memory import available_memory
+
+        available_bytes = available_memory()
+    need = width * height * CANVAS_BYTES_PER_PIXEL
+    if need > available_bytes:
+        raise InputError(f"the canvas would be {width}x{height} px and need about "
+                         f"{need / 1e9:.1f} GB, more than this machine's "
+                         f"{available_bytes / 1e9:.1f} GB: add fewer pixels")

@@ -151,3 +151,29 @@ def test_convert_bakes_loras(tiny_ckpt, loras, tmp_path):
                                              str(wrong)])
     assert r.exit_code == 2 and "double_blocks.0.img_attn.proj" in r.output
     assert not (tmp_path / "no").exists()
+
+
+def test_cli_kontext_edit_with_a_lora(tmp_path, import_script):
+    """`mlx-edit edit --lora`: FluxKontext shares the pipeline's LoRA support."""
+    from PIL import Image as PILImage
+    from skimage import data
+
+    from test_cli import invoke as run
+
+    ckpt = import_script("make_mlx_checkpoint").build(tmp_path / "k", "tiny",
+                                                      extras=("kontext-model",))
+    model = ckpt / "kontext-model"
+    cfg = FluxConfig.from_dict(read_config(model / "transformer"))
+    lora = _lora(tmp_path / "k.safetensors", cfg, True, 4)
+    src = tmp_path / "photo.png"
+    PILImage.fromarray(data.astronaut()).crop((0, 40, 300, 240)).save(src)
+    outs = []
+    for name, extra in (("base", []), ("lora", ["--lora", f"{lora}:0.9"])):
+        out = tmp_path / f"{name}.png"
+        r = run("edit", "--model", model, "-i", src, "--instruction", "make it red",
+                "--steps", 1, "--max-sequence-length", 32, "--no-auto-resize",
+                "--width", 96, "--height", 64, "--seed", 5, "-o", out, *extra)
+        assert r.exit_code == 0, r.output
+        outs.append(PILImage.open(out))
+    a, b = (np.asarray(o.convert("RGB"), np.float32) for o in outs)
+    assert np.abs(a - b).max() > 1 and "k.safetensors" in outs[1].info["loras"]

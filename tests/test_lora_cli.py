@@ -38,18 +38,18 @@ def _lora(path, cfg: FluxConfig, kohya: bool, seed: int):
 
 
 @pytest.fixture(scope="module")
-def loras(tiny_ckpt, tmp_path_factory):
-    cfg = FluxConfig.from_dict(read_config(tiny_ckpt / "transformer"))
+def loras(tiny_mlx, tmp_path_factory):
+    cfg = FluxConfig.from_dict(read_config(tiny_mlx / "transformer"))
     d = tmp_path_factory.mktemp("loras")
     return _lora(d / "a.safetensors", cfg, False, 1), _lora(d / "b.safetensors", cfg, True, 2)
 
 
-def test_cli_inpaint_with_two_loras(tiny_ckpt, photos, loras, tmp_path):  # noqa: F811
+def test_cli_inpaint_with_two_loras(tiny_mlx, photos, loras, tmp_path):  # noqa: F811
     outs = []
     for name, extra in (("base", []), ("lora", ["--lora", f"{loras[0]}:0.8",
                                                 "--lora", f"{loras[1]}:0.5"])):
         out = tmp_path / f"{name}.png"
-        r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+        r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                    "--mask", photos / "mask.png", "--prompt", "a red hat", "--steps", 2,
                    "--seed", 3, "--output", out, *extra)
         assert r.exit_code == 0, r.output
@@ -61,11 +61,11 @@ def test_cli_inpaint_with_two_loras(tiny_ckpt, photos, loras, tmp_path):  # noqa
     assert "loras" not in outs[0].info
 
 
-def test_cli_bad_lora_is_a_usage_error(tiny_ckpt, photos, tmp_path):  # noqa: F811
+def test_cli_bad_lora_is_a_usage_error(tiny_mlx, photos, tmp_path):  # noqa: F811
     bad = tmp_path / "bad.safetensors"
     mx.save_safetensors(str(bad), {"lora_unet_down_blocks_0_proj_in.lora_down.weight":
                                    mx.zeros((4, 8))})
-    r = invoke("inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1,
                "--output", tmp_path / "o.png", "--lora", f"{bad}:0.7")
     assert r.exit_code == 2 and "lora_unet_down_blocks_0_proj_in" in r.output
@@ -73,10 +73,10 @@ def test_cli_bad_lora_is_a_usage_error(tiny_ckpt, photos, tmp_path):  # noqa: F8
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_api_load_rescale_unload(tiny_ckpt, loras, low_memory):
+def test_api_load_rescale_unload(tiny_mlx, loras, low_memory):
     from mlx_edit.pipeline import FluxFill
 
-    pipe = FluxFill.from_pretrained(tiny_ckpt, mx.float32, low_memory=low_memory)
+    pipe = FluxFill.from_pretrained(tiny_mlx, mx.float32, low_memory=low_memory)
     base = pipe.transformer.double_blocks[0].img_attn.qkv
     assert pipe.load_lora(loras[0], 0.8) == "a"
     assert pipe.load_lora(loras[1], 0.5, name="style") == "style"
@@ -96,20 +96,20 @@ def test_api_load_rescale_unload(tiny_ckpt, loras, low_memory):
         assert pipe.transformer.double_blocks[0].img_attn.qkv is base
 
 
-def test_api_lora_for_a_missing_layer_is_refused(tiny_ckpt, tmp_path):
+def test_api_lora_for_a_missing_layer_is_refused(tiny_mlx, tmp_path):
     from mlx_edit.pipeline import FluxFill
 
     path = tmp_path / "deep.safetensors"
     mx.save_safetensors(str(path), {
         "transformer.transformer_blocks.40.attn.to_q.lora_A.weight": mx.zeros((4, 32)),
         "transformer.transformer_blocks.40.attn.to_q.lora_B.weight": mx.zeros((32, 4))})
-    pipe = FluxFill.from_pretrained(tiny_ckpt, mx.float32)
+    pipe = FluxFill.from_pretrained(tiny_mlx, mx.float32)
     with pytest.raises(WeightLoadError, match="double_blocks.40.img_attn.qkv"):
         pipe.load_lora(path)
     assert not pipe.loras and not L.lora_layers(pipe.transformer)
 
 
-def test_convert_bakes_loras(tiny_ckpt, loras, tmp_path):
+def test_convert_bakes_loras(tiny_mlx, loras, tmp_path):
     """`mlx-edit convert --lora a:0.8 --lora b:0.5` equals the unfused LoRAs on the
     source, records them, and refuses a LoRA for the wrong model before writing."""
     import json
@@ -121,14 +121,14 @@ def test_convert_bakes_loras(tiny_ckpt, loras, tmp_path):
     from mlx_edit.weights.lora import load_lora_file
 
     out = tmp_path / "baked"
-    r = CliRunner().invoke(convert_command, [str(tiny_ckpt), str(out), "--dtype", "float32",
+    r = CliRunner().invoke(convert_command, [str(tiny_mlx), str(out), "--dtype", "float32",
                                              "--lora", f"{loras[0]}:0.8",
                                              "--lora", f"{loras[1]}:0.5"])
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "transformer" / "config.json").read_text())
     assert cfg["baked_loras"] == [[str(loras[0]), 0.8], [str(loras[1]), 0.5]]
     baked = load_transformer(out / "transformer", mx.float32)
-    ref = load_transformer(tiny_ckpt / "transformer", mx.float32)
+    ref = load_transformer(tiny_mlx / "transformer", mx.float32)
     for i, (path, scale) in enumerate(zip(loras, (0.8, 0.5))):
         L.attach(ref, f"l{i}", load_lora_file(path).updates(ref), scale)
     g = np.random.default_rng(0)
@@ -147,7 +147,7 @@ def test_convert_bakes_loras(tiny_ckpt, loras, tmp_path):
                                      mx.zeros((4, 7)),
                                      "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight":
                                      mx.zeros((cfgm.hidden_size, 4))})
-    r = CliRunner().invoke(convert_command, [str(tiny_ckpt), str(tmp_path / "no"), "--lora",
+    r = CliRunner().invoke(convert_command, [str(tiny_mlx), str(tmp_path / "no"), "--lora",
                                              str(wrong)])
     assert r.exit_code == 2 and "double_blocks.0.img_attn.proj" in r.output
     assert not (tmp_path / "no").exists()

@@ -52,7 +52,8 @@ def _euler(latents: mx.array, velocity: mx.array, dt: mx.array) -> mx.array:
     return out.astype(latents.dtype)
 
 
-def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> StepFn:
+def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
+              forward: Callable[..., mx.array] | None = None) -> StepFn:
     """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
     rope, dt, *, controlnet=(), ip=()) -> latents at the next sigma`.
 
@@ -65,19 +66,29 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> S
     compile: None -> `compile_enabled()` (GPU: on, CPU: off; MLX_EDIT_COMPILE forces it).
     A new ControlNet count, residual list length or IP-Adapter scale triggers one
     retrace, not an error.
+
+    forward: a step cache's `velocity(img, txt, timestep, pooled, guidance, rope,
+    controlnet, ip)` (mlx_edit/sampling/cache.py) in place of the transformer call; its
+    decisions read arrays mid-step (First Block Cache) and its state changes per step, so
+    the step then runs uncompiled whatever `compile` says (`step.compiled` is False).
     """
     if compile is None:
         compile = compile_enabled()
+    compile = compile and forward is None
 
     def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
              dt, residuals, repeats, ip_kv, ip_scales):
         controlnet = [ControlResiduals(list(d), list(s), rep)
                       for (d, s), rep in zip(residuals, repeats)]
         ip = [IPAdapterKV(list(k), list(v), list(sc)) for (k, v), sc in zip(ip_kv, ip_scales)]
-        velocity = transformer(
-            model_input(latents, conditioning), img_ids, txt, txt_ids, timestep, pooled,
-            guidance, controlnet=controlnet, ip=ip, rope=rope,
-        )
+        if forward is not None:
+            velocity = forward(model_input(latents, conditioning), txt, timestep, pooled,
+                               guidance, rope, controlnet, ip)
+        else:
+            velocity = transformer(
+                model_input(latents, conditioning), img_ids, txt, txt_ids, timestep, pooled,
+                guidance, controlnet=controlnet, ip=ip, rope=rope,
+            )
         return _euler(latents, velocity, dt)
 
     fn = mx.compile(body, inputs=transformer.state) if compile else body

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from mlx_edit.sampling import cache as step_cache
 from mlx_edit.sampling.compiled import make_step, step_dt
 from mlx_edit.sampling.latents import text_ids
 from mlx_edit.models.flux import FluxTransformer
@@ -89,6 +90,8 @@ def denoise(
     controls: Sequence[ControlFn] = (),
     ip: Sequence[IPAdapterKV] = (),
     compile: bool | None = None,
+    cache: step_cache.CacheConfig | None = None,
+    stats: dict | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -98,6 +101,12 @@ def denoise(
     progress, preview or stop. RoPE and the text batch are built once, not per step.
     compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
     mlx_edit/compiled.py).
+    cache: a step cache config (mlx_edit.sampling.cache: FirstBlockCache, TaylorSeer,
+    MagCache) or None (every step a full evaluation). stats: a dict that gets, after
+    every step, `transformer_evals` (steps evaluated in full) and `transformer_skipped`
+    (steps a cache skipped or predicted), with a cache also `cache_steps` (one letter per
+    step: C computed, s skipped) and its diagnostics under `cache_info`.
+    Raises ValueError for a cache the transformer cannot run.
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
@@ -106,15 +115,29 @@ def denoise(
     pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    step = make_step(transformer, compile=compile)
-    for i in range(len(sigmas) - 1):
+    n = len(sigmas) - 1
+    state = None if cache is None else step_cache.start(cache, transformer, n)
+    step = make_step(transformer, compile=compile,
+                     forward=None if state is None else state.velocity)
+    for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
         latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
                        step_dt(float(sigmas[i]), float(sigmas[i + 1])),
                        controlnet=residuals, ip=ip)
-        mx.eval(latents)
+        mx.eval(latents, *(state.arrays() if state else ()))
+        if stats is not None:
+            _count(stats, i, state)
         yield i, latents
+
+
+def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:
+    computed = [True] * (i + 1) if state is None else state.computed
+    stats["transformer_evals"] = sum(computed)
+    stats["transformer_skipped"] = len(computed) - sum(computed)
+    if state is not None:  # per step: C computed in full, s skipped or predicted
+        stats["cache_steps"] = "".join("C" if c else "s" for c in computed)
+        stats["cache_info"] = state.info
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:

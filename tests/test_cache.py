@@ -30,11 +30,11 @@ hooks = pytest.importorskip("diffusers.hooks")
 pytestmark = pytest.mark.parity
 STEPS, SIZE, GUIDANCE = 28, 128, 30.0
 
-# Thresholds for random weights (the fixture's first-block change is larger than real
-# FLUX's); chosen away from every measured relative change (test_fbc_margin).
+# Thresholds for random weights (the fixture's first-block change, 0.29-0.66, is larger
+# than real FLUX's); no measured relative change lies within 1% of them (test_fbc_margin).
 CASES = {
     "fbc_low": FirstBlockCache(threshold=0.3),
-    "fbc_high": FirstBlockCache(threshold=0.6),
+    "fbc_high": FirstBlockCache(threshold=0.45),
     "taylor_attn": TaylorSeer(cache_interval=5, disable_cache_before_step=3, max_order=1),
     "taylor_lite": TaylorSeer(cache_interval=3, disable_cache_before_step=2, max_order=2,
                               taylor_factors_dtype=mx.float32, use_lite_mode=True,
@@ -98,6 +98,8 @@ def reference(small_ckpt, import_script):
         return out
 
     transformer.forward = cached_forward
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 128-wide model: one thread is >10x faster on a busy CPU
 
     def run(cfg):
         from PIL import Image
@@ -121,6 +123,7 @@ def reference(small_ckpt, import_script):
     out["sigmas"] = pipe.scheduler.sigmas.numpy().astype(np.float32)
     for name, cfg in CASES.items():
         out[name] = run(cfg)
+    torch.set_num_threads(threads)
     return out
 
 
@@ -174,12 +177,15 @@ def test_never_skip_equals_uncached_exactly(ours, kind):
 
 
 def test_fbc_margin(ours):
-    # every relative change the decisions hinged on is >= 10% away from the thresholds
+    # every relative change a decision hinged on is > 1% away from the threshold (float
+    # differences between torch and MLX change it by ~1e-5 relative), so the decision
+    # comparison is not flaky
     for name in ("fbc_low", "fbc_high"):
         stats, _ = ours(CASES[name])
         changes = [c for c in stats["cache_info"]["relative_change"] if c is not None]
+        assert len(changes) == STEPS - 1
         for c in changes:
-            assert abs(c - CASES[name].threshold) > 0.1 * CASES[name].threshold, (name, c)
+            assert abs(c - CASES[name].threshold) > 0.01 * CASES[name].threshold, (name, c)
 
 
 def test_nearest_interp_matches_diffusers():

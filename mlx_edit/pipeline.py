@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit import __version__
+from mlx_edit.sampling.cache import CacheConfig, cache_metadata
 from mlx_edit.sampling.denoise import (
     Conditioner,
     EditJob,
@@ -359,13 +360,15 @@ class FluxFill:
             mx.reset_peak_memory()
             for i, latents in denoise(self.transformer, job.latents, job.conditioning, ids,
                                       job.embeds, job.sigmas, job.guidance,
-                                      controls=job.controls, ip=job.ip):
+                                      controls=job.controls, ip=job.ip, cache=job.cache,
+                                      stats=job.stats):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
             job.stats["denoise_s"] = time.perf_counter() - t0
             job.stats["step_s"] = job.stats["denoise_s"] / n
             job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
+            job.metadata.update(cache_metadata(job.cache, job.stats))
             if self.low_memory:
                 job.controls = ()
 
@@ -425,6 +428,7 @@ class FluxFill:
         ip_adapters: Sequence[IPAdapterSpec] = (),
         redux: Sequence[ReduxSpec] = (),
         controlnets: Sequence[ControlNetSpec] = (),
+        cache: CacheConfig | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Repaint the white area of `mask` in `image` following `prompt`.
@@ -437,6 +441,8 @@ class FluxFill:
         mlx_edit.conditioning.image_prompts): the style or subject of reference images.
         controlnets: ControlNetSpec list (mlx_edit.conditioning.controlnet): structure (edges, depth,
         pose...) to keep; several are summed.
+        cache: a step cache (mlx_edit.sampling.cache FirstBlockCache / TaylorSeer /
+        MagCache, diffusers' settings): fewer transformer evaluations; None: all of them.
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: empty mask, bad numbers, prompt too long; a
         Canny/Depth transformer loaded instead of Fill).
@@ -453,6 +459,7 @@ class FluxFill:
             ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
             metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
         )
+        job.cache = cache  # step cache (mlx_edit.sampling.cache), None: none
         return self.run(job, paste_back, progress)
 
     def outpaint(
@@ -475,6 +482,7 @@ class FluxFill:
         ip_adapters: Sequence[IPAdapterSpec] = (),
         redux: Sequence[ReduxSpec] = (),
         controlnets: Sequence[ControlNetSpec] = (),
+        cache: CacheConfig | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Extend `image` by left/right/top/bottom px, generating the new border.
@@ -496,6 +504,7 @@ class FluxFill:
             metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
                       "overlap": overlap},
         )
+        job.cache = cache  # step cache (mlx_edit.sampling.cache), None: none
         return self.run(job, True, progress)
 
     def restyle(
@@ -519,6 +528,7 @@ class FluxFill:
         max_sequence_length: int = 512,
         canny_low: float = BFL_CANNY[0],
         canny_high: float = BFL_CANNY[1],
+        cache: CacheConfig | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Repaint `image` following `prompt` while keeping the structure (edges or depth)
@@ -558,6 +568,7 @@ class FluxFill:
             metadata={"mode": "restyle", "control_type": control_type,
                       "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
         )
+        job.cache = cache  # step cache (mlx_edit.sampling.cache), None: none
         return self.run(job, paste_back, progress)
 
     def run(self, job: EditJob, paste_back: bool = True,

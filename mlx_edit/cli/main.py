@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
+from mlx_edit.cli.cache import cache_option, cache_summary
 from mlx_edit.cli.control import control_options, pop_control_specs
 from mlx_edit.cli.image_prompts import image_prompt_kwargs, image_prompt_options
 
@@ -124,7 +125,8 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
 
     common = dict(steps=opts["steps"], guidance=opts["guidance"], seed=seed,
                   num_images=opts["num_images"], crop_to_mask=opts["crop_to_mask"],
-                  prompt_2=opts["prompt_2"], max_sequence_length=opts["max_sequence_length"])
+                  prompt_2=opts["prompt_2"], max_sequence_length=opts["max_sequence_length"],
+                  cache=opts.get("cache"))
     try:
         bar = tqdm(total=opts["steps"], unit="step", desc=kind, file=sys.stderr)
 
@@ -156,7 +158,7 @@ def _run(kind: str, image: Path, mask: Path | None, opts: dict, edit_kwargs: dic
     click.echo(  # load: at start, plus the per-edit loads of --low-memory
         f"load {load:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
         f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  vae-dec {s['vae_decode_s']:.1f}s  "
-        f"peak {peak:.2f} GB",
+        f"peak {peak:.2f} GB{cache_summary(s)}",
         err=True,
     )
 
@@ -178,6 +180,7 @@ def main():
 @click.option("--no-paste-back", is_flag=True,
               help="Keep the model's pixels outside the mask too (default: exact originals).")
 @common_options
+@cache_option
 @control_options
 @image_prompt_options
 def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
@@ -204,6 +207,7 @@ def inpaint(image, mask, strength, grow_mask, feather, no_paste_back, **opts):
 @click.option("--overlap", type=int, default=32, show_default=True,
               help="px of the original regenerated along each seam.")
 @common_options
+@cache_option
 @control_options
 @image_prompt_options
 def outpaint(image, left, right, top, bottom, overlap, **opts):
@@ -238,6 +242,7 @@ def outpaint(image, left, right, top, bottom, overlap, **opts):
               help="Canny low threshold (0-255 scale).")
 @click.option("--canny-high", type=float, default=200.0, show_default=True)
 @common_options
+@cache_option
 def restyle(image, control_image, control_type, mask, strength, grow_mask, feather,
             no_paste_back, canny_low, canny_high, **opts):
     """Repaint IMAGE (or its MASK area) from PROMPT, keeping its edges or depth, with the

@@ -327,3 +327,25 @@ def start(cache: CacheConfig, model: FluxTransformer, num_steps: int) -> StepCac
         raise ValueError(f"unknown step cache {cache!r}: use FirstBlockCache, TaylorSeer "
                          "or MagCache")
     return kinds[type(cache)](cache, model, num_steps)
+
+
+def describe(cache: CacheConfig) -> str:
+    """A one-line description for metadata, e.g. `FirstBlockCache(threshold=0.12)`; FLUX's
+    magnitude ratios are named, not listed."""
+    fields = {k: v for k, v in vars(cache).items() if v is not None}
+    if isinstance(cache, MagCache) and fields.get("mag_ratios") is not None:
+        same = tuple(float(r) for r in cache.mag_ratios) == FLUX_MAG_RATIOS
+        fields["mag_ratios"] = "FLUX" if same else f"<{len(cache.mag_ratios)} values>"
+    if isinstance(cache, TaylorSeer) and cache.taylor_factors_dtype is not None:
+        fields["taylor_factors_dtype"] = str(cache.taylor_factors_dtype).removeprefix("mlx.core.")
+    return f"{type(cache).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"
+
+
+def cache_metadata(cache: CacheConfig | None, stats: dict) -> dict:
+    """The metadata entries of an edit run with `cache`: its description and the
+    transformer evaluations run / skipped, from `denoise`'s stats ({} without a cache)."""
+    if cache is None:
+        return {}
+    return {"cache": describe(cache), "transformer_evals": stats.get("transformer_evals"),
+            "transformer_skipped": stats.get("transformer_skipped"),
+            "cache_steps": stats.get("cache_steps")}

@@ -44,7 +44,7 @@ class EditJob:
     """Everything the denoise loop and the decoder need, prepared before the loop.
 
     latents: initial packed latents (B, N, 64); conditioning: (1|B, N, K) (Fill 320,
-    Canny/Depth 64);
+    Canny/Depth 64); cache: the step cache of the loop (None: every step evaluated);
     sigmas: float32 (n+1,); geometry: where the canvas maps back into the original.
     """
 
@@ -61,6 +61,7 @@ class EditJob:
     controls: Sequence[ControlFn] = ()
     ip: Sequence[IPAdapterKV] = ()
     stats: dict = field(default_factory=dict)
+    cache: step_cache.CacheConfig | None = None
 
 
 class Phase:

@@ -22,6 +22,7 @@ import pytest
 from mlx_edit.sampling.cache import (
     FLUX_MAG_RATIOS, FirstBlockCache, MagCache, TaylorSeer, nearest_interp,
 )
+from mlx_edit.models.layers import ControlResiduals
 from mlx_edit.sampling.denoise import PromptEmbeds, denoise
 
 torch = pytest.importorskip("torch")
@@ -118,7 +119,32 @@ def reference(small_ckpt, import_script):
             transformer.disable_cache()
         return record["decisions"], latents.numpy()
 
-    out = {"uncached": run(None)}
+    def loop(cfg, control):
+        """FluxFillPipeline's denoising loop by hand, with ControlNet residuals per step
+        (`control(i)` -> (double list, single list)) fed to the transformer."""
+        a, sigmas = out["inputs"], out["sigmas"]
+        latents, cond = torch.from_numpy(a["hidden_states"]).split([64, 320], dim=-1)
+        ts = torch.from_numpy(sigmas[:-1] * np.float32(1000)) / 1000
+        current.clear()
+        record["decisions"] = []
+        transformer.enable_cache(_diffusers_config(cfg))
+        current["cfg"] = cfg
+        with torch.no_grad():
+            for i in range(STEPS):
+                double, single = control(i)
+                v = transformer(
+                    hidden_states=torch.cat([latents, cond], dim=-1), timestep=ts[i : i + 1],
+                    guidance=torch.from_numpy(a["guidance"]), txt_ids=torch.from_numpy(a["txt_ids"]),
+                    pooled_projections=torch.from_numpy(a["pooled_projections"]),
+                    encoder_hidden_states=torch.from_numpy(a["encoder_hidden_states"]),
+                    img_ids=torch.from_numpy(a["img_ids"]), controlnet_block_samples=double,
+                    controlnet_single_block_samples=single, return_dict=False)[0]
+                latents = latents + (torch.tensor(sigmas[i + 1]) - torch.tensor(sigmas[i])) * v
+        transformer.disable_cache()
+        return record["decisions"], latents.numpy()
+
+    out = {"loop": loop}
+    out["uncached"] = run(None)
     out["inputs"] = {k: v.numpy() for k, v in record["inputs"].items()}
     out["sigmas"] = pipe.scheduler.sigmas.numpy().astype(np.float32)
     for name, cfg in CASES.items():
@@ -195,3 +221,39 @@ def test_nearest_interp_matches_diffusers():
     for n in range(1, 61):
         np.testing.assert_array_equal(nearest_interp(FLUX_MAG_RATIOS, n),
                                       reference_interp(src, n).numpy())
+
+
+def _residuals(i: int, hidden: int, n: int):
+    # one double-block residual (diffusers' interval rule spreads it over both double
+    # blocks) and two single-block ones, changing from step to step like a ControlNet's
+    g = torch.Generator().manual_seed(100 + i)
+    return ([0.3 * torch.randn(1, n, hidden, generator=g)],
+            [0.3 * torch.randn(1, n, hidden, generator=g) for _ in range(2)])
+
+
+@pytest.mark.parametrize("name", ["fbc_low", "mag_default"])
+def test_controlnet_residuals_match_diffusers_hooks(small_ckpt, reference, name):
+    from mlx_edit.weights.flux import load_transformer
+
+    model = load_transformer(small_ckpt / "transformer", mx.float32)
+    n, hidden = reference["inputs"]["hidden_states"].shape[1], model.config.hidden_size
+    control = [_residuals(i, hidden, n) for i in range(STEPS)]
+    decisions, ref_latents = reference["loop"](CASES[name], lambda i: control[i])
+
+    def residuals(latents, t, i):
+        double, single = control[i]
+        return ControlResiduals([mx.array(r.numpy()) for r in double],
+                                [mx.array(r.numpy()) for r in single])
+
+    a = reference["inputs"]
+    hidden_states = mx.array(a["hidden_states"])
+    stats: dict = {}
+    steps = list(denoise(model, hidden_states[..., :64], hidden_states[..., 64:],
+                         mx.array(a["img_ids"]),
+                         PromptEmbeds(mx.array(a["encoder_hidden_states"]),
+                                      mx.array(a["pooled_projections"])),
+                         reference["sigmas"], GUIDANCE, controls=[residuals], cache=CASES[name],
+                         stats=stats))
+    assert stats["cache_steps"] == "".join("C" if d else "s" for d in decisions)
+    assert 0 < decisions.count(False)
+    assert _rel(np.array(steps[-1][1]), ref_latents) <= 1e-4

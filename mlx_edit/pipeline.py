@@ -227,11 +227,12 @@ class FluxFill:
 
     # ------------------------------------------------------------------ preparation
 
-    def memory_estimate(self, width: int, height: int, num_images: int = 1) -> MemoryEstimate:
+    def memory_estimate(self, width: int, height: int, num_images: int = 1,
+                        cache: CacheConfig | None = None) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization."""
+        with this pipeline's models, dtype and quantization (and step cache)."""
         return estimate(
-            width, height, num_images, self.dtype, self.transformer_bits,
+            width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
@@ -274,6 +275,7 @@ class FluxFill:
         redux: Sequence[ReduxSpec] = (),
         controlnets: Sequence[ControlNetSpec] = (),
         conditioning: Conditioner | None = None,
+        cache: CacheConfig | None = None,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
 
@@ -301,7 +303,8 @@ class FluxFill:
             )
         width, height = canvas.size
         h_tok, w_tok = token_grid(height, width)
-        check_fits(self.memory_estimate(width, height, num_images), low_memory=self.low_memory)
+        check_fits(self.memory_estimate(width, height, num_images, cache),
+                   low_memory=self.low_memory)
         self.components.release()  # low_memory: nothing but the text encoders while encoding
         with Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, prompt_2, max_sequence_length)
@@ -339,7 +342,7 @@ class FluxFill:
             **(metadata or {}),
         }
         job = EditJob(image, plan, blend, latents, conditioning, embeds, guidance, sigmas,
-                      seeds, meta, ip=ip, stats=stats)
+                      seeds, meta, ip=ip, stats=stats, cache=cache)
         if controlnets:  # their control images go through the VAE
             with self.components.using("vae", stats):
                 job.controls = prepare_controls(self, job, list(controlnets))
@@ -457,9 +460,8 @@ class FluxFill:
             num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
             ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
+            cache=cache, metadata={"mode": "inpaint", "grow_mask": grow_mask, "feather": feather},
         )
-        job.cache = cache  # step cache (mlx_edit.sampling.cache), None: none
         return self.run(job, paste_back, progress)
 
     def outpaint(
@@ -501,10 +503,9 @@ class FluxFill:
             num_images=num_images, strength=1.0, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
             ip_adapters=ip_adapters, redux=redux, controlnets=controlnets,
-            metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
+            cache=cache, metadata={"mode": "outpaint", "expand": [left, right, top, bottom],
                       "overlap": overlap},
         )
-        job.cache = cache  # step cache (mlx_edit.sampling.cache), None: none
         return self.run(job, True, progress)
 
     def restyle(
@@ -564,11 +565,10 @@ class FluxFill:
             image, model_mask, blend, prompt, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, strength=strength, crop_to_mask=crop_to_mask,
             prompt_2=prompt_2, max_sequence_length=max_sequence_length,
-            conditioning=conditioner,
+            conditioning=conditioner, cache=cache,
             metadata={"mode": "restyle", "control_type": control_type,
                       "masked": mask is not None, "grow_mask": grow_mask, "feather": feather},
         )
-        job.cache = cache  # step cache (mlx_edit.sampling.cache), None: none
         return self.run(job, paste_back, progress)
 
     def run(self, job: EditJob, paste_back: bool = True,

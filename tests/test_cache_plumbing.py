@@ -17,10 +17,11 @@ from mlx_edit.cli.cache import parse_cache
 from mlx_edit.models.flux import FluxConfig, FluxTransformer, cache_units
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.cache import (
-    FLUX_MAG_RATIOS, FirstBlockCache, MagCache, TaylorSeer, describe, start, taylor_units,
+    FLUX_MAG_RATIOS, FirstBlockCache, MagCache, TaylorSeer, describe, start, state_bytes,
+    taylor_units,
 )
 from mlx_edit.sampling.denoise import PromptEmbeds, denoise
-from mlx_edit.sampling.latents import image_ids
+from mlx_edit.sampling.latents import image_ids, model_input, text_ids
 
 CFG = dict(in_channels=384, out_channels=64, num_layers=2, num_single_layers=2,
            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
@@ -154,3 +155,37 @@ def test_cli_reports_evaluations(tiny_ckpt, tmp_path):
     bad = CliRunner().invoke(main, ["inpaint", "--cache", "fbc:x", "--prompt", "p", "--image",
                                     str(d / "in.png"), "--mask", str(d / "mask.png")])
     assert bad.exit_code == 2 and "fbc threshold=x" in bad.output
+
+
+@pytest.mark.parametrize("cache", [
+    FirstBlockCache(threshold=0.0), MagCache(mag_ratios=FLUX_MAG_RATIOS),
+    TaylorSeer(max_order=2), TaylorSeer(use_lite_mode=True, taylor_factors_dtype=None),
+])
+def test_state_bytes_is_what_the_cache_keeps(setup, cache):
+    model, (latents, cond, ids, embeds, sigmas, _), _ = setup
+    state = start(cache, model, 4)
+    b, n = latents.shape[:2]
+    rope = model.rope(ids, text_ids(L))
+    txt = mx.broadcast_to(embeds.txt, (b, L, 48))
+    pooled = mx.broadcast_to(embeds.pooled, (b, 24))
+    for i in range(3):
+        v = state.velocity(model_input(latents, cond), txt, mx.full((b,), float(sigmas[i])),
+                           pooled, mx.full((b,), 30.0), rope, [], [])
+        mx.eval(v, *state.arrays())
+    kept = sum(a.nbytes for a in state.arrays())
+    assert kept == state_bytes(cache, model.config, b, n, L, 4) > 0
+
+
+def test_memory_estimate_counts_the_cache():
+    from mlx_edit.memory import estimate
+
+    plain = estimate(1024, 1024)
+    taylor = estimate(1024, 1024, cache=TaylorSeer())
+    fbc = estimate(1024, 1024, cache=FirstBlockCache(0.1))
+    # FLUX.1 at 1024 px: 4096 image + 512 text tokens, hidden 3072, float32 residuals;
+    # TaylorSeer: 57 attention outputs x 2 bfloat16 factors
+    assert fbc["cache_state"] == pytest.approx(2 * 4096 * 3072 * 4 / 1e9)
+    assert taylor["cache_state"] == pytest.approx(57 * 2 * 4608 * 3072 * 2 / 1e9)
+    assert taylor["activations_denoise"] == pytest.approx(
+        plain["activations_denoise"] + taylor["cache_state"])
+    assert "cache_state" not in plain

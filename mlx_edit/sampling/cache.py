@@ -329,6 +329,31 @@ def start(cache: CacheConfig, model: FluxTransformer, num_steps: int) -> StepCac
     return kinds[type(cache)](cache, model, num_steps)
 
 
+def state_bytes(cache: CacheConfig | None, cfg, batch: int, image_tokens: int,
+                text_tokens: int, dtype_size: int) -> int:
+    """Bytes the cache keeps between steps for a FluxConfig `cfg` (an edit of `batch`
+    images): First Block Cache two image-stream residuals, MagCache one, TaylorSeer
+    max_order + 1 factors per predicted unit output (in taylor_factors_dtype; IP-Adapter
+    outputs not counted). 0 for None."""
+    if cache is None:
+        return 0
+    stream = batch * image_tokens * cfg.hidden_size * dtype_size
+    if isinstance(cache, FirstBlockCache):
+        return 2 * stream
+    if isinstance(cache, MagCache):
+        return stream
+    size = dtype_size if cache.taylor_factors_dtype is None else cache.taylor_factors_dtype.size
+    total = 0
+    for name, mode in taylor_units(cache, cache_units(cfg)).items():
+        if mode == "skip":  # zeros when predicting: only their shapes are kept
+            continue
+        if name == "proj_out":
+            total += batch * image_tokens * cfg.out_channels
+        else:
+            total += batch * (image_tokens + text_tokens) * cfg.hidden_size
+    return total * size * (cache.max_order + 1)
+
+
 def describe(cache: CacheConfig) -> str:
     """A one-line description for metadata, e.g. `FirstBlockCache(threshold=0.12)`; FLUX's
     magnitude ratios are named, not listed."""

@@ -51,13 +51,13 @@ NEVER_SKIP = {
 }
 
 
-def _diffusers_config(cfg):
+def _diffusers_config(cfg, steps: int = STEPS):
     if isinstance(cfg, FirstBlockCache):
         return hooks.FirstBlockCacheConfig(threshold=cfg.threshold)
     if isinstance(cfg, MagCache):
         return hooks.MagCacheConfig(
             threshold=cfg.threshold, max_skip_steps=cfg.max_skip_steps,
-            retention_ratio=cfg.retention_ratio, num_inference_steps=STEPS,
+            retention_ratio=cfg.retention_ratio, num_inference_steps=steps,
             mag_ratios=list(cfg.mag_ratios))
     dtype = {mx.bfloat16: torch.bfloat16, mx.float32: torch.float32}[cfg.taylor_factors_dtype]
     return hooks.TaylorSeerCacheConfig(
@@ -77,15 +77,19 @@ def _decision(transformer, cfg):
     return hook.state_manager.get_state().should_compute
 
 
-@pytest.fixture(scope="module")
-def reference(small_ckpt, import_script):
-    """diffusers' run per case: {"inputs": first transformer call, "sigmas", name: (decisions,
-    final latents)}."""
+def diffusers_side(ckpt, import_script, steps: int, size: int, max_sequence_length: int,
+                   threads: int | None = None) -> dict:
+    """diffusers' FluxFillPipeline on `ckpt` with its transformer call wrapped in
+    cache_context("cond"): {"run": cfg -> (decisions, final latents), "loop": (cfg,
+    control) -> the same for a hand-written loop with ControlNet residuals, "inputs": the
+    first transformer call's tensors, "sigmas", "uncached": run(None)}."""
+    from PIL import Image
+
     ref = import_script("parity_reference")
-    pipe = ref.load_pipeline(small_ckpt, "cpu", torch.float32)
+    pipe = ref.load_pipeline(ckpt, "cpu", torch.float32)
     transformer = pipe.transformer
-    image, mask = ref.make_image(SIZE, SIZE, seed=3)
-    noise = torch.randn(1, (SIZE // 16) ** 2, 64, generator=torch.Generator().manual_seed(5))
+    image, mask = ref.make_image(size, size, seed=3)
+    noise = torch.randn(1, (size // 16) ** 2, 64, generator=torch.Generator().manual_seed(5))
     record = {"inputs": None, "decisions": []}
     forward, current = transformer.forward, {}
 
@@ -99,76 +103,90 @@ def reference(small_ckpt, import_script):
         return out
 
     transformer.forward = cached_forward
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 128-wide model: one thread is >10x faster on a busy CPU
 
-    def run(cfg):
-        from PIL import Image
+    def cached(fn):
+        def wrapper(cfg, *args):
+            current.clear()
+            record["decisions"] = []
+            if cfg is not None:
+                transformer.enable_cache(_diffusers_config(cfg, steps))
+                current["cfg"] = cfg
+            saved = torch.get_num_threads()
+            torch.set_num_threads(threads or saved)
+            try:
+                with torch.no_grad():
+                    latents = fn(*args)
+            finally:
+                torch.set_num_threads(saved)
+                if cfg is not None:
+                    transformer.disable_cache()
+            return record["decisions"], latents.numpy()
+        return wrapper
 
-        current.clear()
-        record["decisions"] = []
-        if cfg is not None:
-            transformer.enable_cache(_diffusers_config(cfg))
-            current["cfg"] = cfg
-        with ref.deterministic(None), torch.no_grad():
-            latents = pipe(prompt="a red chair", image=Image.fromarray(image),
-                           mask_image=Image.fromarray(mask), height=SIZE, width=SIZE,
-                           num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise,
-                           max_sequence_length=32, output_type="latent", return_dict=False)[0]
-        if cfg is not None:
-            transformer.disable_cache()
-        return record["decisions"], latents.numpy()
+    @cached
+    def run():
+        with ref.deterministic(None):
+            return pipe(prompt="a red chair", image=Image.fromarray(image),
+                        mask_image=Image.fromarray(mask), height=size, width=size,
+                        num_inference_steps=steps, guidance_scale=GUIDANCE, latents=noise,
+                        max_sequence_length=max_sequence_length, output_type="latent",
+                        return_dict=False)[0]
 
-    def loop(cfg, control):
-        """FluxFillPipeline's denoising loop by hand, with ControlNet residuals per step
-        (`control(i)` -> (double list, single list)) fed to the transformer."""
-        a, sigmas = out["inputs"], out["sigmas"]
+    @cached
+    def loop(control):
+        # FluxFillPipeline's denoising loop by hand, with ControlNet residuals per step
+        # (`control(i)` -> (double list, single list)) fed to the transformer
+        a, sigmas = side["inputs"], side["sigmas"]
         latents, cond = torch.from_numpy(a["hidden_states"]).split([64, 320], dim=-1)
         ts = torch.from_numpy(sigmas[:-1] * np.float32(1000)) / 1000
-        current.clear()
-        record["decisions"] = []
-        transformer.enable_cache(_diffusers_config(cfg))
-        current["cfg"] = cfg
-        with torch.no_grad():
-            for i in range(STEPS):
-                double, single = control(i)
-                v = transformer(
-                    hidden_states=torch.cat([latents, cond], dim=-1), timestep=ts[i : i + 1],
-                    guidance=torch.from_numpy(a["guidance"]), txt_ids=torch.from_numpy(a["txt_ids"]),
-                    pooled_projections=torch.from_numpy(a["pooled_projections"]),
-                    encoder_hidden_states=torch.from_numpy(a["encoder_hidden_states"]),
-                    img_ids=torch.from_numpy(a["img_ids"]), controlnet_block_samples=double,
-                    controlnet_single_block_samples=single, return_dict=False)[0]
-                latents = latents + (torch.tensor(sigmas[i + 1]) - torch.tensor(sigmas[i])) * v
-        transformer.disable_cache()
-        return record["decisions"], latents.numpy()
+        fixed = {k: torch.from_numpy(a[k]) for k in (
+            "guidance", "txt_ids", "img_ids", "pooled_projections", "encoder_hidden_states")}
+        for i in range(steps):
+            double, single = control(i)
+            v = transformer(hidden_states=torch.cat([latents, cond], dim=-1),
+                            timestep=ts[i : i + 1], controlnet_block_samples=double,
+                            controlnet_single_block_samples=single, return_dict=False,
+                            **fixed)[0]
+            latents = latents + (torch.tensor(sigmas[i + 1]) - torch.tensor(sigmas[i])) * v
+        return latents
 
-    out = {"loop": loop}
-    out["uncached"] = run(None)
-    out["inputs"] = {k: v.numpy() for k, v in record["inputs"].items()}
-    out["sigmas"] = pipe.scheduler.sigmas.numpy().astype(np.float32)
-    for name, cfg in CASES.items():
-        out[name] = run(cfg)
-    torch.set_num_threads(threads)
-    return out
+    side = {"run": run, "loop": loop, "uncached": run(None)}
+    side["inputs"] = {k: v.numpy() for k, v in record["inputs"].items()}
+    side["sigmas"] = pipe.scheduler.sigmas.numpy().astype(np.float32)
+    return side
+
+
+def our_run(model, side: dict, cfg, controls=()) -> tuple[dict, np.ndarray]:
+    """Our denoise loop on the inputs diffusers prepared: (stats, final latents)."""
+    a = side["inputs"]
+    hidden = mx.array(a["hidden_states"])
+    embeds = PromptEmbeds(mx.array(a["encoder_hidden_states"]), mx.array(a["pooled_projections"]))
+    stats: dict = {}
+    steps = list(denoise(model, hidden[..., :64], hidden[..., 64:], mx.array(a["img_ids"]), embeds,
+                         side["sigmas"], GUIDANCE, controls=controls, cache=cfg, stats=stats))
+    return stats, np.array(steps[-1][1])
 
 
 @pytest.fixture(scope="module")
-def ours(small_ckpt, reference):
+def reference(small_ckpt, import_script):
+    """diffusers' side on the small fixture, plus name: (decisions, latents) per case."""
+    # a 128-wide model: one torch thread is >10x faster than two on a busy CPU
+    side = diffusers_side(small_ckpt, import_script, STEPS, SIZE, 32, threads=1)
+    for name, cfg in CASES.items():
+        side[name] = side["run"](cfg)
+    return side
+
+
+@pytest.fixture(scope="module")
+def small_model(small_ckpt):
     from mlx_edit.weights.flux import load_transformer
 
-    model = load_transformer(small_ckpt / "transformer", mx.float32)
-    a = reference["inputs"]
-    hidden = mx.array(a["hidden_states"])
-    embeds = PromptEmbeds(mx.array(a["encoder_hidden_states"]), mx.array(a["pooled_projections"]))
+    return load_transformer(small_ckpt / "transformer", mx.float32)
 
-    def run(cfg):
-        stats: dict = {}
-        steps = list(denoise(model, hidden[..., :64], hidden[..., 64:], mx.array(a["img_ids"]),
-                             embeds, reference["sigmas"], GUIDANCE, cache=cfg, stats=stats))
-        return stats, np.array(steps[-1][1])
 
-    return run
+@pytest.fixture(scope="module")
+def ours(small_model, reference):
+    return lambda cfg: our_run(small_model, reference, cfg)
 
 
 def _rel(x, ref) -> float:
@@ -232,10 +250,8 @@ def _residuals(i: int, hidden: int, n: int):
 
 
 @pytest.mark.parametrize("name", ["fbc_low", "mag_default"])
-def test_controlnet_residuals_match_diffusers_hooks(small_ckpt, reference, name):
-    from mlx_edit.weights.flux import load_transformer
-
-    model = load_transformer(small_ckpt / "transformer", mx.float32)
+def test_controlnet_residuals_match_diffusers_hooks(small_model, reference, name):
+    model = small_model
     n, hidden = reference["inputs"]["hidden_states"].shape[1], model.config.hidden_size
     control = [_residuals(i, hidden, n) for i in range(STEPS)]
     decisions, ref_latents = reference["loop"](CASES[name], lambda i: control[i])
@@ -245,15 +261,39 @@ def test_controlnet_residuals_match_diffusers_hooks(small_ckpt, reference, name)
         return ControlResiduals([mx.array(r.numpy()) for r in double],
                                 [mx.array(r.numpy()) for r in single])
 
-    a = reference["inputs"]
-    hidden_states = mx.array(a["hidden_states"])
-    stats: dict = {}
-    steps = list(denoise(model, hidden_states[..., :64], hidden_states[..., 64:],
-                         mx.array(a["img_ids"]),
-                         PromptEmbeds(mx.array(a["encoder_hidden_states"]),
-                                      mx.array(a["pooled_projections"])),
-                         reference["sigmas"], GUIDANCE, controls=[residuals], cache=CASES[name],
-                         stats=stats))
+    stats, latents = our_run(model, reference, CASES[name], controls=[residuals])
     assert stats["cache_steps"] == "".join("C" if d else "s" for d in decisions)
     assert 0 < decisions.count(False)
-    assert _rel(np.array(steps[-1][1]), ref_latents) <= 1e-4
+    assert _rel(latents, ref_latents) <= 1e-4
+
+
+WIDE_STEPS = 8
+
+
+@pytest.mark.slow
+def test_wide_fixture_matches_diffusers_hooks(wide_ckpt, import_script):
+    # real FLUX widths (3072 hidden, one double and one single block), 8 steps at 128 px:
+    # one setting per cache type (the 28-step, two-setting cases run on `small` above)
+    from mlx_edit.weights.flux import load_transformer
+
+    side = diffusers_side(wide_ckpt, import_script, WIDE_STEPS, 128, 64)
+    model = load_transformer(wide_ckpt / "transformer", mx.float32)
+    stats, plain = our_run(model, side, FirstBlockCache(0.0))
+    assert stats["transformer_skipped"] == 0 and _rel(plain, side["uncached"][1]) <= 1e-4
+    # a threshold in the widest gap between the measured first-block changes
+    changes = sorted(c for c in stats["cache_info"]["relative_change"] if c is not None)
+    gap, threshold = max((b - a, (a + b) / 2) for a, b in zip(changes, changes[1:]))
+    cases = [
+        FirstBlockCache(threshold=threshold),
+        TaylorSeer(cache_interval=2, disable_cache_before_step=2),
+        MagCache(threshold=0.24, max_skip_steps=2, retention_ratio=0.25,
+                 num_inference_steps=WIDE_STEPS, mag_ratios=FLUX_MAG_RATIOS),
+    ]
+    for cfg in cases:
+        decisions, ref_latents = side["run"](cfg)
+        stats, latents = our_run(model, side, cfg)
+        assert stats["cache_steps"] == "".join("C" if d else "s" for d in decisions), cfg
+        assert 0 < stats["transformer_skipped"], cfg
+        assert _rel(latents, ref_latents) <= 1e-4, cfg
+        for c in stats["cache_info"].get("relative_change", []):
+            assert c is None or abs(c - threshold) > 0.01 * threshold, (changes, c)

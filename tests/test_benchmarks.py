@@ -45,3 +45,12 @@ def test_bench_pipeline_phases(repo_root, tiny_ckpt):
     assert re.match(r"pipeline 64x64 \(float32, low memory\): load [\d.]+ s, text [\d.]+ s, "
                     r"VAE encode [\d.]+ s, step [\d.]+ s, VAE decode [\d.]+ s; "
                     r"peak [\d.]+ GB", last), last
+
+
+def test_bench_cache_reports_evaluations(repo_root):
+    last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",
+                "--text-tokens", "8", "--steps", "6", "--cache", "mag:0.24,retention=0")
+    m = re.fullmatch(r"cache mag:0.24,retention=0: evals (\d)/6 speed-up [\d.]+ psnr "
+                     r"([\d.]+) dB", last)
+    assert m, last
+    assert int(m.group(1)) < 6

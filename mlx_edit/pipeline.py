@@ -45,6 +45,7 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
     check_canvas,
     check_prompt,
 )
+from mlx_edit.sampling.cache import CacheConfig, cache_metadata
 from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
@@ -329,11 +330,12 @@ class FluxPipeline:
 
     # ------------------------------------------------------------------ preparation
 
-    def memory_estimate(self, width: int, height: int, num_images: int = 1) -> MemoryEstimate:
+    def memory_estimate(self, width: int, height: int, num_images: int = 1,
+                        cache: CacheConfig | None = None) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization."""
+        with this pipeline's models, dtype and quantization (and step cache)."""
         return estimate(
-            width, height, num_images, self.dtype, self.transformer_bits,
+            width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
@@ -368,8 +370,8 @@ class FluxPipeline:
             job.embeds, job.guidance, len(job.sigmas) - 1, job.latents.shape[0])
 
     def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
-             crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None
-             ) -> tuple[CropPlan, Image.Image, np.ndarray]:
+             crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None,
+             cache: CacheConfig | None = None) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit,
         its memory checked (`plan` given: used as it is). Raises InputError (mask empty at
         the model's resolution, or an edit that would not fit in memory: the message lists
@@ -377,7 +379,7 @@ class FluxPipeline:
         if plan is None:
             target = MODEL_PIXELS if crop_to_mask is not False else None
             plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
-        check_fits(self.memory_estimate(*plan.model_size, num_images),
+        check_fits(self.memory_estimate(*plan.model_size, num_images, cache),
                    low_memory=self.low_memory)
         canvas, mask = crop_for_model(image, model_mask, plan)
         if not mask.any():
@@ -426,7 +428,7 @@ class FluxPipeline:
         o = EditOptions.of(options, overrides)
         prompt = check_prompt(prompt)
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
-                                       o.num_images, plan)
+                                       o.num_images, plan, o.cache)
         stats: dict = {}
         guidance = o.effective_guidance
         self.components.release()  # low_memory: nothing but the text encoders while encoding
@@ -460,7 +462,8 @@ class FluxPipeline:
         meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
         job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids,
-                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats)
+                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats,
+                      cache=o.cache)
         if keep_source:
             job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
                                               image_latents, noise, sigmas)
@@ -520,13 +523,15 @@ class FluxPipeline:
                                       controls=job.controls, ip=job.ip, tokens=job.tokens,
                                       token_ids=job.token_ids, after_step=job.after_step,
                                       negative=job.negative,
-                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook):
+                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook,
+                                      cache=job.cache, stats=job.stats):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
             job.stats["denoise_s"] = time.perf_counter() - t0
             job.stats["step_s"] = job.stats["denoise_s"] / n
             job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
+            job.metadata.update(cache_metadata(job.cache, job.stats))
             if self.low_memory:
                 job.controls = ()
 

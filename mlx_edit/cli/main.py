@@ -21,6 +21,7 @@ import click
 
 from mlx_edit import __version__
 from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_conditioning
+from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option
 from mlx_edit.options import FIELDS, MAX_SEED, RESTYLE_CONTROL_TYPES, default
@@ -43,6 +44,8 @@ def _field_option(name: str):
     if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)
+    if name == "cache":  # a spec string, parsed into its config by the option type
+        return click.option(flag, type=CacheSpec(), default=None, help=text)
     if name == "control_type":
         return click.option(flag, type=click.Choice(RESTYLE_CONTROL_TYPES), default=value,
                             show_default=True, help=text)
@@ -148,7 +151,7 @@ def _stats_line(s: dict) -> str:
     load = sum(v for k, v in s.items() if k.startswith("load") and k.endswith("_s"))
     return (f"load {load:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
             f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  "
-            f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB")
+            f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB{cache_summary(s)}")
 
 
 def click_mask(opts: dict, mask: Path | None, required: bool):

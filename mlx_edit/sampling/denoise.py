@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.imaging.stitch import CropPlan
+from mlx_edit.sampling import cache as step_cache
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.compiled import make_step, step_dt
@@ -44,6 +45,7 @@ class EditJob:
     latents: initial packed latents (B, N, 64); conditioning: channels (1|B, N, K) (Fill
     320, Canny/Depth 64) or None; tokens / token_ids: extra sequence tokens (1, M, 64) and
     their position ids (M, 3) appended after the latents (Kontext references) or None;
+    cache: the step cache of the loop (None: every step evaluated);
     sigmas: float32 (n+1,); plan / blend: where the canvas maps back into the original.
     """
 
@@ -67,6 +69,7 @@ class EditJob:
     stats: dict = field(default_factory=dict)
     hook: Callable[[int, mx.array], mx.array] | None = None  # per-step (soft masks)
     paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
+    cache: step_cache.CacheConfig | None = None
 
 
 class Phase:
@@ -102,6 +105,8 @@ def denoise(
     true_cfg_scale: float = 1.0,
     compile: bool | None = None,
     hook: Callable[[int, mx.array], mx.array] | None = None,
+    cache: step_cache.CacheConfig | None = None,
+    stats: dict | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -120,6 +125,12 @@ def denoise(
     mlx_edit/compiled.py).
     hook: optional `hook(i, latents) -> latents`, applied before step i to the latents at
     sigmas[i] (soft masks: mlx_edit.sampling.soft_mask.soft_mask_hook).
+    cache: a step cache config (mlx_edit.sampling.cache: FirstBlockCache, TaylorSeer,
+    MagCache) or None (every step a full evaluation). stats: a dict that gets, after
+    every step, `transformer_evals` (steps evaluated in full) and `transformer_skipped`
+    (steps a cache skipped or predicted), with a cache also `cache_steps` (one letter per
+    step: C computed, s skipped) and its diagnostics under `cache_info`.
+    Raises ValueError for a cache the transformer cannot run.
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
@@ -131,11 +142,17 @@ def denoise(
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
     cfg = None
     if negative is not None and true_cfg_scale > 1.0:
+        if cache is not None:
+            raise ValueError("a step cache and true CFG together are not supported: the "
+                             "cache's decisions assume one evaluation per step")
         cfg = (mx.broadcast_to(negative.txt, (b, *negative.txt.shape[1:])),
                mx.broadcast_to(negative.pooled, (b, negative.pooled.shape[-1])),
                mx.array(true_cfg_scale, dtype=mx.float32))
-    step = make_step(transformer, compile=compile)
-    for i in range(len(sigmas) - 1):
+    n = len(sigmas) - 1
+    state = None if cache is None else step_cache.start(cache, transformer, n)
+    step = make_step(transformer, compile=compile,
+                     forward=None if state is None else state.velocity)
+    for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
             latents = hook(i, latents)
@@ -145,8 +162,19 @@ def denoise(
                        controlnet=residuals, ip=ip, tokens=tokens, negative=cfg)
         if after_step is not None:
             latents = after_step(i, latents)
-        mx.eval(latents)
+        mx.eval(latents, *(state.arrays() if state else ()))
+        if stats is not None:
+            _count(stats, i, state)
         yield i, latents
+
+
+def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:
+    computed = [True] * (i + 1) if state is None else state.computed
+    stats["transformer_evals"] = sum(computed)
+    stats["transformer_skipped"] = len(computed) - sum(computed)
+    if state is not None:  # per step: C computed in full, s skipped or predicted
+        stats["cache_steps"] = "".join("C" if c else "s" for c in computed)
+        stats["cache_info"] = state.info
 
 
 def keep_source(mask: mx.array, image_latents: mx.array, noise: mx.array,

@@ -114,30 +114,22 @@ def denoise(
     channel axis every step (Fill: 320 channels) or None; img_ids (N, 3); tokens (1|B, M,
     64) with token_ids (M, 3): reference tokens appended after the latents on the sequence
     axis, the velocity taken on the first N outputs (Kontext, BFL sampling.py denoise;
-    diffusers FluxKontextPipeline). after_step: applied to the latents after each step
-    (`keep_source`: the source outside a mask). negative / true_cfg_scale: true
-    classifier-free guidance, `neg + scale * (pos - neg)` per step, used when scale > 1
-    and a negative prompt is given (diffusers FluxKontextPipeline / FluxPipeline; its T5
-    length must equal the prompt's). Yields (step index,
-    latents at sigmas[i+1]) after each step, evaluated, so the caller can report
-    progress, preview or stop. RoPE and the text batch are built once, not per step.
-    compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
-    mlx_edit/compiled.py).
-    hook: optional `hook(i, latents) -> latents`, applied before step i to the latents at
-    sigmas[i] (soft masks: mlx_edit.sampling.soft_mask.soft_mask_hook).
-    cache: a step cache config (mlx_edit.sampling.cache: FirstBlockCache, TaylorSeer,
-    MagCache) or None (every step a full evaluation). stats: a dict that gets, after
-    every step, `transformer_evals` (steps evaluated in full) and `transformer_skipped`
-    (steps a cache skipped or predicted), with a cache also `cache_steps` (one letter per
-    step: C computed, s skipped) and its diagnostics under `cache_info`.
-    Raises ValueError for a cache the transformer cannot run.
+    diffusers FluxKontextPipeline). hook / after_step: applied to the latents before step
+    i (at sigmas[i]; soft masks, sampling.soft_mask) / after it (`keep_source`).
+    negative / true_cfg_scale: true CFG, `neg + scale * (pos - neg)` per step when scale
+    > 1 (diffusers FluxKontextPipeline; same T5 length as the prompt). cache: a step cache
+    (sampling.cache: FirstBlockCache, TaylorSeer, MagCache) or None; stats gets after every
+    step `transformer_evals` / `transformer_skipped` (+ `cache_steps`, C computed / s
+    skipped, and `cache_info` with a cache). compile: the step under `mx.compile` (None:
+    on a GPU only; sampling/compiled.py). Yields (i, latents at sigmas[i+1]), evaluated,
+    so the caller can report progress, preview or stop. RoPE and the text batch are built
+    once. Raises ValueError for a cache the transformer cannot run, or with true CFG.
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
     ids = img_ids if tokens is None else mx.concatenate([img_ids, token_ids], axis=0)
     rope = transformer.rope(ids, txt_ids)
-    txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
-    pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
+    txt, pooled = _batched(embeds, b)
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
     cfg = None
@@ -145,9 +137,7 @@ def denoise(
         if cache is not None:
             raise ValueError("a step cache and true CFG together are not supported: the "
                              "cache's decisions assume one evaluation per step")
-        cfg = (mx.broadcast_to(negative.txt, (b, *negative.txt.shape[1:])),
-               mx.broadcast_to(negative.pooled, (b, negative.pooled.shape[-1])),
-               mx.array(true_cfg_scale, dtype=mx.float32))
+        cfg = (*_batched(negative, b), mx.array(true_cfg_scale, dtype=mx.float32))
     n = len(sigmas) - 1
     state = None if cache is None else step_cache.start(cache, transformer, n)
     step = make_step(transformer, compile=compile,
@@ -166,6 +156,12 @@ def denoise(
         if stats is not None:
             _count(stats, i, state)
         yield i, latents
+
+
+def _batched(embeds: PromptEmbeds, b: int) -> tuple[mx.array, mx.array]:
+    """(T5 sequence (b, L, D), CLIP pooled (b, P)) of `embeds` broadcast to the batch."""
+    return (mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:])),
+            mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1])))
 
 
 def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:

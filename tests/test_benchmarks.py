@@ -51,3 +51,19 @@ def test_bench_kontext_ratio(repo_root):
                 "--text-tokens", "16", "--reps", "1")
     m = re.fullmatch(r"ratio Kontext/Fill per step: ([\d.]+)", last)
     assert m and float(m.group(1)) > 0, last
+
+
+def test_bench_lora_overhead_line(repo_root):
+    last = _run(repo_root, "bench_lora.py", "--hidden", "128", "--image-tokens", "16",
+                "--text-tokens", "8", "--ranks", "4", "--counts", "1,2", "--reps", "1")
+    assert re.fullmatch(r"lora rank 4 x1 unfused overhead: -?[\d.]+%  \(FLOP share [\d.]+%\)",
+                        last), last
+
+
+def test_bench_cache_reports_evaluations(repo_root):
+    last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",
+                "--text-tokens", "8", "--steps", "6", "--cache", "mag:0.24,retention=0")
+    m = re.fullmatch(r"cache mag:0.24,retention=0: evals (\d)/6 speed-up [\d.]+ psnr "
+                     r"([\d.]+) dB", last)
+    assert m, last
+    assert int(m.group(1)) < 6

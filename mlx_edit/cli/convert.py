@@ -3,7 +3,7 @@
     mlx-edit convert SOURCE DEST [--dtype bfloat16|float16|float32] [--quantize 4|8]
         [--group-size 32|64|128] [--component-bits transformer=4,text_encoder_2=8]
         [--vae PATH] [--text-encoders PATH] [--transformer-config FILE]
-        [--max-shard-size 5GB] [--overwrite]
+        [--max-shard-size 5GB] [--lora PATH_OR_REPO[:SCALE] ...] [--overwrite]
 
 The library is `mlx_edit.weights.convert.convert_checkpoint`; heavy imports happen
 inside the command so that `mlx-edit --help` stays fast. Exit status: 0 done, 2 any
@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from mlx_edit.cli.errors import OneLineCommand
+from mlx_edit.cli.lora import lora_option
 
 HELP_SOURCE = """Convert SOURCE into the mlx-edit folder DEST.
 
@@ -32,7 +33,9 @@ on its own (--dtype, --quantize, --group-size; --transformer-config gives its co
 --quantize N quantizes the transformer and T5 (their attention and MLP layers; the
 embedders, final layer, VAE and CLIP stay in full precision); --component-bits sets
 bits per component (transformer, vae, text_encoder, text_encoder_2; 'none' = full
-precision). DEST is written next to its final place and renamed when complete.
+precision). --lora (repeatable) bakes LoRAs into the transformer before it is cast or
+quantized; they are recorded in its config.json. DEST is written next to its final
+place and renamed when complete.
 """
 
 
@@ -88,8 +91,10 @@ def _transformer_config(path: Path | None) -> dict | None:
 @click.option("--overwrite", is_flag=True,
               help="Replace DEST if it is an earlier mlx-edit conversion (anything else is "
                    "refused).")
+@lora_option
 def convert_command(source, dest, dtype, quantize, group_size, component_bits, vae,
-                    text_encoders, transformer_config, max_shard_size, overwrite):
+                    text_encoders, transformer_config, max_shard_size, overwrite, lora):
+    from mlx_edit.cli.lora import parse_lora_specs
     from mlx_edit.weights.convert import ConversionError, convert_checkpoint
     from mlx_edit.weights.core import WeightLoadError
 
@@ -100,6 +105,7 @@ def convert_command(source, dest, dtype, quantize, group_size, component_bits, v
             text_encoders=text_encoders,
             transformer_config=_transformer_config(transformer_config),
             overwrite=overwrite, max_shard_bytes=max_shard_size, log=click.echo,
+            loras=parse_lora_specs(lora),
         )
     except ConversionError as e:
         raise click.UsageError(str(e)) from None

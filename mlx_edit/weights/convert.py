@@ -24,7 +24,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten
 
 from mlx_edit import __version__
 from mlx_edit.weights import controlnet as controlnet_w
+from mlx_edit.weights import lora as lora_w
 from mlx_edit.weights import save
 from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan, read_config
 from mlx_edit.weights.text import read_text_tools
@@ -108,12 +109,13 @@ def open_component(name: str, path: str | Path, overrides: Mapping | None = None
 
 
 def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
-                   group_size: int = DEFAULT_GROUP_SIZE):
+                   group_size: int = DEFAULT_GROUP_SIZE, adjust: Callable | None = None):
     """Yield (key, evaluated array) of the converted component, one target at a time, and
     return the quantization record (None when not quantized) as the generator's value.
 
     `src.model` is quantized in place (lazily) by the policy; its parameters are the
-    keys and shapes produced. Source tensors are dropped once used.
+    keys and shapes produced. Source tensors are dropped once used. `adjust(key, value)`
+    may change each full-precision tensor before the cast (LoRA baking).
     """
     plan = checked_plan(dict(tree_flatten(src.model.parameters())), src.tensors, src.rules,
                         f"{src.name} ({src.origin})")
@@ -126,6 +128,8 @@ def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
             uses[s] -= 1
             if not uses[s]:
                 del src.tensors[s]  # its buffer is freed once `value` is evaluated
+        if adjust is not None:
+            value = adjust(item.target, value)
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
         layer, _, leaf = item.target.rpartition(".")
@@ -145,7 +149,8 @@ def iter_converted(src: ComponentSource, dtype: mx.Dtype, bits: int | None,
 
 def convert_component(src: ComponentSource, out_dir: Path, dtype: mx.Dtype, bits: int | None,
                       group_size: int = DEFAULT_GROUP_SIZE,
-                      max_shard_bytes: int = save.MAX_SHARD_BYTES) -> dict:
+                      max_shard_bytes: int = save.MAX_SHARD_BYTES,
+                      adjust: Callable | None = None) -> dict:
     """Write `src` converted into `out_dir` (shards, index, config.json).
 
     Returns {"bits", "files", "bytes", "tensors", "largest_shard", "largest_tensor",
@@ -153,7 +158,7 @@ def convert_component(src: ComponentSource, out_dir: Path, dtype: mx.Dtype, bits
     """
     t0 = time.perf_counter()
     writer = save.ShardWriter(out_dir, max_shard_bytes)
-    gen = iter_converted(src, dtype, bits, group_size)
+    gen = iter_converted(src, dtype, bits, group_size, adjust)
     while True:
         try:
             key, array = next(gen)
@@ -298,6 +303,7 @@ def convert_checkpoint(
     vae: str | Path | None = None, text_encoders: str | Path | None = None,
     transformer_config: Mapping | None = None, overwrite: bool = False,
     max_shard_bytes: int = save.MAX_SHARD_BYTES, log: Callable[[str], None] | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> dict:
     """Convert `source` into the mlx-edit folder `dest`; returns the manifest written.
 
@@ -308,6 +314,9 @@ def convert_checkpoint(
     head_dim other than 128 need its "axes_dims_rope"). The folder is written next to
     `dest` and renamed into place when complete; on any error or interruption nothing is
     left at `dest` (an existing `dest` replaced with `overwrite` stays as it was).
+    loras: (source, scale) pairs baked into the transformer before it is cast/quantized
+    (mlx_edit.weights.lora.baker), recorded as "baked_loras" in its config.json and the
+    manifest.
     A ControlNet `source` goes to `convert_controlnet_source` (`transformer_config` is
     then its config override; VAE, text encoder and per-component options are refused).
     Raises ConversionError (bad arguments, `dest` not empty without `overwrite`, missing
@@ -317,7 +326,8 @@ def convert_checkpoint(
     _check_options(dtype, group_size)
     if controlnet_w.is_controlnet_source(source):
         given = [flag for flag, v in (("--component-bits", component_bits_override),
-                                      ("--vae", vae), ("--text-encoders", text_encoders)) if v]
+                                      ("--vae", vae), ("--text-encoders", text_encoders),
+                                      ("--lora", loras)) if v]
         if given:
             raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
                                   "pipeline checkpoints only")
@@ -338,6 +348,8 @@ def convert_checkpoint(
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
         options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
+        if loras:
+            options["baked_loras"] = [[str(src), float(scale)] for src, scale in loras]
         components = _write_components(tmp, parts, bits, transformer_config, options,
                                        max_shard_bytes, log)
         manifest = _write_manifest(tmp, source, parts, options, components)
@@ -391,8 +403,11 @@ def _write_components(tmp: Path, parts: Mapping[str, Path | None], bits: Mapping
     for name in COMPONENTS:
         overrides = transformer_config if name == "transformer" else None
         src = open_component(name, parts[name], overrides)
+        adjust = None
+        if name == "transformer" and options.get("baked_loras"):
+            adjust, src.config["baked_loras"] = lora_w.baker(src.model, options["baked_loras"])
         info = convert_component(src, tmp / name, DTYPES[dtype], bits[name], group_size,
-                                 max_shard_bytes)
+                                 max_shard_bytes, adjust)
         del src
         components[name] = {"bits": bits[name], "bytes": info["bytes"],
                             "files": info["files"], "source": str(parts[name])}

@@ -1,0 +1,142 @@
+"""Cost of LoRAs on a FLUX transformer forward: 0, 1 and 3 LoRAs, rank 16 and 64, unfused
+(mlx_edit.models.lora.LoRALinear) vs fused into the weights, float or quantized.
+
+    python benchmarks/bench_lora.py [--hidden 3072] [--double 1 --single 2] \
+        [--image-tokens 1024 --text-tokens 512] [--ranks 16,64] [--counts 1,3] \
+        [--quantize 8] [--reps 3]
+
+Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
+default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks.
+A fused LoRA costs exactly the "none" row (the same layers, other values). Each LoRA is a
+random file in diffusers naming on every attention and MLP projection of
+every block (to_q/k/v, to_out, add_*_proj, to_add_out, ff, ff_context, the single block's
+to_q/k/v, proj_mlp and proj_out; as ai-toolkit trains them), converted by our loader
+(separate q/k/v downs stacked into the fused layers). Reported per row: median forward
+seconds (rows interleaved round by round, so load changes hit all of them; one warm-up
+per row and round) and the overhead against no LoRA; the ideal LoRA FLOPs as a share of
+the LoRA'd layers' FLOPs. Last line:
+`lora rank R x1 unfused overhead: X%  (FLOP share Y%)` for the largest rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (first: mlx_edit -> OpenBLAS before mlx)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlx_edit.models import lora as L  # noqa: E402
+from mlx_edit.models.flux import FluxConfig, FluxTransformer  # noqa: E402
+from mlx_edit.weights.lora import convert  # noqa: E402
+from mlx_edit.weights.quantize import quantize_transformer  # noqa: E402
+
+_T, _S = "transformer.transformer_blocks.{i}.", "transformer.single_transformer_blocks.{i}."
+DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+          "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+          "ff_context.net.0.proj", "ff_context.net.2")
+SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=3072, help="heads x 128")
+    p.add_argument("--double", type=int, default=1)
+    p.add_argument("--single", type=int, default=2)
+    p.add_argument("--image-tokens", type=int, default=1024)
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--ranks", default="16,64")
+    p.add_argument("--counts", default="1,3")
+    p.add_argument("--quantize", type=int, default=None, help="4 or 8: quantized base")
+    p.add_argument("--reps", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def module_shapes(cfg: FluxConfig) -> dict[str, tuple[int, int]]:
+    """{diffusers module name: (out, in)} of the LoRA targets."""
+    h, m = cfg.hidden_size, cfg.mlp_hidden
+    double = dict.fromkeys(DOUBLE, (h, h))
+    double.update({"ff.net.0.proj": (m, h), "ff.net.2": (h, m), "ff_context.net.0.proj": (m, h),
+                   "ff_context.net.2": (h, m)})
+    single = {**dict.fromkeys(SINGLE, (h, h)), "proj_mlp": (m, h), "proj_out": (h, h + m)}
+    shapes = {}
+    for i in range(cfg.num_layers):
+        shapes.update({_T.format(i=i) + k: v for k, v in double.items()})
+    for i in range(cfg.num_single_layers):
+        shapes.update({_S.format(i=i) + k: v for k, v in single.items()})
+    return shapes
+
+
+def random_lora(cfg: FluxConfig, rank: int, seed: int):
+    g = np.random.default_rng(seed)
+    tensors = {}
+    for name, (out, inp) in module_shapes(cfg).items():
+        tensors[f"{name}.lora_A.weight"] = (g.standard_normal((rank, inp)) * 0.01).astype(np.float32)
+        tensors[f"{name}.lora_B.weight"] = (g.standard_normal((out, rank)) * 0.01).astype(np.float32)
+    return convert(tensors, name=f"rank{rank}")
+
+
+def flop_share(cfg: FluxConfig, rank: int) -> float:
+    """Ideal LoRA FLOPs (rank r per separate projection) / the LoRA'd layers' FLOPs (both
+    per token)."""
+    shapes = module_shapes(cfg).values()
+    return sum(rank * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = FluxConfig.from_dict(dict(
+        in_channels=384, out_channels=64, num_layers=args.double, num_single_layers=args.single,
+        attention_head_dim=128, num_attention_heads=args.hidden // 128, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)))
+    print("\n".join(common.machine_header(" ".join(["bench_lora.py", *(argv or sys.argv[1:])]))))
+    model = FluxTransformer(cfg)
+    mx.eval(model.parameters())
+    if args.quantize:
+        quantize_transformer(model, args.quantize)
+        mx.eval(model.parameters())
+    g = np.random.default_rng(0)
+    n, t = args.image_tokens, args.text_tokens
+    side = int(np.sqrt(n))
+    ids = np.stack([np.zeros(n), np.arange(n) // side, np.arange(n) % side], 1)
+    x = [mx.array(a.astype(np.float32)) for a in (
+        g.standard_normal((1, n, 384)), ids, g.standard_normal((1, t, 4096)), np.zeros((t, 3)),
+        np.array([0.5]), g.standard_normal((1, 768)), np.array([3.5]))]
+    rope = model.rope(x[1], x[3])
+
+    def forward():
+        mx.eval(model(*x, rope=rope))
+
+    ranks = [int(r) for r in args.ranks.split(",")]
+    counts = [int(c) for c in args.counts.split(",")]
+    files = {r: [random_lora(cfg, r, s) for s in range(max(counts))] for r in ranks}
+    configs = [(0, 0)] + [(r, c) for r in ranks for c in counts]
+    times = {k: [] for k in configs}
+    forward()  # warm-up
+    for _ in range(args.reps):  # interleaved rounds: load changes hit every row alike
+        for rank, count in configs:
+            for i, f in enumerate(files.get(rank, [])[:count]):
+                L.attach(model, f"l{i}", f.updates(model), 0.8)
+            forward()  # warm-up of this structure
+            times[(rank, count)] += common.median_time(forward, 1, warmup=0)
+            L.remove(model)
+    base = common.med(times[(0, 0)])
+    rows, overhead = [["none (= fused)", f"{base:.3f}", "", ""]], {}
+    for rank, count in configs[1:]:
+        s = common.med(times[(rank, count)])
+        overhead[(rank, count)] = s / base - 1
+        rows.append([f"{count} x rank {rank}, unfused", f"{s:.3f}", f"{100 * (s / base - 1):+.1f}%",
+                     f"{100 * count * flop_share(cfg, rank):.1f}%"])
+    print(common.table(rows, ["LoRAs", "median s", "vs none", "ideal FLOP share"]))
+    top = max(ranks)
+    print(f"lora rank {top} x1 unfused overhead: {100 * overhead[(top, min(counts))]:.1f}%  "
+          f"(FLOP share {100 * flop_share(cfg, top):.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The repeatable `--lora PATH_OR_REPO[:SCALE]` option of the editing commands.
+
+    @lora_option
+    def inpaint(..., **opts): ...
+    apply_loras(pipe, opts.pop("lora", ()))   # after the pipeline is built
+
+A source is a .safetensors file, a Hugging Face repo id (`owner/name`, with one
+.safetensors file) or `owner/name:file.safetensors`; a trailing `:NUMBER` is the strength
+(default 1.0). Several LoRAs are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import click
+
+PARAM = "lora"
+
+_OPTION = click.option(
+    "--lora", PARAM, multiple=True, metavar="PATH_OR_REPO[:SCALE]",
+    help="Apply a FLUX LoRA (diffusers, kohya, ComfyUI, XLabs, fal formats), repeatable; "
+         "SCALE defaults to 1.0. A repo id may name its file: owner/name:file.safetensors.")
+
+
+def lora_option(f: Callable) -> Callable:
+    """Add the repeatable --lora option to a click command."""
+    return _OPTION(f)
+
+
+def parse_lora_specs(values: Sequence[str]) -> list[tuple[str, float]]:
+    """[(source, scale)] from --lora values (click.BadParameter for an empty source)."""
+    from mlx_edit.weights.lora import split_spec
+
+    specs = []
+    for value in values:
+        source, scale = split_spec(value)
+        if not source:
+            raise click.BadParameter(f"--lora {value!r}: give PATH_OR_REPO[:SCALE]")
+        specs.append((source, 1.0 if scale is None else scale))
+    return specs
+
+
+def apply_loras(pipe, values: Sequence[str]) -> list[str]:
+    """Load every --lora into `pipe` (FluxFill.load_lora); returns the adapter names.
+    WeightLoadError / InputError pass through (the caller turns them into usage errors)."""
+    return [pipe.load_lora(source, scale) for source, scale in parse_lora_specs(values)]

@@ -1,0 +1,440 @@
+"""FLUX LoRA files: read, detect the naming, convert to updates of OUR layers.
+
+Every format diffusers' `FluxLoraLoaderMixin.lora_state_dict` reads
+(`loaders/lora_pipeline.py`, `loaders/lora_conversion_utils.py`) is one naming scheme
+below, a table of (module name pattern in the file -> our layer, output offset):
+
+- ``diffusers``: PEFT names `transformer.transformer_blocks.N.attn.to_q.lora_A.weight`
+  / `lora_B`, optional `.alpha` or PEFT metadata (`lora_adapter_metadata`);
+- ``kohya``: `lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight` / `lora_up` /
+  `.alpha` (BFL module names with '_'), and kohya's `lora_transformer_*` (diffusers
+  module names with '_');
+- ``bfl``: BFL module names with `diffusion_model.` (ComfyUI), `base_model.model.`
+  (fal Kontext) or no prefix, `lora_down/lora_up` or `lora_A/lora_B`;
+- ``xlabs``: `double_blocks.N.processor.qkv_lora1.down.weight` (1 = image stream,
+  2 = text), `single_blocks.N.processor.proj_lora.up.weight`.
+
+BFL names address our fused layers whole (our layout is BFL's). diffusers' separate q, k,
+v (and the single block's proj_mlp) become parts at their row offset, which
+`mlx_edit.models.lora.combine` merges exactly. alpha/rank (PEFT: lora_alpha/r) is folded
+into B. Text-encoder LoRAs (CLIP-L `lora_te1_*`, T5) are not applied: a warning says so,
+as do DoRA scales and the diff keys diffusers also drops. Any other key is an error
+naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_edit.models.lora import (
+    LayerUpdate,
+    Part,
+    check_targets,
+    combine,
+    find_layer,
+    linear_shape,
+)
+from mlx_edit.weights.core import WeightLoadError
+
+_D, _S = "double_blocks.{i}.", "single_blocks.{i}."
+_T, _ST = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
+
+# (module in the file, our layer, output offset in units of the hidden size)
+BFL_NAMES: tuple[tuple[str, str, int], ...] = (
+    ("img_in", "img_in", 0), ("txt_in", "txt_in", 0),
+    *((f"{e}.{n}", f"{e}.{n}", 0) for e in ("time_in", "vector_in", "guidance_in")
+      for n in ("in_layer", "out_layer")),
+    (_D + "{s}_mod.lin", _D + "{s}_mod", 0),
+    (_D + "{s}_attn.qkv", _D + "{s}_attn.qkv", 0),
+    (_D + "{s}_attn.proj", _D + "{s}_attn.proj", 0),
+    (_D + "{s}_mlp.0", _D + "{s}_mlp.fc1", 0),
+    (_D + "{s}_mlp.2", _D + "{s}_mlp.fc2", 0),
+    (_S + "modulation.lin", _S + "modulation", 0),
+    (_S + "linear1", _S + "linear1", 0),
+    (_S + "linear2", _S + "linear2", 0),
+    ("final_layer.linear", "final_layer.linear", 0),
+    ("final_layer.adaLN_modulation.1", "final_layer.modulation", 0),  # rows swapped below
+)
+# BFL's final modulation is [shift; scale], ours (diffusers') [scale; shift]: B rows swap.
+SWAPPED = ("final_layer.adaLN_modulation.1",)
+
+DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
+    ("x_embedder", "img_in", 0), ("context_embedder", "txt_in", 0),
+    *((f"time_text_embed.{d}_embedder.linear_{n}", f"{o}_in.{layer}", 0)
+      for d, o in (("timestep", "time"), ("guidance", "guidance"), ("text", "vector"))
+      for n, layer in ((1, "in_layer"), (2, "out_layer"))),
+    (_T + "norm1.linear", _D + "img_mod", 0),
+    (_T + "norm1_context.linear", _D + "txt_mod", 0),
+    *((_T + f"attn.to_{c}", _D + "img_attn.qkv", k) for k, c in enumerate("qkv")),
+    *((_T + f"attn.add_{c}_proj", _D + "txt_attn.qkv", k) for k, c in enumerate("qkv")),
+    (_T + "attn.to_out.0", _D + "img_attn.proj", 0),
+    (_T + "attn.to_add_out", _D + "txt_attn.proj", 0),
+    (_T + "ff.net.0.proj", _D + "img_mlp.fc1", 0),
+    (_T + "ff.net.2", _D + "img_mlp.fc2", 0),
+    (_T + "ff_context.net.0.proj", _D + "txt_mlp.fc1", 0),
+    (_T + "ff_context.net.2", _D + "txt_mlp.fc2", 0),
+    (_ST + "norm.linear", _S + "modulation", 0),
+    *((_ST + f"attn.to_{c}", _S + "linear1", k) for k, c in enumerate("qkv")),
+    (_ST + "proj_mlp", _S + "linear1", 3),
+    (_ST + "proj_out", _S + "linear2", 0),
+    ("norm_out.linear", "final_layer.modulation", 0),
+    ("proj_out", "final_layer.linear", 0),
+)
+
+XLABS_NAMES: tuple[tuple[str, str, int], ...] = (
+    (_D + "processor.qkv_lora1", _D + "img_attn.qkv", 0),
+    (_D + "processor.qkv_lora2", _D + "txt_attn.qkv", 0),
+    (_D + "processor.proj_lora1", _D + "img_attn.proj", 0),
+    (_D + "processor.proj_lora2", _D + "txt_attn.proj", 0),
+    (_S + "processor.qkv_lora", _S + "linear1", 0),
+    (_S + "processor.proj_lora", _S + "linear2", 0),
+)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A naming scheme: module-name prefixes, the name table, and the separator."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    table: tuple[tuple[str, str, int], ...]
+    sep: str = "."
+
+
+SCHEMES: tuple[Scheme, ...] = (
+    Scheme("xlabs", ("diffusion_model.", ""), XLABS_NAMES),
+    Scheme("diffusers", ("transformer.", ""), DIFFUSERS_NAMES),
+    Scheme("kohya", ("lora_unet_",), BFL_NAMES, "_"),
+    Scheme("kohya", ("lora_transformer_",), DIFFUSERS_NAMES, "_"),
+    Scheme("bfl", ("model.diffusion_model.", "diffusion_model.", "base_model.model.", ""),
+           BFL_NAMES),
+)
+
+# Tensor-name endings -> role. `.down/.up.weight` are XLabs'.
+ROLES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_B.bias", "bias"),
+    (".lora_down.weight", "a"), (".lora_up.weight", "b"),
+    (".down.weight", "a"), (".up.weight", "b"), (".alpha", "alpha"),
+)
+
+# Keys we knowingly do not apply (warned about, not errors): text-encoder LoRAs, DoRA
+# magnitudes and the weight/bias diffs diffusers' kohya converter also drops.
+IGNORED: tuple[tuple[str, str], ...] = (
+    (r"^(lora_te\d?_|text_encoder(_2)?\.|text_encoders\.)", "text-encoder (CLIP-L/T5) LoRA"),
+    (r"\.dora_scale$", "DoRA magnitude"),
+    (r"\.diff(_b)?$", "weight diff"),
+    (r"position_embedding|text_projection", "text-encoder embedding"),
+)
+
+
+def _regex(pattern: str, sep: str) -> re.Pattern:
+    out = re.escape(pattern.replace(".", sep))
+    out = out.replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{s\}", "(?P<s>img|txt)")
+    return re.compile(out + r"\Z")
+
+
+_COMPILED = [(s, [(_regex(src, s.sep), dst, off, src in SWAPPED) for src, dst, off in s.table])
+             for s in SCHEMES]
+
+
+def resolve_module(module: str) -> tuple[str, str, int, bool] | None:
+    """(scheme name, our layer path, offset in hidden units, rows swapped) of a file's
+    module name, or None."""
+    for scheme, rules in _COMPILED:
+        for prefix in scheme.prefixes:
+            if not module.startswith(prefix):
+                continue
+            rest = module[len(prefix):]
+            for regex, dst, offset, swap in rules:
+                m = regex.match(rest)
+                if m:
+                    return scheme.name, dst.format(**m.groupdict()), offset, swap
+    return None
+
+
+def _split_role(key: str) -> tuple[str, str] | None:
+    for suffix, role in ROLES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _peft_scaling(metadata: Mapping[str, str]):
+    """module -> PEFT lora_alpha/r from diffusers' `lora_adapter_metadata`, or None."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    if "lora_alpha" not in cfg:
+        return None
+
+    def pick(module, pattern_key, default):
+        for pat, value in (cfg.get(pattern_key) or {}).items():
+            if module == pat or module.endswith("." + pat):
+                return value
+        return default
+
+    return lambda module, rank: pick(module, "alpha_pattern", cfg["lora_alpha"]) / pick(
+        module, "rank_pattern", cfg.get("r", rank))
+
+
+@dataclass
+class LoRAFile:
+    """A converted LoRA: parts per our layer path, the naming found, ignored keys."""
+
+    parts: dict[str, list[Part]]
+    formats: tuple[str, ...]
+    ignored: dict[str, list[str]]
+
+    @property
+    def parameter_count(self) -> int:
+        """LoRA parameters once applied (upper bound: stacked downs are counted per part)."""
+        return sum(p.a.size + p.b.size + (0 if p.bias is None else p.bias.size)
+                   for parts in self.parts.values() for p in parts)
+
+    def updates(self, model) -> dict[str, LayerUpdate]:
+        """Exact per-layer updates for `model` (see models/lora.combine).
+
+        Raises WeightLoadError naming every layer the model lacks or that does not fit.
+        """
+        hidden = model.config.hidden_size
+        shaped = {p: (parts[0].a.shape[1], _layer_out(model, p)) for p, parts in self.parts.items()}
+        missing = [f"{p} (no such layer in this model)" for p, (_, out) in shaped.items()
+                   if out is None]
+        if missing:
+            raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
+        updates = {}
+        for path, parts in self.parts.items():
+            placed = [Part(p.offset * hidden, p.a, p.b, p.bias) for p in parts]
+            try:
+                updates[path] = combine(placed, shaped[path][0], shaped[path][1])
+            except ValueError as e:
+                raise WeightLoadError(f"LoRA for {path}: {e}") from None
+        problems = check_targets(model, updates)
+        if problems:
+            raise WeightLoadError("LoRA does not fit this model: " + "; ".join(problems))
+        return updates
+
+
+def _layer_out(model, path: str) -> int | None:
+    try:
+        layer = find_layer(model, path)[2]
+        return linear_shape(getattr(layer, "base", layer))[0]
+    except (KeyError, AttributeError, IndexError):
+        return None
+
+
+def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
+    """Group keys by module: ({module: {role: (key, array)}}, ignored {reason: keys},
+    unknown keys)."""
+    modules: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+    ignored: dict[str, list[str]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        reason = next((why for pat, why in IGNORED if re.search(pat, key)), None)
+        if reason:
+            ignored.setdefault(reason, []).append(key)
+            continue
+        split = _split_role(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        modules.setdefault(split[0], {})[split[1]] = (key, value)
+    return modules, ignored, unknown
+
+
+# Whole kinds of file we recognise but cannot apply: (key pattern, why / what to do).
+UNSUPPORTED: tuple[tuple[str, str], ...] = (
+    (r"query_norm\.scale$", "a BFL control LoRA (FLUX.1-Canny/Depth-dev-lora: it replaces "
+     "QK-norm scales and widens img_in to 128 inputs), not supported: use the full "
+     "FLUX.1-Canny-dev or FLUX.1-Depth-dev model with `restyle`"),
+    (r"\.(lokr_w1|lokr_w1_a|hada_w1_a)$", "a LyCORIS LoKr/LoHa file, not supported "
+     "(diffusers' FLUX.1 loader does not read them either)"),
+    (r"lora_magnitude_vector", "a DoRA adapter (magnitude vectors), not supported"),
+)
+
+
+def _refuse_unsupported(tensors: Mapping[str, np.ndarray], name: str) -> None:
+    for pattern, why in UNSUPPORTED:
+        hits = [k for k in tensors if re.search(pattern, k)]
+        if hits:
+            raise WeightLoadError(f"{name}: {why} (e.g. {hits[0]})")
+
+
+def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
+            *, name: str = "LoRA") -> LoRAFile:
+    """Convert a LoRA state dict (numpy arrays) to parts of our layers.
+
+    Raises WeightLoadError naming keys that map nowhere, modules missing A or B, and
+    mis-shaped pairs. Warns (UserWarning) about ignored key kinds (module docstring).
+    """
+    _refuse_unsupported(tensors, name)
+    modules, ignored, unknown = _group(tensors)
+    scaling = _peft_scaling(metadata or {})
+    parts: dict[str, list[Part]] = {}
+    formats = set()
+    bad = list(unknown)
+    for module, named in modules.items():
+        target = resolve_module(module)
+        if target is None or "a" not in named or "b" not in named:
+            bad.extend(key for key, _ in named.values())
+            continue
+        roles = {role: value for role, (_, value) in named.items()}
+        fmt, path, offset, swap = target
+        formats.add(fmt)
+        a, b = roles["a"].astype(np.float32), roles["b"].astype(np.float32)
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # conv-shaped (r, in, 1, 1)
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            bad.append(f"{module} (A {a.shape}, B {b.shape})")
+            continue
+        if "alpha" in roles:
+            factor = float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank
+        elif scaling is not None and fmt == "diffusers":
+            factor = scaling(module.removeprefix("transformer."), rank)
+        else:
+            factor = 1.0
+        bias = roles.get("bias")
+        b = b * factor
+        bias = None if bias is None else bias.astype(np.float32) * factor
+        if swap:
+            b = np.concatenate(np.split(b, 2)[::-1])
+            bias = None if bias is None else np.concatenate(np.split(bias, 2)[::-1])
+        parts.setdefault(path, []).append(Part(offset, a, b, bias))
+    if bad:
+        raise WeightLoadError(f"{name}: {len(bad)} LoRA keys map to no FLUX transformer layer "
+                              f"(or lack their A/B pair): {', '.join(sorted(bad)[:8])}"
+                              + (" ..." if len(bad) > 8 else ""))
+    if not parts:
+        raise WeightLoadError(f"{name}: no FLUX transformer LoRA weights found")
+    for reason, keys in ignored.items():
+        warnings.warn(f"{name}: ignoring {len(keys)} {reason} keys (not applied), "
+                      f"e.g. {keys[0]}", stacklevel=2)
+    return LoRAFile(parts, tuple(sorted(formats)), ignored)
+
+
+def split_spec(spec: str) -> tuple[str, float | None]:
+    """'PATH_OR_REPO[:SCALE]' -> (source, scale or None). A trailing ':number' is the scale;
+    'repo/id:file.safetensors' keeps its file part (see `locate`)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, None
+
+
+def locate(source: str | Path, weight_name: str | None = None) -> Path:
+    """The local .safetensors file of a LoRA: a path, or a Hugging Face repo id
+    (`owner/name`, `owner/name:file.safetensors` or with `weight_name`) fetched through
+    huggingface_hub's cache. Raises WeightLoadError for a missing file, a repo with no
+    or several .safetensors files (naming them) and failed downloads."""
+    from mlx_edit.weights.sources import is_repo_id
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    repo, _, file_part = text.partition(":") if ":" in text and "/" in text.split(":")[0] \
+        else (text, "", "")
+    weight_name = weight_name or file_part or None
+    if not is_repo_id(repo):
+        raise WeightLoadError(f"{text}: no such LoRA file, and not a Hugging Face repo id")
+    from huggingface_hub import hf_hub_download, list_repo_files  # network only when needed
+
+    try:
+        if weight_name is None:
+            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+            if len(files) != 1:
+                raise WeightLoadError(
+                    f"{repo}: {'no' if not files else 'several'} .safetensors files "
+                    f"({', '.join(files[:6])}); name one as {repo}:FILE or weight_name=")
+            weight_name = files[0]
+        return Path(hf_hub_download(repo, weight_name))
+    except WeightLoadError:
+        raise
+    except Exception as e:  # hub errors are many; the message names the cause
+        raise WeightLoadError(f"could not download LoRA {repo} ({type(e).__name__}: {e})") from e
+
+
+def load_lora_file(source: str | Path, weight_name: str | None = None) -> LoRAFile:
+    """Read and convert a LoRA (see `locate`, `convert`). Tensors of any float dtype
+    (bf16 included) are read with mx.load and converted to float32."""
+    path = locate(source, weight_name)
+    try:
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from e
+    arrays = {k: np.array(v.astype(mx.float32)) for k, v in tensors.items()}
+    return convert(arrays, metadata, name=str(source))
+
+
+@dataclass
+class LoadedLoRA:
+    """A LoRA a pipeline holds: its converted file, where it came from, its strength."""
+
+    file: LoRAFile
+    source: str
+    scale: float
+
+
+def default_name(source: str | Path, taken) -> str:
+    """A short unique adapter name from a LoRA source ('style', 'style_2', ...)."""
+    stem = Path(split_spec(str(source))[0].split(":")[-1]).stem or "lora"
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}_{n}", n + 1
+    return name
+
+
+def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
+    """Make the adapters on `model` exactly `loras` (attach new ones, drop removed ones,
+    set every scale). Raises WeightLoadError as `LoRAFile.updates` (model unchanged)."""
+    from mlx_edit.models import lora as adapters
+
+    applied = adapters.adapter_names(model)
+    stale = [n for n in applied if n not in loras]
+    if stale:
+        adapters.remove(model, stale)
+    for name, lora in loras.items():
+        if name not in applied:
+            adapters.attach(model, name, lora.file.updates(model), lora.scale)
+    changed = {n: lora.scale for n, lora in loras.items()
+               if adapters.scale_of(model, n) != np.float32(lora.scale)}  # stored as float32
+    if changed:
+        adapters.set_scales(model, changed)
+
+
+def baker(model, loras: Sequence[tuple[str | Path, float]]):
+    """`adjust(key, value) -> value` that adds the LoRAs (scaled) to the float tensors of
+    `model`'s layers as a converter streams them (`mlx-edit convert --lora`), and the
+    record [[source, scale], ...] to store in the config. The LoRAs are read and checked
+    against `model` (its structure, before quantization) first: WeightLoadError as
+    `load_lora_file` / `LoRAFile.updates`, before anything is written."""
+    deltas: dict[str, list[tuple[LayerUpdate, float]]] = {}
+    for source, scale in loras:
+        for path, update in load_lora_file(source).updates(model).items():
+            deltas.setdefault(path, []).append((update, float(scale)))
+
+    def adjust(key: str, value: mx.array) -> mx.array:
+        layer, _, leaf = key.rpartition(".")
+        if layer not in deltas or leaf not in ("weight", "bias"):
+            return value
+        total = value.astype(mx.float32)
+        for update, scale in deltas[layer]:
+            if leaf == "weight":
+                total = total + scale * (mx.array(update.a) @ mx.array(update.b)).T
+            elif update.bias is not None:
+                total = total + scale * mx.array(update.bias)
+        return total.astype(value.dtype)
+
+    return adjust, [[str(s), float(c)] for s, c in loras]

@@ -11,7 +11,7 @@ from mlx_edit import _blas  # noqa: F401  (must run before mlx is imported)
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "FluxFill": "mlx_edit.pipeline",
+    "FluxFill": "mlx_edit.fill",
     "FluxPipeline": "mlx_edit.pipeline",
     "FluxKontext": "mlx_edit.kontext",
     "ControlNetSpec": "mlx_edit.conditioning.controlnet",

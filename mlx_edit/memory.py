@@ -35,6 +35,7 @@ from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.sampling.cache import state_bytes
 from mlx_edit.weights.quantize import component_bits, model_nbytes, quantize_component
 
 GB = 1e9
@@ -117,6 +118,7 @@ class _Inputs:
     quantize: int | None
     configs: dict
     lora_params: int = 0
+    cache: object = None
 
 
 class MemoryEstimate(dict):
@@ -128,13 +130,16 @@ class MemoryEstimate(dict):
 
 def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
-             text_tokens: int = TEXT_TOKENS, lora_params: int = 0) -> MemoryEstimate:
+             text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None
+             ) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
     dtype: "float32" / "bfloat16" (or an mx.Dtype); quantize: None, 4 or 8.
     lora_params: LoRA parameters applied unfused (held in `dtype` next to the
     transformer, whatever its quantization; `weights_lora`).
+    cache: the edit's step cache config (mlx_edit.sampling.cache) or None; its state
+    is `cache_state` and counts in the denoise phase.
     Returns a MemoryEstimate (a dict of GB); `peak` is max over PHASES of resident
     weights + that phase's activations + RUNTIME_GB.
     """
@@ -153,7 +158,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
         "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
         + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
         "vae_encode": vae_pass_gb(height, width, size, decode=False, config=cfgs["vae"]),
-        "denoise": transformer_activation_gb(tokens, cfgs["transformer"], num_images, size),
+        "denoise": transformer_activation_gb(tokens, cfgs["transformer"], num_images, size)
+        + state_bytes(cache, cfgs["transformer"], num_images, tokens - text_tokens, text_tokens,
+                      size) / GB,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = max(w["text_encoder"], w["text_encoder_2"])  # CLIP is freed before T5 loads
@@ -164,11 +171,15 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
            "vae_decode": w["vae"]}
     out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
     out.update({f"activations_{k}": v for k, v in act.items()})
+    if cache is not None:
+        out["cache_state"] = state_bytes(cache, cfgs["transformer"], num_images,
+                                         tokens - text_tokens, text_tokens, size) / GB
     for p in PHASES:
         out[f"phase_{p}"] = normal[p] + act[p] + RUNTIME_GB
     out["peak"] = max(out[f"phase_{p}"] for p in PHASES)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in PHASES)
-    out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params)
+    out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
+                         cache)
     return out
 
 
@@ -195,7 +206,7 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
     kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
               quantize=i.quantize, transformer=i.configs["transformer"],
               vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
-              lora_params=i.lora_params)
+              lora_params=i.lora_params, cache=i.cache)
     kw.update(changes)
     return estimate(**kw)
 

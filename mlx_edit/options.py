@@ -87,6 +87,23 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str:
     return _text(name, prompt)
 
 
+def _cache(v: Any):
+    """None, a step cache config, or its spec string ("fbc:0.12") parsed."""
+    if v is None:
+        return None
+    from mlx_edit.sampling import cache  # imports mlx: only when a cache is asked for
+
+    if isinstance(v, str):
+        try:
+            return cache.parse_cache(v)
+        except ValueError as e:
+            raise InputError(f"cache: {e}") from None
+    if not isinstance(v, (cache.FirstBlockCache, cache.TaylorSeer, cache.MagCache)):
+        raise InputError(f"cache must be a FirstBlockCache, TaylorSeer or MagCache (or a "
+                         f"spec such as 'fbc:0.12'), got {type(v).__name__}")
+    return v
+
+
 def _specs(name: str, v: Any, kind: str) -> tuple:
     """A tuple of conditioning specs (dicts are turned into `kind` specs), each validated."""
     if v is None:
@@ -162,6 +179,9 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "keep_best": (("inpaint",), "With --rank: keep only the best K candidates."),
     "rank_model": (("inpaint",), "Ranking CLIP (a CLIPModel folder or repo; default: the "
                                  "model folder's ranker/, else openai/clip-vit-large-patch14)."),
+    "cache": (MODES, "Skip transformer evaluations: fbc:0.12 (First Block Cache threshold), "
+                     "taylorseer:5 (cache interval), mag:0.06 (MagCache threshold); "
+                     "diffusers' settings. Default: none."),
     "segment_model": (("inpaint", "edit"), "SAM 2.1 checkpoint for --mask-point/--mask-box "
                                            "(default: the model folder's segmenter/, else "
                                            "facebook/sam2.1-hiera-large)."),
@@ -217,6 +237,7 @@ class EditOptions:
     keep_best: int | None = None
     rank_model: str | None = None
     segment_model: str | None = None
+    cache: Any = None  # a step cache config (mlx_edit.sampling.cache) or its spec string
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
     width: int | None = None
@@ -276,6 +297,7 @@ class EditOptions:
             raise InputError("keep_best needs rank clip")
         set_("rank_model", _optional(_text, "rank_model", self.rank_model))
         set_("segment_model", _optional(_text, "segment_model", self.segment_model))
+        set_("cache", _cache(self.cache))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], mode: str | None = None) -> EditOptions:

@@ -11,7 +11,6 @@ VAE posterior mode (BFL's choice, and deterministic) instead of a sample.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -34,7 +33,6 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_redux,
 )
 from mlx_edit.conditioning.kontext import kontext_tokens
-from mlx_edit.imaging import masks
 from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
     CONTROL_GUIDANCE,
     DEFAULT_FEATHER,
@@ -45,8 +43,9 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
     check_canvas,
     check_prompt,
 )
-from mlx_edit.imaging.images import InputError, from_array, load_image, load_mask, to_array
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, outpaint_canvas, plan_crop, stitch_back
+from mlx_edit.sampling.cache import CacheConfig, cache_metadata
+from mlx_edit.imaging.images import InputError, from_array, load_mask, to_array
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, plan_crop, stitch_back
 from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import IPAdapterKV
@@ -63,8 +62,6 @@ from mlx_edit.sampling.latents import (
     unscale_latents,
 )
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
-from mlx_edit.imaging.blend import seam_band
-from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights.core import default_dtype, read_config
 from mlx_edit.weights.flux import load_transformer, read_transformer_config
@@ -75,7 +72,6 @@ from mlx_edit.weights.vae import load_vae, read_vae_config
 
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
-SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
 
 
 def _tokens(plan: CropPlan) -> int:
@@ -136,7 +132,7 @@ class FluxPipeline:
         *,
         transformer: str | Path | None = None,
         low_memory: bool = False,
-    ) -> FluxFill:
+    ) -> FluxPipeline:
         """Load from a Hugging Face repo id (downloads only the needed components), a
         local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
 
@@ -329,11 +325,12 @@ class FluxPipeline:
 
     # ------------------------------------------------------------------ preparation
 
-    def memory_estimate(self, width: int, height: int, num_images: int = 1) -> MemoryEstimate:
+    def memory_estimate(self, width: int, height: int, num_images: int = 1,
+                        cache: CacheConfig | None = None) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization."""
+        with this pipeline's models, dtype and quantization (and step cache)."""
         return estimate(
-            width, height, num_images, self.dtype, self.transformer_bits,
+            width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
@@ -368,8 +365,8 @@ class FluxPipeline:
             job.embeds, job.guidance, len(job.sigmas) - 1, job.latents.shape[0])
 
     def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
-             crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None
-             ) -> tuple[CropPlan, Image.Image, np.ndarray]:
+             crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None,
+             cache: CacheConfig | None = None) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit,
         its memory checked (`plan` given: used as it is). Raises InputError (mask empty at
         the model's resolution, or an edit that would not fit in memory: the message lists
@@ -377,7 +374,7 @@ class FluxPipeline:
         if plan is None:
             target = MODEL_PIXELS if crop_to_mask is not False else None
             plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
-        check_fits(self.memory_estimate(*plan.model_size, num_images),
+        check_fits(self.memory_estimate(*plan.model_size, num_images, cache),
                    low_memory=self.low_memory)
         canvas, mask = crop_for_model(image, model_mask, plan)
         if not mask.any():
@@ -426,23 +423,9 @@ class FluxPipeline:
         o = EditOptions.of(options, overrides)
         prompt = check_prompt(prompt)
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
-                                       o.num_images, plan)
+                                       o.num_images, plan, o.cache)
         stats: dict = {}
-        guidance = o.effective_guidance
-        self.components.release()  # low_memory: nothing but the text encoders while encoding
-        with Phase(stats, "text_encode"):
-            embeds = self.encode_prompt(prompt, o.prompt_2, o.max_sequence_length)
-            negative = None
-            if o.negative_prompt is not None and o.true_cfg_scale > 1.0:
-                negative = self.encode_prompt(o.negative_prompt, None, o.max_sequence_length)
-        steps = o.effective_steps
-        ctx = self.context(plan, inner).for_loop(embeds, guidance, steps, o.num_images)
-        ip: list[IPAdapterKV] = []
-        if o.redux or o.ip_adapters:
-            with Phase(stats, "image_prompts"):
-                embeds = prepare_redux(ctx, o.redux, embeds) if o.redux else embeds
-                ip = prepare_ip_adapters(ctx, o.ip_adapters) if o.ip_adapters else []
-            ctx = ctx.for_loop(embeds, guidance, steps, o.num_images)
+        embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             channels = self._channels(ctx, conditioning, pixels, mask)
@@ -451,16 +434,17 @@ class FluxPipeline:
             image_latents = self.encode_image(pixels) \
                 if o.strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
-        sigmas = flux_sigmas(steps, _tokens(plan), self.scheduler_config, o.strength)
+        sigmas = flux_sigmas(ctx.num_steps, _tokens(plan), self.scheduler_config, o.strength)
         if noise is None:
             noise = initial_noise(o.seeds, (_tokens(plan), ctx.latent_channels), mx.float32)
         noise = noise.astype(self.dtype)
         latents = noise if o.strength == 1.0 else \
             noise_latents(image_latents.astype(self.dtype), noise, float(sigmas[0]))
         meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
-        job = EditJob(image, plan, blend, latents, channels, embeds, guidance, sigmas,
+        job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids,
-                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats)
+                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats,
+                      cache=o.cache)
         if keep_source:
             job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
                                               image_latents, noise, sigmas)
@@ -470,6 +454,26 @@ class FluxPipeline:
             stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
             job.metadata.update(control_meta)
         return job
+
+    def _prompts(self, prompt: str, o: EditOptions, plan: CropPlan, inner, stats: dict):
+        """(prompt embeddings (with Redux tokens), negative embeddings or None, IP-Adapter
+        keys/values, the conditioning context for the loop) of an edit; the text encoders
+        (and image-prompt models) are loaded, used and freed here."""
+        self.components.release()  # low_memory: nothing but the text encoders while encoding
+        with Phase(stats, "text_encode"):
+            embeds = self.encode_prompt(prompt, o.prompt_2, o.max_sequence_length)
+            negative = None
+            if o.negative_prompt is not None and o.true_cfg_scale > 1.0:
+                negative = self.encode_prompt(o.negative_prompt, None, o.max_sequence_length)
+        loop = (o.effective_guidance, o.effective_steps, o.num_images)
+        ctx = self.context(plan, inner).for_loop(embeds, *loop)
+        ip: list[IPAdapterKV] = []
+        if o.redux or o.ip_adapters:
+            with Phase(stats, "image_prompts"):
+                embeds = prepare_redux(ctx, o.redux, embeds) if o.redux else embeds
+                ip = prepare_ip_adapters(ctx, o.ip_adapters) if o.ip_adapters else []
+            ctx = ctx.for_loop(embeds, *loop)
+        return embeds, negative, ip, ctx
 
     def _metadata(self, o: EditOptions, plan: CropPlan, cfg: bool, extra: dict | None
                   ) -> dict:
@@ -520,13 +524,15 @@ class FluxPipeline:
                                       controls=job.controls, ip=job.ip, tokens=job.tokens,
                                       token_ids=job.token_ids, after_step=job.after_step,
                                       negative=job.negative,
-                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook):
+                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook,
+                                      cache=job.cache, stats=job.stats):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
             job.stats["denoise_s"] = time.perf_counter() - t0
             job.stats["step_s"] = job.stats["denoise_s"] / n
             job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
+            job.metadata.update(cache_metadata(job.cache, job.stats))
             if self.low_memory:
                 job.controls = ()
 
@@ -577,154 +583,11 @@ class FluxPipeline:
         return images
 
 
-class FluxFill(FluxPipeline):
-    """FLUX.1 Fill inpainting/outpainting, and restyling with FLUX.1 Canny/Depth-dev.
-    Build with `FluxFill.from_pretrained`."""
+def __getattr__(name: str):
+    # FluxFill lives in mlx_edit.fill (it builds on this module); the old import path
+    # `from mlx_edit.pipeline import FluxFill` keeps working.
+    if name == "FluxFill":
+        from mlx_edit.fill import FluxFill
 
-    VARIANTS = ("fill", "control")
-
-    def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
-                progress: Callable[[int, int], None] | None = None,
-                **overrides) -> list[Image.Image]:
-        """Repaint the white area of `mask` in `image` following `prompt`.
-
-        image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
-        mask: path, PIL or array, white = repaint; resized (with a warning) if its size
-        differs; or clicks/boxes (`mlx_edit.segment.Points` / `Box`, segmented first with
-        SAM 2.1: `user_mask`). options: EditOptions, or its fields as keywords (steps, guidance, seed,
-        num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
-        automatic: edit a ~1 MP window around the mask when the image is large),
-        prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
-        the style or subject of reference images), controlnets (ControlNetSpec list:
-        structure to keep; several are summed)); defaults and ranges: mlx_edit.options.
-        Paste-back (mlx_edit.imaging.blend): color_match "none" | "mean-std" | "histogram"
-        (the edit's colours matched to the photo's in a ring around the mask), blend
-        "feather" | "poisson" (seamless cloning; the [blend] extra). soft_mask: the mask's
-        grey levels are per-pixel strengths (differential diffusion,
-        mlx_edit.sampling.soft_mask); everything > 0 is pasted back. seam_fix: px; > 0 runs
-        a second pass at strength SEAM_STRENGTH over a band of that half-width around the
-        blend boundary. rank "clip": candidates ordered by CLIP similarity of the edited
-        region to the prompt (mlx_edit.ranking; scores in the metadata), keep_best K kept;
-        rank_model: a CLIPModel folder or repo (default: the model folder's `ranker/`).
-        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (bad input: a bad option, empty mask, prompt too long; a
-        Canny/Depth transformer loaded instead of Fill), before any model loads.
-        """
-        o = EditOptions.of(options, overrides, "inpaint")
-        check_prompt(prompt)
-        self._require("inpaint")
-        image = load_image(image)
-        user_mask = self.user_mask(image, mask, o.segment_model)
-        model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
-        if o.soft_mask:  # everything the soft mask touches is pasted back
-            blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,
-                                     o.feather)
-        job = self.prepare(image, model_mask, blend, prompt, o, metadata={
-            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
-            "color_match": o.color_match, "blend": o.blend, "soft_mask": o.soft_mask,
-            "seam_fix": o.seam_fix or None})
-        job.paste = {"color_match": o.color_match, "method": o.blend}
-        if o.soft_mask:
-            job.hook = self._soft_mask_hook(job, image, user_mask)
-        images = self.run(job, o.paste_back, progress)
-        if o.seam_fix:
-            band = seam_band(blend, o.seam_fix)
-            images = [self._seam_pass(img, band, prompt, job.paste, o, seed=o.seed + i)
-                      for i, img in enumerate(images)]
-        if o.rank:
-            from mlx_edit.ranking import rank_candidates
-
-            images = rank_candidates(images, prompt, blend, keep_best=o.keep_best,
-                                     rank_model=o.rank_model, model_root=self.root,
-                                     dtype=self.dtype)
-        return images
-
-    def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
-                   o: EditOptions, seed: int) -> Image.Image:
-        """Regenerate `band` of a finished edit at SEAM_STRENGTH; keeps its metadata."""
-        weights = masks.blend_mask(band, 0, 2)
-        seam = dataclasses.replace(EditOptions(), steps=o.steps, guidance=o.guidance,
-                                   crop_to_mask=o.crop_to_mask, prompt_2=o.prompt_2,
-                                   max_sequence_length=o.max_sequence_length, seed=seed,
-                                   strength=SEAM_STRENGTH)
-        job = self.prepare(image, band, weights, prompt, seam, metadata=dict(image.info))
-        job.paste = paste
-        out = self.run(job, True)[0]
-        out.info.update({k: v for k, v in image.info.items()})  # the first pass's values
-        return out
-
-    def _soft_mask_hook(self, job: EditJob, image: Image.Image, soft: np.ndarray):
-        """Differential-diffusion hook for `job`: the canvas's source latents, the noise
-        `prepare` drew from the seeds, per-token strengths of the soft mask."""
-        canvas, m = crop_for_model(image, soft, job.plan, binarize=False)
-        with self.components.using("vae", job.stats):
-            source = self.encode_image(to_array(canvas)).astype(self.dtype)
-            mx.eval(source)
-        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
-        return soft_mask_hook(source, noise, token_strength(m), job.sigmas)
-
-    def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
-                 progress: Callable[[int, int], None] | None = None,
-                 **overrides) -> list[Image.Image]:
-        """Extend `image` by left/right/top/bottom px, generating the new border.
-
-        options: EditOptions or its fields as keywords (left, right, top, bottom, overlap,
-        and the common ones of `inpaint` except strength/grow_mask/feather/paste_back).
-        The original is kept exactly except for an `overlap` px band along each extended
-        side, which is regenerated and blended so the seam does not show.
-        Returns PIL images of size (W + left + right, H + top + bottom).
-        Raises InputError (no expansion, bad values, a canvas too large for the machine,
-        checked before it is allocated; not a Fill transformer).
-        """
-        o = EditOptions.of(options, overrides, "outpaint")
-        check_prompt(prompt)
-        self._require("outpaint")
-        image = load_image(image)
-        w, h = image.size
-        check_canvas(w + o.left + o.right, h + o.top + o.bottom)
-        canvas, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
-                                                    overlap=o.overlap)
-        job = self.prepare(canvas, model_mask, blend, prompt, o, metadata={
-            "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
-            "overlap": o.overlap}, inner=(o.left, o.top, o.left + w, o.top + h))
-        return self.run(job, True, progress)
-
-    def restyle(self, image, control_image, prompt: str, options: EditOptions | None = None,
-                *, mask=None, progress: Callable[[int, int], None] | None = None,
-                **overrides) -> list[Image.Image]:
-        """Repaint `image` following `prompt` while keeping the structure (edges or depth)
-        of `control_image`, with FLUX.1 Canny-dev / Depth-dev (in_channels 128).
-
-        control_image: path, PIL or array, the same framing as `image`; None = `image`
-        itself (for canny). options: EditOptions or its fields as keywords: control_type
-        "canny" (edges computed here; canny_low / canny_high on the 0-255 scale, BFL's
-        50/200), "depth" or "none" (a ready-made map, used as given), and the common ones
-        of `inpaint` except the image prompts and ControlNets.
-        mask: None = the whole image; else white = restyle, and outside the grown and
-        feathered mask the original is kept exactly (crop_to_mask as in `inpaint`).
-        strength < 1 starts from the image (img2img). guidance None: 30 for canny and
-        none, 10 for depth (BFL's defaults).
-        Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
-        Raises InputError (not a Canny/Depth transformer, depth without a control image,
-        bad options, empty mask, prompt too long).
-        """
-        o = EditOptions.of(options, overrides, "restyle")
-        check_prompt(prompt)
-        self._require("restyle")
-        image = load_image(image)
-        if control_image is None and o.control_type != "canny":
-            raise InputError(f"--control-type {o.control_type} needs --control-image (a "
-                             "ready-made map: no depth estimator is bundled)")
-        if mask is None:
-            model_mask = blend = np.ones(image.size[::-1], np.float32)
-        else:
-            model_mask, blend = masks.edit_masks(load_mask(mask, image.size), o.grow_mask,
-                                                 o.feather)
-        conditioner = bfl_conditioner(image if control_image is None else control_image,
-                                      o.control_type, canny_low=o.canny_low,
-                                      canny_high=o.canny_high)
-        job = self.prepare(image, model_mask, blend, prompt, o, conditioning=conditioner,
-                           metadata={"mode": "restyle", "control_type": o.control_type,
-                                     "masked": mask is not None, "grow_mask": o.grow_mask,
-                                     "feather": o.feather})
-        return self.run(job, o.paste_back, progress)
+        return FluxFill
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,3 +58,12 @@ def test_bench_lora_overhead_line(repo_root):
                 "--text-tokens", "8", "--ranks", "4", "--counts", "1,2", "--reps", "1")
     assert re.fullmatch(r"lora rank 4 x1 unfused overhead: -?[\d.]+%  \(FLOP share [\d.]+%\)",
                         last), last
+
+
+def test_bench_cache_reports_evaluations(repo_root):
+    last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",
+                "--text-tokens", "8", "--steps", "6", "--cache", "mag:0.24,retention=0")
+    m = re.fullmatch(r"cache mag:0.24,retention=0: evals (\d)/6 speed-up [\d.]+ psnr "
+                     r"([\d.]+) dB", last)
+    assert m, last
+    assert int(m.group(1)) < 6

@@ -21,6 +21,7 @@ import click
 
 from mlx_edit import __version__
 from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_conditioning
+from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option
 from mlx_edit.options import FIELDS, MAX_SEED, RESTYLE_CONTROL_TYPES, default
@@ -43,6 +44,8 @@ def _field_option(name: str):
     if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)
+    if name == "cache":  # a spec string, parsed into its config by the option type
+        return click.option(flag, type=CacheSpec(), default=None, help=text)
     if name == "control_type":
         return click.option(flag, type=click.Choice(RESTYLE_CONTROL_TYPES), default=value,
                             show_default=True, help=text)
@@ -148,7 +151,7 @@ def _stats_line(s: dict) -> str:
     load = sum(v for k, v in s.items() if k.startswith("load") and k.endswith("_s"))
     return (f"load {load:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
             f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  "
-            f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB")
+            f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB{cache_summary(s)}")
 
 
 def click_mask(opts: dict, mask: Path | None, required: bool):
@@ -218,36 +221,9 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
             if path is not None:
                 check_output(path, opts["overwrite"], inputs)
 
-    from tqdm import tqdm
-
-    from mlx_edit import variants
-    from mlx_edit.kontext import FluxKontext
-    from mlx_edit.pipeline import FluxFill
-
-    cls = FluxKontext if mode == "edit" else FluxFill
-    pipe = cls.from_pretrained(
-        opts["model"] or variants.for_edit(mode).repo,
-        quantize=int(opts["quantize"]) if opts["quantize"] else None,
-        transformer=opts["transformer"], low_memory=opts["low_memory"])
-    apply_loras(pipe, opts.get("lora", ()))
-    bars = []  # made at the first step: an error before it stays one line
-
-    def progress(step, total):
-        if not bars:
-            bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
-        bars[0].update(1)
-
-    if mode == "inpaint":
-        images = pipe.inpaint(image, clicks or mask, prompt, options, progress=progress)
-    elif mode == "restyle":
-        images = pipe.restyle(image, control_image, prompt, options, mask=mask, progress=progress)
-    elif mode == "edit":
-        images = pipe.edit([image, *references], prompt, options, mask=clicks or mask,
-                           progress=progress)
-    else:
-        images = pipe.outpaint(image, prompt, options, progress=progress)
-    for bar in bars:
-        bar.close()
+    pipe = _load(mode, opts)
+    images = _edit(pipe, mode, image, clicks or mask, control_image, references, prompt,
+                   options)
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):
@@ -259,6 +235,49 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     for png, _ in outputs:
         click.echo(str(png))
     click.echo(_stats_line(pipe.last_stats), err=True)
+
+
+def _load(mode: str, opts: dict):
+    """The pipeline of `mode` (FluxKontext for edit, else FluxFill) with its LoRAs."""
+    from mlx_edit import variants
+    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.pipeline import FluxFill
+
+    cls = FluxKontext if mode == "edit" else FluxFill
+    pipe = cls.from_pretrained(
+        opts["model"] or variants.for_edit(mode).repo,
+        quantize=int(opts["quantize"]) if opts["quantize"] else None,
+        transformer=opts["transformer"], low_memory=opts["low_memory"])
+    apply_loras(pipe, opts.get("lora", ()))
+    return pipe
+
+
+def _edit(pipe, mode: str, image: Path, mask, control_image, references, prompt: str,
+          options) -> list:
+    """Run `mode`'s edit with a progress bar (made at the first step, closed before any
+    error line); returns the images."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(step, total):
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
+        bars[0].update(1)
+
+    try:
+        if mode == "inpaint":
+            return pipe.inpaint(image, mask, prompt, options, progress=progress)
+        if mode == "restyle":
+            return pipe.restyle(image, control_image, prompt, options, mask=mask,
+                                progress=progress)
+        if mode == "edit":
+            return pipe.edit([image, *references], prompt, options, mask=mask,
+                             progress=progress)
+        return pipe.outpaint(image, prompt, options, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 @click.group(cls=OneLineGroup)

@@ -12,8 +12,9 @@ map diffusers' separate projections into it (mlx_edit/weights/flux.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -125,25 +126,45 @@ class DoubleBlock(nn.Module):
         self.img_mlp = MLP(h, cfg.mlp_hidden)
         self.txt_mlp = MLP(h, cfg.mlp_hidden)
 
-    def __call__(self, img, txt, vec, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
-        img_mod = mx.split(self.img_mod(vec), 6, axis=-1)
-        txt_mod = mx.split(self.txt_mod(vec), 6, axis=-1)
+    def modulation(self, vec: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """Shift/scale/gate vectors of both streams from silu(vec) (B, hidden): 6 + 6."""
+        return mx.split(self.img_mod(vec), 6, axis=-1), mx.split(self.txt_mod(vec), 6, axis=-1)
+
+    def attend(self, img, txt, mods, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
+        """The block's attention (diffusers `transformer_blocks.i.attn`): (image output
+        (B, N, hidden), text output (B, L, hidden)) after the output projections, plus the
+        IP-Adapter sum (B, N, hidden) as a third item when `ip` is given."""
+        img_mod, txt_mod = mods
         iq, ik, iv = self.img_attn.qkv_heads(modulate(img, img_mod[0], img_mod[1]), self.heads)
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, txt_mod[0], txt_mod[1]), self.heads)
         q = apply_rope(mx.concatenate([tq, iq], axis=2), rope)
         k = apply_rope(mx.concatenate([tk, ik], axis=2), rope)
         out = attention(q, k, mx.concatenate([tv, iv], axis=2))
         n_txt = txt.shape[1]
-        txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
+        outs = (self.img_attn.proj(out[:, n_txt:]), self.txt_attn.proj(out[:, :n_txt]))
+        if not ip:
+            return outs
+        # IP-Adapter: image query after QK norm, before RoPE, summed over adapters
+        # (FluxIPAdapterAttnProcessor's third output).
+        ip_out = ip[0].scale[index] * attention(iq, ip[0].k[index], ip[0].v[index])
+        for adapter in ip[1:]:
+            ip_out = ip_out + adapter.scale[index] * attention(iq, adapter.k[index], adapter.v[index])
+        return (*outs, ip_out)
 
-        img = img + img_mod[2][:, None] * self.img_attn.proj(img_out)
+    def finish(self, img, txt, mods, outs):
+        """Gated attention residuals and the two MLPs, given `attend`'s outputs."""
+        img_mod, txt_mod = mods
+        img = img + img_mod[2][:, None] * outs[0]
         img = img + img_mod[5][:, None] * self.img_mlp(modulate(img, img_mod[3], img_mod[4]))
-        for adapter in ip:
-            # IP-Adapter: image query after QK norm, before RoPE (FluxIPAdapterAttnProcessor).
-            img = img + adapter.scale[index] * attention(iq, adapter.k[index], adapter.v[index])
-        txt = txt + txt_mod[2][:, None] * self.txt_attn.proj(txt_out)
+        if len(outs) > 2:
+            img = img + outs[2]
+        txt = txt + txt_mod[2][:, None] * outs[1]
         txt = txt + txt_mod[5][:, None] * self.txt_mlp(modulate(txt, txt_mod[3], txt_mod[4]))
         return img, txt
+
+    def __call__(self, img, txt, vec, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
+        mods = self.modulation(vec)
+        return self.finish(img, txt, mods, self.attend(img, txt, mods, rope, ip, index))
 
 
 class SingleBlock(QKNorm):
@@ -159,12 +180,39 @@ class SingleBlock(QKNorm):
         self.linear2 = nn.Linear(h + cfg.mlp_hidden, h)
 
     def __call__(self, x, vec, rope):
+        return self.forward(x, vec, rope)[0]
+
+    def forward(self, x, vec, rope, attn: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """(output, attention output) for the joint sequence x (B, L + N, hidden).
+
+        attn: a given attention output (B, L + N, hidden) (diffusers
+        `single_transformer_blocks.i.attn`, before linear2) replaces the computed one;
+        then only the MLP rows of the fused input projection run."""
         shift, scale, gate = mx.split(self.modulation(vec), 3, axis=-1)
-        qkv, mlp = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden], axis=-1)
-        q, k, v = _split_heads(qkv, self.heads)
-        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
-        out = mx.concatenate([attention(q, k, v), gelu_tanh(mlp)], axis=-1)
-        return x + gate[:, None] * self.linear2(out)
+        h = modulate(x, shift, scale)
+        if attn is None:
+            qkv, mlp = mx.split(self.linear1(h), [3 * self.hidden], axis=-1)
+            q, k, v = _split_heads(qkv, self.heads)
+            q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
+            attn = attention(q, k, v)
+        else:
+            mlp = linear_rows(self.linear1, 3 * self.hidden, h)
+        out = mx.concatenate([attn, gelu_tanh(mlp)], axis=-1)
+        return x + gate[:, None] * self.linear2(out), attn
+
+
+def linear_rows(layer: nn.Module, start: int, x: mx.array) -> mx.array:
+    """`layer(x)[..., start:]`, computing only those output rows for plain and quantized
+    Linear layers (other wrappers, e.g. LoRA, run whole and are sliced)."""
+    if type(layer) is nn.Linear:
+        y = x @ layer.weight[start:].T
+    elif type(layer) is nn.QuantizedLinear and getattr(layer, "mode", "affine") == "affine":
+        y = mx.quantized_matmul(x, layer.weight[start:], layer.scales[start:],
+                                layer.biases[start:], transpose=True,
+                                group_size=layer.group_size, bits=layer.bits)
+    else:
+        return layer(x)[..., start:]
+    return y + layer.bias[start:] if "bias" in layer else y
 
 
 class FinalLayer(nn.Module):
@@ -225,6 +273,82 @@ class FluxTransformer(nn.Module):
         ids = mx.concatenate([txt_ids, img_ids], axis=0)
         return rope_table(ids, self.config.axes_dims_rope, self.config.theta)
 
+    def embed(self, img, txt, timestep, pooled, guidance=None):
+        """(image tokens (B, N, hidden), text tokens (B, L, hidden), modulation vector
+        (B, hidden)): the input projections and `embed_conditioning`."""
+        dtype = self.img_in.weight.dtype
+        vec = self.embed_conditioning(timestep, pooled, guidance)
+        return self.img_in(img.astype(dtype)), self.txt_in(txt.astype(dtype)), vec
+
+    def blocks(
+        self,
+        x: mx.array,
+        ctx: mx.array,
+        vec: mx.array,
+        rope: mx.array,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        controlnet: Sequence[ControlResiduals] = (),
+        ip: Sequence[IPAdapterKV] = (),
+        replace: Mapping[str, tuple[mx.array, ...]] | None = None,
+        record: Collection[str] = (),
+    ) -> BlockPass:
+        """Blocks `start` to `stop` (exclusive) of the stack (double blocks, then single
+        blocks), each followed by its ControlNet residual.
+
+        x (B, N, hidden), ctx (B, L, hidden): the streams entering block `start`; vec
+        (B, hidden) from `embed`. replace: unit name (see `cache_units`) -> outputs that
+        stand in for that unit (a step cache's prediction); record: unit names whose
+        outputs are returned in `BlockPass.taps`. Unit outputs: `transformer_blocks.i`
+        (text, image), `transformer_blocks.i.attn` `DoubleBlock.attend`'s tuple,
+        `single_transformer_blocks.i[.attn]` one joint (B, L + N, hidden) array.
+        """
+        n_double = len(self.double_blocks)
+        stop = n_double + len(self.single_blocks) if stop is None else stop
+        replace, taps = replace or {}, {}
+        silu_vec = nn.silu(vec)
+        raw = x
+        for i in range(start, min(stop, n_double)):
+            name = f"transformer_blocks.{i}"
+            if name in replace:
+                ctx, x = replace[name]
+            else:
+                block = self.double_blocks[i]
+                mods = block.modulation(silu_vec)
+                outs = replace.get(f"{name}.attn") or block.attend(x, ctx, mods, rope, ip, i)
+                if f"{name}.attn" in record:
+                    taps[f"{name}.attn"] = outs
+                x, ctx = block.finish(x, ctx, mods, outs)
+            if name in record:
+                taps[name] = (ctx, x)
+            raw, x = x, add_control(x, controlnet, i, i + 1, n_double, len(self.single_blocks))
+        if stop <= n_double:
+            return BlockPass(x, ctx, raw, taps)
+        n_txt = ctx.shape[1]
+        joint = mx.concatenate([ctx, x], axis=1)
+        for j in range(max(start - n_double, 0), stop - n_double):
+            name = f"single_transformer_blocks.{j}"
+            if name in replace:
+                joint = replace[name][0]
+            else:
+                given = replace.get(f"{name}.attn", (None,))[0]
+                joint, attn = self.single_blocks[j].forward(joint, silu_vec, rope, given)
+                if f"{name}.attn" in record:
+                    taps[f"{name}.attn"] = (attn,)
+            if name in record:
+                taps[name] = (joint,)
+            raw = joint[:, n_txt:]
+            if any(res.single for res in controlnet):
+                img = add_control(raw, controlnet, n_double + j, n_double + j + 1, n_double,
+                                  len(self.single_blocks))
+                joint = mx.concatenate([joint[:, :n_txt], img], axis=1)
+        return BlockPass(joint[:, n_txt:], joint[:, :n_txt], raw, taps)
+
+    def final(self, x: mx.array, vec: mx.array) -> mx.array:
+        """The output layer (diffusers norm_out + proj_out): (B, N, out_channels)."""
+        return self.final_layer(x, vec)
+
     def __call__(
         self,
         img: mx.array,
@@ -251,32 +375,48 @@ class FluxTransformer(nn.Module):
             ip: precomputed IP-Adapter keys/values (see IPAdapterKV).
             rope: a precomputed `self.rope(img_ids, txt_ids)` (computed here if None).
         Returns:
-            (B, N, out_channels) in the model dtype.
+            (B, N, out_channels) in the model dtype. Step caches compose the same pieces
+            (`embed`, `blocks`, `add_control`, `final`; mlx_edit/sampling/cache.py).
         """
-        dtype = self.img_in.weight.dtype
-        vec = self.embed_conditioning(timestep, pooled, guidance)
         if rope is None:
             rope = self.rope(img_ids, txt_ids)
-        x = self.img_in(img.astype(dtype))
-        ctx = self.txt_in(txt.astype(dtype))
-        controlnet, ip = controlnet or (), ip or ()
-        silu_vec = nn.silu(vec)
+        x, ctx, vec = self.embed(img, txt, timestep, pooled, guidance)
+        out = self.blocks(x, ctx, vec, rope, controlnet=controlnet or (), ip=ip or ())
+        return self.final(out.img, vec)
 
-        n_double = len(self.double_blocks)
-        for i, block in enumerate(self.double_blocks):
-            x, ctx = block(x, ctx, silu_vec, rope, ip, i)
-            for res in controlnet:
-                if res.double:
-                    x = x + res.double[residual_index(i, n_double, len(res.double), res.repeat)]
 
-        n_txt = ctx.shape[1]
-        x = mx.concatenate([ctx, x], axis=1)
-        n_single = len(self.single_blocks)
-        for i, block in enumerate(self.single_blocks):
-            x = block(x, silu_vec, rope)
-            for res in controlnet:
-                if res.single:
-                    r = res.single[residual_index(i, n_single, len(res.single), False)]
-                    x = mx.concatenate([x[:, :n_txt], x[:, n_txt:] + r], axis=1)
-        return self.final_layer(x[:, n_txt:], vec)
+class BlockPass(NamedTuple):
+    """`FluxTransformer.blocks`' result: the image (B, N, hidden) and text (B, L, hidden)
+    streams after the last block and its ControlNet residual; `raw`, the last block's image
+    output before that residual (diffusers' hooks see block outputs, not the residuals);
+    `taps`, the recorded unit outputs."""
 
+    img: mx.array
+    txt: mx.array
+    raw: mx.array
+    taps: dict[str, tuple[mx.array, ...]]
+
+
+def add_control(x: mx.array, controlnet: Sequence[ControlResiduals], start: int, stop: int,
+                n_double: int, n_single: int) -> mx.array:
+    """Image tokens x (B, N, hidden) plus the ControlNet residuals of blocks start..stop-1
+    (double blocks first, then single), in block order, as diffusers adds them after each
+    block (also after blocks a step cache skipped)."""
+    for b in range(start, stop):
+        for res in controlnet:
+            if b < n_double and res.double:
+                x = x + res.double[residual_index(b, n_double, len(res.double), res.repeat)]
+            elif b >= n_double and res.single:
+                x = x + res.single[residual_index(b - n_double, n_single, len(res.single), False)]
+    return x
+
+
+def cache_units(cfg: FluxConfig) -> list[str]:
+    """The units a step cache may replace or record, by their diffusers module names
+    (FluxTransformer2DModel), in call order: each block and its attention, then proj_out."""
+    names = []
+    for i in range(cfg.num_layers):
+        names += [f"transformer_blocks.{i}", f"transformer_blocks.{i}.attn"]
+    for i in range(cfg.num_single_layers):
+        names += [f"single_transformer_blocks.{i}", f"single_transformer_blocks.{i}.attn"]
+    return [*names, "proj_out"]

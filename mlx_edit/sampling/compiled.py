@@ -52,7 +52,8 @@ def _euler(latents: mx.array, velocity: mx.array, dt: mx.array) -> mx.array:
     return out.astype(latents.dtype)
 
 
-def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> StepFn:
+def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
+              forward: Callable[..., mx.array] | None = None) -> StepFn:
     """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
     rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> latents at the next
     sigma`.
@@ -70,9 +71,15 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> S
     compile: None -> `compile_enabled()` (GPU: on, CPU: off; MLX_EDIT_COMPILE forces it).
     A new ControlNet count, residual list length or IP-Adapter scale triggers one
     retrace, not an error.
+
+    forward: a step cache's `velocity(img, txt, timestep, pooled, guidance, rope,
+    controlnet, ip)` (mlx_edit/sampling/cache.py) in place of the transformer call; its
+    decisions read arrays mid-step (First Block Cache) and its state changes per step, so
+    the step then runs uncompiled whatever `compile` says (`step.compiled` is False).
     """
     if compile is None:
         compile = compile_enabled()
+    compile = compile and forward is None
 
     def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
              dt, residuals, repeats, ip_kv, ip_scales, tokens, negative):
@@ -82,6 +89,8 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None) -> S
         x, n = model_input(latents, conditioning, tokens), latents.shape[1]
 
         def velocity(txt, pooled):
+            if forward is not None:  # a step cache's forward (mlx_edit.sampling.cache)
+                return forward(x, txt, timestep, pooled, guidance, rope, controlnet, ip)[:, :n]
             return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
                                controlnet=controlnet, ip=ip, rope=rope)[:, :n]
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.imaging.stitch import CropPlan
+from mlx_edit.sampling import cache as step_cache
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.compiled import make_step, step_dt
@@ -44,6 +45,7 @@ class EditJob:
     latents: initial packed latents (B, N, 64); conditioning: channels (1|B, N, K) (Fill
     320, Canny/Depth 64) or None; tokens / token_ids: extra sequence tokens (1, M, 64) and
     their position ids (M, 3) appended after the latents (Kontext references) or None;
+    cache: the step cache of the loop (None: every step evaluated);
     sigmas: float32 (n+1,); plan / blend: where the canvas maps back into the original.
     """
 
@@ -67,6 +69,7 @@ class EditJob:
     stats: dict = field(default_factory=dict)
     hook: Callable[[int, mx.array], mx.array] | None = None  # per-step (soft masks)
     paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
+    cache: step_cache.CacheConfig | None = None
 
 
 class Phase:
@@ -102,6 +105,8 @@ def denoise(
     true_cfg_scale: float = 1.0,
     compile: bool | None = None,
     hook: Callable[[int, mx.array], mx.array] | None = None,
+    cache: step_cache.CacheConfig | None = None,
+    stats: dict | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -109,33 +114,35 @@ def denoise(
     channel axis every step (Fill: 320 channels) or None; img_ids (N, 3); tokens (1|B, M,
     64) with token_ids (M, 3): reference tokens appended after the latents on the sequence
     axis, the velocity taken on the first N outputs (Kontext, BFL sampling.py denoise;
-    diffusers FluxKontextPipeline). after_step: applied to the latents after each step
-    (`keep_source`: the source outside a mask). negative / true_cfg_scale: true
-    classifier-free guidance, `neg + scale * (pos - neg)` per step, used when scale > 1
-    and a negative prompt is given (diffusers FluxKontextPipeline / FluxPipeline; its T5
-    length must equal the prompt's). Yields (step index,
-    latents at sigmas[i+1]) after each step, evaluated, so the caller can report
-    progress, preview or stop. RoPE and the text batch are built once, not per step.
-    compile: the step under `mx.compile` (None: on a GPU, off on the CPU; see
-    mlx_edit/compiled.py).
-    hook: optional `hook(i, latents) -> latents`, applied before step i to the latents at
-    sigmas[i] (soft masks: mlx_edit.sampling.soft_mask.soft_mask_hook).
+    diffusers FluxKontextPipeline). hook / after_step: applied to the latents before step
+    i (at sigmas[i]; soft masks, sampling.soft_mask) / after it (`keep_source`).
+    negative / true_cfg_scale: true CFG, `neg + scale * (pos - neg)` per step when scale
+    > 1 (diffusers FluxKontextPipeline; same T5 length as the prompt). cache: a step cache
+    (sampling.cache: FirstBlockCache, TaylorSeer, MagCache) or None; stats gets after every
+    step `transformer_evals` / `transformer_skipped` (+ `cache_steps`, C computed / s
+    skipped, and `cache_info` with a cache). compile: the step under `mx.compile` (None:
+    on a GPU only; sampling/compiled.py). Yields (i, latents at sigmas[i+1]), evaluated,
+    so the caller can report progress, preview or stop. RoPE and the text batch are built
+    once. Raises ValueError for a cache the transformer cannot run, or with true CFG.
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
     ids = img_ids if tokens is None else mx.concatenate([img_ids, token_ids], axis=0)
     rope = transformer.rope(ids, txt_ids)
-    txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
-    pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
+    txt, pooled = _batched(embeds, b)
     g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
     cfg = None
     if negative is not None and true_cfg_scale > 1.0:
-        cfg = (mx.broadcast_to(negative.txt, (b, *negative.txt.shape[1:])),
-               mx.broadcast_to(negative.pooled, (b, negative.pooled.shape[-1])),
-               mx.array(true_cfg_scale, dtype=mx.float32))
-    step = make_step(transformer, compile=compile)
-    for i in range(len(sigmas) - 1):
+        if cache is not None:
+            raise ValueError("a step cache and true CFG together are not supported: the "
+                             "cache's decisions assume one evaluation per step")
+        cfg = (*_batched(negative, b), mx.array(true_cfg_scale, dtype=mx.float32))
+    n = len(sigmas) - 1
+    state = None if cache is None else step_cache.start(cache, transformer, n)
+    step = make_step(transformer, compile=compile,
+                     forward=None if state is None else state.velocity)
+    for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
             latents = hook(i, latents)
@@ -145,8 +152,25 @@ def denoise(
                        controlnet=residuals, ip=ip, tokens=tokens, negative=cfg)
         if after_step is not None:
             latents = after_step(i, latents)
-        mx.eval(latents)
+        mx.eval(latents, *(state.arrays() if state else ()))
+        if stats is not None:
+            _count(stats, i, state)
         yield i, latents
+
+
+def _batched(embeds: PromptEmbeds, b: int) -> tuple[mx.array, mx.array]:
+    """(T5 sequence (b, L, D), CLIP pooled (b, P)) of `embeds` broadcast to the batch."""
+    return (mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:])),
+            mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1])))
+
+
+def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:
+    computed = [True] * (i + 1) if state is None else state.computed
+    stats["transformer_evals"] = sum(computed)
+    stats["transformer_skipped"] = len(computed) - sum(computed)
+    if state is not None:  # per step: C computed in full, s skipped or predicted
+        stats["cache_steps"] = "".join("C" if c else "s" for c in computed)
+        stats["cache_info"] = state.info
 
 
 def keep_source(mask: mx.array, image_latents: mx.array, noise: mx.array,

@@ -1,0 +1,125 @@
+"""Step caches: transformer evaluations skipped, wall time and PSNR against the uncached run.
+
+    python benchmarks/bench_cache.py --preset wide --image-tokens 256 --text-tokens 128 \
+        [--double 1 --single 2] [--steps 28] [--cache fbc:0.12 --cache mag:0.06 ...]
+
+RANDOM WEIGHTS: diffusers' FluxTransformer2DModel built from the preset's config under
+torch.manual_seed (as bench_transformer.py), loaded into ours; Fill inputs are random
+(noise latents, conditioning, T5/CLIP embeddings), the schedule FLUX.1-Fill's for the token
+count. The caches' skip patterns depend on the weights: a random model's first-block
+residual changes 0.3-0.6 per step (relative), a trained FLUX's far less, so thresholds for
+real FLUX come from the references (diffusers docs / ParaAttention FBC 0.08-0.12,
+MagCache 0.06 with FLUX.1-dev's ratios, TaylorSeer interval 5) and are listed first;
+the "fixture-scaled" thresholds after them only show the mechanics on these weights.
+
+Per setting (`--cache` specs as the CLI's; "none" is the uncached run): full transformer
+evaluations / steps, the per-step pattern (C computed, s skipped or predicted), the
+denoise wall time (one run, evaluated) and its speed-up, and the PSNR of the final
+latents against the uncached ones (peak-to-peak of the uncached latents; latents, not
+decoded images). Last line: `cache <spec>: evals N/S speed-up X psnr Y dB` for the last
+setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (first: mlx_edit -> OpenBLAS before mlx)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_transformer import build_reference, make_inputs, to_ours  # noqa: E402
+from mlx_edit.sampling.cache import parse_cache  # noqa: E402
+from mlx_edit.models.flux import FluxConfig  # noqa: E402
+from mlx_edit.sampling.denoise import PromptEmbeds, denoise  # noqa: E402
+from mlx_edit.sampling.sampler import SchedulerConfig, flux_sigmas  # noqa: E402
+
+REFERENCE_SETTINGS = ("fbc:0.08", "fbc:0.12", "taylorseer:5", "taylorseer:5,lite",
+                      "mag:0.06", "mag:0.12")
+FIXTURE_SETTINGS = ("fbc:0.4", "fbc:0.5")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="wide", choices=("tiny", "small", "wide"))
+    ap.add_argument("--image-tokens", type=int, default=256)
+    ap.add_argument("--text-tokens", type=int, default=128)
+    ap.add_argument("--double", type=int, default=1, help="double (joint) blocks")
+    ap.add_argument("--single", type=int, default=2, help="single blocks")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--guidance", type=float, default=30.0)
+    ap.add_argument("--cache", action="append", default=None,
+                    help="a --cache spec (repeatable); default: the reference and "
+                         "fixture-scaled settings")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    mse = float(np.mean((x.astype(np.float64) - ref) ** 2))
+    peak = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def run(model, inp: dict, sigmas: np.ndarray, guidance: float, cache) -> tuple[dict, np.ndarray]:
+    img = mx.array(inp["img"])
+    embeds = PromptEmbeds(mx.array(inp["txt"]), mx.array(inp["pooled"]))
+    stats: dict = {}
+    t0 = time.perf_counter()
+    *_, (_, latents) = denoise(model, img[..., :64], img[..., 64:], mx.array(inp["img_ids"]),
+                               embeds, sigmas, guidance, cache=cache, stats=stats)
+    stats["wall_s"] = time.perf_counter() - t0
+    return stats, np.array(latents)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
+    ref_model, cfg_dict = build_reference(args.preset, args.double, args.single, args.seed,
+                                          "float32")
+    model = to_ours(ref_model, cfg_dict, "float32", None)
+    del ref_model
+    cfg = FluxConfig.from_dict(cfg_dict)
+    inp = make_inputs(cfg, args.image_tokens, args.text_tokens, args.seed)
+    sigmas = flux_sigmas(args.steps, args.image_tokens, SchedulerConfig())
+    print(f"RANDOM WEIGHTS, preset {args.preset}: hidden {cfg.hidden_size}, {args.double} "
+          f"double + {args.single} single blocks; {args.image_tokens} image + "
+          f"{args.text_tokens} text tokens; {args.steps} steps; float32")
+    specs = args.cache or [*REFERENCE_SETTINGS, *FIXTURE_SETTINGS]
+    run(model, inp, sigmas[:3], args.guidance, None)  # warm-up (allocator, BLAS threads)
+    base_stats, base = run(model, inp, sigmas, args.guidance, None)
+    rows = [("none", f"{args.steps}/{args.steps}", "C" * args.steps,
+             f"{base_stats['wall_s']:.1f}", "1.00", "inf")]
+    line, changes, results = "", None, []
+    for spec in specs:
+        stats, latents = run(model, inp, sigmas, args.guidance, parse_cache(spec))
+        results.append((spec, stats, latents))
+        changes = changes or stats["cache_info"].get("relative_change")  # first FBC run
+    # the uncached run again: on a shared machine the load drifts during the benchmark
+    again, _ = run(model, inp, sigmas, args.guidance, None)
+    rows.append(("none (again)", f"{args.steps}/{args.steps}", "C" * args.steps,
+                 f"{again['wall_s']:.1f}", "", ""))
+    base_s = (base_stats["wall_s"] + again["wall_s"]) / 2
+    for spec, stats, latents in results:
+        speedup = base_s / stats["wall_s"]
+        evals = f"{stats['transformer_evals']}/{args.steps}"
+        rows.append((spec, evals, stats["cache_steps"], f"{stats['wall_s']:.1f}",
+                     f"{speedup:.2f}", f"{psnr(latents, base):.1f}"))
+        line = f"cache {spec}: evals {evals} speed-up {speedup:.2f} psnr {rows[-1][-1]} dB"
+    print(common.table(rows, ("cache", "evals", "per step", "denoise s",
+                              "speed-up (vs mean none)", "latent PSNR dB")))
+    if changes:
+        c = np.array([x for x in changes if x is not None])
+        print(f"first-block relative change per step (first FBC run): min {c.min():.3f} "
+              f"median {np.median(c):.3f} max {c.max():.3f}")
+    print(line or "cache none: no settings")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@
     python benchmarks/bench_lora.py [--hidden 3072] [--double 1 --single 2] \
         [--image-tokens 1024 --text-tokens 512] [--ranks 16,64] [--counts 1,3] \
         [--quantize 8] [--reps 3]
+    python benchmarks/bench_lora.py --layer [--image-tokens 384 --ranks 64]   # one linear1
 
 Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
 default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks.
@@ -16,6 +17,8 @@ seconds (rows interleaved round by round, so load changes hit all of them; one w
 per row and round) and the overhead against no LoRA; the ideal LoRA FLOPs as a share of
 the LoRA'd layers' FLOPs. Last line:
 `lora rank R x1 unfused overhead: X%  (FLOP share Y%)` for the largest rank.
+--layer times one single block's fused input projection (3072 -> 21504) alone, with one
+LoRA whose q, k, v and MLP parts have their own downs (the stacked case).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (first: mlx_edit -> OpenBLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_edit.models import lora as L  # noqa: E402
@@ -53,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--counts", default="1,3")
     p.add_argument("--quantize", type=int, default=None, help="4 or 8: quantized base")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--layer", action="store_true", help="time one linear1 layer only")
     return p.parse_args(argv)
 
 
@@ -87,6 +92,27 @@ def flop_share(cfg: FluxConfig, rank: int) -> float:
     return sum(rank * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
 
 
+def layer_overhead(args, cfg: FluxConfig) -> None:
+    """Median ms of linear1 alone and with one stacked LoRA per rank (module docstring)."""
+    h, m, n = cfg.hidden_size, cfg.mlp_hidden, args.image_tokens + args.text_tokens
+    base = nn.Linear(h, 3 * h + m)
+    x = mx.random.normal((1, n, h))
+    mx.eval(base.parameters(), x)
+    g = np.random.default_rng(0)
+    ms = common.med(common.median_time(lambda: mx.eval(base(x)), args.reps)) * 1e3
+    print(f"linear1 {h} -> {3 * h + m}, {n} tokens: {ms:.1f} ms")
+    for rank in (int(r) for r in args.ranks.split(",")):
+        parts = [L.Part(o, g.standard_normal((rank, h)).astype(np.float32) * 0.01,
+                        g.standard_normal((rows, rank)).astype(np.float32) * 0.01)
+                 for o, rows in ((0, h), (h, h), (2 * h, h), (3 * h, m))]
+        layer = L.LoRALinear(base)
+        layer.add("l", L.combine(parts, h, 3 * h + m), 0.8, mx.float32)
+        s = common.med(common.median_time(lambda f=layer: mx.eval(f(x)), args.reps)) * 1e3
+        ideal = rank * (4 * h + 3 * h + m) / (h * (3 * h + m))
+        print(f"lora rank {rank} on linear1: {s:.1f} ms ({100 * (s / ms - 1):+.1f}%, "
+              f"FLOP share {100 * ideal:.1f}%)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = FluxConfig.from_dict(dict(
@@ -94,6 +120,9 @@ def main(argv=None) -> int:
         attention_head_dim=128, num_attention_heads=args.hidden // 128, joint_attention_dim=4096,
         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)))
     print("\n".join(common.machine_header(" ".join(["bench_lora.py", *(argv or sys.argv[1:])]))))
+    if args.layer:
+        layer_overhead(args, cfg)
+        return 0
     model = FluxTransformer(cfg)
     mx.eval(model.parameters())
     if args.quantize:

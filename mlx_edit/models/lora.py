@@ -159,29 +159,42 @@ class LoRALinear(nn.Module):
         self.adapters[name] = entry
         self._layouts[name] = list(update.layout)
 
-    def _through_b(self, name: str, xa: mx.array) -> mx.array:
-        """xa (..., R) = x @ A through the blocks of B -> (..., out); see LayerUpdate."""
+    def _through_b(self, name: str, xa: mx.array, y: mx.array | None = None) -> mx.array:
+        """xa (..., R) = x @ A through the blocks of B -> (..., out), added to `y` when
+        given. Why this shape: on the CPU backend every elementwise pass over (..., out)
+        runs on one thread, so the blocks accumulate into y's row slices with addmm (one
+        GEMM each) and only the final concatenation passes over the output."""
         entry, layout = self.adapters[name], self._layouts[name]
-        out = self.shape[0]
-        if len(layout) == 1 and layout[0] == (0, 0) and entry["b"][0].shape == (xa.shape[-1], out):
-            return xa @ entry["b"][0]
+        out, blocks = self.shape[0], entry["b"]
+        spans = [(row, row + blk.shape[1]) for (row, _), blk in zip(layout, blocks)]
+        cols = [xa[..., col:col + blk.shape[0]] if blk.shape[0] != xa.shape[-1] else xa
+                for (_, col), blk in zip(layout, blocks)]
+        contiguous = spans[0][0] == 0 and spans[-1][1] == out and all(
+            a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        if y is not None and contiguous:
+            if len(blocks) == 1:
+                return mx.addmm(y, cols[0], blocks[0])
+            return mx.concatenate([mx.addmm(y[..., r0:r1], c, blk)
+                                   for (r0, r1), c, blk in zip(spans, cols, blocks)], axis=-1)
         pieces, row = [], 0
-        for (start, col), blk in zip(layout, entry["b"]):
-            if start > row:
-                pieces.append(mx.zeros((*xa.shape[:-1], start - row), xa.dtype))
-            pieces.append(xa[..., col:col + blk.shape[0]] @ blk)
-            row = start + blk.shape[1]
+        for (r0, r1), c, blk in zip(spans, cols, blocks):
+            if r0 > row:
+                pieces.append(mx.zeros((*xa.shape[:-1], r0 - row), xa.dtype))
+            pieces.append(c @ blk)
+            row = r1
         if row < out:
             pieces.append(mx.zeros((*xa.shape[:-1], out - row), xa.dtype))
-        return mx.concatenate(pieces, axis=-1)
+        delta = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
+        return delta if y is None else y + delta
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
         for name, entry in self.adapters.items():
-            delta = self._through_b(name, x @ entry["a"])
+            # the strength scales x @ A (..., R), not the (..., out) output: a smaller pass
+            xa = ((x @ entry["a"]) * entry["scale"]).astype(y.dtype)
+            y = self._through_b(name, xa, y)
             if "bias" in entry:
-                delta = delta + entry["bias"]
-            y = y + (entry["scale"] * delta).astype(y.dtype)
+                y = y + (entry["scale"] * entry["bias"]).astype(y.dtype)
         return y
 
     def delta_weight(self) -> mx.array:

@@ -1,0 +1,237 @@
+"""`mlx-edit serve`: the HTTP API over the torch-free tiny checkpoint (FastAPI's
+TestClient, in process; no socket is opened) and the `serve` command's checks."""
+
+import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
+
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from mlx_edit.cli import main  # noqa: E402
+from mlx_edit.imaging.masks import blend_mask  # noqa: E402
+from mlx_edit.serve import ServeConfig, create_app  # noqa: E402
+
+FAST = {"steps": 2, "max_sequence_length": 8, "seed": 3, "grow_mask": 2, "feather": 3}
+SIZE = (97, 75)  # odd: the result must keep it exactly
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    img = Image.fromarray(data.astronaut()).resize(SIZE)
+    mask = np.zeros(SIZE[::-1], np.uint8)
+    mask[20:50, 30:70] = 255
+    return img, mask
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_mlx):
+    from mlx_edit.fill import FluxFill
+
+    return {"fill": FluxFill.from_pretrained(tiny_mlx)}
+
+
+@pytest.fixture
+def make_client(pipes):
+    """make_client(**ServeConfig fields) -> a TestClient; its worker stops at teardown."""
+    clients = []
+
+    def make(**config):
+        client = TestClient(create_app(ServeConfig(**config), pipelines=pipes))
+        clients.append(client.__enter__())
+        return client
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def submit(client, photo, options=FAST, headers=None, **fields):
+    img, mask = photo
+    files = {"image": ("photo.png", _png(img), "image/png")}
+    if mask is not None:
+        files["mask"] = ("mask.png", _png(Image.fromarray(mask)), "image/png")
+    form = {"prompt": "a red hat", "options": options if isinstance(options, str)
+            else json.dumps(options), **fields}
+    return client.post("/v1/edits", data=form, files=files, headers=headers or {})
+
+
+def wait(client, job_id, states=("done", "failed", "cancelled"), timeout=60.0, **kw):
+    end = time.time() + timeout
+    while time.time() < end:
+        state = client.get(f"/v1/jobs/{job_id}", **kw).json()
+        if state["state"] in states:
+            return state
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} still {state}")
+
+
+def test_inpaint_round_trip(make_client, photo):
+    client = make_client()
+    r = submit(client, photo)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    state = wait(client, job_id)
+    assert state["state"] == "done", state
+    assert state["step"] == state["total"] == 2 and state["images"] == 1
+    assert state["timings"]["denoise_s"] > 0 and state["timings"]["run_s"] > 0
+    png = client.get(f"/v1/jobs/{job_id}/images/0")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    out = Image.open(io.BytesIO(png.content))
+    assert out.size == SIZE
+    assert out.text["prompt"] == "a red hat" and out.text["seed"] == "3"
+    src, mask = np.asarray(photo[0]), photo[1].astype(np.float32) / 255
+    outside = blend_mask(mask, 2, 3) == 0
+    res = np.asarray(out.convert("RGB"))
+    assert np.array_equal(res[outside], src[outside])
+    assert not np.array_equal(res[mask > 0], src[mask > 0])
+    # The events replay the whole job, in order.
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as s:
+        kinds = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
+    assert kinds == ["queued", "running", "step", "step", "done"]
+    assert client.get(f"/v1/jobs/{job_id}/images/1").status_code == 404
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 409  # already done
+
+
+def test_json_body_with_base64(make_client, photo):
+    import base64
+
+    client = make_client()
+    img, mask = photo
+    body = {"prompt": "x", "mode": "inpaint", "options": FAST,
+            "image": base64.b64encode(_png(img)).decode(),
+            "mask": "data:image/png;base64," + base64.b64encode(
+                _png(Image.fromarray(mask))).decode()}
+    r = client.post("/v1/edits", json=body)
+    assert r.status_code == 202, r.text
+    assert wait(client, r.json()["id"])["state"] == "done"
+
+
+def test_cancel_running_job_stops_at_next_step(make_client, photo):
+    client = make_client()
+    job_id = submit(client, photo, {**FAST, "steps": 1000}).json()["id"]
+    end = time.time() + 30
+    while client.get(f"/v1/jobs/{job_id}").json()["step"] < 1 and time.time() < end:
+        time.sleep(0.01)
+    r = client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    asked_at = r.json()["step"]
+    state = wait(client, job_id)
+    assert state["state"] == "cancelled" and state["total"] == 1000
+    assert state["step"] <= asked_at + 1  # the step in progress, then nothing
+    assert client.get(f"/v1/jobs/{job_id}/images/0").status_code == 409
+
+
+def test_queue_full_is_429_and_queued_jobs_cancel_at_once(make_client, photo):
+    client = make_client(max_queue=1)
+    running = submit(client, photo, {**FAST, "steps": 1000}).json()["id"]
+    wait(client, running, states=("running",))
+    waiting = submit(client, photo)
+    assert waiting.status_code == 202
+    full = submit(client, photo)
+    assert full.status_code == 429 and "queue is full" in full.json()["error"]
+    assert client.get("/v1/health").json()["queued"] == 1
+    assert client.delete(f"/v1/jobs/{waiting.json()['id']}").json()["state"] == "cancelled"
+    client.delete(f"/v1/jobs/{running}")
+    assert wait(client, running)["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("change,status,message", [
+    ({"options": {"steps": 0}}, 400, "steps must be in 1..1000"),
+    ({"options": {"nope": 1}}, 400, "unknown option 'nope'"),
+    ({"options": {"segment_model": "/etc"}}, 400, "names files on the server"),
+    ({"options": {"num_images": 9}}, 400, "num_images must be <= 8"),
+    ({"options": "[1"}, 400, "options must be JSON"),
+    ({"mode": "edit"}, 400, "no kontext model"),
+    ({"prompt": ""}, 400, "prompt is required"),
+    ({"priority": "urgent"}, 400, "priority must be"),
+])
+def test_bad_input_is_400(make_client, photo, change, status, message):
+    client = make_client()
+    r = submit(client, photo, **change)
+    assert r.status_code == status and message in r.json()["error"], r.text
+
+
+def test_bad_uploads(make_client, photo):
+    client = make_client(max_pixels=5000, max_upload_bytes=200_000)
+    files = {"image": ("x.png", b"not an image", "image/png")}
+    r = client.post("/v1/edits", data={"prompt": "x"}, files=files)
+    assert r.status_code == 400 and "cannot read image" in r.json()["error"]
+    r = submit(client, photo)  # 97x75 = 7275 px > 5000: refused from the header
+    assert r.status_code == 413 and "over this server's limit" in r.json()["error"]
+    # A 20000 x 20000 PNG of a few hundred bytes (a decompression bomb) never decodes.
+    bomb = _png(Image.new("1", (20000, 20000)))
+    r = client.post("/v1/edits", data={"prompt": "x"},
+                    files={"image": ("b.png", bomb, "image/png")})
+    assert r.status_code == 413, r.text
+    r = client.post("/v1/edits", content=b"x" * 300_000,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    chunked = client.post("/v1/edits", content=iter([b"x" * 100_000] * 3),
+                          headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text  # no Content-Length: counted as read
+    r = submit(client, (photo[0].resize((60, 60)), None))
+    assert r.status_code == 400 and "inpaint needs a mask" in r.json()["error"]
+
+
+def test_token_and_404(make_client, photo):
+    client = make_client(token="s3cret")
+    assert submit(client, photo).status_code == 401
+    r = submit(client, photo, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "token" in r.json()["error"]
+    assert client.get("/v1/health").status_code == 200  # liveness needs no token
+    good = {"Authorization": "Bearer s3cret"}
+    job_id = submit(client, photo, headers=good).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 401
+    assert wait(client, job_id, params={"token": "s3cret"})["state"] == "done"
+    r = client.get("/v1/jobs/nope", headers=good)
+    assert r.status_code == 404 and "no job nope" in r.json()["error"]
+    assert client.get("/v1/nothing-here").status_code == 404
+
+
+def test_finished_jobs_are_evicted_oldest_first(make_client, photo):
+    client = make_client(keep_jobs=1)
+    first = submit(client, photo).json()["id"]
+    wait(client, first)
+    second = submit(client, photo).json()["id"]
+    wait(client, second)
+    assert client.get(f"/v1/jobs/{first}").status_code == 404
+    assert client.get(f"/v1/jobs/{second}/images/0").status_code == 200
+
+
+def test_page_is_served(make_client):
+    r = make_client().get("/")
+    assert r.status_code == 200 and "mlx-edit" in r.text
+
+
+def test_serve_refuses_public_host_without_token():
+    r = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
+    assert r.exit_code == 2
+    assert r.output.strip().startswith("Error:") and "--token" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_models_run_from_another_thread(pipes, photo):
+    """MLX streams are per thread: an edit on the main thread, then on a worker thread."""
+    img, mask = photo
+    out = []
+    pipes["fill"].inpaint(img, mask, "x", **{**FAST, "steps": 1})
+    t = threading.Thread(target=lambda: out.append(
+        pipes["fill"].inpaint(img, mask, "x", **{**FAST, "steps": 1})))
+    t.start()
+    t.join()
+    assert out and out[0][0].size == SIZE

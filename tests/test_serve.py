@@ -235,3 +235,63 @@ def test_models_run_from_another_thread(pipes, photo):
     t.start()
     t.join()
     assert out and out[0][0].size == SIZE
+
+
+def test_interactive_jobs_run_before_batch(make_client, photo):
+    client = make_client()
+    blocker = submit(client, photo, {**FAST, "steps": 1000}).json()["id"]
+    wait(client, blocker, states=("running",))
+    batch = submit(client, photo, priority="batch").json()["id"]
+    interactive = submit(client, photo).json()["id"]
+    client.delete(f"/v1/jobs/{blocker}")
+    b, i = wait(client, batch), wait(client, interactive)
+    assert b["state"] == i["state"] == "done"
+    assert i["started"] < b["started"]  # submitted later, ran first
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_process(tiny_mlx, photo, tmp_path):
+    """`mlx-edit serve` as a process on 127.0.0.1: an edit over a socket; killed mid-job
+    it leaves no file behind (results live in memory)."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from mlx_edit.cli import main; main()", "serve",
+         "--model", str(tiny_mlx), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            end = time.time() + 60
+            while True:
+                try:
+                    assert client.get("/v1/health").json()["status"] == "ok"
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None and time.time() < end, proc.stderr.read()
+                    time.sleep(0.2)
+            job_id = submit(client, photo).json()["id"]
+            assert wait(client, job_id)["state"] == "done"
+            png = Image.open(io.BytesIO(client.get(f"/v1/jobs/{job_id}/images/0").content))
+            assert png.size == SIZE
+            long = submit(client, photo, {**FAST, "steps": 1000}).json()["id"]
+            wait(client, long, states=("running",))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()

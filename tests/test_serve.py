@@ -380,3 +380,21 @@ def test_page_in_chromium(tiny_mlx, photo, tmp_path):
     res, src = np.asarray(out.convert("RGB")), np.asarray(photo[0])
     assert np.array_equal(res[outside], src[outside])
     assert not np.array_equal(res[painted > 0], src[painted > 0])
+
+
+def test_bench_serve_runs(repo_root, tiny_mlx):
+    """benchmarks/bench_serve.py end to end (few clients): nothing lost, bound kept."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "bench_serve.py"),
+                           "--model", str(tiny_mlx), "--clients", "4", "--max-queue", "1",
+                           "--size", "48x40", "--steps", "1"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"serve: 4 clients, 4 done, 0 lost, \d+ 429s, max queued (\d) "
+                     r"\(bound 1\); RSS [\d.]+ -> [\d.]+ GB; second CLI call / warm server "
+                     r"edit: [\d.]+x", last)
+    assert m and int(m.group(1)) <= 1, last

@@ -398,3 +398,26 @@ def test_bench_serve_runs(repo_root, tiny_mlx):
                      r"\(bound 1\); RSS [\d.]+ -> [\d.]+ GB; second CLI call / warm server "
                      r"edit: [\d.]+x", last)
     assert m and int(m.group(1)) <= 1, last
+
+
+def test_kontext_edit_mode(tmp_path_factory, import_script, pipes, photo):
+    """With a Kontext model configured, mode=edit runs an instruction edit (no mask)."""
+    from mlx_edit.kontext import FluxKontext
+
+    out = tmp_path_factory.mktemp("serve-kontext") / "tiny"
+    ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
+    kontext = FluxKontext.from_pretrained(ckpt / "kontext-model")
+    client = TestClient(create_app(ServeConfig(), pipelines={**pipes, "kontext": kontext}))
+    with client:
+        assert set(client.get("/v1/health").json()["models"]) == {"fill", "kontext"}
+        r = submit(client, (photo[0], None), {"steps": 1, "max_sequence_length": 8,
+                                              "width": 64, "height": 48,
+                                              "auto_resize": False}, mode="edit")
+        assert r.status_code == 202, r.text
+        state = wait(client, r.json()["id"])
+        assert state["state"] == "done", state
+        png = client.get(f"/v1/jobs/{r.json()['id']}/images/0")
+        out = Image.open(io.BytesIO(png.content))
+        assert out.size == (64, 48) and out.text["mode"] == "edit"
+        bad = submit(client, (photo[0], None), {"steps": 1, "left": 8}, mode="edit")
+        assert bad.status_code == 400 and "edit does not take left" in bad.json()["error"]

@@ -24,7 +24,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -160,6 +160,103 @@ def _page() -> str:
     return resources.files("mlx_edit.serve").joinpath("static/index.html").read_text("utf-8")
 
 
+def _auth(request: Request) -> None:
+    """401 unless the server has no token or the request carries it (Bearer header, or
+    `?token=` for EventSource and image links)."""
+    token = request.app.state.config.token
+    if token is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else \
+        request.query_params.get("token", "")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter()
+api = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
+
+
+@api.post("/edits", status_code=202)
+async def submit(request: Request):
+    """Queue an edit. Multipart: image, mask (or points/labels/box as JSON), prompt,
+    mode (inpaint | outpaint | edit), options (JSON object of EditOptions fields),
+    priority (interactive | batch). Or a JSON body with base64 image/mask."""
+    state = request.app.state
+    fields, files = await _fields(request)
+    req = await run_in_threadpool(build_request, fields, files, state.config,
+                                  set(state.pipelines), state.segmenter)
+    job = state.runner.submit(req)
+    return JSONResponse({"id": job.id, "state": job.state}, 202,
+                        headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@api.get("/jobs/{job_id}")
+def job_state(job_id: str, request: Request):
+    """State, progress (step/total), timings (s) and error of a job."""
+    return request.app.state.runner.get(job_id).summary()
+
+
+async def _event_stream(job):
+    sent, quiet = 0, 0.0
+    while True:
+        events = job.events[sent:]
+        for e in events:
+            yield f"event: {e['event']}\ndata: {json.dumps(e)}\n\n"
+        sent += len(events)
+        if job.state in FINISHED and sent == len(job.events):
+            return
+        quiet = 0.0 if events else quiet + EVENT_POLL_S
+        if quiet >= KEEPALIVE_S:
+            quiet = 0.0
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(EVENT_POLL_S)
+
+
+@api.get("/jobs/{job_id}/events")
+def job_events(job_id: str, request: Request):
+    """Server-sent events of a job, from its first, until it finishes."""
+    job = request.app.state.runner.get(job_id)
+    return StreamingResponse(_event_stream(job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@api.get("/jobs/{job_id}/images/{k}")
+def job_image(job_id: str, k: int, request: Request):
+    """PNG k (0-based) of a finished job, its parameters in text chunks."""
+    job = request.app.state.runner.get(job_id)
+    if job.state != "done":
+        raise Conflict(f"job {job_id} is {job.state}: images exist once it is done")
+    if not 0 <= k < len(job.images):
+        raise HTTPException(404, f"job {job_id} has {len(job.images)} images; k is "
+                                 f"0..{len(job.images) - 1}")
+    return Response(job.images[k], media_type="image/png", headers={
+        "Content-Disposition": f'attachment; filename="{job_id}-{k}.png"'})
+
+
+@api.delete("/jobs/{job_id}", status_code=202)
+def cancel(job_id: str, request: Request):
+    """Cancel a job: a queued one now, a running one after its current step."""
+    return request.app.state.runner.cancel(job_id).summary()
+
+
+@router.get("/v1/health")
+def health(request: Request):
+    """Liveness (no token needed): version, loaded models, queue length."""
+    state = request.app.state
+    running = state.runner.running
+    return {"status": "ok", "version": __version__,
+            "models": {k: str(p.source) for k, p in state.pipelines.items()},
+            "queued": state.runner.queued, "running": running.id if running else None,
+            "token_required": state.config.token is not None}
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page():
+    return HTMLResponse(_page())
+
+
 def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
     """The server app: pipelines (`load_pipelines(config)` unless given, e.g. by tests)
     kept resident, one worker thread. `app.state.runner.close()` (run at shutdown)
@@ -168,96 +265,17 @@ def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
     runner = JobRunner(lambda req, progress: run_edit(pipes, req, progress),
                        max_queue=config.max_queue, keep_jobs=config.keep_jobs,
                        keep_bytes=config.keep_bytes)
-    segmenter = _segmenter(config, pipes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         await run_in_threadpool(runner.close)
 
-    def auth(request: Request) -> None:
-        if config.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else \
-            request.query_params.get("token", "")
-        if not hmac.compare_digest(given.encode(), config.token.encode()):
-            raise HTTPException(401, "missing or wrong token: send Authorization: Bearer "
-                                     "<token>", headers={"WWW-Authenticate": "Bearer"})
-
     app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan)
     app.state.runner, app.state.pipelines, app.state.config = runner, pipes, config
+    app.state.segmenter = _segmenter(config, pipes)
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
     _handlers(app)
-    guarded = [Depends(auth)]
-
-    @app.post("/v1/edits", status_code=202, dependencies=guarded)
-    async def submit(request: Request):
-        """Queue an edit. Multipart: image, mask (or points/labels/box as JSON), prompt,
-        mode (inpaint | outpaint | edit), options (JSON object of EditOptions fields),
-        priority (interactive | batch). Or a JSON body with base64 image/mask."""
-        fields, files = await _fields(request)
-        req = await run_in_threadpool(build_request, fields, files, config, set(pipes),
-                                      segmenter)
-        job = runner.submit(req)
-        return JSONResponse({"id": job.id, "state": job.state}, 202,
-                            headers={"Location": f"/v1/jobs/{job.id}"})
-
-    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
-    def job_state(job_id: str):
-        """State, progress (step/total), timings (s) and error of a job."""
-        return runner.get(job_id).summary()
-
-    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
-    async def job_events(job_id: str):
-        """Server-sent events of a job, from its first, until it finishes."""
-        job = runner.get(job_id)
-
-        async def stream():
-            sent, quiet = 0, 0.0
-            while True:
-                events = job.events[sent:]
-                for e in events:
-                    yield f"event: {e['event']}\ndata: {json.dumps(e)}\n\n"
-                sent += len(events)
-                if job.state in FINISHED and sent == len(job.events):
-                    return
-                quiet = 0.0 if events else quiet + EVENT_POLL_S
-                if quiet >= KEEPALIVE_S:
-                    quiet = 0.0
-                    yield ": keep-alive\n\n"
-                await asyncio.sleep(EVENT_POLL_S)
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    @app.get("/v1/jobs/{job_id}/images/{k}", dependencies=guarded)
-    def job_image(job_id: str, k: int):
-        """PNG k (0-based) of a finished job, its parameters in text chunks."""
-        job = runner.get(job_id)
-        if job.state != "done":
-            raise Conflict(f"job {job_id} is {job.state}: images exist once it is done")
-        if not 0 <= k < len(job.images):
-            raise HTTPException(404, f"job {job_id} has {len(job.images)} images; k is "
-                                     f"0..{len(job.images) - 1}")
-        return Response(job.images[k], media_type="image/png", headers={
-            "Content-Disposition": f'attachment; filename="{job_id}-{k}.png"'})
-
-    @app.delete("/v1/jobs/{job_id}", status_code=202, dependencies=guarded)
-    def cancel(job_id: str):
-        """Cancel a job: a queued one now, a running one after its current step."""
-        return runner.cancel(job_id).summary()
-
-    @app.get("/v1/health")
-    def health():
-        """Liveness: version, loaded models, queue length."""
-        running = runner.running
-        return {"status": "ok", "version": __version__,
-                "models": {k: str(p.source) for k, p in pipes.items()},
-                "queued": runner.queued, "running": running.id if running else None,
-                "token_required": config.token is not None}
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        return HTMLResponse(_page())
-
+    app.include_router(router)
+    app.include_router(api)
     return app

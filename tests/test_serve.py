@@ -421,3 +421,57 @@ def test_kontext_edit_mode(tmp_path_factory, import_script, pipes, photo):
         assert out.size == (64, 48) and out.text["mode"] == "edit"
         bad = submit(client, (photo[0], None), {"steps": 1, "left": 8}, mode="edit")
         assert bad.status_code == 400 and "edit does not take left" in bad.json()["error"]
+
+
+def _fake_request(priority=0):
+    from mlx_edit.options import EditOptions
+    from mlx_edit.serve.uploads import EditRequest
+
+    return EditRequest("inpaint", "fill", "x", Image.new("RGB", (8, 8)), None,
+                       EditOptions(), priority)
+
+
+def test_runner_failures_eviction_by_bytes_and_close():
+    """JobRunner without a model: a failing edit is the job's error (the worker lives
+    on); PNG bytes over keep_bytes evict the oldest finished jobs; close() cancels the
+    waiting ones."""
+    from mlx_edit.imaging.images import InputError
+    from mlx_edit.serve.jobs import JobRunner, UnknownJob
+
+    gate = threading.Event()
+
+    def edit(request, progress):
+        if request.prompt == "fail":
+            raise InputError("the mask covers no pixel\nat the model's resolution")
+        if request.prompt == "block":
+            gate.wait(10)
+        noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+        return [Image.fromarray(noise)], {"denoise_s": 0.5, "note": "dropped"}
+
+    runner = JobRunner(edit, max_queue=4, keep_jobs=10, keep_bytes=15_000)
+    try:
+        bad = _fake_request()
+        bad.prompt = "fail"
+        failed = runner.submit(bad)
+        done = [runner.submit(_fake_request()) for _ in range(2)]
+        end = time.time() + 10
+        while done[-1].state != "done" and time.time() < end:
+            time.sleep(0.01)
+        assert failed.state == "failed"
+        assert failed.error == "the mask covers no pixel at the model's resolution"
+        assert done[-1].stats["denoise_s"] == 0.5 and "note" not in done[-1].stats
+        assert len(done[-1].images[0]) > 10_000  # one 64x64 noise PNG ~12 kB
+        with pytest.raises(UnknownJob):
+            runner.get(done[0].id)  # two PNGs exceed keep_bytes: the older went
+        assert runner.get(done[1].id) is done[1]
+        blocker = _fake_request()
+        blocker.prompt = "block"
+        blocking = runner.submit(blocker)
+        while blocking.state != "running":
+            time.sleep(0.01)
+        waiting = runner.submit(_fake_request(priority=1))
+        runner.close(timeout=0)  # cancels the waiting job before the blocker ends
+    finally:
+        gate.set()
+        runner.close()
+    assert waiting.state == "cancelled" and blocking.state in ("done", "cancelled")

@@ -121,6 +121,16 @@ def test_json_body_with_base64(make_client, photo):
     assert wait(client, r.json()["id"])["state"] == "done"
 
 
+def test_outpaint(make_client, photo):
+    client = make_client()
+    r = submit(client, (photo[0], None), {"steps": 1, "max_sequence_length": 8,
+                                          "left": 16, "bottom": 8}, mode="outpaint")
+    assert r.status_code == 202, r.text
+    assert wait(client, r.json()["id"])["state"] == "done"
+    out = Image.open(io.BytesIO(client.get(f"/v1/jobs/{r.json()['id']}/images/0").content))
+    assert out.size == (SIZE[0] + 16, SIZE[1] + 8) and out.text["mode"] == "outpaint"
+
+
 def test_cancel_running_job_stops_at_next_step(make_client, photo):
     client = make_client()
     job_id = submit(client, photo, {**FAST, "steps": 1000}).json()["id"]
@@ -159,6 +169,9 @@ def test_queue_full_is_429_and_queued_jobs_cancel_at_once(make_client, photo):
     ({"mode": "edit"}, 400, "no kontext model"),
     ({"prompt": ""}, 400, "prompt is required"),
     ({"priority": "urgent"}, 400, "priority must be"),
+    ({"points": "[[10, 20]]"}, 400, "this server has no segmenter"),
+    ({"mode": "restyle"}, 400, "mode must be one of inpaint, outpaint, edit"),
+    ({"mode": "outpaint", "options": {"left": 8}}, 400, "outpaint takes no mask"),
 ])
 def test_bad_input_is_400(make_client, photo, change, status, message):
     client = make_client()

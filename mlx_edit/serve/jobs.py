@@ -210,6 +210,7 @@ class JobRunner:
     def _finish(self, job: Job, state: str) -> None:
         """Record the end of `job` (lock held) and evict the oldest finished jobs."""
         job.state, job.finished = state, time.time()
+        job.request.image = job.request.mask = None  # inputs are not kept, only results
         job.stats = {"queued_s": (job.started or job.finished) - job.created,
                      "run_s": job.finished - (job.started or job.finished), **job.stats}
         job.emit(state, **({"error": job.error} if job.error else {}),

@@ -52,6 +52,7 @@ def make_client(pipes):
     clients = []
 
     def make(**config):
+        config = {"local_hosts": ("testserver",), **config}  # TestClient's Host
         client = TestClient(create_app(ServeConfig(**config), pipelines=pipes))
         clients.append(client.__enter__())
         return client
@@ -170,6 +171,7 @@ def test_queue_full_is_429_and_queued_jobs_cancel_at_once(make_client, photo):
     ({"prompt": ""}, 400, "prompt is required"),
     ({"priority": "urgent"}, 400, "priority must be"),
     ({"points": "[[10, 20]]"}, 400, "this server has no segmenter"),
+    ({"options": {"rank": "clip"}}, 400, "rank needs a ranker/"),
     ({"mode": "restyle"}, 400, "mode must be one of inpaint, outpaint, edit"),
     ({"mode": "outpaint", "options": {"left": 8}}, 400, "outpaint takes no mask"),
 ])
@@ -215,6 +217,19 @@ def test_token_and_404(make_client, photo):
     r = client.get("/v1/jobs/nope", headers=good)
     assert r.status_code == 404 and "no job nope" in r.json()["error"]
     assert client.get("/v1/nothing-here").status_code == 404
+
+
+def test_other_sites_are_refused(make_client, photo):
+    """A page on another site cannot post to the local server (Origin), nor reach it
+    through a DNS name of its own (Host) when there is no token."""
+    client = make_client()
+    r = submit(client, photo, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    assert client.get("/v1/health", headers={"Origin": "http://testserver"}).status_code == 200
+    r = client.get("/v1/health", headers={"Host": "rebound.example:7860"})
+    assert r.status_code == 403 and "Host" in r.json()["error"]
+    tokened = make_client(token="t", local_hosts=("127.0.0.1",))
+    assert tokened.get("/v1/health").status_code == 200  # with a token any Host may ask
 
 
 def test_finished_jobs_are_evicted_oldest_first(make_client, photo):
@@ -420,7 +435,8 @@ def test_kontext_edit_mode(tmp_path_factory, import_script, pipes, photo):
     out = tmp_path_factory.mktemp("serve-kontext") / "tiny"
     ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
     kontext = FluxKontext.from_pretrained(ckpt / "kontext-model")
-    client = TestClient(create_app(ServeConfig(), pipelines={**pipes, "kontext": kontext}))
+    client = TestClient(create_app(ServeConfig(local_hosts=("testserver",)),
+                                   pipelines={**pipes, "kontext": kontext}))
     with client:
         assert set(client.get("/v1/health").json()["models"]) == {"fill", "kontext"}
         r = submit(client, (photo[0], None), {"steps": 1, "max_sequence_length": 8,
@@ -488,3 +504,15 @@ def test_runner_failures_eviction_by_bytes_and_close():
         gate.set()
         runner.close()
     assert waiting.state == "cancelled" and blocking.state in ("done", "cancelled")
+
+
+def test_access_log_hides_the_token():
+    import logging
+
+    from mlx_edit.cli.serve import RedactToken
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s"',
+                               ("127.0.0.1", "GET", "/v1/jobs/x/events?token=s3cret&a=1"),
+                               None)
+    assert RedactToken().filter(record)
+    assert "s3cret" not in record.getMessage() and "token=***&a=1" in record.getMessage()

@@ -3,10 +3,24 @@ web page at `/`. Needs `pip install 'mlx-edit[serve]'` (FastAPI, uvicorn)."""
 
 from __future__ import annotations
 
+import logging
+import re
+
 import click
 
 from mlx_edit.cli.errors import OneLineCommand
 from mlx_edit.serve.config import MB, ServeConfig, is_loopback
+
+
+class RedactToken(logging.Filter):
+    """Access-log lines with `token=...` query values masked (EventSource and image
+    links carry the token in the URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(re.sub(r"token=[^&\s]*", "token=***", a)
+                                if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 @click.command("serve", cls=OneLineCommand)
@@ -50,5 +64,6 @@ def serve_command(model, kontext_model, segment_model, quantize, low_memory, hos
                          low_memory=low_memory, token=token, max_queue=max_queue,
                          max_upload_bytes=max_upload_mb * MB, max_images=max_images)
     app = create_app(config)
+    logging.getLogger("uvicorn.access").addFilter(RedactToken())
     click.echo(f"mlx-edit serving on http://{host}:{port}/ (API docs: /docs)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -12,7 +12,8 @@
     GET    /                         the web page (static/index.html)
 
 Errors are JSON {"error": message}: 400 bad input (InputError), 401 missing/wrong token,
-404 unknown job or image, 409 wrong state, 413 too large, 429 queue full.
+403 another web site (Origin) or, without a token, a non-local Host, 404 unknown job or
+image, 409 wrong state, 413 too large, 429 queue full.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from mlx_edit import __version__
 from mlx_edit.imaging.images import InputError
-from mlx_edit.serve.config import ServeConfig
+from mlx_edit.serve.config import ServeConfig, host_name
 from mlx_edit.serve.jobs import FINISHED, Conflict, JobRunner, QueueFull, UnknownJob
 from mlx_edit.serve.uploads import UploadTooLarge, build_request, decode_base64
 
@@ -104,6 +105,30 @@ class BodyLimit:
                                      f"{self.max_bytes} bytes")
             return message
         return await self.app(scope, limited, send)
+
+
+class SameSite:
+    """ASGI middleware against other web sites: a request whose Origin is not this
+    server (a page elsewhere posting to it) is refused (403); without a token, so is a
+    Host outside `local_hosts` (DNS rebinding). Clients that are not browsers send no
+    Origin and are unaffected."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1")
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            message = None
+            if origin and origin.split("://", 1)[-1] != host:
+                message = f"cross-origin request from {origin} refused"
+            elif self.config.token is None and host_name(host) not in self.config.local_hosts:
+                message = f"Host {host!r} refused: without --token only local names are served"
+            if message:
+                return await JSONResponse({"error": message}, 403)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -186,7 +211,7 @@ async def submit(request: Request):
     state = request.app.state
     fields, files = await _fields(request)
     req = await run_in_threadpool(build_request, fields, files, state.config,
-                                  set(state.pipelines), state.segmenter)
+                                  set(state.pipelines), state.segmenter, state.has_ranker)
     job = state.runner.submit(req)
     return JSONResponse({"id": job.id, "state": job.state}, 202,
                         headers={"Location": f"/v1/jobs/{job.id}"})
@@ -274,7 +299,10 @@ def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
     app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan)
     app.state.runner, app.state.pipelines, app.state.config = runner, pipes, config
     app.state.segmenter = _segmenter(config, pipes)
+    root = getattr(pipes["fill"], "root", None)
+    app.state.has_ranker = bool(root) and (Path(root) / "ranker").is_dir()
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
+    app.add_middleware(SameSite, config=config)
     _handlers(app)
     app.include_router(router)
     app.include_router(api)

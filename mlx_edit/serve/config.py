@@ -25,6 +25,8 @@ class ServeConfig:
       from its header before decoding (413).
     max_images: num_images per job. keep_jobs / keep_bytes: finished jobs (and their PNGs)
       kept, evicted oldest first.
+    local_hosts: without a token, the Host names requests may carry (a web page cannot
+      reach the loopback server through a DNS name of its own: DNS rebinding).
     """
 
     model: str | None = None
@@ -39,6 +41,7 @@ class ServeConfig:
     max_images: int = 8
     keep_jobs: int = 64
     keep_bytes: int = 1024 * MB
+    local_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
 
     def __post_init__(self):
         for name in ("max_queue", "max_upload_bytes", "max_pixels", "max_images",
@@ -48,6 +51,13 @@ class ServeConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty")
+
+
+def host_name(host_header: str) -> str:
+    """The name of a Host header without its port: "[::1]:7860" -> "::1"."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
 def is_loopback(host: str) -> bool:

@@ -137,13 +137,16 @@ def _click_mask(fields: dict, segmenter: str | None) -> list | None:
 
 
 def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
-                  kinds: set[str], segmenter: str | None = None) -> EditRequest:
+                  kinds: set[str], segmenter: str | None = None,
+                  has_ranker: bool = False) -> EditRequest:
     """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
 
     fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
     priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
     clicks, with a segmenter). files: image (required), mask (white = repaint).
-    kinds: the pipelines loaded ("fill", "kontext"). Raises InputError, UploadTooLarge."""
+    kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
+    `ranker/` (else rank is refused: it would download a CLIP model). Raises InputError,
+    UploadTooLarge."""
     mode = fields.get("mode") or "inpaint"
     if mode not in SERVED_MODES:
         raise InputError(f"mode must be one of {', '.join(SERVED_MODES)}, got {mode!r}")
@@ -156,6 +159,8 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if priority not in PRIORITIES:
         raise InputError(f"priority must be interactive or batch, got {priority!r}")
     options = _options(fields, mode, config)
+    if options.rank and not has_ranker:
+        raise InputError("rank needs a ranker/ in this server's model folder")
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))

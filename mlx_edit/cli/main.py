@@ -351,11 +351,13 @@ def _register_commands() -> None:
     """Commands that live in their own modules (conversion, parity)."""
     from mlx_edit.cli.convert import convert_command
     from mlx_edit.cli.mask import mask_command
+    from mlx_edit.cli.serve import serve_command
     from mlx_edit.parity import parity_command
 
     main.add_command(convert_command, "convert")
     main.add_command(parity_command, "parity")
     main.add_command(mask_command, "mask")
+    main.add_command(serve_command, "serve")
 
 
 _register_commands()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ def apply_rope(x: mx.array, table: mx.array) -> mx.array:
 
 
 MAX_CPU_STREAMS = 8
-_CPU_STREAMS: list[mx.Stream] = []
+_THREAD = threading.local()  # MLX streams belong to the thread that made them
 
 
 def cpu_streams() -> list[mx.Stream]:
@@ -85,13 +86,16 @@ def cpu_streams() -> list[mx.Stream]:
 
     MLX runs each stream's ops on its own thread, so elementwise work split over these
     streams uses every core; results join on the default stream (MLX orders the streams).
+    Streams are kept per thread: MLX refuses a stream made in another thread (a server's
+    worker thread edits with the models the main thread loaded).
     """
     if mx.default_device() != mx.cpu:
         return []
     n = min(os.cpu_count() or 1, MAX_CPU_STREAMS)
-    while len(_CPU_STREAMS) < n:
-        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
-    return _CPU_STREAMS[:n] if n > 1 else []
+    streams = _THREAD.__dict__.setdefault("streams", [])
+    while len(streams) < n:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[:n] if n > 1 else []
 
 
 def split_over_streams(fn, arrays: Sequence[mx.array], axis: int) -> mx.array:

@@ -1,0 +1,189 @@
+"""`mlx-edit serve` under load, and a warm server's edit against a fresh CLI call.
+
+    python benchmarks/bench_serve.py --model DIR [--preset tiny] [--clients 50]
+        [--max-queue 8] [--size 96x80] [--steps 2]
+
+Starts `mlx-edit serve --model DIR` on 127.0.0.1 (a free port) as a process, then:
+1. warm-up: two edits with the same prompt (the second skips the text encoders: the
+   prompt embeddings are cached), their phase timings printed;
+2. load: --clients concurrent clients each submit one edit (retrying after a 429 until
+   accepted) and poll it to the end; counted: accepted, done, lost (not done or no PNG),
+   429s, the most jobs ever waiting (from /v1/health, sampled), the server's RSS before
+   and after (memory flat: no per-job leak);
+3. the same edit as `mlx-edit inpaint` run twice as fresh processes (the second with
+   warm file caches), wall time against the warm server's submit-to-PNG time.
+DIR: a FLUX.1 Fill folder; with --preset and no DIR, the torch-free fixture is built
+there first (scripts/make_mlx_checkpoint.py). Last line: `serve: N clients, ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402, F401  (first: mlx_edit -> OpenBLAS before mlx)
+
+import httpx  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from mlx_edit.cli import main; main()"]
+
+
+def _inputs(size: tuple[int, int], folder: Path) -> tuple[bytes, bytes]:
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize(size)
+    mask = np.zeros(size[::-1], np.uint8)
+    mask[size[1] // 4: size[1] // 2, size[0] // 4: size[0] // 2] = 255
+    img.save(folder / "photo.png")
+    Image.fromarray(mask).save(folder / "mask.png")
+    return (folder / "photo.png").read_bytes(), (folder / "mask.png").read_bytes()
+
+
+def _rss_gb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+async def _edit(client, files, options, stats) -> tuple[str, float] | None:
+    """Submit (retrying on 429), poll to the end, fetch PNG 0: (state, seconds)."""
+    t0 = time.perf_counter()
+    form = {"prompt": "a red hat", "options": json.dumps(options)}
+    while True:
+        r = await client.post("/v1/edits", data=form, files={
+            "image": ("p.png", files[0], "image/png"), "mask": ("m.png", files[1], "image/png")})
+        if r.status_code != 429:
+            break
+        stats["429"] += 1
+        await asyncio.sleep(0.1)
+    if r.status_code != 202:
+        return None
+    job = r.json()["id"]
+    while (s := (await client.get(f"/v1/jobs/{job}")).json())["state"] in ("queued", "running"):
+        await asyncio.sleep(0.05)
+    if s["state"] == "done":
+        png = await client.get(f"/v1/jobs/{job}/images/0")
+        Image.open(io.BytesIO(png.content)).load()
+    return s["state"], time.perf_counter() - t0, s["timings"]
+
+
+async def _sample_queue(client, stats, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        stats["max_queued"] = max(stats["max_queued"],
+                                  (await client.get("/v1/health")).json()["queued"])
+        await asyncio.sleep(0.05)
+
+
+async def _load(url, files, options, clients: int) -> dict:
+    stats = {"429": 0, "max_queued": 0}
+    limits = httpx.Limits(max_connections=clients + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_queue(client, stats, stop))
+        results = await asyncio.gather(*(_edit(client, files, options, stats)
+                                         for _ in range(clients)))
+        stop.set()
+        await sampler
+    stats["done"] = sum(1 for r in results if r and r[0] == "done")
+    stats["lost"] = clients - stats["done"]
+    return stats
+
+
+def _cli_edit(model: Path, folder: Path, options: dict) -> float:
+    out = folder / "cli-out.png"
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run([*CLI, "inpaint", "--model", str(model), "--image", str(folder / "photo.png"),
+                    "--mask", str(folder / "mask.png"), "--prompt", "a red hat",
+                    "--steps", str(options["steps"]), "--seed", "0", "--max-sequence-length",
+                    str(options["max_sequence_length"]), "--output", str(out)],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _start(model: Path, max_queue: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(model), "--port", str(port),
+                             "--max-queue", str(max_queue)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            httpx.get(url + "/v1/health").raise_for_status()
+            return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise SystemExit("the server exited during start-up") from None
+            time.sleep(0.1)
+    raise SystemExit("the server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--preset", default=None, help="build this fixture into --model first")
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--size", default="96x80")
+    ap.add_argument("--steps", type=int, default=2)
+    args = ap.parse_args()
+    if args.preset and not args.model.exists():
+        sys.path.insert(0, str(REPO / "scripts"))
+        import make_mlx_checkpoint
+
+        make_mlx_checkpoint.build(args.model, args.preset, seed=0)
+    size = tuple(int(v) for v in args.size.split("x"))
+    options = {"steps": args.steps, "max_sequence_length": 16, "seed": 0}
+    print("\n".join(common.machine_header(" ".join(sys.argv))))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        files = _inputs(size, folder)
+        proc, url = _start(args.model, args.max_queue)
+        try:
+            first, second = (asyncio.run(_load_one(url, files, options)) for _ in range(2))
+            print(f"first edit {first[1]:.3f} s, timings {_phases(first[2])}")
+            print(f"second edit {second[1]:.3f} s, timings {_phases(second[2])}")
+            rss0 = _rss_gb(proc.pid)
+            stats = asyncio.run(_load(url, files, options, args.clients))
+            rss1 = _rss_gb(proc.pid)
+            warm = asyncio.run(_load_one(url, files, options))[1]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        cli = [_cli_edit(args.model, folder, options) for _ in range(2)]
+    print(f"mlx-edit inpaint as a process: {cli[0]:.3f} s, then {cli[1]:.3f} s; warm server "
+          f"{warm:.3f} s")
+    print(f"serve: {args.clients} clients, {stats['done']} done, {stats['lost']} lost, "
+          f"{stats['429']} 429s, max queued {stats['max_queued']} (bound {args.max_queue}); "
+          f"RSS {rss0:.2f} -> {rss1:.2f} GB; second CLI call / warm server edit: "
+          f"{cli[1] / warm:.1f}x")
+
+
+async def _load_one(url, files, options):
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        return await _edit(client, files, options, {"429": 0})
+
+
+def _phases(timings: dict) -> str:
+    keys = ("queued_s", "text_encode_s", "vae_encode_s", "denoise_s", "vae_decode_s")
+    return ", ".join(f"{k} {timings[k]:.3f}" for k in keys if k in timings)
+
+
+if __name__ == "__main__":
+    main()

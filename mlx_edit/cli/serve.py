@@ -1,0 +1,69 @@
+"""`mlx-edit serve`: keep the models loaded behind an HTTP API (mlx_edit.serve) and the
+web page at `/`. Needs `pip install 'mlx-edit[serve]'` (FastAPI, uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import click
+
+from mlx_edit.cli.errors import OneLineCommand
+from mlx_edit.serve.config import MB, ServeConfig, is_loopback
+
+
+class RedactToken(logging.Filter):
+    """Access-log lines with `token=...` query values masked (EventSource and image
+    links carry the token in the URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(re.sub(r"token=[^&\s]*", "token=***", a)
+                                if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+@click.command("serve", cls=OneLineCommand)
+@click.option("--model", "-m", default=None, show_default="black-forest-labs/FLUX.1-Fill-dev",
+              help="FLUX.1 Fill repo id, diffusers folder or mlx-edit folder.")
+@click.option("--kontext-model", default=None,
+              help="Also keep FLUX.1 Kontext loaded (the `edit` mode).")
+@click.option("--segment-model", default=None,
+              help="SAM 2.1 checkpoint for masks from clicks/boxes (default: the model "
+                   "folder's segmenter/, else clicks are refused).")
+@click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize the transformers at load (bits).")
+@click.option("--low-memory", is_flag=True, help="Load one model at a time per edit.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --token.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@click.option("--token", envvar="MLX_EDIT_TOKEN", default=None,
+              help="Require `Authorization: Bearer TOKEN` (or env MLX_EDIT_TOKEN).")
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
+              help="Jobs waiting before new ones get 429.")
+@click.option("--max-upload-mb", type=click.IntRange(1), default=50, show_default=True,
+              help="Largest request body (MB).")
+@click.option("--max-images", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Largest num_images per job.")
+def serve_command(model, kontext_model, segment_model, quantize, low_memory, host, port,
+                  token, max_queue, max_upload_mb, max_images):
+    """Serve edits over HTTP with the models kept loaded (API docs at /docs)."""
+    if not is_loopback(host) and not token:
+        raise click.UsageError(f"--host {host} accepts connections from other machines: "
+                               "set --token (or MLX_EDIT_TOKEN) too")
+    try:
+        import uvicorn
+
+        from mlx_edit.serve.app import create_app
+    except ImportError as e:
+        raise click.UsageError(f"serve needs {e.name}: pip install 'mlx-edit[serve]'") \
+            from None
+    config = ServeConfig(model=model, kontext_model=kontext_model,
+                         segment_model=segment_model,
+                         quantize=int(quantize) if quantize else None,
+                         low_memory=low_memory, token=token, max_queue=max_queue,
+                         max_upload_bytes=max_upload_mb * MB, max_images=max_images)
+    app = create_app(config)
+    logging.getLogger("uvicorn.access").addFilter(RedactToken())
+    click.echo(f"mlx-edit serving on http://{host}:{port}/ (API docs: /docs)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,23 @@
+"""`mlx-edit serve`: the models kept warm behind an HTTP API with a job queue.
+
+    from mlx_edit.serve import ServeConfig, create_app
+    app = create_app(ServeConfig(model="black-forest-labs/FLUX.1-Fill-dev"))
+
+Layout: config.py (ServeConfig, the server's limits), uploads.py (request fields and
+uploaded images -> a checked EditRequest), jobs.py (the bounded priority queue, the one
+worker thread, cancellation, the bounded store of results), app.py (the FastAPI routes),
+static/ (the web page served at `/`). Needs the `serve` extra (FastAPI, uvicorn,
+python-multipart).
+"""
+
+from mlx_edit.serve.config import ServeConfig
+
+__all__ = ["ServeConfig", "create_app"]
+
+
+def __getattr__(name: str):
+    if name == "create_app":  # FastAPI is imported only when an app is made
+        from mlx_edit.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

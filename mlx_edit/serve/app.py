@@ -1,0 +1,309 @@
+"""The FastAPI app of `mlx-edit serve`: routes over a JobRunner and resident pipelines.
+
+    POST   /v1/edits                 multipart (image, mask | points/box, prompt, mode,
+                                     options JSON, priority) or JSON (base64 images)
+                                     -> 202 {"id", "state"}
+    GET    /v1/jobs/{id}             state, step/total, timings, error
+    GET    /v1/jobs/{id}/events      server-sent events: queued, running, step, done |
+                                     failed | cancelled
+    GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
+    DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
+    GET    /v1/health                models loaded, queue length (no token needed)
+    GET    /                         the web page (static/index.html)
+
+Errors are JSON {"error": message}: 400 bad input (InputError), 401 missing/wrong token,
+403 another web site (Origin) or, without a token, a non-local Host, 404 unknown job or
+image, 409 wrong state, 413 too large, 429 queue full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from importlib import resources
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from mlx_edit import __version__
+from mlx_edit.imaging.images import InputError
+from mlx_edit.serve.config import ServeConfig, host_name
+from mlx_edit.serve.jobs import FINISHED, Conflict, JobRunner, QueueFull, UnknownJob
+from mlx_edit.serve.uploads import UploadTooLarge, build_request, decode_base64
+
+EVENT_POLL_S = 0.05  # how often an event stream looks for new events
+KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing the stream
+FILE_FIELDS = ("image", "mask")
+
+
+def load_pipelines(config: ServeConfig) -> dict:
+    """The resident pipelines: {"fill": FluxFill, "kontext": FluxKontext (if configured)}.
+    Raises WeightLoadError."""
+    from mlx_edit.fill import FluxFill
+
+    kw = {"quantize": config.quantize, "low_memory": config.low_memory}
+    pipes = {"fill": FluxFill.from_pretrained(config.model, **kw) if config.model
+             else FluxFill.from_pretrained(**kw)}
+    if config.kontext_model:
+        from mlx_edit.kontext import FluxKontext
+
+        pipes["kontext"] = FluxKontext.from_pretrained(config.kontext_model, **kw)
+    return pipes
+
+
+def run_edit(pipes: dict, request, progress) -> tuple[list, dict]:
+    """Run one EditRequest on its resident pipeline (worker thread): (images, timings)."""
+    pipe, o = pipes[request.kind], request.options
+    if request.mode == "inpaint":
+        images = pipe.inpaint(request.image, request.mask, request.prompt, o,
+                              progress=progress)
+    elif request.mode == "outpaint":
+        images = pipe.outpaint(request.image, request.prompt, o, progress=progress)
+    else:
+        images = pipe.edit(request.image, request.prompt, o, mask=request.mask,
+                           progress=progress)
+    return images, dict(pipe.last_stats)
+
+
+def _segmenter(config: ServeConfig, pipes: dict) -> str | None:
+    if config.segment_model:
+        return config.segment_model
+    own = getattr(pipes["fill"], "root", None)
+    return str(Path(own) / "segmenter") if own and (Path(own) / "segmenter").is_dir() \
+        else None
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over `max_bytes` are refused (413), by their
+    Content-Length before reading, or while streaming when it is absent (chunked)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = JSONResponse({"error": f"the request is over this server's limit of "
+                                              f"{self.max_bytes} bytes"}, 413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise UploadTooLarge(f"the request is over this server's limit of "
+                                     f"{self.max_bytes} bytes")
+            return message
+        return await self.app(scope, limited, send)
+
+
+class SameSite:
+    """ASGI middleware against other web sites: a request whose Origin is not this
+    server (a page elsewhere posting to it) is refused (403); without a token, so is a
+    Host outside `local_hosts` (DNS rebinding). Clients that are not browsers send no
+    Origin and are unaffected."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1")
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            message = None
+            if origin and origin.split("://", 1)[-1] != host:
+                message = f"cross-origin request from {origin} refused"
+            elif self.config.token is None and host_name(host) not in self.config.local_hosts:
+                message = f"Host {host!r} refused: without --token only local names are served"
+            if message:
+                return await JSONResponse({"error": message}, 403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers=headers)
+
+
+def _handlers(app: FastAPI) -> None:
+    """Every error as {"error": message} with its status."""
+    table = {InputError: 400, UploadTooLarge: 413, QueueFull: 429, Conflict: 409,
+             UnknownJob: 404}
+    for exc_type, status in table.items():
+        async def handle(request, exc, status=status):
+            return _error(status, " ".join(str(exc).split()))
+        app.add_exception_handler(exc_type, handle)
+
+    async def http_error(request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def validation(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation)
+
+
+async def _fields(request: Request) -> tuple[dict, dict]:
+    """(fields, files as bytes) of a multipart form or a JSON body."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InputError("the JSON body must be an object")
+        files = {k: decode_base64(body.pop(k), k) for k in FILE_FIELDS if k in body}
+        return body, files
+    if not ctype.startswith("multipart/form-data"):
+        raise InputError("send multipart/form-data or application/json")
+    form = await request.form(max_files=len(FILE_FIELDS), max_fields=16)
+    fields, files = {}, {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            fields[key] = value
+        elif key in FILE_FIELDS:
+            files[key] = await value.read()
+        else:
+            raise InputError(f"unexpected file field {key!r}; send image and mask")
+    return fields, files
+
+
+def _page() -> str:
+    return resources.files("mlx_edit.serve").joinpath("static/index.html").read_text("utf-8")
+
+
+def _auth(request: Request) -> None:
+    """401 unless the server has no token or the request carries it (Bearer header, or
+    `?token=` for EventSource and image links)."""
+    token = request.app.state.config.token
+    if token is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else \
+        request.query_params.get("token", "")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter()
+api = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
+
+
+@api.post("/edits", status_code=202)
+async def submit(request: Request):
+    """Queue an edit. Multipart: image, mask (or points/labels/box as JSON), prompt,
+    mode (inpaint | outpaint | edit), options (JSON object of EditOptions fields),
+    priority (interactive | batch). Or a JSON body with base64 image/mask."""
+    state = request.app.state
+    fields, files = await _fields(request)
+    req = await run_in_threadpool(build_request, fields, files, state.config,
+                                  set(state.pipelines), state.segmenter, state.has_ranker)
+    job = state.runner.submit(req)
+    return JSONResponse({"id": job.id, "state": job.state}, 202,
+                        headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@api.get("/jobs/{job_id}")
+def job_state(job_id: str, request: Request):
+    """State, progress (step/total), timings (s) and error of a job."""
+    return request.app.state.runner.get(job_id).summary()
+
+
+async def _event_stream(job):
+    sent, quiet = 0, 0.0
+    while True:
+        events = job.events[sent:]
+        for e in events:
+            yield f"event: {e['event']}\ndata: {json.dumps(e)}\n\n"
+        sent += len(events)
+        if job.state in FINISHED and sent == len(job.events):
+            return
+        quiet = 0.0 if events else quiet + EVENT_POLL_S
+        if quiet >= KEEPALIVE_S:
+            quiet = 0.0
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(EVENT_POLL_S)
+
+
+@api.get("/jobs/{job_id}/events")
+def job_events(job_id: str, request: Request):
+    """Server-sent events of a job, from its first, until it finishes."""
+    job = request.app.state.runner.get(job_id)
+    return StreamingResponse(_event_stream(job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@api.get("/jobs/{job_id}/images/{k}")
+def job_image(job_id: str, k: int, request: Request):
+    """PNG k (0-based) of a finished job, its parameters in text chunks."""
+    job = request.app.state.runner.get(job_id)
+    if job.state != "done":
+        raise Conflict(f"job {job_id} is {job.state}: images exist once it is done")
+    if not 0 <= k < len(job.images):
+        raise HTTPException(404, f"job {job_id} has {len(job.images)} images; k is "
+                                 f"0..{len(job.images) - 1}")
+    return Response(job.images[k], media_type="image/png", headers={
+        "Content-Disposition": f'attachment; filename="{job_id}-{k}.png"'})
+
+
+@api.delete("/jobs/{job_id}", status_code=202)
+def cancel(job_id: str, request: Request):
+    """Cancel a job: a queued one now, a running one after its current step."""
+    return request.app.state.runner.cancel(job_id).summary()
+
+
+@router.get("/v1/health")
+def health(request: Request):
+    """Liveness (no token needed): version, loaded models, queue length."""
+    state = request.app.state
+    running = state.runner.running
+    return {"status": "ok", "version": __version__,
+            "models": {k: str(p.source) for k, p in state.pipelines.items()},
+            "queued": state.runner.queued, "running": running.id if running else None,
+            "token_required": state.config.token is not None}
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page():
+    return HTMLResponse(_page())
+
+
+def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
+    """The server app: pipelines (`load_pipelines(config)` unless given, e.g. by tests)
+    kept resident, one worker thread. `app.state.runner.close()` (run at shutdown)
+    stops the worker. Raises WeightLoadError when a model cannot load."""
+    pipes = pipelines if pipelines is not None else load_pipelines(config)
+    runner = JobRunner(lambda req, progress: run_edit(pipes, req, progress),
+                       max_queue=config.max_queue, keep_jobs=config.keep_jobs,
+                       keep_bytes=config.keep_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(runner.close)
+
+    app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan)
+    app.state.runner, app.state.pipelines, app.state.config = runner, pipes, config
+    app.state.segmenter = _segmenter(config, pipes)
+    root = getattr(pipes["fill"], "root", None)
+    app.state.has_ranker = bool(root) and (Path(root) / "ranker").is_dir()
+    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
+    app.add_middleware(SameSite, config=config)
+    _handlers(app)
+    app.include_router(router)
+    app.include_router(api)
+    return app

@@ -1,0 +1,178 @@
+"""Request fields and uploaded images -> a checked `EditRequest`, before anything queues.
+
+Images are opened from bytes (never from a client-supplied path); their size is read
+from the header and refused (`UploadTooLarge`, HTTP 413) above the server's pixel limit
+before a pixel is decoded, so a decompression bomb costs nothing. Options go through
+`EditOptions.from_dict` (unknown keys and bad values: InputError, HTTP 400); options that
+name files on the server (models, adapters) are refused: the server's configuration
+chooses models.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mlx_edit.imaging.images import InputError, load_image, load_mask
+from mlx_edit.options import EditOptions
+from mlx_edit.serve.config import ServeConfig
+
+FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC stay local
+PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
+PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
+SERVED_MODES = {"inpaint": "fill", "outpaint": "fill", "edit": "kontext"}
+
+
+class UploadTooLarge(Exception):
+    """A request body or an image over the server's limits (HTTP 413)."""
+
+
+@dataclass
+class EditRequest:
+    """One checked edit: mode ("inpaint" | "outpaint" | "edit"), the pipeline kind that
+    serves it ("fill" | "kontext"), prompt, image (RGB PIL, upright), mask (float32 (H, W)
+    in [0, 1], a list of `segment.Points` / `Box`, or None), options (EditOptions
+    resolved for the mode), priority (0 interactive, 1 batch)."""
+
+    mode: str
+    kind: str
+    prompt: str
+    image: Image.Image
+    mask: Any
+    options: EditOptions
+    priority: int = 0
+
+
+def open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    """An uploaded PNG/JPEG/WebP, its pixel count checked from the header before decoding.
+    Raises InputError (empty, unreadable, another format), UploadTooLarge (pixels)."""
+    if not data:
+        raise InputError(f"{what} is empty: upload a PNG, JPEG or WebP file")
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own limit, also from the header
+        raise UploadTooLarge(f"{what}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"cannot read {what} ({type(e).__name__}): upload a PNG, JPEG or "
+                         "WebP file") from None
+    if img.format not in FORMATS:
+        raise InputError(f"{what} is {img.format}: upload a PNG, JPEG or WebP file")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise UploadTooLarge(f"{what} is {w}x{h} px, over this server's limit of "
+                             f"{max_pixels / 1e6:g} MP")
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot decode {what} ({type(e).__name__}: {e})") from None
+    return img
+
+
+def decode_base64(value: Any, what: str) -> bytes:
+    """The bytes of a base64 string (a `data:` URL prefix is allowed). InputError if bad."""
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:")
+                                else value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what} is not valid base64") from None
+
+
+def _json_field(fields: dict, name: str, default: Any = None) -> Any:
+    """A field that is JSON in a form (a string) or already a value in a JSON body."""
+    value = fields.get(name, default)
+    if isinstance(value, str) and name != "prompt":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise InputError(f"{name} must be JSON, got {value[:40]!r}") from None
+    return value
+
+
+def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
+    raw = _json_field(fields, "options", {}) or {}
+    if not isinstance(raw, dict):
+        raise InputError(f"options must be a JSON object, got {type(raw).__name__}")
+    for name in PATH_OPTIONS:
+        if name in raw:
+            raise InputError(f"option {name} names files on the server: not accepted over "
+                             "HTTP (the server's configuration chooses models)")
+    options = EditOptions.from_dict(raw, mode)
+    if options.num_images > config.max_images:
+        raise InputError(f"num_images must be <= {config.max_images} on this server, got "
+                         f"{options.num_images}")
+    return options
+
+
+def _click_mask(fields: dict, segmenter: str | None) -> list | None:
+    """`segment.Points` / `Box` prompts from the points/labels/box fields, or None."""
+    points, labels, box = (_json_field(fields, k) for k in ("points", "labels", "box"))
+    if points is None and box is None:
+        return None
+    if segmenter is None:
+        raise InputError("this server has no segmenter: send a mask image (or start it "
+                         "with --segment-model)")
+    from mlx_edit.segment import Box, Points
+
+    prompts = []
+    try:
+        if points is not None:
+            prompts.append(Points(tuple(tuple(float(c) for c in p) for p in points),
+                                  None if labels is None else tuple(int(x) for x in labels)))
+        if box is not None:
+            prompts.append(Box(*(float(c) for c in box)))
+    except (TypeError, ValueError):
+        raise InputError("points must be [[x, y], ...], labels [1 | 0, ...], box "
+                         "[x0, y0, x1, y1]") from None
+    return prompts
+
+
+def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
+                  kinds: set[str], segmenter: str | None = None,
+                  has_ranker: bool = False) -> EditRequest:
+    """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
+
+    fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
+    priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
+    clicks, with a segmenter). files: image (required), mask (white = repaint).
+    kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
+    `ranker/` (else rank is refused: it would download a CLIP model). Raises InputError,
+    UploadTooLarge."""
+    mode = fields.get("mode") or "inpaint"
+    if mode not in SERVED_MODES:
+        raise InputError(f"mode must be one of {', '.join(SERVED_MODES)}, got {mode!r}")
+    if SERVED_MODES[mode] not in kinds:
+        raise InputError(f"this server has no {SERVED_MODES[mode]} model for {mode}")
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt is required")
+    priority = fields.get("priority") or "interactive"
+    if priority not in PRIORITIES:
+        raise InputError(f"priority must be interactive or batch, got {priority!r}")
+    options = _options(fields, mode, config)
+    if options.rank and not has_ranker:
+        raise InputError("rank needs a ranker/ in this server's model folder")
+    if "image" not in files:
+        raise InputError("image is required (a PNG, JPEG or WebP upload)")
+    image = load_image(open_image(files["image"], "image", config.max_pixels))
+    mask = _click_mask(fields, segmenter)
+    if mask is not None:
+        options = dataclasses.replace(options, segment_model=segmenter)
+    elif "mask" in files:
+        mask = load_mask(open_image(files["mask"], "mask", config.max_pixels), image.size)
+        mask = np.asarray(mask, np.float32)
+    if mode == "inpaint" and mask is None:
+        raise InputError("inpaint needs a mask (an image, white = repaint) or points/box")
+    if mode == "outpaint" and mask is not None:
+        raise InputError("outpaint takes no mask: set left/right/top/bottom in options")
+    return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
+                       PRIORITIES[priority])

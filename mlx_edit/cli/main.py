@@ -349,7 +349,8 @@ def edit(images, mask, **opts):
 
 
 def _register_commands() -> None:
-    """Commands that live in their own modules (conversion, parity)."""
+    """Commands that live in their own modules (conversion, parity, batch)."""
+    from mlx_edit.cli.batch import batch_command
     from mlx_edit.cli.convert import convert_command
     from mlx_edit.cli.mask import mask_command
     from mlx_edit.parity import parity_command
@@ -357,6 +358,7 @@ def _register_commands() -> None:
     main.add_command(convert_command, "convert")
     main.add_command(parity_command, "parity")
     main.add_command(mask_command, "mask")
+    main.add_command(batch_command, "batch")
 
 
 _register_commands()

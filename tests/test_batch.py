@@ -5,6 +5,11 @@ the torch-free tiny checkpoint."""
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +190,38 @@ def test_prompt_cache_bound_and_keys(tmp_path):
     assert sum(f.stat().st_size for f in cache.folder.iterdir()) <= 3000
     (enc / "model.safetensors").write_bytes(b"yy")  # new weights: a new key
     assert PromptCache(tmp_path / "c").key([enc], mx.float32, None, "a", "a", 16) != k1
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_two_ranks_split_the_batch_and_match_one_process(tiny_mlx, photos, tmp_path):  # noqa: F811
+    """`mlx.launch --backend ring -n 2` on localhost: each rank edits a disjoint share,
+    rank 0 merges results.jsonl, and the images equal a one-process run's."""
+    small = tmp_path / "small.png"
+    Image.open(photos / "astronaut.png").resize((96, 80)).save(small)
+    mask = np.zeros((80, 96), np.uint8)
+    mask[20:50, 30:70] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    rows = [{"id": f"e{i}", "image": str(small), "mask": str(tmp_path / "mask.png"),
+             "prompt": f"hat {i % 2}", "seed": i, **FAST} for i in range(4)]
+    rows += [{"id": "big", "image": str(photos / "coffee.jpg"), "mode": "outpaint",
+              "prompt": "hat 0", "right": 16, "seed": 9, **FAST}]
+    m = _manifest(tmp_path / "m.jsonl", rows)
+    args = ["batch", str(m), "--model", str(tiny_mlx), "--no-prompt-cache", "--output-dir"]
+    assert invoke(*args, tmp_path / "one").exit_code == 0
+    launcher = tmp_path / "launch_cli.py"
+    launcher.write_text("from mlx_edit.cli.main import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
+    port = 20000 + os.getpid() % 20000  # agents sharing a machine: not mlx.launch's default
+    r = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
+                        str(port), "--python", sys.executable, str(launcher), *args,
+                        str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = _results(tmp_path / "two")
+    assert sorted(res) == ["big", "e0", "e1", "e2", "e3"]
+    ranks = [res[i]["rank"] for i in sorted(res)]
+    assert sorted(set(ranks)) == [0, 1] and ranks.count(res["big"]["rank"]) == 1  # the largest alone
+    assert not list((tmp_path / "two").glob(".*"))  # part files merged and removed
+    for i in res:
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{i}.png")) for d in ("one", "two"))
+        assert np.array_equal(a, b), i

@@ -21,6 +21,7 @@ from mlx_edit import pipeline as pipeline_module
 from mlx_edit.prompt_cache import PromptCache
 
 FAST = {"steps": 1, "max_sequence_length": 16}
+LAUNCH = "from mlx_edit.cli import main; main()"  # the README's mlx.launch command
 
 
 def _manifest(path, rows):
@@ -208,12 +209,10 @@ def test_two_ranks_split_the_batch_and_match_one_process(tiny_mlx, photos, tmp_p
     m = _manifest(tmp_path / "m.jsonl", rows)
     args = ["batch", str(m), "--model", str(tiny_mlx), "--no-prompt-cache", "--output-dir"]
     assert invoke(*args, tmp_path / "one").exit_code == 0
-    launcher = tmp_path / "launch_cli.py"
-    launcher.write_text("from mlx_edit.cli.main import main\nmain()\n")
     env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
     port = 20000 + os.getpid() % 20000  # agents sharing a machine: not mlx.launch's default
     r = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
-                        str(port), "--python", sys.executable, str(launcher), *args,
+                        str(port), "--python", sys.executable, "--", "-c", LAUNCH, *args,
                         str(tmp_path / "two")], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -243,6 +243,19 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def remove_stale_temps(folder: Path, lines: list[Line]) -> int:
+    """Remove the hidden temp files a killed run (kill -9) left next to the lines'
+    outputs (`.<name>.<pid>.<hex>.tmp`, see imaging.images). Call before any rank writes.
+    Returns how many were removed."""
+    names = {p.name for ln in lines for p in ln.outputs(folder)} | {RESULTS}
+    n = 0
+    for f in folder.glob(".*.tmp"):
+        if f.name[1:].rsplit(".", 3)[0] in names:
+            f.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def merge_results(folder: Path, order: list[str]) -> Path:
     """Write every id's latest record into results.jsonl atomically (manifest order
     first), then remove the part files."""

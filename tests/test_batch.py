@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,34 @@ def test_two_ranks_split_the_batch_and_match_one_process(tiny_mlx, photos, tmp_p
     for i in res:
         a, b = (np.asarray(Image.open(tmp_path / d / f"{i}.png")) for d in ("one", "two"))
         assert np.array_equal(a, b), i
+
+
+def test_killed_batch_resumes(tiny_mlx, photos, tmp_path, counted):  # noqa: F811
+    """kill -9 of a running batch (a subprocess) after its first line: the re-run does
+    only the rest, and no partial output or stale temp file remains."""
+    m = _manifest(tmp_path / "m.jsonl", _rows(photos))
+    out = tmp_path / "out"
+    args = ["batch", str(m), "--output-dir", str(out), "--model", str(tiny_mlx),
+            "--no-prompt-cache"]
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = out / ".results.0.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (part.is_file() and part.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs
+        proc.wait()
+    (out / ".wide.png.999.deadbeef.tmp").write_bytes(b"\x89PNG half")  # as a kill mid-write
+    done = {json.loads(t)["id"] for t in part.read_text().splitlines() if t.endswith("}")}
+    assert 1 <= len(done) < 3
+    for png in out.glob("*.png"):  # whatever exists is whole
+        Image.open(png).load()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert counted["edits"] == 3 - len(done)
+    assert sorted(p.name for p in out.iterdir()) == ["hat.png", "hat2.png", "results.jsonl",
+                                                     "wide.png"]

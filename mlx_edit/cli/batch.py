@@ -139,6 +139,7 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     records = batch.read_records(folder)
     pending = [ln for ln in lines if not batch.is_done(ln, records.get(ln.id), folder,
                                                        digests[ln.id])]
+    batch.remove_stale_temps(folder, lines)
     _barrier(group)  # every rank has read the records before any rank writes one
     share = batch.shard([ln.pixels for ln in pending], size)[rank]
     # by mode, then prompt: one model kind at a time, repeated prompts encoded once

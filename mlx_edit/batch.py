@@ -300,13 +300,14 @@ def write_line(line: Line, images: list, folder: Path) -> list[Path]:
 
 def run_line(pipes, line: Line, folder: Path, digest: str, rank: int) -> dict:
     """Edit and write one line with `pipes(mode)` (the loaded pipeline for the mode);
-    returns its result record (status ok, or error with the message: a failed line, or a
-    model that fails to load, never stops the batch). Ctrl-C and kills pass through."""
+    returns its result record (status ok, or error with the message: a failed line never
+    stops the batch). A model that fails to load (WeightLoadError), Ctrl-C and kills
+    pass through."""
     start = now()
     rec = {"id": line.id, "line": line.number, "mode": line.mode, "image": str(line.image),
            "prompt": line.prompt, "seeds": line.options.seeds, "hash": digest, "rank": rank}
+    pipe = pipes(line.mode)  # a model that cannot load stops the batch (one-line error)
     try:
-        pipe = pipes(line.mode)
         outputs = write_line(line, edit_line(pipe, line), folder)
         stats = {k: round(v, 4) for k, v in pipe.last_stats.items()
                  if isinstance(v, (int, float))}

@@ -73,15 +73,33 @@ def test_bad_lines_named_before_any_model_loads(photos, tmp_path, monkeypatch): 
             {**good, "id": "u", "colour": 1}, {**good, "id": "s", "steps": 0},
             {**good, "id": "x", "image": str(tmp_path / "missing.png")},
             {k: v for k, v in good.items() if k != "mask"} | {"id": "nomask"},
-            {**good, "mode": "outpaint", "id": "o"}, good]
+            {**good, "mode": "outpaint", "id": "o"}, good,
+            {k: v for k, v in good.items() if k != "mask"} | {"id": "p",
+                                                               "mask_points": [[900, 5]]}]
     m = _manifest(tmp_path / "m.jsonl", rows)
     r = invoke("batch", m, "--output-dir", tmp_path / "out", "--no-prompt-cache")
     assert r.exit_code == 2
     for n, word in [(2, "JSON"), (3, "mask"), (4, "colour"), (5, "steps"), (6, "not found"),
-                    (7, "needs mask"), (8, "outpaint needs"), (9, "already used on line 1")]:
+                    (7, "needs mask"), (8, "outpaint needs"), (9, "already used on line 1"),
+                    (10, "outside")]:
         assert f"line {n}: " in r.output and word in r.output.split(f"line {n}: ")[1]
-    assert "line 1:" not in r.output and "8 invalid line(s)" in r.output
+    assert "line 1:" not in r.output and "9 invalid line(s)" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_click_masks_and_a_model_that_cannot_load(photos, tmp_path):  # noqa: F811
+    from mlx_edit.segment import Box, Points
+
+    row = {"image": str(photos / "astronaut.png"), "prompt": "x", "mask_points": [[10, 20]],
+           "mask_negative": [[30, 40]], "mask_box": [5, 5, 100, 90]}
+    line = batch.parse_line(json.dumps(row), 3, tmp_path, {"steps": 2, "left": 8})
+    assert line.id == "000003-astronaut" and line.options.steps == 2  # left: not inpaint's
+    assert line.mask == [Points(((10.0, 20.0), (30.0, 40.0)), (1, 0)), Box(5, 5, 100, 90)]
+    m = _manifest(tmp_path / "m.jsonl", [_rows(photos)[0]])
+    r = invoke("batch", m, "--output-dir", tmp_path / "out", "--model", tmp_path / "none",
+               "--no-prompt-cache")
+    assert r.exit_code == 2 and "not found" in r.output
+    assert not (tmp_path / "out" / "hat.png").exists()
 
 
 def test_batch_results_resume_and_prompt_cache(tiny_mlx, photos, tmp_path,  # noqa: F811

@@ -20,9 +20,12 @@ import hashlib
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlx_edit.imaging.images import InputError
 
 DEFAULT_MAX_BYTES = 2 * 2**30  # ~500 T5-XXL prompts at 512 tokens in bfloat16
 SUFFIX = ".safetensors"
@@ -42,12 +45,17 @@ def encoder_fingerprint(folders: list[Path]) -> list:
 
 class PromptCache:
     """A bounded folder of prompt embeddings (see the module docstring); `hits`,
-    `misses` count this object's lookups. Creates the folder; raises OSError when it
-    cannot."""
+    `misses` count this object's lookups. Creates the folder; raises InputError when it
+    cannot. A failed write only warns."""
 
     def __init__(self, folder: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
         self.folder = Path(folder).expanduser()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the prompt cache folder {self.folder}: "
+                             f"{e.strerror or e}; choose another (--prompt-cache) or pass "
+                             "--no-prompt-cache") from None
         self.max_bytes = int(max_bytes)
         self.hits = self.misses = 0
         self._fingerprints: dict[tuple, str] = {}
@@ -87,9 +95,11 @@ class PromptCache:
         try:
             mx.save_safetensors(str(tmp), {"txt": embeds.txt, "pooled": embeds.pooled})
             os.replace(tmp, path)
+            self.trim()
+        except OSError as e:  # a full or read-only disk costs re-encoding, not the edit
+            warnings.warn(f"prompt cache {self.folder}: not stored ({e})", stacklevel=2)
         finally:
             tmp.unlink(missing_ok=True)
-        self.trim()
 
     def trim(self) -> None:
         """Remove the least recently used entries until the folder holds <= max_bytes."""

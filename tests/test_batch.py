@@ -19,6 +19,7 @@ from test_cli import invoke, photos  # noqa: F401  (fixture)
 
 from mlx_edit import batch
 from mlx_edit import pipeline as pipeline_module
+from mlx_edit.imaging.images import InputError
 from mlx_edit.prompt_cache import PromptCache
 
 FAST = {"steps": 1, "max_sequence_length": 16}
@@ -210,6 +211,8 @@ def test_prompt_cache_bound_and_keys(tmp_path):
     assert sum(f.stat().st_size for f in cache.folder.iterdir()) <= 3000
     (enc / "model.safetensors").write_bytes(b"yy")  # new weights: a new key
     assert PromptCache(tmp_path / "c").key([enc], mx.float32, None, "a", "a", 16) != k1
+    with pytest.raises(InputError, match="--no-prompt-cache"):
+        PromptCache(enc / "model.safetensors" / "sub")  # under a file: cannot be made
 
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")

@@ -176,7 +176,7 @@ def read_manifest(path: Path, defaults: dict | None = None) -> tuple[list[Line],
         texts = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the manifest {path}: {e}") from None
-    lines, errors, seen = [], [], {}
+    lines, errors, seen, names = [], [], {}, {}
     for number, text in enumerate(texts, 1):
         if not text.strip():
             continue
@@ -184,10 +184,15 @@ def read_manifest(path: Path, defaults: dict | None = None) -> tuple[list[Line],
             line = parse_line(text, number, path.parent, defaults or {})
             if line.id in seen:
                 raise InputError(f"id {line.id!r} is already used on line {seen[line.id]}")
+            for out in line.outputs(Path()):  # id "a" with 2 images writes a-0.png;
+                if out.name.lower() in names:  # macOS volumes ignore case by default
+                    raise InputError(f"output {out.name} is also line "
+                                     f"{names[out.name.lower()]}'s; choose another id")
         except InputError as e:
             errors.append(f"line {number}: {e}")
             continue
         seen[line.id] = number
+        names.update((out.name.lower(), number) for out in line.outputs(Path()))
         lines.append(line)
     return lines, errors
 

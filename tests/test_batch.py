@@ -239,6 +239,8 @@ def test_two_ranks_split_the_batch_and_match_one_process(tiny_mlx, photos, tmp_p
                         str(tmp_path / "two")], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "5/5 ok (0 done before)" in r.stdout + r.stderr  # rank 0's summary, once
+    assert (r.stdout + r.stderr).count("ok (0 done before)") == 1
     res = _results(tmp_path / "two")
     assert sorted(res) == ["big", "e0", "e1", "e2", "e3"]
     ranks = [res[i]["rank"] for i in sorted(res)]

@@ -123,10 +123,46 @@ def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_leng
     sys.exit(_run(lines, output_dir, opts))
 
 
+def _finished(folder: Path, pending: list, records: dict) -> int:
+    """Lines of `pending` that any rank has finished since this run read `records` (their
+    new records in the output folder: every rank's when the folder is shared)."""
+    from mlx_edit import batch
+
+    latest = batch.read_records(folder)
+    return sum(ln.id in latest and latest[ln.id].get("finished")
+               != records.get(ln.id, {}).get("finished") for ln in pending)
+
+
+def _work(mine: list, pipes, folder: Path, digests: dict, group, state) -> int:
+    """Run this rank's lines, appending each record to its part file; rank 0 shows the
+    whole batch's progress (with ETA), other ranks only their failures. Returns the
+    number of lines that failed here."""
+    from tqdm import tqdm
+
+    from mlx_edit import batch
+
+    lines, pending, records = state
+    rank, size = group.rank(), group.size()
+    part, failed, before = folder / f".results.{rank}.jsonl", 0, len(lines) - len(pending)
+    with tqdm(total=len(lines), initial=before, unit="edit", file=sys.stderr,
+              desc="batch", disable=rank != 0) as bar:
+        for ln in mine:
+            rec = batch.run_line(pipes, ln, folder, digests[ln.id], rank)
+            batch.append_record(part, rec)
+            if rec["status"] != "ok":
+                failed += 1
+                tqdm.write(f"line {ln.number} ({ln.id}) failed: {rec['error']}", sys.stderr)
+            if size == 1:
+                bar.update(1)
+            else:
+                bar.n = before + _finished(folder, pending, records)
+                bar.refresh()
+    return failed
+
+
 def _run(lines: list, folder: Path, opts: dict) -> int:
     """Skip the done lines, run this rank's share, merge on rank 0; the exit status."""
     import mlx.core as mx
-    from tqdm import tqdm
 
     from mlx_edit import batch
     from mlx_edit.prompt_cache import PromptCache
@@ -147,18 +183,7 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     cache = None if opts["no_prompt_cache"] else PromptCache(
         opts["prompt_cache"], int(opts["prompt_cache_gb"] * 2**30))
     pipes = _pipes(opts, cache)
-    part = folder / f".results.{rank}.jsonl"
-    failed = 0
-    total, done = (len(lines), len(lines) - len(pending)) if size == 1 else (len(mine), 0)
-    with tqdm(total=total, initial=done, unit="edit", file=sys.stderr,
-              desc="batch" if size == 1 else f"rank {rank}/{size}") as bar:
-        for ln in mine:
-            rec = batch.run_line(pipes, ln, folder, digests[ln.id], rank)
-            batch.append_record(part, rec)
-            failed += rec["status"] != "ok"
-            if rec["status"] != "ok":
-                tqdm.write(f"line {ln.number} ({ln.id}) failed: {rec['error']}", sys.stderr)
-            bar.update(1)
+    failed = _work(mine, pipes, folder, digests, group, (lines, pending, records))
     _barrier(group)
     if rank == 0:
         path = batch.merge_results(folder, [ln.id for ln in lines])

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_edit.imaging.images import InputError
-from mlx_edit.options import FIELDS, MAX_SEED, EditOptions
+from mlx_edit.options import FIELDS, MAX_SEED, EditOptions, check_prompt
 
 BATCH_MODES = ("inpaint", "outpaint", "edit")
 RECORD_KEYS = ("id", "image", "mask", "mask_points", "mask_negative", "mask_box", "prompt",
@@ -143,8 +143,7 @@ def parse_line(text: str, number: int, base: Path, defaults: dict) -> Line:
     for key in ("image", "prompt"):
         if key not in d:
             raise InputError(f"missing {key!r}")
-    if not isinstance(d["prompt"], str):
-        raise InputError("prompt must be a string")
+    check_prompt(d["prompt"])
     image = _path(base, d["image"], "image")
     line_id = d.get("id", f"{number:06d}-{image.stem}")
     if not isinstance(line_id, str) or not _ID.fullmatch(line_id):

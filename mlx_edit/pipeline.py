@@ -119,6 +119,7 @@ class FluxPipeline:
                                             for name in ("text_encoder", "text_encoder_2"))):
             check_headers(part)  # damaged files fail at load time, not mid-edit
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
+        self.disk_prompt_cache = None  # a mlx_edit.prompt_cache.PromptCache, or None
         self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
@@ -308,6 +309,24 @@ class FluxPipeline:
                 f"prompt is {n} T5 tokens, over the limit of {max_sequence_length}: "
                 "shorten it (or raise --max-sequence-length, at most 512)"
             )
+        disk, disk_key, embeds = self.disk_prompt_cache, None, None
+        if disk is not None:  # on disk: the text encoders are not loaded at all on a hit
+            encoders = [component_dir(self.root, c) for c in ("text_encoder", "text_encoder_2")]
+            disk_key = disk.key(encoders, self.dtype, self.quantize, prompt, t5_prompt,
+                                max_sequence_length)
+            embeds = disk.get(disk_key)
+        if embeds is None:
+            embeds = self._encode_text(prompt, t5_prompt, max_sequence_length)
+            if disk is not None:
+                disk.put(disk_key, embeds)
+        self._prompt_cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        return embeds
+
+    def _encode_text(self, prompt: str, t5_prompt: str, max_sequence_length: int
+                     ) -> PromptEmbeds:
+        """Load CLIP, encode, free it; load T5, encode, free it (one model resident)."""
         clip = load_clip_text(component_dir(self.root, "text_encoder"), self.dtype)
         pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
         mx.eval(pooled)
@@ -318,11 +337,7 @@ class FluxPipeline:
         mx.eval(txt)
         del t5
         mx.clear_cache()
-        embeds = PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))
-        self._prompt_cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
-        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-            self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        return embeds
+        return PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))
 
     # ------------------------------------------------------------------ preparation
 

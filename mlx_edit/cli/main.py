@@ -348,7 +348,8 @@ def edit(images, mask, **opts):
 
 
 def _register_commands() -> None:
-    """Commands that live in their own modules (conversion, parity)."""
+    """Commands that live in their own modules (conversion, parity, batch)."""
+    from mlx_edit.cli.batch import batch_command
     from mlx_edit.cli.convert import convert_command
     from mlx_edit.cli.mask import mask_command
     from mlx_edit.cli.serve import serve_command
@@ -358,6 +359,7 @@ def _register_commands() -> None:
     main.add_command(parity_command, "parity")
     main.add_command(mask_command, "mask")
     main.add_command(serve_command, "serve")
+    main.add_command(batch_command, "batch")
 
 
 _register_commands()

@@ -1,0 +1,326 @@
+"""Batches of edits from a JSON Lines manifest: validated up front, resumable, shared out
+across the ranks of an `mx.distributed` group (`mlx.launch`).
+
+A manifest line is one JSON object:
+
+    {"id": "shoe-1", "image": "shoe1.jpg", "mask": "shoe1-mask.png", "prompt": "a red shoe",
+     "steps": 28, "seed": 7}
+
+Keys: `image` (path, relative to the manifest's folder), `prompt`, `mode` (inpaint, the
+default; outpaint; edit), `mask` (a path; inpaint needs it, or `mask_points`
+[[x, y], ...] (+ `mask_negative`) / `mask_box` [x0, y0, x1, y1] to segment one with SAM
+2.1), `id` (the output name: letters, digits, `._-`; default: the line number and the
+image's name), and any `EditOptions` field the mode takes (mlx_edit.options.FIELDS).
+Shared defaults (the command's options) apply where a line says nothing. A line without
+a seed gets one from its id, so re-runs and every rank agree.
+
+Outputs go to `DIR/<id>.png` (`<id>-0.png`, ... with num_images > 1), written together
+and atomically; then one record is appended (and fsynced) to the rank's part file
+`DIR/.results.<rank>.jsonl`. Rank 0 merges every record into `DIR/results.jsonl` at the
+end. A line is done when its last record has status ok, the same parameter hash (inputs'
+size and mtime, prompt, options, seed, model) and its outputs exist; anything else is
+(re)done, so a killed run loses at most the line in flight and leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_edit.imaging.images import InputError
+from mlx_edit.options import FIELDS, MAX_SEED, EditOptions, check_prompt
+
+BATCH_MODES = ("inpaint", "outpaint", "edit")
+RECORD_KEYS = ("id", "image", "mask", "mask_points", "mask_negative", "mask_box", "prompt",
+               "mode")
+RESULTS = "results.jsonl"
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Line:
+    """One valid manifest line: where it came from, its inputs and checked options."""
+
+    number: int  # 1-based line number in the manifest
+    id: str
+    mode: str
+    image: Path
+    prompt: str
+    options: EditOptions
+    mask: Any = None  # a Path, a list of segment.Points/Box specs, or None
+    size: tuple[int, int] = (0, 0)  # the image's (width, height)
+    params: dict = field(default_factory=dict)  # what the parameter hash covers
+
+    @property
+    def pixels(self) -> int:
+        w, h = self.size
+        o = self.options
+        return (w + o.left + o.right) * (h + o.top + o.bottom) * o.num_images
+
+    def outputs(self, folder: Path) -> list[Path]:
+        n = self.options.num_images
+        names = [f"{self.id}.png"] if n == 1 else [f"{self.id}-{i}.png" for i in range(n)]
+        return [folder / name for name in names]
+
+    def param_hash(self, run: dict) -> str:
+        """SHA-256 of the line's parameters and the run's (model, quantize, LoRAs)."""
+        blob = json.dumps([self.params, run], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _file_id(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _default_seed(line_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(line_id.encode()).digest()[:4], "big") % (MAX_SEED // 2)
+
+
+def _path(base: Path, value: Any, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{key} must be a file path (a string)")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _mask(d: dict, base: Path, mode: str, size: tuple[int, int]):
+    """The line's mask: a checked path, click specs checked against the image, or None."""
+    from mlx_edit.imaging.images import load_mask
+
+    clicks = [k for k in ("mask_points", "mask_negative", "mask_box") if k in d]
+    if "mask" in d and clicks:
+        raise InputError("give mask or mask_points/mask_box, not both")
+    if mode == "outpaint" and ("mask" in d or clicks):
+        raise InputError("outpaint takes no mask")
+    if "mask" in d:
+        path = _path(base, d["mask"], "mask")
+        with warnings.catch_warnings():  # the edit itself warns about a resized mask
+            warnings.simplefilter("ignore")
+            load_mask(path, size)
+        return path
+    if not clicks:
+        if mode == "inpaint":
+            raise InputError("inpaint needs mask (or mask_points / mask_box)")
+        return None
+    from mlx_edit.segment import Box, Points, prompt_arrays, prompts_from_specs
+
+    try:
+        pos = [tuple(map(float, p)) for p in d.get("mask_points", [])]
+        neg = [tuple(map(float, p)) for p in d.get("mask_negative", [])]
+        specs = [Points(tuple(pos + neg), tuple([1] * len(pos) + [0] * len(neg)))] \
+            if pos or neg else []
+        if "mask_box" in d:
+            specs.append(Box(*map(float, d["mask_box"])))
+    except (TypeError, ValueError):
+        raise InputError("mask_points/mask_negative must be [[x, y], ...] and mask_box "
+                         "[x0, y0, x1, y1] (numbers)") from None
+    prompt_arrays(**prompts_from_specs(specs), image_size=(size[1], size[0]), input_size=1024)
+    return specs
+
+
+def parse_line(text: str, number: int, base: Path, defaults: dict) -> Line:
+    """One manifest line -> Line, reading its image and mask now. `defaults`: options
+    applied where the line gives none (only those its mode takes). Raises InputError."""
+    from mlx_edit.imaging.images import load_image
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"a line must be a JSON object, got {type(d).__name__}")
+    mode = d.get("mode", "inpaint")
+    if mode not in BATCH_MODES:
+        raise InputError(f"mode must be one of {', '.join(BATCH_MODES)}, got {mode!r}")
+    for key in ("image", "prompt"):
+        if key not in d:
+            raise InputError(f"missing {key!r}")
+    check_prompt(d["prompt"])
+    image = _path(base, d["image"], "image")
+    line_id = d.get("id", f"{number:06d}-{image.stem}")
+    if not isinstance(line_id, str) or not _ID.fullmatch(line_id):
+        raise InputError(f"id must be 1-128 letters, digits or ._- (not starting with .), "
+                         f"got {line_id!r}")
+    opts = {k: v for k, v in d.items() if k not in RECORD_KEYS}
+    for k in opts:
+        if k not in FIELDS:
+            raise InputError(f"unknown key {k!r}; known: {', '.join(RECORD_KEYS)} and the "
+                             "edit options")
+    opts = {**{k: v for k, v in defaults.items() if mode in FIELDS[k][0]}, **opts}
+    opts.setdefault("seed", _default_seed(line_id))
+    options = EditOptions.from_dict(opts, mode)
+    size = load_image(image).size
+    mask = _mask(d, base, mode, size)
+    params = {"mode": mode, "image": _file_id(image), "prompt": d["prompt"],
+              "options": {k: opts[k] for k in sorted(opts)},
+              "mask": _file_id(mask) if isinstance(mask, Path) else
+              {k: d[k] for k in ("mask_points", "mask_negative", "mask_box") if k in d}}
+    return Line(number, line_id, mode, image, d["prompt"], options, mask, size, params)
+
+
+def read_manifest(path: Path, defaults: dict | None = None) -> tuple[list[Line], list[str]]:
+    """Every line of the manifest checked (blank lines skipped): (valid lines, one error
+    message per bad line, 'line N: ...'). A repeated id is an error on its later line.
+    Raises InputError when the manifest itself cannot be read."""
+    path = Path(path)
+    try:
+        texts = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the manifest {path}: {e}") from None
+    lines, errors, seen, names = [], [], {}, {}
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        try:
+            line = parse_line(text, number, path.parent, defaults or {})
+            if line.id in seen:
+                raise InputError(f"id {line.id!r} is already used on line {seen[line.id]}")
+            for out in line.outputs(Path()):  # id "a" with 2 images writes a-0.png;
+                if out.name.lower() in names:  # macOS volumes ignore case by default
+                    raise InputError(f"output {out.name} is also line "
+                                     f"{names[out.name.lower()]}'s; choose another id")
+        except InputError as e:
+            errors.append(f"line {number}: {e}")
+            continue
+        seen[line.id] = number
+        names.update((out.name.lower(), number) for out in line.outputs(Path()))
+        lines.append(line)
+    return lines, errors
+
+
+def shard(weights: list[int], size: int) -> list[list[int]]:
+    """Indices of `weights` split into `size` disjoint shares of balanced total weight:
+    largest first, each to the least loaded share (ties: the lowest rank), so the
+    largest images are spread over the ranks. Deterministic."""
+    shares: list[list[int]] = [[] for _ in range(size)]
+    loads = [0] * size
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        r = min(range(size), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += weights[i]
+    return [sorted(s) for s in shares]
+
+
+# ------------------------------------------------------------------ results
+
+
+def read_records(folder: Path) -> dict[str, dict]:
+    """The latest record per id from results.jsonl and the ranks' part files (a torn last
+    line, from a kill mid-write, is ignored)."""
+    records: list[dict] = []
+    for f in [folder / RESULTS, *sorted(folder.glob(".results.*.jsonl"))]:
+        if not f.is_file():
+            continue
+        for text in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "id" in rec:
+                records.append(rec)
+    latest: dict[str, dict] = {}
+    for rec in sorted(records, key=lambda r: r.get("finished", 0)):
+        latest[rec["id"]] = rec
+    return latest
+
+
+def is_done(line: Line, record: dict | None, folder: Path, digest: str) -> bool:
+    """The line's outputs exist and its last record is a success with the same hash."""
+    return (record is not None and record.get("status") == "ok"
+            and record.get("hash") == digest
+            and all(p.is_file() for p in line.outputs(folder)))
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line and fsync it (a kill leaves at most a torn last line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove_stale_temps(folder: Path, lines: list[Line]) -> int:
+    """Remove the hidden temp files a killed run (kill -9) left next to the lines'
+    outputs (`.<name>.<pid>.<hex>.tmp`, see imaging.images). Call before any rank writes.
+    Returns how many were removed."""
+    names = {p.name for ln in lines for p in ln.outputs(folder)} | {RESULTS}
+    n = 0
+    for f in folder.glob(".*.tmp"):
+        if f.name[1:].rsplit(".", 3)[0] in names:
+            f.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def merge_results(folder: Path, order: list[str]) -> Path:
+    """Write every id's latest record into results.jsonl atomically (manifest order
+    first), then remove the part files."""
+    from mlx_edit.imaging.images import write_together
+
+    latest = read_records(folder)
+    ids = [i for i in order if i in latest] + [i for i in latest if i not in order]
+    data = "".join(json.dumps(latest[i], ensure_ascii=False, default=str) + "\n" for i in ids)
+    parts = sorted(folder.glob(".results.*.jsonl"))
+    write_together([(folder / RESULTS, lambda f: f.write(data.encode()))], overwrite=True)
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return folder / RESULTS
+
+
+# ------------------------------------------------------------------ running
+
+
+def edit_line(pipe, line: Line, progress=None) -> list:
+    """Run the line's edit on `pipe` (FluxFill for inpaint/outpaint, FluxKontext for
+    edit); returns its PIL images."""
+    if line.mode == "inpaint":
+        return pipe.inpaint(line.image, line.mask, line.prompt, line.options, progress=progress)
+    if line.mode == "outpaint":
+        return pipe.outpaint(line.image, line.prompt, line.options, progress=progress)
+    return pipe.edit([line.image], line.prompt, line.options, mask=line.mask,
+                     progress=progress)
+
+
+def write_line(line: Line, images: list, folder: Path) -> list[Path]:
+    """The line's images as PNGs (with their metadata and the photo's colour profile),
+    written together and atomically; a stale output of the same id is replaced, an
+    input never."""
+    from mlx_edit.imaging.images import load_image, png_writer, write_together
+
+    icc = load_image(line.image).info.get("icc_profile")
+    files = [(p, png_writer(img, dict(img.info), icc))
+             for p, img in zip(line.outputs(folder), images)]
+    protect = [line.image] + ([line.mask] if isinstance(line.mask, Path) else [])
+    return write_together(files, overwrite=True, protect=protect)
+
+
+def run_line(pipes, line: Line, folder: Path, digest: str, rank: int) -> dict:
+    """Edit and write one line with `pipes(mode)` (the loaded pipeline for the mode);
+    returns its result record (status ok, or error with the message: a failed line never
+    stops the batch). A model that fails to load (WeightLoadError), Ctrl-C and kills
+    pass through."""
+    start = now()
+    rec = {"id": line.id, "line": line.number, "mode": line.mode, "image": str(line.image),
+           "prompt": line.prompt, "seeds": line.options.seeds, "hash": digest, "rank": rank}
+    pipe = pipes(line.mode)  # a model that cannot load stops the batch (one-line error)
+    try:
+        outputs = write_line(line, edit_line(pipe, line), folder)
+        stats = {k: round(v, 4) for k, v in pipe.last_stats.items()
+                 if isinstance(v, (int, float))}
+        rec.update(status="ok", outputs=[str(p) for p in outputs], stats=stats)
+    except Exception as e:  # noqa: BLE001  (recorded; the batch goes on)
+        rec.update(status="error", error=f"{type(e).__name__}: {e}", outputs=[])
+    rec.update(seconds=round(now() - start, 3), finished=now())
+    return rec
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,195 @@
+"""`mlx-edit batch MANIFEST.jsonl --output-dir DIR`: many edits from a JSON Lines manifest
+(mlx_edit.batch), resumable, shared out over the ranks of `mlx.launch`.
+
+Every line is checked before any model loads (one `line N: ...` error per bad line on
+stderr, exit 2 unless --skip-invalid). Lines already done (same parameters, outputs
+present) are skipped, so re-running after Ctrl-C or a kill resumes. Under `mlx.launch`
+each rank takes a balanced share; rank 0 merges `DIR/results.jsonl` when all finish.
+Exit status 1 when some line failed (its record says why), 0 when all succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_edit.options import FIELDS
+
+_DEFAULT_CACHE = Path("~/.cache/mlx-edit/prompts")
+
+
+def _defaults(steps, guidance, seed, max_sequence_length, sets) -> dict:
+    """Shared options (given ones only): the flags, then each --set KEY=VALUE (VALUE is
+    JSON, else a string)."""
+    d = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("seed", seed),
+                           ("max_sequence_length", max_sequence_length)) if v is not None}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in FIELDS:
+            raise click.UsageError(f"--set {item!r}: give KEY=VALUE with KEY an edit option "
+                                   f"({', '.join(FIELDS)})")
+        try:
+            d[key] = json.loads(value)
+        except json.JSONDecodeError:
+            d[key] = value
+    return d
+
+
+def _pipes(opts: dict, cache):
+    """mode -> its pipeline, loaded on first use (FluxFill for inpaint/outpaint,
+    FluxKontext for edit); one kind resident at a time."""
+    loaded: dict = {}
+
+    def get(mode: str):
+        from mlx_edit import variants
+
+        kind = "edit" if mode == "edit" else "inpaint"
+        if kind not in loaded:
+            loaded.clear()
+            if kind == "edit":
+                from mlx_edit.kontext import FluxKontext as cls
+            else:
+                from mlx_edit.fill import FluxFill as cls
+            model = opts["edit_model" if kind == "edit" else "model"]
+            pipe = cls.from_pretrained(
+                model or variants.for_edit(kind).repo,
+                quantize=int(opts["quantize"]) if opts["quantize"] else None,
+                low_memory=opts["low_memory"])
+            pipe.disk_prompt_cache = cache
+            loaded[kind] = pipe
+        return loaded[kind]
+    return get
+
+
+def _barrier(group) -> None:
+    import mlx.core as mx
+
+    if group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+
+def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
+    from mlx_edit import batch
+
+    lines, errors = batch.read_manifest(manifest, defaults)
+    for e in errors:
+        click.echo(f"{manifest}: {e}", err=True)
+    if errors and not skip_invalid:
+        raise click.UsageError(f"{len(errors)} invalid line(s) in {manifest} (listed above); "
+                               "fix them or pass --skip-invalid")
+    return lines
+
+
+@click.command("batch")
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--output-dir", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder for <id>.png outputs and results.jsonl (created).")
+@click.option("--model", "-m", default=None, help="Fill model for inpaint/outpaint lines "
+              "(repo id or folder; default black-forest-labs/FLUX.1-Fill-dev).")
+@click.option("--edit-model", default=None, help="Kontext model for edit lines "
+              "(default black-forest-labs/FLUX.1-Kontext-dev).")
+@click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize the transformer at load (bits).")
+@click.option("--low-memory", is_flag=True, help="One model resident at a time.")
+@click.option("--skip-invalid", is_flag=True, help="Run the valid lines, skip bad ones.")
+@click.option("--steps", type=int, default=None, help="Default steps for every line.")
+@click.option("--guidance", type=float, default=None, help="Default guidance.")
+@click.option("--seed", type=int, default=None,
+              help="Default seed (default: derived from each line's id).")
+@click.option("--max-sequence-length", type=int, default=None, help="Default T5 tokens.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Default of any edit option for the lines that take it (repeatable).")
+@click.option("--prompt-cache", type=click.Path(path_type=Path), default=_DEFAULT_CACHE,
+              show_default=True, help="Folder of cached prompt embeddings.")
+@click.option("--prompt-cache-gb", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Size bound of the prompt cache folder.")
+@click.option("--no-prompt-cache", is_flag=True, help="Do not read or write the cache.")
+def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_length, sets,
+                  skip_invalid, **opts):
+    """Run the edits of MANIFEST (JSON Lines: image, mask or mask_points/mask_box, prompt,
+    optional mode, id and edit options) into OUTPUT_DIR; resumable; under mlx.launch,
+    shared over the ranks."""
+
+    defaults = _defaults(steps, guidance, seed, max_sequence_length, sets)
+    lines = _validated(manifest, defaults, skip_invalid)
+    output_dir = output_dir.expanduser()
+    if not output_dir.parent.is_dir():
+        raise click.UsageError(f"the folder of --output-dir does not exist: {output_dir.parent}")
+    output_dir.mkdir(exist_ok=True)
+    sys.exit(_run(lines, output_dir, opts))
+
+
+def _finished(folder: Path, pending: list, records: dict) -> int:
+    """Lines of `pending` that any rank has finished since this run read `records` (their
+    new records in the output folder: every rank's when the folder is shared)."""
+    from mlx_edit import batch
+
+    latest = batch.read_records(folder)
+    return sum(ln.id in latest and latest[ln.id].get("finished")
+               != records.get(ln.id, {}).get("finished") for ln in pending)
+
+
+def _work(mine: list, pipes, folder: Path, digests: dict, group, state) -> int:
+    """Run this rank's lines, appending each record to its part file; rank 0 shows the
+    whole batch's progress (with ETA), other ranks only their failures. Returns the
+    number of lines that failed here."""
+    from tqdm import tqdm
+
+    from mlx_edit import batch
+
+    lines, pending, records = state
+    rank, size = group.rank(), group.size()
+    part, failed, before = folder / f".results.{rank}.jsonl", 0, len(lines) - len(pending)
+    with tqdm(total=len(lines), initial=before, unit="edit", file=sys.stderr,
+              desc="batch", disable=rank != 0) as bar:
+        for ln in mine:
+            rec = batch.run_line(pipes, ln, folder, digests[ln.id], rank)
+            batch.append_record(part, rec)
+            if rec["status"] != "ok":
+                failed += 1
+                tqdm.write(f"line {ln.number} ({ln.id}) failed: {rec['error']}", sys.stderr)
+            if size == 1:
+                bar.update(1)
+            else:
+                bar.n = before + _finished(folder, pending, records)
+                bar.refresh()
+    return failed
+
+
+def _run(lines: list, folder: Path, opts: dict) -> int:
+    """Skip the done lines, run this rank's share, merge on rank 0; the exit status."""
+    import mlx.core as mx
+
+    from mlx_edit import batch
+    from mlx_edit.prompt_cache import PromptCache
+
+    group = mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    run = {"model": opts["model"], "edit_model": opts["edit_model"],
+           "quantize": opts["quantize"]}
+    digests = {ln.id: ln.param_hash(run) for ln in lines}
+    records = batch.read_records(folder)
+    pending = [ln for ln in lines if not batch.is_done(ln, records.get(ln.id), folder,
+                                                       digests[ln.id])]
+    batch.remove_stale_temps(folder, lines)
+    _barrier(group)  # every rank has read the records before any rank writes one
+    share = batch.shard([ln.pixels for ln in pending], size)[rank]
+    # by mode, then prompt: one model kind at a time, repeated prompts encoded once
+    mine = sorted((pending[i] for i in share), key=lambda ln: (ln.mode, ln.prompt, ln.number))
+    cache = None if opts["no_prompt_cache"] else PromptCache(
+        opts["prompt_cache"], int(opts["prompt_cache_gb"] * 2**30))
+    pipes = _pipes(opts, cache)
+    failed = _work(mine, pipes, folder, digests, group, (lines, pending, records))
+    _barrier(group)
+    if rank == 0:
+        path = batch.merge_results(folder, [ln.id for ln in lines])
+        latest = batch.read_records(folder)
+        ok = sum(latest.get(ln.id, {}).get("status") == "ok" for ln in lines)
+        click.echo(f"{ok}/{len(lines)} ok ({len(lines) - len(pending)} done before); "
+                   f"results: {path}", err=True)
+        return 0 if ok == len(lines) else 1
+    return 1 if failed else 0

@@ -37,14 +37,6 @@ def limit_cache(nbytes: int = LOW_MEMORY_CACHE_BYTES) -> int:
     return previous
 
 
-def model_config(pipe, name: str) -> Any:
-    """The config of `pipe`'s model `name` ("transformer", "vae") without loading it:
-    `pipe.<name>_config` (FluxFill), else `pipe.<name>.config` (a pipe-like object that
-    simply holds the model)."""
-    cfg = getattr(pipe, f"{name}_config", None)
-    return cfg if cfg is not None else getattr(pipe, name).config
-
-
 class Components:
     """Named models built by their loaders on first use.
 

@@ -12,19 +12,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import mlx.core as mx
 import numpy as np
 from PIL import Image
 
 from mlx_edit.conditioning.bfl_control import bfl_conditioner
 from mlx_edit.imaging import masks
 from mlx_edit.imaging.blend import seam_band
-from mlx_edit.imaging.images import InputError, load_image, load_mask, to_array
-from mlx_edit.imaging.stitch import crop_for_model, outpaint_canvas
+from mlx_edit.imaging.images import InputError, load_image, load_mask
+from mlx_edit.imaging.stitch import outpaint_canvas
 from mlx_edit.options import EditOptions, check_canvas, check_prompt
 from mlx_edit.pipeline import FluxPipeline
-from mlx_edit.sampling.denoise import EditJob, initial_noise
-from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 
 SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
 
@@ -67,17 +64,11 @@ class FluxFill(FluxPipeline):
         self._require("inpaint")
         image = load_image(image)
         user_mask = self.user_mask(image, mask, o.segment_model)
-        model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
-        if o.soft_mask:  # everything the soft mask touches is pasted back
-            blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,
-                                     o.feather)
+        model_mask, blend = self.edit_masks(user_mask, o)
         job = self.prepare(image, model_mask, blend, prompt, o, metadata={
             "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
-            "color_match": o.color_match, "blend": o.blend, "soft_mask": o.soft_mask,
             "seam_fix": o.seam_fix or None})
-        job.paste = {"color_match": o.color_match, "method": o.blend}
-        if o.soft_mask:
-            job.hook = self._soft_mask_hook(job, image, user_mask)
+        self.paste_back_options(job, o, image, user_mask)
         images = self.run(job, o.paste_back, progress)
         if o.seam_fix:
             band = seam_band(blend, o.seam_fix)
@@ -104,16 +95,6 @@ class FluxFill(FluxPipeline):
         out = self.run(job, True)[0]
         out.info.update({k: v for k, v in image.info.items()})  # the first pass's values
         return out
-
-    def _soft_mask_hook(self, job: EditJob, image: Image.Image, soft: np.ndarray):
-        """Differential-diffusion hook for `job`: the canvas's source latents, the noise
-        `prepare` drew from the seeds, per-token strengths of the soft mask."""
-        canvas, m = crop_for_model(image, soft, job.plan, binarize=False)
-        with self.components.using("vae", job.stats):
-            source = self.encode_image(to_array(canvas)).astype(self.dtype)
-            mx.eval(source)
-        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
-        return soft_mask_hook(source, noise, token_strength(m), job.sigmas)
 
     def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
                  progress: Callable[[int, int], None] | None = None,
@@ -167,11 +148,11 @@ class FluxFill(FluxPipeline):
         if control_image is None and o.control_type != "canny":
             raise InputError(f"--control-type {o.control_type} needs --control-image (a "
                              "ready-made map: no depth estimator is bundled)")
-        if mask is None:
+        user_mask = None if mask is None else load_mask(mask, image.size)
+        if user_mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:
-            model_mask, blend = masks.edit_masks(load_mask(mask, image.size), o.grow_mask,
-                                                 o.feather)
+            model_mask, blend = self.edit_masks(user_mask, o)
         conditioner = bfl_conditioner(image if control_image is None else control_image,
                                       o.control_type, canny_low=o.canny_low,
                                       canny_high=o.canny_high)
@@ -179,4 +160,6 @@ class FluxFill(FluxPipeline):
                            metadata={"mode": "restyle", "control_type": o.control_type,
                                      "masked": mask is not None, "grow_mask": o.grow_mask,
                                      "feather": o.feather})
+        if user_mask is not None:
+            self.paste_back_options(job, o, image, user_mask)
         return self.run(job, o.paste_back, progress)

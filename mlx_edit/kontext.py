@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
-from mlx_edit.imaging import masks
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.options import EditOptions, check_prompt
@@ -80,17 +79,16 @@ class FluxKontext(FluxPipeline):
         if not refs:
             raise InputError("edit needs at least one --image")
         first, size = refs[0], output_size(refs[0], o.width, o.height, o.auto_resize)
-        if mask is None:
-            model_mask = blend = np.ones(first.size[::-1], np.float32)
-        else:
-            model_mask, blend = masks.edit_masks(self.user_mask(first, mask, o.segment_model),
-                                                 o.grow_mask,
-                                                 o.feather)
         # The whole image, resized to the Kontext size; mapped back at the original size
         # (keep_size) or onto the image resized like the edit.
         image = first.convert("RGB")
+        user_mask = None if mask is None else self.user_mask(first, mask, o.segment_model)
         if not o.keep_size:
-            image, model_mask, blend = _to_size(image, model_mask, blend, size)
+            image, user_mask = _to_size(image, user_mask, size)
+        if user_mask is None:
+            model_mask = blend = np.ones(image.size[::-1], np.float32)
+        else:
+            model_mask, blend = self.edit_masks(user_mask, o)
         plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
         job = self.prepare(
             image, model_mask, blend, instruction, o, noise=noise, references=refs,
@@ -99,17 +97,20 @@ class FluxKontext(FluxPipeline):
                       "masked": mask is not None, "grow_mask": o.grow_mask,
                       "feather": o.feather},
         )
+        if user_mask is not None:
+            self.paste_back_options(job, o, image, user_mask)
         return self.run(job, mask is not None, progress)
 
 
-def _to_size(image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
-             size: tuple[int, int]) -> tuple[Image.Image, np.ndarray, np.ndarray]:
-    """The image (Lanczos) and its masks (bilinear) resized to `size`."""
+def _to_size(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
+             ) -> tuple[Image.Image, np.ndarray | None]:
+    """The image (Lanczos) and its mask (bilinear, or None) resized to `size`."""
     if image.size == size:
-        return image, model_mask, blend
-    resize = lambda m: np.asarray(  # noqa: E731
-        Image.fromarray(m.astype(np.float32), "F").resize(size, Image.BILINEAR))
-    return image.resize(size, Image.LANCZOS), resize(model_mask), np.clip(resize(blend), 0, 1)
+        return image, mask
+    if mask is not None:
+        mask = np.clip(np.asarray(Image.fromarray(mask.astype(np.float32), "F").resize(
+            size, Image.BILINEAR)), 0.0, 1.0)
+    return image.resize(size, Image.LANCZOS), mask
 
 
 __all__: Sequence[str] = ("FluxKontext", "output_size")

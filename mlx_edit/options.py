@@ -165,12 +165,12 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "ip_adapters": (("inpaint", "outpaint"), "IPAdapterSpec list."),
     "redux": (("inpaint", "outpaint"), "ReduxSpec list."),
     "controlnets": (("inpaint", "outpaint"), "ControlNetSpec list."),
-    "color_match": (("inpaint",), "Match the edit's colours to the photo's, measured in a "
+    "color_match": (("inpaint", "restyle", "edit"), "Match the edit's colours to the photo's, measured in a "
                                   "ring just outside the mask (Lab mean-std or histogram; "
                                   "none); fixes the colour drift of the VAE round trip."),
-    "blend": (("inpaint",), "feather: soft alpha blend; poisson: seamless cloning (OpenCV, "
+    "blend": (("inpaint", "restyle", "edit"), "feather: soft alpha blend; poisson: seamless cloning (OpenCV, "
                             "pip install 'mlx-edit[blend]')."),
-    "soft_mask": (("inpaint",), "Grey levels of the mask are per-pixel strengths "
+    "soft_mask": (("inpaint", "restyle", "edit"), "Grey levels of the mask are per-pixel strengths "
                                 "(differential diffusion): darker areas change less."),
     "seam_fix": (("inpaint",), "Then redraw a band of this many px each side of the mask "
                                "boundary at low strength (0.3); 0 = off."),

@@ -33,6 +33,7 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_redux,
 )
 from mlx_edit.conditioning.kontext import kontext_tokens
+from mlx_edit.imaging import masks
 from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
     CONTROL_GUIDANCE,
     DEFAULT_FEATHER,
@@ -62,6 +63,7 @@ from mlx_edit.sampling.latents import (
     unscale_latents,
 )
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
+from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights.core import check_headers, default_dtype, read_config
 from mlx_edit.weights.flux import load_transformer, read_transformer_config
@@ -285,6 +287,33 @@ class FluxPipeline:
             self.loras.pop(n, None)
         if "transformer" in self.components.resident:
             self.transformer  # noqa: B018  (removes them now)
+
+    def edit_masks(self, user_mask: np.ndarray, o: EditOptions
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(model mask, paste-back blend) of a user mask with the options' grow/feather;
+        with a soft mask everything it touches (> 0) is pasted back."""
+        model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
+        if o.soft_mask:
+            blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,
+                                     o.feather)
+        return model_mask, blend
+
+    def paste_back_options(self, job: EditJob, o: EditOptions, image: Image.Image,
+                           user_mask: np.ndarray) -> None:
+        """Set `job`'s paste-back (colour match, feather/Poisson: imaging.blend) and, with
+        `o.soft_mask`, its differential-diffusion hook (sampling.soft_mask): the canvas's
+        source latents, the noise drawn from the seeds, per-token strengths of the mask."""
+        job.paste = {"color_match": o.color_match, "method": o.blend}
+        job.metadata.update(color_match=o.color_match, blend=o.blend, soft_mask=o.soft_mask)
+        if not o.soft_mask:
+            return
+        canvas, m = crop_for_model(image, user_mask, job.plan, binarize=False)
+        with self.components.using("vae", job.stats):
+            source = self.encode_image(to_array(canvas)).astype(self.dtype)
+            mx.eval(source)
+        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
+        job.hook = soft_mask_hook(source, noise, token_strength(m), job.sigmas)
+        job.after_step = None  # the soft mask holds the source itself (Kontext with a mask)
 
     # ------------------------------------------------------------------ text
 

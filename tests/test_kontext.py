@@ -315,3 +315,18 @@ def test_edit_cli_end_to_end(ckpt, photo, tmp_path):
         r = run(main, [*base, *bad])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, (bad, r.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_kontext_soft_mask_and_colour_match(pipe, photo):
+    """Kontext with a grey-level mask: differential diffusion (the soft-mask hook replaces
+    the keep-source blend), colour-matched paste-back; outside the mask the photo stays."""
+    mask = np.zeros(photo.size[::-1], np.uint8)
+    mask[60:140, 100:160] = 255
+    mask[60:140, 160:220] = 90
+    out = pipe.edit(photo, PROMPT, mask=mask, soft_mask=True, color_match="histogram",
+                    steps=3, auto_resize=False, max_sequence_length=32, keep_size=True,
+                    feather=4)[0]
+    assert out.info["soft_mask"] == "True" and out.info["color_match"] == "histogram"
+    far = np.ones(mask.shape, bool)
+    far[40:160, 80:240] = False
+    assert np.array_equal(np.asarray(out)[far], np.asarray(photo.convert("RGB"))[far])

@@ -60,6 +60,7 @@ def test_bench_lora_overhead_line(repo_root):
                         last), last
 
 
+@pytest.mark.parity  # bench_cache builds its weights with diffusers
 def test_bench_cache_reports_evaluations(repo_root):
     last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",
                 "--text-tokens", "8", "--steps", "6", "--cache", "mag:0.24,retention=0")

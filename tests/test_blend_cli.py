@@ -31,6 +31,7 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.parity  # the fixture's ranker/ is built by transformers
 def test_inpaint_poisson_histogram_soft_mask_ranked(tiny_ckpt, photos, tmp_path):
     """The issue's command: 3 candidates, CLIP-ranked by the fixture's ranker/, best 2 kept."""
     common = ["inpaint", "--model", tiny_ckpt, "--image", photos / "astronaut.png",
@@ -67,13 +68,13 @@ def test_inpaint_poisson_histogram_soft_mask_ranked(tiny_ckpt, photos, tmp_path)
     assert scores[0] >= scores[1] and len(seeds) == 2 and seeds <= {2, 3, 4}
 
 
-def test_bad_method_is_a_usage_error(tiny_ckpt, photos, tmp_path):
-    r = CliRunner().invoke(main, ["inpaint", "--model", str(tiny_ckpt), "--image",
+def test_bad_method_is_a_usage_error(tiny_mlx, photos, tmp_path):
+    r = CliRunner().invoke(main, ["inpaint", "--model", str(tiny_mlx), "--image",
                                   str(photos / "astronaut.png"), "--mask",
                                   str(photos / "soft.png"), "--prompt", "x",
                                   "--blend", "laplace", "--output", str(tmp_path / "o.png")])
     assert r.exit_code == 2 and "laplace" in r.output
-    r = CliRunner().invoke(main, ["inpaint", "--model", str(tiny_ckpt), "--image",
+    r = CliRunner().invoke(main, ["inpaint", "--model", str(tiny_mlx), "--image",
                                   str(photos / "astronaut.png"), "--mask",
                                   str(photos / "soft.png"), "--prompt", "x",
                                   "--keep-best", "1", "--output", str(tmp_path / "o.png")])
@@ -81,25 +82,25 @@ def test_bad_method_is_a_usage_error(tiny_ckpt, photos, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_api_defaults_and_validation(tiny_ckpt, photos):
+def test_api_defaults_and_validation(tiny_mlx, photos):
     from mlx_edit.options import default
     from mlx_edit.pipeline import FluxFill
 
     assert (default("color_match"), default("blend")) == ("mean-std", "feather")
-    pipe = FluxFill.from_pretrained(tiny_ckpt)
+    pipe = FluxFill.from_pretrained(tiny_mlx)
     with pytest.raises(InputError, match="color_match must be one of"):
         pipe.inpaint(photos / "astronaut.png", photos / "soft.png", "x", color_match="lab")
     with pytest.raises(InputError, match="rank must be clip"):
         pipe.inpaint(photos / "astronaut.png", photos / "soft.png", "x", rank="aesthetic")
 
 
-def test_seam_fix_redraws_only_a_band(tiny_ckpt, photos):
+def test_seam_fix_redraws_only_a_band(tiny_mlx, photos):
     """--seam-fix: a second low-strength pass over a band around the blend boundary; outside
     the first blend and the band's own blend the photo stays exact."""
     from mlx_edit.imaging.blend import seam_band
     from mlx_edit.pipeline import FluxFill
 
-    pipe = FluxFill.from_pretrained(tiny_ckpt)
+    pipe = FluxFill.from_pretrained(tiny_mlx)
     path, mask_path = photos / "astronaut.png", photos / "soft.png"
     kw = dict(steps=4, seed=5, feather=4, color_match="none")
     plain = pipe.inpaint(path, mask_path, "a hat", **kw)[0]

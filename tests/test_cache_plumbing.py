@@ -134,14 +134,14 @@ def test_start_rejects_unknown_config(setup):
         start(object(), setup[0], 4)
 
 
-def test_cli_reports_evaluations(tiny_ckpt, tmp_path):
+def test_cli_reports_evaluations(tiny_mlx, tmp_path):
     d = tmp_path
     Image.fromarray(data.astronaut()).resize((96, 80)).save(d / "in.png")
     mask = np.zeros((80, 96), np.uint8)
     mask[20:60, 30:70] = 255
     Image.fromarray(mask).save(d / "mask.png")
     r = CliRunner().invoke(main, [str(a) for a in (
-        "inpaint", "--model", tiny_ckpt, "--image", d / "in.png", "--mask", d / "mask.png",
+        "inpaint", "--model", tiny_mlx, "--image", d / "in.png", "--mask", d / "mask.png",
         "--prompt", "a hat", "--steps", 6, "--seed", 1, "--output", d / "out.png",
         "--metadata", "--cache", "fbc:100")], catch_exceptions=False)
     assert r.exit_code == 0, r.output

@@ -8,13 +8,15 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
-from test_flux import TINY, build_reference, make_inputs, rel_err, run_ours, run_reference
 
-from mlx_edit.models import lora as L
-from mlx_edit.weights.flux import load_transformer
-from mlx_edit.weights.lora import BFL_NAMES, _regex, load_lora_file
+torch = pytest.importorskip("torch")  # the reference side: diffusers on torch (parity extra)
+
+from safetensors.torch import save_file  # noqa: E402
+from test_flux import TINY, build_reference, make_inputs, rel_err, run_ours, run_reference  # noqa: E402
+
+from mlx_edit.models import lora as L  # noqa: E402
+from mlx_edit.weights.flux import load_transformer  # noqa: E402
+from mlx_edit.weights.lora import BFL_NAMES, _regex, load_lora_file  # noqa: E402
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4

@@ -58,6 +58,7 @@ def test_scores_and_order_equal_transformers(ranker_dir, photos):
     assert np.ptp(ref) > 1e-3  # distinct scores: the order means something
 
 
+@pytest.mark.parity  # the ranker fixture is built by transformers
 def test_rank_images_orders_and_keeps_best(ranker_dir, photos):
     ranker = load_clip_ranker(ranker_dir)
     same = [p.resize((128, 96)) for p in photos]
@@ -75,6 +76,7 @@ def test_rank_images_orders_and_keeps_best(ranker_dir, photos):
         rank_images(ranker, same, PROMPT, blend, keep_best=0)
 
 
+@pytest.mark.parity  # the ranker fixture is built by transformers
 def test_resolve_ranker(ranker_dir, tmp_path):
     assert resolve_ranker(None, ranker_dir.parent) == ranker_dir  # model folder's ranker/
     assert resolve_ranker(str(ranker_dir)) == ranker_dir

@@ -1,12 +1,12 @@
-"""FluxFill: inpainting and outpainting with FLUX.1 Fill on MLX, and restyling with the
-FLUX.1 Canny/Depth-dev control models.
+"""FluxPipeline: what every FLUX edit shares, on MLX.
 
-encode prompt (then free the text encoders) -> prepare the canvas and the conditioning
-(Fill: masked image + mask; Canny/Depth: the control image's latents) -> one denoise loop
-(a generator) -> decode -> stitch/paste back into the original.
-Numerics follow diffusers' FluxFillPipeline (pipelines/flux/pipeline_flux_fill.py) and
-FluxControlPipeline / FluxControlImg2ImgPipeline, except that images are encoded with the
-VAE posterior mode (BFL's choice, and deterministic) instead of a sample.
+encode prompt (then free the text encoders) -> plan the canvas -> conditioning prepared
+before the loop (mlx_edit.conditioning: channels, sequence tokens, hooks) -> the one
+denoise loop (a generator, mlx_edit.sampling.denoise) -> decode -> paste back / stitch.
+The edits are subclasses: FluxFill (mlx_edit.fill: inpaint, outpaint, restyle) and
+FluxKontext (mlx_edit.kontext: edit). Numerics follow diffusers' Flux pipelines
+(pipelines/flux/), except that images are encoded with the VAE posterior mode (BFL's
+choice, and deterministic) instead of a sample.
 """
 
 from __future__ import annotations

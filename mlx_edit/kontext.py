@@ -22,6 +22,7 @@ from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
 
+
 def output_size(first: Image.Image, width: int | None, height: int | None,
                 auto_resize: bool = True) -> tuple[int, int]:
     """The edit's size (W, H): width/height floored to multiples of 16 when given (one

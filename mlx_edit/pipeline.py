@@ -302,17 +302,19 @@ class FluxPipeline:
                            user_mask: np.ndarray) -> None:
         """Set `job`'s paste-back (colour match, feather/Poisson: imaging.blend) and, with
         `o.soft_mask`, its differential-diffusion hook (sampling.soft_mask): the canvas's
-        source latents, the noise drawn from the seeds, per-token strengths of the mask."""
+        source latents (prepare's when it encoded them), the job's initial noise,
+        per-token strengths of the mask."""
         job.paste = {"color_match": o.color_match, "method": o.blend}
         job.metadata.update(color_match=o.color_match, blend=o.blend, soft_mask=o.soft_mask)
         if not o.soft_mask:
             return
         canvas, m = crop_for_model(image, user_mask, job.plan, binarize=False)
-        with self.components.using("vae", job.stats):
-            source = self.encode_image(to_array(canvas)).astype(self.dtype)
-            mx.eval(source)
-        noise = initial_noise(job.seeds, source.shape[1:], mx.float32).astype(self.dtype)
-        job.hook = soft_mask_hook(source, noise, token_strength(m), job.sigmas)
+        if job.source is None:  # prepare encoded the same canvas when it needed it
+            with self.components.using("vae", job.stats):
+                job.source = self.encode_image(to_array(canvas))
+                mx.eval(job.source)
+        job.hook = soft_mask_hook(job.source.astype(self.dtype), job.noise,
+                                  token_strength(m), job.sigmas)
         job.after_step = None  # the soft mask holds the source itself (Kontext with a mask)
 
     # ------------------------------------------------------------------ text
@@ -480,25 +482,40 @@ class FluxPipeline:
                 if o.strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
         sigmas = flux_sigmas(ctx.num_steps, _tokens(plan), self.scheduler_config, o.strength)
+        noise, latents = self._start(o, plan, ctx, noise, image_latents, float(sigmas[0]))
+        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
+        job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
+                      o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
+                      source=image_latents, negative=negative,
+                      true_cfg_scale=o.true_cfg_scale, stats=stats, cache=o.cache)
+        self._attach_hooks(job, ctx, o, mask if keep_source else None)
+        return job
+
+    def _start(self, o: EditOptions, plan: CropPlan, ctx: ConditioningContext,
+               noise: mx.array | None, image_latents: mx.array | None, sigma0: float
+               ) -> tuple[mx.array, mx.array]:
+        """(initial noise, starting latents) in the model dtype: noise drawn from the seeds
+        unless given, mixed with the image's latents at sigma0 when strength < 1."""
         if noise is None:
             noise = initial_noise(o.seeds, (_tokens(plan), ctx.latent_channels), mx.float32)
         noise = noise.astype(self.dtype)
-        latents = noise if o.strength == 1.0 else \
-            noise_latents(image_latents.astype(self.dtype), noise, float(sigmas[0]))
-        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
-        job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
-                      o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids,
-                      negative=negative, true_cfg_scale=o.true_cfg_scale, stats=stats,
-                      cache=o.cache)
-        if keep_source:
-            job.after_step = keep_source_hook(pack_latent_mask(mx.array(mask)[None]),
-                                              image_latents, noise, sigmas)
-        if o.controlnets:  # their control images go through the VAE
-            with self.components.using("vae", stats):
+        if o.strength == 1.0:
+            return noise, noise
+        return noise, noise_latents(image_latents.astype(self.dtype), noise, sigma0)
+
+    def _attach_hooks(self, job: EditJob, ctx: ConditioningContext, o: EditOptions,
+                      keep_mask: np.ndarray | None) -> None:
+        """The job's per-step hooks: the source kept outside `keep_mask` (binary, canvas
+        size; None: not kept) and the ControlNets (their control images go through the
+        VAE)."""
+        if keep_mask is not None:
+            job.after_step = keep_source_hook(pack_latent_mask(mx.array(keep_mask)[None]),
+                                              job.source, job.noise, job.sigmas)
+        if o.controlnets:
+            with self.components.using("vae", job.stats):
                 job.controls, control_meta = prepare_controls(ctx, list(o.controlnets))
-            stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
+            job.stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
             job.metadata.update(control_meta)
-        return job
 
     def _prompts(self, prompt: str, o: EditOptions, plan: CropPlan, inner, stats: dict):
         """(prompt embeddings (with Redux tokens), negative embeddings or None, IP-Adapter

@@ -64,6 +64,8 @@ class EditJob:
     tokens: mx.array | None = None
     token_ids: mx.array | None = None
     after_step: StepHook | None = None
+    noise: mx.array | None = None  # the initial noise (B, N, 64), for per-step source blends
+    source: mx.array | None = None  # the canvas's packed latents (1, N, 64) when encoded
     negative: PromptEmbeds | None = None
     true_cfg_scale: float = 1.0
     stats: dict = field(default_factory=dict)

@@ -27,6 +27,7 @@ from mlx_edit.weights.core import (
     safetensors_files,
 )
 from mlx_edit.weights.text import CLIP_STRIP_PREFIXES, CLIP_TEXT_DROP, CLIP_TEXT_RULES
+from mlx_edit.weights.sources import download, local_or_remote
 from mlx_edit.weights.vision import load_clip_vision
 
 DEFAULT_RANKER = "openai/clip-vit-large-patch14"
@@ -84,18 +85,13 @@ def resolve_ranker(repo_or_path: str | Path | None, model_root: Path | None = No
     """The ranking CLIP folder: `repo_or_path` (a folder, or a hub repo id downloaded with
     huggingface_hub), else `model_root/ranker` when present, else DEFAULT_RANKER.
 
-    Raises WeightLoadError (no such folder, download failure).
+    A string that looks like a path is never downloaded (weights.sources).
+    Raises WeightLoadError (not found, download failure).
     """
     if repo_or_path is None and model_root is not None and (model_root / RANKER_FOLDER).is_dir():
         return model_root / RANKER_FOLDER
     src = str(repo_or_path or DEFAULT_RANKER)
-    if Path(src).is_dir():
-        return Path(src)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(src, allow_patterns=RANKER_FILES))
-    except Exception as e:  # offline, unknown repo, ...: one clear line
-        raise WeightLoadError(f"ranking CLIP {src!r} is neither a local folder nor a "
-                              f"downloadable repo ({type(e).__name__}: {e}); pass "
-                              "--rank-model PATH") from None
+    path, remote = local_or_remote(src)
+    if not remote:
+        return path
+    return download(src, RANKER_FILES, what="ranking CLIP", hint="; pass --rank-model PATH")

@@ -26,7 +26,7 @@ from mlx_edit.weights.core import (
     rename,
     safetensors_files,
 )
-from mlx_edit.weights.sources import is_repo_id
+from mlx_edit.weights.sources import download, local_or_remote
 
 SAM_RULES: tuple[Rule, ...] = (
     Rule("vision_encoder.backbone.patch_embed.projection.weight",
@@ -52,19 +52,11 @@ SAM_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 def resolve_sam(repo_or_path: str | Path) -> Path:
     """A local SAM 2.1 folder: the path itself or a hub snapshot of a repo id (only
     `SAM_FILES` are fetched). Raises WeightLoadError for a missing path or failed download."""
-    path = Path(str(repo_or_path)).expanduser()
-    if path.exists():
+    path, remote = local_or_remote(repo_or_path)
+    if not remote:
         return path
-    name = str(repo_or_path)
-    if not is_repo_id(name):
-        raise WeightLoadError(f"{name}: no such folder, and not a Hugging Face repo id (owner/name)")
-    from huggingface_hub import snapshot_download  # network code only when needed
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=list(SAM_FILES)))
-    except Exception as e:  # hub errors are many; the message names the cause
-        raise WeightLoadError(f"could not download {name} ({type(e).__name__}: {e}); "
-                              "pass a local folder instead") from e
+    return download(str(repo_or_path), list(SAM_FILES), what="SAM 2.1",
+                    hint="; pass a local folder instead")
 
 
 def load_sam(repo_or_path: str | Path, dtype: mx.Dtype | None = None) -> SamModel:

@@ -10,6 +10,7 @@ tokens. The output defaults to the (first) reference's preferred size, as BFL's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
@@ -73,6 +74,8 @@ class FluxKontext(FluxPipeline):
         long; a transformer that is not Kontext's 64-channel model).
         """
         o = EditOptions.of(options, overrides, "edit")
+        if mask is None and o.tile_mode == "auto":  # auto: windows only for masked edits
+            o = dataclasses.replace(o, tile_mode="off")
         check_prompt(instruction, "instruction")
         self._require("edit")
         refs = [load_image(im) for im in (images if isinstance(images, (list, tuple))

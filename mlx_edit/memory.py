@@ -96,6 +96,16 @@ def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_si
     return batch * (linear + scores) / GB
 
 
+def canvas_latents_gb(image_tokens: int, cfg: FluxConfig, batch: int, dtype_size: int
+                      ) -> float:
+    """The whole canvas's arrays during tiled denoising: latents, initial noise and
+    source in the model dtype, the channel conditioning, and the float32 accumulator of
+    the windows' weighted sum (packed tokens of `cfg.out_channels`)."""
+    out = cfg.out_channels or cfg.in_channels
+    per_token = (3 * out + cfg.in_channels - out) * dtype_size + 2 * out * 4
+    return batch * image_tokens * per_token / GB
+
+
 def vae_pass_gb(height: int, width: int, dtype_size: int, decode: bool = True,
                 config: VAEConfig | None = None) -> float:
     """VAE activations (GB) as the pipeline runs them (`tiling.decode_auto` / `encode_auto`
@@ -119,6 +129,7 @@ class _Inputs:
     configs: dict
     lora_params: int = 0
     cache: object = None
+    window: tuple[int, int] | None = None
 
 
 class MemoryEstimate(dict):
@@ -130,8 +141,8 @@ class MemoryEstimate(dict):
 
 def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
-             text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None
-             ) -> MemoryEstimate:
+             text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None,
+             window: tuple[int, int] | None = None) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
@@ -140,6 +151,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     transformer, whatever its quantization; `weights_lora`).
     cache: the edit's step cache config (mlx_edit.sampling.cache) or None; its state
     is `cache_state` and counts in the denoise phase.
+    window: (image tokens of one window, windows per batch) for tiled denoising
+    (sampling.tiles): the denoise phase is one window batch's activations plus the
+    canvas's latents (`canvas_latents_gb`); the VAE passes still cover the whole canvas.
     Returns a MemoryEstimate (a dict of GB); `peak` is max over PHASES of resident
     weights + that phase's activations + RUNTIME_GB.
     """
@@ -154,12 +168,16 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
     tokens = (height // 16) * (width // 16) + text_tokens
     t5_cfg = cfgs["t5"]
+    denoise = transformer_activation_gb(tokens, cfgs["transformer"], num_images, size)
+    if window is not None:
+        denoise = transformer_activation_gb(window[0] + text_tokens, cfgs["transformer"],
+                                            num_images * window[1], size) \
+            + canvas_latents_gb(tokens - text_tokens, cfgs["transformer"], num_images, size)
     act = {
         "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
         + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
         "vae_encode": vae_pass_gb(height, width, size, decode=False, config=cfgs["vae"]),
-        "denoise": transformer_activation_gb(tokens, cfgs["transformer"], num_images, size)
-        + state_bytes(cache, cfgs["transformer"], num_images, tokens - text_tokens, text_tokens,
+        "denoise": denoise + state_bytes(cache, cfgs["transformer"], num_images, tokens - text_tokens, text_tokens,
                       size) / GB,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
@@ -179,7 +197,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak"] = max(out[f"phase_{p}"] for p in PHASES)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in PHASES)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache)
+                         cache, window)
     return out
 
 
@@ -206,7 +224,7 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
     kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
               quantize=i.quantize, transformer=i.configs["transformer"],
               vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
-              lora_params=i.lora_params, cache=i.cache)
+              lora_params=i.lora_params, cache=i.cache, window=i.window)
     kw.update(changes)
     return estimate(**kw)
 

@@ -43,6 +43,11 @@ MAX_MASK_PX = 1024  # grow/feather radius bound: the disc dilation costs O(px) p
 MAX_EXPAND = 16384  # px added on one side by outpaint
 MAX_TEXT_TOKENS = 512  # T5's longest sequence in FLUX
 MODES = ("inpaint", "outpaint", "restyle", "edit")
+TILE_MODES = ("auto", "off", "on")  # tiled denoising of large canvases (mlx_edit.large)
+MODEL_PIXELS = 1024 * 1024  # the model-size budget: canvas area the model sees at once
+MODEL_PIXELS_RANGE = (256 * 256, 4096 * 4096)
+TILE_OVERLAP = 256  # px shared by neighbouring windows (a quarter of a 1 MP window)
+MAX_TILE_OVERLAP = 2048
 
 
 def _int(name: str, v: Any, lo: int, hi: int) -> int:
@@ -192,6 +197,18 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "height": (("edit",), "Output height px (default: the image's preferred Kontext size)."),
     "keep_size": (("edit",), "Return the edit at the input image's own size."),
     "auto_resize": (("edit",), "Resize references to the preferred Kontext resolution."),
+    "tile_mode": (MODES, "Large canvases: on = denoise an edit window larger than "
+                         "--max-model-pixels at its own resolution in overlapping windows "
+                         "(MultiDiffusion); off = shrink it for the model; auto = windows "
+                         "unless a step cache or ControlNet needs the whole canvas (edit: "
+                         "only with a mask)."),
+    "max_model_pixels": (MODES, "Model-size budget: pixels the model sees at once (a window, "
+                                f"or the shrunk canvas), {MODEL_PIXELS_RANGE[0]}.."
+                                f"{MODEL_PIXELS_RANGE[1]}."),
+    "tile_overlap": (MODES, f"px shared by neighbouring windows (0..{MAX_TILE_OVERLAP}; "
+                            "blended with cosine ramps)."),
+    "window_batch": (MODES, "Windows evaluated together (default: as many as memory "
+                            "allows, up to 4)."),
 }
 
 
@@ -244,6 +261,10 @@ class EditOptions:
     height: int | None = None
     keep_size: bool = False
     auto_resize: bool = True
+    tile_mode: str = "auto"
+    max_model_pixels: int = MODEL_PIXELS
+    tile_overlap: int = TILE_OVERLAP
+    window_batch: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
@@ -282,6 +303,19 @@ class EditOptions:
             set_(name, _optional(_int, name, getattr(self, name), 16, MAX_SIZE))
         for name in ("keep_size", "auto_resize"):
             set_(name, _bool(name, getattr(self, name)))
+        self._check_tiles(set_)
+
+    def _check_tiles(self, set_) -> None:
+        if self.tile_mode not in TILE_MODES:
+            raise InputError(f"tile_mode must be one of {', '.join(TILE_MODES)}, got "
+                             f"{self.tile_mode!r}")
+        set_("max_model_pixels", _int("max_model_pixels", self.max_model_pixels,
+                                      *MODEL_PIXELS_RANGE))
+        set_("tile_overlap", _int("tile_overlap", self.tile_overlap, 0, MAX_TILE_OVERLAP))
+        set_("window_batch", _optional(_int, "window_batch", self.window_batch, 1, MAX_IMAGES))
+        if self.tile_mode == "on" and (self.cache is not None or self.controlnets):
+            raise InputError("tile_mode on cannot run with a step cache or ControlNets (they "
+                             "need the whole canvas at once): use tile_mode auto or off")
 
     def _check_paste_back(self, set_) -> None:
         for name, methods in (("color_match", COLOR_MATCH_METHODS), ("blend", BLEND_METHODS)):

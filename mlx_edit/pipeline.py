@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import __version__, variants
+from mlx_edit import __version__, large, variants
 from mlx_edit.components import Components, limit_cache
 from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
 from mlx_edit.conditioning.context import Conditioner, ConditioningContext
@@ -40,6 +40,7 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     OUTPAINT_OVERLAP,
+    MODEL_PIXELS,
     EditOptions,
     check_canvas,
     check_prompt,
@@ -53,15 +54,8 @@ from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
-from mlx_edit.sampling.latents import (
-    image_ids,
-    pack_latent_mask,
-    pack_latents,
-    scale_latents,
-    token_grid,
-    unpack_latents,
-    unscale_latents,
-)
+from mlx_edit.sampling.latents import (image_ids, pack_latent_mask, pack_latents,
+                                       scale_latents, token_grid, unpack_latents, unscale_latents)
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
 from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 from mlx_edit.tiling import decode_auto, encode_auto
@@ -73,14 +67,6 @@ from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
-MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
-
-
-def _tokens(plan: CropPlan) -> int:
-    """Packed image tokens of the plan's model canvas."""
-    w, h = plan.model_size
-    h_tok, w_tok = token_grid(h, w)
-    return h_tok * w_tok
 
 
 class FluxPipeline:
@@ -373,11 +359,13 @@ class FluxPipeline:
     # ------------------------------------------------------------------ preparation
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
-                        cache: CacheConfig | None = None) -> MemoryEstimate:
+                        cache: CacheConfig | None = None,
+                        windows: large.Windows | None = None) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization (and step cache)."""
+        with this pipeline's models, dtype and quantization (and step cache, windows)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
+            window=None if windows is None else (windows.tokens, windows.batch),
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
@@ -413,16 +401,20 @@ class FluxPipeline:
 
     def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
              crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None,
-             cache: CacheConfig | None = None) -> tuple[CropPlan, Image.Image, np.ndarray]:
+             cache: CacheConfig | None = None, options: EditOptions | None = None
+             ) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit,
-        its memory checked (`plan` given: used as it is). Raises InputError (mask empty at
+        its memory checked (`plan` given: used as it is, but kept at its own resolution
+        when `options` allow windows, mlx_edit.large). Raises InputError (mask empty at
         the model's resolution, or an edit that would not fit in memory: the message lists
         options that do)."""
+        o = options or EditOptions()
         if plan is None:
-            target = MODEL_PIXELS if crop_to_mask is not False else None
+            target = o.max_model_pixels if crop_to_mask is not False else None
             plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
-        check_fits(self.memory_estimate(*plan.model_size, num_images, cache),
-                   low_memory=self.low_memory)
+        plan = large.tiled_plan(plan, o)
+        check_fits(self.memory_estimate(*plan.model_size, num_images, cache,
+                                        large.windows_for(plan, o)), low_memory=self.low_memory)
         canvas, mask = crop_for_model(image, model_mask, plan)
         if not mask.any():
             raise InputError(
@@ -470,7 +462,8 @@ class FluxPipeline:
         o = EditOptions.of(options, overrides)
         prompt = check_prompt(prompt)
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
-                                       o.num_images, plan, o.cache)
+                                       o.num_images, plan, o.cache, o)
+        windows = large.job_windows(self, plan, o)
         stats: dict = {}
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
@@ -481,13 +474,16 @@ class FluxPipeline:
             image_latents = self.encode_image(pixels) \
                 if o.strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
-        sigmas = flux_sigmas(ctx.num_steps, _tokens(plan), self.scheduler_config, o.strength)
+        sigmas = flux_sigmas(ctx.num_steps, large.schedule_tokens(plan, windows),
+                             self.scheduler_config, o.strength)
         noise, latents = self._start(o, plan, ctx, noise, image_latents, float(sigmas[0]))
-        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata)}
+        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata),
+                **large.metadata(o, windows)}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
-                      true_cfg_scale=o.true_cfg_scale, stats=stats, cache=o.cache)
+                      true_cfg_scale=o.true_cfg_scale, stats=stats, cache=o.cache,
+                      windows=windows)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
         return job
 
@@ -497,7 +493,8 @@ class FluxPipeline:
         """(initial noise, starting latents) in the model dtype: noise drawn from the seeds
         unless given, mixed with the image's latents at sigma0 when strength < 1."""
         if noise is None:
-            noise = initial_noise(o.seeds, (_tokens(plan), ctx.latent_channels), mx.float32)
+            noise = initial_noise(o.seeds, (large.schedule_tokens(plan, None),
+                                            ctx.latent_channels), mx.float32)
         noise = noise.astype(self.dtype)
         if o.strength == 1.0:
             return noise, noise
@@ -587,7 +584,8 @@ class FluxPipeline:
                                       token_ids=job.token_ids, after_step=job.after_step,
                                       negative=job.negative,
                                       true_cfg_scale=job.true_cfg_scale, hook=job.hook,
-                                      cache=job.cache, stats=job.stats):
+                                      cache=job.cache, stats=job.stats,
+                                      windows=job.windows):
                 job.latents = latents
                 yield i, latents
             n = len(job.sigmas) - 1
@@ -636,10 +634,10 @@ class FluxPipeline:
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """Denoise a prepared job to the end and finish it (`progress(step, total)`)."""
-        total = len(job.sigmas) - 1
+        k = job.windows.count if job.windows else 1  # progress: windows x steps
         for i, _ in self.steps(job):
             if progress is not None:
-                progress(i + 1, total)
+                progress((i + 1) * k, (len(job.sigmas) - 1) * k)
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images

@@ -24,13 +24,13 @@ from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_con
 from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option
-from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, default
+from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, default
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
 # fields whose library default is None
 _TYPES = {"guidance": float, "prompt_2": str, "steps": int, "negative_prompt": str,
           "width": int, "height": int, "rank": str, "keep_best": int, "rank_model": str,
-          "segment_model": str}
+          "segment_model": str, "window_batch": int}
 _SHORT = {"num_images": "-n"}
 
 
@@ -45,8 +45,9 @@ def _field_option(name: str):
                             show_default=value is not None)
     if name == "cache":  # a spec string, parsed into its config by the option type
         return click.option(flag, type=CacheSpec(), default=None, help=text)
-    if name == "control_type":
-        return click.option(flag, type=click.Choice(RESTYLE_CONTROL_TYPES), default=value,
+    if name in ("control_type", "tile_mode"):
+        choices = RESTYLE_CONTROL_TYPES if name == "control_type" else TILE_MODES
+        return click.option(flag, type=click.Choice(choices), default=value,
                             show_default=True, help=text)
     decls = [flag, *([_SHORT[name]] if name in _SHORT else [])]
     return click.option(*decls, name, type=_TYPES.get(name, type(value)), default=value,

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit.sampling.latents import model_input
+from mlx_edit.sampling.latents import model_input, text_ids
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 
@@ -118,3 +119,76 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
 
     step.compiled = compile  # type: ignore[attr-defined]
     return step
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What `make_step`'s step takes besides latents, conditioning, timestep and dt, for a
+    batch of B: img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), pooled (B, P),
+    guidance (B,) or None, rope of [img_ids | token_ids], ip (IPAdapterKV, batch B),
+    tokens (1|B, M, 64) with token_ids (M, 3) or None, negative (txt, pooled, scale) for
+    true CFG or None."""
+
+    img_ids: mx.array
+    txt: mx.array
+    txt_ids: mx.array
+    pooled: mx.array
+    guidance: mx.array | None
+    rope: mx.array
+    ip: Sequence[IPAdapterKV] = ()
+    tokens: mx.array | None = None
+    token_ids: mx.array | None = None
+    negative: tuple[mx.array, mx.array, mx.array] | None = None
+
+    def advance(self, step: StepFn, latents: mx.array, conditioning: mx.array | None,
+                timestep: mx.array, dt: mx.array,
+                controlnet: Sequence[ControlResiduals] = ()) -> mx.array:
+        """`step` on these inputs: latents (B, N, 64) at sigma -> at the next sigma."""
+        return step(latents, conditioning, self.img_ids, self.txt, self.txt_ids, timestep,
+                    self.pooled, self.guidance, self.rope, dt, controlnet=controlnet,
+                    ip=self.ip, tokens=self.tokens, negative=self.negative)
+
+    def repeated(self, k: int, transformer: FluxTransformer, img_ids: mx.array
+                 ) -> StepInputs:
+        """These inputs for k copies of the batch stacked on the batch axis (copy-major:
+        [copy 0's B items, copy 1's, ...]; tiled denoising's window batches), with other
+        image ids (N', 3) and their RoPE."""
+        def rep(x):
+            return None if x is None else mx.concatenate([x] * k, axis=0) if k > 1 else x
+        neg = None if self.negative is None else (
+            rep(self.negative[0]), rep(self.negative[1]), self.negative[2])
+        ip = [IPAdapterKV([rep(a) for a in kv.k], [rep(a) for a in kv.v], kv.scale)
+              for kv in self.ip]
+        tokens = self.tokens if self.tokens is None or self.tokens.shape[0] == 1 \
+            else rep(self.tokens)
+        return replace(self, img_ids=img_ids, rope=_rope(transformer, img_ids, self.token_ids,
+                                                      self.txt_ids), txt=rep(self.txt),
+                       pooled=rep(self.pooled), guidance=rep(self.guidance), ip=ip,
+                       tokens=tokens, negative=neg)
+
+
+def step_inputs(transformer: FluxTransformer, txt: mx.array, pooled: mx.array,
+                img_ids: mx.array, batch: int, guidance: float, *,
+                token_ids: mx.array | None = None, tokens: mx.array | None = None,
+                ip: Sequence[IPAdapterKV] = (),
+                negative: tuple[mx.array, mx.array, float] | None = None) -> StepInputs:
+    """StepInputs for a batch of `batch`: txt (1|batch, L, D) / pooled (1|batch, P) of
+    the prompt broadcast, RoPE of [img_ids | token_ids] built once, guidance as (batch,)
+    when the transformer embeds it; negative: (txt, pooled, true CFG scale) or None."""
+    t_ids = text_ids(txt.shape[1])
+
+    def b(x):
+        return mx.broadcast_to(x, (batch, *x.shape[1:]))
+    g = mx.full((batch,), guidance, dtype=mx.float32) \
+        if transformer.config.guidance_embeds else None
+    neg = None if negative is None else (
+        b(negative[0]), b(negative[1]), mx.array(negative[2], dtype=mx.float32))
+    return StepInputs(img_ids, b(txt), t_ids, b(pooled), g,
+                      _rope(transformer, img_ids, token_ids, t_ids), tuple(ip), tokens,
+                      token_ids, neg)
+
+
+def _rope(transformer: FluxTransformer, img_ids: mx.array, token_ids: mx.array | None,
+          txt_ids: mx.array) -> mx.array:
+    ids = img_ids if token_ids is None else mx.concatenate([img_ids, token_ids], axis=0)
+    return transformer.rope(ids, txt_ids)

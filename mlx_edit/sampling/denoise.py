@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -20,8 +21,8 @@ from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.sampling import cache as step_cache
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
-from mlx_edit.sampling.compiled import make_step, step_dt
-from mlx_edit.sampling.latents import text_ids
+from mlx_edit.sampling.compiled import make_step, step_dt, step_inputs
+from mlx_edit.sampling.tiles import Windows, windowed_advance
 from mlx_edit.sampling.sampler import model_timesteps
 
 # A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
@@ -72,6 +73,7 @@ class EditJob:
     hook: Callable[[int, mx.array], mx.array] | None = None  # per-step (soft masks)
     paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
     cache: step_cache.CacheConfig | None = None
+    windows: Windows | None = None  # tiled denoising (sampling.tiles) or None
 
 
 class Phase:
@@ -90,25 +92,15 @@ class Phase:
 
 
 def denoise(
-    transformer: FluxTransformer,
-    latents: mx.array,
-    conditioning: mx.array | None,
-    img_ids: mx.array,
-    embeds: PromptEmbeds,
-    sigmas: np.ndarray,
-    guidance: float,
-    *,
-    controls: Sequence[ControlFn] = (),
-    ip: Sequence[IPAdapterKV] = (),
-    tokens: mx.array | None = None,
-    token_ids: mx.array | None = None,
-    after_step: StepHook | None = None,
-    negative: PromptEmbeds | None = None,
-    true_cfg_scale: float = 1.0,
-    compile: bool | None = None,
+    transformer: FluxTransformer, latents: mx.array, conditioning: mx.array | None,
+    img_ids: mx.array, embeds: PromptEmbeds, sigmas: np.ndarray, guidance: float, *,
+    controls: Sequence[ControlFn] = (), ip: Sequence[IPAdapterKV] = (),
+    tokens: mx.array | None = None, token_ids: mx.array | None = None,
+    after_step: StepHook | None = None, negative: PromptEmbeds | None = None,
+    true_cfg_scale: float = 1.0, compile: bool | None = None,
     hook: Callable[[int, mx.array], mx.array] | None = None,
-    cache: step_cache.CacheConfig | None = None,
-    stats: dict | None = None,
+    cache: step_cache.CacheConfig | None = None, stats: dict | None = None,
+    windows: Windows | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -119,39 +111,33 @@ def denoise(
     diffusers FluxKontextPipeline). hook / after_step: applied to the latents before step
     i (at sigmas[i]; soft masks, sampling.soft_mask) / after it (`keep_source`).
     negative / true_cfg_scale: true CFG, `neg + scale * (pos - neg)` per step when scale
-    > 1 (diffusers FluxKontextPipeline; same T5 length as the prompt). cache: a step cache
-    (sampling.cache: FirstBlockCache, TaylorSeer, MagCache) or None; stats gets after every
-    step `transformer_evals` / `transformer_skipped` (+ `cache_steps`, C computed / s
-    skipped, and `cache_info` with a cache). compile: the step under `mx.compile` (None:
-    on a GPU only; sampling/compiled.py). Yields (i, latents at sigmas[i+1]), evaluated,
-    so the caller can report progress, preview or stop. RoPE and the text batch are built
-    once. Raises ValueError for a cache the transformer cannot run, or with true CFG.
+    > 1 (diffusers FluxKontextPipeline). cache: a step cache (sampling.cache) or None;
+    stats gets after every step `transformer_evals` / `transformer_skipped` (+
+    `cache_steps`, `cache_info` with a cache). compile: the step under `mx.compile` (None:
+    on a GPU only; sampling/compiled.py). windows: tiled denoising (sampling.tiles,
+    MultiDiffusion): each step is the weighted average of the windows' steps on their
+    crops of latents and conditioning (hooks still see the whole canvas).
+    Yields (i, latents at sigmas[i+1]), evaluated, so the caller can report progress,
+    preview or stop. Raises ValueError for a cache the transformer cannot run, a cache
+    with true CFG or windows, or ControlNets with windows.
     """
-    b = latents.shape[0]
-    txt_ids = text_ids(embeds.txt.shape[1])
-    ids = img_ids if tokens is None else mx.concatenate([img_ids, token_ids], axis=0)
-    rope = transformer.rope(ids, txt_ids)
-    txt, pooled = _batched(embeds, b)
-    g = mx.full((b,), guidance, dtype=mx.float32) if transformer.config.guidance_embeds else None
+    b, n = latents.shape[0], len(sigmas) - 1
+    cfg = _true_cfg(negative, true_cfg_scale, cache, windows, controls)
+    inputs = step_inputs(transformer, embeds.txt, embeds.pooled, img_ids, b, guidance,
+                         token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg)
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    cfg = None
-    if negative is not None and true_cfg_scale > 1.0:
-        if cache is not None:
-            raise ValueError("a step cache and true CFG together are not supported: the "
-                             "cache's decisions assume one evaluation per step")
-        cfg = (*_batched(negative, b), mx.array(true_cfg_scale, dtype=mx.float32))
-    n = len(sigmas) - 1
     state = None if cache is None else step_cache.start(cache, transformer, n)
     step = make_step(transformer, compile=compile,
                      forward=None if state is None else state.velocity)
+    advance = partial(inputs.advance, step) if windows is None else \
+        windowed_advance(step, transformer, inputs, windows)
     for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
             latents = hook(i, latents)
         residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
-        latents = step(latents, conditioning, img_ids, txt, txt_ids, t, pooled, g, rope,
-                       step_dt(float(sigmas[i]), float(sigmas[i + 1])),
-                       controlnet=residuals, ip=ip, tokens=tokens, negative=cfg)
+        latents = advance(latents, conditioning, t,
+                          step_dt(float(sigmas[i]), float(sigmas[i + 1])), residuals)
         if after_step is not None:
             latents = after_step(i, latents)
         mx.eval(latents, *(state.arrays() if state else ()))
@@ -160,10 +146,22 @@ def denoise(
         yield i, latents
 
 
-def _batched(embeds: PromptEmbeds, b: int) -> tuple[mx.array, mx.array]:
-    """(T5 sequence (b, L, D), CLIP pooled (b, P)) of `embeds` broadcast to the batch."""
-    return (mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:])),
-            mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1])))
+def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows, controls
+              ) -> tuple[mx.array, mx.array, float] | None:
+    """(negative txt, pooled, scale) when true CFG is on, else None; refuses the
+    combinations the loop cannot run (ValueError)."""
+    if windows is not None and cache is not None:
+        raise ValueError("a step cache and tiled denoising (windows) together are not "
+                         "supported: the cache's decisions assume one evaluation per step")
+    if windows is not None and controls:
+        raise ValueError("ControlNets and tiled denoising (windows) together are not "
+                         "supported: ControlNet hooks see the whole canvas")
+    if negative is None or scale <= 1.0:
+        return None
+    if cache is not None:
+        raise ValueError("a step cache and true CFG together are not supported: the "
+                         "cache's decisions assume one evaluation per step")
+    return negative.txt, negative.pooled, scale
 
 
 def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:

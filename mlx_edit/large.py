@@ -1,0 +1,128 @@
+"""Large canvases: when an edit is denoised in windows at its own resolution (tiled
+denoising, MultiDiffusion: mlx_edit.sampling.tiles) instead of being shrunk to the
+model-size budget, and what that costs.
+
+The pipeline plans an edit window as before (`stitch.plan_crop`, crop-to-mask); when that
+window is larger than `max_model_pixels` it would be shrunk for the model. With windows
+(`tile_mode` on, or auto when nothing needs the whole canvas at once: a step cache or
+ControlNets) the plan keeps the window at its own resolution (`tiled_plan`) and the
+denoise loop evaluates overlapping windows of the budget's size (`windows_for`). The
+schedule's shift follows the window's token count (what the model sees per evaluation).
+Paste-back, colour match and the tiled VAE passes are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mlx_edit.imaging.stitch import CropPlan
+from mlx_edit.options import EditOptions
+from mlx_edit.sampling.latents import token_grid
+from mlx_edit.sampling.tiles import Windows, plan_windows
+
+__all__ = ["Windows", "job_windows", "metadata", "schedule_tokens", "tiled_plan", "windows_for"]
+
+MAX_WINDOW_BATCH = 4  # windows stacked per evaluation when memory allows
+AUTO_MARGIN = 1.1  # auto: as plan_crop, a canvas up to 10% over the budget is left whole
+TOKEN_PX = 16  # image pixels per packed token side (VAE factor 8 x 2x2 patches)
+
+
+def _blocked(o: EditOptions) -> bool:
+    """Something that needs the whole canvas in one evaluation (auto falls back)."""
+    return o.cache is not None or bool(o.controlnets)
+
+
+def tiles_allowed(o: EditOptions) -> bool:
+    """Whether this edit may be denoised in windows (tile_mode on, or auto unblocked)."""
+    return o.tile_mode == "on" or (o.tile_mode == "auto" and not _blocked(o))
+
+
+def _limit(o: EditOptions) -> float:
+    return o.max_model_pixels * (AUTO_MARGIN if o.tile_mode == "auto" else 1.0)
+
+
+def tiled_plan(plan: CropPlan, o: EditOptions) -> CropPlan:
+    """`plan` at its window's own resolution (1:1, padded to multiples of 16) when
+    windows are allowed and the plan would shrink a window larger than the budget;
+    otherwise `plan` unchanged (windows or not, the box is the same)."""
+    w, h = plan.window_size
+    if not (tiles_allowed(o) and plan.resized and w * h > _limit(o)
+            and plan.model_size[0] * plan.model_size[1] < w * h):
+        return plan
+    size = (-(-w // TOKEN_PX) * TOKEN_PX, -(-h // TOKEN_PX) * TOKEN_PX)
+    return replace(plan, model_size=size, resized=False)
+
+
+def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1) -> Windows | None:
+    """The windows of `plan`'s model canvas (None: one plain evaluation per step). Used
+    when windows are allowed and the canvas exceeds the budget; with tile_mode on
+    always (a canvas within the budget is then one window, equal to the plain edit)."""
+    if not tiles_allowed(o):
+        return None
+    w, h = plan.model_size
+    if o.tile_mode == "auto" and w * h <= _limit(o):
+        return None
+    budget = max(1, o.max_model_pixels // (TOKEN_PX * TOKEN_PX))
+    overlap = round(o.tile_overlap / TOKEN_PX)
+    return plan_windows(token_grid(h, w), budget, overlap, batch=batch)
+
+
+def window_batch(windows: Windows, o: EditOptions, fits) -> int:
+    """Windows per evaluation: `o.window_batch`, else the most (up to MAX_WINDOW_BATCH
+    and the window count) for which `fits(batch)` (the memory check) holds."""
+    if o.window_batch is not None:
+        return min(o.window_batch, windows.count)
+    best = 1
+    for k in range(2, min(MAX_WINDOW_BATCH, windows.count) + 1):
+        if not fits(k):
+            break
+        best = k
+    return best
+
+
+def job_windows(pipe, plan: CropPlan, o: EditOptions) -> Windows | None:
+    """`windows_for` the plan, batched as the pipeline's memory allows (`window_batch`;
+    a `FluxPipeline`'s `memory_estimate`)."""
+    windows = windows_for(plan, o)
+    if windows is None or windows.count == 1:
+        return windows
+    from mlx_edit.memory import GB, available_memory
+
+    key, available = "peak_low_memory" if pipe.low_memory else "peak", available_memory() / GB
+
+    def fits(k: int) -> bool:
+        est = pipe.memory_estimate(*plan.model_size, o.num_images, o.cache,
+                                   replace(windows, batch=k))
+        return est[key] <= available
+    return replace(windows, batch=window_batch(windows, o, fits))
+
+
+def schedule_tokens(plan: CropPlan, windows: Windows | None) -> int:
+    """Image tokens the schedule's shift is computed for: one window's, or the canvas's."""
+    if windows is not None:
+        return windows.tokens
+    w, h = plan.model_size
+    gh, gw = token_grid(h, w)
+    return gh * gw
+
+
+def metadata(o: EditOptions, windows: Windows | None) -> dict:
+    """What an output records of the tiling: mode, budget, and the windows (count,
+    columns x rows, window size and overlap in px, windows per batch) or None."""
+    meta = {"tile_mode": o.tile_mode, "max_model_pixels": o.max_model_pixels,
+            "windows": None}
+    if windows is not None:
+        rows = len({t for t, _ in windows.origins})
+        h, w = windows.size
+        meta["windows"] = {"count": windows.count, "grid": [windows.count // rows, rows],
+                           "size": [w * TOKEN_PX, h * TOKEN_PX],
+                           "overlap": o.tile_overlap, "batch": windows.batch}
+    return meta
+
+
+def generated_ratio(plan: CropPlan, windows: Windows | None) -> float:
+    """Pixels generated per output pixel in the edited window: 1.0 (or more, padding)
+    when denoised at the window's resolution, (model area / window area) when shrunk."""
+    w, h = plan.window_size
+    mw, mh = plan.model_size
+    return min(1.0, mw * mh / (w * h)) if plan.resized else 1.0

@@ -1,0 +1,154 @@
+"""Tiled denoising (mlx_edit.sampling.tiles, MultiDiffusion): window geometry, weights that
+sum to 1 at every token, and the loop's windowed step equal to the weighted average of
+the windows' steps (and velocities) computed one by one, so no seam logic can drift.
+
+A small random-weight transformer (MLX init, float32) as in test_compile.py; no torch.
+"""
+
+import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.sampling import compiled, tiles
+from mlx_edit.sampling.cache import FirstBlockCache
+from mlx_edit.sampling.denoise import PromptEmbeds, denoise
+from mlx_edit.sampling.latents import image_ids, model_input, text_ids
+
+CFG = dict(in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
+           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+           pooled_projection_dim=24, axes_dims_rope=(4, 6, 6))
+GH, GW, L, B = 6, 10, 5, 2  # canvas token grid, text tokens, batch
+SIGMAS = np.array([1.0, 0.6, 0.0], dtype=np.float32)
+
+
+@given(gh=st.integers(1, 40), gw=st.integers(1, 40), budget=st.integers(1, 300),
+       overlap=st.integers(0, 12), kind=st.sampled_from(tiles.RAMPS))
+@settings(max_examples=150, deadline=None)
+def test_weights_sum_to_one_everywhere(gh, gw, budget, overlap, kind):
+    w = tiles.plan_windows((gh, gw), budget, overlap, kind)
+    h, ww = w.size
+    assert h * ww <= max(budget, 1) or (h, ww) == (gh, gw) and gh * gw <= budget
+    assert h <= gh and ww <= gw
+    assert (w.weights > 0).all()
+    np.testing.assert_allclose(w.coverage(), 1.0, atol=1e-6)
+    for t, left in w.origins:  # inside the canvas
+        assert 0 <= t <= gh - h and 0 <= left <= gw - ww
+
+
+def test_geometry_examples():
+    assert tiles.axis_starts(10, 10, 2) == [0]
+    assert tiles.axis_starts(10, 4, 2) == [0, 2, 4, 6]
+    starts = tiles.axis_starts(169, 64, 16)  # a 2704 px wide window, 1024 px windows
+    assert starts[0] == 0 and starts[-1] == 169 - 64 and len(starts) == 4
+    assert min(a + 64 - b for a, b in zip(starts, starts[1:])) >= 16
+    assert tiles.window_shape((64, 64), 4096) == (64, 64)  # fits: one window
+    assert tiles.window_shape((135, 169), 4096) == (57, 71)  # the grid's aspect
+    assert tiles.window_shape((20, 300), 4096) == (20, 40)  # aspect capped at 2
+    one = tiles.plan_windows((6, 10), 60, 2)
+    assert one.count == 1 and (one.weights == 1.0).all()
+    r = tiles.ramp(5, "linear")
+    np.testing.assert_allclose(r + r[::-1], 1.0)
+    c = tiles.ramp(5, "cosine")
+    np.testing.assert_allclose(c + c[::-1], 1.0)
+    with pytest.raises(ValueError, match="ramp"):
+        tiles.ramp(3, "gaussian")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    mx.random.seed(0)
+    model = FluxTransformer(FluxConfig.from_dict(CFG))
+    mx.eval(model.parameters())
+    keys = iter(mx.random.split(mx.random.key(1), 8))
+    n = GH * GW
+    latents = mx.random.normal((B, n, 64), key=next(keys))
+    cond = mx.random.normal((1, n, 320), key=next(keys))
+    embeds = PromptEmbeds(mx.random.normal((1, L, 48), key=next(keys)),
+                          mx.random.normal((1, 24), key=next(keys)))
+    return model, latents, cond, embeds
+
+
+def _run(model, latents, cond, embeds, windows=None, **kw):
+    steps = list(denoise(model, latents, cond, image_ids(GH, GW), embeds, SIGMAS, 30.0,
+                         windows=windows, compile=False, **kw))
+    return np.array(steps[-1][1])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_window_covering_the_canvas_is_the_plain_loop(setup, batch):
+    model, latents, cond, embeds = setup
+    one = tiles.plan_windows((GH, GW), GH * GW, 2, batch=batch)
+    assert one.count == 1
+    np.testing.assert_array_equal(_run(model, latents, cond, embeds, one),
+                                  _run(model, latents, cond, embeds))
+
+
+def _windows_one_by_one(model, latents, cond, embeds, windows):
+    """(weighted average of the windows' next latents, of their velocities) of step 0,
+    each window run alone with 0-based ids: the definition, written independently."""
+    (h, w), c = windows.size, latents.shape[-1]
+    grid = np.array(latents).reshape(B, GH, GW, c)
+    cgrid = np.array(cond).reshape(1, GH, GW, -1)
+    step = compiled.make_step(model, compile=False)
+    ids, t_ids = image_ids(h, w), text_ids(L)
+    rope = model.rope(ids, t_ids)
+    txt = mx.broadcast_to(embeds.txt, (B, L, 48))
+    pooled = mx.broadcast_to(embeds.pooled, (B, 24))
+    t, g = mx.full((B,), float(SIGMAS[0])), mx.full((B,), 30.0)
+    nxt, vel = np.zeros_like(grid), np.zeros_like(grid)
+    for (top, left), wk in zip(windows.origins, windows.weights):
+        x = mx.array(grid[:, top:top + h, left:left + w].reshape(B, h * w, c))
+        k = mx.array(cgrid[:, top:top + h, left:left + w].reshape(1, h * w, -1))
+        y = step(x, k, ids, txt, t_ids, t, pooled, g, rope,
+                 compiled.step_dt(SIGMAS[0], SIGMAS[1]))
+        v = model(model_input(x, k), ids, txt, t_ids, t, pooled, g, rope=rope)
+        wk = wk.reshape(1, h, w, 1)
+        nxt[:, top:top + h, left:left + w] += wk * np.array(y).reshape(B, h, w, c)
+        vel[:, top:top + h, left:left + w] += wk * np.array(v).reshape(B, h, w, c)
+    return nxt.reshape(B, -1, c), vel.reshape(B, -1, c)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_windowed_step_is_the_weighted_average_of_window_steps(setup, batch):
+    model, latents, cond, embeds = setup
+    windows = tiles.plan_windows((GH, GW), 24, 2, batch=batch)  # 4x6 windows
+    assert windows.count > 2 and windows.size == (4, 6)
+    got = next(iter(denoise(model, latents, cond, image_ids(GH, GW), embeds, SIGMAS, 30.0,
+                            windows=windows, compile=False)))[1]
+    got = np.array(got)
+    expected, velocity = _windows_one_by_one(model, latents, cond, embeds, windows)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() / scale < 1e-5
+    # Euler is linear: the same as latents + dt * (weighted average of the velocities)
+    euler = np.array(latents) + (SIGMAS[1] - SIGMAS[0]) * velocity
+    assert np.abs(got - euler).max() / scale < 1e-5
+
+
+def test_windows_refuse_a_step_cache_and_controlnets(setup):
+    model, latents, cond, embeds = setup
+    windows = tiles.plan_windows((GH, GW), 24, 2)
+    with pytest.raises(ValueError, match="step cache and tiled"):
+        _run(model, latents, cond, embeds, windows, cache=FirstBlockCache(0.1))
+    with pytest.raises(ValueError, match="ControlNets and tiled"):
+        _run(model, latents, cond, embeds, windows, controls=[lambda x, t, i: None])
+
+
+def test_windows_with_reference_tokens_and_true_cfg(setup):
+    """Kontext-like reference tokens are appended to every window; true CFG batches the
+    negative prompt per window: one window still equals the plain loop exactly."""
+    model, latents, cond, embeds = setup
+    tokens = mx.random.normal((1, 8, 384), key=mx.random.key(5))
+    token_ids = mx.concatenate([mx.ones((8, 1)), image_ids(2, 4)[:, 1:]], axis=1)
+    neg = PromptEmbeds(embeds.txt * 0.5, embeds.pooled * 0.5)
+    kw = dict(tokens=tokens, token_ids=token_ids, negative=neg, true_cfg_scale=2.0)
+    one = tiles.plan_windows((GH, GW), GH * GW, 2)
+    np.testing.assert_array_equal(_run(model, latents, cond, embeds, one, **kw),
+                                  _run(model, latents, cond, embeds, **kw))
+    several = _run(model, latents, cond, embeds, tiles.plan_windows((GH, GW), 24, 2, batch=2),
+                   **kw)
+    assert np.isfinite(several).all() and several.shape == (B, GH * GW, 64)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from mlx_edit import large
 from mlx_edit.conditioning.bfl_control import bfl_conditioner
 from mlx_edit.imaging import masks
 from mlx_edit.imaging.blend import seam_band
@@ -65,6 +66,9 @@ class FluxFill(FluxPipeline):
         image = load_image(image)
         user_mask = self.user_mask(image, mask, o.segment_model)
         model_mask, blend = self.edit_masks(user_mask, o)
+        if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
+            first = self.inpaint(image, user_mask, prompt, large.first_pass(o), progress=progress)
+            return large.refine(self, first, model_mask, blend, prompt, o, progress=progress)
         job = self.prepare(image, model_mask, blend, prompt, o, metadata={
             "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
             "seam_fix": o.seam_fix or None})
@@ -117,6 +121,9 @@ class FluxFill(FluxPipeline):
         check_canvas(w + o.left + o.right, h + o.top + o.bottom)
         canvas, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
                                                     overlap=o.overlap)
+        if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
+            first = self.outpaint(image, prompt, large.first_pass(o), progress=progress)
+            return large.refine(self, first, model_mask, blend, prompt, o, progress=progress)
         job = self.prepare(canvas, model_mask, blend, prompt, o, metadata={
             "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
             "overlap": o.overlap}, inner=(o.left, o.top, o.left + w, o.top + h))
@@ -156,6 +163,11 @@ class FluxFill(FluxPipeline):
         conditioner = bfl_conditioner(image if control_image is None else control_image,
                                       o.control_type, canny_low=o.canny_low,
                                       canny_high=o.canny_high)
+        if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
+            first = self.restyle(image, control_image, prompt, large.first_pass(o), mask=mask,
+                                 progress=progress)
+            return large.refine(self, first, model_mask, blend, prompt, o,
+                                conditioning=conditioner, progress=progress)
         job = self.prepare(image, model_mask, blend, prompt, o, conditioning=conditioner,
                            metadata={"mode": "restyle", "control_type": o.control_type,
                                      "masked": mask is not None, "grow_mask": o.grow_mask,

@@ -13,14 +13,18 @@ Paste-back, colour match and the tiled VAE passes are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
+from PIL import Image
+
 from mlx_edit.imaging.stitch import CropPlan
-from mlx_edit.options import EditOptions
+from mlx_edit.options import GLOBAL_PASS_STRENGTH, EditOptions
 from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.tiles import Windows, plan_windows
 
-__all__ = ["Windows", "job_windows", "metadata", "schedule_tokens", "tiled_plan", "windows_for"]
+__all__ = ["Windows", "first_pass", "job_windows", "metadata", "refine", "refine_strength",
+           "schedule_tokens", "tiled_plan", "windows_for"]
 
 MAX_WINDOW_BATCH = 4  # windows stacked per evaluation when memory allows
 AUTO_MARGIN = 1.1  # auto: as plan_crop, a canvas up to 10% over the budget is left whole
@@ -126,3 +130,51 @@ def generated_ratio(plan: CropPlan, windows: Windows | None) -> float:
     w, h = plan.window_size
     mw, mh = plan.model_size
     return min(1.0, mw * mh / (w * h)) if plan.resized else 1.0
+
+
+# ---------------------------------------------------------------- two passes
+
+
+def refine_strength(o: EditOptions) -> float | None:
+    """The strength of the refinement pass of a two-pass edit: `detail_pass`, else
+    GLOBAL_PASS_STRENGTH with `global_pass`; None for a one-pass edit."""
+    if o.detail_pass:
+        return o.detail_pass
+    return GLOBAL_PASS_STRENGTH if o.global_pass else None
+
+
+def first_pass(o: EditOptions) -> EditOptions:
+    """The options of a two-pass edit's first pass: the edit shrunk to the budget (the
+    layout of the whole window at once, `tile_mode` off), one pass."""
+    return replace(o, tile_mode="off", detail_pass=0.0, global_pass=False)
+
+
+def refine(pipe, images: list[Image.Image], model_mask, blend, prompt: str, o: EditOptions,
+           *, conditioning=None, progress: Callable[[int, int], None] | None = None
+           ) -> list[Image.Image]:
+    """The second pass of a two-pass edit (`--detail-pass S`, `--global-pass`): each
+    first-pass result (the output's size) is edited again with the same model mask and
+    blend (H, W) float32, from `refine_strength(o)`, at full resolution in windows
+    (tile_mode on), and pasted back inside the blend only, so outside the mask the pixels
+    stay the first pass's (there: the original's). `pipe.prepare` and `pipe.run`: two
+    runs of the pipeline, no other loop. conditioning: the first pass's conditioner
+    (restyle's Canny/Depth), else the variant's own (Fill). Step caches, ControlNets,
+    soft masks, seam repair and ranking apply to the first pass only.
+    Returns one image per first-pass image; metadata: the refined run's, plus
+    `detail_pass` (its strength), `first_pass_model_size` and the first pass's others."""
+    strength = refine_strength(o)
+    out = []
+    for i, img in enumerate(images):
+        ro = replace(first_pass(o), tile_mode="on", strength=strength, num_images=1,
+                     seed=o.seed + i, cache=None, controlnets=(), soft_mask=False,
+                     seam_fix=0.0, rank=None, keep_best=None)
+        meta = {"detail_pass": strength, "global_pass": o.global_pass,
+                "first_pass_model_size": img.info.get("model_size")}
+        job = pipe.prepare(img, model_mask, blend, prompt, ro, conditioning=conditioning,
+                           metadata=meta)
+        job.paste = {"color_match": o.color_match, "method": o.blend}
+        result = pipe.run(job, True, progress)[0]
+        for k, v in img.info.items():  # the first pass's own records (mode, masks...)
+            result.info.setdefault(k, v)
+        out.append(result)
+    return out

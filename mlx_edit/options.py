@@ -47,6 +47,7 @@ TILE_MODES = ("auto", "off", "on")  # tiled denoising of large canvases (mlx_edi
 MODEL_PIXELS = 1024 * 1024  # the model-size budget: canvas area the model sees at once
 MODEL_PIXELS_RANGE = (256 * 256, 4096 * 4096)
 TILE_OVERLAP = 256  # px shared by neighbouring windows (a quarter of a 1 MP window)
+GLOBAL_PASS_STRENGTH = 0.5  # refinement of a global pass: keeps its layout, redraws detail
 MAX_TILE_OVERLAP = 2048
 
 
@@ -209,6 +210,13 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
                             "blended with cosine ramps)."),
     "window_batch": (MODES, "Windows evaluated together (default: as many as memory "
                             "allows, up to 4)."),
+    "detail_pass": (("inpaint", "outpaint", "restyle"),
+                    "After the (shrunk) edit, redraw its masked area at full resolution in "
+                    "windows from this strength, (0, 1]; 0 = off. Twice the work or more."),
+    "global_pass": (("inpaint", "outpaint", "restyle"),
+                    f"Edit the whole window shrunk first (layout), then refine it at full "
+                    f"resolution in windows at strength {GLOBAL_PASS_STRENGTH} (or "
+                    "--detail-pass)."),
 }
 
 
@@ -265,6 +273,8 @@ class EditOptions:
     max_model_pixels: int = MODEL_PIXELS
     tile_overlap: int = TILE_OVERLAP
     window_batch: int | None = None
+    detail_pass: float = 0.0
+    global_pass: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
@@ -313,6 +323,11 @@ class EditOptions:
                                       *MODEL_PIXELS_RANGE))
         set_("tile_overlap", _int("tile_overlap", self.tile_overlap, 0, MAX_TILE_OVERLAP))
         set_("window_batch", _optional(_int, "window_batch", self.window_batch, 1, MAX_IMAGES))
+        set_("detail_pass", _float("detail_pass", self.detail_pass, 0.0, 1.0))
+        set_("global_pass", _bool("global_pass", self.global_pass))
+        if (self.detail_pass or self.global_pass) and self.tile_mode == "off":
+            raise InputError("detail_pass / global_pass refine in windows: they need "
+                             "tile_mode auto or on")
         if self.tile_mode == "on" and (self.cache is not None or self.controlnets):
             raise InputError("tile_mode on cannot run with a step cache or ControlNets (they "
                              "need the whole canvas at once): use tile_mode auto or off")

@@ -474,31 +474,32 @@ class FluxPipeline:
             image_latents = self.encode_image(pixels) \
                 if o.strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
-        sigmas = flux_sigmas(ctx.num_steps, large.schedule_tokens(plan, windows),
-                             self.scheduler_config, o.strength)
-        noise, latents = self._start(o, plan, ctx, noise, image_latents, float(sigmas[0]))
+        sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata),
                 **large.metadata(o, windows)}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
-                      true_cfg_scale=o.true_cfg_scale, stats=stats, cache=o.cache,
-                      windows=windows)
+                      true_cfg_scale=o.true_cfg_scale, stats=stats, cache=o.cache, windows=windows)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
         return job
 
-    def _start(self, o: EditOptions, plan: CropPlan, ctx: ConditioningContext,
-               noise: mx.array | None, image_latents: mx.array | None, sigma0: float
-               ) -> tuple[mx.array, mx.array]:
-        """(initial noise, starting latents) in the model dtype: noise drawn from the seeds
-        unless given, mixed with the image's latents at sigma0 when strength < 1."""
+    def _start(self, o: EditOptions, plan: CropPlan, windows: large.Windows | None,
+               ctx: ConditioningContext, noise: mx.array | None, image_latents: mx.array | None
+               ) -> tuple[np.ndarray, mx.array, mx.array]:
+        """(sigmas, initial noise, starting latents) in the model dtype: the schedule shifted
+        for the tokens the model sees (a window's with windows), noise drawn from the seeds
+        unless given, mixed with the image's latents at sigmas[0] when strength < 1."""
+        sigmas = flux_sigmas(ctx.num_steps, large.schedule_tokens(plan, windows),
+                             self.scheduler_config, o.strength)
         if noise is None:
             noise = initial_noise(o.seeds, (large.schedule_tokens(plan, None),
                                             ctx.latent_channels), mx.float32)
         noise = noise.astype(self.dtype)
         if o.strength == 1.0:
-            return noise, noise
-        return noise, noise_latents(image_latents.astype(self.dtype), noise, sigma0)
+            return sigmas, noise, noise
+        return sigmas, noise, noise_latents(image_latents.astype(self.dtype), noise,
+                                            float(sigmas[0]))
 
     def _attach_hooks(self, job: EditJob, ctx: ConditioningContext, o: EditOptions,
                       keep_mask: np.ndarray | None) -> None:

@@ -131,3 +131,42 @@ def test_cli_windowed_edits_run_in_bounded_memory(tiny_mlx, big, tmp_path, comma
     assert Image.open(out).size == ((512 + 256) if command == "outpaint" else 512, 288)
     # one window batch + the canvas latents: far under a GB with the tiny model
     assert meta["stats"]["denoise_peak_gb"] < 0.5
+
+
+def test_detail_pass_refines_the_shrunk_edit_at_full_resolution(pipe):
+    img, mask = photo(512, 288), half_mask(512, 288)
+    out = pipe.inpaint(img, mask, "x", max_model_pixels=BUDGET, detail_pass=0.4, **FAST)[0]
+    info = out.info
+    first = json.loads(info["first_pass_model_size"])
+    assert first[0] * first[1] <= 1.1 * BUDGET  # the first pass was shrunk
+    assert json.loads(info["model_size"]) == [512, 288]  # the refinement was not
+    assert float(info["detail_pass"]) == 0.4 and float(info["strength"]) == 0.4
+    assert json.loads(info["windows"].replace("'", '"'))["count"] > 1
+    _, blend = pipe.edit_masks(mask, EditOptions())
+    keep = blend == 0
+    np.testing.assert_array_equal(np.asarray(out)[keep], np.asarray(img)[keep])
+
+
+def test_two_pass_options():
+    assert large.refine_strength(EditOptions()) is None
+    assert large.refine_strength(EditOptions(global_pass=True)) == 0.5
+    assert large.refine_strength(EditOptions(global_pass=True, detail_pass=0.3)) == 0.3
+    first = large.first_pass(EditOptions(global_pass=True, detail_pass=0.3))
+    assert (first.tile_mode, first.detail_pass, first.global_pass) == ("off", 0.0, False)
+    with pytest.raises(InputError, match="need tile_mode auto or on"):
+        EditOptions(detail_pass=0.3, tile_mode="off")
+
+
+def test_cli_global_pass_outpaint(tiny_mlx, big, tmp_path):
+    out = tmp_path / "out.png"
+    r = CliRunner().invoke(main, [
+        "outpaint", "--model", str(tiny_mlx), "--image", str(big / "big.jpg"), "--prompt",
+        "x", "--right", "256", "--global-pass", "--max-model-pixels", str(BUDGET),
+        "--steps", "2", "--max-sequence-length", "16", "--seed", "1", "--output", str(out),
+        "--metadata"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["global_pass"] == "True" and float(meta["detail_pass"]) == 0.5
+    assert Image.open(out).size == (768, 288)
+    orig = np.asarray(Image.open(big / "big.jpg").convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(Image.open(out))[:, :512 - 32], orig[:, :512 - 32])

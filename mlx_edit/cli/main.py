@@ -40,6 +40,8 @@ def _field_option(name: str):
     flag = "--" + name.replace("_", "-")
     if name == "seed":  # the CLI's one deliberate difference: a random seed
         return click.option(flag, type=int, default=None, help=f"{text} [default: random]")
+    if name == "global_pass":
+        return click.option(flag, is_flag=True, help=text)
     if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)
@@ -260,10 +262,10 @@ def _edit(pipe, mode: str, image: Path, mask, control_image, references, prompt:
 
     bars = []
 
-    def progress(step, total):
-        if not bars:
+    def progress(step, total):  # steps, or windows x steps (tiled); a new bar per pass
+        if not bars or bars[-1].total != total or step <= bars[-1].n:
             bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
-        bars[0].update(1)
+        bars[-1].update(step - bars[-1].n)
 
     try:
         if mode == "inpaint":

@@ -68,3 +68,11 @@ def test_bench_cache_reports_evaluations(repo_root):
                      r"([\d.]+) dB", last)
     assert m, last
     assert int(m.group(1)) < 6
+
+
+def test_bench_large_tiled_vs_shrunk(repo_root, tiny_mlx):
+    last = _run(repo_root, "bench_large.py", "--model", str(tiny_mlx), "--size", "352x224",
+                "--max-model-pixels", "65536", "--max-sequence-length", "16")
+    m = re.fullmatch(r"large 352x224 inpaint: off .* ratio ([\d.]+); on .* ratio ([\d.]+)", last)
+    assert m, last
+    assert float(m.group(1)) < 1.0 and float(m.group(2)) == 1.0

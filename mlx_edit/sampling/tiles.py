@@ -53,11 +53,12 @@ def window_shape(grid: tuple[int, int], max_tokens: int,
 
 def axis_starts(length: int, window: int, overlap: int) -> list[int]:
     """Starts of the fewest windows of `window` tokens covering [0, length) with
-    neighbours overlapping by at least `overlap` tokens (clamped to window - 1), spread
-    evenly, the first at 0 and the last ending at `length`."""
+    neighbours overlapping by at least `overlap` tokens (clamped to half a window, so
+    windows advance by at least half their size), spread evenly, the first at 0 and the
+    last ending at `length`."""
     if window >= length:
         return [0]
-    overlap = min(max(overlap, 0), window - 1)
+    overlap = min(max(overlap, 0), window // 2)
     n = math.ceil((length - overlap) / (window - overlap))
     return [round(i * (length - window) / (n - 1)) for i in range(n)]
 

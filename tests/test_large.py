@@ -170,3 +170,26 @@ def test_cli_global_pass_outpaint(tiny_mlx, big, tmp_path):
     assert Image.open(out).size == (768, 288)
     orig = np.asarray(Image.open(big / "big.jpg").convert("RGB"))
     np.testing.assert_array_equal(np.asarray(Image.open(out))[:, :512 - 32], orig[:, :512 - 32])
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory, import_script):
+    from mlx_edit.kontext import FluxKontext
+
+    out = tmp_path_factory.mktemp("kontext") / "tiny"
+    ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
+    return FluxKontext.from_pretrained(ckpt / "kontext-model")
+
+
+def test_kontext_with_a_mask_uses_windows_and_keeps_outside_pixels(kontext):
+    img, mask = photo(512, 288), half_mask(512, 288)
+    out = kontext.edit(img, "x", mask=mask, keep_size=True, auto_resize=False,
+                       max_model_pixels=BUDGET, **FAST)[0]
+    assert json.loads(out.info["windows"].replace("'", '"'))["count"] > 1
+    assert json.loads(out.info["model_size"]) == [512, 288]
+    _, blend = kontext.edit_masks(mask, EditOptions())
+    keep = blend == 0
+    np.testing.assert_array_equal(np.asarray(out)[keep], np.asarray(img)[keep])
+    unmasked = kontext.edit(img, "x", keep_size=True, auto_resize=False,
+                            max_model_pixels=BUDGET, **FAST)[0]
+    assert "windows" not in unmasked.info  # auto: an instruction edit is not split

@@ -21,7 +21,7 @@ from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 
 class MaskMixin:
     """Mask methods of FluxPipeline. Expects `root`, `dtype`, `components` and
-    `encode_image` (mlx_edit.components.ModelsMixin, FluxPipeline)."""
+    `encode_image` (mlx_edit.components.ModelsMixin)."""
 
     def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
                   ) -> np.ndarray:

@@ -41,7 +41,7 @@ def _field_option(name: str):
     if name == "seed":  # the CLI's one deliberate difference: a random seed
         return click.option(flag, type=int, default=None, help=f"{text} [default: random]")
     if name == "global_pass":
-        return click.option(flag, is_flag=True, help=text)
+        return click.option(flag, is_flag=True, default=value, help=text)
     if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=value, help=text,
                             show_default=value is not None)

@@ -193,3 +193,19 @@ def test_kontext_with_a_mask_uses_windows_and_keeps_outside_pixels(kontext):
     unmasked = kontext.edit(img, "x", keep_size=True, auto_resize=False,
                             max_model_pixels=BUDGET, **FAST)[0]
     assert "windows" not in unmasked.info  # auto: an instruction edit is not split
+
+
+def test_memory_estimate_counts_one_window_batch_plus_the_canvas():
+    from mlx_edit import memory
+    from mlx_edit.models.flux import FluxConfig
+
+    cfg, size = FluxConfig(), 4  # FLUX.1 Fill, float32
+    whole = memory.estimate(4096, 2304)
+    tiled = [memory.estimate(4096, 2304, window=(4080, k)) for k in (1, 2)]
+    canvas = memory.canvas_latents_gb(256 * 144, cfg, 1, size)
+    for k, est in zip((1, 2), tiled):
+        want = memory.transformer_activation_gb(4080 + 512, cfg, k, size) + canvas
+        assert est["activations_denoise"] == pytest.approx(want)
+    assert tiled[0]["activations_denoise"] < tiled[1]["activations_denoise"] \
+        < whole["activations_denoise"] / 10
+    assert canvas < 0.1  # latents, noise, conditioning, accumulator: ~10 MB per MP

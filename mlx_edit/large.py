@@ -4,8 +4,8 @@ model-size budget, and what that costs.
 
 The pipeline plans an edit window as before (`stitch.plan_crop`, crop-to-mask); when that
 window is larger than `max_model_pixels` it would be shrunk for the model. With windows
-(`tile_mode` on, or auto when nothing needs the whole canvas at once: a step cache or
-ControlNets) the plan keeps the window at its own resolution (`tiled_plan`) and the
+(`tile_mode` on, or auto without a step cache, whose decisions assume one evaluation
+per step) the plan keeps the window at its own resolution (`tiled_plan`) and the
 denoise loop evaluates overlapping windows of the budget's size (`windows_for`). The
 schedule's shift follows the window's token count (what the model sees per evaluation).
 Paste-back, colour match and the tiled VAE passes are unchanged.
@@ -32,8 +32,8 @@ TOKEN_PX = 16  # image pixels per packed token side (VAE factor 8 x 2x2 patches)
 
 
 def _blocked(o: EditOptions) -> bool:
-    """Something that needs the whole canvas in one evaluation (auto falls back)."""
-    return o.cache is not None or bool(o.controlnets)
+    """A step cache: its decisions assume one evaluation per step (auto falls back)."""
+    return o.cache is not None
 
 
 def tiles_allowed(o: EditOptions) -> bool:
@@ -158,15 +158,15 @@ def refine(pipe, images: list[Image.Image], model_mask, blend, prompt: str, o: E
     (tile_mode on), and pasted back inside the blend only, so outside the mask the pixels
     stay the first pass's (there: the original's). `pipe.prepare` and `pipe.run`: two
     runs of the pipeline, no other loop. conditioning: the first pass's conditioner
-    (restyle's Canny/Depth), else the variant's own (Fill). Step caches, ControlNets,
-    soft masks, seam repair and ranking apply to the first pass only.
+    (restyle's Canny/Depth), else the variant's own (Fill). Step caches, soft masks,
+    seam repair and ranking apply to the first pass only; ControlNets to both.
     Returns one image per first-pass image; metadata: the refined run's, plus
     `detail_pass` (its strength), `first_pass_model_size` and the first pass's others."""
     strength = refine_strength(o)
     out = []
     for i, img in enumerate(images):
         ro = replace(first_pass(o), tile_mode="on", strength=strength, num_images=1,
-                     seed=o.seed + i, cache=None, controlnets=(), soft_mask=False,
+                     seed=o.seed + i, cache=None, soft_mask=False,
                      seam_fix=0.0, rank=None, keep_best=None)
         meta = {"detail_pass": strength, "global_pass": o.global_pass,
                 "first_pass_model_size": img.info.get("model_size")}

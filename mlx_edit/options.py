@@ -201,8 +201,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "tile_mode": (MODES, "Large canvases: on = denoise an edit window larger than "
                          "--max-model-pixels at its own resolution in overlapping windows "
                          "(MultiDiffusion); off = shrink it for the model; auto = windows "
-                         "unless a step cache or ControlNet needs the whole canvas (edit: "
-                         "only with a mask)."),
+                         "unless a step cache is set (edit: only with a mask)."),
     "max_model_pixels": (MODES, "Model-size budget: pixels the model sees at once (a window, "
                                 f"or the shrunk canvas), {MODEL_PIXELS_RANGE[0]}.."
                                 f"{MODEL_PIXELS_RANGE[1]}."),
@@ -328,9 +327,9 @@ class EditOptions:
         if (self.detail_pass or self.global_pass) and self.tile_mode == "off":
             raise InputError("detail_pass / global_pass refine in windows: they need "
                              "tile_mode auto or on")
-        if self.tile_mode == "on" and (self.cache is not None or self.controlnets):
-            raise InputError("tile_mode on cannot run with a step cache or ControlNets (they "
-                             "need the whole canvas at once): use tile_mode auto or off")
+        if self.tile_mode == "on" and self.cache is not None:
+            raise InputError("tile_mode on cannot run with a step cache (its decisions "
+                             "assume one evaluation per step): use tile_mode auto or off")
 
     def _check_paste_back(self, set_) -> None:
         for name, methods in (("color_match", COLOR_MATCH_METHODS), ("blend", BLEND_METHODS)):

@@ -424,3 +424,21 @@ def test_cli_inpaint_with_union_controlnet(tiny_ckpt, nets, photo, tmp_path):
     bad = run(*base, "--controlnet", nets["union"], "--control-image", tmp_path / "photo.png",
               "--output", tmp_path / "c.png")
     assert bad.exit_code == 2 and "Union ControlNet: give --control-type" in bad.output
+
+
+def test_windowed_inpaint_crops_the_controlnet_per_window(pipe, nets, photo):
+    """Tiled denoising (tile_mode on, a 256x256 px budget) with a ControlNet: each window
+    runs it on its crop of the control term (XLabs: the hint stack's output) with 0-based
+    ids; the control changes the edit and the photo stays exact outside the mask."""
+    image = photo.resize((512, 288), Image.LANCZOS)
+    mask = _rect_mask(image.size, (64, 32, 448, 256))
+    spec = ControlNetSpec(nets["xlabs"], image, "canny", scale=0.8)
+    kw = dict(steps=2, seed=1, tile_mode="on", max_model_pixels=256 * 256,
+              max_sequence_length=16, crop_to_mask=False)
+    out = pipe.inpaint(image, mask, "an astronaut", controlnets=[spec], **kw)[0]
+    plain = pipe.inpaint(image, mask, "an astronaut", **kw)[0]
+    assert "'count': 4" in out.info["windows"] and out.info["controlnets"]
+    a, b = np.asarray(out).astype(int), np.asarray(plain).astype(int)
+    assert np.abs(a - b)[mask.astype(bool)].mean() > 1.0
+    keep = masks.blend_mask(mask, 0, 8) == 0
+    assert np.array_equal(a[keep], np.asarray(image).astype(int)[keep])

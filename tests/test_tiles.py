@@ -1,11 +1,14 @@
 """Tiled denoising (mlx_edit.sampling.tiles, MultiDiffusion): window geometry, weights that
 sum to 1 at every token, and the loop's windowed step equal to the weighted average of
-the windows' steps (and velocities) computed one by one, so no seam logic can drift.
+the windows' steps (and velocities) computed one by one, so no seam logic can drift;
+ControlNet inputs cropped per window likewise.
 
 A small random-weight transformer (MLX init, float32) as in test_compile.py; no torch.
 """
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
+
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -13,6 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlx_edit.conditioning.controlnet import make_control_fn
+from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.sampling import compiled, tiles
 from mlx_edit.sampling.cache import FirstBlockCache
@@ -129,13 +134,60 @@ def test_windowed_step_is_the_weighted_average_of_window_steps(setup, batch):
     assert np.abs(got - euler).max() / scale < 1e-5
 
 
-def test_windows_refuse_a_step_cache_and_controlnets(setup):
+def test_windows_refuse_a_step_cache(setup):
     model, latents, cond, embeds = setup
     windows = tiles.plan_windows((GH, GW), 24, 2)
     with pytest.raises(ValueError, match="step cache and tiled"):
         _run(model, latents, cond, embeds, windows, cache=FirstBlockCache(0.1))
-    with pytest.raises(ValueError, match="ControlNets and tiled"):
-        _run(model, latents, cond, embeds, windows, controls=[lambda x, t, i: None])
+
+
+@pytest.fixture(scope="module")
+def controlnet(setup):
+    """A random ControlNet of the transformer's widths, its ControlFn for the loop (the
+    pipeline's make_control_fn) and its control term (1, N, hidden)."""
+    _, _, _, embeds = setup
+    net = FluxControlNet(ControlNetConfig.from_dict(dict(
+        CFG, in_channels=64, num_layers=1, num_single_layers=1, guidance_embeds=True)))
+    mx.eval(net.parameters())
+    control_cond = mx.random.normal((1, GH * GW, 64), key=mx.random.key(9))
+    ctx = SimpleNamespace(num_steps=len(SIGMAS) - 1, embeds=embeds, guidance=30.0,
+                          plan=SimpleNamespace(model_size=(GW * 16, GH * 16)))
+    spec = SimpleNamespace(start=0.0, end=1.0, label="test", guidance=None, scale=0.8)
+    return net, make_control_fn(net, control_cond, None, spec, ctx), \
+        net.embed_control(control_cond)
+
+
+def test_controlnet_inputs_are_cropped_per_window(setup, controlnet):
+    """One window = the plain loop exactly; several = the weighted average of the windows'
+    steps, each with the ControlNet run on its own crops and 0-based ids."""
+    model, latents, cond, embeds = setup
+    net, control_fn, control = controlnet
+    one = tiles.plan_windows((GH, GW), GH * GW, 2)
+    np.testing.assert_array_equal(
+        _run(model, latents, cond, embeds, one, controls=[control_fn]),
+        _run(model, latents, cond, embeds, controls=[control_fn]))
+    windows = tiles.plan_windows((GH, GW), 24, 2, batch=2)
+    got = np.array(next(iter(denoise(model, latents, cond, image_ids(GH, GW), embeds, SIGMAS,
+                                     30.0, windows=windows, controls=[control_fn],
+                                     compile=False)))[1])
+    (h, w), c = windows.size, 64
+    step = compiled.make_step(model, compile=False)
+    ids, t_ids = image_ids(h, w), text_ids(L)
+    txt, pooled = mx.broadcast_to(embeds.txt, (B, L, 48)), mx.broadcast_to(embeds.pooled, (B, 24))
+    t, g = mx.full((B,), float(SIGMAS[0])), mx.full((B,), 30.0)
+    expected = np.zeros((B, GH, GW, c), np.float32)
+    for origin, wk in zip(windows.origins, windows.weights):
+        x = tiles.crop(latents, (GH, GW), origin, (h, w))
+        k = tiles.crop(cond, (GH, GW), origin, (h, w))
+        r = net(x, ids, txt, t, pooled, g, control=tiles.crop(control, (GH, GW), origin, (h, w)),
+                scale=0.8, rope=net.rope(ids, L))
+        y = step(x, k, ids, txt, t_ids, t, pooled, g, model.rope(ids, t_ids),
+                 compiled.step_dt(SIGMAS[0], SIGMAS[1]), controlnet=[r])
+        top, left = origin
+        expected[:, top:top + h, left:left + w] += \
+            wk.reshape(1, h, w, 1) * np.array(y).reshape(B, h, w, c)
+    expected = expected.reshape(B, -1, c)
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
 
 
 def test_windows_with_reference_tokens_and_true_cfg(setup):

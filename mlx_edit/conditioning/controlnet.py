@@ -30,6 +30,7 @@ from mlx_edit.options import CONTROL_TYPES, DEFAULT_CANNY  # noqa: F401  (one pl
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model
 from mlx_edit.models.controlnet import FluxControlNet
 from mlx_edit.sampling.latents import image_ids, token_grid
+from mlx_edit.sampling.tiles import crop
 
 # InstantX / Shakker-Labs Union mode ids (their model cards); 6 = low quality.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5}
@@ -229,8 +230,11 @@ def _check_compatible(model: FluxControlNet, ctx: ConditioningContext,
 
 def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spec,
                     ctx: ConditioningContext):
-    """A ControlFn for the denoise loop: (latents (B, N, 64), timestep (B,), step) ->
-    ControlResiduals scaled by spec.scale, or None outside [start, end]."""
+    """A ControlFn for the denoise loop: (latents (B, N, 64), timestep (B,), step,
+    window=None) -> ControlResiduals scaled by spec.scale, or None outside [start, end].
+    window: (grid, origin, size) in tokens for tiled denoising (sampling.tiles): latents
+    are then that window's crop, and the control term and position ids (0-based) are
+    cropped to it too."""
     n_steps = ctx.num_steps
     active = [step_active(i, n_steps, spec.start, spec.end) for i in range(n_steps)]
     if not any(active):
@@ -244,15 +248,25 @@ def make_control_fn(model: FluxControlNet, cond: mx.array, mode: int | None, spe
     mx.eval(control)
     guidance = ctx.guidance if spec.guidance is None else spec.guidance
 
-    def control_fn(latents: mx.array, timestep: mx.array, i: int):
+    windows: dict = {}  # window size -> (ids, rope), built once
+
+    def control_fn(latents: mx.array, timestep: mx.array, i: int, window=None):
         if not active[i]:
             return None
+        c, ids_w, rope_w = control, ids, rope
+        if window is not None:
+            grid, origin, size = window
+            c = crop(control, grid, origin, size)
+            if size not in windows:
+                windows[size] = (image_ids(*size), model.rope(image_ids(*size),
+                                                              embeds.txt.shape[1]))
+            ids_w, rope_w = windows[size]
         b = latents.shape[0]
         txt = mx.broadcast_to(embeds.txt, (b, *embeds.txt.shape[1:]))
         pooled = mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1]))
         g = mx.full((b,), guidance, mx.float32) if model.config.guidance_embeds else None
-        return model(latents, ids, txt, timestep, pooled, g, control=control, mode=mode,
-                     scale=spec.scale, rope=rope)
+        return model(latents, ids_w, txt, timestep, pooled, g, control=c, mode=mode,
+                     scale=spec.scale, rope=rope_w)
 
     return control_fn
 

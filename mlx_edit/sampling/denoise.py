@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +24,8 @@ from mlx_edit.sampling.compiled import make_step, step_dt, step_inputs
 from mlx_edit.sampling.tiles import Windows, windowed_advance
 from mlx_edit.sampling.sampler import model_timesteps
 
-# A control hook: (packed latents, timestep (B,), step index) -> residuals or None.
+# A control hook: (packed latents, timestep (B,), step index) -> residuals or None; with
+# windows (sampling.tiles) also `window=(grid, origin, size)`: latents are that crop.
 ControlFn = Callable[[mx.array, mx.array, int], "ControlResiduals | None"]
 # After step i: (i, latents at sigmas[i+1]) -> latents (e.g. the source kept outside a mask).
 StepHook = Callable[[int, mx.array], mx.array]
@@ -116,28 +116,27 @@ def denoise(
     `cache_steps`, `cache_info` with a cache). compile: the step under `mx.compile` (None:
     on a GPU only; sampling/compiled.py). windows: tiled denoising (sampling.tiles,
     MultiDiffusion): each step is the weighted average of the windows' steps on their
-    crops of latents and conditioning (hooks still see the whole canvas).
+    crops of latents, conditioning and ControlNet inputs (hooks see the whole canvas).
     Yields (i, latents at sigmas[i+1]), evaluated, so the caller can report progress,
-    preview or stop. Raises ValueError for a cache the transformer cannot run, a cache
-    with true CFG or windows, or ControlNets with windows.
+    preview or stop. Raises ValueError for a cache the transformer cannot run, or a
+    cache with true CFG or windows.
     """
     b, n = latents.shape[0], len(sigmas) - 1
-    cfg = _true_cfg(negative, true_cfg_scale, cache, windows, controls)
+    cfg = _true_cfg(negative, true_cfg_scale, cache, windows)
     inputs = step_inputs(transformer, embeds.txt, embeds.pooled, img_ids, b, guidance,
                          token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg)
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
     state = None if cache is None else step_cache.start(cache, transformer, n)
     step = make_step(transformer, compile=compile,
                      forward=None if state is None else state.velocity)
-    advance = partial(inputs.advance, step) if windows is None else \
-        windowed_advance(step, transformer, inputs, windows)
+    advance = _plain(step, inputs, controls) if windows is None else \
+        windowed_advance(step, transformer, inputs, windows, controls)
     for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
             latents = hook(i, latents)
-        residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
         latents = advance(latents, conditioning, t,
-                          step_dt(float(sigmas[i]), float(sigmas[i + 1])), residuals)
+                          step_dt(float(sigmas[i]), float(sigmas[i + 1])), i)
         if after_step is not None:
             latents = after_step(i, latents)
         mx.eval(latents, *(state.arrays() if state else ()))
@@ -146,16 +145,22 @@ def denoise(
         yield i, latents
 
 
-def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows, controls
+def _plain(step, inputs, controls: Sequence[ControlFn]):
+    """advance(latents, conditioning, t, dt, i): one step on the whole canvas, with the
+    ControlNets' residuals for step i."""
+    def advance(latents, conditioning, t, dt, i):
+        residuals = [r for fn in controls if (r := fn(latents, t, i)) is not None]
+        return inputs.advance(step, latents, conditioning, t, dt, residuals)
+    return advance
+
+
+def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows
               ) -> tuple[mx.array, mx.array, float] | None:
     """(negative txt, pooled, scale) when true CFG is on, else None; refuses the
     combinations the loop cannot run (ValueError)."""
     if windows is not None and cache is not None:
         raise ValueError("a step cache and tiled denoising (windows) together are not "
                          "supported: the cache's decisions assume one evaluation per step")
-    if windows is not None and controls:
-        raise ValueError("ControlNets and tiled denoising (windows) together are not "
-                         "supported: ControlNet hooks see the whole canvas")
     if negative is None or scale <= 1.0:
         return None
     if cache is not None:

@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.models.layers import ControlResiduals
 from mlx_edit.sampling.compiled import StepFn, StepInputs
 from mlx_edit.sampling.latents import image_ids
 
@@ -156,10 +157,13 @@ def crop(x: mx.array, grid: tuple[int, int], origin: tuple[int, int],
 
 
 def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInputs,
-                     windows: Windows) -> Callable[..., mx.array]:
+                     windows: Windows, controls: Sequence[Callable] = ()
+                     ) -> Callable[..., mx.array]:
     """`advance(latents (B, N, 64), conditioning (1|B, N, K) | None, timestep (B,), dt,
-    controlnet=()) -> latents at the next sigma`: every window's step on its crops, with 0-based ids
-    (`inputs` are the whole canvas's, batch B), blended with the windows' weights. Each
+    i) -> latents at the next sigma`: every window's step on its crops, with 0-based ids
+    (`inputs` are the whole canvas's, batch B), blended with the windows' weights.
+    controls: ControlFns (sampling.denoise) called per window with its latents crop and
+    `window=(grid, origin, size)` (ControlNets crop their control term and ids). Each
     group of `windows.batch` windows is evaluated before the next is built, so the peak
     is one window batch plus the canvas latents."""
     h, w = windows.size
@@ -167,23 +171,22 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     per_k: dict[int, StepInputs] = {}
     weights = mx.array(windows.weights)[..., None]  # (n, h*w, 1)
 
-    def advance(latents, conditioning, timestep, dt, controlnet=()):
-        if controlnet:  # the loop refuses ControlNets with windows before this
-            raise ValueError("ControlNet residuals cannot be split into windows")
+    def advance(latents, conditioning, timestep, dt, i):
         b, _, c = latents.shape
         out = mx.zeros((b, *windows.grid, c), dtype=mx.float32)
         for group in windows.groups():
             k = len(group)
             if k not in per_k:
                 per_k[k] = inputs.repeated(k, transformer, ids)
-            x = mx.concatenate([crop(latents, windows.grid, windows.origins[j], (h, w))
-                                for j in group], axis=0)
+            crops = [crop(latents, windows.grid, windows.origins[j], (h, w)) for j in group]
             cond = None if conditioning is None else mx.concatenate(
                 [mx.broadcast_to(crop(conditioning, windows.grid, windows.origins[j],
                                       (h, w)), (b, h * w, conditioning.shape[-1]))
                  for j in group], axis=0)
             t = mx.concatenate([timestep] * k, axis=0) if k > 1 else timestep
-            y = per_k[k].advance(step, x, cond, t, dt).astype(mx.float32)
+            residuals = _residuals(controls, crops, t[:b], i, windows, group)
+            y = per_k[k].advance(step, mx.concatenate(crops, axis=0), cond, t, dt,
+                                 residuals).astype(mx.float32)
             for n, j in enumerate(group):
                 top, left = windows.origins[j]
                 part = (weights[j] * y[n * b : (n + 1) * b]).reshape(b, h, w, c)
@@ -192,3 +195,19 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
         return out.reshape(b, -1, c).astype(latents.dtype)
 
     return advance
+
+
+def _residuals(controls, crops, timestep, i, windows: Windows, group) -> list:
+    """Each ControlFn's residuals for the windows of `group`, stacked like their crops
+    (window-major on the batch axis); ControlFns inactive at step i give none."""
+    out = []
+    for fn in controls:
+        per = [fn(x, timestep, i, window=(windows.grid, windows.origins[j], windows.size))
+               for x, j in zip(crops, group)]
+        if per[0] is None:
+            continue
+        out.append(ControlResiduals(
+            [mx.concatenate([r.double[d] for r in per], axis=0) for d in range(len(per[0].double))],
+            [mx.concatenate([r.single[d] for r in per], axis=0) for d in range(len(per[0].single))],
+            per[0].repeat))
+    return out

@@ -227,6 +227,9 @@ class EditOptions:
     30, 10 for restyle depth), seed 0..2**32-1 (int; seed + num_images - 1 too),
     num_images 1..64, strength (0, 1], grow_mask / feather 0..1024 px, max_sequence_length
     1..512, outpaint sides 0..16384 px (ints), canny thresholds 0 <= low <= high <= 1000.
+    Large canvases (mlx_edit.large): tile_mode auto|off|on, max_model_pixels
+    65536..16777216, tile_overlap 0..2048 px, window_batch 1..64 or None, detail_pass
+    [0, 1] (0 = off), global_pass; tile_mode on refuses a step cache.
     Integers must be ints (not bools, floats or strings); numbers must be real numbers.
     Which fields each mode takes: `FIELDS`.
     """

@@ -201,27 +201,40 @@ class FluxControlNet(nn.Module):
             ValueError: a Union model without a valid mode, or a mode for a non-Union one;
                 neither cond nor control given.
         """
-        cfg = self.config
         dtype = self.img_in.weight.dtype
-        b = img.shape[0]
         if control is None:
             if cond is None:
                 raise ValueError("pass the control input: cond or control")
             control = self.embed_control(cond)
         vec = embed_conditioning(self, timestep, pooled, guidance)
         x = self.img_in(img.astype(dtype)) + control
-        ctx = self.txt_in(txt.astype(dtype))
+        ctx = self.embed_text(txt, mode, img.shape[0])
+        if rope is None:
+            rope = self.rope(img_ids, txt.shape[1])
+        return self.residuals(x, ctx, nn.silu(vec), rope, scale)
+
+    def embed_text(self, txt: mx.array, mode: int | None, batch: int) -> mx.array:
+        """Text tokens (B, L, hidden) from T5 states (B, L, joint_attention_dim); for Union
+        models with the mode's embedding (repeated `batch` times) prepended, (B, L + 1,
+        hidden). Raises ValueError (a Union model without a valid mode in [0, num_mode),
+        or a mode for a non-Union one)."""
+        cfg = self.config
+        ctx = self.txt_in(txt.astype(self.img_in.weight.dtype))
         if cfg.num_mode:
             if mode is None or not 0 <= int(mode) < cfg.num_mode:
                 raise ValueError(f"Union ControlNet needs a mode in [0, {cfg.num_mode}), got {mode}")
             emb = self.mode_embedder(mx.array([int(mode)]))[None]  # (1, 1, hidden)
-            ctx = mx.concatenate([mx.broadcast_to(emb, (b, 1, emb.shape[-1])), ctx], axis=1)
+            modes = mx.broadcast_to(emb, (batch, 1, emb.shape[-1]))
+            ctx = mx.concatenate([modes, ctx], axis=1)
         elif mode is not None:
             raise ValueError("this ControlNet has no mode embedder (not a Union model)")
-        if rope is None:
-            rope = self.rope(img_ids, txt.shape[1])
-        silu_vec = nn.silu(vec)
+        return ctx
 
+    def residuals(self, x: mx.array, ctx: mx.array, silu_vec: mx.array, rope: mx.array,
+                  scale: float) -> ControlResiduals:
+        """The blocks on embedded image x (B, N, hidden) and text ctx (B, L, hidden), given
+        silu(modulation vector) (B, hidden): each block's output through its zero-init
+        projection, times `scale`."""
         double = []
         for block, proj in zip(self.double_blocks, self.controlnet_blocks):
             x, ctx = block(x, ctx, silu_vec, rope)

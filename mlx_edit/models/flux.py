@@ -308,8 +308,21 @@ class FluxTransformer(nn.Module):
         stop = n_double + len(self.single_blocks) if stop is None else stop
         replace, taps = replace or {}, {}
         silu_vec = nn.silu(vec)
+        x, ctx, raw = self._double_pass(x, ctx, silu_vec, rope, range(start, min(stop, n_double)),
+                                        controlnet, ip, replace, record, taps)
+        if stop <= n_double:
+            return BlockPass(x, ctx, raw, taps)
+        return self._single_pass(x, ctx, raw, silu_vec, rope,
+                                 range(max(start - n_double, 0), stop - n_double),
+                                 controlnet, replace, record, taps)
+
+    def _double_pass(self, x, ctx, silu_vec, rope, indices, controlnet, ip, replace, record,
+                     taps) -> tuple[mx.array, mx.array, mx.array]:
+        """Double blocks `indices` of `blocks` (arguments as there; `taps` filled in place):
+        (image stream after its ControlNet residual, text stream, image stream before it)."""
+        n_double, n_single = len(self.double_blocks), len(self.single_blocks)
         raw = x
-        for i in range(start, min(stop, n_double)):
+        for i in indices:
             name = f"transformer_blocks.{i}"
             if name in replace:
                 ctx, x = replace[name]
@@ -322,12 +335,18 @@ class FluxTransformer(nn.Module):
                 x, ctx = block.finish(x, ctx, mods, outs)
             if name in record:
                 taps[name] = (ctx, x)
-            raw, x = x, add_control(x, controlnet, i, i + 1, n_double, len(self.single_blocks))
-        if stop <= n_double:
-            return BlockPass(x, ctx, raw, taps)
+            raw, x = x, add_control(x, controlnet, i, i + 1, n_double, n_single)
+        return x, ctx, raw
+
+    def _single_pass(self, x, ctx, raw, silu_vec, rope, indices, controlnet, replace, record,
+                     taps) -> BlockPass:
+        """Single blocks `indices` of `blocks` on the joint [text, image] stream (arguments
+        as there; raw: the image stream before the last ControlNet residual; `taps` filled
+        in place)."""
+        n_double, n_single = len(self.double_blocks), len(self.single_blocks)
         n_txt = ctx.shape[1]
         joint = mx.concatenate([ctx, x], axis=1)
-        for j in range(max(start - n_double, 0), stop - n_double):
+        for j in indices:
             name = f"single_transformer_blocks.{j}"
             if name in replace:
                 joint = replace[name][0]
@@ -341,7 +360,7 @@ class FluxTransformer(nn.Module):
             raw = joint[:, n_txt:]
             if any(res.single for res in controlnet):
                 img = add_control(raw, controlnet, n_double + j, n_double + j + 1, n_double,
-                                  len(self.single_blocks))
+                                  n_single)
                 joint = mx.concatenate([joint[:, :n_txt], img], axis=1)
         return BlockPass(joint[:, n_txt:], joint[:, :n_txt], raw, taps)
 

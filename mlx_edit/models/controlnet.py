@@ -22,8 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import check_rope_axes, known_fields
-from mlx_edit.models.flux import DoubleBlock, FluxConfig, SingleBlock, embed_conditioning
-from mlx_edit.models.layers import ControlResiduals, MLPEmbedder, rope_table
+from mlx_edit.models.flux import FluxConfig, FluxTrunk
+from mlx_edit.models.layers import ControlResiduals, rope_table
 
 HINT_CHANNELS = (16, 16, 16, 16)  # diffusers' XLabs hint block (x-flux input_hint_block)
 
@@ -117,22 +117,13 @@ def patchify(x: mx.array, p: int) -> mx.array:
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
-class FluxControlNet(nn.Module):
+class FluxControlNet(FluxTrunk):
     """A FLUX ControlNet. See `__call__` for shapes; `config.kind` tells the family."""
 
     def __init__(self, cfg: ControlNetConfig):
-        super().__init__()
+        super().__init__(cfg.block_config())
         self.config = cfg
         h = cfg.hidden_size
-        blocks = cfg.block_config()
-        self.img_in = nn.Linear(cfg.in_channels, h)
-        self.txt_in = nn.Linear(cfg.joint_attention_dim, h)
-        self.time_in = MLPEmbedder(256, h)
-        self.vector_in = MLPEmbedder(cfg.pooled_projection_dim, h)
-        if cfg.guidance_embeds:
-            self.guidance_in = MLPEmbedder(256, h)
-        self.double_blocks = [DoubleBlock(blocks) for _ in range(cfg.num_layers)]
-        self.single_blocks = [SingleBlock(blocks) for _ in range(cfg.num_single_layers)]
         self.controlnet_blocks = [nn.Linear(h, h) for _ in range(cfg.num_layers)]
         self.controlnet_single_blocks = [nn.Linear(h, h) for _ in range(cfg.num_single_layers)]
         self.controlnet_x_embedder = nn.Linear(cfg.in_channels, h)
@@ -206,7 +197,7 @@ class FluxControlNet(nn.Module):
             if cond is None:
                 raise ValueError("pass the control input: cond or control")
             control = self.embed_control(cond)
-        vec = embed_conditioning(self, timestep, pooled, guidance)
+        vec = self.embed_conditioning(timestep, pooled, guidance)
         x = self.img_in(img.astype(dtype)) + control
         ctx = self.embed_text(txt, mode, img.shape[0])
         if rope is None:

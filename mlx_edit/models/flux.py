@@ -247,12 +247,14 @@ def embed_conditioning(model: nn.Module, timestep, pooled, guidance=None) -> mx.
     return vec + model.vector_in(pooled.astype(dtype))
 
 
-class FluxTransformer(nn.Module):
-    """FLUX.1 MM-DiT. See `__call__` for shapes."""
+class FluxTrunk(nn.Module):
+    """What the FLUX transformer and its ControlNets share, built from `cfg` (a
+    ControlNet's `block_config()`): the input projections `img_in`, `txt_in`, the
+    embedders `time_in`, `vector_in` (+ `guidance_in` when guidance is embedded) and the
+    `double_blocks` / `single_blocks` stacks. Subclasses set `config`."""
 
     def __init__(self, cfg: FluxConfig):
         super().__init__()
-        self.config = cfg
         h = cfg.hidden_size
         self.img_in = nn.Linear(cfg.in_channels, h)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, h)
@@ -262,11 +264,19 @@ class FluxTransformer(nn.Module):
             self.guidance_in = MLPEmbedder(256, h)
         self.double_blocks = [DoubleBlock(cfg) for _ in range(cfg.num_layers)]
         self.single_blocks = [SingleBlock(cfg) for _ in range(cfg.num_single_layers)]
-        self.final_layer = FinalLayer(h, cfg.out_channels)
 
     def embed_conditioning(self, timestep, pooled, guidance=None) -> mx.array:
         """The modulation vector (B, hidden); see `embed_conditioning`."""
         return embed_conditioning(self, timestep, pooled, guidance)
+
+
+class FluxTransformer(FluxTrunk):
+    """FLUX.1 MM-DiT. See `__call__` for shapes."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__(cfg)
+        self.config = cfg
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.out_channels)
 
     def rope(self, img_ids: mx.array, txt_ids: mx.array) -> mx.array:
         """RoPE table for [text, image] tokens, (L + N, head_dim/2, 2) float32."""

@@ -42,6 +42,13 @@ def _build(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
     return import_script("make_tiny_checkpoint").build(out, preset, seed=0, dtype="float32")
 
 
+@pytest.fixture(autouse=True)
+def _prompt_cache_folder(tmp_path_factory, monkeypatch):
+    """The edit commands cache prompt embeddings on disk by default: every test gets its
+    own empty folder (never the user's ~/.cache; no test sees another's entries)."""
+    monkeypatch.setenv("MLX_EDIT_PROMPT_CACHE", str(tmp_path_factory.mktemp("prompts")))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

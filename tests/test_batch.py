@@ -6,6 +6,7 @@ import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,35 @@ def test_batch_results_resume_and_prompt_cache(tiny_mlx, photos, tmp_path,  # no
     for name in ("hat", "hat2", "wide"):
         a, b = (Image.open(d / f"{name}.png") for d in (out, tmp_path / "out2"))
         assert close_images(a, b), name
+
+
+def test_edit_commands_cache_prompts_on_disk(tiny_mlx, photos, tmp_path,  # noqa: F811
+                                             counted):
+    """inpaint/outpaint/restyle/edit cache prompt embeddings by default: a second identical
+    call loads no text encoder (its stats say the prompt hit) and gives the same image."""
+    def run(name, command="inpaint", *extra):
+        out = tmp_path / f"{name}.png"
+        where = ("--mask", photos / "mask.png") if command == "inpaint" else ("--left", 16)
+        r = invoke(command, "--model", tiny_mlx, "--image", photos / "astronaut.png", *where,
+                   "--prompt", "a red hat", "--steps", 1, "--max-sequence-length", 16,
+                   "--seed", 1, "--output", out, "--metadata", *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(out.with_suffix(".json").read_text())["stats"], r.output
+
+    cache = tmp_path / "cache"
+    first, _ = run("a", "inpaint", "--prompt-cache", cache)
+    assert (first["prompt_cache_hits"], first["prompt_cache_misses"], counted["t5"]) == (0, 1, 1)
+    second, output = run("b", "inpaint", "--prompt-cache", cache)
+    assert (second["prompt_cache_hits"], second["prompt_cache_misses"], counted["t5"]) == \
+        (1, 0, 1)  # T5 (and CLIP) not loaded
+    assert re.search(r"text [0-9.]+s \(cached\)", output)
+    assert np.array_equal(*(np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab"))
+    off, _ = run("c", "inpaint", "--no-prompt-cache")
+    assert "prompt_cache_hits" not in off and counted["t5"] == 2
+    # The default folder ($MLX_EDIT_PROMPT_CACHE here), shared by the commands.
+    run("d", "inpaint")
+    hit, _ = run("e", "outpaint")
+    assert hit["prompt_cache_hits"] == 1 and counted["t5"] == 3
 
 
 def test_interrupted_batch_resumes_without_loss(tiny_mlx, photos, tmp_path,  # noqa: F811

@@ -17,9 +17,8 @@ from pathlib import Path
 import click
 
 from mlx_edit.batch import DEFAULT_GROUP_LINES
+from mlx_edit.cli.prompt_cache import open_prompt_cache, prompt_cache_options
 from mlx_edit.options import FIELDS
-
-_DEFAULT_CACHE = Path("~/.cache/mlx-edit/prompts")
 
 
 def _defaults(steps, guidance, seed, max_sequence_length, sets) -> dict:
@@ -104,11 +103,7 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
 @click.option("--max-sequence-length", type=int, default=None, help="Default T5 tokens.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Default of any edit option for the lines that take it (repeatable).")
-@click.option("--prompt-cache", type=click.Path(path_type=Path), default=_DEFAULT_CACHE,
-              show_default=True, help="Folder of cached prompt embeddings.")
-@click.option("--prompt-cache-gb", type=click.FloatRange(0), default=2.0, show_default=True,
-              help="Size bound of the prompt cache folder.")
-@click.option("--no-prompt-cache", is_flag=True, help="Do not read or write the cache.")
+@prompt_cache_options
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Most lines denoised together in one batch (same size and options); "
               "default: as many as the memory estimate allows, at most "
@@ -170,7 +165,6 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     import mlx.core as mx
 
     from mlx_edit import batch
-    from mlx_edit.prompt_cache import PromptCache
 
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
@@ -184,9 +178,7 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     _barrier(group)  # every rank has read the records before any rank writes one
     share = batch.shard([ln.pixels for ln in pending], size)[rank]
     mine = [pending[i] for i in share]  # run order and groups: batch_groups.chunks
-    cache = None if opts["no_prompt_cache"] else PromptCache(
-        opts["prompt_cache"], int(opts["prompt_cache_gb"] * 2**30))
-    pipes = _pipes(opts, cache)
+    pipes = _pipes(opts, open_prompt_cache(opts))
     batch_size = opts["batch_size"] or batch.DEFAULT_GROUP_LINES
     failed = _work(mine, pipes, folder, digests, group, (lines, pending, records, batch_size))
     _barrier(group)

@@ -42,7 +42,7 @@ def stack_key(line: batch.Line) -> tuple | None:
     if alone:
         return None
     return (line.mode, line.size, o.effective_steps, o.effective_guidance, o.strength,
-            o.max_sequence_length, o.prompt_2 is None, o.crop_to_mask, o.left, o.right,
+            o.max_sequence_length, o.crop_to_mask, o.left, o.right,
             o.top, o.bottom, o.overlap, o.width, o.height, o.keep_size, o.auto_resize)
 
 
@@ -128,7 +128,12 @@ def split(stacked: EditJob, jobs: list[EditJob]) -> None:
 
 def denoise_together(pipe, jobs: list[EditJob]) -> None:
     """Run `jobs` (equal `signature`s) through the one denoise loop as one batch; each
-    job ends with its own final latents (then `pipe.finish` it)."""
+    job ends with its own final latents (then `pipe.finish` it). One job runs as it is
+    (with any hooks it has)."""
+    if len(jobs) == 1:
+        for _ in pipe.steps(jobs[0]):
+            pass
+        return
     stacked = stack(jobs)
     for _ in pipe.steps(stacked):
         pass
@@ -210,12 +215,12 @@ def run_group(pipes, group: list[Prepared], folder: Path, digests: dict[str, str
         return
     share = (batch.now() - start) / len(group)
     for p in group:
-        t0 = batch.now()
         rec = batch.new_record(p.line, digests[p.line.id], rank)
+        start = batch.now() - p.seconds - share  # the line's seconds: its own + its share
         try:
-            images = pipe.finish(p.job, paste_back(p.line))
-            outputs = batch.write_line(p.line, images, folder)
-            yield batch.close_record(rec, t0 - p.seconds - share, outputs=outputs,
+            outputs = batch.write_line(p.line, pipe.finish(p.job, paste_back(p.line)), folder)
+            rec = batch.close_record(rec, start, outputs=outputs,
                                      stats={**pipe.load_stats, **p.job.stats})
         except Exception as e:  # noqa: BLE001  (recorded; the batch goes on)
-            yield batch.close_record(rec, t0 - p.seconds - share, error=e)
+            rec = batch.close_record(rec, start, error=e)
+        yield rec

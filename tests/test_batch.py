@@ -20,6 +20,7 @@ from test_cli import invoke, photos  # noqa: F401  (fixture)
 
 from mlx_edit import batch, batch_groups
 from mlx_edit import pipeline as pipeline_module
+from mlx_edit import prompts
 from mlx_edit.imaging.images import InputError
 from mlx_edit.prompt_cache import PromptCache
 
@@ -65,7 +66,7 @@ def counted(monkeypatch):
             counts[key] += 1
             return original(*a, **k)
         monkeypatch.setattr(module, name, call)
-    counting(pipeline_module, "load_t5", "t5")
+    counting(prompts, "load_t5", "t5")
     counting(batch, "edit_line", "edits")
     counting(batch_groups, "prepare_line", "edits")
     return counts

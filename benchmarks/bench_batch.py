@@ -100,6 +100,7 @@ def measure(settings, manifest: Path, root: Path, work: Path, edits: int) -> dic
         out[name] = (ranks, wall, edits / wall * 60, summed(folder, "text_encode_s"),
                      summed(folder, "vae_encode_s", "vae_decode_s"),
                      summed(folder, "denoise_s"))
+        print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in out[name][1:]), flush=True)
     return out
 
 

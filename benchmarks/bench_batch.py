@@ -4,7 +4,7 @@ real batches (lines denoised together, mlx_edit.batch_groups) vs one line at a t
 
     python benchmarks/bench_batch.py --model DIR [--preset tiny|wide] [--edits 8]
         [--prompts 2] [--size 256x256] [--steps 2] [--max-sequence-length 64]
-        [--only "SETTING,SETTING"]
+        [--only "SETTING;SETTING"]
 
 DIR: a FLUX.1 Fill folder (with --preset and no DIR, built first, as bench_pipeline.py).
 The manifest has --edits inpaint lines on scikit-image's astronaut (resized to --size),
@@ -113,11 +113,14 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="256x256")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--max-sequence-length", type=int, default=64)
-    ap.add_argument("--only", default=None, help="comma-separated setting names (all)")
+    ap.add_argument("--only", default=None, help="setting names separated by ; (all)")
     args = ap.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    only = None if args.only is None else [n.strip() for n in args.only.split(",")]
+    only = None if args.only is None else [n.strip() for n in args.only.split(";")]
     settings = [s for s in SETTINGS if only is None or s[0] in only]
+    if only is not None and len(settings) != len(only):
+        raise SystemExit(f"--only: unknown setting among {only}; known: "
+                         + "; ".join(s[0] for s in SETTINGS))
     print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
     root = ensure_model(args.model, args.preset)
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))

@@ -103,10 +103,10 @@ class FluxPipeline:
         self.root, self.dtype, self.source = root, dtype, source
         self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
         self.low_memory = low_memory
-        kinds, vae_dir = variants.accepted_in_channels(*self.VARIANTS), component_dir(root, "vae")
-        index = root / "model_index.json"
+        index, vae_dir = root / "model_index.json", component_dir(root, "vae")
         self.pipeline_class = read_config(root, index.name).get("_class_name") \
             if index.is_file() else None
+        kinds = variants.accepted_in_channels(*self.VARIANTS, pipeline_class=self.pipeline_class)
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
         t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
         self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
@@ -189,8 +189,8 @@ class FluxPipeline:
 
     @property
     def transformer_config(self) -> FluxConfig:
-        """The transformer's config, known without loading its weights."""
-        return self.components.config("transformer")
+        """The transformer's config (no weights needed), with the LoRAs' changes (lora_control)."""
+        return lora_files.effective_config(self.components.config("transformer"), self.loras)
 
     @property
     def vae_config(self) -> VAEConfig:
@@ -220,8 +220,8 @@ class FluxPipeline:
         """InputError unless the loaded transformer is the variant serving `edit`."""
         want = variants.for_edit(edit)
         if self.variant != want.name:
-            raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
-                             f"{self.source} is {self.variant_info.title}")
+            raise InputError(f"{edit} needs a {want.title} model ({want.repo}"
+                             f"{want.alternative}); {self.source} is {self.variant_info.title}")
 
     def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
                   ) -> np.ndarray:
@@ -248,21 +248,21 @@ class FluxPipeline:
     def load_lora(self, source: str | Path, scale: float = 1.0, name: str | None = None,
                   *, weight_name: str | None = None) -> str:
         """Apply a FLUX LoRA (any format diffusers reads; mlx_edit.weights.lora) unfused,
-        on float or quantized transformers, summed with those already loaded.
-
+        on float or quantized transformers, summed with those already loaded. A BFL
+        control LoRA (FLUX.1-Canny/Depth-dev-lora) makes FLUX.1-dev the control variant.
         source: a .safetensors file, a Hugging Face repo id (`owner/name`, with
         `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
         (default: the file's stem). Raises WeightLoadError for unreadable files, keys
         that map to no layer (named) and layers the model lacks, InputError for a name
-        in use; on error nothing is applied.
-        """
+        in use; on error nothing is applied."""
         if name in self.loras:
             raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
         lora = lora_files.load_lora_file(source, weight_name)
         name = name or lora_files.default_name(source, self.loras)
-        # Check against the model's structure (lazy, no weights) before recording it.
-        lora.updates(FluxTransformer(self.transformer_config))
-        self.loras[name] = lora_files.LoadedLoRA(lora, str(source), float(scale))
+        loaded = lora_files.LoadedLoRA(lora, str(source), float(scale))
+        probe = FluxTransformer(self.components.config("transformer"))  # lazy: no weights
+        lora_files.sync(probe, {**self.loras, name: loaded})  # checked before it is recorded
+        self.loras[name] = loaded
         if "transformer" in self.components.resident:
             try:
                 self.transformer  # noqa: B018  (applies it now)
@@ -282,7 +282,7 @@ class FluxPipeline:
             self.loras[n].scale = float(value)
 
     def unload_loras(self, names: Sequence[str] | None = None) -> None:
-        """Remove LoRAs by name (all when None); the base transformer is restored exactly."""
+        """Remove LoRAs by name (all when None); the base is restored exactly (control too)."""
         for n in list(self.loras) if names is None else names:
             self.loras.pop(n, None)
         if "transformer" in self.components.resident:

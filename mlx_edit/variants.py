@@ -31,6 +31,7 @@ class Variant:
       to the sequence, "none": text-to-image).
     edits: the pipeline methods (and CLI commands) this variant serves.
     pipelines: diffusers pipeline class names whose folders hold this variant.
+    alternative: another way to get it, for messages (", or ...").
     """
 
     name: str
@@ -43,6 +44,7 @@ class Variant:
     conditioner: str
     edits: tuple[str, ...]
     pipelines: tuple[str, ...] = ()
+    alternative: str = ""
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -50,7 +52,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "fill", ("inpaint", "outpaint"), ("FluxFillPipeline",)),
     Variant("control", "FLUX.1 Canny or Depth control", "black-forest-labs/FLUX.1-Canny-dev",
             128, True, 50, 30.0, "bfl_control", ("restyle",),
-            ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")),
+            ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"),
+            ", or FLUX.1-dev with a BFL control LoRA such as "
+            "black-forest-labs/FLUX.1-Canny-dev-lora (load_lora / --lora)"),
     Variant("dev", "FLUX.1 dev", "black-forest-labs/FLUX.1-dev", 64, True, 28, 3.5, "none", (),
             ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")),
     Variant("kontext", "FLUX.1 Kontext", "black-forest-labs/FLUX.1-Kontext-dev", 64, True, 28,
@@ -95,6 +99,10 @@ def describe(in_channels: int, guidance_embeds: bool = True,
     return v.title if v else f"an unknown FLUX variant (in_channels {in_channels})"
 
 
-def accepted_in_channels(*names: str) -> tuple[int, ...]:
-    """The in_channels of the named variants (for the loader's kind check)."""
-    return tuple(dict.fromkeys(VARIANTS[n].in_channels for n in names))
+def accepted_in_channels(*names: str, pipeline_class: str | None = None) -> tuple[int, ...]:
+    """The in_channels of the named variants (for the loader's kind check). A folder whose
+    pipeline_class names another variant of the same width is not accepted for that
+    width (FluxFill takes FLUX.1-dev, 64, for control LoRAs, but not Kontext, also 64)."""
+    other = [v for v in VARIANTS.values() if pipeline_class in v.pipelines and v.name not in names]
+    return tuple(dict.fromkeys(VARIANTS[n].in_channels for n in names
+                               if all(v.in_channels != VARIANTS[n].in_channels for v in other)))

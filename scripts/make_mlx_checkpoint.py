@@ -1,7 +1,7 @@
 """Build a FLUX.1-Fill-dev checkpoint folder with random weights, without torch.
 
     python scripts/make_mlx_checkpoint.py OUT --preset tiny|small|wide [--seed 0] [--overwrite]
-        [--extras controlnet,control-model,kontext-model,ip-adapter,redux]
+        [--extras controlnet,control-model,kontext-model,dev-model,ip-adapter,redux]
 
 The torch-free twin of scripts/make_tiny_checkpoint.py, for the tests that do not compare
 with diffusers/transformers (they must pass in an environment without torch, diffusers and
@@ -78,7 +78,7 @@ COMPONENTS = {
     "text_encoder_2": (T5Config, T5Encoder, text_keys.T5_RULES, "model",
                        {"architectures": ["T5EncoderModel"], "model_type": "t5"}),
 }
-EXTRAS = ("controlnet", "control-model", "kontext-model", "ip-adapter", "redux")
+EXTRAS = ("controlnet", "control-model", "kontext-model", "dev-model", "ip-adapter", "redux")
 SHARDED = ("transformer", "text_encoder_2")  # >= 2 shards + index, as the reference folders
 
 
@@ -318,7 +318,7 @@ def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool 
           extras: tuple[str, ...] = ()) -> Path:
     """Build the folder `out` (module doc) and return its Path; float32 only. Built next to
     `out` and renamed into place. extras: "controlnet" (controlnets/, `write_controlnets`),
-    "control-model" / "kontext-model" (`write_variant_model`), "ip-adapter", "redux"
+    "control-model" / "kontext-model" / "dev-model" (`write_variant_model`), "ip-adapter", "redux"
     (`write_image_prompt_fixtures`), seeds as make_tiny_checkpoint.
     Raises KeyError for an unknown preset or extra, FileExistsError as
     make_tiny_checkpoint.build does."""
@@ -350,7 +350,7 @@ def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool 
         if kinds:
             write_image_prompt_fixtures(tmp, cfgs["transformer"], preset, seed + 20, kinds)
         _write_json(tmp / "model_index.json", mtc.MODEL_INDEX)
-        for offset, kind in ((30, "control-model"), (40, "kontext-model")):
+        for offset, kind in ((30, "control-model"), (40, "kontext-model"), (50, "dev-model")):
             if kind in extras:  # after model_index.json: it copies its entries
                 write_variant_model(tmp, cfgs["transformer"], kind, seed + offset)
         shutil.rmtree(out, ignore_errors=True)

@@ -179,7 +179,7 @@ def test_quantized_lora_delta_matches_float(tmp_path, bits, tol):
 
 
 @pytest.mark.parametrize("key, match", [
-    ("double_blocks.0.img_attn.norm.query_norm.scale", "BFL control LoRA"),
+    ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA"),
     ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "LyCORIS"),
 ])
 def test_unsupported_kinds_are_named(tmp_path, key, match):

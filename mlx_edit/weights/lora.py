@@ -17,9 +17,10 @@ below, a table of (module name pattern in the file -> our layer, output offset):
 BFL names address our fused layers whole (our layout is BFL's). diffusers' separate q, k,
 v (and the single block's proj_mlp) become parts at their row offset, which
 `mlx_edit.models.lora.combine` merges exactly. alpha/rank (PEFT: lora_alpha/r) is folded
-into B. Text-encoder LoRAs (CLIP-L `lora_te1_*`, T5) are not applied: a warning says so,
-as do DoRA scales and the diff keys diffusers also drops. Any other key is an error
-naming it.
+into B. BFL control LoRAs (FLUX.1-Canny/Depth-dev-lora) also carry QK-norm scales and an
+`img_in` LoRA of 128 inputs: `mlx_edit.weights.lora_control`. Text-encoder LoRAs (CLIP-L
+`lora_te1_*`, T5) are not applied: a warning says so, as do DoRA scales and the diff keys
+diffusers also drops. Any other key is an error naming it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,7 +43,9 @@ from mlx_edit.models.lora import (
     find_layer,
     linear_shape,
 )
+from mlx_edit.weights import lora_control as control
 from mlx_edit.weights.core import WeightLoadError
+from mlx_edit.weights.lora_control import effective_config  # noqa: F401  (pipeline's config)
 
 _D, _S = "double_blocks.{i}.", "single_blocks.{i}."
 _T, _ST = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
@@ -188,11 +191,23 @@ def _peft_scaling(metadata: Mapping[str, str]):
 
 @dataclass
 class LoRAFile:
-    """A converted LoRA: parts per our layer path, the naming found, ignored keys."""
+    """A converted LoRA: parts per our layer path, the naming found, ignored keys, and
+    a control LoRA's QK-norm replacements {our parameter path: values}."""
 
     parts: dict[str, list[Part]]
     formats: tuple[str, ...]
     ignored: dict[str, list[str]]
+    norms: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """{widenable layer (img_in): input width its LoRA reads} (lora_control)."""
+        return control.input_widths(self.parts)
+
+    @property
+    def structural(self) -> bool:
+        """Whether applying it may change the model beyond adapters (norms, widening)."""
+        return bool(self.norms or self.widths)
 
     @property
     def parameter_count(self) -> int:
@@ -206,16 +221,17 @@ class LoRAFile:
         Raises WeightLoadError naming every layer the model lacks or that does not fit.
         """
         hidden = model.config.hidden_size
-        shaped = {p: (parts[0].a.shape[1], _layer_out(model, p)) for p, parts in self.parts.items()}
-        missing = [f"{p} (no such layer in this model)" for p, (_, out) in shaped.items()
-                   if out is None]
+        shaped = {p: _layer_shape(model, p) for p in self.parts}
+        missing = [f"{p} (no such layer in this model)" for p, s in shaped.items() if s is None]
         if missing:
             raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
         updates = {}
         for path, parts in self.parts.items():
-            placed = [Part(p.offset * hidden, p.a, p.b, p.bias) for p in parts]
+            out, inp = shaped[path]
+            placed = [Part(p.offset * hidden, control.pad_inputs(p.a, path, inp), p.b, p.bias)
+                      for p in parts]
             try:
-                updates[path] = combine(placed, shaped[path][0], shaped[path][1])
+                updates[path] = combine(placed, placed[0].a.shape[1], out)
             except ValueError as e:
                 raise WeightLoadError(f"LoRA for {path}: {e}") from None
         problems = check_targets(model, updates)
@@ -224,10 +240,10 @@ class LoRAFile:
         return updates
 
 
-def _layer_out(model, path: str) -> int | None:
+def _layer_shape(model, path: str) -> tuple[int, int] | None:
     try:
         layer = find_layer(model, path)[2]
-        return linear_shape(getattr(layer, "base", layer))[0]
+        return linear_shape(getattr(layer, "base", layer))
     except (KeyError, AttributeError, IndexError):
         return None
 
@@ -253,9 +269,6 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
 
 # Whole kinds of file we recognise but cannot apply: (key pattern, why / what to do).
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    (r"query_norm\.scale$", "a BFL control LoRA (FLUX.1-Canny/Depth-dev-lora: it replaces "
-     "QK-norm scales and widens img_in to 128 inputs), not supported: use the full "
-     "FLUX.1-Canny-dev or FLUX.1-Depth-dev model with `restyle`"),
     (r"\.(lokr_w1|lokr_w1_a|hada_w1_a)$", "a LyCORIS LoKr/LoHa file, not supported "
      "(diffusers' FLUX.1 loader does not read them either)"),
     (r"lora_magnitude_vector", "a DoRA adapter (magnitude vectors), not supported"),
@@ -277,6 +290,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     mis-shaped pairs. Warns (UserWarning) about ignored key kinds (module docstring).
     """
     _refuse_unsupported(tensors, name)
+    norms, tensors = control.split_norms(tensors)
     modules, ignored, unknown = _group(tensors)
     scaling = _peft_scaling(metadata or {})
     parts: dict[str, list[Part]] = {}
@@ -318,7 +332,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     for reason, keys in ignored.items():
         warnings.warn(f"{name}: ignoring {len(keys)} {reason} keys (not applied), "
                       f"e.g. {keys[0]}", stacklevel=2)
-    return LoRAFile(parts, tuple(sorted(formats)), ignored)
+    return LoRAFile(parts, tuple(sorted(formats)), ignored, norms)
 
 
 def split_spec(spec: str) -> tuple[str, float | None]:
@@ -398,10 +412,25 @@ def default_name(source: str | Path, taken) -> str:
 
 def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
     """Make the adapters on `model` exactly `loras` (attach new ones, drop removed ones,
-    set every scale). Raises WeightLoadError as `LoRAFile.updates` (model unchanged)."""
+    set every scale). When the LoRAs with structural changes (control LoRAs: widened
+    img_in, replaced norms; lora_control) differ from those applied, everything is
+    undone exactly and rebuilt: structure first, in order, then every adapter. Raises
+    WeightLoadError as `LoRAFile.updates` and for changes the model cannot take."""
     from mlx_edit.models import lora as adapters
+    from mlx_edit.models import lora_control as structure
 
     applied = adapters.adapter_names(model)
+    structural = [n for n, lora in loras.items() if lora.file.structural]
+    if structure.owners(model) != structural:
+        adapters.remove(model)
+        structure.restore(model)
+        applied = []
+        for n in structural:
+            widths, norms = loras[n].file.widths, loras[n].file.norms
+            try:
+                structure.apply(model, n, widths, norms)
+            except ValueError as e:
+                raise WeightLoadError(f"LoRA {n}: {e}") from None
     stale = [n for n in applied if n not in loras]
     if stale:
         adapters.remove(model, stale)
@@ -422,7 +451,11 @@ def baker(model, loras: Sequence[tuple[str | Path, float]]):
     `load_lora_file` / `LoRAFile.updates`, before anything is written."""
     deltas: dict[str, list[tuple[LayerUpdate, float]]] = {}
     for source, scale in loras:
-        for path, update in load_lora_file(source).updates(model).items():
+        lora = load_lora_file(source)
+        if lora.norms:
+            raise WeightLoadError(f"{source}: a BFL control LoRA (it widens img_in and replaces "
+                                  "QK norms) cannot be baked by convert: load it with --lora")
+        for path, update in lora.updates(model).items():
             deltas.setdefault(path, []).append((update, float(scale)))
 
     def adjust(key: str, value: mx.array) -> mx.array:

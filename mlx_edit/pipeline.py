@@ -69,7 +69,7 @@ from mlx_edit.weights.core import check_headers, default_dtype, read_config
 from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights import lora as lora_files
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
-from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
+from mlx_edit.weights.text import load_t5, load_text_tools
 from mlx_edit.weights.vae import load_vae, read_vae_config
 
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
@@ -328,7 +328,7 @@ class FluxPipeline:
         prompt over 77 tokens is truncated with a PromptTruncatedWarning, as CLIP only
         gives the pooled summary).
         """
-        key = (prompt, prompt_2, max_sequence_length)
+        key = (prompt, prompt_2, max_sequence_length, lora_files.text.text_key(self.loras))
         if key in self._prompt_cache:
             return self._prompt_cache[key]
         if not 1 <= max_sequence_length <= 512:
@@ -344,7 +344,7 @@ class FluxPipeline:
         if disk is not None:  # on disk: the text encoders are not loaded at all on a hit
             encoders = [component_dir(self.root, c) for c in ("text_encoder", "text_encoder_2")]
             disk_key = disk.key(encoders, self.dtype, self.quantize, prompt, t5_prompt,
-                                max_sequence_length)
+                                max_sequence_length, key[3])
             embeds = disk.get(disk_key)
         if embeds is None:
             embeds = self._encode_text(prompt, t5_prompt, max_sequence_length)
@@ -358,7 +358,7 @@ class FluxPipeline:
     def _encode_text(self, prompt: str, t5_prompt: str, max_sequence_length: int
                      ) -> PromptEmbeds:
         """Load CLIP, encode, free it; load T5, encode, free it (one model resident)."""
-        clip = load_clip_text(component_dir(self.root, "text_encoder"), self.dtype)
+        clip = lora_files.text.load_clip(self.root, self.dtype, self.loras)  # with CLIP LoRAs
         pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
         mx.eval(pooled)
         del clip

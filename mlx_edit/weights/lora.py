@@ -18,9 +18,10 @@ BFL names address our fused layers whole (our layout is BFL's). diffusers' separ
 v (and the single block's proj_mlp) become parts at their row offset, which
 `mlx_edit.models.lora.combine` merges exactly. alpha/rank (PEFT: lora_alpha/r) is folded
 into B. BFL control LoRAs (FLUX.1-Canny/Depth-dev-lora) also carry QK-norm scales and an
-`img_in` LoRA of 128 inputs: `mlx_edit.weights.lora_control`. Text-encoder LoRAs (CLIP-L
-`lora_te1_*`, T5) are not applied: a warning says so, as do DoRA scales and the diff keys
-diffusers also drops. Any other key is an error naming it.
+`img_in` LoRA of 128 inputs: `mlx_edit.weights.lora_control`. CLIP-L LoRAs (kohya
+`lora_te1_*`, PEFT `text_encoder.*`) apply to the CLIP text tower:
+`mlx_edit.weights.lora_text`. T5 LoRAs are not applied: a warning says so, as do DoRA
+scales and the diff keys diffusers also drops. Any other key is an error naming it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mlx_edit.models.lora import (
     linear_shape,
 )
 from mlx_edit.weights import lora_control as control
+from mlx_edit.weights import lora_text as text
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.lora_control import effective_config  # noqa: F401  (pipeline's config)
 
@@ -119,6 +121,8 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("kohya", ("lora_transformer_",), DIFFUSERS_NAMES, "_"),
     Scheme("bfl", ("model.diffusion_model.", "diffusion_model.", "base_model.model.", ""),
            BFL_NAMES),
+    Scheme("kohya", text.KOHYA_PREFIXES, text.CLIP_NAMES, "_"),
+    Scheme("diffusers", text.PEFT_PREFIXES, text.CLIP_NAMES),
 )
 
 # Tensor-name endings -> role. `.down/.up.weight` are XLabs'.
@@ -128,10 +132,11 @@ ROLES: tuple[tuple[str, str], ...] = (
     (".down.weight", "a"), (".up.weight", "b"), (".alpha", "alpha"),
 )
 
-# Keys we knowingly do not apply (warned about, not errors): text-encoder LoRAs, DoRA
+# Keys we knowingly do not apply (warned about, not errors): T5 LoRAs (kohya lora_te3_
+# (lora_te2_ in older files), diffusers text_encoder_2, ComfyUI text_encoders.), DoRA
 # magnitudes and the weight/bias diffs diffusers' kohya converter also drops.
 IGNORED: tuple[tuple[str, str], ...] = (
-    (r"^(lora_te\d?_|text_encoder(_2)?\.|text_encoders\.)", "text-encoder (CLIP-L/T5) LoRA"),
+    (r"^(lora_te[23]_|text_encoder_2\.|text_encoders\.)", "T5 text-encoder LoRA"),
     (r"\.dora_scale$", "DoRA magnitude"),
     (r"\.diff(_b)?$", "weight diff"),
     (r"position_embedding|text_projection", "text-encoder embedding"),
@@ -205,6 +210,16 @@ class LoRAFile:
         return control.input_widths(self.parts)
 
     @property
+    def updates_transformer(self) -> bool:
+        """Whether it changes the FLUX transformer (False: a CLIP-only LoRA)."""
+        return bool(self.norms or text.split_parts(self.parts)[0])
+
+    @property
+    def text_parts(self) -> dict[str, list[Part]]:
+        """Parts of CLIP text-encoder layers (lora_text), by our CLIP layer path."""
+        return text.split_parts(self.parts)[1]
+
+    @property
     def structural(self) -> bool:
         """Whether applying it may change the model beyond adapters (norms, widening)."""
         return bool(self.norms or self.widths)
@@ -216,28 +231,38 @@ class LoRAFile:
                    for parts in self.parts.values() for p in parts)
 
     def updates(self, model) -> dict[str, LayerUpdate]:
-        """Exact per-layer updates for `model` (see models/lora.combine).
+        """Exact per-layer updates of the FLUX transformer `model` (see models/lora.combine).
 
         Raises WeightLoadError naming every layer the model lacks or that does not fit.
         """
-        hidden = model.config.hidden_size
-        shaped = {p: _layer_shape(model, p) for p in self.parts}
-        missing = [f"{p} (no such layer in this model)" for p, s in shaped.items() if s is None]
-        if missing:
-            raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
-        updates = {}
-        for path, parts in self.parts.items():
-            out, inp = shaped[path]
-            placed = [Part(p.offset * hidden, control.pad_inputs(p.a, path, inp), p.b, p.bias)
-                      for p in parts]
-            try:
-                updates[path] = combine(placed, placed[0].a.shape[1], out)
-            except ValueError as e:
-                raise WeightLoadError(f"LoRA for {path}: {e}") from None
-        problems = check_targets(model, updates)
-        if problems:
-            raise WeightLoadError("LoRA does not fit this model: " + "; ".join(problems))
-        return updates
+        return _updates(model, text.split_parts(self.parts)[0])
+
+    def text_updates(self, clip) -> dict[str, LayerUpdate]:
+        """Exact per-layer updates of the CLIP text tower `clip` (WeightLoadError as
+        `updates`)."""
+        return _updates(clip, self.text_parts)
+
+
+def _updates(model, all_parts: Mapping[str, list[Part]]) -> dict[str, LayerUpdate]:
+    """Per-layer updates of `model` from parts by layer path (see LoRAFile.updates)."""
+    hidden = model.config.hidden_size
+    shaped = {p: _layer_shape(model, p) for p in all_parts}
+    missing = [f"{p} (no such layer in this model)" for p, s in shaped.items() if s is None]
+    if missing:
+        raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
+    updates = {}
+    for path, parts in all_parts.items():
+        out, inp = shaped[path]
+        placed = [Part(p.offset * hidden, control.pad_inputs(p.a, path, inp), p.b, p.bias)
+                  for p in parts]
+        try:
+            updates[path] = combine(placed, placed[0].a.shape[1], out)
+        except ValueError as e:
+            raise WeightLoadError(f"LoRA for {path}: {e}") from None
+    problems = check_targets(model, updates)
+    if problems:
+        raise WeightLoadError("LoRA does not fit this model: " + "; ".join(problems))
+    return updates
 
 
 def _layer_shape(model, path: str) -> tuple[int, int] | None:
@@ -312,7 +337,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
             continue
         if "alpha" in roles:
             factor = float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank
-        elif scaling is not None and fmt == "diffusers":
+        elif scaling is not None and fmt == "diffusers" and not path.startswith(text.TEXT):
             factor = scaling(module.removeprefix("transformer."), rank)
         else:
             factor = 1.0
@@ -328,7 +353,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
                               f"(or lack their A/B pair): {', '.join(sorted(bad)[:8])}"
                               + (" ..." if len(bad) > 8 else ""))
     if not parts:
-        raise WeightLoadError(f"{name}: no FLUX transformer LoRA weights found")
+        raise WeightLoadError(f"{name}: no FLUX transformer or CLIP LoRA weights found")
     for reason, keys in ignored.items():
         warnings.warn(f"{name}: ignoring {len(keys)} {reason} keys (not applied), "
                       f"e.g. {keys[0]}", stacklevel=2)
@@ -419,6 +444,7 @@ def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
     from mlx_edit.models import lora as adapters
     from mlx_edit.models import lora_control as structure
 
+    loras = {n: lora for n, lora in loras.items() if lora.file.updates_transformer}
     applied = adapters.adapter_names(model)
     structural = [n for n, lora in loras.items() if lora.file.structural]
     if structure.owners(model) != structural:
@@ -455,6 +481,10 @@ def baker(model, loras: Sequence[tuple[str | Path, float]]):
         if lora.norms:
             raise WeightLoadError(f"{source}: a BFL control LoRA (it widens img_in and replaces "
                                   "QK norms) cannot be baked by convert: load it with --lora")
+        if lora.text_parts:
+            warnings.warn(f"{source}: its CLIP text-encoder LoRA is not baked (convert bakes "
+                          "the transformer only); load the file with --lora to apply it",
+                          stacklevel=2)
         for path, update in lora.updates(model).items():
             deltas.setdefault(path, []).append((update, float(scale)))
 

@@ -307,3 +307,55 @@ def test_control_lora_single_block_at_flux_width_matches_diffusers(tmp_path):
     del ref
     _apply(ours, ours_file, 0.8)
     assert rel_err(run_ours(ours, x), want) <= TOL
+
+
+# ------------------------------------------------------------------ CLI, quantized
+
+
+@pytest.fixture(scope="module")
+def dev_mlx(tmp_path_factory, import_script):
+    """The tiny checkpoint with --extras dev-model (torch-free build)."""
+    out = tmp_path_factory.mktemp("mlx-dev") / "tiny"
+    return import_script("make_mlx_checkpoint").build(out, "tiny", extras=("dev-model",))
+
+
+def test_cli_restyle_with_a_control_lora_on_dev(dev_mlx, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_edit.cli.main import main
+
+    model = dev_mlx / "dev-model"
+    lora = _save(control_lora(load_transformer(model / "transformer", mx.float32), 5, std=0.2),
+                 tmp_path / "canny.safetensors")
+    Image.fromarray(data.astronaut()).resize((W, H)).save(tmp_path / "photo.png")
+    base = ["restyle", "--model", str(model), "--image", str(tmp_path / "photo.png"),
+            "--prompt", PROMPT, "--steps", "2", "--seed", "3", "--output",
+            str(tmp_path / "out.png")]
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code != 0 and "FLUX.1-dev with a BFL control LoRA" in r.output, r.output
+    r = CliRunner().invoke(main, [*base, "--lora", f"{lora}:0.9"])
+    assert r.exit_code == 0, r.output
+    out = Image.open(tmp_path / "out.png")
+    assert out.size == (W, H) and "canny.safetensors" in out.info["loras"]
+
+
+def test_control_lora_on_a_quantized_dev_model(dev_mlx, tmp_path):
+    """q8: the control LoRA applies (img_in and norms stay float, adapters sit on the
+    quantized layers) and unloading restores the quantized base exactly."""
+    import mlx.nn as nn
+
+    from mlx_edit.fill import FluxFill
+
+    pipe = FluxFill.from_pretrained(dev_mlx / "dev-model", mx.float32, quantize=8)
+    cfg = dict(DEV, joint_attention_dim=pipe.transformer_config.joint_attention_dim,
+               pooled_projection_dim=pipe.transformer_config.pooled_projection_dim)
+    x64, x = make_inputs(cfg), make_inputs(dict(cfg, in_channels=128))
+    base = run_ours(pipe.transformer, x64)
+    assert isinstance(pipe.transformer.double_blocks[0].img_mlp.fc2, nn.QuantizedLinear)
+    lora = control_lora(load_transformer(dev_mlx / "dev-model" / "transformer", mx.float32), 6)
+    pipe.load_lora(_save(lora, tmp_path / "c.safetensors"), 0.8)
+    assert pipe.variant == "control"
+    assert any(isinstance(m.base, nn.QuantizedLinear) for _, m in L.lora_layers(pipe.transformer))
+    assert np.isfinite(run_ours(pipe.transformer, x)).all()
+    pipe.unload_loras()
+    assert np.array_equal(run_ours(pipe.transformer, x64), base)

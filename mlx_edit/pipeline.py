@@ -261,7 +261,7 @@ class FluxPipeline:
         name = name or lora_files.default_name(source, self.loras)
         loaded = lora_files.LoadedLoRA(lora, str(source), float(scale))
         probe = FluxTransformer(self.components.config("transformer"))  # lazy: no weights
-        lora_files.sync(probe, {**self.loras, name: loaded})  # checked before it is recorded
+        lora_files.sync(probe, {**self.loras, name: loaded}, check_only=True)  # before recording
         self.loras[name] = loaded
         if "transformer" in self.components.resident:
             try:

@@ -48,6 +48,7 @@ from mlx_edit.weights import lora_control as control
 from mlx_edit.weights import lora_text as text
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.lora_control import effective_config  # noqa: F401  (pipeline's config)
+from mlx_edit.weights.lora_sources import default_name, locate, split_spec  # noqa: F401
 
 _D, _S = "double_blocks.{i}.", "single_blocks.{i}."
 _T, _ST = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
@@ -360,51 +361,6 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     return LoRAFile(parts, tuple(sorted(formats)), ignored, norms)
 
 
-def split_spec(spec: str) -> tuple[str, float | None]:
-    """'PATH_OR_REPO[:SCALE]' -> (source, scale or None). A trailing ':number' is the scale;
-    'repo/id:file.safetensors' keeps its file part (see `locate`)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, None
-
-
-def locate(source: str | Path, weight_name: str | None = None) -> Path:
-    """The local .safetensors file of a LoRA: a path, or a Hugging Face repo id
-    (`owner/name`, `owner/name:file.safetensors` or with `weight_name`) fetched through
-    huggingface_hub's cache. Raises WeightLoadError for a missing file, a repo with no
-    or several .safetensors files (naming them) and failed downloads."""
-    from mlx_edit.weights.sources import is_repo_id
-
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
-    repo, _, file_part = text.partition(":") if ":" in text and "/" in text.split(":")[0] \
-        else (text, "", "")
-    weight_name = weight_name or file_part or None
-    if not is_repo_id(repo):
-        raise WeightLoadError(f"{text}: no such LoRA file, and not a Hugging Face repo id")
-    from huggingface_hub import hf_hub_download, list_repo_files  # network only when needed
-
-    try:
-        if weight_name is None:
-            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
-            if len(files) != 1:
-                raise WeightLoadError(
-                    f"{repo}: {'no' if not files else 'several'} .safetensors files "
-                    f"({', '.join(files[:6])}); name one as {repo}:FILE or weight_name=")
-            weight_name = files[0]
-        return Path(hf_hub_download(repo, weight_name))
-    except WeightLoadError:
-        raise
-    except Exception as e:  # hub errors are many; the message names the cause
-        raise WeightLoadError(f"could not download LoRA {repo} ({type(e).__name__}: {e})") from e
-
-
 def load_lora_file(source: str | Path, weight_name: str | None = None) -> LoRAFile:
     """Read and convert a LoRA (see `locate`, `convert`). Tensors of any float dtype
     (bf16 included) are read with mx.load and converted to float32."""
@@ -426,21 +382,13 @@ class LoadedLoRA:
     scale: float
 
 
-def default_name(source: str | Path, taken) -> str:
-    """A short unique adapter name from a LoRA source ('style', 'style_2', ...)."""
-    stem = Path(split_spec(str(source))[0].split(":")[-1]).stem or "lora"
-    name, n = stem, 2
-    while name in taken:
-        name, n = f"{stem}_{n}", n + 1
-    return name
-
-
-def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
+def sync(model, loras: Mapping[str, LoadedLoRA], *, check_only: bool = False) -> None:
     """Make the adapters on `model` exactly `loras` (attach new ones, drop removed ones,
     set every scale). When the LoRAs with structural changes (control LoRAs: widened
     img_in, replaced norms; lora_control) differ from those applied, everything is
     undone exactly and rebuilt: structure first, in order, then every adapter. Raises
-    WeightLoadError as `LoRAFile.updates` and for changes the model cannot take."""
+    WeightLoadError as `LoRAFile.updates` and for changes the model cannot take.
+    check_only: compute the updates but attach nothing (a lazy probe model: no copies)."""
     from mlx_edit.models import lora as adapters
     from mlx_edit.models import lora_control as structure
 
@@ -462,7 +410,11 @@ def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
         adapters.remove(model, stale)
     for name, lora in loras.items():
         if name not in applied:
-            adapters.attach(model, name, lora.file.updates(model), lora.scale)
+            updates = lora.file.updates(model)
+            if not check_only:
+                adapters.attach(model, name, updates, lora.scale)
+    if check_only:
+        return
     changed = {n: lora.scale for n, lora in loras.items()
                if adapters.scale_of(model, n) != np.float32(lora.scale)}  # stored as float32
     if changed:

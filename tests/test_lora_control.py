@@ -183,6 +183,10 @@ def test_control_lora_problems_change_nothing(dev, tmp_path):
     sd["txt_in.lora_A.weight"] = torch.zeros(4, 48)  # a layer that cannot be widened
     with pytest.raises(WeightLoadError, match="txt_in"):
         load_lora_file(_save(sd, tmp_path / "wide_txt.safetensors")).updates(ours)
+    from mlx_edit.weights.lora import baker
+
+    with pytest.raises(WeightLoadError, match="cannot be baked by convert"):
+        baker(ours, [(_save(control_lora(ours, 1), tmp_path / "c.safetensors"), 1.0)])
 
 
 def test_final_modulation_follows_bfl(dev, tmp_path):

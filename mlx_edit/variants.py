@@ -4,7 +4,9 @@ the CLI and the memory estimate.
 A variant is told apart by its transformer's `in_channels` (the width of `x_embedder`)
 and, where two share a width (dev and Kontext: 64), by the pipeline class named in the
 checkpoint's `model_index.json` (diffusers) or by the entry the user picked. Adding a
-variant is one entry here plus its conditioner (mlx_edit/conditioning/).
+variant is one entry here plus its conditioner (mlx_edit/conditioning/). A BFL control
+LoRA loaded onto FLUX.1-dev widens its input to 128 channels, so the pipeline's effective
+config (mlx_edit.weights.lora_control.effective_config) identifies it as "control".
 
 Defaults are the references': Fill from diffusers `FluxFillPipeline` / BFL `cli_fill`
 (50 steps, guidance 30); Canny/Depth from BFL `cli_control` (50 steps, guidance 30 for

@@ -137,6 +137,7 @@ ROLES: tuple[tuple[str, str], ...] = (
 # (lora_te2_ in older files), diffusers text_encoder_2, ComfyUI text_encoders.), DoRA
 # magnitudes and the weight/bias diffs diffusers' kohya converter also drops.
 IGNORED: tuple[tuple[str, str], ...] = (
+    (r"^text_encoders\.clip_l\.", "ComfyUI-named CLIP-L LoRA (diffusers drops them too)"),
     (r"^(lora_te[23]_|text_encoder_2\.|text_encoders\.)", "T5 text-encoder LoRA"),
     (r"\.dora_scale$", "DoRA magnitude"),
     (r"\.diff(_b)?$", "weight diff"),

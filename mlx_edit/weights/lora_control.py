@@ -9,6 +9,11 @@ detects the kind by `query_norm.scale` (`FluxLoraLoaderMixin.lora_state_dict`,
 `lora_conversion_utils._convert_bfl_flux_control_lora_to_diffusers`) and also takes the
 same norms in its own naming (`_control_lora_supported_norm_keys`: norm_q, norm_k,
 norm_added_q, norm_added_k). Applying them is `mlx_edit.models.lora_control`.
+
+One deliberate difference: for `final_layer.adaLN_modulation.1` diffusers' converter
+swaps the [shift; scale] halves of lora_A (its rank axis) as well as of lora_B, which
+changes B @ A (diffusers issue 13998 reports the same in its sd-scripts converter); we
+swap B's rows (and the bias) only, which is what BFL's own LoRA layer computes.
 """
 
 from __future__ import annotations

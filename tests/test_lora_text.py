@@ -66,14 +66,30 @@ def _ids():
     return ids
 
 
+def with_metadata(sd, rank=4):
+    """A diffusers `save_lora_weights` file: PEFT configs per component in the safetensors
+    metadata (text_encoder: lora_alpha 12 and an alpha pattern) instead of alpha tensors."""
+    import json
+
+    text = {"r": rank, "lora_alpha": 12.0, "alpha_pattern": {"encoder.layers.1.mlp.fc1": 2.0},
+            "rank_pattern": {}, "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj",
+                                                   "fc1", "fc2"]}
+    flux = {"r": rank, "lora_alpha": 8.0, "target_modules": ["transformer_blocks.0.attn.to_out.0"]}
+    meta = {**{f"transformer.{k}": v for k, v in flux.items()},
+            **{f"text_encoder.{k}": v for k, v in text.items()}}
+    return {**sd, "__metadata__": {"format": "pt", "lora_adapter_metadata": json.dumps(meta)}}
+
+
 @pytest.mark.parity
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "peft_metadata"])
 def test_clip_lora_pooled_matches_diffusers(models, tmp_path, fmt):
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     ref_clip = CLIPTextModel.from_pretrained(models / "text_encoder").eval()
-    path = _save(clip_lora(ref_clip, fmt, 3), tmp_path / f"{fmt}.safetensors")
+    sd = clip_lora(ref_clip, fmt.removesuffix("_metadata"), 3)
+    sd = with_metadata(sd) if fmt == "peft_metadata" else sd
+    path = _save(sd, tmp_path / f"{fmt}.safetensors")
     ids = _ids()
     with torch.no_grad():
         base_ref = ref_clip(input_ids=torch.from_numpy(ids)).pooler_output.numpy()

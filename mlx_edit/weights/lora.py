@@ -177,12 +177,15 @@ def _split_role(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _peft_scaling(metadata: Mapping[str, str]):
-    """module -> PEFT lora_alpha/r from diffusers' `lora_adapter_metadata`, or None."""
+def _peft_scaling(metadata: Mapping[str, str], prefix: str = "transformer."):
+    """module -> PEFT lora_alpha/r from diffusers' `lora_adapter_metadata` (its entries for
+    the component `prefix`: "transformer." (also unprefixed entries) or "text_encoder."),
+    or None."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    cfg = {k.removeprefix(prefix): v for k, v in json.loads(raw).items()
+           if k.startswith(prefix) or prefix == "transformer."}
     if "lora_alpha" not in cfg:
         return None
 
@@ -309,6 +312,17 @@ def _refuse_unsupported(tensors: Mapping[str, np.ndarray], name: str) -> None:
             raise WeightLoadError(f"{name}: {why} (e.g. {hits[0]})")
 
 
+def _factor(roles, fmt: str, module: str, path: str, rank: int, scaling) -> float:
+    """alpha/rank of one module: its `.alpha` tensor, else PEFT metadata (diffusers names,
+    per component: `scaling` {prefix: _peft_scaling}), else 1."""
+    if "alpha" in roles:
+        return float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank
+    prefix = text.TEXT if path.startswith(text.TEXT) else "transformer."
+    if fmt == "diffusers" and scaling[prefix] is not None:
+        return scaling[prefix](module.removeprefix(prefix), rank)
+    return 1.0
+
+
 def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
             *, name: str = "LoRA") -> LoRAFile:
     """Convert a LoRA state dict (numpy arrays) to parts of our layers.
@@ -319,7 +333,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     _refuse_unsupported(tensors, name)
     norms, tensors = control.split_norms(tensors)
     modules, ignored, unknown = _group(tensors)
-    scaling = _peft_scaling(metadata or {})
+    scaling = {p: _peft_scaling(metadata or {}, p) for p in ("transformer.", text.TEXT)}
     parts: dict[str, list[Part]] = {}
     formats = set()
     bad = list(unknown)
@@ -337,12 +351,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
         if b.shape[1] != rank:
             bad.append(f"{module} (A {a.shape}, B {b.shape})")
             continue
-        if "alpha" in roles:
-            factor = float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank
-        elif scaling is not None and fmt == "diffusers" and not path.startswith(text.TEXT):
-            factor = scaling(module.removeprefix("transformer."), rank)
-        else:
-            factor = 1.0
+        factor = _factor(roles, fmt, module, path, rank, scaling)
         bias = roles.get("bias")
         b = b * factor
         bias = None if bias is None else bias.astype(np.float32) * factor

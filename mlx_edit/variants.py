@@ -102,9 +102,11 @@ def describe(in_channels: int, guidance_embeds: bool = True,
 
 
 def accepted_in_channels(*names: str, pipeline_class: str | None = None) -> tuple[int, ...]:
-    """The in_channels of the named variants (for the loader's kind check). A folder whose
-    pipeline_class names another variant of the same width is not accepted for that
-    width (FluxFill takes FLUX.1-dev, 64, for control LoRAs, but not Kontext, also 64)."""
-    other = [v for v in VARIANTS.values() if pipeline_class in v.pipelines and v.name not in names]
+    """The in_channels of the named variants (for the loader's kind check). A named variant
+    that serves no edit itself (dev: a base for control LoRAs) does not make its width
+    accepted for a folder whose pipeline_class names another variant of that width
+    (FluxFill takes FLUX.1-dev, 64, but not a Kontext folder, also 64)."""
+    other = {v.in_channels for v in VARIANTS.values()
+             if pipeline_class in v.pipelines and v.name not in names}
     return tuple(dict.fromkeys(VARIANTS[n].in_channels for n in names
-                               if all(v.in_channels != VARIANTS[n].in_channels for v in other)))
+                               if VARIANTS[n].edits or VARIANTS[n].in_channels not in other))

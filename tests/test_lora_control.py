@@ -167,6 +167,17 @@ def test_control_lora_with_a_style_lora_in_either_order(dev, tmp_path):
     assert np.array_equal(run_ours(ours, x64), style_only)
 
 
+def test_accepted_widths_follow_the_folder_class():
+    """FluxFill takes FLUX.1-dev (64, a base for control LoRAs) but not a Kontext folder
+    (also 64); FluxKontext keeps taking any 64-channel folder."""
+    from mlx_edit.variants import accepted_in_channels
+
+    fill = ("fill", "control", "dev")
+    assert accepted_in_channels(*fill, pipeline_class="FluxPipeline") == (384, 128, 64)
+    assert accepted_in_channels(*fill, pipeline_class="FluxKontextPipeline") == (384, 128)
+    assert accepted_in_channels("kontext", pipeline_class="FluxPipeline") == (64,)
+
+
 def test_control_lora_problems_change_nothing(dev, tmp_path):
     ours = load_transformer(dev, mx.float32)
     sd = control_lora(ours, 1)

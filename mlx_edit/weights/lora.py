@@ -325,7 +325,8 @@ def _factor(roles, fmt: str, module: str, path: str, rank: int, scaling) -> floa
 
 def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
             *, name: str = "LoRA") -> LoRAFile:
-    """Convert a LoRA state dict (numpy arrays) to parts of our layers.
+    """Convert a LoRA state dict (numpy arrays) to parts of our layers (FLUX transformer
+    paths, CLIP paths under `lora_text.TEXT`) and a control LoRA's QK-norm values.
 
     Raises WeightLoadError naming keys that map nowhere, modules missing A or B, and
     mis-shaped pairs. Warns (UserWarning) about ignored key kinds (module docstring).

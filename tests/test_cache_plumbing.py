@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.cli import main
-from mlx_edit.sampling.cache import parse_cache
+from mlx_edit.sampling.cache_spec import parse_cache
 from mlx_edit.models.flux import FluxConfig, FluxTransformer, cache_units
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.cache import (

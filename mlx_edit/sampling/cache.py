@@ -5,10 +5,13 @@ FirstBlockCacheConfig, hooks/taylorseer_cache.py TaylorSeerCacheConfig, hooks/ma
 MagCacheConfig), so a setting tuned there means the same here; tests/test_cache.py checks the
 per-step skip decisions and the latents against those hooks on FluxTransformer2DModel.
 
-`start(cache, transformer, num_steps)` returns the per-edit state: a `StepCache` whose
-`velocity(...)` replaces one transformer call in the denoise loop. It composes the
-model's pure pieces (`embed`, `blocks`, `add_control`, `final` in mlx_edit/models/flux.py);
-the cached residuals and Taylor factors live in the state, never in the model.
+`start(cache, transformer, num_steps, compile)` returns the per-edit state: a `StepCache`
+whose `velocity(...)` replaces one transformer call in the denoise loop (true CFG: one
+state per branch, as diffusers' cache_context "cond" / "uncond"). It composes the model's
+pure pieces (`embed`, `blocks`, `add_control`, `final` in mlx_edit/models/flux.py) into
+a few pure functions, optionally under `mx.compile`, with the decisions in Python between
+them; the cached residuals and Taylor factors live in the state, never in the model.
+Specs such as `fbc:0.12` are parsed in cache_spec.py.
 
 As in diffusers, ControlNet residuals are added after every block on every step, skipped
 blocks included (its forward loop adds them outside the hooked blocks); on a skipped step
@@ -423,61 +426,3 @@ def cache_metadata(cache: CacheConfig | None, stats: dict) -> dict:
     return {"cache": describe(cache), "transformer_evals": stats.get("transformer_evals"),
             "transformer_skipped": stats.get("transformer_skipped"),
             "cache_steps": stats.get("cache_steps")}
-
-
-# ---------------------------------------------------------------- specs (CLI, manifests)
-
-KINDS = {"fbc": "threshold", "taylorseer": "cache_interval", "mag": "threshold"}
-ALIASES = {
-    "fbc": {},
-    "taylorseer": {"interval": "cache_interval", "before": "disable_cache_before_step",
-                   "after": "disable_cache_after_step", "order": "max_order",
-                   "dtype": "taylor_factors_dtype", "lite": "use_lite_mode"},
-    "mag": {"max_skip": "max_skip_steps", "retention": "retention_ratio"},
-}
-_FLAGS = {"use_lite_mode", "calibrate"}
-
-
-def _value(field: str, text: str):
-    if field in _FLAGS:
-        if text.lower() not in ("1", "true", "yes", "on"):
-            raise ValueError(f"{field} is a flag: give it alone or =true")
-        return True
-    if field == "taylor_factors_dtype":
-        dtypes = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,
-                  "none": None}
-        if text.lower() not in dtypes:
-            raise ValueError(f"dtype must be one of {', '.join(dtypes)}")
-        return dtypes[text.lower()]
-    if field in ("threshold", "retention_ratio"):
-        return float(text)
-    return int(text)
-
-
-def parse_cache(spec: str):
-    """`kind[:value][,key=value...]` -> a cache config (mlx_edit.sampling.cache).
-    Raises ValueError naming what is wrong."""
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind not in KINDS:
-        raise ValueError(f"unknown cache {kind!r}: use {', '.join(KINDS)}")
-    cls = {"fbc": FirstBlockCache, "taylorseer": TaylorSeer, "mag": MagCache}[kind]
-    names = set(cls.__dataclass_fields__) - {"mag_ratios", "skip_predict_identifiers",
-                                             "cache_identifiers", "num_inference_steps"}
-    kwargs: dict = {}
-    for i, item in enumerate(p.strip() for p in rest.split(",") if p.strip()):
-        key, eq, text = item.partition("=")
-        if not eq and i == 0 and key not in ALIASES[kind] and key not in names:
-            key, text = KINDS[kind], item
-        elif not eq:
-            key, text = key, "true"
-        field = ALIASES[kind].get(key.strip(), key.strip())
-        if field not in names:
-            raise ValueError(f"{kind} has no setting {key!r} (settings: {', '.join(sorted(names))})")
-        try:
-            kwargs[field] = _value(field, text.strip())
-        except ValueError as e:
-            raise ValueError(f"{kind} {key}={text}: {e}") from None
-    if kind == "mag" and not kwargs.get("calibrate"):
-        kwargs["mag_ratios"] = FLUX_MAG_RATIOS
-    return cls(**kwargs)

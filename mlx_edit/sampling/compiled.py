@@ -14,6 +14,10 @@ ControlNet residuals), so the trace is reused for every step of a run; the trans
 parameters are declared as implicit inputs (`inputs=transformer.state`), so reloading or
 updating weights in place is seen by later calls. Changing the model's structure
 (quantizing it, adding layers) needs a new `make_step`.
+
+With a step cache (mlx_edit/sampling/cache.py) the skip decisions read arrays between parts
+of the forward, so the step runs eager and the cache compiles its pieces through `traced`
+(the same ControlNet / IP-Adapter packing as the whole step).
 """
 
 from __future__ import annotations

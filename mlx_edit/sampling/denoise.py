@@ -139,12 +139,8 @@ def denoise(
     cfg = None
     if negative is not None and true_cfg_scale > 1.0:
         cfg = (*_batched(negative, b), mx.array(true_cfg_scale, dtype=mx.float32))
-    n, compile = len(sigmas) - 1, compile_enabled() if compile is None else compile
-    states = [step_cache.start(cache, transformer, n, compile)
-              for _ in range(0 if cache is None else 1 + (cfg is not None))]
-    forwards = [s.velocity for s in states] or [None]
-    step = make_step(transformer, compile=compile, forward=forwards[0],
-                     negative_forward=forwards[-1])
+    n = len(sigmas) - 1
+    step, states = _cached_step(transformer, cache, n, compile, cfg is not None)
     for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
@@ -159,6 +155,17 @@ def denoise(
         if stats is not None:
             _count(stats, i, states, cfg is not None)
         yield i, latents
+
+
+def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | None, n: int,
+                 compile: bool | None, cfg: bool):
+    """(the step function, the cache states: none, one, or with true CFG one per branch)."""
+    compile = compile_enabled() if compile is None else compile
+    states = [step_cache.start(cache, transformer, n, compile)
+              for _ in range(0 if cache is None else 1 + cfg)]
+    forwards = [s.velocity for s in states] or [None]
+    return make_step(transformer, compile=compile, forward=forwards[0],
+                     negative_forward=forwards[-1]), states
 
 
 def _batched(embeds: PromptEmbeds, b: int) -> tuple[mx.array, mx.array]:

@@ -202,17 +202,23 @@ SKIPPING = [
 ]
 
 
+@pytest.mark.parametrize("true_cfg", [False, True])
 @pytest.mark.parametrize("cache", SKIPPING)
-def test_compiled_cache_equals_eager(setup, cache):
+def test_compiled_cache_equals_eager(setup, cache, true_cfg):
     # the cached pieces under mx.compile (with ControlNet residuals and an IP-Adapter
-    # through the traced arguments): same decisions, same latents up to fused rounding
+    # through the traced arguments, and a negative prompt's branch): same decisions, same
+    # latents up to fused rounding
     model, args, extras = setup
+    if true_cfg:
+        extras = {**extras, **_cfg_args(setup)[2]}
     runs = {}
     for compile in (False, True):
         stats: dict = {}
         latents = list(denoise(model, *args, cache=cache, compile=compile, stats=stats, **extras))
         runs[compile] = stats, np.array(latents[-1][1])
-    assert runs[True][0]["cache_steps"] == runs[False][0]["cache_steps"]
+    for key in ("cache_steps", "cache_steps_negative"):
+        assert runs[True][0].get(key) == runs[False][0].get(key)
+    assert ("cache_steps_negative" in runs[True][0]) == true_cfg
     assert runs[True][0]["transformer_skipped"] > 0
     assert _rel(runs[True][1], runs[False][1]) <= 1e-5
 

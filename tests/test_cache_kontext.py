@@ -118,7 +118,7 @@ def ours(ckpt, photo, noise):
             reference_resize=False, negative_prompt=NEGATIVE if cfg_scale > 1 else None,
             true_cfg_scale=cfg_scale, cache=cache)
         *_, (_, latents) = pipe.steps(job)
-        result = job.stats, np.array(latents)
+        result = {**job.stats, "metadata": job.metadata}, np.array(latents)
         if cache is None:
             uncached[cfg_scale] = result
         return result
@@ -160,9 +160,10 @@ def test_kontext_cache_matches_diffusers_hooks(reference, ours, name, cfg_scale)
     assert list(decisions) == ["cond", "uncond"][: 1 + (cfg_scale > 1)]
     for branch, made in decisions.items():
         assert len(made) == STEPS and 0 < made.count(False), (branch, made)
-        assert stats[keys[branch]] == pattern(made), branch
+        assert stats[keys[branch]] == stats["metadata"][keys[branch]] == pattern(made), branch
     skipped = sum(made.count(False) for made in decisions.values())
-    assert stats["transformer_skipped"] == skipped
+    assert stats["transformer_skipped"] == skipped  # both branches
+    assert stats["transformer_evals"] + skipped == STEPS * len(decisions)
     err = _rel(latents, ref_latents)
     assert err <= 1e-4, name
     # skipping changed the result (by 2e-4 to 9e-3 here; the parity error is ~1.4e-6)

@@ -420,9 +420,13 @@ def describe(cache: CacheConfig) -> str:
 
 def cache_metadata(cache: CacheConfig | None, stats: dict) -> dict:
     """The metadata entries of an edit run with `cache`: its description and the
-    transformer evaluations run / skipped, from `denoise`'s stats ({} without a cache)."""
+    transformer evaluations run / skipped (both branches with true CFG) and the per-step
+    patterns, from `denoise`'s stats ({} without a cache)."""
     if cache is None:
         return {}
-    return {"cache": describe(cache), "transformer_evals": stats.get("transformer_evals"),
+    meta = {"cache": describe(cache), "transformer_evals": stats.get("transformer_evals"),
             "transformer_skipped": stats.get("transformer_skipped"),
             "cache_steps": stats.get("cache_steps")}
+    if "cache_steps_negative" in stats:  # true CFG: the negative prompt's branch
+        meta["cache_steps_negative"] = stats["cache_steps_negative"]
+    return meta

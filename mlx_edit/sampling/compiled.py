@@ -103,7 +103,7 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
     txt, timestep, pooled, guidance, rope, controlnet, ip)` for the prompt / negative
     prompt in place of the transformer call. Their skip decisions are made in Python
     between pieces, so the step itself then runs eager and the caches compile their
-    pieces (`cache.start(..., compile=)`).
+    pieces (`cache.start(..., compile=)`); `step.compiled` says whether either is.
     """
     compile = compile_enabled() if compile is None else compile
     negative_forward = negative_forward or forward

@@ -228,20 +228,19 @@ class FluxPipeline:
         """The edit mask (H, W) float32 in [0, 1] of `image`: `mask` as a path, PIL or array
         (resized with a warning when its size differs), or `segment.Points` / `segment.Box`
         prompts (one or a list), segmented first with SAM 2.1 (`segment_model`, default the
-        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large) and
-        freed before anything else loads. Raises InputError (bad mask or prompt) and
-        WeightLoadError (segmenter)."""
+        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large; its
+        memory checked first) and freed before anything else loads. Raises InputError (bad
+        mask or prompt, memory) and WeightLoadError (segmenter)."""
         from mlx_edit.segment import Box, Points
 
         prompts = mask if isinstance(mask, (list, tuple)) else [mask]
         if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
             return load_mask(mask, image.size)
-        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_from_prompts, prompts_from_specs
+        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_for_edit
 
         own = self.root / "segmenter"
         model = segment_model or (own if own.is_dir() else DEFAULT_SEGMENTER)
-        return mask_from_prompts(image, **prompts_from_specs(prompts), model=model
-                                 ).astype(np.float32)
+        return mask_for_edit(image, prompts, model, self.memory_estimate, self.low_memory)
 
     # ------------------------------------------------------------------ LoRA
 
@@ -373,16 +372,16 @@ class FluxPipeline:
     # ------------------------------------------------------------------ preparation
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
-                        cache: CacheConfig | None = None) -> MemoryEstimate:
+                        cache: CacheConfig | None = None, segmenter=None) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization (and step cache)."""
+        with this pipeline's models, dtype, quantization, step cache (and SAM config)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
             lora_params=sum(x.file.parameter_count for x in self.loras.values()),
-        )
+            segmenter=segmenter)
 
     def encode_image(self, pixels: np.ndarray) -> mx.array:
         """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).

@@ -208,11 +208,20 @@ def test_point_and_box_specs_give_the_predictor_mask(segmenter):
 
 
 
-def test_inpaint_from_clicks(tmp_path, import_script):
-    """`inpaint --mask-point/--mask-box` on a fixture folder carrying its `segmenter/`
-    (make_mlx_checkpoint's "segmenter" extra): SAM segments first, then only pixels inside
-    the grown, feathered mask change; the same through the API (Points/Box); bad clicks
-    are one line, exit 2."""
+@pytest.fixture(scope="module")
+def click_model(tmp_path_factory):
+    """The torch-free tiny FLUX Fill folder with a `segmenter/` (make_mlx_checkpoint's
+    "segmenter" extra)."""
+    from conftest import import_script
+
+    return import_script("make_mlx_checkpoint").build(
+        tmp_path_factory.mktemp("click") / "model", "tiny", extras=("segmenter",))
+
+
+def test_inpaint_from_clicks(tmp_path, click_model):
+    """`inpaint --mask-point/--mask-box` on a fixture folder carrying its `segmenter/`:
+    SAM segments first, then only pixels inside the grown, feathered mask change; the
+    same through the API (Points/Box); bad clicks are one line, exit 2."""
     from click.testing import CliRunner
 
     from mlx_edit.cli.main import main
@@ -220,8 +229,7 @@ def test_inpaint_from_clicks(tmp_path, import_script):
     from mlx_edit.pipeline import FluxFill
     from mlx_edit.segment import Box, Points, Segmenter
 
-    root = import_script("make_mlx_checkpoint").build(tmp_path / "model", "tiny",
-                                                      extras=("segmenter",))
+    root = click_model
     photo = tmp_path / "coffee.png"
     Image.fromarray(data.coffee()).resize((200, 150)).save(photo)
     seg = Segmenter.from_pretrained(root / "segmenter")
@@ -263,3 +271,62 @@ def test_strict_loading_names_keys(tmp_path, tiny_sam_mlx):
         load_sam(tmp_path)
 
 
+
+
+def test_memory_estimate_counts_the_segmenter_at_its_phase():
+    """SAM's weights (exact, from the config) and image-embedding activations form the
+    phase "segment" next to the resident FLUX models; the segmenter is gone before
+    denoising, so the other phases are unchanged and the peak is the largest phase."""
+    from mlx.utils import tree_flatten
+
+    from mlx_edit.memory import GB, RUNTIME_GB, SAM_ACT_BYTES, estimate
+    from mlx_edit.models.sam import SamConfig, SamModel
+    from conftest import import_script
+
+    large = import_script("sam_fixtures").sam_config("hiera-large")
+    base = estimate(1024, 1024)
+    est = estimate(1024, 1024, segmenter=large)
+    params = sum(v.size for _, v in tree_flatten(SamModel(SamConfig.from_dict(large)).parameters()))
+    assert est["weights_segmenter"] == pytest.approx(4 * params / GB)
+    assert est["activations_segment"] == pytest.approx(SAM_ACT_BYTES * 144 * 1024**2 / GB)
+    resident = base["weights_transformer"] + base["weights_vae"]
+    assert est["phase_segment"] == pytest.approx(
+        resident + est["weights_segmenter"] + est["activations_segment"] + RUNTIME_GB)
+    for phase in ("text_encode", "vae_encode", "denoise", "vae_decode"):
+        assert est[f"phase_{phase}"] == base[f"phase_{phase}"]
+    phases = [v for k, v in est.items() if k.startswith("phase_")]
+    assert est["peak"] == max(phases) and len(phases) == 5
+    # the segment phase alone: with low_memory only SAM is resident while it runs
+    from mlx_edit.imaging.images import InputError
+    from mlx_edit.memory import check_segmenter_fits
+
+    alone = est["weights_segmenter"] + est["activations_segment"] + RUNTIME_GB
+    check_segmenter_fits(est, low_memory=True, available=alone + 0.01)
+    with pytest.raises(InputError, match="--low-memory frees"):
+        check_segmenter_fits(est, available=alone + 0.01)
+    with pytest.raises(InputError, match=f"needs about {alone:.1f} GB"):
+        check_segmenter_fits(est, low_memory=True, available=alone - 0.01)
+    assert estimate(256, 256, segmenter=large)["peak_low_memory"] == \
+        estimate(256, 256)["peak_low_memory"]  # T5 alone (19 GB) is larger than SAM's phase
+
+
+def test_click_edit_refused_when_the_segment_phase_does_not_fit(click_model, monkeypatch):
+    """An edit with a click mask checks the segment phase before SAM loads: one line
+    naming the SAM weights and embedding, nothing loaded."""
+    import mlx_edit.memory as memory
+    import mlx_edit.segment as segment
+    from mlx_edit.imaging.images import InputError
+    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.segment import Points
+    from mlx_edit.weights.sam import sam_config
+
+    pipe = FluxFill.from_pretrained(click_model)
+    photo = Image.fromarray(data.coffee()).resize((200, 150))
+    est = pipe.memory_estimate(200, 150, segmenter=sam_config(click_model / "segmenter"))
+    monkeypatch.setattr(memory, "available_memory",
+                        lambda: int((est["phase_segment"] - 1e-3) * memory.GB))
+    monkeypatch.setattr(segment, "mask_from_prompts", lambda *a, **k: pytest.fail("SAM ran"))
+    with pytest.raises(InputError, match=r"segmenting the mask needs about [\d.]+ GB \(SAM "
+                                         r"weights .*image embedding") as e:
+        pipe.inpaint(photo, Points(((100, 75),)), "a cup", steps=1)
+    assert "\n" not in str(e.value)

@@ -12,9 +12,12 @@ Anything else missing, unexpected or mis-shaped is a WeightLoadError.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_edit.models.sam import SamConfig, SamModel
 from mlx_edit.weights.core import (
@@ -25,6 +28,24 @@ from mlx_edit.weights.core import (
     read_config,
     rename,
     safetensors_files,
+)
+from mlx_edit import __version__
+from mlx_edit.weights.quantize import (
+    IDENTITY_RULES,
+    MLX_LAYOUT_KEY,
+    MODE,
+    apply_recorded_quantization,
+    describe_quantization,
+    is_mlx_layout,
+)
+from mlx_edit.weights.save import (
+    ShardWriter,
+    check_dest,
+    folder_bytes,
+    publish,
+    remove_stale_temps,
+    temp_folder_for,
+    write_json,
 )
 from mlx_edit.weights.sources import download, local_or_remote
 
@@ -59,12 +80,19 @@ def resolve_sam(repo_or_path: str | Path) -> Path:
                     hint="; pass a local folder instead")
 
 
-def load_sam(repo_or_path: str | Path, dtype: mx.Dtype | None = None) -> SamModel:
-    """Load a SAM 2.1 image model from a transformers folder or hub repo id.
+def sam_config(repo_or_path: str | Path) -> dict:
+    """The config.json of a SAM 2.1 checkpoint (`resolve_sam`); WeightLoadError."""
+    return read_config(resolve_sam(repo_or_path))
 
-    dtype: None keeps float32 (SAM is small; masks are thresholded logits, so reduced
-    precision is not the default). Raises WeightLoadError (no config/safetensors,
-    missing, unexpected or mis-shaped keys).
+
+def load_sam(repo_or_path: str | Path, dtype: mx.Dtype | None = None) -> SamModel:
+    """Load a SAM 2.1 image model from a transformers folder, a hub repo id or an mlx-edit
+    folder (`convert_sam`: our names, maybe quantized, built quantized before loading).
+
+    dtype: None computes in float32 (SAM is small; masks are thresholded logits, so
+    reduced precision is not the default; a half-precision folder is cast up). Raises
+    WeightLoadError (no config/safetensors, missing, unexpected or mis-shaped keys, a
+    quantization record that disagrees with the tensors).
     """
     folder = resolve_sam(repo_or_path)
     config = read_config(folder)
@@ -72,9 +100,104 @@ def load_sam(repo_or_path: str | Path, dtype: mx.Dtype | None = None) -> SamMode
         raise WeightLoadError(f"{folder}: model_type {config.get('model_type')!r} is not "
                               "a SAM 2 checkpoint (sam2)")
     model = SamModel(SamConfig.from_dict(config))
+    name = f"SAM 2.1 ({folder})"
     tensors = {k: v for k, v in open_tensors(safetensors_files(folder)).items()
                if not SAM_DROP.match(k)}
-    load_into(model, tensors, SAM_RULES, mx.float32 if dtype is None else dtype,
-              name=f"SAM 2.1 ({folder})")
+    rules = SAM_RULES
+    if is_mlx_layout(config):
+        apply_recorded_quantization(model, config, tensors, name=name)
+        rules = IDENTITY_RULES
+    load_into(model, tensors, rules, mx.float32 if dtype is None else dtype, name=name)
     model.eval()
     return model
+
+
+# Quantizable layers: the Linears of the Hiera blocks and of the decoder's two-way
+# transformer (nearly all the bytes); the FPN neck, the decoder's heads and every
+# convolution/embedding stay in full precision.
+SAM_QUANTIZED_PREFIXES = ("vision_encoder.backbone.blocks.", "mask_decoder.transformer.")
+
+
+def sam_quantizable(model: nn.Module, group_size: int) -> list[tuple[str, nn.Linear]]:
+    """(path, layer) of the Linears the quantization policy covers (`SAM_QUANTIZED_PREFIXES`,
+    input width a multiple of `group_size`)."""
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return [(p, m) for p, m in leaves
+            if isinstance(m, nn.Linear) and p.startswith(SAM_QUANTIZED_PREFIXES)
+            and m.weight.shape[-1] % group_size == 0]
+
+
+def is_sam_source(source: str | Path) -> bool:
+    """Whether `source` is a local SAM 2 folder (config.json model_type sam2 / sam2_video,
+    transformers or mlx-edit layout). Only config.json is read."""
+    path = Path(str(source)).expanduser()
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        return read_config(path).get("model_type") in ("sam2", "sam2_video")
+    except WeightLoadError:
+        return False
+
+
+def quantize_sam(model: SamModel, bits: int, group_size: int) -> dict:
+    """Quantize `model` in place by the policy (`sam_quantizable`); returns the config's
+    quantization record (every other quantizable layer listed as skipped)."""
+    chosen = {p for p, _ in sam_quantizable(model, group_size)}
+    nn.quantize(model, group_size, bits, mode=MODE,
+                class_predicate=lambda path, m: path in chosen)
+    return describe_quantization(model)
+
+
+def save_sam(model: SamModel, folder: Path, config: dict) -> None:
+    """Write `model` (our names, quantized or not) and `config` plus the mlx-edit marker and
+    quantization record as config.json into `folder`."""
+    record = describe_quantization(model)
+    writer = ShardWriter(folder)
+    for key, value in tree_flatten(model.parameters()):
+        writer.add(key, value)
+    writer.close()
+    config = {k: v for k, v in config.items() if k not in (MLX_LAYOUT_KEY, "quantization")}
+    config[MLX_LAYOUT_KEY] = __version__
+    if record is not None:
+        config["quantization"] = record
+    write_json(folder / "config.json", config)
+
+
+def check_sam_bits(bits):
+    pass
+
+
+def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloat16,
+                bits: int | None = None, group_size: int = 64, *,
+                overwrite: bool = False) -> dict:
+    """Convert the SAM 2.1 checkpoint `source` (transformers folder or repo id, an mlx-edit
+    SAM folder) into the mlx-edit folder `dest`: our names, floating tensors in `dtype`,
+    config.json with the mlx-edit marker (and quantization record), the
+    preprocessor_config.json. Written next to `dest` and renamed into place when complete.
+    bits: only where `QUANTIZATION_IOU` says it is harmless, else ValueError quoting it.
+    Returns {"bytes", "files", "bits"}. Raises FileExistsError (dest in the way),
+    ValueError (refused quantization, an already quantized source), WeightLoadError."""
+    if bits is not None:
+        check_sam_bits(bits)
+    dest = Path(dest).expanduser()
+    check_dest(dest, overwrite)
+    folder = resolve_sam(source)
+    config = read_config(folder)
+    if (config.get("quantization") or {}).get("bits"):
+        raise ValueError(f"{folder} is already quantized: convert from the float checkpoint")
+    model = load_sam(folder, dtype)
+    if bits is not None:
+        quantize_sam(model, bits, group_size)
+    remove_stale_temps(dest)
+    tmp = temp_folder_for(dest)
+    try:
+        save_sam(model, tmp, config)
+        proc = folder / "preprocessor_config.json"
+        if proc.is_file():
+            shutil.copyfile(proc, tmp / proc.name)
+        files = sorted(p.name for p in tmp.glob("*.safetensors"))
+        publish(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"bytes": folder_bytes(dest), "files": files, "bits": bits}

@@ -330,3 +330,75 @@ def test_click_edit_refused_when_the_segment_phase_does_not_fit(click_model, mon
                                          r"weights .*image embedding") as e:
         pipe.inpaint(photo, Points(((100, 75),)), "a cup", steps=1)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- mlx-edit convert
+
+
+def _convert_cli(*args):
+    from click.testing import CliRunner
+
+    from mlx_edit.cli.main import main
+
+    return CliRunner().invoke(main, ["convert", *[str(a) for a in args]])
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_convert_sam_to_half_precision(tiny_sam_mlx, tmp_path, dtype, tol):
+    """A SAM folder converts to an mlx-edit folder: our names, `dtype` tensors, the config
+    with the mlx-edit marker, the preprocessor config; it loads strictly and segments as
+    the float32 source does up to `dtype`'s rounding."""
+    import json
+
+    import mlx.core as mx
+    dest = tmp_path / "sam-half"
+    res = _convert_cli(tiny_sam_mlx, dest, "--dtype", dtype)
+    assert res.exit_code == 0, res.output
+    assert "wrote SAM 2.1" in res.output
+    config = json.loads((dest / "config.json").read_text())
+    assert "_mlx_edit_version" in config and config["model_type"] == "sam2"
+    assert (dest / "preprocessor_config.json").is_file()
+    w = mx.load(str(dest / "model.safetensors"))
+    assert w["vision_encoder.backbone.patch_embed.projection.weight"].shape[-1] == 3  # OHWI
+    assert {str(v.dtype) for v in w.values()} == {f"mlx.core.{dtype}"}
+    ref, ours = load_sam(tiny_sam_mlx), load_sam(dest)
+    x = mx.random.normal((1, 256, 256, 3), key=mx.random.key(0))
+    a, b = ref.image_embeddings(x).embedding, ours.image_embeddings(x).embedding
+    assert float(mx.abs(a - b).max() / mx.abs(a).max()) < tol
+    again = _convert_cli(tiny_sam_mlx, dest, "--dtype", dtype)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    # strict: a tensor missing from the converted folder is named
+    w.pop("mask_decoder.iou_token.weight")
+    mx.save_safetensors(str(dest / "model.safetensors"), w)
+    with pytest.raises(WeightLoadError, match="1 missing: mask_decoder.iou_token.weight"):
+        load_sam(dest)
+
+
+def test_convert_sam_quantization_offered_only_where_measured_harmless(tiny_sam_mlx, tmp_path):
+    """8 bits is offered (the measured IoU is printed) and loads as quantized layers; 4 bits
+    is refused with the measured numbers, exit 2, nothing written; pipeline flags are
+    refused for a SAM source."""
+    import mlx.nn as nn
+
+    from mlx_edit.weights.sam import MIN_IOU, QUANTIZATION_IOU
+
+    assert QUANTIZATION_IOU[8][3] >= MIN_IOU > QUANTIZATION_IOU[4][3]
+    dest = tmp_path / "sam-q8"
+    res = _convert_cli(tiny_sam_mlx, dest, "--quantize", "8", "--group-size", "32",
+                       "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    assert "mask IoU vs float32" in res.output
+    model = load_sam(dest)
+    qkv = model.vision_encoder.backbone.blocks[2].attn.qkv  # input width 32
+    assert isinstance(qkv, nn.QuantizedLinear) and qkv.bits == 8
+    assert not isinstance(model.mask_decoder.iou_prediction_head.proj_in, nn.QuantizedLinear)
+    for args, message in ((["--quantize", "4", "--group-size", "32"], "changes its masks"),
+                          (["--quantize", "8", "--group-size", "128"], "not measured"),
+                          (["--vae", "x"], "apply to FLUX pipeline checkpoints only")):
+        out = tmp_path / "refused"
+        res = _convert_cli(tiny_sam_mlx, out, *args)
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+    q4 = QUANTIZATION_IOU[4]
+    res = _convert_cli(tiny_sam_mlx, tmp_path / "q4", "--quantize", "4", "--group-size", "32")
+    assert f"{q4[2]:.3f} mean, {q4[3]:.3f} min" in res.output

@@ -1,6 +1,7 @@
 """Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
 A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
-by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`).
+by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`), a SAM 2.1
+folder by `weights.sam.convert_sam` (`convert_sam_source`).
 
 Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
 `mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
@@ -36,6 +37,7 @@ from mlx.utils import tree_flatten
 from mlx_edit import __version__
 from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import lora as lora_w
+from mlx_edit.weights import sam as sam_w
 from mlx_edit.weights import save
 from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan, read_config
 from mlx_edit.weights.text import read_text_tools
@@ -335,6 +337,11 @@ def convert_checkpoint(
             source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
             config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
             log=log)
+    if sam_w.is_sam_source(source):
+        return convert_sam_source(source, dest, dtype, quantize, group_size, overwrite, log, [
+            flag for flag, v in (("--component-bits", component_bits_override), ("--vae", vae),
+                                 ("--text-encoders", text_encoders), ("--lora", loras),
+                                 ("--transformer-config", transformer_config)) if v])
     try:
         bits = component_bits(quantize, component_bits_override)
     except ValueError as e:
@@ -360,6 +367,28 @@ def convert_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")
     return manifest
+
+
+def convert_sam_source(source, dest, dtype: str, quantize: int | None, group_size: int,
+                       overwrite: bool, log: Callable[[str], None], refused: list[str]) -> dict:
+    """A SAM 2.1 `source` (`sam.is_sam_source`) -> the mlx-edit folder `dest`
+    (`sam.convert_sam`); `refused`: pipeline-only flags given. Returns the manifest-like
+    {"format", "kind", "source", "dtype", "bits", "group_size", "bytes"}. Raises
+    ConversionError (pipeline flags, DEST in the way, refused quantization)."""
+    if refused:
+        raise ConversionError(f"{source} is a SAM 2.1 checkpoint: {', '.join(refused)} apply "
+                              "to FLUX pipeline checkpoints only")
+    t0 = time.perf_counter()
+    try:
+        info = sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
+                                 overwrite=overwrite)
+    except (FileExistsError, sam_w.SamQuantizationRefused) as e:
+        raise ConversionError(str(e)) from e
+    precision = f"{quantize}-bit (group {group_size}; {info['iou']})" if quantize else dtype
+    log(f"wrote SAM 2.1 {dest}: {precision}, {info['bytes'] / 1e6:.1f} MB, "
+        f"{time.perf_counter() - t0:.1f} s")
+    return {"format": "mlx-edit", "kind": "segmenter", "source": str(source), "dtype": dtype,
+            "bits": quantize, "group_size": group_size, "bytes": info["bytes"]}
 
 
 def _check_options(dtype: str, group_size: int) -> None:

@@ -163,8 +163,32 @@ def save_sam(model: SamModel, folder: Path, config: dict) -> None:
     write_json(folder / "config.json", config)
 
 
-def check_sam_bits(bits):
-    pass
+class SamQuantizationRefused(ValueError):
+    """Quantization that measurably changes SAM's masks (`QUANTIZATION_IOU`)."""
+
+
+# Mask IoU of quantized vs float32 SAM (benchmarks/bench_sam_quantize.py: group 64, random
+# weights at the preset's config, skimage photos, 9 clicks + 2 boxes each; see RESULTS.md):
+# bits -> (preset, group size, mean IoU, min IoU). Offered when the min IoU >= MIN_IOU, at
+# that group size or a finer one.
+QUANTIZATION_IOU = {8: ("tiny", 32, 0.9978, 0.9913), 4: ("tiny", 32, 0.9516, 0.8728)}
+MIN_IOU = 0.98
+
+
+def check_sam_bits(bits: int, group_size: int = 32) -> str:
+    """The measured IoU note for `bits` when it is offered; SamQuantizationRefused (quoting
+    the measurement) otherwise."""
+    preset, group, mean, low = QUANTIZATION_IOU.get(bits, (None, 0, 0.0, 0.0))
+    if preset is None or group_size > group:
+        raise SamQuantizationRefused(
+            f"SAM 2.1 quantization to {bits} bits with groups of {group_size} is not measured; "
+            f"measured: {', '.join(f'{b} bits (group {v[1]})' for b, v in QUANTIZATION_IOU.items())}")
+    note = f"mask IoU vs float32 {mean:.3f} mean, {low:.3f} min ({preset}, random weights)"
+    if low < MIN_IOU:
+        raise SamQuantizationRefused(
+            f"SAM 2.1 at {bits} bits changes its masks: {note}, below the {MIN_IOU} this "
+            "converter requires; convert without --quantize (or with 8)")
+    return note
 
 
 def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloat16,
@@ -174,17 +198,17 @@ def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloa
     SAM folder) into the mlx-edit folder `dest`: our names, floating tensors in `dtype`,
     config.json with the mlx-edit marker (and quantization record), the
     preprocessor_config.json. Written next to `dest` and renamed into place when complete.
-    bits: only where `QUANTIZATION_IOU` says it is harmless, else ValueError quoting it.
-    Returns {"bytes", "files", "bits"}. Raises FileExistsError (dest in the way),
-    ValueError (refused quantization, an already quantized source), WeightLoadError."""
-    if bits is not None:
-        check_sam_bits(bits)
+    bits: only where `QUANTIZATION_IOU` says it is harmless (`check_sam_bits`).
+    Returns {"bytes", "files", "bits", "iou"}. Raises FileExistsError (dest in the way),
+    SamQuantizationRefused (refused bits, an already quantized source), WeightLoadError."""
+    note = check_sam_bits(bits, group_size) if bits is not None else None
     dest = Path(dest).expanduser()
     check_dest(dest, overwrite)
     folder = resolve_sam(source)
     config = read_config(folder)
     if (config.get("quantization") or {}).get("bits"):
-        raise ValueError(f"{folder} is already quantized: convert from the float checkpoint")
+        raise SamQuantizationRefused(f"{folder} is already quantized: convert from the float "
+                                     "checkpoint")
     model = load_sam(folder, dtype)
     if bits is not None:
         quantize_sam(model, bits, group_size)
@@ -200,4 +224,4 @@ def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"bytes": folder_bytes(dest), "files": files, "bits": bits}
+    return {"bytes": folder_bytes(dest), "files": files, "bits": bits, "iou": note}

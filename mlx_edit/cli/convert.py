@@ -30,7 +30,8 @@ an mlx-edit folder (to re-quantize or change the dtype). A FLUX ControlNet (diff
 FluxControlNetModel folder or repo id, XLabs x-flux .safetensors) is detected and converted
 on its own (--dtype, --quantize, --group-size; --transformer-config gives its config).
 A SAM 2.1 folder (transformers Sam2Model, Meta's names, or mlx-edit) is converted on its own
-too (--dtype; --quantize only at the bit widths whose masks measured unchanged: 8).
+too (--dtype; --quantize is refused, quoting the measured mask IoU vs float, while no bit
+width measured harmless: benchmarks/RESULTS.md).
 
 --quantize N quantizes the transformer and T5 (their attention and MLP layers; the
 embedders, final layer, VAE and CLIP stay in full precision); --component-bits sets

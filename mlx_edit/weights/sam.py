@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_edit.models.sam import SamConfig, SamModel
+from mlx_edit.weights import sam_meta
 from mlx_edit.weights.core import (
     Rule,
     WeightLoadError,
@@ -85,9 +86,29 @@ def sam_config(repo_or_path: str | Path) -> dict:
     return read_config(resolve_sam(repo_or_path))
 
 
+def open_sam(folder: Path, name: str) -> tuple[dict, dict, tuple[Rule, ...]]:
+    """(config, lazy tensors, key map) of a SAM 2.1 checkpoint: a transformers or mlx-edit
+    folder, or Meta's original names (a .safetensors file or a folder holding one; config
+    from config.json next to it, else `sam_meta.meta_config`). Video-only tensors are
+    dropped. Raises WeightLoadError (no safetensors/config, not SAM 2, unknown size)."""
+    tensors = open_tensors(safetensors_files(folder))
+    if sam_meta.is_meta(tensors):
+        where = folder if folder.is_dir() else folder.parent
+        config = read_config(where) if (where / "config.json").is_file() \
+            else sam_meta.meta_config(tensors, name)
+        return config, sam_meta.meta_tensors(tensors), sam_meta.META_RULES
+    config = read_config(folder)
+    if config.get("model_type") not in (None, "sam2", "sam2_video"):
+        raise WeightLoadError(f"{folder}: model_type {config.get('model_type')!r} is not "
+                              "a SAM 2 checkpoint (sam2)")
+    tensors = {k: v for k, v in tensors.items() if not SAM_DROP.match(k)}
+    return config, tensors, IDENTITY_RULES if is_mlx_layout(config) else SAM_RULES
+
+
 def load_sam(repo_or_path: str | Path, dtype: mx.Dtype | None = None) -> SamModel:
-    """Load a SAM 2.1 image model from a transformers folder, a hub repo id or an mlx-edit
-    folder (`convert_sam`: our names, maybe quantized, built quantized before loading).
+    """Load a SAM 2.1 image model from a transformers folder, a hub repo id, Meta's
+    original names (weights/sam_meta.py) or an mlx-edit folder (`convert_sam`: our names,
+    maybe quantized, built quantized before loading).
 
     dtype: None computes in float32 (SAM is small; masks are thresholded logits, so
     reduced precision is not the default; a half-precision folder is cast up). Raises
@@ -95,18 +116,11 @@ def load_sam(repo_or_path: str | Path, dtype: mx.Dtype | None = None) -> SamMode
     quantization record that disagrees with the tensors).
     """
     folder = resolve_sam(repo_or_path)
-    config = read_config(folder)
-    if config.get("model_type") not in (None, "sam2", "sam2_video"):
-        raise WeightLoadError(f"{folder}: model_type {config.get('model_type')!r} is not "
-                              "a SAM 2 checkpoint (sam2)")
-    model = SamModel(SamConfig.from_dict(config))
     name = f"SAM 2.1 ({folder})"
-    tensors = {k: v for k, v in open_tensors(safetensors_files(folder)).items()
-               if not SAM_DROP.match(k)}
-    rules = SAM_RULES
+    config, tensors, rules = open_sam(folder, name)
+    model = SamModel(SamConfig.from_dict(config))
     if is_mlx_layout(config):
         apply_recorded_quantization(model, config, tensors, name=name)
-        rules = IDENTITY_RULES
     load_into(model, tensors, rules, mx.float32 if dtype is None else dtype, name=name)
     model.eval()
     return model
@@ -128,15 +142,19 @@ def sam_quantizable(model: nn.Module, group_size: int) -> list[tuple[str, nn.Lin
 
 
 def is_sam_source(source: str | Path) -> bool:
-    """Whether `source` is a local SAM 2 folder (config.json model_type sam2 / sam2_video,
-    transformers or mlx-edit layout). Only config.json is read."""
+    """Whether `source` is a local SAM 2 checkpoint: a folder whose config.json has
+    model_type sam2 / sam2_video (transformers or mlx-edit layout), or Meta's original
+    names (a .safetensors file, or a folder of them without config.json). Only config.json
+    or the safetensors headers are read."""
     path = Path(str(source)).expanduser()
-    if not (path / "config.json").is_file():
-        return False
     try:
-        return read_config(path).get("model_type") in ("sam2", "sam2_video")
+        if (path / "config.json").is_file():
+            return read_config(path).get("model_type") in ("sam2", "sam2_video")
+        if path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors"))):
+            return sam_meta.is_meta(open_tensors(safetensors_files(path)))
     except WeightLoadError:
-        return False
+        pass
+    return False
 
 
 def quantize_sam(model: SamModel, bits: int, group_size: int) -> dict:
@@ -167,15 +185,15 @@ class SamQuantizationRefused(ValueError):
     """Quantization that measurably changes SAM's masks (`QUANTIZATION_IOU`)."""
 
 
-# Mask IoU of quantized vs float32 SAM (benchmarks/bench_sam_quantize.py: group 64, random
-# weights at the preset's config, skimage photos, 9 clicks + 2 boxes each; see RESULTS.md):
-# bits -> (preset, group size, mean IoU, min IoU). Offered when the min IoU >= MIN_IOU, at
-# that group size or a finer one.
-QUANTIZATION_IOU = {8: ("tiny", 32, 0.9978, 0.9913), 4: ("tiny", 32, 0.9516, 0.8728)}
+# Mask IoU of quantized vs float32 SAM (benchmarks/bench_sam_quantize.py: random weights at
+# the sam2.1-hiera-tiny config, 1024 px, skimage photos, 9 clicks + 2 boxes each; see
+# benchmarks/RESULTS.md): bits -> (preset, group size, mean IoU, min IoU). A width is
+# offered when its min IoU >= MIN_IOU, at that group size or a finer one; none is today.
+QUANTIZATION_IOU = {8: ("hiera-tiny", 64, 0.9843, 0.5746), 4: ("hiera-tiny", 64, 0.8470, 0.0360)}
 MIN_IOU = 0.98
 
 
-def check_sam_bits(bits: int, group_size: int = 32) -> str:
+def check_sam_bits(bits: int, group_size: int = 64) -> str:
     """The measured IoU note for `bits` when it is offered; SamQuantizationRefused (quoting
     the measurement) otherwise."""
     preset, group, mean, low = QUANTIZATION_IOU.get(bits, (None, 0, 0.0, 0.0))
@@ -185,9 +203,12 @@ def check_sam_bits(bits: int, group_size: int = 32) -> str:
             f"measured: {', '.join(f'{b} bits (group {v[1]})' for b, v in QUANTIZATION_IOU.items())}")
     note = f"mask IoU vs float32 {mean:.3f} mean, {low:.3f} min ({preset}, random weights)"
     if low < MIN_IOU:
+        offered = [b for b, v in QUANTIZATION_IOU.items() if v[3] >= MIN_IOU]
+        other = f" or --quantize {offered[0]}" if offered else ""
         raise SamQuantizationRefused(
             f"SAM 2.1 at {bits} bits changes its masks: {note}, below the {MIN_IOU} this "
-            "converter requires; convert without --quantize (or with 8)")
+            f"converter requires; convert without --quantize{other} (--dtype float16 or "
+            "bfloat16 halves the size)")
     return note
 
 
@@ -205,7 +226,7 @@ def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloa
     dest = Path(dest).expanduser()
     check_dest(dest, overwrite)
     folder = resolve_sam(source)
-    config = read_config(folder)
+    config = open_sam(folder, f"SAM 2.1 ({folder})")[0]
     if (config.get("quantization") or {}).get("bits"):
         raise SamQuantizationRefused(f"{folder} is already quantized: convert from the float "
                                      "checkpoint")
@@ -216,7 +237,7 @@ def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloa
     tmp = temp_folder_for(dest)
     try:
         save_sam(model, tmp, config)
-        proc = folder / "preprocessor_config.json"
+        proc = (folder if folder.is_dir() else folder.parent) / "preprocessor_config.json"
         if proc.is_file():
             shutil.copyfile(proc, tmp / proc.name)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))

@@ -408,3 +408,25 @@ def test_convert_sam_quantization_only_where_measured_harmless(tiny_sam_mlx, tmp
     seg = Segmenter(model)
     seg.set_image(data.coffee())
     assert seg.best_mask(points=[(300, 200)]).shape == (400, 600)
+
+
+def test_sam_benchmarks_run(repo_root):
+    """bench_sam_quantize.py and bench_sam_memory.py end to end at the tiny preset (their
+    figures at the released configs are in benchmarks/RESULTS.md)."""
+    import re
+    import subprocess
+    import sys
+
+    def last_line(script, *args):
+        proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), *args],
+                              cwd=repo_root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1]
+
+    line = last_line("bench_sam_quantize.py", "--preset", "tiny", "--group-size", "32",
+                     "--photos", "coffee")
+    m = re.fullmatch(r"sam quantization IoU vs float32 \(tiny, group 32\): q8 mean ([\d.]+) "
+                     r"min [\d.]+; q4 mean ([\d.]+) min [\d.]+", line)
+    assert m and 0 < float(m.group(2)) <= float(m.group(1)) <= 1, line
+    line = last_line("bench_sam_memory.py", "--cases", "tiny:256")
+    assert re.fullmatch(r"tiny\s+256\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line), line

@@ -1,7 +1,7 @@
 """Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
 A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
 by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`), a SAM 2.1
-folder by `weights.sam.convert_sam` (`convert_sam_source`).
+folder by `weights.sam.convert_sam` (`_convert_single_model`).
 
 Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
 `mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
@@ -326,22 +326,13 @@ def convert_checkpoint(
     """
     log = log or (lambda _msg: None)
     _check_options(dtype, group_size)
-    if controlnet_w.is_controlnet_source(source):
-        given = [flag for flag, v in (("--component-bits", component_bits_override),
-                                      ("--vae", vae), ("--text-encoders", text_encoders),
-                                      ("--lora", loras)) if v]
-        if given:
-            raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
-                                  "pipeline checkpoints only")
-        return convert_controlnet_source(
-            source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
-            config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-            log=log)
-    if sam_w.is_sam_source(source):
-        return convert_sam_source(source, dest, dtype, quantize, group_size, overwrite, log, [
-            flag for flag, v in (("--component-bits", component_bits_override), ("--vae", vae),
-                                 ("--text-encoders", text_encoders), ("--lora", loras),
-                                 ("--transformer-config", transformer_config)) if v])
+    flags = {"--component-bits": component_bits_override, "--vae": vae,
+             "--text-encoders": text_encoders, "--lora": loras,
+             "--transformer-config": transformer_config}
+    single = _convert_single_model(source, dest, dtype, quantize, group_size, overwrite,
+                                   max_shard_bytes, log, flags)
+    if single is not None:
+        return single
     try:
         bits = component_bits(quantize, component_bits_override)
     except ValueError as e:
@@ -369,26 +360,32 @@ def convert_checkpoint(
     return manifest
 
 
-def convert_sam_source(source, dest, dtype: str, quantize: int | None, group_size: int,
-                       overwrite: bool, log: Callable[[str], None], refused: list[str]) -> dict:
-    """A SAM 2.1 `source` (`sam.is_sam_source`) -> the mlx-edit folder `dest`
-    (`sam.convert_sam`); `refused`: pipeline-only flags given. Returns the manifest-like
-    {"format", "kind", "source", "dtype", "bits", "group_size", "bytes"}. Raises
-    ConversionError (pipeline flags, DEST in the way, refused quantization)."""
-    if refused:
-        raise ConversionError(f"{source} is a SAM 2.1 checkpoint: {', '.join(refused)} apply "
-                              "to FLUX pipeline checkpoints only")
-    t0 = time.perf_counter()
-    try:
-        info = sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
-                                 overwrite=overwrite)
-    except (FileExistsError, sam_w.SamQuantizationRefused) as e:
-        raise ConversionError(str(e)) from e
-    precision = f"{quantize}-bit (group {group_size}; {info['iou']})" if quantize else dtype
-    log(f"wrote SAM 2.1 {dest}: {precision}, {info['bytes'] / 1e6:.1f} MB, "
-        f"{time.perf_counter() - t0:.1f} s")
-    return {"format": "mlx-edit", "kind": "segmenter", "source": str(source), "dtype": dtype,
-            "bits": quantize, "group_size": group_size, "bytes": info["bytes"]}
+def _convert_single_model(source, dest, dtype: str, quantize: int | None, group_size: int,
+                          overwrite: bool, max_shard_bytes: int, log: Callable[[str], None],
+                          flags: Mapping) -> dict | None:
+    """A ControlNet or SAM 2.1 `source` converted on its own (`flags`: the pipeline-only
+    options given, refused for them; --transformer-config is a ControlNet's config);
+    None for a pipeline source."""
+    if controlnet_w.is_controlnet_source(source):
+        given = [f for f, v in flags.items() if v and f != "--transformer-config"]
+        if given:
+            raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
+                                  "pipeline checkpoints only")
+        return convert_controlnet_source(
+            source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
+            config=flags["--transformer-config"], overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes, log=log)
+    if sam_w.is_sam_source(source):
+        given = [f for f, v in flags.items() if v]
+        if given:
+            raise ConversionError(f"{source} is a SAM 2.1 checkpoint: {', '.join(given)} apply "
+                                  "to FLUX pipeline checkpoints only")
+        try:
+            return sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
+                                     overwrite=overwrite, log=log)
+        except (FileExistsError, sam_w.SamQuantizationRefused) as e:
+            raise ConversionError(str(e)) from e
+    return None
 
 
 def _check_options(dtype: str, group_size: int) -> None:

@@ -7,12 +7,19 @@ decoder's `conv_s0/conv_s1`) squeezed to (out, in). The released checkpoints are
 with `Sam2VideoModel`, so they also hold the video-memory modules; those are dropped by
 an explicit table (transformers' `Sam2PreTrainedModel._keys_to_ignore_on_load_unexpected`).
 Anything else missing, unexpected or mis-shaped is a WeightLoadError.
+
+Also read: Meta's original names (weights/sam_meta.py) and mlx-edit SAM folders, which
+`convert_sam` (`mlx-edit convert`) writes: our names, float16/bfloat16, config.json marked
+`_mlx_edit_version`. Quantization (`sam_quantizable`: the Hiera blocks' and the two-way
+transformer's Linears) is offered only at bit widths whose masks measured unchanged
+(`QUANTIZATION_IOU`); a quantized folder loads quantized (`apply_recorded_quantization`).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -213,17 +220,18 @@ def check_sam_bits(bits: int, group_size: int = 64) -> str:
 
 
 def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloat16,
-                bits: int | None = None, group_size: int = 64, *,
-                overwrite: bool = False) -> dict:
-    """Convert the SAM 2.1 checkpoint `source` (transformers folder or repo id, an mlx-edit
-    SAM folder) into the mlx-edit folder `dest`: our names, floating tensors in `dtype`,
-    config.json with the mlx-edit marker (and quantization record), the
+                bits: int | None = None, group_size: int = 64, *, overwrite: bool = False,
+                log=None) -> dict:
+    """Convert the SAM 2.1 checkpoint `source` (transformers folder or repo id, Meta's names,
+    an mlx-edit SAM folder) into the mlx-edit folder `dest`: our names, floating tensors in
+    `dtype`, config.json with the mlx-edit marker (and quantization record), the
     preprocessor_config.json. Written next to `dest` and renamed into place when complete.
-    bits: only where `QUANTIZATION_IOU` says it is harmless (`check_sam_bits`).
-    Returns {"bytes", "files", "bits", "iou"}. Raises FileExistsError (dest in the way),
+    bits: only where `QUANTIZATION_IOU` says it is harmless (`check_sam_bits`). `log`: a
+    callable for the one-line summary. Returns {"format", "kind", "source", "dtype",
+    "bits", "group_size", "bytes", "iou"}. Raises FileExistsError (dest in the way),
     SamQuantizationRefused (refused bits, an already quantized source), WeightLoadError."""
     note = check_sam_bits(bits, group_size) if bits is not None else None
-    dest = Path(dest).expanduser()
+    dest, t0 = Path(dest).expanduser(), time.perf_counter()
     check_dest(dest, overwrite)
     folder = resolve_sam(source)
     config = open_sam(folder, f"SAM 2.1 ({folder})")[0]
@@ -240,9 +248,14 @@ def convert_sam(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.bfloa
         proc = (folder if folder.is_dir() else folder.parent) / "preprocessor_config.json"
         if proc.is_file():
             shutil.copyfile(proc, tmp / proc.name)
-        files = sorted(p.name for p in tmp.glob("*.safetensors"))
         publish(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"bytes": folder_bytes(dest), "files": files, "bits": bits, "iou": note}
+    size, name = folder_bytes(dest), str(dtype).split(".")[-1]
+    if log is not None:
+        precision = f"{bits}-bit (group {group_size}; {note})" if bits else name
+        log(f"wrote SAM 2.1 {dest}: {precision}, {size / 1e6:.1f} MB, "
+            f"{time.perf_counter() - t0:.1f} s")
+    return {"format": "mlx-edit", "kind": "segmenter", "source": str(source), "dtype": name,
+            "bits": bits, "group_size": group_size, "bytes": size, "iou": note}

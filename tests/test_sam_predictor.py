@@ -47,11 +47,9 @@ def test_predictor_bad_prompts(segmenter, kwargs, message):
     assert "\n" not in str(e.value)
 
 
-
 def test_best_mask_is_image_sized(segmenter):
     mask = segmenter.best_mask(points=[(300, 200)])
     assert mask.shape == (400, 600) and mask.dtype == bool
-
 
 
 # ---------------------------------------------------------------- mlx-edit mask
@@ -170,7 +168,6 @@ def test_mask_cli_all_writes_numbered_masks_and_index(tiny_sam_mlx, tmp_path, mo
     assert first.shape == (400, 600) and (first == 255).sum() == index["masks"][0]["area"]
 
 
-
 def test_remove_holes_and_sprinkles():
     from mlx_edit.segment import remove_holes_and_sprinkles
 
@@ -205,7 +202,6 @@ def test_point_and_box_specs_give_the_predictor_mask(segmenter):
         prompts_from_specs([Points([(1, 2)]), Box(0, 0, 5, 5), Box(1, 1, 4, 4)])
     with pytest.raises(InputError, match="Points"):
         prompts_from_specs("300,200")
-
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +265,6 @@ def test_strict_loading_names_keys(tmp_path, tiny_sam_mlx):
     with pytest.raises(WeightLoadError, match=r"1 missing: mask_decoder.iou_token.weight.*"
                                               r"1 unexpected: extra.weight"):
         load_sam(tmp_path)
-
-
 
 
 def test_memory_estimate_counts_the_segmenter_at_its_phase():

@@ -384,7 +384,7 @@ def test_convert_sam_quantization_only_where_measured_harmless(tiny_sam_mlx, tmp
         assert res.exit_code == 2 and f"{mean:.3f} mean, {low:.3f} min" in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1 and not out.exists()
     for args, message in ((["--quantize", "8", "--group-size", "128"], "not measured"),
-                          (["--vae", "x"], "apply to FLUX pipeline checkpoints only")):
+                          (["--vae", "x"], "is a SAM 2.1 checkpoint: --vae apply to pipeline")):
         res = _convert_cli(tiny_sam_mlx, tmp_path / "refused", *args)
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "refused").exists()

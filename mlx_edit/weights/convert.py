@@ -1,7 +1,7 @@
 """Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
 A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
 by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`), a SAM 2.1
-folder by `weights.sam.convert_sam` (`_convert_single_model`).
+folder by `weights.sam.convert_sam` (`_convert_sam`).
 
 Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
 `mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
@@ -326,17 +326,19 @@ def convert_checkpoint(
     """
     log = log or (lambda _msg: None)
     _check_options(dtype, group_size)
-    flags = {"--component-bits": component_bits_override, "--vae": vae,
-             "--text-encoders": text_encoders, "--lora": loras,
-             "--transformer-config": transformer_config}
-    single = _convert_single_model(source, dest, dtype, quantize, group_size, overwrite,
-                                   max_shard_bytes, log, flags)
-    if single is not None:
-        return single
-    try:
-        bits = component_bits(quantize, component_bits_override)
-    except ValueError as e:
-        raise ConversionError(str(e)) from e
+    given = {"--component-bits": component_bits_override, "--vae": vae,
+             "--text-encoders": text_encoders, "--lora": loras}
+    if controlnet_w.is_controlnet_source(source):
+        _refuse_pipeline_options(source, given)
+        return convert_controlnet_source(
+            source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
+            config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+            log=log)
+    if sam_w.is_sam_source(source):
+        _refuse_pipeline_options(source, {**given, "--transformer-config": transformer_config},
+                                 "a SAM 2.1 checkpoint")
+        return _convert_sam(source, dest, dtype, quantize, group_size, overwrite, log)
+    bits = _component_bits(quantize, component_bits_override)
     dest = _checked_dest(dest, overwrite)
     parts = locate_sources(source, vae, text_encoders)
     _check_not_inside(dest, parts)
@@ -345,9 +347,7 @@ def convert_checkpoint(
     tmp = _fresh_temp(dest)
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
-        options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
-        if loras:
-            options["baked_loras"] = [[str(src), float(scale)] for src, scale in loras]
+        options = _options(dtype, group_size, loras)
         components = _write_components(tmp, parts, bits, transformer_config, options,
                                        max_shard_bytes, log)
         manifest = _write_manifest(tmp, source, parts, options, components)
@@ -360,32 +360,41 @@ def convert_checkpoint(
     return manifest
 
 
-def _convert_single_model(source, dest, dtype: str, quantize: int | None, group_size: int,
-                          overwrite: bool, max_shard_bytes: int, log: Callable[[str], None],
-                          flags: Mapping) -> dict | None:
-    """A ControlNet or SAM 2.1 `source` converted on its own (`flags`: the pipeline-only
-    options given, refused for them; --transformer-config is a ControlNet's config);
-    None for a pipeline source."""
-    if controlnet_w.is_controlnet_source(source):
-        given = [f for f, v in flags.items() if v and f != "--transformer-config"]
-        if given:
-            raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
-                                  "pipeline checkpoints only")
-        return convert_controlnet_source(
-            source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
-            config=flags["--transformer-config"], overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes, log=log)
-    if sam_w.is_sam_source(source):
-        given = [f for f, v in flags.items() if v]
-        if given:
-            raise ConversionError(f"{source} is a SAM 2.1 checkpoint: {', '.join(given)} apply "
-                                  "to FLUX pipeline checkpoints only")
-        try:
-            return sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
-                                     overwrite=overwrite, log=log)
-        except (FileExistsError, sam_w.SamQuantizationRefused) as e:
-            raise ConversionError(str(e)) from e
-    return None
+def _component_bits(quantize: int | None, override: Mapping[str, int | None] | None
+                    ) -> dict[str, int | None]:
+    """`weights.quantize.component_bits`, its ValueError as a ConversionError."""
+    try:
+        return component_bits(quantize, override)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+
+
+def _options(dtype: str, group_size: int, loras: Sequence[tuple[str | Path, float]]) -> dict:
+    """The conversion options every component's config.json and the manifest record."""
+    options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
+    if loras:
+        options["baked_loras"] = [[str(src), float(scale)] for src, scale in loras]
+    return options
+
+
+def _refuse_pipeline_options(source: str | Path, given: Mapping[str, object],
+                             kind: str = "a ControlNet") -> None:
+    """ConversionError naming the options set in `given` ({flag: value}): they apply to
+    pipeline checkpoints only, and `source` is `kind` (a ControlNet, a SAM 2.1 checkpoint)."""
+    flags = [flag for flag, value in given.items() if value]
+    if flags:
+        raise ConversionError(f"{source} is {kind}: {', '.join(flags)} apply to "
+                              "pipeline checkpoints only")
+
+
+def _convert_sam(source, dest, dtype: str, quantize: int | None, group_size: int,
+                 overwrite: bool, log: Callable[[str], None]) -> dict:
+    """`sam.convert_sam` (SAM 2.1 sources) with its refusals as ConversionError."""
+    try:
+        return sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
+                                 overwrite=overwrite, log=log)
+    except (FileExistsError, sam_w.SamQuantizationRefused) as e:
+        raise ConversionError(str(e)) from e
 
 
 def _check_options(dtype: str, group_size: int) -> None:

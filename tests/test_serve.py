@@ -293,7 +293,7 @@ def _free_port() -> int:
 class ServerProcess:
     """`mlx-edit serve` as a process on 127.0.0.1 (a free port), cwd `cwd`."""
 
-    def __init__(self, model, cwd):
+    def __init__(self, model, cwd, *args):
         import subprocess
         import sys
 
@@ -301,7 +301,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from mlx_edit.cli import main; main()", "serve",
-             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port)],
+             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+             *(args or ("--no-prompt-cache",))],  # never the user's ~/.cache in tests
             cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait_ready(self, client, timeout=60.0):
@@ -323,14 +324,16 @@ class ServerProcess:
         self.proc.stderr.close()
 
 
-def test_real_server_process(tiny_mlx, photo, tmp_path):
+def test_real_server_process(tiny_mlx, photo, tmp_path, tmp_path_factory):
     """`mlx-edit serve` as a process on 127.0.0.1: an edit over a socket; killed mid-job
-    it leaves no file behind (results live in memory)."""
+    it leaves no file behind (results live in memory; the prompt cache is elsewhere)."""
     import signal
 
     import httpx
 
-    server = ServerProcess(tiny_mlx, tmp_path)
+    cache = tmp_path_factory.mktemp("prompts")
+    server = ServerProcess(tiny_mlx, tmp_path, "--prompt-cache", str(cache),
+                           "--max-resident-gb", "100", "--preview-every", "2")
     try:
         with httpx.Client(base_url=server.url, timeout=10) as client:
             server.wait_ready(client)
@@ -338,11 +341,15 @@ def test_real_server_process(tiny_mlx, photo, tmp_path):
             assert wait(client, job_id)["state"] == "done"
             png = Image.open(io.BytesIO(client.get(f"/v1/jobs/{job_id}/images/0").content))
             assert png.size == SIZE
+            health = client.get("/v1/health").json()
+            assert health["prompt_cache"] == {"hits": 0, "misses": 1}
+            assert health["resident_budget_gb"] == 100
             long = submit(client, photo, {**FAST, "steps": 1000}).json()["id"]
             wait(client, long, states=("running",))
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(10)
         assert list(tmp_path.iterdir()) == []
+        assert len([f for f in cache.iterdir() if not f.name.startswith(".")]) == 1
     finally:
         server.stop()
 

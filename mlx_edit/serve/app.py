@@ -109,13 +109,17 @@ def segment_mask(resident: Resident, image, prompts: list) -> np.ndarray:
 def run_edit(state, request, progress) -> tuple[list, dict]:
     """Run one EditRequest on its resident pipeline (worker thread): (images, timings).
     Clicks/boxes are segmented first by the resident segmenter; `progress` gets step
-    previews every `preview_every` steps."""
+    previews every `preview_every` steps. Timings: the job's phases, plus `load_s` when
+    the pipeline had to be made for it (evicted, or first use)."""
     resident, config, mask, stats = state.resident, state.config, request.mask, {}
     if isinstance(mask, list):
         t0 = time.perf_counter()
         mask = segment_mask(resident, request.image, mask)
         stats["segment_s"] = time.perf_counter() - t0
+    loaded, t0 = request.kind in resident.models, time.perf_counter()
     with resident.using(request.kind) as pipe:
+        if not loaded:  # made (and, unless low_memory, its weights loaded) for this job
+            stats["load_s"] = time.perf_counter() - t0
         if config.preview_every:
             if pipe not in state.previewers:
                 state.previewers[pipe] = Previewer(pipe)
@@ -129,7 +133,9 @@ def run_edit(state, request, progress) -> tuple[list, dict]:
         else:
             images = pipe.edit(request.image, request.prompt, o, mask=mask,
                                progress=progress)
-        return images, {**stats, **pipe.last_stats}
+        # the pipeline's own load_stats are its construction's, paid once, not by this job
+        return images, {**{k: v for k, v in pipe.last_stats.items()
+                           if k not in pipe.load_stats}, **stats}
 
 
 def _segmenter(config: ServeConfig, preloaded: dict) -> str | None:

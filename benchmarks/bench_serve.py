@@ -97,10 +97,12 @@ async def _load(url, files, options, clients: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_queue(client, stats, stop))
-        results = await asyncio.gather(*(_edit(client, files, options, stats)
-                                         for _ in range(clients)))
-        stop.set()
-        await sampler
+        try:
+            results = await asyncio.gather(*(_edit(client, files, options, stats)
+                                             for _ in range(clients)))
+        finally:  # the sampler ends before the client closes (also on an error)
+            stop.set()
+            await sampler
     stats["done"] = sum(1 for r in results if r and r[0] == "done")
     stats["lost"] = clients - stats["done"]
     return stats

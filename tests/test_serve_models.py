@@ -241,3 +241,23 @@ def test_masks_need_a_segmenter(make_client, photo):
     r = make_client().post("/v1/masks", data={"points": "[[4, 4]]"},
                            files={"image": ("p.png", _png(photo[0]), "image/png")})
     assert r.status_code == 400 and "no segmenter" in r.json()["error"]
+
+
+@pytest.mark.parametrize("args,message", [(["--max-resident-gb", "0"], "max-resident-gb"),
+                                          (["--preview-every", "-1"], "preview-every"),
+                                          (["--prompt-cache-gb", "0"], "prompt-cache-gb")])
+def test_serve_flags_checked(args, message):
+    from click.testing import CliRunner
+
+    from mlx_edit.cli import main
+
+    r = CliRunner().invoke(main, ["serve", *args])
+    assert r.exit_code == 2 and message in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field,value", [("preview_every", -1), ("preview_max_side", 0),
+                                         ("max_resident_gb", 0.0), ("prompt_cache_gb", -1)])
+def test_config_refuses_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        ServeConfig(**{field: value})

@@ -1,11 +1,14 @@
-"""The FastAPI app of `mlx-edit serve`: routes over a JobRunner and resident pipelines.
+"""The FastAPI app of `mlx-edit serve`: routes over a JobRunner and resident models
+(serve/resident.py: Fill, Kontext, SAM, evicted LRU by estimated size).
 
     POST   /v1/edits                 multipart (image, mask | points/box, prompt, mode,
                                      options JSON, priority) or JSON (base64 images)
                                      -> 202 {"id", "state"}
     GET    /v1/jobs/{id}             state, step/total, timings, error
-    GET    /v1/jobs/{id}/events      server-sent events: queued, running, step, done |
+    GET    /v1/jobs/{id}/events      server-sent events: queued, running, step (with a
+                                     JPEG preview every --preview-every steps), done |
                                      failed | cancelled
+    POST   /v1/masks                 image + points/labels/box -> the segmenter's mask PNG
     GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
     DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
     GET    /v1/health                models loaded, queue length (no token needed)

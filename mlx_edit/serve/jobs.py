@@ -2,9 +2,12 @@
 
 A bounded heap holds waiting jobs (interactive before batch, then first come first
 served); `submit` refuses a job when `max_queue` are waiting (QueueFull, HTTP 429). The
-worker calls `run_edit(request, progress)`; `progress(step, total)` records the step,
-emits an event and raises `Cancelled` when the job was cancelled, so a running edit stops
-after the step in progress (the pipeline's generator closes and frees what it holds).
+worker calls `run_edit(request, progress)`; `progress(step, total, **preview)` records
+the step, emits an event (with its preview, if any) and raises `Cancelled` when the job
+was cancelled, so a running edit stops after the step in progress (the pipeline's
+generator closes and frees what it holds).
+`call(fn)` runs short work that needs the models (a mask from clicks) on the worker
+thread ahead of the queue: at once when idle, else between two steps of the running edit.
 Results are PNG bytes kept in memory (nothing is written to disk, so a killed server
 leaves no partial file); finished jobs are evicted oldest first beyond `keep_jobs` jobs
 or `keep_bytes` bytes of PNGs.

@@ -1,6 +1,7 @@
 """The web page of `mlx-edit serve` in headless Chromium (Playwright, Debian's chromium;
-skipped when either is missing): outpaint by dragging the photo's edges, masks from
-clicks with a segmenter, step previews shown while a job runs.
+skipped when either is missing): a painted mask, outpaint by dragging the photo's edges
+(one server and browser for both), masks from clicks with a segmenter, step previews
+shown while a job runs.
 
 MLX_EDIT_SCREENSHOT=docs/serve-page.png: the click test also saves the page after its
 edit there (the README's screenshot)."""
@@ -21,12 +22,15 @@ from skimage import data
 pytest.importorskip("fastapi")
 from mlx_edit.imaging.masks import blend_mask  # noqa: E402
 from mlx_edit.imaging.stitch import outpaint_canvas  # noqa: E402
-from test_serve import CHROMIUM, SIZE, ServerProcess  # noqa: E402
+from test_serve import SIZE, ServerProcess  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium)
 
 
 @contextlib.contextmanager
-def page_on(server):
-    """A Chromium page on the server's `/` (the server ready first)."""
+def browser_on(server):
+    """A Chromium browser for the server (ready first); pages via `new_page(browser,
+    server)`."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no Chromium at {CHROMIUM}")
@@ -35,12 +39,45 @@ def page_on(server):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(accept_downloads=True, viewport={"width": 1100,
-                                                                    "height": 760})
-            page.goto(server.url + "/")
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+def new_page(browser, server):
+    page = browser.new_page(accept_downloads=True, viewport={"width": 1100, "height": 760})
+    page.set_default_timeout(120_000)  # a busy CI machine: waits are for events, not time
+    page.goto(server.url + "/")
+    return page
+
+
+@contextlib.contextmanager
+def page_on(server):
+    """A Chromium page on the server's `/`."""
+    with browser_on(server) as browser:
+        yield new_page(browser, server)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_mlx, tmp_path_factory):
+    """(server, browser) shared by the tests without a segmenter; the server's cwd is
+    an empty folder that must stay empty."""
+    cwd = tmp_path_factory.mktemp("serve-cwd")
+    server = ServerProcess(tiny_mlx, cwd)
+    try:
+        with browser_on(server) as browser:
+            yield server, browser
+    finally:
+        server.stop()
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory):
+    img = Image.fromarray(data.astronaut()).resize(SIZE)
+    path = tmp_path_factory.mktemp("in") / "photo.png"
+    img.save(path)
+    return img, path
 
 
 def open_photo(page, path):
@@ -54,7 +91,7 @@ def run_and_download(page, prompt="a red hat", steps="2"):
     page.fill("#steps", steps)
     page.fill("#seed", "3")
     page.click("#submit")
-    page.wait_for_selector("#results img.picked", timeout=90_000)
+    page.wait_for_selector("#results img.picked")
     page.wait_for_function("document.querySelector('#results img').naturalWidth > 0")
     with page.expect_download() as download:
         page.click("#download")
@@ -72,44 +109,62 @@ def drag(page, selector, dx, dy):
     page.mouse.up()
 
 
-def test_outpaint_by_dragging_edges(tiny_mlx, tmp_path):
+def test_paint_a_stroke_and_download(served, photo_file):
+    """Open a photo, paint a stroke, submit, wait for the result, download it: the
+    photo's size, the photo's pixels outside the painted mask (grown 0, feathered by the
+    default 8 px); the step previews were shown."""
+    img, path = photo_file
+    page = new_page(*served[::-1])
+    open_photo(page, path)
+    page.eval_on_selector("#size", "e => { e.value = 12; }")
+    box = page.locator("#mask").bounding_box()
+    xy = lambda x, y: (box["x"] + x * box["width"] / SIZE[0],  # noqa: E731
+                       box["y"] + y * box["height"] / SIZE[1])
+    page.mouse.move(*xy(30, 30))
+    page.mouse.down()
+    page.mouse.move(*xy(60, 45), steps=8)
+    page.mouse.up()
+    out = run_and_download(page)
+    assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")
+    alpha = page.evaluate("""() => { const m = document.getElementById('mask');
+        const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
+        return Array.from(d.filter((_, i) => i % 4 === 3)); }""")
+    painted = (np.array(alpha, np.float32).reshape(SIZE[::-1]) > 0).astype(np.float32)
+    assert 50 < painted.sum() < 0.5 * painted.size
+    assert out.size == SIZE and out.text["prompt"] == "a red hat"
+    outside = blend_mask(painted, 0, 8) == 0
+    res, src = np.asarray(out.convert("RGB")), np.asarray(img)
+    assert np.array_equal(res[outside], src[outside])
+    assert not np.array_equal(res[painted > 0], src[painted > 0])
+
+
+def test_outpaint_by_dragging_edges(served, photo_file):
     """Drag the right and bottom handles outward: the margins follow the pointer (photo
     px), the edit's result has the extended size with the photo's pixels kept exactly
-    away from the seams, and the step previews were shown."""
-    path = tmp_path / "in" / "photo.png"
-    path.parent.mkdir()
-    img = Image.fromarray(data.astronaut()).resize(SIZE)
-    img.save(path)
-    server = ServerProcess(tiny_mlx, tmp_path)
-    try:
-        with page_on(server) as page:
-            open_photo(page, path)
-            page.select_option("#mode", "outpaint")
-            for side in ("left", "right", "top", "bottom"):
-                page.fill(f"#{side}", "0")
-            scale = page.locator("#photo").bounding_box()["width"] / SIZE[0]
-            drag(page, ".handle[data-side=right]", 40, 0)
-            drag(page, ".handle[data-side=bottom]", 0, 24)
-            drag(page, ".handle[data-side=left]", 30, 0)  # inward: stays 0
-            margins = {s: int(page.input_value(f"#{s}"))
-                       for s in ("left", "right", "top", "bottom")}
-            frame = page.locator("#frame").bounding_box()
-            out = run_and_download(page, "a beach", steps="2")
-            preview = page.get_attribute("#preview", "src")
-    finally:
-        server.stop()
+    away from the seams."""
+    img, path = photo_file
+    page = new_page(*served[::-1])
+    open_photo(page, path)
+    page.select_option("#mode", "outpaint")
+    for side in ("left", "right", "top", "bottom"):
+        page.fill(f"#{side}", "0")
+    scale = page.locator("#photo").bounding_box()["width"] / SIZE[0]
+    drag(page, ".handle[data-side=right]", 40, 0)
+    drag(page, ".handle[data-side=bottom]", 0, 24)
+    drag(page, ".handle[data-side=left]", 30, 0)  # inward: stays 0
+    margins = {s: int(page.input_value(f"#{s}")) for s in ("left", "right", "top", "bottom")}
+    frame = page.locator("#frame").bounding_box()
+    out = run_and_download(page, "a beach", steps="2")
     assert margins == {"left": 0, "right": round(40 / scale), "top": 0,
                        "bottom": round(24 / scale)}, margins
     assert abs(frame["width"] - (SIZE[0] + margins["right"]) * scale) <= 2
-    assert preview.startswith("data:image/jpeg;base64,")
     assert out.size == (SIZE[0] + margins["right"], SIZE[1] + margins["bottom"])
     assert json.loads(out.text["expand"]) == [0, margins["right"], 0, margins["bottom"]]
     _, _, blend = outpaint_canvas(img, 0, margins["right"], 0, margins["bottom"])
-    keep = np.asarray(blend) == 0
-    assert keep[: SIZE[1], : SIZE[0]].mean() > 0.3
+    keep = (np.asarray(blend) == 0)[: SIZE[1], : SIZE[0]]
+    assert keep.mean() > 0.3
     res = np.asarray(out.convert("RGB"))[: SIZE[1], : SIZE[0]]
-    src = np.asarray(img)
-    assert np.array_equal(res[keep[: SIZE[1], : SIZE[0]]], src[keep[: SIZE[1], : SIZE[0]]])
+    assert np.array_equal(res[keep], np.asarray(img)[keep])
 
 
 @pytest.mark.parity  # the SAM fixture is built with transformers

@@ -3,7 +3,7 @@
 Latent previews as ComfyUI and diffusers' callbacks draw them: a linear map of each
 latent pixel's channels to RGB, no VAE decode. Instead of a published matrix for one
 VAE, the map (16 -> 3 plus a bias) is fitted by least squares to the pipeline's own VAE
-once (one encode of a small synthetic colour chart), so it fits any checkpoint,
+once (one encode of a 128 px synthetic colour chart), so it fits any checkpoint,
 random-weight fixtures included. What is projected is the step's estimate of the clean
 image, x0 = x_k - sigma_k * v, with v the step's flow-matching velocity recovered from
 two consecutive latents (exact for the Euler step; a keep-source hook makes it
@@ -22,40 +22,36 @@ from PIL import Image
 
 from mlx_edit.sampling.latents import unpack_latents
 
-CHART_PX = 128  # side of the calibration chart: 16 x 16 latent pixels per image
-CHARTS = 3
+CHART_PX = 128  # the calibration chart: 16 x 16 latent pixels, one VAE encode
 
 
-def _chart(seed: int) -> np.ndarray:
-    """A synthetic colour chart (CHART_PX, CHART_PX, 3) in [-1, 1]: smooth random colour
-    blobs, flat patches and a grey ramp, so every colour direction is present."""
-    g = np.random.default_rng(seed)
-    low = g.uniform(-1, 1, (4, 4, 3)).astype(np.float32)
-    blobs = np.asarray(Image.fromarray(((low + 1) * 127.5).astype(np.uint8)).resize(
-        (CHART_PX, CHART_PX), Image.BICUBIC), np.float32) / 127.5 - 1
-    patches = np.kron(g.uniform(-1, 1, (8, 8, 3)), np.ones((16, 16, 1))).astype(np.float32)
-    ramp = np.broadcast_to(np.linspace(-1, 1, CHART_PX, dtype=np.float32)[None, :, None],
-                           (CHART_PX, CHART_PX, 3))
-    return [blobs, patches, ramp][seed % 3]
+def chart(seed: int = 0) -> np.ndarray:
+    """A synthetic colour chart (CHART_PX, CHART_PX, 3) in [-1, 1], four quadrants:
+    smooth random colour blobs, flat random patches, a grey ramp, saturated primaries, so
+    every colour direction is present."""
+    g, q = np.random.default_rng(seed), CHART_PX // 2
+    low = g.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+    blobs = np.asarray(Image.fromarray(low).resize((q, q), Image.BICUBIC), np.float32)
+    blobs = blobs / 127.5 - 1
+    patches = np.kron(g.uniform(-1, 1, (4, 4, 3)), np.ones((q // 4, q // 4, 1)))
+    ramp = np.broadcast_to(np.linspace(-1, 1, q)[None, :, None], (q, q, 3))
+    primaries = np.kron(np.sign(g.uniform(-1, 1, (4, 4, 3))), np.ones((q // 4, q // 4, 1)))
+    top, bottom = np.concatenate([blobs, patches], 1), np.concatenate([ramp, primaries], 1)
+    return np.concatenate([top, bottom], 0).astype(np.float32)
 
 
 def fit_projection(encode) -> np.ndarray:
     """(C + 1, 3) float32 least-squares map [latent channels, 1] -> RGB in [-1, 1].
 
     encode: pixels (H, W, 3) in [-1, 1] -> packed scaled latents (1, N, 4C), the
-    pipeline's `encode_image`."""
-    xs, ys = [], []
-    for seed in range(CHARTS):
-        px = _chart(seed)
-        z = unpack_latents(encode(px).astype(mx.float32), CHART_PX, CHART_PX)
-        z = np.array(z[0])  # (h, w, C)
-        f = CHART_PX // z.shape[0]
-        rgb = px.reshape(z.shape[0], f, z.shape[1], f, 3).mean(axis=(1, 3))
-        xs.append(z.reshape(-1, z.shape[-1]))
-        ys.append(rgb.reshape(-1, 3))
-    x = np.concatenate(xs)
+    pipeline's `encode_image` (called once, on `chart()`)."""
+    px = chart()
+    z = np.array(unpack_latents(encode(px).astype(mx.float32), CHART_PX, CHART_PX)[0])
+    f = CHART_PX // z.shape[0]
+    rgb = px.reshape(z.shape[0], f, z.shape[1], f, 3).mean(axis=(1, 3))
+    x = z.reshape(-1, z.shape[-1])
     x = np.concatenate([x, np.ones((len(x), 1), np.float32)], axis=1)
-    m, *_ = np.linalg.lstsq(x, np.concatenate(ys), rcond=None)
+    m, *_ = np.linalg.lstsq(x, rgb.reshape(-1, 3), rcond=None)
     return m.astype(np.float32)
 
 

@@ -27,7 +27,6 @@ import hmac
 import io
 import json
 import time
-import weakref
 from importlib import resources
 from pathlib import Path
 
@@ -124,10 +123,8 @@ def run_edit(state, request, progress) -> tuple[list, dict]:
         if not loaded:  # made (and, unless low_memory, its weights loaded) for this job
             stats["load_s"] = time.perf_counter() - t0
         if config.preview_every:
-            if pipe not in state.previewers:
-                state.previewers[pipe] = Previewer(pipe)
-            progress = state.previewers[pipe].for_job(progress, config.preview_every,
-                                                      config.preview_max_side)
+            progress = state.previewer.for_job(pipe, progress, config.preview_every,
+                                               config.preview_max_side)
         o = request.options
         if request.mode == "inpaint":
             images = pipe.inpaint(request.image, mask, request.prompt, o, progress=progress)
@@ -409,7 +406,7 @@ def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
 
     app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan)
     state = app.state
-    state.config, state.previewers = config, weakref.WeakKeyDictionary()
+    state.config, state.previewer = config, Previewer()
     state.resident, segmenter, state.prompt_cache = _resident(config, pipelines)
     state.segmenter = segmenter or ("resident" if "segmenter" in state.resident.models
                                     else None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -67,47 +68,44 @@ def to_jpeg(rgb: np.ndarray, max_side: int) -> tuple[str, tuple[int, int]]:
 
 
 class Previewer:
-    """Previews of one pipeline's running jobs; `for_job(report, every, max_side)` is the
-    `progress` a pipeline's `run` calls with the job (it has `wants_job`).
+    """Step previews of the jobs of any pipeline; `for_job(pipe, report, every,
+    max_side)` is the `progress` a pipeline's `run` calls with the job (`wants_job`).
+    Each pipeline's fitted map is kept as long as the pipeline lives (weakly keyed: an
+    evicted pipeline takes its map along)."""
 
-    pipe: a FluxPipeline (its VAE is used once, on the first preview, to fit the map)."""
+    def __init__(self):
+        self._maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self._projection: np.ndarray | None = None
+    def projection(self, pipe) -> np.ndarray:
+        """The (C + 1, 3) map of `pipe` (a FluxPipeline), fitted with its VAE on first use
+        (on the calling thread: the worker)."""
+        if pipe not in self._maps:
+            with pipe.components.using("vae"):
+                self._maps[pipe] = fit_projection(pipe.encode_image)
+        return self._maps[pipe]
 
-    @property
-    def projection(self) -> np.ndarray:
-        """The fitted (C + 1, 3) map (fitted on first use, on the calling thread)."""
-        if self._projection is None:
-            with self.pipe.components.using("vae"):
-                self._projection = fit_projection(self.pipe.encode_image)
-        return self._projection
-
-    def image(self, latents: mx.array, size: tuple[int, int]) -> np.ndarray:
+    def image(self, pipe, latents: mx.array, size: tuple[int, int]) -> np.ndarray:
         """Packed latents (B, N, 4C) of a `size` = (width, height) px canvas -> image 0's
         preview (h, w, 3) in [-1, 1], one pixel per latent pixel (1/8 of the canvas)."""
         z = np.array(unpack_latents(latents[:1].astype(mx.float32), size[1], size[0])[0])
-        m = self.projection
+        m = self.projection(pipe)
         return z @ m[:-1] + m[-1]
 
-    def for_job(self, report, every: int, max_side: int):
-        """A `progress(step, total, job)` (with `wants_job`): calls `report(step, total,
-        preview)` every step, preview = {"preview": data URL, "preview_size": [w, h]} every
-        `every` steps and at the last one, else {}."""
+    def for_job(self, pipe, report, every: int, max_side: int):
+        """A `progress(step, total, job)` (with `wants_job`) for an edit on `pipe`: calls
+        `report(step, total, **preview)` every step, preview = {"preview": data URL,
+        "preview_size": [w, h]} every `every` steps and at the last one, else {}."""
         prev: dict = {}
 
         def progress(step: int, total: int, job) -> None:
-            extra = {}
+            extra, s = {}, float(job.sigmas[step])
             if every and (step % every == 0 or step == total):
                 x = job.latents
-                s = float(job.sigmas[step])
                 if "x" in prev:  # x0 = x_k - s_k * v, v from the last two latents
-                    v = (x - prev["x"]) / (s - prev["s"])
-                    x = x - s * v
-                url, (w, h) = to_jpeg(self.image(x, job.plan.model_size), max_side)
+                    x = x - s * (x - prev["x"]) / (s - prev["s"])
+                url, (w, h) = to_jpeg(self.image(pipe, x, job.plan.model_size), max_side)
                 extra = {"preview": url, "preview_size": [w, h]}
-            prev.update(x=job.latents, s=float(job.sigmas[step]))
+            prev.update(x=job.latents, s=s)
             report(step, total, **extra)
         progress.wants_job = True
         return progress

@@ -57,10 +57,9 @@ FILE_FIELDS = ("image", "mask")
 
 
 def model_loaders(config: ServeConfig, cache=None) -> dict:
-    """{kind: () -> model} of the configured models: "fill" (always), "kontext" (with
-    kontext_model), "segmenter" (segment_model, else the Fill folder's `segmenter/`).
-    Pipelines read configs and tokenizers when made and load their weights on first use;
-    each gets `cache` (a PromptCache) when one is given."""
+    """{kind: () -> pipeline} of the configured pipelines: "fill" (always), "kontext"
+    (with kontext_model); the segmenter's is added by `_resident`. Each gets `cache` (a
+    PromptCache) when one is given."""
     from mlx_edit.fill import FluxFill
 
     kw = {"quantize": config.quantize, "low_memory": config.low_memory}

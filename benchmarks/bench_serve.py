@@ -1,20 +1,21 @@
 """`mlx-edit serve` under load, and a warm server's edit against a fresh CLI call.
 
     python benchmarks/bench_serve.py --model DIR [--preset tiny] [--clients 50]
-        [--max-queue 8] [--size 96x80] [--steps 2] [--max-sequence-length 16]
+        [--max-queue 8] [--size 96x80] [--steps 2] [--max-sequence-length 16] [--repeats 1]
 
 Starts `mlx-edit serve --model DIR` on 127.0.0.1 (a free port, a fresh prompt cache
 folder) as a process, then:
-1. two edits with the same prompt (the second skips the text encoders: the prompt
-   embeddings are cached), their phase timings printed;
+1. 1 + --repeats edits with the same prompt (the later ones skip the text encoders: the
+   prompt embeddings are cached), their phase timings printed;
 2. load (skipped with --clients 0): --clients concurrent clients each submit one edit
    (retrying after a 429 until accepted) and poll it to the end; counted: accepted, done,
    lost (not done or no PNG), 429s, the most jobs ever waiting (from /v1/health,
    sampled), the server's RSS before and after (memory flat: no per-job leak);
-3. the same edit as `mlx-edit inpaint --metadata` run twice as fresh processes (the
-   second with warm file caches): wall time against the warm server's second edit
-   (submit to PNG), and the phases of each side (the CLI's from its JSON sidecar): what
-   the server removes is the process start, the model load and the text encoding.
+3. the same edit as `mlx-edit inpaint --metadata` run 1 + --repeats times as fresh
+   processes (the later ones with warm file caches): the median wall time of the later
+   ones against the median of the warm server's later edits (submit to PNG), and the
+   phases of each side (the CLI's from its JSON sidecar): what the server removes is the
+   process start, the model load and the text encoding.
 DIR: a FLUX.1 Fill folder; with --preset and no DIR, the torch-free fixture is built
 there first (scripts/make_mlx_checkpoint.py). Last line: `serve: N clients, ...`.
 """
@@ -26,6 +27,7 @@ import asyncio
 import io
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--size", default="96x80")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--max-sequence-length", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="warm server edits and CLI calls after the first (medians)")
     args = ap.parse_args()
     if args.preset and not args.model.exists():
         sys.path.insert(0, str(REPO / "scripts"))
@@ -167,9 +171,11 @@ def main() -> None:
         proc, url = _start(args.model, args.max_queue, folder / "prompts")
         print(f"server ready (models loaded) in {time.perf_counter() - t0:.3f} s")
         try:
-            first, second = (asyncio.run(_load_one(url, files, options)) for _ in range(2))
+            first, *warm = (asyncio.run(_load_one(url, files, options))
+                            for _ in range(1 + args.repeats))
             print(f"server: first edit {first[1]:.3f} s, timings {_phases(first[2])}")
-            print(f"server: second edit {second[1]:.3f} s, timings {_phases(second[2])}")
+            for i, edit in enumerate(warm):
+                print(f"server: edit {i + 2} {edit[1]:.3f} s, timings {_phases(edit[2])}")
             rss0 = _rss_gb(proc.pid)
             stats = asyncio.run(_load(url, files, options, args.clients)) if args.clients \
                 else None
@@ -177,12 +183,16 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-        cli = [_cli_edit(args.model, folder, options) for _ in range(2)]
+        cli = [_cli_edit(args.model, folder, options) for _ in range(1 + args.repeats)]
     for i, (wall, phases) in enumerate(cli):
         print(f"mlx-edit inpaint process {i + 1}: {wall:.3f} s, timings {_phases(phases)}, "
               f"outside the phases (start, imports, I/O) "
               f"{wall - sum(v for k, v in phases.items() if k in PHASES):.3f} s")
-    ratio = f"second CLI call / warm server edit: {cli[1][0] / second[1]:.1f}x"
+    later_cli = statistics.median(c[0] for c in cli[1:])
+    later_server = statistics.median(e[1] for e in warm)
+    print(f"medians after the first: CLI process {later_cli:.3f} s, warm server edit "
+          f"{later_server:.3f} s")
+    ratio = f"second CLI call / warm server edit: {later_cli / later_server:.1f}x"
     if stats is None:
         print(f"serve: 0 clients (no load test); RSS {rss0:.2f} GB; {ratio}")
         return

@@ -37,6 +37,7 @@ import numpy as np
 from mlx.utils import tree_map_with_path
 
 from mlx_edit import pipeline as pl
+from mlx_edit import prompts
 from mlx_edit.sampling.latents import image_ids, text_ids
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
@@ -158,9 +159,9 @@ def inpaint(folder: Path, size: int, simulate: bool) -> np.ndarray:
     image = np.asarray(Image.fromarray(data.astronaut()).resize((size, size)))
     mask = np.zeros((size, size), np.uint8)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
-    real_load_t5 = pl.load_t5
+    real_load_t5 = prompts.load_t5
     if simulate:  # T5 is loaded at encode time: dequantize it there
-        pl.load_t5 = lambda *a, **k: dequantize_layers(real_load_t5(*a, **k))
+        prompts.load_t5 = lambda *a, **k: dequantize_layers(real_load_t5(*a, **k))
     try:
         pipe = pl.FluxFill.from_pretrained(folder, mx.float32)
         if simulate:
@@ -168,7 +169,7 @@ def inpaint(folder: Path, size: int, simulate: bool) -> np.ndarray:
         out = pipe.inpaint(image, mask, "an astronaut holding a red apple", steps=4, seed=0,
                            paste_back=False, max_sequence_length=32)[0]
     finally:
-        pl.load_t5 = real_load_t5
+        prompts.load_t5 = real_load_t5
     return np.asarray(out)
 
 

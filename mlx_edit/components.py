@@ -6,6 +6,11 @@ that phase ends (`using`), so text encoding, VAE encode, denoising and VAE decod
 hold only their own weights: the peak is the largest component plus its activations
 instead of all of them together (mlx_edit.memory, `peak_low_memory`), paid for by
 reading the weights again for every edit.
+
+`ModelsMixin` is the FluxPipeline concern built on it: reading a model folder
+(`from_pretrained`), the transformer and VAE as properties loaded on demand, their
+configs (known without weights), the variant the transformer is, and the memory an edit
+on these models needs.
 """
 
 from __future__ import annotations
@@ -13,10 +18,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from mlx_edit import variants
+from mlx_edit.imaging.images import InputError
+from mlx_edit.memory import MemoryEstimate, estimate, tile_threshold_gb
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.sampling.cache import CacheConfig
+from mlx_edit.sampling.denoise import Phase
+from mlx_edit.sampling.latents import pack_latents, scale_latents, unpack_latents, unscale_latents
+from mlx_edit.tiling import decode_auto, encode_auto
+from mlx_edit.weights import lora as lora_files
+from mlx_edit.weights.core import check_headers, default_dtype, read_config
+from mlx_edit.weights.flux import load_transformer, read_transformer_config
+from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
+from mlx_edit.weights.text import load_text_tools
+from mlx_edit.weights.vae import load_vae, read_vae_config
 
 # MLX keeps freed buffers in a cache for reuse; by default it may grow to the memory
 # limit, so after a phase its freed weights and activations would still be held. Low
@@ -95,3 +119,168 @@ class Components:
             yield
         finally:
             self.release(name)
+
+
+_Pipeline = TypeVar("_Pipeline", bound="ModelsMixin")
+
+
+class ModelsMixin:
+    """FluxPipeline's models: loading from a folder or repo, the transformer and VAE on
+    demand (`components`), their configs without weights, the variant, memory estimates.
+
+    Expects of the class it is mixed into: `VARIANTS` (names in mlx_edit.variants) and
+    `loras` (mlx_edit.loras.LoRAMixin), applied to every transformer load.
+    """
+
+    VARIANTS: tuple[str, ...]
+    loras: dict[str, lora_files.LoadedLoRA]
+
+    def _init_models(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path,
+                     quantize: int | None, low_memory: bool) -> None:
+        """Read configs, tokenizers and headers (no weights); set up `components`."""
+        self.root, self.dtype, self.source = root, dtype, source
+        self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
+        self.low_memory = low_memory
+        kinds, vae_dir = variants.accepted_in_channels(*self.VARIANTS), component_dir(root, "vae")
+        index = root / "model_index.json"
+        self.pipeline_class = read_config(root, index.name).get("_class_name") \
+            if index.is_file() else None
+        # Configs come from config.json / tensor headers: no weights needed to plan an edit.
+        t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
+        self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
+        self.components = Components(
+            {"transformer": partial(load_transformer, transformer, dtype,
+                                    expect_in_channels=kinds, quantize=quantize),
+             "vae": partial(load_vae, vae_dir, dtype)},
+            {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
+        # damaged tokenizer/scheduler files fail here, as one WeightLoadError
+        self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
+        for part in (transformer, vae_dir, *(component_dir(root, name)
+                                            for name in ("text_encoder", "text_encoder_2"))):
+            check_headers(part)  # damaged files fail at load time, not mid-edit
+        self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_Pipeline],
+        repo_or_path: str | Path = DEFAULT_MODEL,
+        dtype: mx.Dtype | None = None,
+        quantize: int | None = None,
+        *,
+        transformer: str | Path | None = None,
+        low_memory: bool = False,
+    ) -> _Pipeline:
+        """Load from a Hugging Face repo id (downloads only the needed components), a
+        local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
+
+        The transformer is FLUX.1 Fill (inpaint, outpaint) or FLUX.1 Canny/Depth-dev
+        (restyle); see `variant`.
+        dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
+        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.weights.quantize),
+        layer by layer as they load (full precision is never resident as a whole).
+        transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
+        not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
+        not downloaded).
+        low_memory: load nothing now; each edit loads the VAE for encoding, then the
+        transformer for denoising, then the VAE again for decoding, freeing each after
+        its phase, so only one model is resident at a time (peak: memory.estimate's
+        `peak_low_memory`; cost: the weights are read again for every edit). It also caps
+        MLX's buffer cache for the whole process (`mlx_edit.components.limit_cache`,
+        256 MB; not restored).
+        Raises WeightLoadError (missing component, wrong model kind, damaged files; with
+        low_memory damaged tensors are found when the edit first loads them).
+        """
+        stats: dict = {}
+        with Phase(stats, "load"):
+            components = [c for c in COMPONENTS if not (transformer and c == "transformer")]
+            root = resolve(repo_or_path, components)
+            pipe = cls(root, dtype or default_dtype(), str(repo_or_path),
+                       Path(transformer or component_dir(root, "transformer")),
+                       quantize=quantize, low_memory=low_memory)
+            if low_memory:
+                limit_cache()
+            else:  # load both now; they stay
+                for name in ("transformer", "vae"):
+                    pipe.components.get(name)
+        pipe.load_stats = stats
+        return pipe
+
+    @property
+    def transformer(self) -> FluxTransformer:
+        """The FLUX transformer, loaded if not resident (with low_memory it is freed when
+        the phase using it ends or the next edit starts; `transformer_config` needs no
+        weights)."""
+        model = self.components.get("transformer")
+        lora_files.sync(model, self.loras)  # (re)loaded models get the current LoRAs
+        return model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        """The VAE, loaded if not resident (freed like `transformer`; `vae_config` needs no
+        weights)."""
+        return self.components.get("vae")
+
+    @property
+    def transformer_config(self) -> FluxConfig:
+        """The transformer's config, known without loading its weights."""
+        return self.components.config("transformer")
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        """The VAE's config, known without loading its weights."""
+        return self.components.config("vae")
+
+    @property
+    def variant_info(self) -> variants.Variant:
+        """The loaded transformer's variant (mlx_edit.variants), known without weights."""
+        cfg = self.transformer_config
+        found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
+        ours = [variants.VARIANTS[n] for n in self.VARIANTS]
+        same_width = [v for v in ours if v.in_channels == cfg.in_channels]
+        if found not in ours and same_width:  # e.g. a BFL Kontext file: no model_index
+            return same_width[0]
+        return found or variants.Variant("unknown", variants.describe(cfg.in_channels), "",
+                                         cfg.in_channels, cfg.guidance_embeds, 0, 0.0,
+                                         "none", ())
+
+    @property
+    def variant(self) -> str:
+        """The variant's name: 'fill' (FLUX.1 Fill, in_channels 384), 'control' (FLUX.1
+        Canny/Depth-dev, 128), 'kontext' (64), ... (mlx_edit.variants)."""
+        return self.variant_info.name
+
+    def _require(self, edit: str) -> None:
+        """InputError unless the loaded transformer is the variant serving `edit`."""
+        want = variants.for_edit(edit)
+        if self.variant != want.name:
+            raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
+                             f"{self.source} is {self.variant_info.title}")
+
+    def encode_image(self, pixels: np.ndarray) -> mx.array:
+        """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
+
+        Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
+        stay within a few GB."""
+        cfg = self.vae.config
+        z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
+                        threshold_gb=self.tile_threshold_gb)
+        return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
+
+    def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
+        """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32)."""
+        cfg = self.vae.config
+        z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
+                            cfg.shift_factor)
+        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
+
+    def memory_estimate(self, width: int, height: int, num_images: int = 1,
+                        cache: CacheConfig | None = None) -> MemoryEstimate:
+        """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
+        with this pipeline's models, dtype and quantization (and step cache)."""
+        return estimate(
+            width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
+            transformer=self.transformer_config, vae=self.vae_config,
+            clip=read_config(component_dir(self.root, "text_encoder")),
+            t5=read_config(component_dir(self.root, "text_encoder_2")),
+            lora_params=sum(x.file.parameter_count for x in self.loras.values()),
+        )

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import __version__, variants
-from mlx_edit.components import Components, limit_cache
+from mlx_edit import __version__
+from mlx_edit.components import ModelsMixin
 from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
 from mlx_edit.conditioning.context import Conditioner, ConditioningContext
 from mlx_edit.conditioning.controlnet import ControlNetSpec, prepare_controls  # noqa: F401
@@ -33,7 +32,12 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_redux,
 )
 from mlx_edit.conditioning.kontext import kontext_tokens
-from mlx_edit.imaging import masks
+from mlx_edit.imaging.images import InputError, from_array, to_array
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, plan_crop, stitch_back
+from mlx_edit.loras import LoRAMixin
+from mlx_edit.masking import MaskMixin
+from mlx_edit.memory import check_fits
+from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
     CONTROL_GUIDANCE,
     DEFAULT_FEATHER,
@@ -44,35 +48,14 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
     check_canvas,
     check_prompt,
 )
+from mlx_edit.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (public name)
 from mlx_edit.sampling.cache import CacheConfig, cache_metadata
-from mlx_edit.imaging.images import InputError, from_array, load_mask, to_array
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, plan_crop, stitch_back
-from mlx_edit.memory import MemoryEstimate, check_fits, estimate, tile_threshold_gb
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.models.layers import IPAdapterKV
-from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
-from mlx_edit.sampling.latents import (
-    image_ids,
-    pack_latent_mask,
-    pack_latents,
-    scale_latents,
-    token_grid,
-    unpack_latents,
-    unscale_latents,
-)
+from mlx_edit.sampling.latents import image_ids, pack_latent_mask, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
-from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
-from mlx_edit.tiling import decode_auto, encode_auto
-from mlx_edit.weights.core import check_headers, default_dtype, read_config
-from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights import lora as lora_files
-from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
-from mlx_edit.weights.text import load_clip_text, load_t5, load_text_tools
-from mlx_edit.weights.vae import load_vae, read_vae_config
 
-PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MODEL_PIXELS = 1024 * 1024  # the model-friendly canvas area for crop-to-mask
 
 
@@ -83,7 +66,7 @@ def _tokens(plan: CropPlan) -> int:
     return h_tok * w_tok
 
 
-class FluxPipeline:
+class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
     """What every FLUX edit shares: models on demand, prompt encoding, planning,
     conditioning, the one denoise loop and decoding. Edits live in subclasses
     (`FluxFill`, `FluxKontext`), which name the variants they load (mlx_edit.variants).
@@ -100,299 +83,12 @@ class FluxPipeline:
                  quantize: int | None = None, low_memory: bool = False):
         """Use `from_pretrained`. transformer: the transformer's folder or BFL file. Reads
         configs and tokenizers only; the models load through `components`."""
-        self.root, self.dtype, self.source = root, dtype, source
-        self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
-        self.low_memory = low_memory
-        kinds, vae_dir = variants.accepted_in_channels(*self.VARIANTS), component_dir(root, "vae")
-        index = root / "model_index.json"
-        self.pipeline_class = read_config(root, index.name).get("_class_name") \
-            if index.is_file() else None
-        # Configs come from config.json / tensor headers: no weights needed to plan an edit.
-        t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
-        self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
-        self.components = Components(
-            {"transformer": partial(load_transformer, transformer, dtype,
-                                    expect_in_channels=kinds, quantize=quantize),
-             "vae": partial(load_vae, vae_dir, dtype)},
-            {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
-        # damaged tokenizer/scheduler files fail here, as one WeightLoadError
-        self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
-        for part in (transformer, vae_dir, *(component_dir(root, name)
-                                            for name in ("text_encoder", "text_encoder_2"))):
-            check_headers(part)  # damaged files fail at load time, not mid-edit
+        self._init_models(root, dtype, source, transformer, quantize, low_memory)
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
         self.disk_prompt_cache = None  # a mlx_edit.prompt_cache.PromptCache, or None
-        self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
         self.loras: dict[str, lora_files.LoadedLoRA] = {}  # applied on every transformer load
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_or_path: str | Path = DEFAULT_MODEL,
-        dtype: mx.Dtype | None = None,
-        quantize: int | None = None,
-        *,
-        transformer: str | Path | None = None,
-        low_memory: bool = False,
-    ) -> FluxPipeline:
-        """Load from a Hugging Face repo id (downloads only the needed components), a
-        local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
-
-        The transformer is FLUX.1 Fill (inpaint, outpaint) or FLUX.1 Canny/Depth-dev
-        (restyle); see `variant`.
-        dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
-        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.weights.quantize),
-        layer by layer as they load (full precision is never resident as a whole).
-        transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
-        not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
-        not downloaded).
-        low_memory: load nothing now; each edit loads the VAE for encoding, then the
-        transformer for denoising, then the VAE again for decoding, freeing each after
-        its phase, so only one model is resident at a time (peak: memory.estimate's
-        `peak_low_memory`; cost: the weights are read again for every edit). It also caps
-        MLX's buffer cache for the whole process (`mlx_edit.components.limit_cache`,
-        256 MB; not restored).
-        Raises WeightLoadError (missing component, wrong model kind, damaged files; with
-        low_memory damaged tensors are found when the edit first loads them).
-        """
-        stats: dict = {}
-        with Phase(stats, "load"):
-            components = [c for c in COMPONENTS if not (transformer and c == "transformer")]
-            root = resolve(repo_or_path, components)
-            pipe = cls(root, dtype or default_dtype(), str(repo_or_path),
-                       Path(transformer or component_dir(root, "transformer")),
-                       quantize=quantize, low_memory=low_memory)
-            if low_memory:
-                limit_cache()
-            else:  # load both now; they stay
-                for name in ("transformer", "vae"):
-                    pipe.components.get(name)
-        pipe.load_stats = stats
-        return pipe
-
-    @property
-    def transformer(self) -> FluxTransformer:
-        """The FLUX transformer, loaded if not resident (with low_memory it is freed when
-        the phase using it ends or the next edit starts; `transformer_config` needs no
-        weights)."""
-        model = self.components.get("transformer")
-        lora_files.sync(model, self.loras)  # (re)loaded models get the current LoRAs
-        return model
-
-    @property
-    def vae(self) -> AutoencoderKL:
-        """The VAE, loaded if not resident (freed like `transformer`; `vae_config` needs no
-        weights)."""
-        return self.components.get("vae")
-
-    @property
-    def transformer_config(self) -> FluxConfig:
-        """The transformer's config, known without loading its weights."""
-        return self.components.config("transformer")
-
-    @property
-    def vae_config(self) -> VAEConfig:
-        """The VAE's config, known without loading its weights."""
-        return self.components.config("vae")
-
-    @property
-    def variant_info(self) -> variants.Variant:
-        """The loaded transformer's variant (mlx_edit.variants), known without weights."""
-        cfg = self.transformer_config
-        found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
-        ours = [variants.VARIANTS[n] for n in self.VARIANTS]
-        same_width = [v for v in ours if v.in_channels == cfg.in_channels]
-        if found not in ours and same_width:  # e.g. a BFL Kontext file: no model_index
-            return same_width[0]
-        return found or variants.Variant("unknown", variants.describe(cfg.in_channels), "",
-                                         cfg.in_channels, cfg.guidance_embeds, 0, 0.0,
-                                         "none", ())
-
-    @property
-    def variant(self) -> str:
-        """The variant's name: 'fill' (FLUX.1 Fill, in_channels 384), 'control' (FLUX.1
-        Canny/Depth-dev, 128), 'kontext' (64), ... (mlx_edit.variants)."""
-        return self.variant_info.name
-
-    def _require(self, edit: str) -> None:
-        """InputError unless the loaded transformer is the variant serving `edit`."""
-        want = variants.for_edit(edit)
-        if self.variant != want.name:
-            raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
-                             f"{self.source} is {self.variant_info.title}")
-
-    def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
-                  ) -> np.ndarray:
-        """The edit mask (H, W) float32 in [0, 1] of `image`: `mask` as a path, PIL or array
-        (resized with a warning when its size differs), or `segment.Points` / `segment.Box`
-        prompts (one or a list), segmented first with SAM 2.1 (`segment_model`, default the
-        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large) and
-        freed before anything else loads. Raises InputError (bad mask or prompt) and
-        WeightLoadError (segmenter)."""
-        from mlx_edit.segment import Box, Points
-
-        prompts = mask if isinstance(mask, (list, tuple)) else [mask]
-        if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
-            return load_mask(mask, image.size)
-        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_from_prompts, prompts_from_specs
-
-        own = self.root / "segmenter"
-        model = segment_model or (own if own.is_dir() else DEFAULT_SEGMENTER)
-        return mask_from_prompts(image, **prompts_from_specs(prompts), model=model
-                                 ).astype(np.float32)
-
-    # ------------------------------------------------------------------ LoRA
-
-    def load_lora(self, source: str | Path, scale: float = 1.0, name: str | None = None,
-                  *, weight_name: str | None = None) -> str:
-        """Apply a FLUX LoRA (any format diffusers reads; mlx_edit.weights.lora) unfused,
-        on float or quantized transformers, summed with those already loaded.
-
-        source: a .safetensors file, a Hugging Face repo id (`owner/name`, with
-        `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
-        (default: the file's stem). Raises WeightLoadError for unreadable files, keys
-        that map to no layer (named) and layers the model lacks, InputError for a name
-        in use; on error nothing is applied.
-        """
-        if name in self.loras:
-            raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
-        lora = lora_files.load_lora_file(source, weight_name)
-        name = name or lora_files.default_name(source, self.loras)
-        # Check against the model's structure (lazy, no weights) before recording it.
-        lora.updates(FluxTransformer(self.transformer_config))
-        self.loras[name] = lora_files.LoadedLoRA(lora, str(source), float(scale))
-        if "transformer" in self.components.resident:
-            try:
-                self.transformer  # noqa: B018  (applies it now)
-            except Exception:
-                del self.loras[name]
-                raise
-        return name
-
-    def set_lora_scales(self, scales: dict[str, float]) -> None:
-        """Change loaded LoRAs' strengths by name, without reloading (InputError for
-        unknown names)."""
-        unknown = sorted(set(scales) - set(self.loras))
-        if unknown:
-            raise InputError(f"no LoRA named {', '.join(unknown)} is loaded "
-                             f"(loaded: {', '.join(self.loras) or 'none'})")
-        for n, value in scales.items():
-            self.loras[n].scale = float(value)
-
-    def unload_loras(self, names: Sequence[str] | None = None) -> None:
-        """Remove LoRAs by name (all when None); the base transformer is restored exactly."""
-        for n in list(self.loras) if names is None else names:
-            self.loras.pop(n, None)
-        if "transformer" in self.components.resident:
-            self.transformer  # noqa: B018  (removes them now)
-
-    def edit_masks(self, user_mask: np.ndarray, o: EditOptions
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """(model mask, paste-back blend) of a user mask with the options' grow/feather;
-        with a soft mask everything it touches (> 0) is pasted back."""
-        model_mask, blend = masks.edit_masks(user_mask, o.grow_mask, o.feather)
-        if o.soft_mask:
-            blend = masks.blend_mask((user_mask > 0).astype(np.float32), o.grow_mask,
-                                     o.feather)
-        return model_mask, blend
-
-    def paste_back_options(self, job: EditJob, o: EditOptions, image: Image.Image,
-                           user_mask: np.ndarray) -> None:
-        """Set `job`'s paste-back (colour match, feather/Poisson: imaging.blend) and, with
-        `o.soft_mask`, its differential-diffusion hook (sampling.soft_mask): the canvas's
-        source latents (prepare's when it encoded them), the job's initial noise,
-        per-token strengths of the mask."""
-        job.paste = {"color_match": o.color_match, "method": o.blend}
-        job.metadata.update(color_match=o.color_match, blend=o.blend, soft_mask=o.soft_mask)
-        if not o.soft_mask:
-            return
-        canvas, m = crop_for_model(image, user_mask, job.plan, binarize=False)
-        if job.source is None:  # prepare encoded the same canvas when it needed it
-            with self.components.using("vae", job.stats):
-                job.source = self.encode_image(to_array(canvas))
-                mx.eval(job.source)
-        job.hook = soft_mask_hook(job.source.astype(self.dtype), job.noise,
-                                  token_strength(m), job.sigmas)
-        job.after_step = None  # the soft mask holds the source itself (Kontext with a mask)
-
-    # ------------------------------------------------------------------ text
-
-    def encode_prompt(
-        self, prompt: str, prompt_2: str | None = None, max_sequence_length: int = 512
-    ) -> PromptEmbeds:
-        """CLIP pooled from `prompt`, T5 sequence from `prompt_2 or prompt` (as diffusers).
-
-        Raises InputError when the T5 prompt exceeds max_sequence_length tokens (a CLIP
-        prompt over 77 tokens is truncated with a PromptTruncatedWarning, as CLIP only
-        gives the pooled summary).
-        """
-        key = (prompt, prompt_2, max_sequence_length)
-        if key in self._prompt_cache:
-            return self._prompt_cache[key]
-        if not 1 <= max_sequence_length <= 512:
-            raise InputError(f"max_sequence_length must be 1..512, got {max_sequence_length}")
-        t5_prompt = prompt_2 if prompt_2 is not None else prompt
-        n = self.t5_tokenizer.count_tokens(t5_prompt)
-        if n > max_sequence_length:
-            raise InputError(
-                f"prompt is {n} T5 tokens, over the limit of {max_sequence_length}: "
-                "shorten it (or raise --max-sequence-length, at most 512)"
-            )
-        disk, disk_key, embeds = self.disk_prompt_cache, None, None
-        if disk is not None:  # on disk: the text encoders are not loaded at all on a hit
-            encoders = [component_dir(self.root, c) for c in ("text_encoder", "text_encoder_2")]
-            disk_key = disk.key(encoders, self.dtype, self.quantize, prompt, t5_prompt,
-                                max_sequence_length)
-            embeds = disk.get(disk_key)
-        if embeds is None:
-            embeds = self._encode_text(prompt, t5_prompt, max_sequence_length)
-            if disk is not None:
-                disk.put(disk_key, embeds)
-        self._prompt_cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
-        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-            self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        return embeds
-
-    def _encode_text(self, prompt: str, t5_prompt: str, max_sequence_length: int
-                     ) -> PromptEmbeds:
-        """Load CLIP, encode, free it; load T5, encode, free it (one model resident)."""
-        clip = load_clip_text(component_dir(self.root, "text_encoder"), self.dtype)
-        pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
-        mx.eval(pooled)
-        del clip
-        mx.clear_cache()
-        t5 = load_t5(component_dir(self.root, "text_encoder_2"), self.dtype, self.quantize)
-        txt = t5(mx.array(self.t5_tokenizer(t5_prompt, max_length=max_sequence_length)))
-        mx.eval(txt)
-        del t5
-        mx.clear_cache()
-        return PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))
-
-    # ------------------------------------------------------------------ preparation
-
-    def memory_estimate(self, width: int, height: int, num_images: int = 1,
-                        cache: CacheConfig | None = None) -> MemoryEstimate:
-        """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization (and step cache)."""
-        return estimate(
-            width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
-            transformer=self.transformer_config, vae=self.vae_config,
-            clip=read_config(component_dir(self.root, "text_encoder")),
-            t5=read_config(component_dir(self.root, "text_encoder_2")),
-            lora_params=sum(x.file.parameter_count for x in self.loras.values()),
-        )
-
-    def encode_image(self, pixels: np.ndarray) -> mx.array:
-        """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
-
-        Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
-        stay within a few GB."""
-        cfg = self.vae.config
-        z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
-                        threshold_gb=self.tile_threshold_gb)
-        return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
     def context(self, plan: CropPlan, inner: tuple[int, int, int, int] | None = None
                 ) -> ConditioningContext:
@@ -597,13 +293,6 @@ class FluxPipeline:
             job.metadata.update(cache_metadata(job.cache, job.stats))
             if self.low_memory:
                 job.controls = ()
-
-    def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
-        """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32)."""
-        cfg = self.vae.config
-        z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
-                            cfg.shift_factor)
-        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
 
     def finish(self, job: EditJob, paste_back: bool = True) -> list[Image.Image]:
         """Decode the job's latents and map them back into the original image.

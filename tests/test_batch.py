@@ -19,6 +19,7 @@ from test_cli import invoke, photos  # noqa: F401  (fixture)
 
 from mlx_edit import batch
 from mlx_edit import pipeline as pipeline_module
+from mlx_edit import prompts
 from mlx_edit.imaging.images import InputError
 from mlx_edit.prompt_cache import PromptCache
 
@@ -46,7 +47,7 @@ def _rows(photos):  # noqa: F811
 def counted(monkeypatch):
     """Counts of T5 loads and of edits run."""
     counts = {"t5": 0, "edits": 0}
-    load_t5, edit_line = pipeline_module.load_t5, batch.edit_line
+    load_t5, edit_line = prompts.load_t5, batch.edit_line
 
     def t5(*a, **k):
         counts["t5"] += 1
@@ -55,7 +56,7 @@ def counted(monkeypatch):
     def edit(*a, **k):
         counts["edits"] += 1
         return edit_line(*a, **k)
-    monkeypatch.setattr(pipeline_module, "load_t5", t5)
+    monkeypatch.setattr(prompts, "load_t5", t5)
     monkeypatch.setattr(batch, "edit_line", edit)
     return counts
 

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_edit.pipeline as pipeline_module
-from mlx_edit import memory
+from mlx_edit import components, memory, prompts
 from mlx_edit.imaging import masks
 from mlx_edit.cli import main
 from mlx_edit.conditioning.controlnet import ControlNetSpec
@@ -113,16 +113,18 @@ def test_each_phase_holds_only_its_model(small_mlx, monkeypatch):
     nbytes = {n: model_nbytes(default.components.get(n)) for n in ("transformer", "vae")}
     seen: list[tuple[str, tuple, int]] = []
 
-    def spy(phase, fn):
+    def spy(phase, module, name):
+        fn = getattr(module, name)
+
         def wrapped(*args, **kwargs):
             seen.append((phase, pipe.components.resident, mx.get_active_memory()))
             return fn(*args, **kwargs)
-        monkeypatch.setattr(pipeline_module, fn.__name__, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
-    for phase, fn in (("text", pipeline_module.load_t5), ("encode", pipeline_module.encode_auto),
-                      ("denoise", pipeline_module.denoise),
-                      ("decode", pipeline_module.decode_auto)):
-        spy(phase, fn)
+    for phase, module, name in (("text", prompts, "load_t5"), ("encode", components, "encode_auto"),
+                                ("denoise", pipeline_module, "denoise"),
+                                ("decode", components, "decode_auto")):
+        spy(phase, module, name)
     image, mask = _photo()
     pipe = default
     _edit(default, image, mask)

@@ -1,0 +1,67 @@
+"""FluxPipeline's LoRAs: load, rescale and unload adapters by name.
+
+`LoRAMixin` keeps `loras` ({name: mlx_edit.weights.lora.LoadedLoRA}); the transformer
+property (mlx_edit.components.ModelsMixin) applies them unfused to every transformer it
+loads (`weights.lora.sync`), so they survive low_memory reloads and quantized models. File
+formats and key names: mlx_edit.weights.lora; the adapter layers: mlx_edit.models.lora.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlx_edit.imaging.images import InputError
+from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.weights import lora as lora_files
+
+
+class LoRAMixin:
+    """LoRA methods of FluxPipeline. Expects `loras` (set in FluxPipeline.__init__),
+    `components`, `transformer` and `transformer_config` (mlx_edit.components.ModelsMixin).
+    """
+
+    loras: dict[str, lora_files.LoadedLoRA]
+
+    def load_lora(self, source: str | Path, scale: float = 1.0, name: str | None = None,
+                  *, weight_name: str | None = None) -> str:
+        """Apply a FLUX LoRA (any format diffusers reads; mlx_edit.weights.lora) unfused,
+        on float or quantized transformers, summed with those already loaded.
+
+        source: a .safetensors file, a Hugging Face repo id (`owner/name`, with
+        `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
+        (default: the file's stem). Raises WeightLoadError for unreadable files, keys
+        that map to no layer (named) and layers the model lacks, InputError for a name
+        in use; on error nothing is applied.
+        """
+        if name in self.loras:
+            raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
+        lora = lora_files.load_lora_file(source, weight_name)
+        name = name or lora_files.default_name(source, self.loras)
+        # Check against the model's structure (lazy, no weights) before recording it.
+        lora.updates(FluxTransformer(self.transformer_config))
+        self.loras[name] = lora_files.LoadedLoRA(lora, str(source), float(scale))
+        if "transformer" in self.components.resident:
+            try:
+                self.transformer  # noqa: B018  (applies it now)
+            except Exception:
+                del self.loras[name]
+                raise
+        return name
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Change loaded LoRAs' strengths by name, without reloading (InputError for
+        unknown names)."""
+        unknown = sorted(set(scales) - set(self.loras))
+        if unknown:
+            raise InputError(f"no LoRA named {', '.join(unknown)} is loaded "
+                             f"(loaded: {', '.join(self.loras) or 'none'})")
+        for n, value in scales.items():
+            self.loras[n].scale = float(value)
+
+    def unload_loras(self, names: Sequence[str] | None = None) -> None:
+        """Remove LoRAs by name (all when None); the base transformer is restored exactly."""
+        for n in list(self.loras) if names is None else names:
+            self.loras.pop(n, None)
+        if "transformer" in self.components.resident:
+            self.transformer  # noqa: B018  (removes them now)

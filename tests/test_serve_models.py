@@ -140,7 +140,7 @@ def test_second_server_reads_prompts_from_the_disk_cache(tiny_mlx, photo, tmp_pa
                                                          monkeypatch):
     """A server started on the cache folder of an earlier one loads no text encoder for
     a prompt the earlier one encoded."""
-    import mlx_edit.pipeline as pipeline
+    import mlx_edit.prompts as prompts
     from mlx_edit.fill import FluxFill
 
     config = ServeConfig(prompt_cache=str(tmp_path / "prompts"), local_hosts=("testserver",))
@@ -157,8 +157,8 @@ def test_second_server_reads_prompts_from_the_disk_cache(tiny_mlx, photo, tmp_pa
 
     def no_text_encoder(*a, **k):
         raise AssertionError("a text encoder was loaded for a cached prompt")
-    monkeypatch.setattr(pipeline, "load_t5", no_text_encoder)
-    monkeypatch.setattr(pipeline, "load_clip_text", no_text_encoder)
+    monkeypatch.setattr(prompts, "load_t5", no_text_encoder)
+    monkeypatch.setattr(prompts, "load_clip_text", no_text_encoder)
     second, cache2 = serve_once()
     assert cache2 == {"hits": 1, "misses": 0}
     assert second["text_encode_s"] < first["text_encode_s"]

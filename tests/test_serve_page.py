@@ -8,7 +8,6 @@ edit there (the README's screenshot)."""
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
-import contextlib
 import io
 import json
 import os
@@ -27,21 +26,24 @@ from test_serve import SIZE, ServerProcess  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium)
 
 
-@contextlib.contextmanager
-def browser_on(server):
-    """A Chromium browser for the server (ready first); pages via `new_page(browser,
-    server)`."""
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (one Playwright session: it cannot nest)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no Chromium at {CHROMIUM}")
-    with httpx.Client(base_url=server.url, timeout=10) as client:
-        server.wait_ready(client)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             yield browser
         finally:
             browser.close()
+
+
+def ready(server):
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        server.wait_ready(client)
+    return server
 
 
 def new_page(browser, server):
@@ -51,22 +53,14 @@ def new_page(browser, server):
     return page
 
 
-@contextlib.contextmanager
-def page_on(server):
-    """A Chromium page on the server's `/`."""
-    with browser_on(server) as browser:
-        yield new_page(browser, server)
-
-
 @pytest.fixture(scope="module")
-def served(tiny_mlx, tmp_path_factory):
-    """(server, browser) shared by the tests without a segmenter; the server's cwd is
-    an empty folder that must stay empty."""
+def served(browser, tiny_mlx, tmp_path_factory):
+    """A page on a server (no segmenter) shared by the tests below: page_of(served); the
+    server's cwd is an empty folder that must stay empty."""
     cwd = tmp_path_factory.mktemp("serve-cwd")
     server = ServerProcess(tiny_mlx, cwd)
     try:
-        with browser_on(server) as browser:
-            yield server, browser
+        yield browser, ready(server)
     finally:
         server.stop()
     assert list(cwd.iterdir()) == []
@@ -114,7 +108,7 @@ def test_paint_a_stroke_and_download(served, photo_file):
     photo's size, the photo's pixels outside the painted mask (grown 0, feathered by the
     default 8 px); the step previews were shown."""
     img, path = photo_file
-    page = new_page(*served[::-1])
+    page = new_page(*served)
     open_photo(page, path)
     page.eval_on_selector("#size", "e => { e.value = 12; }")
     box = page.locator("#mask").bounding_box()
@@ -143,7 +137,7 @@ def test_outpaint_by_dragging_edges(served, photo_file):
     px), the edit's result has the extended size with the photo's pixels kept exactly
     away from the seams."""
     img, path = photo_file
-    page = new_page(*served[::-1])
+    page = new_page(*served)
     open_photo(page, path)
     page.select_option("#mode", "outpaint")
     for side in ("left", "right", "top", "bottom"):
@@ -168,7 +162,7 @@ def test_outpaint_by_dragging_edges(served, photo_file):
 
 
 @pytest.mark.parity  # the SAM fixture is built with transformers
-def test_click_to_mask(tiny_mlx, tmp_path, tmp_path_factory, import_script):
+def test_click_to_mask(browser, tiny_mlx, tmp_path, tmp_path_factory, import_script):
     """With a segmenter: click the object (and shift-click beside it), submit: the
     server segments the clicks; only pixels inside that mask (grown 0, feathered 8)
     change. "Preview mask" turns the clicks into the painted mask."""
@@ -182,26 +176,26 @@ def test_click_to_mask(tiny_mlx, tmp_path, tmp_path_factory, import_script):
     server = ServerProcess(tiny_mlx, tmp_path, "--no-prompt-cache", "--segment-model",
                            str(sam))
     try:
-        with page_on(server) as page:
-            open_photo(page, path)
-            page.wait_for_selector("label.sam:not(.hidden)")
-            page.check("input[name=tool][value=click]")
-            box = page.locator("#mask").bounding_box()
-            for (x, y), label in clicks:
-                if not label:
-                    page.keyboard.down("Shift")
-                page.mouse.click(box["x"] + (x + 0.5) * box["width"] / size[0],
-                                 box["y"] + (y + 0.5) * box["height"] / size[1])
-                page.keyboard.up("Shift")
-            sent = page.evaluate("() => clicks")
-            out = run_and_download(page, "a cup", steps="1")
-            page.click("#preview-mask")
-            page.wait_for_function("clicks.length === 0")
-            if os.environ.get("MLX_EDIT_SCREENSHOT"):
-                page.screenshot(path=os.environ["MLX_EDIT_SCREENSHOT"], full_page=True)
-            alpha = page.evaluate("""() => { const m = document.getElementById('mask');
-                const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
-                return Array.from(d.filter((_, i) => i % 4 === 3)); }""")
+        page = new_page(browser, ready(server))
+        open_photo(page, path)
+        page.wait_for_selector("label.sam:not(.hidden)")
+        page.check("input[name=tool][value=click]")
+        box = page.locator("#mask").bounding_box()
+        for (x, y), label in clicks:
+            if not label:
+                page.keyboard.down("Shift")
+            page.mouse.click(box["x"] + (x + 0.5) * box["width"] / size[0],
+                             box["y"] + (y + 0.5) * box["height"] / size[1])
+            page.keyboard.up("Shift")
+        sent = page.evaluate("() => clicks")
+        out = run_and_download(page, "a cup", steps="1")
+        page.click("#preview-mask")
+        page.wait_for_function("clicks.length === 0")
+        if os.environ.get("MLX_EDIT_SCREENSHOT"):
+            page.screenshot(path=os.environ["MLX_EDIT_SCREENSHOT"], full_page=True)
+        alpha = page.evaluate("""() => { const m = document.getElementById('mask');
+            const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
+            return Array.from(d.filter((_, i) => i % 4 === 3)); }""")
         with httpx.Client(base_url=server.url, timeout=60) as client:
             r = client.post("/v1/masks", files={"image": ("c.png", path.read_bytes())},
                             data={"points": json.dumps([c[0] for c in clicks]),

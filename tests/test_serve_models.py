@@ -131,6 +131,7 @@ def test_server_evicts_pipelines_by_estimate(tiny_mlx, photo):
     with TestClient(create_app(config)) as client:
         health = client.get("/v1/health").json()
         assert set(health["resident"]) == {"fill"} and health["resident_budget_gb"] == 1e-6
+        assert health["models"] == {"fill": str(tiny_mlx)} and health["segmenter"] is False
         fill = client.app.state.resident.models["fill"]
         assert health["resident"]["fill"] == round(pipeline_gb(fill), 3) > 0
         assert wait(client, submit(client, photo).json()["id"])["state"] == "done"
@@ -197,7 +198,8 @@ def seg_client(pipes):
 
 def test_masks_endpoint_and_edits_from_clicks(seg_client, photo):
     client = seg_client()
-    assert client.get("/v1/health").json()["segmenter"] is True
+    health = client.get("/v1/health").json()
+    assert health["segmenter"] is True and set(health["models"]) == {"fill", "segmenter"}
     files = {"image": ("p.png", _png(photo[0]), "image/png")}
     r = client.post("/v1/masks", files=files,
                     data={"points": "[[40, 30], [46, 30]]", "labels": "[1, 0]"})

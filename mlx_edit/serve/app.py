@@ -352,13 +352,23 @@ def cancel(job_id: str, request: Request):
     return request.app.state.runner.cancel(job_id).summary()
 
 
+def _source(state, kind: str) -> str:
+    """Where a model comes from: the loaded model's source, else the configured one."""
+    model = state.resident.models.get(kind)
+    if getattr(model, "source", None):
+        return str(model.source)
+    return str({"fill": state.config.model, "kontext": state.config.kontext_model,
+                "segmenter": state.segmenter}.get(kind))
+
+
 @router.get("/v1/health")
 def health(request: Request):
-    """Liveness (no token needed): version, loaded models, queue length."""
+    """Liveness (no token needed): version, the models it serves ({kind: source}), the
+    resident ones with their estimated GB, the prompt cache's hits/misses, the queue."""
     state = request.app.state
     running, resident, cache = state.runner.running, state.resident, state.prompt_cache
     return {"status": "ok", "version": __version__,
-            "models": sorted(resident.kinds - {"segmenter"}),
+            "models": {k: _source(state, k) for k in sorted(resident.kinds)},
             "segmenter": "segmenter" in resident.kinds,
             "resident": {k: round(resident.sizes[k], 3) for k in list(resident.models)},
             "resident_budget_gb": state.config.max_resident_gb,

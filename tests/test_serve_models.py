@@ -5,9 +5,11 @@ resident segmenter (`/v1/masks`). Tiny torch-free fixture, in process (TestClien
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
 import base64
+import gc
 import io
 import json
 import time
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -263,3 +265,35 @@ def test_serve_flags_checked(args, message):
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         ServeConfig(**{field: value})
+
+
+def test_fill_and_kontext_take_turns_under_a_budget(tmp_path_factory, import_script, photo):
+    """A budget that holds Fill or Kontext but not both: an edit evicts Fill to load
+    Kontext, the next inpaint brings Fill back (its timings show the load)."""
+    from mlx_edit.fill import FluxFill
+    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.serve.resident import pipeline_gb
+
+    root = import_script("make_mlx_checkpoint").build(
+        tmp_path_factory.mktemp("serve-lru") / "tiny", "tiny", extras=("kontext-model",))
+    gb = [pipeline_gb(FluxFill.from_pretrained(root)),
+          pipeline_gb(FluxKontext.from_pretrained(root / "kontext-model"))]
+    config = ServeConfig(model=str(root), kontext_model=str(root / "kontext-model"),
+                         max_resident_gb=max(gb) + 0.5 * min(gb), local_hosts=("testserver",))
+    edit = {"steps": 1, "max_sequence_length": 8, "width": 64, "height": 48,
+            "auto_resize": False}
+    with TestClient(create_app(config)) as client:
+        resident = lambda: set(client.get("/v1/health").json()["resident"])  # noqa: E731
+        assert resident() == {"fill"}
+        fill = weakref.ref(client.app.state.resident.models["fill"])
+        done = wait(client, submit(client, (photo[0], None), edit, mode="edit").json()["id"])
+        assert done["state"] == "done" and done["timings"]["load_s"] > 0, done
+        assert resident() == {"kontext"}
+        gc.collect()
+        assert fill() is None  # evicted means freed: nothing else holds the pipeline
+        done = wait(client, submit(client, photo).json()["id"])
+        assert done["state"] == "done" and done["timings"]["load_s"] > 0, done
+        assert resident() == {"fill"}
+        again = wait(client, submit(client, photo).json()["id"])
+        assert "load_s" not in again["timings"]  # resident: nothing loaded
+        assert client.app.state.resident.evictions == ["fill", "kontext"]

@@ -323,7 +323,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         return out
 
     def run(self, job: EditJob, paste_back: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+            progress: Callable[..., None] | None = None) -> list[Image.Image]:
         """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
         total, with_job = len(job.sigmas) - 1, getattr(progress, "wants_job", False)
         for i, _ in self.steps(job):

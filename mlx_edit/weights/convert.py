@@ -325,20 +325,14 @@ def convert_checkpoint(
     log = log or (lambda _msg: None)
     _check_options(dtype, group_size)
     if controlnet_w.is_controlnet_source(source):
-        given = [flag for flag, v in (("--component-bits", component_bits_override),
-                                      ("--vae", vae), ("--text-encoders", text_encoders),
-                                      ("--lora", loras)) if v]
-        if given:
-            raise ConversionError(f"{source} is a ControlNet: {', '.join(given)} apply to "
-                                  "pipeline checkpoints only")
+        _refuse_pipeline_options(source, {
+            "--component-bits": component_bits_override, "--vae": vae,
+            "--text-encoders": text_encoders, "--lora": loras})
         return convert_controlnet_source(
             source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
             config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
             log=log)
-    try:
-        bits = component_bits(quantize, component_bits_override)
-    except ValueError as e:
-        raise ConversionError(str(e)) from e
+    bits = _component_bits(quantize, component_bits_override)
     dest = _checked_dest(dest, overwrite)
     parts = locate_sources(source, vae, text_encoders)
     _check_not_inside(dest, parts)
@@ -347,9 +341,7 @@ def convert_checkpoint(
     tmp = _fresh_temp(dest)
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
-        options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
-        if loras:
-            options["baked_loras"] = [[str(src), float(scale)] for src, scale in loras]
+        options = _options(dtype, group_size, loras)
         components = _write_components(tmp, parts, bits, transformer_config, options,
                                        max_shard_bytes, log)
         manifest = _write_manifest(tmp, source, parts, options, components)
@@ -360,6 +352,32 @@ def convert_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")
     return manifest
+
+
+def _component_bits(quantize: int | None, override: Mapping[str, int | None] | None
+                    ) -> dict[str, int | None]:
+    """`weights.quantize.component_bits`, its ValueError as a ConversionError."""
+    try:
+        return component_bits(quantize, override)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+
+
+def _options(dtype: str, group_size: int, loras: Sequence[tuple[str | Path, float]]) -> dict:
+    """The conversion options every component's config.json and the manifest record."""
+    options = {"dtype": dtype, "group_size": group_size, "mode": "affine"}
+    if loras:
+        options["baked_loras"] = [[str(src), float(scale)] for src, scale in loras]
+    return options
+
+
+def _refuse_pipeline_options(source: str | Path, given: Mapping[str, object]) -> None:
+    """ConversionError naming the options set in `given` ({flag: value}): they apply to
+    pipeline checkpoints only, and `source` is a ControlNet."""
+    flags = [flag for flag, value in given.items() if value]
+    if flags:
+        raise ConversionError(f"{source} is a ControlNet: {', '.join(flags)} apply to "
+                              "pipeline checkpoints only")
 
 
 def _check_options(dtype: str, group_size: int) -> None:

@@ -188,6 +188,7 @@ def main() -> None:
         print(f"mlx-edit inpaint process {i + 1}: {wall:.3f} s, timings {_phases(phases)}, "
               f"outside the phases (start, imports, I/O) "
               f"{wall - sum(v for k, v in phases.items() if k in PHASES):.3f} s")
+    print(f"step preview of a 1024x1024 canvas: {_preview_ms():.1f} ms (median of 10)")
     later_cli = statistics.median(c[0] for c in cli[1:])
     later_server = statistics.median(e[1] for e in warm)
     print(f"medians after the first: CLI process {later_cli:.3f} s, warm server edit "
@@ -199,6 +200,31 @@ def main() -> None:
     print(f"serve: {args.clients} clients, {stats['done']} done, {stats['lost']} lost, "
           f"{stats['429']} 429s, max queued {stats['max_queued']} (bound {args.max_queue}); "
           f"RSS {rss0:.2f} -> {rss1:.2f} GB; {ratio}")
+
+
+def _preview_ms(side: int = 1024, runs: int = 10) -> float:
+    """Median ms of one step preview (x0 estimate, projection, JPEG) for a side x side
+    canvas, on random latents and a random map (the cost does not depend on them)."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+
+    from mlx_edit.serve.preview import Previewer
+
+    class Pipe:  # any object a weak reference can point to
+        pass
+
+    previewer, pipe = Previewer(), Pipe()
+    previewer._maps[pipe] = np.random.default_rng(0).standard_normal((17, 3), np.float32)
+    latents = mx.random.normal((1, (side // 16) ** 2, 64))
+    job = SimpleNamespace(latents=latents, sigmas=np.linspace(1, 0, runs + 2),
+                          plan=SimpleNamespace(model_size=(side, side)))
+    progress, times = previewer.for_job(pipe, lambda *a, **k: None, 1, 256), []
+    for step in range(1, runs + 1):
+        t0 = time.perf_counter()
+        progress(step, runs + 1, job)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 async def _load_one(url, files, options):

@@ -150,6 +150,18 @@ def _scale(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _check_pairing(flag: str, models: Sequence, image_flag: str, images: Sequence,
+                   what: str) -> None:
+    """click.UsageError unless `images` are given and readable (`_check_images`) and
+    there is one of `models` for all, or one per image."""
+    if not images:
+        raise click.UsageError(f"{flag} needs at least one {image_flag}")
+    _check_images(images, image_flag)
+    if len(models) not in (1, len(images)):
+        raise click.UsageError(f"{len(models)} {flag} for {len(images)} {image_flag}: "
+                               f"give one {what}, or one per image")
+
+
 def parse_ip_adapters(adapters: Sequence[str], images: Sequence, scales: Sequence[str] = ()
                       ) -> list:
     """IPAdapterSpecs (pairing in the module doc). Raises click.UsageError/BadParameter."""
@@ -158,12 +170,7 @@ def parse_ip_adapters(adapters: Sequence[str], images: Sequence, scales: Sequenc
     if not adapters:
         _need_group("ip_adapter", {"ip_image": images, "ip_scale": scales})
         return []
-    if not images:
-        raise click.UsageError("--ip-adapter needs at least one --ip-image")
-    _check_images(images, "--ip-image")
-    if len(adapters) not in (1, len(images)):
-        raise click.UsageError(f"{len(adapters)} --ip-adapter for {len(images)} --ip-image: "
-                               "give one adapter, or one per image")
+    _check_pairing("--ip-adapter", adapters, "--ip-image", images, "adapter")
     groups = [list(images)] if len(adapters) == 1 else [[img] for img in images]
     parsed = spread("ip_scale", [_scale(s) for s in scales], len(adapters), "--ip-adapter", 1.0)
     return [_validated(IPAdapterSpec(a, g if len(g) > 1 else g[0], s))
@@ -178,12 +185,7 @@ def parse_redux(models: Sequence[str], images: Sequence, strengths: Sequence[flo
     if not models:
         _need_group("redux", {"redux_image": images, "redux_strength": strengths})
         return []
-    if not images:
-        raise click.UsageError("--redux needs at least one --redux-image")
-    _check_images(images, "--redux-image")
-    if len(models) not in (1, len(images)):
-        raise click.UsageError(f"{len(models)} --redux for {len(images)} --redux-image: give "
-                               "one Redux model, or one per image")
+    _check_pairing("--redux", models, "--redux-image", images, "Redux model")
     models = spread("redux", models, len(images), "--redux-image", None)
     values = spread("redux_strength", strengths, len(images), "--redux-image", 1.0)
     return [_validated(ReduxSpec(m, img, s)) for m, img, s in zip(models, images, values)]

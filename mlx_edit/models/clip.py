@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_edit.models.config import known_fields
+from mlx_edit.models.config import known_fields, sub_config
 from mlx_edit.models.layers import activation
 
 
@@ -43,9 +43,7 @@ class CLIPTextConfig:
     def from_dict(cls, d: dict) -> CLIPTextConfig:
         """Build from a `config.json` dict; unknown keys are ignored. A full CLIPConfig
         (with a nested `text_config`) is accepted too."""
-        if "text_config" in d and isinstance(d["text_config"], dict):
-            d = d["text_config"]
-        return cls(**known_fields(cls, d))
+        return cls(**known_fields(cls, sub_config(d, "text_config")))
 
 
 class CLIPAttention(nn.Module):
@@ -121,6 +119,13 @@ class CLIPEncoder(nn.Module):
             CLIPEncoderLayer(dims, mlp_dims, num_heads, act, eps) for _ in range(num_layers)
         ]
 
+    @classmethod
+    def from_config(cls, c) -> CLIPEncoder:
+        """The encoder of a tower config (CLIPTextConfig, CLIPVisionConfig,
+        SiglipVisionConfig: their layer fields have transformers' names)."""
+        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size,
+                   c.num_attention_heads, c.hidden_act, c.layer_norm_eps)
+
     def __call__(
         self, x: mx.array, mask: mx.array | None = None, *, all_hidden: bool = False
     ) -> mx.array | list[mx.array]:
@@ -176,14 +181,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         c = config
         self.embeddings = CLIPTextEmbeddings(c.vocab_size, c.max_position_embeddings, c.hidden_size)
-        self.encoder = CLIPEncoder(
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.hidden_act,
-            c.layer_norm_eps,
-        )
+        self.encoder = CLIPEncoder.from_config(c)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
@@ -224,14 +222,26 @@ class CLIPVisionConfig:
         """Build from a `config.json` dict; unknown keys are ignored. A full CLIPConfig is
         accepted too: its nested `vision_config`, with the top-level `projection_dim` (the
         width of CLIPModel's `visual_projection`) when it has one."""
-        if "vision_config" in d and isinstance(d["vision_config"], dict):
-            top = d.get("projection_dim")
-            d = {**d["vision_config"], **({"projection_dim": top} if top else {})}
+        top = d.get("projection_dim") if isinstance(d.get("vision_config"), dict) else None
+        d = {**sub_config(d, "vision_config"), **({"projection_dim": top} if top else {})}
         return cls(**known_fields(cls, d))
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+def patch_tokens(conv: nn.Conv2d, image_size: int, pixels: mx.array) -> mx.array:
+    """Patch tokens (B, N, D) of pixels (B, S, S, C) NHWC through the stride-patch `conv`,
+    row-major as torch's flatten(2). Raises ValueError unless S == image_size (no
+    position interpolation; the message is transformers')."""
+    b, h, w, _ = pixels.shape
+    if (h, w) != (image_size, image_size):
+        raise ValueError(
+            f"input image size ({h}*{w}) doesn't match the model ({image_size}*{image_size})"
+        )
+    x = conv(pixels.astype(conv.weight.dtype))
+    return x.reshape(b, -1, x.shape[-1])
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -250,14 +260,8 @@ class CLIPVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
 
     def __call__(self, pixels: mx.array) -> mx.array:
-        b, h, w, _ = pixels.shape
-        if (h, w) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"input image size ({h}*{w}) doesn't match the model "
-                f"({self.image_size}*{self.image_size})"
-            )
-        x = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))
-        x = x.reshape(b, -1, x.shape[-1])  # row-major patches, as torch's flatten(2)
+        x = patch_tokens(self.patch_embedding, self.image_size, pixels)
+        b = x.shape[0]
         cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, x.shape[-1]))
         return mx.concatenate([cls, x], axis=1) + self.position_embedding.weight
 
@@ -278,14 +282,7 @@ class CLIPVisionModel(nn.Module):
         self.embeddings = CLIPVisionEmbeddings(c)
         # transformers spells it `pre_layrnorm`; mlx_edit.weights.vision maps the name
         self.pre_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.encoder = CLIPEncoder(
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.hidden_act,
-            c.layer_norm_eps,
-        )
+        self.encoder = CLIPEncoder.from_config(c)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.visual_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
 

@@ -16,6 +16,12 @@ def known_fields(cls, d: dict, *, drop_none: bool = True) -> dict:
     return {k: v for k, v in d.items() if k in names and not (drop_none and v is None)}
 
 
+def sub_config(d: dict, key: str) -> dict:
+    """The nested `key` dict of a composite config (transformers' CLIPConfig / SiglipConfig
+    hold `text_config` and `vision_config`), or `d` itself for a tower's own config."""
+    return d[key] if isinstance(d.get(key), dict) else d
+
+
 def check_rope_axes(axes: Sequence[int], head_dim: int) -> tuple[int, ...]:
     """RoPE axes as a tuple; ValueError unless they sum to the attention head dim."""
     axes = tuple(axes)

@@ -22,8 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import check_rope_axes, known_fields
-from mlx_edit.models.flux import DoubleBlock, FluxConfig, SingleBlock, embed_conditioning
-from mlx_edit.models.layers import ControlResiduals, MLPEmbedder, rope_table
+from mlx_edit.models.flux import FluxConfig, FluxTrunk
+from mlx_edit.models.layers import ControlResiduals, rope_table
 
 HINT_CHANNELS = (16, 16, 16, 16)  # diffusers' XLabs hint block (x-flux input_hint_block)
 
@@ -117,22 +117,13 @@ def patchify(x: mx.array, p: int) -> mx.array:
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
-class FluxControlNet(nn.Module):
+class FluxControlNet(FluxTrunk):
     """A FLUX ControlNet. See `__call__` for shapes; `config.kind` tells the family."""
 
     def __init__(self, cfg: ControlNetConfig):
-        super().__init__()
+        super().__init__(cfg.block_config())
         self.config = cfg
         h = cfg.hidden_size
-        blocks = cfg.block_config()
-        self.img_in = nn.Linear(cfg.in_channels, h)
-        self.txt_in = nn.Linear(cfg.joint_attention_dim, h)
-        self.time_in = MLPEmbedder(256, h)
-        self.vector_in = MLPEmbedder(cfg.pooled_projection_dim, h)
-        if cfg.guidance_embeds:
-            self.guidance_in = MLPEmbedder(256, h)
-        self.double_blocks = [DoubleBlock(blocks) for _ in range(cfg.num_layers)]
-        self.single_blocks = [SingleBlock(blocks) for _ in range(cfg.num_single_layers)]
         self.controlnet_blocks = [nn.Linear(h, h) for _ in range(cfg.num_layers)]
         self.controlnet_single_blocks = [nn.Linear(h, h) for _ in range(cfg.num_single_layers)]
         self.controlnet_x_embedder = nn.Linear(cfg.in_channels, h)
@@ -201,27 +192,40 @@ class FluxControlNet(nn.Module):
             ValueError: a Union model without a valid mode, or a mode for a non-Union one;
                 neither cond nor control given.
         """
-        cfg = self.config
         dtype = self.img_in.weight.dtype
-        b = img.shape[0]
         if control is None:
             if cond is None:
                 raise ValueError("pass the control input: cond or control")
             control = self.embed_control(cond)
-        vec = embed_conditioning(self, timestep, pooled, guidance)
+        vec = self.embed_conditioning(timestep, pooled, guidance)
         x = self.img_in(img.astype(dtype)) + control
-        ctx = self.txt_in(txt.astype(dtype))
+        ctx = self.embed_text(txt, mode, img.shape[0])
+        if rope is None:
+            rope = self.rope(img_ids, txt.shape[1])
+        return self.residuals(x, ctx, nn.silu(vec), rope, scale)
+
+    def embed_text(self, txt: mx.array, mode: int | None, batch: int) -> mx.array:
+        """Text tokens (B, L, hidden) from T5 states (B, L, joint_attention_dim); for Union
+        models with the mode's embedding (repeated `batch` times) prepended, (B, L + 1,
+        hidden). Raises ValueError (a Union model without a valid mode in [0, num_mode),
+        or a mode for a non-Union one)."""
+        cfg = self.config
+        ctx = self.txt_in(txt.astype(self.img_in.weight.dtype))
         if cfg.num_mode:
             if mode is None or not 0 <= int(mode) < cfg.num_mode:
                 raise ValueError(f"Union ControlNet needs a mode in [0, {cfg.num_mode}), got {mode}")
             emb = self.mode_embedder(mx.array([int(mode)]))[None]  # (1, 1, hidden)
-            ctx = mx.concatenate([mx.broadcast_to(emb, (b, 1, emb.shape[-1])), ctx], axis=1)
+            modes = mx.broadcast_to(emb, (batch, 1, emb.shape[-1]))
+            ctx = mx.concatenate([modes, ctx], axis=1)
         elif mode is not None:
             raise ValueError("this ControlNet has no mode embedder (not a Union model)")
-        if rope is None:
-            rope = self.rope(img_ids, txt.shape[1])
-        silu_vec = nn.silu(vec)
+        return ctx
 
+    def residuals(self, x: mx.array, ctx: mx.array, silu_vec: mx.array, rope: mx.array,
+                  scale: float) -> ControlResiduals:
+        """The blocks on embedded image x (B, N, hidden) and text ctx (B, L, hidden), given
+        silu(modulation vector) (B, hidden): each block's output through its zero-init
+        projection, times `scale`."""
         double = []
         for block, proj in zip(self.double_blocks, self.controlnet_blocks):
             x, ctx = block(x, ctx, silu_vec, rope)

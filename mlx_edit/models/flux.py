@@ -247,12 +247,14 @@ def embed_conditioning(model: nn.Module, timestep, pooled, guidance=None) -> mx.
     return vec + model.vector_in(pooled.astype(dtype))
 
 
-class FluxTransformer(nn.Module):
-    """FLUX.1 MM-DiT. See `__call__` for shapes."""
+class FluxTrunk(nn.Module):
+    """What the FLUX transformer and its ControlNets share, built from `cfg` (a
+    ControlNet's `block_config()`): the input projections `img_in`, `txt_in`, the
+    embedders `time_in`, `vector_in` (+ `guidance_in` when guidance is embedded) and the
+    `double_blocks` / `single_blocks` stacks. Subclasses set `config`."""
 
     def __init__(self, cfg: FluxConfig):
         super().__init__()
-        self.config = cfg
         h = cfg.hidden_size
         self.img_in = nn.Linear(cfg.in_channels, h)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, h)
@@ -262,11 +264,19 @@ class FluxTransformer(nn.Module):
             self.guidance_in = MLPEmbedder(256, h)
         self.double_blocks = [DoubleBlock(cfg) for _ in range(cfg.num_layers)]
         self.single_blocks = [SingleBlock(cfg) for _ in range(cfg.num_single_layers)]
-        self.final_layer = FinalLayer(h, cfg.out_channels)
 
     def embed_conditioning(self, timestep, pooled, guidance=None) -> mx.array:
         """The modulation vector (B, hidden); see `embed_conditioning`."""
         return embed_conditioning(self, timestep, pooled, guidance)
+
+
+class FluxTransformer(FluxTrunk):
+    """FLUX.1 MM-DiT. See `__call__` for shapes."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__(cfg)
+        self.config = cfg
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.out_channels)
 
     def rope(self, img_ids: mx.array, txt_ids: mx.array) -> mx.array:
         """RoPE table for [text, image] tokens, (L + N, head_dim/2, 2) float32."""
@@ -308,8 +318,21 @@ class FluxTransformer(nn.Module):
         stop = n_double + len(self.single_blocks) if stop is None else stop
         replace, taps = replace or {}, {}
         silu_vec = nn.silu(vec)
+        x, ctx, raw = self._double_pass(x, ctx, silu_vec, rope, range(start, min(stop, n_double)),
+                                        controlnet, ip, replace, record, taps)
+        if stop <= n_double:
+            return BlockPass(x, ctx, raw, taps)
+        return self._single_pass(x, ctx, raw, silu_vec, rope,
+                                 range(max(start - n_double, 0), stop - n_double),
+                                 controlnet, replace, record, taps)
+
+    def _double_pass(self, x, ctx, silu_vec, rope, indices, controlnet, ip, replace, record,
+                     taps) -> tuple[mx.array, mx.array, mx.array]:
+        """Double blocks `indices` of `blocks` (arguments as there; `taps` filled in place):
+        (image stream after its ControlNet residual, text stream, image stream before it)."""
+        n_double, n_single = len(self.double_blocks), len(self.single_blocks)
         raw = x
-        for i in range(start, min(stop, n_double)):
+        for i in indices:
             name = f"transformer_blocks.{i}"
             if name in replace:
                 ctx, x = replace[name]
@@ -322,12 +345,18 @@ class FluxTransformer(nn.Module):
                 x, ctx = block.finish(x, ctx, mods, outs)
             if name in record:
                 taps[name] = (ctx, x)
-            raw, x = x, add_control(x, controlnet, i, i + 1, n_double, len(self.single_blocks))
-        if stop <= n_double:
-            return BlockPass(x, ctx, raw, taps)
+            raw, x = x, add_control(x, controlnet, i, i + 1, n_double, n_single)
+        return x, ctx, raw
+
+    def _single_pass(self, x, ctx, raw, silu_vec, rope, indices, controlnet, replace, record,
+                     taps) -> BlockPass:
+        """Single blocks `indices` of `blocks` on the joint [text, image] stream (arguments
+        as there; raw: the image stream before the last ControlNet residual; `taps` filled
+        in place)."""
+        n_double, n_single = len(self.double_blocks), len(self.single_blocks)
         n_txt = ctx.shape[1]
         joint = mx.concatenate([ctx, x], axis=1)
-        for j in range(max(start - n_double, 0), stop - n_double):
+        for j in indices:
             name = f"single_transformer_blocks.{j}"
             if name in replace:
                 joint = replace[name][0]
@@ -341,7 +370,7 @@ class FluxTransformer(nn.Module):
             raw = joint[:, n_txt:]
             if any(res.single for res in controlnet):
                 img = add_control(raw, controlnet, n_double + j, n_double + j + 1, n_double,
-                                  len(self.single_blocks))
+                                  n_single)
                 joint = mx.concatenate([joint[:, :n_txt], img], axis=1)
         return BlockPass(joint[:, n_txt:], joint[:, :n_txt], raw, taps)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_edit.models.config import known_fields
-from mlx_edit.models.clip import CLIPEncoder
+from mlx_edit.models.clip import CLIPEncoder, patch_tokens
+from mlx_edit.models.config import known_fields, sub_config
 
 
 @dataclass
@@ -43,9 +43,7 @@ class SiglipVisionConfig:
     def from_dict(cls, d: dict) -> SiglipVisionConfig:
         """Build from a `config.json` dict; unknown keys are ignored. A full SiglipConfig
         (with a nested `vision_config`) is accepted too."""
-        if "vision_config" in d and isinstance(d["vision_config"], dict):
-            d = d["vision_config"]
-        return cls(**known_fields(cls, d))
+        return cls(**known_fields(cls, sub_config(d, "vision_config")))
 
     @property
     def grid(self) -> int:
@@ -68,14 +66,8 @@ class SiglipVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(c.grid**2, c.hidden_size)
 
     def __call__(self, pixels: mx.array) -> mx.array:
-        b, h, w, _ = pixels.shape
-        if (h, w) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"input image size ({h}*{w}) doesn't match the model "
-                f"({self.image_size}*{self.image_size})"
-            )
-        x = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))
-        return x.reshape(b, -1, x.shape[-1]) + self.position_embedding.weight
+        x = patch_tokens(self.patch_embedding, self.image_size, pixels)
+        return x + self.position_embedding.weight
 
 
 class SiglipVisionModel(nn.Module):
@@ -91,14 +83,7 @@ class SiglipVisionModel(nn.Module):
         super().__init__()
         self.config = c = config
         self.embeddings = SiglipVisionEmbeddings(c)
-        self.encoder = CLIPEncoder(
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.hidden_act,
-            c.layer_norm_eps,
-        )
+        self.encoder = CLIPEncoder.from_config(c)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def __call__(self, pixels: mx.array) -> mx.array:

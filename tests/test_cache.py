@@ -10,8 +10,8 @@ Fill conditioning, prompt embeddings, ids, sigmas). Checked per cache type at tw
 settings: the per-step skip decisions equal the hooks' and the final latents agree to
 1e-4 relative; a never-skip setting equals our uncached run exactly. The same 28-step,
 two-setting comparison runs on the `wide` fixture (real FLUX widths, marked slow) at 32 px:
-about 4 minutes of CPU (user + sys 236-249 s) on 2 cores; 8 min wall on this shared
-machine at load 6-10, 18 min at load 12-19.
+about 4 minutes of CPU (user + sys 213-249 s) on 2 cores; wall time on this shared
+machine 259 s at load 5-7, 474 s at load 6-10, 1090 s at load 12-19.
 """
 
 from __future__ import annotations

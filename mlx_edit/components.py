@@ -276,13 +276,13 @@ class ModelsMixin:
         return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
-                        cache: CacheConfig | None = None) -> MemoryEstimate:
+                        cache: CacheConfig | None = None, segmenter=None) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization (and step cache)."""
+        with this pipeline's models, dtype, quantization, step cache (and SAM config)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             transformer=self.transformer_config, vae=self.vae_config,
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
             lora_params=sum(x.file.parameter_count for x in self.loras.values()),
-        )
+            segmenter=segmenter)

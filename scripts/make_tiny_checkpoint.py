@@ -409,7 +409,7 @@ def build(
                 tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
         # --- end extras ---
         _write_model_index(tmp)
-        for offset, kind in ((30, "control-model"), (40, "kontext-model"), (50, "dev-model")):
+        for offset, kind in ((30, "control-model"), (40, "kontext-model"), (60, "dev-model")):
             if kind in extras:  # after model_index.json: it copies its entries
                 import controlnet_fixtures
 

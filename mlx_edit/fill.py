@@ -31,7 +31,7 @@ class FluxFill(FluxPipeline):
     """FLUX.1 Fill inpainting/outpainting, and restyling with FLUX.1 Canny/Depth-dev.
     Build with `FluxFill.from_pretrained`."""
 
-    VARIANTS = ("fill", "control")
+    VARIANTS = ("fill", "control", "dev")  # dev: with a BFL control LoRA it is "control"
 
     def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
                 progress: Callable[[int, int], None] | None = None,

@@ -323,12 +323,12 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         return out
 
     def run(self, job: EditJob, paste_back: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        """Denoise a prepared job to the end and finish it (`progress(step, total)`)."""
-        total = len(job.sigmas) - 1
+            progress: Callable[..., None] | None = None) -> list[Image.Image]:
+        """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
+        total, with_job = len(job.sigmas) - 1, getattr(progress, "wants_job", False)
         for i, _ in self.steps(job):
-            if progress is not None:
-                progress(i + 1, total)
+            if progress is not None:  # `wants_job`: the job too (its latents: previews)
+                progress(i + 1, total, *([job] if with_job else []))
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images

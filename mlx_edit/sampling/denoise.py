@@ -20,7 +20,7 @@ from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.sampling import cache as step_cache
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
-from mlx_edit.sampling.compiled import make_step, step_dt
+from mlx_edit.sampling.compiled import compile_enabled, make_step, step_dt
 from mlx_edit.sampling.latents import text_ids
 from mlx_edit.sampling.sampler import model_timesteps
 
@@ -120,12 +120,14 @@ def denoise(
     i (at sigmas[i]; soft masks, sampling.soft_mask) / after it (`keep_source`).
     negative / true_cfg_scale: true CFG, `neg + scale * (pos - neg)` per step when scale
     > 1 (diffusers FluxKontextPipeline; same T5 length as the prompt). cache: a step cache
-    (sampling.cache: FirstBlockCache, TaylorSeer, MagCache) or None; stats gets after every
-    step `transformer_evals` / `transformer_skipped` (+ `cache_steps`, C computed / s
-    skipped, and `cache_info` with a cache). compile: the step under `mx.compile` (None:
-    on a GPU only; sampling/compiled.py). Yields (i, latents at sigmas[i+1]), evaluated,
-    so the caller can report progress, preview or stop. RoPE and the text batch are built
-    once. Raises ValueError for a cache the transformer cannot run, or with true CFG.
+    (sampling.cache: FirstBlockCache, TaylorSeer, MagCache) or None, with true CFG one
+    state per branch (diffusers' cache_context "cond" / "uncond"); stats gets after every
+    step `transformer_evals` / `transformer_skipped` over both branches (+ `cache_steps`,
+    C computed / s skipped, `cache_steps_negative` with true CFG, and `cache_info`).
+    compile: the step, or with a cache its pieces, under `mx.compile` (None: on a GPU
+    only; sampling/compiled.py). Yields (i, latents at sigmas[i+1]), evaluated, so the
+    caller can report progress, preview or stop. RoPE and the text batch are built once.
+    Raises ValueError for a cache the transformer cannot run.
     """
     b = latents.shape[0]
     txt_ids = text_ids(embeds.txt.shape[1])
@@ -136,14 +138,9 @@ def denoise(
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
     cfg = None
     if negative is not None and true_cfg_scale > 1.0:
-        if cache is not None:
-            raise ValueError("a step cache and true CFG together are not supported: the "
-                             "cache's decisions assume one evaluation per step")
         cfg = (*_batched(negative, b), mx.array(true_cfg_scale, dtype=mx.float32))
     n = len(sigmas) - 1
-    state = None if cache is None else step_cache.start(cache, transformer, n)
-    step = make_step(transformer, compile=compile,
-                     forward=None if state is None else state.velocity)
+    step, states = _cached_step(transformer, cache, n, compile, cfg is not None)
     for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
@@ -154,10 +151,21 @@ def denoise(
                        controlnet=residuals, ip=ip, tokens=tokens, negative=cfg)
         if after_step is not None:
             latents = after_step(i, latents)
-        mx.eval(latents, *(state.arrays() if state else ()))
+        mx.eval(latents, *(a for s in states for a in s.arrays()))
         if stats is not None:
-            _count(stats, i, state)
+            _count(stats, i, states, cfg is not None)
         yield i, latents
+
+
+def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | None, n: int,
+                 compile: bool | None, cfg: bool):
+    """(the step function, the cache states: none, one, or with true CFG one per branch)."""
+    compile = compile_enabled() if compile is None else compile
+    states = [step_cache.start(cache, transformer, n, compile)
+              for _ in range(0 if cache is None else 1 + cfg)]
+    forwards = [s.velocity for s in states] or [None]
+    return make_step(transformer, compile=compile, forward=forwards[0],
+                     negative_forward=forwards[-1]), states
 
 
 def _batched(embeds: PromptEmbeds, b: int) -> tuple[mx.array, mx.array]:
@@ -166,13 +174,15 @@ def _batched(embeds: PromptEmbeds, b: int) -> tuple[mx.array, mx.array]:
             mx.broadcast_to(embeds.pooled, (b, embeds.pooled.shape[-1])))
 
 
-def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:
-    computed = [True] * (i + 1) if state is None else state.computed
-    stats["transformer_evals"] = sum(computed)
-    stats["transformer_skipped"] = len(computed) - sum(computed)
-    if state is not None:  # per step: C computed in full, s skipped or predicted
-        stats["cache_steps"] = "".join("C" if c else "s" for c in computed)
-        stats["cache_info"] = state.info
+def _count(stats: dict, i: int, states: list[step_cache.StepCache], cfg: bool) -> None:
+    runs = [s.computed for s in states] or [[True] * (i + 1)] * (1 + cfg)
+    stats["transformer_evals"] = sum(map(sum, runs))
+    stats["transformer_skipped"] = sum(len(r) - sum(r) for r in runs)
+    # per step: C computed in full, s skipped or predicted; per branch with true CFG
+    for key, state in zip(("cache_steps", "cache_steps_negative"), states):
+        stats[key] = "".join("C" if c else "s" for c in state.computed)
+    if states:
+        stats["cache_info"] = states[0].info if len(states) == 1 else [s.info for s in states]
 
 
 def keep_source(mask: mx.array, image_latents: mx.array, noise: mx.array,

@@ -161,7 +161,7 @@ def test_second_server_reads_prompts_from_the_disk_cache(tiny_mlx, photo, tmp_pa
     def no_text_encoder(*a, **k):
         raise AssertionError("a text encoder was loaded for a cached prompt")
     monkeypatch.setattr(prompts, "load_t5", no_text_encoder)
-    monkeypatch.setattr(prompts, "load_clip_text", no_text_encoder)
+    monkeypatch.setattr(prompts.lora_text, "load_clip", no_text_encoder)
     second, cache2 = serve_once()
     assert cache2 == {"hits": 1, "misses": 0}
     assert second["text_encode_s"] < first["text_encode_s"]

@@ -17,10 +17,9 @@ from pathlib import Path
 import click
 
 from mlx_edit.batch import DEFAULT_GROUP_LINES
-from mlx_edit.cli.prompt_cache import DEFAULT_FOLDER, open_prompt_cache, prompt_cache_options
+from mlx_edit.cli.prompt_cache import open_prompt_cache, prompt_cache_options
 from mlx_edit.options import FIELDS
 
-_DEFAULT_CACHE = DEFAULT_FOLDER  # cli/serve.py's default (the options: cli/prompt_cache.py)
 
 
 def _defaults(steps, guidance, seed, max_sequence_length, sets) -> dict:

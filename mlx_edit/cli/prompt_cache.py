@@ -21,7 +21,7 @@ def prompt_cache_options(f):
         click.option("--prompt-cache", type=click.Path(path_type=Path, file_okay=False),
                      default=DEFAULT_FOLDER, envvar=ENV, show_default=True,
                      show_envvar=True, help="Folder of cached prompt embeddings."),
-        click.option("--prompt-cache-gb", type=click.FloatRange(0), default=2.0,
+        click.option("--prompt-cache-gb", type=click.FloatRange(0, min_open=True), default=2.0,
                      show_default=True, help="Size bound of the prompt cache folder."),
         click.option("--no-prompt-cache", is_flag=True,
                      help="Neither read nor write cached prompt embeddings."),

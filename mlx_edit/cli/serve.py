@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import click
 
 from mlx_edit.cli.errors import OneLineCommand
-from mlx_edit.cli.batch import _DEFAULT_CACHE as DEFAULT_PROMPT_CACHE  # shared with batch
+from mlx_edit.cli.prompt_cache import prompt_cache_options  # shared with the edit commands
 from mlx_edit.serve.config import MB, ServeConfig, is_loopback
 
 
@@ -52,11 +51,7 @@ class RedactToken(logging.Filter):
                    "[default: no bound].")
 @click.option("--preview-every", type=click.IntRange(0), default=1, show_default=True,
               help="A JPEG preview in every N-th step event (0: none).")
-@click.option("--prompt-cache", type=click.Path(path_type=Path), default=DEFAULT_PROMPT_CACHE,
-              show_default=True, help="Folder of prompt embeddings (shared with `batch`).")
-@click.option("--prompt-cache-gb", type=click.FloatRange(0, min_open=True), default=2.0,
-              show_default=True, help="Size bound of the prompt cache folder.")
-@click.option("--no-prompt-cache", is_flag=True, help="Keep prompt embeddings in memory only.")
+@prompt_cache_options
 def serve_command(model, kontext_model, segment_model, quantize, low_memory, host, port,
                   token, max_queue, max_upload_mb, max_images, max_resident_gb,
                   preview_every, prompt_cache, prompt_cache_gb, no_prompt_cache):

@@ -34,7 +34,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_transformer import build_reference, make_inputs, to_ours  # noqa: E402
-from mlx_edit.sampling.cache import parse_cache  # noqa: E402
+from mlx_edit.sampling.cache_spec import parse_cache  # noqa: E402
 from mlx_edit.models.flux import FluxConfig  # noqa: E402
 from mlx_edit.sampling.denoise import PromptEmbeds, denoise  # noqa: E402
 from mlx_edit.sampling.sampler import SchedulerConfig, flux_sigmas  # noqa: E402

@@ -5,9 +5,12 @@
         [--image-tokens 1024 --text-tokens 512] [--ranks 16,64] [--counts 1,3] \
         [--quantize 8] [--reps 3]
     python benchmarks/bench_lora.py --layer [--image-tokens 384 --ranks 64]   # one linear1
+    MLX_EDIT_WIDE_CKPT=/work/fixtures/wide python benchmarks/bench_lora.py ...  # its weights
 
 Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
-default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks.
+default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks;
+with --ckpt (default: $MLX_EDIT_WIDE_CKPT) the transformer of that checkpoint folder
+(the `wide` fixture: real widths, 1 double + 1 single block) and its config instead.
 A fused LoRA costs exactly the "none" row (the same layers, other values). Each LoRA is a
 random file in diffusers naming on every attention and MLP projection of
 every block (to_q/k/v, to_out, add_*_proj, to_add_out, ff, ff_context, the single block's
@@ -24,6 +27,7 @@ LoRA whose q, k, v and MLP parts have their own downs (the stacked case).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize", type=int, default=None, help="4 or 8: quantized base")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layer", action="store_true", help="time one linear1 layer only")
+    p.add_argument("--ckpt", type=Path, default=os.environ.get("MLX_EDIT_WIDE_CKPT") or None,
+                   help="a checkpoint folder whose transformer to time (default: random "
+                        "weights; $MLX_EDIT_WIDE_CKPT)")
     return p.parse_args(argv)
 
 
@@ -113,18 +120,31 @@ def layer_overhead(args, cfg: FluxConfig) -> None:
               f"FLOP share {100 * ideal:.1f}%)")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = FluxConfig.from_dict(dict(
+def build_model(args) -> FluxTransformer:
+    """The timed transformer: --ckpt's (float32), or random at the requested widths."""
+    if args.ckpt is not None:
+        from mlx_edit.weights.flux import load_transformer
+
+        return load_transformer(Path(args.ckpt) / "transformer", mx.float32)
+    model = FluxTransformer(FluxConfig.from_dict(dict(
         in_channels=384, out_channels=64, num_layers=args.double, num_single_layers=args.single,
         attention_head_dim=128, num_attention_heads=args.hidden // 128, joint_attention_dim=4096,
-        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)))
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))))
+    mx.eval(model.parameters())
+    return model
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     print("\n".join(common.machine_header(" ".join(["bench_lora.py", *(argv or sys.argv[1:])]))))
     if args.layer:
-        layer_overhead(args, cfg)
+        layer_overhead(args, FluxConfig.from_dict(dict(num_attention_heads=args.hidden // 128)))
         return 0
-    model = FluxTransformer(cfg)
-    mx.eval(model.parameters())
+    model = build_model(args)
+    cfg = model.config
+    if args.ckpt is not None:
+        print(f"transformer: {args.ckpt} ({cfg.num_layers} double + {cfg.num_single_layers} "
+              f"single blocks, hidden {cfg.hidden_size})")
     if args.quantize:
         quantize_transformer(model, args.quantize)
         mx.eval(model.parameters())
@@ -133,8 +153,9 @@ def main(argv=None) -> int:
     side = int(np.sqrt(n))
     ids = np.stack([np.zeros(n), np.arange(n) // side, np.arange(n) % side], 1)
     x = [mx.array(a.astype(np.float32)) for a in (
-        g.standard_normal((1, n, 384)), ids, g.standard_normal((1, t, 4096)), np.zeros((t, 3)),
-        np.array([0.5]), g.standard_normal((1, 768)), np.array([3.5]))]
+        g.standard_normal((1, n, cfg.in_channels)), ids,
+        g.standard_normal((1, t, cfg.joint_attention_dim)), np.zeros((t, 3)),
+        np.array([0.5]), g.standard_normal((1, cfg.pooled_projection_dim)), np.array([3.5]))]
     rope = model.rope(x[1], x[3])
 
     def forward():

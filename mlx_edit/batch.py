@@ -41,6 +41,9 @@ BATCH_MODES = ("inpaint", "outpaint", "edit")
 RECORD_KEYS = ("id", "image", "mask", "mask_points", "mask_negative", "mask_box", "prompt",
                "mode")
 RESULTS = "results.jsonl"
+# Lines per real batch when --batch-size is not given (the memory estimate may allow
+# more): a kill loses the group in flight, and progress moves group by group.
+DEFAULT_GROUP_LINES = 8
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
@@ -302,24 +305,39 @@ def write_line(line: Line, images: list, folder: Path) -> list[Path]:
     return write_together(files, overwrite=True, protect=protect)
 
 
+def new_record(line: Line, digest: str, rank: int) -> dict:
+    """The fields of a line's result record known before it runs."""
+    return {"id": line.id, "line": line.number, "mode": line.mode, "image": str(line.image),
+            "prompt": line.prompt, "seeds": line.options.seeds, "hash": digest, "rank": rank}
+
+
+def close_record(rec: dict, start: float, *, outputs: list[Path] | None = None,
+                 stats: dict | None = None, error: BaseException | None = None) -> dict:
+    """`rec` completed: status ok with its outputs and numeric stats, or error with the
+    message; `seconds` since `start` (a `now()` value) and the `finished` time."""
+    if error is None:
+        rec.update(status="ok", outputs=[str(p) for p in outputs or []],
+                   stats={k: round(v, 4) for k, v in (stats or {}).items()
+                          if isinstance(v, (int, float))})
+    else:
+        rec.update(status="error", error=f"{type(error).__name__}: {error}", outputs=[])
+    rec.update(seconds=round(now() - start, 3), finished=now())
+    return rec
+
+
 def run_line(pipes, line: Line, folder: Path, digest: str, rank: int) -> dict:
     """Edit and write one line with `pipes(mode)` (the loaded pipeline for the mode);
     returns its result record (status ok, or error with the message: a failed line never
     stops the batch). A model that fails to load (WeightLoadError), Ctrl-C and kills
     pass through."""
     start = now()
-    rec = {"id": line.id, "line": line.number, "mode": line.mode, "image": str(line.image),
-           "prompt": line.prompt, "seeds": line.options.seeds, "hash": digest, "rank": rank}
+    rec = new_record(line, digest, rank)
     pipe = pipes(line.mode)  # a model that cannot load stops the batch (one-line error)
     try:
         outputs = write_line(line, edit_line(pipe, line), folder)
-        stats = {k: round(v, 4) for k, v in pipe.last_stats.items()
-                 if isinstance(v, (int, float))}
-        rec.update(status="ok", outputs=[str(p) for p in outputs], stats=stats)
+        return close_record(rec, start, outputs=outputs, stats=pipe.last_stats)
     except Exception as e:  # noqa: BLE001  (recorded; the batch goes on)
-        rec.update(status="error", error=f"{type(e).__name__}: {e}", outputs=[])
-    rec.update(seconds=round(now() - start, 3), finished=now())
-    return rec
+        return close_record(rec, start, error=e)
 
 
 def now() -> float:

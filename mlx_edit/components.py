@@ -141,10 +141,10 @@ class ModelsMixin:
         self.root, self.dtype, self.source = root, dtype, source
         self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
         self.low_memory = low_memory
-        kinds, vae_dir = variants.accepted_in_channels(*self.VARIANTS), component_dir(root, "vae")
-        index = root / "model_index.json"
+        index, vae_dir = root / "model_index.json", component_dir(root, "vae")
         self.pipeline_class = read_config(root, index.name).get("_class_name") \
             if index.is_file() else None
+        kinds = variants.accepted_in_channels(*self.VARIANTS, pipeline_class=self.pipeline_class)
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
         t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
         self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
@@ -222,8 +222,10 @@ class ModelsMixin:
 
     @property
     def transformer_config(self) -> FluxConfig:
-        """The transformer's config, known without loading its weights."""
-        return self.components.config("transformer")
+        """The transformer's config, known without loading its weights, with the loaded
+        LoRAs' changes (`loras`; a control LoRA on FLUX.1-dev makes in_channels 128)."""
+        return lora_files.effective_config(self.components.config("transformer"),
+                                           getattr(self, "loras", {}))
 
     @property
     def vae_config(self) -> VAEConfig:
@@ -253,8 +255,8 @@ class ModelsMixin:
         """InputError unless the loaded transformer is the variant serving `edit`."""
         want = variants.for_edit(edit)
         if self.variant != want.name:
-            raise InputError(f"{edit} needs a {want.title} model ({want.repo}); "
-                             f"{self.source} is {self.variant_info.title}")
+            raise InputError(f"{edit} needs a {want.title} model ({want.repo}"
+                             f"{want.alternative}); {self.source} is {self.variant_info.title}")
 
     def encode_image(self, pixels: np.ndarray) -> mx.array:
         """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
@@ -274,10 +276,11 @@ class ModelsMixin:
         return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
-                        cache: CacheConfig | None = None, windows=None) -> MemoryEstimate:
+                        cache: CacheConfig | None = None, segmenter=None, windows=None
+                        ) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
-        with this pipeline's models, dtype and quantization (and step cache; windows: the
-        sampling.tiles.Windows of a tiled run, one window batch at a time)."""
+        with this pipeline's models, dtype, quantization, step cache (and SAM config;
+        windows: the sampling.tiles.Windows of a tiled run, one window batch at a time)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             window=None if windows is None else (windows.tokens, windows.batch),
@@ -285,4 +288,4 @@ class ModelsMixin:
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
             lora_params=sum(x.file.parameter_count for x in self.loras.values()),
-        )
+            segmenter=segmenter)

@@ -23,6 +23,7 @@ from mlx_edit.imaging.images import InputError, load_image, load_mask
 from mlx_edit.imaging.stitch import outpaint_canvas
 from mlx_edit.options import EditOptions, check_canvas, check_prompt
 from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.sampling.denoise import EditJob
 
 SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
 
@@ -31,7 +32,7 @@ class FluxFill(FluxPipeline):
     """FLUX.1 Fill inpainting/outpainting, and restyling with FLUX.1 Canny/Depth-dev.
     Build with `FluxFill.from_pretrained`."""
 
-    VARIANTS = ("fill", "control")
+    VARIANTS = ("fill", "control", "dev")  # dev: with a BFL control LoRA it is "control"
 
     def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
                 progress: Callable[[int, int], None] | None = None,
@@ -61,30 +62,42 @@ class FluxFill(FluxPipeline):
         Canny/Depth transformer loaded instead of Fill), before any model loads.
         """
         o = EditOptions.of(options, overrides, "inpaint")
-        check_prompt(prompt)
-        self._require("inpaint")
-        image = load_image(image)
-        user_mask = self.user_mask(image, mask, o.segment_model)
-        model_mask, blend = self.edit_masks(user_mask, o)
         if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
+            image = load_image(image)
+            user_mask = self.user_mask(image, mask, o.segment_model)
             first = self.inpaint(image, user_mask, prompt, large.first_pass(o), progress=progress)
-            return large.refine(self, first, model_mask, blend, prompt, o, progress=progress)
-        job = self.prepare(image, model_mask, blend, prompt, o, metadata={
-            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
-            "seam_fix": o.seam_fix or None})
-        self.paste_back_options(job, o, image, user_mask)
+            return large.refine(self, first, *self.edit_masks(user_mask, o), prompt, o,
+                                progress=progress)
+        job = self.inpaint_job(image, mask, prompt, o)
         images = self.run(job, o.paste_back, progress)
         if o.seam_fix:
-            band = seam_band(blend, o.seam_fix)
+            band = seam_band(job.blend, o.seam_fix)
             images = [self._seam_pass(img, band, prompt, job.paste, o, seed=o.seed + i)
                       for i, img in enumerate(images)]
         if o.rank:
             from mlx_edit.ranking import rank_candidates
 
-            images = rank_candidates(images, prompt, blend, keep_best=o.keep_best,
+            images = rank_candidates(images, prompt, job.blend, keep_best=o.keep_best,
                                      rank_model=o.rank_model, model_root=self.root,
                                      dtype=self.dtype)
         return images
+
+    def inpaint_job(self, image, mask, prompt: str, options: EditOptions | None = None,
+                    **overrides) -> EditJob:
+        """The prepared EditJob of `inpaint` (arguments as there), not yet denoised: run it
+        with `run(job, options.paste_back)` (seam_fix and rank are `inpaint`'s own passes
+        after that). Raises as `inpaint`."""
+        o = EditOptions.of(options, overrides, "inpaint")
+        check_prompt(prompt)
+        self._require("inpaint")
+        image = load_image(image)
+        user_mask = self.user_mask(image, mask, o.segment_model)
+        model_mask, blend = self.edit_masks(user_mask, o)
+        job = self.prepare(image, model_mask, blend, prompt, o, metadata={
+            "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
+            "seam_fix": o.seam_fix or None})
+        self.paste_back_options(job, o, image, user_mask)
+        return job
 
     def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
                    o: EditOptions, seed: int) -> Image.Image:
@@ -114,6 +127,18 @@ class FluxFill(FluxPipeline):
         checked before it is allocated; not a Fill transformer).
         """
         o = EditOptions.of(options, overrides, "outpaint")
+        if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
+            first = self.outpaint(image, prompt, large.first_pass(o), progress=progress)
+            _, model_mask, blend = outpaint_canvas(load_image(image), o.left, o.right, o.top,
+                                                   o.bottom, overlap=o.overlap)
+            return large.refine(self, first, model_mask, blend, prompt, o, progress=progress)
+        return self.run(self.outpaint_job(image, prompt, o), True, progress)
+
+    def outpaint_job(self, image, prompt: str, options: EditOptions | None = None,
+                     **overrides) -> EditJob:
+        """The prepared EditJob of `outpaint` (arguments as there), not yet denoised: run
+        it with `run(job, True)`. Raises as `outpaint`."""
+        o = EditOptions.of(options, overrides, "outpaint")
         check_prompt(prompt)
         self._require("outpaint")
         image = load_image(image)
@@ -121,13 +146,9 @@ class FluxFill(FluxPipeline):
         check_canvas(w + o.left + o.right, h + o.top + o.bottom)
         canvas, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
                                                     overlap=o.overlap)
-        if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
-            first = self.outpaint(image, prompt, large.first_pass(o), progress=progress)
-            return large.refine(self, first, model_mask, blend, prompt, o, progress=progress)
-        job = self.prepare(canvas, model_mask, blend, prompt, o, metadata={
+        return self.prepare(canvas, model_mask, blend, prompt, o, metadata={
             "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
             "overlap": o.overlap}, inner=(o.left, o.top, o.left + w, o.top + h))
-        return self.run(job, True, progress)
 
     def restyle(self, image, control_image, prompt: str, options: EditOptions | None = None,
                 *, mask=None, progress: Callable[[int, int], None] | None = None,

@@ -22,6 +22,7 @@ from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.sampling.denoise import EditJob
 
 
 def output_size(first: Image.Image, width: int | None, height: int | None,
@@ -73,6 +74,14 @@ class FluxKontext(FluxPipeline):
         Raises InputError (no image, unreadable image or mask, bad options, prompt too
         long; a transformer that is not Kontext's 64-channel model).
         """
+        job = self.edit_job(images, instruction, options, mask=mask, noise=noise,
+                            **overrides)
+        return self.run(job, mask is not None, progress)
+
+    def edit_job(self, images, instruction: str, options: EditOptions | None = None, *,
+                 mask=None, noise: mx.array | None = None, **overrides) -> EditJob:
+        """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
+        with `run(job, mask is not None)`. Raises as `edit`."""
         o = EditOptions.of(options, overrides, "edit")
         if mask is None and o.tile_mode == "auto":  # auto: windows only for masked edits
             o = dataclasses.replace(o, tile_mode="off")
@@ -103,7 +112,7 @@ class FluxKontext(FluxPipeline):
         )
         if user_mask is not None:
             self.paste_back_options(job, o, image, user_mask)
-        return self.run(job, mask is not None, progress)
+        return job
 
 
 def _to_size(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]

@@ -18,12 +18,12 @@ from dataclasses import replace
 
 from PIL import Image
 
-from mlx_edit.imaging.stitch import CropPlan
+from mlx_edit.imaging.stitch import CropPlan, plan_crop
 from mlx_edit.options import GLOBAL_PASS_STRENGTH, EditOptions
 from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.tiles import Windows, plan_windows
 
-__all__ = ["Windows", "first_pass", "job_windows", "metadata", "refine", "refine_strength",
+__all__ = ["Windows", "check_memory", "edit_plan", "first_pass", "job_windows", "metadata", "refine", "refine_strength",
            "schedule_tokens", "tiled_plan", "windows_for"]
 
 MAX_WINDOW_BATCH = 4  # windows stacked per evaluation when memory allows
@@ -55,6 +55,29 @@ def tiled_plan(plan: CropPlan, o: EditOptions) -> CropPlan:
         return plan
     size = (-(-w // TOKEN_PX) * TOKEN_PX, -(-h // TOKEN_PX) * TOKEN_PX)
     return replace(plan, model_size=size, resized=False)
+
+
+def edit_plan(image_size: tuple[int, int], blend, crop_to_mask: bool | None,
+              plan: CropPlan | None, o: EditOptions | None) -> CropPlan:
+    """The crop plan of an edit (`plan` when given, else `stitch.plan_crop` around the
+    blend with the budget `o.max_model_pixels` as its target), at its window's own
+    resolution when windows are used (`tiled_plan`)."""
+    o = o or EditOptions()
+    if plan is None:
+        target = o.max_model_pixels if crop_to_mask is not False else None
+        plan = plan_crop(image_size, blend, target, crop=crop_to_mask)
+    return tiled_plan(plan, o)
+
+
+def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
+                 cache) -> None:
+    """`memory.check_fits` for an edit on `plan` (one window at a time when windowed) with
+    the pipeline's models; InputError listing options that fit."""
+    from mlx_edit.memory import check_fits
+
+    est = pipe.memory_estimate(*plan.model_size, num_images, cache,
+                               windows=windows_for(plan, o or EditOptions()))
+    check_fits(est, low_memory=pipe.low_memory)
 
 
 def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1) -> Windows | None:
@@ -96,7 +119,7 @@ def job_windows(pipe, plan: CropPlan, o: EditOptions) -> Windows | None:
 
     def fits(k: int) -> bool:
         est = pipe.memory_estimate(*plan.model_size, o.num_images, o.cache,
-                                   replace(windows, batch=k))
+                                   windows=replace(windows, batch=k))
         return est[key] <= available
     return replace(windows, batch=window_batch(windows, o, fits))
 

@@ -26,7 +26,10 @@ class LoRAMixin:
     def load_lora(self, source: str | Path, scale: float = 1.0, name: str | None = None,
                   *, weight_name: str | None = None) -> str:
         """Apply a FLUX LoRA (any format diffusers reads; mlx_edit.weights.lora) unfused,
-        on float or quantized transformers, summed with those already loaded.
+        on float or quantized transformers, summed with those already loaded. A BFL
+        control LoRA (FLUX.1-Canny/Depth-dev-lora) makes FLUX.1-dev the control variant
+        (mlx_edit.weights.lora_control); CLIP-L parts apply to the text encoder
+        (mlx_edit.weights.lora_text).
 
         source: a .safetensors file, a Hugging Face repo id (`owner/name`, with
         `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
@@ -38,9 +41,11 @@ class LoRAMixin:
             raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
         lora = lora_files.load_lora_file(source, weight_name)
         name = name or lora_files.default_name(source, self.loras)
-        # Check against the model's structure (lazy, no weights) before recording it.
-        lora.updates(FluxTransformer(self.transformer_config))
-        self.loras[name] = lora_files.LoadedLoRA(lora, str(source), float(scale))
+        loaded = lora_files.LoadedLoRA(lora, str(source), float(scale))
+        # Check on the base's structure (lazy, no weights) with the others before recording.
+        probe = FluxTransformer(self.components.config("transformer"))
+        lora_files.sync(probe, {**self.loras, name: loaded}, check_only=True)
+        self.loras[name] = loaded
         if "transformer" in self.components.resident:
             try:
                 self.transformer  # noqa: B018  (applies it now)
@@ -60,7 +65,8 @@ class LoRAMixin:
             self.loras[n].scale = float(value)
 
     def unload_loras(self, names: Sequence[str] | None = None) -> None:
-        """Remove LoRAs by name (all when None); the base transformer is restored exactly."""
+        """Remove LoRAs by name (all when None); the base transformer is restored exactly
+        (a control LoRA's widened img_in, replaced norms and in_channels too)."""
         for n in list(self.loras) if names is None else names:
             self.loras.pop(n, None)
         if "transformer" in self.components.resident:

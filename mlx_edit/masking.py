@@ -20,28 +20,27 @@ from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 
 
 class MaskMixin:
-    """Mask methods of FluxPipeline. Expects `root`, `dtype`, `components` and
-    `encode_image` (mlx_edit.components.ModelsMixin)."""
+    """Mask methods of FluxPipeline. Expects `root`, `dtype`, `components`, `low_memory`,
+    `memory_estimate` and `encode_image` (mlx_edit.components.ModelsMixin)."""
 
     def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
                   ) -> np.ndarray:
         """The edit mask (H, W) float32 in [0, 1] of `image`: `mask` as a path, PIL or array
         (resized with a warning when its size differs), or `segment.Points` / `segment.Box`
         prompts (one or a list), segmented first with SAM 2.1 (`segment_model`, default the
-        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large) and
-        freed before anything else loads. Raises InputError (bad mask or prompt) and
-        WeightLoadError (segmenter)."""
+        model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large; its
+        memory checked first) and freed before anything else loads. Raises InputError (bad
+        mask or prompt, memory) and WeightLoadError (segmenter)."""
         from mlx_edit.segment import Box, Points
 
         prompts = mask if isinstance(mask, (list, tuple)) else [mask]
         if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
             return load_mask(mask, image.size)
-        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_from_prompts, prompts_from_specs
+        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_for_edit
 
         own = self.root / "segmenter"
         model = segment_model or (own if own.is_dir() else DEFAULT_SEGMENTER)
-        return mask_from_prompts(image, **prompts_from_specs(prompts), model=model
-                                 ).astype(np.float32)
+        return mask_for_edit(image, prompts, model, self.memory_estimate, self.low_memory)
 
     def edit_masks(self, user_mask: np.ndarray, o: EditOptions
                    ) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,12 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
 - VAE: `tiling.vae_activation_gb` (bytes per pixel, measured) for the image, or for one
   tile plus the host accumulators when `tiling.should_tile` says the pass is tiled.
 
-The peak is the largest phase: text encoding, VAE encode, denoising, VAE decode. The
+- SAM 2.1 (a click/box mask): `segmenter_gb`: its weights from the config, and its image
+  embedding's activations, linear in the input pixels and the Hiera width (measured).
+
+The peak is the largest phase: [segmenting,] text encoding, VAE encode, denoising, VAE
+decode. The segmenter is loaded for its phase only (mlx_edit.segment.mask_from_prompts
+frees it before anything else runs), next to what a normal run keeps resident. The
 text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
 mlx_edit.components) only the phase's own model is resident: CLIP or T5, the VAE, the
@@ -45,6 +50,9 @@ ACT_LINEAR_COPIES = 4.3  # widest projection (linear1 out), gelu, concat, residu
 RUNTIME_GB = 0.6  # Python, MLX, tokenizers, prompt embeddings, small buffers
 TEXT_TOKENS = 512
 PHASES = ("text_encode", "vae_encode", "denoise", "vae_decode")
+# SAM image-embedding activations per input pixel and Hiera stage-0 channel (float32, CPU:
+# 0.66 GB for hiera-tiny at 1024 px, 0.68 for hiera-small; benchmarks/RESULTS.md).
+SAM_ACT_BYTES = 6.6
 
 
 def _backend() -> str:
@@ -96,6 +104,17 @@ def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_si
     return batch * (linear + scores) / GB
 
 
+def denoise_gb(image_tokens: int, text_tokens: int, cfg: FluxConfig, batch: int,
+               dtype_size: int, window: tuple[int, int] | None = None) -> float:
+    """Denoising activations (GB): one forward over the canvas, or with `window` (image
+    tokens of one window, windows per batch) one window batch plus the canvas latents."""
+    if window is None:
+        return transformer_activation_gb(image_tokens + text_tokens, cfg, batch, dtype_size)
+    return transformer_activation_gb(window[0] + text_tokens, cfg, batch * window[1],
+                                     dtype_size) \
+        + canvas_latents_gb(image_tokens, cfg, batch, dtype_size)
+
+
 def canvas_latents_gb(image_tokens: int, cfg: FluxConfig, batch: int, dtype_size: int
                       ) -> float:
     """The whole canvas's arrays during tiled denoising: latents, initial noise and
@@ -119,6 +138,21 @@ def vae_pass_gb(height: int, width: int, dtype_size: int, decode: bool = True,
     return tiling.vae_activation_gb(tile, tile, dtype_size, decode, config=config) + acc / GB
 
 
+def segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
+    """(weights GB, image-embedding activations GB) of a SAM 2.1 image model from its
+    config (SamConfig or config.json dict; None = sam2.1-hiera-tiny's defaults) computing
+    in `dtype` (the loader's default is float32). The decoder's per-prompt cost is small
+    next to the encoder's and is not counted."""
+    from mlx_edit.models.sam import SamConfig, SamModel
+
+    cfg = config if isinstance(config, SamConfig) else SamConfig.from_dict(dict(config or {}))
+    float_dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+    weights = model_nbytes(SamModel(cfg), float_dtype) / GB  # built lazily: nothing allocated
+    pixels = cfg.image_size ** 2
+    act = SAM_ACT_BYTES * cfg.vision.backbone.hidden_size * pixels * float_dtype.size / 4 / GB
+    return weights, act
+
+
 @dataclass
 class _Inputs:
     width: int
@@ -129,6 +163,7 @@ class _Inputs:
     configs: dict
     lora_params: int = 0
     cache: object = None
+    segmenter: object = None
     window: tuple[int, int] | None = None
 
 
@@ -142,7 +177,7 @@ class MemoryEstimate(dict):
 def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
              text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None,
-             window: tuple[int, int] | None = None) -> MemoryEstimate:
+             segmenter=None, window: tuple[int, int] | None = None) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
@@ -151,10 +186,11 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     transformer, whatever its quantization; `weights_lora`).
     cache: the edit's step cache config (mlx_edit.sampling.cache) or None; its state
     is `cache_state` and counts in the denoise phase.
-    window: (image tokens of one window, windows per batch) for tiled denoising
-    (sampling.tiles): the denoise phase is one window batch's activations plus the
-    canvas's latents (`canvas_latents_gb`); the VAE passes still cover the whole canvas.
-    Returns a MemoryEstimate (a dict of GB); `peak` is max over PHASES of resident
+    segmenter: the SAM 2.1 config (SamConfig or config.json dict) of a click/box mask, or
+    None; adds the phase "segment" (its weights and activations next to the resident
+    models, `segmenter_gb`), gone before denoising.
+    window: (tokens of one window, windows per batch) of tiled denoising: `denoise_gb`.
+    Returns a MemoryEstimate (a dict of GB); `peak` is max over the phases of resident
     weights + that phase's activations + RUNTIME_GB.
     """
     dtype_name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
@@ -168,17 +204,14 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
     tokens = (height // 16) * (width // 16) + text_tokens
     t5_cfg = cfgs["t5"]
-    denoise = transformer_activation_gb(tokens, cfgs["transformer"], num_images, size)
-    if window is not None:
-        denoise = transformer_activation_gb(window[0] + text_tokens, cfgs["transformer"],
-                                            num_images * window[1], size) \
-            + canvas_latents_gb(tokens - text_tokens, cfgs["transformer"], num_images, size)
+    cache_gb = state_bytes(cache, cfgs["transformer"], num_images, tokens - text_tokens,
+                           text_tokens, size) / GB
     act = {
         "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
         + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
         "vae_encode": vae_pass_gb(height, width, size, decode=False, config=cfgs["vae"]),
-        "denoise": denoise + state_bytes(cache, cfgs["transformer"], num_images, tokens - text_tokens, text_tokens,
-                      size) / GB,
+        "denoise": denoise_gb(tokens - text_tokens, text_tokens, cfgs["transformer"],
+                              num_images, size, window) + cache_gb,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = max(w["text_encoder"], w["text_encoder_2"])  # CLIP is freed before T5 loads
@@ -187,17 +220,19 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
               "denoise": resident, "vae_decode": resident}
     low = {"text_encode": text_w, "vae_encode": w["vae"], "denoise": transformer_w,
            "vae_decode": w["vae"]}
+    if segmenter is not None:
+        w["segmenter"], act["segment"] = segmenter_gb(segmenter)
+        normal["segment"], low["segment"] = resident + w["segmenter"], w["segmenter"]
     out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
     out.update({f"activations_{k}": v for k, v in act.items()})
     if cache is not None:
-        out["cache_state"] = state_bytes(cache, cfgs["transformer"], num_images,
-                                         tokens - text_tokens, text_tokens, size) / GB
-    for p in PHASES:
+        out["cache_state"] = cache_gb
+    for p in act:
         out[f"phase_{p}"] = normal[p] + act[p] + RUNTIME_GB
-    out["peak"] = max(out[f"phase_{p}"] for p in PHASES)
-    out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in PHASES)
+    out["peak"] = max(out[f"phase_{p}"] for p in act)
+    out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache, window)
+                         cache, segmenter, window)
     return out
 
 
@@ -224,7 +259,8 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
     kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
               quantize=i.quantize, transformer=i.configs["transformer"],
               vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
-              lora_params=i.lora_params, cache=i.cache, window=i.window)
+              lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
+              window=i.window)
     kw.update(changes)
     return estimate(**kw)
 
@@ -281,6 +317,25 @@ def check_fits(est: MemoryEstimate, available: float | None = None,
         f"{i.dtype}{f', {i.quantize}-bit' if i.quantize else ''}; weights GB: {parts}) but "
         f"this machine has {available:.1f} GB; {advice}"
     )
+
+
+def check_segmenter_fits(est: MemoryEstimate, low_memory: bool = False,
+                         available: float | None = None) -> None:
+    """Raise InputError when the segment phase of `est` (an estimate with a segmenter)
+    exceeds `available` GB (None: `available_memory()`); checked before SAM loads, as the
+    canvas of the later phases is known only from the mask (they are `check_fits`'s)."""
+    available = available_memory() / GB if available is None else float(available)
+    resident = 0.0 if low_memory else est["phase_segment"] - est["activations_segment"] \
+        - est["weights_segmenter"] - RUNTIME_GB
+    need = resident + est["weights_segmenter"] + est["activations_segment"] + RUNTIME_GB
+    if need <= available:
+        return
+    advice = "" if low_memory else "; --low-memory frees the FLUX models while segmenting"
+    raise InputError(
+        f"segmenting the mask needs about {need:.1f} GB (SAM weights "
+        f"{est['weights_segmenter']:.2f}, image embedding {est['activations_segment']:.2f}, "
+        f"resident models {resident:.1f}) but this machine has {available:.1f} GB: draw the "
+        f"mask instead (--mask) or use a smaller SAM 2.1 checkpoint{advice}")
 
 
 def summary(est: Mapping[str, float]) -> str:

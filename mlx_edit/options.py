@@ -98,10 +98,11 @@ def _cache(v: Any):
     if v is None:
         return None
     from mlx_edit.sampling import cache  # imports mlx: only when a cache is asked for
+    from mlx_edit.sampling.cache_spec import parse_cache
 
     if isinstance(v, str):
         try:
-            return cache.parse_cache(v)
+            return parse_cache(v)
         except ValueError as e:
             raise InputError(f"cache: {e}") from None
     if not isinstance(v, (cache.FirstBlockCache, cache.TaylorSeer, cache.MagCache)):

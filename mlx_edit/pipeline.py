@@ -33,10 +33,9 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
 )
 from mlx_edit.conditioning.kontext import kontext_tokens
 from mlx_edit.imaging.images import InputError, from_array, to_array
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, plan_crop, stitch_back
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, stitch_back
 from mlx_edit.loras import LoRAMixin
 from mlx_edit.masking import MaskMixin
-from mlx_edit.memory import check_fits
 from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
     CONTROL_GUIDANCE,
@@ -106,13 +105,8 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         checked (`plan` given: used as it is; 1:1 when `options` allow windows: mlx_edit.large).
         Raises InputError (mask empty at the model's resolution, or an edit that would not
         fit in memory: the message lists options that do)."""
-        o = options or EditOptions()
-        if plan is None:
-            target = o.max_model_pixels if crop_to_mask is not False else None
-            plan = plan_crop(image.size, blend, target, crop=crop_to_mask)
-        plan = large.tiled_plan(plan, o)
-        check_fits(self.memory_estimate(*plan.model_size, num_images, cache,
-                                        large.windows_for(plan, o)), low_memory=self.low_memory)
+        plan = large.edit_plan(image.size, blend, crop_to_mask, plan, options)
+        large.check_memory(self, plan, options, num_images, cache)
         canvas, mask = crop_for_model(image, model_mask, plan)
         if not mask.any():
             raise InputError(
@@ -323,12 +317,13 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         return out
 
     def run(self, job: EditJob, paste_back: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        """Denoise a prepared job to the end and finish it (`progress(step, total)`)."""
-        k = job.windows.count if job.windows else 1  # progress: windows x steps
+            progress: Callable[..., None] | None = None) -> list[Image.Image]:
+        """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
+        k = job.windows.count if job.windows else 1  # progress counts windows x steps
+        total, with_job = (len(job.sigmas) - 1) * k, getattr(progress, "wants_job", False)
         for i, _ in self.steps(job):
-            if progress is not None:
-                progress((i + 1) * k, (len(job.sigmas) - 1) * k)
+            if progress is not None:  # `wants_job`: the job too (its latents: previews)
+                progress((i + 1) * k, total, *([job] if with_job else []))
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images

@@ -61,13 +61,15 @@ class PromptCache:
         self._fingerprints: dict[tuple, str] = {}
 
     def key(self, encoders: list[Path], dtype, quantize: int | None, prompt: str,
-            t5_prompt: str, max_sequence_length: int) -> str:
-        """The entry name (hex SHA-256) of these prompts for these encoder folders."""
+            t5_prompt: str, max_sequence_length: int, loras: tuple = ()) -> str:
+        """The entry name (hex SHA-256) of these prompts for these encoder folders (and
+        text-encoder LoRAs: mlx_edit.weights.lora_text.text_key)."""
         folders = tuple(str(f) for f in encoders)
         if folders not in self._fingerprints:  # stat the weights once per process
             self._fingerprints[folders] = json.dumps(encoder_fingerprint(list(encoders)))
         blob = json.dumps([self._fingerprints[folders], str(dtype), quantize, prompt,
-                           t5_prompt, max_sequence_length], ensure_ascii=False)
+                           t5_prompt, max_sequence_length] + ([list(loras)] if loras else []),
+                          ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:

@@ -13,8 +13,9 @@ import mlx.core as mx
 
 from mlx_edit.imaging.images import InputError
 from mlx_edit.sampling.denoise import PromptEmbeds
+from mlx_edit.weights import lora_text
 from mlx_edit.weights.sources import component_dir
-from mlx_edit.weights.text import load_clip_text, load_t5
+from mlx_edit.weights.text import load_t5
 
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 
@@ -22,7 +23,8 @@ PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16
 class PromptMixin:
     """Prompt encoding of FluxPipeline. Expects `_prompt_cache` ({key: PromptEmbeds}) and
     `disk_prompt_cache` (set in FluxPipeline.__init__), `root`, `dtype`, `quantize` and the
-    tokenizers (mlx_edit.components.ModelsMixin)."""
+    tokenizers (mlx_edit.components.ModelsMixin), `loras` (mlx_edit.loras.LoRAMixin: CLIP-L
+    LoRAs are applied when encoding and key the caches, mlx_edit.weights.lora_text)."""
 
     _prompt_cache: dict[tuple, PromptEmbeds]
 
@@ -35,7 +37,7 @@ class PromptMixin:
         prompt over 77 tokens is truncated with a PromptTruncatedWarning, as CLIP only
         gives the pooled summary).
         """
-        key = (prompt, prompt_2, max_sequence_length)
+        key = (prompt, prompt_2, max_sequence_length, lora_text.text_key(self.loras))
         if key in self._prompt_cache:
             return self._prompt_cache[key]
         if not 1 <= max_sequence_length <= 512:
@@ -51,7 +53,7 @@ class PromptMixin:
         if disk is not None:  # on disk: the text encoders are not loaded at all on a hit
             encoders = [component_dir(self.root, c) for c in ("text_encoder", "text_encoder_2")]
             disk_key = disk.key(encoders, self.dtype, self.quantize, prompt, t5_prompt,
-                                max_sequence_length)
+                                max_sequence_length, key[3])
             embeds = disk.get(disk_key)
         if embeds is None:
             embeds = self._encode_text(prompt, t5_prompt, max_sequence_length)
@@ -65,7 +67,7 @@ class PromptMixin:
     def _encode_text(self, prompt: str, t5_prompt: str, max_sequence_length: int
                      ) -> PromptEmbeds:
         """Load CLIP, encode, free it; load T5, encode, free it (one model resident)."""
-        clip = load_clip_text(component_dir(self.root, "text_encoder"), self.dtype)
+        clip = lora_text.load_clip(self.root, self.dtype, self.loras)  # with its CLIP LoRAs
         pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
         mx.eval(pooled)
         del clip

@@ -281,6 +281,22 @@ def mask_from_prompts(image, points=None, labels=None, boxes=None,
         mx.clear_cache()
 
 
+def mask_for_edit(image, prompts, model: str | Path, memory_estimate,
+                  low_memory: bool = False) -> np.ndarray:
+    """An edit's mask (H, W) float32 in {0, 1} from `Points` / `Box` specs (`prompts`):
+    the prompts are checked (before any download), then the segment phase's memory (`memory_estimate(width,
+    height, segmenter=config)`, a pipeline's, checked by memory.check_segmenter_fits),
+    then `mask_from_prompts`. Raises InputError (prompt, memory), WeightLoadError."""
+    from mlx_edit.memory import check_segmenter_fits
+    from mlx_edit.weights.sam import sam_config
+
+    kw = prompts_from_specs(prompts)
+    prompt_arrays(**kw, image_size=(image.height, image.width), input_size=1024)  # no download
+    est = memory_estimate(image.width, image.height, segmenter=sam_config(model))
+    check_segmenter_fits(est, low_memory)
+    return mask_from_prompts(image, **kw, model=model).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Points:
     """A click prompt for an edit's mask: pixels (x, y) of the photo, labels 1 (on the

@@ -4,7 +4,9 @@ the CLI and the memory estimate.
 A variant is told apart by its transformer's `in_channels` (the width of `x_embedder`)
 and, where two share a width (dev and Kontext: 64), by the pipeline class named in the
 checkpoint's `model_index.json` (diffusers) or by the entry the user picked. Adding a
-variant is one entry here plus its conditioner (mlx_edit/conditioning/).
+variant is one entry here plus its conditioner (mlx_edit/conditioning/). A BFL control
+LoRA loaded onto FLUX.1-dev widens its input to 128 channels, so the pipeline's effective
+config (mlx_edit.weights.lora_control.effective_config) identifies it as "control".
 
 Defaults are the references': Fill from diffusers `FluxFillPipeline` / BFL `cli_fill`
 (50 steps, guidance 30); Canny/Depth from BFL `cli_control` (50 steps, guidance 30 for
@@ -31,6 +33,7 @@ class Variant:
       to the sequence, "none": text-to-image).
     edits: the pipeline methods (and CLI commands) this variant serves.
     pipelines: diffusers pipeline class names whose folders hold this variant.
+    alternative: another way to get it, for messages (", or ...").
     """
 
     name: str
@@ -43,6 +46,7 @@ class Variant:
     conditioner: str
     edits: tuple[str, ...]
     pipelines: tuple[str, ...] = ()
+    alternative: str = ""
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -50,7 +54,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "fill", ("inpaint", "outpaint"), ("FluxFillPipeline",)),
     Variant("control", "FLUX.1 Canny or Depth control", "black-forest-labs/FLUX.1-Canny-dev",
             128, True, 50, 30.0, "bfl_control", ("restyle",),
-            ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")),
+            ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"),
+            ", or FLUX.1-dev with a BFL control LoRA such as "
+            "black-forest-labs/FLUX.1-Canny-dev-lora (load_lora / --lora)"),
     Variant("dev", "FLUX.1 dev", "black-forest-labs/FLUX.1-dev", 64, True, 28, 3.5, "none", (),
             ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")),
     Variant("kontext", "FLUX.1 Kontext", "black-forest-labs/FLUX.1-Kontext-dev", 64, True, 28,
@@ -95,6 +101,12 @@ def describe(in_channels: int, guidance_embeds: bool = True,
     return v.title if v else f"an unknown FLUX variant (in_channels {in_channels})"
 
 
-def accepted_in_channels(*names: str) -> tuple[int, ...]:
-    """The in_channels of the named variants (for the loader's kind check)."""
-    return tuple(dict.fromkeys(VARIANTS[n].in_channels for n in names))
+def accepted_in_channels(*names: str, pipeline_class: str | None = None) -> tuple[int, ...]:
+    """The in_channels of the named variants (for the loader's kind check). A named variant
+    that serves no edit itself (dev: a base for control LoRAs) does not make its width
+    accepted for a folder whose pipeline_class names another variant of that width
+    (FluxFill takes FLUX.1-dev, 64, but not a Kontext folder, also 64)."""
+    other = {v.in_channels for v in VARIANTS.values()
+             if pipeline_class in v.pipelines and v.name not in names}
+    return tuple(dict.fromkeys(VARIANTS[n].in_channels for n in names
+                               if VARIANTS[n].edits or VARIANTS[n].in_channels not in other))

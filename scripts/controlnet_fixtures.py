@@ -166,6 +166,7 @@ CONTROL_MODEL_SHARED = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "t
 VARIANT_MODELS = {
     "control-model": (128, "FluxControlPipeline", "flux1-canny-dev.safetensors"),
     "kontext-model": (64, "FluxKontextPipeline", "flux1-kontext-dev.safetensors"),
+    "dev-model": (64, "FluxPipeline", "flux1-dev.safetensors"),  # base for control LoRAs
 }
 
 

@@ -1,7 +1,8 @@
 """Build a FLUX.1-Fill-dev checkpoint folder with random weights, without torch.
 
     python scripts/make_mlx_checkpoint.py OUT --preset tiny|small|wide [--seed 0] [--overwrite]
-        [--extras controlnet,control-model,kontext-model,ip-adapter,redux]
+        [--extras controlnet,control-model,kontext-model,dev-model,ip-adapter,redux,segmenter]
+    python scripts/make_mlx_checkpoint.py OUT --sam tiny|tiny-b|hiera-tiny|...   # SAM 2.1 only
 
 The torch-free twin of scripts/make_tiny_checkpoint.py, for the tests that do not compare
 with diffusers/transformers (they must pass in an environment without torch, diffusers and
@@ -11,7 +12,7 @@ reference folders are, `flux1-fill-dev.safetensors` and `ae.safetensors` with BF
 tokenizers from scripts/tokenizer_files.py, scheduler config, model_index.json; the same
 extras as controlnet_fixtures.py and image_prompt_fixtures.py), but every model is mlx-edit's
 own (FluxTransformer, AutoencoderKL, CLIPTextModel, T5Encoder, FluxControlNet, the vision
-towers, IP-Adapter, Redux) built from the config with MLX's random initialisation under
+towers, IP-Adapter, Redux, SAM 2.1) built from the config with MLX's random initialisation under
 `mx.random.seed`; tensors that initialise to a constant (norm weights, some biases) get
 seeded noise as in the torch builder. The files are written in the checkpoint key layouts
 by running mlx-edit's own key maps (mlx_edit/weights: diffusers, transformers and BFL
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import controlnet_fixtures as cf  # noqa: E402  (ControlNet configs; imports no torch)
 import image_prompt_fixtures as ipf  # noqa: E402  (vision configs; imports no torch)
 import make_tiny_checkpoint as mtc  # noqa: E402  (presets and configs; imports no torch)
+import sam_fixtures as sf  # noqa: E402  (SAM 2.1 configs; imports no torch)
 
 from mlx_edit.models.clip import (  # noqa: E402
     CLIPTextConfig,
@@ -58,10 +60,12 @@ from mlx_edit.models.redux import (  # noqa: E402
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from mlx_edit.models.sam import SamConfig, SamModel  # noqa: E402
 from mlx_edit.models.t5 import T5Config, T5Encoder  # noqa: E402
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from mlx_edit.weights import controlnet as controlnet_keys  # noqa: E402
 from mlx_edit.weights import flux as flux_keys  # noqa: E402
+from mlx_edit.weights import sam as sam_keys  # noqa: E402
 from mlx_edit.weights import text as text_keys  # noqa: E402
 from mlx_edit.weights import vae as vae_keys  # noqa: E402
 from mlx_edit.weights import vision as vision_keys  # noqa: E402
@@ -78,7 +82,8 @@ COMPONENTS = {
     "text_encoder_2": (T5Config, T5Encoder, text_keys.T5_RULES, "model",
                        {"architectures": ["T5EncoderModel"], "model_type": "t5"}),
 }
-EXTRAS = ("controlnet", "control-model", "kontext-model", "ip-adapter", "redux")
+EXTRAS = ("controlnet", "control-model", "kontext-model", "dev-model", "ip-adapter", "redux",
+          "segmenter")
 SHARDED = ("transformer", "text_encoder_2")  # >= 2 shards + index, as the reference folders
 
 
@@ -314,12 +319,44 @@ def write_image_prompt_fixtures(out: str | Path, transformer_cfg: dict, preset: 
             for offset, kind in enumerate(kinds)}
 
 
+def sam_checkpoint_config(given: dict) -> dict:
+    """transformers' `Sam2Config` dict (config.json) of the preset kwargs `given`: fields not
+    given are transformers' defaults, which are SamConfig's (tests/test_sam.py checks the
+    released sizes); the nested configs carry their model_type."""
+    vision = {"model_type": "sam2_vision_model", **(given.get("vision_config") or {})}
+    if "backbone_config" in vision:
+        vision["backbone_config"] = {"model_type": "sam2_hiera_det_model",
+                                     **vision["backbone_config"]}
+    return {"architectures": ["Sam2Model"], "model_type": "sam2", **given,
+            "vision_config": vision}
+
+
+def write_segmenter(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """sam_fixtures.build_sam's folder (transformers `Sam2Model` layout: config.json,
+    model.safetensors, preprocessor_config.json) for `preset`, torch-free: our SamModel
+    with MLX's init (`random_params`), the Fourier-feature matrices N(0, 1) as
+    transformers initialises them (so positions are told apart). Returns `out`."""
+    out = Path(out)
+    given = sf.sam_config(preset)
+    config = SamConfig.from_dict(given)
+    params = random_params(SamModel, config, seed)
+    rng = np.random.default_rng(seed + 2000)
+    for name in [k for k in params if k.endswith("positional_embedding")]:
+        params[name] = rng.standard_normal(params[name].shape).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(to_checkpoint(params, sam_keys.SAM_RULES), out / "model.safetensors")
+    _write_json(out / "config.json", sam_checkpoint_config(given))
+    _write_json(out / "preprocessor_config.json", sf.processor_config(config.image_size))
+    return out
+
+
 def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
           extras: tuple[str, ...] = ()) -> Path:
     """Build the folder `out` (module doc) and return its Path; float32 only. Built next to
     `out` and renamed into place. extras: "controlnet" (controlnets/, `write_controlnets`),
-    "control-model" / "kontext-model" (`write_variant_model`), "ip-adapter", "redux"
-    (`write_image_prompt_fixtures`), seeds as make_tiny_checkpoint.
+    "control-model" / "kontext-model" / "dev-model" (`write_variant_model`), "ip-adapter",
+    "redux" (`write_image_prompt_fixtures`), "segmenter" (`segmenter/`: `write_segmenter`, SAM
+    preset `tiny`), seeds as make_tiny_checkpoint.
     Raises KeyError for an unknown preset or extra, FileExistsError as
     make_tiny_checkpoint.build does."""
     unknown = sorted(set(extras) - set(EXTRAS))
@@ -349,8 +386,10 @@ def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool 
         kinds = tuple(k for k in ("ip-adapter", "redux") if k in extras)
         if kinds:
             write_image_prompt_fixtures(tmp, cfgs["transformer"], preset, seed + 20, kinds)
+        if "segmenter" in extras:
+            write_segmenter(tmp / "segmenter", "tiny", seed + 50)
         _write_json(tmp / "model_index.json", mtc.MODEL_INDEX)
-        for offset, kind in ((30, "control-model"), (40, "kontext-model")):
+        for offset, kind in ((30, "control-model"), (40, "kontext-model"), (60, "dev-model")):
             if kind in extras:  # after model_index.json: it copies its entries
                 write_variant_model(tmp, cfgs["transformer"], kind, seed + offset)
         shutil.rmtree(out, ignore_errors=True)
@@ -367,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--extras", default="", help=f"comma-separated: {', '.join(EXTRAS)}")
+    ap.add_argument("--sam", metavar="PRESET", help="write only a SAM 2.1 folder "
+                    "(sam_fixtures presets: tiny, tiny-b, hiera-tiny|small|base-plus|large)")
     args = ap.parse_args(argv)
+    if args.sam:
+        print(write_segmenter(args.out, args.sam, args.seed))
+        return 0
     try:
         build(args.out, args.preset, seed=args.seed, overwrite=args.overwrite,
               extras=tuple(e for e in args.extras.split(",") if e))

@@ -409,7 +409,7 @@ def build(
                 tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
         # --- end extras ---
         _write_model_index(tmp)
-        for offset, kind in ((30, "control-model"), (40, "kontext-model")):
+        for offset, kind in ((30, "control-model"), (40, "kontext-model"), (60, "dev-model")):
             if kind in extras:  # after model_index.json: it copies its entries
                 import controlnet_fixtures
 
@@ -440,10 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated extras to build too: controlnet (controlnets/: "
                          "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
                          "FLUX.1-Canny-dev layout), kontext-model (kontext-model/: "
-                         "FLUX.1-Kontext-dev layout), ip-adapter, redux")
+                         "FLUX.1-Kontext-dev layout), dev-model (dev-model/: FLUX.1-dev), "
+                         "ip-adapter, redux")
     args = ap.parse_args(argv)
     args.extras = [e for group in args.extras for e in group.split(",") if e]
-    known = {"controlnet", "control-model", "kontext-model", "ip-adapter", "redux"}
+    known = {"controlnet", "control-model", "kontext-model", "dev-model", "ip-adapter", "redux"}
     unknown = sorted(set(args.extras) - known)
     if unknown:
         ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")

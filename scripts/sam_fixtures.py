@@ -18,6 +18,9 @@ as the real 14/7 windows do on 64/32 grids. Weights: `torch.manual_seed(seed)`, 
 transformers constructor, torch's default layer inits, then seeded noise on every constant tensor (norm weights,
 zero biases, zero position embeddings) so a miswired one fails parity.
 Reference: transformers models/sam2/{configuration,modeling}_sam2.py.
+
+The configs (`sam_config`, `processor_config`) import no torch: the torch-free twin,
+`make_mlx_checkpoint.write_segmenter`, builds the same presets with mlx-edit's own model.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import torch
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -93,8 +94,11 @@ def sam_config(preset: str = "tiny") -> dict:
     )
 
 
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """Seeded noise on constant parameters and buffers (see make_tiny_checkpoint)."""
+def _perturb(module, seed: int) -> None:
+    """Seeded noise on constant parameters and buffers of a torch module (see
+    make_tiny_checkpoint)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     tensors = list(module.named_parameters()) + list(module.named_buffers())
     with torch.no_grad():
@@ -109,6 +113,7 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
 
 def make_model(preset: str = "tiny", seed: int = 0):
     """A float32 eval-mode transformers `Sam2Model` with seeded random weights."""
+    import torch
     from transformers import Sam2Config, Sam2Model
 
     torch.manual_seed(seed)

@@ -3,6 +3,8 @@
 - `tiny_mlx`, `small_mlx` (session scope): the folders the non-parity tests use, built
   without torch by `scripts/make_mlx_checkpoint.py` (mlx-edit's own models, MLX random init;
   same presets and layout as below). No torch, diffusers or transformers needed.
+- `tiny_sam_mlx` (session scope): a SAM 2.1 folder (transformers Sam2Model layout, preset
+  `tiny` of scripts/sam_fixtures.py) built torch-free by make_mlx_checkpoint.write_segmenter.
 - `tiny_ckpt`, `small_ckpt`, `wide_ckpt` (session scope, parity tests): Path of a folder
   built once per session by `scripts/make_tiny_checkpoint.py`'s `build(out, preset, seed=0,
   dtype="float32")` (real FLUX.1-Fill-dev diffusers layout plus BFL single files, every
@@ -42,6 +44,13 @@ def _build(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
     return import_script("make_tiny_checkpoint").build(out, preset, seed=0, dtype="float32")
 
 
+@pytest.fixture(autouse=True)
+def _prompt_cache_folder(tmp_path_factory, monkeypatch):
+    """The edit commands cache prompt embeddings on disk by default: every test gets its
+    own empty folder (never the user's ~/.cache; no test sees another's entries)."""
+    monkeypatch.setenv("MLX_EDIT_PROMPT_CACHE", str(tmp_path_factory.mktemp("prompts")))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
@@ -68,6 +77,13 @@ def tiny_mlx(tmp_path_factory) -> Path:
 def small_mlx(tmp_path_factory) -> Path:
     """Preset `small`, built torch-free (every Linear input width a multiple of 64)."""
     return _build_mlx(tmp_path_factory, "small")
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_mlx(tmp_path_factory) -> Path:
+    """SAM 2.1 preset `tiny` (256 px input), built torch-free (mlx-edit's SamModel)."""
+    out = tmp_path_factory.mktemp("sam-mlx") / "tiny"
+    return import_script("make_mlx_checkpoint").write_segmenter(out, "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

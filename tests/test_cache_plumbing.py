@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.cli import main
-from mlx_edit.sampling.cache import parse_cache
+from mlx_edit.sampling.cache_spec import parse_cache
 from mlx_edit.models.flux import FluxConfig, FluxTransformer, cache_units
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.cache import (
@@ -189,3 +189,72 @@ def test_memory_estimate_counts_the_cache():
     assert taylor["activations_denoise"] == pytest.approx(
         plain["activations_denoise"] + taylor["cache_state"])
     assert "cache_state" not in plain
+
+
+def _rel(x, ref) -> float:
+    return float(np.abs(x - ref).max() / np.abs(ref).max())
+
+
+SKIPPING = [
+    FirstBlockCache(threshold=10.0), TaylorSeer(cache_interval=2, disable_cache_before_step=2),
+    TaylorSeer(cache_interval=3, disable_cache_before_step=1, max_order=2, use_lite_mode=True),
+    MagCache(threshold=1.0, retention_ratio=0.0, mag_ratios=FLUX_MAG_RATIOS),
+]
+
+
+@pytest.mark.parametrize("true_cfg", [False, True])
+@pytest.mark.parametrize("cache", SKIPPING)
+def test_compiled_cache_equals_eager(setup, cache, true_cfg):
+    # the cached pieces under mx.compile (with ControlNet residuals and an IP-Adapter
+    # through the traced arguments, and a negative prompt's branch): same decisions, same
+    # latents up to fused rounding
+    model, args, extras = setup
+    if true_cfg:
+        extras = {**extras, **_cfg_args(setup)[2]}
+    runs = {}
+    for compile in (False, True):
+        stats: dict = {}
+        latents = list(denoise(model, *args, cache=cache, compile=compile, stats=stats, **extras))
+        runs[compile] = stats, np.array(latents[-1][1])
+    for key in ("cache_steps", "cache_steps_negative"):
+        assert runs[True][0].get(key) == runs[False][0].get(key)
+    assert ("cache_steps_negative" in runs[True][0]) == true_cfg
+    assert runs[True][0]["transformer_skipped"] > 0
+    assert _rel(runs[True][1], runs[False][1]) <= 1e-5
+
+
+def _cfg_args(setup):
+    model, (latents, cond, ids, embeds, sigmas, guidance), extras = setup
+    key = mx.random.key(7)
+    negative = PromptEmbeds(mx.random.normal((1, L, 48), key=key),
+                            mx.random.normal((1, 24), key=mx.random.split(key)[0]))
+    return model, (latents, cond, ids, embeds, sigmas, guidance), dict(negative=negative,
+                                                                        true_cfg_scale=3.0)
+
+
+@pytest.mark.parametrize("cache", [
+    FirstBlockCache(threshold=0.0), TaylorSeer(disable_cache_before_step=len(SIGMAS)),
+    MagCache(max_skip_steps=0, mag_ratios=FLUX_MAG_RATIOS),
+])
+def test_never_skip_with_true_cfg_equals_uncached(setup, cache):
+    model, args, cfg = _cfg_args(setup)
+    plain = _final(model, args, **cfg)
+    assert not np.array_equal(plain, _final(model, args))  # the negative prompt counts
+    stats: dict = {}
+    cached = np.array(list(denoise(model, *args, cache=cache, stats=stats, **cfg))[-1][1])
+    np.testing.assert_array_equal(cached, plain)
+    steps = len(SIGMAS) - 1
+    assert stats["cache_steps"] == stats["cache_steps_negative"] == "C" * steps
+    assert (stats["transformer_evals"], stats["transformer_skipped"]) == (2 * steps, 0)
+
+
+def test_true_cfg_keeps_one_cache_state_per_branch(setup):
+    # FBC decides per branch on that branch's own residuals: the prompt's and the negative
+    # prompt's first-block changes differ, and a threshold between them splits the patterns
+    model, args, cfg = _cfg_args(setup)
+    stats: dict = {}
+    list(denoise(model, *args, cache=FirstBlockCache(0.0), stats=stats, **cfg))
+    pos, neg = ([c for c in info["relative_change"] if c is not None]
+                for info in stats["cache_info"])
+    assert pos != neg
+    assert len(pos) == len(neg) == len(SIGMAS) - 2

@@ -107,14 +107,17 @@ def test_lora_the_model_cannot_take_changes_nothing(tmp_path, keys, match):
     assert np.array_equal(run(m, x), before)
 
 
-def test_text_encoder_keys_warn_and_the_rest_applies(tmp_path):
+def test_t5_keys_warn_and_the_rest_applies(tmp_path):
     keys = {**pair("lora_unet_double_blocks_0_img_attn_proj", 64, 64, down="lora_down",
                    up="lora_up"),
             **pair("lora_te1_text_model_encoder_layers_0_mlp_fc1", 64, 32, down="lora_down",
-                   up="lora_up")}
-    with pytest.warns(UserWarning, match="ignoring 2 text-encoder"):
+                   up="lora_up"),
+            **pair("lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0", 64, 32,
+                   down="lora_down", up="lora_up")}
+    with pytest.warns(UserWarning, match="ignoring 2 T5 text-encoder"):
         f = load_lora_file(save(tmp_path, "te.safetensors", keys))
-    assert list(f.parts) == ["double_blocks.0.img_attn.proj"]
+    assert list(f.parts) == ["double_blocks.0.img_attn.proj",
+                             "text_encoder.encoder.layers.0.mlp.fc1"]  # CLIP: lora_text
 
 
 def test_kohya_names_equal_diffusers_names(tmp_path):
@@ -179,7 +182,7 @@ def test_quantized_lora_delta_matches_float(tmp_path, bits, tol):
 
 
 @pytest.mark.parametrize("key, match", [
-    ("double_blocks.0.img_attn.norm.query_norm.scale", "BFL control LoRA"),
+    ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA"),
     ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "LyCORIS"),
 ])
 def test_unsupported_kinds_are_named(tmp_path, key, match):

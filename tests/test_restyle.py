@@ -213,7 +213,11 @@ def test_variant_checks(pipe, ckpt, photo, tmp_path):
     shutil.copytree(ckpt, tmp_path / "dev", symlinks=True)
     (tmp_path / "dev" / "transformer" / "config.json").write_text(
         json.dumps(dict(dev, in_channels=64)))
-    with pytest.raises(WeightLoadError, match="FLUX.1 dev.*in_channels 384 or 128"):
+    index = json.loads((ckpt / "model_index.json").read_text())  # 64 channels of Kontext:
+    (tmp_path / "dev" / "model_index.json").unlink()  # refused (dev: test_lora_control.py)
+    (tmp_path / "dev" / "model_index.json").write_text(
+        json.dumps(dict(index, _class_name="FluxKontextPipeline")))
+    with pytest.raises(WeightLoadError, match="in_channels 64.*in_channels 384 or 128"):
         FluxFill.from_pretrained(tmp_path / "dev", mx.float32)
     bfl = load_transformer(ckpt / "control-model" / "flux1-canny-dev.safetensors", mx.float32,
                            expect_in_channels=128, config={"axes_dims_rope": [4, 4, 8]})

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import click
 
+from mlx_edit.batch import DEFAULT_GROUP_LINES
+from mlx_edit.cli.prompt_cache import open_prompt_cache, prompt_cache_options
 from mlx_edit.options import FIELDS
 
-_DEFAULT_CACHE = Path("~/.cache/mlx-edit/prompts")
 
 
 def _defaults(steps, guidance, seed, max_sequence_length, sets) -> dict:
@@ -103,11 +104,11 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
 @click.option("--max-sequence-length", type=int, default=None, help="Default T5 tokens.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Default of any edit option for the lines that take it (repeatable).")
-@click.option("--prompt-cache", type=click.Path(path_type=Path), default=_DEFAULT_CACHE,
-              show_default=True, help="Folder of cached prompt embeddings.")
-@click.option("--prompt-cache-gb", type=click.FloatRange(0), default=2.0, show_default=True,
-              help="Size bound of the prompt cache folder.")
-@click.option("--no-prompt-cache", is_flag=True, help="Do not read or write the cache.")
+@prompt_cache_options
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Most lines denoised together in one batch (same size and options); "
+              "default: as many as the memory estimate allows, at most "
+              f"{DEFAULT_GROUP_LINES}; 1: one line at a time.")
 def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_length, sets,
                   skip_invalid, **opts):
     """Run the edits of MANIFEST (JSON Lines: image, mask or mask_points/mask_box, prompt,
@@ -134,24 +135,24 @@ def _finished(folder: Path, pending: list, records: dict) -> int:
 
 
 def _work(mine: list, pipes, folder: Path, digests: dict, group, state) -> int:
-    """Run this rank's lines, appending each record to its part file; rank 0 shows the
-    whole batch's progress (with ETA), other ranks only their failures. Returns the
-    number of lines that failed here."""
+    """Run this rank's lines (in real batches: mlx_edit.batch_groups), appending each
+    record to its part file; rank 0 shows the whole batch's progress (with ETA), other
+    ranks only their failures. Returns the number of lines that failed here."""
     from tqdm import tqdm
 
-    from mlx_edit import batch
+    from mlx_edit import batch, batch_groups
 
-    lines, pending, records = state
+    lines, pending, records, batch_size = state
     rank, size = group.rank(), group.size()
     part, failed, before = folder / f".results.{rank}.jsonl", 0, len(lines) - len(pending)
     with tqdm(total=len(lines), initial=before, unit="edit", file=sys.stderr,
               desc="batch", disable=rank != 0) as bar:
-        for ln in mine:
-            rec = batch.run_line(pipes, ln, folder, digests[ln.id], rank)
+        for rec in batch_groups.run_lines(pipes, mine, folder, digests, rank, batch_size):
             batch.append_record(part, rec)
             if rec["status"] != "ok":
                 failed += 1
-                tqdm.write(f"line {ln.number} ({ln.id}) failed: {rec['error']}", sys.stderr)
+                tqdm.write(f"line {rec['line']} ({rec['id']}) failed: {rec['error']}",
+                           sys.stderr)
             if size == 1:
                 bar.update(1)
             else:
@@ -165,7 +166,6 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     import mlx.core as mx
 
     from mlx_edit import batch
-    from mlx_edit.prompt_cache import PromptCache
 
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
@@ -178,12 +178,10 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     batch.remove_stale_temps(folder, lines)
     _barrier(group)  # every rank has read the records before any rank writes one
     share = batch.shard([ln.pixels for ln in pending], size)[rank]
-    # by mode, then prompt: one model kind at a time, repeated prompts encoded once
-    mine = sorted((pending[i] for i in share), key=lambda ln: (ln.mode, ln.prompt, ln.number))
-    cache = None if opts["no_prompt_cache"] else PromptCache(
-        opts["prompt_cache"], int(opts["prompt_cache_gb"] * 2**30))
-    pipes = _pipes(opts, cache)
-    failed = _work(mine, pipes, folder, digests, group, (lines, pending, records))
+    mine = [pending[i] for i in share]  # run order and groups: batch_groups.chunks
+    pipes = _pipes(opts, open_prompt_cache(opts))
+    batch_size = opts["batch_size"] or batch.DEFAULT_GROUP_LINES
+    failed = _work(mine, pipes, folder, digests, group, (lines, pending, records, batch_size))
     _barrier(group)
     if rank == 0:
         path = batch.merge_results(folder, [ln.id for ln in lines])

@@ -9,7 +9,7 @@
 The first bare value is the main setting (threshold, or cache_interval for TaylorSeer);
 `key=value` items accept diffusers' field names or the short names above. Settings mean
 what they mean in diffusers' FirstBlockCacheConfig / TaylorSeerCacheConfig / MagCacheConfig
-(mlx_edit/sampling/cache.py).
+(mlx_edit/sampling/cache.py, parsed by sampling/cache_spec.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class CacheSpec(click.ParamType):
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
-        from mlx_edit.sampling.cache import parse_cache
+        from mlx_edit.sampling.cache_spec import parse_cache
 
         try:
             return parse_cache(value)

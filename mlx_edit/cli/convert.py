@@ -29,6 +29,9 @@ from --vae / --text-encoders, or from ae.safetensors and text_encoder/ next to i
 an mlx-edit folder (to re-quantize or change the dtype). A FLUX ControlNet (diffusers
 FluxControlNetModel folder or repo id, XLabs x-flux .safetensors) is detected and converted
 on its own (--dtype, --quantize, --group-size; --transformer-config gives its config).
+A SAM 2.1 folder (transformers Sam2Model, Meta's names, or mlx-edit) is converted on its own
+too (--dtype; --quantize is refused, quoting the measured mask IoU vs float, while no bit
+width measured harmless: benchmarks/RESULTS.md).
 
 --quantize N quantizes the transformer and T5 (their attention and MLP layers; the
 embedders, final layer, VAE and CLIP stay in full precision); --component-bits sets

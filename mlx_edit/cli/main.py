@@ -24,6 +24,7 @@ from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_con
 from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option
+from mlx_edit.cli.prompt_cache import cache_stats, open_prompt_cache, prompt_cache_options
 from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, default
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
@@ -97,7 +98,7 @@ def edit_options(mode: str):
     def decorate(f):
         for opt in reversed(opts):
             f = opt(f)
-        return lora_option(f)
+        return prompt_cache_options(lora_option(f))
     return decorate
 
 
@@ -151,7 +152,9 @@ def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> tuple[in
 def _stats_line(s: dict) -> str:
     peak = max(v for k, v in s.items() if k.endswith("_peak_gb"))
     load = sum(v for k, v in s.items() if k.startswith("load") and k.endswith("_s"))
-    return (f"load {load:.1f}s  text {s['text_encode_s']:.1f}s  vae-enc {s['vae_encode_s']:.1f}s  "
+    cached = " (cached)" if s.get("prompt_cache_hits") and not s.get("prompt_cache_misses") \
+        else ""
+    return (f"load {load:.1f}s  text {s['text_encode_s']:.1f}s{cached}  vae-enc {s['vae_encode_s']:.1f}s  "
             f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  "
             f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB{cache_summary(s)}")
 
@@ -223,9 +226,12 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
             if path is not None:
                 check_output(path, opts["overwrite"], inputs)
 
+    cache = open_prompt_cache(opts)  # a folder that cannot be made fails before any load
     pipe = _load(mode, opts)
+    pipe.disk_prompt_cache = cache
     images = _edit(pipe, mode, image, clicks or mask, control_image, references, prompt,
                    options)
+    pipe.last_stats.update(cache_stats(pipe.disk_prompt_cache))
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):

@@ -9,6 +9,7 @@ import re
 import click
 
 from mlx_edit.cli.errors import OneLineCommand
+from mlx_edit.cli.prompt_cache import prompt_cache_options  # shared with the edit commands
 from mlx_edit.serve.config import MB, ServeConfig, is_loopback
 
 
@@ -45,8 +46,15 @@ class RedactToken(logging.Filter):
               help="Largest request body (MB).")
 @click.option("--max-images", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Largest num_images per job.")
+@click.option("--max-resident-gb", type=click.FloatRange(0, min_open=True), default=None,
+              help="Evict the least recently used models beyond this estimate (GB) "
+                   "[default: no bound].")
+@click.option("--preview-every", type=click.IntRange(0), default=1, show_default=True,
+              help="A JPEG preview in every N-th step event (0: none).")
+@prompt_cache_options
 def serve_command(model, kontext_model, segment_model, quantize, low_memory, host, port,
-                  token, max_queue, max_upload_mb, max_images):
+                  token, max_queue, max_upload_mb, max_images, max_resident_gb,
+                  preview_every, prompt_cache, prompt_cache_gb, no_prompt_cache):
     """Serve edits over HTTP with the models kept loaded (API docs at /docs)."""
     if not is_loopback(host) and not token:
         raise click.UsageError(f"--host {host} accepts connections from other machines: "
@@ -62,7 +70,10 @@ def serve_command(model, kontext_model, segment_model, quantize, low_memory, hos
                          segment_model=segment_model,
                          quantize=int(quantize) if quantize else None,
                          low_memory=low_memory, token=token, max_queue=max_queue,
-                         max_upload_bytes=max_upload_mb * MB, max_images=max_images)
+                         max_upload_bytes=max_upload_mb * MB, max_images=max_images,
+                         max_resident_gb=max_resident_gb, preview_every=preview_every,
+                         prompt_cache=None if no_prompt_cache else str(prompt_cache),
+                         prompt_cache_gb=prompt_cache_gb)
     app = create_app(config)
     logging.getLogger("uvicorn.access").addFilter(RedactToken())
     click.echo(f"mlx-edit serving on http://{host}:{port}/ (API docs: /docs)", err=True)

@@ -5,10 +5,13 @@ FirstBlockCacheConfig, hooks/taylorseer_cache.py TaylorSeerCacheConfig, hooks/ma
 MagCacheConfig), so a setting tuned there means the same here; tests/test_cache.py checks the
 per-step skip decisions and the latents against those hooks on FluxTransformer2DModel.
 
-`start(cache, transformer, num_steps)` returns the per-edit state: a `StepCache` whose
-`velocity(...)` replaces one transformer call in the denoise loop. It composes the
-model's pure pieces (`embed`, `blocks`, `add_control`, `final` in mlx_edit/models/flux.py);
-the cached residuals and Taylor factors live in the state, never in the model.
+`start(cache, transformer, num_steps, compile)` returns the per-edit state: a `StepCache`
+whose `velocity(...)` replaces one transformer call in the denoise loop (true CFG: one
+state per branch, as diffusers' cache_context "cond" / "uncond"). It composes the model's
+pure pieces (`embed`, `blocks`, `add_control`, `final` in mlx_edit/models/flux.py) into
+a few pure functions, optionally under `mx.compile`, with the decisions in Python between
+them; the cached residuals and Taylor factors live in the state, never in the model.
+Specs such as `fbc:0.12` are parsed in cache_spec.py.
 
 As in diffusers, ControlNet residuals are added after every block on every step, skipped
 blocks included (its forward loop adds them outside the hooked blocks); on a skipped step
@@ -26,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_edit.models.flux import FluxTransformer, add_control, cache_units
+from mlx_edit.sampling.compiled import traced
 
 # diffusers' FLUX.1-dev magnitude ratios for 28 steps (hooks/mag_cache.py FLUX_MAG_RATIOS,
 # from https://github.com/Zehong-Ma/MagCache); measured on real FLUX.1-dev, not on Fill.
@@ -118,13 +122,20 @@ class StepCache:
     """Per-edit cache state. `velocity(img, txt, timestep, pooled, guidance, rope,
     controlnet, ip)` -> (B, N, out_channels) as `FluxTransformer.__call__` (img already
     joined with the conditioning); `computed[i]` says whether step i ran in full;
-    `arrays()` the cached arrays (to evaluate with the latents); `info` diagnostics."""
+    `arrays()` the cached arrays (to evaluate with the latents); `info` diagnostics.
 
-    def __init__(self, model: FluxTransformer, num_steps: int):
-        self.model, self.num_steps = model, num_steps
+    The decisions run in Python between pure pieces of the forward (the model's arrays in,
+    arrays out, no state), which run under `mx.compile` when `compile` (`_piece`)."""
+
+    def __init__(self, model: FluxTransformer, num_steps: int, compile: bool = False):
+        self.model, self.num_steps, self.compile = model, num_steps, compile
         self.n_double, self.n_single = len(model.double_blocks), len(model.single_blocks)
         self.computed: list[bool] = []
         self.info: dict = {}
+
+    def _piece(self, fn):
+        # fn(*arrays, controlnet=, ip=) -> arrays; compiled with the model as implicit input
+        return traced(fn, self.model, self.compile)
 
     def arrays(self) -> list[mx.array]:
         return []
@@ -135,36 +146,52 @@ class StepCache:
 
 
 class _FirstBlock(StepCache):
-    def __init__(self, cfg: FirstBlockCache, model, num_steps):
-        super().__init__(model, num_steps)
+    def __init__(self, cfg: FirstBlockCache, model, num_steps, compile=False):
+        super().__init__(model, num_steps, compile)
         if self.n_double + self.n_single < 2:
             raise ValueError("First Block Cache needs a transformer with at least two blocks")
         self.threshold = cfg.threshold
         self.head_residual = self.tail_residual = None
         self.info["relative_change"] = []
+        self.head, self.rest, self.skipped = map(self._piece, (self._head, self._rest,
+                                                               self._skipped))
 
     def arrays(self):
         return [a for a in (self.head_residual, self.tail_residual) if a is not None]
 
     def velocity(self, img, txt, timestep, pooled, guidance, rope, controlnet, ip):
-        m = self.model
-        x, ctx, vec = m.embed(img, txt, timestep, pooled, guidance)
-        head = m.blocks(x, ctx, vec, rope, stop=1, controlnet=controlnet, ip=ip)
-        residual = head.raw - x
+        extras = dict(controlnet=controlnet, ip=ip)
+        head_img, head_txt, head_raw, residual, vec = self.head(
+            img, txt, timestep, pooled, guidance, rope, **extras)
         change = None if self.head_residual is None else _relative_l1(residual, self.head_residual)
         self.info["relative_change"].append(change)
         compute = change is None or change > self.threshold
         self.computed.append(compute)
-        if not compute:  # diffusers: head output + cached tail residual, then every residual
-            return m.final(self._controls(self.tail_residual + head.raw, controlnet), vec)
-        rest = m.blocks(head.img, head.txt, vec, rope, start=1, controlnet=controlnet, ip=ip)
-        self.head_residual, self.tail_residual = residual, rest.raw - head.raw
-        return m.final(rest.img, vec)
+        if not compute:
+            return self.skipped(head_raw, self.tail_residual, vec, **extras)
+        velocity, self.tail_residual = self.rest(head_img, head_txt, head_raw, vec, rope, **extras)
+        self.head_residual = residual
+        return velocity
+
+    def _head(self, img, txt, timestep, pooled, guidance, rope, *, controlnet, ip):
+        x, ctx, vec = self.model.embed(img, txt, timestep, pooled, guidance)
+        head = self.model.blocks(x, ctx, vec, rope, stop=1, controlnet=controlnet, ip=ip)
+        return head.img, head.txt, head.raw, head.raw - x, vec
+
+    def _rest(self, head_img, head_txt, head_raw, vec, rope, *, controlnet, ip):
+        rest = self.model.blocks(head_img, head_txt, vec, rope, start=1, controlnet=controlnet,
+                                 ip=ip)
+        return self.model.final(rest.img, vec), rest.raw - head_raw
+
+    def _skipped(self, head_raw, tail_residual, vec, *, controlnet, ip):
+        # diffusers: head output + cached tail residual, then every block's ControlNet residual
+        return self.model.final(self._controls(tail_residual + head_raw, controlnet), vec)
 
 
 class _Mag(StepCache):
-    def __init__(self, cfg: MagCache, model, num_steps):
-        super().__init__(model, num_steps)
+    def __init__(self, cfg: MagCache, model, num_steps, compile=False):
+        super().__init__(model, num_steps, compile)
+        self.full, self.skipped = self._piece(self._full), self._piece(self._skipped)
         self.cfg = cfg
         self.steps = cfg.num_inference_steps or num_steps
         self.ratios = None if cfg.calibrate else nearest_interp(cfg.mag_ratios, self.steps)
@@ -196,23 +223,32 @@ class _Mag(StepCache):
         return True
 
     def velocity(self, img, txt, timestep, pooled, guidance, rope, controlnet, ip):
-        m = self.model
-        x, ctx, vec = m.embed(img, txt, timestep, pooled, guidance)
+        inputs, extras = (img, txt, timestep, pooled, guidance), dict(controlnet=controlnet, ip=ip)
         compute = self._decide()
         self.computed.append(compute)
         if compute:
-            out = m.blocks(x, ctx, vec, rope, controlnet=controlnet, ip=ip)
-            residual = out.raw - x
+            velocity, residual = self.full(*inputs, rope, **extras)
             if self.cfg.calibrate:
                 self.info["mag_ratios"].append(self._ratio(residual))
-            self.residual, img_out = residual, out.img
-        else:  # diffusers: the head returns input + residual, every block then passes
-            img_out = self._controls(x + self.residual, controlnet)
+            self.residual = residual
+        else:
+            velocity = self.skipped(*inputs, self.residual, **extras)
         self.index += 1
         if self.index >= self.steps:  # diffusers resets its state after num_inference_steps
             self.index, self.residual = 0, None
             self._reset()
-        return m.final(img_out, vec)
+        return velocity
+
+    def _full(self, img, txt, timestep, pooled, guidance, rope, *, controlnet, ip):
+        x, ctx, vec = self.model.embed(img, txt, timestep, pooled, guidance)
+        out = self.model.blocks(x, ctx, vec, rope, controlnet=controlnet, ip=ip)
+        return self.model.final(out.img, vec), out.raw - x
+
+    def _skipped(self, img, txt, timestep, pooled, guidance, residual, *, controlnet, ip):
+        # diffusers: the head returns input + residual, every block then passes (adding its
+        # ControlNet residual); the unused text projection is never evaluated
+        x, _, vec = self.model.embed(img, txt, timestep, pooled, guidance)
+        return self.model.final(self._controls(x + residual, controlnet), vec)
 
     def _ratio(self, residual: mx.array) -> float:
         if self.residual is None:
@@ -223,10 +259,11 @@ class _Mag(StepCache):
 
 
 class _Taylor(StepCache):
-    def __init__(self, cfg: TaylorSeer, model, num_steps):
-        super().__init__(model, num_steps)
+    def __init__(self, cfg: TaylorSeer, model, num_steps, compile=False):
+        super().__init__(model, num_steps, compile)
         self.cfg = cfg
         self.modes = taylor_units(cfg, cache_units(model.config))
+        self.full, self.predicted = self._piece(self._full), self._piece(self._predicted)
         self.factors: dict[str, list[dict[int, mx.array]]] = {}
         self.zeros: dict[str, list[tuple]] = {}
         self.last: int | None = None
@@ -241,20 +278,31 @@ class _Taylor(StepCache):
                 or (c.disable_cache_after_step is not None and step >= c.disable_cache_after_step))
 
     def velocity(self, img, txt, timestep, pooled, guidance, rope, controlnet, ip):
-        m = self.model
-        compute = self._compute(len(self.computed))
-        self.computed.append(compute)
-        replace = None if compute else self._predict(len(self.computed) - 1)
-        if replace is not None and "proj_out" in replace:
-            return replace["proj_out"][0]  # lazy: nothing before proj_out is evaluated
-        x, ctx, vec = m.embed(img, txt, timestep, pooled, guidance)
-        out = m.blocks(x, ctx, vec, rope, controlnet=controlnet, ip=ip, replace=replace,
-                       record=set(self.modes) if compute else ())
-        velocity = m.final(out.img, vec)
-        if compute:
-            taps = {**out.taps, "proj_out": (velocity,)}
-            self._update({name: taps[name] for name in self.modes}, len(self.computed) - 1)
-        return velocity
+        inputs, extras = (img, txt, timestep, pooled, guidance, rope), dict(controlnet=controlnet,
+                                                                          ip=ip)
+        step = len(self.computed)
+        self.computed.append(self._compute(step))
+        if self.computed[-1]:
+            velocity, taps = self.full(*inputs, **extras)
+            self._update({name: taps[name] for name in self.modes}, step)
+            return velocity
+        replace = self._predict(step)
+        if "proj_out" in replace:
+            return replace["proj_out"][0]  # lite mode: no transformer evaluation at all
+        return self.predicted(*inputs, replace, **extras)
+
+    def _full(self, img, txt, timestep, pooled, guidance, rope, *, controlnet, ip):
+        x, ctx, vec = self.model.embed(img, txt, timestep, pooled, guidance)
+        out = self.model.blocks(x, ctx, vec, rope, controlnet=controlnet, ip=ip,
+                                record=set(self.modes))
+        velocity = self.model.final(out.img, vec)
+        taps = {**out.taps, "proj_out": (velocity,)}
+        return velocity, {name: taps[name] for name in self.modes}
+
+    def _predicted(self, img, txt, timestep, pooled, guidance, rope, replace, *, controlnet, ip):
+        x, ctx, vec = self.model.embed(img, txt, timestep, pooled, guidance)
+        out = self.model.blocks(x, ctx, vec, rope, controlnet=controlnet, ip=ip, replace=replace)
+        return self.model.final(out.img, vec)
 
     def _update(self, outputs: dict[str, tuple[mx.array, ...]], step: int):
         # diffusers TaylorSeerState.update: divided differences up to max_order
@@ -319,14 +367,18 @@ def taylor_units(cfg: TaylorSeer, units: Sequence[str]) -> dict[str, str]:
     return modes
 
 
-def start(cache: CacheConfig, model: FluxTransformer, num_steps: int) -> StepCache:
-    """A fresh per-edit state for `cache` on `model` over `num_steps` denoising steps.
-    Raises ValueError for an unknown config or one the model cannot run."""
+def start(cache: CacheConfig, model: FluxTransformer, num_steps: int,
+          compile: bool = False) -> StepCache:
+    """A fresh per-edit state for `cache` on `model` over `num_steps` denoising steps, its
+    pieces under `mx.compile` when `compile`. One state per sequence of evaluations: true
+    CFG needs one for the prompt and one for the negative prompt (diffusers'
+    cache_context("cond") / ("uncond")). Raises ValueError for an unknown config or one
+    the model cannot run."""
     kinds = {FirstBlockCache: _FirstBlock, TaylorSeer: _Taylor, MagCache: _Mag}
     if type(cache) not in kinds:
         raise ValueError(f"unknown step cache {cache!r}: use FirstBlockCache, TaylorSeer "
                          "or MagCache")
-    return kinds[type(cache)](cache, model, num_steps)
+    return kinds[type(cache)](cache, model, num_steps, compile)
 
 
 def state_bytes(cache: CacheConfig | None, cfg, batch: int, image_tokens: int,
@@ -368,67 +420,13 @@ def describe(cache: CacheConfig) -> str:
 
 def cache_metadata(cache: CacheConfig | None, stats: dict) -> dict:
     """The metadata entries of an edit run with `cache`: its description and the
-    transformer evaluations run / skipped, from `denoise`'s stats ({} without a cache)."""
+    transformer evaluations run / skipped (both branches with true CFG) and the per-step
+    patterns, from `denoise`'s stats ({} without a cache)."""
     if cache is None:
         return {}
-    return {"cache": describe(cache), "transformer_evals": stats.get("transformer_evals"),
+    meta = {"cache": describe(cache), "transformer_evals": stats.get("transformer_evals"),
             "transformer_skipped": stats.get("transformer_skipped"),
             "cache_steps": stats.get("cache_steps")}
-
-
-# ---------------------------------------------------------------- specs (CLI, manifests)
-
-KINDS = {"fbc": "threshold", "taylorseer": "cache_interval", "mag": "threshold"}
-ALIASES = {
-    "fbc": {},
-    "taylorseer": {"interval": "cache_interval", "before": "disable_cache_before_step",
-                   "after": "disable_cache_after_step", "order": "max_order",
-                   "dtype": "taylor_factors_dtype", "lite": "use_lite_mode"},
-    "mag": {"max_skip": "max_skip_steps", "retention": "retention_ratio"},
-}
-_FLAGS = {"use_lite_mode", "calibrate"}
-
-
-def _value(field: str, text: str):
-    if field in _FLAGS:
-        if text.lower() not in ("1", "true", "yes", "on"):
-            raise ValueError(f"{field} is a flag: give it alone or =true")
-        return True
-    if field == "taylor_factors_dtype":
-        dtypes = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,
-                  "none": None}
-        if text.lower() not in dtypes:
-            raise ValueError(f"dtype must be one of {', '.join(dtypes)}")
-        return dtypes[text.lower()]
-    if field in ("threshold", "retention_ratio"):
-        return float(text)
-    return int(text)
-
-
-def parse_cache(spec: str):
-    """`kind[:value][,key=value...]` -> a cache config (mlx_edit.sampling.cache).
-    Raises ValueError naming what is wrong."""
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind not in KINDS:
-        raise ValueError(f"unknown cache {kind!r}: use {', '.join(KINDS)}")
-    cls = {"fbc": FirstBlockCache, "taylorseer": TaylorSeer, "mag": MagCache}[kind]
-    names = set(cls.__dataclass_fields__) - {"mag_ratios", "skip_predict_identifiers",
-                                             "cache_identifiers", "num_inference_steps"}
-    kwargs: dict = {}
-    for i, item in enumerate(p.strip() for p in rest.split(",") if p.strip()):
-        key, eq, text = item.partition("=")
-        if not eq and i == 0 and key not in ALIASES[kind] and key not in names:
-            key, text = KINDS[kind], item
-        elif not eq:
-            key, text = key, "true"
-        field = ALIASES[kind].get(key.strip(), key.strip())
-        if field not in names:
-            raise ValueError(f"{kind} has no setting {key!r} (settings: {', '.join(sorted(names))})")
-        try:
-            kwargs[field] = _value(field, text.strip())
-        except ValueError as e:
-            raise ValueError(f"{kind} {key}={text}: {e}") from None
-    if kind == "mag" and not kwargs.get("calibrate"):
-        kwargs["mag_ratios"] = FLUX_MAG_RATIOS
-    return cls(**kwargs)
+    if "cache_steps_negative" in stats:  # true CFG: the negative prompt's branch
+        meta["cache_steps_negative"] = stats["cache_steps_negative"]
+    return meta

@@ -14,6 +14,10 @@ ControlNet residuals), so the trace is reused for every step of a run; the trans
 parameters are declared as implicit inputs (`inputs=transformer.state`), so reloading or
 updating weights in place is seen by later calls. Changing the model's structure
 (quantizing it, adding layers) needs a new `make_step`.
+
+With a step cache (mlx_edit/sampling/cache.py) the skip decisions read arrays between parts
+of the forward, so the step runs eager and the cache compiles its pieces through `traced`
+(the same ControlNet / IP-Adapter packing as the whole step).
 """
 
 from __future__ import annotations
@@ -53,69 +57,80 @@ def _euler(latents: mx.array, velocity: mx.array, dt: mx.array) -> mx.array:
     return out.astype(latents.dtype)
 
 
-def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
-              forward: Callable[..., mx.array] | None = None) -> StepFn:
-    """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-    rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> latents at the next
-    sigma`.
+def traced(fn: Callable[..., object], module, compile: bool) -> Callable[..., object]:
+    """`fn(*args, controlnet=[...], ip=[...])` made traceable and, when `compile`, wrapped
+    in `mx.compile` with `module.state` as implicit inputs; the result is called as
+    `fn(*args, controlnet=(), ip=())`. args: arrays, trees of arrays and constants (None,
+    numbers: part of the trace's key, so a new one retraces); fn returns a tree of arrays.
 
-    Shapes as `pipeline.denoise`: latents (B, N, 64) packed, conditioning (1|B, N, C),
-    img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), timestep (B,) (sigma, model
-    dtype), pooled (B, pooled_dim), guidance (B,) or None, rope = transformer.rope(img_ids,
-    txt_ids), dt = `step_dt(sigma, sigma_next)`. controlnet: ControlResiduals per
-    ControlNet for this step; ip: IPAdapterKV per adapter; tokens: (1|B, M, 64) reference
-    tokens appended on the sequence (their ids are in rope), velocity kept for the first N;
-    negative: (txt, pooled, scale 0-d) of a negative prompt for true classifier-free
-    guidance (a second forward per step; diffusers `true_cfg_scale`).
-    Returns latents in their dtype.
+    ControlResiduals / IPAdapterKV are dataclasses, which `mx.compile` cannot take: their
+    arrays travel as lists and their repeat flags / scales as constants. Used for the whole
+    step and for a step cache's pieces (mlx_edit/sampling/cache.py)."""
 
-    compile: None -> `compile_enabled()` (GPU: on, CPU: off; MLX_EDIT_COMPILE forces it).
-    A new ControlNet count, residual list length or IP-Adapter scale triggers one
-    retrace, not an error.
-
-    forward: a step cache's `velocity(img, txt, timestep, pooled, guidance, rope,
-    controlnet, ip)` (mlx_edit/sampling/cache.py) in place of the transformer call; its
-    decisions read arrays mid-step (First Block Cache) and its state changes per step, so
-    the step then runs uncompiled whatever `compile` says (`step.compiled` is False).
-    """
-    if compile is None:
-        compile = compile_enabled()
-    compile = compile and forward is None
-
-    def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
-             dt, residuals, repeats, ip_kv, ip_scales, tokens, negative):
+    def body(args, residuals, repeats, ip_kv, ip_scales):
         controlnet = [ControlResiduals(list(d), list(s), rep)
                       for (d, s), rep in zip(residuals, repeats)]
         ip = [IPAdapterKV(list(k), list(v), list(sc)) for (k, v), sc in zip(ip_kv, ip_scales)]
+        return fn(*args, controlnet=controlnet, ip=ip)
+
+    run = mx.compile(body, inputs=module.state) if compile else body
+
+    def call(*args, controlnet: Sequence[ControlResiduals] = (),
+             ip: Sequence[IPAdapterKV] = ()):
+        return run(args, [(list(r.double), list(r.single)) for r in controlnet],
+                   tuple(bool(r.repeat) for r in controlnet), [(list(a.k), list(a.v)) for a in ip],
+                   tuple(tuple(float(s) for s in a.scale) for a in ip))
+
+    return call
+
+
+def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
+              forward: Callable[..., mx.array] | None = None,
+              negative_forward: Callable[..., mx.array] | None = None) -> StepFn:
+    """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
+    rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> latents at the next
+    sigma` (in their dtype).
+
+    Shapes as `denoise.denoise`: latents (B, N, 64) packed, conditioning (1|B, N, C),
+    img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), timestep (B,) (sigma, model
+    dtype), pooled (B, pooled_dim), guidance (B,) or None, rope = transformer.rope(img_ids,
+    txt_ids), dt = `step_dt(sigma, sigma_next)`; controlnet: ControlResiduals per
+    ControlNet; ip: IPAdapterKV per adapter; tokens: (1|B, M, 64) reference tokens after
+    the latents (velocity kept for the first N); negative: (txt, pooled, scale 0-d) for
+    true CFG, a second forward per step (diffusers `true_cfg_scale`).
+
+    compile: None -> `compile_enabled()`; a new ControlNet count or IP-Adapter scale
+    retraces. forward / negative_forward (default: forward): step caches' `velocity(img,
+    txt, timestep, pooled, guidance, rope, controlnet, ip)` for the prompt / negative
+    prompt in place of the transformer call. Their skip decisions are made in Python
+    between pieces, so the step itself then runs eager and the caches compile their
+    pieces (`cache.start(..., compile=)`); `step.compiled` says whether either is.
+    """
+    compile = compile_enabled() if compile is None else compile
+    negative_forward = negative_forward or forward
+
+    def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
+             dt, tokens, negative, *, controlnet, ip):
         x, n = model_input(latents, conditioning, tokens), latents.shape[1]
 
-        def velocity(txt, pooled):
-            if forward is not None:  # a step cache's forward (mlx_edit.sampling.cache)
-                return forward(x, txt, timestep, pooled, guidance, rope, controlnet, ip)[:, :n]
+        def velocity(txt, pooled, fwd):
+            if fwd is not None:  # a step cache's forward (mlx_edit.sampling.cache)
+                return fwd(x, txt, timestep, pooled, guidance, rope, controlnet, ip)[:, :n]
             return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
                                controlnet=controlnet, ip=ip, rope=rope)[:, :n]
 
-        v = velocity(txt, pooled)
+        v = velocity(txt, pooled, forward)
         if negative is not None:  # true CFG: neg + scale * (pos - neg), as diffusers
-            neg_txt, neg_pooled, scale = negative
-            v_neg = velocity(neg_txt, neg_pooled)
-            v = v_neg + scale.astype(v.dtype) * (v - v_neg)
+            v_neg = velocity(negative[0], negative[1], negative_forward)
+            v = v_neg + negative[2].astype(v.dtype) * (v - v_neg)
         return _euler(latents, v, dt)
 
-    fn = mx.compile(body, inputs=transformer.state) if compile else body
+    fn = traced(body, transformer, compile and forward is None)
 
     def step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
-             dt, *, controlnet: Sequence[ControlResiduals] = (),
-             ip: Sequence[IPAdapterKV] = (), tokens: mx.array | None = None,
-             negative: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
-        # Dataclasses are not traceable: pass their arrays as lists, their flags/scales as
-        # constants (part of the trace's cache key).
-        residuals = [(list(r.double), list(r.single)) for r in controlnet]
-        repeats = tuple(bool(r.repeat) for r in controlnet)
-        ip_kv = [(list(a.k), list(a.v)) for a in ip]
-        ip_scales = tuple(tuple(float(s) for s in a.scale) for a in ip)
+             dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> mx.array:
         return fn(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                  rope, dt, residuals, repeats, ip_kv, ip_scales, tokens, negative)
+                  rope, dt, tokens, negative, controlnet=controlnet, ip=ip)
 
     step.compiled = compile  # type: ignore[attr-defined]
     return step

@@ -20,7 +20,7 @@ from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.sampling import cache as step_cache
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
-from mlx_edit.sampling.compiled import make_step, step_dt, step_inputs
+from mlx_edit.sampling.compiled import compile_enabled, make_step, step_dt, step_inputs
 from mlx_edit.sampling.tiles import Windows, windowed_advance
 from mlx_edit.sampling.sampler import model_timesteps
 
@@ -111,24 +111,22 @@ def denoise(
     diffusers FluxKontextPipeline). hook / after_step: applied to the latents before step
     i (at sigmas[i]; soft masks, sampling.soft_mask) / after it (`keep_source`).
     negative / true_cfg_scale: true CFG, `neg + scale * (pos - neg)` per step when scale
-    > 1 (diffusers FluxKontextPipeline). cache: a step cache (sampling.cache) or None;
-    stats gets after every step `transformer_evals` / `transformer_skipped` (+
-    `cache_steps`, `cache_info` with a cache). compile: the step under `mx.compile` (None:
-    on a GPU only; sampling/compiled.py). windows: tiled denoising (sampling.tiles,
-    MultiDiffusion): each step is the weighted average of the windows' steps on their
-    crops of latents, conditioning and ControlNet inputs (hooks see the whole canvas).
-    Yields (i, latents at sigmas[i+1]), evaluated, so the caller can report progress,
-    preview or stop. Raises ValueError for a cache the transformer cannot run, or a
-    cache with true CFG or windows.
+    > 1 (diffusers FluxKontextPipeline). cache: a step cache (sampling.cache) or None,
+    with true CFG one state per branch; stats gets after every step `transformer_evals`
+    / `transformer_skipped` (+ `cache_steps`, `cache_steps_negative`, `cache_info`).
+    compile: the step under `mx.compile` (None: on a GPU only; sampling/compiled.py).
+    windows: tiled denoising (sampling.tiles, MultiDiffusion): each step is the weighted
+    average of the windows' steps on their crops of latents, conditioning and ControlNet
+    inputs (hooks see the whole canvas). Yields (i, latents at sigmas[i+1]), evaluated,
+    so the caller can report progress, preview or stop. Raises ValueError for a cache
+    the transformer cannot run, or a cache with windows.
     """
     b, n = latents.shape[0], len(sigmas) - 1
     cfg = _true_cfg(negative, true_cfg_scale, cache, windows)
     inputs = step_inputs(transformer, embeds.txt, embeds.pooled, img_ids, b, guidance,
                          token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg)
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    state = None if cache is None else step_cache.start(cache, transformer, n)
-    step = make_step(transformer, compile=compile,
-                     forward=None if state is None else state.velocity)
+    step, states = _cached_step(transformer, cache, n, compile, cfg is not None)
     advance = _plain(step, inputs, controls) if windows is None else \
         windowed_advance(step, transformer, inputs, windows, controls)
     for i in range(n):
@@ -139,9 +137,9 @@ def denoise(
                           step_dt(float(sigmas[i]), float(sigmas[i + 1])), i)
         if after_step is not None:
             latents = after_step(i, latents)
-        mx.eval(latents, *(state.arrays() if state else ()))
+        mx.eval(latents, *(a for s in states for a in s.arrays()))
         if stats is not None:
-            _count(stats, i, state)
+            _count(stats, i, states, cfg is not None)
         yield i, latents
 
 
@@ -156,26 +154,36 @@ def _plain(step, inputs, controls: Sequence[ControlFn]):
 
 def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows
               ) -> tuple[mx.array, mx.array, float] | None:
-    """(negative txt, pooled, scale) when true CFG is on, else None; refuses the
-    combinations the loop cannot run (ValueError)."""
+    """(negative txt, pooled, scale) when true CFG is on, else None; refuses a step
+    cache with windows (ValueError)."""
     if windows is not None and cache is not None:
         raise ValueError("a step cache and tiled denoising (windows) together are not "
                          "supported: the cache's decisions assume one evaluation per step")
     if negative is None or scale <= 1.0:
         return None
-    if cache is not None:
-        raise ValueError("a step cache and true CFG together are not supported: the "
-                         "cache's decisions assume one evaluation per step")
     return negative.txt, negative.pooled, scale
 
 
-def _count(stats: dict, i: int, state: step_cache.StepCache | None) -> None:
-    computed = [True] * (i + 1) if state is None else state.computed
-    stats["transformer_evals"] = sum(computed)
-    stats["transformer_skipped"] = len(computed) - sum(computed)
-    if state is not None:  # per step: C computed in full, s skipped or predicted
-        stats["cache_steps"] = "".join("C" if c else "s" for c in computed)
-        stats["cache_info"] = state.info
+def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | None, n: int,
+                 compile: bool | None, cfg: bool):
+    """(the step function, the cache states: none, one, or with true CFG one per branch)."""
+    compile = compile_enabled() if compile is None else compile
+    states = [step_cache.start(cache, transformer, n, compile)
+              for _ in range(0 if cache is None else 1 + cfg)]
+    forwards = [s.velocity for s in states] or [None]
+    return make_step(transformer, compile=compile, forward=forwards[0],
+                     negative_forward=forwards[-1]), states
+
+
+def _count(stats: dict, i: int, states: list[step_cache.StepCache], cfg: bool) -> None:
+    runs = [s.computed for s in states] or [[True] * (i + 1)] * (1 + cfg)
+    stats["transformer_evals"] = sum(map(sum, runs))
+    stats["transformer_skipped"] = sum(len(r) - sum(r) for r in runs)
+    # per step: C computed in full, s skipped or predicted; per branch with true CFG
+    for key, state in zip(("cache_steps", "cache_steps_negative"), states):
+        stats[key] = "".join("C" if c else "s" for c in state.computed)
+    if states:
+        stats["cache_info"] = states[0].info if len(states) == 1 else [s.info for s in states]
 
 
 def keep_source(mask: mx.array, image_latents: mx.array, noise: mx.array,

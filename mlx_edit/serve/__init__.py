@@ -5,8 +5,9 @@
 
 Layout: config.py (ServeConfig, the server's limits), uploads.py (request fields and
 uploaded images -> a checked EditRequest), jobs.py (the bounded priority queue, the one
-worker thread, cancellation, the bounded store of results), app.py (the FastAPI routes),
-static/ (the web page served at `/`). Needs the `serve` extra (FastAPI, uvicorn,
+worker thread, cancellation, the bounded store of results), resident.py (models kept
+loaded, evicted LRU by estimated size), preview.py (step previews: latents -> JPEG),
+app.py (the FastAPI routes), static/ (the web page served at `/`). Needs the `serve` extra (FastAPI, uvicorn,
 python-multipart).
 """
 

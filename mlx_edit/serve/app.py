@@ -1,11 +1,14 @@
-"""The FastAPI app of `mlx-edit serve`: routes over a JobRunner and resident pipelines.
+"""The FastAPI app of `mlx-edit serve`: routes over a JobRunner and resident models
+(serve/resident.py: Fill, Kontext, SAM, evicted LRU by estimated size).
 
     POST   /v1/edits                 multipart (image, mask | points/box, prompt, mode,
                                      options JSON, priority) or JSON (base64 images)
                                      -> 202 {"id", "state"}
     GET    /v1/jobs/{id}             state, step/total, timings, error
-    GET    /v1/jobs/{id}/events      server-sent events: queued, running, step, done |
+    GET    /v1/jobs/{id}/events      server-sent events: queued, running, step (with a
+                                     JPEG preview every --preview-every steps), done |
                                      failed | cancelled
+    POST   /v1/masks                 image + points/labels/box -> the segmenter's mask PNG
     GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
     DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
     GET    /v1/health                models loaded, queue length (no token needed)
@@ -21,13 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import io
 import json
+import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -35,46 +42,107 @@ from mlx_edit import __version__
 from mlx_edit.imaging.images import InputError
 from mlx_edit.serve.config import ServeConfig, host_name
 from mlx_edit.serve.jobs import FINISHED, Conflict, JobRunner, QueueFull, UnknownJob
-from mlx_edit.serve.uploads import UploadTooLarge, build_request, decode_base64
+from mlx_edit.serve.preview import Previewer
+from mlx_edit.serve.resident import Resident, pipeline_gb, segmenter_gb
+from mlx_edit.serve.uploads import (
+    UploadTooLarge,
+    build_mask_request,
+    build_request,
+    decode_base64,
+)
 
 EVENT_POLL_S = 0.05  # how often an event stream looks for new events
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing the stream
 FILE_FIELDS = ("image", "mask")
 
 
-def load_pipelines(config: ServeConfig) -> dict:
-    """The resident pipelines: {"fill": FluxFill, "kontext": FluxKontext (if configured)}.
-    Raises WeightLoadError."""
+def model_loaders(config: ServeConfig, cache=None) -> dict:
+    """{kind: () -> pipeline} of the configured pipelines: "fill" (always), "kontext"
+    (with kontext_model); the segmenter's is added by `_resident`. Each gets `cache` (a
+    PromptCache) when one is given."""
     from mlx_edit.fill import FluxFill
 
     kw = {"quantize": config.quantize, "low_memory": config.low_memory}
-    pipes = {"fill": FluxFill.from_pretrained(config.model, **kw) if config.model
-             else FluxFill.from_pretrained(**kw)}
+
+    def fill():
+        pipe = FluxFill.from_pretrained(config.model, **kw) if config.model \
+            else FluxFill.from_pretrained(**kw)
+        return _with_cache(pipe, cache)
+    loaders = {"fill": fill}
     if config.kontext_model:
-        from mlx_edit.kontext import FluxKontext
+        def kontext():
+            from mlx_edit.kontext import FluxKontext
 
-        pipes["kontext"] = FluxKontext.from_pretrained(config.kontext_model, **kw)
-    return pipes
-
-
-def run_edit(pipes: dict, request, progress) -> tuple[list, dict]:
-    """Run one EditRequest on its resident pipeline (worker thread): (images, timings)."""
-    pipe, o = pipes[request.kind], request.options
-    if request.mode == "inpaint":
-        images = pipe.inpaint(request.image, request.mask, request.prompt, o,
-                              progress=progress)
-    elif request.mode == "outpaint":
-        images = pipe.outpaint(request.image, request.prompt, o, progress=progress)
-    else:
-        images = pipe.edit(request.image, request.prompt, o, mask=request.mask,
-                           progress=progress)
-    return images, dict(pipe.last_stats)
+            return _with_cache(FluxKontext.from_pretrained(config.kontext_model, **kw), cache)
+        loaders["kontext"] = kontext
+    return loaders
 
 
-def _segmenter(config: ServeConfig, pipes: dict) -> str | None:
+def prompt_cache(config: ServeConfig):
+    """The configured on-disk PromptCache, or None."""
+    if config.prompt_cache is None:
+        return None
+    from mlx_edit.prompt_cache import PromptCache
+
+    return PromptCache(config.prompt_cache, int(config.prompt_cache_gb * 2**30))
+
+
+def _with_cache(pipe, cache):
+    if cache is not None:
+        pipe.disk_prompt_cache = cache
+    return pipe
+
+
+def _size(kind: str, model) -> float:
+    return segmenter_gb(model) if kind == "segmenter" else pipeline_gb(model)
+
+
+def segment_mask(resident: Resident, image, prompts: list) -> np.ndarray:
+    """(H, W) float32 mask of `image` from `segment.Points` / `Box` prompts, with the
+    resident segmenter (worker thread). Raises InputError (a point outside the image...)."""
+    from mlx_edit.segment import prompts_from_specs
+
+    with resident.using("segmenter") as seg:
+        seg.set_image(image)
+        return seg.best_mask(**prompts_from_specs(prompts)).astype(np.float32)
+
+
+def run_edit(state, request, progress) -> tuple[list, dict]:
+    """Run one EditRequest on its resident pipeline (worker thread): (images, timings).
+    Clicks/boxes are segmented first by the resident segmenter; `progress` gets step
+    previews every `preview_every` steps. Timings: the job's phases, plus `load_s` when
+    the pipeline had to be made for it (evicted, or first use)."""
+    resident, config, mask, stats = state.resident, state.config, request.mask, {}
+    if isinstance(mask, list):
+        t0 = time.perf_counter()
+        mask = segment_mask(resident, request.image, mask)
+        stats["segment_s"] = time.perf_counter() - t0
+    loaded, t0 = request.kind in resident.models, time.perf_counter()
+    with resident.using(request.kind) as pipe:
+        if not loaded:  # made (and, unless low_memory, its weights loaded) for this job
+            stats["load_s"] = time.perf_counter() - t0
+        if config.preview_every:
+            progress = state.previewer.for_job(pipe, progress, config.preview_every,
+                                               config.preview_max_side)
+        o = request.options
+        if request.mode == "inpaint":
+            images = pipe.inpaint(request.image, mask, request.prompt, o, progress=progress)
+        elif request.mode == "outpaint":
+            images = pipe.outpaint(request.image, request.prompt, o, progress=progress)
+        else:
+            images = pipe.edit(request.image, request.prompt, o, mask=mask,
+                               progress=progress)
+        # the pipeline's own load_stats are its construction's, paid once, not by this job
+        return images, {**{k: v for k, v in pipe.last_stats.items()
+                           if k not in pipe.load_stats}, **stats}
+
+
+def _segmenter(config: ServeConfig, preloaded: dict) -> str | None:
+    """The segmenter's checkpoint: segment_model, else the Fill folder's `segmenter/`."""
     if config.segment_model:
         return config.segment_model
-    own = getattr(pipes["fill"], "root", None)
+    fill = preloaded.get("fill")
+    own = getattr(fill, "root", None) if fill is not None else config.model
     return str(Path(own) / "segmenter") if own and (Path(own) / "segmenter").is_dir() \
         else None
 
@@ -211,10 +279,28 @@ async def submit(request: Request):
     state = request.app.state
     fields, files = await _fields(request)
     req = await run_in_threadpool(build_request, fields, files, state.config,
-                                  set(state.pipelines), state.segmenter, state.has_ranker)
+                                  state.resident.kinds - {"segmenter"}, state.segmenter,
+                                  state.has_ranker)
     job = state.runner.submit(req)
     return JSONResponse({"id": job.id, "state": job.state}, 202,
                         headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@api.post("/masks")
+async def masks(request: Request):
+    """Segment without editing (to preview a mask from clicks): multipart image and
+    points ([[x, y], ...] px) / labels ([1 | 0, ...]) / box ([x0, y0, x1, y1]) as JSON, or
+    a JSON body with a base64 image. Returns the mask PNG (white = the object) at the
+    image's size. Runs on the worker, between two steps of a running edit."""
+    state = request.app.state
+    fields, files = await _fields(request)
+    image, prompts = await run_in_threadpool(build_mask_request, fields, files,
+                                             state.config, state.segmenter)
+    mask = await asyncio.wrap_future(state.runner.call(
+        lambda: segment_mask(state.resident, image, prompts)))
+    buf = io.BytesIO()
+    Image.fromarray((mask > 0.5).astype(np.uint8) * 255).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png")
 
 
 @api.get("/jobs/{job_id}")
@@ -266,13 +352,28 @@ def cancel(job_id: str, request: Request):
     return request.app.state.runner.cancel(job_id).summary()
 
 
+def _source(state, kind: str) -> str:
+    """Where a model comes from: the loaded model's source, else the configured one."""
+    model = state.resident.models.get(kind)
+    if getattr(model, "source", None):
+        return str(model.source)
+    return str({"fill": state.config.model, "kontext": state.config.kontext_model,
+                "segmenter": state.segmenter}.get(kind))
+
+
 @router.get("/v1/health")
 def health(request: Request):
-    """Liveness (no token needed): version, loaded models, queue length."""
+    """Liveness (no token needed): version, the models it serves ({kind: source}), the
+    resident ones with their estimated GB, the prompt cache's hits/misses, the queue."""
     state = request.app.state
-    running = state.runner.running
+    running, resident, cache = state.runner.running, state.resident, state.prompt_cache
     return {"status": "ok", "version": __version__,
-            "models": {k: str(p.source) for k, p in state.pipelines.items()},
+            "models": {k: _source(state, k) for k in sorted(resident.kinds)},
+            "segmenter": "segmenter" in resident.kinds,
+            "resident": {k: round(resident.sizes[k], 3) for k in list(resident.models)},
+            "resident_budget_gb": state.config.max_resident_gb,
+            "prompt_cache": None if cache is None else {
+                "hits": cache.hits, "misses": cache.misses},
             "queued": state.runner.queued, "running": running.id if running else None,
             "token_required": state.config.token is not None}
 
@@ -282,25 +383,48 @@ def page():
     return HTMLResponse(_page())
 
 
+def _resident(config: ServeConfig, pipelines: dict | None):
+    """(Resident, segmenter checkpoint or None, prompt cache or None) of the app."""
+    cache = prompt_cache(config)
+    loaders = {} if pipelines is not None else model_loaders(config, cache)
+    preloaded = dict(pipelines) if pipelines is not None else {"fill": loaders["fill"]()}
+    segmenter = _segmenter(config, preloaded)
+    if segmenter and "segmenter" not in preloaded:
+        from mlx_edit.segment import Segmenter
+
+        loaders["segmenter"] = lambda: Segmenter.from_pretrained(segmenter)
+    for kind, model in preloaded.items():
+        if kind != "segmenter":
+            _with_cache(model, cache)
+    if cache is None:  # given pipelines may bring their own
+        cache = getattr(preloaded.get("fill"), "disk_prompt_cache", None)
+    resident = Resident(loaders, _size, config.max_resident_gb, preloaded)
+    return resident, segmenter, cache
+
+
 def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
-    """The server app: pipelines (`load_pipelines(config)` unless given, e.g. by tests)
-    kept resident, one worker thread. `app.state.runner.close()` (run at shutdown)
-    stops the worker. Raises WeightLoadError when a model cannot load."""
-    pipes = pipelines if pipelines is not None else load_pipelines(config)
-    runner = JobRunner(lambda req, progress: run_edit(pipes, req, progress),
-                       max_queue=config.max_queue, keep_jobs=config.keep_jobs,
-                       keep_bytes=config.keep_bytes)
+    """The server app over resident models (serve/resident.py) and one worker thread.
+    pipelines: {kind: model} already made (tests), else the configured ones are made now
+    (`model_loaders`; weights load on first use). `app.state.runner.close()` (run at
+    shutdown) stops the worker. Raises WeightLoadError when a model cannot be read."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await run_in_threadpool(runner.close)
+        await run_in_threadpool(app.state.runner.close)
 
     app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan)
-    app.state.runner, app.state.pipelines, app.state.config = runner, pipes, config
-    app.state.segmenter = _segmenter(config, pipes)
-    root = getattr(pipes["fill"], "root", None)
-    app.state.has_ranker = bool(root) and (Path(root) / "ranker").is_dir()
+    state = app.state
+    state.config, state.previewer = config, Previewer()
+    state.resident, segmenter, state.prompt_cache = _resident(config, pipelines)
+    state.segmenter = segmenter or ("resident" if "segmenter" in state.resident.models
+                                    else None)
+    fill = state.resident.models.get("fill")
+    root = getattr(fill, "root", None)
+    state.has_ranker = bool(root) and (Path(root) / "ranker").is_dir()
+    state.runner = JobRunner(lambda req, progress: run_edit(state, req, progress),
+                             max_queue=config.max_queue, keep_jobs=config.keep_jobs,
+                             keep_bytes=config.keep_bytes)
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
     app.add_middleware(SameSite, config=config)
     _handlers(app)

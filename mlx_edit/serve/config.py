@@ -27,6 +27,13 @@ class ServeConfig:
       kept, evicted oldest first.
     local_hosts: without a token, the Host names requests may carry (a web page cannot
       reach the loopback server through a DNS name of its own: DNS rebinding).
+    max_resident_gb: models kept loaded are evicted least recently used beyond this
+      estimate (serve/resident.py); None = no bound.
+    preview_every: a JPEG preview in every N-th `step` event (0 = none), at most
+      preview_max_side px on its longer side (serve/preview.py).
+    prompt_cache: folder of prompt embeddings shared with `mlx-edit batch` and other
+      servers (mlx_edit.prompt_cache; a cached prompt loads no text encoder), bounded to
+      prompt_cache_gb; None = embeddings kept in memory only.
     """
 
     model: str | None = None
@@ -42,13 +49,25 @@ class ServeConfig:
     keep_jobs: int = 64
     keep_bytes: int = 1024 * MB
     local_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    max_resident_gb: float | None = None
+    preview_every: int = 1
+    preview_max_side: int = 256
+    prompt_cache: str | None = None
+    prompt_cache_gb: float = 2.0
 
     def __post_init__(self):
         for name in ("max_queue", "max_upload_bytes", "max_pixels", "max_images",
-                     "keep_jobs", "keep_bytes"):
+                     "keep_jobs", "keep_bytes", "preview_max_side"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.preview_every, bool) or not isinstance(self.preview_every, int) \
+                or self.preview_every < 0:
+            raise ValueError(f"preview_every must be >= 0, got {self.preview_every!r}")
+        for name in ("max_resident_gb", "prompt_cache_gb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty")
 

@@ -2,9 +2,12 @@
 
 A bounded heap holds waiting jobs (interactive before batch, then first come first
 served); `submit` refuses a job when `max_queue` are waiting (QueueFull, HTTP 429). The
-worker calls `run_edit(request, progress)`; `progress(step, total)` records the step,
-emits an event and raises `Cancelled` when the job was cancelled, so a running edit stops
-after the step in progress (the pipeline's generator closes and frees what it holds).
+worker calls `run_edit(request, progress)`; `progress(step, total, **preview)` records
+the step, emits an event (with its preview, if any) and raises `Cancelled` when the job
+was cancelled, so a running edit stops after the step in progress (the pipeline's
+generator closes and frees what it holds).
+`call(fn)` runs short work that needs the models (a mask from clicks) on the worker
+thread ahead of the queue: at once when idle, else between two steps of the running edit.
 Results are PNG bytes kept in memory (nothing is written to disk, so a killed server
 leaves no partial file); finished jobs are evicted oldest first beyond `keep_jobs` jobs
 or `keep_bytes` bytes of PNGs.
@@ -19,8 +22,9 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -55,7 +59,8 @@ class Cancelled(Exception):
 class Job:
     """One edit's state: queued -> running -> done | failed | cancelled. step/total:
     denoise progress; stats: phase timings (s); images: PNG bytes (with metadata);
-    events: what `/events` streams ({"event": kind, ...})."""
+    events: what `/events` streams ({"event": kind, ...}; the newest PREVIEWS_KEPT step
+    events keep their "preview" JPEG)."""
 
     request: EditRequest
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -70,6 +75,7 @@ class Job:
     images: list[bytes] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
+    preview_at: list[int] = field(default_factory=list)  # events holding a preview
 
     def emit(self, event: str, **data) -> None:
         self.events.append({"event": event, **data})  # list.append is atomic
@@ -93,6 +99,21 @@ def to_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+CALLS = object()  # what `_next` returns when quick calls wait
+
+
+PREVIEWS_KEPT = 8  # step previews a job's events keep (older ones lose theirs)
+
+
+def _keep_previews(job: Job, keep: int) -> None:
+    """Strip the preview of job events beyond the newest `keep` that have one (bounded
+    memory; list item assignment is atomic, so a stream sees one version or the other)."""
+    while len(job.preview_at) > keep:
+        i = job.preview_at.pop(0)
+        job.events[i] = {k: v for k, v in job.events[i].items()
+                         if not k.startswith("preview")}
+
+
 class JobRunner:
     """The queue, its worker thread and the store of jobs (thread-safe).
 
@@ -108,6 +129,7 @@ class JobRunner:
         self._seq = itertools.count()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._done: OrderedDict[str, int] = OrderedDict()  # finished id -> PNG bytes
+        self._calls: deque[tuple[Callable, Future]] = deque()
         self.running: Job | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="mlx-edit-worker",
@@ -134,6 +156,33 @@ class JobRunner:
             heapq.heappush(self._heap, (request.priority, next(self._seq), job))
             self._lock.notify()
         return job
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the worker thread (where the models live) ahead of the queue: now
+        when idle, else between two steps of the running edit. Returns its Future. Raises
+        QueueFull (max_queue calls waiting), Conflict (shutting down)."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise Conflict("the server is shutting down")
+            if len(self._calls) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are waiting: retry later")
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        """Run the waiting calls (worker thread); their errors go to their futures."""
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # the caller's error, never the worker's
+                    future.set_exception(e)
 
     def get(self, job_id: str) -> Job:
         """The job, or UnknownJob (unknown or evicted)."""
@@ -164,6 +213,9 @@ class JobRunner:
                     self._finish(job, "cancelled")
             if self.running is not None:
                 self.running.cancel.set()
+            for _, future in self._calls:
+                future.cancel()
+            self._calls.clear()
             self._lock.notify_all()
         self._thread.join(timeout)
 
@@ -174,6 +226,8 @@ class JobRunner:
                     heapq.heappop(self._heap)  # cancelled while waiting
                 if self._closed:
                     return None
+                if self._calls:
+                    return CALLS
                 if self._heap:
                     job = heapq.heappop(self._heap)[2]
                     job.state, job.started, self.running = "running", time.time(), job
@@ -182,6 +236,9 @@ class JobRunner:
 
     def _loop(self) -> None:
         while (job := self._next()) is not None:
+            if job is CALLS:
+                self._run_calls()
+                continue
             job.emit("running")
             try:
                 images, stats = self._run_edit(job.request, self._progress(job))
@@ -199,10 +256,14 @@ class JobRunner:
                 self.running = None
                 self._finish(job, state)
 
-    def _progress(self, job: Job) -> Callable[[int, int], None]:
-        def progress(step: int, total: int) -> None:
+    def _progress(self, job: Job) -> Callable[..., None]:
+        def progress(step: int, total: int, **preview) -> None:
             job.step, job.total = step, total
-            job.emit("step", step=step, total=total)
+            job.emit("step", step=step, total=total, **preview)
+            if preview:
+                job.preview_at.append(len(job.events) - 1)
+                _keep_previews(job, PREVIEWS_KEPT)
+            self._run_calls()  # quick calls (masks) between two steps
             if job.cancel.is_set():
                 raise Cancelled
         return progress

@@ -176,3 +176,18 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
         raise InputError("outpaint takes no mask: set left/right/top/bottom in options")
     return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
                        PRIORITIES[priority])
+
+
+def build_mask_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
+                       segmenter: str | None) -> tuple[Image.Image, list]:
+    """(image, `segment.Points` / `Box` prompts) of a `/v1/masks` request: an image
+    upload and points / labels / box fields. Raises InputError (no segmenter, no image,
+    no prompt), UploadTooLarge."""
+    if "image" not in files:
+        raise InputError("image is required (a PNG, JPEG or WebP upload)")
+    image = load_image(open_image(files["image"], "image", config.max_pixels))
+    prompts = _click_mask(fields, segmenter)
+    if prompts is None:
+        raise InputError("send points ([[x, y], ...], labels [1 | 0, ...]) or a box "
+                         "([x0, y0, x1, y1]) to segment")
+    return image, prompts

@@ -1,6 +1,7 @@
 """Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
 A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
-by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`).
+by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`), a SAM 2.1
+folder by `weights.sam.convert_sam` (`_convert_sam`).
 
 Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
 `mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
@@ -36,6 +37,7 @@ from mlx.utils import tree_flatten
 from mlx_edit import __version__
 from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import lora as lora_w
+from mlx_edit.weights import sam as sam_w
 from mlx_edit.weights import save
 from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan, read_config
 from mlx_edit.weights.text import read_text_tools
@@ -324,14 +326,18 @@ def convert_checkpoint(
     """
     log = log or (lambda _msg: None)
     _check_options(dtype, group_size)
+    given = {"--component-bits": component_bits_override, "--vae": vae,
+             "--text-encoders": text_encoders, "--lora": loras}
     if controlnet_w.is_controlnet_source(source):
-        _refuse_pipeline_options(source, {
-            "--component-bits": component_bits_override, "--vae": vae,
-            "--text-encoders": text_encoders, "--lora": loras})
+        _refuse_pipeline_options(source, given)
         return convert_controlnet_source(
             source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
             config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
             log=log)
+    if sam_w.is_sam_source(source):
+        _refuse_pipeline_options(source, {**given, "--transformer-config": transformer_config},
+                                 "a SAM 2.1 checkpoint")
+        return _convert_sam(source, dest, dtype, quantize, group_size, overwrite, log)
     bits = _component_bits(quantize, component_bits_override)
     dest = _checked_dest(dest, overwrite)
     parts = locate_sources(source, vae, text_encoders)
@@ -371,13 +377,24 @@ def _options(dtype: str, group_size: int, loras: Sequence[tuple[str | Path, floa
     return options
 
 
-def _refuse_pipeline_options(source: str | Path, given: Mapping[str, object]) -> None:
+def _refuse_pipeline_options(source: str | Path, given: Mapping[str, object],
+                             kind: str = "a ControlNet") -> None:
     """ConversionError naming the options set in `given` ({flag: value}): they apply to
-    pipeline checkpoints only, and `source` is a ControlNet."""
+    pipeline checkpoints only, and `source` is `kind` (a ControlNet, a SAM 2.1 checkpoint)."""
     flags = [flag for flag, value in given.items() if value]
     if flags:
-        raise ConversionError(f"{source} is a ControlNet: {', '.join(flags)} apply to "
+        raise ConversionError(f"{source} is {kind}: {', '.join(flags)} apply to "
                               "pipeline checkpoints only")
+
+
+def _convert_sam(source, dest, dtype: str, quantize: int | None, group_size: int,
+                 overwrite: bool, log: Callable[[str], None]) -> dict:
+    """`sam.convert_sam` (SAM 2.1 sources) with its refusals as ConversionError."""
+    try:
+        return sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
+                                 overwrite=overwrite, log=log)
+    except (FileExistsError, sam_w.SamQuantizationRefused) as e:
+        raise ConversionError(str(e)) from e
 
 
 def _check_options(dtype: str, group_size: int) -> None:

@@ -17,9 +17,11 @@ below, a table of (module name pattern in the file -> our layer, output offset):
 BFL names address our fused layers whole (our layout is BFL's). diffusers' separate q, k,
 v (and the single block's proj_mlp) become parts at their row offset, which
 `mlx_edit.models.lora.combine` merges exactly. alpha/rank (PEFT: lora_alpha/r) is folded
-into B. Text-encoder LoRAs (CLIP-L `lora_te1_*`, T5) are not applied: a warning says so,
-as do DoRA scales and the diff keys diffusers also drops. Any other key is an error
-naming it.
+into B. BFL control LoRAs (FLUX.1-Canny/Depth-dev-lora) also carry QK-norm scales and an
+`img_in` LoRA of 128 inputs: `mlx_edit.weights.lora_control`. CLIP-L LoRAs (kohya
+`lora_te1_*`, PEFT `text_encoder.*`) apply to the CLIP text tower:
+`mlx_edit.weights.lora_text`. T5 LoRAs are not applied: a warning says so, as do DoRA
+scales and the diff keys diffusers also drops. Any other key is an error naming it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,7 +44,11 @@ from mlx_edit.models.lora import (
     find_layer,
     linear_shape,
 )
+from mlx_edit.weights import lora_control as control
+from mlx_edit.weights import lora_text as text
 from mlx_edit.weights.core import WeightLoadError
+from mlx_edit.weights.lora_control import effective_config  # noqa: F401  (pipeline's config)
+from mlx_edit.weights.lora_sources import default_name, locate, split_spec  # noqa: F401
 
 _D, _S = "double_blocks.{i}.", "single_blocks.{i}."
 _T, _ST = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
@@ -116,6 +122,8 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("kohya", ("lora_transformer_",), DIFFUSERS_NAMES, "_"),
     Scheme("bfl", ("model.diffusion_model.", "diffusion_model.", "base_model.model.", ""),
            BFL_NAMES),
+    Scheme("kohya", text.KOHYA_PREFIXES, text.CLIP_NAMES, "_"),
+    Scheme("diffusers", text.PEFT_PREFIXES, text.CLIP_NAMES),
 )
 
 # Tensor-name endings -> role. `.down/.up.weight` are XLabs'.
@@ -125,10 +133,12 @@ ROLES: tuple[tuple[str, str], ...] = (
     (".down.weight", "a"), (".up.weight", "b"), (".alpha", "alpha"),
 )
 
-# Keys we knowingly do not apply (warned about, not errors): text-encoder LoRAs, DoRA
+# Keys we knowingly do not apply (warned about, not errors): T5 LoRAs (kohya lora_te3_
+# (lora_te2_ in older files), diffusers text_encoder_2, ComfyUI text_encoders.), DoRA
 # magnitudes and the weight/bias diffs diffusers' kohya converter also drops.
 IGNORED: tuple[tuple[str, str], ...] = (
-    (r"^(lora_te\d?_|text_encoder(_2)?\.|text_encoders\.)", "text-encoder (CLIP-L/T5) LoRA"),
+    (r"^text_encoders\.clip_l\.", "ComfyUI-named CLIP-L LoRA (diffusers drops them too)"),
+    (r"^(lora_te[23]_|text_encoder_2\.|text_encoders\.)", "T5 text-encoder LoRA"),
     (r"\.dora_scale$", "DoRA magnitude"),
     (r"\.diff(_b)?$", "weight diff"),
     (r"position_embedding|text_projection", "text-encoder embedding"),
@@ -167,12 +177,15 @@ def _split_role(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _peft_scaling(metadata: Mapping[str, str]):
-    """module -> PEFT lora_alpha/r from diffusers' `lora_adapter_metadata`, or None."""
+def _peft_scaling(metadata: Mapping[str, str], prefix: str = "transformer."):
+    """module -> PEFT lora_alpha/r from diffusers' `lora_adapter_metadata` (its entries for
+    the component `prefix`: "transformer." (also unprefixed entries) or "text_encoder."),
+    or None."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    cfg = {k.removeprefix(prefix): v for k, v in json.loads(raw).items()
+           if k.startswith(prefix) or prefix == "transformer."}
     if "lora_alpha" not in cfg:
         return None
 
@@ -188,11 +201,33 @@ def _peft_scaling(metadata: Mapping[str, str]):
 
 @dataclass
 class LoRAFile:
-    """A converted LoRA: parts per our layer path, the naming found, ignored keys."""
+    """A converted LoRA: parts per our layer path, the naming found, ignored keys, and
+    a control LoRA's QK-norm replacements {our parameter path: values}."""
 
     parts: dict[str, list[Part]]
     formats: tuple[str, ...]
     ignored: dict[str, list[str]]
+    norms: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """{widenable layer (img_in): input width its LoRA reads} (lora_control)."""
+        return control.input_widths(self.parts)
+
+    @property
+    def updates_transformer(self) -> bool:
+        """Whether it changes the FLUX transformer (False: a CLIP-only LoRA)."""
+        return bool(self.norms or text.split_parts(self.parts)[0])
+
+    @property
+    def text_parts(self) -> dict[str, list[Part]]:
+        """Parts of CLIP text-encoder layers (lora_text), by our CLIP layer path."""
+        return text.split_parts(self.parts)[1]
+
+    @property
+    def structural(self) -> bool:
+        """Whether applying it may change the model beyond adapters (norms, widening)."""
+        return bool(self.norms or self.widths)
 
     @property
     def parameter_count(self) -> int:
@@ -201,33 +236,44 @@ class LoRAFile:
                    for parts in self.parts.values() for p in parts)
 
     def updates(self, model) -> dict[str, LayerUpdate]:
-        """Exact per-layer updates for `model` (see models/lora.combine).
+        """Exact per-layer updates of the FLUX transformer `model` (see models/lora.combine).
 
         Raises WeightLoadError naming every layer the model lacks or that does not fit.
         """
-        hidden = model.config.hidden_size
-        shaped = {p: (parts[0].a.shape[1], _layer_out(model, p)) for p, parts in self.parts.items()}
-        missing = [f"{p} (no such layer in this model)" for p, (_, out) in shaped.items()
-                   if out is None]
-        if missing:
-            raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
-        updates = {}
-        for path, parts in self.parts.items():
-            placed = [Part(p.offset * hidden, p.a, p.b, p.bias) for p in parts]
-            try:
-                updates[path] = combine(placed, shaped[path][0], shaped[path][1])
-            except ValueError as e:
-                raise WeightLoadError(f"LoRA for {path}: {e}") from None
-        problems = check_targets(model, updates)
-        if problems:
-            raise WeightLoadError("LoRA does not fit this model: " + "; ".join(problems))
-        return updates
+        return _updates(model, text.split_parts(self.parts)[0])
+
+    def text_updates(self, clip) -> dict[str, LayerUpdate]:
+        """Exact per-layer updates of the CLIP text tower `clip` (WeightLoadError as
+        `updates`)."""
+        return _updates(clip, self.text_parts)
 
 
-def _layer_out(model, path: str) -> int | None:
+def _updates(model, all_parts: Mapping[str, list[Part]]) -> dict[str, LayerUpdate]:
+    """Per-layer updates of `model` from parts by layer path (see LoRAFile.updates)."""
+    hidden = model.config.hidden_size
+    shaped = {p: _layer_shape(model, p) for p in all_parts}
+    missing = [f"{p} (no such layer in this model)" for p, s in shaped.items() if s is None]
+    if missing:
+        raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
+    updates = {}
+    for path, parts in all_parts.items():
+        out, inp = shaped[path]
+        placed = [Part(p.offset * hidden, control.pad_inputs(p.a, path, inp), p.b, p.bias)
+                  for p in parts]
+        try:
+            updates[path] = combine(placed, placed[0].a.shape[1], out)
+        except ValueError as e:
+            raise WeightLoadError(f"LoRA for {path}: {e}") from None
+    problems = check_targets(model, updates)
+    if problems:
+        raise WeightLoadError("LoRA does not fit this model: " + "; ".join(problems))
+    return updates
+
+
+def _layer_shape(model, path: str) -> tuple[int, int] | None:
     try:
         layer = find_layer(model, path)[2]
-        return linear_shape(getattr(layer, "base", layer))[0]
+        return linear_shape(getattr(layer, "base", layer))
     except (KeyError, AttributeError, IndexError):
         return None
 
@@ -253,9 +299,6 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
 
 # Whole kinds of file we recognise but cannot apply: (key pattern, why / what to do).
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    (r"query_norm\.scale$", "a BFL control LoRA (FLUX.1-Canny/Depth-dev-lora: it replaces "
-     "QK-norm scales and widens img_in to 128 inputs), not supported: use the full "
-     "FLUX.1-Canny-dev or FLUX.1-Depth-dev model with `restyle`"),
     (r"\.(lokr_w1|lokr_w1_a|hada_w1_a)$", "a LyCORIS LoKr/LoHa file, not supported "
      "(diffusers' FLUX.1 loader does not read them either)"),
     (r"lora_magnitude_vector", "a DoRA adapter (magnitude vectors), not supported"),
@@ -269,16 +312,29 @@ def _refuse_unsupported(tensors: Mapping[str, np.ndarray], name: str) -> None:
             raise WeightLoadError(f"{name}: {why} (e.g. {hits[0]})")
 
 
+def _factor(roles, fmt: str, module: str, path: str, rank: int, scaling) -> float:
+    """alpha/rank of one module: its `.alpha` tensor, else PEFT metadata (diffusers names,
+    per component: `scaling` {prefix: _peft_scaling}), else 1."""
+    if "alpha" in roles:
+        return float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank
+    prefix = text.TEXT if path.startswith(text.TEXT) else "transformer."
+    if fmt == "diffusers" and scaling[prefix] is not None:
+        return scaling[prefix](module.removeprefix(prefix), rank)
+    return 1.0
+
+
 def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
             *, name: str = "LoRA") -> LoRAFile:
-    """Convert a LoRA state dict (numpy arrays) to parts of our layers.
+    """Convert a LoRA state dict (numpy arrays) to parts of our layers (FLUX transformer
+    paths, CLIP paths under `lora_text.TEXT`) and a control LoRA's QK-norm values.
 
     Raises WeightLoadError naming keys that map nowhere, modules missing A or B, and
     mis-shaped pairs. Warns (UserWarning) about ignored key kinds (module docstring).
     """
     _refuse_unsupported(tensors, name)
+    norms, tensors = control.split_norms(tensors)
     modules, ignored, unknown = _group(tensors)
-    scaling = _peft_scaling(metadata or {})
+    scaling = {p: _peft_scaling(metadata or {}, p) for p in ("transformer.", text.TEXT)}
     parts: dict[str, list[Part]] = {}
     formats = set()
     bad = list(unknown)
@@ -296,12 +352,7 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
         if b.shape[1] != rank:
             bad.append(f"{module} (A {a.shape}, B {b.shape})")
             continue
-        if "alpha" in roles:
-            factor = float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank
-        elif scaling is not None and fmt == "diffusers":
-            factor = scaling(module.removeprefix("transformer."), rank)
-        else:
-            factor = 1.0
+        factor = _factor(roles, fmt, module, path, rank, scaling)
         bias = roles.get("bias")
         b = b * factor
         bias = None if bias is None else bias.astype(np.float32) * factor
@@ -314,56 +365,11 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
                               f"(or lack their A/B pair): {', '.join(sorted(bad)[:8])}"
                               + (" ..." if len(bad) > 8 else ""))
     if not parts:
-        raise WeightLoadError(f"{name}: no FLUX transformer LoRA weights found")
+        raise WeightLoadError(f"{name}: no FLUX transformer or CLIP LoRA weights found")
     for reason, keys in ignored.items():
         warnings.warn(f"{name}: ignoring {len(keys)} {reason} keys (not applied), "
                       f"e.g. {keys[0]}", stacklevel=2)
-    return LoRAFile(parts, tuple(sorted(formats)), ignored)
-
-
-def split_spec(spec: str) -> tuple[str, float | None]:
-    """'PATH_OR_REPO[:SCALE]' -> (source, scale or None). A trailing ':number' is the scale;
-    'repo/id:file.safetensors' keeps its file part (see `locate`)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, None
-
-
-def locate(source: str | Path, weight_name: str | None = None) -> Path:
-    """The local .safetensors file of a LoRA: a path, or a Hugging Face repo id
-    (`owner/name`, `owner/name:file.safetensors` or with `weight_name`) fetched through
-    huggingface_hub's cache. Raises WeightLoadError for a missing file, a repo with no
-    or several .safetensors files (naming them) and failed downloads."""
-    from mlx_edit.weights.sources import is_repo_id
-
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
-    repo, _, file_part = text.partition(":") if ":" in text and "/" in text.split(":")[0] \
-        else (text, "", "")
-    weight_name = weight_name or file_part or None
-    if not is_repo_id(repo):
-        raise WeightLoadError(f"{text}: no such LoRA file, and not a Hugging Face repo id")
-    from huggingface_hub import hf_hub_download, list_repo_files  # network only when needed
-
-    try:
-        if weight_name is None:
-            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
-            if len(files) != 1:
-                raise WeightLoadError(
-                    f"{repo}: {'no' if not files else 'several'} .safetensors files "
-                    f"({', '.join(files[:6])}); name one as {repo}:FILE or weight_name=")
-            weight_name = files[0]
-        return Path(hf_hub_download(repo, weight_name))
-    except WeightLoadError:
-        raise
-    except Exception as e:  # hub errors are many; the message names the cause
-        raise WeightLoadError(f"could not download LoRA {repo} ({type(e).__name__}: {e})") from e
+    return LoRAFile(parts, tuple(sorted(formats)), ignored, norms)
 
 
 def load_lora_file(source: str | Path, weight_name: str | None = None) -> LoRAFile:
@@ -387,27 +393,39 @@ class LoadedLoRA:
     scale: float
 
 
-def default_name(source: str | Path, taken) -> str:
-    """A short unique adapter name from a LoRA source ('style', 'style_2', ...)."""
-    stem = Path(split_spec(str(source))[0].split(":")[-1]).stem or "lora"
-    name, n = stem, 2
-    while name in taken:
-        name, n = f"{stem}_{n}", n + 1
-    return name
-
-
-def sync(model, loras: Mapping[str, LoadedLoRA]) -> None:
+def sync(model, loras: Mapping[str, LoadedLoRA], *, check_only: bool = False) -> None:
     """Make the adapters on `model` exactly `loras` (attach new ones, drop removed ones,
-    set every scale). Raises WeightLoadError as `LoRAFile.updates` (model unchanged)."""
+    set every scale). When the LoRAs with structural changes (control LoRAs: widened
+    img_in, replaced norms; lora_control) differ from those applied, everything is
+    undone exactly and rebuilt: structure first, in order, then every adapter. Raises
+    WeightLoadError as `LoRAFile.updates` and for changes the model cannot take.
+    check_only: compute the updates but attach nothing (a lazy probe model: no copies)."""
     from mlx_edit.models import lora as adapters
+    from mlx_edit.models import lora_control as structure
 
+    loras = {n: lora for n, lora in loras.items() if lora.file.updates_transformer}
     applied = adapters.adapter_names(model)
+    structural = [n for n, lora in loras.items() if lora.file.structural]
+    if structure.owners(model) != structural:
+        adapters.remove(model)
+        structure.restore(model)
+        applied = []
+        for n in structural:
+            widths, norms = loras[n].file.widths, loras[n].file.norms
+            try:
+                structure.apply(model, n, widths, norms)
+            except ValueError as e:
+                raise WeightLoadError(f"LoRA {n}: {e}") from None
     stale = [n for n in applied if n not in loras]
     if stale:
         adapters.remove(model, stale)
     for name, lora in loras.items():
         if name not in applied:
-            adapters.attach(model, name, lora.file.updates(model), lora.scale)
+            updates = lora.file.updates(model)
+            if not check_only:
+                adapters.attach(model, name, updates, lora.scale)
+    if check_only:
+        return
     changed = {n: lora.scale for n, lora in loras.items()
                if adapters.scale_of(model, n) != np.float32(lora.scale)}  # stored as float32
     if changed:
@@ -422,7 +440,15 @@ def baker(model, loras: Sequence[tuple[str | Path, float]]):
     `load_lora_file` / `LoRAFile.updates`, before anything is written."""
     deltas: dict[str, list[tuple[LayerUpdate, float]]] = {}
     for source, scale in loras:
-        for path, update in load_lora_file(source).updates(model).items():
+        lora = load_lora_file(source)
+        if lora.norms:
+            raise WeightLoadError(f"{source}: a BFL control LoRA (it widens img_in and replaces "
+                                  "QK norms) cannot be baked by convert: load it with --lora")
+        if lora.text_parts:
+            warnings.warn(f"{source}: its CLIP text-encoder LoRA is not baked (convert bakes "
+                          "the transformer only); load the file with --lora to apply it",
+                          stacklevel=2)
+        for path, update in lora.updates(model).items():
             deltas.setdefault(path, []).append((update, float(scale)))
 
     def adjust(key: str, value: mx.array) -> mx.array:

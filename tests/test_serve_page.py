@@ -1,0 +1,213 @@
+"""The web page of `mlx-edit serve` in headless Chromium (Playwright, Debian's chromium;
+skipped when either is missing): a painted mask, outpaint by dragging the photo's edges
+(one server and browser for both), masks from clicks with a segmenter, step previews
+shown while a job runs.
+
+MLX_EDIT_SCREENSHOT=docs/serve-page.png: the click test also saves the page after its
+edit there (the README's screenshot)."""
+
+import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
+
+import io
+import json
+import os
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+pytest.importorskip("fastapi")
+from mlx_edit.imaging.masks import blend_mask  # noqa: E402
+from mlx_edit.imaging.stitch import outpaint_canvas  # noqa: E402
+from test_serve import SIZE, ServerProcess  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (one Playwright session: it cannot nest)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def ready(server):
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        server.wait_ready(client)
+    return server
+
+
+def new_page(browser, server):
+    page = browser.new_page(accept_downloads=True, viewport={"width": 1100, "height": 760})
+    page.set_default_timeout(120_000)  # a busy CI machine: waits are for events, not time
+    page.goto(server.url + "/")
+    return page
+
+
+@pytest.fixture(scope="module")
+def served(browser, tiny_mlx, tmp_path_factory):
+    """A page on a server (no segmenter) shared by the tests below: page_of(served); the
+    server's cwd is an empty folder that must stay empty."""
+    cwd = tmp_path_factory.mktemp("serve-cwd")
+    server = ServerProcess(tiny_mlx, cwd)
+    try:
+        yield browser, ready(server)
+    finally:
+        server.stop()
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory):
+    img = Image.fromarray(data.astronaut()).resize(SIZE)
+    path = tmp_path_factory.mktemp("in") / "photo.png"
+    img.save(path)
+    return img, path
+
+
+def open_photo(page, path):
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("document.getElementById('photo').width > 0")
+
+
+def run_and_download(page, prompt="a red hat", steps="2"):
+    """Fill the prompt and options, submit, wait for the picked result; the PNG."""
+    page.fill("#prompt", prompt)
+    page.fill("#steps", steps)
+    page.fill("#seed", "3")
+    page.click("#submit")
+    page.wait_for_selector("#results img.picked")
+    page.wait_for_function("document.querySelector('#results img').naturalWidth > 0")
+    with page.expect_download() as download:
+        page.click("#download")
+    out = Image.open(download.value.path())
+    out.load()
+    return out
+
+
+def drag(page, selector, dx, dy):
+    box = page.locator(selector).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y + dy, steps=6)
+    page.mouse.up()
+
+
+def test_paint_a_stroke_and_download(served, photo_file):
+    """Open a photo, paint a stroke, submit, wait for the result, download it: the
+    photo's size, the photo's pixels outside the painted mask (grown 0, feathered by the
+    default 8 px); the step previews were shown."""
+    img, path = photo_file
+    page = new_page(*served)
+    open_photo(page, path)
+    page.eval_on_selector("#size", "e => { e.value = 12; }")
+    box = page.locator("#mask").bounding_box()
+    xy = lambda x, y: (box["x"] + x * box["width"] / SIZE[0],  # noqa: E731
+                       box["y"] + y * box["height"] / SIZE[1])
+    page.mouse.move(*xy(30, 30))
+    page.mouse.down()
+    page.mouse.move(*xy(60, 45), steps=8)
+    page.mouse.up()
+    out = run_and_download(page)
+    assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")
+    alpha = page.evaluate("""() => { const m = document.getElementById('mask');
+        const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
+        return Array.from(d.filter((_, i) => i % 4 === 3)); }""")
+    painted = (np.array(alpha, np.float32).reshape(SIZE[::-1]) > 0).astype(np.float32)
+    assert 50 < painted.sum() < 0.5 * painted.size
+    assert out.size == SIZE and out.text["prompt"] == "a red hat"
+    outside = blend_mask(painted, 0, 8) == 0
+    res, src = np.asarray(out.convert("RGB")), np.asarray(img)
+    assert np.array_equal(res[outside], src[outside])
+    assert not np.array_equal(res[painted > 0], src[painted > 0])
+
+
+def test_outpaint_by_dragging_edges(served, photo_file):
+    """Drag the right and bottom handles outward: the margins follow the pointer (photo
+    px), the edit's result has the extended size with the photo's pixels kept exactly
+    away from the seams."""
+    img, path = photo_file
+    page = new_page(*served)
+    open_photo(page, path)
+    page.select_option("#mode", "outpaint")
+    for side in ("left", "right", "top", "bottom"):
+        page.fill(f"#{side}", "0")
+    scale = page.locator("#photo").bounding_box()["width"] / SIZE[0]
+    drag(page, ".handle[data-side=right]", 40, 0)
+    drag(page, ".handle[data-side=bottom]", 0, 24)
+    drag(page, ".handle[data-side=left]", 30, 0)  # inward: stays 0
+    margins = {s: int(page.input_value(f"#{s}")) for s in ("left", "right", "top", "bottom")}
+    frame = page.locator("#frame").bounding_box()
+    out = run_and_download(page, "a beach", steps="2")
+    assert margins == {"left": 0, "right": round(40 / scale), "top": 0,
+                       "bottom": round(24 / scale)}, margins
+    assert abs(frame["width"] - (SIZE[0] + margins["right"]) * scale) <= 2
+    assert out.size == (SIZE[0] + margins["right"], SIZE[1] + margins["bottom"])
+    assert json.loads(out.text["expand"]) == [0, margins["right"], 0, margins["bottom"]]
+    _, _, blend = outpaint_canvas(img, 0, margins["right"], 0, margins["bottom"])
+    keep = (np.asarray(blend) == 0)[: SIZE[1], : SIZE[0]]
+    assert keep.mean() > 0.3
+    res = np.asarray(out.convert("RGB"))[: SIZE[1], : SIZE[0]]
+    assert np.array_equal(res[keep], np.asarray(img)[keep])
+
+
+@pytest.mark.parity  # the SAM fixture is built with transformers
+def test_click_to_mask(browser, tiny_mlx, tmp_path, tmp_path_factory, import_script):
+    """With a segmenter: click the object (and shift-click beside it), submit: the
+    server segments the clicks; only pixels inside that mask (grown 0, feathered 8)
+    change. "Preview mask" turns the clicks into the painted mask."""
+    sam = import_script("sam_fixtures").build_sam(tmp_path_factory.mktemp("sam") / "t", "tiny")
+    size = (200, 150)
+    path = tmp_path / "in" / "coffee.png"
+    path.parent.mkdir()
+    img = Image.fromarray(data.coffee()).resize(size)
+    img.save(path)
+    clicks = [((100, 75), 1), ((20, 20), 0)]
+    server = ServerProcess(tiny_mlx, tmp_path, "--no-prompt-cache", "--segment-model",
+                           str(sam))
+    try:
+        page = new_page(browser, ready(server))
+        open_photo(page, path)
+        page.wait_for_selector("label.sam:not(.hidden)")
+        page.check("input[name=tool][value=click]")
+        box = page.locator("#mask").bounding_box()
+        for (x, y), label in clicks:
+            if not label:
+                page.keyboard.down("Shift")
+            page.mouse.click(box["x"] + (x + 0.5) * box["width"] / size[0],
+                             box["y"] + (y + 0.5) * box["height"] / size[1])
+            page.keyboard.up("Shift")
+        sent = page.evaluate("() => clicks")
+        out = run_and_download(page, "a cup", steps="1")
+        page.click("#preview-mask")
+        page.wait_for_function("clicks.length === 0")
+        if os.environ.get("MLX_EDIT_SCREENSHOT"):
+            page.screenshot(path=os.environ["MLX_EDIT_SCREENSHOT"], full_page=True)
+        alpha = page.evaluate("""() => { const m = document.getElementById('mask');
+            const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
+            return Array.from(d.filter((_, i) => i % 4 === 3)); }""")
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            r = client.post("/v1/masks", files={"image": ("c.png", path.read_bytes())},
+                            data={"points": json.dumps([c[0] for c in clicks]),
+                                  "labels": json.dumps([c[1] for c in clicks])})
+    finally:
+        server.stop()
+    assert [(tuple(c["xy"]), c["label"]) for c in sent] == clicks
+    want = np.asarray(Image.open(io.BytesIO(r.content))) > 0
+    assert want.any() and not want.all()
+    painted = np.array(alpha).reshape(size[::-1]) > 0
+    assert np.array_equal(painted, want)  # the preview is the mask the edit used
+    keep = blend_mask(want.astype(np.float32), 0, 8) == 0
+    res, src = np.asarray(out.convert("RGB")), np.asarray(img)
+    assert out.size == size and keep.any()
+    assert np.array_equal(res[keep], src[keep]) and not np.array_equal(res[want], src[want])

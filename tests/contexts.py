@@ -1,4 +1,5 @@
-"""A ConditioningContext for conditioner tests that run without a pipeline."""
+"""Test helpers that need no pipeline: a ConditioningContext for conditioner tests, a
+random tiny FLUX transformer for loop/step tests."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import mlx.core as mx
 
 from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.imaging.stitch import CropPlan
-from mlx_edit.models.flux import FluxConfig
+from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.vae import VAEConfig
 
 
@@ -21,3 +22,12 @@ def make_context(transformer: FluxConfig, *, dtype=mx.float32, vae: VAEConfig | 
     plan = CropPlan(size, (0, 0, *size), size, False)
     return ConditioningContext(dtype, None, transformer, vae or VAEConfig(), encode_image,
                                plan, **loop)
+
+
+def random_transformer(config: dict, n_keys: int = 8):
+    """(FluxTransformer built from `config` with MLX random weights (seed 0), an iterator of
+    `n_keys` PRNG keys (seed 1) for the test's inputs)."""
+    mx.random.seed(0)
+    model = FluxTransformer(FluxConfig.from_dict(config))
+    mx.eval(model.parameters())
+    return model, iter(mx.random.split(mx.random.key(1), n_keys))

@@ -14,7 +14,7 @@ from skimage import data
 
 from mlx_edit.cli import main
 from mlx_edit.sampling.cache_spec import parse_cache
-from mlx_edit.models.flux import FluxConfig, FluxTransformer, cache_units
+from mlx_edit.models.flux import FluxConfig, cache_units
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.cache import (
     FLUX_MAG_RATIOS, FirstBlockCache, MagCache, TaylorSeer, describe, start, state_bytes,
@@ -22,6 +22,7 @@ from mlx_edit.sampling.cache import (
 )
 from mlx_edit.sampling.denoise import PromptEmbeds, denoise
 from mlx_edit.sampling.latents import image_ids, model_input, text_ids
+from contexts import random_transformer
 
 CFG = dict(in_channels=384, out_channels=64, num_layers=2, num_single_layers=2,
            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
@@ -73,10 +74,7 @@ def test_config_errors():
 
 @pytest.fixture(scope="module")
 def setup():
-    mx.random.seed(0)
-    model = FluxTransformer(FluxConfig.from_dict(CFG))
-    mx.eval(model.parameters())
-    keys = iter(mx.random.split(mx.random.key(1), 8))
+    model, keys = random_transformer(CFG)
     n, hidden = H * W, model.config.hidden_size
     args = (mx.random.normal((B, n, 64), key=next(keys)),
             mx.random.normal((1, n, 320), key=next(keys)), image_ids(H, W),

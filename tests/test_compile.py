@@ -13,9 +13,9 @@ import pytest
 
 from mlx_edit.sampling import compiled
 from mlx_edit.sampling.latents import image_ids, model_input, text_ids
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.sampler import euler_step
+from contexts import random_transformer
 
 CFG = dict(in_channels=384, out_channels=64, num_layers=2, num_single_layers=2,
            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
@@ -26,10 +26,7 @@ H, W, L, B = 4, 6, 7, 2  # token grid, text tokens, batch
 
 @pytest.fixture(scope="module")
 def setup():
-    mx.random.seed(0)
-    model = FluxTransformer(FluxConfig.from_dict(CFG))
-    mx.eval(model.parameters())
-    keys = iter(mx.random.split(mx.random.key(1), 8))
+    model, keys = random_transformer(CFG)
     n, hidden = H * W, model.config.hidden_size
     args = dict(
         latents=mx.random.normal((B, n, 64), key=next(keys)),

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 from mlx_edit.conditioning.controlnet import make_control_fn
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.sampling import compiled, tiles
 from mlx_edit.sampling.cache import FirstBlockCache
 from mlx_edit.sampling.denoise import PromptEmbeds, denoise
 from mlx_edit.sampling.latents import image_ids, model_input, text_ids
+from contexts import random_transformer
 
 CFG = dict(in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
@@ -66,10 +66,7 @@ def test_geometry_examples():
 
 @pytest.fixture(scope="module")
 def setup():
-    mx.random.seed(0)
-    model = FluxTransformer(FluxConfig.from_dict(CFG))
-    mx.eval(model.parameters())
-    keys = iter(mx.random.split(mx.random.key(1), 8))
+    model, keys = random_transformer(CFG)
     n = GH * GW
     latents = mx.random.normal((B, n, 64), key=next(keys))
     cond = mx.random.normal((1, n, 320), key=next(keys))

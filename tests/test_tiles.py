@@ -120,9 +120,11 @@ def test_windowed_step_is_the_weighted_average_of_window_steps(setup, batch):
     model, latents, cond, embeds = setup
     windows = tiles.plan_windows((GH, GW), 24, 2, batch=batch)  # 4x6 windows
     assert windows.count > 2 and windows.size == (4, 6)
+    stats = {}
     got = next(iter(denoise(model, latents, cond, image_ids(GH, GW), embeds, SIGMAS, 30.0,
-                            windows=windows, compile=False)))[1]
+                            windows=windows, compile=False, stats=stats)))[1]
     got = np.array(got)
+    assert stats["transformer_evals"] == windows.count  # one evaluation per window
     expected, velocity = _windows_one_by_one(model, latents, cond, embeds, windows)
     scale = np.abs(expected).max()
     assert np.abs(got - expected).max() / scale < 1e-5

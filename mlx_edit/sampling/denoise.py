@@ -139,7 +139,7 @@ def denoise(
             latents = after_step(i, latents)
         mx.eval(latents, *(a for s in states for a in s.arrays()))
         if stats is not None:
-            _count(stats, i, states, cfg is not None)
+            _count(stats, i, states, cfg is not None, 1 if windows is None else windows.count)
         yield i, latents
 
 
@@ -175,9 +175,11 @@ def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | N
                      negative_forward=forwards[-1]), states
 
 
-def _count(stats: dict, i: int, states: list[step_cache.StepCache], cfg: bool) -> None:
+def _count(stats: dict, i: int, states: list[step_cache.StepCache], cfg: bool,
+           per_step: int = 1) -> None:
+    """Evaluations so far into `stats`; per_step: evaluations per computed step (windows)."""
     runs = [s.computed for s in states] or [[True] * (i + 1)] * (1 + cfg)
-    stats["transformer_evals"] = sum(map(sum, runs))
+    stats["transformer_evals"] = sum(map(sum, runs)) * per_step
     stats["transformer_skipped"] = sum(len(r) - sum(r) for r in runs)
     # per step: C computed in full, s skipped or predicted; per branch with true CFG
     for key, state in zip(("cache_steps", "cache_steps_negative"), states):

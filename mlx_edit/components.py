@@ -276,11 +276,12 @@ class ModelsMixin:
         return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
-                        cache: CacheConfig | None = None, segmenter=None, windows=None
-                        ) -> MemoryEstimate:
+                        cache: CacheConfig | None = None, segmenter=None, windows=None,
+                        cache_branches: int = 1) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
         with this pipeline's models, dtype, quantization, step cache (and SAM config;
-        windows: the sampling.tiles.Windows of a tiled run, one window batch at a time)."""
+        windows: the sampling.tiles.Windows of a tiled run, one window batch at a time;
+        cache_branches: 2 with true CFG, one cache state per branch)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             window=None if windows is None else (windows.tokens, windows.batch),
@@ -288,4 +289,4 @@ class ModelsMixin:
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
             lora_params=sum(x.file.parameter_count for x in self.loras.values()),
-            segmenter=segmenter)
+            segmenter=segmenter, cache_branches=cache_branches)

@@ -75,8 +75,10 @@ def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
     the pipeline's models; InputError listing options that fit."""
     from mlx_edit.memory import check_fits
 
+    o = o or EditOptions()
+    cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
     est = pipe.memory_estimate(*plan.model_size, num_images, cache,
-                               windows=windows_for(plan, o or EditOptions()))
+                               windows=windows_for(plan, o), cache_branches=1 + cfg)
     check_fits(est, low_memory=pipe.low_memory)
 
 

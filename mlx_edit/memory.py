@@ -165,6 +165,7 @@ class _Inputs:
     cache: object = None
     segmenter: object = None
     window: tuple[int, int] | None = None
+    cache_branches: int = 1
 
 
 class MemoryEstimate(dict):
@@ -177,15 +178,15 @@ class MemoryEstimate(dict):
 def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
              text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None,
-             segmenter=None, window: tuple[int, int] | None = None) -> MemoryEstimate:
+             segmenter=None, window: tuple[int, int] | None = None,
+             cache_branches: int = 1) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
     dtype: "float32" / "bfloat16" (or an mx.Dtype); quantize: None, 4 or 8.
-    lora_params: LoRA parameters applied unfused (held in `dtype` next to the
-    transformer, whatever its quantization; `weights_lora`).
-    cache: the edit's step cache config (mlx_edit.sampling.cache) or None; its state
-    is `cache_state` and counts in the denoise phase.
+    lora_params: LoRA parameters applied unfused (in `dtype`, any quantization).
+    cache: the edit's step cache config (sampling.cache) or None; its state (x
+    cache_branches: 2 with true CFG) is `cache_state`, counted in the denoise phase.
     segmenter: the SAM 2.1 config (SamConfig or config.json dict) of a click/box mask, or
     None; adds the phase "segment" (its weights and activations next to the resident
     models, `segmenter_gb`), gone before denoising.
@@ -204,8 +205,8 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
     tokens = (height // 16) * (width // 16) + text_tokens
     t5_cfg = cfgs["t5"]
-    cache_gb = state_bytes(cache, cfgs["transformer"], num_images, tokens - text_tokens,
-                           text_tokens, size) / GB
+    cache_gb = cache_branches * state_bytes(
+        cache, cfgs["transformer"], num_images, tokens - text_tokens, text_tokens, size) / GB
     act = {
         "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
         + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
@@ -232,7 +233,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak"] = max(out[f"phase_{p}"] for p in act)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache, segmenter, window)
+                         cache, segmenter, window, cache_branches)
     return out
 
 
@@ -260,7 +261,7 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
               quantize=i.quantize, transformer=i.configs["transformer"],
               vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
               lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
-              window=i.window)
+              window=i.window, cache_branches=i.cache_branches)
     kw.update(changes)
     return estimate(**kw)
 

@@ -187,6 +187,31 @@ def test_memory_estimate_counts_the_cache():
     assert taylor["activations_denoise"] == pytest.approx(
         plain["activations_denoise"] + taylor["cache_state"])
     assert "cache_state" not in plain
+    # true CFG keeps one state per branch (the prompt's and the negative prompt's)
+    both = estimate(1024, 1024, cache=FirstBlockCache(0.1), cache_branches=2)
+    assert both["cache_state"] == pytest.approx(2 * fbc["cache_state"])
+
+
+def test_edit_memory_check_counts_a_cache_state_per_cfg_branch(monkeypatch):
+    from mlx_edit import large, memory
+    from mlx_edit.imaging.stitch import CropPlan
+    from mlx_edit.options import EditOptions
+
+    asked = []
+
+    class Pipe:
+        low_memory = False
+
+        def memory_estimate(self, *args, **kw):
+            asked.append(kw["cache_branches"])
+            return "estimate"
+
+    monkeypatch.setattr(memory, "check_fits", lambda est, low_memory: None)
+    plan = CropPlan((64, 64), (0, 0, 64, 64), (64, 64), False)
+    for o in (EditOptions(), EditOptions(negative_prompt="blur", true_cfg_scale=3.0),
+              EditOptions(negative_prompt="blur")):
+        large.check_memory(Pipe(), plan, o, 1, FirstBlockCache(0.1))
+    assert asked == [1, 2, 1]
 
 
 def _rel(x, ref) -> float:

@@ -14,7 +14,7 @@ per row), so a grouped line's image equals its one-by-one image up to float roun
 Lines run alone (the per-line path, `batch.run_line`) when stacking cannot hold: per-step
 hooks (soft masks, Kontext masks, ControlNets), image prompts (IP-Adapter, Redux: their
 models and tokens are per line), a step cache (its skip decisions would be the batch's),
-true CFG, and the passes after the loop (seam_fix, rank). The group size is bounded by
+true CFG, and the passes after the loop (seam_fix, rank, detail_pass / global_pass). The group size is bounded by
 `--batch-size` and by the memory estimate (mlx_edit.memory) of the group's images.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit import batch
+from mlx_edit import batch, large
 from mlx_edit.sampling.denoise import EditJob, PromptEmbeds
 
 def stack_key(line: batch.Line) -> tuple | None:
@@ -35,8 +35,8 @@ def stack_key(line: batch.Line) -> tuple | None:
     mode, image size and the options the canvas, schedule or text length depend on.
     None: the line runs alone (see the module docstring)."""
     o = line.options
-    alone = (o.soft_mask or o.seam_fix or o.rank or o.controlnets or o.ip_adapters
-             or o.redux or o.cache is not None
+    alone = (o.soft_mask or o.seam_fix or o.rank or large.refine_strength(o)
+             or o.controlnets or o.ip_adapters or o.redux or o.cache is not None
              or (o.negative_prompt is not None and o.true_cfg_scale > 1.0)
              or (line.mode == "edit" and line.mask is not None))
     if alone:

@@ -85,8 +85,8 @@ class FluxFill(FluxPipeline):
     def inpaint_job(self, image, mask, prompt: str, options: EditOptions | None = None,
                     **overrides) -> EditJob:
         """The prepared EditJob of `inpaint` (arguments as there), not yet denoised: run it
-        with `run(job, options.paste_back)` (seam_fix and rank are `inpaint`'s own passes
-        after that). Raises as `inpaint`."""
+        with `run(job, options.paste_back)` (seam_fix, rank and the two-pass options
+        detail_pass / global_pass are `inpaint`'s own runs around it). Raises as `inpaint`."""
         o = EditOptions.of(options, overrides, "inpaint")
         check_prompt(prompt)
         self._require("inpaint")
@@ -137,7 +137,8 @@ class FluxFill(FluxPipeline):
     def outpaint_job(self, image, prompt: str, options: EditOptions | None = None,
                      **overrides) -> EditJob:
         """The prepared EditJob of `outpaint` (arguments as there), not yet denoised: run
-        it with `run(job, True)`. Raises as `outpaint`."""
+        it with `run(job, True)` (detail_pass / global_pass are `outpaint`'s own second
+        run). Raises as `outpaint`."""
         o = EditOptions.of(options, overrides, "outpaint")
         check_prompt(prompt)
         self._require("outpaint")

@@ -40,16 +40,18 @@ def test_which_lines_share_a_batch(photos):  # noqa: F811
     lines = [_line(photos, 1, prompt="b"), _line(photos, 2, seed=3, num_images=2),
              _line(photos, 3, soft_mask=True), _line(photos, 4, steps=2),
              _line(photos, 5, prompt="a", feather=3), _line(photos, 6, seam_fix=4),
-             _line(photos, 7, prompt="a")]
+             _line(photos, 7, prompt="a"), _line(photos, 8, detail_pass=0.4),
+             _line(photos, 9, global_pass=True)]
     key = batch_groups.stack_key
     assert key(lines[2]) is None and key(lines[5]) is None  # a per-step hook, a 2nd pass
+    assert key(lines[7]) is None and key(lines[8]) is None  # two-pass edits (2 pipeline runs)
     assert key(lines[0]) == key(lines[1]) == key(lines[4])  # seeds, images, feather: per line
     assert key(lines[0]) != key(lines[3])  # steps
     chunks = [[ln.number for ln in c] for c in batch_groups.chunks(lines, 3)]
     # one key's lines together, by prompt (a repeated prompt encoded once), at most 3
-    assert chunks == [[5, 7, 2], [1], [4], [3], [6]]
+    assert chunks == [[5, 7, 2], [1], [4], [3], [6], [8], [9]]
     assert [[ln.number for ln in c] for c in batch_groups.chunks(lines, 1)] == \
-        [[5], [7], [2], [1], [4], [3], [6]]
+        [[5], [7], [2], [1], [4], [3], [6], [8], [9]]
 
 
 @pytest.fixture(scope="module")

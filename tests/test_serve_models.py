@@ -60,6 +60,26 @@ def test_step_events_carry_previews(make_client, photo, every, max_side, want):
         assert 8 <= w <= SIZE[0] // 4 and 8 <= h <= SIZE[1] // 4
 
 
+def test_previews_follow_denoise_steps_when_progress_counts_windows(monkeypatch):
+    """A tiled run reports progress in windows x steps (pipeline.run): previews still
+    come every `every` denoise steps, with that step's sigma."""
+    import mlx.core as mx
+
+    from mlx_edit.serve.preview import Previewer
+
+    monkeypatch.setattr(Previewer, "image", lambda self, pipe, x, size: np.zeros((4, 4, 3)))
+    reports = []
+    job = SimpleNamespace(sigmas=np.linspace(1, 0, 5, dtype=np.float32),
+                          latents=mx.zeros((1, 4, 64)),
+                          plan=SimpleNamespace(model_size=(32, 32)))
+    progress = Previewer().for_job(None, lambda step, total, **kw: reports.append(
+        (step, total, "preview" in kw)), every=2, max_side=8)
+    windows = 3
+    for i in range(4):
+        progress((i + 1) * windows, 4 * windows, job)
+    assert reports == [(3, 12, False), (6, 12, True), (9, 12, False), (12, 12, True)]
+
+
 def test_old_previews_are_dropped_from_long_jobs(make_client, photo):
     from mlx_edit.serve.jobs import PREVIEWS_KEPT
 

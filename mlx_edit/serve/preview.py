@@ -94,12 +94,16 @@ class Previewer:
     def for_job(self, pipe, report, every: int, max_side: int):
         """A `progress(step, total, job)` (with `wants_job`) for an edit on `pipe`: calls
         `report(step, total, **preview)` every step, preview = {"preview": data URL,
-        "preview_size": [w, h]} every `every` steps and at the last one, else {}."""
+        "preview_size": [w, h]} every `every` denoise steps and at the last one, else {}.
+        `step` / `total` may count windows x steps (tiled runs): the denoise step is
+        derived from their ratio."""
         prev: dict = {}
 
         def progress(step: int, total: int, job) -> None:
-            extra, s = {}, float(job.sigmas[step])
-            if every and (step % every == 0 or step == total):
+            n = len(job.sigmas) - 1
+            done = step * n // total  # denoise steps done; latents at sigmas[done]
+            extra, s = {}, float(job.sigmas[done])
+            if every and (done % every == 0 or done == n):
                 x = job.latents
                 if "x" in prev:  # x0 = x_k - s_k * v, v from the last two latents
                     x = x - s * (x - prev["x"]) / (s - prev["s"])

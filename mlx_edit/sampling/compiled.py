@@ -1,10 +1,10 @@
 """One denoising step (transformer forward + flow-match Euler update), optionally compiled.
 
-`make_step(transformer)` returns `step(...)`, the body of `pipeline.denoise`'s loop as one
-function, wrapped in `mx.compile` unless `compile=False`. Compilation traces the graph once
-per input shape and fuses elementwise chains (modulation, gating, RoPE, the Euler update)
-into single kernels; the result equals the uncompiled step up to float rounding
-(tests/test_compile.py). Measured on the CPU backend (benchmarks/RESULTS.md): no gain
+`make_step(transformer)` returns `step(...)`, the body of `sampling.denoise.denoise`'s
+loop as one function, wrapped in `mx.compile` unless `compile=False`. Compilation traces
+the graph once per input shape and fuses elementwise chains (modulation, gating, RoPE,
+the Euler update) into single kernels; the result equals the uncompiled step up to float
+rounding (tests/test_compile.py). Measured on the CPU backend (benchmarks/RESULTS.md): no gain
 (8.29 s compiled vs 8.27 s eager per wide forward; 5.6% slower before attention/GELU were
 split over CPU streams: MLX's generated CPU kernels are no faster than its built-in
 ones), so it is on by default only on a GPU; not yet measured on Metal/CUDA.

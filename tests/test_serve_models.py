@@ -121,10 +121,11 @@ def test_resident_models_evicted_lru_by_size(caplog):
     from mlx_edit.serve.resident import Resident
 
     sizes = {"a": 6.0, "b": 5.0, "c": 1.0, "pinned": 0.5}
-    loads = []
+    loads, resident_at_load = [], []
 
     def loader(kind):
-        return lambda: loads.append(kind) or SimpleNamespace(kind=kind)
+        return lambda: (loads.append(kind), resident_at_load.append(list(res.models)),
+                        SimpleNamespace(kind=kind))[-1]
 
     res = Resident({k: loader(k) for k in "abc"}, lambda kind, m: sizes[kind], 11.0,
                    preloaded={"pinned": SimpleNamespace(kind="pinned")})
@@ -139,6 +140,9 @@ def test_resident_models_evicted_lru_by_size(caplog):
     assert list(res.models) == ["pinned", "b", "a"] and "does not fit" in caplog.text
     res.get("c")  # b (least recent, no longer in use) goes: 0.5 + 6 + 1
     assert list(res.models) == ["pinned", "a", "c"] and res.total_gb == 7.5
+    # a kind loaded before has a known size: room is made before its loader runs
+    res.get("b")  # 7.5 + 5 > 11: a (least recent) is evicted first, then b loads
+    assert resident_at_load[-1] == ["pinned", "c"] and list(res.models) == ["pinned", "c", "b"]
     with pytest.raises(KeyError):
         res.get("kontext")
 

@@ -5,7 +5,9 @@ Each configured kind has a loader and a size (GB): for a pipeline, what stays lo
 between edits by mlx_edit.memory's estimate from its configs (transformer + VAE + LoRAs;
 the text encoders are freed after each prompt); for the segmenter its parameter bytes.
 Before a model is made resident, the least recently used others are evicted until the
-total fits `budget_gb` (None: no bound). A model in use (`using`) is never evicted; one
+total fits `budget_gb` (None: no bound): before loading it when its size is known from
+an earlier load (so two models that take turns are never both in memory), else right
+after its first load. A model in use (`using`) is never evicted; one
 larger than the whole budget is still loaded (alone), with a warning. Used from the
 worker thread only (the models' MLX arrays live there).
 """
@@ -51,10 +53,12 @@ class Resident:
         self.loaders, self.size, self.budget_gb = dict(loaders), size, budget_gb
         self.models: OrderedDict[str, object] = OrderedDict()  # least recent first
         self.sizes: dict[str, float] = {}
+        self.known: dict[str, float] = {}  # size of every kind loaded once (kept on eviction)
         self.in_use: set[str] = set()
         self.evictions: list[str] = []  # kinds evicted, in order (stats, tests)
         for kind, model in (preloaded or {}).items():
-            self.models[kind], self.sizes[kind] = model, size(kind, model)
+            self.models[kind] = model
+            self.sizes[kind] = self.known[kind] = size(kind, model)
 
     @property
     def kinds(self) -> set[str]:
@@ -74,8 +78,10 @@ class Resident:
             return self.models[kind]
         if kind not in self.loaders:
             raise KeyError(kind)
+        if kind in self.known:  # evict before loading: never both in memory
+            self._make_room(self.known[kind], kind)
         model = self.loaders[kind]()
-        gb = self.size(kind, model)
+        gb = self.known[kind] = self.size(kind, model)
         self._make_room(gb, kind)
         self.models[kind], self.sizes[kind] = model, gb
         return model

@@ -128,9 +128,10 @@ class FluxFill(FluxPipeline):
         """
         o = EditOptions.of(options, overrides, "outpaint")
         if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
+            image = load_image(image)  # once, for both runs
             first = self.outpaint(image, prompt, large.first_pass(o), progress=progress)
-            _, model_mask, blend = outpaint_canvas(load_image(image), o.left, o.right, o.top,
-                                                   o.bottom, overlap=o.overlap)
+            _, model_mask, blend = outpaint_canvas(image, o.left, o.right, o.top, o.bottom,
+                                                   overlap=o.overlap)
             return large.refine(self, first, model_mask, blend, prompt, o, progress=progress)
         return self.run(self.outpaint_job(image, prompt, o), True, progress)
 

@@ -21,7 +21,6 @@ from mlx_edit.cli.prompt_cache import open_prompt_cache, prompt_cache_options
 from mlx_edit.options import FIELDS
 
 
-
 def _defaults(steps, guidance, seed, max_sequence_length, sets) -> dict:
     """Shared options (given ones only): the flags, then each --set KEY=VALUE (VALUE is
     JSON, else a string)."""

@@ -14,8 +14,9 @@ image's name), and any `EditOptions` field the mode takes (mlx_edit.options.FIEL
 Shared defaults (the command's options) apply where a line says nothing. A line without
 a seed gets one from its id, so re-runs and every rank agree.
 
-Outputs go to `DIR/<id>.png` (`<id>-0.png`, ... with num_images > 1), written together
-and atomically; then one record is appended (and fsynced) to the rank's part file
+Outputs go to `DIR/<id>.png` (`<id>-0.png`, ... with num_images > 1), checked before
+any line runs against every input of the manifest and the files of DIR (`check_outputs`),
+written together and atomically; then one record is appended (and fsynced) to the rank's part file
 `DIR/.results.<rank>.jsonl`. Rank 0 merges every record into `DIR/results.jsonl` at the
 end. A line is done when its last record has status ok, the same parameter hash (inputs'
 size and mtime, prompt, options, seed, model) and its outputs exist; anything else is
@@ -71,6 +72,11 @@ class Line:
         n = self.options.num_images
         names = [f"{self.id}.png"] if n == 1 else [f"{self.id}-{i}.png" for i in range(n)]
         return [folder / name for name in names]
+
+    def inputs(self) -> list[Path]:
+        """Every file the line reads: its image, mask and conditioning images."""
+        mask = [self.mask] if isinstance(self.mask, Path) else []
+        return [self.image, *mask, *self.options.input_files()]
 
     def param_hash(self, run: dict) -> str:
         """SHA-256 of the line's parameters and the run's (model, quantize, LoRAs)."""
@@ -212,14 +218,96 @@ def shard(weights: list[int], size: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def named_files(manifest: Path) -> list[Path]:
+    """The manifest and every existing file any of its lines names (any string value,
+    as a path relative to the manifest's folder or as given), valid lines or not: what
+    no output of the batch may replace."""
+    base, found = manifest.parent, {manifest}
+
+    def walk(v):
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            for item in v:
+                walk(item)
+        elif isinstance(v, str) and 0 < len(v) < 4096 and "\x00" not in v:
+            for p in {Path(v).expanduser(), base / Path(v).expanduser()}:
+                try:
+                    if p.is_file():
+                        found.add(p)
+                except OSError:  # a name too long for the file system
+                    pass
+    for text in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            walk(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return sorted(found)
+
+
+def _is_results(path: Path) -> bool:
+    """True when every line of `path` is one of our result records (so it may be
+    replaced by the merged results): a foreign results.jsonl is the user's."""
+    try:
+        texts = path.read_text(encoding="utf-8").splitlines()
+        return all(isinstance(r := json.loads(t), dict) and {"id", "hash", "status"} <= set(r)
+                   for t in texts if t.strip())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def check_outputs(lines: list[Line], folder: Path, manifest: Path,
+                  overwrite: bool = False) -> tuple[list[Line], list[str]]:
+    """Before any line runs, every output of every line, and results.jsonl, checked with
+    the rules of single edits (`imaging.images.check_output`): never one of the batch's
+    inputs (every line's image, mask and conditioning images, every file a line names,
+    the manifest), even with `overwrite`; an existing file only when this batch's records
+    wrote it (a record of its id or listing it) or with `overwrite`.
+    Returns (the lines whose outputs are safe, one 'line N: ...' error per other line).
+    Raises InputError / OutputExistsError for results.jsonl (the whole batch writes it)."""
+    from mlx_edit.imaging.images import OutputExistsError, check_output
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return lines, []  # a new folder holds nothing to lose (and no input)
+    inputs = named_files(Path(manifest)) + [p for ln in lines for p in ln.inputs()]
+    results = folder / RESULTS
+    ours = _is_results(results)
+    try:
+        check_output(results, overwrite or ours, inputs)
+    except OutputExistsError:
+        raise OutputExistsError(f"{results} already exists and is not this batch's results; "
+                                "pass --overwrite to replace it") from None
+    for part in folder.glob(".results.*.jsonl"):  # the ranks append to these
+        check_output(part, True, inputs, probe=False)
+    records = read_records(folder, include_results=ours)
+    claimed = {Path(o).name for r in records.values() for o in r.get("outputs") or []}
+    safe, errors = [], []
+    for ln in lines:
+        try:
+            for out in ln.outputs(folder):
+                mine = ln.id in records or out.name in claimed
+                check_output(out, overwrite or mine, inputs, probe=False)
+        except OutputExistsError:
+            errors.append(f"line {ln.number}: {out} already exists and this batch did not "
+                          "write it; pass --overwrite to replace it")
+        except InputError as e:
+            errors.append(f"line {ln.number}: {e}")
+        else:
+            safe.append(ln)
+    return safe, errors
+
+
 # ------------------------------------------------------------------ results
 
 
-def read_records(folder: Path) -> dict[str, dict]:
-    """The latest record per id from results.jsonl and the ranks' part files (a torn last
-    line, from a kill mid-write, is ignored)."""
+def read_records(folder: Path, include_results: bool = True) -> dict[str, dict]:
+    """The latest record per id from results.jsonl (unless not `include_results`) and the
+    ranks' part files (a torn last line, from a kill mid-write, is ignored; a line without
+    an id and hash is no record)."""
     records: list[dict] = []
-    for f in [folder / RESULTS, *sorted(folder.glob(".results.*.jsonl"))]:
+    merged = [folder / RESULTS] if include_results else []
+    for f in [*merged, *sorted(folder.glob(".results.*.jsonl"))]:
         if not f.is_file():
             continue
         for text in f.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -227,7 +315,7 @@ def read_records(folder: Path) -> dict[str, dict]:
                 rec = json.loads(text)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and "id" in rec:
+            if isinstance(rec, dict) and {"id", "hash"} <= set(rec):
                 records.append(rec)
     latest: dict[str, dict] = {}
     for rec in sorted(records, key=lambda r: r.get("finished", 0)):
@@ -295,14 +383,13 @@ def edit_line(pipe, line: Line, progress=None) -> list:
 def write_line(line: Line, images: list, folder: Path) -> list[Path]:
     """The line's images as PNGs (with their metadata and the photo's colour profile),
     written together and atomically; a stale output of the same id is replaced, an
-    input never."""
+    input of the line never (`check_outputs` checked every input of the batch before)."""
     from mlx_edit.imaging.images import load_image, png_writer, write_together
 
     icc = load_image(line.image).info.get("icc_profile")
     files = [(p, png_writer(img, dict(img.info), icc))
              for p, img in zip(line.outputs(folder), images)]
-    protect = [line.image] + ([line.mask] if isinstance(line.mask, Path) else [])
-    return write_together(files, overwrite=True, protect=protect)
+    return write_together(files, overwrite=True, protect=line.inputs())
 
 
 def new_record(line: Line, digest: str, rank: int) -> dict:

@@ -18,6 +18,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlx_edit import variants
@@ -406,6 +407,15 @@ class EditOptions:
     def seeds(self) -> list[int]:
         """The seed of each image: seed, seed + 1, ..."""
         return [self.seed + i for i in range(self.num_images)]
+
+    def input_files(self) -> list[Path]:
+        """Every image file the ControlNet / IP-Adapter / Redux specs read (given as paths):
+        an output must never replace one."""
+        paths = []
+        for spec in (*self.controlnets, *self.ip_adapters, *self.redux):
+            images = spec.image if isinstance(spec.image, (list, tuple)) else [spec.image]
+            paths += [Path(i).expanduser() for i in images if isinstance(i, (str, Path))]
+        return paths
 
 
 def _check_keys(d: Mapping[str, Any], mode: str | None) -> None:

@@ -107,20 +107,22 @@ def no_download(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
 
 
-def run_bad(args, world, ckpt, expect, monkeypatch):
-    """Run one CLI case in `world` and check the rules of the module doc."""
+def run_bad(args, world, ckpt, expect, monkeypatch, listed=None):
+    """Run one CLI case in `world` and check the rules of the module doc. `listed`: the
+    prefix of the lines a batch lists its bad manifest lines with, before its one error."""
     monkeypatch.chdir(world)
     argv = [str(a).format(w=world, ckpt=ckpt) for a in args]
     before, model_before = _snapshot(world), _stats(ckpt)
     r = CliRunner().invoke(main, argv)
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2, (argv, r.output)
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert lines and lines[-1].startswith("Error: "), r.output
+    assert len(lines) == 1 or listed and all(x.startswith(listed) for x in lines[:-1]), r.output
     assert r.stdout == "" and "Traceback" not in r.output
-    assert expect.lower() in lines[0].lower(), (expect, lines[0])
+    assert expect.lower() in r.stderr.lower(), (expect, r.stderr)
     assert _snapshot(world) == before, "a file under the test folder changed"
     assert _stats(ckpt) == model_before
-    return lines[0]
+    return lines[-1]
 
 
 INP = ["inpaint", "--model", "{ckpt}", "--image", "{w}/photo.png", "--mask", "{w}/mask.png",
@@ -362,6 +364,114 @@ def test_unwritable_output_folder(world, tiny_mlx, monkeypatch, no_download):
     finally:
         ro.chmod(0o700)
         ro.rmdir()
+
+
+# ---------------------------------------------------------------- batches
+
+# (files in the batch's folder, manifest name, lines ({d}: the folder), options, message):
+# nothing a manifest reads or a user already had in the output folder is replaced, and
+# each case is refused before any line runs (issue 30).
+PHOTOS = ("a.png", "b.png", "m.png")
+BATCH = [
+    ("another line's photo", PHOTOS, "m.jsonl",
+     [{"id": "x", "image": "b.png", "mask": "m.png"},
+      {"id": "b", "image": "a.png", "mask": "m.png"}], [], "line 2: refusing to write"),
+    ("another line's photo, --overwrite", PHOTOS, "m.jsonl",
+     [{"id": "x", "image": "b.png", "mask": "m.png"},
+      {"id": "b", "image": "a.png", "mask": "m.png"}], ["--overwrite"], "one of the input"),
+    ("its own photo", PHOTOS, "m.jsonl", [{"id": "a", "image": "a.png", "mask": "m.png"}],
+     ["--overwrite"], "line 1: refusing to write"),
+    ("its own mask", PHOTOS, "m.jsonl", [{"id": "m", "image": "a.png", "mask": "m.png"}],
+     ["--overwrite"], "one of the input files"),
+    ("another line's mask", PHOTOS, "m.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png"}, {"id": "m", "mode": "outpaint",
+                                                      "image": "b.png", "left": 8}],
+     [], "line 2: refusing to write"),
+    ("an IP-Adapter image", PHOTOS, "m.jsonl",
+     [{"id": "b", "image": "a.png", "mask": "m.png",
+       "ip_adapters": [{"model": "A", "image": "{d}/b.png"}]}], ["--overwrite"],
+     "one of the input files"),
+    ("an invalid line's photo", PHOTOS, "m.jsonl",
+     [{"id": "x", "image": "b.png", "mask": "m.png", "steps": 0},
+      {"id": "b", "image": "a.png", "mask": "m.png"}], [], "line 2: refusing to write"),
+    ("the manifest is results.jsonl", PHOTOS, "results.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png"}], ["--overwrite"],
+     "results.jsonl: it is one of the input files"),
+    ("a user's results.jsonl", PHOTOS + ("results.jsonl",), "m.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png"}], [], "not this batch's results"),
+    ("a user's file at <id>.png", PHOTOS + ("x.png",), "m.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png"}], [], "x.png already exists"),
+    ("a user's file at <id>-1.png", PHOTOS + ("x-1.png",), "m.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png", "num_images": 2}], [],
+     "x-1.png already exists"),
+]
+
+
+@pytest.mark.parametrize("case", BATCH, ids=[c[0] for c in BATCH])
+def test_batch_protects_inputs_and_existing_files(case, world, tiny_mlx, monkeypatch,
+                                                  no_download):
+    name, files, manifest, rows, extra, expect = case
+    d = world / f"batch-{BATCH.index(case)}"
+    d.mkdir()
+    for f in files:
+        shutil.copy(world / ("mask.png" if f.startswith("m") else "photo.png"), d / f)
+    (d / manifest).write_text("".join(json.dumps({"prompt": "x", **r}).replace("{d}", str(d))
+                                      + "\n" for r in rows))
+    run_bad(["batch", d / manifest, "--output-dir", d, "--model", "{ckpt}",
+             "--no-prompt-cache", "--steps", "1", *extra], world, tiny_mlx, expect,
+            monkeypatch, listed=f"{d / manifest}: line ")
+
+
+def test_batch_writer_protects_the_lines_own_inputs(world, tmp_path):
+    """write_line never replaces the line's image or mask, even when called without the
+    up-front check (a later change of the folder, a caller of the library)."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+    shutil.copy(world / "mask.png", tmp_path / "m.png")
+    before = _snapshot(tmp_path)
+    for line_id in ("a", "m"):
+        line = batch.parse_line(json.dumps({"id": line_id, "image": "a.png", "mask": "m.png",
+                                            "prompt": "x"}), 1, tmp_path, {})
+        with pytest.raises(InputError, match="one of the input files"):
+            batch.write_line(line, [Image.new("RGB", (W, H))], tmp_path)
+    assert _snapshot(tmp_path) == before
+
+
+def test_batch_outputs_it_wrote_are_its_own(world, tmp_path):
+    """Outputs and results.jsonl that the batch's records account for are replaced
+    without --overwrite (a re-run, a resume); a user's are not, and --overwrite allows
+    them; an input never."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+    shutil.copy(world / "mask.png", tmp_path / "m.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    m = tmp_path / "m.jsonl"
+    rows = [{"id": i, "image": "a.png", "mask": "m.png", "prompt": "x"} for i in "xyz"]
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines, _ = batch.read_manifest(m)
+    assert batch.check_outputs(lines, tmp_path / "new", m) == (lines, [])
+    for name in ("x.png", "y.png", "z.png"):
+        (out / name).write_bytes(b"png")
+    batch.append_record(out / ".results.0.jsonl", {"id": "x", "hash": "h", "status": "error"})
+    batch.append_record(out / ".results.0.jsonl", {"id": "w", "hash": "h", "status": "ok",
+                                                   "outputs": [str(out / "y.png")]})
+    batch.merge_results(out, ["x", "w"])
+    safe, errors = batch.check_outputs(lines, out, m)
+    assert [ln.id for ln in safe] == ["x", "y"]
+    assert errors == [f"line 3: {out / 'z.png'} already exists and this batch did not "
+                      "write it; pass --overwrite to replace it"]
+    assert batch.check_outputs(lines, out, m, overwrite=True) == (lines, [])
+    (out / "results.jsonl").write_text('{"id": "x", "note": "mine"}\n')
+    with pytest.raises(InputError, match="not this batch's results"):
+        batch.check_outputs(lines, out, m)
+    # the user's results.jsonl is no record: x.png is not the batch's any more
+    assert [ln.id for ln in batch.check_outputs(lines, out, m, overwrite=True)[0]] == \
+        ["x", "y", "z"]
+    (out / "results.jsonl").unlink()
+    assert len(batch.check_outputs(lines, out, m)[1]) == 3  # no record left
 
 
 # ---------------------------------------------------------------- the API

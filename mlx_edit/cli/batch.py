@@ -1,8 +1,9 @@
 """`mlx-edit batch MANIFEST.jsonl --output-dir DIR`: many edits from a JSON Lines manifest
 (mlx_edit.batch), resumable, shared out over the ranks of `mlx.launch`.
 
-Every line is checked before any model loads (one `line N: ...` error per bad line on
-stderr, exit 2 unless --skip-invalid). Lines already done (same parameters, outputs
+Every line, and every output against every input of the manifest and the files already
+in DIR (batch.check_outputs), is checked before any model loads (one `line N: ...` error
+per bad line on stderr, exit 2 unless --skip-invalid). Lines already done (same parameters, outputs
 present) are skipped, so re-running after Ctrl-C or a kill resumes. Under `mlx.launch`
 each rank takes a balanced share; rank 0 merges `DIR/results.jsonl` when all finish.
 Exit status 1 when some line failed (its record says why), 0 when all succeeded.
@@ -72,10 +73,15 @@ def _barrier(group) -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
-def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
+def _validated(manifest: Path, defaults: dict, skip_invalid: bool, folder: Path,
+               overwrite: bool):
+    """The manifest's valid lines whose outputs are safe to write (batch.check_outputs);
+    the bad ones listed, then refused unless `skip_invalid`."""
     from mlx_edit import batch
 
     lines, errors = batch.read_manifest(manifest, defaults)
+    lines, unsafe = batch.check_outputs(lines, folder, manifest, overwrite)
+    errors = sorted(errors + unsafe, key=lambda e: int(e.split(":")[0].split()[1]))
     for e in errors:
         click.echo(f"{manifest}: {e}", err=True)
     if errors and not skip_invalid:
@@ -96,6 +102,8 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
               help="Quantize the transformer at load (bits).")
 @click.option("--low-memory", is_flag=True, help="One model resident at a time.")
 @click.option("--skip-invalid", is_flag=True, help="Run the valid lines, skip bad ones.")
+@click.option("--overwrite", is_flag=True, help="Replace files in OUTPUT_DIR that this "
+              "batch did not write (<id>.png, results.jsonl); an input never.")
 @click.option("--steps", type=int, default=None, help="Default steps for every line.")
 @click.option("--guidance", type=float, default=None, help="Default guidance.")
 @click.option("--seed", type=int, default=None,
@@ -109,16 +117,18 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
               "default: as many as the memory estimate allows, at most "
               f"{DEFAULT_GROUP_LINES}; 1: one line at a time.")
 def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_length, sets,
-                  skip_invalid, **opts):
+                  skip_invalid, overwrite, **opts):
     """Run the edits of MANIFEST (JSON Lines: image, mask or mask_points/mask_box, prompt,
     optional mode, id and edit options) into OUTPUT_DIR; resumable; under mlx.launch,
     shared over the ranks."""
 
     defaults = _defaults(steps, guidance, seed, max_sequence_length, sets)
-    lines = _validated(manifest, defaults, skip_invalid)
     output_dir = output_dir.expanduser()
     if not output_dir.parent.is_dir():
         raise click.UsageError(f"the folder of --output-dir does not exist: {output_dir.parent}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise click.UsageError(f"--output-dir {output_dir} is a file, not a folder")
+    lines = _validated(manifest, defaults, skip_invalid, output_dir, overwrite)
     output_dir.mkdir(exist_ok=True)
     sys.exit(_run(lines, output_dir, opts))
 

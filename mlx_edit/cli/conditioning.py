@@ -201,12 +201,3 @@ def pop_conditioning(opts: dict) -> dict:
         "redux": parse_redux(v["redux"], v["redux_image"], v["redux_strength"]),
     }
 
-
-def input_paths(specs: dict) -> list[Path]:
-    """Every image file the specs read (outputs must never replace one)."""
-    paths = []
-    for spec in (*specs.get("controlnets", ()), *specs.get("ip_adapters", ()),
-                 *specs.get("redux", ())):
-        images = spec.image if isinstance(spec.image, (list, tuple)) else [spec.image]
-        paths += [Path(i) for i in images if isinstance(i, (str, Path))]
-    return paths

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from mlx_edit import __version__
-from mlx_edit.cli.conditioning import conditioning_options, input_paths, pop_conditioning
+from mlx_edit.cli.conditioning import conditioning_options, pop_conditioning
 from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option
@@ -208,7 +208,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     options = build_options(mode, opts, specs)
     prompt = opts["prompt"]
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
-    inputs += input_paths(specs) + list(references)
+    inputs += options.input_files() + list(references)
     w, h = check_inputs(image, mask,
                         [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
     if clicks:  # click prompts checked against the photo before any model loads

@@ -93,11 +93,23 @@ class FluxFill(FluxPipeline):
         image = load_image(image)
         user_mask = self.user_mask(image, mask, o.segment_model)
         model_mask, blend = self.edit_masks(user_mask, o)
+        self._check_passes(blend, o)
         job = self.prepare(image, model_mask, blend, prompt, o, metadata={
             "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
             "seam_fix": o.seam_fix or None})
         self.paste_back_options(job, o, image, user_mask)
         return job
+
+    def _check_passes(self, blend: np.ndarray, o: EditOptions) -> None:
+        """Before the edit: seam_fix needs a mask boundary, rank a ranking CLIP that can
+        be found and read (InputError / WeightLoadError), not after minutes of work."""
+        if o.seam_fix and (blend >= 0.5).all():
+            raise InputError("seam_fix redraws the mask's boundary, but the mask covers the "
+                             "whole image: set seam_fix 0 or give a smaller mask")
+        if o.rank:
+            from mlx_edit.weights.ranker import check_ranker_folder, resolve_ranker
+
+            check_ranker_folder(resolve_ranker(o.rank_model, self.root))
 
     def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
                    o: EditOptions, seed: int) -> Image.Image:

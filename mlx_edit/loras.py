@@ -35,8 +35,10 @@ class LoRAMixin:
         `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
         (default: the file's stem). Raises WeightLoadError for unreadable files, keys
         that map to no layer (named) and layers the model lacks, InputError for a name
-        in use; on error nothing is applied.
+        in use or a scale that is not finite or beyond +-100 (before any file is read);
+        on error nothing is applied.
         """
+        scale = lora_files.check_scale(scale)
         if name in self.loras:
             raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
         lora = lora_files.load_lora_file(source, weight_name)
@@ -56,13 +58,15 @@ class LoRAMixin:
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """Change loaded LoRAs' strengths by name, without reloading (InputError for
-        unknown names)."""
+        unknown names and bad scales, nothing changed then)."""
         unknown = sorted(set(scales) - set(self.loras))
         if unknown:
             raise InputError(f"no LoRA named {', '.join(unknown)} is loaded "
                              f"(loaded: {', '.join(self.loras) or 'none'})")
-        for n, value in scales.items():
-            self.loras[n].scale = float(value)
+        checked = {n: lora_files.check_scale(v, f"scale of LoRA {n!r}")
+                   for n, v in scales.items()}  # all checked before any is changed
+        for n, value in checked.items():
+            self.loras[n].scale = value
 
     def unload_loras(self, names: Sequence[str] | None = None) -> None:
         """Remove LoRAs by name (all when None); the base transformer is restored exactly

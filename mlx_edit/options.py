@@ -99,7 +99,7 @@ def _cache(v: Any):
     if v is None:
         return None
     from mlx_edit.sampling import cache  # imports mlx: only when a cache is asked for
-    from mlx_edit.sampling.cache_spec import parse_cache
+    from mlx_edit.sampling.cache_spec import check_cache, parse_cache
 
     if isinstance(v, str):
         try:
@@ -109,7 +109,10 @@ def _cache(v: Any):
     if not isinstance(v, (cache.FirstBlockCache, cache.TaylorSeer, cache.MagCache)):
         raise InputError(f"cache must be a FirstBlockCache, TaylorSeer or MagCache (or a "
                          f"spec such as 'fbc:0.12'), got {type(v).__name__}")
-    return v
+    try:
+        return check_cache(v)
+    except ValueError as e:
+        raise InputError(f"cache: {e}") from None
 
 
 def _specs(name: str, v: Any, kind: str) -> tuple:

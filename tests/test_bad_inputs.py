@@ -22,6 +22,7 @@ from PIL import Image
 
 from mlx_edit.cli import main
 from mlx_edit.imaging.images import InputError
+from mlx_edit.weights.core import WeightLoadError
 
 W, H = 64, 48
 
@@ -73,10 +74,35 @@ def world(tmp_path_factory, tiny_mlx):
     shutil.copytree(tiny_mlx, dst, symlinks=True)
     shard = sorted((dst / "text_encoder_2").glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-64])
+    for name in ("nan", "int32"):  # one transformer tensor damaged: NaN, or integers
+        dst = w / "models" / name
+        shutil.copytree(tiny_mlx, dst, symlinks=True)
+        _damage(sorted((dst / "transformer").glob("*.safetensors"))[0], name)
+    (w / "nan-lora.safetensors").write_bytes(b"")
+    _damage(w / "nan-lora.safetensors", "nan")
     dst = w / "models" / "clip-garbage"
     shutil.copytree(tiny_mlx, dst, symlinks=True)
     (dst / "text_encoder" / "model.safetensors").write_bytes(b"garbage" * 3)
     return w
+
+
+def _damage(path: Path, how: str) -> None:
+    """Rewrite a safetensors file with its first float tensor NaN (`nan`) or int32; an
+    empty file becomes a kohya LoRA with NaN weights on the tiny model's first block."""
+    import mlx.core as mx
+
+    if path.stat().st_size == 0:
+        key = "lora_unet_double_blocks_0_img_attn_proj"
+        tensors = {f"{key}.lora_down.weight": mx.full((2, 32), float("nan")),
+                   f"{key}.lora_up.weight": mx.zeros((32, 2))}
+    else:
+        tensors = dict(mx.load(str(path)))
+        key = next(k for k in sorted(tensors) if mx.issubdtype(tensors[k].dtype, mx.floating))
+        tensors[key] = (tensors[key] * float("nan") if how == "nan"
+                        else tensors[key].astype(mx.int32))
+    mx.eval(tensors)
+    path.unlink()
+    mx.save_safetensors(str(path), tensors)
 
 
 def _snapshot(folder: Path) -> dict:
@@ -282,6 +308,32 @@ MODELS = [  # what --model names; a path is never downloaded
     (["--model", "{w}/models/t5-cut"], "truncated"),
     (["--model", "{w}/models/clip-garbage"], "damaged or unreadable safetensors header"),
     (["--prompt", "word " * 600], "T5 tokens"),
+    (["--model", "{w}/models/nan"], "has NaN or inf values"),  # found at load, not as NaN images
+    (["--model", "{w}/models/int32"], "is int32, the model expects floating point"),
+]
+STEP_CACHE = [  # every number of a --cache spec finite and in range (issue 30)
+    (["--cache", "fbc:-1"], "fbc threshold must be a finite number in [0, 1000]"),
+    (["--cache", "fbc:nan"], "fbc threshold must be a finite number"),
+    (["--cache", "fbc:inf"], "fbc threshold must be a finite number"),
+    (["--cache", "mag:inf"], "mag threshold must be a finite number"),
+    (["--cache", "mag:0.06,retention=2"], "mag retention_ratio must be a finite number in [0, 1]"),
+    (["--cache", "mag:0.06,max_skip=-1"], "mag max_skip_steps must be in 0..1000"),
+    (["--cache", "taylorseer:0"], "taylorseer cache_interval must be in 1..1000"),
+    (["--cache", "taylorseer:5,before=0"], "disable_cache_before_step must be in 1..1000"),
+    (["--cache", "taylorseer:5,order=99"], "max_order must be in 0..8"),
+    (["--cache", "taylorseer:1.5"], "'1.5' is not an integer"),
+    (["--cache", "fbc:abc"], "'abc' is not a number"),
+]
+LORAS = [  # --lora specs checked before any model loads (issue 30)
+    (["--lora", "{w}/ref.safetensors:nan"], "the scale must be a finite number in [-100, 100]"),
+    (["--lora", "{w}/ref.safetensors:inf"], "the scale must be a finite number"),
+    (["--lora", "{w}/ref.safetensors:1e30"], "the scale must be a finite number"),
+    (["--lora", "{w}/ref.safetensors:-101"], "in [-100, 100], got -101"),
+    (["--lora", "{w}/ref.safetensors:abc"], "the scale 'abc' after ':' is not a number"),
+    (["--lora", "{w}/ref.safetensors:"], "the scale '' after ':' is not a number"),
+    (["--lora", "{w}/sub"], "is a folder, not a LoRA file"),
+    (["--lora", "{w}/sub:0.5"], "is a folder, not a LoRA file"),
+    (["--lora", "{w}/missing.safetensors:0.5"], "no such LoRA file"),
 ]
 USAGE = [
     (["inpaint"], "missing option"),
@@ -309,6 +361,13 @@ CONVERT = [
     (["convert", "{ckpt}", "{w}/dest", "--transformer-config", "{w}/missing.json"],
      "--transformer-config"),
     (["convert", "{ckpt}", "{w}/dest", "--transformer-config", "{w}/bad.json"], "bad.json"),
+    # nothing published from NaN (issue 30): a damaged source, a LoRA, a scale
+    (["convert", "{w}/models/nan", "{w}/dest"], "has NaN or inf values"),
+    (["convert", "{ckpt}", "{w}/dest", "--lora", "{w}/nan-lora.safetensors"],
+     "has NaN or inf values"),
+    (["convert", "{ckpt}", "{w}/dest", "--lora", "{w}/ref.safetensors:nan"], "finite"),
+    (["convert", "{ckpt}", "{w}/dest", "--lora", "{w}/ref.safetensors:inf"], "finite"),
+    (["convert", "{ckpt}", "{w}/dest", "--lora", "{w}/sub:1"], "is a folder"),
     (["convert", "{w}/models/vocab", "{w}/dest", "--dtype", "float32"],
      "CLIP tokenizer"),
     (["convert"], "missing argument"),
@@ -332,6 +391,8 @@ CLI_CASES = (
     + [(f"outpaint{' '.join(a)}", OUT + a, m) for a, m in OUTPAINT]
     + [(f"restyle{' '.join(a)}", RES + a, m) for a, m in RESTYLE]
     + [(f"inpaint{' '.join(a)}", INP + a, m) for a, m in FILES + CONDITIONING + MODELS]
+    + [(f"{cmd}{' '.join(a)}", BASES[cmd] + a, m) for cmd in BASES
+       for a, m in STEP_CACHE + LORAS]
     + [(" ".join(a), a, m) for a, m in USAGE + CONVERT + PARITY]
 )
 
@@ -404,6 +465,12 @@ BATCH = [
     ("a user's file at <id>-1.png", PHOTOS + ("x-1.png",), "m.jsonl",
      [{"id": "x", "image": "a.png", "mask": "m.png", "num_images": 2}], [],
      "x-1.png already exists"),
+    ("a step cache of NaN", PHOTOS, "m.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png", "cache": "fbc:nan"}], [],
+     "line 1: cache: fbc threshold must be a finite number"),
+    ("a TaylorSeer interval of 0 by --set", PHOTOS, "m.jsonl",
+     [{"id": "x", "image": "a.png", "mask": "m.png"}], ["--set", "cache=taylorseer:0"],
+     "line 1: cache: taylorseer cache_interval must be in 1..1000"),
 ]
 
 
@@ -535,6 +602,11 @@ API_CASES = [
     ("restyle", {"control_type": "pose"}, "control_type must be one of"),
     ("restyle", {"ip_adapters": []}, "restyle does not take ip_adapters"),
     ("restyle", {"canny_low": 250}, "canny_low must be <= canny_high"),
+    ("inpaint", {"cache": "fbc:nan"}, "cache: fbc threshold must be a finite number"),
+    ("inpaint", {"cache": "taylorseer:0"}, "cache: taylorseer cache_interval must be in"),
+    ("outpaint", {"left": 8, "cache": "mag:inf"}, "cache: mag threshold must be a finite"),
+    ("inpaint", {"seam_fix": 4, "mask": np.ones((H, W))}, "the mask covers the whole image"),
+    ("inpaint", {"rank": "clip", "rank_model": "/nonexistent/clip"}, "not found"),
 ]
 
 
@@ -558,9 +630,87 @@ def test_api_refuses_bad_input(pipe, images, mode, kwargs, expect, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("the edit started before its options were checked")
     monkeypatch.setattr(type(pipe), "encode_prompt", no_work)
-    with pytest.raises(InputError) as e:
+    with pytest.raises((InputError, WeightLoadError)) as e:
         _call(pipe, images, mode, kwargs)
     assert "\n" not in str(e.value) and expect in str(e.value)
+
+
+def _cache_configs():
+    from mlx_edit.sampling import cache
+
+    return [(cache.FirstBlockCache(float("nan")), "fbc threshold"),
+            (cache.FirstBlockCache(-0.1), "fbc threshold"),
+            (cache.TaylorSeer(cache_interval=0), "taylorseer cache_interval"),
+            (cache.TaylorSeer(max_order=True), "taylorseer max_order must be an integer"),
+            (cache.MagCache(mag_ratios=[1.0, float("nan")]), "mag mag_ratios must be finite"),
+            (cache.MagCache(threshold=float("inf"), calibrate=True), "mag threshold")]
+
+
+def test_cache_objects_and_specs_are_checked_alike():
+    """A config object given to the API is checked as its spec string is; boundaries
+    exactly on the limit pass."""
+    from mlx_edit.options import EditOptions
+
+    for cfg, expect in _cache_configs():
+        with pytest.raises(InputError, match=f"cache: {expect}"):
+            EditOptions(cache=cfg)
+    for spec in ("fbc:0", "fbc:1000", "taylorseer:1,before=1", "taylorseer:1000,order=8",
+                 "mag:0,max_skip=0,retention=1", "mag:1000,retention=0"):
+        assert EditOptions(cache=spec).cache is not None, spec
+    for spec in ("fbc:1000.001", "taylorseer:1001", "mag:0.1,retention=1.0001"):
+        with pytest.raises(InputError):
+            EditOptions(cache=spec)
+
+
+@pytest.mark.parametrize("scale", [NAN, float("inf"), -float("inf"), 1e30, 100.5, "1", True])
+def test_lora_scales_of_the_api(pipe, scale, tmp_path):
+    """load_lora and set_lora_scales refuse a scale that is not a finite number in
+    [-100, 100] before any file is read, and change nothing."""
+    with pytest.raises(InputError, match="scale"):
+        pipe.load_lora(tmp_path / "never-read.safetensors", scale)
+    assert pipe.loras == {}
+    with pytest.raises(InputError, match="no LoRA named x"):
+        pipe.set_lora_scales({"x": 1.0})
+
+
+def test_set_lora_scales_checks_all_before_changing_any(pipe, world):
+    name = pipe.load_lora(_ok_lora(world), 0.5)
+    try:
+        with pytest.raises(InputError, match="scale of LoRA 'bad'|no LoRA named bad"):
+            pipe.set_lora_scales({name: 0.7, "bad": NAN})
+        with pytest.raises(InputError, match=f"scale of LoRA '{name}' must be a finite"):
+            pipe.set_lora_scales({name: NAN})
+        assert pipe.loras[name].scale == 0.5
+        pipe.set_lora_scales({name: -100.0})  # the boundary is allowed
+        assert pipe.loras[name].scale == -100.0
+    finally:
+        pipe.unload_loras()
+
+
+def _ok_lora(world: Path) -> Path:
+    import mlx.core as mx
+
+    path = world / "lora-ok.safetensors"
+    if not path.exists():
+        key = "lora_unet_double_blocks_0_img_attn_proj"
+        mx.save_safetensors(str(path), {f"{key}.lora_down.weight": mx.zeros((2, 32)),
+                                        f"{key}.lora_up.weight": mx.zeros((32, 2))})
+    return path
+
+
+def test_repo_lora_offline_fails_fast_in_one_line(monkeypatch, caplog):
+    """A repo-like LoRA id with the hub unreachable (HF_HUB_OFFLINE here) is one
+    WeightLoadError at once, no retries (hf_hub_download retried for half a minute)."""
+    import huggingface_hub
+
+    from mlx_edit.weights.lora import locate
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightLoadError) as e:
+        locate("someone/some-lora")
+    msg = str(e.value)
+    assert "\n" not in msg and "someone/some-lora" in msg and "local .safetensors" in msg
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
 
 
 def test_options_from_a_manifest_line():

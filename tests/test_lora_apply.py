@@ -3,6 +3,7 @@ exact fused-layer combination, kohya names equal to diffusers names, quantized m
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -210,13 +211,16 @@ def test_hub_sources_go_through_huggingface_hub(tmp_path, monkeypatch):
     files = {"owner/one": ["README.md", "style.safetensors"],
              "owner/two": ["a.safetensors", "b.safetensors"]}
     calls = []
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: files[repo])
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo: SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename=f) for f in files[repo]]))
 
-    def download(repo, filename):
-        calls.append((repo, filename))
-        return str(tmp_path / filename)
+    def download(repo, allow_patterns, local_files_only=False):
+        calls.append((repo, *allow_patterns))
+        for name in allow_patterns:
+            (tmp_path / name).touch()
+        return str(tmp_path)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     assert locate("owner/one") == tmp_path / "style.safetensors"
     assert locate("owner/two:b.safetensors") == tmp_path / "b.safetensors"
     assert locate("owner/two", weight_name="a.safetensors") == tmp_path / "a.safetensors"

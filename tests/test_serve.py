@@ -174,6 +174,9 @@ def test_queue_full_is_429_and_queued_jobs_cancel_at_once(make_client, photo):
     ({"options": {"rank": "clip"}}, 400, "rank needs a ranker/"),
     ({"mode": "restyle"}, 400, "mode must be one of inpaint, outpaint, edit"),
     ({"mode": "outpaint", "options": {"left": 8}}, 400, "outpaint takes no mask"),
+    ({"options": {"cache": "fbc:nan"}}, 400, "cache: fbc threshold must be a finite"),
+    ({"options": {"cache": "mag:inf"}}, 400, "cache: mag threshold must be a finite"),
+    ({"options": {"cache": "taylorseer:0"}}, 400, "cache: taylorseer cache_interval must"),
 ])
 def test_bad_input_is_400(make_client, photo, change, status, message):
     client = make_client()

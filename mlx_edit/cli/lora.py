@@ -2,7 +2,8 @@
 
     @lora_option
     def inpaint(..., **opts): ...
-    apply_loras(pipe, opts.pop("lora", ()))   # after the pipeline is built
+    specs = parse_lora_specs(opts.pop("lora", ()))   # before any model loads
+    apply_loras(pipe, specs)                          # after the pipeline is built
 
 A source is a .safetensors file, a Hugging Face repo id (`owner/name`, with one
 .safetensors file) or `owner/name:file.safetensors`; a trailing `:NUMBER` is the strength
@@ -30,19 +31,26 @@ def lora_option(f: Callable) -> Callable:
 
 
 def parse_lora_specs(values: Sequence[str]) -> list[tuple[str, float]]:
-    """[(source, scale)] from --lora values (click.BadParameter for an empty source)."""
-    from mlx_edit.weights.lora import split_spec
+    """[(source, scale)] from --lora values, checked before any model loads: the scale
+    (weights.lora.split_spec) and a local source (a file, not a folder; repo ids are
+    fetched when applied). click.BadParameter for an empty source; InputError /
+    WeightLoadError pass through."""
+    from mlx_edit.weights.lora import locate, split_spec
+    from mlx_edit.weights.sources import is_repo_id
 
     specs = []
     for value in values:
         source, scale = split_spec(value)
         if not source:
             raise click.BadParameter(f"--lora {value!r}: give PATH_OR_REPO[:SCALE]")
+        if not is_repo_id(source.split(":")[0]):
+            locate(source)
         specs.append((source, 1.0 if scale is None else scale))
     return specs
 
 
-def apply_loras(pipe, values: Sequence[str]) -> list[str]:
-    """Load every --lora into `pipe` (FluxFill.load_lora); returns the adapter names.
-    WeightLoadError / InputError pass through (the caller turns them into usage errors)."""
-    return [pipe.load_lora(source, scale) for source, scale in parse_lora_specs(values)]
+def apply_loras(pipe, specs: Sequence[tuple[str, float]]) -> list[str]:
+    """Load every (source, scale) of `parse_lora_specs` into `pipe` (FluxFill.load_lora);
+    returns the adapter names. WeightLoadError / InputError pass through (the caller
+    turns them into usage errors)."""
+    return [pipe.load_lora(source, scale) for source, scale in specs]

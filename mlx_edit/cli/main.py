@@ -23,7 +23,7 @@ from mlx_edit import __version__
 from mlx_edit.cli.conditioning import conditioning_options, pop_conditioning
 from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
-from mlx_edit.cli.lora import apply_loras, lora_option
+from mlx_edit.cli.lora import apply_loras, lora_option, parse_lora_specs
 from mlx_edit.cli.prompt_cache import cache_stats, open_prompt_cache, prompt_cache_options
 from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, default
 
@@ -206,6 +206,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
         check_output, json_writer, load_image, png_writer, write_together)
 
     options = build_options(mode, opts, specs)
+    opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
     prompt = opts["prompt"]
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
     inputs += options.input_files() + list(references)
@@ -256,7 +257,7 @@ def _load(mode: str, opts: dict):
         opts["model"] or variants.for_edit(mode).repo,
         quantize=int(opts["quantize"]) if opts["quantize"] else None,
         transformer=opts["transformer"], low_memory=opts["low_memory"])
-    apply_loras(pipe, opts.get("lora", ()))
+    apply_loras(pipe, opts["lora"])
     return pipe
 
 

@@ -321,11 +321,14 @@ def convert_checkpoint(
     manifest.
     A ControlNet `source` goes to `convert_controlnet_source` (`transformer_config` is
     then its config override; VAE, text encoder and per-component options are refused).
-    Raises ConversionError (bad arguments, `dest` not empty without `overwrite`, missing
-    sources), WeightLoadError (unreadable, truncated or mismatching checkpoints).
+    Raises ConversionError (bad arguments, LoRA scales not finite or out of range, `dest`
+    not empty without `overwrite`, missing sources), WeightLoadError (unreadable,
+    truncated or mismatching checkpoints; a tensor to write with NaN or inf values, from
+    the source or a baked LoRA: nothing is published).
     """
     log = log or (lambda _msg: None)
     _check_options(dtype, group_size)
+    loras = _checked_loras(loras)
     given = {"--component-bits": component_bits_override, "--vae": vae,
              "--text-encoders": text_encoders, "--lora": loras}
     if controlnet_w.is_controlnet_source(source):
@@ -367,6 +370,15 @@ def _component_bits(quantize: int | None, override: Mapping[str, int | None] | N
         return component_bits(quantize, override)
     except ValueError as e:
         raise ConversionError(str(e)) from e
+
+
+def _checked_loras(loras: Sequence[tuple[str | Path, float]]) -> list[tuple[str | Path, float]]:
+    """The (source, scale) pairs with finite scales in range (lora.check_scale), before
+    any work. Raises ConversionError."""
+    try:
+        return [(src, lora_w.check_scale(scale, f"LoRA {src} scale")) for src, scale in loras]
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _options(dtype: str, group_size: int, loras: Sequence[tuple[str | Path, float]]) -> dict:

@@ -234,25 +234,54 @@ def load_into(
     it runs while the weights are still lazy, then each layer is evaluated in turn, so
     peak memory is the quantized model plus about one full-precision layer. The result
     is identical to loading in full precision and quantizing afterwards.
+    Every floating-point tensor is checked finite as it is evaluated (a damaged
+    checkpoint fails at load, not as NaN images), and a model parameter that is floating
+    point must come from a floating-point tensor: WeightLoadError naming the tensor.
     """
-    plan = checked_plan(dict(tree_flatten(model.parameters())), tensors, rules, name)
+    params = dict(tree_flatten(model.parameters()))
+    plan = checked_plan(params, tensors, rules, name)
     take = tensors.pop if isinstance(tensors, dict) else tensors.__getitem__
     loaded = []
     for item in plan:
         value = apply_op(item.op, [take(s) for s in item.sources])
-        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+        floating = mx.issubdtype(value.dtype, mx.floating)
+        if not floating and mx.issubdtype(params[item.target].dtype, mx.floating):
+            raise WeightLoadError(f"{name}: tensor {item.sources[0]} is "
+                                  f"{str(value.dtype).split('.')[-1]}, the "
+                                  "model expects floating point (a damaged or foreign "
+                                  "checkpoint)")
+        if dtype is not None and floating:
             value = value.astype(dtype)
         if quantize is None:
-            mx.eval(value)
+            evaluate_finite(f"{name}: tensor {item.sources[0]}", [value])
         loaded.append((item.target, value))
     model.load_weights(loaded, strict=False)
     del loaded
     if quantize is not None:
         quantize(model)
-        for _, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-            mx.eval(layer.parameters())
+        for path, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            evaluate_finite(f"{name}: layer {path}", [v for _, v in tree_flatten(
+                layer.parameters())])
         mx.eval(model.parameters())  # arrays held by non-leaf modules, if any
     return model
+
+
+def finite_flag(arrays: list[mx.array]) -> mx.array | None:
+    """A lazy scalar: every floating-point array of `arrays` is finite (None: none is
+    floating). Evaluated with the arrays, it costs one more read of data in memory."""
+    flags = [mx.isfinite(a).all() for a in arrays if mx.issubdtype(a.dtype, mx.floating)]
+    return mx.stack(flags).all() if flags else None
+
+
+def evaluate_finite(what: str, arrays: list[mx.array]) -> None:
+    """Evaluate `arrays`, checking in the same pass that their floating-point values are
+    finite. Raises WeightLoadError naming `what` (NaN or inf: a damaged checkpoint, or an
+    overflow of the cast)."""
+    flag = finite_flag(arrays)
+    mx.eval(arrays if flag is None else [*arrays, flag])
+    if flag is not None and not flag.item():
+        raise WeightLoadError(f"{what} has NaN or inf values: the checkpoint is damaged "
+                              "(or overflows the dtype); re-download or re-convert it")
 
 
 def read_config(folder: str | Path, filename: str = "config.json") -> dict:

@@ -48,7 +48,7 @@ from mlx_edit.weights import lora_control as control
 from mlx_edit.weights import lora_text as text
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.lora_control import effective_config  # noqa: F401  (pipeline's config)
-from mlx_edit.weights.lora_sources import default_name, locate, split_spec  # noqa: F401
+from mlx_edit.weights.lora_sources import check_scale, default_name, locate, split_spec  # noqa: F401
 
 _D, _S = "double_blocks.{i}.", "single_blocks.{i}."
 _T, _ST = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."

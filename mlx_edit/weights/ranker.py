@@ -20,6 +20,7 @@ from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionModel
 from mlx_edit.text import ClipTokenizer
 from mlx_edit.weights.core import (
     WeightLoadError,
+    check_headers,
     default_dtype,
     load_into,
     open_tensors,
@@ -58,10 +59,7 @@ def load_clip_ranker(folder: str | Path, dtype: mx.Dtype | None = None) -> ClipR
     """
     folder = Path(folder)
     dtype = default_dtype() if dtype is None else dtype
-    cfg = read_config(folder)
-    if "text_config" not in cfg or "vision_config" not in cfg:
-        raise WeightLoadError(f"{folder}/config.json is not a CLIPModel config (needs "
-                              "text_config and vision_config)")
+    cfg = check_ranker_folder(folder)
     tensors = open_tensors(safetensors_files(folder), strip_prefixes=CLIP_STRIP_PREFIXES)
     for key in ("text_projection.weight", "logit_scale"):
         if key not in tensors:
@@ -79,6 +77,22 @@ def load_clip_ranker(folder: str | Path, dtype: mx.Dtype | None = None) -> ClipR
         raise WeightLoadError(f"ranking CLIP ({folder}): {e}") from None
     return ClipRanker(text, vision, tensors["text_projection.weight"].astype(dtype),
                       float(tensors["logit_scale"].astype(mx.float32).item()), tokenizer)
+
+
+def check_ranker_folder(folder: Path) -> dict:
+    """What can be checked of a ranking CLIP folder without reading its tensors: a
+    CLIPModel config.json, readable safetensors headers, the tokenizer's files. Returns
+    the config. Raises WeightLoadError naming what is wrong."""
+    cfg = read_config(folder)
+    if "text_config" not in cfg or "vision_config" not in cfg:
+        raise WeightLoadError(f"{folder}/config.json is not a CLIPModel config (needs "
+                              "text_config and vision_config)")
+    check_headers(folder)
+    missing = [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
+    if missing and not (folder / "tokenizer.json").is_file():
+        raise WeightLoadError(f"ranking CLIP ({folder}): missing the tokenizer "
+                              f"({', '.join(missing)})")
+    return cfg
 
 
 def resolve_ranker(repo_or_path: str | Path | None, model_root: Path | None = None) -> Path:

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit import __version__
+from mlx_edit.weights.core import evaluate_finite
 
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard limit (5 GB)
 INDEX_NAME = "model.safetensors.index.json"
@@ -87,7 +88,7 @@ class ShardWriter:
         if key in self.seen:
             raise ValueError(f"tensor {key} written twice")
         self.seen.add(key)
-        mx.eval(value)
+        evaluate_finite(f"tensor {key} to write", [value])  # never published with NaN
         if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
             self.flush()
         self.pending[key] = value

@@ -21,7 +21,7 @@ from mlx_edit.imaging import masks
 from mlx_edit.imaging.blend import seam_band
 from mlx_edit.imaging.images import InputError, load_image, load_mask
 from mlx_edit.imaging.stitch import outpaint_canvas
-from mlx_edit.options import EditOptions, check_canvas, check_prompt
+from mlx_edit.options import EditOptions, check_canvas, check_prompt, check_used
 from mlx_edit.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
 
@@ -184,6 +184,7 @@ class FluxFill(FluxPipeline):
         bad options, empty mask, prompt too long).
         """
         o = EditOptions.of(options, overrides, "restyle")
+        check_used(o, masked=mask is not None)
         check_prompt(prompt)
         self._require("restyle")
         image = load_image(image)

@@ -20,7 +20,7 @@ from PIL import Image
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
-from mlx_edit.options import EditOptions, check_prompt
+from mlx_edit.options import EditOptions, check_prompt, check_used
 from mlx_edit.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
 
@@ -83,6 +83,7 @@ class FluxKontext(FluxPipeline):
         """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
         with `run(job, mask is not None)`. Raises as `edit`."""
         o = EditOptions.of(options, overrides, "edit")
+        check_used(o, masked=mask is not None)
         if mask is None and o.tile_mode == "auto":  # auto: windows only for masked edits
             o = dataclasses.replace(o, tile_mode="off")
         check_prompt(instruction, "instruction")

@@ -421,6 +421,25 @@ class EditOptions:
         return paths
 
 
+def check_used(o: EditOptions, masked: bool) -> None:
+    """Before an edit: options it would ignore. soft_mask without a mask is refused
+    (InputError: nothing has grey levels to follow); true CFG set by half, a
+    true_cfg_scale > 1 without negative_prompt or the reverse, is a one-line warning, as
+    diffusers' FluxKontextPipeline warns (it runs without true CFG then); shown once per
+    process where Python's default warning filter applies (the CLI checks, then the API)."""
+    import warnings
+
+    if o.soft_mask and not masked:
+        raise InputError("soft_mask reads the mask's grey levels as strengths, but no mask "
+                         "was given: give a mask or drop soft_mask")
+    if o.true_cfg_scale > 1 and not o.negative_prompt:
+        warnings.warn(f"true_cfg_scale {o.true_cfg_scale:g} does nothing without a "
+                      "negative_prompt: true CFG is off", UserWarning, stacklevel=1)
+    elif o.negative_prompt and o.true_cfg_scale <= 1:
+        warnings.warn("negative_prompt does nothing with true_cfg_scale <= 1: true CFG is "
+                      "off (give true_cfg_scale > 1, e.g. 4)", UserWarning, stacklevel=1)
+
+
 def _check_keys(d: Mapping[str, Any], mode: str | None) -> None:
     for key in d:
         if key not in FIELDS:

@@ -59,6 +59,8 @@ def world(tmp_path_factory, tiny_mlx):
     (w / "dangling.png").symlink_to(w / "nowhere.png")
     os.link(w / "photo.png", w / "hard.png")
     (w / "bad.json").write_text("{not json")
+    (w / "sam-nocfg").mkdir()
+    (w / "sam-nocfg" / "model.safetensors").write_text("weights without their config")
     (w / "ref.safetensors").write_text("not safetensors")
     damaged = {  # every file the loader may read for the part (tokenizer.json or not)
         "vocab": (("tokenizer/vocab.json", "tokenizer/tokenizer.json"), b"{oops"),
@@ -283,6 +285,11 @@ CONDITIONING = [  # inpaint's ControlNet / IP-Adapter / Redux options
     (["--redux", "R", "--redux-image", "{w}/ref.png", "--redux-strength", "-1"], ">= 0"),
     (["--redux", "R", "--redux-image", "{w}/ref.png", "--redux-strength", "nan"], "finite"),
     (["--redux-image", "{w}/ref.png"], "given without --redux"),
+    # what is wrong, not something else (issue 30)
+    (["--redux", "R", "--redux-image", "{w}/sub"], "sub is a folder, not an image file"),
+    (["--ip-adapter", "A", "--ip-image", "{w}/sub"], "is a folder, not an image file"),
+    (["--controlnet", "{ckpt}", "--control-image", "{w}/control.png"],
+     "is a FLUX model folder (model_index.json, transformer/), not a ControlNet"),
     # an output may never replace a reference input, with or without --overwrite
     (["--controlnet", "a/b", "--control-image", "{w}/control.png", "--output",
       "{w}/control.png", "--overwrite"], "one of the input files"),
@@ -345,6 +352,13 @@ USAGE = [
       "{w}/control.png", "--output", "{w}/control.png", "--overwrite"], "one of the input files"),
     (["restyle", "--model", "{ckpt}", "--image", "{w}/photo.png", "--prompt", "x",
       "--output", "{w}/out.png"], "restyle needs a FLUX.1 Canny or Depth"),
+    (["restyle", "--model", "{ckpt}", "--image", "{w}/photo.png", "--prompt", "x",
+      "--soft-mask", "--output", "{w}/out.png"], "--soft-mask reads the mask's grey levels"),
+    (["edit", "--model", "{ckpt}", "--image", "{w}/photo.png", "--prompt", "x",
+      "--soft-mask", "--output", "{w}/out.png"], "no mask was given"),
+    (["inpaint", "--model", "{ckpt}", "--image", "{w}/photo.png", "--mask-point", "10,10",
+      "--segment-model", "{w}/sam-nocfg", "--prompt", "x", "--output", "{w}/out.png"],
+     "a SAM 2.1 folder needs its config.json"),
 ]
 CONVERT = [
     (["convert", "{ckpt}", "{w}/photos", "--overwrite"], "not an mlx-edit conversion"),
@@ -591,6 +605,9 @@ API_CASES = [
     ("inpaint", {"redux": [{"model": "R", "image": "x.png", "strength": -1}]}, ">= 0"),
     ("inpaint", {"mask": np.zeros((H, W))}, "mask is empty"),
     ("inpaint", {"mask": np.full((H, W), NAN)}, "NaN"),
+    ("inpaint", {"mask": np.ones((1, H, W))}, "is channels-first (C, H, W)"),
+    ("inpaint", {"mask": np.ones((H, W, 5))}, "mask must have 1-4 channels, got 5"),
+    ("restyle", {"soft_mask": True}, "soft_mask reads the mask's grey levels"),
     ("inpaint", {"image": None}, "image must be a file path"),
     ("inpaint", {"image": "/nonexistent/x.png"}, "image file not found"),
     ("outpaint", {}, "at least one of left/right/top/bottom"),
@@ -711,6 +728,31 @@ def test_repo_lora_offline_fails_fast_in_one_line(monkeypatch, caplog):
     msg = str(e.value)
     assert "\n" not in msg and "someone/some-lora" in msg and "local .safetensors" in msg
     assert not [r for r in caplog.records if "Retry" in r.getMessage()]
+
+
+def test_half_set_true_cfg_is_a_one_line_warning(world, tiny_mlx, monkeypatch):
+    """true_cfg_scale without negative_prompt, and the reverse, would run without true
+    CFG: warned in one line as diffusers warns (before the model is even checked)."""
+    import warnings
+
+    from mlx_edit.options import EditOptions, check_used
+
+    for kw, expect in (({"true_cfg_scale": 4.0}, "does nothing without a negative_prompt"),
+                       ({"negative_prompt": "blur"}, "does nothing with true_cfg_scale <= 1"),
+                       ({"negative_prompt": "blur", "true_cfg_scale": 1.0}, "<= 1")):
+        with pytest.warns(UserWarning, match=expect):
+            check_used(EditOptions(**kw), masked=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kw in ({}, {"true_cfg_scale": 1.0001, "negative_prompt": "blur"}):
+            check_used(EditOptions(**kw), masked=False)
+        check_used(EditOptions(soft_mask=True), masked=True)
+    monkeypatch.chdir(world)
+    r = CliRunner().invoke(main, ["edit", "--model", str(tiny_mlx), "--image", "photo.png",
+                                  "--prompt", "x", "--true-cfg-scale", "2", "--output",
+                                  str(world / "out.png")])
+    assert r.exit_code == 2 and r.stderr.splitlines()[0] == (
+        "Warning: true_cfg_scale 2 does nothing without a negative_prompt: true CFG is off")
 
 
 def test_options_from_a_manifest_line():

@@ -103,6 +103,8 @@ def _need_group(group: str, given: dict) -> None:
 
 def _check_images(images: Sequence, option: str) -> None:
     for img in images:
+        if Path(img).is_dir():
+            raise click.UsageError(f"{option} {img} is a folder, not an image file")
         if not Path(img).is_file():
             raise click.UsageError(f"{option} {img} does not exist")
 

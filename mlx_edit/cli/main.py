@@ -25,7 +25,7 @@ from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.lora import apply_loras, lora_option, parse_lora_specs
 from mlx_edit.cli.prompt_cache import cache_stats, open_prompt_cache, prompt_cache_options
-from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, default
+from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, check_used, default
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
 # fields whose library default is None
@@ -206,6 +206,13 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
         check_output, json_writer, load_image, png_writer, write_together)
 
     options = build_options(mode, opts, specs)
+    if mode in ("restyle", "edit"):  # before the model loads (the API checks it again)
+        from mlx_edit.imaging.images import InputError
+
+        try:
+            check_used(options, masked=mask is not None or clicks is not None)
+        except InputError as e:
+            raise _flagged(e) from None
     opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
     prompt = opts["prompt"]
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]

@@ -226,6 +226,10 @@ def load_mask(
     """
     if isinstance(src, np.ndarray):
         a = _unit_from_array(src)
+        if a.ndim == 3 and a.shape[0] <= 4 < a.shape[2]:
+            raise InputError(f"mask array of shape {src.shape} is channels-first (C, H, W): "
+                             "give (H, W) or (H, W, C), e.g. mask[0] or "
+                             "mask.transpose(1, 2, 0)")
         if a.ndim == 3:
             a = _from_channels(a)
         elif a.ndim != 2:

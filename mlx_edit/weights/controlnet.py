@@ -179,6 +179,11 @@ def locate(repo_or_path: str | Path) -> tuple[list[Path], Path]:
     Raises WeightLoadError (nothing there, several candidate files, failed download)."""
     path = resolve_controlnet(repo_or_path)
     folder = path if path.is_dir() else path.parent
+    if path.is_dir() and ((path / "model_index.json").is_file()
+                          or (path / "transformer").is_dir()):
+        raise WeightLoadError(f"{path} is a FLUX model folder (model_index.json, "
+                              "transformer/), not a ControlNet: give it as --model, and a "
+                              "ControlNet folder or file as --controlnet")
     if path.is_dir() and not (path / "config.json").is_file():
         files = sorted(path.glob("*.safetensors"))
         if len(files) > 1:  # e.g. several x-flux versions in one folder: the user must choose

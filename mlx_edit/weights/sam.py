@@ -90,7 +90,16 @@ def resolve_sam(repo_or_path: str | Path) -> Path:
 
 def sam_config(repo_or_path: str | Path) -> dict:
     """The config.json of a SAM 2.1 checkpoint (`resolve_sam`); WeightLoadError."""
-    return read_config(resolve_sam(repo_or_path))
+    return _sam_json(resolve_sam(repo_or_path))
+
+
+def _sam_json(folder: Path) -> dict:
+    """read_config, naming what a SAM 2.1 folder without its config.json lacks."""
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise WeightLoadError(f"{folder}: a SAM 2.1 folder needs its config.json next to "
+                              "model.safetensors (as in facebook/sam2.1-hiera-*): copy the "
+                              "one of the same model size")
+    return read_config(folder)
 
 
 def open_sam(folder: Path, name: str) -> tuple[dict, dict, tuple[Rule, ...]]:
@@ -104,7 +113,7 @@ def open_sam(folder: Path, name: str) -> tuple[dict, dict, tuple[Rule, ...]]:
         config = read_config(where) if (where / "config.json").is_file() \
             else sam_meta.meta_config(tensors, name)
         return config, sam_meta.meta_tensors(tensors), sam_meta.META_RULES
-    config = read_config(folder)
+    config = _sam_json(folder)
     if config.get("model_type") not in (None, "sam2", "sam2_video"):
         raise WeightLoadError(f"{folder}: model_type {config.get('model_type')!r} is not "
                               "a SAM 2 checkpoint (sam2)")

@@ -16,8 +16,8 @@ a seed gets one from its id, so re-runs and every rank agree.
 
 Outputs go to `DIR/<id>.png` (`<id>-0.png`, ... with num_images > 1), checked before
 any line runs against every input of the manifest and the files of DIR (`check_outputs`),
-written together and atomically; then one record is appended (and fsynced) to the rank's part file
-`DIR/.results.<rank>.jsonl`. Rank 0 merges every record into `DIR/results.jsonl` at the
+written together and atomically; then one record is appended (and fsynced) to the
+rank's part file `DIR/.results.<rank>.jsonl`. Rank 0 merges every record into `DIR/results.jsonl` at the
 end. A line is done when its last record has status ok, the same parameter hash (inputs'
 size and mtime, prompt, options, seed, model) and its outputs exist; anything else is
 (re)done, so a killed run loses at most the line in flight and leaves no partial file.

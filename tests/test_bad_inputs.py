@@ -715,6 +715,31 @@ def _ok_lora(world: Path) -> Path:
     return path
 
 
+def test_boundaries_exactly_on_the_limit(pipe, images, tmp_path):
+    """Documented limits are inclusive where documented: a LoRA scale of exactly +-100,
+    seam_fix with one pixel left outside the mask, an empty results.jsonl (nothing to
+    lose); one step past is refused."""
+    from mlx_edit import batch
+    from mlx_edit.options import EditOptions
+    from mlx_edit.weights.lora import check_scale, split_spec
+
+    assert split_spec("a.safetensors:100") == ("a.safetensors", 100.0)
+    assert split_spec("a.safetensors:-100") == ("a.safetensors", -100.0)
+    assert split_spec("owner/name:file.safetensors") == ("owner/name:file.safetensors", None)
+    assert check_scale(0) == 0.0
+    with pytest.raises(InputError, match="in \\[-100, 100\\], got 100.001"):
+        split_spec("a.safetensors:100.001")
+    nearly_full = np.ones((H, W), np.float32)
+    nearly_full[0, 0] = 0
+    job = pipe.inpaint_job(images[0], nearly_full, "x", EditOptions(
+        seam_fix=4, steps=1, grow_mask=0, feather=0))
+    assert job is not None
+    (tmp_path / "results.jsonl").write_text("")
+    assert batch._is_results(tmp_path / "results.jsonl")
+    (tmp_path / "results.jsonl").write_text('{"id": "a", "hash": "h"}\n')
+    assert not batch._is_results(tmp_path / "results.jsonl")  # no status: not a record
+
+
 def test_repo_lora_offline_fails_fast_in_one_line(monkeypatch, caplog):
     """A repo-like LoRA id with the hub unreachable (HF_HUB_OFFLINE here) is one
     WeightLoadError at once, no retries (hf_hub_download retried for half a minute)."""

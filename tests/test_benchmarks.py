@@ -60,6 +60,12 @@ def test_bench_lora_overhead_line(repo_root):
                         last), last
 
 
+def test_bench_load_check_overhead_line(repo_root, tiny_mlx):
+    last = _run(repo_root, "bench_load_check.py", "--ckpt", str(tiny_mlx), "--reps", "1",
+                "--dtypes", "float32")
+    assert re.fullmatch(r"load check overhead: -?[\d.]+% \(float32\)", last), last
+
+
 @pytest.mark.parity  # bench_cache builds its weights with diffusers
 def test_bench_cache_reports_evaluations(repo_root):
     last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",

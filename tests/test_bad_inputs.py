@@ -551,6 +551,8 @@ def test_batch_outputs_it_wrote_are_its_own(world, tmp_path):
     # the user's results.jsonl is no record: x.png is not the batch's any more
     assert [ln.id for ln in batch.check_outputs(lines, out, m, overwrite=True)[0]] == \
         ["x", "y", "z"]
+    batch.merge_results(out, ["x"])  # what a run with --overwrite ends with
+    assert (out / "results.jsonl").read_text() == ""  # the user's lines were no records
     (out / "results.jsonl").unlink()
     assert len(batch.check_outputs(lines, out, m)[1]) == 3  # no record left
 

@@ -3,8 +3,8 @@
 
 Every line, and every output against every input of the manifest and the files already
 in DIR (batch.check_outputs), is checked before any model loads (one `line N: ...` error
-per bad line on stderr, exit 2 unless --skip-invalid). Lines already done (same parameters, outputs
-present) are skipped, so re-running after Ctrl-C or a kill resumes. Under `mlx.launch`
+per bad line on stderr, exit 2 unless --skip-invalid). Lines already done (same
+parameters, outputs present) are skipped, so re-running after Ctrl-C or a kill resumes. Under `mlx.launch`
 each rank takes a balanced share; rank 0 merges `DIR/results.jsonl` when all finish.
 Exit status 1 when some line failed (its record says why), 0 when all succeeded.
 """

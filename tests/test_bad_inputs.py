@@ -519,6 +519,43 @@ def test_batch_writer_protects_the_lines_own_inputs(world, tmp_path):
     assert _snapshot(tmp_path) == before
 
 
+def test_a_batch_line_is_done_only_with_its_outputs(world, tmp_path):
+    """Resume skips a line only when its last record is ok, has the same hash and every
+    output is there: a deleted output is made again."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+    shutil.copy(world / "mask.png", tmp_path / "m.png")
+    line = batch.parse_line(json.dumps({"id": "x", "image": "a.png", "mask": "m.png",
+                                        "prompt": "x", "num_images": 2}), 1, tmp_path, {})
+    ok = {"id": "x", "status": "ok", "hash": "h"}
+    for p in line.outputs(tmp_path):
+        p.write_bytes(b"png")
+    assert batch.is_done(line, ok, tmp_path, "h")
+    assert not batch.is_done(line, ok, tmp_path, "other hash")
+    assert not batch.is_done(line, {**ok, "status": "error"}, tmp_path, "h")
+    assert not batch.is_done(line, None, tmp_path, "h")
+    line.outputs(tmp_path)[1].unlink()
+    assert not batch.is_done(line, ok, tmp_path, "h")
+
+
+def test_batch_removes_only_its_own_stale_temps(world, tmp_path):
+    """A killed run's hidden temp files of the batch's outputs are removed; any other
+    hidden .tmp in the folder (another program's, another edit's) is not."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+    shutil.copy(world / "mask.png", tmp_path / "m.png")
+    line = batch.parse_line(json.dumps({"id": "x", "image": "a.png", "mask": "m.png",
+                                        "prompt": "x"}), 1, tmp_path, {})
+    ours, theirs = tmp_path / ".x.png.123.ab12cd34.tmp", tmp_path / ".y.png.123.ab12cd34.tmp"
+    results = tmp_path / ".results.jsonl.9.ab12cd34.tmp"
+    for p in (ours, theirs, results):
+        p.write_bytes(b"partial")
+    assert batch.remove_stale_temps(tmp_path, [line]) == 2
+    assert not ours.exists() and not results.exists() and theirs.read_bytes() == b"partial"
+
+
 def test_batch_outputs_it_wrote_are_its_own(world, tmp_path):
     """Outputs and results.jsonl that the batch's records account for are replaced
     without --overwrite (a re-run, a resume); a user's are not, and --overwrite allows

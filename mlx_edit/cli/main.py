@@ -220,7 +220,8 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
 
         check_canvas(w + options.left + options.right, h + options.top + options.bottom)
     output = opts["output"] or image.with_name(f"{image.stem}-edit.png")
-    outputs = output_paths(output, options.num_images, opts["metadata"])
+    kept = min(options.keep_best or options.num_images, options.num_images)  # --rank
+    outputs = output_paths(output, kept, opts["metadata"])
     for png, sidecar in outputs:
         for path in (png, sidecar):
             if path is not None:

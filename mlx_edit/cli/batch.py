@@ -81,7 +81,30 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
     if errors and not skip_invalid:
         raise click.UsageError(f"{len(errors)} invalid line(s) in {manifest} (listed above); "
                                "fix them or pass --skip-invalid")
-    return lines
+    return lines, batch.skipped_records(errors)
+
+
+def _check_models(lines: list, opts: dict) -> None:
+    """Find (or download) the model of every kind the lines need before any line runs:
+    click.UsageError in one line naming the option to pass, else none."""
+    from mlx_edit import variants
+    from mlx_edit.weights.core import WeightLoadError
+    from mlx_edit.weights.sources import resolve
+
+    for kind, option, what in (("inpaint", "--model", "FLUX.1 Fill"),
+                               ("edit", "--edit-model", "FLUX.1 Kontext")):
+        needing = [ln.number for ln in lines if (ln.mode == "edit") == (kind == "edit")]
+        model = opts[option[2:].replace("-", "_")]
+        if not needing:
+            continue
+        try:
+            resolve(model or variants.for_edit(kind).repo)
+        except WeightLoadError as e:
+            cause = type(e.__cause__).__name__ if e.__cause__ else str(e)
+            raise click.UsageError(
+                f"line {needing[0]} needs a {what} model: "
+                f"{model or variants.for_edit(kind).repo} is not available here ({cause}); "
+                f"pass {option} REPO_OR_FOLDER") from None
 
 
 @click.command("batch")
@@ -95,7 +118,8 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool):
 @click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
               help="Quantize the transformer at load (bits).")
 @click.option("--low-memory", is_flag=True, help="One model resident at a time.")
-@click.option("--skip-invalid", is_flag=True, help="Run the valid lines, skip bad ones.")
+@click.option("--skip-invalid", is_flag=True, help="Run the valid lines, skip bad ones "
+              "(recorded in results.jsonl as skipped; exit status 1).")
 @click.option("--steps", type=int, default=None, help="Default steps for every line.")
 @click.option("--guidance", type=float, default=None, help="Default guidance.")
 @click.option("--seed", type=int, default=None,
@@ -115,12 +139,13 @@ def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_leng
     shared over the ranks."""
 
     defaults = _defaults(steps, guidance, seed, max_sequence_length, sets)
-    lines = _validated(manifest, defaults, skip_invalid)
+    lines, skipped = _validated(manifest, defaults, skip_invalid)
     output_dir = output_dir.expanduser()
     if not output_dir.parent.is_dir():
         raise click.UsageError(f"the folder of --output-dir does not exist: {output_dir.parent}")
+    _check_models(lines, opts)
     output_dir.mkdir(exist_ok=True)
-    sys.exit(_run(lines, output_dir, opts))
+    sys.exit(_run(lines, output_dir, opts, skipped))
 
 
 def _finished(folder: Path, pending: list, records: dict) -> int:
@@ -160,8 +185,9 @@ def _work(mine: list, pipes, folder: Path, digests: dict, group, state) -> int:
     return failed
 
 
-def _run(lines: list, folder: Path, opts: dict) -> int:
-    """Skip the done lines, run this rank's share, merge on rank 0; the exit status."""
+def _run(lines: list, folder: Path, opts: dict, skipped: list) -> int:
+    """Skip the done lines, run this rank's share, merge on rank 0 (with the `skipped`
+    invalid lines' records); the exit status."""
     import mlx.core as mx
 
     from mlx_edit import batch
@@ -183,10 +209,11 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     failed = _work(mine, pipes, folder, digests, group, (lines, pending, records, batch_size))
     _barrier(group)
     if rank == 0:
-        path = batch.merge_results(folder, [ln.id for ln in lines])
+        path = batch.merge_results(folder, [ln.id for ln in lines], skipped)
         latest = batch.read_records(folder)
         ok = sum(latest.get(ln.id, {}).get("status") == "ok" for ln in lines)
-        click.echo(f"{ok}/{len(lines)} ok ({len(lines) - len(pending)} done before); "
-                   f"results: {path}", err=True)
-        return 0 if ok == len(lines) else 1
+        invalid = f", {len(skipped)} invalid skipped" if skipped else ""
+        click.echo(f"{ok}/{len(lines) + len(skipped)} ok ({len(lines) - len(pending)} done "
+                   f"before{invalid}); results: {path}", err=True)
+        return 0 if ok == len(lines) and not skipped else 1
     return 1 if failed else 0

@@ -424,3 +424,18 @@ def test_sam_benchmarks_run(repo_root):
     assert m and 0 < float(m.group(2)) <= float(m.group(1)) <= 1, line
     line = last_line("bench_sam_memory.py", "--cases", "tiny:256")
     assert re.fullmatch(r"tiny\s+256\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line), line
+
+
+def test_mask_cli_uses_a_model_folders_segmenter(tmp_path, click_model):
+    """`mask --model DIR` on a FLUX model folder uses DIR/segmenter/, as inpaint does."""
+    from mlx_edit.segment import Segmenter
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).resize((200, 150)).save(photo)
+    res = _mask_cli("--image", photo, "--point", "100,75", "--model", click_model,
+                    "--output", tmp_path / "m.png")
+    assert res.exit_code == 0, res.output
+    seg = Segmenter.from_pretrained(click_model / "segmenter")
+    seg.set_image(Image.open(photo))
+    want = seg.best_mask([(100, 75)], [1], None)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")) == 255, want)

@@ -187,3 +187,11 @@ def test_keep_best_prints_only_the_written_paths(tiny_mlx, photos, tmp_path, mon
     printed = [line for line in r.stdout.splitlines() if line.endswith(".png")]
     assert printed == [str(tmp_path / "o-0.png"), str(tmp_path / "o-1.png")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o-0.png", "o-1.png"]
+
+
+def test_edit_with_a_fill_model_names_the_kontext_model(tiny_mlx, photos, tmp_path):
+    r = invoke("edit", "--model", tiny_mlx, "--image", photos / "astronaut.png",
+               "--instruction", "x", "--output", tmp_path / "o.png")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert ("holds a FLUX.1 Fill transformer" in r.output and "edit needs a FLUX.1 Kontext "
+            "model (black-forest-labs/FLUX.1-Kontext-dev)" in r.output), r.output

@@ -54,7 +54,7 @@ def test_inpaint_end_to_end(tiny_mlx, photos, tmp_path):
     assert np.array_equal(a[outside], b[outside])
     assert not np.array_equal(a[mask > 0], b[mask > 0])  # something was painted
     sidecar = json.loads((tmp_path / "out.json").read_text())
-    assert sidecar["seed"] == "1" and "denoise_s" in sidecar["stats"]
+    assert sidecar["seed"] == 1 and "denoise_s" in sidecar["stats"]
 
 
 def test_outpaint_end_to_end(tiny_mlx, photos, tmp_path):

@@ -179,6 +179,22 @@ def click_mask(opts: dict, mask: Path | None, required: bool):
     return spec + [Box(*b) for b in boxes]
 
 
+def click_metadata(clicks: list | None, segment_model: str | None, root: Path) -> dict:
+    """What an output records of a mask made from clicks: mask_points, mask_negative,
+    mask_box (as given, px) and the SAM 2.1 checkpoint used (str values, like `.info`)."""
+    if not clicks:
+        return {}
+    from mlx_edit.segment import Box, find_segmenter
+
+    points = [p for c in clicks if not isinstance(c, Box)
+              for p in zip(c.xy, c.labels or [1] * len(c.xy))]
+    meta = {"mask_points": [list(xy) for xy, label in points if label == 1],
+            "mask_negative": [list(xy) for xy, label in points if label == 0],
+            "mask_box": [[b.x0, b.y0, b.x1, b.y1] for b in clicks if isinstance(b, Box)],
+            "segment_model": find_segmenter(segment_model, root)}
+    return {k: str(v) for k, v in meta.items() if v}
+
+
 def mask_prompt_options(f):
     """--mask-point / --mask-negative / --mask-box: a mask from clicks (SAM 2.1)."""
     from mlx_edit.cli.mask import _coords
@@ -203,7 +219,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     clicks = None if mask is None or isinstance(mask, Path) else mask
     mask = None if clicks is not None else mask
     from mlx_edit.imaging.images import (
-        check_output, json_writer, load_image, png_writer, write_together)
+        check_output, json_writer, load_image, png_writer, typed_metadata, write_together)
 
     options = build_options(mode, opts, specs)
     prompt = opts["prompt"]
@@ -236,10 +252,12 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):
-        meta = dict(img.info)
+        meta = {**img.info, **click_metadata(clicks, options.segment_model, pipe.root)}
+        meta.pop("icc_profile", None)
         files.append((png, png_writer(img, meta, icc)))
         if sidecar is not None:
-            files.append((sidecar, json_writer({**meta, "stats": pipe.last_stats})))
+            files.append((sidecar, json_writer({**typed_metadata(meta),
+                                                "stats": pipe.last_stats})))
     write_together(files, overwrite=opts["overwrite"], protect=inputs)
     for png, _ in outputs:
         click.echo(str(png))

@@ -91,20 +91,19 @@ def _check_models(lines: list, opts: dict) -> None:
     from mlx_edit.weights.core import WeightLoadError
     from mlx_edit.weights.sources import resolve
 
-    for kind, option, what in (("inpaint", "--model", "FLUX.1 Fill"),
-                               ("edit", "--edit-model", "FLUX.1 Kontext")):
+    for kind, key in (("inpaint", "model"), ("edit", "edit_model")):
         needing = [ln.number for ln in lines if (ln.mode == "edit") == (kind == "edit")]
-        model = opts[option[2:].replace("-", "_")]
         if not needing:
             continue
+        variant = variants.for_edit(kind)
+        model = opts[key] or variant.repo
         try:
-            resolve(model or variants.for_edit(kind).repo)
-        except WeightLoadError as e:
+            resolve(model)
+        except WeightLoadError as e:  # the hub's reason, by name: its text is long
             cause = type(e.__cause__).__name__ if e.__cause__ else str(e)
             raise click.UsageError(
-                f"line {needing[0]} needs a {what} model: "
-                f"{model or variants.for_edit(kind).repo} is not available here ({cause}); "
-                f"pass {option} REPO_OR_FOLDER") from None
+                f"line {needing[0]} needs a {variant.title} model: {model} is not available "
+                f"here ({cause}); pass --{key.replace('_', '-')} REPO_OR_FOLDER") from None
 
 
 @click.command("batch")

@@ -37,11 +37,10 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "control_start", "control_end", "canny_low", "canny_high", "ip_adapter", "ip_image",
         "ip_scale", "redux", "redux_image", "redux_strength")),
 )
-RESTYLE_ONLY = "Restyle control"  # restyle's control image and type; the ControlNets' are
-CONDITIONING = GROUPS[-1][0]      # inpaint/outpaint's repeatable ones of the same names
-
-
-TITLES = {("outpaint", "Image and mask"): "Image and new area"}  # per command
+# restyle's --control-image/--control-type are its own; inpaint's and outpaint's options of
+# the same names belong to their repeatable ControlNets.
+RESTYLE_ONLY, CONDITIONING = GROUPS[5][0], GROUPS[-1][0]
+TITLES = {("outpaint", "Image and mask"): "Image and new area"}  # per command titles
 
 
 def group_of(command: str) -> dict[str, tuple[int, int, str]]:

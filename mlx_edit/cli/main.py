@@ -42,16 +42,17 @@ _BFL_FILE = {"inpaint": "flux1-fill-dev.safetensors", "outpaint": "flux1-fill-de
              "restyle": "flux1-canny-dev.safetensors", "edit": "flux1-kontext-dev.safetensors"}
 
 
-def _mode_default(name: str, mode: str) -> str | None:
-    """The default `mode` uses for an option whose library default is None (steps,
-    guidance: the variant's), as shown in the help."""
+def _mode_default(name: str, mode: str) -> tuple[object, str] | None:
+    """(default, as shown) of an option whose library default is None because it is the
+    variant's (steps, guidance): `mode`'s own; restyle's guidance stays None (it follows
+    --control-type). None for other options."""
     from mlx_edit import variants
 
-    if name == "steps":
-        return str(variants.for_edit(mode).steps)
-    if name == "guidance":
-        return ("30, 10 for --control-type depth" if mode == "restyle"
-                else f"{variants.for_edit(mode).guidance:g}")
+    if name == "guidance" and mode == "restyle":
+        return None, "30, 10 for --control-type depth"
+    if name in ("steps", "guidance"):
+        value = getattr(variants.for_edit(mode), name)
+        return value, f"{value:g}"
     return None
 
 
@@ -60,11 +61,11 @@ def _field_option(name: str, mode: str):
     default (the mode's own where it depends on it) and help."""
     value, text = default(name), FIELDS[name][1]
     flag = "--" + name.replace("_", "-")
-    shown = _mode_default(name, mode)
-    if shown is not None:  # restyle's guidance stays None: it follows --control-type
-        value = None if "," in shown else _TYPES[name](shown)
-        return click.option(flag, name, type=_TYPES[name], default=value, metavar=_METAVAR[
-            _TYPES[name]], show_default=shown if value is None else True, help=text)
+    kind = _TYPES.get(name, type(value))
+    if _mode_default(name, mode) is not None:
+        value, shown = _mode_default(name, mode)
+        return click.option(flag, name, type=kind, default=value, metavar=_METAVAR[kind],
+                            show_default=shown if value is None else True, help=text)
     if name == "seed":  # the CLI's one deliberate difference: a random seed
         return click.option(flag, type=int, default=None, metavar="N",
                             help=f"{text} [default: random]")
@@ -79,7 +80,7 @@ def _field_option(name: str, mode: str):
         choices = _CHOICES[name]
         return click.option(flag, type=click.Choice(choices), default=value,
                             show_default=True, help=text)
-    decls, kind = [flag, *([_SHORT[name]] if name in _SHORT else [])], _TYPES.get(name, type(value))
+    decls = [flag, *([_SHORT[name]] if name in _SHORT else [])]
     return click.option(*decls, name, type=kind, default=value, metavar=_METAVAR.get(kind),
                         show_default=value is not None, help=text)
 

@@ -16,7 +16,7 @@ Prediction from the FLOP count (per token, a double block's linears are 12 h^2
 multiply-adds (each token goes through its own stream's qkv 3h^2, proj h^2, MLP 8h^2) and
 a single block's too (linear1 7h^2, linear2 5h^2); attention is 2 n^2 h per block; the
 ControlNet adds one h x h projection per block on the image tokens; this gives 59.5 + 14.9
-TFLOP for Fill at 1024 x 1024, the count in DESIGN.md):
+TFLOP for Fill at 1024 x 1024):
 ratio = 1 + ControlNet FLOPs / Fill FLOPs, both counted below for the chosen shapes.
 The matmul ceiling of this machine is measured in the same run.
 """

@@ -351,14 +351,26 @@ def remove_stale_temps(folder: Path, lines: list[Line]) -> int:
     return n
 
 
-def merge_results(folder: Path, order: list[str]) -> Path:
+def skipped_records(errors: list[str]) -> list[dict]:
+    """The records of invalid lines skipped by --skip-invalid: {"line", "status":
+    "skipped", "error"} from read_manifest's 'line N: ...' messages (no id: a resumed run
+    checks those lines again)."""
+    out = []
+    for e in errors:
+        head, _, msg = e.partition(": ")
+        out.append({"line": int(head.split()[-1]), "status": "skipped", "error": msg})
+    return out
+
+
+def merge_results(folder: Path, order: list[str], skipped: list[dict] = ()) -> Path:
     """Write every id's latest record into results.jsonl atomically (manifest order
-    first), then remove the part files."""
+    first), then the `skipped` lines' records; then remove the part files."""
     from mlx_edit.imaging.images import write_together
 
     latest = read_records(folder)
     ids = [i for i in order if i in latest] + [i for i in latest if i not in order]
-    data = "".join(json.dumps(latest[i], ensure_ascii=False, default=str) + "\n" for i in ids)
+    records = [latest[i] for i in ids] + list(skipped)
+    data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
     parts = sorted(folder.glob(".results.*.jsonl"))
     write_together([(folder / RESULTS, lambda f: f.write(data.encode()))], overwrite=True)
     for p in parts:

@@ -36,7 +36,7 @@ from mlx_edit.sampling.denoise import Phase
 from mlx_edit.sampling.latents import pack_latents, scale_latents, unpack_latents, unscale_latents
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights import lora as lora_files
-from mlx_edit.weights.core import check_headers, default_dtype, read_config
+from mlx_edit.weights.core import WeightLoadError, check_headers, default_dtype, read_config
 from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 from mlx_edit.weights.text import load_text_tools
@@ -146,7 +146,9 @@ class ModelsMixin:
             if index.is_file() else None
         kinds = variants.accepted_in_channels(*self.VARIANTS, pipeline_class=self.pipeline_class)
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
-        t_config, stored_bits = read_transformer_config(transformer, expect_in_channels=kinds)
+        t_config, stored_bits = read_transformer_config(transformer)
+        if t_config.in_channels not in kinds:
+            raise WeightLoadError(self._wrong_variant(t_config))
         self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
         self.components = Components(
             {"transformer": partial(load_transformer, transformer, dtype,
@@ -250,6 +252,16 @@ class ModelsMixin:
         """The variant's name: 'fill' (FLUX.1 Fill, in_channels 384), 'control' (FLUX.1
         Canny/Depth-dev, 128), 'kontext' (64), ... (mlx_edit.variants)."""
         return self.variant_info.name
+
+    def _wrong_variant(self, cfg: FluxConfig) -> str:
+        """The message for a transformer of a variant this pipeline cannot run: what was
+        found, which model each of its edits needs and where to get it."""
+        found = variants.describe(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
+        wants = [v for v in map(variants.VARIANTS.get, self.VARIANTS) if v.edits]
+        need = "; ".join(f"{'/'.join(v.edits)} needs a {v.title} model ({v.repo}"
+                         f"{v.alternative})" for v in wants)
+        return (f"{self.source} holds a {found} transformer (in_channels {cfg.in_channels}); "
+                f"{need}")
 
     def _require(self, edit: str) -> None:
         """InputError unless the loaded transformer is the variant serving `edit`."""

@@ -36,11 +36,10 @@ class MaskMixin:
         prompts = mask if isinstance(mask, (list, tuple)) else [mask]
         if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
             return load_mask(mask, image.size)
-        from mlx_edit.segment import DEFAULT_SEGMENTER, mask_for_edit
+        from mlx_edit.segment import find_segmenter, mask_for_edit
 
-        own = self.root / "segmenter"
-        model = segment_model or (own if own.is_dir() else DEFAULT_SEGMENTER)
-        return mask_for_edit(image, prompts, model, self.memory_estimate, self.low_memory)
+        return mask_for_edit(image, prompts, find_segmenter(segment_model, self.root),
+                             self.memory_estimate, self.low_memory)
 
     def edit_masks(self, user_mask: np.ndarray, o: EditOptions
                    ) -> tuple[np.ndarray, np.ndarray]:

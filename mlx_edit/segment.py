@@ -262,6 +262,17 @@ def _mx(a: np.ndarray | None):
 DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"
 
 
+def find_segmenter(model: str | Path | None = None, root: str | Path | None = None
+                   ) -> str | Path:
+    """The SAM 2.1 checkpoint to load: `model` (a FLUX model folder holding `segmenter/`
+    means that sub-folder), else `root/segmenter/` when present (a pipeline's model
+    folder), else DEFAULT_SEGMENTER. Nothing is loaded or downloaded."""
+    for folder in (model, None if model is not None else root):
+        if folder is not None and (Path(folder).expanduser() / "segmenter").is_dir():
+            return Path(folder).expanduser() / "segmenter"
+    return DEFAULT_SEGMENTER if model is None else model
+
+
 def mask_from_prompts(image, points=None, labels=None, boxes=None,
                       model: str | Path = DEFAULT_SEGMENTER) -> np.ndarray:
     """One-shot click/box -> (H, W) bool mask of `image` (path, PIL or uint8 array), as

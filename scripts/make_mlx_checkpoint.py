@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args.out, args.preset, seed=args.seed, overwrite=args.overwrite,
               extras=tuple(e for e in args.extras.split(",") if e))
-    except FileExistsError as e:
+    except (FileExistsError, FileNotFoundError) as e:  # an existing OUT; no CLIP merges
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: preset {args.preset}, float32, seed {args.seed}, "

@@ -33,6 +33,10 @@ T5_SPIECE_SIZE = 1000
 T5_EXTRA_IDS = 100  # sentinel tokens <extra_id_N>, added after the spiece ids as in real T5
 
 
+CLIP_BPE_MISSING = ("the CLIP tokenizer's BPE merges ship in open-clip-torch, which is not "
+                    "installed: pip install --no-deps open-clip-torch (its data only; no torch)")
+
+
 def clip_bpe_path() -> Path:
     """Path of `bpe_simple_vocab_16e6.txt.gz` inside the installed open-clip-torch wheel.
 
@@ -40,12 +44,12 @@ def clip_bpe_path() -> Path:
     """
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("open-clip-torch is not installed (pip install open-clip-torch)")
+        raise FileNotFoundError(CLIP_BPE_MISSING)
     for loc in spec.submodule_search_locations:
         path = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
         if path.is_file():
             return path
-    raise FileNotFoundError("open_clip/bpe_simple_vocab_16e6.txt.gz not found")
+    raise FileNotFoundError(CLIP_BPE_MISSING)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 from test_cli import invoke, photos  # noqa: F401  (fixture)
 
 from mlx_edit import batch, batch_groups
 from mlx_edit import pipeline as pipeline_module
 from mlx_edit import prompts
+from mlx_edit.cli import main
 from mlx_edit.imaging.images import InputError
 from mlx_edit.prompt_cache import PromptCache
 
@@ -324,3 +326,37 @@ def test_killed_batch_resumes(tiny_mlx, photos, tmp_path, counted):  # noqa: F81
     assert counted["edits"] == 3 - len(done)
     assert sorted(p.name for p in out.iterdir()) == ["hat.png", "hat2.png", "results.jsonl",
                                                      "wide.png"]
+
+
+def test_skip_invalid_records_the_skipped_lines(tiny_mlx, photos, tmp_path):  # noqa: F811
+    good = _rows(photos)[0]
+    m = _manifest(tmp_path / "m.jsonl", [good, "{not json", {**good, "id": "s", "steps": 0}])
+    r = invoke("batch", m, "--output-dir", tmp_path / "out", "--model", tiny_mlx,
+               "--skip-invalid", "--no-prompt-cache")
+    assert r.exit_code == 1, r.output  # not every line was done
+    assert "1/3 ok (0 done before, 2 invalid skipped)" in r.output
+    records = [json.loads(t) for t in (tmp_path / "out" / "results.jsonl").read_text()
+               .splitlines()]
+    assert [(r.get("id"), r.get("line"), r["status"]) for r in records] == [
+        ("hat", 1, "ok"), (None, 2, "skipped"), (None, 3, "skipped")]
+    assert "JSON" in records[1]["error"] and "steps" in records[2]["error"]
+
+
+def test_edit_lines_without_an_edit_model_fail_before_the_batch(photos, tmp_path,  # noqa: F811
+                                                                monkeypatch, tiny_mlx):
+    """The default Kontext repo cannot be had here (offline): one short line naming
+    --edit-model, before any line runs or any model loads."""
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(pipeline_module.FluxPipeline, "from_pretrained", no_load)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    good = _rows(photos)[0]
+    m = _manifest(tmp_path / "m.jsonl", [good, {**good, "id": "e", "mode": "edit"}])
+    r = CliRunner().invoke(main, ["batch", str(m), "--output-dir", str(tmp_path / "out"),
+                                  "--model", str(tiny_mlx), "--no-prompt-cache"])
+    assert r.exit_code == 2, r.output
+    error = r.output.strip().splitlines()[-1]
+    assert "line 2 needs a FLUX.1 Kontext model" in error and "--edit-model" in error
+    assert len(error) < 250 and not (tmp_path / "out").exists(), error

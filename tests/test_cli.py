@@ -54,7 +54,7 @@ def test_inpaint_end_to_end(tiny_mlx, photos, tmp_path):
     assert np.array_equal(a[outside], b[outside])
     assert not np.array_equal(a[mask > 0], b[mask > 0])  # something was painted
     sidecar = json.loads((tmp_path / "out.json").read_text())
-    assert sidecar["seed"] == "1" and "denoise_s" in sidecar["stats"]
+    assert sidecar["seed"] == 1 and "denoise_s" in sidecar["stats"]
 
 
 def test_outpaint_end_to_end(tiny_mlx, photos, tmp_path):
@@ -170,3 +170,28 @@ def test_memory_estimate_refuses_before_any_work(tiny_mlx, photos, tmp_path, mon
     assert r.exit_code == 2, r.output
     assert "needs about" in r.output and "GB" in r.output
     assert not out.exists()
+
+
+def test_keep_best_prints_only_the_written_paths(tiny_mlx, photos, tmp_path, monkeypatch):
+    """--num-images 3 --rank clip --keep-best 2: two PNGs written, and only those printed
+    (the ranker is stubbed: its CLIP is a parity fixture)."""
+    import mlx_edit.ranking
+
+    def best(images, prompt, blend, *, keep_best=None, **kw):
+        return images[::-1][:keep_best]
+    monkeypatch.setattr(mlx_edit.ranking, "rank_candidates", best)
+    r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
+               "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 3,
+               "-n", 3, "--rank", "clip", "--keep-best", 2, "--output", tmp_path / "o.png")
+    assert r.exit_code == 0, r.output
+    printed = [line for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert printed == [str(tmp_path / "o-0.png"), str(tmp_path / "o-1.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o-0.png", "o-1.png"]
+
+
+def test_edit_with_a_fill_model_names_the_kontext_model(tiny_mlx, photos, tmp_path):
+    r = invoke("edit", "--model", tiny_mlx, "--image", photos / "astronaut.png",
+               "--instruction", "x", "--output", tmp_path / "o.png")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert ("holds a FLUX.1 Fill transformer" in r.output and "edit needs a FLUX.1 Kontext "
+            "model (black-forest-labs/FLUX.1-Kontext-dev)" in r.output), r.output

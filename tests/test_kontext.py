@@ -207,9 +207,11 @@ def test_edit_end_to_end_and_variant_checks(pipe, ckpt, photo):
     kept = pipe.edit(photo, PROMPT, steps=1, width=W, height=H, auto_resize=False,
                      max_sequence_length=32, keep_size=True)
     assert kept[0].size == photo.size and kept[0].info["keep_size"] == "True"
-    with pytest.raises(WeightLoadError, match="in_channels 64.*384 or 128 is needed"):
+    with pytest.raises(WeightLoadError, match="FLUX.1 Kontext transformer .in_channels 64.; "
+                       "inpaint/outpaint needs a FLUX.1 Fill model"):
         FluxFill.from_pretrained(ckpt / "kontext-model", mx.float32)
-    with pytest.raises(WeightLoadError, match="FLUX.1 Fill.*in_channels 64 is needed"):
+    with pytest.raises(WeightLoadError, match="FLUX.1 Fill transformer .in_channels 384.; "
+                       "edit needs a FLUX.1 Kontext model"):
         FluxKontext.from_pretrained(ckpt, mx.float32)
 
 

@@ -424,3 +424,48 @@ def test_sam_benchmarks_run(repo_root):
     assert m and 0 < float(m.group(2)) <= float(m.group(1)) <= 1, line
     line = last_line("bench_sam_memory.py", "--cases", "tiny:256")
     assert re.fullmatch(r"tiny\s+256\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line), line
+
+
+def test_mask_cli_uses_a_model_folders_segmenter(tmp_path, click_model):
+    """`mask --model DIR` on a FLUX model folder uses DIR/segmenter/, as inpaint does."""
+    from mlx_edit.segment import Segmenter
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).resize((200, 150)).save(photo)
+    res = _mask_cli("--image", photo, "--point", "100,75", "--model", click_model,
+                    "--output", tmp_path / "m.png")
+    assert res.exit_code == 0, res.output
+    seg = Segmenter.from_pretrained(click_model / "segmenter")
+    seg.set_image(Image.open(photo))
+    want = seg.best_mask([(100, 75)], [1], None)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")) == 255, want)
+
+
+def test_metadata_sidecar_is_typed_and_records_the_clicks(tmp_path, click_model):
+    """`--metadata` on a JPEG edited from clicks: numbers and flags are JSON numbers and
+    booleans, the clicks and the SAM checkpoint are recorded, and the JPEG's own keys
+    (jfif*) reach neither the sidecar nor the PNG text."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mlx_edit.cli.main import main
+
+    photo = tmp_path / "coffee.jpg"
+    Image.fromarray(data.coffee()).resize((200, 150)).save(photo, quality=90)
+    assert "jfif" in Image.open(photo).info
+    out = tmp_path / "out.png"
+    r = CliRunner().invoke(main, [str(a) for a in (
+        "inpaint", "--model", click_model, "--image", photo, "--mask-point", "100,75",
+        "--mask-negative", "10,10", "--prompt", "42", "--steps", 1, "--seed", 7,
+        "--max-sequence-length", 16, "--metadata", "-o", out)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "out.json").read_text())
+    assert (meta["steps"], meta["seed"], meta["guidance"], meta["paste_back"]) == (1, 7, 30.0,
+                                                                                   True)
+    assert meta["prompt"] == "42" and meta["model_size"] == [208, 160]
+    assert meta["mask_points"] == [[100, 75]] and meta["mask_negative"] == [[10, 10]]
+    assert meta["segment_model"] == str(click_model / "segmenter")
+    text = Image.open(out).text
+    assert text["mask_points"] == "[[100.0, 75.0]]" and text["steps"] == "1"
+    assert not [k for k in [*meta, *text] if k.startswith("jfif")]

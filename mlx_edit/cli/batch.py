@@ -87,7 +87,29 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool, folder: Path,
     if errors and not skip_invalid:
         raise click.UsageError(f"{len(errors)} invalid line(s) in {manifest} (listed above); "
                                "fix them or pass --skip-invalid")
-    return lines
+    return lines, batch.skipped_records(errors)
+
+
+def _check_models(lines: list, opts: dict) -> None:
+    """Find (or download) the model of every kind the lines need before any line runs:
+    click.UsageError in one line naming the option to pass, else none."""
+    from mlx_edit import variants
+    from mlx_edit.weights.core import WeightLoadError
+    from mlx_edit.weights.sources import resolve
+
+    for kind, key in (("inpaint", "model"), ("edit", "edit_model")):
+        needing = [ln.number for ln in lines if (ln.mode == "edit") == (kind == "edit")]
+        if not needing:
+            continue
+        variant = variants.for_edit(kind)
+        model = opts[key] or variant.repo
+        try:
+            resolve(model)
+        except WeightLoadError as e:  # the hub's reason, by name: its text is long
+            cause = type(e.__cause__).__name__ if e.__cause__ else str(e)
+            raise click.UsageError(
+                f"line {needing[0]} needs a {variant.title} model: {model} is not available "
+                f"here ({cause}); pass --{key.replace('_', '-')} REPO_OR_FOLDER") from None
 
 
 @click.command("batch")
@@ -101,7 +123,8 @@ def _validated(manifest: Path, defaults: dict, skip_invalid: bool, folder: Path,
 @click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
               help="Quantize the transformer at load (bits).")
 @click.option("--low-memory", is_flag=True, help="One model resident at a time.")
-@click.option("--skip-invalid", is_flag=True, help="Run the valid lines, skip bad ones.")
+@click.option("--skip-invalid", is_flag=True, help="Run the valid lines, skip bad ones "
+              "(recorded in results.jsonl as skipped; exit status 1).")
 @click.option("--overwrite", is_flag=True, help="Replace files in OUTPUT_DIR that this "
               "batch did not write (<id>.png, results.jsonl); an input never.")
 @click.option("--steps", type=int, default=None, help="Default steps for every line.")
@@ -128,9 +151,10 @@ def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_leng
         raise click.UsageError(f"the folder of --output-dir does not exist: {output_dir.parent}")
     if output_dir.exists() and not output_dir.is_dir():
         raise click.UsageError(f"--output-dir {output_dir} is a file, not a folder")
-    lines = _validated(manifest, defaults, skip_invalid, output_dir, overwrite)
+    lines, skipped = _validated(manifest, defaults, skip_invalid, output_dir, overwrite)
+    _check_models(lines, opts)
     output_dir.mkdir(exist_ok=True)
-    sys.exit(_run(lines, output_dir, opts))
+    sys.exit(_run(lines, output_dir, opts, skipped))
 
 
 def _finished(folder: Path, pending: list, records: dict) -> int:
@@ -170,8 +194,9 @@ def _work(mine: list, pipes, folder: Path, digests: dict, group, state) -> int:
     return failed
 
 
-def _run(lines: list, folder: Path, opts: dict) -> int:
-    """Skip the done lines, run this rank's share, merge on rank 0; the exit status."""
+def _run(lines: list, folder: Path, opts: dict, skipped: list) -> int:
+    """Skip the done lines, run this rank's share, merge on rank 0 (with the `skipped`
+    invalid lines' records); the exit status."""
     import mlx.core as mx
 
     from mlx_edit import batch
@@ -193,10 +218,11 @@ def _run(lines: list, folder: Path, opts: dict) -> int:
     failed = _work(mine, pipes, folder, digests, group, (lines, pending, records, batch_size))
     _barrier(group)
     if rank == 0:
-        path = batch.merge_results(folder, [ln.id for ln in lines])
+        path = batch.merge_results(folder, [ln.id for ln in lines], skipped)
         latest = batch.read_records(folder)
         ok = sum(latest.get(ln.id, {}).get("status") == "ok" for ln in lines)
-        click.echo(f"{ok}/{len(lines)} ok ({len(lines) - len(pending)} done before); "
-                   f"results: {path}", err=True)
-        return 0 if ok == len(lines) else 1
+        invalid = f", {len(skipped)} invalid skipped" if skipped else ""
+        click.echo(f"{ok}/{len(lines) + len(skipped)} ok ({len(lines) - len(pending)} done "
+                   f"before{invalid}); results: {path}", err=True)
+        return 0 if ok == len(lines) and not skipped else 1
     return 1 if failed else 0

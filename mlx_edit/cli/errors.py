@@ -18,6 +18,7 @@ import sys
 import warnings
 
 import click
+import cloup
 
 USAGE_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -99,8 +100,8 @@ class _OneLine:
             args, prog_name, complete_var, standalone_mode=False, **extra))
 
 
-class OneLineGroup(_OneLine, click.Group):
-    """A click group whose errors are one line (module doc)."""
+class OneLineGroup(_OneLine, cloup.Group):
+    """A (cloup) click group whose errors are one line (module doc)."""
 
 
 class OneLineCommand(_OneLine, click.Command):

@@ -20,9 +20,8 @@ PARAM = "lora"
 
 _OPTION = click.option(
     "--lora", PARAM, multiple=True, metavar="PATH_OR_REPO[:SCALE]",
-    help="Apply a FLUX LoRA (diffusers, kohya, ComfyUI, XLabs, fal formats; CLIP-L parts too; "
-         "a BFL control LoRA makes FLUX.1-dev the Canny/Depth model for restyle), repeatable; "
-         "SCALE defaults to 1.0. A repo id may name its file: owner/name:file.safetensors.")
+    help="Apply a FLUX LoRA, repeatable (SCALE 1.0 by default; owner/name:file.safetensors "
+         "picks a repo's file). Formats: diffusers, kohya, ComfyUI, XLabs, fal, BFL control.")
 
 
 def lora_option(f: Callable) -> Callable:

@@ -23,8 +23,10 @@ from mlx_edit import __version__
 from mlx_edit.cli.conditioning import conditioning_options, pop_conditioning
 from mlx_edit.cli.cache import CacheSpec, cache_summary
 from mlx_edit.cli.errors import OneLineGroup
+from mlx_edit.cli.help import CONTEXT, SECTIONS, EditCommand
 from mlx_edit.cli.lora import apply_loras, lora_option, parse_lora_specs
 from mlx_edit.cli.prompt_cache import cache_stats, open_prompt_cache, prompt_cache_options
+from mlx_edit.imaging.blend import BLEND_METHODS, COLOR_MATCH_METHODS
 from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, check_used, default
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
@@ -33,14 +35,40 @@ _TYPES = {"guidance": float, "prompt_2": str, "steps": int, "negative_prompt": s
           "width": int, "height": int, "rank": str, "keep_best": int, "rank_model": str,
           "segment_model": str, "window_batch": int}
 _SHORT = {"num_images": "-n"}
+_METAVAR = {int: "N", float: "F", str: "TEXT"}
+_CHOICES = {"control_type": RESTYLE_CONTROL_TYPES, "tile_mode": TILE_MODES,
+            "color_match": COLOR_MATCH_METHODS, "blend": BLEND_METHODS, "rank": ("clip",)}
+_BFL_FILE = {"inpaint": "flux1-fill-dev.safetensors", "outpaint": "flux1-fill-dev.safetensors",
+             "restyle": "flux1-canny-dev.safetensors", "edit": "flux1-kontext-dev.safetensors"}
 
 
-def _field_option(name: str):
-    """The click option of EditOptions field `name`: the library's default and help."""
+def _mode_default(name: str, mode: str) -> tuple[object, str] | None:
+    """(default, as shown) of an option whose library default is None because it is the
+    variant's (steps, guidance): `mode`'s own; restyle's guidance stays None (it follows
+    --control-type). None for other options."""
+    from mlx_edit import variants
+
+    if name == "guidance" and mode == "restyle":
+        return None, "30, 10 for --control-type depth"
+    if name in ("steps", "guidance"):
+        value = getattr(variants.for_edit(mode), name)
+        return value, f"{value:g}"
+    return None
+
+
+def _field_option(name: str, mode: str):
+    """The click option of EditOptions field `name` in `mode`'s command: the library's
+    default (the mode's own where it depends on it) and help."""
     value, text = default(name), FIELDS[name][1]
     flag = "--" + name.replace("_", "-")
+    kind = _TYPES.get(name, type(value))
+    if _mode_default(name, mode) is not None:
+        value, shown = _mode_default(name, mode)
+        return click.option(flag, name, type=kind, default=value, metavar=_METAVAR[kind],
+                            show_default=shown if value is None else True, help=text)
     if name == "seed":  # the CLI's one deliberate difference: a random seed
-        return click.option(flag, type=int, default=None, help=f"{text} [default: random]")
+        return click.option(flag, type=int, default=None, metavar="N",
+                            help=f"{text} [default: random]")
     if name == "global_pass":
         return click.option(flag, is_flag=True, default=value, help=text)
     if name in ("paste_back", "crop_to_mask", "keep_size", "auto_resize", "soft_mask"):
@@ -48,12 +76,12 @@ def _field_option(name: str):
                             show_default=value is not None)
     if name == "cache":  # a spec string, parsed into its config by the option type
         return click.option(flag, type=CacheSpec(), default=None, help=text)
-    if name in ("control_type", "tile_mode"):
-        choices = RESTYLE_CONTROL_TYPES if name == "control_type" else TILE_MODES
+    if name in _CHOICES:
+        choices = _CHOICES[name]
         return click.option(flag, type=click.Choice(choices), default=value,
                             show_default=True, help=text)
     decls = [flag, *([_SHORT[name]] if name in _SHORT else [])]
-    return click.option(*decls, name, type=_TYPES.get(name, type(value)), default=value,
+    return click.option(*decls, name, type=kind, default=value, metavar=_METAVAR.get(kind),
                         show_default=value is not None, help=text)
 
 
@@ -79,17 +107,15 @@ def edit_options(mode: str):
                      help="Hugging Face repo id, diffusers folder or mlx-edit folder."),
         click.option("--transformer", type=click.Path(exists=True, path_type=Path),
                      default=None, help="A BFL single-file transformer "
-                     "(flux1-fill-dev.safetensors) used with --model's other parts."),
+                     f"({_BFL_FILE[mode]}) used with --model's other parts."),
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
                      help="Output PNG (default: <image>-edit.png; -0, -1... with -n)."),
-        *[_field_option(f) for f in mode_fields(mode)],
+        *[_field_option(f, mode) for f in mode_fields(mode)],
         click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
                      help="Quantize the transformer at load (bits)."),
         click.option("--low-memory", is_flag=True,
-                     help="Keep one model in memory at a time: load the VAE, then the "
-                          "transformer, then the VAE again for each edit and free each after "
-                          "use, and cap MLX's cache. Lower peak memory, slower (weights are "
-                          "read again every run)."),
+                     help="One model in memory at a time (VAE, transformer, VAE, each freed "
+                          "after use; MLX's cache capped): lower peak, slower."),
         click.option("--metadata", is_flag=True, help="Also write a JSON sidecar."),
         click.option("--overwrite", is_flag=True,
                      help="Replace existing outputs (never an input file)."),
@@ -179,6 +205,22 @@ def click_mask(opts: dict, mask: Path | None, required: bool):
     return spec + [Box(*b) for b in boxes]
 
 
+def click_metadata(clicks: list | None, segment_model: str | None, root: Path) -> dict:
+    """What an output records of a mask made from clicks: mask_points, mask_negative,
+    mask_box (as given, px) and the SAM 2.1 checkpoint used (str values, like `.info`)."""
+    if not clicks:
+        return {}
+    from mlx_edit.segment import Box, find_segmenter
+
+    points = [p for c in clicks if not isinstance(c, Box)
+              for p in zip(c.xy, c.labels or [1] * len(c.xy))]
+    meta = {"mask_points": [list(xy) for xy, label in points if label == 1],
+            "mask_negative": [list(xy) for xy, label in points if label == 0],
+            "mask_box": [[b.x0, b.y0, b.x1, b.y1] for b in clicks if isinstance(b, Box)],
+            "segment_model": find_segmenter(segment_model, root)}
+    return {k: str(v) for k, v in meta.items() if v}
+
+
 def mask_prompt_options(f):
     """--mask-point / --mask-negative / --mask-box: a mask from clicks (SAM 2.1)."""
     from mlx_edit.cli.mask import _coords
@@ -203,7 +245,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     clicks = None if mask is None or isinstance(mask, Path) else mask
     mask = None if clicks is not None else mask
     from mlx_edit.imaging.images import (
-        check_output, json_writer, load_image, png_writer, write_together)
+        check_output, json_writer, load_image, png_writer, typed_metadata, write_together)
 
     options = build_options(mode, opts, specs)
     if mode in ("restyle", "edit"):  # before the model loads (the API checks it again)
@@ -228,7 +270,8 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
 
         check_canvas(w + options.left + options.right, h + options.top + options.bottom)
     output = opts["output"] or image.with_name(f"{image.stem}-edit.png")
-    outputs = output_paths(output, options.num_images, opts["metadata"])
+    kept = min(options.keep_best or options.num_images, options.num_images)  # --rank
+    outputs = output_paths(output, kept, opts["metadata"])
     for png, sidecar in outputs:
         for path in (png, sidecar):
             if path is not None:
@@ -243,10 +286,12 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):
-        meta = dict(img.info)
+        meta = {**img.info, **click_metadata(clicks, options.segment_model, pipe.root)}
+        meta.pop("icc_profile", None)
         files.append((png, png_writer(img, meta, icc)))
         if sidecar is not None:
-            files.append((sidecar, json_writer({**meta, "stats": pipe.last_stats})))
+            files.append((sidecar, json_writer({**typed_metadata(meta),
+                                                "stats": pipe.last_stats})))
     write_together(files, overwrite=opts["overwrite"], protect=inputs)
     for png, _ in outputs:
         click.echo(str(png))
@@ -296,17 +341,19 @@ def _edit(pipe, mode: str, image: Path, mask, control_image, references, prompt:
             bar.close()
 
 
-@click.group(cls=OneLineGroup)
+@click.group(cls=OneLineGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="mlx-edit")
 def main():
-    """Edit photos with FLUX.1 Fill on Apple MLX: inpaint, outpaint, restyle, convert,
-    parity. Errors: one line on stderr, exit status 2 (MLX_EDIT_DEBUG=1: traceback)."""
+    """Edit photos with FLUX.1 on Apple MLX: inpaint (a mask painted or from clicks),
+    outpaint, edit by instruction (Kontext), restyle; batches and a server.
+    `mlx-edit COMMAND --help` shows a command's options. Errors: one line on stderr, exit
+    status 2 (MLX_EDIT_DEBUG=1: traceback)."""
 
 
 _IMAGE = click.Path(path_type=Path, dir_okay=False)
 
 
-@main.command()
+@main.command(cls=EditCommand, section=SECTIONS["edit"])
 @click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to edit.")
 @click.option("--mask", type=_IMAGE, default=None,
               help="White = repaint, black = keep (any size; resized with a warning).")
@@ -320,7 +367,7 @@ def inpaint(image, mask, **opts):
     _run("inpaint", image, mask, opts, pop_conditioning(opts))
 
 
-@main.command()
+@main.command(cls=EditCommand, section=SECTIONS["edit"])
 @click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to extend.")
 @edit_options("outpaint")
 @conditioning_options
@@ -329,7 +376,7 @@ def outpaint(image, **opts):
     _run("outpaint", image, None, opts, pop_conditioning(opts))
 
 
-@main.command()
+@main.command(cls=EditCommand, section=SECTIONS["edit"])
 @click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to restyle.")
 @click.option("--control-image", type=_IMAGE, default=None,
               help="Structure to keep: a photo (canny edges are computed), an edge map or a "
@@ -349,7 +396,7 @@ def restyle(image, control_image, mask, **opts):
     _run("restyle", image, mask, opts, {}, control_image)
 
 
-@main.command()
+@main.command(cls=EditCommand, section=SECTIONS["edit"])
 @click.option("--image", "-i", "images", required=True, multiple=True, type=_IMAGE,
               help="Photo to edit; repeat to add reference images (the first is edited).")
 @click.option("--mask", type=_IMAGE, default=None,
@@ -372,11 +419,11 @@ def _register_commands() -> None:
     from mlx_edit.cli.serve import serve_command
     from mlx_edit.parity import parity_command
 
-    main.add_command(convert_command, "convert")
-    main.add_command(parity_command, "parity")
-    main.add_command(mask_command, "mask")
-    main.add_command(serve_command, "serve")
-    main.add_command(batch_command, "batch")
+    main.add_command(mask_command, "mask", section=SECTIONS["edit"])
+    main.add_command(batch_command, "batch", section=SECTIONS["many"])
+    main.add_command(serve_command, "serve", section=SECTIONS["many"])
+    main.add_command(convert_command, "convert", section=SECTIONS["models"])
+    main.add_command(parity_command, "parity", section=SECTIONS["models"])
 
 
 _register_commands()

@@ -50,8 +50,9 @@ def _coords(n: int):
               help="A pixel not on the object (repeatable).")
 @click.option("--box", "boxes", multiple=True, callback=_coords(4), metavar="X0,Y0,X1,Y1",
               help="A box around the object (repeatable without --point: one object each).")
-@click.option("--model", "-m", default=DEFAULT_SEGMENTER, show_default=True,
-              help="SAM 2.1 checkpoint: Hugging Face repo id or transformers folder.")
+@click.option("--model", "-m", default=None, show_default=DEFAULT_SEGMENTER,
+              help="SAM 2.1 checkpoint: Hugging Face repo id or transformers folder, or a "
+                   "model folder with a segmenter/ (as inpaint --model).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Output mask PNG.")
 @click.option("--all", "all_masks", is_flag=True,
@@ -67,6 +68,9 @@ def mask_command(image, points, negatives, boxes, model, output, all_masks, poin
     from mlx_edit.imaging.images import InputError, save_png
     from mlx_edit.weights.core import WeightLoadError
 
+    from mlx_edit.segment import find_segmenter
+
+    model = find_segmenter(model)
     if output.suffix.lower() != ".png":
         raise click.UsageError(f"output {output} must end in .png")
     if all_masks:

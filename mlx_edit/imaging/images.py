@@ -11,6 +11,7 @@ one-line message that says what was wrong and what to do.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import secrets
@@ -144,8 +145,9 @@ def load_image(
             out = img.convert("RGB")  # always a copy: callers may mutate it
     except ValueError as e:
         raise InputError(f"cannot convert image mode {mode} to RGB ({e}); save it as RGB") from e
-    if icc is not None:
-        out.info["icc_profile"] = icc
+    # Only the colour profile travels: the file's own keys (JPEG's jfif*, dpi, exif...)
+    # would otherwise leak into the edit's metadata.
+    out.info = {} if icc is None else {"icc_profile": icc}
     return out
 
 
@@ -462,6 +464,27 @@ def png_writer(img: Image.Image, metadata: dict[str, Any] | None = None,
     icc = icc_profile if icc_profile is not None else img.info.get("icc_profile")
     extra = {"icc_profile": icc} if icc else {}
     return lambda f: img.save(f, format="PNG", pnginfo=info, **extra)
+
+
+TEXT_KEYS = ("prompt", "prompt_2", "negative_prompt", "model")  # user text, kept as given
+
+
+def typed_metadata(info: dict[str, Any]) -> dict[str, Any]:
+    """An image's `.info` metadata (str values, as the pipelines give them) with numbers,
+    booleans, lists and dicts as such: each str value that is a Python literal ("2",
+    "30.0", "True", "[512, 512]") is read back, except user text (TEXT_KEYS). Binary
+    values (the ICC profile) are left out. For JSON sidecars."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, bytes):
+            continue
+        if isinstance(value, str) and key not in TEXT_KEYS:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                pass
+        out[key] = value
+    return out
 
 
 def json_writer(metadata: dict[str, Any]) -> Callable[[BinaryIO], None]:

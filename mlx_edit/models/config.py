@@ -1,4 +1,4 @@
-"""Config helpers shared by the model dataclasses (rule 1 of DESIGN.md)."""
+"""Config helpers shared by the model dataclasses (ARCHITECTURE.md, rule 1)."""
 
 from __future__ import annotations
 

@@ -176,10 +176,14 @@ def test_keep_best_prints_only_the_written_paths(tiny_mlx, photos, tmp_path, mon
     """--num-images 3 --rank clip --keep-best 2: two PNGs written, and only those printed
     (the ranker is stubbed: its CLIP is a parity fixture)."""
     import mlx_edit.ranking
+    import mlx_edit.weights.ranker
 
     def best(images, prompt, blend, *, keep_best=None, **kw):
         return images[::-1][:keep_best]
     monkeypatch.setattr(mlx_edit.ranking, "rank_candidates", best)
+    # the ranker folder is checked before the edit (issue 30): stubbed with the ranking
+    monkeypatch.setattr(mlx_edit.weights.ranker, "resolve_ranker", lambda *a: tmp_path)
+    monkeypatch.setattr(mlx_edit.weights.ranker, "check_ranker_folder", lambda folder: None)
     r = invoke("inpaint", "--model", tiny_mlx, "--image", photos / "astronaut.png",
                "--mask", photos / "mask.png", "--prompt", "x", "--steps", 1, "--seed", 3,
                "-n", 3, "--rank", "clip", "--keep-best", 2, "--output", tmp_path / "o.png")

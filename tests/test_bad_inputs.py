@@ -539,6 +539,24 @@ def test_a_batch_line_is_done_only_with_its_outputs(world, tmp_path):
     assert not batch.is_done(line, ok, tmp_path, "h")
 
 
+def test_batch_line_defaults_seed_and_size(world, tmp_path):
+    """Documented defaults: a line without a seed gets one derived from its id (the same
+    on every parse and rank, different ids differ), a given seed is kept; the line's
+    weight for sharing out is its output canvas (outpaint's four sides) x num_images."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+
+    def line(**kw):
+        row = {"id": "x", "mode": "outpaint", "image": "a.png", "prompt": "p", "left": 1, **kw}
+        return batch.parse_line(json.dumps(row), 1, tmp_path, {})
+    seeds = {line(id=i).options.seed for i in ("x", "y", "z")}
+    assert len(seeds) == 3 and line().options.seed == line().options.seed
+    assert line(seed=7).options.seed == 7
+    assert line(left=1, right=2, top=3, bottom=4, num_images=2).pixels == \
+        (W + 3) * (H + 7) * 2
+
+
 def test_batch_removes_only_its_own_stale_temps(world, tmp_path):
     """A killed run's hidden temp files of the batch's outputs are removed; any other
     hidden .tmp in the folder (another program's, another edit's) is not."""

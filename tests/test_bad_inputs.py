@@ -565,15 +565,15 @@ def test_batch_manifest_rules_and_merged_order(world, tmp_path):
 
     shutil.copy(world / "photo.png", tmp_path / "a.png")
     shutil.copy(world / "mask.png", tmp_path / "m.png")
-    rows = [{"id": "Hat", "image": "a.png", "mask": "m.png", "prompt": "p"},
-            {"id": "hat", "image": "a.png", "mask": "m.png", "prompt": "p"},
+    rows = [{"id": "hat", "image": "a.png", "mask": "m.png", "prompt": "p"},
+            {"id": "Hat", "image": "a.png", "mask": "m.png", "prompt": "p"},
             {"id": "o", "mode": "outpaint", "image": "a.png", "mask": "m.png", "left": 8,
              "prompt": "p"}]
     m = tmp_path / "m.jsonl"
     m.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines, errors = batch.read_manifest(m)
-    assert [ln.id for ln in lines] == ["Hat"]
-    assert errors == ["line 2: output hat.png is also line 1's; choose another id",
+    assert [ln.id for ln in lines] == ["hat"]
+    assert errors == ["line 2: output Hat.png is also line 1's; choose another id",
                       "line 3: outpaint takes no mask"]
     for i, line_id in enumerate(["c", "a", "b"]):  # finished c, a, b
         batch.append_record(tmp_path / ".results.0.jsonl",

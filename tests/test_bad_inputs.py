@@ -539,6 +539,50 @@ def test_a_batch_line_is_done_only_with_its_outputs(world, tmp_path):
     assert not batch.is_done(line, ok, tmp_path, "h")
 
 
+def test_batch_line_defaults_seed_and_size(world, tmp_path):
+    """Documented defaults: a line without a seed gets one derived from its id (the same
+    on every parse and rank, different ids differ), a given seed is kept; the line's
+    weight for sharing out is its output canvas (outpaint's four sides) x num_images."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+
+    def line(**kw):
+        row = {"id": "x", "mode": "outpaint", "image": "a.png", "prompt": "p", "left": 1, **kw}
+        return batch.parse_line(json.dumps(row), 1, tmp_path, {})
+    seeds = {line(id=i).options.seed for i in ("x", "y", "z")}
+    assert len(seeds) == 3 and line().options.seed == line().options.seed
+    assert line(seed=7).options.seed == 7
+    assert line(left=1, right=2, top=3, bottom=4, num_images=2).pixels == \
+        (W + 3) * (H + 7) * 2
+
+
+def test_batch_manifest_rules_and_merged_order(world, tmp_path):
+    """An outpaint line takes no mask; ids whose outputs differ only by case collide (a
+    macOS volume ignores case); results.jsonl lists the manifest's order, whatever order
+    the lines finished in."""
+    from mlx_edit import batch
+
+    shutil.copy(world / "photo.png", tmp_path / "a.png")
+    shutil.copy(world / "mask.png", tmp_path / "m.png")
+    rows = [{"id": "hat", "image": "a.png", "mask": "m.png", "prompt": "p"},
+            {"id": "Hat", "image": "a.png", "mask": "m.png", "prompt": "p"},
+            {"id": "o", "mode": "outpaint", "image": "a.png", "mask": "m.png", "left": 8,
+             "prompt": "p"}]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines, errors = batch.read_manifest(m)
+    assert [ln.id for ln in lines] == ["hat"]
+    assert errors == ["line 2: output Hat.png is also line 1's; choose another id",
+                      "line 3: outpaint takes no mask"]
+    for i, line_id in enumerate(["c", "a", "b"]):  # finished c, a, b
+        batch.append_record(tmp_path / ".results.0.jsonl",
+                            {"id": line_id, "hash": "h", "status": "ok", "finished": i})
+    batch.merge_results(tmp_path, ["b", "c", "a"])  # neither finish nor sorted order
+    merged = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(t)["id"] for t in merged] == ["b", "c", "a"]
+
+
 def test_batch_removes_only_its_own_stale_temps(world, tmp_path):
     """A killed run's hidden temp files of the batch's outputs are removed; any other
     hidden .tmp in the folder (another program's, another edit's) is not."""

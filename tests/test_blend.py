@@ -163,3 +163,34 @@ def test_bench_blend_main_runs(bench, capsys):
     bench.main(["--size", "96", "--feather", "4"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("lowest dE in: ")
+
+
+def test_mean_std_scaling_is_bounded():
+    """A flat edited ring against a busy original ring: the std ratio is clipped to
+    STD_RATIO (2x at most), as documented, instead of scaling the edit by ~50x."""
+    from mlx_edit.imaging.blend import STD_RATIO
+
+    rng = np.random.default_rng(0)
+    h = w = 64
+    blend = np.zeros((h, w), np.float32)
+    blend[24:40, 24:40] = 1
+    original = rng.integers(60, 200, (h, w, 3), dtype=np.uint8)  # busy everywhere
+    edited = np.full((h, w, 3), 128, np.uint8)
+    edited += rng.integers(0, 2, (h, w, 3), dtype=np.uint8)  # nearly flat ring
+    out = color_match(original, edited, blend, "mean-std")
+    ring, sel = outside_ring(blend), blend > 0
+    lo, le, x = rgb_to_lab(original[ring]), rgb_to_lab(edited[ring]), rgb_to_lab(edited[sel])
+    ratio = np.clip(lo.std(0) / np.maximum(le.std(0), 1e-3), *STD_RATIO)
+    assert ratio.max() == STD_RATIO[1]  # the case does hit the bound
+    want = lab_to_rgb((x - le.mean(0)) * ratio + lo.mean(0))
+    assert np.array_equal(out[sel], want)
+
+
+def test_histogram_map_continues_past_the_ring_range():
+    """Quantile matching shifts values below / above the ring's range by the end offsets
+    (new colours are moved, not flattened onto the ring's extremes)."""
+    from mlx_edit.imaging.blend import _quantile_map
+
+    src, ref = np.linspace(10, 20, 101), np.linspace(30, 40, 101)  # ref = src + 20
+    x = np.array([0.0, 5.0, 10.0, 15.0, 20.0, 25.0])
+    assert np.allclose(_quantile_map(x, src, ref), x + 20)

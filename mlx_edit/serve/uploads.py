@@ -15,6 +15,7 @@ import binascii
 import dataclasses
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +30,43 @@ FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC s
 PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
 PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
 SERVED_MODES = {"inpaint": "fill", "outpaint": "fill", "edit": "kontext"}
+MAX_JSON_DEPTH = 16  # nesting of a JSON body or field (an edit request needs ~4)
+MAX_JSON_TOKENS = 100_000  # brackets and string quotes in one JSON document
+_JSON_TOKENS = re.compile(rb'\\.|["\[\]{}]', re.S)  # an escape, a quote, a bracket
 
 
 class UploadTooLarge(Exception):
     """A request body or an image over the server's limits (HTTP 413)."""
+
+
+class Unprocessable(InputError):
+    """Well-formed but beyond what the server processes: JSON nested deeper than
+    MAX_JSON_DEPTH or with more than MAX_JSON_TOKENS brackets/strings (HTTP 422)."""
+
+
+def parse_json(data: str | bytes, what: str) -> Any:
+    """json.loads of a body or field after bounding its nesting and its count of
+    brackets and strings (a scan that stops at the bound), so no client can make the
+    parser recurse past Python's limit or spend long on it. Raises Unprocessable over
+    the bounds, InputError when it is not JSON."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    depth, in_string = 0, False
+    for count, token in enumerate(_JSON_TOKENS.finditer(raw)):
+        if count >= MAX_JSON_TOKENS:
+            raise Unprocessable(f"{what} has over {MAX_JSON_TOKENS} brackets and strings")
+        t = token.group()
+        if t == b'"':
+            in_string = not in_string
+        elif not in_string and t in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise Unprocessable(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        elif not in_string and t in (b"]", b"}"):
+            depth -= 1
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{what} is not valid JSON") from None
 
 
 @dataclass
@@ -92,8 +126,10 @@ def _json_field(fields: dict, name: str, default: Any = None) -> Any:
     value = fields.get(name, default)
     if isinstance(value, str) and name != "prompt":
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return parse_json(value, name)
+        except Unprocessable:
+            raise
+        except InputError:
             raise InputError(f"{name} must be JSON, got {value[:40]!r}") from None
     return value
 

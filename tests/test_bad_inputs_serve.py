@@ -5,6 +5,7 @@ loads). Requests run in process (FastAPI's TestClient) over the tiny checkpoint.
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
+import base64
 import io
 import json
 import socket
@@ -34,10 +35,11 @@ FAST = {"steps": 1, "max_sequence_length": 8}
 
 
 @pytest.fixture(scope="module")
-def client(tiny_mlx):
+def client(tiny_mlx, tiny_sam_mlx):
+    """A server with the tiny Fill model and a segmenter (loaded only if a job needs it)."""
     from mlx_edit.fill import FluxFill
 
-    config = ServeConfig(local_hosts=("testserver",))
+    config = ServeConfig(local_hosts=("testserver",), segment_model=str(tiny_sam_mlx))
     app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
@@ -47,12 +49,17 @@ def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-def form(**fields):
+def form(mask=True, **fields):
     """A multipart edit (image, mask, prompt, options) with `fields` replacing any."""
     data = {"prompt": "a hat", "options": json.dumps(FAST), **fields}
-    return dict(data={k: v for k, v in data.items() if v is not None},
-                files={"image": ("a.png", IMAGE, "image/png"),
-                       "mask": ("m.png", MASK, "image/png")})
+    files = {"image": ("a.png", IMAGE, "image/png")}
+    if mask:
+        files["mask"] = ("m.png", MASK, "image/png")
+    return dict(data={k: v for k, v in data.items() if v is not None}, files=files)
+
+
+def outpaint(**sides):
+    return form(mask=False, mode="outpaint", options=json.dumps({**FAST, **sides}))
 
 
 def body(text: str):
@@ -72,9 +79,26 @@ HTTP_CASES = [  # (id, route, request, status, message)
      "points is nested deeper"),
     ("huge form field", "/v1/edits", form(options="{" + " " * (2**20 + 1) + "}"), 413,
      "form field is over"),
+    ("NUL in the prompt", "/v1/edits", form(prompt="a\x00b"), 400, "NUL"),
     ("options not JSON", "/v1/edits", form(options="{oops"), 400, "options must be JSON"),
     ("JSON body not JSON", "/v1/edits", body("{oops"), 400, "the JSON body is not valid"),
     ("JSON body a list", "/v1/edits", body("[1]"), 400, "must be an object"),
+    # checked before queuing (they were 202, then a failed job)
+    ("prompt over 64 KiB", "/v1/edits", form(prompt="x" * (2**16 + 1)), 413,
+     "prompt is 65537 bytes, over the limit of 65536"),
+    ("prompt over 64 KiB, JSON", "/v1/edits",
+     body(json.dumps({"prompt": "x" * 10**6, "image": base64.b64encode(IMAGE).decode(),
+                      "mask": base64.b64encode(MASK).decode()})), 413, "1000000 bytes"),
+    ("click outside the image", "/v1/edits", form(mask=False, points="[[100, 10]]"), 400,
+     "outside"),
+    ("box outside the image", "/v1/edits", form(mask=False, box="[70, 0, 90, 10]"), 400,
+     "box"),
+    ("labels not matching", "/v1/edits",
+     form(mask=False, points="[[10, 10], [20, 20]]", labels="[1]"), 400, "labels"),
+    ("click outside, masks route", "/v1/masks", form(mask=False, points="[[-5, 10]]"), 400,
+     "outside"),
+    ("outpaint canvas too large", "/v1/edits",
+     outpaint(left=16384, right=16384, top=16384, bottom=16384), 400, "over the limit"),
 ]
 
 
@@ -142,3 +166,9 @@ def test_serve_command_refuses(args, env, message, busy_port, tmp_path, monkeypa
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert lines[0].startswith("Error:") and message in lines[0], r.output
+
+
+def test_prompt_of_exactly_the_bound_is_queued(client):
+    r = client.post("/v1/edits", **form(prompt="x" * 2**16))
+    assert r.status_code == 202, r.text
+    client.delete(f"/v1/jobs/{r.json()['id']}")

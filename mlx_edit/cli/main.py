@@ -205,8 +205,10 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     from mlx_edit.imaging.images import (
         check_output, json_writer, load_image, png_writer, write_together)
 
+    from mlx_edit.options import check_prompt
+
     options = build_options(mode, opts, specs)
-    prompt = opts["prompt"]
+    prompt = check_prompt(opts["prompt"], "instruction" if mode == "edit" else "prompt")
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
     inputs += input_paths(specs) + list(references)
     w, h = check_inputs(image, mask,

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mlx_edit.imaging.images import InputError, load_image, load_mask
-from mlx_edit.options import EditOptions
+from mlx_edit.options import MAX_PROMPT_BYTES, EditOptions, check_canvas, check_prompt
 from mlx_edit.serve.config import ServeConfig
 
 FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC stay local
@@ -149,15 +149,17 @@ def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
     return options
 
 
-def _click_mask(fields: dict, segmenter: str | None) -> list | None:
-    """`segment.Points` / `Box` prompts from the points/labels/box fields, or None."""
+def _click_mask(fields: dict, segmenter: str | None, image_size: tuple[int, int]
+                ) -> list | None:
+    """`segment.Points` / `Box` prompts from the points/labels/box fields, or None;
+    InputError unless they are valid for an image of image_size (width, height) px."""
     points, labels, box = (_json_field(fields, k) for k in ("points", "labels", "box"))
     if points is None and box is None:
         return None
     if segmenter is None:
         raise InputError("this server has no segmenter: send a mask image (or start it "
                          "with --segment-model)")
-    from mlx_edit.segment import Box, Points
+    from mlx_edit.segment import Box, Points, prompt_arrays, prompts_from_specs
 
     prompts = []
     try:
@@ -169,6 +171,8 @@ def _click_mask(fields: dict, segmenter: str | None) -> list | None:
     except (TypeError, ValueError):
         raise InputError("points must be [[x, y], ...], labels [1 | 0, ...], box "
                          "[x0, y0, x1, y1]") from None
+    # inside the image, labels 0/1, counts matching: checked now, not in the queued job
+    prompt_arrays(**prompts_from_specs(prompts), image_size=image_size[::-1], input_size=1024)
     return prompts
 
 
@@ -191,6 +195,10 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is required")
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size > MAX_PROMPT_BYTES:  # a size: 413, before the job's tokenizer sees it
+        raise UploadTooLarge(f"prompt is {size} bytes, over the limit of {MAX_PROMPT_BYTES}")
+    check_prompt(prompt)
     priority = fields.get("priority") or "interactive"
     if priority not in PRIORITIES:
         raise InputError(f"priority must be interactive or batch, got {priority!r}")
@@ -200,7 +208,7 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
-    mask = _click_mask(fields, segmenter)
+    mask = _click_mask(fields, segmenter, image.size)
     if mask is not None:
         options = dataclasses.replace(options, segment_model=segmenter)
     elif "mask" in files:
@@ -210,6 +218,9 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
         raise InputError("inpaint needs a mask (an image, white = repaint) or points/box")
     if mode == "outpaint" and mask is not None:
         raise InputError("outpaint takes no mask: set left/right/top/bottom in options")
+    if mode == "outpaint":  # the canvas is allocated by the job: refused before queuing
+        check_canvas(image.width + options.left + options.right,
+                     image.height + options.top + options.bottom)
     return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
                        PRIORITIES[priority])
 
@@ -222,7 +233,7 @@ def build_mask_request(fields: dict, files: dict[str, bytes], config: ServeConfi
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
-    prompts = _click_mask(fields, segmenter)
+    prompts = _click_mask(fields, segmenter, image.size)
     if prompts is None:
         raise InputError("send points ([[x, y], ...], labels [1 | 0, ...]) or a box "
                          "([x0, y0, x1, y1]) to segment")

@@ -168,6 +168,90 @@ def test_serve_command_refuses(args, env, message, busy_port, tmp_path, monkeypa
     assert lines[0].startswith("Error:") and message in lines[0], r.output
 
 
+# ------------------------------------------------- the token on every route, defaults
+
+# Routes served without the token: liveness, the web page (it asks for the token), the
+# API docs (no data). Every other route, present or future, must refuse a request
+# without it: a route added or changed without the auth dependency fails here.
+OPEN_ROUTES = {"/v1/health", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+def _routes(app):
+    """(method, path with its parameters filled) of every route of the app (FastAPI >=
+    0.16x keeps an included router as one entry: its routes are listed from it)."""
+    for entry in app.routes:
+        routes = entry.effective_route_contexts() \
+            if hasattr(entry, "effective_route_contexts") else [entry]
+        for route in routes:
+            methods = getattr(route, "methods", None) or \
+                getattr(getattr(route, "original_route", None), "methods", None) or {"GET"}
+            for method in sorted(methods - {"HEAD"}):
+                yield method, route.path.replace("{job_id}", "nojob").replace("{k}", "0")
+
+
+def test_every_route_but_the_open_ones_needs_the_token(tiny_mlx):
+    from mlx_edit.fill import FluxFill
+
+    config = ServeConfig(local_hosts=("testserver",), token="s3cret")
+    app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})
+    routes = list(_routes(app))
+    documented = {(m.upper(), p.replace("{job_id}", "nojob").replace("{k}", "0"))
+                  for p, ops in app.openapi()["paths"].items() for m in ops}
+    assert set(routes) >= documented | {("GET", "/")} and len(documented) >= 7
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for method, path in routes:
+            if path in OPEN_ROUTES:
+                assert c.request(method, path).status_code == 200, path
+                continue
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = c.request(method, path, headers=headers)
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert "token" in r.json()["error"]
+            r = c.request(method, path, params={"token": "wrong"})
+            assert r.status_code == 401, (method, path)
+            good = c.request(method, path, headers={"Authorization": "Bearer s3cret"})
+            assert good.status_code not in (401, 403), (method, path)  # 400/404: past auth
+
+
+def test_documented_defaults():
+    """ServeConfig's defaults are the `serve` command's (its --help shows them) and the
+    values the docs name."""
+    from mlx_edit.cli.serve import serve_command
+    from mlx_edit.serve.config import MB
+
+    d = ServeConfig()
+    assert (d.token, d.max_queue, d.max_upload_bytes, d.max_images, d.preview_every) == \
+        (None, 16, 50 * MB, 8, 1)
+    assert d.local_hosts == ("127.0.0.1", "localhost", "::1")
+    cli = {p.name: p.default for p in serve_command.params}
+    assert (cli["host"], cli["port"], cli["token"]) == ("127.0.0.1", 7860, None)
+    assert cli["max_queue"] == d.max_queue and cli["max_images"] == d.max_images
+    assert cli["max_upload_mb"] * MB == d.max_upload_bytes
+    assert cli["preview_every"] == d.preview_every
+
+
+def test_limits_are_inclusive(tiny_mlx):
+    """A body of exactly max_upload_bytes and num_images == max_images pass their limits;
+    one more is refused."""
+    from mlx_edit.fill import FluxFill
+
+    config = ServeConfig(local_hosts=("testserver",), max_upload_bytes=1000, max_images=2)
+    app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})
+    with TestClient(app, raise_server_exceptions=False) as c:
+        at = c.post("/v1/edits", **body("[" + " " * 998 + "]"))
+        assert at.status_code == 400 and "must be an object" in at.json()["error"]
+        over = c.post("/v1/edits", **body("[" + " " * 999 + "]"))
+        assert over.status_code == 413
+    config = ServeConfig(local_hosts=("testserver",), max_images=2)
+    app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/edits", **form(options=json.dumps({**FAST, "num_images": 3})))
+        assert r.status_code == 400 and "num_images must be <= 2" in r.json()["error"]
+        r = c.post("/v1/edits", **form(options=json.dumps({**FAST, "num_images": 2})))
+        assert r.status_code == 202, r.text
+        assert c.delete(f"/v1/jobs/{r.json()['id']}").status_code == 202
+
+
 def test_prompt_of_exactly_the_bound_is_queued(client):
     r = client.post("/v1/edits", **form(prompt="x" * 2**16))
     assert r.status_code == 202, r.text

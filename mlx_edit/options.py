@@ -90,9 +90,10 @@ def _text(name: str, v: Any) -> str:
         raise InputError(f"{name} must be a string, got {type(v).__name__}")
     if "\x00" in v:
         raise InputError(f"{name} contains a NUL character")
-    if len(v) > MAX_PROMPT_BYTES // 4 and len(v.encode("utf-8", "surrogatepass")) > MAX_PROMPT_BYTES:
-        raise InputError(f"{name} is {len(v.encode('utf-8', 'surrogatepass'))} bytes, over "
-                         f"the limit of {MAX_PROMPT_BYTES} (a prompt is at most 512 T5 tokens)")
+    size = len(v.encode("utf-8", "surrogatepass")) if len(v) > MAX_PROMPT_BYTES // 4 else 0
+    if size > MAX_PROMPT_BYTES:
+        raise InputError(f"{name} is {size} bytes, over the limit of {MAX_PROMPT_BYTES} "
+                         "(a prompt is at most 512 T5 tokens)")
     return v
 
 

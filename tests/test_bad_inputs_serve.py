@@ -256,3 +256,15 @@ def test_prompt_of_exactly_the_bound_is_queued(client):
     r = client.post("/v1/edits", **form(prompt="x" * 2**16))
     assert r.status_code == 202, r.text
     client.delete(f"/v1/jobs/{r.json()['id']}")
+
+
+def test_json_strings_do_not_count_as_nesting(client):
+    """Brackets and escaped quotes inside strings, and a base64 image whose '/' are
+    escaped (some JSON encoders do), pass the bounds: the request is queued."""
+    image = base64.b64encode(IMAGE).decode()
+    prompt = 'a "hat" ' + "[" * 40 + ' \\" {'
+    text = json.dumps({"prompt": prompt, "image": image, "options": FAST,
+                       "mask": base64.b64encode(MASK).decode()})
+    r = client.post("/v1/edits", **body(text.replace("/", "\\/")))
+    assert r.status_code == 202, r.text
+    client.delete(f"/v1/jobs/{r.json()['id']}")

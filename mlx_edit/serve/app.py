@@ -223,6 +223,7 @@ def _handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
         return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
     async def bug(request, exc: Exception):  # logged with its traceback by Starlette
         return _error(500, f"internal error ({type(exc).__name__}): "
                            f"{' '.join(str(exc).split())[:200]}")

@@ -289,11 +289,12 @@ class ModelsMixin:
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
                         cache: CacheConfig | None = None, segmenter=None, windows=None,
-                        cache_branches: int = 1) -> MemoryEstimate:
+                        cache_branches: int = 1, **tokens) -> MemoryEstimate:
         """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
         with this pipeline's models, dtype, quantization, step cache (and SAM config;
         windows: the sampling.tiles.Windows of a tiled run, one window batch at a time;
-        cache_branches: 2 with true CFG, one cache state per branch)."""
+        cache_branches: 2 with true CFG, one cache state per branch; tokens: estimate's
+        text_tokens, reference_tokens, reference_px)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             window=None if windows is None else (windows.tokens, windows.batch),
@@ -301,4 +302,4 @@ class ModelsMixin:
             clip=read_config(component_dir(self.root, "text_encoder")),
             t5=read_config(component_dir(self.root, "text_encoder_2")),
             lora_params=sum(x.file.parameter_count for x in self.loras.values()),
-            segmenter=segmenter, cache_branches=cache_branches)
+            segmenter=segmenter, cache_branches=cache_branches, **tokens)

@@ -13,7 +13,7 @@ Paste-back, colour match and the tiled VAE passes are unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from PIL import Image
@@ -70,15 +70,19 @@ def edit_plan(image_size: tuple[int, int], blend, crop_to_mask: bool | None,
 
 
 def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
-                 cache) -> None:
+                 cache, references: Sequence[tuple[int, int]] = ()) -> None:
     """`memory.check_fits` for an edit on `plan` (one window at a time when windowed) with
-    the pipeline's models; InputError listing options that fit."""
+    the pipeline's models, o.max_sequence_length text tokens and Kontext references of
+    these encoded (width, height) px; InputError listing options that fit."""
     from mlx_edit.memory import check_fits
 
     o = o or EditOptions()
     cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
+    refs = dict(reference_tokens=sum((w // TOKEN_PX) * (h // TOKEN_PX) for w, h in references),
+                reference_px=max(references, key=lambda s: s[0] * s[1], default=None))
     est = pipe.memory_estimate(*plan.model_size, num_images, cache,
-                               windows=windows_for(plan, o), cache_branches=1 + cfg)
+                               windows=windows_for(plan, o), cache_branches=1 + cfg,
+                               text_tokens=o.max_sequence_length, **refs)
     check_fits(est, low_memory=pipe.low_memory)
 
 

@@ -22,8 +22,11 @@ text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
 mlx_edit.components) only the phase's own model is resident: CLIP or T5, the VAE, the
 transformer, the VAE. Quantized components count at their quantized size in both modes,
-as the loaders quantize layer by layer (weights/core.py `load_into`). ControlNets and
-image-prompt models are not counted.
+as the loaders quantize layer by layer (weights/core.py `load_into`). Kontext reference
+images are tokens in the transformer's sequence (`reference_tokens`: their attention
+grows with the square of the total), encoded one at a time by the VAE; the text is
+max_sequence_length T5 tokens (`text_tokens`). ControlNets and image-prompt models are
+not counted.
 """
 
 from __future__ import annotations
@@ -166,6 +169,9 @@ class _Inputs:
     segmenter: object = None
     window: tuple[int, int] | None = None
     cache_branches: int = 1
+    text_tokens: int = TEXT_TOKENS
+    reference_tokens: int = 0
+    reference_px: tuple[int, int] | None = None
 
 
 class MemoryEstimate(dict):
@@ -179,7 +185,8 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              quantize: int | None = None, *, transformer=None, vae=None, clip=None, t5=None,
              text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None,
              segmenter=None, window: tuple[int, int] | None = None,
-             cache_branches: int = 1) -> MemoryEstimate:
+             cache_branches: int = 1, reference_tokens: int = 0,
+             reference_px: tuple[int, int] | None = None) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
@@ -191,6 +198,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     None; adds the phase "segment" (its weights and activations next to the resident
     models, `segmenter_gb`), gone before denoising.
     window: (tokens of one window, windows per batch) of tiled denoising: `denoise_gb`.
+    text_tokens: the T5 sequence (max_sequence_length). reference_tokens: packed tokens
+    of Kontext references, in every forward next to the image's (and each window's);
+    reference_px: (width, height) of the largest reference, its VAE encode counted.
     Returns a MemoryEstimate (a dict of GB); `peak` is max over the phases of resident
     weights + that phase's activations + RUNTIME_GB.
     """
@@ -203,16 +213,19 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     if lora_params:
         w["lora"] = lora_params * size / GB
     transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
-    tokens = (height // 16) * (width // 16) + text_tokens
+    image_tokens = (height // 16) * (width // 16) + reference_tokens
     t5_cfg = cfgs["t5"]
     cache_gb = cache_branches * state_bytes(
-        cache, cfgs["transformer"], num_images, tokens - text_tokens, text_tokens, size) / GB
+        cache, cfgs["transformer"], num_images, image_tokens, text_tokens, size) / GB
+    win = window and (window[0] + reference_tokens, window[1])  # references in each window
+    encode_px = max((width, height), reference_px or (0, 0), key=lambda s: s[0] * s[1])
     act = {
         "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
         + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
-        "vae_encode": vae_pass_gb(height, width, size, decode=False, config=cfgs["vae"]),
-        "denoise": denoise_gb(tokens - text_tokens, text_tokens, cfgs["transformer"],
-                              num_images, size, window) + cache_gb,
+        "vae_encode": vae_pass_gb(encode_px[1], encode_px[0], size, decode=False,
+                                  config=cfgs["vae"]),
+        "denoise": denoise_gb(image_tokens, text_tokens, cfgs["transformer"],
+                              num_images, size, win) + cache_gb,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = max(w["text_encoder"], w["text_encoder_2"])  # CLIP is freed before T5 loads
@@ -233,7 +246,8 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak"] = max(out[f"phase_{p}"] for p in act)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache, segmenter, window, cache_branches)
+                         cache, segmenter, window, cache_branches, text_tokens,
+                         reference_tokens, reference_px)
     return out
 
 
@@ -261,7 +275,8 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
               quantize=i.quantize, transformer=i.configs["transformer"],
               vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
               lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
-              window=i.window, cache_branches=i.cache_branches)
+              window=i.window, cache_branches=i.cache_branches, text_tokens=i.text_tokens,
+              reference_tokens=i.reference_tokens, reference_px=i.reference_px)
     kw.update(changes)
     return estimate(**kw)
 
@@ -313,8 +328,10 @@ def check_fits(est: MemoryEstimate, available: float | None = None,
     options = fitting_options(est, available, low_memory)
     advice = ("options that fit: " + "; ".join(options)) if options else (
         "no smaller setting fits either: use a machine with more memory")
+    refs = f", {i.reference_tokens} reference tokens" if i.reference_tokens else ""
     raise InputError(
-        f"this edit needs about {need:.1f} GB ({i.width}x{i.height}, {i.num_images} image(s), "
+        f"this edit needs about {need:.1f} GB ({i.width}x{i.height}{refs}, "
+        f"{i.num_images} image(s), "
         f"{i.dtype}{f', {i.quantize}-bit' if i.quantize else ''}; weights GB: {parts}) but "
         f"this machine has {available:.1f} GB; {advice}"
     )

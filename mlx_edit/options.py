@@ -81,16 +81,26 @@ def _bool(name: str, v: Any) -> bool:
     return v
 
 
+# Prompts are bounded in UTF-8 bytes before any tokenizer sees them (a 50 MB prompt takes
+# GBs to tokenize): 512 T5 tokens, the longest a prompt may be, stay far below this.
+MAX_PROMPT_BYTES = 64 * 1024
+
+
 def _text(name: str, v: Any) -> str:
     if not isinstance(v, str):
         raise InputError(f"{name} must be a string, got {type(v).__name__}")
     if "\x00" in v:
         raise InputError(f"{name} contains a NUL character")
+    size = len(v.encode("utf-8", "surrogatepass")) if len(v) > MAX_PROMPT_BYTES // 4 else 0
+    if size > MAX_PROMPT_BYTES:
+        raise InputError(f"{name} is {size} bytes, over the limit of {MAX_PROMPT_BYTES} "
+                         "(a prompt is at most 512 T5 tokens)")
     return v
 
 
 def check_prompt(prompt: Any, name: str = "prompt") -> str:
-    """The prompt as given, or InputError (not a string, NUL characters)."""
+    """The prompt as given, or InputError (not a string, NUL characters, over
+    MAX_PROMPT_BYTES UTF-8 bytes)."""
     return _text(name, prompt)
 
 

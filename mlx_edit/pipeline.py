@@ -31,7 +31,7 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_ip_adapters,
     prepare_redux,
 )
-from mlx_edit.conditioning.kontext import kontext_tokens
+from mlx_edit.conditioning.kontext import kontext_tokens, reference_size
 from mlx_edit.imaging.images import InputError, from_array, to_array
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, stitch_back
 from mlx_edit.loras import LoRAMixin
@@ -99,14 +99,16 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
 
     def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
              crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None,
-             cache: CacheConfig | None = None, options: EditOptions | None = None
+             cache: CacheConfig | None = None, options: EditOptions | None = None,
+             references: Sequence[tuple[int, int]] = ()
              ) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit, its memory
-        checked (`plan` given: used as it is; 1:1 when `options` allow windows: mlx_edit.large).
+        checked (`plan` given: used as it is; 1:1 when `options` allow windows: mlx_edit.large;
+        references: the encoded (width, height) of Kontext references, in the estimate).
         Raises InputError (mask empty at the model's resolution, or an edit that would not
         fit in memory: the message lists options that do)."""
         plan = large.edit_plan(image.size, blend, crop_to_mask, plan, options)
-        large.check_memory(self, plan, options, num_images, cache)
+        large.check_memory(self, plan, options, num_images, cache, references)
         canvas, mask = crop_for_model(image, model_mask, plan)
         if not mask.any():
             raise InputError(
@@ -153,8 +155,9 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         """
         o = EditOptions.of(options, overrides)
         prompt = check_prompt(prompt)
+        refs = [reference_size(*im.size, reference_resize) for im in references]
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
-                                       o.num_images, plan, o.cache, o)
+                                       o.num_images, plan, o.cache, o, refs)
         windows = large.job_windows(self, plan, o)
         stats: dict = {}
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)

@@ -229,6 +229,12 @@ RESTYLE = [
     (["--mask", "{w}/empty.png"], "mask is empty"),
     (["--controlnet", "a/b"], "no such option"),
 ]
+LONG = "x" * (64 * 1024 + 1)  # one byte over options.MAX_PROMPT_BYTES
+PROMPTS = [  # bounded in bytes before any model loads or tokenizer runs
+    (["--prompt", LONG], "prompt is 65537 bytes, over the limit of 65536"),
+    (["--prompt", "\u00e9" * (32 * 1024 + 1)], "prompt is 65538 bytes"),
+    (["--prompt-2", LONG], "--prompt-2 is 65537 bytes"),
+]
 FILES = [  # inpaint's inputs and outputs
     (["--image", "{w}/missing.png"], "image file not found"),
     (["--image", "{w}/sub"], "directory"),
@@ -407,6 +413,7 @@ CLI_CASES = (
     + [(f"inpaint{' '.join(a)}", INP + a, m) for a, m in FILES + CONDITIONING + MODELS]
     + [(f"{cmd}{' '.join(a)}", BASES[cmd] + a, m) for cmd in BASES
        for a, m in STEP_CACHE + LORAS]
+    + [(f"inpaint{a[0]} ({len(a[1])} chars)", INP + a, m) for a, m in PROMPTS]
     + [(" ".join(a), a, m) for a, m in USAGE + CONVERT + PARITY]
 )
 
@@ -679,6 +686,9 @@ API_CASES = [
     ("inpaint", {"paste_back": "no"}, "paste_back must be true or false"),
     ("inpaint", {"crop_to_mask": 1}, "crop_to_mask must be true or false"),
     ("inpaint", {"prompt_2": 5}, "prompt_2 must be a string"),
+    ("inpaint", {"prompt": LONG}, "prompt is 65537 bytes, over the limit of 65536"),
+    ("inpaint", {"prompt_2": LONG}, "prompt_2 is 65537 bytes"),
+    ("outpaint", {"left": 8, "prompt": LONG}, "prompt is 65537 bytes"),
     ("inpaint", {"max_sequence_length": 600}, "max_sequence_length must be in 1..512"),
     ("inpaint", {"stepz": 2}, "unknown option 'stepz'"),
     ("inpaint", {"left": 8}, "inpaint does not take left"),
@@ -861,6 +871,57 @@ def test_half_set_true_cfg_is_a_one_line_warning(world, tiny_mlx, monkeypatch):
                                   str(world / "out.png")])
     assert r.exit_code == 2 and r.stderr.splitlines()[0] == (
         "Warning: true_cfg_scale 2 does nothing without a negative_prompt: true CFG is off")
+
+
+def test_prompt_bound_is_inclusive():
+    from mlx_edit.options import MAX_PROMPT_BYTES, check_prompt
+
+    at = "\u00e9" * (MAX_PROMPT_BYTES // 2)  # 2 bytes a character: exactly the bound
+    assert check_prompt(at) == at
+    with pytest.raises(InputError, match="65537 bytes"):
+        check_prompt(at + "x")
+
+
+def test_manifest_line_with_a_huge_prompt(tmp_path):
+    """Refused while the manifest is read (before any line runs or a tokenizer sees it)."""
+    from mlx_edit.batch import parse_line
+
+    _png(tmp_path / "a.png", np.zeros((H, W, 3), np.uint8))
+    line = json.dumps({"image": "a.png", "prompt": "x" * 50_000_000, "mask_box": [1, 1, 9, 9]})
+    with pytest.raises(InputError, match="prompt is 50000000 bytes"):
+        parse_line(line, 1, tmp_path, {})
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory, import_script):
+    from mlx_edit.kontext import FluxKontext
+
+    out = tmp_path_factory.mktemp("kontext") / "tiny"
+    ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
+    return FluxKontext.from_pretrained(ckpt / "kontext-model")
+
+
+def test_kontext_references_that_do_not_fit_are_refused_before_work(kontext, images,
+                                                                    monkeypatch):
+    """12 references at the preferred 1248x832 make a 52K-token sequence: refused by the
+    memory estimate before the text encoders run (issue 30: it grew to 16 GB and was
+    killed). One reference fits and gets as far as the prompt encoding."""
+    from mlx_edit import memory
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+    monkeypatch.setattr(memory, "available_memory", lambda: 16 * 10**9)
+    monkeypatch.setattr(type(kontext), "encode_prompt", started)
+    photo = images[0].resize((300, 200))
+    with pytest.raises(InputError) as e:
+        kontext.edit([photo] * 12, "x", steps=1)
+    assert "\n" not in str(e.value)
+    assert "48672 reference tokens" in str(e.value) and "this machine has 16.0 GB" in str(e.value)
+    with pytest.raises(Started):
+        kontext.edit([photo], "x", steps=1)
 
 
 def test_options_from_a_manifest_line():

@@ -66,6 +66,12 @@ def test_bench_load_check_overhead_line(repo_root, tiny_mlx):
     assert re.fullmatch(r"load check overhead: -?[\d.]+% \(float32\)", last), last
 
 
+def test_bench_group_norm_line(repo_root):
+    last = _run(repo_root, "bench_group_norm.py", "--size", "16x24", "--reps", "1")
+    assert re.fullmatch(r"group_norm: 16x24x32 blocked [\d.]+ s, plain [\d.]+ s, ratio [\d.]+",
+                        last), last
+
+
 @pytest.mark.parity  # bench_cache builds its weights with diffusers
 def test_bench_cache_reports_evaluations(repo_root):
     last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",

@@ -123,3 +123,25 @@ def test_available_memory_is_the_machine():
     if mx.default_device() == mx.cpu:
         assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert total > 1e9
+
+
+def test_kontext_references_and_text_tokens():
+    """References are tokens in every forward (attention grows with the square of the
+    total) and the largest is VAE-encoded; the text is max_sequence_length tokens."""
+    cfg = FluxConfig()
+    base = memory.estimate(1024, 1024)
+    refs = memory.estimate(1024, 1024, reference_tokens=2 * 4096, reference_px=(2048, 1024))
+    assert refs["activations_denoise"] == pytest.approx(
+        memory.transformer_activation_gb(3 * 4096 + 512, cfg, 1, 4))
+    assert refs["activations_vae_encode"] == pytest.approx(
+        memory.vae_pass_gb(1024, 2048, 4, decode=False))
+    assert refs["activations_vae_decode"] == base["activations_vae_decode"]
+    short = memory.estimate(1024, 1024, text_tokens=64)
+    assert short["activations_denoise"] == pytest.approx(
+        memory.transformer_activation_gb(4096 + 64, cfg, 1, 4))
+    with pytest.raises(InputError, match="8192 reference tokens"):
+        memory.check_fits(refs, available=base["peak"])
+    # the options offered are estimated with the same references and text
+    again = memory._with(refs, quantize=8)
+    assert (again.inputs.reference_tokens, again.inputs.reference_px) == (8192, (2048, 1024))
+    assert memory._with(short, quantize=8).inputs.text_tokens == 64

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 from conftest import import_script
@@ -269,3 +270,128 @@ def test_group_norm_is_precise_when_mean_dominates():
     ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6))
     ours = GroupNorm(4, 64, eps=1e-6)(mx.array(x.transpose(0, 2, 3, 1)))
     assert np.abs(nchw(ours).reshape(2, 4, -1) - ref).max() <= 1e-5
+
+
+def _group_norm_error(x: np.ndarray, y: np.ndarray, groups: int, eps: float = 1e-6) -> float:
+    """max |y - ref| / max |ref| for ref = GroupNorm(x) in float64, x, y (1, H, W, C);
+    taken a band of rows at a time (a 4K float64 copy would be 0.5 GB)."""
+    c = x.shape[-1]
+    bands = [slice(r, r + 256) for r in range(0, x.shape[1], 256)]
+    per_group = lambda s: s.reshape(groups, -1).sum(-1)  # noqa: E731  (C,) -> (groups,)
+    n = x[0, ..., 0].size * (c // groups)
+    mean = per_group(x.reshape(-1, c).sum(0, dtype=np.float64)) / n
+    mean = np.repeat(mean, c // groups)
+    var = sum(per_group(np.square(x[0, b] - mean).reshape(-1, c).sum(0)) for b in bands) / n
+    scale = np.repeat(1 / np.sqrt(var + eps), c // groups)
+    err = top = 0.0
+    for b in bands:
+        ref = (x[0, b] - mean) * scale
+        err, top = max(err, np.abs(y[0, b] - ref).max()), max(top, np.abs(ref).max())
+    return err / top
+
+
+@pytest.mark.parametrize("height, width", [(832, 1248), (2160, 3840)])
+def test_group_norm_precise_at_full_resolution(height, width):
+    """The first VAE level's GroupNorm at the image's own size: 4 channels per group (the
+    FLUX VAE's 128 channels / 32 groups), so each group holds as many values as the real
+    layer's (4.2M at 1248x832, 33M at 4K); 2 of its 32 groups (8 channels) keep the test
+    to seconds. Channels get their own mean and spread. A plain
+    float32 mean/variance is 1e-5 (1248x832) to 3e-4 (4K) off; float64 reference."""
+    from mlx_edit.models.layers import group_norm
+
+    rng = np.random.default_rng(0)
+    x = rng.random((1, height, width, 8), dtype=np.float32) - 0.5
+    x = x * rng.uniform(0.2, 2, 8).astype(np.float32) + rng.uniform(-3, 3, 8).astype(np.float32)
+    y = np.array(group_norm(mx.array(x), 2, 1e-6))
+    assert y.dtype == np.float32
+    assert _group_norm_error(x, y, 2) <= 1e-6
+
+
+# Widths whose channels per group equal the FLUX VAE's at every level (128/32, 256/32,
+# 512/32 -> 4, 8, 16): each GroupNorm group holds as many values as in the real VAE at
+# the same image size, which is what float32 statistics are sensitive to; narrow, so a
+# real-size image costs seconds. No mid-block attention: the float64 reference's 16K x 16K
+# scores would take a minute (test_attention_precise_at_full_resolution checks ours).
+FULL_RES = dict(
+    block_out_channels=(8, 16, 32, 32), latent_channels=16, layers_per_block=1,
+    norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False,
+    mid_block_add_attention=False, **FLUX_FACTORS,
+)
+
+
+@pytest.fixture(scope="module")
+def full_res(tmp_path_factory):
+    """The FULL_RES VAE saved as a diffusers folder and a BFL file, and its float64 copy:
+    the reference at full size (diffusers in float32 is itself up to 8e-5 off float64
+    there: torch's CPU GroupNorm on photo activations; ours stays within 1e-5)."""
+    import copy
+
+    root = tmp_path_factory.mktemp("vae_full_res")
+    ref = build_reference(FULL_RES, seed=4)
+    ref.save_pretrained(root / "vae", safe_serialization=True)
+    check_bfl_file(ref, root / "ae.safetensors", 4)
+    return dict(ref=ref, ref64=copy.deepcopy(ref).double(), root=root)
+
+
+def _photo(height: int, width: int) -> np.ndarray:
+    """skimage's coffee photo resized to (1, 3, height, width) float32 in [-1, 1]."""
+    from skimage.data import coffee
+    from skimage.transform import resize
+
+    image = resize(coffee(), (height, width), anti_aliasing=True)  # float64 in [0, 1]
+    return (image.transpose(2, 0, 1)[None] * 2 - 1).astype(np.float32)
+
+
+@pytest.mark.parity
+def test_encode_photo_at_1248x832(full_res):
+    """A 1248x832 photo (4.2M values per group at the first level): float32 statistics
+    over groups that large were 1e-4 off before `group_norm`'s centred sums."""
+    image = _photo(832, 1248)
+    with torch.no_grad():
+        dist = full_res["ref64"].encode(torch.from_numpy(image).double()).latent_dist
+    model = load_vae(full_res["root"] / "vae", dtype=mx.float32)
+    with model.banded(2**28):
+        mean, logvar = model.encode(mx.array(image.transpose(0, 2, 3, 1)))
+    assert rel_err(nchw(mean), dist.mean.numpy()) <= 1e-5
+    assert rel_err(nchw(logvar), dist.logvar.numpy()) <= 1e-5
+
+
+@pytest.mark.parity
+def test_bfl_file_decode_at_1024x1024(full_res):
+    """The BFL single file (ae.safetensors names) decoding a 1024x1024 image."""
+    latent = make_latent(1, 128, 128)
+    with torch.no_grad():
+        ref = full_res["ref64"].decode(torch.from_numpy(latent).double()).sample.numpy()
+    cfg = VAEConfig.from_dict(dict(full_res["ref"].config))
+    model = load_vae(full_res["root"] / "ae.safetensors", dtype=mx.float32, config=cfg)
+    with model.banded(2**28):
+        assert rel_err(nchw(model.decode(mx.array(latent.transpose(0, 2, 3, 1)))), ref) <= 1e-5
+
+
+def test_attention_precise_at_full_resolution():
+    """The mid-block attention of a 1248x832 image: 156 x 104 = 16K pixels, each query's
+    softmax a sum over 16K keys; float64 reference."""
+    from mlx_edit.models.vae import Attention
+
+    h, w, c = 104, 156, 32
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, h, w, c), dtype=np.float32)
+    attn = Attention(c, 2)
+    params = {name: (rng.standard_normal(p.shape, dtype=np.float32) * (c**-0.5 if p.ndim > 1 else 0.1)
+                     + (1 if name.endswith("group_norm.weight") else 0))
+              for name, p in tree_flatten(attn.parameters())}
+    attn.load_weights([(k, mx.array(v)) for k, v in params.items()])
+    attn.max_bytes = 2**26
+    ours = np.array(attn(mx.array(x))).reshape(h * w, c)
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    g = x.astype(np.float64).reshape(h * w, 2, c // 2)
+    t = ((g - g.mean((0, 2))[None, :, None]) / np.sqrt(g.var((0, 2))[None, :, None] + 1e-6))
+    t = t.reshape(h * w, c) * p["group_norm.weight"] + p["group_norm.bias"]
+    q, k, v = (t @ p[f"to_{n}.weight"].T + p[f"to_{n}.bias"] for n in "qkv")
+    rows = slice(0, h * w, 8)  # every 8th query (each still attends to all 16K keys)
+    scores = q[rows] @ k.T / np.sqrt(c)
+    probs = np.exp(scores - scores.max(1, keepdims=True))
+    o = (probs / probs.sum(1, keepdims=True)) @ v
+    ref = x[0].reshape(-1, c)[rows] + o @ p["to_out.0.weight"].T + p["to_out.0.bias"]
+    print(f"attention rel err {np.abs(ours[rows] - ref).max() / np.abs(ref).max():.2e}")
+    assert np.abs(ours[rows] - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -247,6 +247,8 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     from mlx_edit.imaging.images import (
         check_output, json_writer, load_image, png_writer, typed_metadata, write_together)
 
+    from mlx_edit.options import check_prompt
+
     options = build_options(mode, opts, specs)
     if mode in ("restyle", "edit"):  # before the model loads (the API checks it again)
         from mlx_edit.imaging.images import InputError
@@ -256,7 +258,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
         except InputError as e:
             raise _flagged(e) from None
     opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
-    prompt = opts["prompt"]
+    prompt = check_prompt(opts["prompt"], "instruction" if mode == "edit" else "prompt")
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
     inputs += options.input_files() + list(references)
     w, h = check_inputs(image, mask,

@@ -3,8 +3,10 @@ web page at `/`. Needs `pip install 'mlx-edit[serve]'` (FastAPI, uvicorn)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import socket
 
 import click
 
@@ -56,9 +58,13 @@ def serve_command(model, kontext_model, segment_model, quantize, low_memory, hos
                   token, max_queue, max_upload_mb, max_images, max_resident_gb,
                   preview_every, prompt_cache, prompt_cache_gb, no_prompt_cache):
     """Serve edits over HTTP with the models kept loaded (API docs at /docs)."""
+    if token is not None and not token.strip():
+        raise click.UsageError("--token (or MLX_EDIT_TOKEN) is blank: give a non-empty "
+                               "token, or leave it unset on a loopback --host")
     if not is_loopback(host) and not token:
         raise click.UsageError(f"--host {host} accepts connections from other machines: "
                                "set --token (or MLX_EDIT_TOKEN) too")
+    sock = bind(host, port)  # before any model loads: a busy port fails in one line
     try:
         import uvicorn
 
@@ -77,4 +83,27 @@ def serve_command(model, kontext_model, segment_model, quantize, low_memory, hos
     app = create_app(config)
     logging.getLogger("uvicorn.access").addFilter(RedactToken())
     click.echo(f"mlx-edit serving on http://{host}:{port}/ (API docs: /docs)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 for an IPv6 address), for uvicorn.
+    Raises click.UsageError (one line, exit 2) when the port is busy, the address is not
+    this machine's, or the name does not resolve."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise click.UsageError(f"--host {host}: cannot resolve it ({e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use (another server?): choose another --port" \
+            if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise click.UsageError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import known_fields
+from mlx_edit.models.layers import GroupNorm
 
 _EPS = 1e-6  # every norm of the diffusers VAE (resnet_eps, conv_norm_out, attention)
 
@@ -67,33 +68,6 @@ class VAEConfig:
     def scale_factor(self) -> int:
         """Pixels per latent cell along each side (8 for FLUX)."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-
-class GroupNorm(nn.Module):
-    """GroupNorm over groups of consecutive channels (as PyTorch), NHWC input.
-
-    Statistics in float32, the group mean removed (twice: the second pass takes out the
-    first mean's rounding error) before the variance is taken (a one-pass
-    E[x^2] - E[x]^2, as MLX's CPU layer_norm kernel computes it, loses ~1e-3 when
-    |mean| >> std, e.g. encoding a flat control/edge image). Grouping is a
-    reshape of the channel axis, no transpose, so the full-resolution layers hold few
-    copies of their input. Parameters `weight`, `bias` (C,) as nn.GroupNorm.
-    """
-
-    def __init__(self, groups: int, channels: int, eps: float = _EPS):
-        super().__init__()
-        self.groups, self.eps = groups, eps
-        self.weight = mx.ones((channels,))
-        self.bias = mx.zeros((channels,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, *rest, c = x.shape
-        g = x.reshape(b, -1, self.groups, c // self.groups).astype(mx.float32)
-        centred = g - g.mean(axis=(1, 3), keepdims=True)
-        centred = centred - centred.mean(axis=(1, 3), keepdims=True)  # the mean's rounding
-        var = mx.square(centred).mean(axis=(1, 3), keepdims=True)
-        y = (centred * mx.rsqrt(var + self.eps)).reshape(x.shape).astype(x.dtype)
-        return y * self.weight + self.bias
 
 
 def _group_norm(channels: int, groups: int) -> GroupNorm:

@@ -16,7 +16,8 @@
 
 Errors are JSON {"error": message}: 400 bad input (InputError), 401 missing/wrong token,
 403 another web site (Origin) or, without a token, a non-local Host, 404 unknown job or
-image, 409 wrong state, 413 too large, 429 queue full.
+image, 409 wrong state, 413 too large, 422 JSON nested too deep or too long
+(uploads.parse_json), 429 queue full, 500 a bug (still JSON).
 """
 
 from __future__ import annotations
@@ -45,15 +46,18 @@ from mlx_edit.serve.jobs import FINISHED, Conflict, JobRunner, QueueFull, Unknow
 from mlx_edit.serve.preview import Previewer
 from mlx_edit.serve.resident import Resident, pipeline_gb, segmenter_gb
 from mlx_edit.serve.uploads import (
+    Unprocessable,
     UploadTooLarge,
     build_mask_request,
     build_request,
     decode_base64,
+    parse_json,
 )
 
 EVENT_POLL_S = 0.05  # how often an event stream looks for new events
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing the stream
 FILE_FIELDS = ("image", "mask")
+MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
 
 
 def model_loaders(config: ServeConfig, cache=None) -> dict:
@@ -205,8 +209,8 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 def _handlers(app: FastAPI) -> None:
     """Every error as {"error": message} with its status."""
-    table = {InputError: 400, UploadTooLarge: 413, QueueFull: 429, Conflict: 409,
-             UnknownJob: 404}
+    table = {InputError: 400, Unprocessable: 422, UploadTooLarge: 413, QueueFull: 429,
+             Conflict: 409, UnknownJob: 404}
     for exc_type, status in table.items():
         async def handle(request, exc, status=status):
             return _error(status, " ".join(str(exc).split()))
@@ -219,25 +223,34 @@ def _handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
         return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    async def bug(request, exc: Exception):  # logged with its traceback by Starlette
+        return _error(500, f"internal error ({type(exc).__name__}): "
+                           f"{' '.join(str(exc).split())[:200]}")
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(Exception, bug)
 
 
 async def _fields(request: Request) -> tuple[dict, dict]:
     """(fields, files as bytes) of a multipart form or a JSON body."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError("the body is not valid JSON") from None
+        body = parse_json(await request.body(), "the JSON body")
         if not isinstance(body, dict):
             raise InputError("the JSON body must be an object")
         files = {k: decode_base64(body.pop(k), k) for k in FILE_FIELDS if k in body}
         return body, files
     if not ctype.startswith("multipart/form-data"):
         raise InputError("send multipart/form-data or application/json")
-    form = await request.form(max_files=len(FILE_FIELDS), max_fields=16)
+    try:
+        form = await request.form(max_files=len(FILE_FIELDS), max_fields=16,
+                                  max_part_size=MAX_FIELD_BYTES)
+    except HTTPException as e:  # Starlette's 400 for a form field over max_part_size
+        if "maximum size" in str(e.detail):
+            raise UploadTooLarge(f"a form field is over this server's limit of "
+                                 f"{MAX_FIELD_BYTES} bytes (send images as files)") from None
+        raise
     fields, files = {}, {}
     for key, value in form.multi_items():
         if isinstance(value, str):

@@ -15,6 +15,7 @@ import binascii
 import dataclasses
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,17 +23,49 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mlx_edit.imaging.images import InputError, load_image, load_mask
-from mlx_edit.options import EditOptions
+from mlx_edit.options import MAX_PROMPT_BYTES, EditOptions, check_canvas, check_prompt
 from mlx_edit.serve.config import ServeConfig
 
 FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC stay local
 PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
 PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
 SERVED_MODES = {"inpaint": "fill", "outpaint": "fill", "edit": "kontext"}
+MAX_JSON_DEPTH = 16  # nesting of a JSON body or field (an edit request needs ~4)
+MAX_JSON_TOKENS = 100_000  # brackets and strings in one JSON document
+_JSON_STRING = re.compile(rb'"[^"]*"')  # once escaped quotes are gone
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class UploadTooLarge(Exception):
     """A request body or an image over the server's limits (HTTP 413)."""
+
+
+class Unprocessable(InputError):
+    """Well-formed but beyond what the server processes: JSON nested deeper than
+    MAX_JSON_DEPTH or with more than MAX_JSON_TOKENS brackets/strings (HTTP 422)."""
+
+
+def parse_json(data: str | bytes, what: str) -> Any:
+    """json.loads of a body or field after bounding its nesting and its count of
+    brackets and strings (a few passes over the bytes, each in C), so no client can make
+    the parser recurse past Python's limit or spend long on it. Raises Unprocessable
+    over the bounds, InputError when it is not JSON."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    # Escaped backslashes, then escaped quotes, then whole strings dropped (C-speed
+    # passes): what is left of the brackets is what nests.
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    nest = _JSON_STRING.sub(b"", unescaped).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for c in nest[:MAX_JSON_TOKENS + 1]:
+        depth += 1 if c in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise Unprocessable(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    if unescaped.count(b'"') // 2 + len(nest) > MAX_JSON_TOKENS:
+        raise Unprocessable(f"{what} has over {MAX_JSON_TOKENS} brackets and strings")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{what} is not valid JSON") from None
 
 
 @dataclass
@@ -92,8 +125,10 @@ def _json_field(fields: dict, name: str, default: Any = None) -> Any:
     value = fields.get(name, default)
     if isinstance(value, str) and name != "prompt":
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return parse_json(value, name)
+        except Unprocessable:
+            raise
+        except InputError:
             raise InputError(f"{name} must be JSON, got {value[:40]!r}") from None
     return value
 
@@ -113,15 +148,17 @@ def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
     return options
 
 
-def _click_mask(fields: dict, segmenter: str | None) -> list | None:
-    """`segment.Points` / `Box` prompts from the points/labels/box fields, or None."""
+def _click_mask(fields: dict, segmenter: str | None, image_size: tuple[int, int]
+                ) -> list | None:
+    """`segment.Points` / `Box` prompts from the points/labels/box fields, or None;
+    InputError unless they are valid for an image of image_size (width, height) px."""
     points, labels, box = (_json_field(fields, k) for k in ("points", "labels", "box"))
     if points is None and box is None:
         return None
     if segmenter is None:
         raise InputError("this server has no segmenter: send a mask image (or start it "
                          "with --segment-model)")
-    from mlx_edit.segment import Box, Points
+    from mlx_edit.segment import Box, Points, prompt_arrays, prompts_from_specs
 
     prompts = []
     try:
@@ -133,6 +170,8 @@ def _click_mask(fields: dict, segmenter: str | None) -> list | None:
     except (TypeError, ValueError):
         raise InputError("points must be [[x, y], ...], labels [1 | 0, ...], box "
                          "[x0, y0, x1, y1]") from None
+    # inside the image, labels 0/1, counts matching: checked now, not in the queued job
+    prompt_arrays(**prompts_from_specs(prompts), image_size=image_size[::-1], input_size=1024)
     return prompts
 
 
@@ -155,6 +194,10 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is required")
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size > MAX_PROMPT_BYTES:  # a size: 413, before the job's tokenizer sees it
+        raise UploadTooLarge(f"prompt is {size} bytes, over the limit of {MAX_PROMPT_BYTES}")
+    check_prompt(prompt)
     priority = fields.get("priority") or "interactive"
     if priority not in PRIORITIES:
         raise InputError(f"priority must be interactive or batch, got {priority!r}")
@@ -164,7 +207,7 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
-    mask = _click_mask(fields, segmenter)
+    mask = _click_mask(fields, segmenter, image.size)
     if mask is not None:
         options = dataclasses.replace(options, segment_model=segmenter)
     elif "mask" in files:
@@ -174,6 +217,9 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
         raise InputError("inpaint needs a mask (an image, white = repaint) or points/box")
     if mode == "outpaint" and mask is not None:
         raise InputError("outpaint takes no mask: set left/right/top/bottom in options")
+    if mode == "outpaint":  # the canvas is allocated by the job: refused before queuing
+        check_canvas(image.width + options.left + options.right,
+                     image.height + options.top + options.bottom)
     return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
                        PRIORITIES[priority])
 
@@ -186,7 +232,7 @@ def build_mask_request(fields: dict, files: dict[str, bytes], config: ServeConfi
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
-    prompts = _click_mask(fields, segmenter)
+    prompts = _click_mask(fields, segmenter, image.size)
     if prompts is None:
         raise InputError("send points ([[x, y], ...], labels [1 | 0, ...]) or a box "
                          "([x0, y0, x1, y1]) to segment")

@@ -188,12 +188,14 @@ def step_inputs(transformer: FluxTransformer, txt: mx.array, pooled: mx.array,
                 ip: Sequence[IPAdapterKV] = (),
                 negative: tuple[mx.array, mx.array, float] | None = None) -> StepInputs:
     """StepInputs for a batch of `batch`: txt (1|batch, L, D) / pooled (1|batch, P) of
-    the prompt broadcast, RoPE of [img_ids | token_ids] built once, guidance as (batch,)
-    when the transformer embeds it; negative: (txt, pooled, true CFG scale) or None."""
-    t_ids = text_ids(txt.shape[1])
+    the prompt broadcast (pooled None: a family without one, FLUX.2), text ids with as many
+    axes as img_ids (`latents.text_ids`), RoPE of [img_ids | token_ids] built once,
+    guidance as (batch,) when the transformer embeds it; negative: (txt, pooled, true CFG
+    scale) or None."""
+    t_ids = text_ids(txt.shape[1], img_ids.shape[-1])
 
     def b(x):
-        return mx.broadcast_to(x, (batch, *x.shape[1:]))
+        return None if x is None else mx.broadcast_to(x, (batch, *x.shape[1:]))
     g = mx.full((batch,), guidance, dtype=mx.float32) \
         if transformer.config.guidance_embeds else None
     neg = None if negative is None else (

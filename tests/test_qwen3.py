@@ -283,3 +283,36 @@ def test_parameter_bytes(np_folder, fixtures):
     assert qwen3_nbytes(cfg, mx.float32, 8) == model_nbytes(load_qwen3(np_folder, quantize=8))
     full = Qwen3TextEncoder(Qwen3Config.from_dict({**cfg, "out_layers": [28]}))
     assert qwen3_nbytes(cfg, mx.float32) < model_nbytes(full)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_prompt_embeds_parity_wide(fixtures, tokenizer_dir, tmp_path):
+    """Qwen3-4B widths (hidden 2560, 32/8 heads of 128, MLP 9728), 2 layers with tied
+    embeddings: diffusers' embeddings of hidden states (0, 1, 2), 2 the final-normed one."""
+    torch = pytest.importorskip("torch")
+    from diffusers import Flux2KleinPipeline
+    from transformers import AutoTokenizer
+    from transformers import Qwen3Config as HFQwen3Config
+    from transformers import Qwen3ForCausalLM
+    from transformers.initialization import no_init_weights
+
+    cfg = {k: v for k, v in fixtures.QWEN3_PRESETS["wide"].items() if k != "architectures"}
+    g = torch.Generator().manual_seed(0)
+    with no_init_weights():
+        model = Qwen3ForCausalLM(HFQwen3Config(**cfg)).eval()
+    with torch.no_grad():  # trained-like scales: unit embeddings, 1/sqrt(fan-in) linears
+        for name, p in model.named_parameters():
+            mean, std = (1.0, 0.1) if "norm" in name else (0.0, p.shape[-1] ** -0.5)
+            p.normal_(mean, 1.0 if "embed" in name else std, generator=g)
+    model.save_pretrained(tmp_path)
+    layers = (0, 1, 2)
+    with torch.no_grad():
+        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            model, AutoTokenizer.from_pretrained(tokenizer_dir), PROMPTS[:2],
+            max_sequence_length=64, hidden_states_layers=layers)
+    del model
+    embeds, _ = encode_qwen3_prompt(load_qwen3(tmp_path, out_layers=layers),
+                                    Qwen3Tokenizer.from_folder(tokenizer_dir), PROMPTS[:2],
+                                    max_sequence_length=64)
+    assert rel_err(embeds, ref.numpy()) <= TOL

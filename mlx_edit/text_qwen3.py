@@ -36,10 +36,17 @@ from mlx_edit.weights.core import WeightLoadError
 
 QWEN3_MAX_LENGTH = 512  # Flux2KleinPipeline's max_sequence_length default
 _QWEN2_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                  "cls_token", "mask_token")
+
+
+def qwen2_pre_tokenizer(add_prefix_space: bool = False) -> pre_tokenizers.PreTokenizer:
+    """transformers' `Qwen2Tokenizer` pre-tokenizer: its regex split, then byte level."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)])
 
 
 def _token(value) -> str | None:
@@ -63,7 +70,7 @@ def compile_chat_template(source: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, dict=dict,
+    env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(source)
 
@@ -98,10 +105,7 @@ class Qwen3Tokenizer:
         tokenizer.no_padding(), tokenizer.no_truncation()  # a tokenizer.json may set them
         if config.get("tokenizer_class") in _QWEN2_CLASSES:  # as transformers' Qwen2Tokenizer
             tokenizer.normalizer = normalizers.NFC()
-            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space")),
-                                         use_regex=False)])
+            tokenizer.pre_tokenizer = qwen2_pre_tokenizer(bool(config.get("add_prefix_space")))
         self.template = compile_chat_template(chat_template)
         self.template_vars = {k: _token(config[k]) for k in _NAMED_TOKENS
                               if _token(config.get(k)) is not None}
@@ -146,6 +150,10 @@ class Qwen3Tokenizer:
         """Ids of already rendered text, untruncated (with whatever the tokenizer.json's
         post-processor adds: nothing for Qwen's byte-level one)."""
         return self.tokenizer.encode(text).ids
+
+    def count_tokens(self, prompt: str) -> int:
+        """Ids of the rendered prompt before truncation (the template's tokens included)."""
+        return len(self.encode(self.render(prompt)))
 
     def __call__(self, prompts: str | list[str], max_length: int = QWEN3_MAX_LENGTH
                  ) -> tuple[np.ndarray, np.ndarray]:

@@ -325,20 +325,18 @@ def write_qwen3_tokenizer(folder: str | Path) -> int:
     special/added tokens, `<|endoftext|>` = pad first): Qwen3 text encoders built for this
     fixture need at least that `vocab_size`. Needs only the `tokenizers` library.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
-    from tokenizers import pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import processors, trainers
     from tokenizers.models import BPE
 
-    from mlx_edit.text_qwen3 import _QWEN2_SPLIT
+    from mlx_edit.text_qwen3 import qwen2_pre_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                         fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = qwen2_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=QWEN3_BPE_SIZE, show_progress=False,

@@ -265,9 +265,11 @@ def test_tokenizer_errors(tokenizer_dir, tmp_path):
     with pytest.raises(WeightLoadError, match="cannot read the Qwen3 tokenizer"):
         Qwen3Tokenizer.from_folder(broken)
     tok = Qwen3Tokenizer.from_folder(tokenizer_dir)
-    with pytest.warns(PromptTruncatedWarning, match="Qwen3 prompt truncated"):
+    with pytest.warns(PromptTruncatedWarning, match="Qwen3 prompt truncated") as caught:
         ids, mask = tok(PROMPTS[3], 16)
     assert ids.shape == mask.shape == (1, 16) and mask.all()
+    w = caught[0].message
+    assert w.limit == 16 and tok.count_tokens(PROMPTS[3]) == 16 + w.dropped
 
 
 def test_text_ids():

@@ -65,9 +65,9 @@ def load_qwen3(folder: str | Path, dtype: mx.Dtype | None = None, *,
     else klein's (9, 18, 27)); only the layers up to the highest one are read.
     quantize: 4 or 8 quantizes the attention and MLP linears at load (policy "qwen3":
     embeddings and norms stay in full precision), layer by layer.
-    Raises WeightLoadError on a missing config or files, or missing, unexpected or
-    mis-shaped tensors (e.g. a checkpoint with fewer layers than `out_layers` needs);
-    ValueError for an unsupported config (sliding window, RoPE scaling, out_layers).
+    Raises WeightLoadError on a missing config or files, missing, unexpected or
+    mis-shaped tensors (e.g. a checkpoint with fewer layers than its config says), or an
+    unsupported config (sliding window, RoPE scaling, out_layers past the last layer).
     """
     config = None if out_layers is None else {"out_layers": list(out_layers)}
     return loader.load("qwen3", folder, dtype, config=config, quantize=quantize)

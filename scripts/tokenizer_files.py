@@ -323,7 +323,7 @@ def write_qwen3_tokenizer(folder: str | Path) -> int:
 
     Returns the number of ids the tokenizer can emit (`QWEN3_BPE_SIZE` plus the 5
     special/added tokens, `<|endoftext|>` = pad first): Qwen3 text encoders built for this
-    fixture need at least that `vocab_size`. Needs only the `tokenizers` library.
+    fixture need at least that `vocab_size`. Torch-free (HF `tokenizers`).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers import processors, trainers

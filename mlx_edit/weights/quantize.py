@@ -54,6 +54,9 @@ FULL_PRECISION: Mapping[str, tuple[str, ...]] = {
     "text_encoder": (),
     "text_encoder_2": (),
     "controlnet": (*_EMBEDDERS, "final_layer", "controlnet_x_embedder"),
+    # FLUX.2 [klein]'s Qwen3 text encoder: every attention and MLP linear (the embedding
+    # and the norms are not Linear layers, so they stay in full precision)
+    "qwen3": (),
 }
 
 # Config key marking a component folder written by mlx-edit (our parameter names).

@@ -6,6 +6,7 @@ reads. Every `load_*` function of this package is one call of it.
     vae            mlx, diffusers, bfl                    FLUX defaults (+ quant convs)
     clip_text      mlx, transformers                      (a folder is required)
     t5             mlx, transformers                      (a folder is required)
+    qwen3          mlx, transformers                      (a folder is required)
     controlnet     diffusers, xlabs, mlx                  xlabs: from shapes
     clip_vision    transformers                           ViT-L/14 defaults
     siglip_vision  transformers                           so400m-patch14-384 defaults
@@ -34,9 +35,10 @@ from mlx_edit.models.redux import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.weights import controlnet, flux, text, vae, vision
+from mlx_edit.weights import controlnet, flux, qwen3, text, vae, vision
 from mlx_edit.weights.loader import (
     Format,
     Spec,
@@ -93,6 +95,13 @@ T5 = Spec(
     class_name="T5EncoderModel",
 )
 
+QWEN3 = Spec(
+    "Qwen3 text encoder", Qwen3Config, Qwen3TextEncoder,
+    file_or_folder("Qwen3 text encoder", folder_only=True),
+    formats={"mlx": mlx_format(), "transformers": Format(always, qwen3.RULES)},
+    prefixes=qwen3.PREFIXES, unused=qwen3.unused, quantize_policy="qwen3",
+    class_name="Qwen3ForCausalLM",
+)
 
 
 def _diffusers_controlnet(names, _config) -> bool:
@@ -145,6 +154,7 @@ SPECS: dict[str, Spec] = {
     "vae": VAE,
     "clip_text": CLIP_TEXT,
     "t5": T5,
+    "qwen3": QWEN3,
     "controlnet": CONTROLNET,
     "clip_vision": _vision("CLIP vision tower", CLIPVisionConfig, CLIPVisionModel,
                            vision.CLIP_VISION_RULES),

@@ -209,3 +209,32 @@ def test_bfl_file_strict(tiny, tmp_path):
     save_file({k: v.contiguous() for k, v in bfl.items()}, str(path))
     with pytest.raises(WeightLoadError, match="single_blocks.1.linear2.weight"):
         load_flux2_transformer(path, mx.float32, config={"axes_dims_rope": [4, 4, 4, 4]})
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_load_and_conversion(tiny, tmp_path, bits):
+    """quantize=bits follows the transformer policy (embedders and final layer full), stays
+    close to float32, and an `mlx-edit convert`-style folder reloads to the same model."""
+    from mlx_edit.weights.convert import ComponentSource, convert_component
+    from mlx_edit.weights.loader import open_checkpoint
+    from mlx_edit.weights.quantize import quantized_layers
+
+    cfg, ref, folder = tiny
+    x = make_inputs(cfg, guidance=cfg["guidance_embeds"])
+    full = run_ours(load_flux2_transformer(folder, mx.float32), x)
+    model = load_flux2_transformer(folder, mx.float32, quantize=bits)
+    done = {p for p, _ in quantized_layers(model)}
+    assert "double_mod_img" in done and "single_blocks.1.linear2" in done
+    assert "double_blocks.0.txt_mlp.fc2" in done
+    assert not any(p.startswith(("img_in", "txt_in", "time_in", "guidance_in", "final_layer"))
+                   for p in done)
+    out = run_ours(model, x)
+    assert rel_err(out, full) <= {8: 2e-3, 4: 3e-2}[bits]  # measured 3e-4, 5.5e-3
+
+    ckpt = open_checkpoint("flux2_transformer", folder)
+    src = ComponentSource("transformer", folder, ckpt.spec.model_class(ckpt.config),
+                          ckpt.tensors, ckpt.rules, ckpt.config_dict)
+    convert_component(src, tmp_path / "q", mx.float32, bits)
+    again = load_flux2_transformer(tmp_path / "q")
+    assert {p for p, _ in quantized_layers(again)} == done
+    np.testing.assert_array_equal(run_ours(again, x), out)

@@ -3,6 +3,7 @@ reads. Every `load_*` function of this package is one call of it.
 
     kind           formats (tried in this order)          config of a file without one
     transformer    diffusers, bfl, mlx                    bfl: from shapes (+ RoPE axes)
+    flux2_transformer  diffusers, bfl, mlx                bfl: from shapes (+ RoPE axes)
     vae            mlx, diffusers, bfl                    FLUX defaults (+ quant convs)
     clip_text      mlx, transformers                      (a folder is required)
     t5             mlx, transformers                      (a folder is required)
@@ -28,6 +29,7 @@ from __future__ import annotations
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.models.ip_adapter import IPAdapter, IPAdapterConfig
 from mlx_edit.models.redux import (
     ReduxConfig,
@@ -38,7 +40,7 @@ from mlx_edit.models.redux import (
 from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.weights import controlnet, flux, qwen3, text, vae, vision
+from mlx_edit.weights import controlnet, flux, flux2, qwen3, text, vae, vision
 from mlx_edit.weights.loader import (
     Format,
     Spec,
@@ -68,6 +70,20 @@ TRANSFORMER = Spec(
     },
     prefixes=flux.BFL_PREFIXES, quantize_policy="transformer",
     class_name="FluxTransformer2DModel",
+)
+
+FLUX2_TRANSFORMER = Spec(
+    "FLUX.2 transformer", Flux2Config, Flux2Transformer, file_or_folder("FLUX.2 transformer"),
+    formats={
+        "diffusers": Format(any_key(flux2.DIFFUSERS_SIGN), flux2.DIFFUSERS_RULES,
+                            sign=flux2.DIFFUSERS_SIGN),
+        "bfl": Format(any_key(flux2.BFL_SIGN), flux2.BFL_RULES,
+                      infer=lambda t, o: flux2.infer_bfl_config(t, _axes(o)),
+                      sign=flux2.BFL_SIGN),
+        "mlx": mlx_format("double_mod_img.weight", "double_mod_img.scales"),
+    },
+    prefixes=flux.BFL_PREFIXES, quantize_policy="transformer",
+    class_name="Flux2Transformer2DModel",
 )
 
 VAE = Spec(
@@ -151,6 +167,7 @@ REDUX = Spec(
 
 SPECS: dict[str, Spec] = {
     "transformer": TRANSFORMER,
+    "flux2_transformer": FLUX2_TRANSFORMER,
     "vae": VAE,
     "clip_text": CLIP_TEXT,
     "t5": T5,

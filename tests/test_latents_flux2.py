@@ -38,6 +38,7 @@ def test_flux2_config():
     assert (cfg.latent_channels, cfg.patch_size, cfg.bn_channels, cfg.scale_factor) == (
         32, (2, 2), 128, 8)
     assert (cfg.scaling_factor, cfg.shift_factor, cfg.use_quant_conv) == (1.0, 0.0, True)
+    assert VAEConfig.flux2() == cfg
     model = AutoencoderKL(VAEConfig.from_dict(TINY))
     assert model.bn.running_mean.shape == (128,) and model.bn.eps == 1e-4
     assert "bn" not in AutoencoderKL(VAEConfig.from_dict({**TINY, "patch_size": None}))
@@ -139,3 +140,23 @@ def test_bfl_flux2_file_without_config(tmp_path):
     save_file(bfl, str(tmp_path / "ae.safetensors"))
     with pytest.raises(WeightLoadError, match="encoder.quant_conv.weight"):
         load_vae(tmp_path / "ae.safetensors", dtype=mx.float32, config=given)
+
+
+def test_diffusers_folder_converts_to_mlx_folder(tmp_path):
+    """A diffusers FLUX.2 `vae/` folder (with the batch counter) -> `mlx-edit convert`'s
+    component folder -> the same model, batch-norm statistics included."""
+    from mlx_edit.weights.convert import convert_component, open_component
+
+    mmc = import_script("make_mlx_checkpoint")
+    params = mmc.write_component(tmp_path, "vae", TINY, 0)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = dict(mx.load(str(weights)))
+    save_file({**{k: np.array(v) for k, v in tensors.items()},
+               "bn.num_batches_tracked": np.array(3, dtype=np.int64)}, str(weights))
+    convert_component(open_component("vae", tmp_path / "vae"), tmp_path / "mlx", mx.float32,
+                      None)
+    for path in (tmp_path / "vae", tmp_path / "mlx"):
+        model = load_vae(path, dtype=mx.float32)
+        assert model.config == VAEConfig.from_dict(TINY)
+        loaded = dict(tree_flatten(model.parameters()))
+        assert all(np.array_equal(np.array(loaded[k]), v) for k, v in params.items())

@@ -22,6 +22,7 @@ import pytest
 from mlx.utils import tree_flatten
 from test_vae import rel_err, to_bfl
 
+from mlx_edit.models.vae import VAEConfig
 from mlx_edit.sampling import latents_flux2 as lf
 from mlx_edit.weights.vae import load_vae
 
@@ -267,6 +268,7 @@ def test_wide_flux2_vae(tmp_path):
     ref = build_reference(WIDE, seed=3)
     ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
     model = load_vae(tmp_path / "vae", dtype=mx.float32)
+    assert model.config == VAEConfig.flux2()
     (image,) = images((48, 64))
     latent = np.random.default_rng(2).standard_normal((1, 32, 6, 8)).astype(np.float32)
     check_encode_decode(model, ref, image, latent)

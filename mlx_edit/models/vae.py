@@ -81,6 +81,14 @@ class VAEConfig:
                 raise ValueError(f"VAE {key} {bad} not supported (only {allowed})")
         return cls(**kw)
 
+    @classmethod
+    def flux2(cls) -> VAEConfig:
+        """The FLUX.2 VAE (diffusers AutoencoderKLFlux2 defaults, the klein and dev
+        `vae/config.json`): FLUX.1's widths, 32 latent channels, both quant convs, 2x2
+        patches normalised by the 128-channel batch norm (eps 1e-4)."""
+        return cls.from_dict({"latent_channels": 32, "use_quant_conv": True,
+                              "use_post_quant_conv": True, "patch_size": (2, 2)})
+
     @property
     def scale_factor(self) -> int:
         """Pixels per latent cell along each side (8 for FLUX)."""

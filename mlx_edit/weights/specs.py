@@ -4,7 +4,8 @@ reads. Every `load_*` function of this package is one call of it.
     kind           formats (tried in this order)          config of a file without one
     transformer    diffusers, bfl, mlx                    bfl: from shapes (+ RoPE axes)
     flux2_transformer  diffusers, bfl, mlx                bfl: from shapes (+ RoPE axes)
-    vae            mlx, diffusers, bfl                    FLUX defaults (+ quant convs)
+    vae            mlx, diffusers, bfl                    FLUX.1 defaults (+ quant convs;
+                                                          FLUX.2 by its batch norm)
     clip_text      mlx, transformers                      (a folder is required)
     t5             mlx, transformers                      (a folder is required)
     qwen3          mlx, transformers                      (a folder is required)
@@ -91,9 +92,11 @@ VAE = Spec(
     formats={
         "mlx": mlx_format(),  # first: our names are diffusers' (but convs already OHWI)
         "diffusers": Format(lambda k, c: vae.is_diffusers(k), vae.DIFFUSERS_RULES),
-        "bfl": Format(always, lambda cfg: vae.bfl_rules(len(cfg.block_out_channels))),
+        "bfl": Format(always, lambda cfg: vae.bfl_rules(len(cfg.block_out_channels),
+                                                        flux2=cfg.patch_size is not None)),
     },
     select=vae.strip_vae_prefix, complete=vae.complete_config, config_replaces=True,
+    drop=vae.DROP_KEYS,
     class_name="AutoencoderKL",
 )
 

@@ -31,23 +31,31 @@ import mlx.core as mx
 from PIL import Image
 
 from mlx_edit import variants
+from mlx_edit.conditioning import klein
 from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.conditioning.kontext import kontext_tokens
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
+from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.prompts import ClipT5Text
+from mlx_edit.prompts import ClipT5Text, Qwen3Text
+from mlx_edit.sampling import latents_flux2
 from mlx_edit.sampling.latents import (
     pack_latent_mask,
     pack_latents,
     scale_latents,
+    token_grid,
     unpack_latents,
     unscale_latents,
 )
-from mlx_edit.sampling.sampler import SchedulerConfig, compute_mu
+from mlx_edit.sampling.sampler import SchedulerConfig, compute_mu, empirical_mu
 from mlx_edit.weights import flux as flux_weights
+from mlx_edit.weights import flux2 as flux2_weights
+from mlx_edit.weights import loader
 from mlx_edit.weights import vae as vae_weights
+from mlx_edit.weights.quantize import read_record
 
 # (ctx, reference images, auto_resize, source) -> (tokens (1, M, C), ids (M, axes)).
 # source: the canvas's own packed latents and token grid when the family appends the
@@ -147,7 +155,52 @@ FLUX1 = Family(
     memory_parts=_flux1_memory,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1,)}
+
+# ------------------------------------------------------------------ FLUX.2
+
+
+def _flux2_to_tokens(vae, z: mx.array) -> mx.array:
+    bn = vae.bn  # diffusers Flux2KleinPipeline._encode_vae_image: patchify, batch norm, pack
+    return latents_flux2.tokens_from_latents(z, bn.running_mean, bn.running_var, bn.eps)
+
+
+def _flux2_from_tokens(vae, tokens: mx.array, width: int, height: int) -> mx.array:
+    h, w = token_grid(height, width)  # tokens in grid order: unpacking is a reshape
+    x = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+    bn = vae.bn
+    return latents_flux2.unpatchify_latents(
+        latents_flux2.denormalize_latents(x, bn.running_mean, bn.running_var, bn.eps))
+
+
+def _flux2_config(path, expect_in_channels=None):
+    """(Flux2Config, stored bits) without weights (`expect_in_channels` is FLUX.1's
+    variant check: a FLUX.2 folder names its pipeline)."""
+    ckpt = loader.open_checkpoint("flux2_transformer", path)
+    record = read_record(ckpt.stored, ckpt.name)
+    return ckpt.config, record["bits"] if record else None
+
+
+def _flux2_load(path, dtype, expect_in_channels=None, quantize=None):
+    return flux2_weights.load_flux2_transformer(path, dtype, quantize=quantize)
+
+
+def _flux2_memory(configs: dict) -> dict:
+    return {"transformer": Flux2Transformer(_config(Flux2Config, configs.get("transformer"))),
+            "vae": AutoencoderKL(_config(VAEConfig, configs.get("vae") or VAEConfig.flux2())),
+            "text_encoder": Qwen3TextEncoder(_config(Qwen3Config, configs.get("text_encoder")))}
+
+
+FLUX2 = Family(
+    name="flux2", title="FLUX.2", id_axes=4,
+    read_transformer_config=_flux2_config, load_transformer=_flux2_load,
+    read_vae_config=vae_weights.read_vae_config, load_vae=vae_weights.load_vae,
+    text=Qwen3Text, to_tokens=_flux2_to_tokens, from_tokens=_flux2_from_tokens,
+    token_mask=klein.token_mask, reference_tokens=klein.klein_tokens,
+    mu=lambda image_seq_len, steps, cfg: empirical_mu(image_seq_len, steps),
+    memory_parts=_flux2_memory,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX2)}
 
 
 def get(name: str) -> Family:

@@ -130,6 +130,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         inner: tuple[int, int, int, int] | None = None,
         plan: CropPlan | None = None,
         keep_source: bool = False,
+        source_reference: bool = False,
         **overrides,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
@@ -149,6 +150,8 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         plan: a crop plan to use instead of planning one (Kontext: the preferred size).
         keep_source: after every step, latents outside the model mask are the source's
         re-noised to the next sigma (`denoise.keep_source`; Kontext with a mask).
+        source_reference: the canvas's own latents are the first reference, before
+        `references` (FLUX.2 inpainting, diffusers Flux2KleinInpaintPipeline).
         Raises InputError (bad options, empty mask, memory, channel mismatch).
         """
         o = EditOptions.of(options, overrides)
@@ -162,10 +165,13 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             channels = self._channels(ctx, conditioning, pixels, mask)
-            tokens, token_ids = self.family.reference_tokens(
-                ctx, references, reference_resize, None) if references else (None, None)
             image_latents = self.encode_image(pixels) \
-                if o.strength < 1.0 or keep_source else None
+                if o.strength < 1.0 or keep_source or source_reference else None
+            source = (image_latents, token_grid(canvas.size[1], canvas.size[0])) \
+                if source_reference else None
+            tokens, token_ids = self.family.reference_tokens(
+                ctx, references, reference_resize, source) if references or source \
+                else (None, None)
             mx.eval(channels, tokens, image_latents)
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt,

@@ -7,7 +7,8 @@ pipeline's in-memory cache (a few prompts), then in `disk_prompt_cache`
 a time, freeing each after use, so they never sit in memory during denoising.
 
 `ClipT5Text` is FLUX.1's: CLIP-L pooled + T5 sequence; numerics follow diffusers'
-FluxPipeline (`_get_clip_prompt_embeds`, `_get_t5_prompt_embeds`).
+FluxPipeline (`_get_clip_prompt_embeds`, `_get_t5_prompt_embeds`). `Qwen3Text` is
+FLUX.2's: Qwen3 hidden states of the out layers, stacked (Flux2KleinPipeline).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import mlx.core as mx
 
 from mlx_edit.imaging.images import InputError
 from mlx_edit.sampling.denoise import PromptEmbeds
+from mlx_edit.text_qwen3 import Qwen3Tokenizer, encode_qwen3_prompt
 from mlx_edit.weights import lora_text
+from mlx_edit.weights.qwen3 import load_qwen3
 from mlx_edit.weights.sources import component_dir
 from mlx_edit.weights.text import load_t5, read_text_tools
 
@@ -75,6 +78,40 @@ class ClipT5Text:
         del t5
         mx.clear_cache()
         return PromptEmbeds(txt.astype(dtype), pooled.astype(dtype))
+
+
+class Qwen3Text:
+    """FLUX.2's text encoder: Qwen3 (`text_encoder/`) over the chat-templated prompt
+    (`tokenizer/`), the hidden states of its out layers (klein: 9, 18, 27) stacked per
+    token (diffusers Flux2KleinPipeline `_get_qwen3_prompt_embeds`; mlx_edit.text_qwen3);
+    no pooled vector. The tokenizer is read when made (WeightLoadError when damaged)."""
+
+    folders = ("text_encoder",)
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.tokenizer = Qwen3Tokenizer.from_folder(component_dir(root, "tokenizer"))
+
+    def check(self, prompt: str, prompt_2: str | None, max_sequence_length: int) -> str:
+        """The prompt, after checking its length with the chat template's tokens
+        (InputError; also for a prompt_2, FLUX.1's T5 prompt)."""
+        if prompt_2 is not None:
+            raise InputError("prompt_2 is FLUX.1's T5 prompt: FLUX.2 has one text encoder "
+                             "(leave --prompt-2 out)")
+        check_length(self.tokenizer.count_tokens(prompt), max_sequence_length, "Qwen3")
+        return prompt
+
+    def encode(self, prompt: str, prompt_2: str, max_sequence_length: int, dtype: mx.Dtype,
+               quantize: int | None, loras: dict) -> PromptEmbeds:
+        """Load Qwen3 (its layers up to the last out layer), encode, free it."""
+        encoder = load_qwen3(component_dir(self.root, "text_encoder"), dtype,
+                             quantize=quantize)
+        txt, _ = encode_qwen3_prompt(encoder, self.tokenizer, prompt, max_sequence_length,
+                                     dtype)
+        mx.eval(txt)
+        del encoder
+        mx.clear_cache()
+        return PromptEmbeds(txt, None)
 
 
 class PromptMixin:

@@ -84,6 +84,19 @@ def traced(fn: Callable[..., object], module, compile: bool) -> Callable[..., ob
     return call
 
 
+def forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                        rope, controlnet=(), ip=()) -> mx.array:
+    """The transformer's velocity of every token (B, N [+ M], C). A family without a
+    pooled text vector (FLUX.2, `pooled` None) has neither ControlNet residuals nor
+    IP-Adapter keys (ValueError when given)."""
+    if pooled is not None:
+        return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                           controlnet=controlnet, ip=ip, rope=rope)
+    if controlnet or ip:
+        raise ValueError("ControlNets and IP-Adapters are FLUX.1's: not for this model")
+    return transformer(x, img_ids, txt, txt_ids, timestep, guidance, rope=rope)
+
+
 def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
               forward: Callable[..., mx.array] | None = None,
               negative_forward: Callable[..., mx.array] | None = None) -> StepFn:
@@ -116,8 +129,8 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
         def velocity(txt, pooled, fwd):
             if fwd is not None:  # a step cache's forward (mlx_edit.sampling.cache)
                 return fwd(x, txt, timestep, pooled, guidance, rope, controlnet, ip)[:, :n]
-            return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                               controlnet=controlnet, ip=ip, rope=rope)[:, :n]
+            return forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep,
+                                       pooled, guidance, rope, controlnet, ip)[:, :n]
 
         v = velocity(txt, pooled, forward)
         if negative is not None:  # true CFG: neg + scale * (pos - neg), as diffusers

@@ -107,6 +107,24 @@ def family_of(pipeline_class: str | None) -> str:
     return "flux1"
 
 
+def for_folder(index: dict, edit: str) -> Variant:
+    """The variant that runs `edit` on a folder with this model_index.json (`index`, {}
+    for none: FLUX.1): FLUX.1's variant serving the edit, or for a FLUX.2 folder klein or
+    klein Base by `is_distilled`. ValueError (a one-line message) when the folder's family
+    has no variant serving `edit`."""
+    family = family_of(index.get("_class_name"))
+    if family == "flux1":
+        return for_edit(edit)
+    serving = [v for v in VARIANTS.values() if v.family == family and edit in v.edits]
+    if not serving:
+        raise ValueError(f"{edit} needs a FLUX.1 model ({for_edit(edit).repo}); this folder "
+                         f"holds a {family.replace('flux', 'FLUX.')} model "
+                         f"({index.get('_class_name')})")
+    distilled = index.get("is_distilled")
+    return ([v for v in serving if distilled is None or v.distilled == bool(distilled)]
+            or serving)[0]
+
+
 def identify(in_channels: int, guidance_embeds: bool = True,
              pipeline_class: str | None = None, distilled: bool | None = None
              ) -> Variant | None:

@@ -1,0 +1,124 @@
+"""FLUX.2 [klein] from the CLI and the API on scikit-image photos, with the tiny klein
+folder built torch-free (scripts/klein_fixtures.build_mlx): `mlx-edit edit` (two
+references) and `mlx-edit inpaint` (a reference) choose FluxKlein from the folder's
+model_index.json; pixels outside the mask are the photo's exactly; bad input is one line
+with exit status 2 before any model loads; text-to-image, crop-to-mask, SAM clicks and
+keep-size through the API; the memory estimate counts the klein parts.
+"""
+
+from __future__ import annotations
+
+import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data
+
+from mlx_edit.cli import main
+from mlx_edit.imaging.images import InputError
+from mlx_edit.klein import FluxKlein
+from mlx_edit.segment import Points
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory, import_script):
+    out = tmp_path_factory.mktemp("klein-mlx") / "tiny"
+    return import_script("klein_fixtures").build_mlx(out, "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).resize((150, 110)).save(d / "astronaut.png")
+    Image.fromarray(data.coffee()).resize((120, 90)).save(d / "coffee.png")
+    Image.fromarray(data.coffee()).resize((40, 40)).save(d / "small.png")
+    mask = np.zeros((110, 150), np.uint8)
+    mask[30:80, 40:110] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    return d
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_edit_and_inpaint_cli(klein, photos, tmp_path):
+    common = ["--model", klein, "--steps", 2, "--seed", 3, "--max-sequence-length", 48]
+    r = invoke("edit", *common, "-i", photos / "astronaut.png", "-i", photos / "coffee.png",
+               "-p", "put the astronaut in the cup", "-o", tmp_path / "edit.png")
+    assert r.exit_code == 0, r.output
+    out = Image.open(tmp_path / "edit.png")
+    assert out.size == (144, 96)  # the first image floored to 16 px (diffusers' size)
+    assert out.info["references"] == "2" and out.info["steps"] == "2"
+
+    r = invoke("inpaint", *common, "-i", photos / "astronaut.png", "--mask",
+               photos / "mask.png", "--reference", photos / "coffee.png", "--feather", 0,
+               "-p", "a cup of coffee", "-o", tmp_path / "inpaint.png")
+    assert r.exit_code == 0, r.output
+    res = np.asarray(Image.open(tmp_path / "inpaint.png").convert("RGB"))
+    src = np.asarray(Image.open(photos / "astronaut.png").convert("RGB"))
+    outside = np.asarray(Image.open(photos / "mask.png")) == 0
+    assert res.shape == src.shape
+    assert np.array_equal(res[outside], src[outside])
+    assert not np.array_equal(res[~outside], src[~outside])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["inpaint", "--reference", "small.png"], "at least 64 px"),
+    (["edit", "-i", "small.png"], "at least 64 px"),
+    (["inpaint", "--negative-prompt", "x"], "No such option"),
+    (["edit", "--negative-prompt", "blurry"], "--negative-prompt needs true CFG"),
+    (["edit", "--true-cfg-scale", "2"], "--true-cfg-scale is not available"),
+    (["edit", "--no-auto-resize"], "--auto-resize is not available"),
+    (["inpaint", "--cache", "fbc:0.1"], "--cache is not available"),
+    (["outpaint", "--left", "32"], "outpaint needs a FLUX.1 model"),
+])
+def test_bad_input_is_one_line(klein, photos, tmp_path, args, says, monkeypatch):
+    loads = []
+    monkeypatch.setattr(FluxKlein, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a)))
+    mode, *rest = args
+    image = [] if "-i" in rest else ["-i", photos / "astronaut.png"]
+    mask = ["--mask", photos / "mask.png"] if mode == "inpaint" else []
+    rest = [photos / a if a == "small.png" else a for a in rest]
+    r = invoke(mode, "--model", klein, *image, *mask, "-p", "x", *rest,
+               "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert says in r.output and not loads
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_api_text_to_image_crop_sam_keep_size(klein, tiny_sam_mlx):
+    pipe = FluxKlein.from_pretrained(klein)
+    assert (pipe.variant, pipe.family.name) == ("klein", "flux2")
+    out = pipe.edit(None, "a lighthouse", width=80, height=48, steps=1)[0]
+    assert out.size == (80, 48) and out.info["references"] == "0"
+
+    photo = Image.fromarray(data.astronaut())  # 512x512, a 256x256 model budget: a window
+    mask = np.zeros((512, 512), np.float32)
+    mask[200:260, 220:300] = 1
+    res = pipe.inpaint(photo, mask, "a badge", steps=1, crop_to_mask=True, feather=0,
+                       max_model_pixels=256 * 256)[0]
+    box = [int(v) for v in res.info["crop_box"].strip("[]").split(",")]
+    assert box != [0, 0, 512, 512] and res.size == photo.size
+    outside = mask == 0
+    assert np.array_equal(np.asarray(res)[outside], np.asarray(photo)[outside])
+
+    small = photo.resize((160, 160))
+    clicked = pipe.inpaint(small, [Points(((80, 70),), (1,))], "a badge", steps=1,
+                           segment_model=str(tiny_sam_mlx))[0]
+    assert clicked.size == small.size and clicked.info["mode"] == "inpaint"
+
+    kept = pipe.edit([photo.resize((100, 75))], "warmer", steps=1, keep_size=True)[0]
+    assert kept.size == (100, 75)  # edited at 96x64, returned at the image's own size
+    with pytest.raises(InputError, match="FLUX.2 has one text encoder"):
+        pipe.edit([photo], "x", prompt_2="y", steps=1)
+
+
+def test_memory_estimate_counts_klein_parts(klein):
+    est = FluxKlein.from_pretrained(klein, low_memory=True).memory_estimate(1024, 1024)
+    assert {"weights_transformer", "weights_vae", "weights_text_encoder"} <= set(est)
+    assert "weights_text_encoder_2" not in est
+    assert est["peak"] >= est["weights_transformer"] + est["weights_vae"]

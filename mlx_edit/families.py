@@ -55,7 +55,7 @@ from mlx_edit.weights import flux as flux_weights
 from mlx_edit.weights import flux2 as flux2_weights
 from mlx_edit.weights import loader
 from mlx_edit.weights import vae as vae_weights
-from mlx_edit.weights.quantize import read_record
+from mlx_edit.weights.quantize import QUANTIZED_BY_DEFAULT, read_record
 
 # (ctx, reference images, auto_resize, source) -> (tokens (1, M, C), ids (M, axes)).
 # source: the canvas's own packed latents and token grid when the family appends the
@@ -82,7 +82,8 @@ class Family:
     of the generated latents in the source-keeping hook (sampling.denoise.keep_source).
     reference_tokens: `ReferenceTokens`. mu(image_seq_len, steps, scheduler config): the
     schedule's shift. memory_parts(configs) -> {component: lazily built model} for the
-    weights estimate (nothing is allocated).
+    weights estimate (nothing is allocated). quantized: the components `quantize` applies
+    to, with their quantization policy (mlx_edit.weights.quantize.FULL_PRECISION key).
     """
 
     name: str
@@ -99,6 +100,7 @@ class Family:
     reference_tokens: ReferenceTokens
     mu: Callable[[int, int, SchedulerConfig], float]
     memory_parts: Callable[[dict], dict]
+    quantized: dict[str, str]
 
     def variants(self) -> list[variants.Variant]:
         """This family's variants (mlx_edit.variants)."""
@@ -153,6 +155,7 @@ FLUX1 = Family(
     token_mask=_flux1_mask, reference_tokens=_flux1_references,
     mu=lambda image_seq_len, steps, cfg: compute_mu(image_seq_len, cfg),
     memory_parts=_flux1_memory,
+    quantized={c: c for c in QUANTIZED_BY_DEFAULT},  # the transformer and T5
 )
 
 
@@ -198,6 +201,7 @@ FLUX2 = Family(
     token_mask=klein.token_mask, reference_tokens=klein.klein_tokens,
     mu=lambda image_seq_len, steps, cfg: empirical_mu(image_seq_len, steps),
     memory_parts=_flux2_memory,
+    quantized={"transformer": "transformer", "text_encoder": "qwen3"},
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX2)}

@@ -39,7 +39,7 @@ from mlx_edit.imaging.images import InputError
 from mlx_edit.models.flux import FluxConfig
 from mlx_edit.models.vae import VAEConfig
 from mlx_edit.sampling.cache import state_bytes
-from mlx_edit.weights.quantize import component_bits, model_nbytes, quantize_component
+from mlx_edit.weights.quantize import model_nbytes, quantize_component
 
 GB = 1e9
 # Fitted to measured peaks of a wide forward at 512, 1536 and 2560 tokens (within 2%):
@@ -71,7 +71,7 @@ def weights_gb(transformer=None, vae=None, clip=None, t5=None, dtype="float32",
     encoder folder: config} (FLUX.1: clip / t5 are text_encoder / text_encoder_2).
     `quantize` 4/8 applies the package policy (FLUX.1: transformer and T5 quantized,
     embedders/VAE/CLIP not)."""
-    return _weights(_parts(family, transformer, vae, text, clip, t5), dtype, quantize)
+    return _weights(_parts(family, transformer, vae, text, clip, t5), dtype, quantize, family)
 
 
 def _parts(family: str, transformer, vae, text: Mapping | None, clip=None, t5=None) -> dict:
@@ -83,14 +83,19 @@ def _parts(family: str, transformer, vae, text: Mapping | None, clip=None, t5=No
     return families.get(family).memory_parts({"transformer": transformer, "vae": vae, **text})
 
 
-def _weights(models: dict, dtype, quantize: int | None) -> dict[str, float]:
+def _weights(models: dict, dtype, quantize: int | None, family: str = "flux1"
+             ) -> dict[str, float]:
+    """GB per component, quantized (when asked) as the family's loaders do
+    (`Family.quantized`: component -> quantization policy)."""
+    from mlx_edit import families
+
     float_dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
-    bits = component_bits(quantize)
+    policies = families.get(family).quantized if quantize else {}
     out = {}
     for name, model in models.items():
-        if bits.get(name):
+        if name in policies:
             model.set_dtype(float_dtype)  # scales/biases take the compute dtype
-            quantize_component(model, name, bits[name])
+            quantize_component(model, policies[name], quantize)
         out[name] = model_nbytes(model, float_dtype) / GB
     return out
 
@@ -213,7 +218,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     size = _dtype_size(dtype_name)
     models = _parts(family, transformer, vae, text, clip, t5)
     cfgs = {name: m.config for name, m in models.items()}
-    w = _weights(models, dtype_name, quantize)
+    w = _weights(models, dtype_name, quantize, family)
     texts = list(cfgs)[2:]  # the text encoders, loaded one at a time (CLIP, freed, T5)
     if lora_params:
         w["lora"] = lora_params * size / GB

@@ -122,3 +122,14 @@ def test_memory_estimate_counts_klein_parts(klein):
     assert {"weights_transformer", "weights_vae", "weights_text_encoder"} <= set(est)
     assert "weights_text_encoder_2" not in est
     assert est["peak"] >= est["weights_transformer"] + est["weights_vae"]
+    from mlx_edit import memory
+
+    # klein 4B's parts at their real widths: Qwen3-4B (36 layers built up to layer 27)
+    q = [memory.estimate(1024, 1024, dtype="bfloat16", quantize=b, family="flux2",
+                         transformer={"num_layers": 5, "num_single_layers": 20,
+                                      "num_attention_heads": 24, "joint_attention_dim": 7680,
+                                      "guidance_embeds": False}) for b in (None, 4)]
+    parts = [e["weights_transformer"] + e["weights_text_encoder"] for e in q]
+    assert 12 < parts[0] < 16  # ~3.9B + ~3.1B parameters in bfloat16
+    assert 4.0 < parts[1] < 5.0  # 4 bits: near the ~4.3 GiB reported for klein 4B on Macs
+    assert q[1]["weights_text_encoder"] < 0.4 * q[0]["weights_text_encoder"]

@@ -21,6 +21,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.klein import FluxKlein
+from mlx_edit.parity import TOLERANCES, compare, psnr
 
 pytestmark = pytest.mark.parity
 torch = pytest.importorskip("torch")
@@ -28,16 +29,7 @@ torch = pytest.importorskip("torch")
 PROMPT = "put a red hat on the astronaut"
 W, H = 128, 96  # the first image's size: the output's
 SEQ = 64  # Qwen3 tokens (diffusers' default 512 would only pad more)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-
-
-def psnr(a, b) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 10 * np.log10(4.0 / max(mse, 1e-20))  # images in [-1, 1]: peak-to-peak 2
+F32 = TOLERANCES["float32"]  # per-step latents 1e-3 relative, image PSNR 40 dB
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +96,16 @@ def _reference(cls, folder, **kw):
 
 
 def _check(ours, ref):
+    """The harness's comparison (mlx_edit.parity, as `mlx-edit parity` and
+    tests/test_parity_pipeline.py): every step's latents and the image within float32's
+    tolerances."""
     (steps, image), (ref_steps, ref_image) = ours, ref
-    errs = [rel_err(a, b) for a, b in zip(steps, ref_steps, strict=True)]
-    print("per-step rel errors", [f"{e:.1e}" for e in errs], "psnr", psnr(image, ref_image))
-    assert max(errs) <= 1e-3, errs
-    assert psnr(image, ref_image) >= 40.0
+    rows = [compare(f"latents.step{i}", a, b, F32.step)
+            for i, (a, b) in enumerate(zip(steps, ref_steps, strict=True))]
+    print("per-step rel errors", [f"{r.rel:.1e}" for r in rows], "PSNR",
+          f"{psnr(image, ref_image):.1f} dB")
+    assert all(r.passed for r in rows), rows
+    assert psnr(image, ref_image) >= F32.psnr_db
 
 
 @pytest.mark.parametrize("refs", [1, 2])

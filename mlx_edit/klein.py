@@ -20,7 +20,6 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import variants
 from mlx_edit.conditioning.klein import MULTIPLE, check_reference
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
@@ -52,24 +51,6 @@ def output_size(first: Image.Image | None, width: int | None, height: int | None
     return w, h
 
 
-def check_options(o: EditOptions, variant: variants.Variant) -> EditOptions:
-    """`o` unless it sets what klein does not take: InputError naming it (FLUX.1's image
-    prompts, ControlNets, step caches, two-pass refinement, seam repair, ranking; Kontext's
-    true_cfg_scale / auto_resize; a negative prompt for a distilled model). Its defaults
-    (steps, guidance) are resolved for `variant` beforehand (EditOptions.of / from_dict)."""
-    refused = [name for name, value in (
-        ("ip_adapters", o.ip_adapters), ("redux", o.redux), ("controlnets", o.controlnets),
-        ("cache", o.cache), ("detail_pass", o.detail_pass), ("global_pass", o.global_pass),
-        ("seam_fix", o.seam_fix), ("rank", o.rank), ("true_cfg_scale", o.true_cfg_scale != 1),
-        ("auto_resize", not o.auto_resize)) if value]
-    if refused:
-        raise InputError(f"{refused[0]} is not available with {variant.title}")
-    if o.negative_prompt is not None and variant.distilled:
-        raise InputError(f"negative_prompt needs true CFG, which the distilled "
-                         f"{variant.title} does not use (klein Base does)")
-    return o
-
-
 class FluxKlein(FluxPipeline):
     """FLUX.2 [klein] editing and inpainting. Build with `FluxKlein.from_pretrained(
     "black-forest-labs/FLUX.2-klein-4B")` (or a local diffusers / mlx-edit folder)."""
@@ -77,9 +58,9 @@ class FluxKlein(FluxPipeline):
     VARIANTS = ("klein", "klein-base")
 
     def _options(self, options, overrides, mode: str) -> EditOptions:
-        """The options resolved for the loaded variant (`check_options`)."""
-        return check_options(EditOptions.of(options, overrides, mode, self.variant_info),
-                             self.variant_info)
+        """The options resolved for the loaded variant (its defaults and the options it
+        refuses: mlx_edit.variants)."""
+        return EditOptions.of(options, overrides, mode, self.variant_info)
 
     def edit(self, images, instruction: str, options: EditOptions | None = None, *,
              mask=None, noise: mx.array | None = None,
@@ -192,4 +173,4 @@ def _as_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-__all__: Sequence[str] = ("FluxKlein", "check_options", "output_size")
+__all__: Sequence[str] = ("FluxKlein", "output_size")

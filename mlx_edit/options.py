@@ -378,8 +378,8 @@ class EditOptions:
     def for_mode(self, mode: str, variant: variants.Variant | None = None) -> EditOptions:
         """Check the mode's rules and resolve steps / guidance None to the defaults of
         `variant` (mlx_edit.variants; None: the FLUX.1 variant serving `mode`).
-        Raises InputError (a field the mode does not take set to a non-default value,
-        an outpaint without any expansion)."""
+        Raises InputError (a field the mode or the variant (`refuses`) does not take set
+        to a non-default value, an outpaint without any expansion)."""
         if mode not in MODES:
             raise InputError(f"unknown edit mode {mode!r}; choose from {', '.join(MODES)}")
         defaults = EditOptions()
@@ -389,6 +389,9 @@ class EditOptions:
         if mode == "outpaint" and not (self.left or self.right or self.top or self.bottom):
             raise InputError("outpaint needs at least one of left/right/top/bottom > 0")
         variant = variant or variants.for_edit(mode)
+        for name in variant.refuses:
+            if getattr(self, name) != getattr(defaults, name):
+                raise InputError(f"{name} is not available with {variant.title}")
         steps = variant.steps if self.steps is None else self.steps
         guidance = self.guidance
         if guidance is None:

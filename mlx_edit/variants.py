@@ -44,6 +44,8 @@ class Variant:
     family: "flux1" or "flux2" (mlx_edit.families). distilled: guidance is not used as
       true CFG (FLUX.2 [klein]'s `is_distilled`); False: `guidance` > 1 is the true-CFG
       scale with an empty negative prompt (klein Base).
+    refuses: EditOptions fields this variant does not take (set to anything but their
+      default: InputError naming the field, `EditOptions.for_mode`).
     """
 
     name: str
@@ -59,9 +61,15 @@ class Variant:
     alternative: str = ""
     family: str = "flux1"
     distilled: bool = True
+    refuses: tuple[str, ...] = ()
 
 
 KLEIN_PIPELINES = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+# FLUX.1's image prompts, ControlNets, step caches (FLUX.1 transformer hooks), two-pass
+# refinement, seam repair and ranking (FluxFill's passes), Kontext's true_cfg_scale and
+# auto_resize: not klein's. A distilled klein has no true CFG: no negative prompt either.
+KLEIN_REFUSES = ("ip_adapters", "redux", "controlnets", "cache", "detail_pass", "global_pass",
+                 "seam_fix", "rank", "keep_best", "true_cfg_scale", "auto_resize")
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fill", "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev", 384, True, 50, 30.0,
             "fill", ("inpaint", "outpaint"), ("FluxFillPipeline",)),
@@ -78,10 +86,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("schnell", "FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell", 64, False, 4, 0.0,
             "none", ()),
     Variant("klein", "FLUX.2 [klein]", "black-forest-labs/FLUX.2-klein-4B", 128, False, 4,
-            1.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2"),
+            1.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2",
+            refuses=(*KLEIN_REFUSES, "negative_prompt")),
     Variant("klein-base", "FLUX.2 [klein] Base", "black-forest-labs/FLUX.2-klein-base-4B", 128,
             False, 50, 4.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2",
-            distilled=False),
+            distilled=False, refuses=KLEIN_REFUSES),
 )}
 
 # Per control type of the BFL Canny/Depth models: BFL cli_control.py's guidance.

@@ -69,7 +69,7 @@ def test_edit_and_inpaint_cli(klein, photos, tmp_path):
     (["inpaint", "--reference", "small.png"], "at least 64 px"),
     (["edit", "-i", "small.png"], "at least 64 px"),
     (["inpaint", "--negative-prompt", "x"], "No such option"),
-    (["edit", "--negative-prompt", "blurry"], "--negative-prompt needs true CFG"),
+    (["edit", "--negative-prompt", "blurry"], "--negative-prompt is not available"),
     (["edit", "--true-cfg-scale", "2"], "--true-cfg-scale is not available"),
     (["edit", "--no-auto-resize"], "--auto-resize is not available"),
     (["inpaint", "--cache", "fbc:0.1"], "--cache is not available"),
@@ -133,3 +133,28 @@ def test_memory_estimate_counts_klein_parts(klein):
     assert 12 < parts[0] < 16  # ~3.9B + ~3.1B parameters in bfloat16
     assert 4.0 < parts[1] < 5.0  # 4 bits: near the ~4.3 GiB reported for klein 4B on Macs
     assert q[1]["weights_text_encoder"] < 0.4 * q[0]["weights_text_encoder"]
+
+
+def test_batch_runs_klein_lines(klein, photos, tmp_path):
+    """`mlx-edit batch --model <klein> --edit-model <klein>`: inpaint and edit lines run
+    on FluxKlein with klein's defaults; an outpaint line is refused by name."""
+    import json
+
+    lines = [{"id": "fix", "image": str(photos / "astronaut.png"),
+              "mask": str(photos / "mask.png"), "prompt": "a cup", "steps": 1},
+             {"id": "edit", "mode": "edit", "image": str(photos / "coffee.png"),
+              "prompt": "make it blue"},
+             {"id": "out", "mode": "outpaint", "image": str(photos / "coffee.png"),
+              "prompt": "more", "left": 32}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = invoke("batch", manifest, "--output-dir", tmp_path / "out", "--model", klein,
+               "--edit-model", klein, "--no-prompt-cache", "--skip-invalid")
+    assert r.exit_code == 0, r.output
+    assert "outpaint needs a FLUX.1 model" in r.output
+    records = {json.loads(x)["id"]: json.loads(x)
+               for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert set(records) == {"fix", "edit"}, records
+    assert all(rec["status"] == "ok" for rec in records.values()), records
+    edited = Image.open(tmp_path / "out" / "edit.png")
+    assert edited.info["steps"] == "4" and edited.size == (112, 80)  # klein's default steps

@@ -130,12 +130,7 @@ def build_options(mode: str, opts: dict, specs: dict, variant=None):
         values["seed"] = int.from_bytes(os.urandom(3), "big")
     values.update({k: v for k, v in specs.items() if v})
     try:
-        options = EditOptions.from_dict(values, mode, variant)
-        if variant is not None and variant.family == "flux2":
-            from mlx_edit.klein import check_options
-
-            check_options(options, variant)
-        return options
+        return EditOptions.from_dict(values, mode, variant)
     except InputError as e:
         raise _flagged(e) from None
 

@@ -158,3 +158,26 @@ def test_batch_runs_klein_lines(klein, photos, tmp_path):
     assert all(rec["status"] == "ok" for rec in records.values()), records
     edited = Image.open(tmp_path / "out" / "edit.png")
     assert edited.info["steps"] == "4" and edited.size == (112, 80)  # klein's default steps
+
+
+def test_serve_runs_klein(klein, photos):
+    """`mlx-edit serve` with a klein folder for both kinds: inpaint and edit requests run
+    on FluxKlein; an outpaint is refused (HTTP 400, naming why)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from test_serve import submit, wait
+
+    from mlx_edit.serve import ServeConfig, create_app
+
+    photo = (Image.open(photos / "astronaut.png"), np.asarray(Image.open(photos / "mask.png")))
+    config = ServeConfig(model=str(klein), kontext_model=str(klein),
+                         local_hosts=("testserver",))
+    with TestClient(create_app(config)) as client:
+        assert isinstance(client.app.state.resident.models["fill"], FluxKlein)
+        done = wait(client, submit(client, photo, {"steps": 1}).json()["id"])
+        assert done["state"] == "done", done
+        done = wait(client, submit(client, (photo[0], None), {"steps": 1},
+                                   mode="edit").json()["id"])
+        assert done["state"] == "done", done
+        r = submit(client, (photo[0], None), {"left": 32}, mode="outpaint")
+        assert r.status_code == 400 and "outpaint needs a FLUX.1 model" in r.text, r.text

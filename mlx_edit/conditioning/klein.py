@@ -15,7 +15,6 @@ optional reference image the second.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -24,11 +23,10 @@ from PIL import Image
 
 from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.imaging.images import InputError, to_array
+from mlx_edit.sampling.latents_flux2 import image_sizes, reference_ids
 
 MULTIPLE = 16  # px: VAE factor 8 x 2x2 patches
-MAX_AREA = 1024 * 1024  # px: larger references are shrunk to about this area
 MIN_SIDE, MAX_ASPECT = 64, 8  # diffusers Flux2ImageProcessor.check_image_input
-TIME_SCALE = 10  # reference i: time id TIME_SCALE * (i + 1)
 
 
 def check_reference(image: Image.Image, what: str = "reference image") -> None:
@@ -41,32 +39,17 @@ def check_reference(image: Image.Image, what: str = "reference image") -> None:
                          f"{MAX_ASPECT}:1")
 
 
-def shrink_to_area(image: Image.Image, area: int = MAX_AREA) -> Image.Image:
-    """`image` resized (Lanczos, sides floored) to about `area` px when it is larger."""
-    w, h = image.size
-    if w * h <= area:
-        return image
-    scale = math.sqrt(area / (w * h))
-    return image.resize((int(w * scale), int(h * scale)), Image.LANCZOS)
-
-
 def prepare_reference(image: Image.Image) -> Image.Image:
-    """A reference as the model sees it: checked, shrunk to ~1 MP, centre-cropped to
-    multiples of 16 px, RGB. Raises InputError (`check_reference`)."""
+    """A reference as the model sees it: checked, shrunk to ~1 MP (Lanczos), centre-cropped
+    to multiples of 16 px, RGB (`latents_flux2.image_sizes`). Raises InputError
+    (`check_reference`)."""
     check_reference(image)
-    image = shrink_to_area(image.convert("RGB"))
-    w, h = image.size
-    cw, ch = w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE
+    image = image.convert("RGB")
+    (h, w), (ch, cw) = image_sizes(image.size[1], image.size[0])
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.LANCZOS)
     left, top = (w - cw) // 2, (h - ch) // 2
     return image.crop((left, top, left + cw, top + ch))
-
-
-def reference_ids(h: int, w: int, t: float) -> mx.array:
-    """Position ids (h*w, 4) float32 of a reference's tokens: (t, r, c, 0)."""
-    rows = mx.repeat(mx.arange(h, dtype=mx.float32), w)
-    cols = mx.tile(mx.arange(w, dtype=mx.float32), h)
-    zeros = mx.zeros_like(rows)
-    return mx.stack([zeros + t, rows, cols, zeros], axis=1)
 
 
 def klein_tokens(ctx: ConditioningContext, references: Sequence[Image.Image],
@@ -86,9 +69,7 @@ def klein_tokens(ctx: ConditioningContext, references: Sequence[Image.Image],
     if not parts:
         raise InputError("no reference image")
     tokens = mx.concatenate([p.astype(ctx.dtype) for p, _ in parts], axis=1)
-    ids = mx.concatenate([reference_ids(h, w, TIME_SCALE * (i + 1))
-                          for i, (_, (h, w)) in enumerate(parts)], axis=0)
-    return tokens, ids
+    return tokens, reference_ids([grid for _, grid in parts])
 
 
 def token_mask(mask: mx.array) -> mx.array:

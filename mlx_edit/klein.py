@@ -23,7 +23,7 @@ from PIL import Image
 from mlx_edit.conditioning.klein import MULTIPLE, check_reference
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
-from mlx_edit.kontext import _to_size
+from mlx_edit.kontext import resize_with_mask
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
@@ -108,7 +108,7 @@ class FluxKlein(FluxPipeline):
         image = first if first is not None else Image.new("RGB", size)
         user_mask = None if mask is None else self.user_mask(first, mask, o.segment_model)
         if not o.keep_size:
-            image, user_mask = _to_size(image, user_mask, size)
+            image, user_mask = resize_with_mask(image, user_mask, size)
         if user_mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:

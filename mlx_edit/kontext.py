@@ -97,7 +97,7 @@ class FluxKontext(FluxPipeline):
         image = first.convert("RGB")
         user_mask = None if mask is None else self.user_mask(first, mask, o.segment_model)
         if not o.keep_size:
-            image, user_mask = _to_size(image, user_mask, size)
+            image, user_mask = resize_with_mask(image, user_mask, size)
         if user_mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:
@@ -115,7 +115,7 @@ class FluxKontext(FluxPipeline):
         return job
 
 
-def _to_size(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
+def resize_with_mask(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
              ) -> tuple[Image.Image, np.ndarray | None]:
     """The image (Lanczos) and its mask (bilinear, or None) resized to `size`."""
     if image.size == size:
@@ -126,4 +126,4 @@ def _to_size(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
     return image.resize(size, Image.LANCZOS), mask
 
 
-__all__: Sequence[str] = ("FluxKontext", "output_size")
+__all__: Sequence[str] = ("FluxKontext", "output_size", "resize_with_mask")

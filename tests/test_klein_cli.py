@@ -181,3 +181,22 @@ def test_serve_runs_klein(klein, photos):
         assert done["state"] == "done", done
         r = submit(client, (photo[0], None), {"left": 32}, mode="outpaint")
         assert r.status_code == 400 and "outpaint needs a FLUX.1 model" in r.text, r.text
+
+
+def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypatch):
+    """FLUX.2 prompts have no pooled vector: the disk cache stores the sequence alone and
+    a second pipeline reads it back without loading Qwen3."""
+    from mlx_edit import prompts
+    from mlx_edit.prompt_cache import PromptCache
+
+    first = FluxKlein.from_pretrained(klein, low_memory=True)
+    first.disk_prompt_cache = PromptCache(tmp_path)
+    embeds = first.encode_prompt("a red boat", max_sequence_length=32)
+    assert embeds.pooled is None and embeds.txt.shape == (1, 32, 3 * 64)
+    second = FluxKlein.from_pretrained(klein, low_memory=True)
+    second.disk_prompt_cache = PromptCache(tmp_path)
+    loads = []
+    monkeypatch.setattr(prompts, "load_qwen3", lambda *a, **k: loads.append(a))
+    again = second.encode_prompt("a red boat", max_sequence_length=32)
+    assert not loads and again.pooled is None
+    assert np.array_equal(np.array(again.txt), np.array(embeds.txt))

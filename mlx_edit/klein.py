@@ -13,17 +13,13 @@ posterior mode, as diffusers does.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
-import numpy as np
 from PIL import Image
 
 from mlx_edit.conditioning.klein import MULTIPLE, check_reference
 from mlx_edit.imaging.images import InputError, load_image
-from mlx_edit.imaging.stitch import CropPlan
-from mlx_edit.kontext import resize_with_mask
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
@@ -94,8 +90,6 @@ class FluxKlein(FluxPipeline):
         """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
         with `run(job, mask is not None)`. Raises as `edit`."""
         o = self._options(options, overrides, "edit")
-        if mask is None and o.tile_mode == "auto":  # auto: windows only for masked edits
-            o = dataclasses.replace(o, tile_mode="off")
         check_prompt(instruction, "instruction")
         self._require("edit")
         refs = [load_image(im) for im in _as_list(images)]
@@ -105,24 +99,8 @@ class FluxKlein(FluxPipeline):
             raise InputError("a mask needs an image to edit")
         first = refs[0].convert("RGB") if refs else None
         size = output_size(first, o.width, o.height)
-        image = first if first is not None else Image.new("RGB", size)
-        user_mask = None if mask is None else self.user_mask(first, mask, o.segment_model)
-        if not o.keep_size:
-            image, user_mask = resize_with_mask(image, user_mask, size)
-        if user_mask is None:
-            model_mask = blend = np.ones(image.size[::-1], np.float32)
-        else:
-            model_mask, blend = self.edit_masks(user_mask, o)
-        plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
-        job = self.prepare(
-            image, model_mask, blend, instruction, o, noise=noise, references=refs,
-            plan=plan, keep_source=mask is not None,
-            metadata={"mode": "edit", "references": len(refs), "keep_size": o.keep_size,
-                      "masked": mask is not None, "grow_mask": o.grow_mask,
-                      "feather": o.feather})
-        if user_mask is not None:
-            self.paste_back_options(job, o, image, user_mask)
-        return job
+        return self.framed_edit_job(first or Image.new("RGB", size), mask, size,
+                                    instruction, o, refs, noise)
 
     def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
                 reference=None, noise: mx.array | None = None,

@@ -11,6 +11,7 @@ choice, and deterministic) instead of a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_redux,
 )
 from mlx_edit.imaging.images import InputError, from_array, to_array
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, stitch_back
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, resize_with_mask, stitch_back
 from mlx_edit.loras import LoRAMixin
 from mlx_edit.masking import MaskMixin
 from mlx_edit.models.layers import IPAdapterKV
@@ -182,6 +183,35 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                       source=image_latents, negative=negative,
                       true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
+        return job
+
+    def framed_edit_job(self, image: Image.Image, mask, size: tuple[int, int],
+                        instruction: str, o: EditOptions, references: Sequence[Image.Image],
+                        noise: mx.array | None = None, reference_resize: bool = True
+                        ) -> EditJob:
+        """The EditJob of an instruction edit framed on `image` (RGB) at model size `size`
+        (W, H) with `references` as sequence tokens (Kontext, klein): the image (and its
+        mask: path, PIL, array or SAM prompts; None = everywhere) resized to `size`, or with
+        `o.keep_size` mapped back at the image's own size; with a mask the source is kept
+        outside it every step and pasted back (tile_mode auto: windows only then)."""
+        if mask is None and o.tile_mode == "auto":
+            o = dataclasses.replace(o, tile_mode="off")
+        user_mask = None if mask is None else self.user_mask(image, mask, o.segment_model)
+        if not o.keep_size:
+            image, user_mask = resize_with_mask(image, user_mask, size)
+        if user_mask is None:
+            model_mask = blend = np.ones(image.size[::-1], np.float32)
+        else:
+            model_mask, blend = self.edit_masks(user_mask, o)
+        plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
+        job = self.prepare(
+            image, model_mask, blend, instruction, o, noise=noise, references=references,
+            reference_resize=reference_resize, plan=plan, keep_source=mask is not None,
+            metadata={"mode": "edit", "references": len(references), "keep_size": o.keep_size,
+                      "masked": mask is not None, "grow_mask": o.grow_mask,
+                      "feather": o.feather})
+        if user_mask is not None:
+            self.paste_back_options(job, o, image, user_mask)
         return job
 
     def _start(self, o: EditOptions, plan: CropPlan, windows: large.Windows | None,

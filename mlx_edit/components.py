@@ -166,10 +166,10 @@ class ModelsMixin:
         WeightLoadError naming the class that does."""
         if any(variants.VARIANTS[v].family == name for v in self.VARIANTS):
             return families.get(name)
-        title, wanted = {"flux1": ("FLUX.1", "FluxFill or FluxKontext"),
-                         "flux2": ("FLUX.2", "FluxKlein")}[name]
-        raise WeightLoadError(f"{self.root} holds a {title} model ({self.pipeline_class}); "
-                              f"{type(self).__name__} does not edit it: use {wanted}")
+        wanted = {"flux1": "FluxFill or FluxKontext", "flux2": "FluxKlein"}[name]
+        raise WeightLoadError(f"{self.root} holds a {families.get(name).title} model "
+                              f"({self.pipeline_class}); {type(self).__name__} does not edit "
+                              f"it: use {wanted}")
 
     @classmethod
     def from_pretrained(

@@ -30,7 +30,6 @@ from typing import Any
 import mlx.core as mx
 from PIL import Image
 
-from mlx_edit import variants
 from mlx_edit.conditioning import klein
 from mlx_edit.conditioning.context import ConditioningContext
 from mlx_edit.conditioning.kontext import kontext_tokens
@@ -101,10 +100,6 @@ class Family:
     mu: Callable[[int, int, SchedulerConfig], float]
     memory_parts: Callable[[dict], dict]
     quantized: dict[str, str]
-
-    def variants(self) -> list[variants.Variant]:
-        """This family's variants (mlx_edit.variants)."""
-        return [v for v in variants.VARIANTS.values() if v.family == self.name]
 
 
 # ------------------------------------------------------------------ FLUX.1

@@ -200,3 +200,13 @@ def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypat
     again = second.encode_prompt("a red boat", max_sequence_length=32)
     assert not loads and again.pooled is None
     assert np.array_equal(np.array(again.txt), np.array(embeds.txt))
+
+
+def test_flux1_classes_refuse_a_klein_folder(klein):
+    from mlx_edit.fill import FluxFill
+    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.weights.core import WeightLoadError
+
+    for cls in (FluxFill, FluxKontext):
+        with pytest.raises(WeightLoadError, match="FLUX.2 model .* use FluxKlein"):
+            cls.from_pretrained(klein)

@@ -146,9 +146,10 @@ def _spec_from_dict(name: str, d: Mapping, kind: str):
 
 # field -> (the modes that take it, help text). Defaults live on the dataclass below.
 FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "steps": (MODES, f"Denoising steps (1..{MAX_STEPS}; default 50, 28 for edit)."),
+    "steps": (MODES, f"Denoising steps (1..{MAX_STEPS}; default 50, 28 for edit; FLUX.2 "
+                     "klein 4, klein Base 50)."),
     "guidance": (MODES, "Guidance (0..100; default 30, 10 for restyle --control-type depth, "
-                        "2.5 for edit)."),
+                        "2.5 for edit; klein: unused, klein Base: true CFG scale 4)."),
     "seed": (MODES, f"Random seed 0..{MAX_SEED} (image i uses seed + i)."),
     "num_images": (MODES, f"Images generated as one batch (1..{MAX_IMAGES})."),
     "crop_to_mask": (MODES, "Edit a ~1 MP window around the mask of a large photo and stitch "

@@ -93,13 +93,14 @@ def test_bad_input_is_one_line(klein, photos, tmp_path, args, says, monkeypatch)
 def test_api_text_to_image_crop_sam_keep_size(klein, tiny_sam_mlx):
     pipe = FluxKlein.from_pretrained(klein)
     assert (pipe.variant, pipe.family.name) == ("klein", "flux2")
-    out = pipe.edit(None, "a lighthouse", width=80, height=48, steps=1)[0]
+    short = {"steps": 1, "max_sequence_length": 32}
+    out = pipe.edit(None, "a lighthouse", width=80, height=48, **short)[0]
     assert out.size == (80, 48) and out.info["references"] == "0"
 
     photo = Image.fromarray(data.astronaut())  # 512x512, a 256x256 model budget: a window
     mask = np.zeros((512, 512), np.float32)
     mask[200:260, 220:300] = 1
-    res = pipe.inpaint(photo, mask, "a badge", steps=1, crop_to_mask=True, feather=0,
+    res = pipe.inpaint(photo, mask, "a badge", **short, crop_to_mask=True, feather=0,
                        max_model_pixels=256 * 256)[0]
     box = [int(v) for v in res.info["crop_box"].strip("[]").split(",")]
     assert box != [0, 0, 512, 512] and res.size == photo.size
@@ -107,14 +108,14 @@ def test_api_text_to_image_crop_sam_keep_size(klein, tiny_sam_mlx):
     assert np.array_equal(np.asarray(res)[outside], np.asarray(photo)[outside])
 
     small = photo.resize((160, 160))
-    clicked = pipe.inpaint(small, [Points(((80, 70),), (1,))], "a badge", steps=1,
+    clicked = pipe.inpaint(small, [Points(((80, 70),), (1,))], "a badge", **short,
                            segment_model=str(tiny_sam_mlx))[0]
     assert clicked.size == small.size and clicked.info["mode"] == "inpaint"
 
-    kept = pipe.edit([photo.resize((100, 75))], "warmer", steps=1, keep_size=True)[0]
+    kept = pipe.edit([photo.resize((100, 75))], "warmer", **short, keep_size=True)[0]
     assert kept.size == (100, 75)  # edited at 96x64, returned at the image's own size
     with pytest.raises(InputError, match="FLUX.2 has one text encoder"):
-        pipe.edit([photo], "x", prompt_2="y", steps=1)
+        pipe.edit([photo], "x", prompt_2="y", **short)
 
 
 def test_memory_estimate_counts_klein_parts(klein):
@@ -141,9 +142,10 @@ def test_batch_runs_klein_lines(klein, photos, tmp_path):
     import json
 
     lines = [{"id": "fix", "image": str(photos / "astronaut.png"),
-              "mask": str(photos / "mask.png"), "prompt": "a cup", "steps": 1},
+              "mask": str(photos / "mask.png"), "prompt": "a cup", "steps": 1,
+              "max_sequence_length": 32},
              {"id": "edit", "mode": "edit", "image": str(photos / "coffee.png"),
-              "prompt": "make it blue"},
+              "prompt": "make it blue", "max_sequence_length": 32},
              {"id": "out", "mode": "outpaint", "image": str(photos / "coffee.png"),
               "prompt": "more", "left": 32}]
     manifest = tmp_path / "m.jsonl"
@@ -174,10 +176,10 @@ def test_serve_runs_klein(klein, photos):
                          local_hosts=("testserver",))
     with TestClient(create_app(config)) as client:
         assert isinstance(client.app.state.resident.models["fill"], FluxKlein)
-        done = wait(client, submit(client, photo, {"steps": 1}).json()["id"])
+        fast = {"steps": 1, "max_sequence_length": 32}
+        done = wait(client, submit(client, photo, fast).json()["id"])
         assert done["state"] == "done", done
-        done = wait(client, submit(client, (photo[0], None), {"steps": 1},
-                                   mode="edit").json()["id"])
+        done = wait(client, submit(client, (photo[0], None), fast, mode="edit").json()["id"])
         assert done["state"] == "done", done
         r = submit(client, (photo[0], None), {"left": 32}, mode="outpaint")
         assert r.status_code == 400 and "outpaint needs a FLUX.1 model" in r.text, r.text

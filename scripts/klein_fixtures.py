@@ -21,7 +21,7 @@ Qwen3TextEncoder) with MLX's random initialisation and writes them through the k
 backwards (scripts/make_mlx_checkpoint.to_checkpoint), without torch. Presets: `tiny`
 (hidden 32, Qwen3 hidden 64 with 28 layers) and `wide` (klein 4B's widths: hidden 3072,
 joint_attention_dim 7680, the real VAE, Qwen3-4B widths with 2 layers and out layers
-(1, 2, 2); one double and one single block; ~2 GB in float32). Built next to OUT and
+(1, 2, 2); one double and one single block; ~3 GB in float32). Built next to OUT and
 renamed into place.
 """
 

@@ -212,3 +212,26 @@ def test_flux1_classes_refuse_a_klein_folder(klein):
     for cls in (FluxFill, FluxKontext):
         with pytest.raises(WeightLoadError, match="FLUX.2 model .* use FluxKlein"):
             cls.from_pretrained(klein)
+
+
+def test_convert_klein_folder(klein, tmp_path, photos):
+    """`mlx-edit convert` of a klein folder: its components (transformer, VAE, Qwen3) and
+    tokenizer; `--quantize 8` applies to the transformer and Qwen3; the folder loads as
+    klein and edits."""
+    import json
+
+    out = tmp_path / "klein-q8"
+    r = invoke("convert", klein, out, "--quantize", 8, "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "mlx_edit.json", "model_index.json", "scheduler", "text_encoder", "tokenizer",
+        "transformer", "vae"]
+    manifest = json.loads((out / "mlx_edit.json").read_text())
+    assert {k: v["bits"] for k, v in manifest["components"].items()} == {
+        "transformer": 8, "vae": None, "text_encoder": 8}
+    pipe = FluxKlein.from_pretrained(out)
+    assert pipe.variant == "klein" and pipe.transformer_bits == 8
+    image = pipe.edit([photos / "coffee.png"], "blue", steps=1, max_sequence_length=32)[0]
+    assert image.size == (112, 80)
+    r = invoke("convert", klein, tmp_path / "x", "--component-bits", "text_encoder_2=4")
+    assert r.exit_code == 2 and "unknown component 'text_encoder_2'" in r.output, r.output

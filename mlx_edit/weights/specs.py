@@ -184,6 +184,11 @@ SPECS: dict[str, Spec] = {
     "redux": REDUX,
 }
 
-# The pipeline components `mlx-edit convert` writes -> their kinds.
+# The pipeline components `mlx-edit convert` writes -> their kinds (FLUX.1's), and per
+# model family (mlx_edit.variants.family_of); the text encoders' order is the family's.
 COMPONENT_KINDS = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_text",
                    "text_encoder_2": "t5"}
+FAMILY_COMPONENT_KINDS = {
+    "flux1": COMPONENT_KINDS,
+    "flux2": {"transformer": "flux2_transformer", "vae": "vae", "text_encoder": "qwen3"},
+}

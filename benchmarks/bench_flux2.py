@@ -228,6 +228,8 @@ def report(times: dict, gemm: list[float], flop: float, outputs: dict, rss: dict
              f"{rss[name]:.2f}"] for name, ts in times.items()]
     print(common.table(rows, ["implementation", "median s", "min s", "GFLOP/s",
                               "of ceiling (per round)", "process peak RSS GB"]))
+    print("seconds per round (order rotating): " + "; ".join(
+        f"{name} " + " ".join(f"{t:.1f}" for t in ts) for name, ts in times.items()))
     print(f"MLX GEMM GFLOP/s per round ({'x'.join(map(str, shape))}): "
           + " ".join(f"{g:.1f}" for g in gemm))
     if "diffusers" in outputs:

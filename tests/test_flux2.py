@@ -61,14 +61,14 @@ _BFL_TOP = [
 
 
 def build_reference(cfg, seed=0):
+    """diffusers' model, its constant tensors (RMSNorm weights at 1) perturbed so a
+    swapped or dropped norm weight shows."""
+    from conftest import import_script
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(seed)
     model = Flux2Transformer2DModel(**cfg).eval()
-    with torch.no_grad():  # norm weights start at exactly 1: perturb so a swap would show
-        for p in model.parameters():
-            std = float(p.std()) if p.numel() > 1 else 0.0
-            p.add_((0.1 * std if std > 0 else 0.1) * torch.randn_like(p))
+    assert import_script("make_tiny_checkpoint").perturb_constant_tensors(model, seed)
     return model
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_edit.models.config import check_rope_axes, known_fields
+from mlx_edit.models.config import TransformerWidths, transformer_config
 from mlx_edit.models.layers import (
     ControlResiduals,
     IPAdapterKV,
@@ -35,7 +35,7 @@ from mlx_edit.models.layers import (
 
 
 @dataclass
-class FluxConfig:
+class FluxConfig(TransformerWidths):
     """diffusers FluxTransformer2DModel config (defaults: FLUX.1-Fill-dev)."""
 
     in_channels: int = 384
@@ -54,21 +54,7 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxConfig:
-        cfg = cls(**known_fields(cls, d, drop_none=False))  # out_channels null = in_channels
-        cfg.axes_dims_rope = check_rope_axes(cfg.axes_dims_rope, cfg.attention_head_dim)
-        if cfg.out_channels is None:
-            cfg.out_channels = cfg.in_channels
-        if cfg.patch_size != 1:
-            raise ValueError(f"patch_size {cfg.patch_size} is not supported (FLUX uses 1)")
-        return cfg
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        return transformer_config(cls, d, "FLUX")
 
 
 class QKNorm(nn.Module):

@@ -25,13 +25,13 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_edit.models.config import check_rope_axes, known_fields
+from mlx_edit.models.config import TransformerWidths, transformer_config
 from mlx_edit.models.flux import FinalLayer, JointBlock, QKNorm, StreamAttention
 from mlx_edit.models.layers import MLPEmbedder, embed_scaled, modulate, rope_table, swiglu
 
 
 @dataclass
-class Flux2Config:
+class Flux2Config(TransformerWidths):
     """diffusers Flux2Transformer2DModel config (its defaults: FLUX.2 [dev]; klein 4B:
     hidden 3072 = 24 heads x 128, 5 double + 20 single blocks, joint_attention_dim 7680,
     no guidance embedding)."""
@@ -56,23 +56,10 @@ class Flux2Config:
         """From a diffusers config.json dict (unknown keys ignored, null out_channels =
         in_channels). ValueError for a patch size other than 1, an eps other than 1e-6
         (the norms are built with 1e-6) or RoPE axes not summing to the head dim."""
-        cfg = cls(**known_fields(cls, d, drop_none=False))
-        cfg.axes_dims_rope = check_rope_axes(cfg.axes_dims_rope, cfg.attention_head_dim)
-        if cfg.out_channels is None:
-            cfg.out_channels = cfg.in_channels
-        if cfg.patch_size != 1:
-            raise ValueError(f"patch_size {cfg.patch_size} is not supported (FLUX.2 uses 1)")
+        cfg = transformer_config(cls, d, "FLUX.2")
         if cfg.eps != 1e-6:
             raise ValueError(f"eps {cfg.eps} is not supported (FLUX.2 uses 1e-6)")
         return cfg
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
 
 
 class SwiGLUMLP(nn.Module):

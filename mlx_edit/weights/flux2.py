@@ -2,7 +2,8 @@
 read off its shapes, and `load_flux2_transformer` (the "flux2_transformer" entry of
 weights/specs.py).
 
-Sources for the BFL <-> diffusers names: diffusers `loaders/single_file_utils.py`
+Sources for the BFL <-> diffusers names (blocks and final layer as FLUX.1's,
+`flux.BFL_BLOCK_RULES`): diffusers `loaders/single_file_utils.py`
 (`convert_flux2_transformer_checkpoint_to_diffusers`) and BFL `flux2/src/flux2/model.py`.
 Our layout is BFL's fused one (mlx_edit/models/flux2.py) with our short names.
 """
@@ -17,7 +18,7 @@ import mlx.core as mx
 from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.weights import loader
 from mlx_edit.weights.core import Rule, rename
-from mlx_edit.weights.flux import _count
+from mlx_edit.weights.flux import BFL_BLOCK_RULES, _count
 
 _T, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
 _D, _SB = "double_blocks.{i}.", "single_blocks.{i}."
@@ -68,18 +69,7 @@ BFL_RULES: tuple[Rule, ...] = (
     *(rename(f"{e}.{{rest}}", f"{e}.{{rest}}") for e in ("img_in", "txt_in", "time_in",
                                                          "guidance_in")),
     *(rename(f"{src}.lin.{{p}}", f"{dst}.{{p}}") for src, dst in _MODULATIONS.items()),
-    rename(_D + "{s}_attn.qkv.{p}", _D + "{s}_attn.qkv.{p}"),
-    rename(_D + "{s}_attn.norm.query_norm.scale", _D + "{s}_attn.norm_q.weight"),
-    rename(_D + "{s}_attn.norm.key_norm.scale", _D + "{s}_attn.norm_k.weight"),
-    rename(_D + "{s}_attn.proj.{p}", _D + "{s}_attn.proj.{p}"),
-    rename(_D + "{s}_mlp.0.{p}", _D + "{s}_mlp.fc1.{p}"),
-    rename(_D + "{s}_mlp.2.{p}", _D + "{s}_mlp.fc2.{p}"),
-    rename(_SB + "linear1.{p}", _SB + "linear1.{p}"),
-    rename(_SB + "linear2.{p}", _SB + "linear2.{p}"),
-    rename(_SB + "norm.query_norm.scale", _SB + "norm_q.weight"),
-    rename(_SB + "norm.key_norm.scale", _SB + "norm_k.weight"),
-    Rule("final_layer.modulation.{p}", ("final_layer.adaLN_modulation.1.{p}",), "swap"),
-    rename("final_layer.linear.{p}", "final_layer.linear.{p}"),
+    *BFL_BLOCK_RULES,
 )
 
 # Tensors that identify each format (specs.FLUX2_TRANSFORMER's `detect`).

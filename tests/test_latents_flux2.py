@@ -39,6 +39,8 @@ def test_flux2_config():
         32, (2, 2), 128, 8)
     assert (cfg.scaling_factor, cfg.shift_factor, cfg.use_quant_conv) == (1.0, 0.0, True)
     assert VAEConfig.flux2() == cfg
+    with pytest.raises(ValueError, match="patch_size"):
+        VAEConfig.from_dict({**FLUX2_CONFIG, "patch_size": [1, 1]})
     model = AutoencoderKL(VAEConfig.from_dict(TINY))
     assert model.bn.running_mean.shape == (128,) and model.bn.eps == 1e-4
     assert "bn" not in AutoencoderKL(VAEConfig.from_dict({**TINY, "patch_size": None}))

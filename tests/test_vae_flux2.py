@@ -29,9 +29,10 @@ from mlx_edit.weights.vae import load_vae
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.parity
 
-# Tiny widths, the real latent layout (32 channels, quant convs, 2x2 batch norm).
-TINY = dict(block_out_channels=(8, 16, 16, 16), latent_channels=32, layers_per_block=1,
-            norm_num_groups=4)
+# Tiny widths, the real latent layout (32 channels, quant convs, 2x2 batch norm); the
+# decoder narrower than the encoder (`decoder_block_out_channels`; None in the real one).
+TINY = dict(block_out_channels=(8, 16, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
+            latent_channels=32, layers_per_block=1, norm_num_groups=4)
 # The real FLUX.2 VAE (black-forest-labs/FLUX.2-klein-4B vae/config.json): the defaults.
 WIDE: dict = {}
 # diffusers name -> BFL flux2 AutoEncoder name of what FLUX.1's LDM names lack

@@ -68,6 +68,8 @@ class VAEConfig:
             if kw.get(key) is not None:
                 kw[key] = tuple(kw[key])
         if kw.get("patch_size") is not None:  # FLUX.2: batch-norm statistics, no scaling
+            if kw["patch_size"] != (2, 2):
+                raise ValueError(f"VAE patch_size {kw['patch_size']} not supported (only 2x2)")
             kw.setdefault("scaling_factor", 1.0)
             kw.setdefault("shift_factor", 0.0)
         if kw.get("shift_factor", 0.0) is None:

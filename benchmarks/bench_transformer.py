@@ -3,6 +3,8 @@
     python benchmarks/bench_transformer.py --preset wide --image-tokens 1024 --text-tokens 512 \
         [--dtype float32|bfloat16] [--quantize 4|8] [--compare diffusers,mflux] \
         [--double 1 --single 2] [--compile] [--variant one_stream,gelu_approx] [--profile]
+    python benchmarks/bench_transformer.py --family flux2 --preset wide ...   (FLUX.2 [klein]
+        widths, one process per implementation: benchmarks/bench_flux2.py)
 
 Weights: diffusers' FluxTransformer2DModel built from the preset's config under
 torch.manual_seed (scripts/make_tiny_checkpoint.py), loaded into ours through our strict
@@ -117,6 +119,8 @@ def profile(run) -> str:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", default="flux1", choices=("flux1", "flux2"),
+                    help="flux2: FLUX.2 [klein] transformer (bench_flux2.py; tiny|wide)")
     ap.add_argument("--preset", default="wide", choices=("tiny", "small", "wide"))
     ap.add_argument("--image-tokens", type=int, default=1024)
     ap.add_argument("--text-tokens", type=int, default=512)
@@ -274,6 +278,12 @@ def rel_err(ours, ref) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.family == "flux2":
+        import bench_flux2
+
+        if args.preset not in bench_flux2.PRESETS:
+            raise SystemExit(f"--family flux2 has presets {sorted(bench_flux2.PRESETS)}")
+        return bench_flux2.main(args)
     import torch
 
     torch.set_num_threads(common.os.cpu_count())

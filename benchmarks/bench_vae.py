@@ -2,9 +2,11 @@
 
     python benchmarks/bench_vae.py --sizes 2048,4096 [--model DIR] [--dtype float32]
         [--tile PX --overlap PX] [--max-tiles K] [--psnr 512] [--whole 256,512]
+        [--family flux1|flux2]
 
 VAE: the `vae/` of a FLUX Fill folder (e.g. a `wide` fixture: the full FLUX VAE config
-with random weights) or, without --model, the FLUX VAE config with MLX's random init.
+with random weights) or, without --model, the FLUX.1 (or --family flux2: FLUX.2) VAE
+config with MLX's random init.
 Input: a real photo (scikit-image's astronaut) resized to each size. Peak memory is MLX's
 (`mx.get_peak_memory()`, reset per pass) minus the weights, i.e. the VAE activations; the
 host accumulators of the tiled path (float32 output + float64 weights) are listed apart.
@@ -38,13 +40,13 @@ class _Stop(Exception):
     pass
 
 
-def load(model: str | None, dtype) -> AutoencoderKL:
+def load(model: str | None, dtype, family: str = "flux1") -> AutoencoderKL:
     if model:
         from mlx_edit.weights.vae import load_vae
 
         return load_vae(Path(model) / "vae" if (Path(model) / "vae").is_dir() else model, dtype)
     mx.random.seed(0)
-    vae = AutoencoderKL(VAEConfig())
+    vae = AutoencoderKL(VAEConfig.flux2() if family == "flux2" else VAEConfig())
     vae.set_dtype(dtype)
     mx.eval(vae.parameters())
     return vae
@@ -151,10 +153,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tiles", type=int, default=0)
     ap.add_argument("--psnr", type=int, default=0, help="size for tiled vs untiled")
     ap.add_argument("--whole", default="", help="sizes for untiled passes, plain and banded")
+    ap.add_argument("--family", default="flux1", choices=("flux1", "flux2"),
+                    help="VAE config without --model")
     args = ap.parse_args(argv)
     print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
     dtype = getattr(mx, args.dtype)
-    vae = load(args.model, dtype)
+    vae = load(args.model, dtype, args.family)
     f = vae.config.scale_factor
     rows, summary = [], []
     for size in [int(s) for s in args.sizes.split(",") if s]:

@@ -1,7 +1,8 @@
-"""mlx-edit: edit photos with FLUX.1 on Apple MLX (Fill inpainting and outpainting,
-Canny/Depth restyling, Kontext instruction edits), proven against diffusers.
+"""mlx-edit: edit photos with FLUX on Apple MLX (FLUX.1 Fill inpainting and outpainting,
+Canny/Depth restyling, Kontext instruction edits; FLUX.2 [klein] multi-reference edits and
+inpainting), proven against diffusers.
 
-    from mlx_edit import FluxFill, FluxKontext, ControlNetSpec, IPAdapterSpec, ReduxSpec
+    from mlx_edit import FluxFill, FluxKontext, FluxKlein, ControlNetSpec, IPAdapterSpec
 
 Names load lazily (PEP 562), so `import mlx_edit` stays light (the CLI's --help).
 """
@@ -14,6 +15,7 @@ _EXPORTS = {
     "FluxFill": "mlx_edit.fill",
     "FluxPipeline": "mlx_edit.pipeline",
     "FluxKontext": "mlx_edit.kontext",
+    "FluxKlein": "mlx_edit.klein",
     "ControlNetSpec": "mlx_edit.conditioning.controlnet",
     "IPAdapterSpec": "mlx_edit.conditioning.image_prompts",
     "ReduxSpec": "mlx_edit.conditioning.image_prompts",

@@ -25,6 +25,8 @@ size and mtime, prompt, options, seed, model) and its outputs exist; anything el
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hashlib
 import json
 import os
@@ -135,9 +137,13 @@ def _mask(d: dict, base: Path, mode: str, size: tuple[int, int]):
     return specs
 
 
-def parse_line(text: str, number: int, base: Path, defaults: dict) -> Line:
+def parse_line(text: str, number: int, base: Path, defaults: dict,
+               variant_for: Callable | None = None) -> Line:
     """One manifest line -> Line, reading its image and mask now. `defaults`: options
-    applied where the line gives none (only those its mode takes). Raises InputError."""
+    applied where the line gives none (only those its mode takes). variant_for(mode): the
+    variant (mlx_edit.variants) the line's mode runs on, whose defaults and refusals its
+    options follow (None: FLUX.1's; ValueError: no model for the mode). Raises
+    InputError."""
     from mlx_edit.imaging.images import load_image
 
     try:
@@ -165,7 +171,11 @@ def parse_line(text: str, number: int, base: Path, defaults: dict) -> Line:
                              "edit options")
     opts = {**{k: v for k, v in defaults.items() if mode in FIELDS[k][0]}, **opts}
     opts.setdefault("seed", _default_seed(line_id))
-    options = EditOptions.from_dict(opts, mode)
+    try:
+        variant = variant_for(mode) if variant_for else None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    options = EditOptions.from_dict(opts, mode, variant)
     size = load_image(image).size
     mask = _mask(d, base, mode, size)
     params = {"mode": mode, "image": _file_id(image), "prompt": d["prompt"],
@@ -175,7 +185,8 @@ def parse_line(text: str, number: int, base: Path, defaults: dict) -> Line:
     return Line(number, line_id, mode, image, d["prompt"], options, mask, size, params)
 
 
-def read_manifest(path: Path, defaults: dict | None = None) -> tuple[list[Line], list[str]]:
+def read_manifest(path: Path, defaults: dict | None = None,
+                  variant_for: Callable | None = None) -> tuple[list[Line], list[str]]:
     """Every line of the manifest checked (blank lines skipped): (valid lines, one error
     message per bad line, 'line N: ...'). A repeated id is an error on its later line.
     Raises InputError when the manifest itself cannot be read."""
@@ -189,7 +200,7 @@ def read_manifest(path: Path, defaults: dict | None = None) -> tuple[list[Line],
         if not text.strip():
             continue
         try:
-            line = parse_line(text, number, path.parent, defaults or {})
+            line = parse_line(text, number, path.parent, defaults or {}, variant_for)
             if line.id in seen:
                 raise InputError(f"id {line.id!r} is already used on line {seen[line.id]}")
             for out in line.outputs(Path()):  # id "a" with 2 images writes a-0.png;

@@ -8,7 +8,8 @@ instead of all of them together (mlx_edit.memory, `peak_low_memory`), paid for b
 reading the weights again for every edit.
 
 `ModelsMixin` is the FluxPipeline concern built on it: reading a model folder
-(`from_pretrained`), the transformer and VAE as properties loaded on demand, their
+(`from_pretrained`), its model family (mlx_edit.families: which loaders, text encoders
+and latent normalisation), the transformer and VAE as properties loaded on demand, their
 configs (known without weights), the variant the transformer is, and the memory an edit
 on these models needs.
 """
@@ -26,21 +27,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_edit import variants
+from mlx_edit import families, variants
 from mlx_edit.imaging.images import InputError
 from mlx_edit.memory import MemoryEstimate, estimate, tile_threshold_gb
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.sampling.cache import CacheConfig
 from mlx_edit.sampling.denoise import Phase
-from mlx_edit.sampling.latents import pack_latents, scale_latents, unpack_latents, unscale_latents
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights import lora as lora_files
 from mlx_edit.weights.core import WeightLoadError, check_headers, default_dtype, read_config
-from mlx_edit.weights.flux import load_transformer, read_transformer_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
-from mlx_edit.weights.text import load_text_tools
-from mlx_edit.weights.vae import load_vae, read_vae_config
+from mlx_edit.weights.text import read_text_tools
 
 # MLX keeps freed buffers in a cache for reuse; by default it may grow to the memory
 # limit, so after a phase its freed weights and activations would still be held. Low
@@ -125,8 +121,9 @@ _Pipeline = TypeVar("_Pipeline", bound="ModelsMixin")
 
 
 class ModelsMixin:
-    """FluxPipeline's models: loading from a folder or repo, the transformer and VAE on
-    demand (`components`), their configs without weights, the variant, memory estimates.
+    """FluxPipeline's models: loading from a folder or repo, the family (`family`, with its
+    prompt encoder `text`), the transformer and VAE on demand (`components`), their configs
+    without weights, the variant, memory estimates.
 
     Expects of the class it is mixed into: `VARIANTS` (names in mlx_edit.variants) and
     `loras` (mlx_edit.loras.LoRAMixin), applied to every transformer load.
@@ -137,30 +134,44 @@ class ModelsMixin:
 
     def _init_models(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path,
                      quantize: int | None, low_memory: bool) -> None:
-        """Read configs, tokenizers and headers (no weights); set up `components`."""
+        """Read configs, tokenizers and headers (no weights); set up `components`.
+        Raises WeightLoadError (also for a folder of a family this class does not edit)."""
         self.root, self.dtype, self.source = root, dtype, source
         self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
         self.low_memory = low_memory
         index, vae_dir = root / "model_index.json", component_dir(root, "vae")
-        self.pipeline_class = read_config(root, index.name).get("_class_name") \
-            if index.is_file() else None
+        info = read_config(root, index.name) if index.is_file() else {}
+        self.pipeline_class, self.distilled = info.get("_class_name"), info.get("is_distilled")
+        self.family = self._own_family(variants.family_of(self.pipeline_class))
         kinds = variants.accepted_in_channels(*self.VARIANTS, pipeline_class=self.pipeline_class)
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
-        t_config, stored_bits = read_transformer_config(transformer)
+        f = self.family
+        t_config, stored_bits = f.read_transformer_config(transformer)
         if t_config.in_channels not in kinds:
             raise WeightLoadError(self._wrong_variant(t_config))
         self.transformer_bits = stored_bits or quantize  # what the loaded transformer has
         self.components = Components(
-            {"transformer": partial(load_transformer, transformer, dtype,
+            {"transformer": partial(f.load_transformer, transformer, dtype,
                                     expect_in_channels=kinds, quantize=quantize),
-             "vae": partial(load_vae, vae_dir, dtype)},
-            {"transformer": t_config, "vae": read_vae_config(vae_dir)}, keep=not low_memory)
-        # damaged tokenizer/scheduler files fail here, as one WeightLoadError
-        self.scheduler_config, self.clip_tokenizer, self.t5_tokenizer = load_text_tools(root)
+             "vae": partial(f.load_vae, vae_dir, dtype)},
+            {"transformer": t_config, "vae": f.read_vae_config(vae_dir)}, keep=not low_memory)
+        # damaged scheduler/tokenizer files fail here, as one WeightLoadError
+        self.scheduler_config = read_text_tools(component_dir(root, "scheduler"), None, None)[0]
+        self.text = f.text(root)  # the family's prompt encoder (mlx_edit.prompts)
         for part in (transformer, vae_dir, *(component_dir(root, name)
-                                            for name in ("text_encoder", "text_encoder_2"))):
+                                            for name in self.text.folders)):
             check_headers(part)  # damaged files fail at load time, not mid-edit
         self.tile_threshold_gb = tile_threshold_gb()  # VAE tiling above this (GB)
+
+    def _own_family(self, name: str) -> families.Family:
+        """The family `name` when this class edits it (one of `VARIANTS` is of it), else
+        WeightLoadError naming the class that does."""
+        if any(variants.VARIANTS[v].family == name for v in self.VARIANTS):
+            return families.get(name)
+        wanted = {"flux1": "FluxFill or FluxKontext", "flux2": "FluxKlein"}[name]
+        raise WeightLoadError(f"{self.root} holds a {families.get(name).title} model "
+                              f"({self.pipeline_class}); {type(self).__name__} does not edit "
+                              f"it: use {wanted}")
 
     @classmethod
     def from_pretrained(
@@ -208,8 +219,8 @@ class ModelsMixin:
         return pipe
 
     @property
-    def transformer(self) -> FluxTransformer:
-        """The FLUX transformer, loaded if not resident (with low_memory it is freed when
+    def transformer(self) -> nn.Module:
+        """The family's transformer, loaded if not resident (with low_memory it is freed when
         the phase using it ends or the next edit starts; `transformer_config` needs no
         weights)."""
         model = self.components.get("transformer")
@@ -217,20 +228,20 @@ class ModelsMixin:
         return model
 
     @property
-    def vae(self) -> AutoencoderKL:
+    def vae(self) -> nn.Module:
         """The VAE, loaded if not resident (freed like `transformer`; `vae_config` needs no
         weights)."""
         return self.components.get("vae")
 
     @property
-    def transformer_config(self) -> FluxConfig:
+    def transformer_config(self) -> Any:
         """The transformer's config, known without loading its weights, with the loaded
         LoRAs' changes (`loras`; a control LoRA on FLUX.1-dev makes in_channels 128)."""
         return lora_files.effective_config(self.components.config("transformer"),
                                            getattr(self, "loras", {}))
 
     @property
-    def vae_config(self) -> VAEConfig:
+    def vae_config(self) -> Any:
         """The VAE's config, known without loading its weights."""
         return self.components.config("vae")
 
@@ -238,7 +249,8 @@ class ModelsMixin:
     def variant_info(self) -> variants.Variant:
         """The loaded transformer's variant (mlx_edit.variants), known without weights."""
         cfg = self.transformer_config
-        found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
+        found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class,
+                                  self.distilled)
         ours = [variants.VARIANTS[n] for n in self.VARIANTS]
         same_width = [v for v in ours if v.in_channels == cfg.in_channels]
         if found not in ours and same_width:  # e.g. a BFL Kontext file: no model_index
@@ -250,11 +262,13 @@ class ModelsMixin:
     @property
     def variant(self) -> str:
         """The variant's name: 'fill' (FLUX.1 Fill, in_channels 384), 'control' (FLUX.1
-        Canny/Depth-dev, 128), 'kontext' (64), ... (mlx_edit.variants)."""
+        Canny/Depth-dev, 128), 'kontext' (64), 'klein' (FLUX.2 [klein], 128), ...
+        (mlx_edit.variants)."""
         return self.variant_info.name
 
-    def _wrong_variant(self, cfg: FluxConfig) -> str:
-        """The message for a transformer of a variant this pipeline cannot run: what was
+    def _wrong_variant(self, cfg) -> str:
+        """The message for a transformer (its config: FluxConfig or Flux2Config) of a variant
+        this pipeline cannot run: what was
         found, which model each of its edits needs and where to get it."""
         found = variants.describe(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
         wants = [v for v in map(variants.VARIANTS.get, self.VARIANTS) if v.edits]
@@ -264,27 +278,26 @@ class ModelsMixin:
                 f"{need}")
 
     def _require(self, edit: str) -> None:
-        """InputError unless the loaded transformer is the variant serving `edit`."""
-        want = variants.for_edit(edit)
-        if self.variant != want.name:
+        """InputError unless the loaded transformer is a variant serving `edit`."""
+        want = variants.for_edit(edit, self.family.name)
+        if edit not in getattr(variants.VARIANTS.get(self.variant), "edits", ()):
             raise InputError(f"{edit} needs a {want.title} model ({want.repo}"
                              f"{want.alternative}); {self.source} is {self.variant_info.title}")
 
     def encode_image(self, pixels: np.ndarray) -> mx.array:
-        """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
+        """(H, W, 3) in [-1, 1] -> normalised, packed latents (1, N, C) (posterior mode;
+        C = 64 for FLUX.1: scale/shift, 128 for FLUX.2: batch-norm statistics; the
+        family's `to_tokens`).
 
         Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
         stay within a few GB."""
-        cfg = self.vae.config
         z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
                         threshold_gb=self.tile_threshold_gb)
-        return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
+        return self.family.to_tokens(self.vae, z)
 
     def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
-        """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32)."""
-        cfg = self.vae.config
-        z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
-                            cfg.shift_factor)
+        """Packed latents (B, N, C) -> images (B, H, W, 3) in [-1, 1] (float32)."""
+        z = self.family.from_tokens(self.vae, latents, width, height)
         return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
@@ -298,8 +311,7 @@ class ModelsMixin:
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             window=None if windows is None else (windows.tokens, windows.batch),
-            transformer=self.transformer_config, vae=self.vae_config,
-            clip=read_config(component_dir(self.root, "text_encoder")),
-            t5=read_config(component_dir(self.root, "text_encoder_2")),
+            transformer=self.transformer_config, vae=self.vae_config, family=self.family.name,
+            text={name: read_config(component_dir(self.root, name)) for name in self.text.folders},
             lora_params=sum(x.file.parameter_count for x in self.loras.values()),
             segmenter=segmenter, cache_branches=cache_branches, **tokens)

@@ -10,16 +10,13 @@ tokens. The output defaults to the (first) reference's preferred size, as BFL's 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
-import numpy as np
 from PIL import Image
 
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging.images import InputError, load_image
-from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.options import EditOptions, check_prompt, check_used
 from mlx_edit.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
@@ -84,8 +81,6 @@ class FluxKontext(FluxPipeline):
         with `run(job, mask is not None)`. Raises as `edit`."""
         o = EditOptions.of(options, overrides, "edit")
         check_used(o, masked=mask is not None)
-        if mask is None and o.tile_mode == "auto":  # auto: windows only for masked edits
-            o = dataclasses.replace(o, tile_mode="off")
         check_prompt(instruction, "instruction")
         self._require("edit")
         refs = [load_image(im) for im in (images if isinstance(images, (list, tuple))
@@ -95,36 +90,8 @@ class FluxKontext(FluxPipeline):
         first, size = refs[0], output_size(refs[0], o.width, o.height, o.auto_resize)
         # The whole image, resized to the Kontext size; mapped back at the original size
         # (keep_size) or onto the image resized like the edit.
-        image = first.convert("RGB")
-        user_mask = None if mask is None else self.user_mask(first, mask, o.segment_model)
-        if not o.keep_size:
-            image, user_mask = _to_size(image, user_mask, size)
-        if user_mask is None:
-            model_mask = blend = np.ones(image.size[::-1], np.float32)
-        else:
-            model_mask, blend = self.edit_masks(user_mask, o)
-        plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
-        job = self.prepare(
-            image, model_mask, blend, instruction, o, noise=noise, references=refs,
-            reference_resize=o.auto_resize, plan=plan, keep_source=mask is not None,
-            metadata={"mode": "edit", "references": len(refs), "keep_size": o.keep_size,
-                      "masked": mask is not None, "grow_mask": o.grow_mask,
-                      "feather": o.feather},
-        )
-        if user_mask is not None:
-            self.paste_back_options(job, o, image, user_mask)
-        return job
-
-
-def _to_size(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
-             ) -> tuple[Image.Image, np.ndarray | None]:
-    """The image (Lanczos) and its mask (bilinear, or None) resized to `size`."""
-    if image.size == size:
-        return image, mask
-    if mask is not None:
-        mask = np.clip(np.asarray(Image.fromarray(mask.astype(np.float32), "F").resize(
-            size, Image.BILINEAR)), 0.0, 1.0)
-    return image.resize(size, Image.LANCZOS), mask
+        return self.framed_edit_job(first.convert("RGB"), mask, size, instruction, o, refs,
+                                    noise, reference_resize=o.auto_resize)
 
 
 __all__: Sequence[str] = ("FluxKontext", "output_size")

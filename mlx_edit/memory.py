@@ -39,12 +39,10 @@ import mlx.core as mx
 
 from mlx_edit import tiling
 from mlx_edit.imaging.images import InputError
-from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
-from mlx_edit.models.flux import FluxConfig, FluxTransformer
-from mlx_edit.models.t5 import T5Config, T5Encoder
-from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.models.flux import FluxConfig
+from mlx_edit.models.vae import VAEConfig
 from mlx_edit.sampling.cache import state_bytes
-from mlx_edit.weights.quantize import component_bits, model_nbytes, quantize_component
+from mlx_edit.weights.quantize import model_nbytes, quantize_component
 
 GB = 1e9
 # Fitted to measured peaks of a wide forward at 512, 1536 and 2560 tokens (within 2%):
@@ -62,12 +60,6 @@ def _backend() -> str:
     return "gpu" if mx.default_device() == mx.gpu else "cpu"
 
 
-def _config(cls, value):
-    if value is None:
-        return cls()
-    return value if isinstance(value, cls) else cls.from_dict(dict(value))
-
-
 def _dtype_size(dtype) -> int:
     if isinstance(dtype, str):
         dtype = getattr(mx, dtype)
@@ -75,25 +67,49 @@ def _dtype_size(dtype) -> int:
 
 
 def weights_gb(transformer=None, vae=None, clip=None, t5=None, dtype="float32",
-               quantize: int | None = None) -> dict[str, float]:
-    """Parameter GB per component, from configs (FluxConfig/VAEConfig/CLIPTextConfig/
-    T5Config or their config.json dicts; None = FLUX.1 Fill-dev's). `quantize` 4/8 applies
-    the package policy (transformer and T5 quantized, embedders/VAE/CLIP not)."""
+               quantize: int | None = None, *, family: str = "flux1",
+               text: Mapping | None = None) -> dict[str, float]:
+    """Parameter GB per component, from configs (the family's config dataclasses or their
+    config.json dicts; None = the family's defaults: FLUX.1 Fill-dev's). text: {text
+    encoder folder: config} (FLUX.1: clip / t5 are text_encoder / text_encoder_2).
+    `quantize` 4/8 applies the package policy (FLUX.1: transformer and T5 quantized,
+    embedders/VAE/CLIP not)."""
+    return _weights(_parts(family, transformer, vae, text, clip, t5), dtype, quantize, family)
+
+
+def _parts(family: str, transformer, vae, text: Mapping | None, clip=None, t5=None) -> dict:
+    """{component: model built lazily from its config (nothing is allocated)}; the text
+    encoders last, in the family's order."""
+    from mlx_edit import families
+
+    text = dict(text or {"text_encoder": clip, "text_encoder_2": t5})
+    return families.get(family).memory_parts({"transformer": transformer, "vae": vae, **text})
+
+
+def _weights(models: dict, dtype, quantize: int | None, family: str = "flux1"
+             ) -> dict[str, float]:
+    """GB per component, quantized (when asked) as the family's loaders do
+    (`Family.quantized`: component -> quantization policy)."""
+    from mlx_edit import families
+
     float_dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
-    bits = component_bits(quantize)
-    models = {
-        "transformer": FluxTransformer(_config(FluxConfig, transformer)),
-        "vae": AutoencoderKL(_config(VAEConfig, vae)),
-        "text_encoder": CLIPTextModel(_config(CLIPTextConfig, clip)),
-        "text_encoder_2": T5Encoder(_config(T5Config, t5)),
-    }
+    policies = families.get(family).quantized if quantize else {}
     out = {}
-    for name, model in models.items():  # built lazily: nothing is allocated
-        if bits.get(name):
+    for name, model in models.items():
+        if name in policies:
             model.set_dtype(float_dtype)  # scales/biases take the compute dtype
-            quantize_component(model, name, bits[name])
+            quantize_component(model, policies[name], quantize)
         out[name] = model_nbytes(model, float_dtype) / GB
     return out
+
+
+def text_activation_gb(cfg, tokens: int, dtype_size: int) -> float:
+    """Activations (GB) of the sequence text encoder (T5 / Qwen3) over `tokens`: a few
+    copies of its widest layer and the float32 attention scores."""
+    width = max(getattr(cfg, "d_model", 0) or cfg.hidden_size,
+                getattr(cfg, "d_ff", 0) or cfg.intermediate_size)
+    heads = getattr(cfg, "num_heads", 0) or cfg.num_attention_heads
+    return 4 * tokens * width * dtype_size / GB + 2 * heads * tokens**2 * 4 / GB
 
 
 def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_size: int,
@@ -172,6 +188,7 @@ class _Inputs:
     text_tokens: int = TEXT_TOKENS
     reference_tokens: int = 0
     reference_px: tuple[int, int] | None = None
+    family: str = "flux1"
 
 
 class MemoryEstimate(dict):
@@ -186,10 +203,13 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None,
              segmenter=None, window: tuple[int, int] | None = None,
              cache_branches: int = 1, reference_tokens: int = 0,
-             reference_px: tuple[int, int] | None = None) -> MemoryEstimate:
+             reference_px: tuple[int, int] | None = None, family: str = "flux1",
+             text: Mapping | None = None) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
-    Components: configs (dataclasses or config.json dicts); None = FLUX.1 Fill-dev.
+    Components: configs (dataclasses or config.json dicts) of the `family`'s models
+    (mlx_edit.families); None = FLUX.1 Fill-dev. text: {text encoder folder: config}
+    (FLUX.1: or clip / t5).
     dtype: "float32" / "bfloat16" (or an mx.Dtype); quantize: None, 4 or 8.
     lora_params: LoRA parameters applied unfused (in `dtype`, any quantization).
     cache: the edit's step cache config (sampling.cache) or None; its state (x
@@ -206,29 +226,27 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     """
     dtype_name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
     size = _dtype_size(dtype_name)
-    cfgs = {"transformer": _config(FluxConfig, transformer), "vae": _config(VAEConfig, vae),
-            "clip": _config(CLIPTextConfig, clip), "t5": _config(T5Config, t5)}
-    w = weights_gb(cfgs["transformer"], cfgs["vae"], cfgs["clip"], cfgs["t5"], dtype_name,
-                   quantize)
+    models = _parts(family, transformer, vae, text, clip, t5)
+    cfgs = {name: m.config for name, m in models.items()}
+    w = _weights(models, dtype_name, quantize, family)
+    texts = list(cfgs)[2:]  # the text encoders, loaded one at a time (CLIP, freed, T5)
     if lora_params:
         w["lora"] = lora_params * size / GB
     transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
     image_tokens = (height // 16) * (width // 16) + reference_tokens
-    t5_cfg = cfgs["t5"]
     cache_gb = cache_branches * state_bytes(
         cache, cfgs["transformer"], num_images, image_tokens, text_tokens, size) / GB
     win = window and (window[0] + reference_tokens, window[1])  # references in each window
     encode_px = max((width, height), reference_px or (0, 0), key=lambda s: s[0] * s[1])
     act = {
-        "text_encode": 4 * text_tokens * max(t5_cfg.d_model, t5_cfg.d_ff) * size / GB
-        + 2 * t5_cfg.num_heads * text_tokens**2 * 4 / GB,
+        "text_encode": text_activation_gb(cfgs[texts[-1]], text_tokens, size),
         "vae_encode": vae_pass_gb(encode_px[1], encode_px[0], size, decode=False,
                                   config=cfgs["vae"]),
         "denoise": denoise_gb(image_tokens, text_tokens, cfgs["transformer"],
                               num_images, size, win) + cache_gb,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
-    text_w = max(w["text_encoder"], w["text_encoder_2"])  # CLIP is freed before T5 loads
+    text_w = max(w[t] for t in texts)  # CLIP is freed before T5 loads
     resident = transformer_w + w["vae"]
     normal = {"text_encode": resident + text_w, "vae_encode": resident,
               "denoise": resident, "vae_decode": resident}
@@ -247,7 +265,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
                          cache, segmenter, window, cache_branches, text_tokens,
-                         reference_tokens, reference_px)
+                         reference_tokens, reference_px, family)
     return out
 
 
@@ -273,7 +291,8 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
     i = est.inputs
     kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
               quantize=i.quantize, transformer=i.configs["transformer"],
-              vae=i.configs["vae"], clip=i.configs["clip"], t5=i.configs["t5"],
+              vae=i.configs["vae"], family=i.family,
+              text={k: v for k, v in i.configs.items() if k not in ("transformer", "vae")},
               lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
               window=i.window, cache_branches=i.cache_branches, text_tokens=i.text_tokens,
               reference_tokens=i.reference_tokens, reference_px=i.reference_px)

@@ -365,30 +365,34 @@ class EditOptions:
         set_("cache", _cache(self.cache))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], mode: str | None = None) -> EditOptions:
+    def from_dict(cls, d: Mapping[str, Any], mode: str | None = None,
+                  variant: variants.Variant | None = None) -> EditOptions:
         """Options from a manifest line or request body, field by field. Unknown keys, and
-        keys the `mode` does not take, are refused (InputError naming the key)."""
+        keys the `mode` does not take, are refused (InputError naming the key); defaults
+        resolved for `variant` (`for_mode`)."""
         if not isinstance(d, Mapping):
             raise InputError(f"options must be a mapping, got {type(d).__name__}")
         _check_keys(d, mode)
         opts = cls(**d)
-        return opts.for_mode(mode) if mode else opts
+        return opts.for_mode(mode, variant) if mode else opts
 
     @classmethod
     def of(cls, options: EditOptions | None, overrides: Mapping[str, Any],
-           mode: str | None = None) -> EditOptions:
+           mode: str | None = None, variant: variants.Variant | None = None) -> EditOptions:
         """`options` (or the defaults) with keyword `overrides` applied and checked; with
-        `mode`, also the mode's rules (`for_mode`). The public methods' entry point."""
+        `mode`, also the mode's rules (`for_mode`, defaults of `variant`). The public
+        methods' entry point."""
         if options is not None and not isinstance(options, EditOptions):
             raise InputError(f"options must be an EditOptions, got {type(options).__name__}")
         _check_keys(overrides, mode)
         opts = dataclasses.replace(options or cls(), **overrides)
-        return opts.for_mode(mode) if mode else opts
+        return opts.for_mode(mode, variant) if mode else opts
 
-    def for_mode(self, mode: str) -> EditOptions:
-        """Check the mode's rules and resolve guidance None to the variant's default.
-        Raises InputError (a field the mode does not take set to a non-default value,
-        an outpaint without any expansion)."""
+    def for_mode(self, mode: str, variant: variants.Variant | None = None) -> EditOptions:
+        """Check the mode's rules and resolve steps / guidance None to the defaults of
+        `variant` (mlx_edit.variants; None: the FLUX.1 variant serving `mode`).
+        Raises InputError (a field the mode or the variant (`refuses`) does not take set
+        to a non-default value, an outpaint without any expansion)."""
         if mode not in MODES:
             raise InputError(f"unknown edit mode {mode!r}; choose from {', '.join(MODES)}")
         defaults = EditOptions()
@@ -397,7 +401,10 @@ class EditOptions:
                 raise InputError(f"{mode} does not take {name}")
         if mode == "outpaint" and not (self.left or self.right or self.top or self.bottom):
             raise InputError("outpaint needs at least one of left/right/top/bottom > 0")
-        variant = variants.for_edit(mode)
+        variant = variant or variants.for_edit(mode)
+        for name in variant.refuses:
+            if getattr(self, name) != getattr(defaults, name):
+                raise InputError(f"{name} is not available with {variant.title}")
         steps = variant.steps if self.steps is None else self.steps
         guidance = self.guidance
         if guidance is None:

@@ -11,6 +11,7 @@ choice, and deterministic) instead of a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,9 +32,8 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_ip_adapters,
     prepare_redux,
 )
-from mlx_edit.conditioning.kontext import kontext_tokens, reference_size
 from mlx_edit.imaging.images import InputError, from_array, to_array
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, stitch_back
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, resize_with_mask, stitch_back
 from mlx_edit.loras import LoRAMixin
 from mlx_edit.masking import MaskMixin
 from mlx_edit.models.layers import IPAdapterKV
@@ -52,7 +52,7 @@ from mlx_edit.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (publ
 from mlx_edit.sampling.cache import CacheConfig, cache_metadata
 from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
-from mlx_edit.sampling.latents import image_ids, pack_latent_mask, token_grid
+from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
 from mlx_edit.weights import lora as lora_files
 
@@ -133,6 +133,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         inner: tuple[int, int, int, int] | None = None,
         plan: CropPlan | None = None,
         keep_source: bool = False,
+        source_reference: bool = False,
         **overrides,
     ) -> EditJob:
         """Build an EditJob for a canvas `image`, its binary model mask and blend weights.
@@ -143,40 +144,77 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         the canvas), true CFG (negative_prompt, true_cfg_scale > 1: two passes per step).
         conditioning: the Conditioner of the transformer's extra input channels (None:
         the variant's own: Fill's masked image + mask; `conditioning.bfl_control.
-        bfl_conditioner` for Canny/Depth-dev; none for Kontext). references: Kontext
-        reference images (conditioning.kontext), appended as sequence tokens (resized to
+        bfl_conditioner` for Canny/Depth-dev; none for Kontext and klein). references:
+        reference images appended as sequence tokens by the family
+        (`families.Family.reference_tokens`: Kontext's, conditioning.kontext, resized to
         the preferred Kontext resolution unless reference_resize is False).
         noise: optional packed initial noise (num_images, N, 64) (parity tests inject it).
         inner: for an outpaint, the original's box on the canvas (ControlNet alignment).
         plan: a crop plan to use instead of planning one (Kontext: the preferred size).
         keep_source: after every step, latents outside the model mask are the source's
         re-noised to the next sigma (`denoise.keep_source`; Kontext with a mask).
+        source_reference: the canvas's own latents are the first reference, before
+        `references` (FLUX.2 inpainting, diffusers Flux2KleinInpaintPipeline).
         Raises InputError (bad options, empty mask, memory, channel mismatch).
         """
         o = EditOptions.of(options, overrides)
         prompt = check_prompt(prompt)
-        refs = [reference_size(*im.size, reference_resize) for im in references]
+        refs = [self.family.reference_size(*im.size, reference_resize) for im in references]
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
                                        o.num_images, plan, o.cache, o, refs)
         windows = large.job_windows(self, plan, o)
         stats: dict = {}
-        embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)
+        cfg_scale = self.true_cfg_scale(o)
+        embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats, cfg_scale)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
             channels = self._channels(ctx, conditioning, pixels, mask)
-            tokens, token_ids = kontext_tokens(ctx, references, reference_resize) \
-                if references else (None, None)
             image_latents = self.encode_image(pixels) \
-                if o.strength < 1.0 or keep_source else None
+                if o.strength < 1.0 or keep_source or source_reference else None
+            source = (image_latents, token_grid(canvas.size[1], canvas.size[0])) \
+                if source_reference else None
+            tokens, token_ids = self.family.reference_tokens(
+                ctx, references, reference_resize, source) if references or source \
+                else (None, None)
             mx.eval(channels, tokens, image_latents)
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
-        meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata),
+        meta = {"prompt": prompt,
+                **self._metadata(o, plan, cfg_scale if negative is not None else None, metadata),
                 **large.metadata(o, windows)}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
-                      true_cfg_scale=o.true_cfg_scale, stats=stats, cache=o.cache, windows=windows)
+                      true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
+        return job
+
+    def framed_edit_job(self, image: Image.Image, mask, size: tuple[int, int],
+                        instruction: str, o: EditOptions, references: Sequence[Image.Image],
+                        noise: mx.array | None = None, reference_resize: bool = True
+                        ) -> EditJob:
+        """The EditJob of an instruction edit framed on `image` (RGB) at model size `size`
+        (W, H) with `references` as sequence tokens (Kontext, klein): the image (and its
+        mask: path, PIL, array or SAM prompts; None = everywhere) resized to `size`, or with
+        `o.keep_size` mapped back at the image's own size; with a mask the source is kept
+        outside it every step and pasted back (tile_mode auto: windows only then)."""
+        if mask is None and o.tile_mode == "auto":
+            o = dataclasses.replace(o, tile_mode="off")
+        user_mask = None if mask is None else self.user_mask(image, mask, o.segment_model)
+        if not o.keep_size:
+            image, user_mask = resize_with_mask(image, user_mask, size)
+        if user_mask is None:
+            model_mask = blend = np.ones(image.size[::-1], np.float32)
+        else:
+            model_mask, blend = self.edit_masks(user_mask, o)
+        plan = CropPlan(image.size, (0, 0, *image.size), size, image.size != size)
+        job = self.prepare(
+            image, model_mask, blend, instruction, o, noise=noise, references=references,
+            reference_resize=reference_resize, plan=plan, keep_source=mask is not None,
+            metadata={"mode": "edit", "references": len(references), "keep_size": o.keep_size,
+                      "masked": mask is not None, "grow_mask": o.grow_mask,
+                      "feather": o.feather})
+        if user_mask is not None:
+            self.paste_back_options(job, o, image, user_mask)
         return job
 
     def _start(self, o: EditOptions, plan: CropPlan, windows: large.Windows | None,
@@ -184,8 +222,9 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                ) -> tuple[np.ndarray, mx.array, mx.array]:
         """(sigmas shifted for one window's or the canvas's tokens, noise (seeds unless given),
         start latents: the noise, mixed with the image's at sigmas[0] when strength < 1)."""
-        sigmas = flux_sigmas(ctx.num_steps, large.schedule_tokens(plan, windows),
-                             self.scheduler_config, o.strength)
+        tokens = large.schedule_tokens(plan, windows)
+        sigmas = flux_sigmas(ctx.num_steps, tokens, self.scheduler_config, o.strength,
+                             self.family.mu(tokens, ctx.num_steps, self.scheduler_config))
         if noise is None:
             noise = initial_noise(o.seeds, (large.schedule_tokens(plan, None),
                                             ctx.latent_channels), mx.float32)
@@ -201,7 +240,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         size; None: not kept) and the ControlNets (their control images go through the
         VAE)."""
         if keep_mask is not None:
-            job.after_step = keep_source_hook(pack_latent_mask(mx.array(keep_mask)[None]),
+            job.after_step = keep_source_hook(self.family.token_mask(mx.array(keep_mask)[None]),
                                               job.source, job.noise, job.sigmas)
         if o.controlnets:
             with self.components.using("vae", job.stats):
@@ -209,16 +248,27 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             job.stats["control_prepare_s"] = control_meta.pop("control_prepare_s")
             job.metadata.update(control_meta)
 
-    def _prompts(self, prompt: str, o: EditOptions, plan: CropPlan, inner, stats: dict):
-        """(prompt embeddings (with Redux tokens), negative embeddings or None, IP-Adapter
+    def true_cfg_scale(self, o: EditOptions) -> float:
+        """The true-CFG scale of an edit (1: off): `true_cfg_scale` with a negative prompt
+        for a guidance-distilled model (FLUX.1), else (klein Base) `guidance` itself, as
+        diffusers Flux2KleinPipeline (`do_classifier_free_guidance`)."""
+        if self.variant_info.distilled:
+            return o.true_cfg_scale if o.negative_prompt is not None else 1.0
+        return o.effective_guidance
+
+    def _prompts(self, prompt: str, o: EditOptions, plan: CropPlan, inner, stats: dict,
+                 cfg_scale: float = 1.0):
+        """(prompt embeddings (with Redux tokens), negative embeddings (the negative prompt,
+        or "" for a non-distilled model) when cfg_scale > 1, else None, IP-Adapter
         keys/values, the conditioning context for the loop) of an edit; the text encoders
         (and image-prompt models) are loaded, used and freed here."""
         self.components.release()  # low_memory: nothing but the text encoders while encoding
         with Phase(stats, "text_encode"):
             embeds = self.encode_prompt(prompt, o.prompt_2, o.max_sequence_length)
             negative = None
-            if o.negative_prompt is not None and o.true_cfg_scale > 1.0:
-                negative = self.encode_prompt(o.negative_prompt, None, o.max_sequence_length)
+            if cfg_scale > 1.0:
+                negative = self.encode_prompt(o.negative_prompt or "", None,
+                                              o.max_sequence_length)
         loop = (o.effective_guidance, o.effective_steps, o.num_images)
         ctx = self.context(plan, inner).for_loop(embeds, *loop)
         ip: list[IPAdapterKV] = []
@@ -229,9 +279,10 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             ctx = ctx.for_loop(embeds, *loop)
         return embeds, negative, ip, ctx
 
-    def _metadata(self, o: EditOptions, plan: CropPlan, cfg: bool, extra: dict | None
+    def _metadata(self, o: EditOptions, plan: CropPlan, cfg: float | None, extra: dict | None
                   ) -> dict:
-        """The parameters an output records (PNG text chunks): options, model, geometry."""
+        """The parameters an output records (PNG text chunks): options, model, geometry;
+        cfg: the true-CFG scale when it is on."""
         return {
             "prompt_2": o.prompt_2, "steps": o.effective_steps,
             "guidance": o.effective_guidance,
@@ -241,7 +292,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             "redux": [[str(r.model), r.strength] for r in o.redux] or None,
             "loras": [[n, x.source, x.scale] for n, x in self.loras.items()] or None,
             "negative_prompt": o.negative_prompt if cfg else None,
-            "true_cfg_scale": o.true_cfg_scale if cfg else None,
+            "true_cfg_scale": cfg,
             **(extra or {}),
         }
 
@@ -269,7 +320,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         when the loop ends or the generator is closed; after a completed loop the job's
         ControlNets are dropped too (decoding does not need them)."""
         w, h = job.plan.model_size
-        ids = image_ids(*token_grid(h, w))
+        ids = image_ids(*token_grid(h, w), self.family.id_axes)
         with self.components.using("transformer", job.stats):
             t0 = time.perf_counter()
             mx.reset_peak_memory()

@@ -82,7 +82,7 @@ class PromptCache:
         path = self._path(key)
         try:
             arrays = mx.load(str(path))
-            embeds = PromptEmbeds(arrays["txt"], arrays["pooled"])
+            embeds = PromptEmbeds(arrays["txt"], arrays.get("pooled"))  # FLUX.2: none
             os.utime(path)  # least recently used goes first
         except (OSError, ValueError, RuntimeError, KeyError):
             self.misses += 1
@@ -95,7 +95,8 @@ class PromptCache:
         path = self._path(key)
         tmp = path.with_name(f".{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp{SUFFIX}")
         try:
-            mx.save_safetensors(str(tmp), {"txt": embeds.txt, "pooled": embeds.pooled})
+            arrays = {"txt": embeds.txt, "pooled": embeds.pooled}
+            mx.save_safetensors(str(tmp), {k: v for k, v in arrays.items() if v is not None})
             os.replace(tmp, path)
             self.trim()
         except OSError as e:  # a full or read-only disk costs re-encoding, not the edit

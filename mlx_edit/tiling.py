@@ -41,7 +41,8 @@ from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 # inside `banded(BAND_BYTES)` at 256 and 512 px (decode 7.9 / 7.5 kB/px, encode 5.9 /
 # 4.9 kB/px, the BAND_BYTES scratch included), rounded up. GPU (not banded): estimated
 # from mflux's 3.08 GB peak for a 512x512 bf16 decode on Metal (performance-anchors.md
-# [S12]), weights taken off; not measured here.
+# [S12]), weights taken off; not measured here. The FLUX.2 VAE (same widths, 32 latent
+# channels) measured the same bytes per pixel (benchmarks/RESULTS.md).
 DECODE_BYTES_PER_PX = {"cpu": 2_000.0, "gpu": 5_500.0}
 ENCODE_BYTES_PER_PX = {"cpu": 1_400.0, "gpu": 3_400.0}
 BAND_BYTES = 64 * 2**20  # CPU: largest im2col / attention-score scratch of one op

@@ -1,5 +1,7 @@
-"""The FLUX.1 transformer variants as data: one table, read by the pipeline, the loaders,
-the CLI and the memory estimate.
+"""The transformer variants of both model families (FLUX.1 and FLUX.2 [klein]) as data:
+one table, read by the pipeline, the loaders, the CLI and the memory estimate. What a
+family does differently (text encoders, latent normalisation, position ids) is its entry
+in mlx_edit.families; a variant names its family.
 
 A variant is told apart by its transformer's `in_channels` (the width of `x_embedder`)
 and, where two share a width (dev and Kontext: 64), by the pipeline class named in the
@@ -11,7 +13,12 @@ config (mlx_edit.weights.lora_control.effective_config) identifies it as "contro
 Defaults are the references': Fill from diffusers `FluxFillPipeline` / BFL `cli_fill`
 (50 steps, guidance 30); Canny/Depth from BFL `cli_control` (50 steps, guidance 30 for
 canny, 10 for depth); Kontext from diffusers `FluxKontextPipeline` (28 steps) with BFL
-`cli_kontext`'s guidance 2.5 (diffusers' 3.5 was set for text-to-image).
+`cli_kontext`'s guidance 2.5 (diffusers' 3.5 was set for text-to-image). FLUX.2 [klein]
+from diffusers `Flux2KleinPipeline` (pipelines/flux2/pipeline_flux2_klein.py): the
+distilled models run 4 steps and ignore guidance (`is_distilled`); the Base models run 50
+steps with true classifier-free guidance at `guidance` 4.0 (an empty negative prompt).
+A folder's family and variant come from its model_index.json (`_class_name`,
+`is_distilled`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ class Variant:
     edits: the pipeline methods (and CLI commands) this variant serves.
     pipelines: diffusers pipeline class names whose folders hold this variant.
     alternative: another way to get it, for messages (", or ...").
+    family: "flux1" or "flux2" (mlx_edit.families). distilled: guidance is not used as
+      true CFG (FLUX.2 [klein]'s `is_distilled`); False: `guidance` > 1 is the true-CFG
+      scale with an empty negative prompt (klein Base).
+    refuses: EditOptions fields this variant does not take (set to anything but their
+      default: InputError naming the field, `EditOptions.for_mode`).
     """
 
     name: str
@@ -47,8 +59,17 @@ class Variant:
     edits: tuple[str, ...]
     pipelines: tuple[str, ...] = ()
     alternative: str = ""
+    family: str = "flux1"
+    distilled: bool = True
+    refuses: tuple[str, ...] = ()
 
 
+KLEIN_PIPELINES = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+# FLUX.1's image prompts, ControlNets, step caches (FLUX.1 transformer hooks), two-pass
+# refinement, seam repair and ranking (FluxFill's passes), Kontext's true_cfg_scale and
+# auto_resize: not klein's. A distilled klein has no true CFG: no negative prompt either.
+KLEIN_REFUSES = ("ip_adapters", "redux", "controlnets", "cache", "detail_pass", "global_pass",
+                 "seam_fix", "rank", "keep_best", "true_cfg_scale", "auto_resize")
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fill", "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev", 384, True, 50, 30.0,
             "fill", ("inpaint", "outpaint"), ("FluxFillPipeline",)),
@@ -64,33 +85,73 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ("FluxKontextPipeline", "FluxKontextInpaintPipeline")),
     Variant("schnell", "FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell", 64, False, 4, 0.0,
             "none", ()),
+    Variant("klein", "FLUX.2 [klein]", "black-forest-labs/FLUX.2-klein-4B", 128, False, 4,
+            1.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2",
+            refuses=(*KLEIN_REFUSES, "negative_prompt")),
+    Variant("klein-base", "FLUX.2 [klein] Base", "black-forest-labs/FLUX.2-klein-base-4B", 128,
+            False, 50, 4.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2",
+            distilled=False, refuses=KLEIN_REFUSES),
 )}
 
 # Per control type of the BFL Canny/Depth models: BFL cli_control.py's guidance.
 CONTROL_GUIDANCE = {"canny": 30.0, "depth": 10.0}
 
 
-def for_edit(edit: str) -> Variant:
-    """The variant that serves pipeline method / CLI command `edit` (KeyError if none)."""
+def for_edit(edit: str, family: str = "flux1") -> Variant:
+    """The `family`'s variant that serves pipeline method / CLI command `edit` (KeyError if
+    none; FLUX.2: the distilled klein)."""
     for v in VARIANTS.values():
-        if edit in v.edits:
+        if edit in v.edits and v.family == family:
             return v
     raise KeyError(edit)
 
 
+def family_of(pipeline_class: str | None) -> str:
+    """The family ("flux1", "flux2") of a folder whose model_index.json names
+    `pipeline_class`; FLUX.1 when it names none we know (BFL files, mlx-edit folders
+    of FLUX.1)."""
+    for v in VARIANTS.values():
+        if pipeline_class and pipeline_class in v.pipelines:
+            return v.family
+    return "flux1"
+
+
+def for_folder(index: dict, edit: str) -> Variant:
+    """The variant that runs `edit` on a folder with this model_index.json (`index`, {}
+    for none: FLUX.1): FLUX.1's variant serving the edit, or for a FLUX.2 folder klein or
+    klein Base by `is_distilled`. ValueError (a one-line message) when the folder's family
+    has no variant serving `edit`."""
+    family = family_of(index.get("_class_name"))
+    if family == "flux1":
+        return for_edit(edit)
+    serving = [v for v in VARIANTS.values() if v.family == family and edit in v.edits]
+    if not serving:
+        raise ValueError(f"{edit} needs a FLUX.1 model ({for_edit(edit).repo}); this folder "
+                         f"holds a {family.replace('flux', 'FLUX.')} model "
+                         f"({index.get('_class_name')})")
+    distilled = index.get("is_distilled")
+    return ([v for v in serving if distilled is None or v.distilled == bool(distilled)]
+            or serving)[0]
+
+
 def identify(in_channels: int, guidance_embeds: bool = True,
-             pipeline_class: str | None = None) -> Variant | None:
+             pipeline_class: str | None = None, distilled: bool | None = None
+             ) -> Variant | None:
     """The variant of a transformer with these properties, or None if unknown.
 
     pipeline_class: `_class_name` of the folder's model_index.json, which separates
-    variants of the same width (dev vs Kontext); without it a 64-channel model with
-    guidance is taken for dev.
+    variants of the same width (dev vs Kontext; control vs klein); without it a 64-channel
+    model with guidance is taken for dev. distilled: model_index.json's `is_distilled`
+    (klein vs klein Base; None: not stated, the distilled one).
     """
     matches = [v for v in VARIANTS.values()
-               if v.in_channels == in_channels and v.guidance_embeds == guidance_embeds]
+               if v.in_channels == in_channels and v.guidance_embeds == guidance_embeds
+               and v.family == family_of(pipeline_class)]
     if pipeline_class:
         named = [v for v in matches if pipeline_class in v.pipelines]
         matches = named or matches
+    if distilled is not None:
+        matches = [v for v in matches if v.distilled == distilled] or matches
     return matches[0] if matches else None
 
 

@@ -2,6 +2,8 @@
 
     python scripts/make_tiny_checkpoint.py OUT --preset tiny|small|wide [--seed 0]
         [--dtype float32|bfloat16] [--overwrite]
+    python scripts/make_tiny_checkpoint.py OUT --family klein [--preset tiny|wide]
+        (a FLUX.2 [klein] folder: scripts/klein_fixtures.py)
 
 OUT gets the real diffusers layout of black-forest-labs/FLUX.1-Fill-dev, every model built
 by diffusers / transformers themselves from a config under `torch.manual_seed`:
@@ -436,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--family", choices=("flux1", "klein"), default="flux1",
+                    help="klein: a FLUX.2 [klein] folder (scripts/klein_fixtures.py; "
+                         "presets tiny, wide; no extras)")
     ap.add_argument("--extras", action="append", default=[],
                     help="comma-separated extras to build too: controlnet (controlnets/: "
                          "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
@@ -448,10 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.extras) - known)
     if unknown:
         ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")
+    if args.family == "klein" and (args.extras or args.preset not in ("tiny", "wide")):
+        ap.error("--family klein takes --preset tiny or wide and no --extras")
     t0 = time.perf_counter()
     try:
-        build(args.out, args.preset, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
-              extras=tuple(args.extras))
+        if args.family == "klein":
+            import klein_fixtures
+
+            klein_fixtures.build_diffusers(args.out, args.preset, seed=args.seed,
+                                           dtype=args.dtype, overwrite=args.overwrite)
+        else:
+            build(args.out, args.preset, seed=args.seed, dtype=args.dtype,
+                  overwrite=args.overwrite, extras=tuple(args.extras))
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,12 @@
   the CLIP BPE word list, and written as FLUX.1's `tokenizer_2/` folder (`spiece.model`,
   configs and the `tokenizer.json` the FLUX repos also ship).
 
+- `write_qwen3_tokenizer(folder)`: a small byte-level BPE (`QWEN3_BPE_SIZE` ids trained
+  here by HF `tokenizers` on a fixed corpus, then Qwen's special and added tokens) with
+  Qwen2's normaliser and pre-tokenizer and a Qwen3-style chat template, written as
+  FLUX.2 [klein]'s `tokenizer/` folder (`tokenizer.json`, `tokenizer_config.json` with the
+  template, as the Qwen3 hub files hold it). transformers loads it as `Qwen2Tokenizer`.
+
 Neither torch nor transformers is needed (the non-parity tests run without them).
 
 Used by `scripts/make_tiny_checkpoint.py` and by the tokenizer tests.
@@ -270,3 +276,96 @@ def write_t5_tokenizer_json(folder: str | Path) -> None:
 
     folder = Path(folder)
     T5Tokenizer.from_folder(folder).tokenizer.save(str(folder / "tokenizer.json"))
+
+
+QWEN3_BPE_SIZE = 600  # byte alphabet (256) + merges; the specials follow
+# Qwen's control tokens (special) and the thinking tags (added, not special), in id order
+QWEN3_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN3_ADDED = ("<think>", "</think>")
+# A Qwen3-style chat template (ours, not Qwen's text): system/user/assistant turns, the
+# generation prompt, and the empty thinking block when enable_thinking is false.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}\n"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{{- raise_exception('message content must be a string') }}{%- endif %}\n"
+    "{{- '<|im_end|>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "{{- '<|im_start|>assistant\\n' }}\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}\n"
+    "{%- endif %}\n"
+)
+_QWEN3_WORDS = (
+    "a photo of the cat dog on red blue green sofa in front window with light soft warm "
+    "make it replace remove add sky sunset winter snow painting style oil watercolor "
+    "portrait woman man child smiling hat glasses street city night neon rain reflection "
+    "mountain lake forest tree flowers garden table cup coffee book old wooden house door "
+    "turn into change background color bright dark golden hour cinematic detailed sharp"
+).split()
+_QWEN3_EXTRA = ("café naïve Zürich São Paulo 東京 の 写真 猫 😀 🎨 — “quoted” 2048 3.14 "
+                "don't it's we'll I'm they're\n\ttabs  spaces").split(" ")
+
+
+def qwen3_corpus(num_sentences: int = 3000, seed: int = 0) -> list[str]:
+    """Deterministic short sentences (English words, some accents, CJK, emoji, digits,
+    punctuation, newlines) for training the fixture BPE."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_sentences):
+        words = rng.choices(_QWEN3_WORDS, k=rng.randint(3, 12))
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), rng.choice(_QWEN3_EXTRA))
+        text = " ".join(words)
+        out.append(text[0].upper() + text[1:] + rng.choice([".", "!", "?", "", "\n"]))
+    return out
+
+
+def write_qwen3_tokenizer(folder: str | Path) -> int:
+    """Write FLUX.2 [klein]'s `tokenizer/` files for the fixture (module doc) to `folder`.
+
+    Returns the number of ids the tokenizer can emit (`QWEN3_BPE_SIZE` plus the 5
+    special/added tokens, `<|endoftext|>` = pad first): Qwen3 text encoders built for this
+    fixture need at least that `vocab_size`. Torch-free (HF `tokenizers`).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import processors, trainers
+    from tokenizers.models import BPE
+
+    from mlx_edit.text_qwen3 import qwen2_pre_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = qwen2_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=QWEN3_BPE_SIZE, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(qwen3_corpus(), trainer)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t in QWEN3_SPECIALS])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN3_ADDED])
+    tok.save(str(folder / "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {**_special(t, False), "special": t in QWEN3_SPECIALS}
+             for t in (*QWEN3_SPECIALS, *QWEN3_ADDED)}
+    _write_json(folder / "tokenizer_config.json", {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": QWEN3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 40960,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+    return tok.get_vocab_size()

@@ -14,11 +14,15 @@ import sys
 import pytest
 
 
-def _run(repo_root, script: str, *args: str) -> str:
+def _stdout(repo_root, script: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), *args],
                           cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    return proc.stdout.strip()
+
+
+def _run(repo_root, script: str, *args: str) -> str:
+    return _stdout(repo_root, script, *args).splitlines()[-1]
 
 
 def test_bench_vae_tiled_whole_and_psnr(repo_root, tiny_mlx):
@@ -36,6 +40,17 @@ def test_bench_transformer_against_diffusers(repo_root):
                      r"fraction of matmul ceiling: ([\d.]+)", last)
     assert m, last
     assert float(m.group(1)) > 0
+
+
+@pytest.mark.parity
+def test_bench_transformer_flux2_against_diffusers(repo_root):
+    out = _stdout(repo_root, "bench_transformer.py", "--family", "flux2", "--preset", "tiny",
+                  "--image-tokens", "16", "--text-tokens", "8", "--compare", "diffusers",
+                  "--reps", "1")
+    err = re.search(r"mlx-edit vs diffusers: rel err ([\d.e+-]+)", out)
+    assert err and float(err.group(1)) <= 1e-4, out
+    assert re.fullmatch(r"ratio mlx-edit/diffusers: [\d.]+  ratio mlx-edit/mflux: n/a  "
+                        r"fraction of matmul ceiling: [\d.]+", out.splitlines()[-1]), out
 
 
 def test_bench_pipeline_phases(repo_root, tiny_mlx):

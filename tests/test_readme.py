@@ -39,6 +39,7 @@ HUB = {
     "InstantX/FLUX.1-dev-Controlnet-Union": "controlnets/union",
     "XLabs-AI/flux-ip-adapter": "ip-adapter",
     "facebook/sam2.1-hiera-large": "segmenter",
+    "black-forest-labs/FLUX.2-klein-4B": "../klein",  # built beside the FLUX.1 fixture
 }
 EXTRAS = ("controlnet", "control-model", "kontext-model", "ip-adapter", "redux", "segmenter")
 
@@ -113,6 +114,7 @@ def readme_env(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("readme")
     model = import_script("make_mlx_checkpoint").build(base / "fill", "tiny", extras=EXTRAS)
+    import_script("klein_fixtures").build_mlx(base / "klein", "tiny")
     _hub(model, base / "hf")
     work = base / "work"
     _photos(work)

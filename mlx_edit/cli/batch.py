@@ -40,10 +40,23 @@ def _defaults(steps, guidance, seed, max_sequence_length, sets) -> dict:
     return d
 
 
+def _variant_for(opts: dict):
+    """mode -> the variant (mlx_edit.variants) its lines run on: --edit-model's for edit,
+    --model's for the others (their model_index.json; ValueError: not served)."""
+    from mlx_edit import variants
+    from mlx_edit.weights.sources import read_model_index
+
+    index = {kind: read_model_index(opts[kind]) for kind in ("model", "edit_model")}
+    return lambda mode: variants.for_folder(
+        index["edit_model" if mode == "edit" else "model"], mode)
+
+
 def _pipes(opts: dict, cache):
     """mode -> its pipeline, loaded on first use (FluxFill for inpaint/outpaint,
-    FluxKontext for edit); one kind resident at a time."""
+    FluxKontext for edit; FluxKlein for a FLUX.2 [klein] folder); one kind resident at a
+    time."""
     loaded: dict = {}
+    variant_for = _variant_for(opts)
 
     def get(mode: str):
         from mlx_edit import variants
@@ -51,7 +64,9 @@ def _pipes(opts: dict, cache):
         kind = "edit" if mode == "edit" else "inpaint"
         if kind not in loaded:
             loaded.clear()
-            if kind == "edit":
+            if variant_for(mode).family == "flux2":
+                from mlx_edit.klein import FluxKlein as cls
+            elif kind == "edit":
                 from mlx_edit.kontext import FluxKontext as cls
             else:
                 from mlx_edit.fill import FluxFill as cls
@@ -74,12 +89,13 @@ def _barrier(group) -> None:
 
 
 def _validated(manifest: Path, defaults: dict, skip_invalid: bool, folder: Path,
-               overwrite: bool):
-    """The manifest's valid lines whose outputs are safe to write (batch.check_outputs);
-    the bad ones listed, then refused unless `skip_invalid`."""
+               overwrite: bool, opts: dict):
+    """The manifest's valid lines (each mode checked against its model's variant) whose
+    outputs are safe to write (batch.check_outputs); the bad ones listed, then refused
+    unless `skip_invalid`."""
     from mlx_edit import batch
 
-    lines, errors = batch.read_manifest(manifest, defaults)
+    lines, errors = batch.read_manifest(manifest, defaults, _variant_for(opts))
     lines, unsafe = batch.check_outputs(lines, folder, manifest, overwrite)
     errors = sorted(errors + unsafe, key=lambda e: int(e.split(":")[0].split()[1]))
     for e in errors:
@@ -117,9 +133,10 @@ def _check_models(lines: list, opts: dict) -> None:
 @click.option("--output-dir", "-o", required=True, type=click.Path(path_type=Path),
               help="Folder for <id>.png outputs and results.jsonl (created).")
 @click.option("--model", "-m", default=None, help="Fill model for inpaint/outpaint lines "
-              "(repo id or folder; default black-forest-labs/FLUX.1-Fill-dev).")
+              "(repo id or folder; default black-forest-labs/FLUX.1-Fill-dev), or a FLUX.2 "
+              "[klein] folder for inpaint lines.")
 @click.option("--edit-model", default=None, help="Kontext model for edit lines "
-              "(default black-forest-labs/FLUX.1-Kontext-dev).")
+              "(default black-forest-labs/FLUX.1-Kontext-dev), or a FLUX.2 [klein] folder.")
 @click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
               help="Quantize the transformer at load (bits).")
 @click.option("--low-memory", is_flag=True, help="One model resident at a time.")
@@ -151,7 +168,8 @@ def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_leng
         raise click.UsageError(f"the folder of --output-dir does not exist: {output_dir.parent}")
     if output_dir.exists() and not output_dir.is_dir():
         raise click.UsageError(f"--output-dir {output_dir} is a file, not a folder")
-    lines, skipped = _validated(manifest, defaults, skip_invalid, output_dir, overwrite)
+    lines, skipped = _validated(manifest, defaults, skip_invalid, output_dir, overwrite,
+                                 opts)
     _check_models(lines, opts)
     output_dir.mkdir(exist_ok=True)
     sys.exit(_run(lines, output_dir, opts, skipped))

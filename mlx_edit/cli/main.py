@@ -145,8 +145,9 @@ def _flagged(e: Exception) -> click.UsageError:
     return click.UsageError(msg)
 
 
-def build_options(mode: str, opts: dict, specs: dict):
-    """EditOptions from the command's values (popped from `opts`), checked now."""
+def build_options(mode: str, opts: dict, specs: dict, variant=None):
+    """EditOptions from the command's values (popped from `opts`), checked now, defaults
+    resolved for `variant` (mlx_edit.variants; None: FLUX.1's for the mode)."""
     from mlx_edit.imaging.images import InputError
     from mlx_edit.options import EditOptions
 
@@ -155,9 +156,22 @@ def build_options(mode: str, opts: dict, specs: dict):
         values["seed"] = int.from_bytes(os.urandom(3), "big")
     values.update({k: v for k, v in specs.items() if v})
     try:
-        return EditOptions.from_dict(values, mode)
+        return EditOptions.from_dict(values, mode, variant)
     except InputError as e:
         raise _flagged(e) from None
+
+
+def model_variant(mode: str, model: str | None):
+    """The variant (mlx_edit.variants) `mode` runs on `--model` (its model_index.json;
+    None: FLUX.1's default repo): a FLUX.2 [klein] folder runs edit and inpaint with
+    FluxKlein. click.UsageError for a mode the folder's model does not serve."""
+    from mlx_edit import variants
+    from mlx_edit.weights.sources import read_model_index
+
+    try:
+        return variants.for_folder(read_model_index(model), mode)
+    except ValueError as e:
+        raise click.UsageError(f"--model {model}: {e}") from None
 
 
 def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> tuple[int, int]:
@@ -249,7 +263,8 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
 
     from mlx_edit.options import check_prompt
 
-    options = build_options(mode, opts, specs)
+    variant = model_variant(mode, opts["model"])
+    options = build_options(mode, opts, specs, variant)
     if mode in ("restyle", "edit"):  # before the model loads (the API checks it again)
         from mlx_edit.imaging.images import InputError
 
@@ -259,10 +274,20 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
             raise _flagged(e) from None
     opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
     prompt = check_prompt(opts["prompt"], "instruction" if mode == "edit" else "prompt")
+    reference = opts.pop("reference", None)  # klein inpaint's reference image
+    if reference is not None and variant.family != "flux2":
+        raise click.UsageError("--reference is FLUX.2 [klein]'s (inpaint with a klein "
+                               "--model); FLUX.1 Fill takes image prompts: --redux")
+    references = (*references, *([reference] if reference else []))
     inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
     inputs += options.input_files() + list(references)
     w, h = check_inputs(image, mask,
                         [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
+    if variant.family == "flux2":  # klein's reference rules, before any model loads
+        from mlx_edit.conditioning.klein import check_reference
+
+        for path in [image] * (mode == "edit") + list(references):
+            check_reference(load_image(path), f"image {path}")
     if clicks:  # click prompts checked against the photo before any model loads
         from mlx_edit.segment import prompt_arrays, prompts_from_specs
 
@@ -280,7 +305,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
                 check_output(path, opts["overwrite"], inputs)
 
     cache = open_prompt_cache(opts)  # a folder that cannot be made fails before any load
-    pipe = _load(mode, opts)
+    pipe = _load(mode, opts, variant)
     pipe.disk_prompt_cache = cache
     images = _edit(pipe, mode, image, clicks or mask, control_image, references, prompt,
                    options)
@@ -300,13 +325,16 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     click.echo(_stats_line(pipe.last_stats), err=True)
 
 
-def _load(mode: str, opts: dict):
-    """The pipeline of `mode` (FluxKontext for edit, else FluxFill) with its LoRAs."""
+def _load(mode: str, opts: dict, variant):
+    """The pipeline of `mode` on `variant`'s family (FluxKlein for FLUX.2; FluxKontext for
+    edit, else FluxFill) with its LoRAs."""
     from mlx_edit import variants
+    from mlx_edit.klein import FluxKlein
     from mlx_edit.kontext import FluxKontext
     from mlx_edit.pipeline import FluxFill
 
-    cls = FluxKontext if mode == "edit" else FluxFill
+    cls = FluxKlein if variant.family == "flux2" else FluxKontext if mode == "edit" \
+        else FluxFill
     pipe = cls.from_pretrained(
         opts["model"] or variants.for_edit(mode).repo,
         quantize=int(opts["quantize"]) if opts["quantize"] else None,
@@ -329,6 +357,9 @@ def _edit(pipe, mode: str, image: Path, mask, control_image, references, prompt:
         bars[-1].update(step - bars[-1].n)
 
     try:
+        if mode == "inpaint" and references:  # FluxKlein: its reference image
+            return pipe.inpaint(image, mask, prompt, options, reference=references[0],
+                                progress=progress)
         if mode == "inpaint":
             return pipe.inpaint(image, mask, prompt, options, progress=progress)
         if mode == "restyle":
@@ -359,6 +390,8 @@ _IMAGE = click.Path(path_type=Path, dir_okay=False)
 @click.option("--image", "-i", required=True, type=_IMAGE, help="Photo to edit.")
 @click.option("--mask", type=_IMAGE, default=None,
               help="White = repaint, black = keep (any size; resized with a warning).")
+@click.option("--reference", type=_IMAGE, default=None,
+              help="FLUX.2 [klein] --model only: a reference image for the repainted area.")
 @edit_options("inpaint")
 @conditioning_options
 @mask_prompt_options
@@ -408,7 +441,9 @@ def restyle(image, control_image, mask, **opts):
 def edit(images, mask, **opts):
     """Edit IMAGE following INSTRUCTION with FLUX.1 Kontext [dev] (default --model
     black-forest-labs/FLUX.1-Kontext-dev; 28 steps, guidance 2.5; output at the image's
-    preferred Kontext size unless --width/--height or --keep-size)."""
+    preferred Kontext size unless --width/--height or --keep-size), or with a FLUX.2
+    [klein] --model (4 steps, guidance unused; Base: 50 steps, true CFG at guidance 4;
+    every --image a reference, output at the first one's size up to ~1 MP)."""
     mask = click_mask(opts, mask, required=False)
     _run("edit", images[0], mask, opts, {}, references=tuple(images[1:]))
 

@@ -336,3 +336,14 @@ def outpaint_canvas(
     blend[top : top + h, left : left + w] = np.maximum(ramp_x[None, :], ramp_y[:, None])
     mask = (blend > 0).astype(np.float32)
     return Outpaint(Image.fromarray(canvas, "RGB"), mask, blend)
+
+
+def resize_with_mask(image: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
+                     ) -> tuple[Image.Image, np.ndarray | None]:
+    """The image (Lanczos) and its mask (bilinear, or None) resized to `size`."""
+    if image.size == size:
+        return image, mask
+    if mask is not None:
+        mask = np.clip(np.asarray(Image.fromarray(mask.astype(np.float32), "F").resize(
+            size, Image.BILINEAR)), 0.0, 1.0)
+    return image.resize(size, Image.LANCZOS), mask

@@ -28,3 +28,29 @@ def check_rope_axes(axes: Sequence[int], head_dim: int) -> tuple[int, ...]:
     if sum(axes) != head_dim:
         raise ValueError(f"axes_dims_rope {axes} must sum to attention_head_dim {head_dim}")
     return axes
+
+
+class TransformerWidths:
+    """`hidden_size` and `mlp_hidden` of a FLUX transformer config dataclass (fields
+    num_attention_heads, attention_head_dim, mlp_ratio)."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+def transformer_config(cls, d: dict, family: str):
+    """A FLUX transformer config `cls` from a config.json dict: unknown keys ignored, a null
+    out_channels = in_channels, RoPE axes checked; ValueError for a patch size other than
+    1 (naming `family`) or RoPE axes not summing to the head dim."""
+    cfg = cls(**known_fields(cls, d, drop_none=False))
+    cfg.axes_dims_rope = check_rope_axes(cfg.axes_dims_rope, cfg.attention_head_dim)
+    if cfg.out_channels is None:
+        cfg.out_channels = cfg.in_channels
+    if cfg.patch_size != 1:
+        raise ValueError(f"patch_size {cfg.patch_size} is not supported ({family} uses 1)")
+    return cfg

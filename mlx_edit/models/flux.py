@@ -19,23 +19,23 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_edit.models.config import check_rope_axes, known_fields
+from mlx_edit.models.config import TransformerWidths, transformer_config
 from mlx_edit.models.layers import (
     ControlResiduals,
     IPAdapterKV,
     MLPEmbedder,
     apply_rope,
     attention,
+    embed_scaled,
     gelu_tanh,
     modulate,
     residual_index,
     rope_table,
-    timestep_embedding,
 )
 
 
 @dataclass
-class FluxConfig:
+class FluxConfig(TransformerWidths):
     """diffusers FluxTransformer2DModel config (defaults: FLUX.1-Fill-dev)."""
 
     in_channels: int = 384
@@ -54,21 +54,7 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxConfig:
-        cfg = cls(**known_fields(cls, d, drop_none=False))  # out_channels null = in_channels
-        cfg.axes_dims_rope = check_rope_axes(cfg.axes_dims_rope, cfg.attention_head_dim)
-        if cfg.out_channels is None:
-            cfg.out_channels = cfg.in_channels
-        if cfg.patch_size != 1:
-            raise ValueError(f"patch_size {cfg.patch_size} is not supported (FLUX uses 1)")
-        return cfg
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        return transformer_config(cls, d, "FLUX")
 
 
 class QKNorm(nn.Module):
@@ -79,6 +65,12 @@ class QKNorm(nn.Module):
         self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
 
+    def fused_attention(self, qkv: mx.array, heads: int, rope: mx.array) -> mx.array:
+        """Attention of a fused projection qkv (B, N, 3*H*D): split into heads, QK norm,
+        RoPE (`rope` (N, D/2, 2)), scaled dot-product; returns (B, N, H*D)."""
+        q, k, v = _split_heads(qkv, heads)
+        return attention(apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope), v)
+
 
 def _split_heads(qkv: mx.array, heads: int) -> tuple[mx.array, mx.array, mx.array]:
     """(B, N, 3*H*D) -> three (B, H, N, D)."""
@@ -88,12 +80,13 @@ def _split_heads(qkv: mx.array, heads: int) -> tuple[mx.array, mx.array, mx.arra
 
 
 class StreamAttention(QKNorm):
-    """One stream's fused QKV projection, QK norm and output projection (double block)."""
+    """One stream's fused QKV projection, QK norm and output projection (double block);
+    `bias=False` for FLUX.2."""
 
-    def __init__(self, hidden: int, head_dim: int):
+    def __init__(self, hidden: int, head_dim: int, bias: bool = True):
         super().__init__(head_dim)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
+        self.proj = nn.Linear(hidden, hidden, bias=bias)
 
     def qkv_heads(self, x: mx.array, heads: int):
         q, k, v = _split_heads(self.qkv(x), heads)
@@ -112,23 +105,12 @@ class MLP(nn.Module):
         return self.fc2(gelu_tanh(self.fc1(x)))
 
 
-class DoubleBlock(nn.Module):
-    """Joint attention over [text, image] with separate weights per stream."""
-
-    def __init__(self, cfg: FluxConfig):
-        super().__init__()
-        h = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
-        self.img_mod = nn.Linear(h, 6 * h)
-        self.txt_mod = nn.Linear(h, 6 * h)
-        self.img_attn = StreamAttention(h, cfg.attention_head_dim)
-        self.txt_attn = StreamAttention(h, cfg.attention_head_dim)
-        self.img_mlp = MLP(h, cfg.mlp_hidden)
-        self.txt_mlp = MLP(h, cfg.mlp_hidden)
-
-    def modulation(self, vec: mx.array) -> tuple[list[mx.array], list[mx.array]]:
-        """Shift/scale/gate vectors of both streams from silu(vec) (B, hidden): 6 + 6."""
-        return mx.split(self.img_mod(vec), 6, axis=-1), mx.split(self.txt_mod(vec), 6, axis=-1)
+class JointBlock(nn.Module):
+    """What FLUX.1 and FLUX.2 double blocks share: joint attention over [text, image] with
+    separate weights per stream, then gated residuals and one MLP per stream. Subclasses
+    set `heads`, `img_attn` / `txt_attn` (StreamAttention) and `img_mlp` / `txt_mlp`;
+    `mods` are (image, text) lists of 6 vectors (B, hidden): shift, scale, gate of the
+    attention, then of the MLP."""
 
     def attend(self, img, txt, mods, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
         """The block's attention (diffusers `transformer_blocks.i.attn`): (image output
@@ -162,6 +144,25 @@ class DoubleBlock(nn.Module):
         txt = txt + txt_mod[5][:, None] * self.txt_mlp(modulate(txt, txt_mod[3], txt_mod[4]))
         return img, txt
 
+
+class DoubleBlock(JointBlock):
+    """FLUX.1 double block: its own modulation, tanh-GELU MLPs, biases."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.img_mod = nn.Linear(h, 6 * h)
+        self.txt_mod = nn.Linear(h, 6 * h)
+        self.img_attn = StreamAttention(h, cfg.attention_head_dim)
+        self.txt_attn = StreamAttention(h, cfg.attention_head_dim)
+        self.img_mlp = MLP(h, cfg.mlp_hidden)
+        self.txt_mlp = MLP(h, cfg.mlp_hidden)
+
+    def modulation(self, vec: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """Shift/scale/gate vectors of both streams from silu(vec) (B, hidden): 6 + 6."""
+        return mx.split(self.img_mod(vec), 6, axis=-1), mx.split(self.txt_mod(vec), 6, axis=-1)
+
     def __call__(self, img, txt, vec, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
         mods = self.modulation(vec)
         return self.finish(img, txt, mods, self.attend(img, txt, mods, rope, ip, index))
@@ -192,9 +193,7 @@ class SingleBlock(QKNorm):
         h = modulate(x, shift, scale)
         if attn is None:
             qkv, mlp = mx.split(self.linear1(h), [3 * self.hidden], axis=-1)
-            q, k, v = _split_heads(qkv, self.heads)
-            q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
-            attn = attention(q, k, v)
+            attn = self.fused_attention(qkv, self.heads, rope)
         else:
             mlp = linear_rows(self.linear1, 3 * self.hidden, h)
         out = mx.concatenate([attn, gelu_tanh(mlp)], axis=-1)
@@ -216,12 +215,13 @@ def linear_rows(layer: nn.Module, start: int, x: mx.array) -> mx.array:
 
 
 class FinalLayer(nn.Module):
-    """AdaLayerNormContinuous (scale, shift order as diffusers) + output projection."""
+    """AdaLayerNormContinuous (scale, shift order as diffusers) + output projection;
+    `bias=False` for FLUX.2."""
 
-    def __init__(self, hidden: int, out: int):
+    def __init__(self, hidden: int, out: int, bias: bool = True):
         super().__init__()
-        self.modulation = nn.Linear(hidden, 2 * hidden)
-        self.linear = nn.Linear(hidden, out)
+        self.modulation = nn.Linear(hidden, 2 * hidden, bias=bias)
+        self.linear = nn.Linear(hidden, out, bias=bias)
 
     def __call__(self, x, vec):
         scale, shift = mx.split(self.modulation(nn.silu(vec)), 2, axis=-1)
@@ -237,13 +237,11 @@ def embed_conditioning(model: nn.Module, timestep, pooled, guidance=None) -> mx.
     Raises ValueError when the model embeds guidance and none is given.
     """
     dtype = model.img_in.weight.dtype
-    t = (timestep.astype(dtype) * 1000).astype(mx.float32)
-    vec = model.time_in(timestep_embedding(t).astype(dtype))
+    vec = embed_scaled(model.time_in, timestep, dtype)
     if model.config.guidance_embeds:
         if guidance is None:
             raise ValueError("this FLUX model embeds guidance: pass guidance (B,)")
-        g = (guidance.astype(dtype) * 1000).astype(mx.float32)
-        vec = vec + model.guidance_in(timestep_embedding(g).astype(dtype))
+        vec = vec + embed_scaled(model.guidance_in, guidance, dtype)
     return vec + model.vector_in(pooled.astype(dtype))
 
 

@@ -36,15 +36,25 @@ def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0)
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+    """Linear -> SiLU -> Linear (diffusers TimestepEmbedding / PixArtAlphaTextProjection);
+    `bias=False` for FLUX.2's bias-free embedders."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = nn.Linear(in_dim, hidden, bias=bias)
+        self.out_layer = nn.Linear(hidden, hidden, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.out_layer(nn.silu(self.in_layer(x)))
+
+
+def embed_scaled(embedder: nn.Module, values: mx.array, dtype: mx.Dtype, dim: int = 256
+                 ) -> mx.array:
+    """`embedder(timestep_embedding(values * 1000))` with diffusers' casts: `values` (B,)
+    (sigma in [0, 1], or a guidance scale) cast to the model `dtype` before the scaling,
+    the sinusoid computed in float32 and cast to `dtype`. Returns (B, hidden)."""
+    t = (values.astype(dtype) * 1000).astype(mx.float32)
+    return embedder(timestep_embedding(t, dim).astype(dtype))
 
 
 def rope_table(ids: mx.array, axes_dim: Sequence[int], theta: float = 10000.0) -> mx.array:
@@ -138,6 +148,17 @@ def gelu_tanh(x: mx.array) -> mx.array:
     (..., N, C), any float dtype; tokens (axis -2) split over the CPU streams.
     diffusers FeedForward 'gelu-approximate' (torch gelu(approximate='tanh'))."""
     return split_over_streams(_gelu_tanh, (x,), axis=-2)
+
+
+def _swiglu(x: mx.array) -> mx.array:
+    a, b = mx.split(x, 2, axis=-1)
+    return nn.silu(a) * b
+
+
+def swiglu(x: mx.array) -> mx.array:
+    """silu(first half) * second half of x (..., N, 2C) -> (..., N, C), tokens (axis -2)
+    split over the CPU streams. diffusers `Flux2SwiGLU`."""
+    return split_over_streams(_swiglu, (x,), axis=-2)
 
 
 def quick_gelu(x: mx.array) -> mx.array:

@@ -1,13 +1,18 @@
-"""The FLUX VAE (diffusers `AutoencoderKL`) in MLX, NHWC layout.
+"""The FLUX VAEs (diffusers `AutoencoderKL`, `AutoencoderKLFlux2`) in MLX, NHWC layout.
 
 Reference: diffusers `models/autoencoders/autoencoder_kl.py` (AutoencoderKL),
+`models/autoencoders/autoencoder_kl_flux2.py` (AutoencoderKLFlux2: the same encoder and
+decoder with 32 latent channels, both quant convs and a batch norm `bn` whose running
+statistics normalise the 2x2-patchified latents; the pipeline applies them, see
+`mlx_edit.sampling.latents_flux2`),
 `models/autoencoders/vae.py` (Encoder, Decoder, DiagonalGaussianDistribution),
 `models/unets/unet_2d_blocks.py` (DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D),
 `models/resnet.py` (ResnetBlock2D), `models/downsampling.py`, `models/upsampling.py`.
 
 Module names follow diffusers (`encoder.down_blocks.0.resnets.1.conv1`, ...), so a
 diffusers checkpoint maps by name; conv weights are MLX's OHWI. Latent scaling is not
-applied here: the pipeline computes `(z - shift_factor) * scaling_factor` itself.
+applied here: the pipeline computes `(z - shift_factor) * scaling_factor` (FLUX.1) or the
+batch-norm normalisation (FLUX.2) itself.
 """
 
 from __future__ import annotations
@@ -27,8 +32,14 @@ _EPS = 1e-6  # every norm of the diffusers VAE (resnet_eps, conv_norm_out, atten
 
 @dataclass
 class VAEConfig:
-    """diffusers `AutoencoderKL` config; the defaults are the FLUX.1 VAE (a BFL
-    `ae.safetensors` carries no config and uses them)."""
+    """diffusers `AutoencoderKL` / `AutoencoderKLFlux2` config; the defaults are the
+    FLUX.1 VAE (a BFL `ae.safetensors` carries no config and uses them).
+
+    `patch_size` set (FLUX.2: (2, 2)) gives the model a `bn` (LatentBatchNorm) over the
+    prod(patch_size) * latent_channels channels of the patchified latents, with
+    `batch_norm_eps`; such a VAE has no scale/shift (1.0 and 0.0 unless given).
+    `decoder_block_out_channels` None: the decoder mirrors `block_out_channels`.
+    """
 
     in_channels: int = 3
     out_channels: int = 3
@@ -42,6 +53,9 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     use_quant_conv: bool = False
     use_post_quant_conv: bool = False
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    patch_size: tuple[int, int] | None = None
+    batch_norm_eps: float = 1e-4
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
@@ -51,8 +65,14 @@ class VAEConfig:
         activation other than SiLU or block types other than the plain VAE blocks.
         """
         kw = known_fields(cls, d, drop_none=False)
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        for key in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
+        if kw.get("patch_size") is not None:  # FLUX.2: batch-norm statistics, no scaling
+            if kw["patch_size"] != (2, 2):
+                raise ValueError(f"VAE patch_size {kw['patch_size']} not supported (only 2x2)")
+            kw.setdefault("scaling_factor", 1.0)
+            kw.setdefault("shift_factor", 0.0)
         if kw.get("shift_factor", 0.0) is None:
             kw["shift_factor"] = 0.0
         if kw.get("act_fn", "silu") not in ("silu", "swish"):
@@ -64,10 +84,26 @@ class VAEConfig:
                 raise ValueError(f"VAE {key} {bad} not supported (only {allowed})")
         return cls(**kw)
 
+    @classmethod
+    def flux2(cls) -> VAEConfig:
+        """The FLUX.2 VAE (diffusers AutoencoderKLFlux2 defaults, the klein and dev
+        `vae/config.json`): FLUX.1's widths, 32 latent channels, both quant convs, 2x2
+        patches normalised by the 128-channel batch norm (eps 1e-4)."""
+        return cls.from_dict({"latent_channels": 32, "use_quant_conv": True,
+                              "use_post_quant_conv": True, "patch_size": (2, 2)})
+
     @property
     def scale_factor(self) -> int:
         """Pixels per latent cell along each side (8 for FLUX)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def bn_channels(self) -> int:
+        """Channels of the patchified latents the batch norm sees (128 for FLUX.2), 0
+        without one."""
+        if self.patch_size is None:
+            return 0
+        return self.patch_size[0] * self.patch_size[1] * self.latent_channels
 
 
 def _group_norm(channels: int, groups: int) -> GroupNorm:
@@ -259,7 +295,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        ch = tuple(reversed(cfg.decoder_block_out_channels or cfg.block_out_channels))
+        g = cfg.norm_num_groups
         self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
         self.up_blocks = [
@@ -276,13 +313,28 @@ class Decoder(nn.Module):
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
 
+class LatentBatchNorm(nn.Module):
+    """The running statistics of a non-affine BatchNorm2d (diffusers AutoencoderKLFlux2.bn,
+    BFL AutoEncoder.bn): `running_mean`, `running_var` (C,), `eps`. The VAE never applies
+    it; the pipeline normalises patchified latents with it (`latents_flux2.normalize_latents`).
+    """
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.running_mean = mx.zeros((channels,))
+        self.running_var = mx.ones((channels,))
+
+
 class AutoencoderKL(nn.Module):
     """The KL autoencoder: images (B,H,W,C) in [-1, 1] <-> latents (B,H/f,W/f,latent).
 
     f = `config.scale_factor` (8 for FLUX); H and W must be multiples of f for `decode`
     to give back the input size. Computation runs in the dtype of the weights (inputs
-    are cast to it). Latents here are unscaled: FLUX's transformer sees
-    `(z - config.shift_factor) * config.scaling_factor`.
+    are cast to it). Latents here are unscaled: FLUX.1's transformer sees
+    `(z - config.shift_factor) * config.scaling_factor`; FLUX.2's (`config.patch_size`
+    set) sees them patchified 2x2 and normalised by `self.bn`'s running statistics
+    (mlx_edit.sampling.latents_flux2), as diffusers' Flux2 pipelines do.
     """
 
     def __init__(self, config: VAEConfig):
@@ -295,6 +347,8 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = Conv2d(2 * c, 2 * c, 1)
         if config.use_post_quant_conv:
             self.post_quant_conv = Conv2d(c, c, 1)
+        if config.patch_size is not None:
+            self.bn = LatentBatchNorm(config.bn_channels, config.batch_norm_eps)
 
     @property
     def dtype(self) -> mx.Dtype:

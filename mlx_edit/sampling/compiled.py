@@ -84,6 +84,19 @@ def traced(fn: Callable[..., object], module, compile: bool) -> Callable[..., ob
     return call
 
 
+def forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                        rope, controlnet=(), ip=()) -> mx.array:
+    """The transformer's velocity of every token (B, N [+ M], C). A family without a
+    pooled text vector (FLUX.2, `pooled` None) has neither ControlNet residuals nor
+    IP-Adapter keys (ValueError when given)."""
+    if pooled is not None:
+        return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                           controlnet=controlnet, ip=ip, rope=rope)
+    if controlnet or ip:
+        raise ValueError("ControlNets and IP-Adapters are FLUX.1's: not for this model")
+    return transformer(x, img_ids, txt, txt_ids, timestep, guidance, rope=rope)
+
+
 def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
               forward: Callable[..., mx.array] | None = None,
               negative_forward: Callable[..., mx.array] | None = None) -> StepFn:
@@ -116,8 +129,8 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
         def velocity(txt, pooled, fwd):
             if fwd is not None:  # a step cache's forward (mlx_edit.sampling.cache)
                 return fwd(x, txt, timestep, pooled, guidance, rope, controlnet, ip)[:, :n]
-            return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                               controlnet=controlnet, ip=ip, rope=rope)[:, :n]
+            return forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep,
+                                       pooled, guidance, rope, controlnet, ip)[:, :n]
 
         v = velocity(txt, pooled, forward)
         if negative is not None:  # true CFG: neg + scale * (pos - neg), as diffusers
@@ -188,12 +201,14 @@ def step_inputs(transformer: FluxTransformer, txt: mx.array, pooled: mx.array,
                 ip: Sequence[IPAdapterKV] = (),
                 negative: tuple[mx.array, mx.array, float] | None = None) -> StepInputs:
     """StepInputs for a batch of `batch`: txt (1|batch, L, D) / pooled (1|batch, P) of
-    the prompt broadcast, RoPE of [img_ids | token_ids] built once, guidance as (batch,)
-    when the transformer embeds it; negative: (txt, pooled, true CFG scale) or None."""
-    t_ids = text_ids(txt.shape[1])
+    the prompt broadcast (pooled None: a family without one, FLUX.2), text ids with as many
+    axes as img_ids (`latents.text_ids`), RoPE of [img_ids | token_ids] built once,
+    guidance as (batch,) when the transformer embeds it; negative: (txt, pooled, true CFG
+    scale) or None."""
+    t_ids = text_ids(txt.shape[1], img_ids.shape[-1])
 
     def b(x):
-        return mx.broadcast_to(x, (batch, *x.shape[1:]))
+        return None if x is None else mx.broadcast_to(x, (batch, *x.shape[1:]))
     g = mx.full((batch,), guidance, dtype=mx.float32) \
         if transformer.config.guidance_embeds else None
     neg = None if negative is None else (

@@ -33,10 +33,12 @@ StepHook = Callable[[int, mx.array], mx.array]
 
 @dataclass
 class PromptEmbeds:
-    """T5 sequence (1, L, joint_dim) and CLIP pooled (1, pooled_dim) for one prompt."""
+    """The transformer's text inputs for one prompt: the sequence (1, L, joint_dim) (FLUX.1:
+    T5; FLUX.2: Qwen3's stacked hidden states) and the pooled vector (1, pooled_dim)
+    (FLUX.1: CLIP's) or None (FLUX.2 has none)."""
 
     txt: mx.array
-    pooled: mx.array
+    pooled: mx.array | None = None
 
 
 @dataclass

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlx_edit.sampling import latents_flux2
+
 
 def token_grid(height_px: int, width_px: int, vae_scale_factor: int = 8) -> tuple[int, int]:
     """Packed token grid (h_tokens, w_tokens) = (H / 2f, W / 2f) for an H x W pixel image.
@@ -80,20 +82,24 @@ def unpack_latents(
     return x.reshape(b, h, w, c4 // 4)
 
 
-def image_ids(h_tokens: int, w_tokens: int) -> mx.array:
-    """RoPE position ids of the packed image tokens, (h*w, 3) float32, row t = (0, r, c).
+def image_ids(h_tokens: int, w_tokens: int, axes: int = 3) -> mx.array:
+    """RoPE position ids of the packed image tokens, (h*w, axes) float32.
 
-    Token t = r * w_tokens + c (diffusers `_prepare_latent_image_ids`).
+    Token t = r * w_tokens + c. axes 3 (FLUX.1): row t = (0, r, c) (diffusers
+    `_prepare_latent_image_ids`); axes 4 (FLUX.2): (0, r, c, 0) (`latents_flux2.latent_ids`).
     """
+    if axes == 4:
+        return latents_flux2.latent_ids(h_tokens, w_tokens)
     rows = mx.repeat(mx.arange(h_tokens, dtype=mx.float32), w_tokens)
     cols = mx.tile(mx.arange(w_tokens, dtype=mx.float32), h_tokens)
     zeros = mx.zeros_like(rows)
     return mx.stack([zeros, rows, cols], axis=1)
 
 
-def text_ids(n: int) -> mx.array:
-    """RoPE position ids of n text tokens: zeros (n, 3) float32 (FLUX gives text no position)."""
-    return mx.zeros((n, 3), dtype=mx.float32)
+def text_ids(n: int, axes: int = 3) -> mx.array:
+    """RoPE position ids of n text tokens, (n, axes) float32: zeros for FLUX.1 (axes 3: text
+    has no position); (0, 0, 0, l) for FLUX.2 (axes 4, `latents_flux2.text_ids`)."""
+    return latents_flux2.text_ids(n) if axes == 4 else mx.zeros((n, 3), dtype=mx.float32)
 
 
 def pack_mask(mask: mx.array, vae_scale_factor: int = 8) -> mx.array:

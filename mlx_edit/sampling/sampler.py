@@ -119,6 +119,20 @@ def compute_mu(image_seq_len: int, cfg: SchedulerConfig) -> float:
     return image_seq_len * m + b
 
 
+def empirical_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's shift `mu`, fitted on the image token count and the number of steps
+    (diffusers pipelines/flux2/pipeline_flux2_klein.py `compute_empirical_mu`, same float
+    arithmetic): linear in the tokens above 4300, else interpolated between the fits at
+    10 and 200 steps."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200, m_10 = a2 * image_seq_len + b2, a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    return float(a * steps + (m_200 - 200.0 * a))
+
+
 def _shift_sigmas(sigmas: np.ndarray, mu: float, cfg: SchedulerConfig) -> np.ndarray:
     # Mirrors set_timesteps steps 2-3 on a float32 array; numpy keeps float32 throughout
     # (Python scalars are weak), exactly as in diffusers.
@@ -147,7 +161,8 @@ def start_index(steps: int, strength: float) -> int:
 
 
 def flux_sigmas(
-    steps: int, image_seq_len: int, cfg: SchedulerConfig, strength: float = 1.0
+    steps: int, image_seq_len: int, cfg: SchedulerConfig, strength: float = 1.0,
+    mu: float | None = None,
 ) -> np.ndarray:
     """The sigma schedule FluxFillPipeline samples with, trailing 0 included.
 
@@ -157,6 +172,8 @@ def flux_sigmas(
         cfg: scheduler settings (`load_scheduler_config`).
         strength: in [0, 1]; 1 denoises from pure noise. Below 1 the first
             `start_index(N, strength)` sigmas are dropped, as diffusers `get_timesteps` does.
+        mu: the shift; None: `compute_mu(image_seq_len, cfg)` (FLUX.1). FLUX.2 passes
+            `empirical_mu(image_seq_len, steps)`.
 
     Returns:
         float32 numpy array of shape (n + 1,), n = N - t_start steps: `linspace(1, 1/N, N)`
@@ -174,7 +191,7 @@ def flux_sigmas(
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
-    mu = compute_mu(image_seq_len, cfg)
+    mu = compute_mu(image_seq_len, cfg) if mu is None else mu
     sigmas = _shift_sigmas(sigmas, mu, cfg)
     sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
     t_start = start_index(steps, strength)

@@ -167,7 +167,7 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     group of `windows.batch` windows is evaluated before the next is built, so the peak
     is one window batch plus the canvas latents."""
     h, w = windows.size
-    ids = image_ids(h, w)
+    ids = image_ids(h, w, inputs.img_ids.shape[-1])  # the family's id axes
     per_k: dict[int, StepInputs] = {}
     weights = mx.array(windows.weights)[..., None]  # (n, h*w, 1)
 

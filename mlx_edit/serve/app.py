@@ -65,21 +65,34 @@ def model_loaders(config: ServeConfig, cache=None) -> dict:
     (with kontext_model); the segmenter's is added by `_resident`. Each gets `cache` (a
     PromptCache) when one is given."""
     from mlx_edit.fill import FluxFill
+    from mlx_edit.kontext import FluxKontext
 
     kw = {"quantize": config.quantize, "low_memory": config.low_memory}
 
     def fill():
-        pipe = FluxFill.from_pretrained(config.model, **kw) if config.model \
-            else FluxFill.from_pretrained(**kw)
+        cls = _family_class(config.model, FluxFill)
+        pipe = cls.from_pretrained(config.model, **kw) if config.model \
+            else cls.from_pretrained(**kw)
         return _with_cache(pipe, cache)
     loaders = {"fill": fill}
     if config.kontext_model:
         def kontext():
-            from mlx_edit.kontext import FluxKontext
-
-            return _with_cache(FluxKontext.from_pretrained(config.kontext_model, **kw), cache)
+            cls = _family_class(config.kontext_model, FluxKontext)
+            return _with_cache(cls.from_pretrained(config.kontext_model, **kw), cache)
         loaders["kontext"] = kontext
     return loaders
+
+
+def _family_class(model, flux1_class):
+    """FluxKlein for a FLUX.2 [klein] folder (its model_index.json), else `flux1_class`."""
+    from mlx_edit import variants
+    from mlx_edit.weights.sources import read_model_index
+
+    if variants.family_of(read_model_index(model).get("_class_name")) == "flux2":
+        from mlx_edit.klein import FluxKlein
+
+        return FluxKlein
+    return flux1_class
 
 
 def prompt_cache(config: ServeConfig):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import re
@@ -133,6 +134,26 @@ def _json_field(fields: dict, name: str, default: Any = None) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=8)
+def _model_index(model: str | None) -> dict:
+    from mlx_edit.weights.sources import read_model_index
+
+    return read_model_index(model)
+
+
+def served_variant(mode: str, config: ServeConfig):
+    """The variant (mlx_edit.variants) that serves `mode` here: the model of its kind's
+    model_index.json (FLUX.1 Fill / Kontext, or FLUX.2 [klein]); its defaults and refusals
+    apply to the request's options. InputError when that model does not serve `mode`."""
+    from mlx_edit import variants
+
+    model = config.kontext_model if SERVED_MODES[mode] == "kontext" else config.model
+    try:
+        return variants.for_folder(_model_index(model), mode)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
     raw = _json_field(fields, "options", {}) or {}
     if not isinstance(raw, dict):
@@ -141,7 +162,7 @@ def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
         if name in raw:
             raise InputError(f"option {name} names files on the server: not accepted over "
                              "HTTP (the server's configuration chooses models)")
-    options = EditOptions.from_dict(raw, mode)
+    options = EditOptions.from_dict(raw, mode, served_variant(mode, config))
     if options.num_images > config.max_images:
         raise InputError(f"num_images must be <= {config.max_images} on this server, got "
                          f"{options.num_images}")

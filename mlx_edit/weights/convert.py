@@ -1,4 +1,6 @@
-"""Convert a FLUX.1 Fill checkpoint into an mlx-edit folder, quantized or not, streaming.
+"""Convert a FLUX.1 or FLUX.2 [klein] checkpoint into an mlx-edit folder, quantized or
+not, streaming (the family from the source's model_index.json: its components,
+`specs.FAMILY_COMPONENT_KINDS`, and tokenizers).
 A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
 by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`), a SAM 2.1
 folder by `weights.sam.convert_sam` (`_convert_sam`).
@@ -34,7 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_edit import __version__
+from mlx_edit import __version__, variants
 from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import lora as lora_w
 from mlx_edit.weights import sam as sam_w
@@ -43,7 +45,6 @@ from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan,
 from mlx_edit.weights.text import read_text_tools
 from mlx_edit.weights.loader import open_checkpoint
 from mlx_edit.weights.quantize import (
-    COMPONENTS,
     DEFAULT_GROUP_SIZE,
     GROUP_SIZES,
     MLX_LAYOUT_KEY,
@@ -52,12 +53,14 @@ from mlx_edit.weights.quantize import (
     is_mlx_layout,
     quantize_component,
 )
-from mlx_edit.weights.specs import COMPONENT_KINDS
-from mlx_edit.weights.sources import is_repo_id, resolve
+from mlx_edit.weights.specs import COMPONENT_KINDS, FAMILY_COMPONENT_KINDS
+from mlx_edit.weights.sources import is_repo_id, read_model_index, resolve
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 AUX_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# Components `--quantize N` applies to, per family (the others need --component-bits).
+QUANTIZED = {"flux1": ("transformer", "text_encoder_2"), "flux2": ("transformer", "text_encoder")}
 
 class ConversionError(ValueError):
     """A conversion cannot start: wrong arguments, missing sources, DEST in the way."""
@@ -81,10 +84,11 @@ def _clean_config(cfg: Mapping) -> dict:
     return {k: v for k, v in cfg.items() if k not in (MLX_LAYOUT_KEY, "quantization")}
 
 
-def open_component(name: str, path: str | Path, overrides: Mapping | None = None):
+def open_component(name: str, path: str | Path, overrides: Mapping | None = None,
+                   kind: str | None = None):
     """A ComponentSource for `name` (one of COMPONENTS) from its folder or file, opened
-    by the loaders' spec (`specs.COMPONENT_KINDS`); an mlx-edit source reads as full
-    precision (`dequantized_view`).
+    by the loaders' spec of `kind` (None: FLUX.1's, `specs.COMPONENT_KINDS`); an mlx-edit
+    source reads as full precision (`dequantized_view`).
 
     Raises WeightLoadError for unreadable or foreign checkpoints, ConversionError for a
     BFL transformer whose RoPE axes cannot be inferred (pass `overrides`).
@@ -92,10 +96,11 @@ def open_component(name: str, path: str | Path, overrides: Mapping | None = None
     path = Path(path)
     if not path.exists():
         raise WeightLoadError(f"{path}: no such {name} file or folder")
-    if name not in COMPONENT_KINDS:
+    kind = kind or COMPONENT_KINDS.get(name)
+    if kind is None:
         raise KeyError(f"unknown component {name!r}")
     try:
-        ckpt = open_checkpoint(COMPONENT_KINDS[name], path, overrides)
+        ckpt = open_checkpoint(kind, path, overrides)
     except WeightLoadError:
         raise
     except ValueError as e:  # a BFL file whose RoPE axes cannot be read off its shapes
@@ -190,7 +195,8 @@ def _text_root(path: str | Path) -> Path:
 
 
 def locate_sources(source: str | Path, vae: str | Path | None = None,
-                   text_encoders: str | Path | None = None) -> dict[str, Path | None]:
+                   text_encoders: str | Path | None = None,
+                   text_parts: tuple[str, ...] = TEXT_PARTS) -> dict[str, Path | None]:
     """Where each part comes from: {component or tokenizer/scheduler folder: path, and
     "root": the pipeline folder (None for a single file)}. "scheduler" may be None.
 
@@ -213,7 +219,7 @@ def locate_sources(source: str | Path, vae: str | Path | None = None,
         root, parts = None, {"transformer": single}
     else:
         need = ["transformer"] + ([] if vae else ["vae"]) + ([] if text_encoders else
-                                                             [*TEXT_PARTS, "scheduler"])
+                                                             [*text_parts, "scheduler"])
         root = resolve(source, components=need)
         if not root.is_dir():
             raise WeightLoadError(f"{root}: not a model folder")
@@ -221,12 +227,12 @@ def locate_sources(source: str | Path, vae: str | Path | None = None,
     parts["vae"] = (resolve(vae, components=("vae",)) if vae and is_repo_id(str(vae))
                     else Path(str(vae)).expanduser() if vae else root / "vae")
     text_root = _text_root(text_encoders) if text_encoders else root
-    for name in TEXT_PARTS:
+    for name in text_parts:
         parts[name] = text_root / name
     parts["scheduler"] = next((r / "scheduler" for r in (text_root, root)
                                if r is not None and (r / "scheduler").is_dir()), None)
     parts["root"] = root
-    for name in ("transformer", *TEXT_PARTS):
+    for name in ("transformer", *text_parts):
         if not parts[name].exists():
             raise WeightLoadError(f"{parts[name]}: missing (needed for the {name})")
     return parts
@@ -341,18 +347,19 @@ def convert_checkpoint(
         _refuse_pipeline_options(source, {**given, "--transformer-config": transformer_config},
                                  "a SAM 2.1 checkpoint")
         return _convert_sam(source, dest, dtype, quantize, group_size, overwrite, log)
-    bits = _component_bits(quantize, component_bits_override)
+    family = _family(source, text_encoders)
+    kinds = FAMILY_COMPONENT_KINDS[family]
+    bits = _component_bits(quantize, component_bits_override, family)
     dest = _checked_dest(dest, overwrite)
-    parts = locate_sources(source, vae, text_encoders)
+    parts = locate_sources(source, vae, text_encoders, _text_parts(kinds))
     _check_not_inside(dest, parts)
-    # damaged tokenizer/scheduler files: refused before any work, never published
-    read_text_tools(parts["scheduler"], parts["tokenizer"], parts["tokenizer_2"])
+    _check_text_tools(parts, kinds)  # damaged files: refused before any work
     tmp = _fresh_temp(dest)
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
         options = _options(dtype, group_size, loras)
         components = _write_components(tmp, parts, bits, transformer_config, options,
-                                       max_shard_bytes, log)
+                                       max_shard_bytes, log, kinds)
         manifest = _write_manifest(tmp, source, parts, options, components)
         save.publish(tmp, dest)
     finally:
@@ -363,11 +370,38 @@ def convert_checkpoint(
     return manifest
 
 
-def _component_bits(quantize: int | None, override: Mapping[str, int | None] | None
-                    ) -> dict[str, int | None]:
-    """`weights.quantize.component_bits`, its ValueError as a ConversionError."""
+def _family(source: str | Path, text_encoders: str | Path | None) -> str:
+    """The model family of a source ("flux1", "flux2"): its model_index.json's, or for a
+    single file the text encoders' folder's (FLUX.1 when neither names one)."""
+    index = read_model_index(source) or read_model_index(text_encoders)
+    return variants.family_of(index.get("_class_name"))
+
+
+def _text_parts(kinds: Mapping[str, str]) -> tuple[str, ...]:
+    """The family's text encoder folders and their tokenizers (text_encoder -> tokenizer,
+    text_encoder_2 -> tokenizer_2)."""
+    encoders = tuple(k for k in kinds if k.startswith("text_encoder"))
+    return encoders + tuple(e.replace("text_encoder", "tokenizer") for e in encoders)
+
+
+def _check_text_tools(parts: Mapping[str, Path | None], kinds: Mapping[str, str]) -> None:
+    """Read the scheduler config and tokenizers (WeightLoadError when damaged)."""
+    if kinds["text_encoder"] == "qwen3":
+        from mlx_edit.text_qwen3 import Qwen3Tokenizer
+
+        read_text_tools(parts["scheduler"], None, None)
+        Qwen3Tokenizer.from_folder(parts["tokenizer"])
+    else:
+        read_text_tools(parts["scheduler"], parts["tokenizer"], parts["tokenizer_2"])
+
+
+def _component_bits(quantize: int | None, override: Mapping[str, int | None] | None,
+                    family: str = "flux1") -> dict[str, int | None]:
+    """`weights.quantize.component_bits` for the family's components, its ValueError as a
+    ConversionError."""
     try:
-        return component_bits(quantize, override)
+        return component_bits(quantize, override, tuple(FAMILY_COMPONENT_KINDS[family]),
+                              QUANTIZED[family])
     except ValueError as e:
         raise ConversionError(str(e)) from e
 
@@ -441,15 +475,16 @@ def _write_manifest(tmp: Path, source, parts: Mapping[str, Path | None], options
 
 def _write_components(tmp: Path, parts: Mapping[str, Path | None], bits: Mapping[str, int | None],
                       transformer_config: Mapping | None, options: Mapping,
-                      max_shard_bytes: int, log: Callable[[str], None]) -> dict:
-    """Convert each of COMPONENTS into `tmp/<name>` (one at a time), copy the tokenizers
-    and the scheduler; returns the manifest's {component: {"bits", "bytes", "files",
-    "source"}}."""
+                      max_shard_bytes: int, log: Callable[[str], None],
+                      kinds: Mapping[str, str] = COMPONENT_KINDS) -> dict:
+    """Convert each component of `kinds` ({component: loader kind}, the family's) into
+    `tmp/<name>` (one at a time), copy the tokenizers and the scheduler; returns the
+    manifest's {component: {"bits", "bytes", "files", "source"}}."""
     dtype, group_size = options["dtype"], options["group_size"]
     components = {}
-    for name in COMPONENTS:
+    for name, kind in kinds.items():
         overrides = transformer_config if name == "transformer" else None
-        src = open_component(name, parts[name], overrides)
+        src = open_component(name, parts[name], overrides, kind)
         adjust = None
         if name == "transformer" and options.get("baked_loras"):
             adjust, src.config["baked_loras"] = lora_w.baker(src.model, options["baked_loras"])
@@ -462,7 +497,8 @@ def _write_components(tmp: Path, parts: Mapping[str, Path | None], bits: Mapping
         precision = f"{bits[name]}-bit (group {group_size}){kept}" if bits[name] else dtype
         log(f"{name}: {precision}, {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} "
             f"file(s), {info['seconds']:.1f} s")
-    for name in ("tokenizer", "tokenizer_2"):
-        save.copy_folder(parts[name], tmp / name)
+    for name in _text_parts(kinds):
+        if name.startswith("tokenizer"):
+            save.copy_folder(parts[name], tmp / name)
     save.write_scheduler(tmp, parts["scheduler"])
     return components

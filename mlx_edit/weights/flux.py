@@ -58,23 +58,28 @@ DIFFUSERS_RULES: tuple[Rule, ...] = (
     rename("proj_out.{p}", "final_layer.linear.{p}"),
 )
 
-BFL_RULES: tuple[Rule, ...] = (
-    *(rename(f"{e}.{{rest}}", f"{e}.{{rest}}") for e in ("img_in", "txt_in", *_EMBEDDERS.values())),
-    rename(_D + "img_mod.lin.{p}", _D + "img_mod.{p}"),
-    rename(_D + "txt_mod.lin.{p}", _D + "txt_mod.{p}"),
+# BFL's block and final-layer names -> ours: the same in FLUX.1 and FLUX.2 (weights/flux2.py)
+BFL_BLOCK_RULES: tuple[Rule, ...] = (
     rename(_D + "{s}_attn.qkv.{p}", _D + "{s}_attn.qkv.{p}"),
     rename(_D + "{s}_attn.norm.query_norm.scale", _D + "{s}_attn.norm_q.weight"),
     rename(_D + "{s}_attn.norm.key_norm.scale", _D + "{s}_attn.norm_k.weight"),
     rename(_D + "{s}_attn.proj.{p}", _D + "{s}_attn.proj.{p}"),
     rename(_D + "{s}_mlp.0.{p}", _D + "{s}_mlp.fc1.{p}"),
     rename(_D + "{s}_mlp.2.{p}", _D + "{s}_mlp.fc2.{p}"),
-    rename(_SB + "modulation.lin.{p}", _SB + "modulation.{p}"),
     rename(_SB + "linear1.{p}", _SB + "linear1.{p}"),
     rename(_SB + "linear2.{p}", _SB + "linear2.{p}"),
     rename(_SB + "norm.query_norm.scale", _SB + "norm_q.weight"),
     rename(_SB + "norm.key_norm.scale", _SB + "norm_k.weight"),
     Rule("final_layer.modulation.{p}", ("final_layer.adaLN_modulation.1.{p}",), "swap"),
     rename("final_layer.linear.{p}", "final_layer.linear.{p}"),
+)
+
+BFL_RULES: tuple[Rule, ...] = (
+    *(rename(f"{e}.{{rest}}", f"{e}.{{rest}}") for e in ("img_in", "txt_in", *_EMBEDDERS.values())),
+    rename(_D + "img_mod.lin.{p}", _D + "img_mod.{p}"),
+    rename(_D + "txt_mod.lin.{p}", _D + "txt_mod.{p}"),
+    rename(_SB + "modulation.lin.{p}", _SB + "modulation.{p}"),
+    *BFL_BLOCK_RULES,
 )
 
 # Our own MLX folders (written by `mlx-edit convert`) already use our names.

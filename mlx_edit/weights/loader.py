@@ -111,6 +111,8 @@ class Spec:
       applies at load; None: the kind is not quantized at load.
     config_replaces: a `config` argument replaces config.json instead of updating it.
     class_name: `_class_name` of a config that did not come from a config.json.
+    unused(config, name) -> bool: tensors the model built from `config` does not use
+      (layers after the last one a truncated model runs): dropped once the config is known.
     """
 
     label: str
@@ -127,6 +129,7 @@ class Spec:
     quantize_policy: str | None = None
     config_replaces: bool = False
     class_name: str = ""
+    unused: Callable[[Any, str], bool] | None = None
 
 
 @dataclass
@@ -253,6 +256,8 @@ def open_checkpoint(kind: str | Spec, path: str | Path, config=None) -> Checkpoi
         raise WeightLoadError(f"{path}: {e}") from None
     fmt = spec.formats[fmt_name]
     config_dict, cfg = _config(spec, fmt, tensors, stored, folder, config, name)
+    if spec.unused is not None:
+        tensors = {k: v for k, v in tensors.items() if not spec.unused(cfg, k)}
     return Checkpoint(spec, Path(str(path)), name, tensors, fmt_name, fmt, stored, config_dict, cfg)
 
 

@@ -54,6 +54,9 @@ FULL_PRECISION: Mapping[str, tuple[str, ...]] = {
     "text_encoder": (),
     "text_encoder_2": (),
     "controlnet": (*_EMBEDDERS, "final_layer", "controlnet_x_embedder"),
+    # FLUX.2 [klein]'s Qwen3 text encoder: every attention and MLP linear (the embedding
+    # and the norms are not Linear layers, so they stay in full precision)
+    "qwen3": (),
 }
 
 # Config key marking a component folder written by mlx-edit (our parameter names).
@@ -179,15 +182,16 @@ def quantize_t5(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZ
 
 
 def component_bits(
-    quantize: int | None, overrides: Mapping[str, int | None] | None = None
+    quantize: int | None, overrides: Mapping[str, int | None] | None = None,
+    components: tuple[str, ...] = COMPONENTS, quantized: tuple[str, ...] = QUANTIZED_BY_DEFAULT
 ) -> dict[str, int | None]:
-    """Bits per component: `quantize` for QUANTIZED_BY_DEFAULT, None (full precision) for
-    the rest, then `overrides` (component -> bits or None). Raises ValueError naming an
-    unknown component or unsupported bits."""
-    bits = {c: (quantize if c in QUANTIZED_BY_DEFAULT else None) for c in COMPONENTS}
+    """Bits per component of `components` (FLUX.1's by default): `quantize` for `quantized`,
+    None (full precision) for the rest, then `overrides` (component -> bits or None).
+    Raises ValueError naming an unknown component or unsupported bits."""
+    bits = {c: (quantize if c in quantized else None) for c in components}
     for name, value in (overrides or {}).items():
         if name not in bits:
-            raise ValueError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+            raise ValueError(f"unknown component {name!r}; known: {', '.join(components)}")
         bits[name] = value
     for value in bits.values():
         if value is not None and value not in BITS:

@@ -112,3 +112,24 @@ def component_dir(root: Path, component: str) -> Path:
             "tokenizer_2/, scheduler/)"
         )
     return path
+
+
+def read_model_index(repo_or_path: str | Path | None) -> dict:
+    """The model_index.json of a local folder or Hugging Face repo (only that file is
+    downloaded), {} for None, a file (a BFL transformer), a folder without one or a
+    repo that cannot be reached now (loading it reports why)."""
+    import json
+
+    if repo_or_path is None:
+        return {}
+    path = Path(str(repo_or_path)).expanduser()
+    if not path.exists() and is_repo_id(str(repo_or_path)):
+        try:
+            path = download(str(repo_or_path), ["model_index.json"])
+        except WeightLoadError:
+            return {}
+    index = path / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # a damaged file: the pipeline's load names it

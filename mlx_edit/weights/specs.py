@@ -3,9 +3,12 @@ reads. Every `load_*` function of this package is one call of it.
 
     kind           formats (tried in this order)          config of a file without one
     transformer    diffusers, bfl, mlx                    bfl: from shapes (+ RoPE axes)
-    vae            mlx, diffusers, bfl                    FLUX defaults (+ quant convs)
+    flux2_transformer  diffusers, bfl, mlx                bfl: from shapes (+ RoPE axes)
+    vae            mlx, diffusers, bfl                    FLUX.1 defaults (+ quant convs;
+                                                          FLUX.2 by its batch norm)
     clip_text      mlx, transformers                      (a folder is required)
     t5             mlx, transformers                      (a folder is required)
+    qwen3          mlx, transformers                      (a folder is required)
     controlnet     diffusers, xlabs, mlx                  xlabs: from shapes
     clip_vision    transformers                           ViT-L/14 defaults
     siglip_vision  transformers                           so400m-patch14-384 defaults
@@ -27,6 +30,7 @@ from __future__ import annotations
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
+from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.models.ip_adapter import IPAdapter, IPAdapterConfig
 from mlx_edit.models.redux import (
     ReduxConfig,
@@ -34,9 +38,10 @@ from mlx_edit.models.redux import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.weights import controlnet, flux, text, vae, vision
+from mlx_edit.weights import controlnet, flux, flux2, qwen3, text, vae, vision
 from mlx_edit.weights.loader import (
     Format,
     Spec,
@@ -68,14 +73,30 @@ TRANSFORMER = Spec(
     class_name="FluxTransformer2DModel",
 )
 
+FLUX2_TRANSFORMER = Spec(
+    "FLUX.2 transformer", Flux2Config, Flux2Transformer, file_or_folder("FLUX.2 transformer"),
+    formats={
+        "diffusers": Format(any_key(flux2.DIFFUSERS_SIGN), flux2.DIFFUSERS_RULES,
+                            sign=flux2.DIFFUSERS_SIGN),
+        "bfl": Format(any_key(flux2.BFL_SIGN), flux2.BFL_RULES,
+                      infer=lambda t, o: flux2.infer_bfl_config(t, _axes(o)),
+                      sign=flux2.BFL_SIGN),
+        "mlx": mlx_format("double_mod_img.weight", "double_mod_img.scales"),
+    },
+    prefixes=flux.BFL_PREFIXES, quantize_policy="transformer",
+    class_name="Flux2Transformer2DModel",
+)
+
 VAE = Spec(
     "VAE", VAEConfig, AutoencoderKL, vae.locate,
     formats={
         "mlx": mlx_format(),  # first: our names are diffusers' (but convs already OHWI)
         "diffusers": Format(lambda k, c: vae.is_diffusers(k), vae.DIFFUSERS_RULES),
-        "bfl": Format(always, lambda cfg: vae.bfl_rules(len(cfg.block_out_channels))),
+        "bfl": Format(always, lambda cfg: vae.bfl_rules(len(cfg.block_out_channels),
+                                                        flux2=cfg.patch_size is not None)),
     },
     select=vae.strip_vae_prefix, complete=vae.complete_config, config_replaces=True,
+    drop=vae.DROP_KEYS,
     class_name="AutoencoderKL",
 )
 
@@ -93,6 +114,13 @@ T5 = Spec(
     class_name="T5EncoderModel",
 )
 
+QWEN3 = Spec(
+    "Qwen3 text encoder", Qwen3Config, Qwen3TextEncoder,
+    file_or_folder("Qwen3 text encoder", folder_only=True),
+    formats={"mlx": mlx_format(), "transformers": Format(always, qwen3.RULES)},
+    prefixes=qwen3.PREFIXES, unused=qwen3.unused, quantize_policy="qwen3",
+    class_name="Qwen3ForCausalLM",
+)
 
 
 def _diffusers_controlnet(names, _config) -> bool:
@@ -142,9 +170,11 @@ REDUX = Spec(
 
 SPECS: dict[str, Spec] = {
     "transformer": TRANSFORMER,
+    "flux2_transformer": FLUX2_TRANSFORMER,
     "vae": VAE,
     "clip_text": CLIP_TEXT,
     "t5": T5,
+    "qwen3": QWEN3,
     "controlnet": CONTROLNET,
     "clip_vision": _vision("CLIP vision tower", CLIPVisionConfig, CLIPVisionModel,
                            vision.CLIP_VISION_RULES),
@@ -154,6 +184,11 @@ SPECS: dict[str, Spec] = {
     "redux": REDUX,
 }
 
-# The pipeline components `mlx-edit convert` writes -> their kinds.
+# The pipeline components `mlx-edit convert` writes -> their kinds (FLUX.1's), and per
+# model family (mlx_edit.variants.family_of); the text encoders' order is the family's.
 COMPONENT_KINDS = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_text",
                    "text_encoder_2": "t5"}
+FAMILY_COMPONENT_KINDS = {
+    "flux1": COMPONENT_KINDS,
+    "flux2": {"transformer": "flux2_transformer", "vae": "vae", "text_encoder": "qwen3"},
+}

@@ -1,5 +1,7 @@
-"""Load the FLUX VAE from a diffusers `vae/` folder or a BFL / LDM single file (the
+"""Load the FLUX VAEs from a diffusers `vae/` folder or a BFL / LDM single file (the
 "vae" entry of weights/specs.py; this module holds its key maps and file layout).
+FLUX.1's `AutoencoderKL` and FLUX.2's `AutoencoderKLFlux2` share the map and the model
+(mlx_edit.models.vae, `VAEConfig.patch_size` set for FLUX.2).
 
 Key maps are data (tuples of `Rule`). Our module names are the diffusers names, so the
 diffusers map only transposes conv weights; the BFL map follows diffusers'
@@ -7,7 +9,12 @@ diffusers map only transposes conv weights; the BFL map follows diffusers'
 `down.i.block.j` -> `down_blocks.i.resnets.j`, `up.(n-1-i)` -> `up_blocks.i` (reversed),
 `mid.block_{1,2}` -> `mid_block.resnets.{0,1}`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1
 convs) -> `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (Linear),
-`norm_out` -> `conv_norm_out`, `nin_shortcut` -> `conv_shortcut`.
+`norm_out` -> `conv_norm_out`, `nin_shortcut` -> `conv_shortcut`. BFL's FLUX.2
+`AutoEncoder` (black-forest-labs/flux2 `src/flux2/autoencoder.py`) keeps its quant convs
+inside the encoder and decoder (`encoder.quant_conv`, `decoder.post_quant_conv`; diffusers
+`scripts/convert_flux2_to_diffusers.py` maps them to the top level) and has the latent
+batch norm `bn.running_mean` / `bn.running_var` under the diffusers names.
+`bn.num_batches_tracked` (both namings) is a training counter, not a weight: dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from mlx_edit.weights.core import Rule, rename, safetensors_files
 
 # Prefixes of the VAE inside LDM / BFL single files (diffusers LDM_VAE_KEYS).
 BFL_PREFIXES = ("first_stage_model.", "vae.")
+
+# Tensors of a VAE file that are not weights (the batch norm's training counter).
+DROP_KEYS = ("bn.num_batches_tracked",)
 
 # Our layers whose weight is a PyTorch conv (OIHW -> OHWI); the rest copy as is.
 _CONV_LAYERS = ("conv_in", "conv_out", "conv1", "conv2", "conv_shortcut", "conv")
@@ -59,10 +69,12 @@ def _attention(part: str) -> tuple[Rule, ...]:
     return tuple(rows)
 
 
-def bfl_rules(num_levels: int = 4) -> tuple[Rule, ...]:
+def bfl_rules(num_levels: int = 4, flux2: bool = False) -> tuple[Rule, ...]:
     """The BFL/LDM `ae.safetensors` key map (prefixes already stripped) for a VAE with
     `num_levels` = len(block_out_channels); the decoder's up blocks are numbered in
-    reverse in BFL, so the table depends on it."""
+    reverse in BFL, so the table depends on it. `flux2`: BFL's FLUX.2 AutoEncoder (quant
+    convs inside encoder / decoder, the latent batch norm) instead of LDM's top-level
+    quant convs."""
     rows: list[Rule] = []
     for part in ("encoder", "decoder"):
         rows += [*_conv(f"{part}.conv_in", f"{part}.conv_in"),
@@ -78,7 +90,13 @@ def bfl_rules(num_levels: int = 4) -> tuple[Rule, ...]:
         i = num_levels - 1 - b
         rows += _resnet(f"decoder.up.{b}.block.{{j}}", f"decoder.up_blocks.{i}.resnets.{{j}}")
         rows += _conv(f"decoder.up.{b}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv")
-    rows += [*_conv("quant_conv", "quant_conv"), *_conv("post_quant_conv", "post_quant_conv")]
+    if flux2:
+        rows += [*_conv("encoder.quant_conv", "quant_conv"),
+                 *_conv("decoder.post_quant_conv", "post_quant_conv"),
+                 rename("bn.running_mean", "bn.running_mean"),
+                 rename("bn.running_var", "bn.running_var")]
+    else:
+        rows += [*_conv("quant_conv", "quant_conv"), *_conv("post_quant_conv", "post_quant_conv")]
     return tuple(rows)
 
 
@@ -111,9 +129,15 @@ def locate(path: Path) -> tuple[list[Path], Path | None]:
 
 def complete_config(config: dict, tensors) -> dict:
     """Configs that predate `use_quant_conv` / `use_post_quant_conv` (and BFL files)
-    decide by the keys present."""
-    return {"use_quant_conv": "quant_conv.weight" in tensors,
-            "use_post_quant_conv": "post_quant_conv.weight" in tensors, **config}
+    decide by the keys present; a file with the latent batch norm (`bn.running_mean`)
+    without config is FLUX.2's: 2x2 patches over its channels / 4 latent channels."""
+    found = {"use_quant_conv": any(k in tensors for k in ("quant_conv.weight",
+                                                          "encoder.quant_conv.weight")),
+             "use_post_quant_conv": any(k in tensors for k in ("post_quant_conv.weight",
+                                                               "decoder.post_quant_conv.weight"))}
+    if "bn.running_mean" in tensors and "patch_size" not in config:
+        found.update(patch_size=(2, 2), latent_channels=tensors["bn.running_mean"].shape[0] // 4)
+    return {**found, **config}
 
 
 def read_vae_config(path: str | Path, config: VAEConfig | dict | None = None) -> VAEConfig:
@@ -136,7 +160,9 @@ def load_vae(
     components of a full checkpoint are ignored) or in diffusers naming.
     `dtype`: parameter and compute dtype; None -> `default_dtype()` (float32 on CPU).
     `config`: replaces the folder's config.json; a single file without one uses the
-    FLUX defaults, with `use_quant_conv` / `use_post_quant_conv` set by the keys present.
+    FLUX defaults, with `use_quant_conv` / `use_post_quant_conv` set by the keys present
+    and, for a FLUX.2 file (BFL `flux2-vae` / `ae.safetensors` with `bn.*`), 2x2 patches
+    and 32 latent channels read off the batch norm.
 
     Raises WeightLoadError naming the missing, unexpected or mis-shaped keys, or when
     the path holds no readable safetensors / config.

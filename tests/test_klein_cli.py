@@ -1,0 +1,237 @@
+"""FLUX.2 [klein] from the CLI and the API on scikit-image photos, with the tiny klein
+folder built torch-free (scripts/klein_fixtures.build_mlx): `mlx-edit edit` (two
+references) and `mlx-edit inpaint` (a reference) choose FluxKlein from the folder's
+model_index.json; pixels outside the mask are the photo's exactly; bad input is one line
+with exit status 2 before any model loads; text-to-image, crop-to-mask, SAM clicks and
+keep-size through the API; the memory estimate counts the klein parts.
+"""
+
+from __future__ import annotations
+
+import mlx_edit  # noqa: F401  (OpenBLAS before mlx)
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data
+
+from mlx_edit.cli import main
+from mlx_edit.imaging.images import InputError
+from mlx_edit.klein import FluxKlein
+from mlx_edit.segment import Points
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory, import_script):
+    out = tmp_path_factory.mktemp("klein-mlx") / "tiny"
+    return import_script("klein_fixtures").build_mlx(out, "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).resize((150, 110)).save(d / "astronaut.png")
+    Image.fromarray(data.coffee()).resize((120, 90)).save(d / "coffee.png")
+    Image.fromarray(data.coffee()).resize((40, 40)).save(d / "small.png")
+    mask = np.zeros((110, 150), np.uint8)
+    mask[30:80, 40:110] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    return d
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_edit_and_inpaint_cli(klein, photos, tmp_path):
+    common = ["--model", klein, "--steps", 2, "--seed", 3, "--max-sequence-length", 48]
+    r = invoke("edit", *common, "-i", photos / "astronaut.png", "-i", photos / "coffee.png",
+               "-p", "put the astronaut in the cup", "-o", tmp_path / "edit.png")
+    assert r.exit_code == 0, r.output
+    out = Image.open(tmp_path / "edit.png")
+    assert out.size == (144, 96)  # the first image floored to 16 px (diffusers' size)
+    assert out.info["references"] == "2" and out.info["steps"] == "2"
+
+    r = invoke("inpaint", *common, "-i", photos / "astronaut.png", "--mask",
+               photos / "mask.png", "--reference", photos / "coffee.png", "--feather", 0,
+               "-p", "a cup of coffee", "-o", tmp_path / "inpaint.png")
+    assert r.exit_code == 0, r.output
+    res = np.asarray(Image.open(tmp_path / "inpaint.png").convert("RGB"))
+    src = np.asarray(Image.open(photos / "astronaut.png").convert("RGB"))
+    outside = np.asarray(Image.open(photos / "mask.png")) == 0
+    assert res.shape == src.shape
+    assert np.array_equal(res[outside], src[outside])
+    assert not np.array_equal(res[~outside], src[~outside])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["inpaint", "--reference", "small.png"], "at least 64 px"),
+    (["edit", "-i", "small.png"], "at least 64 px"),
+    (["inpaint", "--negative-prompt", "x"], "No such option"),
+    (["edit", "--negative-prompt", "blurry"], "--negative-prompt is not available"),
+    (["edit", "--true-cfg-scale", "2"], "--true-cfg-scale is not available"),
+    (["edit", "--no-auto-resize"], "--auto-resize is not available"),
+    (["inpaint", "--cache", "fbc:0.1"], "--cache is not available"),
+    (["outpaint", "--left", "32"], "outpaint needs a FLUX.1 model"),
+])
+def test_bad_input_is_one_line(klein, photos, tmp_path, args, says, monkeypatch):
+    loads = []
+    monkeypatch.setattr(FluxKlein, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a)))
+    mode, *rest = args
+    image = [] if "-i" in rest else ["-i", photos / "astronaut.png"]
+    mask = ["--mask", photos / "mask.png"] if mode == "inpaint" else []
+    rest = [photos / a if a == "small.png" else a for a in rest]
+    r = invoke(mode, "--model", klein, *image, *mask, "-p", "x", *rest,
+               "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert says in r.output and not loads
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_api_text_to_image_crop_sam_keep_size(klein, tiny_sam_mlx):
+    pipe = FluxKlein.from_pretrained(klein)
+    assert (pipe.variant, pipe.family.name) == ("klein", "flux2")
+    short = {"steps": 1, "max_sequence_length": 32}
+    out = pipe.edit(None, "a lighthouse", width=80, height=48, **short)[0]
+    assert out.size == (80, 48) and out.info["references"] == "0"
+
+    photo = Image.fromarray(data.astronaut())  # 512x512, a 256x256 model budget: a window
+    mask = np.zeros((512, 512), np.float32)
+    mask[200:260, 220:300] = 1
+    res = pipe.inpaint(photo, mask, "a badge", **short, crop_to_mask=True, feather=0,
+                       max_model_pixels=256 * 256)[0]
+    box = [int(v) for v in res.info["crop_box"].strip("[]").split(",")]
+    assert box != [0, 0, 512, 512] and res.size == photo.size
+    outside = mask == 0
+    assert np.array_equal(np.asarray(res)[outside], np.asarray(photo)[outside])
+
+    small = photo.resize((160, 160))
+    clicked = pipe.inpaint(small, [Points(((80, 70),), (1,))], "a badge", **short,
+                           segment_model=str(tiny_sam_mlx))[0]
+    assert clicked.size == small.size and clicked.info["mode"] == "inpaint"
+
+    kept = pipe.edit([photo.resize((100, 75))], "warmer", **short, keep_size=True)[0]
+    assert kept.size == (100, 75)  # edited at 96x64, returned at the image's own size
+    with pytest.raises(InputError, match="FLUX.2 has one text encoder"):
+        pipe.edit([photo], "x", prompt_2="y", **short)
+
+
+def test_memory_estimate_counts_klein_parts(klein):
+    est = FluxKlein.from_pretrained(klein, low_memory=True).memory_estimate(1024, 1024)
+    assert {"weights_transformer", "weights_vae", "weights_text_encoder"} <= set(est)
+    assert "weights_text_encoder_2" not in est
+    assert est["peak"] >= est["weights_transformer"] + est["weights_vae"]
+    from mlx_edit import memory
+
+    # klein 4B's parts at their real widths: Qwen3-4B (36 layers built up to layer 27)
+    q = [memory.estimate(1024, 1024, dtype="bfloat16", quantize=b, family="flux2",
+                         transformer={"num_layers": 5, "num_single_layers": 20,
+                                      "num_attention_heads": 24, "joint_attention_dim": 7680,
+                                      "guidance_embeds": False}) for b in (None, 4)]
+    parts = [e["weights_transformer"] + e["weights_text_encoder"] for e in q]
+    assert 12 < parts[0] < 16  # ~3.9B + ~3.1B parameters in bfloat16
+    assert 4.0 < parts[1] < 5.0  # 4 bits: near the ~4.3 GiB reported for klein 4B on Macs
+    assert q[1]["weights_text_encoder"] < 0.4 * q[0]["weights_text_encoder"]
+
+
+def test_batch_runs_klein_lines(klein, photos, tmp_path):
+    """`mlx-edit batch --model <klein> --edit-model <klein>`: inpaint and edit lines run
+    on FluxKlein with klein's defaults; an outpaint line is refused by name."""
+    import json
+
+    lines = [{"id": "fix", "image": str(photos / "astronaut.png"),
+              "mask": str(photos / "mask.png"), "prompt": "a cup", "steps": 1,
+              "max_sequence_length": 32},
+             {"id": "edit", "mode": "edit", "image": str(photos / "coffee.png"),
+              "prompt": "make it blue", "max_sequence_length": 32},
+             {"id": "out", "mode": "outpaint", "image": str(photos / "coffee.png"),
+              "prompt": "more", "left": 32}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = invoke("batch", manifest, "--output-dir", tmp_path / "out", "--model", klein,
+               "--edit-model", klein, "--no-prompt-cache", "--skip-invalid")
+    assert r.exit_code == 0, r.output
+    assert "outpaint needs a FLUX.1 model" in r.output
+    records = {json.loads(x)["id"]: json.loads(x)
+               for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert set(records) == {"fix", "edit"}, records
+    assert all(rec["status"] == "ok" for rec in records.values()), records
+    edited = Image.open(tmp_path / "out" / "edit.png")
+    assert edited.info["steps"] == "4" and edited.size == (112, 80)  # klein's default steps
+
+
+def test_serve_runs_klein(klein, photos):
+    """`mlx-edit serve` with a klein folder for both kinds: inpaint and edit requests run
+    on FluxKlein; an outpaint is refused (HTTP 400, naming why)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from test_serve import submit, wait
+
+    from mlx_edit.serve import ServeConfig, create_app
+
+    photo = (Image.open(photos / "astronaut.png"), np.asarray(Image.open(photos / "mask.png")))
+    config = ServeConfig(model=str(klein), kontext_model=str(klein),
+                         local_hosts=("testserver",))
+    with TestClient(create_app(config)) as client:
+        assert isinstance(client.app.state.resident.models["fill"], FluxKlein)
+        fast = {"steps": 1, "max_sequence_length": 32}
+        done = wait(client, submit(client, photo, fast).json()["id"])
+        assert done["state"] == "done", done
+        done = wait(client, submit(client, (photo[0], None), fast, mode="edit").json()["id"])
+        assert done["state"] == "done", done
+        r = submit(client, (photo[0], None), {"left": 32}, mode="outpaint")
+        assert r.status_code == 400 and "outpaint needs a FLUX.1 model" in r.text, r.text
+
+
+def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypatch):
+    """FLUX.2 prompts have no pooled vector: the disk cache stores the sequence alone and
+    a second pipeline reads it back without loading Qwen3."""
+    from mlx_edit import prompts
+    from mlx_edit.prompt_cache import PromptCache
+
+    first = FluxKlein.from_pretrained(klein, low_memory=True)
+    first.disk_prompt_cache = PromptCache(tmp_path)
+    embeds = first.encode_prompt("a red boat", max_sequence_length=32)
+    assert embeds.pooled is None and embeds.txt.shape == (1, 32, 3 * 64)
+    second = FluxKlein.from_pretrained(klein, low_memory=True)
+    second.disk_prompt_cache = PromptCache(tmp_path)
+    loads = []
+    monkeypatch.setattr(prompts, "load_qwen3", lambda *a, **k: loads.append(a))
+    again = second.encode_prompt("a red boat", max_sequence_length=32)
+    assert not loads and again.pooled is None
+    assert np.array_equal(np.array(again.txt), np.array(embeds.txt))
+
+
+def test_flux1_classes_refuse_a_klein_folder(klein):
+    from mlx_edit.fill import FluxFill
+    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.weights.core import WeightLoadError
+
+    for cls in (FluxFill, FluxKontext):
+        with pytest.raises(WeightLoadError, match="FLUX.2 model .* use FluxKlein"):
+            cls.from_pretrained(klein)
+
+
+def test_convert_klein_folder(klein, tmp_path, photos):
+    """`mlx-edit convert` of a klein folder: its components (transformer, VAE, Qwen3) and
+    tokenizer; `--quantize 8` applies to the transformer and Qwen3; the folder loads as
+    klein and edits."""
+    import json
+
+    out = tmp_path / "klein-q8"
+    r = invoke("convert", klein, out, "--quantize", 8, "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "mlx_edit.json", "model_index.json", "scheduler", "text_encoder", "tokenizer",
+        "transformer", "vae"]
+    manifest = json.loads((out / "mlx_edit.json").read_text())
+    assert {k: v["bits"] for k, v in manifest["components"].items()} == {
+        "transformer": 8, "vae": None, "text_encoder": 8}
+    pipe = FluxKlein.from_pretrained(out)
+    assert pipe.variant == "klein" and pipe.transformer_bits == 8
+    image = pipe.edit([photos / "coffee.png"], "blue", steps=1, max_sequence_length=32)[0]
+    assert image.size == (112, 80)
+    r = invoke("convert", klein, tmp_path / "x", "--component-bits", "text_encoder_2=4")
+    assert r.exit_code == 2 and "unknown component 'text_encoder_2'" in r.output, r.output

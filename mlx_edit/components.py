@@ -32,7 +32,7 @@ from mlx_edit.memory import MemoryEstimate, estimate, tile_threshold_gb
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 from mlx_edit.sampling.cache import CacheConfig
-from mlx_edit.sampling.denoise import Phase
+from mlx_edit.progress import Phase, report
 from mlx_edit.sampling.latents import pack_latents, scale_latents, unpack_latents, unscale_latents
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights import lora as lora_files
@@ -90,8 +90,10 @@ class Components:
         """The model `name`, loaded now if it is not resident (KeyError: unknown name;
         the loader's errors, e.g. WeightLoadError, pass through)."""
         if name not in self._loaded:
+            report(f"load_{name}", 0, 1)
             self._loaded[name] = self._loaders[name]()
             self.history.append(("load", name))
+            report(f"load_{name}", 1, 1)
         return self._loaded[name]
 
     def release(self, *names: str) -> None:

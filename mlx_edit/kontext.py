@@ -22,6 +22,7 @@ from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.progress import reports_progress
 from mlx_edit.sampling.denoise import EditJob
 
 
@@ -48,6 +49,7 @@ class FluxKontext(FluxPipeline):
 
     VARIANTS = ("kontext",)
 
+    @reports_progress
     def edit(self, images, instruction: str, options: EditOptions | None = None, *,
              mask=None, noise: mx.array | None = None,
              progress: Callable[[int, int], None] | None = None,

@@ -20,6 +20,7 @@ from PIL import Image
 
 from mlx_edit.imaging.stitch import CropPlan, plan_crop
 from mlx_edit.options import GLOBAL_PASS_STRENGTH, EditOptions
+from mlx_edit.progress import add_run, labelled
 from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.tiles import Windows, plan_windows
 
@@ -190,15 +191,18 @@ def refine(pipe, images: list[Image.Image], model_mask, blend, prompt: str, o: E
     strength = refine_strength(o)
     out = []
     for i, img in enumerate(images):
+        before = pipe.last_stats
         ro = replace(first_pass(o), tile_mode="on", strength=strength, num_images=1,
                      seed=o.seed + i, cache=None, soft_mask=False,
                      seam_fix=0.0, rank=None, keep_best=None)
         meta = {"detail_pass": strength, "global_pass": o.global_pass,
                 "first_pass_model_size": img.info.get("model_size")}
-        job = pipe.prepare(img, model_mask, blend, prompt, ro, conditioning=conditioning,
-                           metadata=meta)
-        job.paste = {"color_match": o.color_match, "method": o.blend}
-        result = pipe.run(job, True, progress)[0]
+        with labelled("refine"):
+            job = pipe.prepare(img, model_mask, blend, prompt, ro,
+                               conditioning=conditioning, metadata=meta)
+            job.paste = {"color_match": o.color_match, "method": o.blend}
+            result = pipe.run(job, True, progress)[0]
+        add_run(pipe, before)
         for k, v in img.info.items():  # the first pass's own records (mode, masks...)
             result.info.setdefault(k, v)
         out.append(result)

@@ -50,7 +50,8 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
 )
 from mlx_edit.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (public name)
 from mlx_edit.sampling.cache import CacheConfig, cache_metadata
-from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
+from mlx_edit.progress import Phase, denoise_step, report
+from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, pack_latent_mask, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
@@ -78,6 +79,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         self.disk_prompt_cache = None  # a mlx_edit.prompt_cache.PromptCache, or None
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
+        self.pending_stats: dict = {}  # phases before prepare (segment), moved to its job
         self.loras: dict[str, lora_files.LoadedLoRA] = {}  # applied on every transformer load
 
     def context(self, plan: CropPlan, inner: tuple[int, int, int, int] | None = None
@@ -156,7 +158,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
                                        o.num_images, plan, o.cache, o)
         windows = large.job_windows(self, plan, o)
-        stats: dict = {}
+        stats, self.pending_stats = self.pending_stats, {}
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
@@ -308,22 +310,23 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             x0, y0, x1, y1 = job.plan.box
             blend[y0:y1, x0:x1] = 1.0
         out = []
-        for seed, edited in zip(job.seeds, images):
-            result = stitch_back(job.original, edited, job.plan, blend,
-                                 **(job.paste if paste_back else {}))
-            meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
-            result.info.update({k: str(v) for k, v in meta.items() if v is not None})
-            out.append(result)
+        with Phase(job.stats, "paste_back"):
+            for seed, edited in zip(job.seeds, images):
+                result = stitch_back(job.original, edited, job.plan, blend,
+                                     **(job.paste if paste_back else {}))
+                meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
+                result.info.update({k: str(v) for k, v in meta.items() if v is not None})
+                out.append(result)
         return out
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[..., None] | None = None) -> list[Image.Image]:
         """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
         k = job.windows.count if job.windows else 1  # progress counts windows x steps
-        total, with_job = (len(job.sigmas) - 1) * k, getattr(progress, "wants_job", False)
-        for i, _ in self.steps(job):
-            if progress is not None:  # `wants_job`: the job too (its latents: previews)
-                progress((i + 1) * k, total, *([job] if with_job else []))
+        total = (len(job.sigmas) - 1) * k
+        report("denoise", 0, total)  # the phase starts (wants_phases only)
+        for i, _ in self.steps(job):  # `wants_job`: the job too (its latents: previews)
+            denoise_step(progress, (i + 1) * k, total, job)
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images

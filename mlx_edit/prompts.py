@@ -12,6 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_edit.imaging.images import InputError
+from mlx_edit.progress import ticks
 from mlx_edit.sampling.denoise import PromptEmbeds
 from mlx_edit.weights import lora_text
 from mlx_edit.weights.sources import component_dir
@@ -67,14 +68,17 @@ class PromptMixin:
     def _encode_text(self, prompt: str, t5_prompt: str, max_sequence_length: int
                      ) -> PromptEmbeds:
         """Load CLIP, encode, free it; load T5, encode, free it (one model resident)."""
+        tick = ticks("text_encode", 2)
         clip = lora_text.load_clip(self.root, self.dtype, self.loras)  # with its CLIP LoRAs
         pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
         mx.eval(pooled)
         del clip
         mx.clear_cache()
+        tick(1)
         t5 = load_t5(component_dir(self.root, "text_encoder_2"), self.dtype, self.quantize)
         txt = t5(mx.array(self.t5_tokenizer(t5_prompt, max_length=max_sequence_length)))
         mx.eval(txt)
         del t5
         mx.clear_cache()
+        tick(2)
         return PromptEmbeds(txt.astype(self.dtype), pooled.astype(self.dtype))

@@ -30,12 +30,14 @@ pipeline's threshold (40% of memory: 9.6 GB on a 24 GB machine) and tiles are 51
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
+from mlx_edit.progress import ticks
 
 # VAE activation bytes per pixel, per byte of the compute dtype. CPU: measured float32
 # inside `banded(BAND_BYTES)` at 256 and 512 px (decode 7.9 / 7.5 kB/px, encode 5.9 /
@@ -135,9 +137,10 @@ def axis_weights(starts: list[int], tile: int, size: int, blend: str) -> list[np
 
 
 def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
-           out_channels: int, blend: str) -> mx.array:
+           out_channels: int, blend: str, phase: str) -> mx.array:
     """Run `fn` over overlapping tiles of x (B, H, W, C) (tile/overlap in x's cells) and
-    blend the outputs, whose spatial size is `scale` times the tile's. float32 result."""
+    blend the outputs, whose spatial size is `scale` times the tile's. float32 result.
+    Reports `phase` per tile (mlx_edit.progress)."""
     b, h, w, _ = x.shape
     ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
     out_tile = round(tile * scale)
@@ -147,6 +150,7 @@ def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
     # Host accumulators (float32): only one tile's activations live in MLX at a time.
     acc = np.zeros((b, out_h, out_w, out_channels), dtype=np.float32)
     total = np.zeros((out_h, out_w), dtype=np.float64)
+    tick, done = ticks(phase, len(ys) * len(xs)), 0
     for y0, ay in zip(ys, wy):
         for x0, ax in zip(xs, wx):
             part = fn(x[:, y0 : y0 + tile, x0 : x0 + tile]).astype(mx.float32)
@@ -158,6 +162,8 @@ def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
             )
             total[oy : oy + part.shape[1], ox : ox + part.shape[2]] += weight
             del part
+            done += 1
+            tick(done)
     # Normalise: exact partition of unity already, except where three tiles overlap.
     acc /= total.astype(np.float32)[None, :, :, None]
     return mx.array(acc)
@@ -191,7 +197,7 @@ def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int | None = None,
         raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {f}")
     with scratch_bounded(vae):
         return _tiled(vae.decode, latents, tile // f, overlap // f, f, 1,
-                      vae.config.out_channels, blend)
+                      vae.config.out_channels, blend, "vae_decode")
 
 
 def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
@@ -211,7 +217,7 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
         )
     with scratch_bounded(vae):
         return _tiled(vae.encode_mean, images, tile, overlap, 1 / f, f,
-                      vae.config.latent_channels, blend)
+                      vae.config.latent_channels, blend, "vae_encode")
 
 
 def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB,
@@ -223,8 +229,8 @@ def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_B
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
     if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, limit, config=cfg):
         return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg))
-    with scratch_bounded(vae):
-        return vae.decode(latents)
+    with scratch_bounded(vae), layer_ticks(vae, "vae_decode"):
+        return _evaluated(vae.decode(latents))
 
 
 def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BUDGET_GB,
@@ -237,5 +243,28 @@ def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BU
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
     if should_tile(h, w, size, limit, False, cfg) and h % f == 0 and w % f == 0:
         return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg))
-    with scratch_bounded(vae):
-        return vae.encode_mean(images)
+    with scratch_bounded(vae), layer_ticks(vae, "vae_encode"):
+        return _evaluated(vae.encode_mean(images))
+
+
+def _evaluated(x: mx.array) -> mx.array:
+    mx.eval(x)
+    return x
+
+
+@contextmanager
+def layer_ticks(vae: AutoencoderKL, phase: str) -> Iterator[None]:
+    """Within: a whole-image VAE pass reports `phase` after each block layer (evaluated
+    there: the same values, the pass runs layer by layer as it would anyway)."""
+    done = 0
+
+    def after(x: mx.array) -> None:
+        nonlocal done
+        mx.eval(x)
+        done += 1
+        tick(min(done, total))
+
+    with vae.layer_callback(after) as (encode, decode):
+        total = decode if phase == "vae_decode" else encode
+        tick = ticks(phase, total)
+        yield

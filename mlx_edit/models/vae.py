@@ -239,7 +239,7 @@ class DownBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.downsamplers:
-            x = layer(x)
+            x = _after_layer(self, layer(x))
         return x
 
 
@@ -253,8 +253,16 @@ class UpBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.upsamplers:
-            x = layer(x)
+            x = _after_layer(self, layer(x))
         return x
+
+
+def _after_layer(block: nn.Module, x: mx.array) -> mx.array:
+    """x, passed to the block's `after_layer` callback when one is set (`layer_callback`)."""
+    fn = getattr(block, "after_layer", None)
+    if fn is not None:
+        fn(x)
+    return x
 
 
 class Encoder(nn.Module):
@@ -365,6 +373,22 @@ class AutoencoderKL(nn.Module):
         finally:
             for layer in layers:
                 layer.max_bytes = None
+
+    @contextmanager
+    def layer_callback(self, fn) -> Iterator[tuple[int, int]]:
+        """Within this context `fn(x)` is called with the output of every resnet and
+        resampler of the encoder's down blocks and the decoder's up blocks (progress:
+        mlx_edit.tiling evaluates x there and reports). Yields the number of such layers
+        in one (encode, decode)."""
+        blocks = [m for _, m in self.named_modules() if isinstance(m, (DownBlock, UpBlock))]
+        for block in blocks:
+            block.after_layer = fn
+        try:
+            yield (sum(len(b.resnets) + len(b.downsamplers) for b in self.encoder.down_blocks),
+                   sum(len(b.resnets) + len(b.upsamplers) for b in self.decoder.up_blocks))
+        finally:
+            for block in blocks:
+                block.after_layer = None
 
     def decode(self, latents: mx.array) -> mx.array:
         """Images (B,h*f,w*f,out_channels), nominally in [-1, 1] (not clipped), from

@@ -270,12 +270,16 @@ class ModelsMixin:
                         threshold_gb=self.tile_threshold_gb)
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
-    def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
-        """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32)."""
+    def decode(self, latents: mx.array, width: int, height: int,
+               needed: np.ndarray | None = None, fill: np.ndarray | None = None) -> mx.array:
+        """Packed latents (B, N, 64) -> images (B, H, W, 3) in [-1, 1] (float32). needed
+        (H, W) bool / fill (H, W, 3): a tiled decode runs only the tiles meeting `needed`
+        and takes `fill` elsewhere (mlx_edit.tiling.decode_tiled)."""
         cfg = self.vae.config
         z = unscale_latents(unpack_latents(latents, height, width), cfg.scaling_factor,
                             cfg.shift_factor)
-        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
+        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb, needed=needed,
+                           fill=fill).astype(mx.float32)
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
                         cache: CacheConfig | None = None, segmenter=None, windows=None,

@@ -55,7 +55,13 @@ from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_no
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, pack_latent_mask, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
+from mlx_edit.tiling import dilate
 from mlx_edit.weights import lora as lora_files
+
+# px around the blend that a decode must reproduce exactly: paste-back reads the blend,
+# colour match a RING_PX (16) ring outside it, Poisson the blend's border
+DECODE_CONTEXT = 64
+
 
 class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
     """What every FLUX edit shares: models on demand, prompt encoding, planning,
@@ -157,7 +163,11 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         prompt = check_prompt(prompt)
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
                                        o.num_images, plan, o.cache, o)
-        windows = large.job_windows(self, plan, o)
+        # windows without mask tokens are skipped where the canvas's latents are at hand
+        # to fill their tokens after the loop (the source, or Fill's masked image's)
+        skip = not o.soft_mask and (keep_source or o.strength < 1.0 or (
+            conditioning is None and self.variant_info.conditioner == "fill"))
+        windows = large.job_windows(self, plan, o, large.keep_tokens(mask) if skip else None)
         stats, self.pending_stats = self.pending_stats, {}
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
@@ -170,7 +180,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             mx.eval(channels, tokens, image_latents)
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata),
-                **large.metadata(o, windows)}
+                **large.metadata(o, plan, windows)}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
@@ -282,6 +292,10 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                                       windows=job.windows):
                 job.latents = latents
                 yield i, latents
+            if job.windows is not None and not job.windows.covered.all():
+                source = job.source if job.source is not None else \
+                    job.conditioning[..., : job.latents.shape[-1]]  # Fill: masked image's
+                job.latents = large.fill_uncovered(job.latents, job.windows, source)
             n = len(job.sigmas) - 1
             job.stats["denoise_s"] = time.perf_counter() - t0
             job.stats["step_s"] = job.stats["denoise_s"] / n
@@ -298,10 +312,11 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         Each returned image carries its metadata in `.info` (str values).
         """
         w, h = job.plan.model_size
+        needed, fill = self._decode_region(job) if paste_back else (None, None)
         with self.components.using("vae", job.stats), Phase(job.stats, "vae_decode"):
             images = []
             for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
-                px = self.decode(job.latents[b : b + 1], w, h)
+                px = self.decode(job.latents[b : b + 1], w, h, needed, fill)
                 mx.eval(px)
                 images.append(from_array(np.array(px[0])))
         blend = job.blend
@@ -318,6 +333,17 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                 result.info.update({k: str(v) for k, v in meta.items() if v is not None})
                 out.append(result)
         return out
+
+    @staticmethod
+    def _decode_region(job: EditJob) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(needed, fill) of a 1:1 plan's decode: the canvas pixels within DECODE_CONTEXT
+        px of the blend (all that paste-back, colour match and Poisson read) and the
+        canvas's own pixels in [-1, 1] for the VAE tiles that reach none of them; (None,
+        None) for a resized plan (its canvas is model-size: decoded whole)."""
+        if job.plan.resized:
+            return None, None
+        canvas, blend = crop_for_model(job.original, job.blend, job.plan, binarize=False)
+        return dilate(blend > 0, DECODE_CONTEXT), to_array(canvas).astype(np.float32)
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[..., None] | None = None) -> list[Image.Image]:

@@ -136,11 +136,22 @@ def axis_weights(starts: list[int], tile: int, size: int, blend: str) -> list[np
     return out
 
 
+def dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    """(H, W) bool: `mask` grown by `px` pixels in every direction (a square: Chebyshev
+    distance <= px), through a summed-area table."""
+    m = np.pad(np.asarray(mask, bool), px).astype(np.int64)
+    s = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    k = 2 * px + 1
+    return (s[k:, k:] - s[:-k, k:] - s[k:, :-k] + s[:-k, :-k]) > 0
+
+
 def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
-           out_channels: int, blend: str, phase: str) -> mx.array:
+           out_channels: int, blend: str, phase: str, needed: np.ndarray | None = None,
+           fill: np.ndarray | None = None) -> mx.array:
     """Run `fn` over overlapping tiles of x (B, H, W, C) (tile/overlap in x's cells) and
     blend the outputs, whose spatial size is `scale` times the tile's. float32 result.
-    Reports `phase` per tile (mlx_edit.progress)."""
+    needed: (out H, out W) bool: only tiles whose output meets it run; the others give
+    `fill` (out H, out W, out_channels) there. Reports `phase` per tile run."""
     b, h, w, _ = x.shape
     ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
     out_tile = round(tile * scale)
@@ -150,20 +161,24 @@ def _tiled(fn, x: mx.array, tile: int, overlap: int, scale: float, align: int,
     # Host accumulators (float32): only one tile's activations live in MLX at a time.
     acc = np.zeros((b, out_h, out_w, out_channels), dtype=np.float32)
     total = np.zeros((out_h, out_w), dtype=np.float64)
-    tick, done = ticks(phase, len(ys) * len(xs)), 0
-    for y0, ay in zip(ys, wy):
-        for x0, ax in zip(xs, wx):
+    boxes = [(y0, x0, round(y0 * scale), round(x0 * scale), ay[:, None] * ax[None, :])
+             for y0, ay in zip(ys, wy) for x0, ax in zip(xs, wx)]
+    run = [needed is None or needed[oy : oy + wt.shape[0], ox : ox + wt.shape[1]].any()
+           for _, _, oy, ox, wt in boxes]
+    tick, done = ticks(phase, sum(run)), 0
+    for (y0, x0, oy, ox, weight), go in zip(boxes, run):
+        th, tw = weight.shape
+        if go:
             part = fn(x[:, y0 : y0 + tile, x0 : x0 + tile]).astype(mx.float32)
             mx.eval(part)
-            oy, ox = round(y0 * scale), round(x0 * scale)
-            weight = ay[:, None] * ax[None, :]
-            acc[:, oy : oy + part.shape[1], ox : ox + part.shape[2]] += (
-                np.array(part) * weight.astype(np.float32)[None, :, :, None]
-            )
-            total[oy : oy + part.shape[1], ox : ox + part.shape[2]] += weight
-            del part
+            part = np.array(part)
             done += 1
             tick(done)
+        else:  # a tile away from what is needed: the given pixels / values instead
+            part = fill[None, oy : oy + th, ox : ox + tw]
+        acc[:, oy : oy + th, ox : ox + tw] += part * weight.astype(np.float32)[None, :, :, None]
+        total[oy : oy + th, ox : ox + tw] += weight
+        del part
     # Normalise: exact partition of unity already, except where three tiles overlap.
     acc /= total.astype(np.float32)[None, :, :, None]
     return mx.array(acc)
@@ -182,14 +197,19 @@ def _tile_args(vae: AutoencoderKL, tile: int | None, overlap: int | None,
 
 
 def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int | None = None,
-                 overlap: int | None = None, blend: str = "cosine") -> mx.array:
+                 overlap: int | None = None, blend: str = "cosine",
+                 needed: np.ndarray | None = None, fill: np.ndarray | None = None
+                 ) -> mx.array:
     """Decode unscaled latents (B, h, w, C) to images (B, h*f, w*f, 3) through tiles.
 
     tile / overlap: in pixels, multiples of the VAE scale factor f (8); None: `default_tile`
     and a quarter of it. Returns float32 (`vae.decode`'s values up to the tile seams;
     identical when one tile covers the image). Peak MLX memory: one tile's decode; the
     float32 output and the blend weights accumulate on the host (16 B/px).
-    Raises ValueError for a bad tile/overlap/blend.
+    needed (H, W) bool, fill (H, W, 3) float32 in [-1, 1]: only the tiles that meet
+    `needed` are decoded, the others give `fill` (the source's pixels); every pixel that
+    only decoded tiles cover (e.g. `needed` shrunk by a tile's overlap) equals the full
+    decode's exactly. Raises ValueError for a bad tile/overlap/blend.
     """
     f = vae.config.scale_factor
     tile, overlap = _tile_args(vae, tile, overlap, True)
@@ -197,7 +217,7 @@ def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int | None = None,
         raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {f}")
     with scratch_bounded(vae):
         return _tiled(vae.decode, latents, tile // f, overlap // f, f, 1,
-                      vae.config.out_channels, blend, "vae_decode")
+                      vae.config.out_channels, blend, "vae_decode", needed, fill)
 
 
 def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
@@ -221,14 +241,17 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
 
 
 def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB,
-                threshold_gb: float | None = None) -> mx.array:
-    """`vae.decode`, or `decode_tiled` (largest tile within `budget_gb`) when the untiled
-    pass would need more than `threshold_gb` (None: `budget_gb`) of activations.
+                threshold_gb: float | None = None, needed: np.ndarray | None = None,
+                fill: np.ndarray | None = None) -> mx.array:
+    """`vae.decode`, or `decode_tiled` (largest tile within `budget_gb`; only the tiles
+    meeting `needed`, `fill` elsewhere) when the untiled pass would need more than
+    `threshold_gb` (None: `budget_gb`) of activations.
     (B, h, w, C) unscaled latents -> (B, h*f, w*f, 3); the untiled path keeps the VAE dtype."""
     f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
     if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, limit, config=cfg):
-        return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg))
+        return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg),
+                            needed=needed, fill=fill)
     with scratch_bounded(vae), layer_ticks(vae, "vae_decode"):
         return _evaluated(vae.decode(latents))
 

@@ -260,14 +260,15 @@ class ModelsMixin:
             raise InputError(f"{edit} needs a {want.title} model ({want.repo}"
                              f"{want.alternative}); {self.source} is {self.variant_info.title}")
 
-    def encode_image(self, pixels: np.ndarray) -> mx.array:
+    def encode_image(self, pixels: np.ndarray, needed: np.ndarray | None = None) -> mx.array:
         """(H, W, 3) in [-1, 1] -> scaled, packed latents (1, N, 64) (posterior mode).
 
         Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
-        stay within a few GB."""
+        stay within a few GB; needed (H/8, W/8) bool: only the tiles meeting it are
+        encoded (the others' latents are 0 before scaling: `tiling.encode_tiled`)."""
         cfg = self.vae.config
         z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
-                        threshold_gb=self.tile_threshold_gb)
+                        threshold_gb=self.tile_threshold_gb, needed=needed)
         return pack_latents(scale_latents(z, cfg.scaling_factor, cfg.shift_factor))
 
     def decode(self, latents: mx.array, width: int, height: int,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -55,7 +57,7 @@ from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_no
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, pack_latent_mask, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
-from mlx_edit.tiling import dilate
+from mlx_edit.tiling import TILE_SIDES, dilate
 from mlx_edit.weights import lora as lora_files
 
 # px around the blend that a decode must reproduce exactly: paste-back reads the blend,
@@ -170,13 +172,15 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         windows = large.job_windows(self, plan, o, large.keep_tokens(mask) if skip else None)
         stats, self.pending_stats = self.pending_stats, {}
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats)
+        needed = self._encode_region(image, blend, plan, windows)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
-            channels = self._channels(ctx, conditioning, pixels, mask)
+            encode = partial(self.encode_image, needed=needed)  # the canvas's encodes
+            channels = self._channels(replace(ctx, encode_image=encode), conditioning,
+                                      pixels, mask)
             tokens, token_ids = kontext_tokens(ctx, references, reference_resize) \
                 if references else (None, None)
-            image_latents = self.encode_image(pixels) \
-                if o.strength < 1.0 or keep_source else None
+            image_latents = encode(pixels) if o.strength < 1.0 or keep_source else None
             mx.eval(channels, tokens, image_latents)
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt, **self._metadata(o, plan, negative is not None, metadata),
@@ -344,6 +348,22 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             return None, None
         canvas, blend = crop_for_model(job.original, job.blend, job.plan, binarize=False)
         return dilate(blend > 0, DECODE_CONTEXT), to_array(canvas).astype(np.float32)
+
+    def _encode_region(self, image: Image.Image, blend: np.ndarray, plan: CropPlan,
+                       windows: large.Windows | None) -> np.ndarray | None:
+        """(h, w) bool latent pixels of the canvas that an encode must give exactly when
+        windows were skipped: the windows' tokens, and what the decode's tiles reach
+        (`_decode_region` grown by a decode tile); None (all) otherwise."""
+        if windows is None or windows.covered.all() or plan.resized:
+            return None
+        f = self.vae_config.scale_factor
+        _, canvas_blend = crop_for_model(image, blend, plan, binarize=False)
+        reach = dilate(canvas_blend > 0, DECODE_CONTEXT + max(TILE_SIDES))  # any decode tile
+        h, w = reach.shape
+        reach = reach.reshape(h // f, f, w // f, f).any(axis=(1, 3))
+        per_token = large.TOKEN_PX // f  # latent pixels per packed token side
+        covered = np.kron(windows.covered, np.ones((per_token, per_token), bool))
+        return reach | covered
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[..., None] | None = None) -> list[Image.Image]:

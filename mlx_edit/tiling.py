@@ -221,12 +221,15 @@ def decode_tiled(vae: AutoencoderKL, latents: mx.array, tile: int | None = None,
 
 
 def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
-                 overlap: int | None = None, blend: str = "cosine") -> mx.array:
+                 overlap: int | None = None, blend: str = "cosine",
+                 needed: np.ndarray | None = None) -> mx.array:
     """Posterior mean (B, H/f, W/f, latent_channels) of images (B, H, W, 3) in [-1, 1],
     encoded through overlapping tiles and blended in latent space. float32.
 
     H, W, tile and overlap must be multiples of f (8); tiles start on multiples of f so
     the latent grids line up. Raises ValueError otherwise.
+    needed (H/f, W/f) bool: only the tiles whose latents meet it are encoded, the others
+    give 0; latents that only encoded tiles cover equal the full pass's exactly.
     """
     f = vae.config.scale_factor
     tile, overlap = _tile_args(vae, tile, overlap, False)
@@ -236,8 +239,10 @@ def encode_tiled(vae: AutoencoderKL, images: mx.array, tile: int | None = None,
             f"image {h}x{w}, tile {tile} and overlap {overlap} must be multiples of {f}"
         )
     with scratch_bounded(vae):
+        zero = None if needed is None else np.zeros((h // f, w // f, vae.config.latent_channels),
+                                                    np.float32)
         return _tiled(vae.encode_mean, images, tile, overlap, 1 / f, f,
-                      vae.config.latent_channels, blend, "vae_encode")
+                      vae.config.latent_channels, blend, "vae_encode", needed, zero)
 
 
 def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_BUDGET_GB,
@@ -257,15 +262,18 @@ def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_B
 
 
 def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BUDGET_GB,
-                threshold_gb: float | None = None) -> mx.array:
-    """`vae.encode_mean`, or `encode_tiled` when the untiled pass would need more than
-    `threshold_gb` (None: `budget_gb`) and H, W are multiples of f.
+                threshold_gb: float | None = None, needed: np.ndarray | None = None
+                ) -> mx.array:
+    """`vae.encode_mean`, or `encode_tiled` (only the tiles meeting `needed`) when the
+    untiled pass would need more than `threshold_gb` (None: `budget_gb`) and H, W are
+    multiples of f.
     (B, H, W, 3) -> (B, H/f, W/f, latent_channels) posterior mean."""
     f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
     _, h, w, _ = images.shape
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
     if should_tile(h, w, size, limit, False, cfg) and h % f == 0 and w % f == 0:
-        return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg))
+        return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg),
+                            needed=needed)
     with scratch_bounded(vae), layer_ticks(vae, "vae_encode"):
         return _evaluated(vae.encode_mean(images))
 

@@ -119,3 +119,35 @@ def test_decode_runs_only_tiles_near_the_blend_and_the_result_is_unchanged(
     (ran, n), (all_ran, tiles) = skipped.last["vae_decode"], full.last["vae_decode"]
     assert ran == n and all_ran == tiles == 5 and 1 <= ran <= 2, (ran, tiles)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_encode_runs_only_tiles_the_windows_and_the_decode_need(pipe, monkeypatch):
+    """A windowed 1792x128 canvas (mask at the left) encoded and decoded in small VAE
+    tiles: the encode skips the tiles beyond the kept windows and the decode's reach, the decode
+    those beyond 64 px of the blend, and the output equals the run that encodes and
+    decodes every tile, bit for bit."""
+    from functools import partial
+
+    from mlx_edit import tiling
+
+    img = photo(1792, 128)
+    m = np.zeros((128, 1792), np.float32)
+    m[16:80, 16:96] = 1
+    kw = dict(tile_mode="on", max_model_pixels=256 * 256, tile_overlap=32,
+              crop_to_mask=False, **FAST)
+    monkeypatch.setattr(pipe, "tile_threshold_gb", 0.0)
+    for name in ("encode_auto", "decode_auto"):  # 256 px tiles
+        monkeypatch.setattr(f"mlx_edit.components.{name}",
+                            partial(getattr(tiling, name), budget_gb=0.12))
+    runs = {}
+    for name in ("skipping", "every tile"):
+        if name == "every tile":
+            monkeypatch.setattr(FluxFill, "_decode_region", staticmethod(lambda job: (None, None)))
+            monkeypatch.setattr(FluxFill, "_encode_region", lambda *a: None)
+        counter = Counter()
+        with reporting(counter):
+            runs[name] = np.asarray(pipe.inpaint(img, m, "x", **kw)[0])
+        runs[name + " tiles"] = (counter.last["vae_encode"][1], counter.last["vae_decode"][1])
+    (enc, dec), (all_enc, all_dec) = runs["skipping tiles"], runs["every tile tiles"]
+    assert 1 <= enc < all_enc and 1 <= dec < all_dec, runs
+    np.testing.assert_array_equal(runs["skipping"], runs["every tile"])

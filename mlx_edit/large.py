@@ -8,7 +8,11 @@ window is larger than `max_model_pixels` it would be shrunk for the model. With 
 per step) the plan keeps the window at its own resolution (`tiled_plan`) and the
 denoise loop evaluates overlapping windows of the budget's size (`windows_for`). The
 schedule's shift follows the window's token count (what the model sees per evaluation).
-Paste-back, colour match and the tiled VAE passes are unchanged.
+Windows holding no mask token are skipped (their tokens end as the canvas's latents:
+`fill_uncovered`), and the tiled VAE passes run only the tiles the kept windows and the
+paste-back read (pipeline `_encode_region` / `_decode_region`). A mask small enough to
+fit one budget-size window with 64 px of context is edited in that one window at full
+resolution (`edit_plan`).
 """
 
 from __future__ import annotations

@@ -132,3 +132,20 @@ def test_cli_reports_every_phase_and_the_total(tmp_path, tiny_mlx):
         assert f"{phase}:" in r.output, phase
     last = r.output.strip().splitlines()[-1]
     assert "vae-enc" in last and "paste" in last and "= total" in last
+
+
+def test_a_bar_without_events_is_redrawn():
+    """A long phase with no event (a model load, a big VAE layer) is redrawn by the
+    heartbeat thread, so its line keeps showing the phase and its elapsed time."""
+    import io
+    import time
+
+    out = io.StringIO()
+    bars = PhaseBars(file=out, heartbeat=0.05)
+    bars(0, 0, phase="load_transformer")
+    drawn = out.getvalue().count("load_transformer")
+    end = time.time() + 30  # a bound, not a timing: the redraw normally comes in 0.05 s
+    while out.getvalue().count("load_transformer") == drawn and time.time() < end:
+        time.sleep(0.05)
+    bars.close()
+    assert out.getvalue().count("load_transformer") > drawn

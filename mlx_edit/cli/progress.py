@@ -4,6 +4,7 @@ the phase line that accounts for the command's wall time."""
 from __future__ import annotations
 
 import sys
+import threading
 
 from mlx_edit.cli.cache import cache_summary
 from mlx_edit.progress import PHASE_KEYS, phase_seconds
@@ -16,18 +17,36 @@ LABELS = {"load_s": "load", "load_transformer_s": "load-transformer", "load_vae_
           "write_s": "write"}
 
 
+HEARTBEAT_S = 5.0  # a bar not updated for this long is redrawn (its elapsed time moves)
+
+
 class PhaseBars:
     """A progress callback (`wants_phases`) drawing a tqdm bar per phase on stderr: a new
     bar when the phase changes or its count restarts; phases without counts show their
-    elapsed time. `close()` ends the last bar (before any error line)."""
+    elapsed time. A bar that got no event for `heartbeat` s is redrawn from a thread (a
+    long VAE layer or model load still shows its phase and elapsed time). `close()` ends
+    the last bar and the thread (before any error line)."""
 
     wants_phases = True
 
-    def __init__(self, file=None):
+    def __init__(self, file=None, heartbeat: float | None = HEARTBEAT_S):
         self.file = file or sys.stderr
         self.bar, self.phase = None, None
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        if heartbeat:
+            threading.Thread(target=self._beat, args=(heartbeat,), daemon=True).start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                if self.bar is not None and self.bar.last_print_t + every <= self.bar._time():
+                    self.bar.refresh()
 
     def __call__(self, done: int, total: int, phase: str = "denoise") -> None:
+        with self._lock:
+            self._event(done, total, phase)
+
+    def _event(self, done: int, total: int, phase: str) -> None:
         bar = self.bar
         if bar is not None and phase == self.phase and bar.n == 0 and total != (bar.total or 0):
             bar.total, bar.bar_format = total or None, None  # the phase's count is known now
@@ -38,7 +57,7 @@ class PhaseBars:
     def _open(self, phase: str, total: int):
         from tqdm import tqdm
 
-        self.close()
+        self._close_bar()
         unit = UNITS.get(phase.rsplit(" ", 1)[-1], "it")
         self.bar = tqdm(total=total or None, desc=phase, unit=unit, file=self.file,
                         bar_format=None if total else "{desc}: {elapsed}")
@@ -46,6 +65,11 @@ class PhaseBars:
         return self.bar
 
     def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

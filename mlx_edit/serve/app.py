@@ -4,7 +4,7 @@
     POST   /v1/edits                 multipart (image, mask | points/box, prompt, mode,
                                      options JSON, priority) or JSON (base64 images)
                                      -> 202 {"id", "state"}
-    GET    /v1/jobs/{id}             state, step/total, timings, error
+    GET    /v1/jobs/{id}             state, phase, step/total, timings, error
     GET    /v1/jobs/{id}/events      server-sent events: queued, running, phase (model
                                      load, segment, text encode, VAE tiles...: name,
                                      done, total), step (with a JPEG preview every

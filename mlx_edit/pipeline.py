@@ -316,8 +316,8 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         Each returned image carries its metadata in `.info` (str values).
         """
         w, h = job.plan.model_size
-        needed, fill = self._decode_region(job) if paste_back else (None, None)
         with self.components.using("vae", job.stats), Phase(job.stats, "vae_decode"):
+            needed, fill = self._decode_region(job) if paste_back else (None, None)
             images = []
             for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
                 px = self.decode(job.latents[b : b + 1], w, h, needed, fill)

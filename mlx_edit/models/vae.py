@@ -223,10 +223,10 @@ class MidBlock(nn.Module):
         self.attentions = [Attention(channels, groups)] if add_attention else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.resnets[0](x)
+        x = _after_layer(self, self.resnets[0](x))
         for attn in self.attentions:
-            x = attn(x)
-        return self.resnets[1](x)
+            x = _after_layer(self, attn(x))
+        return _after_layer(self, self.resnets[1](x))
 
 
 class DownBlock(nn.Module):
@@ -376,16 +376,22 @@ class AutoencoderKL(nn.Module):
 
     @contextmanager
     def layer_callback(self, fn) -> Iterator[tuple[int, int]]:
-        """Within this context `fn(x)` is called with the output of every resnet and
-        resampler of the encoder's down blocks and the decoder's up blocks (progress:
+        """Within this context `fn(x)` is called with the output of every resnet,
+        attention and resampler of the encoder's and decoder's blocks (progress:
         mlx_edit.tiling evaluates x there and reports). Yields the number of such layers
         in one (encode, decode)."""
-        blocks = [m for _, m in self.named_modules() if isinstance(m, (DownBlock, UpBlock))]
+        blocks = [m for _, m in self.named_modules()
+                  if isinstance(m, (DownBlock, UpBlock, MidBlock))]
         for block in blocks:
             block.after_layer = fn
+
+        def mid(b: MidBlock) -> int:
+            return len(b.resnets) + len(b.attentions)
         try:
-            yield (sum(len(b.resnets) + len(b.downsamplers) for b in self.encoder.down_blocks),
-                   sum(len(b.resnets) + len(b.upsamplers) for b in self.decoder.up_blocks))
+            yield (sum(len(b.resnets) + len(b.downsamplers) for b in self.encoder.down_blocks)
+                   + mid(self.encoder.mid_block),
+                   sum(len(b.resnets) + len(b.upsamplers) for b in self.decoder.up_blocks)
+                   + mid(self.decoder.mid_block))
         finally:
             for block in blocks:
                 block.after_layer = None

@@ -57,7 +57,7 @@ from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_no
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, pack_latent_mask, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
-from mlx_edit.tiling import TILE_SIDES, dilate
+from mlx_edit.tiling import decode_reach, dilate
 from mlx_edit.weights import lora as lora_files
 
 # px around the blend that a decode must reproduce exactly: paste-back reads the blend,
@@ -352,13 +352,15 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
     def _encode_region(self, image: Image.Image, blend: np.ndarray, plan: CropPlan,
                        windows: large.Windows | None) -> np.ndarray | None:
         """(h, w) bool latent pixels of the canvas that an encode must give exactly when
-        windows were skipped: the windows' tokens, and what the decode's tiles reach
-        (`_decode_region` grown by a decode tile); None (all) otherwise."""
+        windows were skipped: the windows' tokens, and the tiles the decode will run
+        (`tiling.decode_reach` of `_decode_region`); None (all) otherwise."""
         if windows is None or windows.covered.all() or plan.resized:
             return None
-        f = self.vae_config.scale_factor
+        cfg = self.vae_config
+        f = cfg.scale_factor
         _, canvas_blend = crop_for_model(image, blend, plan, binarize=False)
-        reach = dilate(canvas_blend > 0, DECODE_CONTEXT + max(TILE_SIDES))  # any decode tile
+        reach = decode_reach(dilate(canvas_blend > 0, DECODE_CONTEXT), cfg, self.dtype.size,
+                             self.tile_threshold_gb)  # the decode's tiles
         h, w = reach.shape
         reach = reach.reshape(h // f, f, w // f, f).any(axis=(1, 3))
         per_token = large.TOKEN_PX // f  # latent pixels per packed token side

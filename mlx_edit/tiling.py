@@ -49,6 +49,9 @@ ENCODE_BYTES_PER_PX = {"cpu": 1_400.0, "gpu": 3_400.0}
 BAND_BYTES = 64 * 2**20  # CPU: largest im2col / attention-score scratch of one op
 TILE_BUDGET_GB = 3.0  # activations of one VAE pass, tiled or not (issue 7: 4096^2 < 3 GB)
 TILE_SIDES = (1024, 768, 512, 384, 256, 192, 128)
+# a pass that fits whole still runs in tiles when this share of them can be skipped (the
+# region outside `needed`: tiles differ from the whole pass by their GroupNorm statistics)
+SKIP_SHARE = 0.25
 BLENDS = ("cosine", "linear")
 
 
@@ -250,13 +253,15 @@ def decode_auto(vae: AutoencoderKL, latents: mx.array, budget_gb: float = TILE_B
                 fill: np.ndarray | None = None) -> mx.array:
     """`vae.decode`, or `decode_tiled` (largest tile within `budget_gb`; only the tiles
     meeting `needed`, `fill` elsewhere) when the untiled pass would need more than
-    `threshold_gb` (None: `budget_gb`) of activations.
+    `threshold_gb` (None: `budget_gb`) of activations or when SKIP_SHARE of the tiles
+    would miss `needed` (then skipping them beats the whole pass).
     (B, h, w, C) unscaled latents -> (B, h*f, w*f, 3); the untiled path keeps the VAE dtype."""
     f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
-    if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, limit, config=cfg):
-        return decode_tiled(vae, latents, default_tile(size, budget_gb, config=cfg),
-                            needed=needed, fill=fill)
+    tile = default_tile(size, budget_gb, config=cfg)
+    if should_tile(latents.shape[1] * f, latents.shape[2] * f, size, limit, config=cfg) \
+            or skipped_share(needed, tile // f, f) >= SKIP_SHARE:
+        return decode_tiled(vae, latents, tile, needed=needed, fill=fill)
     with scratch_bounded(vae), layer_ticks(vae, "vae_decode"):
         return _evaluated(vae.decode(latents))
 
@@ -265,17 +270,52 @@ def encode_auto(vae: AutoencoderKL, images: mx.array, budget_gb: float = TILE_BU
                 threshold_gb: float | None = None, needed: np.ndarray | None = None
                 ) -> mx.array:
     """`vae.encode_mean`, or `encode_tiled` (only the tiles meeting `needed`) when the
-    untiled pass would need more than `threshold_gb` (None: `budget_gb`) and H, W are
-    multiples of f.
+    untiled pass would need more than `threshold_gb` (None: `budget_gb`) or SKIP_SHARE
+    of the tiles would miss `needed`, and H, W are multiples of f.
     (B, H, W, 3) -> (B, H/f, W/f, latent_channels) posterior mean."""
     f, size, cfg = vae.config.scale_factor, vae.dtype.size, vae.config
     _, h, w, _ = images.shape
     limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
-    if should_tile(h, w, size, limit, False, cfg) and h % f == 0 and w % f == 0:
-        return encode_tiled(vae, images, default_tile(size, budget_gb, False, cfg),
-                            needed=needed)
+    tile = default_tile(size, budget_gb, False, cfg)
+    if (should_tile(h, w, size, limit, False, cfg) or skipped_share(needed, tile // f, 1)
+            >= SKIP_SHARE) and h % f == 0 and w % f == 0:
+        return encode_tiled(vae, images, tile, needed=needed)
     with scratch_bounded(vae), layer_ticks(vae, "vae_encode"):
         return _evaluated(vae.encode_mean(images))
+
+
+def skipped_share(needed: np.ndarray | None, tile: int, scale: int) -> float:
+    """The share of the tiles of a tiled pass (`tile` input cells, a quarter overlap,
+    outputs `scale` times larger) whose output misses `needed` (its output grid); 0 for
+    None."""
+    if needed is None:
+        return 0.0
+    out_tile, (h, w) = tile * scale, needed.shape
+    if h * w == 0 or (h <= out_tile and w <= out_tile):
+        return 0.0
+    ys, xs = (tile_starts(n, out_tile, out_tile // 4) for n in (h, w))
+    missed = [not needed[y : y + out_tile, x : x + out_tile].any() for y in ys for x in xs]
+    return sum(missed) / len(missed)
+
+
+def decode_reach(needed: np.ndarray, config: VAEConfig, dtype_size: int,
+                 threshold_gb: float | None, budget_gb: float = TILE_BUDGET_GB
+                 ) -> np.ndarray:
+    """(H, W) bool: the pixels whose latents `decode_auto(needed=needed)` reads: the
+    tiles it decodes (a tiled pass), or everything (a whole pass)."""
+    h, w = needed.shape
+    tile = default_tile(dtype_size, budget_gb, config=config)
+    limit = budget_gb if threshold_gb is None else max(threshold_gb, budget_gb)
+    if not (should_tile(h, w, dtype_size, limit, config=config)
+            or skipped_share(needed, tile // config.scale_factor, config.scale_factor)
+            >= SKIP_SHARE):
+        return np.ones_like(needed, bool)
+    reach = np.zeros_like(needed, bool)
+    for y in tile_starts(h, tile, tile // 4):
+        for x in tile_starts(w, tile, tile // 4):
+            if needed[y : y + tile, x : x + tile].any():
+                reach[y : y + tile, x : x + tile] = True
+    return reach
 
 
 def _evaluated(x: mx.array) -> mx.array:

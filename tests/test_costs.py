@@ -151,3 +151,27 @@ def test_encode_runs_only_tiles_the_windows_and_the_decode_need(pipe, monkeypatc
     (enc, dec), (all_enc, all_dec) = runs["skipping tiles"], runs["every tile tiles"]
     assert 1 <= enc < all_enc and 1 <= dec < all_dec, runs
     np.testing.assert_array_equal(runs["skipping"], runs["every tile"])
+
+
+def test_a_pass_that_fits_whole_runs_in_tiles_when_a_quarter_can_be_skipped(pipe):
+    """decode_auto: a 1536x512 decode fits whole, but with only its left end needed it
+    runs the tiles meeting that end (the rest: `fill`), and the needed pixels equal the
+    full tiled decode's."""
+    import mlx.core as mx
+
+    from mlx_edit import tiling
+
+    z = mx.random.normal((1, 64, 192, pipe.vae_config.latent_channels), key=mx.random.key(1))
+    needed = np.zeros((512, 1536), bool)
+    needed[:, :200] = True
+    fill = np.zeros((512, 1536, 3), np.float32)
+    assert tiling.skipped_share(needed, 512 // 8, 8) >= tiling.SKIP_SHARE
+    counter = Counter()
+    with reporting(counter):
+        got = np.array(tiling.decode_auto(pipe.vae, z, threshold_gb=100.0, needed=needed,
+                                          fill=fill))
+    done, total = counter.last["vae_decode"]
+    assert done == total and total >= 1  # the tiles meeting the left end only
+    full = np.array(tiling.decode_tiled(pipe.vae, z, tiling.default_tile(4, config=pipe.vae_config)))
+    np.testing.assert_array_equal(got[0][needed], full[0][needed])
+    assert tiling.skipped_share(None, 64, 8) == 0.0

@@ -105,7 +105,7 @@ def test_phase_bars_open_one_bar_per_phase(capsys):
     import io
 
     out = io.StringIO()
-    bars = PhaseBars(file=out)
+    bars = PhaseBars(file=out, delay=0)
     for event in [(0, 0, "load"), (0, 0, "vae_encode"), (0, 3, "vae_encode"),
                   (1, 3, "vae_encode"), (3, 3, "vae_encode"), (0, 4, "denoise"),
                   (4, 4, "denoise"), (0, 2, "vae_encode"), (2, 2, "vae_encode")]:
@@ -117,7 +117,10 @@ def test_phase_bars_open_one_bar_per_phase(capsys):
     assert opened.total == 2  # a restarted count is a new bar
 
 
-def test_cli_reports_every_phase_and_the_total(tmp_path, tiny_mlx):
+def test_cli_reports_every_phase_and_the_total(tmp_path, tiny_mlx, monkeypatch):
+    import mlx_edit.cli.progress
+
+    monkeypatch.setattr(mlx_edit.cli.progress, "BAR_DELAY_S", 0)  # the tiny phases are quick
     img, mask = tmp_path / "p.png", tmp_path / "m.png"
     photo(96, 64).save(img)
     m = np.zeros((64, 96), np.uint8)
@@ -141,7 +144,7 @@ def test_a_bar_without_events_is_redrawn():
     import time
 
     out = io.StringIO()
-    bars = PhaseBars(file=out, heartbeat=0.05)
+    bars = PhaseBars(file=out, heartbeat=0.05, delay=0)
     bars(0, 0, phase="load_transformer")
     drawn = out.getvalue().count("load_transformer")
     end = time.time() + 30  # a bound, not a timing: the redraw normally comes in 0.05 s

@@ -18,19 +18,25 @@ LABELS = {"load_s": "load", "load_transformer_s": "load-transformer", "load_vae_
 
 
 HEARTBEAT_S = 5.0  # a bar not updated for this long is redrawn (its elapsed time moves)
+# a bar shows once its phase has lasted this long: quick phases (and a bad input found
+# while loading, which ends in one error line) print no bar; the phase line sums them all
+BAR_DELAY_S = 1.0
 
 
 class PhaseBars:
     """A progress callback (`wants_phases`) drawing a tqdm bar per phase on stderr: a new
     bar when the phase changes or its count restarts; phases without counts show their
     elapsed time. A bar that got no event for `heartbeat` s is redrawn from a thread (a
-    long VAE layer or model load still shows its phase and elapsed time). `close()` ends
-    the last bar and the thread (before any error line)."""
+    long VAE layer or model load still shows its phase and elapsed time); a bar shows
+    after `delay` s (default BAR_DELAY_S). `close()` ends the last bar and the thread
+    (before any error line)."""
 
     wants_phases = True
 
-    def __init__(self, file=None, heartbeat: float | None = HEARTBEAT_S):
+    def __init__(self, file=None, heartbeat: float | None = HEARTBEAT_S,
+                 delay: float | None = None):
         self.file = file or sys.stderr
+        self.delay = BAR_DELAY_S if delay is None else delay
         self.bar, self.phase = None, None
         self._lock, self._stop = threading.Lock(), threading.Event()
         if heartbeat:
@@ -60,7 +66,7 @@ class PhaseBars:
         self._close_bar()
         unit = UNITS.get(phase.rsplit(" ", 1)[-1], "it")
         self.bar = tqdm(total=total or None, desc=phase, unit=unit, file=self.file,
-                        bar_format=None if total else "{desc}: {elapsed}")
+                        bar_format=None if total else "{desc}: {elapsed}", delay=self.delay)
         self.phase = phase
         return self.bar
 

@@ -217,7 +217,8 @@ def test_variant_checks(pipe, ckpt, photo, tmp_path):
     (tmp_path / "dev" / "model_index.json").unlink()  # refused (dev: test_lora_control.py)
     (tmp_path / "dev" / "model_index.json").write_text(
         json.dumps(dict(index, _class_name="FluxKontextPipeline")))
-    with pytest.raises(WeightLoadError, match="in_channels 64.*in_channels 384 or 128"):
+    with pytest.raises(WeightLoadError, match=r"Kontext transformer \(in_channels 64\); "
+                                            "inpaint/outpaint needs a FLUX.1 Fill model"):
         FluxFill.from_pretrained(tmp_path / "dev", mx.float32)
     bfl = load_transformer(ckpt / "control-model" / "flux1-canny-dev.safetensors", mx.float32,
                            expect_in_channels=128, config={"axes_dims_rope": [4, 4, 8]})

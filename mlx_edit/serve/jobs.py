@@ -272,6 +272,7 @@ class JobRunner:
         """Record the end of `job` (lock held) and evict the oldest finished jobs."""
         job.state, job.finished = state, time.time()
         job.request.image = job.request.mask = None  # inputs are not kept, only results
+        job.request.references = []
         job.stats = {"queued_s": (job.started or job.finished) - job.created,
                      "run_s": job.finished - (job.started or job.finished), **job.stats}
         job.emit(state, **({"error": job.error} if job.error else {}),

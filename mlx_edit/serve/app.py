@@ -396,32 +396,33 @@ def page():
 
 def _docs(app: FastAPI) -> None:
     """`/openapi.json` with every request schema (serve/schema.py) and `/docs`: Swagger UI
-    from the swagger-ui-bundle package's files (no CDN: it works offline), or, without
-    that package, a page pointing to /openapi.json."""
+    from the files the fastapi-offline package ships (no CDN: it works offline), or,
+    without that package, a page pointing to /openapi.json."""
     def openapi():
         if app.openapi_schema is None:
             app.openapi_schema = add_components(get_openapi(
                 title=app.title, version=app.version, routes=app.routes))
         return app.openapi_schema
     app.openapi = openapi
-    try:
-        from swagger_ui_bundle import swagger_ui_path
+    try:  # Swagger UI 5 (OpenAPI 3.1), its files packaged by fastapi-offline
+        import fastapi_offline
+        assets = Path(fastapi_offline.__file__).parent / "static"
     except ImportError:
-        swagger_ui_path = None
-    if swagger_ui_path is not None:
-        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), "docs-assets")
+        assets = None
+    if assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=str(assets)), "docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs():
-        if swagger_ui_path is None:
+        if assets is None:
             return HTMLResponse('<p>The API is described in <a href="/openapi.json">'
-                                "/openapi.json</a> (pip install swagger-ui-bundle for a "
+                                "/openapi.json</a> (pip install fastapi-offline for a "
                                 "browsable page here).</p>")
         return get_swagger_ui_html(
             openapi_url="/openapi.json", title="mlx-edit API",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_favicon_url="/docs-assets/favicon.png",
             swagger_ui_parameters={"validatorUrl": None})
 
 

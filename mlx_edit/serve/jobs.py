@@ -33,6 +33,7 @@ from mlx_edit.imaging.images import png_writer
 from mlx_edit.serve.uploads import EditRequest
 
 FINISHED = ("done", "failed", "cancelled")
+BAD_INPUT = ("InputError", "EmptyMaskError")  # a failed job's error_type: the request's fault
 log = logging.getLogger("mlx_edit.serve")
 
 
@@ -68,6 +69,7 @@ class Job:
     step: int = 0
     total: int = 0
     error: str | None = None
+    error_type: str | None = None  # the failure's exception class name
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -248,8 +250,8 @@ class JobRunner:
             except Cancelled:
                 state = "cancelled"
             except Exception as e:  # any failure is the job's, never the worker's
-                if type(e).__name__ not in ("InputError", "EmptyMaskError",
-                                            "WeightLoadError"):
+                job.error_type = type(e).__name__
+                if job.error_type not in BAD_INPUT + ("WeightLoadError",):
                     log.exception("job %s failed", job.id)
                 job.error, state = " ".join(str(e).split()) or type(e).__name__, "failed"
             with self._lock:

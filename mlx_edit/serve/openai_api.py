@@ -37,7 +37,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from mlx_edit.imaging.images import InputError, load_image
-from mlx_edit.serve.jobs import FINISHED, Job
+from mlx_edit.serve.jobs import BAD_INPUT, FINISHED, Job
 from mlx_edit.serve.schema import (
     OPENAI_IGNORED,
     ImagesEditForm,
@@ -132,6 +132,16 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
     return w, h
 
 
+def _output_size(size: tuple[int, int] | None) -> dict:
+    """width/height options of an instruction model's output (multiples of 16 px)."""
+    if size is None:
+        return {}
+    if size[0] % 16 or size[1] % 16:
+        raise InputError(f"size must be multiples of 16 px for this model, got "
+                         f"{size[0]}x{size[1]}")
+    return {"width": size[0], "height": size[1]}
+
+
 def _count(fields: dict) -> int:
     try:
         return int(fields.get("n", 1))
@@ -201,7 +211,10 @@ def build_edit(fields: dict, files: dict, state) -> EditRequest:
         raise InputError(f"model {served.name} takes one image; several (references) "
                          "need an instruction model")
     size = parse_size(fields.get("size"))
-    extra = {"keep_size": True} if served.mode == "edit" else {}
+    if served.mode == "edit":  # the model's own output size, or keep the input's
+        extra, size = _output_size(size) or {"keep_size": True}, None
+    else:  # Fill keeps its input's size: the inputs are resized
+        extra = {}
     form = {"mode": served.mode, "prompt": fields.get("prompt"),
             "options": _raw_options(fields, extra)}
     request = build_request(form, {"image": images[0], **({"mask": mask} if mask else {})},
@@ -222,11 +235,7 @@ def build_generation(fields: dict, state) -> EditRequest:
                             f"none here does (a FLUX.2 [klein] folder as --kontext-model "
                             f"does; {', '.join(TEXT_TO_IMAGE)})"))
     prompt = request_prompt(fields)
-    size = parse_size(fields.get("size"))
-    if size is not None and (size[0] % 16 or size[1] % 16):
-        raise InputError(f"size must be multiples of 16 px to generate, got "
-                         f"{size[0]}x{size[1]}")
-    extra = {"width": size[0], "height": size[1]} if size else {}
+    extra = _output_size(parse_size(fields.get("size")))
     options = _options({"options": _raw_options(fields, extra)}, "edit", state.config,
                        served.variant)
     return EditRequest("edit", served.kind, prompt, None, None, options)
@@ -244,7 +253,8 @@ async def _answer(request: Request, fields: dict, edit: EditRequest) -> JSONResp
     while job.state not in FINISHED:
         await asyncio.sleep(POLL_S)
     if job.state != "done":
-        return JSONResponse(error_body(500, f"the edit {job.state}: {job.error}"), 500)
+        status = 400 if job.error_type in BAD_INPUT else 500
+        return JSONResponse(error_body(status, f"the edit {job.state}: {job.error}"), status)
     if fields.get("response_format") == "url":
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/v1/jobs/{job.id}/images/{k}"} for k in range(len(job.images))]

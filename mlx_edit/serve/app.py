@@ -11,13 +11,19 @@
     POST   /v1/masks                 image + points/labels/box -> the segmenter's mask PNG
     GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
     DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
+    POST   /v1/images/edits, /v1/images/generations, GET /v1/models
+                                     the OpenAI Images API (serve/openai_api.py)
     GET    /v1/health                models loaded, queue length (no token needed)
     GET    /                         the web page (static/index.html)
+    GET    /docs, /openapi.json      the API's schema (serve/schema.py), Swagger UI from
+                                     local files (no CDN)
 
-Errors are JSON {"error": message}: 400 bad input (InputError), 401 missing/wrong token,
-403 another web site (Origin) or, without a token, a non-local Host, 404 unknown job or
-image, 409 wrong state, 413 too large, 422 JSON nested too deep or too long
-(uploads.parse_json), 429 queue full, 500 a bug (still JSON).
+Errors are JSON {"error": message} (OpenAI's error object on its routes): 400 bad input
+(InputError), 401 missing/wrong token, 403 another web site (Origin) or, without a
+token, a non-local Host, 404 unknown job, image or model, 409 wrong state, 413 too
+large, 422 a field the endpoint does not declare (top-level or in options) or JSON
+nested too deep or too long (uploads.parse_json), 429 queue full, 500 a bug (still
+JSON).
 """
 
 from __future__ import annotations

@@ -50,9 +50,9 @@ class EditForm(BaseModel):
     mask base64)."""
 
     model_config = STRICT
-    image: str = Field(description="The photo (PNG, JPEG or WebP): a file, or base64 "
+    image: bytes = Field(description="The photo (PNG, JPEG or WebP): a file, or base64 "
                                    "in a JSON body.")
-    mask: str | None = Field(None, description="White = repaint (a file, or base64).")
+    mask: bytes | None = Field(None, description="White = repaint (a file, or base64).")
     prompt: str = Field(description="What to paint, or the instruction (edit mode).")
     mode: Literal["inpaint", "outpaint", "edit"] = "inpaint"
     options: str | dict | None = Field(None, description=OPTIONS_HELP)
@@ -68,7 +68,7 @@ class MaskForm(BaseModel):
     """`POST /v1/masks`: an image and clicks or a box."""
 
     model_config = STRICT
-    image: str = Field(description="The photo: a file, or base64 in a JSON body.")
+    image: bytes = Field(description="The photo: a file, or base64 in a JSON body.")
     points: str | list | None = None
     labels: str | list | None = None
     box: str | list | None = None

@@ -31,7 +31,7 @@ from mlx_edit import families, variants
 from mlx_edit.imaging.images import InputError
 from mlx_edit.memory import MemoryEstimate, estimate, tile_threshold_gb
 from mlx_edit.sampling.cache import CacheConfig
-from mlx_edit.sampling.denoise import Phase
+from mlx_edit.progress import Phase, report
 from mlx_edit.tiling import decode_auto, encode_auto
 from mlx_edit.weights import lora as lora_files
 from mlx_edit.weights.core import WeightLoadError, check_headers, default_dtype, read_config
@@ -86,8 +86,10 @@ class Components:
         """The model `name`, loaded now if it is not resident (KeyError: unknown name;
         the loader's errors, e.g. WeightLoadError, pass through)."""
         if name not in self._loaded:
+            report(f"load_{name}", 0, 1)
             self._loaded[name] = self._loaders[name]()
             self.history.append(("load", name))
+            report(f"load_{name}", 1, 1)
         return self._loaded[name]
 
     def release(self, *names: str) -> None:
@@ -284,21 +286,26 @@ class ModelsMixin:
             raise InputError(f"{edit} needs a {want.title} model ({want.repo}"
                              f"{want.alternative}); {self.source} is {self.variant_info.title}")
 
-    def encode_image(self, pixels: np.ndarray) -> mx.array:
+    def encode_image(self, pixels: np.ndarray, needed: np.ndarray | None = None) -> mx.array:
         """(H, W, 3) in [-1, 1] -> normalised, packed latents (1, N, C) (posterior mode;
         C = 64 for FLUX.1: scale/shift, 128 for FLUX.2: batch-norm statistics; the
         family's `to_tokens`).
 
         Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
-        stay within a few GB."""
+        stay within a few GB; needed (H/8, W/8) bool: only the tiles meeting it are
+        encoded (the others' latents are 0 before normalising: `tiling.encode_tiled`)."""
         z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
-                        threshold_gb=self.tile_threshold_gb)
+                        threshold_gb=self.tile_threshold_gb, needed=needed)
         return self.family.to_tokens(self.vae, z)
 
-    def decode(self, latents: mx.array, width: int, height: int) -> mx.array:
-        """Packed latents (B, N, C) -> images (B, H, W, 3) in [-1, 1] (float32)."""
+    def decode(self, latents: mx.array, width: int, height: int,
+               needed: np.ndarray | None = None, fill: np.ndarray | None = None) -> mx.array:
+        """Packed latents (B, N, C) -> images (B, H, W, 3) in [-1, 1] (float32). needed
+        (H, W) bool / fill (H, W, 3): a tiled decode runs only the tiles meeting `needed`
+        and takes `fill` elsewhere (mlx_edit.tiling.decode_tiled)."""
         z = self.family.from_tokens(self.vae, latents, width, height)
-        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb).astype(mx.float32)
+        return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb, needed=needed,
+                           fill=fill).astype(mx.float32)
 
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
                         cache: CacheConfig | None = None, segmenter=None, windows=None,

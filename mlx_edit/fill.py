@@ -23,6 +23,7 @@ from mlx_edit.imaging.images import InputError, load_image, load_mask
 from mlx_edit.imaging.stitch import outpaint_canvas
 from mlx_edit.options import EditOptions, check_canvas, check_prompt, check_used
 from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.progress import Phase, add_run, labelled, reports_progress
 from mlx_edit.sampling.denoise import EditJob
 
 SEAM_STRENGTH = 0.3  # strength of the seam-repair pass (low: redraw the seam, keep content)
@@ -34,6 +35,7 @@ class FluxFill(FluxPipeline):
 
     VARIANTS = ("fill", "control", "dev")  # dev: with a BFL control LoRA it is "control"
 
+    @reports_progress
     def inpaint(self, image, mask, prompt: str, options: EditOptions | None = None, *,
                 progress: Callable[[int, int], None] | None = None,
                 **overrides) -> list[Image.Image]:
@@ -77,9 +79,10 @@ class FluxFill(FluxPipeline):
         if o.rank:
             from mlx_edit.ranking import rank_candidates
 
-            images = rank_candidates(images, prompt, job.blend, keep_best=o.keep_best,
-                                     rank_model=o.rank_model, model_root=self.root,
-                                     dtype=self.dtype)
+            with Phase(self.last_stats, "rank"):
+                images = rank_candidates(images, prompt, job.blend, keep_best=o.keep_best,
+                                         rank_model=o.rank_model, model_root=self.root,
+                                         dtype=self.dtype)
         return images
 
     def inpaint_job(self, image, mask, prompt: str, options: EditOptions | None = None,
@@ -119,12 +122,16 @@ class FluxFill(FluxPipeline):
                                    crop_to_mask=o.crop_to_mask, prompt_2=o.prompt_2,
                                    max_sequence_length=o.max_sequence_length, seed=seed,
                                    strength=SEAM_STRENGTH)
-        job = self.prepare(image, band, weights, prompt, seam, metadata=dict(image.info))
-        job.paste = paste
-        out = self.run(job, True)[0]
+        before = self.last_stats
+        with labelled("seam"):
+            job = self.prepare(image, band, weights, prompt, seam, metadata=dict(image.info))
+            job.paste = paste
+            out = self.run(job, True)[0]
+        add_run(self, before)
         out.info.update({k: v for k, v in image.info.items()})  # the first pass's values
         return out
 
+    @reports_progress
     def outpaint(self, image, prompt: str, options: EditOptions | None = None, *,
                  progress: Callable[[int, int], None] | None = None,
                  **overrides) -> list[Image.Image]:
@@ -164,6 +171,7 @@ class FluxFill(FluxPipeline):
             "mode": "outpaint", "expand": [o.left, o.right, o.top, o.bottom],
             "overlap": o.overlap}, inner=(o.left, o.top, o.left + w, o.top + h))
 
+    @reports_progress
     def restyle(self, image, control_image, prompt: str, options: EditOptions | None = None,
                 *, mask=None, progress: Callable[[int, int], None] | None = None,
                 **overrides) -> list[Image.Image]:

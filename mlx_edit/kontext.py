@@ -19,6 +19,7 @@ from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.options import EditOptions, check_prompt, check_used
 from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.progress import reports_progress
 from mlx_edit.sampling.denoise import EditJob
 
 
@@ -45,6 +46,7 @@ class FluxKontext(FluxPipeline):
 
     VARIANTS = ("kontext",)
 
+    @reports_progress
     def edit(self, images, instruction: str, options: EditOptions | None = None, *,
              mask=None, noise: mx.array | None = None,
              progress: Callable[[int, int], None] | None = None,

@@ -8,7 +8,11 @@ window is larger than `max_model_pixels` it would be shrunk for the model. With 
 per step) the plan keeps the window at its own resolution (`tiled_plan`) and the
 denoise loop evaluates overlapping windows of the budget's size (`windows_for`). The
 schedule's shift follows the window's token count (what the model sees per evaluation).
-Paste-back, colour match and the tiled VAE passes are unchanged.
+Windows holding no mask token are skipped (their tokens end as the canvas's latents:
+`fill_uncovered`), and the tiled VAE passes run only the tiles the kept windows and the
+paste-back read (pipeline `_encode_region` / `_decode_region`). A mask small enough to
+fit one budget-size window with 64 px of context is edited in that one window at full
+resolution (`edit_plan`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import mlx.core as mx
+import numpy as np
 from PIL import Image
 
-from mlx_edit.imaging.stitch import CropPlan, plan_crop
+from mlx_edit.imaging.stitch import CropPlan, plan_crop, plan_native_window
 from mlx_edit.options import GLOBAL_PASS_STRENGTH, EditOptions
+from mlx_edit.progress import add_run, labelled
 from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.tiles import Windows, plan_windows
 
@@ -61,11 +68,21 @@ def edit_plan(image_size: tuple[int, int], blend, crop_to_mask: bool | None,
               plan: CropPlan | None, o: EditOptions | None) -> CropPlan:
     """The crop plan of an edit (`plan` when given, else `stitch.plan_crop` around the
     blend with the budget `o.max_model_pixels` as its target), at its window's own
-    resolution when windows are used (`tiled_plan`)."""
+    resolution when windows are used (`tiled_plan`). When windows are allowed and that
+    window exceeds the budget, a mask whose bbox (of the blend) plus 64 px of context on
+    every side fits the budget is edited in ONE window of the budget's size at full
+    resolution around it (`stitch.plan_native_window`): a small edit on a large photo
+    costs one model-size edit."""
     o = o or EditOptions()
     if plan is None:
         target = o.max_model_pixels if crop_to_mask is not False else None
         plan = plan_crop(image_size, blend, target, crop=crop_to_mask)
+        w, h = plan.window_size
+        if crop_to_mask is not False and plan.resized and tiles_allowed(o) \
+                and w * h > _limit(o):  # windows: one at full resolution if the mask fits
+            one = plan_native_window(image_size, blend, o.max_model_pixels)
+            if one is not None:
+                return one
     return tiled_plan(plan, o)
 
 
@@ -86,10 +103,13 @@ def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
     check_fits(est, low_memory=pipe.low_memory)
 
 
-def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1) -> Windows | None:
+def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1,
+                keep: np.ndarray | None = None) -> Windows | None:
     """The windows of `plan`'s model canvas (None: one plain evaluation per step). Used
     when windows are allowed and the canvas exceeds the budget; with tile_mode on
-    always (a canvas within the budget is then one window, equal to the plain edit)."""
+    always (a canvas within the budget is then one window, equal to the plain edit).
+    keep: (gh, gw) bool tokens to generate: windows without any are skipped
+    (`tiles.plan_windows`)."""
     if not tiles_allowed(o):
         return None
     w, h = plan.model_size
@@ -97,7 +117,22 @@ def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1) -> Windows | Non
         return None
     budget = max(1, o.max_model_pixels // (TOKEN_PX * TOKEN_PX))
     overlap = round(o.tile_overlap / TOKEN_PX)
-    return plan_windows(token_grid(h, w), budget, overlap, batch=batch)
+    return plan_windows(token_grid(h, w), budget, overlap, batch=batch, keep=keep)
+
+
+def keep_tokens(mask: np.ndarray) -> np.ndarray:
+    """(gh, gw) bool: the packed tokens (TOKEN_PX px square) of a canvas-size binary model
+    mask (H, W) that hold any mask pixel."""
+    h, w = mask.shape
+    return (np.asarray(mask) > 0).reshape(h // TOKEN_PX, TOKEN_PX, w // TOKEN_PX,
+                                          TOKEN_PX).any(axis=(1, 3))
+
+
+def fill_uncovered(latents: mx.array, windows: Windows, source: mx.array) -> mx.array:
+    """latents (B, N, C) with the tokens no window covered (skipped windows: no mask
+    token) replaced by `source` (1|B, N, C): the canvas's own latents."""
+    frozen = mx.array(~windows.covered.reshape(1, -1, 1))
+    return mx.where(frozen, source.astype(latents.dtype), latents)
 
 
 def window_batch(windows: Windows, o: EditOptions, fits) -> int:
@@ -113,10 +148,11 @@ def window_batch(windows: Windows, o: EditOptions, fits) -> int:
     return best
 
 
-def job_windows(pipe, plan: CropPlan, o: EditOptions) -> Windows | None:
-    """`windows_for` the plan, batched as the pipeline's memory allows (`window_batch`;
-    a `FluxPipeline`'s `memory_estimate`)."""
-    windows = windows_for(plan, o)
+def job_windows(pipe, plan: CropPlan, o: EditOptions, keep: np.ndarray | None = None
+                ) -> Windows | None:
+    """`windows_for` the plan (windows without `keep` tokens skipped), batched as the
+    pipeline's memory allows (`window_batch`; a `FluxPipeline`'s `memory_estimate`)."""
+    windows = windows_for(plan, o, keep=keep)
     if windows is None or windows.count == 1:
         return windows
     from mlx_edit.memory import GB, available_memory
@@ -139,15 +175,18 @@ def schedule_tokens(plan: CropPlan, windows: Windows | None) -> int:
     return gh * gw
 
 
-def metadata(o: EditOptions, windows: Windows | None) -> dict:
-    """What an output records of the tiling: mode, budget, and the windows (count,
-    columns x rows, window size and overlap in px, windows per batch) or None."""
+def metadata(o: EditOptions, plan: CropPlan, windows: Windows | None) -> dict:
+    """What an output records of the tiling: mode, budget, and the windows (count
+    evaluated, columns x rows of the whole plan, skipped: those without mask tokens,
+    window size and overlap in px, windows per batch) or None."""
     meta = {"tile_mode": o.tile_mode, "max_model_pixels": o.max_model_pixels,
             "windows": None}
     if windows is not None:
-        rows = len({t for t, _ in windows.origins})
+        full = windows_for(plan, o)
+        rows = len({t for t, _ in full.origins})
         h, w = windows.size
-        meta["windows"] = {"count": windows.count, "grid": [windows.count // rows, rows],
+        meta["windows"] = {"count": windows.count, "grid": [full.count // rows, rows],
+                           "skipped": full.count - windows.count,
                            "size": [w * TOKEN_PX, h * TOKEN_PX],
                            "overlap": o.tile_overlap, "batch": windows.batch}
     return meta
@@ -194,15 +233,18 @@ def refine(pipe, images: list[Image.Image], model_mask, blend, prompt: str, o: E
     strength = refine_strength(o)
     out = []
     for i, img in enumerate(images):
+        before = pipe.last_stats
         ro = replace(first_pass(o), tile_mode="on", strength=strength, num_images=1,
                      seed=o.seed + i, cache=None, soft_mask=False,
                      seam_fix=0.0, rank=None, keep_best=None)
         meta = {"detail_pass": strength, "global_pass": o.global_pass,
                 "first_pass_model_size": img.info.get("model_size")}
-        job = pipe.prepare(img, model_mask, blend, prompt, ro, conditioning=conditioning,
-                           metadata=meta)
-        job.paste = {"color_match": o.color_match, "method": o.blend}
-        result = pipe.run(job, True, progress)[0]
+        with labelled("refine"):
+            job = pipe.prepare(img, model_mask, blend, prompt, ro,
+                               conditioning=conditioning, metadata=meta)
+            job.paste = {"color_match": o.color_match, "method": o.blend}
+            result = pipe.run(job, True, progress)[0]
+        add_run(pipe, before)
         for k, v in img.info.items():  # the first pass's own records (mode, masks...)
             result.info.setdefault(k, v)
         out.append(result)

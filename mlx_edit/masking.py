@@ -15,13 +15,15 @@ from mlx_edit.imaging import masks
 from mlx_edit.imaging.images import load_mask, to_array
 from mlx_edit.imaging.stitch import crop_for_model
 from mlx_edit.options import EditOptions
+from mlx_edit.progress import Phase
 from mlx_edit.sampling.denoise import EditJob
 from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 
 
 class MaskMixin:
     """Mask methods of FluxPipeline. Expects `root`, `dtype`, `components`, `low_memory`,
-    `memory_estimate` and `encode_image` (mlx_edit.components.ModelsMixin)."""
+    `memory_estimate` and `encode_image` (mlx_edit.components.ModelsMixin), and
+    `pending_stats` (a dict: the segment phase's timing until `prepare` takes it)."""
 
     def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
                   ) -> np.ndarray:
@@ -38,8 +40,10 @@ class MaskMixin:
             return load_mask(mask, image.size)
         from mlx_edit.segment import find_segmenter, mask_for_edit
 
-        return mask_for_edit(image, prompts, find_segmenter(segment_model, self.root),
-                             self.memory_estimate, self.low_memory)
+        self.pending_stats = {}
+        with Phase(self.pending_stats, "segment"):  # `prepare` moves it to the job's stats
+            return mask_for_edit(image, prompts, find_segmenter(segment_model, self.root),
+                                 self.memory_estimate, self.low_memory)
 
     def edit_masks(self, user_mask: np.ndarray, o: EditOptions
                    ) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -50,11 +52,18 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
 )
 from mlx_edit.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (public name)
 from mlx_edit.sampling.cache import CacheConfig, cache_metadata
-from mlx_edit.sampling.denoise import EditJob, Phase, PromptEmbeds, denoise, initial_noise
+from mlx_edit.progress import Phase, denoise_step, report
+from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
+from mlx_edit.tiling import decode_reach, dilate
 from mlx_edit.weights import lora as lora_files
+
+# px around the blend that a decode must reproduce exactly: paste-back reads the blend,
+# colour match a RING_PX (16) ring outside it, Poisson the blend's border
+DECODE_CONTEXT = 64
+
 
 class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
     """What every FLUX edit shares: models on demand, prompt encoding, planning,
@@ -78,6 +87,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         self.disk_prompt_cache = None  # a mlx_edit.prompt_cache.PromptCache, or None
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
+        self.pending_stats: dict = {}  # phases before prepare (segment), moved to its job
         self.loras: dict[str, lora_files.LoadedLoRA] = {}  # applied on every transformer load
 
     def context(self, plan: CropPlan, inner: tuple[int, int, int, int] | None = None
@@ -162,14 +172,23 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         refs = [self.family.reference_size(*im.size, reference_resize) for im in references]
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
                                        o.num_images, plan, o.cache, o, refs)
-        windows = large.job_windows(self, plan, o)
-        stats: dict = {}
+        # windows without mask tokens are skipped where the canvas's latents are at hand
+        # to fill their tokens after the loop (the source, or Fill's masked image's)
+        skip = not o.soft_mask and (keep_source or o.strength < 1.0 or (
+            conditioning is None and self.variant_info.conditioner == "fill"))
+        windows = large.job_windows(self, plan, o, large.keep_tokens(mask) if skip else None)
+        stats, self.pending_stats = self.pending_stats, {}
         cfg_scale = self.true_cfg_scale(o)
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats, cfg_scale)
+        needed = self._encode_region(image, blend, plan, windows)
         with self.components.using("vae", stats), Phase(stats, "vae_encode"):
             pixels = to_array(canvas)
-            channels = self._channels(ctx, conditioning, pixels, mask)
-            image_latents = self.encode_image(pixels) \
+            encode = partial(self.encode_image, needed=needed)  # the canvas's encodes
+            channels = self._channels(replace(ctx, encode_image=encode), conditioning,
+                                      pixels, mask)
+            # a source reference (FLUX.2 inpainting) is seen whole by the model
+            image_latents = (self.encode_image(pixels) if source_reference else
+                             encode(pixels)) \
                 if o.strength < 1.0 or keep_source or source_reference else None
             source = (image_latents, token_grid(canvas.size[1], canvas.size[0])) \
                 if source_reference else None
@@ -180,7 +199,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt,
                 **self._metadata(o, plan, cfg_scale if negative is not None else None, metadata),
-                **large.metadata(o, windows)}
+                **large.metadata(o, plan, windows)}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
@@ -334,6 +353,10 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                                       windows=job.windows):
                 job.latents = latents
                 yield i, latents
+            if job.windows is not None and not job.windows.covered.all():
+                source = job.source if job.source is not None else \
+                    job.conditioning[..., : job.latents.shape[-1]]  # Fill: masked image's
+                job.latents = large.fill_uncovered(job.latents, job.windows, source)
             n = len(job.sigmas) - 1
             job.stats["denoise_s"] = time.perf_counter() - t0
             job.stats["step_s"] = job.stats["denoise_s"] / n
@@ -351,9 +374,10 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         """
         w, h = job.plan.model_size
         with self.components.using("vae", job.stats), Phase(job.stats, "vae_decode"):
+            needed, fill = self._decode_region(job) if paste_back else (None, None)
             images = []
             for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
-                px = self.decode(job.latents[b : b + 1], w, h)
+                px = self.decode(job.latents[b : b + 1], w, h, needed, fill)
                 mx.eval(px)
                 images.append(from_array(np.array(px[0])))
         blend = job.blend
@@ -362,22 +386,52 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
             x0, y0, x1, y1 = job.plan.box
             blend[y0:y1, x0:x1] = 1.0
         out = []
-        for seed, edited in zip(job.seeds, images):
-            result = stitch_back(job.original, edited, job.plan, blend,
-                                 **(job.paste if paste_back else {}))
-            meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
-            result.info.update({k: str(v) for k, v in meta.items() if v is not None})
-            out.append(result)
+        with Phase(job.stats, "paste_back"):
+            for seed, edited in zip(job.seeds, images):
+                result = stitch_back(job.original, edited, job.plan, blend,
+                                     **(job.paste if paste_back else {}))
+                meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
+                result.info.update({k: str(v) for k, v in meta.items() if v is not None})
+                out.append(result)
         return out
+
+    @staticmethod
+    def _decode_region(job: EditJob) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(needed, fill) of a 1:1 plan's decode: the canvas pixels within DECODE_CONTEXT
+        px of the blend (all that paste-back, colour match and Poisson read) and the
+        canvas's own pixels in [-1, 1] for the VAE tiles that reach none of them; (None,
+        None) for a resized plan (its canvas is model-size: decoded whole)."""
+        if job.plan.resized:
+            return None, None
+        canvas, blend = crop_for_model(job.original, job.blend, job.plan, binarize=False)
+        return dilate(blend > 0, DECODE_CONTEXT), to_array(canvas).astype(np.float32)
+
+    def _encode_region(self, image: Image.Image, blend: np.ndarray, plan: CropPlan,
+                       windows: large.Windows | None) -> np.ndarray | None:
+        """(h, w) bool latent pixels of the canvas that an encode must give exactly when
+        windows were skipped: the windows' tokens, and the tiles the decode will run
+        (`tiling.decode_reach` of `_decode_region`); None (all) otherwise."""
+        if windows is None or windows.covered.all() or plan.resized:
+            return None
+        cfg = self.vae_config
+        f = cfg.scale_factor
+        _, canvas_blend = crop_for_model(image, blend, plan, binarize=False)
+        reach = decode_reach(dilate(canvas_blend > 0, DECODE_CONTEXT), cfg, self.dtype.size,
+                             self.tile_threshold_gb)  # the decode's tiles
+        h, w = reach.shape
+        reach = reach.reshape(h // f, f, w // f, f).any(axis=(1, 3))
+        per_token = large.TOKEN_PX // f  # latent pixels per packed token side
+        covered = np.kron(windows.covered, np.ones((per_token, per_token), bool))
+        return reach | covered
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[..., None] | None = None) -> list[Image.Image]:
         """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
         k = job.windows.count if job.windows else 1  # progress counts windows x steps
-        total, with_job = (len(job.sigmas) - 1) * k, getattr(progress, "wants_job", False)
-        for i, _ in self.steps(job):
-            if progress is not None:  # `wants_job`: the job too (its latents: previews)
-                progress((i + 1) * k, total, *([job] if with_job else []))
+        total = (len(job.sigmas) - 1) * k
+        report("denoise", 0, total)  # the phase starts (wants_phases only)
+        for i, _ in self.steps(job):  # `wants_job`: the job too (its latents: previews)
+            denoise_step(progress, (i + 1) * k, total, job)
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images

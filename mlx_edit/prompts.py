@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_edit.imaging.images import InputError
+from mlx_edit.progress import ticks
 from mlx_edit.sampling.denoise import PromptEmbeds
 from mlx_edit.text_qwen3 import Qwen3Tokenizer, encode_qwen3_prompt
 from mlx_edit.weights import lora_text
@@ -67,16 +68,19 @@ class ClipT5Text:
                quantize: int | None, loras: dict) -> PromptEmbeds:
         """Load CLIP (with its CLIP LoRAs), encode, free it; load T5, encode, free it (one
         model resident). prompt_2: the T5 prompt (`check`'s result)."""
+        tick = ticks("text_encode", 2)
         clip = lora_text.load_clip(self.root, dtype, loras)
         pooled = clip(mx.array(self.clip_tokenizer(prompt)))[1]  # no lazy ref to CLIP kept
         mx.eval(pooled)
         del clip
         mx.clear_cache()
+        tick(1)
         t5 = load_t5(component_dir(self.root, "text_encoder_2"), dtype, quantize)
         txt = t5(mx.array(self.t5_tokenizer(prompt_2, max_length=max_sequence_length)))
         mx.eval(txt)
         del t5
         mx.clear_cache()
+        tick(2)
         return PromptEmbeds(txt.astype(dtype), pooled.astype(dtype))
 
 
@@ -104,6 +108,7 @@ class Qwen3Text:
     def encode(self, prompt: str, prompt_2: str, max_sequence_length: int, dtype: mx.Dtype,
                quantize: int | None, loras: dict) -> PromptEmbeds:
         """Load Qwen3 (its layers up to the last out layer), encode, free it."""
+        tick = ticks("text_encode", 1)
         encoder = load_qwen3(component_dir(self.root, "text_encoder"), dtype,
                              quantize=quantize)
         txt, _ = encode_qwen3_prompt(encoder, self.tokenizer, prompt, max_sequence_length,
@@ -111,6 +116,7 @@ class Qwen3Text:
         mx.eval(txt)
         del encoder
         mx.clear_cache()
+        tick(1)
         return PromptEmbeds(txt, None)
 
 

@@ -73,8 +73,8 @@ def test_4k_outpaint_strip_is_generated_at_full_resolution(pipe, monkeypatch):
     seen = []
     real = large.job_windows
 
-    def record(p, plan, o):
-        seen.append((plan, real(p, plan, o)))
+    def record(p, plan, o, keep=None):
+        seen.append((plan, real(p, plan, o, keep)))
         raise Stop("seen")
     monkeypatch.setattr(large, "job_windows", record)
     img = Image.new("RGB", (3840, 2160), (90, 120, 150))
@@ -90,7 +90,8 @@ def test_4k_outpaint_strip_is_generated_at_full_resolution(pipe, monkeypatch):
     gh, gw = tiled.model_size[1] // 16, tiled.model_size[0] // 16
     assert windows.grid == (gh, gw) and windows.count > 4
     assert windows.tokens <= 1024 * 1024 // 256 and windows.tokens > 0.9 * 4096
-    np.testing.assert_allclose(windows.coverage(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(windows.coverage()[windows.covered], 1.0, atol=1e-6)
+    assert windows.covered[:, -1024 // 16:].all()  # the strip; windows far from it skipped
     assert none is None and shrunk.box == tiled.box and shrunk.resized
     assert large.generated_ratio(shrunk, none) < 0.4  # what windows avoid
 
@@ -126,7 +127,7 @@ def test_cli_windowed_edits_run_in_bounded_memory(tiny_mlx, big, tmp_path, comma
         *map(str, extra)])
     assert r.exit_code == 0, r.output
     meta = json.loads(out.with_suffix(".json").read_text())
-    windows = json.loads(meta["windows"].replace("'", '"'))
+    windows = meta["windows"]  # the sidecar keeps JSON values
     assert windows["count"] > 1
     assert Image.open(out).size == ((512 + 256) if command == "outpaint" else 512, 288)
     # one window batch + the canvas latents: far under a GB with the tiny model
@@ -166,7 +167,7 @@ def test_cli_global_pass_outpaint(tiny_mlx, big, tmp_path):
         "--metadata"])
     assert r.exit_code == 0, r.output
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["global_pass"] == "True" and float(meta["detail_pass"]) == 0.5
+    assert meta["global_pass"] is True and meta["detail_pass"] == 0.5
     assert Image.open(out).size == (768, 288)
     orig = np.asarray(Image.open(big / "big.jpg").convert("RGB"))
     np.testing.assert_array_equal(np.asarray(Image.open(out))[:, :512 - 32], orig[:, :512 - 32])

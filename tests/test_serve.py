@@ -102,8 +102,11 @@ def test_inpaint_round_trip(make_client, photo):
     assert not np.array_equal(res[mask > 0], src[mask > 0])
     # The events replay the whole job, in order.
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as s:
-        kinds = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
-    assert kinds == ["queued", "running", "step", "step", "done"]
+        lines = list(s.iter_lines())
+    kinds = [line[7:] for line in lines if line.startswith("event: ")]
+    assert [k for k in kinds if k != "phase"] == ["queued", "running", "step", "step", "done"]
+    phases = [json.loads(line[6:])["phase"] for line in lines if '"phase"' in line]
+    assert {"text_encode", "vae_encode", "denoise", "vae_decode", "paste_back"} <= set(phases)
     assert client.get(f"/v1/jobs/{job_id}/images/1").status_code == 404
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 409  # already done
 

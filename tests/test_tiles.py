@@ -203,3 +203,67 @@ def test_windows_with_reference_tokens_and_true_cfg(setup):
     several = _run(model, latents, cond, embeds, tiles.plan_windows((GH, GW), 24, 2, batch=2),
                    **kw)
     assert np.isfinite(several).all() and several.shape == (B, GH * GW, 64)
+
+
+def _corner_mask() -> np.ndarray:
+    keep = np.zeros((GH, GW), bool)
+    keep[0:2, 0:3] = True  # only the top-left window (of 2 x 2) holds mask tokens
+    return keep
+
+
+def test_windows_without_mask_tokens_are_skipped_weights_unchanged_on_the_mask():
+    full = tiles.plan_windows((GH, GW), 24, 2)
+    keep = _corner_mask()
+    kept = tiles.plan_windows((GH, GW), 24, 2, keep=keep)
+    assert (full.count, kept.count) == (4, 1)
+    assert kept.covered.sum() == 4 * 6 and kept.covered[keep].all()
+    np.testing.assert_array_equal(kept.coverage()[kept.covered], 1.0)
+    # on mask tokens the kept window's weights are the full plan's, bit for bit
+    (t, left), (h, w) = kept.origins[0], kept.size
+    k = full.origins.index((t, left))
+    on = keep[t:t + h, left:left + w].reshape(-1)
+    np.testing.assert_array_equal(kept.weights[0][on], full.weights[k][on])
+
+
+def test_skipped_windows_equal_the_unskipped_run_where_the_source_is_kept(setup):
+    """With the source kept outside the mask (keep_source, Kontext with a mask), a run
+    that skips the windows without mask tokens equals the run that evaluates them all,
+    exactly (window batch 1: the same evaluations on the same crops), with a quarter of
+    the transformer evaluations: the skipped windows' tokens are reset to the source at
+    every step anyway."""
+    from mlx_edit.sampling.denoise import keep_source
+    from mlx_edit.sampling.latents import pack_latent_mask
+
+    model, latents, cond, embeds = setup
+    keep = _corner_mask()
+    pixels = np.kron(keep, np.ones((16, 16))).astype(np.float32)  # 16 px per token
+    source = mx.random.normal((1, GH * GW, 64), key=mx.random.key(7))
+    hook = keep_source(pack_latent_mask(mx.array(pixels)[None]), source, latents, SIGMAS)
+    runs = {}
+    for name, windows in (("all", tiles.plan_windows((GH, GW), 24, 2)),
+                          ("kept", tiles.plan_windows((GH, GW), 24, 2, keep=keep))):
+        stats = {}
+        runs[name] = _run(model, latents, cond, embeds, windows, after_step=hook,
+                          stats=stats)
+        runs[name + "_evals"] = stats["transformer_evals"]
+    np.testing.assert_array_equal(runs["kept"], runs["all"])
+    assert (runs["all_evals"], runs["kept_evals"]) == (8, 2)  # 4 and 1 windows x 2 steps
+
+
+def test_tokens_no_window_covers_keep_their_latents_in_the_loop(setup):
+    """Without a hook, tokens outside every kept window are not evaluated: they keep
+    their latents through the loop (the pipeline then sets them to the source's,
+    large.fill_uncovered); covered tokens are denoised as usual."""
+    from mlx_edit import large
+
+    model, latents, cond, embeds = setup
+    kept = tiles.plan_windows((GH, GW), 24, 2, keep=_corner_mask())
+    got = _run(model, latents, cond, embeds, kept)
+    out = kept.covered.reshape(-1)
+    np.testing.assert_array_equal(got[:, ~out], np.array(latents)[:, ~out])
+    assert not np.allclose(got[:, out], np.array(latents)[:, out])
+    source = mx.random.normal((1, GH * GW, 64), key=mx.random.key(3))
+    filled = np.array(large.fill_uncovered(mx.array(got), kept, source))
+    np.testing.assert_array_equal(filled[:, ~out], np.broadcast_to(np.array(source)[:, ~out],
+                                                                 filled[:, ~out].shape))
+    np.testing.assert_array_equal(filled[:, out], got[:, out])

@@ -13,7 +13,7 @@ with exit status 2 (`mlx_edit.cli.errors`). Heavy imports happen inside the comm
 from __future__ import annotations
 
 import os
-import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,13 +21,15 @@ import click
 
 from mlx_edit import __version__
 from mlx_edit.cli.conditioning import conditioning_options, pop_conditioning
-from mlx_edit.cli.cache import CacheSpec, cache_summary
+from mlx_edit.cli.cache import CacheSpec
 from mlx_edit.cli.errors import OneLineGroup
 from mlx_edit.cli.help import CONTEXT, SECTIONS, EditCommand
 from mlx_edit.cli.lora import apply_loras, lora_option, parse_lora_specs
+from mlx_edit.cli.progress import PhaseBars, phase_line
 from mlx_edit.cli.prompt_cache import cache_stats, open_prompt_cache, prompt_cache_options
 from mlx_edit.imaging.blend import BLEND_METHODS, COLOR_MATCH_METHODS
 from mlx_edit.options import FIELDS, RESTYLE_CONTROL_TYPES, TILE_MODES, check_used, default
+from mlx_edit.progress import reporting
 
 SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_options
 # fields whose library default is None
@@ -192,16 +194,6 @@ def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> tuple[in
     return size
 
 
-def _stats_line(s: dict) -> str:
-    peak = max(v for k, v in s.items() if k.endswith("_peak_gb"))
-    load = sum(v for k, v in s.items() if k.startswith("load") and k.endswith("_s"))
-    cached = " (cached)" if s.get("prompt_cache_hits") and not s.get("prompt_cache_misses") \
-        else ""
-    return (f"load {load:.1f}s  text {s['text_encode_s']:.1f}s{cached}  vae-enc {s['vae_encode_s']:.1f}s  "
-            f"denoise {s['denoise_s']:.1f}s ({s['step_s']:.2f} s/step)  "
-            f"vae-dec {s['vae_decode_s']:.1f}s  peak {peak:.2f} GB{cache_summary(s)}")
-
-
 def click_mask(opts: dict, mask: Path | None, required: bool):
     """The edit's mask: the --mask path, or the --mask-point/--mask-negative/--mask-box
     clicks as segment.Points/Box prompts (popped from opts), or None when neither was
@@ -259,6 +251,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     """Check everything, load the model, run one edit with a progress bar, write the
     outputs together (never over an input). mask: a path, click prompts or None;
     references: edit's further images."""
+    t0 = time.perf_counter()
     clicks = None if mask is None or isinstance(mask, Path) else mask
     mask = None if clicks is not None else mask
     from mlx_edit.imaging.images import (
@@ -308,11 +301,17 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
                 check_output(path, opts["overwrite"], inputs)
 
     cache = open_prompt_cache(opts)  # a folder that cannot be made fails before any load
-    pipe = _load(mode, opts, variant)
-    pipe.disk_prompt_cache = cache
-    images = _edit(pipe, mode, image, clicks or mask, control_image, references, prompt,
-                   options)
+    bars = PhaseBars()  # a bar per phase, from the model load on; closed before any error
+    try:
+        with reporting(bars):
+            pipe = _load(mode, opts, variant)
+            pipe.disk_prompt_cache = cache
+            images = _edit(pipe, mode, image, clicks or mask, control_image, references,
+                           prompt, options, bars)
+    finally:
+        bars.close()
     pipe.last_stats.update(cache_stats(pipe.disk_prompt_cache))
+    pipe.last_stats["total_s"] = time.perf_counter() - t0  # up to the outputs' writing
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):
@@ -322,10 +321,13 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
         if sidecar is not None:
             files.append((sidecar, json_writer({**typed_metadata(meta),
                                                 "stats": pipe.last_stats})))
+    t_write = time.perf_counter()
     write_together(files, overwrite=opts["overwrite"], protect=inputs)
     for png, _ in outputs:
         click.echo(str(png))
-    click.echo(_stats_line(pipe.last_stats), err=True)
+    wall = time.perf_counter() - t0
+    click.echo(phase_line({**pipe.last_stats, "write_s": time.perf_counter() - t_write},
+                          wall), err=True)
 
 
 def _load(mode: str, opts: dict, variant):
@@ -347,34 +349,20 @@ def _load(mode: str, opts: dict, variant):
 
 
 def _edit(pipe, mode: str, image: Path, mask, control_image, references, prompt: str,
-          options) -> list:
-    """Run `mode`'s edit with a progress bar (made at the first step, closed before any
-    error line); returns the images."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def progress(step, total):  # steps, or windows x steps (tiled); a new bar per pass
-        if not bars or bars[-1].total != total or step <= bars[-1].n:
-            bars.append(tqdm(total=total, unit="step", desc=mode, file=sys.stderr))
-        bars[-1].update(step - bars[-1].n)
-
-    try:
-        if mode == "inpaint" and references:  # FluxKlein: its reference image
-            return pipe.inpaint(image, mask, prompt, options, reference=references[0],
-                                progress=progress)
-        if mode == "inpaint":
-            return pipe.inpaint(image, mask, prompt, options, progress=progress)
-        if mode == "restyle":
-            return pipe.restyle(image, control_image, prompt, options, mask=mask,
-                                progress=progress)
-        if mode == "edit":
-            return pipe.edit([image, *references], prompt, options, mask=mask,
-                             progress=progress)
-        return pipe.outpaint(image, prompt, options, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
+          options, progress) -> list:
+    """Run `mode`'s edit reporting to `progress` (mlx_edit.progress); returns the images."""
+    if mode == "inpaint" and references:  # FluxKlein: its reference image
+        return pipe.inpaint(image, mask, prompt, options, reference=references[0],
+                            progress=progress)
+    if mode == "inpaint":
+        return pipe.inpaint(image, mask, prompt, options, progress=progress)
+    if mode == "restyle":
+        return pipe.restyle(image, control_image, prompt, options, mask=mask,
+                            progress=progress)
+    if mode == "edit":
+        return pipe.edit([image, *references], prompt, options, mask=mask,
+                         progress=progress)
+    return pipe.outpaint(image, prompt, options, progress=progress)
 
 
 @click.group(cls=OneLineGroup, context_settings=CONTEXT)

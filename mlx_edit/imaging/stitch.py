@@ -196,6 +196,32 @@ def plan_crop(
     return CropPlan((w, h), (x0, y0, x0 + ww, y0 + wh), (mw, mh), True)
 
 
+def plan_native_window(image_size: tuple[int, int], blend: np.ndarray, max_pixels: int, *,
+                       min_context: int = 64, multiple: int = 16) -> CropPlan | None:
+    """One model-size window at the photo's own resolution around a small mask: the bbox
+    of `blend > 0` grown by `min_context` px on every side, then both sides scaled up
+    together (more context) to at most `max_pixels`, multiples of `multiple`, clamped
+    to the image (a clamped side gives its share to the other) and centred on the mask.
+    Returns a 1:1 CropPlan (not resized), or None when the bbox and its context do not
+    fit `max_pixels` (a larger edit: windows or a shrunk window, `plan_crop`).
+    Args: image_size (W, H); blend float (H, W)."""
+    w, h = int(image_size[0]), int(image_size[1])
+    box = mask_bbox(np.asarray(blend) > 0)
+    if box is None:
+        raise EmptyMaskError("mask is empty: nothing to edit")
+    need_w = min(w, box[2] - box[0] + 2 * min_context)
+    need_h = min(h, box[3] - box[1] + 2 * min_context)
+    if _round_up(need_w, multiple) * _round_up(need_h, multiple) > max_pixels:
+        return None
+    k = math.sqrt(max_pixels / (need_w * need_h))
+    ww = min(w, max(need_w, int(need_w * k) // multiple * multiple))
+    wh = min(h, max(need_h, int(max_pixels // _round_up(ww, multiple)) // multiple * multiple))
+    ww = min(w, max(ww, int(max_pixels // _round_up(wh, multiple)) // multiple * multiple))
+    x0, y0 = _place(ww, box[0], box[2], w), _place(wh, box[1], box[3], h)
+    return CropPlan((w, h), (x0, y0, x0 + ww, y0 + wh),
+                    (_round_up(ww, multiple), _round_up(wh, multiple)), False)
+
+
 def crop_for_model(
     image: Image.Image, mask: np.ndarray | None, plan: CropPlan, *, binarize: bool = True
 ) -> tuple[Image.Image, np.ndarray | None]:
@@ -236,7 +262,7 @@ def stitch_back(
     The model output (plan.model_size) is resized (Lanczos) or un-padded to the window,
     then `paste_back` into the window with `blend[window]`. Pixels outside the window,
     and inside it where blend == 0, are bit-identical to `original`. Blend weight
-    outside the window is ignored with a warning (raise min_context in plan_crop).
+    outside the window is ignored with a warning naming the options that avoid it.
     color_match ("none" | "mean-std" | "histogram") and method ("feather" | "poisson")
     run first, inside the window (`mlx_edit.imaging.blend.blend_images`; "poisson" needs
     the `[blend]` extra, OpenCV).
@@ -250,8 +276,9 @@ def stitch_back(
     x0, y0, x1, y1 = plan.box
     inside = b[y0:y1, x0:x1]
     if float(b.sum()) > float(inside.sum()) + 1e-3:
-        warnings.warn("blend mask extends outside the crop window; that part is ignored "
-                      "(raise min_context)", stacklevel=2)
+        warnings.warn("the feathered mask extends outside the edit window; that part is "
+                      "ignored (lower --feather or --grow-mask, or edit the whole image: "
+                      "--no-crop-to-mask)", stacklevel=2)
     if plan.resized:
         edited = edited.convert("RGB").resize(plan.window_size, Image.LANCZOS)
     else:

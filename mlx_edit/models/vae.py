@@ -233,10 +233,10 @@ class MidBlock(nn.Module):
         self.attentions = [Attention(channels, groups)] if add_attention else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.resnets[0](x)
+        x = _after_layer(self, self.resnets[0](x))
         for attn in self.attentions:
-            x = attn(x)
-        return self.resnets[1](x)
+            x = _after_layer(self, attn(x))
+        return _after_layer(self, self.resnets[1](x))
 
 
 class DownBlock(nn.Module):
@@ -249,7 +249,7 @@ class DownBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.downsamplers:
-            x = layer(x)
+            x = _after_layer(self, layer(x))
         return x
 
 
@@ -263,8 +263,16 @@ class UpBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.upsamplers:
-            x = layer(x)
+            x = _after_layer(self, layer(x))
         return x
+
+
+def _after_layer(block: nn.Module, x: mx.array) -> mx.array:
+    """x, passed to the block's `after_layer` callback when one is set (`layer_callback`)."""
+    fn = getattr(block, "after_layer", None)
+    if fn is not None:
+        fn(x)
+    return x
 
 
 class Encoder(nn.Module):
@@ -393,6 +401,28 @@ class AutoencoderKL(nn.Module):
         finally:
             for layer in layers:
                 layer.max_bytes = None
+
+    @contextmanager
+    def layer_callback(self, fn) -> Iterator[tuple[int, int]]:
+        """Within this context `fn(x)` is called with the output of every resnet,
+        attention and resampler of the encoder's and decoder's blocks (progress:
+        mlx_edit.tiling evaluates x there and reports). Yields the number of such layers
+        in one (encode, decode)."""
+        blocks = [m for _, m in self.named_modules()
+                  if isinstance(m, (DownBlock, UpBlock, MidBlock))]
+        for block in blocks:
+            block.after_layer = fn
+
+        def mid(b: MidBlock) -> int:
+            return len(b.resnets) + len(b.attentions)
+        try:
+            yield (sum(len(b.resnets) + len(b.downsamplers) for b in self.encoder.down_blocks)
+                   + mid(self.encoder.mid_block),
+                   sum(len(b.resnets) + len(b.upsamplers) for b in self.decoder.up_blocks)
+                   + mid(self.decoder.mid_block))
+        finally:
+            for block in blocks:
+                block.after_layer = None
 
     def decode(self, latents: mx.array) -> mx.array:
         """Images (B,h*f,w*f,out_channels), nominally in [-1, 1] (not clipped), from

@@ -8,7 +8,6 @@ outpaint and restyle change what is prepared, never the loop.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -76,21 +75,6 @@ class EditJob:
     paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
     cache: step_cache.CacheConfig | None = None
     windows: Windows | None = None  # tiled denoising (sampling.tiles) or None
-
-
-class Phase:
-    """Times a phase and records MLX's peak memory during it into `stats`."""
-
-    def __init__(self, stats: dict, name: str):
-        self.stats, self.name = stats, name
-
-    def __enter__(self):
-        mx.reset_peak_memory()
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.stats[f"{self.name}_s"] = time.perf_counter() - self.t0
-        self.stats[f"{self.name}_peak_gb"] = mx.get_peak_memory() / 1e9
 
 
 def denoise(

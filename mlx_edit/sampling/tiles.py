@@ -119,8 +119,18 @@ class Windows:
         k = max(1, self.batch)
         return [list(range(i, min(i + k, self.count))) for i in range(0, self.count, k)]
 
+    @property
+    def covered(self) -> np.ndarray:
+        """(gh, gw) bool: tokens inside at least one window (all, unless windows without
+        mask tokens were skipped: `plan_windows(keep=...)`)."""
+        out = np.zeros(self.grid, bool)
+        h, w = self.size
+        for t, left in self.origins:
+            out[t : t + h, left : left + w] = True
+        return out
+
     def coverage(self) -> np.ndarray:
-        """The weights summed on the canvas, (gh, gw) float64 (1 everywhere)."""
+        """The weights summed on the canvas, (gh, gw) float64 (1 on covered tokens)."""
         total = np.zeros(self.grid, np.float64)
         h, w = self.size
         for (t, left), wk in zip(self.origins, self.weights):
@@ -129,19 +139,29 @@ class Windows:
 
 
 def plan_windows(grid: tuple[int, int], max_tokens: int, overlap: int,
-                 kind: str = "cosine", batch: int = 1) -> Windows:
+                 kind: str = "cosine", batch: int = 1, keep: np.ndarray | None = None
+                 ) -> Windows:
     """The windows of a (gh, gw) token grid under a budget of `max_tokens` tokens per
     window, neighbours overlapping by >= `overlap` tokens, weights ramped (`kind`) over
     the overlaps and normalised to sum to 1 at every token. One window covering the
-    whole grid when it fits the budget (weights exactly 1)."""
+    whole grid when it fits the budget (weights exactly 1).
+    keep: (gh, gw) bool, the tokens to generate (a mask): windows holding none of them
+    are skipped (never evaluated) and the weights are normalised over the windows left,
+    so on every `keep` token they equal the unskipped plan's (the same windows add up,
+    in the same order); `Windows.covered` tells which tokens any window still covers."""
     h, w = window_shape(grid, max_tokens)
     rows, cols = axis_starts(grid[0], h, overlap), axis_starts(grid[1], w, overlap)
     wr, wc = axis_weights(rows, h, kind), axis_weights(cols, w, kind)
     origins = tuple((r, c) for r in rows for c in cols)
     raw = [np.outer(a, b) for a in wr for b in wc]
+    if keep is not None:
+        used = [k for k, (t, left) in enumerate(origins)
+                if keep[t : t + h, left : left + w].any()]
+        origins, raw = tuple(origins[k] for k in used), [raw[k] for k in used]
     total = np.zeros(grid, np.float64)
     for (t, left), wk in zip(origins, raw):
         total[t : t + h, left : left + w] += wk
+    total[total == 0] = 1.0  # tokens no kept window covers (no weight to normalise)
     weights = np.stack([wk / total[t : t + h, left : left + w]
                         for (t, left), wk in zip(origins, raw)])
     return Windows(tuple(grid), (h, w), origins, weights.reshape(len(origins), h * w)
@@ -170,6 +190,9 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     ids = image_ids(h, w, inputs.img_ids.shape[-1])  # the family's id axes
     per_k: dict[int, StepInputs] = {}
     weights = mx.array(windows.weights)[..., None]  # (n, h*w, 1)
+    covered = windows.covered
+    # skipped windows (plan_windows(keep=...)): tokens no window covers keep their latents
+    frozen = None if covered.all() else mx.array(~covered.reshape(1, -1, 1))
 
     def advance(latents, conditioning, timestep, dt, i):
         b, _, c = latents.shape
@@ -192,7 +215,8 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
                 part = (weights[j] * y[n * b : (n + 1) * b]).reshape(b, h, w, c)
                 out = out.at[:, top : top + h, left : left + w].add(part)
             mx.eval(out)  # bound the graph: one window batch alive at a time
-        return out.reshape(b, -1, c).astype(latents.dtype)
+        out = out.reshape(b, -1, c).astype(latents.dtype)
+        return out if frozen is None else mx.where(frozen, latents, out)
 
     return advance
 

@@ -4,10 +4,11 @@
     POST   /v1/edits                 multipart (image, mask | points/box, prompt, mode,
                                      options JSON, priority) or JSON (base64 images)
                                      -> 202 {"id", "state"}
-    GET    /v1/jobs/{id}             state, step/total, timings, error
-    GET    /v1/jobs/{id}/events      server-sent events: queued, running, step (with a
-                                     JPEG preview every --preview-every steps), done |
-                                     failed | cancelled
+    GET    /v1/jobs/{id}             state, phase, step/total, timings, error
+    GET    /v1/jobs/{id}/events      server-sent events: queued, running, phase (model
+                                     load, segment, text encode, VAE tiles...: name,
+                                     done, total), step (with a JPEG preview every
+                                     --preview-every steps), done | failed | cancelled
     POST   /v1/masks                 image + points/labels/box -> the segmenter's mask PNG
     GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
     DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
@@ -50,6 +51,7 @@ from starlette.staticfiles import StaticFiles
 
 from mlx_edit import __version__
 from mlx_edit.imaging.images import InputError
+from mlx_edit.progress import Phase, reporting
 from mlx_edit.serve.config import ServeConfig, host_name
 from mlx_edit.serve.jobs import FINISHED, Conflict, JobRunner, QueueFull, UnknownJob
 from mlx_edit.serve.preview import Previewer
@@ -138,11 +140,15 @@ def run_edit(state, request, progress) -> tuple[list, dict]:
     Clicks/boxes are segmented first by the resident segmenter; `progress` gets step
     previews every `preview_every` steps. Timings: the job's phases, plus `load_s` when
     the pipeline had to be made for it (evicted, or first use)."""
+    with reporting(progress):  # every phase, the segmenter's and the model load's too
+        return _run_edit(state, request, progress)
+
+
+def _run_edit(state, request, progress) -> tuple[list, dict]:
     resident, config, mask, stats = state.resident, state.config, request.mask, {}
     if isinstance(mask, list):
-        t0 = time.perf_counter()
-        mask = segment_mask(resident, request.image, mask)
-        stats["segment_s"] = time.perf_counter() - t0
+        with Phase(stats, "segment"):
+            mask = segment_mask(resident, request.image, mask)
     loaded, t0 = request.kind in resident.models, time.perf_counter()
     with resident.using(request.kind) as pipe:
         if not loaded:  # made (and, unless low_memory, its weights loaded) for this job

@@ -2,10 +2,12 @@
 
 A bounded heap holds waiting jobs (interactive before batch, then first come first
 served); `submit` refuses a job when `max_queue` are waiting (QueueFull, HTTP 429). The
-worker calls `run_edit(request, progress)`; `progress(step, total, **preview)` records
-the step, emits an event (with its preview, if any) and raises `Cancelled` when the job
-was cancelled, so a running edit stops after the step in progress (the pipeline's
-generator closes and frees what it holds).
+worker calls `run_edit(request, progress)`; `progress(step, total, phase=..., **preview)` gets
+every phase of the edit (mlx_edit.progress: model load, segment, text encode, VAE tiles,
+denoise steps...) and emits it as a "phase" event (a "step" event, with its preview if
+any, for denoise steps); after a step it raises `Cancelled` when the job was cancelled,
+so a running edit stops after the step in progress (the pipeline's generator closes and
+frees what it holds).
 `call(fn)` runs short work that needs the models (a mask from clicks) on the worker
 thread ahead of the queue: at once when idle, else between two steps of the running edit.
 Results are PNG bytes kept in memory (nothing is written to disk, so a killed server
@@ -58,8 +60,8 @@ class Cancelled(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One edit's state: queued -> running -> done | failed | cancelled. step/total:
-    denoise progress; stats: phase timings (s); images: PNG bytes (with metadata);
+    """One edit's state: queued -> running -> done | failed | cancelled. phase: the
+    running phase's name; step/total: denoise progress; stats: phase timings (s); images: PNG bytes (with metadata);
     events: what `/events` streams ({"event": kind, ...}; the newest PREVIEWS_KEPT step
     events keep their "preview" JPEG)."""
 
@@ -68,6 +70,7 @@ class Job:
     state: str = "queued"
     step: int = 0
     total: int = 0
+    phase: str | None = None  # the running phase (mlx_edit.progress): load, denoise...
     error: str | None = None
     error_type: str | None = None  # the failure's exception class name
     created: float = field(default_factory=time.time)
@@ -86,7 +89,7 @@ class Job:
         """The job as `GET /v1/jobs/{id}` shows it (JSON-ready)."""
         return {"id": self.id, "state": self.state, "mode": self.request.mode,
                 "priority": "batch" if self.request.priority else "interactive",
-                "step": self.step, "total": self.total,
+                "step": self.step, "total": self.total, "phase": self.phase,
                 "progress": self.step / self.total if self.total else 0.0,
                 "cancel_requested": self.cancel.is_set(), "error": self.error,
                 "created": self.created, "started": self.started, "finished": self.finished,
@@ -259,15 +262,20 @@ class JobRunner:
                 self._finish(job, state)
 
     def _progress(self, job: Job) -> Callable[..., None]:
-        def progress(step: int, total: int, **preview) -> None:
-            job.step, job.total = step, total
-            job.emit("step", step=step, total=total, **preview)
+        def progress(step: int, total: int, phase: str = "denoise", **preview) -> None:
+            if step == 0 or phase.rsplit(" ", 1)[-1] != "denoise":
+                job.phase = phase  # load, segment, text_encode, vae_encode (tiles)...
+                job.emit("phase", phase=phase, done=step, total=total)
+                return
+            job.phase, job.step, job.total = phase, step, total
+            job.emit("step", step=step, total=total, phase=phase, **preview)
             if preview:
                 job.preview_at.append(len(job.events) - 1)
                 _keep_previews(job, PREVIEWS_KEPT)
             self._run_calls()  # quick calls (masks) between two steps
             if job.cancel.is_set():
                 raise Cancelled
+        progress.wants_phases = True  # every phase (mlx_edit.progress), not only steps
         return progress
 
     def _finish(self, job: Job, state: str) -> None:

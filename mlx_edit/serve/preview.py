@@ -92,14 +92,18 @@ class Previewer:
         return z @ m[:-1] + m[-1]
 
     def for_job(self, pipe, report, every: int, max_side: int):
-        """A `progress(step, total, job)` (with `wants_job`) for an edit on `pipe`: calls
-        `report(step, total, **preview)` every step, preview = {"preview": data URL,
+        """A `progress(step, total, job)` (with `wants_job`, and `wants_phases` when
+        `report` has it: other phases are passed on) for an edit on `pipe`: calls
+        `report(step, total, phase=..., **preview)` every step, preview = {"preview": data URL,
         "preview_size": [w, h]} every `every` denoise steps and at the last one, else {}.
         `step` / `total` may count windows x steps (tiled runs): the denoise step is
         derived from their ratio."""
         prev: dict = {}
 
-        def progress(step: int, total: int, job) -> None:
+        def progress(step: int, total: int, job=None, phase: str = "denoise") -> None:
+            if job is None:  # another phase (mlx_edit.progress): passed on as it is
+                report(step, total, phase=phase)
+                return
             n = len(job.sigmas) - 1
             done = step * n // total  # denoise steps done; latents at sigmas[done]
             extra, s = {}, float(job.sigmas[done])
@@ -110,6 +114,7 @@ class Previewer:
                 url, (w, h) = to_jpeg(self.image(pipe, x, job.plan.model_size), max_side)
                 extra = {"preview": url, "preview_size": [w, h]}
             prev.update(x=job.latents, s=s)
-            report(step, total, **extra)
+            report(step, total, phase=phase, **extra)
         progress.wants_job = True
+        progress.wants_phases = getattr(report, "wants_phases", False)
         return progress

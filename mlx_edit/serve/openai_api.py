@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from mlx_edit.imaging.images import InputError, load_image
-from mlx_edit.serve.jobs import BAD_INPUT, FINISHED, Job
+from mlx_edit.serve.jobs import BAD_INPUT, FINISHED, Conflict, Job
 from mlx_edit.serve.schema import (
     OPENAI_IGNORED,
     ImagesEditForm,
@@ -247,7 +248,8 @@ async def _answer(request: Request, fields: dict, edit: EditRequest) -> JSONResp
     job: Job = runner.submit(edit)
     while job.state not in FINISHED:
         if await request.is_disconnected():
-            runner.cancel(job.id)
+            with contextlib.suppress(Conflict):  # it may have just finished
+                runner.cancel(job.id)
             break
         await asyncio.sleep(POLL_S)
     while job.state not in FINISHED:

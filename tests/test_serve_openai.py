@@ -123,6 +123,7 @@ def test_errors_have_openai_shape(server, photo):
     with pytest.raises(openai.NotFoundError) as e:
         _client(server).images.edit(image=("a.png", image), prompt="x", model="dall-e-2")
     assert "fill" in e.value.body["message"] and "klein" in e.value.body["message"]
+    assert e.value.body["param"] == "model"
 
 
 def test_docs_render_offline(server, browser):  # noqa: F811

@@ -118,13 +118,15 @@ def _pick(state, name: str | None, masked: bool, generate: bool = False) -> Serv
 class ModelNotFound(InputError):
     """`model` names no model of this server (HTTP 404)."""
 
+    param = "model"
+
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
     """(width, height) of "WIDTHxHEIGHT", None for None / "auto". InputError if bad."""
     if size in (None, "", "auto"):
         return None
     try:
-        w, h = (int(v) for v in size.lower().split("x"))
+        w, h = (int(v) for v in str(size).lower().split("x"))
     except ValueError:
         raise InputError(f"size must be WIDTHxHEIGHT (e.g. 1024x768) or auto, got "
                          f"{size!r}") from None

@@ -12,13 +12,19 @@
     POST   /v1/masks                 image + points/labels/box -> the segmenter's mask PNG
     GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
     DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
+    POST   /v1/images/edits, /v1/images/generations, GET /v1/models
+                                     the OpenAI Images API (serve/openai_api.py)
     GET    /v1/health                models loaded, queue length (no token needed)
     GET    /                         the web page (static/index.html)
+    GET    /docs, /openapi.json      the API's schema (serve/schema.py), Swagger UI from
+                                     local files (no CDN)
 
-Errors are JSON {"error": message}: 400 bad input (InputError), 401 missing/wrong token,
-403 another web site (Origin) or, without a token, a non-local Host, 404 unknown job or
-image, 409 wrong state, 413 too large, 422 JSON nested too deep or too long
-(uploads.parse_json), 429 queue full, 500 a bug (still JSON).
+Errors are JSON {"error": message} (OpenAI's error object on its routes): 400 bad input
+(InputError), 401 missing/wrong token, 403 another web site (Origin) or, without a
+token, a non-local Host, 404 unknown job, image or model, 409 wrong state, 413 too
+large, 422 a field the endpoint does not declare (top-level or in options) or JSON
+nested too deep or too long (uploads.parse_json), 429 queue full, 500 a bug (still
+JSON).
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ from pathlib import Path
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.staticfiles import StaticFiles
 
 from mlx_edit import __version__
 from mlx_edit.imaging.images import InputError
@@ -47,19 +56,19 @@ from mlx_edit.serve.config import ServeConfig, host_name
 from mlx_edit.serve.jobs import FINISHED, Conflict, JobRunner, QueueFull, UnknownJob
 from mlx_edit.serve.preview import Previewer
 from mlx_edit.serve.resident import Resident, pipeline_gb, segmenter_gb
+from mlx_edit.serve import openai_api
+from mlx_edit.serve.openai_api import ModelNotFound
+from mlx_edit.serve.schema import EditForm, MaskForm, add_components, form_body
 from mlx_edit.serve.uploads import (
     Unprocessable,
     UploadTooLarge,
     build_mask_request,
     build_request,
-    decode_base64,
-    parse_json,
+    read_fields,
 )
 
 EVENT_POLL_S = 0.05  # how often an event stream looks for new events
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing the stream
-FILE_FIELDS = ("image", "mask")
-MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
 
 
 def model_loaders(config: ServeConfig, cache=None) -> dict:
@@ -152,8 +161,9 @@ def _run_edit(state, request, progress) -> tuple[list, dict]:
             images = pipe.inpaint(request.image, mask, request.prompt, o, progress=progress)
         elif request.mode == "outpaint":
             images = pipe.outpaint(request.image, request.prompt, o, progress=progress)
-        else:
-            images = pipe.edit(request.image, request.prompt, o, mask=mask,
+        else:  # image None: text-to-image (FLUX.2 [klein])
+            images = pipe.edit([request.image, *request.references] if request.references
+                               else request.image, request.prompt, o, mask=mask,
                                progress=progress)
         # the pipeline's own load_stats are its construction's, paid once, not by this job
         return images, {**{k: v for k, v in pipe.last_stats.items()
@@ -182,8 +192,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = JSONResponse({"error": f"the request is over this server's limit of "
-                                              f"{self.max_bytes} bytes"}, 413)
+            response = _error(413, f"the request is over this server's limit of "
+                                   f"{self.max_bytes} bytes", path=scope["path"])
             return await response(scope, receive, send)
         seen = 0
 
@@ -218,67 +228,45 @@ class SameSite:
             elif self.config.token is None and host_name(host) not in self.config.local_hosts:
                 message = f"Host {host!r} refused: without --token only local names are served"
             if message:
-                return await JSONResponse({"error": message}, 403)(scope, receive, send)
+                return await _error(403, message, path=scope["path"])(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, message: str, headers: dict | None = None, path: str = "",
+           param: str | None = None) -> JSONResponse:
+    """{"error": message}, or OpenAI's error object on its routes (serve/openai_api.py)."""
+    if path.startswith(openai_api.PREFIXES):
+        return JSONResponse(openai_api.error_body(status, message, param), status,
+                            headers=headers)
     return JSONResponse({"error": message}, status, headers=headers)
 
 
 def _handlers(app: FastAPI) -> None:
-    """Every error as {"error": message} with its status."""
-    table = {InputError: 400, Unprocessable: 422, UploadTooLarge: 413, QueueFull: 429,
-             Conflict: 409, UnknownJob: 404}
+    """Every error as {"error": message} with its status (OpenAI's shape on its routes)."""
+    table = {ModelNotFound: 404, InputError: 400, Unprocessable: 422, UploadTooLarge: 413,
+             QueueFull: 429, Conflict: 409, UnknownJob: 404}
     for exc_type, status in table.items():
         async def handle(request, exc, status=status):
-            return _error(status, " ".join(str(exc).split()))
+            return _error(status, " ".join(str(exc).split()), path=request.url.path,
+                          param=getattr(exc, "param", None))
         app.add_exception_handler(exc_type, handle)
 
     async def http_error(request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None),
+                      request.url.path)
 
     async def validation(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+        return _error(400, f"{where}: {first.get('msg', 'invalid request')}",
+                      path=request.url.path)
 
     async def bug(request, exc: Exception):  # logged with its traceback by Starlette
         return _error(500, f"internal error ({type(exc).__name__}): "
-                           f"{' '.join(str(exc).split())[:200]}")
+                           f"{' '.join(str(exc).split())[:200]}", path=request.url.path)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(Exception, bug)
-
-
-async def _fields(request: Request) -> tuple[dict, dict]:
-    """(fields, files as bytes) of a multipart form or a JSON body."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("application/json"):
-        body = parse_json(await request.body(), "the JSON body")
-        if not isinstance(body, dict):
-            raise InputError("the JSON body must be an object")
-        files = {k: decode_base64(body.pop(k), k) for k in FILE_FIELDS if k in body}
-        return body, files
-    if not ctype.startswith("multipart/form-data"):
-        raise InputError("send multipart/form-data or application/json")
-    try:
-        form = await request.form(max_files=len(FILE_FIELDS), max_fields=16,
-                                  max_part_size=MAX_FIELD_BYTES)
-    except HTTPException as e:  # Starlette's 400 for a form field over max_part_size
-        if "maximum size" in str(e.detail):
-            raise UploadTooLarge(f"a form field is over this server's limit of "
-                                 f"{MAX_FIELD_BYTES} bytes (send images as files)") from None
-        raise
-    fields, files = {}, {}
-    for key, value in form.multi_items():
-        if isinstance(value, str):
-            fields[key] = value
-        elif key in FILE_FIELDS:
-            files[key] = await value.read()
-        else:
-            raise InputError(f"unexpected file field {key!r}; send image and mask")
-    return fields, files
 
 
 def _page() -> str:
@@ -303,13 +291,13 @@ router = APIRouter()
 api = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 
 
-@api.post("/edits", status_code=202)
+@api.post("/edits", status_code=202, openapi_extra=form_body(EditForm, json_too=True))
 async def submit(request: Request):
     """Queue an edit. Multipart: image, mask (or points/labels/box as JSON), prompt,
     mode (inpaint | outpaint | edit), options (JSON object of EditOptions fields),
     priority (interactive | batch). Or a JSON body with base64 image/mask."""
     state = request.app.state
-    fields, files = await _fields(request)
+    fields, files = await read_fields(request, EditForm.model_fields)
     req = await run_in_threadpool(build_request, fields, files, state.config,
                                   state.resident.kinds - {"segmenter"}, state.segmenter,
                                   state.has_ranker)
@@ -318,14 +306,14 @@ async def submit(request: Request):
                         headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@api.post("/masks")
+@api.post("/masks", openapi_extra=form_body(MaskForm, json_too=True))
 async def masks(request: Request):
     """Segment without editing (to preview a mask from clicks): multipart image and
     points ([[x, y], ...] px) / labels ([1 | 0, ...]) / box ([x0, y0, x1, y1]) as JSON, or
     a JSON body with a base64 image. Returns the mask PNG (white = the object) at the
     image's size. Runs on the worker, between two steps of a running edit."""
     state = request.app.state
-    fields, files = await _fields(request)
+    fields, files = await read_fields(request, MaskForm.model_fields)
     image, prompts = await run_in_threadpool(build_mask_request, fields, files,
                                              state.config, state.segmenter)
     mask = await asyncio.wrap_future(state.runner.call(
@@ -384,6 +372,9 @@ def cancel(job_id: str, request: Request):
     return request.app.state.runner.cancel(job_id).summary()
 
 
+api.include_router(openai_api.router)  # /v1/images/..., /v1/models: the same token
+
+
 def _source(state, kind: str) -> str:
     """Where a model comes from: the loaded model's source, else the configured one."""
     model = state.resident.models.get(kind)
@@ -413,6 +404,38 @@ def health(request: Request):
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def page():
     return HTMLResponse(_page())
+
+
+def _docs(app: FastAPI) -> None:
+    """`/openapi.json` with every request schema (serve/schema.py) and `/docs`: Swagger UI
+    from the files the fastapi-offline package ships (no CDN: it works offline), or,
+    without that package, a page pointing to /openapi.json."""
+    def openapi():
+        if app.openapi_schema is None:
+            app.openapi_schema = add_components(get_openapi(
+                title=app.title, version=app.version, routes=app.routes))
+        return app.openapi_schema
+    app.openapi = openapi
+    try:  # Swagger UI 5 (OpenAPI 3.1), its files packaged by fastapi-offline
+        import fastapi_offline
+        assets = Path(fastapi_offline.__file__).parent / "static"
+    except ImportError:
+        assets = None
+    if assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=str(assets)), "docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        if assets is None:
+            return HTMLResponse('<p>The API is described in <a href="/openapi.json">'
+                                "/openapi.json</a> (pip install fastapi-offline for a "
+                                "browsable page here).</p>")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="mlx-edit API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None})
 
 
 def _resident(config: ServeConfig, pipelines: dict | None):
@@ -445,7 +468,8 @@ def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
         yield
         await run_in_threadpool(app.state.runner.close)
 
-    app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="mlx-edit", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     state = app.state
     state.config, state.previewer = config, Previewer()
     state.resident, segmenter, state.prompt_cache = _resident(config, pipelines)
@@ -462,4 +486,5 @@ def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
     _handlers(app)
     app.include_router(router)
     app.include_router(api)
+    _docs(app)
     return app

@@ -35,6 +35,7 @@ from mlx_edit.imaging.images import png_writer
 from mlx_edit.serve.uploads import EditRequest
 
 FINISHED = ("done", "failed", "cancelled")
+BAD_INPUT = ("InputError", "EmptyMaskError")  # a failed job's error_type: the request's fault
 log = logging.getLogger("mlx_edit.serve")
 
 
@@ -71,6 +72,7 @@ class Job:
     total: int = 0
     phase: str | None = None  # the running phase (mlx_edit.progress): load, denoise...
     error: str | None = None
+    error_type: str | None = None  # the failure's exception class name
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -251,8 +253,8 @@ class JobRunner:
             except Cancelled:
                 state = "cancelled"
             except Exception as e:  # any failure is the job's, never the worker's
-                if type(e).__name__ not in ("InputError", "EmptyMaskError",
-                                            "WeightLoadError"):
+                job.error_type = type(e).__name__
+                if job.error_type not in BAD_INPUT + ("WeightLoadError",):
                     log.exception("job %s failed", job.id)
                 job.error, state = " ".join(str(e).split()) or type(e).__name__, "failed"
             with self._lock:
@@ -280,6 +282,7 @@ class JobRunner:
         """Record the end of `job` (lock held) and evict the oldest finished jobs."""
         job.state, job.finished = state, time.time()
         job.request.image = job.request.mask = None  # inputs are not kept, only results
+        job.request.references = []
         job.stats = {"queued_s": (job.started or job.finished) - job.created,
                      "run_s": job.finished - (job.started or job.finished), **job.stats}
         job.emit(state, **({"error": job.error} if job.error else {}),

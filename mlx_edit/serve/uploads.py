@@ -24,10 +24,18 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mlx_edit.imaging.images import InputError, load_image, load_mask
-from mlx_edit.options import MAX_PROMPT_BYTES, EditOptions, check_canvas, check_prompt
+from mlx_edit.options import (
+    FIELDS,
+    MAX_PROMPT_BYTES,
+    EditOptions,
+    check_canvas,
+    check_prompt,
+)
 from mlx_edit.serve.config import ServeConfig
 
 FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC stay local
+FILE_FIELDS = ("image", "mask")
+MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
 PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
 PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
 SERVED_MODES = {"inpaint": "fill", "outpaint": "fill", "edit": "kontext"}
@@ -42,8 +50,22 @@ class UploadTooLarge(Exception):
 
 
 class Unprocessable(InputError):
-    """Well-formed but beyond what the server processes: JSON nested deeper than
-    MAX_JSON_DEPTH or with more than MAX_JSON_TOKENS brackets/strings (HTTP 422)."""
+    """Well-formed but beyond what the server processes: a field no schema declares
+    (`check_fields`), JSON nested deeper than MAX_JSON_DEPTH or with more than
+    MAX_JSON_TOKENS brackets/strings (HTTP 422)."""
+
+
+def check_fields(fields, known, where: str, aliases: dict[str, str] | None = None) -> None:
+    """Raise Unprocessable (HTTP 422) naming the `fields` (names) not in `known` (the
+    declared names: serve/schema.py's models, options.FIELDS); `aliases`: {sent name:
+    declared name}, e.g. "image[]" -> "image"."""
+    aliases = aliases or {}
+    unknown = [k for k in fields if aliases.get(k, k) not in known]
+    if unknown:
+        error = Unprocessable(f"unknown field{'s' if len(unknown) > 1 else ''} in {where}: "
+                              f"{', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        error.param = unknown[0]
+        raise error
 
 
 def parse_json(data: str | bytes, what: str) -> Any:
@@ -72,9 +94,10 @@ def parse_json(data: str | bytes, what: str) -> Any:
 @dataclass
 class EditRequest:
     """One checked edit: mode ("inpaint" | "outpaint" | "edit"), the pipeline kind that
-    serves it ("fill" | "kontext"), prompt, image (RGB PIL, upright), mask (float32 (H, W)
-    in [0, 1], a list of `segment.Points` / `Box`, or None), options (EditOptions
-    resolved for the mode), priority (0 interactive, 1 batch)."""
+    serves it ("fill" | "kontext"), prompt, image (RGB PIL, upright; None: text-to-image,
+    edit mode), mask (float32 (H, W) in [0, 1], a list of `segment.Points` / `Box`, or
+    None), options (EditOptions resolved for the mode), priority (0 interactive, 1
+    batch), references (edit mode: more RGB PIL images after `image`)."""
 
     mode: str
     kind: str
@@ -83,6 +106,7 @@ class EditRequest:
     mask: Any
     options: EditOptions
     priority: int = 0
+    references: list = dataclasses.field(default_factory=list)
 
 
 def open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
@@ -154,7 +178,7 @@ def served_variant(mode: str, config: ServeConfig):
         raise InputError(str(e)) from None
 
 
-def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
+def _options(fields: dict, mode: str, config: ServeConfig, variant=None) -> EditOptions:
     raw = _json_field(fields, "options", {}) or {}
     if not isinstance(raw, dict):
         raise InputError(f"options must be a JSON object, got {type(raw).__name__}")
@@ -162,7 +186,8 @@ def _options(fields: dict, mode: str, config: ServeConfig) -> EditOptions:
         if name in raw:
             raise InputError(f"option {name} names files on the server: not accepted over "
                              "HTTP (the server's configuration chooses models)")
-    options = EditOptions.from_dict(raw, mode, served_variant(mode, config))
+    check_fields(raw, [k for k in FIELDS if k not in PATH_OPTIONS], "options")
+    options = EditOptions.from_dict(raw, mode, variant or served_variant(mode, config))
     if options.num_images > config.max_images:
         raise InputError(f"num_images must be <= {config.max_images} on this server, got "
                          f"{options.num_images}")
@@ -196,33 +221,40 @@ def _click_mask(fields: dict, segmenter: str | None, image_size: tuple[int, int]
     return prompts
 
 
-def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
-                  kinds: set[str], segmenter: str | None = None,
-                  has_ranker: bool = False) -> EditRequest:
-    """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
-
-    fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
-    priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
-    clicks, with a segmenter). files: image (required), mask (white = repaint).
-    kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
-    `ranker/` (else rank is refused: it would download a CLIP model). Raises InputError,
-    UploadTooLarge."""
-    mode = fields.get("mode") or "inpaint"
-    if mode not in SERVED_MODES:
-        raise InputError(f"mode must be one of {', '.join(SERVED_MODES)}, got {mode!r}")
-    if SERVED_MODES[mode] not in kinds:
-        raise InputError(f"this server has no {SERVED_MODES[mode]} model for {mode}")
+def request_prompt(fields: dict) -> str:
+    """The checked `prompt` field. Raises InputError (missing, bad characters),
+    UploadTooLarge (over MAX_PROMPT_BYTES)."""
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is required")
     size = len(prompt.encode("utf-8", "surrogatepass"))
     if size > MAX_PROMPT_BYTES:  # a size: 413, before the job's tokenizer sees it
         raise UploadTooLarge(f"prompt is {size} bytes, over the limit of {MAX_PROMPT_BYTES}")
-    check_prompt(prompt)
+    return check_prompt(prompt)
+
+
+def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
+                  kinds: set[str], segmenter: str | None = None,
+                  has_ranker: bool = False, variant=None) -> EditRequest:
+    """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
+
+    fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
+    priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
+    clicks, with a segmenter). files: image (required), mask (white = repaint).
+    kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
+    `ranker/` (else rank is refused: it would download a CLIP model). variant: the
+    served model's (mlx_edit.variants; None: `served_variant`). Raises InputError,
+    UploadTooLarge."""
+    mode = fields.get("mode") or "inpaint"
+    if mode not in SERVED_MODES:
+        raise InputError(f"mode must be one of {', '.join(SERVED_MODES)}, got {mode!r}")
+    if SERVED_MODES[mode] not in kinds:
+        raise InputError(f"this server has no {SERVED_MODES[mode]} model for {mode}")
+    prompt = request_prompt(fields)
     priority = fields.get("priority") or "interactive"
     if priority not in PRIORITIES:
         raise InputError(f"priority must be interactive or batch, got {priority!r}")
-    options = _options(fields, mode, config)
+    options = _options(fields, mode, config, variant)
     if options.rank and not has_ranker:
         raise InputError("rank needs a ranker/ in this server's model folder")
     if "image" not in files:
@@ -243,6 +275,48 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
                      image.height + options.top + options.bottom)
     return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
                        PRIORITIES[priority])
+
+
+async def read_fields(request, known, where: str = "the request",
+                      file_fields: tuple[str, ...] = FILE_FIELDS,
+                      max_files: int = len(FILE_FIELDS)) -> tuple[dict, dict]:
+    """(fields, files as bytes) of a Starlette request's multipart form or JSON body (its
+    `file_fields` base64). A file field named "x[]" may repeat: a list of bytes. Fields
+    not in `known` (an endpoint's schema, serve/schema.py; "x[]" counts as "x") are
+    refused: Unprocessable (422) naming them. Raises InputError, UploadTooLarge."""
+    from starlette.exceptions import HTTPException
+
+    aliases = {k: k[:-2] for k in file_fields if k.endswith("[]")}
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        body = parse_json(await request.body(), "the JSON body")
+        if not isinstance(body, dict):
+            raise InputError("the JSON body must be an object")
+        check_fields(body, known, where)
+        return body, {k: decode_base64(body.pop(k), k) for k in file_fields if k in body}
+    if not ctype.startswith("multipart/form-data"):
+        raise InputError("send multipart/form-data or application/json")
+    try:
+        form = await request.form(max_files=max_files, max_fields=32,
+                                  max_part_size=MAX_FIELD_BYTES)
+    except HTTPException as e:  # Starlette's 400 for a form field over max_part_size
+        if "maximum size" in str(e.detail):
+            raise UploadTooLarge(f"a form field is over this server's limit of "
+                                 f"{MAX_FIELD_BYTES} bytes (send images as files)") from None
+        raise
+    check_fields(dict(form.multi_items()), known, where, aliases)
+    fields, files = {}, {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            fields[key] = value
+        elif key not in file_fields:
+            raise InputError(f"{key} must be a text field, not a file; the files are "
+                             f"{', '.join(file_fields)}")
+        elif key in aliases:
+            files.setdefault(key, []).append(await value.read())
+        else:
+            files[key] = await value.read()
+    return fields, files
 
 
 def build_mask_request(fields: dict, files: dict[str, bytes], config: ServeConfig,

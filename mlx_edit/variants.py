@@ -65,10 +65,9 @@ class Variant:
 
 
 KLEIN_PIPELINES = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
-# FLUX.1's image prompts, ControlNets, step caches (FLUX.1 transformer hooks), two-pass
-# refinement, seam repair and ranking (FluxFill's passes), Kontext's true_cfg_scale and
+# FLUX.1's image prompts, ControlNets, two-pass refinement, seam repair and ranking (FluxFill's passes), Kontext's true_cfg_scale and
 # auto_resize: not klein's. A distilled klein has no true CFG: no negative prompt either.
-KLEIN_REFUSES = ("ip_adapters", "redux", "controlnets", "cache", "detail_pass", "global_pass",
+KLEIN_REFUSES = ("ip_adapters", "redux", "controlnets", "detail_pass", "global_pass",
                  "seam_fix", "rank", "keep_best", "true_cfg_scale", "auto_resize")
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fill", "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev", 384, True, 50, 30.0,

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit.models.flux import FluxTransformer, add_control, cache_units
+from mlx_edit.models.flux import BlockPass, FluxTransformer, add_control, cache_units
+from mlx_edit.models.flux2 import Flux2Transformer
 from mlx_edit.sampling.compiled import traced
 
 # diffusers' FLUX.1-dev magnitude ratios for 28 steps (hooks/mag_cache.py FLUX_MAG_RATIOS,
@@ -43,6 +44,8 @@ _ATTENTION_UNITS = ("^blocks.*attn", "^transformer_blocks.*attn",
                     "^single_transformer_blocks.*attn", "^temporal_transformer_blocks.*attn")
 _LITE_SKIP = ("^[^.]*block[^.]*\\.[^.]+$",)
 _LITE_CACHE = ("^proj_out$",)
+TAYLOR_FLUX2 = ("TaylorSeer is not available for FLUX.2 [klein] yet (its attention units are "
+                "not hooked): use --cache fbc:T or mag:T")
 
 
 @dataclass
@@ -367,7 +370,39 @@ def taylor_units(cfg: TaylorSeer, units: Sequence[str]) -> dict[str, str]:
     return modes
 
 
-def start(cache: CacheConfig, model: FluxTransformer, num_steps: int,
+class Flux2Pieces:
+    """A Flux2Transformer seen through FluxTransformer's hook points (`embed`, `blocks`,
+    `final`), so the caches above run on FLUX.2 [klein] unchanged: `embed` takes (and
+    ignores) FLUX.1's pooled vector, `blocks` builds the blocks' modulations from vec and
+    returns a BlockPass whose `raw` is the image stream (FLUX.2 has no ControlNets or
+    IP-Adapters). diffusers' hooks wrap the same units of Flux2Transformer2DModel
+    (transformer_blocks[0] the First Block Cache's head)."""
+
+    def __init__(self, model: Flux2Transformer):
+        self.model, self.config = model, model.config
+        self.double_blocks, self.single_blocks = model.double_blocks, model.single_blocks
+
+    @property
+    def state(self):
+        return self.model.state
+
+    def embed(self, img, txt, timestep, pooled, guidance):
+        return self.model.embed(img, txt, timestep, guidance)
+
+    def blocks(self, x, ctx, vec, rope, *, start=0, stop=None, controlnet=(), ip=(),
+               record=None, replace=None):
+        if controlnet or ip or record or replace:
+            raise ValueError("FLUX.2 step caches take no ControlNets, IP-Adapters or "
+                             "TaylorSeer units")
+        img, txt = self.model.blocks(x, ctx, self.model.modulations(vec), rope, start=start,
+                                     stop=stop)
+        return BlockPass(img, txt, img, {})
+
+    def final(self, x, vec):
+        return self.model.final(x, vec)
+
+
+def start(cache: CacheConfig, model: FluxTransformer | Flux2Transformer, num_steps: int,
           compile: bool = False) -> StepCache:
     """A fresh per-edit state for `cache` on `model` over `num_steps` denoising steps, its
     pieces under `mx.compile` when `compile`. One state per sequence of evaluations: true
@@ -378,6 +413,10 @@ def start(cache: CacheConfig, model: FluxTransformer, num_steps: int,
     if type(cache) not in kinds:
         raise ValueError(f"unknown step cache {cache!r}: use FirstBlockCache, TaylorSeer "
                          "or MagCache")
+    if isinstance(model, Flux2Transformer):
+        if isinstance(cache, TaylorSeer):
+            raise ValueError(TAYLOR_FLUX2)
+        model = Flux2Pieces(model)
     return kinds[type(cache)](cache, model, num_steps, compile)
 
 

@@ -2,6 +2,11 @@
 
     python benchmarks/bench_cache.py --preset wide --image-tokens 256 --text-tokens 128 \
         [--double 1 --single 2] [--steps 28] [--cache fbc:0.12 --cache mag:0.06 ...]
+    python benchmarks/bench_cache.py --family flux2 --preset wide --steps 4 ...
+
+FLUX.2 [klein] (`--family flux2`, presets tiny|wide of bench_flux2.py): our
+Flux2Transformer with MLX's random initialisation (no torch), random target tokens and Qwen3
+embeddings, klein's schedule (empirical mu) and no guidance; TaylorSeer is FLUX.1's only.
 
 RANDOM WEIGHTS: diffusers' FluxTransformer2DModel built from the preset's config under
 torch.manual_seed (as bench_transformer.py), loaded into ours; Fill inputs are random
@@ -37,7 +42,8 @@ from bench_transformer import build_reference, make_inputs, to_ours  # noqa: E40
 from mlx_edit.sampling.cache_spec import parse_cache  # noqa: E402
 from mlx_edit.models.flux import FluxConfig  # noqa: E402
 from mlx_edit.sampling.denoise import PromptEmbeds, denoise  # noqa: E402
-from mlx_edit.sampling.sampler import SchedulerConfig, flux_sigmas  # noqa: E402
+from mlx_edit.sampling.sampler import (SchedulerConfig, empirical_mu,  # noqa: E402
+                                        flux_sigmas)
 
 REFERENCE_SETTINGS = ("fbc:0.08", "fbc:0.12", "taylorseer:5", "taylorseer:5,lite",
                       "mag:0.06", "mag:0.12")
@@ -46,6 +52,7 @@ FIXTURE_SETTINGS = ("fbc:0.4", "fbc:0.5")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", default="flux1", choices=("flux1", "flux2"))
     ap.add_argument("--preset", default="wide", choices=("tiny", "small", "wide"))
     ap.add_argument("--image-tokens", type=int, default=256)
     ap.add_argument("--text-tokens", type=int, default=128)
@@ -68,29 +75,59 @@ def psnr(x: np.ndarray, ref: np.ndarray) -> float:
 
 def run(model, inp: dict, sigmas: np.ndarray, guidance: float, cache) -> tuple[dict, np.ndarray]:
     img = mx.array(inp["img"])
-    embeds = PromptEmbeds(mx.array(inp["txt"]), mx.array(inp["pooled"]))
+    pooled = inp.get("pooled")
+    embeds = PromptEmbeds(mx.array(inp["txt"]), None if pooled is None else mx.array(pooled))
+    latents, conditioning = (img, None) if pooled is None else (img[..., :64], img[..., 64:])
     stats: dict = {}
     t0 = time.perf_counter()
-    *_, (_, latents) = denoise(model, img[..., :64], img[..., 64:], mx.array(inp["img_ids"]),
+    *_, (_, latents) = denoise(model, latents, conditioning, mx.array(inp["img_ids"]),
                                embeds, sigmas, guidance, cache=cache, stats=stats)
     stats["wall_s"] = time.perf_counter() - t0
     return stats, np.array(latents)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
+def flux2_setup(args) -> tuple:
+    """(model, config, inputs, sigmas) for `--family flux2`: random MLX weights."""
+    import bench_flux2
+
+    from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
+    from mlx_edit.sampling.latents_flux2 import latent_ids
+
+    mx.random.seed(args.seed)
+    cfg = Flux2Config.from_dict(bench_flux2.config(args.preset, args.double, args.single))
+    model = Flux2Transformer(cfg)
+    mx.eval(model.parameters())
+    side = int(round(args.image_tokens ** 0.5))
+    rng = np.random.default_rng(args.seed)
+    inp = {"img": rng.standard_normal((1, side * side, cfg.in_channels), np.float32),
+           "txt": rng.standard_normal((1, args.text_tokens, cfg.joint_attention_dim),
+                                      np.float32),
+           "img_ids": np.array(latent_ids(side, side))}
+    mu = empirical_mu(side * side, args.steps)
+    return model, cfg, inp, flux_sigmas(args.steps, side * side, SchedulerConfig(), mu=mu)
+
+
+def flux1_setup(args) -> tuple:
+    """(model, config, inputs, sigmas) for FLUX.1 Fill: diffusers' random weights."""
     ref_model, cfg_dict = build_reference(args.preset, args.double, args.single, args.seed,
                                           "float32")
     model = to_ours(ref_model, cfg_dict, "float32", None)
     del ref_model
     cfg = FluxConfig.from_dict(cfg_dict)
     inp = make_inputs(cfg, args.image_tokens, args.text_tokens, args.seed)
-    sigmas = flux_sigmas(args.steps, args.image_tokens, SchedulerConfig())
-    print(f"RANDOM WEIGHTS, preset {args.preset}: hidden {cfg.hidden_size}, {args.double} "
+    return model, cfg, inp, flux_sigmas(args.steps, args.image_tokens, SchedulerConfig())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
+    setup = flux2_setup if args.family == "flux2" else flux1_setup
+    model, cfg, inp, sigmas = setup(args)
+    print(f"RANDOM WEIGHTS, {args.family} preset {args.preset}: hidden {cfg.hidden_size}, {args.double} "
           f"double + {args.single} single blocks; {args.image_tokens} image + "
           f"{args.text_tokens} text tokens; {args.steps} steps; float32")
-    specs = args.cache or [*REFERENCE_SETTINGS, *FIXTURE_SETTINGS]
+    specs = args.cache or [s for s in (*REFERENCE_SETTINGS, *FIXTURE_SETTINGS)
+                           if args.family == "flux1" or not s.startswith("taylorseer")]
     run(model, inp, sigmas[:3], args.guidance, None)  # warm-up (allocator, BLAS threads)
     base_stats, base = run(model, inp, sigmas, args.guidance, None)
     rows = [("none", f"{args.steps}/{args.steps}", "C" * args.steps,

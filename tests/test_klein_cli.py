@@ -118,6 +118,26 @@ def test_api_text_to_image_crop_sam_keep_size(klein, tiny_sam_mlx):
         pipe.edit([photo], "x", prompt_2="y", **short)
 
 
+def test_tiled_inpaint_with_reference(klein, photos):
+    """A klein inpaint on a photo over the model budget with tile_mode on: windows, the
+    references (the canvas and the user's) appended to every window's tokens; pixels
+    outside the mask are the photo's exactly, the reference changes the masked ones."""
+    pipe = FluxKlein.from_pretrained(klein)
+    photo = Image.fromarray(data.astronaut()).resize((448, 320))
+    mask = np.zeros((320, 448), np.float32)
+    mask[20:300, 30:420] = 1
+    run = dict(steps=1, seed=2, feather=0, tile_mode="on", max_model_pixels=256 * 256,
+               max_sequence_length=32)
+    job = pipe.inpaint_job(photo, mask, "a cup", reference=photos / "coffee.png", **run)
+    assert job.windows.count > 1 and job.tokens.shape[1] > job.latents.shape[1]
+    res = np.asarray(pipe.run(job)[0])
+    alone = np.asarray(pipe.inpaint(photo, mask, "a cup", **run)[0])
+    src, inside = np.asarray(photo), mask == 1
+    assert np.array_equal(res[~inside], src[~inside])
+    assert not np.array_equal(res[inside], src[inside])
+    assert not np.array_equal(res[inside], alone[inside])
+
+
 def test_memory_estimate_counts_klein_parts(klein):
     est = FluxKlein.from_pretrained(klein, low_memory=True).memory_estimate(1024, 1024)
     assert {"weights_transformer", "weights_vae", "weights_text_encoder"} <= set(est)

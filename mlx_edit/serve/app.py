@@ -57,6 +57,7 @@ from mlx_edit.serve.uploads import (
 EVENT_POLL_S = 0.05  # how often an event stream looks for new events
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing the stream
 FILE_FIELDS = ("image", "mask")
+MAX_REFERENCES = 4  # `reference` uploads of one edit (Kontext's further images)
 MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
 
 
@@ -147,8 +148,8 @@ def run_edit(state, request, progress) -> tuple[list, dict]:
         elif request.mode == "outpaint":
             images = pipe.outpaint(request.image, request.prompt, o, progress=progress)
         else:
-            images = pipe.edit(request.image, request.prompt, o, mask=mask,
-                               progress=progress)
+            images = pipe.edit([request.image, *request.references], request.prompt, o,
+                               mask=mask, progress=progress)
         # the pipeline's own load_stats are its construction's, paid once, not by this job
         return images, {**{k: v for k, v in pipe.last_stats.items()
                            if k not in pipe.load_stats}, **stats}
@@ -253,25 +254,33 @@ async def _fields(request: Request) -> tuple[dict, dict]:
         if not isinstance(body, dict):
             raise InputError("the JSON body must be an object")
         files = {k: decode_base64(body.pop(k), k) for k in FILE_FIELDS if k in body}
+        refs = body.pop("references", [])
+        if not isinstance(refs, list) or len(refs) > MAX_REFERENCES:
+            raise InputError(f"references must be a list of up to {MAX_REFERENCES} base64 "
+                             "images")
+        files["references"] = [decode_base64(v, f"reference {i + 1}")
+                               for i, v in enumerate(refs)]
         return body, files
     if not ctype.startswith("multipart/form-data"):
         raise InputError("send multipart/form-data or application/json")
     try:
-        form = await request.form(max_files=len(FILE_FIELDS), max_fields=16,
+        form = await request.form(max_files=len(FILE_FIELDS) + MAX_REFERENCES, max_fields=16,
                                   max_part_size=MAX_FIELD_BYTES)
     except HTTPException as e:  # Starlette's 400 for a form field over max_part_size
         if "maximum size" in str(e.detail):
             raise UploadTooLarge(f"a form field is over this server's limit of "
                                  f"{MAX_FIELD_BYTES} bytes (send images as files)") from None
         raise
-    fields, files = {}, {}
+    fields, files = {}, {"references": []}
     for key, value in form.multi_items():
         if isinstance(value, str):
             fields[key] = value
         elif key in FILE_FIELDS:
             files[key] = await value.read()
+        elif key == "reference":
+            files["references"].append(await value.read())
         else:
-            raise InputError(f"unexpected file field {key!r}; send image and mask")
+            raise InputError(f"unexpected file field {key!r}; send image, mask, reference")
     return fields, files
 
 
@@ -301,7 +310,8 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 async def submit(request: Request):
     """Queue an edit. Multipart: image, mask (or points/labels/box as JSON), prompt,
     mode (inpaint | outpaint | edit), options (JSON object of EditOptions fields),
-    priority (interactive | batch). Or a JSON body with base64 image/mask."""
+    priority (interactive | batch), reference (edit only: up to MAX_REFERENCES further
+    images, repeated). Or a JSON body with base64 image/mask (references: a list)."""
     state = request.app.state
     fields, files = await _fields(request)
     req = await run_in_threadpool(build_request, fields, files, state.config,

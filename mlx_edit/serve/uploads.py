@@ -74,7 +74,8 @@ class EditRequest:
     """One checked edit: mode ("inpaint" | "outpaint" | "edit"), the pipeline kind that
     serves it ("fill" | "kontext"), prompt, image (RGB PIL, upright), mask (float32 (H, W)
     in [0, 1], a list of `segment.Points` / `Box`, or None), options (EditOptions
-    resolved for the mode), priority (0 interactive, 1 batch)."""
+    resolved for the mode), priority (0 interactive, 1 batch), references (edit mode: the
+    further images, RGB PIL, upright)."""
 
     mode: str
     kind: str
@@ -83,6 +84,7 @@ class EditRequest:
     mask: Any
     options: EditOptions
     priority: int = 0
+    references: list = dataclasses.field(default_factory=list)
 
 
 def open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
@@ -196,14 +198,15 @@ def _click_mask(fields: dict, segmenter: str | None, image_size: tuple[int, int]
     return prompts
 
 
-def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
+def build_request(fields: dict, files: dict, config: ServeConfig,
                   kinds: set[str], segmenter: str | None = None,
                   has_ranker: bool = False) -> EditRequest:
     """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
 
     fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
     priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
-    clicks, with a segmenter). files: image (required), mask (white = repaint).
+    clicks, with a segmenter). files: image (required), mask (white = repaint) as bytes,
+    references (edit mode only: a list of bytes).
     kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
     `ranker/` (else rank is refused: it would download a CLIP model). Raises InputError,
     UploadTooLarge."""
@@ -228,6 +231,11 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
+    refs = files.get("references") or []
+    if refs and mode != "edit":
+        raise InputError(f"{mode} takes no reference images (they are edit mode's)")
+    refs = [load_image(open_image(b, f"reference {i + 1}", config.max_pixels))
+            for i, b in enumerate(refs)]
     mask = _click_mask(fields, segmenter, image.size)
     if mask is not None:
         options = dataclasses.replace(options, segment_model=segmenter)
@@ -242,7 +250,7 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
         check_canvas(image.width + options.left + options.right,
                      image.height + options.top + options.bottom)
     return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
-                       PRIORITIES[priority])
+                       PRIORITIES[priority], refs)
 
 
 def build_mask_request(fields: dict, files: dict[str, bytes], config: ServeConfig,

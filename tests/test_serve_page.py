@@ -233,6 +233,76 @@ def test_undo_redo_zoom_and_pan(served, photo_file):
     assert np.array_equal(alpha(page), painted)
 
 
+def submitted(page, count):
+    """Submit and wait for the history to hold `count` results."""
+    page.click("#submit")
+    page.wait_for_function(f"document.querySelectorAll('#history img').length === {count}"
+                           " && document.querySelector('#history img').naturalWidth > 0")
+
+
+def captions(page, selector):
+    return [e.inner_text() for e in page.query_selector_all(selector)]
+
+
+def test_history_seeds_and_new_photo(served, photo_file, tmp_path):
+    """Unlocked, each submit draws a new seed; the candidates show their seeds and are
+    scrolled into view; the history keeps every result across a new submit and an error,
+    reloads one's settings (its seed, locked) and downloads it. A new photo clears the old
+    preview, results and mask (the history stays); outpaint hides the mask, and switching
+    mode clears it (undoably)."""
+    img, path = photo_file
+    page = new_page(*served, 1100, 500)  # the results below the fold
+    open_photo(page, path)
+    line(page, (20, 20), (50, 40))
+    page.fill("#prompt", "a red hat")
+    page.fill("#steps", "1")
+    submitted(page, 1)
+    first = int(page.input_value("#seed"))
+    assert not page.is_checked("#seed-lock")
+    assert captions(page, "#results figcaption") == [f"seed {first}"]
+    page.wait_for_function("""() => { const r = results.getBoundingClientRect();
+        return r.top >= 0 && r.bottom <= innerHeight + 1; }""")
+    assert page.evaluate("scrollY") > 0  # below the fold at first: scrolled into view
+    page.fill("#num", "2")
+    submitted(page, 3)
+    second = int(page.input_value("#seed"))
+    assert second != first
+    assert captions(page, "#results figcaption") == [f"seed {second}", f"seed {second + 1}"]
+    page.fill("#steps", "0")  # refused by the server
+    page.click("#submit")
+    page.wait_for_selector("#status.error")
+    assert "steps" in page.inner_text("#status")
+    assert page.locator("#history img").count() == 3 == page.locator("#results img").count() + 1
+    assert [c.split(" \u00b7 ")[1] for c in captions(page, "#history figcaption")] == \
+        [f"seed {second + 1}", f"seed {second}", f"seed {first}"]
+    if os.environ.get("MLX_EDIT_SCREENSHOT"):
+        page.set_viewport_size({"width": 1400, "height": 900})
+        page.evaluate("fit(); scrollTo(0, 0)")
+        page.screenshot(path=os.environ["MLX_EDIT_SCREENSHOT"])
+    page.click("#history figure:last-child img")
+    assert (page.input_value("#seed"), page.input_value("#num"), page.input_value("#steps"),
+            page.is_checked("#seed-lock")) == (str(first), "1", "1", True)
+    with page.expect_download() as download:
+        page.click("#history figure:last-child a")
+    out = Image.open(download.value.path())
+    assert out.size == SIZE and out.text["seed"] == str(first)
+
+    other = tmp_path / "other.png"
+    img.resize((80, 64)).save(other)
+    page.set_input_files("#file", str(other))
+    page.wait_for_function("photo.width === 80")
+    assert page.locator("#results img").count() == 0 and not page.is_visible("#download")
+    assert not page.is_visible("#live") and alpha(page).max() == 0
+    assert page.is_disabled("#undo") and page.locator("#history img").count() == 3
+    line(page, (20, 20), (50, 40))
+    page.select_option("#mode", "outpaint")
+    assert not page.is_visible("#mask") and page.is_enabled("#undo")
+    page.select_option("#mode", "inpaint")
+    assert alpha(page).max() == 0
+    page.click("#undo")
+    assert alpha(page).max() > 0
+
+
 @pytest.mark.parity  # the SAM fixture is built with transformers
 def test_click_to_mask(browser, tiny_mlx, tmp_path, tmp_path_factory, import_script):
     """With a segmenter: click the object (and shift-click beside it), submit: the

@@ -303,6 +303,33 @@ def test_history_seeds_and_new_photo(served, photo_file, tmp_path):
     assert alpha(page).max() > 0
 
 
+def test_instruction_mode_with_references(served, photo_file, tmp_path):
+    """Edit mode speaks of an instruction (not of what to paint); reference images are
+    added (several at once), shown as thumbnails and removed; the edit runs on Kontext
+    with the photo and the two references left, at the photo's own size (keep-size)."""
+    img, path = photo_file
+    page = new_page(*served)
+    open_photo(page, path)
+    page.select_option("#mode", "edit")
+    assert page.inner_text("#prompt-label").startswith("Instruction")
+    assert "what to paint" not in page.inner_text("aside").lower()
+    refs = []
+    for name, size in (("a", (40, 56)), ("b", (64, 48)), ("c", (48, 48))):
+        refs.append(tmp_path / f"{name}.png")
+        img.resize(size).save(refs[-1])
+    page.set_input_files("#refs", [str(r) for r in refs[:2]])
+    assert page.locator("#refs-list img").count() == 2
+    page.click("#refs-list figure:first-child button")
+    page.set_input_files("#refs", str(refs[2]))
+    assert [e.get_attribute("title") for e in page.query_selector_all("#refs-list img")] == \
+        ["b.png", "c.png"]
+    assert page.is_checked("#keep-size")
+    page.uncheck("#auto-resize")  # references at their own size: a fast tiny edit
+    out = run_and_download(page, "make the suit gold", steps="1")
+    assert out.size == SIZE and out.text["mode"] == "edit"
+    assert out.text["references"] == "3" and out.text["keep_size"] == "True"
+
+
 @pytest.mark.parity  # the SAM fixture is built with transformers
 def test_click_to_mask(browser, tiny_mlx, tmp_path, tmp_path_factory, import_script):
     """With a segmenter: click the object (and shift-click beside it), submit: the

@@ -100,12 +100,18 @@ def screen(page, x, y):
     return box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h
 
 
+def drag_from(page, start, delta):
+    """A left-button drag from viewport point `start` by `delta` (px)."""
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(start[0] + delta[0], start[1] + delta[1], steps=6)
+    page.mouse.up()
+
+
 def line(page, start, end):
     """A brush stroke from photo pixel `start` to `end`."""
-    page.mouse.move(*screen(page, *start))
-    page.mouse.down()
-    page.mouse.move(*screen(page, *end), steps=6)
-    page.mouse.up()
+    (x0, y0), (x1, y1) = screen(page, *start), screen(page, *end)
+    drag_from(page, (x0, y0), (x1 - x0, y1 - y0))
 
 
 def run_and_download(page, prompt="a red hat", steps="2"):
@@ -125,11 +131,7 @@ def run_and_download(page, prompt="a red hat", steps="2"):
 
 def drag(page, selector, dx, dy):
     box = page.locator(selector).bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + dx, y + dy, steps=6)
-    page.mouse.up()
+    drag_from(page, (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2), (dx, dy))
 
 
 def test_paint_a_stroke_and_download(served, photo_file):
@@ -223,10 +225,7 @@ def test_undo_redo_zoom_and_pan(served, photo_file):
 
     before, painted = page.locator("#mask").bounding_box(), alpha(page)
     page.keyboard.down("Space")
-    page.mouse.move(*screen(page, 50, 50))
-    page.mouse.down()
-    page.mouse.move(*(c + d for c, d in zip(screen(page, 50, 50), (50, 30))), steps=4)
-    page.mouse.up()
+    drag_from(page, screen(page, 50, 50), (50, 30))
     page.keyboard.up("Space")
     after = page.locator("#mask").bounding_box()
     assert abs(after["x"] - before["x"] - 50) < 1 and abs(after["y"] - before["y"] - 30) < 1

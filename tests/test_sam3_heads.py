@@ -209,3 +209,40 @@ def test_roi_align_matches_torchvision_kernel():
     ours = roi_align(mx.array(feats.transpose(0, 2, 3, 1)), boxes, 3)
     ours = np.array(ours).reshape(6, 3, 3, 5).transpose(0, 3, 1, 2)
     assert rel_err(ours, ref) <= 1e-5
+
+
+def reference_post_process(monkeypatch):
+    """transformers' Sam3ImageProcessor.post_process_instance_segmentation (its module
+    imports torchvision's batched_nms at the top, unused there: stubbed for the import)."""
+    import sys
+    import types
+
+    boxes_mod = types.ModuleType("torchvision.ops.boxes")
+    boxes_mod.batched_nms = None
+    for name, mod in (("torchvision", types.ModuleType("torchvision")),
+                      ("torchvision.ops", types.ModuleType("torchvision.ops")),
+                      ("torchvision.ops.boxes", boxes_mod)):
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, mod)
+    from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
+
+    return Sam3ImageProcessor.post_process_instance_segmentation
+
+
+@pytest.mark.parametrize("prompt", ["text", "text+boxes"])
+def test_post_processing_matches_transformers(pair, prompt, monkeypatch):
+    from mlx_edit.text_segment import post_process_instances
+
+    post = reference_post_process(monkeypatch)
+    boxes, labels = (BOXES, LABELS) if prompt == "text+boxes" else (None, None)
+    ref, ours = run_both(pair, boxes, labels)
+    threshold = float(np.median(np.array(ours.scores)))  # random weights: keep about half
+    size = (75, 90)
+    expected = post(None, ref, threshold=threshold, target_sizes=[size])[0]
+    found = post_process_instances(ours, threshold=threshold, sizes=[size], order="query")[0]
+    assert 0 < len(found.scores) == len(expected["scores"])
+    assert 0.05 < expected["masks"].float().mean() < 0.95  # masks with content and edges
+    assert rel_err(found.scores, expected["scores"]) <= TOL
+    assert rel_err(found.boxes, expected["boxes"]) <= TOL
+    ious = [iou(a, b) for a, b in zip(found.masks, expected["masks"].numpy())]
+    assert min(ious) >= IOU_MIN, ious

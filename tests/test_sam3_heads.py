@@ -246,3 +246,84 @@ def test_post_processing_matches_transformers(pair, prompt, monkeypatch):
     assert rel_err(found.boxes, expected["boxes"]) <= TOL
     ious = [iou(a, b) for a, b in zip(found.masks, expected["masks"].numpy())]
     assert min(ious) >= IOU_MIN, ious
+
+
+# transformers' names -> Meta's, written from convert_sam3_to_hf.py's table read
+# backwards (the fused in_proj_* tensors are rebuilt by `to_meta`).
+TO_META = (
+    (r"geometry_encoder\.layers\.(\d+)\.cross_attn\.", r"geometry_encoder.encode.\1.cross_attn_image."),
+    (r"geometry_encoder\.layers\.(\d+)\.self_attn\.", r"geometry_encoder.encode.\1.self_attn."),
+    (r"geometry_encoder\.layers\.(\d+)\.mlp\.fc(\d)\.", r"geometry_encoder.encode.\1.linear\2."),
+    (r"geometry_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"geometry_encoder.encode.\1.norm\2."),
+    (r"geometry_encoder\.vision_layer_norm\.", "geometry_encoder.img_pre_norm."),
+    (r"geometry_encoder\.prompt_layer_norm\.", "geometry_encoder.norm."),
+    (r"geometry_encoder\.output_layer_norm\.", "geometry_encoder.encode_norm."),
+    (r"detr_encoder\.layers\.(\d+)\.cross_attn\.", r"transformer.encoder.layers.\1.cross_attn_image."),
+    (r"detr_encoder\.layers\.(\d+)\.mlp\.fc(\d)\.", r"transformer.encoder.layers.\1.linear\2."),
+    (r"detr_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"transformer.encoder.layers.\1.norm\2."),
+    (r"detr_encoder\.", "transformer.encoder."),
+    (r"detr_decoder\.presence_head\.layer(\d)\.", "transformer.decoder.presence_token_head.layers.{0}."),
+    (r"detr_decoder\.presence_layer_norm\.", "transformer.decoder.presence_token_out_norm."),
+    (r"detr_decoder\.output_layer_norm\.", "transformer.decoder.norm."),
+    (r"detr_decoder\.box_head\.layer(\d)\.", "transformer.decoder.bbox_embed.layers.{0}."),
+    (r"detr_decoder\.ref_point_head\.layer(\d)\.", "transformer.decoder.ref_point_head.layers.{0}."),
+    (r"detr_decoder\.box_rpb_embed_x\.layer(\d)\.", "transformer.decoder.boxRPB_embed_x.layers.{0}."),
+    (r"detr_decoder\.box_rpb_embed_y\.layer(\d)\.", "transformer.decoder.boxRPB_embed_y.layers.{0}."),
+    (r"detr_decoder\.layers\.(\d+)\.text_cross_attn\.", r"transformer.decoder.layers.\1.ca_text."),
+    (r"detr_decoder\.layers\.(\d+)\.vision_cross_attn\.", r"transformer.decoder.layers.\1.cross_attn."),
+    (r"detr_decoder\.layers\.(\d+)\.mlp\.fc(\d)\.", r"transformer.decoder.layers.\1.linear\2."),
+    (r"detr_decoder\.layers\.(\d+)\.vision_cross_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
+    (r"detr_decoder\.layers\.(\d+)\.text_cross_attn_layer_norm\.", r"transformer.decoder.layers.\1.catext_norm."),
+    (r"detr_decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
+    (r"detr_decoder\.layers\.(\d+)\.mlp_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
+    (r"detr_decoder\.", "transformer.decoder."),
+    (r"dot_product_scoring\.text_mlp\.layer(\d)\.", "dot_prod_scoring.prompt_mlp.layers.{0}."),
+    (r"dot_product_scoring\.text_mlp_out_norm\.", "dot_prod_scoring.prompt_mlp.out_norm."),
+    (r"dot_product_scoring\.text_proj\.", "dot_prod_scoring.prompt_proj."),
+    (r"dot_product_scoring\.query_proj\.", "dot_prod_scoring.hs_proj."),
+    (r"mask_decoder\.mask_embedder\.", "segmentation_head.mask_predictor.mask_embed."),
+    (r"mask_decoder\.instance_projection\.", "segmentation_head.instance_seg_head."),
+    (r"mask_decoder\.semantic_projection\.", "segmentation_head.semantic_seg_head."),
+    (r"mask_decoder\.prompt_cross_attn_norm\.", "segmentation_head.cross_attn_norm."),
+    (r"mask_decoder\.prompt_cross_attn\.", "segmentation_head.cross_attend_prompt."),
+    (r"mask_decoder\.", "segmentation_head."),
+)
+
+
+def to_meta(state: dict) -> dict:
+    import re
+
+    out = {}
+    for key, value in state.items():
+        for pattern, target in TO_META:
+            m = re.match(pattern, key)
+            if m:
+                if "{0}" in target:  # Meta counts MLP layers from 0
+                    target = target.format(int(m.group(1)) - 1)
+                key = m.expand(target) + key[m.end():]
+                break
+        key = key.replace(".o_proj.", ".out_proj.")
+        out[key] = value
+    for key in [k for k in out if ".q_proj." in k]:
+        leaf = key.rsplit(".", 1)[1]
+        parts = [out.pop(key.replace(".q_proj.", f".{x}_proj.")) for x in "qkv"]
+        out[key.replace(f"q_proj.{leaf}", f"in_proj_{leaf}")] = np.concatenate(parts)
+    out["transformer.decoder.instance_query_embed.weight"] = np.zeros((2, 3), np.float32)
+    return out
+
+
+def test_meta_named_heads_load_identical_parameters(pair):
+    from mlx.utils import tree_flatten
+
+    from mlx_edit.models.sam3_heads import Sam3Heads
+    from mlx_edit.weights.sam3_heads import load_heads, meta_head_tensors
+
+    state = {k: v.numpy() for k, v in pair.ref.state_dict().items()
+             if k.startswith(("geometry_encoder.", "detr_", "mask_decoder.", "dot_product"))}
+    meta = to_meta(state)
+    assert any(".in_proj_weight" in k for k in meta) and "transformer.decoder.norm.weight" in meta
+    ours = Sam3Heads(pair.ours.heads_cfg)
+    load_heads(ours, meta_head_tensors({k: mx.array(v) for k, v in meta.items()}))
+    expected = dict(tree_flatten(pair.ours.parameters()))
+    for name, value in tree_flatten(ours.parameters()):
+        assert np.array_equal(np.array(value), np.array(expected[name])), name

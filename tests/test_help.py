@@ -50,9 +50,9 @@ def test_each_command_shows_only_its_options_with_its_defaults():
                                                                   "outpaint", "restyle"))
     assert "--crop-to-mask" not in edit and "default: 50" not in edit
     assert "flux1-fill" not in edit and "flux1-kontext-dev" in edit
-    assert re.search(r"--steps N .*\[default: 28\]", edit)
-    assert re.search(r"--guidance F .*\[default: 2.5\]", edit)
-    assert re.search(r"--steps N .*\[default: 50\]", inpaint)
+    assert re.search(r"--steps N .*\[default: \(28; klein 4\)\]", edit)
+    assert re.search(r"--guidance F .*\[default: \(2.5; klein: unused\)\]", edit)
+    assert re.search(r"--steps N .*\[default: \(50; klein 4\)\]", inpaint)
     assert "10 for" in restyle and "--controlnet" not in restyle
     for flag in ("--mask ", "--strength", "--rank", "--instruction"):
         assert flag not in outpaint, flag

@@ -17,7 +17,7 @@ import cloup
 # group title -> the options (parameter names) it shows, in order. The first screen of
 # `inpaint --help` holds the first groups: what every edit needs.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Image and mask", ("image", "images", "mask", "mask_point", "mask_negative",
+    ("Image and mask", ("image", "images", "reference", "mask", "mask_point", "mask_negative",
                         "mask_box", "left", "right", "top", "bottom", "overlap")),
     ("Prompt", ("prompt", "negative_prompt", "true_cfg_scale", "prompt_2",
                 "max_sequence_length")),

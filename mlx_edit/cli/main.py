@@ -42,18 +42,22 @@ _BFL_FILE = {"inpaint": "flux1-fill-dev.safetensors", "outpaint": "flux1-fill-de
              "restyle": "flux1-canny-dev.safetensors", "edit": "flux1-kontext-dev.safetensors"}
 
 
-def _mode_default(name: str, mode: str) -> tuple[object, str] | None:
-    """(default, as shown) of an option whose library default is None because it is the
-    variant's (steps, guidance): `mode`'s own; restyle's guidance stays None (it follows
-    --control-type). None for other options."""
+def _mode_default(name: str, mode: str) -> str | None:
+    """The default shown for an option whose library default is None because it is the
+    variant's, resolved once the model is known (steps, guidance): `mode`'s FLUX.1
+    variant's, and klein's where klein serves `mode`; restyle's guidance follows
+    --control-type. None for other options."""
     from mlx_edit import variants
 
     if name == "guidance" and mode == "restyle":
-        return None, "30, 10 for --control-type depth"
-    if name in ("steps", "guidance"):
-        value = getattr(variants.for_edit(mode), name)
-        return value, f"{value:g}"
-    return None
+        return "30, 10 for --control-type depth"
+    if name not in ("steps", "guidance"):
+        return None
+    shown = f"{getattr(variants.for_edit(mode), name):g}"
+    klein = variants.VARIANTS["klein"]
+    if mode in klein.edits:
+        shown += f"; klein {klein.steps}" if name == "steps" else "; klein: unused"
+    return shown
 
 
 def _field_option(name: str, mode: str):
@@ -62,10 +66,9 @@ def _field_option(name: str, mode: str):
     value, text = default(name), FIELDS[name][1]
     flag = "--" + name.replace("_", "-")
     kind = _TYPES.get(name, type(value))
-    if _mode_default(name, mode) is not None:
-        value, shown = _mode_default(name, mode)
-        return click.option(flag, name, type=kind, default=value, metavar=_METAVAR[kind],
-                            show_default=shown if value is None else True, help=text)
+    if _mode_default(name, mode) is not None:  # None: the model's variant decides
+        return click.option(flag, name, type=kind, default=None, metavar=_METAVAR[kind],
+                            show_default=_mode_default(name, mode), help=text)
     if name == "seed":  # the CLI's one deliberate difference: a random seed
         return click.option(flag, type=int, default=None, metavar="N",
                             help=f"{text} [default: random]")

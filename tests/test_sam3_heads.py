@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 pytestmark = pytest.mark.parity
 torch = pytest.importorskip("torch")
@@ -130,7 +131,6 @@ def pair():
     from transformers.models.sam3 import modeling_sam3
 
     from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
-    from mlx_edit.weights.sam3_heads import load_heads
 
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -148,6 +148,14 @@ def pair():
         vision = ref.get_vision_features(pixels)
         text = ref.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
     return SimpleNamespace(ref=ref, ours=ours, vision=vision, ids=ids, mask=mask, text=text)
+
+
+def load_heads(model, tensors: dict):
+    """Strictly load the heads' tensors of a whole-model (or Meta-named) state dict."""
+    from mlx_edit.weights.core import load_into
+    from mlx_edit.weights.sam3 import SAM3_HEAD_RULES, select_heads
+
+    return load_into(model, select_heads(tensors), SAM3_HEAD_RULES, None)
 
 
 def nhwc(tensors):
@@ -313,17 +321,14 @@ def to_meta(state: dict) -> dict:
 
 
 def test_meta_named_heads_load_identical_parameters(pair):
-    from mlx.utils import tree_flatten
-
     from mlx_edit.models.sam3_heads import Sam3Heads
-    from mlx_edit.weights.sam3_heads import load_heads, meta_head_tensors
 
     state = {k: v.numpy() for k, v in pair.ref.state_dict().items()
              if k.startswith(("geometry_encoder.", "detr_", "mask_decoder.", "dot_product"))}
     meta = to_meta(state)
     assert any(".in_proj_weight" in k for k in meta) and "transformer.decoder.norm.weight" in meta
     ours = Sam3Heads(pair.ours.heads_cfg)
-    load_heads(ours, meta_head_tensors({k: mx.array(v) for k, v in meta.items()}))
+    load_heads(ours, {k: mx.array(v) for k, v in meta.items()})
     expected = dict(tree_flatten(pair.ours.parameters()))
     for name, value in tree_flatten(ours.parameters()):
         assert np.array_equal(np.array(value), np.array(expected[name])), name

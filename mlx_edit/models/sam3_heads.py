@@ -47,7 +47,9 @@ class Sam3HeadsConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> Sam3HeadsConfig:
-        """From a Sam3 `config.json` dict (`*_config` sub-dicts; unknown keys ignored)."""
+        """From a Sam3 `config.json` dict (`*_config` sub-dicts; unknown keys ignored; a
+        Sam3VideoModel's `detector_config` is read in its place)."""
+        d = d.get("detector_config") or d
         return cls(GeometryEncoderConfig.from_dict(d.get("geometry_encoder_config")),
                    DetrEncoderConfig.from_dict(d.get("detr_encoder_config")),
                    DetrDecoderConfig.from_dict(d.get("detr_decoder_config")),

@@ -62,3 +62,58 @@ def test_post_processing_keeps_sorts_and_scales():
     assert f.masks.shape == (2, 4, 8) and f.masks[0, 0, :3].all() and not f.masks[0, 2:].any() and not f.masks[1].any()
     assert np.allclose(f.boxes[0], [0, 0, 4, 2])
     assert f.best_score == pytest.approx(float(f.scores[0]))
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A TextSegmenter of MLX-initialised tiny models (no torch) and the CLIP tokenizer."""
+    from conftest import import_script
+
+    from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
+    from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder
+    from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel
+    from mlx_edit.text import Sam3Tokenizer
+    from mlx_edit.text_segment import TextSegmenter
+
+    tiny = import_script("sam3_fixtures").sam3_config("tiny")
+    folder = tmp_path_factory.mktemp("sam3-tok")
+    import_script("tokenizer_files").write_clip_tokenizer(folder)
+    mx.random.seed(0)
+    return TextSegmenter(Sam3VisionModel(Sam3VisionConfig.from_dict(tiny)),
+                         Sam3TextEncoder(Sam3TextConfig.from_dict(tiny)),
+                         Sam3Heads(Sam3HeadsConfig.from_dict(tiny)),
+                         Sam3Tokenizer.from_folder(folder))
+
+
+PHOTO = np.full((30, 40, 3), 128, np.uint8)
+
+
+def test_segmenter_shapes_and_no_instance_error(segmenter):
+    segmenter.set_image(PHOTO)
+    found = segmenter.detect("a cat", threshold=0.0)
+    assert found.masks.shape == (8, 30, 40) and found.scores.shape == (8,)
+    assert np.all(np.diff(found.scores) <= 0)  # highest first
+    with_box = segmenter.detect("a cat", boxes=[(5, 5, 20, 25)], threshold=0.0)
+    assert not np.allclose(with_box.scores, found.scores)
+    masks, scores = segmenter.masks(PHOTO, "a cat", instances=2, threshold=0.0)
+    assert masks.shape == (1, 30, 40) and scores[0] == pytest.approx(found.scores[2], rel=1e-5)
+    with pytest.raises(InputError, match=r'no instance of "a cat" found: the best score is '
+                                         r"0\.\d{3}, below the threshold 0\.9999"):
+        segmenter.masks(PHOTO, "a cat", threshold=0.9999)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(phrase="  "), "non-empty phrase"),
+    (dict(threshold=1.5), r"threshold must be a number in \[0, 1\)"),
+    (dict(instances="most"), "instances must be"),
+    (dict(boxes=[(10, 10, 5, 20)]), "is empty"),
+    (dict(boxes=[(1, 1, 5, 5)], box_labels=[2]), "labels are 1 .positive. or 0"),
+])
+def test_bad_input_is_refused_before_the_model_runs(segmenter, kw, message, monkeypatch):
+    def no_work(*_a, **_k):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(segmenter, "vision", no_work)
+    args = dict(phrase="a cat") | kw
+    with pytest.raises(InputError, match=message):
+        segmenter.masks(PHOTO, args.pop("phrase"), **args)

@@ -9,7 +9,7 @@ convolution layouts. The parts: sam3_geometry.py (exemplar boxes), sam3_detr.py 
 encoder, query decoder, scoring), sam3_masks.py (pixel decoder and masks).
 
 Inputs: `levels`, `levels_pos` the first three FPN levels and their sine position
-encodings, (B, H_i, W_i, C) fine first (transformers' `fpn_hidden_states[:-1]`, NHWC);
+encodings (the encodings may have batch 1), (B, H_i, W_i, C) fine first (transformers' `fpn_hidden_states[:-1]`, NHWC);
 `text` (B, T, C) the projected text features (`get_text_features().pooler_output`) with
 `text_valid` (B, T) bool (the tokenizer's attention mask); optional exemplar `boxes`
 (B, N, 4) cxcywh in [0, 1] and `box_labels` (B, N) int: 1 positive, 0 negative, -10 padding.
@@ -111,6 +111,7 @@ class Sam3Heads(nn.Module):
                  text_valid: mx.array | None = None, boxes: mx.array | None = None,
                  box_labels: mx.array | None = None) -> Sam3Outputs:
         """See the module docstring for the inputs; -> Sam3Outputs."""
+        levels_pos = [mx.broadcast_to(p, lv.shape) for p, lv in zip(levels_pos, levels)]
         feature, feature_pos = levels[-1], levels_pos[-1]
         b, h, w, c = feature.shape
         geo, geo_valid = self.encode_boxes(boxes, box_labels, feature, feature_pos)

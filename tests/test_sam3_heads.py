@@ -6,7 +6,9 @@ features (`get_vision_features`) and projected text features feed both the refer
 forward and our `Sam3Heads`, so this test is independent of the backbone port. Metric:
 max|ours - ref| / max|ref| <= 1e-4 for per-query boxes, logits, scores, presence and mask
 logits; masks thresholded at 0 also IoU >= 0.99. Prompts: text only, and text + exemplar
-boxes (one positive, one negative, and a padded slot).
+boxes (one positive, one negative, and a padded slot). Heads at tiny widths, and once at
+facebook/sam3's head widths (256, 200 queries, 6 + 6 + 3 layers; `slow`, ~10 s) on an
+8 x 8 grid.
 
 torchvision is not installed here, and transformers' geometry encoder calls
 `torchvision.ops.roi_align`; the reference gets `reference_roi_align` below, a per-sample
@@ -91,9 +93,13 @@ def reference_roi_align(features, boxes, output_size):
     return torch.stack(out)
 
 
-def tiny_config():
+def small_config(heads: str = "tiny"):
+    """A small Sam3Config: tiny vision and text towers; heads "tiny" (width 32) or
+    "real" (facebook/sam3's head configs: width 256, 8 heads, 200 queries, 6 + 6 + 3
+    layers) on an 8 x 8 grid."""
     from transformers import Sam3Config
 
+    width = 32 if heads == "tiny" else 256
     vit = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
                num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14,
                window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
@@ -101,42 +107,43 @@ def tiny_config():
                 intermediate_size=64, projection_dim=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=TEXT_LEN,
                 bos_token_id=998, eos_token_id=999, pad_token_id=999)
-    width = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    vision = dict(backbone_config=vit, fpn_hidden_size=width,
+                  backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    if heads == "real":
+        return Sam3Config(vision_config=vision, text_config=text)
+    w = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)
     return Sam3Config(
-        vision_config=dict(backbone_config=vit, fpn_hidden_size=32,
-                           backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]),
-        text_config=text,
-        geometry_encoder_config=dict(width, num_layers=2, roi_size=3),
-        detr_encoder_config=dict(width, num_layers=2),
-        detr_decoder_config=dict(width, num_layers=3, num_queries=12),
+        vision_config=vision, text_config=text,
+        geometry_encoder_config=dict(w, num_layers=2, roi_size=3),
+        detr_encoder_config=dict(w, num_layers=2),
+        detr_decoder_config=dict(w, num_layers=3, num_queries=12),
         mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=3,
                                  num_attention_heads=4))
 
 
 def _randomise(model):
     """Random weights everywhere (transformers' init zeroes biases, sets norms to 1, and
-    leaves some heads near zero): every parameter ~ N(0, 0.2^2), seeded."""
+    leaves some heads near zero): N(0, 0.2^2 * 32 / fan_in), norms around 1, seeded."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         for name, p in model.named_parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 32
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 * math.sqrt(32 / fan_in))
             if "layer_norm" in name or "norm" in name.split(".")[-2]:
                 p.add_(1.0 if name.endswith("weight") else 0.0)
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(request):
     from transformers import Sam3Model
     from transformers.models.sam3 import modeling_sam3
 
     from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
 
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = small_config(getattr(request, "param", "tiny"))
     ref = Sam3Model(cfg).eval()
     _randomise(ref)
-    modeling_sam3.torchvision = SimpleNamespace(ops=SimpleNamespace(roi_align=reference_roi_align))
     ours = Sam3Heads(Sam3HeadsConfig.from_dict(cfg.to_dict()))
     load_heads(ours, {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()})
     g = torch.Generator().manual_seed(2)
@@ -147,7 +154,10 @@ def pair():
     with torch.no_grad():
         vision = ref.get_vision_features(pixels)
         text = ref.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
-    return SimpleNamespace(ref=ref, ours=ours, vision=vision, ids=ids, mask=mask, text=text)
+    with pytest.MonkeyPatch.context() as mp:  # transformers' box path calls torchvision
+        mp.setattr(modeling_sam3, "torchvision", raising=False,
+                   value=SimpleNamespace(ops=SimpleNamespace(roi_align=reference_roi_align)))
+        yield SimpleNamespace(ref=ref, ours=ours, vision=vision, ids=ids, mask=mask, text=text)
 
 
 def load_heads(model, tensors: dict):
@@ -181,6 +191,8 @@ def run_both(pair, boxes=None, labels=None):
     return ref, ours
 
 
+@pytest.mark.parametrize("pair", ["tiny", pytest.param("real", marks=pytest.mark.slow)],
+                         indirect=True, ids=["tiny", "real-width"])
 @pytest.mark.parametrize("prompt", ["text", "text+boxes"])
 def test_heads_match_transformers(pair, prompt):
     boxes, labels = (BOXES, LABELS) if prompt == "text+boxes" else (None, None)

@@ -122,3 +122,22 @@ def test_loading_is_strict(sam3, tmp_path):
     with pytest.raises(WeightLoadError, match=r"attention\.o_proj\.weight|attn\.extra"):
         load_sam3_vision(tmp_path / "bad.safetensors", mx.float32,
                          config=fx.sam3_config("tiny"))
+
+
+@pytest.mark.slow
+def test_real_widths_match_transformers(tmp_path):
+    """facebook/sam3's vision and text widths (2 layers each, 504 px): head dim 64, the
+    24-token windows padded, the 24 x 24 table tiled, 1024 -> 256 FPN, 1024-wide CLIP."""
+    model = fx.make_model("real-widths-2-layers", seed=1)
+    folder = fx.write_folder(model, tmp_path / "wide")
+    pixels = sam3_pixels(504)
+    ids, mask = Sam3Tokenizer.from_folder(folder).with_mask(PHRASES[:2])
+    with torch.no_grad():
+        ref = model.vision_encoder(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        ref_text = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                           attention_mask=torch.from_numpy(mask).long())
+    out = load_sam3_vision(folder, mx.float32)(mx.array(pixels))
+    for f, r in zip(out.fpn_hidden_states, ref.fpn_hidden_states):
+        assert rel(f, r.permute(0, 2, 3, 1)) <= 1e-4
+    _, features = load_sam3_text(folder, mx.float32)(mx.array(ids), mx.array(mask))
+    assert rel(features, ref_text.pooler_output) <= 1e-4

@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 
 from sam_fixtures import _perturb
+from sam_fixtures import processor_config as sam2_processor_config
 from tokenizer_files import write_clip_tokenizer
 
 SAM3_MEAN = SAM3_STD = [0.5, 0.5, 0.5]
@@ -99,14 +100,11 @@ def make_model(preset: str = "tiny", seed: int = 0):
 
 
 def processor_config(image_size: int) -> dict:
-    """The `preprocessor_config.json` of a SAM 3 checkpoint for a square input size."""
-    return {
-        "image_processor_type": "Sam3ImageProcessor", "processor_class": "Sam3Processor",
-        "do_resize": True, "size": {"height": image_size, "width": image_size},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": SAM3_MEAN, "image_std": SAM3_STD,
-        "do_convert_rgb": True,
-    }
+    """The `preprocessor_config.json` of a SAM 3 checkpoint for a square input size: SAM
+    2.1's steps with mean = std = 0.5 (its mask size left to the processor's default)."""
+    config = {k: v for k, v in sam2_processor_config(image_size).items() if k != "mask_size"}
+    return {**config, "image_processor_type": "Sam3ImageProcessor",
+            "processor_class": "Sam3Processor", "image_mean": SAM3_MEAN, "image_std": SAM3_STD}
 
 
 def write_folder(model, out: str | Path) -> Path:

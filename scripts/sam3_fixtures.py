@@ -12,7 +12,9 @@
 Presets: `tiny` (ViT width 32, 3 layers with the middle one global, 84 px input = a 6 x 6
 grid in 4 x 4 windows so the windows pad, a 3 x 3 pretraining position table so it is
 tiled; FPN width 16; CLIP text width 32, 2 layers, the real 49408-id vocabulary; heads
-width 16, one layer each, 8 queries). `sam3` is the released facebook/sam3 config
+width 16, one layer each, 8 queries), `real-widths-2-layers` (facebook/sam3's vision and
+text widths at 504 px, two layers each, tiny heads but for the text projection's
+256 outputs). `sam3` is the released facebook/sam3 config
 (transformers' `Sam3Config()` defaults; for benchmarks only). Weights: torch's default
 inits, then seeded noise on every constant tensor (`sam_fixtures._perturb`: norm weights,
 zero biases) so a miswired one fails parity.
@@ -33,6 +35,7 @@ import re
 from pathlib import Path
 
 from sam_fixtures import _perturb
+from sam_fixtures import processor_config as sam2_processor_config
 from tokenizer_files import write_clip_tokenizer
 
 SAM3_MEAN = SAM3_STD = [0.5, 0.5, 0.5]
@@ -57,7 +60,22 @@ TINY = dict(
     mask_decoder_config=dict(hidden_size=16, num_attention_heads=2),
 )
 
-PRESETS = {"tiny": TINY, "sam3": {}}
+# facebook/sam3's vision and text widths, windows (24) and pretraining table (24 x 24) with
+# two layers each (one windowed, one global) at 504 px instead of 1008 (a 36 x 36 grid: the
+# windows pad, the table tiles), tiny heads: the real widths at a cost CI can pay (the
+# 1008 px input takes ~15 s per side on a 2-core CPU).
+REAL_WIDTHS_2_LAYERS = dict(
+    TINY,
+    vision_config=dict(backbone_config=dict(model_type="sam3_vit_model", num_hidden_layers=2,
+                                            global_attn_indexes=[1], image_size=504),
+                       backbone_feature_sizes=[[144, 144], [72, 72], [36, 36]]),
+    text_config=dict(model_type="clip_text_model", hidden_size=1024, intermediate_size=4096,
+                     num_hidden_layers=2, num_attention_heads=16, projection_dim=512,
+                     max_position_embeddings=TEXT_MAX_LENGTH, hidden_act="gelu"),
+    detr_encoder_config=dict(num_layers=1, **dict(_HEADS, hidden_size=256)),
+)
+
+PRESETS = {"tiny": TINY, "real-widths-2-layers": REAL_WIDTHS_2_LAYERS, "sam3": {}}
 
 
 def sam3_config(preset: str = "tiny") -> dict:
@@ -82,14 +100,11 @@ def make_model(preset: str = "tiny", seed: int = 0):
 
 
 def processor_config(image_size: int) -> dict:
-    """The `preprocessor_config.json` of a SAM 3 checkpoint for a square input size."""
-    return {
-        "image_processor_type": "Sam3ImageProcessor", "processor_class": "Sam3Processor",
-        "do_resize": True, "size": {"height": image_size, "width": image_size},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": SAM3_MEAN, "image_std": SAM3_STD,
-        "do_convert_rgb": True,
-    }
+    """The `preprocessor_config.json` of a SAM 3 checkpoint for a square input size: SAM
+    2.1's steps with mean = std = 0.5 (its mask size left to the processor's default)."""
+    config = {k: v for k, v in sam2_processor_config(image_size).items() if k != "mask_size"}
+    return {**config, "image_processor_type": "Sam3ImageProcessor",
+            "processor_class": "Sam3Processor", "image_mean": SAM3_MEAN, "image_std": SAM3_STD}
 
 
 def write_folder(model, out: str | Path) -> Path:

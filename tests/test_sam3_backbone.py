@@ -99,6 +99,24 @@ def test_text_features_match_transformers(sam3):
     assert rel(features, ref.pooler_output) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype, tol", [(mx.float16, 3e-3), (mx.bfloat16, 3e-2)])
+def test_half_precision_stays_close(sam3, dtype, tol):
+    """Loaded in float16 / bfloat16 (measured: ~1e-3 / ~8e-3 on the tiny model)."""
+    model, folder, _ = sam3
+    pixels = sam3_pixels(84)
+    ids, mask = Sam3Tokenizer.from_folder(folder).with_mask(PHRASES)
+    with torch.no_grad():
+        ref = model.vision_encoder(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        ref_text = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                           attention_mask=torch.from_numpy(mask).long())
+    out = load_sam3_vision(folder, dtype)(mx.array(pixels))
+    for f, r in zip(out.fpn_hidden_states, ref.fpn_hidden_states):
+        assert f.dtype == dtype and rel(f.astype(mx.float32), r.permute(0, 2, 3, 1)) <= tol
+    _, features = load_sam3_text(folder, dtype)(mx.array(ids), mx.array(mask))
+    assert features.dtype == dtype
+    assert rel(features.astype(mx.float32), ref_text.pooler_output) <= tol
+
+
 @pytest.mark.parametrize("load", [load_sam3_vision, load_sam3_text])
 def test_meta_names_load_identical_parameters(sam3, load):
     model, folder, meta = sam3
@@ -122,3 +140,22 @@ def test_loading_is_strict(sam3, tmp_path):
     with pytest.raises(WeightLoadError, match=r"attention\.o_proj\.weight|attn\.extra"):
         load_sam3_vision(tmp_path / "bad.safetensors", mx.float32,
                          config=fx.sam3_config("tiny"))
+
+
+@pytest.mark.slow
+def test_real_widths_match_transformers(tmp_path):
+    """facebook/sam3's vision and text widths (2 layers each, 504 px): head dim 64, the
+    24-token windows padded, the 24 x 24 table tiled, 1024 -> 256 FPN, 1024-wide CLIP."""
+    model = fx.make_model("real-widths-2-layers", seed=1)
+    folder = fx.write_folder(model, tmp_path / "wide")
+    pixels = sam3_pixels(504)
+    ids, mask = Sam3Tokenizer.from_folder(folder).with_mask(PHRASES[:2])
+    with torch.no_grad():
+        ref = model.vision_encoder(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        ref_text = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                           attention_mask=torch.from_numpy(mask).long())
+    out = load_sam3_vision(folder, mx.float32)(mx.array(pixels))
+    for f, r in zip(out.fpn_hidden_states, ref.fpn_hidden_states):
+        assert rel(f, r.permute(0, 2, 3, 1)) <= 1e-4
+    _, features = load_sam3_text(folder, mx.float32)(mx.array(ids), mx.array(mask))
+    assert rel(features, ref_text.pooler_output) <= 1e-4

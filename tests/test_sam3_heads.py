@@ -339,7 +339,7 @@ def test_meta_named_heads_load_identical_parameters(pair):
              if k.startswith(("geometry_encoder.", "detr_", "mask_decoder.", "dot_product"))}
     meta = to_meta(state)
     assert any(".in_proj_weight" in k for k in meta) and "transformer.decoder.norm.weight" in meta
-    ours = Sam3Heads(pair.ours.heads_cfg)
+    ours = Sam3Heads(pair.ours.config)
     load_heads(ours, {k: mx.array(v) for k, v in meta.items()})
     expected = dict(tree_flatten(pair.ours.parameters()))
     for name, value in tree_flatten(ours.parameters()):

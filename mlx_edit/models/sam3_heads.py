@@ -90,7 +90,7 @@ class Sam3Heads(nn.Module):
 
     def __init__(self, cfg: Sam3HeadsConfig):
         super().__init__()
-        self.heads_cfg = cfg
+        self.config = cfg
         self.geometry_encoder = GeometryEncoder(cfg.geometry_encoder)
         self.detr_encoder = DetrEncoder(cfg.detr_encoder)
         self.detr_decoder = DetrDecoder(cfg.detr_decoder)

@@ -57,10 +57,16 @@ class Instances:
     best_score: float
 
 
-def _resize_probs(probs: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None or len(probs) == 0:
-        return probs
-    return upscale_logits(probs, *size)
+def binary_masks(probs: np.ndarray, size: tuple[int, int] | None,
+                 mask_threshold: float) -> np.ndarray:
+    """(K, h, w) mask probabilities -> (K, H, W) bool at `size` (None: unchanged), one
+    mask at a time so the float peak is one mask at the image's size."""
+    if size is None:
+        return probs > mask_threshold
+    out = np.zeros((len(probs), *size), bool)
+    for i, p in enumerate(probs):
+        out[i] = upscale_logits(p, *size) > mask_threshold
+    return out
 
 
 def post_process_instances(out: Sam3Outputs, threshold: float = SCORE_THRESHOLD,
@@ -82,7 +88,7 @@ def post_process_instances(out: Sam3Outputs, threshold: float = SCORE_THRESHOLD,
         b = boxes[i][keep]
         if size is not None:
             b = b * np.array([size[1], size[0], size[1], size[0]], np.float32)
-        masks = _resize_probs(probs[i][keep], size) > mask_threshold
+        masks = binary_masks(probs[i][keep], size, mask_threshold)
         results.append(Instances(scores[i][keep], b, masks, float(scores[i].max())))
     return results
 

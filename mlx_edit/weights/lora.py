@@ -76,17 +76,30 @@ BFL_NAMES: tuple[tuple[str, str, int], ...] = (
 # BFL's final modulation is [shift; scale], ours (diffusers') [scale; shift]: B rows swap.
 SWAPPED = ("final_layer.adaLN_modulation.1",)
 
-DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
+# diffusers names FLUX.1 (FluxTransformer2DModel) and FLUX.2 (Flux2Transformer2DModel) share
+_DIFFUSERS_COMMON: tuple[tuple[str, str, int], ...] = (
     ("x_embedder", "img_in", 0), ("context_embedder", "txt_in", 0),
-    *((f"time_text_embed.{d}_embedder.linear_{n}", f"{o}_in.{layer}", 0)
-      for d, o in (("timestep", "time"), ("guidance", "guidance"), ("text", "vector"))
-      for n, layer in ((1, "in_layer"), (2, "out_layer"))),
-    (_T + "norm1.linear", _D + "img_mod", 0),
-    (_T + "norm1_context.linear", _D + "txt_mod", 0),
     *((_T + f"attn.to_{c}", _D + "img_attn.qkv", k) for k, c in enumerate("qkv")),
     *((_T + f"attn.add_{c}_proj", _D + "txt_attn.qkv", k) for k, c in enumerate("qkv")),
     (_T + "attn.to_out.0", _D + "img_attn.proj", 0),
     (_T + "attn.to_add_out", _D + "txt_attn.proj", 0),
+    ("norm_out.linear", "final_layer.modulation", 0),
+    ("proj_out", "final_layer.linear", 0),
+)
+
+
+def _embedders(prefix: str, names) -> tuple[tuple[str, str, int], ...]:
+    """`{prefix}.{d}_embedder.linear_1/2` -> `{o}_in.in_layer/out_layer` for (d, o) in names."""
+    return tuple((f"{prefix}.{d}_embedder.linear_{n}", f"{o}_in.{layer}", 0) for d, o in names
+                 for n, layer in ((1, "in_layer"), (2, "out_layer")))
+
+
+DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
+    *_DIFFUSERS_COMMON,
+    *_embedders("time_text_embed", (("timestep", "time"), ("guidance", "guidance"),
+                                    ("text", "vector"))),
+    (_T + "norm1.linear", _D + "img_mod", 0),
+    (_T + "norm1_context.linear", _D + "txt_mod", 0),
     (_T + "ff.net.0.proj", _D + "img_mlp.fc1", 0),
     (_T + "ff.net.2", _D + "img_mlp.fc2", 0),
     (_T + "ff_context.net.0.proj", _D + "txt_mlp.fc1", 0),
@@ -95,38 +108,28 @@ DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
     *((_ST + f"attn.to_{c}", _S + "linear1", k) for k, c in enumerate("qkv")),
     (_ST + "proj_mlp", _S + "linear1", 3),
     (_ST + "proj_out", _S + "linear2", 0),
-    ("norm_out.linear", "final_layer.modulation", 0),
-    ("proj_out", "final_layer.linear", 0),
 )
 
 # FLUX.2 (mlx_edit/models/flux2.py): BFL names share BFL_NAMES (its blocks are named as
 # FLUX.1's) plus the model-wide modulations below; diffusers' names differ from FLUX.1's
-# (Flux2Transformer2DModel: `time_guidance_embed`, `ff.linear_in`, the single blocks'
-# fused `attn.to_qkv_mlp_proj`), so they are a table of their own.
+# past the common ones (`time_guidance_embed`, the shared modulations, `ff.linear_in`,
+# the single blocks' fused `attn.to_qkv_mlp_proj`).
 FLUX2_BFL_NAMES: tuple[tuple[str, str, int], ...] = (
     ("double_stream_modulation_{s}.lin", "double_mod_{s}", 0),
     ("single_stream_modulation.lin", "single_mod", 0),
 )
 
 FLUX2_DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
-    ("x_embedder", "img_in", 0), ("context_embedder", "txt_in", 0),
-    *((f"time_guidance_embed.{d}_embedder.linear_{n}", f"{o}_in.{layer}", 0)
-      for d, o in (("timestep", "time"), ("guidance", "guidance"))
-      for n, layer in ((1, "in_layer"), (2, "out_layer"))),
+    *_DIFFUSERS_COMMON,
+    *_embedders("time_guidance_embed", (("timestep", "time"), ("guidance", "guidance"))),
     ("double_stream_modulation_{s}.linear", "double_mod_{s}", 0),
     ("single_stream_modulation.linear", "single_mod", 0),
-    *((_T + f"attn.to_{c}", _D + "img_attn.qkv", k) for k, c in enumerate("qkv")),
-    *((_T + f"attn.add_{c}_proj", _D + "txt_attn.qkv", k) for k, c in enumerate("qkv")),
-    (_T + "attn.to_out.0", _D + "img_attn.proj", 0),
-    (_T + "attn.to_add_out", _D + "txt_attn.proj", 0),
     (_T + "ff.linear_in", _D + "img_mlp.fc1", 0),
     (_T + "ff.linear_out", _D + "img_mlp.fc2", 0),
     (_T + "ff_context.linear_in", _D + "txt_mlp.fc1", 0),
     (_T + "ff_context.linear_out", _D + "txt_mlp.fc2", 0),
     (_ST + "attn.to_qkv_mlp_proj", _S + "linear1", 0),
     (_ST + "attn.to_out", _S + "linear2", 0),
-    ("norm_out.linear", "final_layer.modulation", 0),
-    ("proj_out", "final_layer.linear", 0),
 )
 
 XLABS_NAMES: tuple[tuple[str, str, int], ...] = (

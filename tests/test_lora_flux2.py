@@ -6,8 +6,6 @@ diffusers + PEFT and by us into the same tiny Flux2 transformer; outputs compare
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
-import json
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -26,34 +24,21 @@ from test_flux2 import (  # noqa: E402
     run_reference,
 )
 
+import test_lora  # noqa: E402
+from test_lora import _pair, _save, with_peft_metadata  # noqa: E402
+
 from mlx_edit.models import lora as L  # noqa: E402
 from mlx_edit.weights import lora as lora_files  # noqa: E402
 from mlx_edit.weights.core import WeightLoadError  # noqa: E402
 from mlx_edit.weights.flux2 import load_flux2_transformer  # noqa: E402
-from mlx_edit.weights.lora import BFL_NAMES, FLUX2_BFL_NAMES, _regex, load_lora_file  # noqa: E402
+from mlx_edit.weights.lora import BFL_NAMES, FLUX2_BFL_NAMES, load_lora_file  # noqa: E402
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4
 
 
-class Host:
-    """The smallest object diffusers' Flux2LoraLoaderMixin accepts as a pipeline."""
-
-    def __init__(self, transformer):
-        from diffusers.loaders import Flux2LoraLoaderMixin
-
-        class _Host(Flux2LoraLoaderMixin):
-            pass
-
-        self.pipe = _Host()
-        self.pipe.transformer = transformer
-        self.pipe.hf_device_map, self.pipe.components = None, {"transformer": transformer}
-
-    def load(self, files_scales: dict):
-        for i, path in enumerate(files_scales):
-            self.pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
-        self.pipe.set_adapters([f"l{i}" for i in range(len(files_scales))],
-                               list(files_scales.values()))
+class Host(test_lora.Host):
+    mixin = "Flux2LoraLoaderMixin"
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +59,6 @@ def fresh_reference(folder):
     return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
 
-def _pair(g, out, inp, rank, std):
-    return torch.randn(rank, inp, generator=g) * std, torch.randn(out, rank, generator=g) * std
-
-
 def peft_lora(ref, seed, only=None, rank=4, std=0.1):
     """PEFT names (`transformer.` + diffusers module) on every Linear of `ref`, or on those
     whose name contains one of `only` (ranks then alternate rank, rank + 1)."""
@@ -90,39 +71,11 @@ def peft_lora(ref, seed, only=None, rank=4, std=0.1):
     return sd
 
 
-def with_peft_metadata(sd, alpha, alpha_pattern):
-    """A diffusers `save_lora_weights` file: the PEFT config in the safetensors metadata."""
-    modules = sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in sd})
-    rank = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": modules,
-              "alpha_pattern": alpha_pattern, "rank_pattern": {}}
-    return {**sd, "__metadata__": {"format": "pt", "lora_adapter_metadata": json.dumps(
-        {f"transformer.{k}": v for k, v in config.items()})}}
-
-
-def bfl_modules(ours, skip=()):
-    """{BFL module name: (out, in)} for our model's linears (inverse of the BFL tables)."""
-    found = {}
-    for path, layer in ours.named_modules():
-        if not hasattr(layer, "weight") or layer.weight.ndim != 2:
-            continue
-        for src, dst, _ in BFL_NAMES + FLUX2_BFL_NAMES:
-            m = _regex(dst, ".").match(path)
-            if m and not any(s in src for s in skip):
-                found[src.format(**m.groupdict())] = tuple(layer.weight.shape)
-    return found
-
-
-def bfl_lora(ours, seed, prefix, down, up, sep=".", alpha=None, skip=(), rank=4, std=0.1):
-    """A LoRA on BFL module names (ai-toolkit: `diffusion_model.`, lora_A/lora_B; kohya:
-    `lora_unet_`, '_', lora_down/lora_up + alpha)."""
-    g, sd = torch.Generator().manual_seed(seed), {}
-    for name, (out, inp) in sorted(bfl_modules(ours, skip).items()):
-        key = prefix + name.replace(".", sep)
-        sd[f"{key}.{down}.weight"], sd[f"{key}.{up}.weight"] = _pair(g, out, inp, rank, std)
-        if alpha is not None:
-            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-    return sd
+def bfl_lora(ours, seed, prefix, down, up, sep=".", alpha=None, skip=()):
+    """test_lora.bfl_lora on FLUX.2's BFL names (ai-toolkit: `diffusion_model.`,
+    lora_A/lora_B; kohya: `lora_unet_`, '_', lora_down/lora_up + alpha)."""
+    return test_lora.bfl_lora(ours, seed, prefix, down, up, sep, alpha, skip,
+                              names=BFL_NAMES + FLUX2_BFL_NAMES)
 
 
 def expanded_blocks(ref, ours, seed):
@@ -161,12 +114,6 @@ FORMATS = {
 }
 
 
-def _save(sd, path):
-    metadata = sd.pop("__metadata__", None)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata)
-    return path
-
-
 def compare(folder, files_scales, x):
     """(rel err ours vs diffusers with the LoRAs, rel size of the LoRA effect)."""
     ref = fresh_reference(folder)
@@ -199,7 +146,8 @@ def test_bfl_final_layer_lora_follows_bfl_row_order(tiny, x, tmp_path):
     merged = bfl_state_dict(ref)
     for key in [k for k in sd if k.endswith("lora_A.weight")]:
         module = key.removeprefix("diffusion_model.").removesuffix(".lora_A.weight")
-        b = sd[key.replace("lora_A", "lora_B")] * 8 / 4 * 0.6  # alpha/rank, strength
+        alpha = float(sd.get(key.replace("lora_A.weight", "alpha"), 4))  # rank 4: alpha/rank
+        b = sd[key.replace("lora_A", "lora_B")] * alpha / 4 * 0.6  # and the strength
         merged[f"{module}.weight"] = merged[f"{module}.weight"] + b @ sd[key]
     save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_path / "m.safetensors"))
     want = run_ours(load_flux2_transformer(tmp_path / "m.safetensors", mx.float32,

@@ -5,6 +5,7 @@
         [--image-tokens 1024 --text-tokens 512] [--ranks 16,64] [--counts 1,3] \
         [--quantize 8] [--reps 3]
     python benchmarks/bench_lora.py --layer [--image-tokens 384 --ranks 64]   # one linear1
+    python benchmarks/bench_lora.py --family flux2 [--double 1 --single 2] ...  # FLUX.2 [klein]
     MLX_EDIT_WIDE_CKPT=/work/fixtures/wide python benchmarks/bench_lora.py ...  # its weights
 
 Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
@@ -15,7 +16,10 @@ A fused LoRA costs exactly the "none" row (the same layers, other values). Each 
 random file in diffusers naming on every attention and MLP projection of
 every block (to_q/k/v, to_out, add_*_proj, to_add_out, ff, ff_context, the single block's
 to_q/k/v, proj_mlp and proj_out; as ai-toolkit trains them), converted by our loader
-(separate q/k/v downs stacked into the fused layers). Reported per row: median forward
+(separate q/k/v downs stacked into the fused layers). --family flux2: FLUX.2 [klein] 4B
+widths (hidden 3072, SwiGLU MLP 3x, joint_attention_dim 7680, random weights) and its
+diffusers names (to_q/k/v, to_out.0, add_*_proj, to_add_out, ff(_context).linear_in/out,
+the single block's fused attn.to_qkv_mlp_proj and attn.to_out). Reported per row: median forward
 seconds (rows interleaved round by round, so load changes hit all of them; one warm-up
 per row and round) and the overhead against no LoRA; the ideal LoRA FLOPs as a share of
 the LoRA'd layers' FLOPs. Last line:
@@ -40,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from mlx_edit.models import lora as L  # noqa: E402
 from mlx_edit.models.flux import FluxConfig, FluxTransformer  # noqa: E402
+from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer  # noqa: E402
 from mlx_edit.weights.lora import convert  # noqa: E402
 from mlx_edit.weights.quantize import quantize_transformer  # noqa: E402
 
@@ -48,10 +53,13 @@ DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_pr
           "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
           "ff_context.net.0.proj", "ff_context.net.2")
 SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+FLUX2_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+              "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="flux1", choices=("flux1", "flux2"))
     p.add_argument("--hidden", type=int, default=3072, help="heads x 128")
     p.add_argument("--double", type=int, default=1)
     p.add_argument("--single", type=int, default=2)
@@ -68,13 +76,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def module_shapes(cfg: FluxConfig) -> dict[str, tuple[int, int]]:
+def module_shapes(cfg: FluxConfig | Flux2Config) -> dict[str, tuple[int, int]]:
     """{diffusers module name: (out, in)} of the LoRA targets."""
     h, m = cfg.hidden_size, cfg.mlp_hidden
-    double = dict.fromkeys(DOUBLE, (h, h))
-    double.update({"ff.net.0.proj": (m, h), "ff.net.2": (h, m), "ff_context.net.0.proj": (m, h),
-                   "ff_context.net.2": (h, m)})
-    single = {**dict.fromkeys(SINGLE, (h, h)), "proj_mlp": (m, h), "proj_out": (h, h + m)}
+    if isinstance(cfg, Flux2Config):
+        double = {**dict.fromkeys(FLUX2_ATTN, (h, h)), "ff.linear_in": (2 * m, h),
+                  "ff.linear_out": (h, m), "ff_context.linear_in": (2 * m, h),
+                  "ff_context.linear_out": (h, m)}
+        single = {"attn.to_qkv_mlp_proj": (3 * h + 2 * m, h), "attn.to_out": (h, h + m)}
+    else:
+        double = dict.fromkeys(DOUBLE, (h, h))
+        double.update({"ff.net.0.proj": (m, h), "ff.net.2": (h, m),
+                       "ff_context.net.0.proj": (m, h), "ff_context.net.2": (h, m)})
+        single = {**dict.fromkeys(SINGLE, (h, h)), "proj_mlp": (m, h), "proj_out": (h, h + m)}
     shapes = {}
     for i in range(cfg.num_layers):
         shapes.update({_T.format(i=i) + k: v for k, v in double.items()})
@@ -120,8 +134,16 @@ def layer_overhead(args, cfg: FluxConfig) -> None:
               f"FLOP share {100 * ideal:.1f}%)")
 
 
-def build_model(args) -> FluxTransformer:
-    """The timed transformer: --ckpt's (float32), or random at the requested widths."""
+def build_model(args) -> FluxTransformer | Flux2Transformer:
+    """The timed transformer: --ckpt's (float32; FLUX.1), or random at the requested
+    widths."""
+    if args.family == "flux2":
+        model = Flux2Transformer(Flux2Config.from_dict(dict(
+            in_channels=128, num_layers=args.double, num_single_layers=args.single,
+            attention_head_dim=128, num_attention_heads=args.hidden // 128,
+            joint_attention_dim=7680, guidance_embeds=False)))
+        mx.eval(model.parameters())
+        return model
     if args.ckpt is not None:
         from mlx_edit.weights.flux import load_transformer
 
@@ -134,6 +156,24 @@ def build_model(args) -> FluxTransformer:
     return model
 
 
+def forward_inputs(cfg, n: int, t: int) -> list[mx.array]:
+    """The transformer's positional inputs for n image and t text tokens, batch 1:
+    FLUX.1 (img, ids, txt, txt_ids, timestep, pooled, guidance), FLUX.2 (img, ids, txt,
+    txt_ids, timestep) with its 4-axis ids."""
+    g = np.random.default_rng(0)
+    side = int(np.sqrt(n))
+    ids = [np.zeros(n), np.arange(n) // side, np.arange(n) % side]
+    txt_ids = np.zeros((t, 3))
+    if isinstance(cfg, Flux2Config):
+        ids.append(np.zeros(n))
+        txt_ids = np.stack([np.zeros(t)] * 3 + [np.arange(t)], 1)
+    arrays = [g.standard_normal((1, n, cfg.in_channels)), np.stack(ids, 1),
+              g.standard_normal((1, t, cfg.joint_attention_dim)), txt_ids, np.array([0.5])]
+    if not isinstance(cfg, Flux2Config):
+        arrays += [g.standard_normal((1, cfg.pooled_projection_dim)), np.array([3.5])]
+    return [mx.array(a.astype(np.float32)) for a in arrays]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     print("\n".join(common.machine_header(" ".join(["bench_lora.py", *(argv or sys.argv[1:])]))))
@@ -142,20 +182,13 @@ def main(argv=None) -> int:
         return 0
     model = build_model(args)
     cfg = model.config
-    if args.ckpt is not None:
-        print(f"transformer: {args.ckpt} ({cfg.num_layers} double + {cfg.num_single_layers} "
-              f"single blocks, hidden {cfg.hidden_size})")
+    source = args.ckpt if args.family == "flux1" and args.ckpt else f"random {args.family}"
+    print(f"transformer: {source} ({cfg.num_layers} double + "
+          f"{cfg.num_single_layers} single blocks, hidden {cfg.hidden_size})")
     if args.quantize:
         quantize_transformer(model, args.quantize)
         mx.eval(model.parameters())
-    g = np.random.default_rng(0)
-    n, t = args.image_tokens, args.text_tokens
-    side = int(np.sqrt(n))
-    ids = np.stack([np.zeros(n), np.arange(n) // side, np.arange(n) % side], 1)
-    x = [mx.array(a.astype(np.float32)) for a in (
-        g.standard_normal((1, n, cfg.in_channels)), ids,
-        g.standard_normal((1, t, cfg.joint_attention_dim)), np.zeros((t, 3)),
-        np.array([0.5]), g.standard_normal((1, cfg.pooled_projection_dim)), np.array([3.5]))]
+    x = forward_inputs(cfg, args.image_tokens, args.text_tokens)
     rope = model.rope(x[1], x[3])
 
     def forward():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlx_edit.imaging.images import InputError
 from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.weights import lora as lora_files
 
 
@@ -45,7 +46,7 @@ class LoRAMixin:
         name = name or lora_files.default_name(source, self.loras)
         loaded = lora_files.LoadedLoRA(lora, str(source), float(scale))
         # Check on the base's structure (lazy, no weights) with the others before recording.
-        probe = FluxTransformer(self.components.config("transformer"))
+        probe = _structure(self.components.config("transformer"))
         lora_files.sync(probe, {**self.loras, name: loaded}, check_only=True)
         self.loras[name] = loaded
         if "transformer" in self.components.resident:
@@ -75,3 +76,9 @@ class LoRAMixin:
             self.loras.pop(n, None)
         if "transformer" in self.components.resident:
             self.transformer  # noqa: B018  (removes them now)
+
+
+def _structure(config):
+    """A lazy transformer of `config` (FLUX.1 or FLUX.2; no weights evaluated) to check
+    LoRAs against before recording them."""
+    return (Flux2Transformer if isinstance(config, Flux2Config) else FluxTransformer)(config)

@@ -141,6 +141,23 @@ class ClipTokenizer(_Tokenizer):
     files, build = ("vocab.json", "merges.txt"), staticmethod(_clip_pipeline)
 
 
+class Sam3Tokenizer(ClipTokenizer):
+    """SAM 3's CLIP tokenizer as `Sam3Processor` calls it (padding="max_length",
+    max_length=32): ids padded with eos, plus the attention mask the text encoder needs."""
+
+    max_length = 32
+
+    def with_mask(self, prompts: str | list[str], max_length: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), both (B, max_length) int32; mask 1 on the tokens
+        (bos .. eos), 0 on padding. Truncation and errors as `__call__`."""
+        ids = self(prompts, max_length)
+        rows = [prompts] if isinstance(prompts, str) else prompts
+        lengths = np.array([min(self.count_tokens(p), ids.shape[1]) for p in rows])
+        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        return ids, mask.astype(np.int32)
+
+
 class T5Tokenizer(_Tokenizer):
     """T5, as transformers' `T5TokenizerFast`: (B, 512) ids, eos (`</s>`, 1), pad (`<pad>`, 0);
     the `<extra_id_N>` sentinels follow the pieces, `<extra_id_0>` last."""

@@ -87,6 +87,22 @@ def test_bench_group_norm_line(repo_root):
                         last), last
 
 
+def test_bench_lora_flux2_overhead_line(repo_root):
+    last = _run(repo_root, "bench_lora.py", "--family", "flux2", "--hidden", "128",
+                "--image-tokens", "16", "--text-tokens", "8", "--ranks", "4", "--counts", "1",
+                "--reps", "1")
+    assert re.fullmatch(r"lora rank 4 x1 unfused overhead: -?[\d.]+%  \(FLOP share [\d.]+%\)",
+                        last), last
+
+
+def test_bench_flux2_kv_ratios(repo_root):
+    out = _stdout(repo_root, "bench_flux2_kv.py", "--preset", "tiny", "--image-tokens", "16",
+                  "--ref-tokens", "8", "--text-tokens", "4", "--refs", "1,2", "--reps", "1")
+    for r in (1, 2):
+        assert re.search(rf"^kv {r} refs: later/plain [\d.]+  first/plain [\d.]+  "
+                         r"\(4-step edit: [\d.]+\)$", out, re.M), out
+
+
 @pytest.mark.parity  # bench_cache builds its weights with diffusers
 def test_bench_cache_reports_evaluations(repo_root):
     last = _run(repo_root, "bench_cache.py", "--preset", "tiny", "--image-tokens", "16",

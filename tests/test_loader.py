@@ -84,7 +84,7 @@ def test_strict_and_clear_errors(tmp_path):
 def test_the_table_names_every_kind_once():
     assert set(SPECS) == {"transformer", "vae", "clip_text", "t5", "controlnet", "clip_vision",
                           "siglip_vision", "ip_adapter", "redux", "qwen3",
-                          "flux2_transformer"}
+                          "flux2_transformer", "sam3_vision", "sam3_text", "sam3_heads"}
     for kind, spec in SPECS.items():
         assert spec.formats and spec.label, kind
         assert hasattr(spec.config_class, "from_dict"), kind

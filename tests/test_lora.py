@@ -23,12 +23,14 @@ TOL = 1e-4
 
 
 class Host:
-    """The smallest object diffusers' FluxLoraLoaderMixin accepts as a pipeline."""
+    """The smallest object diffusers' FluxLoraLoaderMixin (`mixin`) accepts as a pipeline."""
+
+    mixin = "FluxLoraLoaderMixin"
 
     def __init__(self, transformer):
-        from diffusers.loaders import FluxLoraLoaderMixin
+        import diffusers.loaders
 
-        class _Host(FluxLoraLoaderMixin):
+        class _Host(getattr(diffusers.loaders, self.mixin)):
             pass
 
         self.pipe = _Host()
@@ -73,25 +75,26 @@ def diffusers_lora(ref, seed, rank=4, alpha=None, only=None, std=0.05):
     return sd
 
 
-def bfl_modules(ours, skip=()):
-    """{BFL module name: (out, in)} for our model's linears (inverse of BFL_NAMES)."""
+def bfl_modules(ours, skip=(), names=BFL_NAMES):
+    """{BFL module name: (out, in)} for our model's linears (inverse of `names`)."""
     found = {}
     for path, layer in ours.named_modules():
         if not hasattr(layer, "weight") or layer.weight.ndim != 2:
             continue
-        for src, dst, _ in BFL_NAMES:
+        for src, dst, _ in names:
             m = _regex(dst, ".").match(path)
             if m and not any(s in src for s in skip):
                 found[src.format(**m.groupdict())] = tuple(layer.weight.shape)
     return found
 
 
-def bfl_lora(ours, seed, prefix, down, up, sep=".", alpha=None, skip=(), rank=4, std=0.1):
+def bfl_lora(ours, seed, prefix, down, up, sep=".", alpha=None, skip=(), rank=4, std=0.1,
+             names=BFL_NAMES):
     """A LoRA on BFL module names (kohya: prefix lora_unet_, sep '_'; ComfyUI:
     diffusion_model.; fal: base_model.model.). Final-layer alphas are omitted: diffusers'
     kohya converter drops them (it applies 1 there), kohya applies alpha/rank."""
     g, sd = torch.Generator().manual_seed(seed), {}
-    for name, (out, inp) in sorted(bfl_modules(ours, skip).items()):
+    for name, (out, inp) in sorted(bfl_modules(ours, skip, names).items()):
         key = prefix + name.replace(".", sep)
         sd[f"{key}.{down}.weight"], sd[f"{key}.{up}.weight"] = _pair(g, out, inp, rank, std)
         if alpha is not None and "final_layer" not in name:

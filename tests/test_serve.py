@@ -380,7 +380,8 @@ def test_bench_serve_runs(repo_root, tiny_mlx):
 
 
 def test_kontext_edit_mode(tmp_path_factory, import_script, pipes, photo):
-    """With a Kontext model configured, mode=edit runs an instruction edit (no mask)."""
+    """With a Kontext model configured, mode=edit runs an instruction edit (no mask), with
+    `reference` uploads as further images (refused in other modes)."""
     from mlx_edit.kontext import FluxKontext
 
     out = tmp_path_factory.mktemp("serve-kontext") / "tiny"
@@ -399,6 +400,18 @@ def test_kontext_edit_mode(tmp_path_factory, import_script, pipes, photo):
         png = client.get(f"/v1/jobs/{r.json()['id']}/images/0")
         out = Image.open(io.BytesIO(png.content))
         assert out.size == (64, 48) and out.text["mode"] == "edit"
+        ref = ("ref.png", _png(photo[0].resize((40, 56))), "image/png")
+        r = client.post("/v1/edits", files=[("image", ref), ("reference", ref)], data={
+            "prompt": "x", "mode": "edit", "options": json.dumps(
+                {"steps": 1, "max_sequence_length": 8, "auto_resize": False,
+                 "keep_size": True})})
+        assert r.status_code == 202, r.text
+        assert wait(client, r.json()["id"])["state"] == "done"
+        out = Image.open(io.BytesIO(client.get(f"/v1/jobs/{r.json()['id']}/images/0").content))
+        assert out.size == (40, 56) and out.text["references"] == "2"  # the image + 1
+        bad = client.post("/v1/edits", files=[("image", ref), ("reference", ref)],
+                          data={"prompt": "x", "mode": "outpaint", "options": '{"left": 8}'})
+        assert bad.status_code == 400 and "takes no reference" in bad.json()["error"]
         bad = submit(client, (photo[0], None), {"steps": 1, "left": 8}, mode="edit")
         assert bad.status_code == 400 and "edit does not take left" in bad.json()["error"]
 

@@ -171,9 +171,11 @@ def eos_positions(input_ids: mx.array, eos_token_id: int) -> mx.array:
 class CLIPTextModel(nn.Module):
     """CLIP text tower without projection (transformers `CLIPTextModel`).
 
-    `__call__(input_ids (B, L) int32, L <= max_position_embeddings)` returns
-    `(last_hidden_state (B, L, D), pooled (B, D))`, both after `final_layer_norm`; the
-    attention is causal. Raises ValueError when L exceeds the position table.
+    `__call__(input_ids (B, L) int32, L <= max_position_embeddings, attention_mask=None)`
+    returns `(last_hidden_state (B, L, D), pooled (B, D))`, both after `final_layer_norm`;
+    the attention is causal, and with `attention_mask` ((B, L), 1 = token, 0 = padding)
+    no position attends to padding (transformers' causal + padding mask). Raises
+    ValueError when L exceeds the position table.
     """
 
     def __init__(self, config: CLIPTextConfig):
@@ -184,7 +186,8 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder.from_config(c)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None
+                 ) -> tuple[mx.array, mx.array]:
         n = input_ids.shape[-1]
         if n > self.config.max_position_embeddings:
             raise ValueError(
@@ -192,7 +195,11 @@ class CLIPTextModel(nn.Module):
                 f"{self.config.max_position_embeddings}"
             )
         x = self.embeddings(input_ids)
-        x = self.encoder(x, causal_mask(n, x.dtype))
+        mask = causal_mask(n, x.dtype)
+        if attention_mask is not None:
+            padding = mx.where(attention_mask[:, None, None, :] == 0, -mx.inf, 0.0)
+            mask = mask + padding.astype(x.dtype)
+        x = self.encoder(x, mask)
         x = self.final_layer_norm(x)
         idx = eos_positions(input_ids, self.config.eos_token_id)
         pooled = mx.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]

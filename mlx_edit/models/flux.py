@@ -65,11 +65,15 @@ class QKNorm(nn.Module):
         self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
 
-    def fused_attention(self, qkv: mx.array, heads: int, rope: mx.array) -> mx.array:
-        """Attention of a fused projection qkv (B, N, 3*H*D): split into heads, QK norm,
-        RoPE (`rope` (N, D/2, 2)), scaled dot-product; returns (B, N, H*D)."""
+    def rotated_heads(self, qkv: mx.array, heads: int, rope: mx.array):
+        """q, k, v (B, H, N, D) of a fused projection qkv (B, N, 3*H*D): split into
+        heads, QK norm and RoPE (`rope` (N, D/2, 2)) on q and k."""
         q, k, v = _split_heads(qkv, heads)
-        return attention(apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope), v)
+        return apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope), v
+
+    def fused_attention(self, qkv: mx.array, heads: int, rope: mx.array) -> mx.array:
+        """Scaled dot-product attention of `rotated_heads(qkv, heads, rope)`, (B, N, H*D)."""
+        return attention(*self.rotated_heads(qkv, heads, rope))
 
 
 def _split_heads(qkv: mx.array, heads: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -77,6 +81,16 @@ def _split_heads(qkv: mx.array, heads: int) -> tuple[mx.array, mx.array, mx.arra
     b, n, _ = qkv.shape
     qkv = qkv.reshape(b, n, 3, heads, -1).transpose(2, 0, 3, 1, 4)
     return qkv[0], qkv[1], qkv[2]
+
+
+def append_kv(k: mx.array, v: mx.array, extra=None) -> tuple[mx.array, mx.array]:
+    """Keys and values (B, H, N, D) with `extra` (k, v) (B or 1, H, T, D) appended along
+    the tokens (batch 1 broadcast to B); (k, v) as they are when `extra` is None."""
+    if extra is None:
+        return k, v
+    shape = (k.shape[0], *extra[0].shape[1:])
+    return (mx.concatenate([k, mx.broadcast_to(extra[0], shape)], axis=2),
+            mx.concatenate([v, mx.broadcast_to(extra[1], shape)], axis=2))
 
 
 class StreamAttention(QKNorm):
@@ -112,16 +126,19 @@ class JointBlock(nn.Module):
     `mods` are (image, text) lists of 6 vectors (B, hidden): shift, scale, gate of the
     attention, then of the MLP."""
 
-    def attend(self, img, txt, mods, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0):
+    def attend(self, img, txt, mods, rope, ip: Sequence[IPAdapterKV] = (), index: int = 0,
+               kv=None):
         """The block's attention (diffusers `transformer_blocks.i.attn`): (image output
         (B, N, hidden), text output (B, L, hidden)) after the output projections, plus the
-        IP-Adapter sum (B, N, hidden) as a third item when `ip` is given."""
+        IP-Adapter sum (B, N, hidden) as a third item when `ip` is given. kv: extra keys
+        and values (after RoPE) every token also attends to (`append_kv`; FLUX.2's
+        cached reference tokens)."""
         img_mod, txt_mod = mods
         iq, ik, iv = self.img_attn.qkv_heads(modulate(img, img_mod[0], img_mod[1]), self.heads)
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, txt_mod[0], txt_mod[1]), self.heads)
         q = apply_rope(mx.concatenate([tq, iq], axis=2), rope)
         k = apply_rope(mx.concatenate([tk, ik], axis=2), rope)
-        out = attention(q, k, mx.concatenate([tv, iv], axis=2))
+        out = attention(q, *append_kv(k, mx.concatenate([tv, iv], axis=2), kv))
         n_txt = txt.shape[1]
         outs = (self.img_attn.proj(out[:, n_txt:]), self.txt_attn.proj(out[:, :n_txt]))
         if not ip:

@@ -12,6 +12,13 @@ What differs from FLUX.1 (mlx_edit/models/flux.py, whose blocks are shared here)
   (0, 0, 0, position), reference images carry time offsets (`scale + scale * i`);
 - only a timestep (+ guidance) embedding, no pooled text vector.
 
+The KV variant (klein 9B-KV, diffusers `Flux2KleinKVPipeline`): reference tokens attend
+only to themselves, with their own modulation (timestep 0), so their keys and values in
+every block depend on the references alone. `reference_kv` computes them once (diffusers'
+`kv_cache_mode="extract"` step, `Flux2KVCache`) and every `__call__(..., kv=...)` lets the
+text and image tokens attend to them (its `"cached"` steps; the first step too: the same
+attention, computed as a cached call).
+
 Compute layout (ours): fused QKV per stream in double blocks and one fused input
 projection (q, k, v, MLP gate and value) per single block, as BFL stores them; loaders map
 diffusers' separate projections into it (mlx_edit/weights/flux2.py).
@@ -26,8 +33,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_edit.models.config import TransformerWidths, transformer_config
-from mlx_edit.models.flux import FinalLayer, JointBlock, QKNorm, StreamAttention
-from mlx_edit.models.layers import MLPEmbedder, embed_scaled, modulate, rope_table, swiglu
+from mlx_edit.models.flux import FinalLayer, JointBlock, QKNorm, StreamAttention, append_kv
+from mlx_edit.models.layers import (
+    MLPEmbedder,
+    apply_rope,
+    attention,
+    embed_scaled,
+    modulate,
+    rope_table,
+    swiglu,
+)
 
 
 @dataclass
@@ -61,6 +76,12 @@ class Flux2Config(TransformerWidths):
             raise ValueError(f"eps {cfg.eps} is not supported (FLUX.2 uses 1e-6)")
         return cfg
 
+    def reference_kv_bytes(self, n_ref_tokens: int, batch: int = 1, itemsize: int = 2) -> int:
+        """Bytes of `Flux2Transformer.reference_kv` for `n_ref_tokens` reference tokens:
+        a key and a value (batch, n_ref_tokens, hidden) per block, `itemsize` bytes each."""
+        blocks = self.num_layers + self.num_single_layers
+        return 2 * blocks * batch * n_ref_tokens * self.hidden_size * itemsize
+
 
 class SwiGLUMLP(nn.Module):
     """Linear (hidden -> 2 * mlp_hidden) -> SwiGLU -> Linear, no biases (Flux2FeedForward)."""
@@ -86,10 +107,21 @@ class Flux2DoubleBlock(JointBlock):
         self.img_mlp = SwiGLUMLP(h, cfg.mlp_hidden)
         self.txt_mlp = SwiGLUMLP(h, cfg.mlp_hidden)
 
-    def __call__(self, img, txt, mods, rope):
+    def __call__(self, img, txt, mods, rope, kv=None):
         """(image (B, N, hidden), text (B, L, hidden)) after the block; mods: (image,
-        text) lists of 6 vectors (B, hidden) (`Flux2Transformer.modulations`)."""
-        return self.finish(img, txt, mods, self.attend(img, txt, mods, rope))
+        text) lists of 6 vectors (B, hidden) (`Flux2Transformer.modulations`); kv: the
+        block's cached reference (k, v) (`ReferenceKV`), attended to by every token."""
+        return self.finish(img, txt, mods, self.attend(img, txt, mods, rope, kv=kv))
+
+    def reference(self, ref: mx.array, mods, rope: mx.array):
+        """Reference tokens ref (B, R, hidden) through the image stream, attending only to
+        themselves (diffusers `_flux2_kv_causal_attention`): (ref after the block, their
+        (k, v) (B, H, R, D) after QK norm and RoPE). mods: the image stream's 6 vectors
+        at the references' timestep; rope: (R, D/2, 2) of the references' ids."""
+        q, k, v = self.img_attn.qkv_heads(modulate(ref, mods[0], mods[1]), self.heads)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        ref = ref + mods[2][:, None] * self.img_attn.proj(attention(q, k, v))
+        return ref + mods[5][:, None] * self.img_mlp(modulate(ref, mods[3], mods[4])), (k, v)
 
 
 class Flux2SingleBlock(QKNorm):
@@ -104,12 +136,19 @@ class Flux2SingleBlock(QKNorm):
         self.linear1 = nn.Linear(h, 3 * h + 2 * m, bias=False)
         self.linear2 = nn.Linear(h + m, h, bias=False)
 
-    def __call__(self, x: mx.array, mods, rope: mx.array) -> mx.array:
-        """x (B, L + N, hidden) after the block; mods: (shift, scale, gate) (B, hidden)."""
+    def __call__(self, x: mx.array, mods, rope: mx.array, kv=None) -> mx.array:
+        """x (B, L + N, hidden) after the block; mods: (shift, scale, gate) (B, hidden);
+        kv: the block's cached reference (k, v) (`ReferenceKV`), attended to by every token."""
+        return self.forward(x, mods, rope, kv)[0]
+
+    def forward(self, x: mx.array, mods, rope: mx.array, kv=None):
+        """(x after the block, the (k, v) (B, H, L + N, D) of x's tokens after QK norm
+        and RoPE); see `__call__`."""
         shift, scale, gate = mods
         qkv, mlp = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden], axis=-1)
-        out = mx.concatenate([self.fused_attention(qkv, self.heads, rope), swiglu(mlp)], axis=-1)
-        return x + gate[:, None] * self.linear2(out)
+        q, k, v = self.rotated_heads(qkv, self.heads, rope)
+        out = mx.concatenate([attention(q, *append_kv(k, v, kv)), swiglu(mlp)], axis=-1)
+        return x + gate[:, None] * self.linear2(out), (k, v)
 
 
 def positions(ids: mx.array) -> mx.array:
@@ -148,9 +187,8 @@ class Flux2Transformer(nn.Module):
         ids = mx.concatenate([positions(txt_ids), positions(img_ids)], axis=0)
         return rope_table(ids, self.config.axes_dims_rope, self.config.rope_theta)
 
-    def embed(self, img, txt, timestep, guidance=None):
-        """(image tokens (B, N, hidden), text tokens (B, L, hidden), conditioning vector
-        vec (B, hidden)): the input projections and the timestep (+ guidance) embedding.
+    def conditioning(self, timestep: mx.array, guidance: mx.array | None = None) -> mx.array:
+        """The conditioning vector vec (B, hidden): the timestep (+ guidance) embedding.
 
         timestep (B,): sigma in [0, 1] (the klein pipelines pass `t / 1000`); guidance
         (B,): the raw guidance scale; both are multiplied by 1000 here, as diffusers does.
@@ -163,6 +201,13 @@ class Flux2Transformer(nn.Module):
             if not self.config.guidance_embeds:
                 raise ValueError("this FLUX.2 model has no guidance embedding: pass guidance=None")
             vec = vec + embed_scaled(self.guidance_in, guidance, dtype, channels)
+        return vec
+
+    def embed(self, img, txt, timestep, guidance=None):
+        """(image tokens (B, N, hidden), text tokens (B, L, hidden), vec (B, hidden)): the
+        input projections and `conditioning(timestep, guidance)`."""
+        dtype = self.img_in.weight.dtype
+        vec = self.conditioning(timestep, guidance)
         return self.img_in(img.astype(dtype)), self.txt_in(txt.astype(dtype)), vec
 
     def modulations(self, vec: mx.array) -> Flux2Mods:
@@ -174,21 +219,48 @@ class Flux2Transformer(nn.Module):
             mx.split(self.single_mod(s), 3, axis=-1),
         )
 
+    def reference_kv(self, ref: mx.array, ref_ids: mx.array, guidance: mx.array | None = None,
+                     *, timestep: float = 0.0) -> ReferenceKV:
+        """The keys and values of reference tokens in every block, for `__call__(kv=...)`
+        (the KV variant: references attend only to themselves; diffusers
+        `Flux2Transformer2DModel.forward(kv_cache_mode="extract")`, `Flux2KVCache`).
+
+        ref: packed reference latents (B, R, in_channels) (B = 1 serves any batch);
+        ref_ids: (R, 4) or (B, R, 4) their position ids (time `scale + scale * i`);
+        guidance: as for `__call__`, (B,) or None; timestep: the references' fixed
+        modulation timestep (diffusers `ref_fixed_timestep`, 0). Returns (k, v) pairs
+        (B, heads, R, head_dim) in the model dtype, after QK norm and RoPE; memory:
+        `Flux2Config.reference_kv_bytes`.
+        """
+        dtype = self.img_in.weight.dtype
+        mods = self.modulations(self.conditioning(mx.full((ref.shape[0],), timestep), guidance))
+        rope = rope_table(positions(ref_ids), self.config.axes_dims_rope, self.config.rope_theta)
+        x, double, single = self.img_in(ref.astype(dtype)), [], []
+        for block in self.double_blocks:
+            x, kv = block.reference(x, mods.double[0], rope)
+            double.append(kv)
+        for block in self.single_blocks:
+            x, kv = block.forward(x, mods.single, rope)
+            single.append(kv)
+        return ReferenceKV(double, single)
+
     def blocks(self, x: mx.array, ctx: mx.array, mods: Flux2Mods, rope: mx.array, *,
-               start: int = 0, stop: int | None = None) -> tuple[mx.array, mx.array]:
+               start: int = 0, stop: int | None = None,
+               kv: ReferenceKV | None = None) -> tuple[mx.array, mx.array]:
         """Blocks `start` to `stop` (exclusive) of the stack (double blocks, then single
         blocks): x (B, N, hidden) and ctx (B, L, hidden) entering block `start` ->
-        (image stream, text stream) after block `stop - 1`."""
+        (image stream, text stream) after block `stop - 1`; kv: `reference_kv`'s."""
         n_double = len(self.double_blocks)
         stop = n_double + len(self.single_blocks) if stop is None else stop
+        kv_double, kv_single = kv or ([None] * n_double, [None] * len(self.single_blocks))
         for i in range(start, min(stop, n_double)):
-            x, ctx = self.double_blocks[i](x, ctx, mods.double, rope)
+            x, ctx = self.double_blocks[i](x, ctx, mods.double, rope, kv_double[i])
         if stop <= n_double:
             return x, ctx
         n_txt = ctx.shape[1]
         joint = mx.concatenate([ctx, x], axis=1)
         for j in range(max(start - n_double, 0), stop - n_double):
-            joint = self.single_blocks[j](joint, mods.single, rope)
+            joint = self.single_blocks[j](joint, mods.single, rope, kv_single[j])
         return joint[:, n_txt:], joint[:, :n_txt]
 
     def final(self, x: mx.array, vec: mx.array) -> mx.array:
@@ -205,6 +277,7 @@ class Flux2Transformer(nn.Module):
         guidance: mx.array | None = None,
         *,
         rope: mx.array | None = None,
+        kv: ReferenceKV | None = None,
     ) -> mx.array:
         """One denoiser evaluation: the flow velocity of every image token given.
 
@@ -218,6 +291,8 @@ class Flux2Transformer(nn.Module):
             timestep: (B,) sigma in [0, 1] (not diffusers' 0..1000 scheduler timestep).
             guidance: (B,) guidance scale for guidance-embedding models, else None.
             rope: a precomputed `self.rope(img_ids, txt_ids)` (computed here if None).
+            kv: `reference_kv(...)` of the references (KV variant): every text and image
+                token also attends to them; `img` then holds no reference tokens.
         Returns:
             (B, N, out_channels) in the model dtype.
         Raises:
@@ -226,7 +301,7 @@ class Flux2Transformer(nn.Module):
         if rope is None:
             rope = self.rope(img_ids, txt_ids)
         x, ctx, vec = self.embed(img, txt, timestep, guidance)
-        x, _ = self.blocks(x, ctx, self.modulations(vec), rope)
+        x, _ = self.blocks(x, ctx, self.modulations(vec), rope, kv=kv)
         return self.final(x, vec)
 
 
@@ -237,3 +312,11 @@ class Flux2Mods(NamedTuple):
 
     double: tuple[list[mx.array], list[mx.array]]
     single: list[mx.array]
+
+
+class ReferenceKV(NamedTuple):
+    """`Flux2Transformer.reference_kv`: one (k, v) pair per double block (`double`) and
+    per single block (`single`), each (B, heads, R, head_dim) after QK norm and RoPE."""
+
+    double: list[tuple[mx.array, mx.array]]
+    single: list[tuple[mx.array, mx.array]]

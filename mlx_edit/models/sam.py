@@ -166,9 +166,10 @@ class PromptEncoder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Sam2Attention: multi-head attention with an internal width hidden // downsample."""
+    """Sam2Attention / Sam3Attention: multi-head attention with an internal width
+    hidden // downsample (any config with `hidden_size` and `num_attention_heads`)."""
 
-    def __init__(self, cfg: MaskDecoderConfig, downsample: int):
+    def __init__(self, cfg: MaskDecoderConfig, downsample: int = 1):
         super().__init__()
         inner = cfg.hidden_size // downsample
         self.heads = cfg.num_attention_heads
@@ -177,13 +178,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, inner)
         self.o_proj = nn.Linear(inner, cfg.hidden_size)
 
-    def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """q (B, Lq, C), k/v (B, Lk, C) -> (B, Lq, C)."""
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array,
+                 mask: mx.array | None = None) -> mx.array:
+        """q (B, Lq, C), k/v (B, Lk, C) -> (B, Lq, C). mask: broadcastable to
+        (B, heads, Lq, Lk), boolean (True = attend) or an additive float bias."""
         def heads(x):
             return x.reshape(x.shape[0], x.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
+                                                   mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], -1))
 
 

@@ -60,6 +60,8 @@ from mlx_edit.serve import openai_api
 from mlx_edit.serve.openai_api import ModelNotFound
 from mlx_edit.serve.schema import EditForm, MaskForm, add_components, form_body
 from mlx_edit.serve.uploads import (
+    FILE_FIELDS,
+    MAX_REFERENCES,
     Unprocessable,
     UploadTooLarge,
     build_mask_request,
@@ -295,9 +297,13 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 async def submit(request: Request):
     """Queue an edit. Multipart: image, mask (or points/labels/box as JSON), prompt,
     mode (inpaint | outpaint | edit), options (JSON object of EditOptions fields),
-    priority (interactive | batch). Or a JSON body with base64 image/mask."""
+    priority (interactive | batch), reference (edit only: up to MAX_REFERENCES further
+    images, repeated). Or a JSON body with base64 image/mask (references: a list)."""
     state = request.app.state
-    fields, files = await read_fields(request, EditForm.model_fields)
+    fields, files = await read_fields(request, EditForm.model_fields,
+                                      file_fields=(*FILE_FIELDS, "reference"),
+                                      repeated=("reference",),
+                                      max_files=len(FILE_FIELDS) + MAX_REFERENCES)
     req = await run_in_threadpool(build_request, fields, files, state.config,
                                   state.resident.kinds - {"segmenter"}, state.segmenter,
                                   state.has_ranker)

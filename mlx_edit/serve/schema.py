@@ -53,6 +53,9 @@ class EditForm(BaseModel):
     image: bytes = Field(description="The photo (PNG, JPEG or WebP): a file, or base64 "
                                    "in a JSON body.")
     mask: bytes | None = Field(None, description="White = repaint (a file, or base64).")
+    reference: list[bytes] | None = Field(None, description="Edit mode: further images "
+                                          "(up to 4; repeat the file field, or a list of "
+                                          "base64 in a JSON body).")
     prompt: str = Field(description="What to paint, or the instruction (edit mode).")
     mode: Literal["inpaint", "outpaint", "edit"] = "inpaint"
     options: str | dict | None = Field(None, description=OPTIONS_HELP)

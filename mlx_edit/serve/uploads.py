@@ -35,6 +35,7 @@ from mlx_edit.serve.config import ServeConfig
 
 FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC stay local
 FILE_FIELDS = ("image", "mask")
+MAX_REFERENCES = 4  # `reference` uploads of one edit (edit mode's further images)
 MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
 PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
 PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
@@ -240,7 +241,8 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
 
     fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
     priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
-    clicks, with a segmenter). files: image (required), mask (white = repaint).
+    clicks, with a segmenter). files: image (required), mask (white = repaint),
+    reference (edit mode only: a list of bytes, the further images).
     kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
     `ranker/` (else rank is refused: it would download a CLIP model). variant: the
     served model's (mlx_edit.variants; None: `served_variant`). Raises InputError,
@@ -260,6 +262,11 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
+    refs = files.get("reference") or []
+    if refs and mode != "edit":
+        raise InputError(f"{mode} takes no reference images (they are edit mode's)")
+    refs = [load_image(open_image(b, f"reference {i + 1}", config.max_pixels))
+            for i, b in enumerate(refs)]
     mask = _click_mask(fields, segmenter, image.size)
     if mask is not None:
         options = dataclasses.replace(options, segment_model=segmenter)
@@ -274,14 +281,16 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
         check_canvas(image.width + options.left + options.right,
                      image.height + options.top + options.bottom)
     return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
-                       PRIORITIES[priority])
+                       PRIORITIES[priority], refs)
 
 
 async def read_fields(request, known, where: str = "the request",
                       file_fields: tuple[str, ...] = FILE_FIELDS,
-                      max_files: int = len(FILE_FIELDS)) -> tuple[dict, dict]:
+                      max_files: int = len(FILE_FIELDS),
+                      repeated: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(fields, files as bytes) of a Starlette request's multipart form or JSON body (its
-    `file_fields` base64). A file field named "x[]" may repeat: a list of bytes. Fields
+    `file_fields` base64). A file field named "x[]", or named in `repeated`, may repeat: a
+    list of bytes (in a JSON body: a list of base64 strings, at most max_files). Fields
     not in `known` (an endpoint's schema, serve/schema.py; "x[]" counts as "x") are
     refused: Unprocessable (422) naming them. Raises InputError, UploadTooLarge."""
     from starlette.exceptions import HTTPException
@@ -293,7 +302,14 @@ async def read_fields(request, known, where: str = "the request",
         if not isinstance(body, dict):
             raise InputError("the JSON body must be an object")
         check_fields(body, known, where)
-        return body, {k: decode_base64(body.pop(k), k) for k in file_fields if k in body}
+        files = {k: decode_base64(body.pop(k), k) for k in file_fields
+                 if k in body and k not in repeated}
+        for k in repeated:
+            values = body.pop(k, [])
+            if not isinstance(values, list) or len(values) > max_files:
+                raise InputError(f"{k} must be a list of up to {max_files} base64 images")
+            files[k] = [decode_base64(v, f"{k} {i + 1}") for i, v in enumerate(values)]
+        return body, files
     if not ctype.startswith("multipart/form-data"):
         raise InputError("send multipart/form-data or application/json")
     try:
@@ -312,7 +328,7 @@ async def read_fields(request, known, where: str = "the request",
         elif key not in file_fields:
             raise InputError(f"{key} must be a text field, not a file; the files are "
                              f"{', '.join(file_fields)}")
-        elif key in aliases:
+        elif key in aliases or key in repeated:
             files.setdefault(key, []).append(await value.read())
         else:
             files[key] = await value.read()

@@ -9,7 +9,8 @@ match one dotted segment (`{rest}` matches any remainder), plus an op:
 - ``split:A:B``: rows [A, B) of the one source tensor (fused source, split target);
 - ``conv``: a PyTorch conv weight OIHW transposed to MLX's OHWI;
 - ``conv1x1``: a 1x1 conv weight (O, I, 1, 1) squeezed to a Linear (O, I);
-- ``swap``: the two halves on axis 0 swapped (BFL's final layer is [shift; scale]).
+- ``swap``: the two halves on axis 0 swapped (BFL's final layer is [shift; scale]);
+- ``drop_cls``: the first row of axis 1 dropped (a ViT position table's class token).
 
 Loading reads tensors lazily (`mx.load` of safetensors is lazy), casts each to the
 requested dtype and evaluates it before reading the next, so peak memory is the model
@@ -119,6 +120,8 @@ def apply_op(op: str, tensors: list[mx.array]) -> mx.array:
     if op == "swap":
         a, b = mx.split(tensors[0], 2, axis=0)
         return mx.concatenate([b, a], axis=0)
+    if op == "drop_cls":
+        return tensors[0][:, 1:]
     raise ValueError(f"unknown key-map op {op!r}")
 
 
@@ -133,6 +136,8 @@ def op_output_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         return (o, h, w, i)
     if op == "conv1x1":
         return (shapes[0][0], math.prod(shapes[0][1:]))
+    if op == "drop_cls":
+        return (shapes[0][0], shapes[0][1] - 1, *shapes[0][2:])
     return tuple(shapes[0])
 
 

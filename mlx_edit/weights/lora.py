@@ -1,16 +1,20 @@
 """FLUX LoRA files: read, detect the naming, convert to updates of OUR layers.
 
-Every format diffusers' `FluxLoraLoaderMixin.lora_state_dict` reads
-(`loaders/lora_pipeline.py`, `loaders/lora_conversion_utils.py`) is one naming scheme
-below, a table of (module name pattern in the file -> our layer, output offset):
+Every LoRA format diffusers' `FluxLoraLoaderMixin.lora_state_dict` (FLUX.1) and
+`Flux2LoraLoaderMixin.lora_state_dict` (FLUX.2) read (`loaders/lora_pipeline.py`,
+`loaders/lora_conversion_utils.py`) is one naming scheme below, a table of (module name
+pattern in the file -> our layer, output offset); FLUX.1 and FLUX.2 tables sit side by
+side (their layer paths differ only where the models do, and `LoRAFile.updates` names
+any layer a model lacks):
 
 - ``diffusers``: PEFT names `transformer.transformer_blocks.N.attn.to_q.lora_A.weight`
   / `lora_B`, optional `.alpha` or PEFT metadata (`lora_adapter_metadata`);
 - ``kohya``: `lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight` / `lora_up` /
   `.alpha` (BFL module names with '_'), and kohya's `lora_transformer_*` (diffusers
   module names with '_');
-- ``bfl``: BFL module names with `diffusion_model.` (ComfyUI), `base_model.model.`
-  (fal Kontext) or no prefix, `lora_down/lora_up` or `lora_A/lora_B`;
+- ``bfl``: BFL module names with `diffusion_model.` (ComfyUI; ai-toolkit's FLUX.2
+  files, which may also name blocks as diffusers does), `base_model.model.` (fal
+  Kontext) or no prefix, `lora_down/lora_up` or `lora_A/lora_B`;
 - ``xlabs``: `double_blocks.N.processor.qkv_lora1.down.weight` (1 = image stream,
   2 = text), `single_blocks.N.processor.proj_lora.up.weight`.
 
@@ -72,17 +76,30 @@ BFL_NAMES: tuple[tuple[str, str, int], ...] = (
 # BFL's final modulation is [shift; scale], ours (diffusers') [scale; shift]: B rows swap.
 SWAPPED = ("final_layer.adaLN_modulation.1",)
 
-DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
+# diffusers names FLUX.1 (FluxTransformer2DModel) and FLUX.2 (Flux2Transformer2DModel) share
+_DIFFUSERS_COMMON: tuple[tuple[str, str, int], ...] = (
     ("x_embedder", "img_in", 0), ("context_embedder", "txt_in", 0),
-    *((f"time_text_embed.{d}_embedder.linear_{n}", f"{o}_in.{layer}", 0)
-      for d, o in (("timestep", "time"), ("guidance", "guidance"), ("text", "vector"))
-      for n, layer in ((1, "in_layer"), (2, "out_layer"))),
-    (_T + "norm1.linear", _D + "img_mod", 0),
-    (_T + "norm1_context.linear", _D + "txt_mod", 0),
     *((_T + f"attn.to_{c}", _D + "img_attn.qkv", k) for k, c in enumerate("qkv")),
     *((_T + f"attn.add_{c}_proj", _D + "txt_attn.qkv", k) for k, c in enumerate("qkv")),
     (_T + "attn.to_out.0", _D + "img_attn.proj", 0),
     (_T + "attn.to_add_out", _D + "txt_attn.proj", 0),
+    ("norm_out.linear", "final_layer.modulation", 0),
+    ("proj_out", "final_layer.linear", 0),
+)
+
+
+def _embedders(prefix: str, names) -> tuple[tuple[str, str, int], ...]:
+    """`{prefix}.{d}_embedder.linear_1/2` -> `{o}_in.in_layer/out_layer` for (d, o) in names."""
+    return tuple((f"{prefix}.{d}_embedder.linear_{n}", f"{o}_in.{layer}", 0) for d, o in names
+                 for n, layer in ((1, "in_layer"), (2, "out_layer")))
+
+
+DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
+    *_DIFFUSERS_COMMON,
+    *_embedders("time_text_embed", (("timestep", "time"), ("guidance", "guidance"),
+                                    ("text", "vector"))),
+    (_T + "norm1.linear", _D + "img_mod", 0),
+    (_T + "norm1_context.linear", _D + "txt_mod", 0),
     (_T + "ff.net.0.proj", _D + "img_mlp.fc1", 0),
     (_T + "ff.net.2", _D + "img_mlp.fc2", 0),
     (_T + "ff_context.net.0.proj", _D + "txt_mlp.fc1", 0),
@@ -91,8 +108,28 @@ DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
     *((_ST + f"attn.to_{c}", _S + "linear1", k) for k, c in enumerate("qkv")),
     (_ST + "proj_mlp", _S + "linear1", 3),
     (_ST + "proj_out", _S + "linear2", 0),
-    ("norm_out.linear", "final_layer.modulation", 0),
-    ("proj_out", "final_layer.linear", 0),
+)
+
+# FLUX.2 (mlx_edit/models/flux2.py): BFL names share BFL_NAMES (its blocks are named as
+# FLUX.1's) plus the model-wide modulations below; diffusers' names differ from FLUX.1's
+# past the common ones (`time_guidance_embed`, the shared modulations, `ff.linear_in`,
+# the single blocks' fused `attn.to_qkv_mlp_proj`).
+FLUX2_BFL_NAMES: tuple[tuple[str, str, int], ...] = (
+    ("double_stream_modulation_{s}.lin", "double_mod_{s}", 0),
+    ("single_stream_modulation.lin", "single_mod", 0),
+)
+
+FLUX2_DIFFUSERS_NAMES: tuple[tuple[str, str, int], ...] = (
+    *_DIFFUSERS_COMMON,
+    *_embedders("time_guidance_embed", (("timestep", "time"), ("guidance", "guidance"))),
+    ("double_stream_modulation_{s}.linear", "double_mod_{s}", 0),
+    ("single_stream_modulation.linear", "single_mod", 0),
+    (_T + "ff.linear_in", _D + "img_mlp.fc1", 0),
+    (_T + "ff.linear_out", _D + "img_mlp.fc2", 0),
+    (_T + "ff_context.linear_in", _D + "txt_mlp.fc1", 0),
+    (_T + "ff_context.linear_out", _D + "txt_mlp.fc2", 0),
+    (_ST + "attn.to_qkv_mlp_proj", _S + "linear1", 0),
+    (_ST + "attn.to_out", _S + "linear2", 0),
 )
 
 XLABS_NAMES: tuple[tuple[str, str, int], ...] = (
@@ -115,13 +152,18 @@ class Scheme:
     sep: str = "."
 
 
+_BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "")
+
 SCHEMES: tuple[Scheme, ...] = (
     Scheme("xlabs", ("diffusion_model.", ""), XLABS_NAMES),
     Scheme("diffusers", ("transformer.", ""), DIFFUSERS_NAMES),
-    Scheme("kohya", ("lora_unet_",), BFL_NAMES, "_"),
+    Scheme("diffusers", ("transformer.", ""), FLUX2_DIFFUSERS_NAMES),
+    Scheme("kohya", ("lora_unet_",), BFL_NAMES + FLUX2_BFL_NAMES, "_"),
     Scheme("kohya", ("lora_transformer_",), DIFFUSERS_NAMES, "_"),
-    Scheme("bfl", ("model.diffusion_model.", "diffusion_model.", "base_model.model.", ""),
-           BFL_NAMES),
+    Scheme("bfl", _BFL_PREFIXES, BFL_NAMES + FLUX2_BFL_NAMES),
+    # ai-toolkit FLUX.2 files may carry diffusers block names under BFL prefixes
+    # (diffusers `_convert_non_diffusers_flux2_lora_to_diffusers`)
+    Scheme("bfl", _BFL_PREFIXES[:3], FLUX2_DIFFUSERS_NAMES),
     Scheme("kohya", text.KOHYA_PREFIXES, text.CLIP_NAMES, "_"),
     Scheme("diffusers", text.PEFT_PREFIXES, text.CLIP_NAMES),
 )
@@ -254,7 +296,8 @@ def _updates(model, all_parts: Mapping[str, list[Part]]) -> dict[str, LayerUpdat
     shaped = {p: _layer_shape(model, p) for p in all_parts}
     missing = [f"{p} (no such layer in this model)" for p, s in shaped.items() if s is None]
     if missing:
-        raise WeightLoadError("LoRA targets layers this model lacks: " + "; ".join(missing))
+        raise WeightLoadError("LoRA targets layers this model lacks (a LoRA for another "
+                              "FLUX model?): " + "; ".join(missing))
     updates = {}
     for path, parts in all_parts.items():
         out, inp = shaped[path]
@@ -300,7 +343,7 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
 # Whole kinds of file we recognise but cannot apply: (key pattern, why / what to do).
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
     (r"\.(lokr_w1|lokr_w1_a|hada_w1_a)$", "a LyCORIS LoKr/LoHa file, not supported "
-     "(diffusers' FLUX.1 loader does not read them either)"),
+     "(diffusers reads LoKr for FLUX.2 only; mlx-edit applies low-rank LoRAs only)"),
     (r"lora_magnitude_vector", "a DoRA adapter (magnitude vectors), not supported"),
 )
 

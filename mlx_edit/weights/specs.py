@@ -14,6 +14,9 @@ reads. Every `load_*` function of this package is one call of it.
     siglip_vision  transformers                           so400m-patch14-384 defaults
     ip_adapter     xlabs (and diffusers' names)           from shapes
     redux          diffusers, bfl                         bfl: from shapes
+    sam3_vision    transformers, meta                     meta: SAM 3 defaults + overrides
+    sam3_text      transformers, meta                     meta: SAM 3 defaults + overrides
+    sam3_heads     transformers, meta                     meta: SAM 3 defaults + overrides
 
 To add a format: one entry here, in the `formats` of its kind: a `Format(detect, rules,
 infer)` with its key map (a tuple of `core.Rule`, kept beside the kind's other maps in
@@ -32,6 +35,9 @@ from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.models.ip_adapter import IPAdapter, IPAdapterConfig
+from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
+from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder
+from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel
 from mlx_edit.models.redux import (
     ReduxConfig,
     ReduxImageEncoder,
@@ -41,7 +47,7 @@ from mlx_edit.models.redux import (
 from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.weights import controlnet, flux, flux2, qwen3, text, vae, vision
+from mlx_edit.weights import controlnet, flux, flux2, qwen3, sam3, text, vae, vision
 from mlx_edit.weights.loader import (
     Format,
     Spec,
@@ -168,6 +174,42 @@ REDUX = Spec(
     },
 )
 
+
+def _sam3(label: str, config_class, model_class, select, hf: tuple, meta: tuple) -> Spec:
+    """A SAM 3 sub-model: its tensors selected from a whole Sam3Model file, in
+    transformers' or Meta's names (weights/sam3.py); Meta files carry no config.json (the
+    released config, updated by the `config` argument)."""
+    return Spec(
+        label, config_class, model_class, file_or_folder(label), select=select,
+        prefixes=sam3.WRAPPER_PREFIXES, class_name="Sam3Model",
+        formats={
+            "transformers": Format(sam3.has_prefix(hf[0]), hf[1], sign=hf[0] + "*"),
+            "meta": Format(sam3.has_prefix(meta[0]), meta[1], sign=meta[0] + "*",
+                           infer=lambda _t, o: config_class.from_dict(o)),
+        },
+    )
+
+
+SAM3_VISION = _sam3("SAM 3 vision backbone", Sam3VisionConfig, Sam3VisionModel,
+                    sam3.selector(sam3.VISION_SELECT),
+                    (sam3.HF_VISION, sam3.VISION_HF_RULES),
+                    (sam3.META_TRUNK, sam3.VISION_META_RULES))
+SAM3_TEXT = _sam3("SAM 3 text encoder", Sam3TextConfig, Sam3TextEncoder,
+                  sam3.selector(sam3.TEXT_SELECT),
+                  (sam3.HF_TEXT, sam3.TEXT_HF_RULES), (sam3.META_TEXT, sam3.TEXT_META_RULES))
+
+# The heads' select renames Meta's names to transformers' (weights/sam3.py), so the two
+# formats share one key map and differ in where the config comes from.
+SAM3_HEADS = Spec(
+    "SAM 3 heads", Sam3HeadsConfig, Sam3Heads, file_or_folder("SAM 3 heads"),
+    select=sam3.select_heads, prefixes=sam3.WRAPPER_PREFIXES, class_name="Sam3Model",
+    formats={
+        "transformers": Format(has_config, sam3.SAM3_HEAD_RULES, sign="detr_decoder.*"),
+        "meta": Format(always, sam3.SAM3_HEAD_RULES, sign="transformer.decoder.*",
+                       infer=lambda _t, o: Sam3HeadsConfig.from_dict(o)),
+    },
+)
+
 SPECS: dict[str, Spec] = {
     "transformer": TRANSFORMER,
     "flux2_transformer": FLUX2_TRANSFORMER,
@@ -182,6 +224,9 @@ SPECS: dict[str, Spec] = {
                              vision.SIGLIP_RULES),
     "ip_adapter": IP_ADAPTER,
     "redux": REDUX,
+    "sam3_vision": SAM3_VISION,
+    "sam3_text": SAM3_TEXT,
+    "sam3_heads": SAM3_HEADS,
 }
 
 # The pipeline components `mlx-edit convert` writes -> their kinds (FLUX.1's), and per

@@ -113,6 +113,12 @@ def test_bench_cache_reports_evaluations(repo_root):
     assert int(m.group(1)) < 6
 
 
+def test_bench_cache_flux2_reports_evaluations(repo_root):
+    last = _run(repo_root, "bench_cache.py", "--family", "flux2", "--preset", "tiny",
+                "--image-tokens", "16", "--text-tokens", "8", "--steps", "4", "--cache", "mag:0.12")
+    assert re.fullmatch(r"cache mag:0.12: evals 2/4 speed-up [\d.]+ psnr [\d.]+ dB", last), last
+
+
 def test_bench_large_tiled_vs_shrunk(repo_root, tiny_mlx):
     last = _run(repo_root, "bench_large.py", "--model", str(tiny_mlx), "--size", "352x224",
                 "--max-model-pixels", "65536", "--max-sequence-length", "16")

@@ -118,6 +118,44 @@ def test_api_text_to_image_crop_sam_keep_size(klein, tiny_sam_mlx):
         pipe.edit([photo], "x", prompt_2="y", **short)
 
 
+def _bfl_lora(path):
+    """A random ai-toolkit (BFL `diffusion_model.`) FLUX.2 LoRA for the tiny klein."""
+    from safetensors.numpy import save_file
+    rng, sd = np.random.default_rng(0), {}
+    for name, (out, inp) in {"double_blocks.0.img_attn.qkv": (96, 32),
+                             "single_blocks.0.linear1": (288, 32)}.items():
+        sd[f"diffusion_model.{name}.lora_A.weight"] = rng.normal(0, 0.3, (4, inp)).astype("f4")
+        sd[f"diffusion_model.{name}.lora_B.weight"] = rng.normal(0, 0.3, (out, 4)).astype("f4")
+    save_file(sd, path)
+    return path
+
+
+def test_lora_and_cache_cli(klein, photos, tmp_path):
+    """issue 26's CLI test: `edit` / `inpaint --model <klein> --lora FILE --cache fbc:0.1`;
+    the LoRA changes the result, the cache's decisions are recorded, and a transformer
+    LoRA leaves the prompt caches' key alone (Qwen3 is not re-run for it)."""
+    lora = _bfl_lora(tmp_path / "style.safetensors")
+    common = ["--model", klein, "--steps", 2, "--seed", 3, "--max-sequence-length", 32,
+              "-p", "a cup", "--cache", "fbc:0.1"]
+    inpaint = ["inpaint", "-i", photos / "astronaut.png", "--mask", photos / "mask.png",
+               "--feather", 0, *common]
+    for args, name in ((["edit", "-i", photos / "coffee.png", *common], "edit"),
+                       (inpaint, "inpaint")):
+        r = invoke(*args, "--lora", f"{lora}:0.8", "-o", tmp_path / f"{name}.png")
+        assert r.exit_code == 0, r.output
+        r = invoke(*args, "-o", tmp_path / f"{name}-plain.png")
+        assert r.exit_code == 0, r.output
+        out = Image.open(tmp_path / f"{name}.png")
+        assert "style" in out.info["loras"] and out.info["cache_steps"].startswith("C")
+        assert out.info["cache"] == "FirstBlockCache(threshold=0.1)"
+        assert not np.array_equal(np.asarray(out), np.asarray(Image.open(
+            tmp_path / f"{name}-plain.png")))
+    pipe = FluxKlein.from_pretrained(klein)
+    embeds = pipe.encode_prompt("a cup", max_sequence_length=32)
+    pipe.load_lora(lora)
+    assert pipe.encode_prompt("a cup", max_sequence_length=32) is embeds
+
+
 def test_tiled_inpaint_with_reference(klein, photos):
     """A klein inpaint on a photo over the model budget with tile_mode on: windows, the
     references (the canvas and the user's) appended to every window's tokens; pixels

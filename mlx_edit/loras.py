@@ -15,6 +15,7 @@ from mlx_edit.imaging.images import InputError
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.weights import lora as lora_files
+from mlx_edit.weights.core import WeightLoadError
 
 
 class LoRAMixin:
@@ -35,18 +36,25 @@ class LoRAMixin:
         source: a .safetensors file, a Hugging Face repo id (`owner/name`, with
         `weight_name` or as `owner/name:file.safetensors`). Returns the adapter's name
         (default: the file's stem). Raises WeightLoadError for unreadable files, keys
-        that map to no layer (named) and layers the model lacks, InputError for a name
-        in use or a scale that is not finite or beyond +-100 (before any file is read);
-        on error nothing is applied.
+        that map to no layer (named), layers the model lacks and text-encoder layers on
+        FLUX.2 (named; diffusers' Flux2LoraLoaderMixin loads the transformer only),
+        InputError for a name in use or a scale that is not finite or beyond +-100 (before
+        any file is read); on error nothing is applied.
         """
         scale = lora_files.check_scale(scale)
         if name in self.loras:
             raise InputError(f"a LoRA named {name!r} is already loaded: unload it first")
         lora = lora_files.load_lora_file(source, weight_name)
+        config = self.components.config("transformer")
+        if isinstance(config, Flux2Config) and lora.text_parts:
+            # diffusers' Flux2LoraLoaderMixin loads the transformer only; never "0 layers"
+            raise WeightLoadError(
+                f"{source}: text-encoder LoRA layers ({', '.join(sorted(lora.text_parts))}) "
+                "do not apply to FLUX.2 (its LoRAs change the transformer only): remove them")
         name = name or lora_files.default_name(source, self.loras)
         loaded = lora_files.LoadedLoRA(lora, str(source), float(scale))
         # Check on the base's structure (lazy, no weights) with the others before recording.
-        probe = _structure(self.components.config("transformer"))
+        probe = _structure(config)
         lora_files.sync(probe, {**self.loras, name: loaded}, check_only=True)
         self.loras[name] = loaded
         if "transformer" in self.components.resident:

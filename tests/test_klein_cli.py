@@ -20,6 +20,7 @@ from mlx_edit.cli import main
 from mlx_edit.imaging.images import InputError
 from mlx_edit.klein import FluxKlein
 from mlx_edit.segment import Points
+from mlx_edit.weights.core import WeightLoadError
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,14 @@ def test_lora_and_cache_cli(klein, photos, tmp_path):
     embeds = pipe.encode_prompt("a cup", max_sequence_length=32)
     pipe.load_lora(lora)
     assert pipe.encode_prompt("a cup", max_sequence_length=32) is embeds
+    from safetensors.numpy import load_file, save_file
+    te = {**load_file(lora), **{f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj."
+                                f"lora_{ab}.weight": np.zeros(shape, np.float32)
+                                for ab, shape in (("A", (4, 64)), ("B", (64, 4)))}}
+    save_file(te, tmp_path / "te.safetensors")
+    with pytest.raises(WeightLoadError, match="do not apply to FLUX.2"):
+        pipe.load_lora(tmp_path / "te.safetensors")
+    assert list(pipe.loras) == ["style"]
 
 
 def test_tiled_inpaint_with_reference(klein, photos):

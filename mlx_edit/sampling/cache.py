@@ -3,7 +3,10 @@
 The configs carry diffusers' parameters with diffusers' meaning (hooks/first_block_cache.py
 FirstBlockCacheConfig, hooks/taylorseer_cache.py TaylorSeerCacheConfig, hooks/mag_cache.py
 MagCacheConfig), so a setting tuned there means the same here; tests/test_cache.py checks the
-per-step skip decisions and the latents against those hooks on FluxTransformer2DModel.
+per-step skip decisions and the latents against those hooks on FluxTransformer2DModel;
+tests/test_cache_klein.py MagCache's against diffusers' on Flux2Transformer2DModel (FLUX.2
+[klein] runs First Block Cache and MagCache through `Flux2Pieces`; diffusers' First Block
+Cache fails on FLUX.2, its issue 14280; TaylorSeer is FLUX.1's only so far).
 
 `start(cache, transformer, num_steps, compile)` returns the per-edit state: a `StepCache`
 whose `velocity(...)` replaces one transformer call in the denoise loop (true CFG: one

@@ -310,6 +310,10 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
                            prompt, options, bars)
     finally:
         bars.close()
+    from mlx_edit.sampling.tiles import rank_group
+
+    if (ranks := rank_group()) is not None and ranks.rank() != 0:
+        return  # mlx.launch: every rank holds the same result, rank 0 writes it
     pipe.last_stats.update(cache_stats(pipe.disk_prompt_cache))
     pipe.last_stats["total_s"] = time.perf_counter() - t0  # up to the outputs' writing
     icc = load_image(image).info.get("icc_profile")

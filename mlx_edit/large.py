@@ -196,6 +196,16 @@ def metadata(o: EditOptions, plan: CropPlan, windows: Windows | None) -> dict:
     return meta
 
 
+def rank_label(windows: Windows | None) -> str:
+    """The progress label of a windowed run under `mlx.launch` with several ranks:
+    "2 ranks (windows 2+2)", the windows each rank evaluates per step; else ""."""
+    ranks = rank_group()
+    if windows is None or ranks is None:
+        return ""
+    per = "+".join(str(len(s)) for s in share(windows.count, ranks.size()))
+    return f"{ranks.size()} ranks (windows {per})"
+
+
 def generated_ratio(plan: CropPlan, windows: Windows | None) -> float:
     """Pixels generated per output pixel in the edited window: 1.0 (or more, padding)
     when denoised at the window's resolution, (model area / window area) when shrunk."""

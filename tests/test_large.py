@@ -241,3 +241,21 @@ def test_two_ranks_split_the_windows_and_match_one_process(tiny_mlx, tmp_path):
     meta = json.loads((tmp_path / "two" / "windows.json").read_text())
     assert meta["count"] == 4 and meta["ranks"] == 2 and meta["per_rank"] == [2, 2]
     assert "ranks" not in json.loads((tmp_path / "one" / "windows.json").read_text())
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_a_dead_rank_ends_the_windowed_edit_without_output(tiny_mlx, big, tmp_path):
+    """Rank 1 dies at its first all_sum (tests/ranks_die.py): mlx.launch ends rank 0 too,
+    within the timeout (no hang), and no output is written. (mlx.launch itself exits 0
+    and prints one warning naming the rank it stopped: not asserted, its behaviour.)"""
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
+    port = 20000 + (os.getpid() + 13) % 20000
+    out = tmp_path / "out.png"
+    subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
+                    str(port), "--python", sys.executable,
+                    str(Path(__file__).with_name("ranks_die.py")), "outpaint", "--model",
+                    str(tiny_mlx), "--image", str(big / "big.jpg"), "--right", "256",
+                    "--prompt", "x", "--tile-mode", "on", "--max-model-pixels", str(BUDGET),
+                    "--steps", "2", "--max-sequence-length", "16", "--output", str(out)],
+                   env=env, capture_output=True, text=True, timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

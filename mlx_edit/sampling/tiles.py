@@ -18,7 +18,8 @@ evaluation the one denoise loop (`sampling.denoise.denoise(windows=...)`) calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -146,10 +147,24 @@ def share(count: int, size: int) -> list[list[int]]:
     return [list(map(int, part)) for part in np.array_split(np.arange(count), size)]
 
 
+_SPLIT = {"windows": True}  # False: every rank runs its own edits (`local_windows`)
+
+
+@contextmanager
+def local_windows() -> Iterator[None]:
+    """Within: windows are not shared over ranks (`mlx-edit batch` under mlx.launch, where
+    each rank edits its own lines: `rank_group` is None)."""
+    before, _SPLIT["windows"] = _SPLIT["windows"], False
+    try:
+        yield
+    finally:
+        _SPLIT["windows"] = before
+
+
 def rank_group():
-    """The `mx.distributed` group of an `mlx.launch` run with several ranks, else None
-    (one process: nothing is exchanged)."""
-    if not mx.distributed.is_available():
+    """The `mx.distributed` group of an `mlx.launch` run with several ranks whose edit is
+    shared, else None (one process, or `local_windows`: nothing is exchanged)."""
+    if not (_SPLIT["windows"] and mx.distributed.is_available()):
         return None
     group = mx.distributed.init()
     return group if group.size() > 1 else None

@@ -52,7 +52,7 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
 )
 from mlx_edit.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (public name)
 from mlx_edit.sampling.cache import CacheConfig, cache_metadata
-from mlx_edit.progress import Phase, denoise_step, report
+from mlx_edit.progress import Phase, denoise_step, labelled, report
 from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, token_grid
@@ -429,9 +429,10 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
         k = job.windows.count if job.windows else 1  # progress counts windows x steps
         total = (len(job.sigmas) - 1) * k
-        report("denoise", 0, total)  # the phase starts (wants_phases only)
-        for i, _ in self.steps(job):  # `wants_job`: the job too (its latents: previews)
-            denoise_step(progress, (i + 1) * k, total, job)
+        with labelled(large.rank_label(job.windows)):  # mlx.launch: ranks, windows each
+            report("denoise", 0, total)  # the phase starts (wants_phases only)
+            for i, _ in self.steps(job):  # `wants_job`: the job too (its latents: previews)
+                denoise_step(progress, (i + 1) * k, total, job)
         images = self.finish(job, paste_back)
         self.last_stats = {**self.load_stats, **job.stats}
         return images

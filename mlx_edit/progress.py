@@ -65,8 +65,9 @@ def reports_progress(method):
 
 @contextmanager
 def labelled(label: str) -> Iterator[None]:
-    """Within: phase names are prefixed with `label` (a second run: "refine")."""
-    token = _label.set(f"{_label.get()}{label} ")
+    """Within: phase names are prefixed with `label` (a second run: "refine"; "" adds
+    nothing)."""
+    token = _label.set(f"{_label.get()}{label} " if label else _label.get())
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ as happened when the tiled VAE gained `banded` and bench_vae's wrapper did not.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -125,3 +126,10 @@ def test_bench_large_tiled_vs_shrunk(repo_root, tiny_mlx):
     m = re.fullmatch(r"large 352x224 inpaint: off .* ratio ([\d.]+); on .* ratio ([\d.]+)", last)
     assert m, last
     assert float(m.group(1)) < 1.0 and float(m.group(2)) == 1.0
+
+
+def test_bench_ranks_one_process_line(repo_root, tiny_mlx):
+    """One process: every window on rank 0, nothing exchanged (mlx.launch: RESULTS.md)."""
+    rec = json.loads(_run(repo_root, "bench_ranks.py", str(tiny_mlx)))
+    assert rec["ranks"] == 1 and rec["windows_per_rank"] == [rec["windows"]]
+    assert rec["windows"] > 1 and rec["bytes_per_step"] == 0

@@ -8,12 +8,18 @@ windows stay cheap on the CPU (the geometry is the same as a 4K photo under 1 MP
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 from skimage import data
+from test_batch import close_images
 
 from mlx_edit import large
 from mlx_edit.cli import main
@@ -210,3 +216,46 @@ def test_memory_estimate_counts_one_window_batch_plus_the_canvas():
     assert tiled[0]["activations_denoise"] < tiled[1]["activations_denoise"] \
         < whole["activations_denoise"] / 10
     assert canvas < 0.1  # latents, noise, conditioning, accumulator: ~10 MB per MP
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_two_ranks_split_the_windows_and_match_one_process(tiny_mlx, tmp_path):
+    """`mlx.launch --backend ring -n 2` on localhost: each rank evaluates half of the
+    windows of a 4-window inpaint (tests/ranks_inpaint.py), the updates are summed with
+    all_sum, and rank 0's latents equal one process's (<= 1e-6 relative; the sums run in
+    another order, as window batches of another size already do in one process), its
+    image equal up to that rounding."""
+    script = Path(__file__).with_name("ranks_inpaint.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
+    run = dict(env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, script, tiny_mlx, tmp_path / "one"], **run)
+    assert one.returncode == 0, one.stderr
+    port = 20000 + (os.getpid() + 7) % 20000  # agents sharing a machine: not the default
+    two = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
+                          str(port), "--python", sys.executable, str(script), str(tiny_mlx),
+                          str(tmp_path / "two")], **run)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (np.load(tmp_path / d / "latents.npy") for d in ("one", "two"))
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
+    assert close_images(*(Image.open(tmp_path / d / "out.png") for d in ("one", "two")))
+    meta = json.loads((tmp_path / "two" / "windows.json").read_text())
+    assert meta["count"] == 4 and meta["ranks"] == 2 and meta["per_rank"] == [2, 2]
+    assert "ranks" not in json.loads((tmp_path / "one" / "windows.json").read_text())
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_a_dead_rank_ends_the_windowed_edit_without_output(tiny_mlx, big, tmp_path):
+    """Rank 1 dies at its first all_sum (tests/ranks_die.py): mlx.launch ends rank 0 too,
+    within the timeout (no hang), and no output is written. (mlx.launch itself exits 0
+    and prints one warning naming the rank it stopped: not asserted, its behaviour.)"""
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
+    port = 20000 + (os.getpid() + 13) % 20000
+    out = tmp_path / "out.png"
+    subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
+                    str(port), "--python", sys.executable,
+                    str(Path(__file__).with_name("ranks_die.py")), "outpaint", "--model",
+                    str(tiny_mlx), "--image", str(big / "big.jpg"), "--right", "256",
+                    "--prompt", "x", "--tile-mode", "on", "--max-model-pixels", str(BUDGET),
+                    "--steps", "2", "--max-sequence-length", "16", "--output", str(out)],
+                   env=env, capture_output=True, text=True, timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -218,6 +218,7 @@ def _run(lines: list, folder: Path, opts: dict, skipped: list) -> int:
     import mlx.core as mx
 
     from mlx_edit import batch
+    from mlx_edit.sampling.tiles import local_windows
 
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
@@ -233,7 +234,9 @@ def _run(lines: list, folder: Path, opts: dict, skipped: list) -> int:
     mine = [pending[i] for i in share]  # run order and groups: batch_groups.chunks
     pipes = _pipes(opts, open_prompt_cache(opts))
     batch_size = opts["batch_size"] or batch.DEFAULT_GROUP_LINES
-    failed = _work(mine, pipes, folder, digests, group, (lines, pending, records, batch_size))
+    with local_windows():  # each rank edits its own lines: their windows stay local
+        failed = _work(mine, pipes, folder, digests, group, (lines, pending, records,
+                                                             batch_size))
     _barrier(group)
     if rank == 0:
         path = batch.merge_results(folder, [ln.id for ln in lines], skipped)

@@ -301,7 +301,10 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
                 check_output(path, opts["overwrite"], inputs)
 
     cache = open_prompt_cache(opts)  # a folder that cannot be made fails before any load
-    bars = PhaseBars()  # a bar per phase, from the model load on; closed before any error
+    from mlx_edit.sampling.tiles import rank_group
+
+    ranks = rank_group()  # mlx.launch: rank 0 shows the progress and writes the outputs
+    bars = PhaseBars(None if ranks is None or ranks.rank() == 0 else open(os.devnull, "w"))
     try:
         with reporting(bars):
             pipe = _load(mode, opts, variant)
@@ -310,6 +313,8 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
                            prompt, options, bars)
     finally:
         bars.close()
+    if ranks is not None and ranks.rank() != 0:
+        return  # mlx.launch: every rank holds the same result, rank 0 writes it
     pipe.last_stats.update(cache_stats(pipe.disk_prompt_cache))
     pipe.last_stats["total_s"] = time.perf_counter() - t0  # up to the outputs' writing
     icc = load_image(image).info.get("icc_profile")

@@ -18,7 +18,8 @@ evaluation the one denoise loop (`sampling.denoise.denoise(windows=...)`) calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -114,10 +115,11 @@ class Windows:
         """Image tokens of one window (what the model sees per evaluation)."""
         return self.size[0] * self.size[1]
 
-    def groups(self) -> list[list[int]]:
-        """Window indices in evaluation groups of at most `batch`."""
-        k = max(1, self.batch)
-        return [list(range(i, min(i + k, self.count))) for i in range(0, self.count, k)]
+    def groups(self, rank: int = 0, size: int = 1) -> list[list[int]]:
+        """Window indices of rank `rank`'s share (of `size` ranks: `share`) in evaluation
+        groups of at most `batch`."""
+        k, mine = max(1, self.batch), share(self.count, size)[rank]
+        return [mine[i : i + k] for i in range(0, len(mine), k)]
 
     @property
     def covered(self) -> np.ndarray:
@@ -136,6 +138,36 @@ class Windows:
         for (t, left), wk in zip(self.origins, self.weights):
             total[t : t + h, left : left + w] += wk.reshape(h, w)
         return total
+
+
+def share(count: int, size: int) -> list[list[int]]:
+    """The window indices 0..count-1 of each of `size` ranks: contiguous runs whose
+    lengths differ by at most one (every window has the same token count, so this
+    balances the tokens; a rank beyond the window count gets none)."""
+    return [list(map(int, part)) for part in np.array_split(np.arange(count), size)]
+
+
+_SPLIT = {"windows": True}  # False: every rank runs its own edits (`local_windows`)
+
+
+@contextmanager
+def local_windows() -> Iterator[None]:
+    """Within: windows are not shared over ranks (`mlx-edit batch` under mlx.launch, where
+    each rank edits its own lines: `rank_group` is None)."""
+    before, _SPLIT["windows"] = _SPLIT["windows"], False
+    try:
+        yield
+    finally:
+        _SPLIT["windows"] = before
+
+
+def rank_group():
+    """The `mx.distributed` group of an `mlx.launch` run with several ranks whose edit is
+    shared, else None (one process, or `local_windows`: nothing is exchanged)."""
+    if not (_SPLIT["windows"] and mx.distributed.is_available()):
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
 
 
 def plan_windows(grid: tuple[int, int], max_tokens: int, overlap: int,
@@ -185,8 +217,14 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     controls: ControlFns (sampling.denoise) called per window with its latents crop and
     `window=(grid, origin, size)` (ControlNets crop their control term and ids). Each
     group of `windows.batch` windows is evaluated before the next is built, so the peak
-    is one window batch plus the canvas latents."""
+    is one window batch plus the canvas latents.
+    Under `mlx.launch` (several ranks: `rank_group`) each rank evaluates its `share` of
+    the windows and the weighted updates are summed over the ranks (`all_sum` of the
+    canvas, float32), so every rank holds the same latents after each step; one rank
+    evaluates every window and exchanges nothing."""
     h, w = windows.size
+    ranks = rank_group()
+    rank, size = (0, 1) if ranks is None else (ranks.rank(), ranks.size())
     ids = image_ids(h, w, inputs.img_ids.shape[-1])  # the family's id axes
     per_k: dict[int, StepInputs] = {}
     weights = mx.array(windows.weights)[..., None]  # (n, h*w, 1)
@@ -197,7 +235,7 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     def advance(latents, conditioning, timestep, dt, i):
         b, _, c = latents.shape
         out = mx.zeros((b, *windows.grid, c), dtype=mx.float32)
-        for group in windows.groups():
+        for group in windows.groups(rank, size):
             k = len(group)
             if k not in per_k:
                 per_k[k] = inputs.repeated(k, transformer, ids)
@@ -215,6 +253,8 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
                 part = (weights[j] * y[n * b : (n + 1) * b]).reshape(b, h, w, c)
                 out = out.at[:, top : top + h, left : left + w].add(part)
             mx.eval(out)  # bound the graph: one window batch alive at a time
+        if size > 1:  # every rank's weighted windows, summed: the same canvas on each
+            out = mx.distributed.all_sum(out, group=ranks)
         out = out.reshape(b, -1, c).astype(latents.dtype)
         return out if frozen is None else mx.where(frozen, latents, out)
 

@@ -64,6 +64,19 @@ def test_geometry_examples():
         tiles.ramp(3, "gaussian")
 
 
+def test_ramp_values_and_edge_orientation():
+    """The documented ramps (cosine by default) and their orientation: a window's weights
+    rise over its left overlap and fall over its right one; an empty grid is refused."""
+    np.testing.assert_allclose(tiles.ramp(3), np.sin(np.pi / 8 * np.arange(1, 4)) ** 2)
+    np.testing.assert_allclose(tiles.ramp(3, "linear"), [0.25, 0.5, 0.75])
+    first, second = tiles.axis_weights([0, 2], 4, "linear")
+    np.testing.assert_allclose(first, [1, 1, 2 / 3, 1 / 3])
+    np.testing.assert_allclose(second, [1 / 3, 2 / 3, 1, 1])
+    for grid, budget in (((0, 5), 10), ((5, 0), 10), ((4, 4), 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            tiles.window_shape(grid, budget)
+
+
 @pytest.fixture(scope="module")
 def setup():
     model, keys = random_transformer(CFG)

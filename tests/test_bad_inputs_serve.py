@@ -30,6 +30,9 @@ def _png(array: np.ndarray) -> bytes:
 
 
 IMAGE = _png(np.full((48, 64, 3), 128, np.uint8))
+_gif = io.BytesIO()
+Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(_gif, format="GIF")
+GIF = _gif.getvalue()  # a readable image of a format the server does not take
 MASK = _png(np.pad(np.full((16, 16), 255, np.uint8), ((16, 16), (24, 24))))
 FAST = {"steps": 1, "max_sequence_length": 8}
 
@@ -98,6 +101,9 @@ HTTP_CASES = [  # (id, route, request, status, message)
     ("click outside, masks route", "/v1/masks", form(mask=False, points="[[-5, 10]]", prompt=None,
                                               options=None), 400,
      "outside"),
+    ("a GIF photo", "/v1/edits", dict(form(), files={"image": ("a.gif", GIF, "image/gif"),
+                                                     "mask": ("m.png", MASK, "image/png")}),
+     400, "image is GIF: upload a PNG, JPEG or WebP file"),
     ("outpaint canvas too large", "/v1/edits",
      outpaint(left=16384, right=16384, top=16384, bottom=16384), 400, "over the limit"),
 ]

@@ -34,7 +34,7 @@ import json
 import re
 from pathlib import Path
 
-from sam_fixtures import _perturb
+from sam_fixtures import randomize_torch
 from sam_fixtures import processor_config as sam2_processor_config
 from tokenizer_files import write_clip_tokenizer
 
@@ -90,13 +90,8 @@ def make_model(preset: str = "tiny", seed: int = 0):
 
     torch.manual_seed(seed)
     model = Sam3Model(Sam3Config(**sam3_config(preset))).eval()
-    with torch.no_grad():  # torch's default inits: outputs that depend on their inputs
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d,
-                                   torch.nn.Embedding)):
-                module.reset_parameters()
-    _perturb(model, seed + 1)
-    return model
+    # torch's default inits: outputs that depend on their inputs
+    return randomize_torch(model, seed)
 
 
 def processor_config(image_size: int) -> dict:

@@ -121,6 +121,14 @@ def make_model(preset: str = "tiny", seed: int = 0):
     # torch's default inits (kaiming-uniform Linear/Conv, N(0, 1) Embedding) instead of
     # transformers' N(0, 0.02): with those, the small heads' outputs are their biases and
     # the IoU / object scores would not depend on the prompt at all.
+    return randomize_torch(model, seed)
+
+
+def randomize_torch(model, seed: int):
+    """`model` (a torch module) with torch's default inits on its Linear/Conv/Embedding
+    layers and seeded noise on its constant tensors (`_perturb` with seed + 1)."""
+    import torch
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d,

@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 from PIL import Image
 
-from mlx_edit.conditioning.klein import MULTIPLE, check_reference
+from mlx_edit.conditioning.klein import check_reference
 from mlx_edit.imaging.images import InputError, load_image
+from mlx_edit.kontext import requested_size
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
@@ -38,13 +39,7 @@ def output_size(first: Image.Image | None, width: int | None, height: int | None
             return DEFAULT_SIZE
         _, (h, w) = image_sizes(first.size[1], first.size[0])
         return w, h
-    w0, h0 = first.size if first is not None else DEFAULT_SIZE
-    width = width if width is not None else round(height * w0 / h0)
-    height = height if height is not None else round(width * h0 / w0)
-    w, h = int(width) // MULTIPLE * MULTIPLE, int(height) // MULTIPLE * MULTIPLE
-    if w < MULTIPLE or h < MULTIPLE:
-        raise InputError(f"width and height must be >= {MULTIPLE} px, got {width}x{height}")
-    return w, h
+    return requested_size(first.size if first is not None else DEFAULT_SIZE, width, height)
 
 
 class FluxKlein(FluxPipeline):

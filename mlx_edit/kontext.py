@@ -30,7 +30,15 @@ def output_size(first: Image.Image, width: int | None, height: int | None,
     Raises InputError for sizes under 16 px."""
     if width is None and height is None:
         return reference_size(*first.size, auto_resize=auto_resize)
-    w0, h0 = first.size
+    return requested_size(first.size, width, height)
+
+
+def requested_size(aspect: tuple[int, int], width: int | None, height: int | None
+                   ) -> tuple[int, int]:
+    """(W, H) of an edit whose width and/or height are given: one alone keeps `aspect`'s
+    (w, h) ratio; both floored to multiples of 16 px (Kontext's and klein's MULTIPLE).
+    Raises InputError for sizes under 16 px."""
+    w0, h0 = aspect
     width = width if width is not None else round(height * w0 / h0)
     height = height if height is not None else round(width * h0 / w0)
     w, h = int(width) // MULTIPLE * MULTIPLE, int(height) // MULTIPLE * MULTIPLE

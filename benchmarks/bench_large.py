@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from mlx_edit.pipeline import FluxFill  # noqa: E402
+from mlx_edit.editing.pipeline import FluxFill  # noqa: E402
 
 
 def generated_ratio(info: dict) -> float:

@@ -9,7 +9,7 @@ inpaints a centred rectangle of a real photo (scikit-image's astronaut, resized 
 size) without crop-to-mask, so the model canvas is exactly --size. Phases (FluxFill's own
 `load_stats` / `last_stats`, recorded by `denoise.Phase`: the peak is reset at the start
 of each phase and includes the resident weights): load, text encode, VAE encode, each
-denoising step, VAE decode. The memory estimate (mlx_edit.memory) for the same run is
+denoising step, VAE decode. The memory estimate (mlx_edit.editing.memory) for the same run is
 printed next to it (FluxFill checks it before the edit). The pipeline's VAE goes through
 `tiling.encode_auto/decode_auto`: untiled, the CPU backend needs ~35 kB per pixel to
 decode (37 GB at 1024x1024). --low-memory runs `FluxFill(low_memory=True)`: each phase
@@ -31,8 +31,8 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlx_edit import memory  # noqa: E402
-from mlx_edit.pipeline import FluxFill  # noqa: E402
+from mlx_edit.editing import memory  # noqa: E402
+from mlx_edit.editing.pipeline import FluxFill  # noqa: E402
 
 PHASES = ("load", "text_encode", "vae_encode", "denoise", "vae_decode")
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     dt = pipe.dtype
     est = memory.estimate(width, height, 1, str(dt).split(".")[-1], args.quantize,
                           **configs(root))
-    print("memory estimate (mlx_edit.memory) for this run:")
+    print("memory estimate (mlx_edit.editing.memory) for this run:")
     print(memory.summary(est))
     print(f"process peak RSS: {common.process_rss_gb():.2f} GB")
     key = "peak_low_memory" if args.low_memory else "peak"

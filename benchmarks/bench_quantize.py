@@ -36,8 +36,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map_with_path
 
-from mlx_edit import pipeline as pl
-from mlx_edit import prompts
+from mlx_edit.editing import pipeline as pl
+from mlx_edit.editing import prompts
 from mlx_edit.sampling.latents import image_ids, text_ids
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_edit.models.flux import FluxConfig, FluxTransformer

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit.fill import FluxFill
+from mlx_edit.editing.fill import FluxFill
 from mlx_edit.sampling.tiles import rank_group, share
 
 W, H, RIGHT, BUDGET, STEPS = 1280, 720, 512, 256 * 256, 4

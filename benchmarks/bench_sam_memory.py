@@ -1,4 +1,4 @@
-"""SAM 2.1 image-embedding memory on MLX vs `mlx_edit.memory.segmenter_gb`'s estimate.
+"""SAM 2.1 image-embedding memory on MLX vs `mlx_edit.editing.memory.segmenter_gb`'s estimate.
 
     python benchmarks/bench_sam_memory.py [--cases tiny:256,tiny:512,hiera-tiny:512,hiera-tiny:1024,hiera-small:1024]
 
@@ -23,7 +23,7 @@ from common import REPO_ROOT, machine_header, table
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import sam_fixtures as fx  # noqa: E402
 
-from mlx_edit.memory import segmenter_gb  # noqa: E402
+from mlx_edit.editing.memory import segmenter_gb  # noqa: E402
 from mlx_edit.models.sam import SamConfig, SamModel  # noqa: E402
 
 

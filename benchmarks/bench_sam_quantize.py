@@ -36,7 +36,7 @@ from common import REPO_ROOT, machine_header, table
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import make_mlx_checkpoint as mmc  # noqa: E402
 
-from mlx_edit.segment import Segmenter  # noqa: E402
+from mlx_edit.editing.segment import Segmenter  # noqa: E402
 from mlx_edit.weights.sam import load_sam, sam_quantizable  # noqa: E402
 
 

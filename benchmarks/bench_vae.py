@@ -32,7 +32,7 @@ import common  # noqa: E402  (first: mlx_edit -> OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_edit import tiling  # noqa: E402
+from mlx_edit.editing import tiling  # noqa: E402
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 

@@ -12,10 +12,10 @@ from mlx_edit import _blas  # noqa: F401  (must run before mlx is imported)
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "FluxFill": "mlx_edit.fill",
-    "FluxPipeline": "mlx_edit.pipeline",
-    "FluxKontext": "mlx_edit.kontext",
-    "FluxKlein": "mlx_edit.klein",
+    "FluxFill": "mlx_edit.editing.fill",
+    "FluxPipeline": "mlx_edit.editing.pipeline",
+    "FluxKontext": "mlx_edit.editing.kontext",
+    "FluxKlein": "mlx_edit.editing.klein",
     "ControlNetSpec": "mlx_edit.conditioning.controlnet",
     "IPAdapterSpec": "mlx_edit.conditioning.image_prompts",
     "ReduxSpec": "mlx_edit.conditioning.image_prompts",

@@ -121,7 +121,7 @@ def _mask(d: dict, base: Path, mode: str, size: tuple[int, int]):
         if mode == "inpaint":
             raise InputError("inpaint needs mask (or mask_points / mask_box)")
         return None
-    from mlx_edit.segment import Box, Points, prompt_arrays, prompts_from_specs
+    from mlx_edit.editing.segment import Box, Points, prompt_arrays, prompts_from_specs
 
     try:
         pos = [tuple(map(float, p)) for p in d.get("mask_points", [])]

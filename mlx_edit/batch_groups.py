@@ -15,7 +15,7 @@ Lines run alone (the per-line path, `batch.run_line`) when stacking cannot hold:
 hooks (soft masks, Kontext masks, ControlNets), image prompts (IP-Adapter, Redux: their
 models and tokens are per line), a step cache (its skip decisions would be the batch's),
 true CFG, and the passes after the loop (seam_fix, rank, detail_pass / global_pass). The group size is bounded by
-`--batch-size` and by the memory estimate (mlx_edit.memory) of the group's images.
+`--batch-size` and by the memory estimate (mlx_edit.editing.memory) of the group's images.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_edit import batch, large
+from mlx_edit import batch
+
+from mlx_edit.editing import large
 from mlx_edit.sampling.denoise import EditJob, PromptEmbeds
 
 def stack_key(line: batch.Line) -> tuple | None:
@@ -152,7 +154,7 @@ class Prepared:
 def fits(pipe, model_size: tuple[int, int], images: int, memo: dict) -> bool:
     """Whether `images` rows on a model_size canvas fit this machine by the memory
     estimate (the low-memory peak with `pipe.low_memory`); memoised in `memo`."""
-    from mlx_edit.memory import GB, available_memory
+    from mlx_edit.editing.memory import GB, available_memory
 
     if (model_size, images) not in memo:
         est = pipe.memory_estimate(*model_size, images)

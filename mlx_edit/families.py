@@ -1,6 +1,6 @@
 """The model families as data: what FLUX.1 and FLUX.2 do differently, one entry each.
 
-The pipeline (mlx_edit.pipeline), the loop (mlx_edit.sampling.denoise), conditioning,
+The pipeline (mlx_edit.editing.pipeline), the loop (mlx_edit.sampling.denoise), conditioning,
 imaging, options, the CLI, serve and batch are shared; what differs between families is
 read from their `Family` entry, taken from the folder's model_index.json
 (`variants.family_of`):
@@ -8,14 +8,14 @@ read from their `Family` entry, taken from the folder's model_index.json
 - loading: the transformer's and VAE's config readers and loaders (their key maps live
   in mlx_edit.weights), the text encoder folders;
 - text: how a prompt becomes the transformer's text inputs (`PromptEmbeds`; FLUX.1: CLIP
-  pooled + T5 sequence, mlx_edit.prompts);
+  pooled + T5 sequence, mlx_edit.editing.prompts);
 - latents: how VAE latents (B, h, w, C) become the packed, normalised tokens the
   transformer denoises and back (FLUX.1: scale/shift, 2x2 packing to 64 channels);
 - ids: the RoPE position axes (FLUX.1: 3, (t, row, col)), how reference images become
   sequence tokens with ids, and how a pixel mask becomes a per-token mask for the
   source-keeping step hook;
 - the schedule's shift `mu`;
-- the memory estimate's parts (mlx_edit.memory).
+- the memory estimate's parts (mlx_edit.editing.memory).
 
 Defaults (steps, guidance, true CFG) and the edits each transformer serves are its
 variants' (mlx_edit.variants). A third family is its models, key maps and one entry here.
@@ -40,7 +40,7 @@ from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
 from mlx_edit.models.t5 import T5Config, T5Encoder
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
-from mlx_edit.prompts import ClipT5Text, Qwen3Text
+from mlx_edit.editing.prompts import ClipT5Text, Qwen3Text
 from mlx_edit.sampling import latents_flux2
 from mlx_edit.sampling.latents import (
     pack_latent_mask,
@@ -74,7 +74,7 @@ class Family:
     read_transformer_config(path, expect_in_channels) -> (config, stored bits | None);
     load_transformer(path, dtype, expect_in_channels=, quantize=) -> model;
     read_vae_config(folder) -> config; load_vae(folder, dtype) -> model.
-    text(root) -> the prompt encoder (mlx_edit.prompts: tokenizers read now, encoders
+    text(root) -> the prompt encoder (mlx_edit.editing.prompts: tokenizers read now, encoders
     loaded per prompt; its `folders` are the text-encoder folders).
     to_tokens(vae, z) : VAE latents (B, h, w, C) -> packed model tokens (B, h*w/4, 4C),
     normalised; from_tokens(vae, tokens, width_px, height_px) the inverse.

@@ -44,7 +44,7 @@ MAX_MASK_PX = 1024  # grow/feather radius bound: the disc dilation costs O(px) p
 MAX_EXPAND = 16384  # px added on one side by outpaint
 MAX_TEXT_TOKENS = 512  # T5's longest sequence in FLUX
 MODES = ("inpaint", "outpaint", "restyle", "edit")
-TILE_MODES = ("auto", "off", "on")  # tiled denoising of large canvases (mlx_edit.large)
+TILE_MODES = ("auto", "off", "on")  # tiled denoising of large canvases (mlx_edit.editing.large)
 MODEL_PIXELS = 1024 * 1024  # the model-size budget: canvas area the model sees at once
 MODEL_PIXELS_RANGE = (256 * 256, 4096 * 4096)
 TILE_OVERLAP = 256  # px shared by neighbouring windows (a quarter of a 1 MP window)
@@ -241,7 +241,7 @@ class EditOptions:
     30, 10 for restyle depth), seed 0..2**32-1 (int; seed + num_images - 1 too),
     num_images 1..64, strength (0, 1], grow_mask / feather 0..1024 px, max_sequence_length
     1..512, outpaint sides 0..16384 px (ints), canny thresholds 0 <= low <= high <= 1000.
-    Large canvases (mlx_edit.large): tile_mode auto|off|on, max_model_pixels
+    Large canvases (mlx_edit.editing.large): tile_mode auto|off|on, max_model_pixels
     65536..16777216, tile_overlap 0..2048 px, window_batch 1..64 or None, detail_pass
     [0, 1] (0 = off), global_pass; tile_mode on refuses a step cache.
     Integers must be ints (not bools, floats or strings); numbers must be real numbers.
@@ -487,7 +487,7 @@ def check_canvas(width: int, height: int, available_bytes: int | None = None) ->
         raise InputError(f"the canvas would be {width}x{height} px, over the limit of "
                          f"{limit / 1e6:.0f} MP: add fewer pixels")
     if available_bytes is None:
-        from mlx_edit.memory import available_memory
+        from mlx_edit.editing.memory import available_memory
 
         available_bytes = available_memory()
     need = width * height * CANVAS_BYTES_PER_PIXEL

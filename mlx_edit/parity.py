@@ -123,7 +123,7 @@ def _timed(row: Row, timer: _Timer) -> Row:
 
 
 def _text_rows(ref: dict, meta: dict, root: Path, dtype: mx.Dtype, tol: Tolerances) -> list[Row]:
-    from mlx_edit.text import ClipTokenizer, T5Tokenizer
+    from mlx_edit.editing.text import ClipTokenizer, T5Tokenizer
     from mlx_edit.weights.sources import component_dir
     from mlx_edit.weights.text import load_clip_text, load_t5
 
@@ -222,7 +222,7 @@ def run_parity(
     pipeline: every recorded case (per-step latents and the final image). Returns the rows in that order. Raises ValueError for a file that is
     not a reference dump, WeightLoadError for an unusable model folder.
     """
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     ref, meta = read_reference(ref_path)
     components = components and meta.get("components", "true") == "true"

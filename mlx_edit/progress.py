@@ -9,7 +9,7 @@ phase="denoise", still with the job when it `wants_job`):
     load / load_<model>   model weights read (from_pretrained; low_memory reloads)
     segment               SAM 2.1: the mask from clicks or boxes (load + image + masks)
     text_encode           CLIP-L then T5 (done 1, 2), or a cached prompt
-    vae_encode            per VAE tile (mlx_edit.tiling), or one pass
+    vae_encode            per VAE tile (mlx_edit.editing.tiling), or one pass
     denoise               windows x steps
     vae_decode            per VAE tile, or one pass
     paste_back            stitch, colour match, blend

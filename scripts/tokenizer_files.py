@@ -270,9 +270,9 @@ def write_t5_tokenizer(folder: str | Path) -> int:
 def write_t5_tokenizer_json(folder: str | Path) -> None:
     """Add `tokenizer.json` (as the FLUX repos ship in `tokenizer_2/`) to a folder holding
     `spiece.model` + `tokenizer_config.json`: the HF `tokenizers` pipeline that mlx-edit
-    builds from them (mlx_edit.text), whose ids the tokenizer tests check against
+    builds from them (mlx_edit.editing.text), whose ids the tokenizer tests check against
     transformers' own conversion."""
-    from mlx_edit.text import T5Tokenizer
+    from mlx_edit.editing.text import T5Tokenizer
 
     folder = Path(folder)
     T5Tokenizer.from_folder(folder).tokenizer.save(str(folder / "tokenizer.json"))
@@ -333,7 +333,7 @@ def write_qwen3_tokenizer(folder: str | Path) -> int:
     from tokenizers import processors, trainers
     from tokenizers.models import BPE
 
-    from mlx_edit.text_qwen3 import qwen2_pre_tokenizer
+    from mlx_edit.editing.text_qwen3 import qwen2_pre_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

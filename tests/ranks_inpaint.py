@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlx_edit.fill import FluxFill
+from mlx_edit.editing.fill import FluxFill
 from mlx_edit.sampling.tiles import rank_group
 
 model, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -650,7 +650,7 @@ def test_batch_outputs_it_wrote_are_its_own(world, tmp_path):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_mlx):
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     return FluxFill.from_pretrained(tiny_mlx)
 
@@ -894,7 +894,7 @@ def test_manifest_line_with_a_huge_prompt(tmp_path):
 
 @pytest.fixture(scope="module")
 def kontext(tmp_path_factory, import_script):
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.kontext import FluxKontext
 
     out = tmp_path_factory.mktemp("kontext") / "tiny"
     ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
@@ -906,7 +906,7 @@ def test_kontext_references_that_do_not_fit_are_refused_before_work(kontext, ima
     """12 references at the preferred 1248x832 make a 52K-token sequence: refused by the
     memory estimate before the text encoders run (issue 30: it grew to 16 GB and was
     killed). One reference fits and gets as far as the prompt encoding."""
-    from mlx_edit import memory
+    from mlx_edit.editing import memory
 
     class Started(Exception):
         pass

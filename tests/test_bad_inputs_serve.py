@@ -40,7 +40,7 @@ FAST = {"steps": 1, "max_sequence_length": 8}
 @pytest.fixture(scope="module")
 def client(tiny_mlx, tiny_sam_mlx):
     """A server with the tiny Fill model and a segmenter (loaded only if a job needs it)."""
-    from mlx_edit.fill import FluxFill
+    from mlx_edit.editing.fill import FluxFill
 
     config = ServeConfig(local_hosts=("testserver",), segment_model=str(tiny_sam_mlx))
     app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})
@@ -198,7 +198,7 @@ def _routes(app):
 
 
 def test_every_route_but_the_open_ones_needs_the_token(tiny_mlx):
-    from mlx_edit.fill import FluxFill
+    from mlx_edit.editing.fill import FluxFill
 
     config = ServeConfig(local_hosts=("testserver",), token="s3cret")
     app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})
@@ -244,7 +244,7 @@ def test_documented_defaults():
 def test_limits_are_inclusive(tiny_mlx):
     """A body of exactly max_upload_bytes and num_images == max_images pass their limits;
     one more is refused."""
-    from mlx_edit.fill import FluxFill
+    from mlx_edit.editing.fill import FluxFill
 
     config = ServeConfig(local_hosts=("testserver",), max_upload_bytes=1000, max_images=2)
     app = create_app(config, pipelines={"fill": FluxFill.from_pretrained(tiny_mlx)})

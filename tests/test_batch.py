@@ -20,11 +20,11 @@ from PIL import Image
 from test_cli import invoke, photos  # noqa: F401  (fixture)
 
 from mlx_edit import batch, batch_groups
-from mlx_edit import pipeline as pipeline_module
-from mlx_edit import prompts
+from mlx_edit.editing import pipeline as pipeline_module
+from mlx_edit.editing import prompts
 from mlx_edit.cli import main
 from mlx_edit.imaging.images import InputError
-from mlx_edit.prompt_cache import PromptCache
+from mlx_edit.editing.prompt_cache import PromptCache
 
 FAST = {"steps": 1, "max_sequence_length": 16}
 LAUNCH = "from mlx_edit.cli import main; main()"  # the README's mlx.launch command
@@ -104,7 +104,7 @@ def test_bad_lines_named_before_any_model_loads(photos, tmp_path, monkeypatch): 
 
 
 def test_click_masks_and_a_model_that_cannot_load(photos, tmp_path):  # noqa: F811
-    from mlx_edit.segment import Box, Points
+    from mlx_edit.editing.segment import Box, Points
 
     row = {"image": str(photos / "astronaut.png"), "prompt": "x", "mask_points": [[10, 20]],
            "mask_negative": [[30, 40]], "mask_box": [5, 5, 100, 90]}

@@ -18,8 +18,10 @@ from PIL import Image
 from test_batch import FAST, _manifest, _results, close_images
 from test_cli import invoke, photos  # noqa: F401  (fixture)
 
-from mlx_edit import batch, batch_groups, memory
-from mlx_edit.fill import FluxFill
+from mlx_edit import batch, batch_groups
+
+from mlx_edit.editing import memory
+from mlx_edit.editing.fill import FluxFill
 from mlx_edit.options import EditOptions
 
 LATENT_TOL = 1e-5
@@ -100,7 +102,7 @@ def test_stacked_jobs_match_one_by_one_and_fit_memory(pipe, photos, monkeypatch)
 
 @pytest.fixture
 def kontext(tmp_path_factory, import_script):
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.kontext import FluxKontext
 
     out = tmp_path_factory.mktemp("kontext") / "tiny"
     ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))

@@ -84,7 +84,7 @@ def test_bad_method_is_a_usage_error(tiny_mlx, photos, tmp_path):
 
 def test_api_defaults_and_validation(tiny_mlx, photos):
     from mlx_edit.options import default
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     assert (default("color_match"), default("blend")) == ("mean-std", "feather")
     pipe = FluxFill.from_pretrained(tiny_mlx)
@@ -98,7 +98,7 @@ def test_seam_fix_redraws_only_a_band(tiny_mlx, photos):
     """--seam-fix: a second low-strength pass over a band around the blend boundary; outside
     the first blend and the band's own blend the photo stays exact."""
     from mlx_edit.imaging.blend import seam_band
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     pipe = FluxFill.from_pretrained(tiny_mlx)
     path, mask_path = photos / "astronaut.png", photos / "soft.png"

@@ -24,7 +24,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.cli import main
-from mlx_edit.klein import FluxKlein
+from mlx_edit.editing.klein import FluxKlein
 from mlx_edit.sampling import cache
 
 

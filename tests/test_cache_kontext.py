@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from mlx_edit.kontext import FluxKontext
+from mlx_edit.editing.kontext import FluxKontext
 from mlx_edit.sampling.cache import FLUX_MAG_RATIOS, FirstBlockCache, MagCache, TaylorSeer
 
 torch = pytest.importorskip("torch")

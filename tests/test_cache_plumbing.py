@@ -175,7 +175,7 @@ def test_state_bytes_is_what_the_cache_keeps(setup, cache):
 
 
 def test_memory_estimate_counts_the_cache():
-    from mlx_edit.memory import estimate
+    from mlx_edit.editing.memory import estimate
 
     plain = estimate(1024, 1024)
     taylor = estimate(1024, 1024, cache=TaylorSeer())
@@ -193,7 +193,7 @@ def test_memory_estimate_counts_the_cache():
 
 
 def test_edit_memory_check_counts_a_cache_state_per_cfg_branch(monkeypatch):
-    from mlx_edit import large, memory
+    from mlx_edit.editing import large, memory
     from mlx_edit.imaging.stitch import CropPlan
     from mlx_edit.options import EditOptions
 

@@ -161,7 +161,7 @@ def test_bfl_single_file_transformer_gives_the_same_edit(tiny_mlx, photos, tmp_p
 def test_memory_estimate_refuses_before_any_work(tiny_mlx, photos, tmp_path, monkeypatch):
     """An edit whose estimate exceeds the machine's memory is refused with the options
     that would fit, before the prompt is encoded; nothing is written."""
-    import mlx_edit.memory as memory
+    import mlx_edit.editing.memory as memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: int(0.05e9))
     out = tmp_path / "never.png"
@@ -175,12 +175,12 @@ def test_memory_estimate_refuses_before_any_work(tiny_mlx, photos, tmp_path, mon
 def test_keep_best_prints_only_the_written_paths(tiny_mlx, photos, tmp_path, monkeypatch):
     """--num-images 3 --rank clip --keep-best 2: two PNGs written, and only those printed
     (the ranker is stubbed: its CLIP is a parity fixture)."""
-    import mlx_edit.ranking
+    import mlx_edit.editing.ranking
     import mlx_edit.weights.ranker
 
     def best(images, prompt, blend, *, keep_best=None, **kw):
         return images[::-1][:keep_best]
-    monkeypatch.setattr(mlx_edit.ranking, "rank_candidates", best)
+    monkeypatch.setattr(mlx_edit.editing.ranking, "rank_candidates", best)
     # the ranker folder is checked before the edit (issue 30): stubbed with the ranking
     monkeypatch.setattr(mlx_edit.weights.ranker, "resolve_ranker", lambda *a: tmp_path)
     monkeypatch.setattr(mlx_edit.weights.ranker, "check_ranker_folder", lambda folder: None)

@@ -31,7 +31,7 @@ from mlx_edit.imaging.images import InputError, to_array
 from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.models.controlnet import ControlNetConfig, FluxControlNet
 from mlx_edit.sampling.denoise import EditJob, denoise
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 from mlx_edit.imaging.stitch import crop_for_model, outpaint_canvas, plan_crop
 from mlx_edit.weights.controlnet import load_controlnet
 

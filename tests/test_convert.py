@@ -282,7 +282,7 @@ def test_streaming_peak_memory(small_mlx, tmp_path):
 
 
 def test_pipeline_on_converted_q4_folder(q4):
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     pipe = FluxFill.from_pretrained(q4, mx.float32)
     assert isinstance(pipe.transformer.double_blocks[0].img_attn.qkv, nn.QuantizedLinear)
@@ -298,7 +298,7 @@ def test_pipeline_on_converted_q4_folder(q4):
 
 
 def test_from_pretrained_quantize_at_load_equals_converted(small_mlx, q4):
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     pipe = FluxFill.from_pretrained(small_mlx, mx.float32, quantize=4)
     assert _same(pipe.transformer, load_transformer(q4 / "transformer", mx.float32))

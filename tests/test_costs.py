@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from mlx_edit import large
+from mlx_edit.editing import large
 from mlx_edit.imaging import masks
 from mlx_edit.imaging.stitch import plan_crop, plan_native_window
 from mlx_edit.options import EditOptions
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 from mlx_edit.progress import reporting
 
 FAST = dict(steps=2, seed=3, max_sequence_length=16)
@@ -100,14 +100,14 @@ def test_decode_runs_only_tiles_near_the_blend_and_the_result_is_unchanged(
     read only pixels within 64 px of the blend, which only decoded tiles cover)."""
     from functools import partial
 
-    from mlx_edit import tiling
+    from mlx_edit.editing import tiling
 
     img = photo(1024, 256)
     m = np.zeros((256, 1024), np.float32)
     m[64:160, 24:120] = 1
     kw = dict(tile_mode="off", crop_to_mask=False, color_match="mean-std", **FAST)
     monkeypatch.setattr(pipe, "tile_threshold_gb", 0.0)  # tiled decode, 256 px tiles:
-    monkeypatch.setattr("mlx_edit.components.decode_auto",
+    monkeypatch.setattr("mlx_edit.editing.components.decode_auto",
                         partial(tiling.decode_auto, budget_gb=0.12))
     skipped = Counter()
     with reporting(skipped):
@@ -128,7 +128,7 @@ def test_encode_runs_only_tiles_the_windows_and_the_decode_need(pipe, monkeypatc
     decodes every tile, bit for bit."""
     from functools import partial
 
-    from mlx_edit import tiling
+    from mlx_edit.editing import tiling
 
     img = photo(1792, 128)
     m = np.zeros((128, 1792), np.float32)
@@ -137,7 +137,7 @@ def test_encode_runs_only_tiles_the_windows_and_the_decode_need(pipe, monkeypatc
               crop_to_mask=False, **FAST)
     monkeypatch.setattr(pipe, "tile_threshold_gb", 0.0)
     for name in ("encode_auto", "decode_auto"):  # 256 px tiles
-        monkeypatch.setattr(f"mlx_edit.components.{name}",
+        monkeypatch.setattr(f"mlx_edit.editing.components.{name}",
                             partial(getattr(tiling, name), budget_gb=0.12))
     runs = {}
     for name in ("skipping", "every tile"):
@@ -159,7 +159,7 @@ def test_a_pass_that_fits_whole_runs_in_tiles_when_a_quarter_can_be_skipped(pipe
     full tiled decode's."""
     import mlx.core as mx
 
-    from mlx_edit import tiling
+    from mlx_edit.editing import tiling
 
     z = mx.random.normal((1, 64, 192, pipe.vae_config.latent_channels), key=mx.random.key(1))
     needed = np.zeros((512, 1536), bool)

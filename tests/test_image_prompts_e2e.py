@@ -29,7 +29,7 @@ from mlx_edit.cli.conditioning import (
 )
 from mlx_edit.conditioning.image_prompts import IPAdapterSpec, ReduxSpec, prepare_redux
 from mlx_edit.imaging.images import load_image, load_mask
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 from conftest import import_script
 
 fx = import_script("make_mlx_checkpoint")  # torch-free image-prompt fixtures

@@ -36,7 +36,7 @@ if os.environ["SLOW"] == "convert":
         add(self, key, value)
     save.ShardWriter.add = slow_add
 else:
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
     steps = FluxFill.steps
     def slow_steps(self, job):
         for item in steps(self, job):

@@ -1,4 +1,4 @@
-"""FLUX.2 [klein] pipelines (mlx_edit/klein.py) against diffusers' Flux2KleinPipeline and
+"""FLUX.2 [klein] pipelines (mlx_edit/editing/klein.py) against diffusers' Flux2KleinPipeline and
 Flux2KleinInpaintPipeline on the tiny klein fixture built by diffusers
 (scripts/klein_fixtures.build_diffusers), float32 on the CPU, the same initial noise on
 both sides: the latents after every step <= 1e-3 relative (as the FLUX.1 pipeline parity
@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from mlx_edit.klein import FluxKlein
+from mlx_edit.editing.klein import FluxKlein
 from mlx_edit.parity import TOLERANCES, compare, psnr
 
 pytestmark = pytest.mark.parity

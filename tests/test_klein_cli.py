@@ -18,8 +18,8 @@ from skimage import data
 
 from mlx_edit.cli import main
 from mlx_edit.imaging.images import InputError
-from mlx_edit.klein import FluxKlein
-from mlx_edit.segment import Points
+from mlx_edit.editing.klein import FluxKlein
+from mlx_edit.editing.segment import Points
 from mlx_edit.weights.core import WeightLoadError
 
 
@@ -190,7 +190,7 @@ def test_memory_estimate_counts_klein_parts(klein):
     assert {"weights_transformer", "weights_vae", "weights_text_encoder"} <= set(est)
     assert "weights_text_encoder_2" not in est
     assert est["peak"] >= est["weights_transformer"] + est["weights_vae"]
-    from mlx_edit import memory
+    from mlx_edit.editing import memory
 
     # klein 4B's parts at their real widths: Qwen3-4B (36 layers built up to layer 27)
     q = [memory.estimate(1024, 1024, dtype="bfloat16", quantize=b, family="flux2",
@@ -256,8 +256,8 @@ def test_serve_runs_klein(klein, photos):
 def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypatch):
     """FLUX.2 prompts have no pooled vector: the disk cache stores the sequence alone and
     a second pipeline reads it back without loading Qwen3."""
-    from mlx_edit import prompts
-    from mlx_edit.prompt_cache import PromptCache
+    from mlx_edit.editing import prompts
+    from mlx_edit.editing.prompt_cache import PromptCache
 
     first = FluxKlein.from_pretrained(klein, low_memory=True)
     first.disk_prompt_cache = PromptCache(tmp_path)
@@ -273,8 +273,8 @@ def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypat
 
 
 def test_flux1_classes_refuse_a_klein_folder(klein):
-    from mlx_edit.fill import FluxFill
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.fill import FluxFill
+    from mlx_edit.editing.kontext import FluxKontext
     from mlx_edit.weights.core import WeightLoadError
 
     for cls in (FluxFill, FluxKontext):

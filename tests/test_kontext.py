@@ -1,4 +1,4 @@
-"""FLUX.1 Kontext (mlx_edit/kontext.py, conditioning/kontext.py) against diffusers'
+"""FLUX.1 Kontext (mlx_edit/editing/kontext.py, conditioning/kontext.py) against diffusers'
 FluxKontextPipeline on the tiny fixture's `kontext-model/` (FLUX.1-Kontext-dev layout),
 float32 on the CPU, same injected noise, VAE posterior mode on both sides: per-step
 latents <= 1e-4 relative... checked at 1e-3 per step as the Fill pipeline (accumulated
@@ -23,8 +23,8 @@ from mlx_edit.conditioning.kontext import (
     reference_size,
 )
 from mlx_edit.imaging.images import InputError
-from mlx_edit.kontext import FluxKontext, output_size
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.kontext import FluxKontext, output_size
+from mlx_edit.editing.pipeline import FluxFill
 from mlx_edit.weights.core import WeightLoadError
 
 PROMPT = "make the astronaut's suit red"

@@ -1,4 +1,4 @@
-"""Large canvases through the pipeline and the CLI (mlx_edit.large, tiled denoising):
+"""Large canvases through the pipeline and the CLI (mlx_edit.editing.large, tiled denoising):
 one window equals the plain edit exactly, outside-mask pixels stay exact with several
 windows, a 4K outpaint's strip is generated at its own resolution, and the CLI runs
 windowed edits in bounded memory. Tiny fixture, 2 steps, short T5 sequences; the
@@ -21,11 +21,11 @@ from PIL import Image
 from skimage import data
 from test_batch import close_images
 
-from mlx_edit import large
+from mlx_edit.editing import large
 from mlx_edit.cli import main
 from mlx_edit.imaging.images import InputError
 from mlx_edit.options import EditOptions
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 
 FAST = dict(steps=2, seed=3, max_sequence_length=16)
 BUDGET = 256 * 256  # the smallest budget: 16 x 16 token windows
@@ -181,7 +181,7 @@ def test_cli_global_pass_outpaint(tiny_mlx, big, tmp_path):
 
 @pytest.fixture(scope="module")
 def kontext(tmp_path_factory, import_script):
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.kontext import FluxKontext
 
     out = tmp_path_factory.mktemp("kontext") / "tiny"
     ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))
@@ -203,7 +203,7 @@ def test_kontext_with_a_mask_uses_windows_and_keeps_outside_pixels(kontext):
 
 
 def test_memory_estimate_counts_one_window_batch_plus_the_canvas():
-    from mlx_edit import memory
+    from mlx_edit.editing import memory
     from mlx_edit.models.flux import FluxConfig
 
     cfg, size = FluxConfig(), 4  # FLUX.1 Fill, float32

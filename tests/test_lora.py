@@ -209,7 +209,7 @@ def test_fill_edit_with_two_loras_matches_diffusers_pipeline(tiny_ckpt, tmp_path
     """FluxFillPipeline with two LoRAs (0.8, 0.5) vs FluxFill: every step's latents and
     the decoded image (PSNR >= 40 dB), injected noise (see test_parity_pipeline.py)."""
     from mlx_edit.parity import run_parity
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     ref = fresh_reference(tiny_ckpt / "transformer")
     ours = load_transformer(tiny_ckpt / "transformer", mx.float32)

@@ -193,7 +193,7 @@ def test_unsupported_kinds_are_named(tmp_path, key, match):
 
 
 def test_memory_estimate_counts_lora_parameters():
-    from mlx_edit import memory
+    from mlx_edit.editing import memory
 
     base = memory.estimate(1024, 1024, dtype="bfloat16", quantize=4)
     with_lora = memory.estimate(1024, 1024, dtype="bfloat16", quantize=4, lora_params=10**9)

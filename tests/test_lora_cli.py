@@ -74,7 +74,7 @@ def test_cli_bad_lora_is_a_usage_error(tiny_mlx, photos, tmp_path):  # noqa: F81
 
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_api_load_rescale_unload(tiny_mlx, loras, low_memory):
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     pipe = FluxFill.from_pretrained(tiny_mlx, mx.float32, low_memory=low_memory)
     base = pipe.transformer.double_blocks[0].img_attn.qkv
@@ -97,7 +97,7 @@ def test_api_load_rescale_unload(tiny_mlx, loras, low_memory):
 
 
 def test_api_lora_for_a_missing_layer_is_refused(tiny_mlx, tmp_path):
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.pipeline import FluxFill
 
     path = tmp_path / "deep.safetensors"
     mx.save_safetensors(str(path), {

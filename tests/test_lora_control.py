@@ -245,7 +245,7 @@ def test_canny_restyle_with_control_lora_matches_diffusers(dev_ckpt, tmp_path):
 
     from mlx_edit.conditioning.bfl_control import bfl_conditioner
     from mlx_edit.conditioning.controlnet import preprocess
-    from mlx_edit.fill import FluxFill
+    from mlx_edit.editing.fill import FluxFill
 
     pipe = FluxFill.from_pretrained(dev_ckpt, mx.float32)
     assert pipe.variant == "dev"
@@ -359,7 +359,7 @@ def test_control_lora_on_a_quantized_dev_model(dev_mlx, tmp_path):
     quantized layers) and unloading restores the quantized base exactly."""
     import mlx.nn as nn
 
-    from mlx_edit.fill import FluxFill
+    from mlx_edit.editing.fill import FluxFill
 
     pipe = FluxFill.from_pretrained(dev_mlx / "dev-model", mx.float32, quantize=8)
     cfg = dict(DEV, joint_attention_dim=pipe.transformer_config.joint_attention_dim,

@@ -2,7 +2,7 @@
 reads (PEFT, ai-toolkit `diffusion_model.` BFL names, kohya `lora_unet_`), loaded by
 diffusers + PEFT and by us into the same tiny Flux2 transformer; outputs compared
 (float32, CPU). Also: several LoRAs loaded, rescaled and unloaded through the LoRA API
-(mlx_edit.loras), on quantized models too; unknown keys refused by name."""
+(mlx_edit.editing.loras), on quantized models too; unknown keys refused by name."""
 
 import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
@@ -157,12 +157,12 @@ def test_bfl_final_layer_lora_follows_bfl_row_order(tiny, x, tmp_path):
 
 
 class LoRAHost:
-    """The pipeline's LoRA API (mlx_edit.loras.LoRAMixin) over one FLUX.2 transformer:
+    """The pipeline's LoRA API (mlx_edit.editing.loras.LoRAMixin) over one FLUX.2 transformer:
     its `transformer` syncs the LoRAs as the pipeline's (components.ModelsMixin) does."""
 
     def __init__(self, folder, quantize=None):
-        from mlx_edit.components import Components
-        from mlx_edit.loras import LoRAMixin
+        from mlx_edit.editing.components import Components
+        from mlx_edit.editing.loras import LoRAMixin
 
         self.api = type("API", (LoRAMixin,), {"transformer": property(self._synced)})()
         self.api.loras = {}
@@ -179,7 +179,7 @@ class LoRAHost:
 
 
 def test_several_loras_load_rescale_unload_through_the_lora_api(tiny, x, tmp_path):
-    """load_lora / set_lora_scales / unload_loras (mlx_edit.loras) on a FLUX.2
+    """load_lora / set_lora_scales / unload_loras (mlx_edit.editing.loras) on a FLUX.2
     transformer: two LoRAs of different formats match diffusers, rescaling follows,
     unloading restores the base exactly; a quantized model takes them unfused."""
     ref, ours = fresh_reference(tiny), load_flux2_transformer(tiny, mx.float32)

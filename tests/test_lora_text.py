@@ -127,8 +127,8 @@ def test_t5_keys_warn_and_clip_only_files_load(tmp_path, models):
 def test_pipeline_encodes_with_clip_loras(tiny_mlx, tmp_path):
     """The pooled vector follows load / rescale / unload (prompt caches keyed on them);
     T5's sequence is unchanged; the transformer carries no adapter for a CLIP-only file."""
-    from mlx_edit.fill import FluxFill
-    from mlx_edit.prompt_cache import PromptCache
+    from mlx_edit.editing.fill import FluxFill
+    from mlx_edit.editing.prompt_cache import PromptCache
 
     pipe = FluxFill.from_pretrained(tiny_mlx, mx.float32)
     pipe.disk_prompt_cache = PromptCache(tmp_path / "cache")

@@ -21,15 +21,15 @@ from conftest import import_script
 from mlx.utils import tree_flatten
 from PIL import Image
 
-import mlx_edit.pipeline as pipeline_module
-from mlx_edit import components, memory, prompts
+import mlx_edit.editing.pipeline as pipeline_module
+from mlx_edit.editing import components, memory, prompts
 from mlx_edit.imaging import masks
 from mlx_edit.cli import main
 from mlx_edit.conditioning.controlnet import ControlNetSpec
 from mlx_edit.imaging.images import InputError
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 from mlx_edit.weights.quantize import model_nbytes, quantize_t5, quantize_transformer
-from mlx_edit.components import LOW_MEMORY_CACHE_BYTES
+from mlx_edit.editing.components import LOW_MEMORY_CACHE_BYTES
 from mlx_edit.weights.flux import load_transformer
 from mlx_edit.weights.text import load_t5
 

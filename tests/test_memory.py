@@ -1,4 +1,4 @@
-"""Memory estimate and refusal (mlx_edit/memory.py).
+"""Memory estimate and refusal (mlx_edit/editing/memory.py).
 
 Weights come from lazily built models (nothing allocated), so the full FLUX.1 Fill sizes
 are checked against known figures; the refusal path is exercised with a fake small
@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_edit import memory, tiling
+from mlx_edit.editing import memory, tiling
 from mlx_edit.imaging.images import InputError
 from mlx_edit.models.flux import FluxConfig, FluxTransformer
 

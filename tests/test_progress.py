@@ -14,9 +14,9 @@ from skimage import data
 
 from mlx_edit.cli.main import main
 from mlx_edit.cli.progress import PhaseBars, phase_line
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 from mlx_edit.progress import PHASE_KEYS, phase_seconds, reporting
-from mlx_edit.segment import Points
+from mlx_edit.editing.segment import Points
 
 FAST = dict(steps=2, seed=3, max_sequence_length=16)
 
@@ -80,7 +80,7 @@ def test_untiled_vae_pass_reports_per_layer_and_is_unchanged(tiny_mlx):
     pass's exactly."""
     import mlx.core as mx
 
-    from mlx_edit.tiling import decode_auto
+    from mlx_edit.editing.tiling import decode_auto
 
     pipe = FluxFill.from_pretrained(tiny_mlx)
     z = mx.random.normal((1, 8, 12, pipe.vae_config.latent_channels), key=mx.random.key(0))

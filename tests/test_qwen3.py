@@ -22,8 +22,8 @@ import pytest
 from conftest import import_script
 
 from mlx_edit.models.qwen3 import Qwen3Config, Qwen3TextEncoder
-from mlx_edit.text import PromptTruncatedWarning
-from mlx_edit.text_qwen3 import Qwen3Tokenizer, encode_qwen3_prompt, qwen3_text_ids
+from mlx_edit.editing.text import PromptTruncatedWarning
+from mlx_edit.editing.text_qwen3 import Qwen3Tokenizer, encode_qwen3_prompt, qwen3_text_ids
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.qwen3 import load_qwen3, qwen3_nbytes
 from mlx_edit.weights.quantize import model_nbytes
@@ -174,7 +174,7 @@ def test_chat_template_environment_parity():
     renders as transformers' renderer does."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from mlx_edit.text_qwen3 import compile_chat_template
+    from mlx_edit.editing.text_qwen3 import compile_chat_template
 
     template = (
         "{% set ns = namespace(n=0) %}\n"

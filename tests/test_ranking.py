@@ -1,4 +1,4 @@
-"""CLIP ranking of candidates (mlx_edit.ranking) against transformers `CLIPModel`.
+"""CLIP ranking of candidates (mlx_edit.editing.ranking) against transformers `CLIPModel`.
 
 A random-weight CLIPModel (scripts/ranker_fixtures.py, the `ranker/` of the test
 checkpoints) scores real photos against a prompt on both sides from identical inputs
@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data
 
 from mlx_edit.conditioning.image_prompts import clip_preprocess
-from mlx_edit.ranking import clip_scores, edit_region, rank_images
+from mlx_edit.editing.ranking import clip_scores, edit_region, rank_images
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.ranker import load_clip_ranker, resolve_ranker
 

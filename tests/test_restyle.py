@@ -32,7 +32,7 @@ from mlx_edit.conditioning.controlnet import (
 )
 from mlx_edit.imaging.images import InputError, to_array
 from mlx_edit.sampling.latents import image_ids, token_grid
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 from mlx_edit.weights.quantize import quantized_layers
 from mlx_edit.weights import controlnet as cw
 from mlx_edit.weights.core import WeightLoadError

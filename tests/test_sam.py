@@ -207,7 +207,7 @@ def reference_predict(pair: Pair, photo: np.ndarray, points=None, labels=None, b
 
 @pytest.fixture(scope="module")
 def segmenter(tiny):
-    from mlx_edit.segment import Segmenter
+    from mlx_edit.editing.segment import Segmenter
 
     seg = Segmenter.from_pretrained(tiny.folder)
     seg.set_image(data.coffee())  # 400 x 600, not square: per-axis coordinate scaling
@@ -221,7 +221,7 @@ def segmenter(tiny):
          boxes=[(150, 60, 480, 330), (450, 20, 599, 200)]),
 ], ids=["point", "points+box", "two objects"])
 def test_predictor_matches_processor_pipeline(tiny, segmenter, prompt):
-    from mlx_edit.segment import upscale_logits
+    from mlx_edit.editing.segment import upscale_logits
 
     photo = data.coffee()
     ref_masks, ref_logits, ref_iou = reference_predict(tiny, photo, **prompt)

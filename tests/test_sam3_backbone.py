@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from skimage import data
 
-from mlx_edit.text import Sam3Tokenizer
+from mlx_edit.editing.text import Sam3Tokenizer
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.sam3 import load_sam3_text, load_sam3_vision
 from conftest import import_script

@@ -251,7 +251,7 @@ def reference_post_process(monkeypatch):
 
 @pytest.mark.parametrize("prompt", ["text", "text+boxes"])
 def test_post_processing_matches_transformers(pair, prompt, monkeypatch):
-    from mlx_edit.text_segment import post_process_instances
+    from mlx_edit.editing.text_segment import post_process_instances
 
     post = reference_post_process(monkeypatch)
     boxes, labels = (BOXES, LABELS) if prompt == "text+boxes" else (None, None)

@@ -34,7 +34,7 @@ from test_sam3_heads import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def sam3(tmp_path_factory):
-    from mlx_edit.text_segment import TextSegmenter
+    from mlx_edit.editing.text_segment import TextSegmenter
 
     model = fx.make_model("tiny", seed=3)
     folder = fx.write_folder(model, tmp_path_factory.mktemp("sam3-e2e") / "tiny")
@@ -50,7 +50,7 @@ def test_text_segmenter_matches_transformers(sam3, prompt, monkeypatch):
 
     from transformers.models.sam3 import modeling_sam3
 
-    from mlx_edit.text_segment import exemplar_arrays
+    from mlx_edit.editing.text_segment import exemplar_arrays
 
     model, seg, photo, _ = sam3
     post = reference_post_process(monkeypatch)
@@ -91,7 +91,7 @@ HALF_IOU = {"float16": 0.98, "bfloat16": 0.95}
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_masks_stay_close_to_float32(sam3, dtype):
-    from mlx_edit.text_segment import TextSegmenter
+    from mlx_edit.editing.text_segment import TextSegmenter
 
     _, seg, photo, folder = sam3
     half = TextSegmenter.from_pretrained(folder, getattr(mx, dtype))

@@ -22,7 +22,7 @@ from mlx_edit.weights.sam import load_sam
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_sam_mlx):
-    from mlx_edit.segment import Segmenter
+    from mlx_edit.editing.segment import Segmenter
 
     seg = Segmenter.from_pretrained(tiny_sam_mlx)
     seg.set_image(data.coffee())  # 400 x 600, not square: per-axis coordinate scaling
@@ -113,7 +113,7 @@ def test_mask_cli_refuses_to_write_over_the_image(tiny_sam_mlx, tmp_path):
 
 
 def test_box_nms_and_stability_helpers():
-    from mlx_edit.automask import box_nms, mask_boxes, point_grid, stability_scores
+    from mlx_edit.editing.automask import box_nms, mask_boxes, point_grid, stability_scores
 
     boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 9, 10]])
     keep = box_nms(boxes, np.array([0.5, 0.9, 0.7, 0.4]), 0.7)
@@ -129,7 +129,7 @@ def test_box_nms_and_stability_helpers():
 
 
 def test_generate_masks_filters_sorts_and_matches_single_clicks(segmenter):
-    from mlx_edit.automask import box_nms, generate_masks
+    from mlx_edit.editing.automask import box_nms, generate_masks
 
     found = generate_masks(segmenter, points_per_side=4, points_per_batch=5,
                            pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
@@ -149,7 +149,7 @@ def test_generate_masks_filters_sorts_and_matches_single_clicks(segmenter):
 def test_mask_cli_all_writes_numbered_masks_and_index(tiny_sam_mlx, tmp_path, monkeypatch):
     import json
 
-    import mlx_edit.automask as automask
+    import mlx_edit.editing.automask as automask
 
     real = automask.generate_masks
     # random weights predict IoU ~0.5: keep every candidate so files are written
@@ -169,7 +169,7 @@ def test_mask_cli_all_writes_numbered_masks_and_index(tiny_sam_mlx, tmp_path, mo
 
 
 def test_remove_holes_and_sprinkles():
-    from mlx_edit.segment import remove_holes_and_sprinkles
+    from mlx_edit.editing.segment import remove_holes_and_sprinkles
 
     logits = np.full((1, 12, 12), -5.0, np.float32)
     logits[0, 2:10, 2:10] = 5.0
@@ -189,7 +189,7 @@ def test_remove_holes_and_sprinkles():
 
 def test_point_and_box_specs_give_the_predictor_mask(segmenter):
     from mlx_edit.imaging.images import InputError
-    from mlx_edit.segment import Box, Points, prompts_from_specs
+    from mlx_edit.editing.segment import Box, Points, prompts_from_specs
 
     kw = prompts_from_specs([Points([(300, 200), (100, 350)], labels=[1, 0]),
                              Box(150, 60, 480, 330)])
@@ -222,8 +222,8 @@ def test_inpaint_from_clicks(tmp_path, click_model):
 
     from mlx_edit.cli.main import main
     from mlx_edit.imaging.masks import blend_mask
-    from mlx_edit.pipeline import FluxFill
-    from mlx_edit.segment import Box, Points, Segmenter
+    from mlx_edit.editing.pipeline import FluxFill
+    from mlx_edit.editing.segment import Box, Points, Segmenter
 
     root = click_model
     photo = tmp_path / "coffee.png"
@@ -273,7 +273,7 @@ def test_memory_estimate_counts_the_segmenter_at_its_phase():
     denoising, so the other phases are unchanged and the peak is the largest phase."""
     from mlx.utils import tree_flatten
 
-    from mlx_edit.memory import GB, RUNTIME_GB, SAM_ACT_BYTES, estimate
+    from mlx_edit.editing.memory import GB, RUNTIME_GB, SAM_ACT_BYTES, estimate
     from mlx_edit.models.sam import SamConfig, SamModel
     from conftest import import_script
 
@@ -292,7 +292,7 @@ def test_memory_estimate_counts_the_segmenter_at_its_phase():
     assert est["peak"] == max(phases) and len(phases) == 5
     # the segment phase alone: with low_memory only SAM is resident while it runs
     from mlx_edit.imaging.images import InputError
-    from mlx_edit.memory import check_segmenter_fits
+    from mlx_edit.editing.memory import check_segmenter_fits
 
     alone = est["weights_segmenter"] + est["activations_segment"] + RUNTIME_GB
     check_segmenter_fits(est, low_memory=True, available=alone + 0.01)
@@ -307,11 +307,11 @@ def test_memory_estimate_counts_the_segmenter_at_its_phase():
 def test_click_edit_refused_when_the_segment_phase_does_not_fit(click_model, monkeypatch):
     """An edit with a click mask checks the segment phase before SAM loads: one line
     naming the SAM weights and embedding, nothing loaded."""
-    import mlx_edit.memory as memory
-    import mlx_edit.segment as segment
+    import mlx_edit.editing.memory as memory
+    import mlx_edit.editing.segment as segment
     from mlx_edit.imaging.images import InputError
-    from mlx_edit.pipeline import FluxFill
-    from mlx_edit.segment import Points
+    from mlx_edit.editing.pipeline import FluxFill
+    from mlx_edit.editing.segment import Points
     from mlx_edit.weights.sam import sam_config
 
     pipe = FluxFill.from_pretrained(click_model)
@@ -397,7 +397,7 @@ def test_convert_sam_quantization_only_where_measured_harmless(tiny_sam_mlx, tmp
     qkv = model.vision_encoder.backbone.blocks[2].attn.qkv  # input width 32
     assert isinstance(qkv, nn.QuantizedLinear) and qkv.bits == 8
     assert not isinstance(model.mask_decoder.iou_prediction_head.proj_in, nn.QuantizedLinear)
-    from mlx_edit.segment import Segmenter
+    from mlx_edit.editing.segment import Segmenter
 
     seg = Segmenter(model)
     seg.set_image(data.coffee())
@@ -428,7 +428,7 @@ def test_sam_benchmarks_run(repo_root):
 
 def test_mask_cli_uses_a_model_folders_segmenter(tmp_path, click_model):
     """`mask --model DIR` on a FLUX model folder uses DIR/segmenter/, as inpaint does."""
-    from mlx_edit.segment import Segmenter
+    from mlx_edit.editing.segment import Segmenter
 
     photo = tmp_path / "coffee.png"
     Image.fromarray(data.coffee()).resize((200, 150)).save(photo)

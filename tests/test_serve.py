@@ -41,7 +41,7 @@ def photo():
 
 @pytest.fixture(scope="module")
 def pipes(tiny_mlx):
-    from mlx_edit.fill import FluxFill
+    from mlx_edit.editing.fill import FluxFill
 
     return {"fill": FluxFill.from_pretrained(tiny_mlx)}
 
@@ -382,7 +382,7 @@ def test_bench_serve_runs(repo_root, tiny_mlx):
 def test_kontext_edit_mode(tmp_path_factory, import_script, pipes, photo):
     """With a Kontext model configured, mode=edit runs an instruction edit (no mask), with
     `reference` uploads as further images (refused in other modes)."""
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.kontext import FluxKontext
 
     out = tmp_path_factory.mktemp("serve-kontext") / "tiny"
     ckpt = import_script("make_mlx_checkpoint").build(out, "tiny", extras=("kontext-model",))

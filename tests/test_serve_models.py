@@ -167,8 +167,8 @@ def test_second_server_reads_prompts_from_the_disk_cache(tiny_mlx, photo, tmp_pa
                                                          monkeypatch):
     """A server started on the cache folder of an earlier one loads no text encoder for
     a prompt the earlier one encoded."""
-    import mlx_edit.prompts as prompts
-    from mlx_edit.fill import FluxFill
+    import mlx_edit.editing.prompts as prompts
+    from mlx_edit.editing.fill import FluxFill
 
     config = ServeConfig(prompt_cache=str(tmp_path / "prompts"), local_hosts=("testserver",))
 
@@ -201,7 +201,7 @@ class FakeSegmenter:
         self.size = image.size
 
     def best_mask(self, points=None, labels=None, boxes=None):
-        from mlx_edit.segment import prompt_arrays
+        from mlx_edit.editing.segment import prompt_arrays
 
         w, h = self.size
         prompt_arrays(points, labels, boxes, (h, w), 1024)  # InputError as SAM's
@@ -294,8 +294,8 @@ def test_config_refuses_bad_values(field, value):
 def test_fill_and_kontext_take_turns_under_a_budget(tmp_path_factory, import_script, photo):
     """A budget that holds Fill or Kontext but not both: an edit evicts Fill to load
     Kontext, the next inpaint brings Fill back (its timings show the load)."""
-    from mlx_edit.fill import FluxFill
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.fill import FluxFill
+    from mlx_edit.editing.kontext import FluxKontext
     from mlx_edit.serve.resident import pipeline_gb
 
     root = import_script("make_mlx_checkpoint").build(

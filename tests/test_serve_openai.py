@@ -34,8 +34,8 @@ def server(tiny_mlx, tmp_path_factory, import_script):
     """The URL of a server with Fill (inpaint) and klein (edit, generate), token TOKEN."""
     import uvicorn
 
-    from mlx_edit.fill import FluxFill
-    from mlx_edit.klein import FluxKlein
+    from mlx_edit.editing.fill import FluxFill
+    from mlx_edit.editing.klein import FluxKlein
 
     klein = import_script("klein_fixtures").build_mlx(
         tmp_path_factory.mktemp("klein") / "tiny", "tiny")

@@ -1,4 +1,4 @@
-"""Instance choice for masks from words (mlx_edit/text_segment.py), without torch: all
+"""Instance choice for masks from words (mlx_edit/editing/text_segment.py), without torch: all
 merged, best, by index, and the one-line errors for no instance / a bad index."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from mlx_edit.imaging.images import InputError
 from mlx_edit.models.sam3_heads import Sam3Outputs
-from mlx_edit.text_segment import (
+from mlx_edit.editing.text_segment import (
     Instances,
     parse_instances,
     post_process_instances,
@@ -72,8 +72,8 @@ def segmenter(tmp_path_factory):
     from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
     from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder
     from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel
-    from mlx_edit.text import Sam3Tokenizer
-    from mlx_edit.text_segment import TextSegmenter
+    from mlx_edit.editing.text import Sam3Tokenizer
+    from mlx_edit.editing.text_segment import TextSegmenter
 
     tiny = import_script("sam3_fixtures").sam3_config("tiny")
     folder = tmp_path_factory.mktemp("sam3-tok")

@@ -267,7 +267,7 @@ def test_tokens_no_window_covers_keep_their_latents_in_the_loop(setup):
     """Without a hook, tokens outside every kept window are not evaluated: they keep
     their latents through the loop (the pipeline then sets them to the source's,
     large.fill_uncovered); covered tokens are denoised as usual."""
-    from mlx_edit import large
+    from mlx_edit.editing import large
 
     model, latents, cond, embeds = setup
     kept = tiles.plan_windows((GH, GW), 24, 2, keep=_corner_mask())

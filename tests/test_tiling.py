@@ -1,4 +1,4 @@
-"""Tiled VAE encode/decode (mlx_edit/tiling.py): tile grid, blend weights, fidelity, seams.
+"""Tiled VAE encode/decode (mlx_edit/editing/tiling.py): tile grid, blend weights, fidelity, seams.
 
 Random-weight VAEs at a small width keep this fast. Inputs are stationary (random latents,
 uniform noise images), so each tile's GroupNorm statistics match the whole image's: what
@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_edit import tiling
+from mlx_edit.editing import tiling
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig
 
 SMALL = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8)

@@ -1,4 +1,4 @@
-"""CLIP BPE and T5 Unigram tokenizers (mlx_edit.text) against transformers on the same files.
+"""CLIP BPE and T5 Unigram tokenizers (mlx_edit.editing.text) against transformers on the same files.
 
 The fixture files are the real CLIP-L BPE (from open-clip-torch's wheel) and a small T5
 unigram model trained by scripts/tokenizer_files.py, which also writes the T5 `tokenizer.json`.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_edit.text import ClipTokenizer, PromptTruncatedWarning, T5Tokenizer
+from mlx_edit.editing.text import ClipTokenizer, PromptTruncatedWarning, T5Tokenizer
 from mlx_edit.weights.core import WeightLoadError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

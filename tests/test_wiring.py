@@ -18,7 +18,7 @@ from mlx_edit.imaging import masks
 from mlx_edit.imaging.images import InputError
 from mlx_edit.imaging.stitch import outpaint_canvas
 from mlx_edit.options import FIELDS, EditOptions, default
-from mlx_edit.pipeline import FluxFill
+from mlx_edit.editing.pipeline import FluxFill
 
 
 class Stop(InputError):
@@ -97,7 +97,7 @@ def test_outpaint_builds_the_documented_canvas(pipe, photo, seen_prepare):
 def test_large_mask_gets_a_context_margin(pipe, monkeypatch):
     """A large photo with a large mask: the model window holds the mask's bbox plus
     max(64, half its longer side) of context on each side (clamped to the photo)."""
-    import mlx_edit.large as pl  # where the pipeline's crop plan is made
+    import mlx_edit.editing.large as pl  # where the pipeline's crop plan is made
 
     plans = []
     real = pl.plan_crop

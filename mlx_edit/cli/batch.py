@@ -65,11 +65,11 @@ def _pipes(opts: dict, cache):
         if kind not in loaded:
             loaded.clear()
             if variant_for(mode).family == "flux2":
-                from mlx_edit.klein import FluxKlein as cls
+                from mlx_edit.editing.klein import FluxKlein as cls
             elif kind == "edit":
-                from mlx_edit.kontext import FluxKontext as cls
+                from mlx_edit.editing.kontext import FluxKontext as cls
             else:
-                from mlx_edit.fill import FluxFill as cls
+                from mlx_edit.editing.fill import FluxFill as cls
             model = opts["edit_model" if kind == "edit" else "model"]
             pipe = cls.from_pretrained(
                 model or variants.for_edit(kind).repo,

@@ -206,7 +206,7 @@ def click_mask(opts: dict, mask: Path | None, required: bool):
         if required and mask is None:
             raise click.UsageError("give --mask, or --mask-point/--mask-box to segment one")
         return mask
-    from mlx_edit.segment import Box, Points
+    from mlx_edit.editing.segment import Box, Points
 
     clicks = [*points, *negatives]
     spec = [Points(tuple(clicks), tuple([1] * len(points) + [0] * len(negatives)))] \
@@ -219,7 +219,7 @@ def click_metadata(clicks: list | None, segment_model: str | None, root: Path) -
     mask_box (as given, px) and the SAM 2.1 checkpoint used (str values, like `.info`)."""
     if not clicks:
         return {}
-    from mlx_edit.segment import Box, find_segmenter
+    from mlx_edit.editing.segment import Box, find_segmenter
 
     points = [p for c in clicks if not isinstance(c, Box)
               for p in zip(c.xy, c.labels or [1] * len(c.xy))]
@@ -285,7 +285,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
         for path in [image] * (mode == "edit") + list(references):
             check_reference(load_image(path), f"image {path}")
     if clicks:  # click prompts checked against the photo before any model loads
-        from mlx_edit.segment import prompt_arrays, prompts_from_specs
+        from mlx_edit.editing.segment import prompt_arrays, prompts_from_specs
 
         prompt_arrays(**prompts_from_specs(clicks), image_size=(h, w), input_size=1024)
     if mode == "outpaint":  # before the model loads, and before the canvas is allocated
@@ -339,9 +339,9 @@ def _load(mode: str, opts: dict, variant):
     """The pipeline of `mode` on `variant`'s family (FluxKlein for FLUX.2; FluxKontext for
     edit, else FluxFill) with its LoRAs."""
     from mlx_edit import variants
-    from mlx_edit.klein import FluxKlein
-    from mlx_edit.kontext import FluxKontext
-    from mlx_edit.pipeline import FluxFill
+    from mlx_edit.editing.klein import FluxKlein
+    from mlx_edit.editing.kontext import FluxKontext
+    from mlx_edit.editing.pipeline import FluxFill
 
     cls = FluxKlein if variant.family == "flux2" else FluxKontext if mode == "edit" \
         else FluxFill

@@ -10,7 +10,7 @@ several objects, whose masks are united. One click uses SAM's three candidate ma
 keeps the best by predicted IoU; more prompts ask for one mask (SAM's advice). The PNG is
 8-bit grey, 255 inside the mask, at the photo's own size (after EXIF orientation), ready
 for `mlx-edit inpaint --mask`. `--all` runs the automatic mask generator
-(mlx_edit.automask) instead and writes `masks-0.png, masks-1.png, ...` (largest first)
+(mlx_edit.editing.automask) instead and writes `masks-0.png, masks-1.png, ...` (largest first)
 and `masks.json` (file, bbox, area, predicted_iou, stability_score, point per mask).
 Exit status: 0 done, 2 a usage error (bad prompt, bad
 image, unusable model; nothing is written).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"  # = mlx_edit.segment.DEFAULT_SEGMENTER
+DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"  # = mlx_edit.editing.segment.DEFAULT_SEGMENTER
 
 
 def _coords(n: int):
@@ -68,7 +68,7 @@ def mask_command(image, points, negatives, boxes, model, output, all_masks, poin
     from mlx_edit.imaging.images import InputError, save_png
     from mlx_edit.weights.core import WeightLoadError
 
-    from mlx_edit.segment import find_segmenter
+    from mlx_edit.editing.segment import find_segmenter
 
     model = find_segmenter(model)
     if output.suffix.lower() != ".png":
@@ -86,7 +86,7 @@ def mask_command(image, points, negatives, boxes, model, output, all_masks, poin
         raise click.UsageError(f"refusing to write {output}: it is the input image")
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
-    from mlx_edit.segment import mask_from_prompts
+    from mlx_edit.editing.segment import mask_from_prompts
 
     try:  # the image and prompts are checked before the (slow) model load
         mask = mask_from_prompts(image, clicks or None, labels or None, list(boxes) or None,
@@ -106,9 +106,9 @@ def _all_masks(image: Path, model: str, output: Path, points_per_side: int,
     """`--all`: automatic masks as `{stem}-{i}.png` plus a `{stem}.json` index."""
     from PIL import Image
 
-    from mlx_edit.automask import generate_masks
+    from mlx_edit.editing.automask import generate_masks
     from mlx_edit.imaging.images import InputError, load_image, save_json_sidecar, save_png
-    from mlx_edit.segment import Segmenter
+    from mlx_edit.editing.segment import Segmenter
     from mlx_edit.weights.core import WeightLoadError
 
     index_path = output.with_suffix(".json")

@@ -1,5 +1,5 @@
 """The prompt-cache options every editing command shares (inpaint, outpaint, restyle,
-edit, batch): the on-disk cache of prompt embeddings (mlx_edit.prompt_cache) is on by
+edit, batch): the on-disk cache of prompt embeddings (mlx_edit.editing.prompt_cache) is on by
 default, so a prompt already encoded never loads T5-XXL or CLIP again.
 
 The folder defaults to $MLX_EDIT_PROMPT_CACHE, else ~/.cache/mlx-edit/prompts.
@@ -37,7 +37,7 @@ def open_prompt_cache(opts: dict):
                                              "no_prompt_cache"))
     if off:
         return None
-    from mlx_edit.prompt_cache import PromptCache
+    from mlx_edit.editing.prompt_cache import PromptCache
 
     return PromptCache(folder, int(gb * 2**30))
 

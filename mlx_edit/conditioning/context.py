@@ -5,7 +5,7 @@ their inputs into prepared values — channels concatenated to the latents, sequ
 with their position ids, residual hooks, attention keys/values — before the denoise loop.
 They see this context, never the pipeline: the pipeline builds it, calls them and attaches
 what they return to its `EditJob`. So nothing under `mlx_edit/conditioning/` imports
-`mlx_edit.pipeline`.
+`mlx_edit.editing.pipeline`.
 """
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ class AutoencoderKL(nn.Module):
         """Within this context every convolution runs in bands of output rows and every
         attention in blocks of queries, so no single op's working buffer (im2col, scores)
         exceeds `max_bytes`; the result equals the plain pass (float rounding aside).
-        Unlike tiles (mlx_edit.tiling), GroupNorm and attention still see the whole image,
+        Unlike tiles (mlx_edit.editing.tiling), GroupNorm and attention still see the whole image,
         and the whole image's activations stay in memory (a few per pixel, not the 9x of
         an unfolded 3x3 convolution)."""
         layers = [m for _, m in self.named_modules() if isinstance(m, (Conv2d, Attention))]
@@ -406,7 +406,7 @@ class AutoencoderKL(nn.Module):
     def layer_callback(self, fn) -> Iterator[tuple[int, int]]:
         """Within this context `fn(x)` is called with the output of every resnet,
         attention and resampler of the encoder's and decoder's blocks (progress:
-        mlx_edit.tiling evaluates x there and reports). Yields the number of such layers
+        mlx_edit.editing.tiling evaluates x there and reports). Yields the number of such layers
         in one (encode, decode)."""
         blocks = [m for _, m in self.named_modules()
                   if isinstance(m, (DownBlock, UpBlock, MidBlock))]

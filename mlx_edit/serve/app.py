@@ -77,8 +77,8 @@ def model_loaders(config: ServeConfig, cache=None) -> dict:
     """{kind: () -> pipeline} of the configured pipelines: "fill" (always), "kontext"
     (with kontext_model); the segmenter's is added by `_resident`. Each gets `cache` (a
     PromptCache) when one is given."""
-    from mlx_edit.fill import FluxFill
-    from mlx_edit.kontext import FluxKontext
+    from mlx_edit.editing.fill import FluxFill
+    from mlx_edit.editing.kontext import FluxKontext
 
     kw = {"quantize": config.quantize, "low_memory": config.low_memory}
 
@@ -102,7 +102,7 @@ def _family_class(model, flux1_class):
     from mlx_edit.weights.sources import read_model_index
 
     if variants.family_of(read_model_index(model).get("_class_name")) == "flux2":
-        from mlx_edit.klein import FluxKlein
+        from mlx_edit.editing.klein import FluxKlein
 
         return FluxKlein
     return flux1_class
@@ -112,7 +112,7 @@ def prompt_cache(config: ServeConfig):
     """The configured on-disk PromptCache, or None."""
     if config.prompt_cache is None:
         return None
-    from mlx_edit.prompt_cache import PromptCache
+    from mlx_edit.editing.prompt_cache import PromptCache
 
     return PromptCache(config.prompt_cache, int(config.prompt_cache_gb * 2**30))
 
@@ -130,7 +130,7 @@ def _size(kind: str, model) -> float:
 def segment_mask(resident: Resident, image, prompts: list) -> np.ndarray:
     """(H, W) float32 mask of `image` from `segment.Points` / `Box` prompts, with the
     resident segmenter (worker thread). Raises InputError (a point outside the image...)."""
-    from mlx_edit.segment import prompts_from_specs
+    from mlx_edit.editing.segment import prompts_from_specs
 
     with resident.using("segmenter") as seg:
         seg.set_image(image)
@@ -451,7 +451,7 @@ def _resident(config: ServeConfig, pipelines: dict | None):
     preloaded = dict(pipelines) if pipelines is not None else {"fill": loaders["fill"]()}
     segmenter = _segmenter(config, preloaded)
     if segmenter and "segmenter" not in preloaded:
-        from mlx_edit.segment import Segmenter
+        from mlx_edit.editing.segment import Segmenter
 
         loaders["segmenter"] = lambda: Segmenter.from_pretrained(segmenter)
     for kind, model in preloaded.items():

@@ -32,7 +32,7 @@ class ServeConfig:
     preview_every: a JPEG preview in every N-th `step` event (0 = none), at most
       preview_max_side px on its longer side (serve/preview.py).
     prompt_cache: folder of prompt embeddings shared with `mlx-edit batch` and other
-      servers (mlx_edit.prompt_cache; a cached prompt loads no text encoder), bounded to
+      servers (mlx_edit.editing.prompt_cache; a cached prompt loads no text encoder), bounded to
       prompt_cache_gb; None = embeddings kept in memory only.
     """
 

@@ -2,7 +2,7 @@
 
 Kinds: "fill" (FluxFill), "kontext" (FluxKontext), "segmenter" (SAM 2.1 `Segmenter`).
 Each configured kind has a loader and a size (GB): for a pipeline, what stays loaded
-between edits by mlx_edit.memory's estimate from its configs (transformer + VAE + LoRAs;
+between edits by mlx_edit.editing.memory's estimate from its configs (transformer + VAE + LoRAs;
 the text encoders are freed after each prompt); for the segmenter its parameter bytes.
 Before a model is made resident, the least recently used others are evicted until the
 total fits `budget_gb` (None: no bound): before loading it when its size is known from
@@ -26,7 +26,7 @@ GB = 1e9
 
 
 def pipeline_gb(pipe) -> float:
-    """GB a FluxPipeline keeps loaded between edits (mlx_edit.memory weights estimate of
+    """GB a FluxPipeline keeps loaded between edits (mlx_edit.editing.memory weights estimate of
     the transformer, its LoRAs and the VAE, at its dtype and quantization)."""
     est = pipe.memory_estimate(64, 64)  # weights do not depend on the canvas
     return sum(v for k, v in est.items()

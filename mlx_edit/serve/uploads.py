@@ -205,7 +205,7 @@ def _click_mask(fields: dict, segmenter: str | None, image_size: tuple[int, int]
     if segmenter is None:
         raise InputError("this server has no segmenter: send a mask image (or start it "
                          "with --segment-model)")
-    from mlx_edit.segment import Box, Points, prompt_arrays, prompts_from_specs
+    from mlx_edit.editing.segment import Box, Points, prompt_arrays, prompts_from_specs
 
     prompts = []
     try:

@@ -387,7 +387,7 @@ def _text_parts(kinds: Mapping[str, str]) -> tuple[str, ...]:
 def _check_text_tools(parts: Mapping[str, Path | None], kinds: Mapping[str, str]) -> None:
     """Read the scheduler config and tokenizers (WeightLoadError when damaged)."""
     if kinds["text_encoder"] == "qwen3":
-        from mlx_edit.text_qwen3 import Qwen3Tokenizer
+        from mlx_edit.editing.text_qwen3 import Qwen3Tokenizer
 
         read_text_tools(parts["scheduler"], None, None)
         Qwen3Tokenizer.from_folder(parts["tokenizer"])

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from mlx_edit.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionModel
-from mlx_edit.text import ClipTokenizer
+from mlx_edit.editing.text import ClipTokenizer
 from mlx_edit.weights.core import (
     WeightLoadError,
     check_headers,
@@ -42,7 +42,7 @@ TEXT_DROP_KEYS = (*CLIP_TEXT_DROP, "visual_projection.weight", "text_projection.
 
 
 class ClipRanker(NamedTuple):
-    """The parts of a CLIPModel that score image-text pairs (see mlx_edit.ranking)."""
+    """The parts of a CLIPModel that score image-text pairs (see mlx_edit.editing.ranking)."""
 
     text: CLIPTextModel
     vision: CLIPVisionModel

@@ -121,7 +121,7 @@ def read_text_tools(scheduler: Path | None, tokenizer: Path | None,
                     tokenizer_2: Path | None):
     """`load_text_tools` on separate folders; a None folder is skipped (None returned)."""
     from mlx_edit.sampling.sampler import load_scheduler_config
-    from mlx_edit.text import ClipTokenizer, T5Tokenizer
+    from mlx_edit.editing.text import ClipTokenizer, T5Tokenizer
 
     out = [None, None, None]
     if scheduler is not None:

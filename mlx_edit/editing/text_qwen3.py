@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
-from mlx_edit.text import PromptTruncatedWarning
+from mlx_edit.editing.text import PromptTruncatedWarning
 from mlx_edit.weights.core import WeightLoadError
 
 QWEN3_MAX_LENGTH = 512  # Flux2KleinPipeline's max_sequence_length default

@@ -36,7 +36,7 @@ from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.models.sam3_heads import Sam3Heads, Sam3Outputs
 from mlx_edit.models.sam3_text import Sam3TextEncoder
 from mlx_edit.models.sam3_vision import Sam3VisionModel
-from mlx_edit.segment import _check_box, upscale_logits
+from mlx_edit.editing.segment import _check_box, upscale_logits
 
 SCORE_THRESHOLD = 0.3  # transformers' default instance threshold
 MASK_THRESHOLD = 0.5  # on mask probabilities
@@ -179,7 +179,7 @@ class TextSegmenter:
         preprocessor_config.json). Raises WeightLoadError."""
         import json
 
-        from mlx_edit.text import Sam3Tokenizer
+        from mlx_edit.editing.text import Sam3Tokenizer
         from mlx_edit.weights.sam3 import load_sam3_heads, load_sam3_text, load_sam3_vision
 
         folder = Path(folder)

@@ -4,7 +4,7 @@
 once and stay. With `low_memory` each is loaded when a phase needs it and released when
 that phase ends (`using`), so text encoding, VAE encode, denoising and VAE decode each
 hold only their own weights: the peak is the largest component plus its activations
-instead of all of them together (mlx_edit.memory, `peak_low_memory`), paid for by
+instead of all of them together (mlx_edit.editing.memory, `peak_low_memory`), paid for by
 reading the weights again for every edit.
 
 `ModelsMixin` is the FluxPipeline concern built on it: reading a model folder
@@ -29,10 +29,10 @@ import numpy as np
 
 from mlx_edit import families, variants
 from mlx_edit.imaging.images import InputError
-from mlx_edit.memory import MemoryEstimate, estimate, tile_threshold_gb
+from mlx_edit.editing.memory import MemoryEstimate, estimate, tile_threshold_gb
 from mlx_edit.sampling.cache import CacheConfig
 from mlx_edit.progress import Phase, report
-from mlx_edit.tiling import decode_auto, encode_auto
+from mlx_edit.editing.tiling import decode_auto, encode_auto
 from mlx_edit.weights import lora as lora_files
 from mlx_edit.weights.core import WeightLoadError, check_headers, default_dtype, read_config
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
@@ -128,7 +128,7 @@ class ModelsMixin:
     without weights, the variant, memory estimates.
 
     Expects of the class it is mixed into: `VARIANTS` (names in mlx_edit.variants) and
-    `loras` (mlx_edit.loras.LoRAMixin), applied to every transformer load.
+    `loras` (mlx_edit.editing.loras.LoRAMixin), applied to every transformer load.
     """
 
     VARIANTS: tuple[str, ...]
@@ -159,7 +159,7 @@ class ModelsMixin:
             {"transformer": t_config, "vae": f.read_vae_config(vae_dir)}, keep=not low_memory)
         # damaged scheduler/tokenizer files fail here, as one WeightLoadError
         self.scheduler_config = read_text_tools(component_dir(root, "scheduler"), None, None)[0]
-        self.text = f.text(root)  # the family's prompt encoder (mlx_edit.prompts)
+        self.text = f.text(root)  # the family's prompt encoder (mlx_edit.editing.prompts)
         for part in (transformer, vae_dir, *(component_dir(root, name)
                                             for name in self.text.folders)):
             check_headers(part)  # damaged files fail at load time, not mid-edit
@@ -200,7 +200,7 @@ class ModelsMixin:
         transformer for denoising, then the VAE again for decoding, freeing each after
         its phase, so only one model is resident at a time (peak: memory.estimate's
         `peak_low_memory`; cost: the weights are read again for every edit). It also caps
-        MLX's buffer cache for the whole process (`mlx_edit.components.limit_cache`,
+        MLX's buffer cache for the whole process (`mlx_edit.editing.components.limit_cache`,
         256 MB; not restored).
         Raises WeightLoadError (missing component, wrong model kind, damaged files; with
         low_memory damaged tensors are found when the edit first loads them).
@@ -291,7 +291,7 @@ class ModelsMixin:
         C = 64 for FLUX.1: scale/shift, 128 for FLUX.2: batch-norm statistics; the
         family's `to_tokens`).
 
-        Large images go through overlapping VAE tiles (mlx_edit.tiling) so activations
+        Large images go through overlapping VAE tiles (mlx_edit.editing.tiling) so activations
         stay within a few GB; needed (H/8, W/8) bool: only the tiles meeting it are
         encoded (the others' latents are 0 before normalising: `tiling.encode_tiled`)."""
         z = encode_auto(self.vae, mx.array(pixels)[None].astype(self.vae.dtype),
@@ -302,7 +302,7 @@ class ModelsMixin:
                needed: np.ndarray | None = None, fill: np.ndarray | None = None) -> mx.array:
         """Packed latents (B, N, C) -> images (B, H, W, 3) in [-1, 1] (float32). needed
         (H, W) bool / fill (H, W, 3): a tiled decode runs only the tiles meeting `needed`
-        and takes `fill` elsewhere (mlx_edit.tiling.decode_tiled)."""
+        and takes `fill` elsewhere (mlx_edit.editing.tiling.decode_tiled)."""
         z = self.family.from_tokens(self.vae, latents, width, height)
         return decode_auto(self.vae, z, threshold_gb=self.tile_threshold_gb, needed=needed,
                            fill=fill).astype(mx.float32)
@@ -310,7 +310,7 @@ class ModelsMixin:
     def memory_estimate(self, width: int, height: int, num_images: int = 1,
                         cache: CacheConfig | None = None, segmenter=None, windows=None,
                         cache_branches: int = 1, **tokens) -> MemoryEstimate:
-        """Estimated peak memory (GB, mlx_edit.memory) of an edit on a width x height canvas
+        """Estimated peak memory (GB, mlx_edit.editing.memory) of an edit on a width x height canvas
         with this pipeline's models, dtype, quantization, step cache (and SAM config;
         windows: the sampling.tiles.Windows of a tiled run, one window batch at a time;
         cache_branches: 2 with true CFG, one cache state per branch; tokens: estimate's

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlx_edit.segment import Segmenter, upscale_logits
+from mlx_edit.editing.segment import Segmenter, upscale_logits
 
 
 @dataclass

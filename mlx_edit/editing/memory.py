@@ -16,11 +16,11 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
   embedding's activations, linear in the input pixels and the Hiera width (measured).
 
 The peak is the largest phase: [segmenting,] text encoding, VAE encode, denoising, VAE
-decode. The segmenter is loaded for its phase only (mlx_edit.segment.mask_from_prompts
+decode. The segmenter is loaded for its phase only (mlx_edit.editing.segment.mask_from_prompts
 frees it before anything else runs), next to what a normal run keeps resident. The
 text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
-mlx_edit.components) only the phase's own model is resident: CLIP or T5, the VAE, the
+mlx_edit.editing.components) only the phase's own model is resident: CLIP or T5, the VAE, the
 transformer, the VAE. Quantized components count at their quantized size in both modes,
 as the loaders quantize layer by layer (weights/core.py `load_into`). Kontext reference
 images are tokens in the transformer's sequence (`reference_tokens`: their attention
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlx_edit import tiling
+from mlx_edit.editing import tiling
 from mlx_edit.imaging.images import InputError
 from mlx_edit.models.flux import FluxConfig
 from mlx_edit.models.vae import VAEConfig

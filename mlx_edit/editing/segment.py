@@ -14,7 +14,7 @@ resized bilinearly (align_corners=False) to the original size and thresholded at
 
 For edits: `mask_from_prompts(image, points, labels, boxes, model)` loads, segments and
 frees in one call (prompts checked before the load); `Points(...)` / `Box(...)` specs
-become its keywords through `prompts_from_specs`. Automatic masks: mlx_edit.automask.
+become its keywords through `prompts_from_specs`. Automatic masks: mlx_edit.editing.automask.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def mask_for_edit(image, prompts, model: str | Path, memory_estimate,
     the prompts are checked (before any download), then the segment phase's memory (`memory_estimate(width,
     height, segmenter=config)`, a pipeline's, checked by memory.check_segmenter_fits),
     then `mask_from_prompts`. Raises InputError (prompt, memory), WeightLoadError."""
-    from mlx_edit.memory import check_segmenter_fits
+    from mlx_edit.editing.memory import check_segmenter_fits
     from mlx_edit.weights.sam import sam_config
 
     kw = prompts_from_specs(prompts)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from mlx_edit.conditioning.klein import check_reference
 from mlx_edit.imaging.images import InputError, load_image
-from mlx_edit.kontext import requested_size
+from mlx_edit.editing.kontext import requested_size
 from mlx_edit.options import EditOptions, check_prompt
-from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.editing.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
 from mlx_edit.sampling.latents_flux2 import image_sizes
 

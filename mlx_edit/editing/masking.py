@@ -2,7 +2,7 @@
 and paste-back blend derived from it, and the paste-back / soft-mask settings of a job.
 
 The pixel operations live in mlx_edit.imaging (masks, stitch); segmentation in
-mlx_edit.segment; the soft-mask step hook in mlx_edit.sampling.soft_mask.
+mlx_edit.editing.segment; the soft-mask step hook in mlx_edit.sampling.soft_mask.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mlx_edit.sampling.soft_mask import soft_mask_hook, token_strength
 
 class MaskMixin:
     """Mask methods of FluxPipeline. Expects `root`, `dtype`, `components`, `low_memory`,
-    `memory_estimate` and `encode_image` (mlx_edit.components.ModelsMixin), and
+    `memory_estimate` and `encode_image` (mlx_edit.editing.components.ModelsMixin), and
     `pending_stats` (a dict: the segment phase's timing until `prepare` takes it)."""
 
     def user_mask(self, image: Image.Image, mask, segment_model: str | None = None
@@ -33,12 +33,12 @@ class MaskMixin:
         model folder's `segmenter/` when present, else facebook/sam2.1-hiera-large; its
         memory checked first) and freed before anything else loads. Raises InputError (bad
         mask or prompt, memory) and WeightLoadError (segmenter)."""
-        from mlx_edit.segment import Box, Points
+        from mlx_edit.editing.segment import Box, Points
 
         prompts = mask if isinstance(mask, (list, tuple)) else [mask]
         if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):
             return load_mask(mask, image.size)
-        from mlx_edit.segment import find_segmenter, mask_for_edit
+        from mlx_edit.editing.segment import find_segmenter, mask_for_edit
 
         self.pending_stats = {}
         with Phase(self.pending_stats, "segment"):  # `prepare` moves it to the job's stats

@@ -3,8 +3,8 @@
 encode prompt (then free the text encoders) -> plan the canvas -> conditioning prepared
 before the loop (mlx_edit.conditioning: channels, sequence tokens, hooks) -> the one
 denoise loop (a generator, mlx_edit.sampling.denoise) -> decode -> paste back / stitch.
-The edits are subclasses: FluxFill (mlx_edit.fill: inpaint, outpaint, restyle) and
-FluxKontext (mlx_edit.kontext: edit). Numerics follow diffusers' Flux pipelines
+The edits are subclasses: FluxFill (mlx_edit.editing.fill: inpaint, outpaint, restyle) and
+FluxKontext (mlx_edit.editing.kontext: edit). Numerics follow diffusers' Flux pipelines
 (pipelines/flux/), except that images are encoded with the VAE posterior mode (BFL's
 choice, and deterministic) instead of a sample.
 """
@@ -22,8 +22,10 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_edit import __version__, large
-from mlx_edit.components import ModelsMixin
+from mlx_edit import __version__
+
+from mlx_edit.editing import large
+from mlx_edit.editing.components import ModelsMixin
 from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
 from mlx_edit.conditioning.context import Conditioner, ConditioningContext
 from mlx_edit.conditioning.controlnet import ControlNetSpec, prepare_controls  # noqa: F401
@@ -36,8 +38,8 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
 )
 from mlx_edit.imaging.images import InputError, from_array, to_array
 from mlx_edit.imaging.stitch import CropPlan, crop_for_model, resize_with_mask, stitch_back
-from mlx_edit.loras import LoRAMixin
-from mlx_edit.masking import MaskMixin
+from mlx_edit.editing.loras import LoRAMixin
+from mlx_edit.editing.masking import MaskMixin
 from mlx_edit.models.layers import IPAdapterKV
 from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public names)
     CONTROL_GUIDANCE,
@@ -50,14 +52,14 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
     check_canvas,
     check_prompt,
 )
-from mlx_edit.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (public name)
+from mlx_edit.editing.prompts import PROMPT_CACHE_SIZE, PromptMixin  # noqa: F401  (public name)
 from mlx_edit.sampling.cache import CacheConfig, cache_metadata
 from mlx_edit.progress import Phase, denoise_step, labelled, report
 from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import image_ids, token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
-from mlx_edit.tiling import decode_reach, dilate
+from mlx_edit.editing.tiling import decode_reach, dilate
 from mlx_edit.weights import lora as lora_files
 
 # px around the blend that a decode must reproduce exactly: paste-back reads the blend,
@@ -73,7 +75,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
     The text encoders are loaded for each new prompt and freed right after encoding
     (prompt embeddings are cached), so they never sit in memory during denoising. The
     transformer and VAE (`components`) stay loaded, or with `low_memory` are loaded for
-    the phase that needs them and freed after it (mlx_edit.components).
+    the phase that needs them and freed after it (mlx_edit.editing.components).
     """
 
     VARIANTS: tuple[str, ...] = ("fill", "control")  # names in mlx_edit.variants.VARIANTS
@@ -84,7 +86,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         configs and tokenizers only; the models load through `components`."""
         self._init_models(root, dtype, source, transformer, quantize, low_memory)
         self._prompt_cache: dict[tuple, PromptEmbeds] = {}
-        self.disk_prompt_cache = None  # a mlx_edit.prompt_cache.PromptCache, or None
+        self.disk_prompt_cache = None  # a mlx_edit.editing.prompt_cache.PromptCache, or None
         self.load_stats: dict = {}
         self.last_stats: dict = {}  # phase timings (s) and peak memory (GB) of the last run
         self.pending_stats: dict = {}  # phases before prepare (segment), moved to its job
@@ -113,7 +115,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
              references: Sequence[tuple[int, int]] = ()
              ) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit, its memory
-        checked (`plan` given: used as it is; 1:1 when `options` allow windows: mlx_edit.large;
+        checked (`plan` given: used as it is; 1:1 when `options` allow windows: mlx_edit.editing.large;
         references: the encoded (width, height) of Kontext references, in the estimate).
         Raises InputError (mask empty at the model's resolution, or an edit that would not
         fit in memory: the message lists options that do)."""
@@ -439,10 +441,10 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
 
 
 def __getattr__(name: str):
-    # FluxFill lives in mlx_edit.fill (it builds on this module); the old import path
-    # `from mlx_edit.pipeline import FluxFill` keeps working.
+    # FluxFill lives in mlx_edit.editing.fill (it builds on this module); the old import path
+    # `from mlx_edit.editing.pipeline import FluxFill` keeps working.
     if name == "FluxFill":
-        from mlx_edit.fill import FluxFill
+        from mlx_edit.editing.fill import FluxFill
 
         return FluxFill
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,7 +91,7 @@ def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
     """`memory.check_fits` for an edit on `plan` (one window at a time when windowed) with
     the pipeline's models, o.max_sequence_length text tokens and Kontext references of
     these encoded (width, height) px; InputError listing options that fit."""
-    from mlx_edit.memory import check_fits
+    from mlx_edit.editing.memory import check_fits
 
     o = o or EditOptions()
     cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
@@ -155,7 +155,7 @@ def job_windows(pipe, plan: CropPlan, o: EditOptions, keep: np.ndarray | None = 
     windows = windows_for(plan, o, keep=keep)
     if windows is None or windows.count == 1:
         return windows
-    from mlx_edit.memory import GB, available_memory
+    from mlx_edit.editing.memory import GB, available_memory
 
     key, available = "peak_low_memory" if pipe.low_memory else "peak", available_memory() / GB
 

@@ -18,7 +18,7 @@ from PIL import Image
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.options import EditOptions, check_prompt, check_used
-from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.editing.pipeline import FluxPipeline
 from mlx_edit.progress import reports_progress
 from mlx_edit.sampling.denoise import EditJob
 
@@ -71,7 +71,7 @@ class FluxKontext(FluxPipeline):
         guidance when the scale is above 1: two transformer passes per step), strength,
         grow_mask / feather (px), seed, num_images, ...
         mask: white = edit (path, PIL or array of the first image's size; or clicks/boxes,
-        `mlx_edit.segment.Points` / `Box`, segmented first with SAM 2.1): Kontext
+        `mlx_edit.editing.segment.Points` / `Box`, segmented first with SAM 2.1): Kontext
         inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
         `strength` and, after every step, outside the mask are the image's re-noised;
         the pixels outside the grown, feathered mask are then the (resized, or with

@@ -1,5 +1,5 @@
 """FluxFill: inpainting and outpainting with FLUX.1 Fill, restyling with the FLUX.1
-Canny/Depth-dev control models, on the shared pipeline machinery (mlx_edit.pipeline).
+Canny/Depth-dev control models, on the shared pipeline machinery (mlx_edit.editing.pipeline).
 
 Numerics follow diffusers' FluxFillPipeline (pipelines/flux/pipeline_flux_fill.py) and
 FluxControlPipeline / FluxControlImg2ImgPipeline, with the VAE posterior mode (BFL's
@@ -15,14 +15,14 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from mlx_edit import large
+from mlx_edit.editing import large
 from mlx_edit.conditioning.bfl_control import bfl_conditioner
 from mlx_edit.imaging import masks
 from mlx_edit.imaging.blend import seam_band
 from mlx_edit.imaging.images import InputError, load_image, load_mask
 from mlx_edit.imaging.stitch import outpaint_canvas
 from mlx_edit.options import EditOptions, check_canvas, check_prompt, check_used
-from mlx_edit.pipeline import FluxPipeline
+from mlx_edit.editing.pipeline import FluxPipeline
 from mlx_edit.progress import Phase, add_run, labelled, reports_progress
 from mlx_edit.sampling.denoise import EditJob
 
@@ -43,7 +43,7 @@ class FluxFill(FluxPipeline):
 
         image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
-        differs; or clicks/boxes (`mlx_edit.segment.Points` / `Box`, segmented first with
+        differs; or clicks/boxes (`mlx_edit.editing.segment.Points` / `Box`, segmented first with
         SAM 2.1: `user_mask`). options: EditOptions, or its fields as keywords (steps, guidance, seed,
         num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
         automatic: edit a ~1 MP window around the mask when the image is large),
@@ -57,7 +57,7 @@ class FluxFill(FluxPipeline):
         mlx_edit.sampling.soft_mask); everything > 0 is pasted back. seam_fix: px; > 0 runs
         a second pass at strength SEAM_STRENGTH over a band of that half-width around the
         blend boundary. rank "clip": candidates ordered by CLIP similarity of the edited
-        region to the prompt (mlx_edit.ranking; scores in the metadata), keep_best K kept;
+        region to the prompt (mlx_edit.editing.ranking; scores in the metadata), keep_best K kept;
         rank_model: a CLIPModel folder or repo (default: the model folder's `ranker/`).
         Returns num_images PIL images of the input's size (seeds seed, seed+1, ...).
         Raises InputError (bad input: a bad option, empty mask, prompt too long; a
@@ -77,7 +77,7 @@ class FluxFill(FluxPipeline):
             images = [self._seam_pass(img, band, prompt, job.paste, o, seed=o.seed + i)
                       for i, img in enumerate(images)]
         if o.rank:
-            from mlx_edit.ranking import rank_candidates
+            from mlx_edit.editing.ranking import rank_candidates
 
             with Phase(self.last_stats, "rank"):
                 images = rank_candidates(images, prompt, job.blend, keep_best=o.keep_best,

@@ -1,7 +1,7 @@
 """FluxPipeline's LoRAs: load, rescale and unload adapters by name.
 
 `LoRAMixin` keeps `loras` ({name: mlx_edit.weights.lora.LoadedLoRA}); the transformer
-property (mlx_edit.components.ModelsMixin) applies them unfused to every transformer it
+property (mlx_edit.editing.components.ModelsMixin) applies them unfused to every transformer it
 loads (`weights.lora.sync`), so they survive low_memory reloads and quantized models. File
 formats and key names: mlx_edit.weights.lora; the adapter layers: mlx_edit.models.lora.
 """
@@ -20,7 +20,7 @@ from mlx_edit.weights.core import WeightLoadError
 
 class LoRAMixin:
     """LoRA methods of FluxPipeline. Expects `loras` (set in FluxPipeline.__init__),
-    `components`, `transformer` and `transformer_config` (mlx_edit.components.ModelsMixin).
+    `components`, `transformer` and `transformer_config` (mlx_edit.editing.components.ModelsMixin).
     """
 
     loras: dict[str, lora_files.LoadedLoRA]

@@ -3,7 +3,7 @@
 `PromptMixin.encode_prompt` has the family's text encoder (`pipe.text`, built from the
 family's entry, mlx_edit.families) check the prompt's length, then looks in the
 pipeline's in-memory cache (a few prompts), then in `disk_prompt_cache`
-(mlx_edit.prompt_cache, when set), and only then has the encoder load its models, one at
+(mlx_edit.editing.prompt_cache, when set), and only then has the encoder load its models, one at
 a time, freeing each after use, so they never sit in memory during denoising.
 
 `ClipT5Text` is FLUX.1's: CLIP-L pooled + T5 sequence; numerics follow diffusers'
@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_edit.imaging.images import InputError
 from mlx_edit.progress import ticks
 from mlx_edit.sampling.denoise import PromptEmbeds
-from mlx_edit.text_qwen3 import Qwen3Tokenizer, encode_qwen3_prompt
+from mlx_edit.editing.text_qwen3 import Qwen3Tokenizer, encode_qwen3_prompt
 from mlx_edit.weights import lora_text
 from mlx_edit.weights.qwen3 import load_qwen3
 from mlx_edit.weights.sources import component_dir
@@ -87,7 +87,7 @@ class ClipT5Text:
 class Qwen3Text:
     """FLUX.2's text encoder: Qwen3 (`text_encoder/`) over the chat-templated prompt
     (`tokenizer/`), the hidden states of its out layers (klein: 9, 18, 27) stacked per
-    token (diffusers Flux2KleinPipeline `_get_qwen3_prompt_embeds`; mlx_edit.text_qwen3);
+    token (diffusers Flux2KleinPipeline `_get_qwen3_prompt_embeds`; mlx_edit.editing.text_qwen3);
     no pooled vector. The tokenizer is read when made (WeightLoadError when damaged)."""
 
     folders = ("text_encoder",)
@@ -123,8 +123,8 @@ class Qwen3Text:
 class PromptMixin:
     """Prompt encoding of FluxPipeline. Expects `_prompt_cache` ({key: PromptEmbeds}) and
     `disk_prompt_cache` (set in FluxPipeline.__init__), `root`, `dtype`, `quantize` and
-    `text` (the family's text encoder, mlx_edit.components.ModelsMixin), `loras`
-    (mlx_edit.loras.LoRAMixin: CLIP-L LoRAs are applied when encoding and key the caches,
+    `text` (the family's text encoder, mlx_edit.editing.components.ModelsMixin), `loras`
+    (mlx_edit.editing.loras.LoRAMixin: CLIP-L LoRAs are applied when encoding and key the caches,
     mlx_edit.weights.lora_text)."""
 
     _prompt_cache: dict[tuple, PromptEmbeds]

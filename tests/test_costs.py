@@ -106,7 +106,7 @@ def test_decode_runs_only_tiles_near_the_blend_and_the_result_is_unchanged(
     m = np.zeros((256, 1024), np.float32)
     m[64:160, 24:120] = 1
     kw = dict(tile_mode="off", crop_to_mask=False, color_match="mean-std", **FAST)
-    monkeypatch.setattr(pipe, "tile_threshold_gb", 0.0)  # tiled decode, 256 px tiles:
+    monkeypatch.setattr(pipe.models, "tile_threshold_gb", 0.0)  # tiled decode, 256 px tiles:
     monkeypatch.setattr("mlx_edit.editing.components.decode_auto",
                         partial(tiling.decode_auto, budget_gb=0.12))
     skipped = Counter()
@@ -135,7 +135,7 @@ def test_encode_runs_only_tiles_the_windows_and_the_decode_need(pipe, monkeypatc
     m[16:80, 16:96] = 1
     kw = dict(tile_mode="on", max_model_pixels=256 * 256, tile_overlap=32,
               crop_to_mask=False, **FAST)
-    monkeypatch.setattr(pipe, "tile_threshold_gb", 0.0)
+    monkeypatch.setattr(pipe.models, "tile_threshold_gb", 0.0)
     for name in ("encode_auto", "decode_auto"):  # 256 px tiles
         monkeypatch.setattr(f"mlx_edit.editing.components.{name}",
                             partial(getattr(tiling, name), budget_gb=0.12))

@@ -28,7 +28,6 @@ import test_lora  # noqa: E402
 from test_lora import _pair, _save, with_peft_metadata  # noqa: E402
 
 from mlx_edit.models import lora as L  # noqa: E402
-from mlx_edit.weights import lora as lora_files  # noqa: E402
 from mlx_edit.weights.core import WeightLoadError  # noqa: E402
 from mlx_edit.weights.flux2 import load_flux2_transformer  # noqa: E402
 from mlx_edit.weights.lora import BFL_NAMES, FLUX2_BFL_NAMES, load_lora_file  # noqa: E402
@@ -157,29 +156,29 @@ def test_bfl_final_layer_lora_follows_bfl_row_order(tiny, x, tmp_path):
 
 
 class LoRAHost:
-    """The pipeline's LoRA API (mlx_edit.editing.loras.LoRAMixin) over one FLUX.2 transformer:
-    its `transformer` syncs the LoRAs as the pipeline's (components.ModelsMixin) does."""
+    """The pipeline's LoRAs (mlx_edit.editing.loras.LoRAs) over one FLUX.2 transformer held
+    as the pipeline's Models (mlx_edit.editing.components) holds it: `transformer` applies
+    the LoRAs to every load."""
 
     def __init__(self, folder, quantize=None):
         from mlx_edit.editing.components import Components
-        from mlx_edit.editing.loras import LoRAMixin
+        from mlx_edit.editing.loras import LoRAs
 
-        self.api = type("API", (LoRAMixin,), {"transformer": property(self._synced)})()
-        self.api.loras = {}
+        self.loras = LoRAs()
         cfg = load_flux2_transformer(folder, mx.float32).config
-        self.api.components = Components(
+        self.components = Components(
             {"transformer": lambda: load_flux2_transformer(folder, mx.float32, quantize=quantize)},
             {"transformer": cfg})
 
-    @staticmethod
-    def _synced(api):
-        model = api.components.get("transformer")
-        lora_files.sync(model, api.loras)
+    @property
+    def transformer(self):
+        model = self.components.get("transformer")
+        self.loras.apply(model)
         return model
 
 
 def test_several_loras_load_rescale_unload_through_the_lora_api(tiny, x, tmp_path):
-    """load_lora / set_lora_scales / unload_loras (mlx_edit.editing.loras) on a FLUX.2
+    """LoRAs.load / set_scales / unload (mlx_edit.editing.loras) on a FLUX.2
     transformer: two LoRAs of different formats match diffusers, rescaling follows,
     unloading restores the base exactly; a quantized model takes them unfused."""
     ref, ours = fresh_reference(tiny), load_flux2_transformer(tiny, mx.float32)
@@ -187,19 +186,19 @@ def test_several_loras_load_rescale_unload_through_the_lora_api(tiny, x, tmp_pat
     b = _save(FORMATS["kohya"](ref, ours), tmp_path / "b.safetensors")
     Host(ref).load({a: 0.8, b: 0.5})
     for quantize, tol in ((None, TOL), (8, 5e-3)):  # 8-bit base vs diffusers' float32
-        api = LoRAHost(tiny, quantize).api
+        api = LoRAHost(tiny, quantize)
         base = run_ours(api.transformer, x)
-        assert api.load_lora(a, 0.8) == "a" and api.load_lora(b, 0.5) == "b"
+        assert api.loras.load(api, a, 0.8) == "a" and api.loras.load(api, b, 0.5) == "b"
         model = api.transformer
         assert L.adapter_names(model) == ["a", "b"]
         assert any(isinstance(layer.base, nn.QuantizedLinear)
                    for _, layer in L.lora_layers(model)) == (quantize is not None)
         Host(ref).pipe.set_adapters(["l0", "l1"], [0.8, 0.5])
         assert rel_err(run_ours(model, x), run_reference(ref, x)) <= tol
-        api.set_lora_scales({"a": 0.3, "b": -0.4})
+        api.loras.set_scales({"a": 0.3, "b": -0.4})
         Host(ref).pipe.set_adapters(["l0", "l1"], [0.3, -0.4])
         assert rel_err(run_ours(api.transformer, x), run_reference(ref, x)) <= tol
-        api.unload_loras()
+        api.loras.unload(api)
         assert not L.lora_layers(api.transformer)
         np.testing.assert_array_equal(run_ours(api.transformer, x), base)
 

@@ -49,7 +49,7 @@ def test_every_phase_of_a_windowed_two_pass_click_edit_reports(tiny_mlx, tiny_sa
     rec = Recorder()
     with reporting(rec):
         pipe = FluxFill.from_pretrained(tiny_mlx)
-    pipe.tile_threshold_gb = 0.0  # every VAE pass in tiles (each reports)
+    pipe.models.tile_threshold_gb = 0.0  # every VAE pass in tiles (each reports)
     out = pipe.inpaint(photo(512, 288), [Points(((256, 144),))], "a hat", progress=rec,
                        segment_model=str(tiny_sam_mlx), grow_mask=24, detail_pass=0.5,
                        max_model_pixels=256 * 256, tile_overlap=32, crop_to_mask=False,

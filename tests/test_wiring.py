@@ -72,7 +72,7 @@ def test_inpaint_builds_grown_model_mask_and_full_feather_blend(pipe, photo, see
 
 
 def test_restyle_with_mask_builds_the_same_masks(pipe, photo, seen_prepare, monkeypatch):
-    monkeypatch.setattr(FluxFill, "variant", property(lambda self: "control"))
+    monkeypatch.setattr(type(pipe.models), "variant", property(lambda self: "control"))
     mask = _mask((96, 128), (10, 10, 50, 40))
     with pytest.raises(Stop):
         pipe.restyle(photo, None, "x", mask=mask, grow_mask=3, feather=6)
@@ -102,7 +102,7 @@ def test_large_mask_gets_a_context_margin(pipe, monkeypatch):
     plans = []
     real = pl.plan_crop
     monkeypatch.setattr(pl, "plan_crop", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
-    monkeypatch.setattr(FluxFill, "memory_estimate",
+    monkeypatch.setattr(type(pipe.models), "memory_estimate",
                         lambda self, *a, **k: (_ for _ in ()).throw(Stop("planned")))
     image = Image.new("RGB", (3000, 2000), (90, 120, 150))
     mask = _mask((2000, 3000), (1200, 800, 1800, 1200))  # 600 x 400
@@ -122,7 +122,7 @@ def test_text_lengths_reach_the_encoders(pipe, photo, monkeypatch):
         seen.update(prompt=prompt, prompt_2=prompt_2, length=max_sequence_length)
         raise Stop("encoded")
     with monkeypatch.context() as m:
-        m.setattr(FluxFill, "encode_prompt", encode)
+        m.setattr(type(pipe.prompts), "encode", encode)
         with pytest.raises(Stop):
             pipe.inpaint(photo, _mask((96, 128), (0, 0, 64, 64)), "a cat", prompt_2="a dog",
                          max_sequence_length=77)

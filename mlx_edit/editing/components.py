@@ -7,9 +7,9 @@ hold only their own weights: the peak is the largest component plus its activati
 instead of all of them together (mlx_edit.editing.memory, `peak_low_memory`), paid for by
 reading the weights again for every edit.
 
-`ModelsMixin` is the FluxPipeline concern built on it: reading a model folder
-(`from_pretrained`), its model family (mlx_edit.families: which loaders, text encoders
-and latent normalisation), the transformer and VAE as properties loaded on demand, their
+`Models` is the FluxPipeline component built on it (`pipe.models`): a model folder read
+(by `FluxPipeline.from_pretrained`), its model family (mlx_edit.families: which loaders,
+text encoders and latent normalisation), the transformer and VAE as properties loaded on demand, their
 configs (known without weights), the variant the transformer is, and the memory an edit
 on these models needs.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,11 +31,13 @@ from mlx_edit import families, variants
 from mlx_edit.imaging.images import InputError
 from mlx_edit.editing.memory import MemoryEstimate, estimate, tile_threshold_gb
 from mlx_edit.sampling.cache import CacheConfig
-from mlx_edit.progress import Phase, report
+from mlx_edit.progress import report
 from mlx_edit.editing.tiling import decode_auto, encode_auto
-from mlx_edit.weights import lora as lora_files
-from mlx_edit.weights.core import WeightLoadError, check_headers, default_dtype, read_config
-from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
+from mlx_edit.weights.core import WeightLoadError, check_headers, read_config
+from mlx_edit.weights.sources import component_dir
+
+if TYPE_CHECKING:
+    from mlx_edit.editing.loras import LoRAs
 from mlx_edit.weights.text import read_text_tools
 
 # MLX keeps freed buffers in a cache for reuse; by default it may grow to the memory
@@ -119,33 +121,32 @@ class Components:
             self.release(name)
 
 
-_Pipeline = TypeVar("_Pipeline", bound="ModelsMixin")
+class Models:
+    """The models of one FluxPipeline: the folder it was read from, the family (`family`,
+    with its prompt encoder `text`), the transformer and VAE on demand (`components`),
+    their configs without weights, the variant, VAE encode/decode and memory estimates.
 
-
-class ModelsMixin:
-    """FluxPipeline's models: loading from a folder or repo, the family (`family`, with its
-    prompt encoder `text`), the transformer and VAE on demand (`components`), their configs
-    without weights, the variant, memory estimates.
-
-    Expects of the class it is mixed into: `VARIANTS` (names in mlx_edit.variants) and
-    `loras` (mlx_edit.editing.loras.LoRAMixin), applied to every transformer load.
+    variant_names: the names (mlx_edit.variants) the editing class runs; editor: its name (for
+    messages); loras: the pipeline's mlx_edit.editing.loras.LoRAs, applied to every
+    transformer load and counted in the configs and estimates.
     """
 
-    VARIANTS: tuple[str, ...]
-    loras: dict[str, lora_files.LoadedLoRA]
-
-    def _init_models(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path,
-                     quantize: int | None, low_memory: bool) -> None:
+    def __init__(self, root: Path, dtype: mx.Dtype, source: str, transformer: Path, *,
+                 variant_names: tuple[str, ...], editor: str, loras: LoRAs,
+                 quantize: int | None = None, low_memory: bool = False):
         """Read configs, tokenizers and headers (no weights); set up `components`.
-        Raises WeightLoadError (also for a folder of a family this class does not edit)."""
+        transformer: the transformer's folder or BFL file. Raises WeightLoadError (also
+        for a folder of a family `variants` do not cover)."""
         self.root, self.dtype, self.source = root, dtype, source
+        self.variant_names, self.editor, self.loras = variant_names, editor, loras
         self.quantize = quantize  # bits for the transformer, T5 and ControlNets, or None
         self.low_memory = low_memory
         index, vae_dir = root / "model_index.json", component_dir(root, "vae")
         info = read_config(root, index.name) if index.is_file() else {}
         self.pipeline_class, self.distilled = info.get("_class_name"), info.get("is_distilled")
         self.family = self._own_family(variants.family_of(self.pipeline_class))
-        kinds = variants.accepted_in_channels(*self.VARIANTS, pipeline_class=self.pipeline_class)
+        kinds = variants.accepted_in_channels(*variant_names,
+                                              pipeline_class=self.pipeline_class)
         # Configs come from config.json / tensor headers: no weights needed to plan an edit.
         f = self.family
         t_config, stored_bits = f.read_transformer_config(transformer)
@@ -168,57 +169,12 @@ class ModelsMixin:
     def _own_family(self, name: str) -> families.Family:
         """The family `name` when this class edits it (one of `VARIANTS` is of it), else
         WeightLoadError naming the class that does."""
-        if any(variants.VARIANTS[v].family == name for v in self.VARIANTS):
+        if any(variants.VARIANTS[v].family == name for v in self.variant_names):
             return families.get(name)
         wanted = {"flux1": "FluxFill or FluxKontext", "flux2": "FluxKlein"}[name]
         raise WeightLoadError(f"{self.root} holds a {families.get(name).title} model "
-                              f"({self.pipeline_class}); {type(self).__name__} does not edit "
+                              f"({self.pipeline_class}); {self.editor} does not edit "
                               f"it: use {wanted}")
-
-    @classmethod
-    def from_pretrained(
-        cls: type[_Pipeline],
-        repo_or_path: str | Path = DEFAULT_MODEL,
-        dtype: mx.Dtype | None = None,
-        quantize: int | None = None,
-        *,
-        transformer: str | Path | None = None,
-        low_memory: bool = False,
-    ) -> _Pipeline:
-        """Load from a Hugging Face repo id (downloads only the needed components), a
-        local diffusers folder, or an mlx-edit folder made by `mlx-edit convert`.
-
-        The transformer is FLUX.1 Fill (inpaint, outpaint) or FLUX.1 Canny/Depth-dev
-        (restyle); see `variant`.
-        dtype: None -> bfloat16 on GPU, float32 on the CPU backend. quantize: 4 or 8 to
-        quantize the transformer, T5 and the ControlNets an edit loads (mlx_edit.weights.quantize),
-        layer by layer as they load (full precision is never resident as a whole).
-        transformer: a BFL single file (`flux1-fill-dev.safetensors`, ComfyUI prefix or
-        not) or folder to use instead of `repo_or_path`'s transformer/ (which is then
-        not downloaded).
-        low_memory: load nothing now; each edit loads the VAE for encoding, then the
-        transformer for denoising, then the VAE again for decoding, freeing each after
-        its phase, so only one model is resident at a time (peak: memory.estimate's
-        `peak_low_memory`; cost: the weights are read again for every edit). It also caps
-        MLX's buffer cache for the whole process (`mlx_edit.editing.components.limit_cache`,
-        256 MB; not restored).
-        Raises WeightLoadError (missing component, wrong model kind, damaged files; with
-        low_memory damaged tensors are found when the edit first loads them).
-        """
-        stats: dict = {}
-        with Phase(stats, "load"):
-            components = [c for c in COMPONENTS if not (transformer and c == "transformer")]
-            root = resolve(repo_or_path, components)
-            pipe = cls(root, dtype or default_dtype(), str(repo_or_path),
-                       Path(transformer or component_dir(root, "transformer")),
-                       quantize=quantize, low_memory=low_memory)
-            if low_memory:
-                limit_cache()
-            else:  # load both now; they stay
-                for name in ("transformer", "vae"):
-                    pipe.components.get(name)
-        pipe.load_stats = stats
-        return pipe
 
     @property
     def transformer(self) -> nn.Module:
@@ -226,7 +182,7 @@ class ModelsMixin:
         the phase using it ends or the next edit starts; `transformer_config` needs no
         weights)."""
         model = self.components.get("transformer")
-        lora_files.sync(model, self.loras)  # (re)loaded models get the current LoRAs
+        self.loras.apply(model)  # (re)loaded models get the current LoRAs
         return model
 
     @property
@@ -239,8 +195,7 @@ class ModelsMixin:
     def transformer_config(self) -> Any:
         """The transformer's config, known without loading its weights, with the loaded
         LoRAs' changes (`loras`; a control LoRA on FLUX.1-dev makes in_channels 128)."""
-        return lora_files.effective_config(self.components.config("transformer"),
-                                           getattr(self, "loras", {}))
+        return self.loras.effective_config(self.components.config("transformer"))
 
     @property
     def vae_config(self) -> Any:
@@ -253,7 +208,7 @@ class ModelsMixin:
         cfg = self.transformer_config
         found = variants.identify(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class,
                                   self.distilled)
-        ours = [variants.VARIANTS[n] for n in self.VARIANTS]
+        ours = [variants.VARIANTS[n] for n in self.variant_names]
         same_width = [v for v in ours if v.in_channels == cfg.in_channels]
         if found not in ours and same_width:  # e.g. a BFL Kontext file: no model_index
             return same_width[0]
@@ -273,13 +228,13 @@ class ModelsMixin:
         this pipeline cannot run: what was
         found, which model each of its edits needs and where to get it."""
         found = variants.describe(cfg.in_channels, cfg.guidance_embeds, self.pipeline_class)
-        wants = [v for v in map(variants.VARIANTS.get, self.VARIANTS) if v.edits]
+        wants = [v for v in map(variants.VARIANTS.get, self.variant_names) if v.edits]
         need = "; ".join(f"{'/'.join(v.edits)} needs a {v.title} model ({v.repo}"
                          f"{v.alternative})" for v in wants)
         return (f"{self.source} holds a {found} transformer (in_channels {cfg.in_channels}); "
                 f"{need}")
 
-    def _require(self, edit: str) -> None:
+    def require(self, edit: str) -> None:
         """InputError unless the loaded transformer is a variant serving `edit`."""
         want = variants.for_edit(edit, self.family.name)
         if edit not in getattr(variants.VARIANTS.get(self.variant), "edits", ()):
@@ -320,5 +275,5 @@ class ModelsMixin:
             window=None if windows is None else (windows.tokens, windows.batch),
             transformer=self.transformer_config, vae=self.vae_config, family=self.family.name,
             text={name: read_config(component_dir(self.root, name)) for name in self.text.folders},
-            lora_params=sum(x.file.parameter_count for x in self.loras.values()),
+            lora_params=self.loras.parameter_count,
             segmenter=segmenter, cache_branches=cache_branches, **tokens)

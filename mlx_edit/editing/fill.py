@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from mlx_edit.editing import large
+from mlx_edit.editing import large, masking
 from mlx_edit.conditioning.bfl_control import bfl_conditioner
 from mlx_edit.imaging import masks
 from mlx_edit.imaging.blend import seam_band
@@ -68,7 +68,7 @@ class FluxFill(FluxPipeline):
             image = load_image(image)
             user_mask = self.user_mask(image, mask, o.segment_model)
             first = self.inpaint(image, user_mask, prompt, large.first_pass(o), progress=progress)
-            return large.refine(self, first, *self.edit_masks(user_mask, o), prompt, o,
+            return large.refine(self, first, *masking.edit_masks(user_mask, o), prompt, o,
                                 progress=progress)
         job = self.inpaint_job(image, mask, prompt, o)
         images = self.run(job, o.paste_back, progress)
@@ -81,8 +81,8 @@ class FluxFill(FluxPipeline):
 
             with Phase(self.last_stats, "rank"):
                 images = rank_candidates(images, prompt, job.blend, keep_best=o.keep_best,
-                                         rank_model=o.rank_model, model_root=self.root,
-                                         dtype=self.dtype)
+                                         rank_model=o.rank_model, model_root=self.models.root,
+                                         dtype=self.models.dtype)
         return images
 
     def inpaint_job(self, image, mask, prompt: str, options: EditOptions | None = None,
@@ -92,15 +92,15 @@ class FluxFill(FluxPipeline):
         detail_pass / global_pass are `inpaint`'s own runs around it). Raises as `inpaint`."""
         o = EditOptions.of(options, overrides, "inpaint")
         check_prompt(prompt)
-        self._require("inpaint")
+        self.models.require("inpaint")
         image = load_image(image)
         user_mask = self.user_mask(image, mask, o.segment_model)
-        model_mask, blend = self.edit_masks(user_mask, o)
+        model_mask, blend = masking.edit_masks(user_mask, o)
         self._check_passes(blend, o)
         job = self.prepare(image, model_mask, blend, prompt, o, metadata={
             "mode": "inpaint", "grow_mask": o.grow_mask, "feather": o.feather,
             "seam_fix": o.seam_fix or None})
-        self.paste_back_options(job, o, image, user_mask)
+        masking.paste_back_options(job, o, image, user_mask, self.models)
         return job
 
     def _check_passes(self, blend: np.ndarray, o: EditOptions) -> None:
@@ -112,7 +112,7 @@ class FluxFill(FluxPipeline):
         if o.rank:
             from mlx_edit.weights.ranker import check_ranker_folder, resolve_ranker
 
-            check_ranker_folder(resolve_ranker(o.rank_model, self.root))
+            check_ranker_folder(resolve_ranker(o.rank_model, self.models.root))
 
     def _seam_pass(self, image: Image.Image, band: np.ndarray, prompt: str, paste: dict,
                    o: EditOptions, seed: int) -> Image.Image:
@@ -161,7 +161,7 @@ class FluxFill(FluxPipeline):
         run). Raises as `outpaint`."""
         o = EditOptions.of(options, overrides, "outpaint")
         check_prompt(prompt)
-        self._require("outpaint")
+        self.models.require("outpaint")
         image = load_image(image)
         w, h = image.size
         check_canvas(w + o.left + o.right, h + o.top + o.bottom)
@@ -194,7 +194,7 @@ class FluxFill(FluxPipeline):
         o = EditOptions.of(options, overrides, "restyle")
         check_used(o, masked=mask is not None)
         check_prompt(prompt)
-        self._require("restyle")
+        self.models.require("restyle")
         image = load_image(image)
         if control_image is None and o.control_type != "canny":
             raise InputError(f"--control-type {o.control_type} needs --control-image (a "
@@ -203,7 +203,7 @@ class FluxFill(FluxPipeline):
         if user_mask is None:
             model_mask = blend = np.ones(image.size[::-1], np.float32)
         else:
-            model_mask, blend = self.edit_masks(user_mask, o)
+            model_mask, blend = masking.edit_masks(user_mask, o)
         conditioner = bfl_conditioner(image if control_image is None else control_image,
                                       o.control_type, canny_low=o.canny_low,
                                       canny_high=o.canny_high)
@@ -217,5 +217,5 @@ class FluxFill(FluxPipeline):
                                      "masked": mask is not None, "grow_mask": o.grow_mask,
                                      "feather": o.feather})
         if user_mask is not None:
-            self.paste_back_options(job, o, image, user_mask)
+            masking.paste_back_options(job, o, image, user_mask, self.models)
         return self.run(job, o.paste_back, progress)

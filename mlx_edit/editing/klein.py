@@ -20,6 +20,7 @@ from PIL import Image
 
 from mlx_edit.conditioning.klein import check_reference
 from mlx_edit.imaging.images import InputError, load_image
+from mlx_edit.editing import masking
 from mlx_edit.editing.kontext import requested_size
 from mlx_edit.options import EditOptions, check_prompt
 from mlx_edit.editing.pipeline import FluxPipeline
@@ -51,7 +52,7 @@ class FluxKlein(FluxPipeline):
     def _options(self, options, overrides, mode: str) -> EditOptions:
         """The options resolved for the loaded variant (its defaults and the options it
         refuses: mlx_edit.variants)."""
-        return EditOptions.of(options, overrides, mode, self.variant_info)
+        return EditOptions.of(options, overrides, mode, self.models.variant_info)
 
     def edit(self, images, instruction: str, options: EditOptions | None = None, *,
              mask=None, noise: mx.array | None = None,
@@ -86,7 +87,7 @@ class FluxKlein(FluxPipeline):
         with `run(job, mask is not None)`. Raises as `edit`."""
         o = self._options(options, overrides, "edit")
         check_prompt(instruction, "instruction")
-        self._require("edit")
+        self.models.require("edit")
         refs = [load_image(im) for im in _as_list(images)]
         for i, ref in enumerate(refs):
             check_reference(ref, f"image {i + 1}")
@@ -125,18 +126,18 @@ class FluxKlein(FluxPipeline):
         it with `run(job, options.paste_back)`. Raises as `inpaint`."""
         o = self._options(options, overrides, "inpaint")
         check_prompt(prompt)
-        self._require("inpaint")
+        self.models.require("inpaint")
         image = load_image(image)
         refs = [] if reference is None else [load_image(reference)]
         for ref in refs:
             check_reference(ref)
         user_mask = self.user_mask(image, mask, o.segment_model)
-        model_mask, blend = self.edit_masks(user_mask, o)
+        model_mask, blend = masking.edit_masks(user_mask, o)
         job = self.prepare(image, model_mask, blend, prompt, o, noise=noise, references=refs,
                            keep_source=True, source_reference=True, metadata={
                                "mode": "inpaint", "grow_mask": o.grow_mask,
                                "feather": o.feather, "reference": reference is not None})
-        self.paste_back_options(job, o, image, user_mask)
+        masking.paste_back_options(job, o, image, user_mask, self.models)
         return job
 
 

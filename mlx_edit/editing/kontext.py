@@ -92,7 +92,7 @@ class FluxKontext(FluxPipeline):
         o = EditOptions.of(options, overrides, "edit")
         check_used(o, masked=mask is not None)
         check_prompt(instruction, "instruction")
-        self._require("edit")
+        self.models.require("edit")
         refs = [load_image(im) for im in (images if isinstance(images, (list, tuple))
                                           else [images])]
         if not refs:

@@ -86,10 +86,11 @@ def edit_plan(image_size: tuple[int, int], blend, crop_to_mask: bool | None,
     return tiled_plan(plan, o)
 
 
-def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
+def check_memory(models, plan: CropPlan, o: EditOptions | None, num_images: int,
                  cache, references: Sequence[tuple[int, int]] = ()) -> None:
     """`memory.check_fits` for an edit on `plan` (one window at a time when windowed) with
-    the pipeline's models, o.max_sequence_length text tokens and Kontext references of
+    `models` (a pipeline's mlx_edit.editing.components.Models: `memory_estimate`,
+    `low_memory`), o.max_sequence_length text tokens and Kontext references of
     these encoded (width, height) px; InputError listing options that fit."""
     from mlx_edit.editing.memory import check_fits
 
@@ -97,10 +98,10 @@ def check_memory(pipe, plan: CropPlan, o: EditOptions | None, num_images: int,
     cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
     refs = dict(reference_tokens=sum((w // TOKEN_PX) * (h // TOKEN_PX) for w, h in references),
                 reference_px=max(references, key=lambda s: s[0] * s[1], default=None))
-    est = pipe.memory_estimate(*plan.model_size, num_images, cache,
-                               windows=windows_for(plan, o), cache_branches=1 + cfg,
-                               text_tokens=o.max_sequence_length, **refs)
-    check_fits(est, low_memory=pipe.low_memory)
+    est = models.memory_estimate(*plan.model_size, num_images, cache,
+                                 windows=windows_for(plan, o), cache_branches=1 + cfg,
+                                 text_tokens=o.max_sequence_length, **refs)
+    check_fits(est, low_memory=models.low_memory)
 
 
 def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1,
@@ -148,20 +149,22 @@ def window_batch(windows: Windows, o: EditOptions, fits) -> int:
     return best
 
 
-def job_windows(pipe, plan: CropPlan, o: EditOptions, keep: np.ndarray | None = None
+def job_windows(models, plan: CropPlan, o: EditOptions, keep: np.ndarray | None = None
                 ) -> Windows | None:
     """`windows_for` the plan (windows without `keep` tokens skipped), batched as the
-    pipeline's memory allows (`window_batch`; a `FluxPipeline`'s `memory_estimate`)."""
+    memory allows (`window_batch`; `models`: a pipeline's
+    mlx_edit.editing.components.Models, its `memory_estimate` and `low_memory`)."""
     windows = windows_for(plan, o, keep=keep)
     if windows is None or windows.count == 1:
         return windows
     from mlx_edit.editing.memory import GB, available_memory
 
-    key, available = "peak_low_memory" if pipe.low_memory else "peak", available_memory() / GB
+    key = "peak_low_memory" if models.low_memory else "peak"
+    available = available_memory() / GB
 
     def fits(k: int) -> bool:
-        est = pipe.memory_estimate(*plan.model_size, o.num_images, o.cache,
-                                   windows=replace(windows, batch=k))
+        est = models.memory_estimate(*plan.model_size, o.num_images, o.cache,
+                                     windows=replace(windows, batch=k))
         return est[key] <= available
     return replace(windows, batch=window_batch(windows, o, fits))
 

@@ -1,8 +1,8 @@
 """FluxPipeline's prompt encoding, cached; the text encoders of each model family.
 
-`PromptMixin.encode_prompt` has the family's text encoder (`pipe.text`, built from the
-family's entry, mlx_edit.families) check the prompt's length, then looks in the
-pipeline's in-memory cache (a few prompts), then in `disk_prompt_cache`
+`Prompts.encode` (`pipe.encode_prompt`) has the family's text encoder (`pipe.models.text`,
+built from the family's entry, mlx_edit.families) check the prompt's length, then looks in
+the pipeline's in-memory cache (a few prompts), then in its `disk_cache`
 (mlx_edit.editing.prompt_cache, when set), and only then has the encoder load its models, one at
 a time, freeing each after use, so they never sit in memory during denoising.
 
@@ -14,6 +14,7 @@ FLUX.2's: Qwen3 hidden states of the out layers, stacked (Flux2KleinPipeline).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -25,6 +26,10 @@ from mlx_edit.weights import lora_text
 from mlx_edit.weights.qwen3 import load_qwen3
 from mlx_edit.weights.sources import component_dir
 from mlx_edit.weights.text import load_t5, read_text_tools
+
+if TYPE_CHECKING:
+    from mlx_edit.editing.components import Models
+    from mlx_edit.editing.loras import LoRAs
 
 PROMPT_CACHE_SIZE = 4  # prompt embeddings kept per pipeline (T5 1x512x4096 bf16: 4 MB)
 MAX_SEQUENCE_LENGTH = 512
@@ -120,16 +125,20 @@ class Qwen3Text:
         return PromptEmbeds(txt, None)
 
 
-class PromptMixin:
-    """Prompt encoding of FluxPipeline. Expects `_prompt_cache` ({key: PromptEmbeds}) and
-    `disk_prompt_cache` (set in FluxPipeline.__init__), `root`, `dtype`, `quantize` and
-    `text` (the family's text encoder, mlx_edit.editing.components.ModelsMixin), `loras`
-    (mlx_edit.editing.loras.LoRAMixin: CLIP-L LoRAs are applied when encoding and key the caches,
-    mlx_edit.weights.lora_text)."""
+class Prompts:
+    """Prompt encoding of a pipeline (`pipe.prompts`), cached: `models` gives the folder,
+    dtype, quantization and the family's text encoder (`models.text`,
+    mlx_edit.editing.components.Models); `loras` the pipeline's LoRAs (CLIP-L LoRAs are
+    applied when encoding and key the caches, mlx_edit.weights.lora_text). Keeps the last
+    PROMPT_CACHE_SIZE embeddings in memory; `disk_cache`: a
+    mlx_edit.editing.prompt_cache.PromptCache looked in next, or None."""
 
-    _prompt_cache: dict[tuple, PromptEmbeds]
+    def __init__(self, models: Models, loras: LoRAs):
+        self.models, self.loras = models, loras
+        self.cache: dict[tuple, PromptEmbeds] = {}
+        self.disk_cache = None
 
-    def encode_prompt(
+    def encode(
         self, prompt: str, prompt_2: str | None = None, max_sequence_length: int = 512
     ) -> PromptEmbeds:
         """The transformer's text inputs for `prompt` (FLUX.1: CLIP pooled from `prompt`,
@@ -138,22 +147,23 @@ class PromptMixin:
         Raises InputError when the prompt exceeds max_sequence_length tokens (or the
         family takes no prompt_2), before any text encoder loads.
         """
+        m = self.models
         key = (prompt, prompt_2, max_sequence_length, lora_text.text_key(self.loras))
-        if key in self._prompt_cache:
-            return self._prompt_cache[key]
-        second = self.text.check(prompt, prompt_2, max_sequence_length)
-        disk, disk_key, embeds = self.disk_prompt_cache, None, None
+        if key in self.cache:
+            return self.cache[key]
+        second = m.text.check(prompt, prompt_2, max_sequence_length)
+        disk, disk_key, embeds = self.disk_cache, None, None
         if disk is not None:  # on disk: the text encoders are not loaded at all on a hit
-            encoders = [component_dir(self.root, c) for c in self.text.folders]
-            disk_key = disk.key(encoders, self.dtype, self.quantize, prompt, second,
+            encoders = [component_dir(m.root, c) for c in m.text.folders]
+            disk_key = disk.key(encoders, m.dtype, m.quantize, prompt, second,
                                 max_sequence_length, key[3])
             embeds = disk.get(disk_key)
         if embeds is None:
-            embeds = self.text.encode(prompt, second, max_sequence_length, self.dtype,
-                                      self.quantize, self.loras)
+            embeds = m.text.encode(prompt, second, max_sequence_length, m.dtype, m.quantize,
+                                   self.loras)
             if disk is not None:
                 disk.put(disk_key, embeds)
-        self._prompt_cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
-        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        self.cache[key] = embeds  # small: a few prompts (e.g. a negative) kept
+        while len(self.cache) > PROMPT_CACHE_SIZE:
+            self.cache.pop(next(iter(self.cache)))
         return embeds

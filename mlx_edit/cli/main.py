@@ -254,52 +254,12 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     t0 = time.perf_counter()
     clicks = None if mask is None or isinstance(mask, Path) else mask
     mask = None if clicks is not None else mask
-    from mlx_edit.imaging.images import (
-        check_output, json_writer, load_image, png_writer, typed_metadata, write_together)
-
-    from mlx_edit.options import check_prompt
-
-    variant = model_variant(mode, opts["model"])
-    options = build_options(mode, opts, specs, variant)
-    if mode in ("restyle", "edit"):  # before the model loads (the API checks it again)
-        from mlx_edit.imaging.images import InputError
-
-        try:
-            check_used(options, masked=mask is not None or clicks is not None)
-        except InputError as e:
-            raise _flagged(e) from None
-    opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
-    prompt = check_prompt(opts["prompt"], "instruction" if mode == "edit" else "prompt")
-    reference = opts.pop("reference", None)  # klein inpaint's reference image
-    if reference is not None and variant.family != "flux2":
-        raise click.UsageError("--reference is FLUX.2 [klein]'s (inpaint with a klein "
-                               "--model); FLUX.1 Fill takes image prompts: --redux")
-    references = (*references, *([reference] if reference else []))
-    inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
-    inputs += options.input_files() + list(references)
-    w, h = check_inputs(image, mask,
-                        [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
-    if variant.family == "flux2":  # klein's reference rules, before any model loads
-        from mlx_edit.conditioning.klein import check_reference
-
-        for path in [image] * (mode == "edit") + list(references):
-            check_reference(load_image(path), f"image {path}")
-    if clicks:  # click prompts checked against the photo before any model loads
-        from mlx_edit.editing.segment import prompt_arrays, prompts_from_specs
-
-        prompt_arrays(**prompts_from_specs(clicks), image_size=(h, w), input_size=1024)
-    if mode == "outpaint":  # before the model loads, and before the canvas is allocated
-        from mlx_edit.options import check_canvas
-
-        check_canvas(w + options.left + options.right, h + options.top + options.bottom)
-    output = opts["output"] or image.with_name(f"{image.stem}-edit.png")
+    variant, options, prompt, references = _check_edit(mode, mask, clicks, opts, specs,
+                                                       references)
+    inputs = _check_inputs(mode, image, mask, clicks, control_image, references, options,
+                           opts, variant)
     kept = min(options.keep_best or options.num_images, options.num_images)  # --rank
-    outputs = output_paths(output, kept, opts["metadata"])
-    for png, sidecar in outputs:
-        for path in (png, sidecar):
-            if path is not None:
-                check_output(path, opts["overwrite"], inputs)
-
+    outputs = _check_outputs(image, kept, opts, inputs)
     cache = open_prompt_cache(opts)  # a folder that cannot be made fails before any load
     from mlx_edit.sampling.tiles import rank_group
 
@@ -317,6 +277,81 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
         return  # mlx.launch: every rank holds the same result, rank 0 writes it
     pipe.last_stats.update(cache_stats(pipe.disk_prompt_cache))
     pipe.last_stats["total_s"] = time.perf_counter() - t0  # up to the outputs' writing
+    _write_outputs(pipe, image, images, outputs, clicks, options, opts, inputs, t0)
+
+
+def _check_edit(mode: str, mask, clicks, opts: dict, specs: dict,
+                references: tuple[Path, ...]) -> tuple:
+    """(variant, EditOptions, prompt, references with klein's --reference) of a command,
+    checked before any model loads (UsageError / InputError)."""
+    from mlx_edit.options import check_prompt
+
+    variant = model_variant(mode, opts["model"])
+    options = build_options(mode, opts, specs, variant)
+    if mode in ("restyle", "edit"):  # before the model loads (the API checks it again)
+        from mlx_edit.imaging.images import InputError
+
+        try:
+            check_used(options, masked=mask is not None or clicks is not None)
+        except InputError as e:
+            raise _flagged(e) from None
+    opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
+    prompt = check_prompt(opts["prompt"], "instruction" if mode == "edit" else "prompt")
+    reference = opts.pop("reference", None)  # klein inpaint's reference image
+    if reference is not None and variant.family != "flux2":
+        raise click.UsageError("--reference is FLUX.2 [klein]'s (inpaint with a klein "
+                               "--model); FLUX.1 Fill takes image prompts: --redux")
+    return variant, options, prompt, (*references, *([reference] if reference else []))
+
+
+def _check_inputs(mode: str, image: Path, mask: Path | None, clicks, control_image,
+                  references: tuple[Path, ...], options, opts: dict, variant) -> list[Path]:
+    """The command's input files (outputs never overwrite them), after checking them:
+    readable images and mask, klein's reference rules, click prompts inside the photo,
+    an outpaint canvas within limits; all before any model loads (InputError)."""
+    from mlx_edit.imaging.images import load_image
+
+    inputs = [p for p in (image, mask, control_image, opts["transformer"]) if p is not None]
+    inputs += options.input_files() + list(references)
+    w, h = check_inputs(image, mask,
+                        [p for p in inputs[1:] if p not in (mask, opts["transformer"])])
+    if variant.family == "flux2":  # klein's reference rules, before any model loads
+        from mlx_edit.conditioning.klein import check_reference
+
+        for path in [image] * (mode == "edit") + list(references):
+            check_reference(load_image(path), f"image {path}")
+    if clicks:  # click prompts checked against the photo before any model loads
+        from mlx_edit.editing.segment import prompt_arrays, prompts_from_specs
+
+        prompt_arrays(**prompts_from_specs(clicks), image_size=(h, w), input_size=1024)
+    if mode == "outpaint":  # before the model loads, and before the canvas is allocated
+        from mlx_edit.options import check_canvas
+
+        check_canvas(w + options.left + options.right, h + options.top + options.bottom)
+    return inputs
+
+
+def _check_outputs(image: Path, kept: int, opts: dict, inputs: list[Path]) -> list:
+    """The (png, sidecar or None) paths of `kept` outputs, checked writable and not over
+    an input or an existing file (unless --overwrite)."""
+    from mlx_edit.imaging.images import check_output
+
+    output = opts["output"] or image.with_name(f"{image.stem}-edit.png")
+    outputs = output_paths(output, kept, opts["metadata"])
+    for png, sidecar in outputs:
+        for path in (png, sidecar):
+            if path is not None:
+                check_output(path, opts["overwrite"], inputs)
+    return outputs
+
+
+def _write_outputs(pipe, image: Path, images: list, outputs: list, clicks, options,
+                   opts: dict, inputs: list[Path], t0: float) -> None:
+    """Write the images (with their metadata, the input's ICC profile and the optional
+    JSON sidecars) together, print their paths and the phase timings line."""
+    from mlx_edit.imaging.images import (
+        json_writer, load_image, png_writer, typed_metadata, write_together)
+
     icc = load_image(image).info.get("icc_profile")
     files = []
     for (png, sidecar), img in zip(outputs, images):

@@ -354,10 +354,21 @@ def convert_checkpoint(
     parts = locate_sources(source, vae, text_encoders, _text_parts(kinds))
     _check_not_inside(dest, parts)
     _check_text_tools(parts, kinds)  # damaged files: refused before any work
+    manifest = _publish(source, dest, parts, bits, kinds, transformer_config,
+                        _options(dtype, group_size, loras), max_shard_bytes, log)
+    log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")
+    return manifest
+
+
+def _publish(source: str | Path, dest: Path, parts: Mapping[str, Path | None],
+             bits: Mapping[str, int | None], kinds: Mapping[str, str],
+             transformer_config: Mapping | None, options: Mapping, max_shard_bytes: int,
+             log: Callable[[str], None]) -> dict:
+    """Write the components and the manifest into a temporary folder next to `dest` and
+    rename it into place when complete (removed on any error); returns the manifest."""
     tmp = _fresh_temp(dest)
     cache_limit = mx.set_cache_limit(0)  # freed buffers go back at once: RSS ~ live arrays
     try:
-        options = _options(dtype, group_size, loras)
         components = _write_components(tmp, parts, bits, transformer_config, options,
                                        max_shard_bytes, log, kinds)
         manifest = _write_manifest(tmp, source, parts, options, components)
@@ -366,7 +377,6 @@ def convert_checkpoint(
         mx.set_cache_limit(cache_limit)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {dest} ({save.folder_bytes(dest) / 1e6:.1f} MB)")
     return manifest
 
 

@@ -739,7 +739,7 @@ def test_api_refuses_bad_input(pipe, images, mode, kwargs, expect, monkeypatch):
     model work: the transformer must not run)."""
     def no_work(*a, **k):
         raise AssertionError("the edit started before its options were checked")
-    monkeypatch.setattr(type(pipe), "encode_prompt", no_work)
+    monkeypatch.setattr(type(pipe.prompts), "encode", no_work)
     with pytest.raises((InputError, WeightLoadError)) as e:
         _call(pipe, images, mode, kwargs)
     assert "\n" not in str(e.value) and expect in str(e.value)
@@ -914,7 +914,7 @@ def test_kontext_references_that_do_not_fit_are_refused_before_work(kontext, ima
     def started(*a, **k):
         raise Started
     monkeypatch.setattr(memory, "available_memory", lambda: 16 * 10**9)
-    monkeypatch.setattr(type(kontext), "encode_prompt", started)
+    monkeypatch.setattr(type(kontext.prompts), "encode", started)
     photo = images[0].resize((300, 200))
     with pytest.raises(InputError) as e:
         kontext.edit([photo] * 12, "x", steps=1)

@@ -205,7 +205,8 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
-                      true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows)
+                      true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows,
+                      reference_kv=self.variant_info.reference_kv and tokens is not None)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
         return job
 
@@ -352,7 +353,7 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                                       negative=job.negative,
                                       true_cfg_scale=job.true_cfg_scale, hook=job.hook,
                                       cache=job.cache, stats=job.stats,
-                                      windows=job.windows):
+                                      windows=job.windows, reference_kv=job.reference_kv):
                 job.latents = latents
                 yield i, latents
             if job.windows is not None and not job.windows.covered.all():

@@ -198,15 +198,16 @@ class FluxPipeline(ModelsMixin, PromptMixin, LoRAMixin, MaskMixin):
                 ctx, references, reference_resize, source) if references or source \
                 else (None, None)
             mx.eval(channels, tokens, image_latents)
+        kv = self.variant_info.reference_kv and tokens is not None
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt,
                 **self._metadata(o, plan, cfg_scale if negative is not None else None, metadata),
-                **large.metadata(o, plan, windows)}
+                **large.metadata(o, plan, windows), **({"reference_kv": True} if kv else {})}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
                       true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows,
-                      reference_kv=self.variant_info.reference_kv and tokens is not None)
+                      reference_kv=kv)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
         return job
 

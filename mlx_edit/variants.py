@@ -98,10 +98,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("klein-base", "FLUX.2 [klein] Base", "black-forest-labs/FLUX.2-klein-base-4B", 128,
             False, 50, 4.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2",
             distilled=False, refuses=KLEIN_REFUSES),
-    # diffusers' KV pipeline has no CFG; step caches do not take the cached reference K/V
     Variant("klein-kv", "FLUX.2 [klein] KV", "black-forest-labs/FLUX.2-klein-9b-kv", 128,
             False, 4, 1.0, "klein", ("edit", "inpaint"), ("Flux2KleinKVPipeline",),
-            family="flux2", refuses=(*KLEIN_REFUSES, "negative_prompt", "cache"),
+            family="flux2", refuses=(*KLEIN_REFUSES, "negative_prompt"),  # no CFG there
             reference_kv=True),
 )}
 

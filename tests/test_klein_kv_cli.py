@@ -88,15 +88,65 @@ def test_plain_klein_folder_of_the_same_weights_differs(klein_kv, photos, tmp_pa
     assert not np.array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--negative-prompt", "blurry"], "--negative-prompt is not available"),
-    (["--cache", "fbc:0.1"], "--cache is not available"),
-])
-def test_refused_options_are_one_line(klein_kv, photos, tmp_path, args, says, monkeypatch):
+def test_negative_prompt_is_refused_in_one_line(klein_kv, photos, tmp_path, monkeypatch):
+    """diffusers' KV pipeline has no CFG, so no negative prompt (as distilled klein)."""
     loads = []
     monkeypatch.setattr(FluxKlein, "from_pretrained", lambda *a, **k: loads.append(a))
-    r = invoke("edit", "--model", klein_kv, "-i", photos / "astronaut.png", "-p", "x", *args,
-               "-o", tmp_path / "x.png")
+    r = invoke("edit", "--model", klein_kv, "-i", photos / "astronaut.png", "-p", "x",
+               "--negative-prompt", "blurry", "-o", tmp_path / "x.png")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-    assert says in r.output and "KV" in r.output and not loads
-    assert not (tmp_path / "x.png").exists()
+    assert "--negative-prompt is not available with FLUX.2 [klein] KV" in r.output
+    assert not loads and not (tmp_path / "x.png").exists()
+
+
+def test_step_caches_attend_to_the_cached_references(klein_kv, photos, monkeypatch):
+    """First Block Cache on the KV variant: its pieces attend to the references' K/V
+    (threshold 0 equals the uncached edit exactly); a huge threshold skips every step
+    after the first; compiled (the step, or the cache's pieces) within float32 rounding."""
+    pipe = FluxKlein.from_pretrained(klein_kv)
+    run = dict(steps=4, seed=5, max_sequence_length=48)
+    image = photos / "coffee.png"
+    plain = np.asarray(pipe.edit([image], "warmer", **run)[0], np.float32)
+    out = pipe.edit([image], "warmer", **run, cache="fbc:0")[0]
+    assert out.info["cache_steps"] == "CCCC" and out.info["reference_kv"] == "True"
+    assert np.array_equal(np.asarray(out), plain)
+    skipped = pipe.edit([image], "warmer", **run, cache="fbc:10")[0]
+    assert skipped.info["cache_steps"] == "Csss"
+    assert not np.array_equal(np.asarray(skipped), plain)
+    monkeypatch.setenv("MLX_EDIT_COMPILE", "1")  # the step (its K/V an argument), the pieces
+    for spec in (None, "fbc:0"):
+        compiled = np.asarray(pipe.edit([image], "warmer", **run, cache=spec)[0], np.float32)
+        assert np.abs(compiled - plain).max() <= 2  # uint8 levels: compiled kernels' rounding
+
+
+def test_windows_and_stacked_lines_take_the_cached_references(klein_kv, photos):
+    """Tiled inpainting (windows share the references' K/V, batch 1) keeps the photo
+    outside the mask; two edit lines stacked on the batch axis (`mlx-edit batch`: their
+    references' K/V computed together, per row) equal each line run alone."""
+    from mlx_edit import batch_groups
+
+    pipe = FluxKlein.from_pretrained(klein_kv)
+    photo = Image.fromarray(data.astronaut()).resize((448, 320))
+    mask = np.zeros((320, 448), np.float32)
+    mask[20:300, 30:420] = 1
+    job = pipe.inpaint_job(photo, mask, "a cup", reference=photos / "coffee.png", steps=1,
+                           seed=2, feather=0, tile_mode="on", max_model_pixels=256 * 256,
+                           max_sequence_length=32)
+    assert job.windows.count > 1 and job.reference_kv
+    res, src, inside = np.asarray(pipe.run(job)[0]), np.asarray(photo), mask == 1
+    assert np.array_equal(res[~inside], src[~inside])
+
+    run = dict(steps=2, max_sequence_length=32)
+    cat = Image.fromarray(data.chelsea()).resize((150, 110))  # the astronaut's size
+    jobs = [pipe.edit_job([image], "warmer", seed=i, **run)
+            for i, image in enumerate((photos / "astronaut.png", cat))]
+    assert batch_groups.signature(jobs[0]) == batch_groups.signature(jobs[1]) is not None
+    stacked = batch_groups.stack(jobs)
+    assert stacked.reference_kv
+    for _ in pipe.steps(stacked):
+        pass
+    for row, j in enumerate(jobs):
+        for _ in pipe.steps(j):
+            pass
+        np.testing.assert_allclose(np.array(stacked.latents[row]), np.array(j.latents[0]),
+                                   rtol=0, atol=1e-5)

@@ -113,7 +113,8 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
     ControlNet; ip: IPAdapterKV per adapter; tokens: (1|B, M, 64) reference tokens after
     the latents (velocity kept for the first N); negative: (txt, pooled, scale 0-d) for
     true CFG, a second forward per step (diffusers `true_cfg_scale`); kv: the references'
-    cached keys/values (FLUX.2 KV variant, `Flux2Transformer.reference_kv`) or None.
+    cached keys/values (FLUX.2 KV variant, `Flux2Transformer.reference_kv`) or None (a
+    step cache's forward holds its own: `cache.start(kv=)`).
 
     compile: None -> `compile_enabled()`; a new ControlNet count or IP-Adapter scale
     retraces. forward / negative_forward (default: forward): step caches' `velocity(img,

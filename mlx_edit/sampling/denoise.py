@@ -110,18 +110,15 @@ def denoise(
     computed before the first step and every step attends to them (FLUX.2 KV variant,
     diffusers Flux2KleinKVPipeline; `compiled.step_inputs`). Yields (i, latents at
     sigmas[i+1]), evaluated, so the caller can report progress, preview or stop. Raises
-    ValueError for a cache the transformer cannot run, a cache with windows or with
-    reference_kv.
+    ValueError for a cache the transformer cannot run, or a cache with windows.
     """
     b, n = latents.shape[0], len(sigmas) - 1
-    if reference_kv and cache is not None:
-        raise ValueError("a step cache does not take cached reference keys/values (KV variant)")
     cfg = _true_cfg(negative, true_cfg_scale, cache, windows)
     inputs = step_inputs(transformer, embeds.txt, embeds.pooled, img_ids, b, guidance,
                          token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg,
                          reference_kv=reference_kv)
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    step, states = _cached_step(transformer, cache, n, compile, cfg is not None)
+    step, states = _cached_step(transformer, cache, n, compile, cfg is not None, inputs.kv)
     advance = _plain(step, inputs, controls) if windows is None else \
         windowed_advance(step, transformer, inputs, windows, controls)
     for i in range(n):
@@ -160,10 +157,11 @@ def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows
 
 
 def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | None, n: int,
-                 compile: bool | None, cfg: bool):
-    """(the step function, the cache states: none, one, or with true CFG one per branch)."""
+                 compile: bool | None, cfg: bool, kv=None):
+    """(the step function, the cache states: none, one, or with true CFG one per branch;
+    kv: the references' keys/values the states' evaluations attend to)."""
     compile = compile_enabled() if compile is None else compile
-    states = [step_cache.start(cache, transformer, n, compile)
+    states = [step_cache.start(cache, transformer, n, compile, kv)
               for _ in range(0 if cache is None else 1 + cfg)]
     forwards = [s.velocity for s in states] or [None]
     return make_step(transformer, compile=compile, forward=forwards[0],

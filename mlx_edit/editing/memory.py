@@ -241,8 +241,10 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     image_tokens = (height // 16) * (width // 16) + in_sequence
     cache_gb = cache_branches * state_bytes(
         cache, cfgs["transformer"], num_images, image_tokens, text_tokens, size) / GB
-    kv_gb = cfgs["transformer"].reference_kv_bytes(reference_tokens, 1, size) / GB \
-        if reference_kv else 0.0
+    kv_gb = ref_pass = 0.0
+    if reference_kv:  # one forward over the references alone computes their K/V
+        kv_gb = cfgs["transformer"].reference_kv_bytes(reference_tokens, 1, size) / GB
+        ref_pass = transformer_activation_gb(reference_tokens, cfgs["transformer"], 1, size)
     win = window and (window[0] + in_sequence, window[1])  # references in each window
     encode_px = max((width, height), reference_px or (0, 0), key=lambda s: s[0] * s[1])
     act = {
@@ -250,10 +252,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
         "vae_encode": vae_pass_gb(encode_px[1], encode_px[0], size, decode=False,
                                   config=cfgs["vae"]),
         "denoise": max(denoise_gb(image_tokens, text_tokens, cfgs["transformer"],
-                                  num_images, size, win),
-                       transformer_activation_gb(reference_tokens - in_sequence,
-                                                 cfgs["transformer"], 1, size))
-        + cache_gb + kv_gb,
+                                  num_images, size, win), ref_pass) + cache_gb + kv_gb,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = max(w[t] for t in texts)  # CLIP is freed before T5 loads

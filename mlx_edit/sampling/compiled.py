@@ -194,6 +194,7 @@ class StepInputs:
             rep(self.negative[0]), rep(self.negative[1]), self.negative[2])
         ip = [IPAdapterKV([rep(a) for a in kv.k], [rep(a) for a in kv.v], kv.scale)
               for kv in self.ip]
+
         def rep_rows(x):  # batch 1 serves every copy
             return x if x is None or x.shape[0] == 1 else rep(x)
         kv = None if self.kv is None else ReferenceKV(
@@ -229,7 +230,7 @@ def step_inputs(transformer: FluxTransformer, txt: mx.array, pooled: mx.array,
     kv = None
     if reference_kv and tokens is not None:
         kv = transformer.reference_kv(tokens, token_ids, None if g is None else g[:1])
-        mx.eval(kv)
+        mx.eval(kv)  # evaluated: compiled step-cache pieces take them as constants
         tokens = token_ids = None
     return StepInputs(img_ids, b(txt), t_ids, b(pooled), g,
                       _rope(transformer, img_ids, token_ids, t_ids), tuple(ip), tokens,

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (tests take the imported `photos` fixture as an argument)
 """FLUX.2 [klein] KV from the CLI on scikit-image photos, with the tiny klein KV folder
 built torch-free (scripts/klein_fixtures.build_mlx(kv=True)): `mlx-edit edit` with two
 references and `mlx-edit inpaint --reference` pick the KV variant from the folder's
@@ -14,33 +15,17 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from skimage import data
 
-from mlx_edit.cli import main
 from mlx_edit.editing.klein import FluxKlein
+from test_klein_cli import invoke, photos  # noqa: F401  (klein's CLI test's photos fixture)
 
 
 @pytest.fixture(scope="module")
 def klein_kv(tmp_path_factory, import_script):
     out = tmp_path_factory.mktemp("klein-kv-mlx") / "tiny"
     return import_script("klein_fixtures").build_mlx(out, "tiny", kv=True)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()).resize((150, 110)).save(d / "astronaut.png")
-    Image.fromarray(data.coffee()).resize((120, 90)).save(d / "coffee.png")
-    mask = np.zeros((110, 150), np.uint8)
-    mask[30:80, 40:110] = 255
-    Image.fromarray(mask).save(d / "mask.png")
-    return d
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 COMMON = ["--steps", 2, "--seed", 3, "--max-sequence-length", 48]

@@ -57,7 +57,8 @@ def test_edit_and_inpaint_cli_use_the_kv_variant(klein_kv, photos, tmp_path):
 
 def test_plain_klein_folder_of_the_same_weights_differs(klein_kv, photos, tmp_path):
     """The pipeline class alone selects the variant: the same files as a Flux2KleinPipeline
-    folder run the references in the sequence, and give another image."""
+    folder run the references in the sequence, and give another image; without references
+    (text-to-image: diffusers' KV pipeline runs its plain forward) the two are equal."""
     plain = tmp_path / "plain"
     shutil.copytree(klein_kv, plain)
     index = json.loads((plain / "model_index.json").read_text())
@@ -71,6 +72,11 @@ def test_plain_klein_folder_of_the_same_weights_differs(klein_kv, photos, tmp_pa
         outs.append(Image.open(tmp_path / f"{folder.name}.png"))
     assert outs[0].info["reference_kv"] == "True" and "reference_kv" not in outs[1].info
     assert not np.array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    generated = [FluxKlein.from_pretrained(folder).edit(
+        None, "a lighthouse", width=64, height=48, steps=1, max_sequence_length=32)[0]
+        for folder in (klein_kv, plain)]
+    assert "reference_kv" not in generated[0].info
+    assert np.array_equal(np.asarray(generated[0]), np.asarray(generated[1]))
 
 
 def test_negative_prompt_is_refused_in_one_line(klein_kv, photos, tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 (pipelines/flux2/pipeline_flux2_klein_kv.py) on the tiny klein fixture saved as a KV folder
 (scripts/klein_fixtures.build_diffusers(kv=True)), float32 on the CPU, the same initial
 noise on both sides: the latents after every step <= 1e-3 relative, the decoded image
-PSNR >= 40 dB, with one and two references; the references' keys/values are computed once
-per edit (their first step) and the steps carry no reference tokens.
+PSNR >= 40 dB, with one and two references, and 10x closer to it than the same weights run
+as plain klein; the references' keys/values are computed once per edit.
 """
 
 from __future__ import annotations

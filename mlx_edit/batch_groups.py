@@ -93,7 +93,7 @@ def signature(job: EditJob) -> tuple | None:
     ids = None if job.token_ids is None else np.asarray(job.token_ids).tobytes()
     return (job.plan.model_size, np.asarray(job.sigmas).tobytes(), job.guidance,
             shape(job.latents), shape(job.conditioning), shape(job.embeds.txt),
-            shape(job.embeds.pooled), shape(job.tokens), ids)
+            shape(job.embeds.pooled), shape(job.tokens), ids, job.reference_kv)
 
 
 def stack(jobs: list[EditJob]) -> EditJob:
@@ -112,7 +112,8 @@ def stack(jobs: list[EditJob]) -> EditJob:
     return EditJob(first.original, first.plan, first.blend, cat([j.latents for j in jobs]),
                    cat([j.conditioning for j in jobs]), embeds, first.guidance,
                    first.sigmas, [s for j in jobs for s in j.seeds], {},
-                   tokens=cat([j.tokens for j in jobs]), token_ids=first.token_ids)
+                   tokens=cat([j.tokens for j in jobs]), token_ids=first.token_ids,
+                   reference_kv=first.reference_kv)
 
 
 def split(stacked: EditJob, jobs: list[EditJob]) -> None:

@@ -17,6 +17,10 @@ canny, 10 for depth); Kontext from diffusers `FluxKontextPipeline` (28 steps) wi
 from diffusers `Flux2KleinPipeline` (pipelines/flux2/pipeline_flux2_klein.py): the
 distilled models run 4 steps and ignore guidance (`is_distilled`); the Base models run 50
 steps with true classifier-free guidance at `guidance` 4.0 (an empty negative prompt).
+The KV variant (klein 9B-KV, diffusers `Flux2KleinKVPipeline`,
+pipeline_flux2_klein_kv.py: same transformer config, told apart by the pipeline class
+alone) runs 4 steps without CFG; its reference tokens attend only to themselves, so their
+keys/values are computed at the first step and reused (`reference_kv`).
 A folder's family and variant come from its model_index.json (`_class_name`,
 `is_distilled`).
 """
@@ -46,6 +50,9 @@ class Variant:
       scale with an empty negative prompt (klein Base).
     refuses: EditOptions fields this variant does not take (set to anything but their
       default: InputError naming the field, `EditOptions.for_mode`).
+    reference_kv: reference tokens attend only to themselves, their keys/values computed
+      once per edit and reused at every step (FLUX.2 [klein] KV,
+      `Flux2Transformer.reference_kv`; mlx_edit.sampling.compiled.step_inputs).
     """
 
     name: str
@@ -62,6 +69,7 @@ class Variant:
     family: str = "flux1"
     distilled: bool = True
     refuses: tuple[str, ...] = ()
+    reference_kv: bool = False
 
 
 KLEIN_PIPELINES = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
@@ -90,6 +98,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("klein-base", "FLUX.2 [klein] Base", "black-forest-labs/FLUX.2-klein-base-4B", 128,
             False, 50, 4.0, "klein", ("edit", "inpaint"), KLEIN_PIPELINES, family="flux2",
             distilled=False, refuses=KLEIN_REFUSES),
+    Variant("klein-kv", "FLUX.2 [klein] KV", "black-forest-labs/FLUX.2-klein-9b-kv", 128,
+            False, 4, 1.0, "klein", ("edit", "inpaint"), ("Flux2KleinKVPipeline",),
+            family="flux2", refuses=(*KLEIN_REFUSES, "negative_prompt"),  # no CFG there
+            reference_kv=True),
 )}
 
 # Per control type of the BFL Canny/Depth models: BFL cli_control.py's guidance.
@@ -117,17 +129,20 @@ def family_of(pipeline_class: str | None) -> str:
 
 def for_folder(index: dict, edit: str) -> Variant:
     """The variant that runs `edit` on a folder with this model_index.json (`index`, {}
-    for none: FLUX.1): FLUX.1's variant serving the edit, or for a FLUX.2 folder klein or
-    klein Base by `is_distilled`. ValueError (a one-line message) when the folder's family
-    has no variant serving `edit`."""
-    family = family_of(index.get("_class_name"))
+    for none: FLUX.1): FLUX.1's variant serving the edit, or for a FLUX.2 folder the one
+    its pipeline class names (klein KV), else klein or klein Base by `is_distilled`.
+    ValueError (a one-line message) when the folder's family has no variant serving
+    `edit`."""
+    cls = index.get("_class_name")
+    family = family_of(cls)
     if family == "flux1":
         return for_edit(edit)
     serving = [v for v in VARIANTS.values() if v.family == family and edit in v.edits]
     if not serving:
         raise ValueError(f"{edit} needs a FLUX.1 model ({for_edit(edit).repo}); this folder "
                          f"holds a {family.replace('flux', 'FLUX.')} model "
-                         f"({index.get('_class_name')})")
+                         f"({cls})")
+    serving = [v for v in serving if cls in v.pipelines] or serving
     distilled = index.get("is_distilled")
     return ([v for v in serving if distilled is None or v.distilled == bool(distilled)]
             or serving)[0]

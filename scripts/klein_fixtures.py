@@ -1,11 +1,13 @@
 """FLUX.2 [klein] checkpoint folders with random weights, offline.
 
-    python scripts/make_tiny_checkpoint.py OUT --family klein [--preset tiny|wide]
-    python scripts/make_mlx_checkpoint.py OUT --family klein [--preset tiny|wide]
+    python scripts/make_tiny_checkpoint.py OUT --family klein [--preset tiny|wide] [--kv]
+    python scripts/make_mlx_checkpoint.py OUT --family klein [--preset tiny|wide] [--kv]
 
 Both write black-forest-labs/FLUX.2-klein-4B's diffusers layout, a folder `--model` takes:
 
-    model_index.json                 Flux2KleinPipeline, is_distilled true
+    model_index.json                 Flux2KleinPipeline, is_distilled true (--kv:
+                                     Flux2KleinKVPipeline, as FLUX.2-klein-9b-kv; the
+                                     other files are the same)
     scheduler/scheduler_config.json  FlowMatchEulerDiscreteScheduler (dynamic shifting)
     transformer/                     Flux2Transformer2DModel (no guidance embedding)
     vae/                             AutoencoderKLFlux2 (32 latent channels, 2x2 batch norm;
@@ -71,6 +73,13 @@ MODEL_INDEX = {
     "transformer": ["diffusers", "Flux2Transformer2DModel"],
     "vae": ["diffusers", "AutoencoderKLFlux2"],
 }
+PIPELINES = {False: "Flux2KleinPipeline", True: "Flux2KleinKVPipeline"}  # by `kv`
+
+
+def model_index(kv: bool = False) -> dict:
+    """model_index.json of a klein folder; kv: of a klein KV folder (its pipeline class
+    is all that tells the variant apart: mlx_edit.variants)."""
+    return {**MODEL_INDEX, "_class_name": PIPELINES[kv]}
 
 
 def out_layers(preset: str) -> tuple[int, ...]:
@@ -99,9 +108,10 @@ def _publish(tmp: Path, out: Path) -> Path:
 
 
 def build_diffusers(out: str | Path, preset: str = "tiny", seed: int = 0,
-                    dtype: str = "float32", overwrite: bool = False) -> Path:
-    """The folder `out` built by diffusers / transformers (module doc); returns its Path.
-    KeyError: unknown preset; FileExistsError as make_tiny_checkpoint.build."""
+                    dtype: str = "float32", overwrite: bool = False, kv: bool = False) -> Path:
+    """The folder `out` built by diffusers / transformers (module doc; kv: saved by
+    Flux2KleinKVPipeline); returns its Path. KeyError: unknown preset; FileExistsError as
+    make_tiny_checkpoint.build."""
     import diffusers
     import torch
     import transformers
@@ -121,7 +131,7 @@ def build_diffusers(out: str | Path, preset: str = "tiny", seed: int = 0,
             n = vae.bn.running_mean.shape[0]
             vae.bn.running_mean.copy_(0.5 * torch.randn(n))
             vae.bn.running_var.copy_(0.01 + 2 * torch.rand(n))
-        pipe = diffusers.Flux2KleinPipeline(
+        pipe = getattr(diffusers, PIPELINES[kv])(
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
             vae=vae, text_encoder=text, transformer=transformer, is_distilled=True,
             tokenizer=transformers.AutoTokenizer.from_pretrained(tmp / "tok"))
@@ -133,9 +143,10 @@ def build_diffusers(out: str | Path, preset: str = "tiny", seed: int = 0,
 
 
 def build_mlx(out: str | Path, preset: str = "tiny", seed: int = 0,
-              overwrite: bool = False) -> Path:
-    """The folder `out` built from mlx-edit's own models, without torch (module doc);
-    float32. KeyError: unknown preset; FileExistsError as make_tiny_checkpoint.build."""
+              overwrite: bool = False, kv: bool = False) -> Path:
+    """The folder `out` built from mlx-edit's own models, without torch (module doc; kv: a
+    klein KV folder); float32. KeyError: unknown preset; FileExistsError as
+    make_tiny_checkpoint.build."""
     import make_mlx_checkpoint as mmc
 
     from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
@@ -163,7 +174,7 @@ def build_mlx(out: str | Path, preset: str = "tiny", seed: int = 0,
                                                      **vae_cfg})
         qwen3_fixtures.write_qwen3_text_encoder(tmp / "text_encoder", _text_config(preset),
                                                 seed + 2)
-        mmc._write_json(tmp / "model_index.json", MODEL_INDEX)
+        mmc._write_json(tmp / "model_index.json", model_index(kv))
         return _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,7 @@
     python scripts/make_mlx_checkpoint.py OUT --preset tiny|small|wide [--seed 0] [--overwrite]
         [--extras controlnet,control-model,kontext-model,dev-model,ip-adapter,redux,segmenter]
     python scripts/make_mlx_checkpoint.py OUT --sam tiny|tiny-b|hiera-tiny|...   # SAM 2.1 only
-    python scripts/make_mlx_checkpoint.py OUT --family klein [--preset tiny|wide]  # FLUX.2
+    python scripts/make_mlx_checkpoint.py OUT --family klein [--preset tiny|wide] [--kv]  # FLUX.2
 
 The torch-free twin of scripts/make_tiny_checkpoint.py, for the tests that do not compare
 with diffusers/transformers (they must pass in an environment without torch, diffusers and
@@ -410,12 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=("flux1", "klein"), default="flux1",
                     help="klein: a FLUX.2 [klein] folder (scripts/klein_fixtures.py; presets "
                          "tiny, wide; no extras)")
+    ap.add_argument("--kv", action="store_true",
+                    help="with --family klein: a klein KV folder (Flux2KleinKVPipeline)")
     ap.add_argument("--sam", metavar="PRESET", help="write only a SAM 2.1 folder "
                     "(sam_fixtures presets: tiny, tiny-b, hiera-tiny|small|base-plus|large)")
     args = ap.parse_args(argv)
     if args.sam:
         print(write_segmenter(args.out, args.sam, args.seed))
         return 0
+    if args.kv and args.family != "klein":
+        ap.error("--kv needs --family klein")
     if args.family == "klein":
         import klein_fixtures
 
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--family klein takes --preset tiny or wide and no --extras")
         try:
             print(klein_fixtures.describe(klein_fixtures.build_mlx(
-                args.out, args.preset, seed=args.seed, overwrite=args.overwrite)))
+                args.out, args.preset, seed=args.seed, overwrite=args.overwrite, kv=args.kv)))
         except FileExistsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -2,8 +2,8 @@
 
     python scripts/make_tiny_checkpoint.py OUT --preset tiny|small|wide [--seed 0]
         [--dtype float32|bfloat16] [--overwrite]
-    python scripts/make_tiny_checkpoint.py OUT --family klein [--preset tiny|wide]
-        (a FLUX.2 [klein] folder: scripts/klein_fixtures.py)
+    python scripts/make_tiny_checkpoint.py OUT --family klein [--preset tiny|wide] [--kv]
+        (a FLUX.2 [klein] folder, --kv: klein KV's: scripts/klein_fixtures.py)
 
 OUT gets the real diffusers layout of black-forest-labs/FLUX.1-Fill-dev, every model built
 by diffusers / transformers themselves from a config under `torch.manual_seed`:
@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=("flux1", "klein"), default="flux1",
                     help="klein: a FLUX.2 [klein] folder (scripts/klein_fixtures.py; "
                          "presets tiny, wide; no extras)")
+    ap.add_argument("--kv", action="store_true",
+                    help="with --family klein: a klein KV folder (Flux2KleinKVPipeline)")
     ap.add_argument("--extras", action="append", default=[],
                     help="comma-separated extras to build too: controlnet (controlnets/: "
                          "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
@@ -455,13 +457,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")
     if args.family == "klein" and (args.extras or args.preset not in ("tiny", "wide")):
         ap.error("--family klein takes --preset tiny or wide and no --extras")
+    if args.kv and args.family != "klein":
+        ap.error("--kv needs --family klein")
     t0 = time.perf_counter()
     try:
         if args.family == "klein":
             import klein_fixtures
 
             klein_fixtures.build_diffusers(args.out, args.preset, seed=args.seed,
-                                           dtype=args.dtype, overwrite=args.overwrite)
+                                           dtype=args.dtype, overwrite=args.overwrite,
+                                           kv=args.kv)
         else:
             build(args.out, args.preset, seed=args.seed, dtype=args.dtype,
                   overwrite=args.overwrite, extras=tuple(args.extras))

@@ -145,3 +145,26 @@ def test_kontext_references_and_text_tokens():
     again = memory._with(refs, quantize=8)
     assert (again.inputs.reference_tokens, again.inputs.reference_px) == (8192, (2048, 1024))
     assert memory._with(short, quantize=8).inputs.text_tokens == 64
+
+
+def test_klein_kv_references_are_a_cache_not_tokens():
+    """FLUX.2 KV variant: the references leave every step's sequence; their keys/values
+    (Flux2Config.reference_kv_bytes) are held through the denoise phase, after a forward
+    over the references alone computed them."""
+    from mlx_edit.models.flux2 import Flux2Config
+
+    klein4b = dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                   joint_attention_dim=7680, guidance_embeds=False)
+    cfg = Flux2Config.from_dict(klein4b)
+    kw = dict(dtype="bfloat16", family="flux2", transformer=klein4b, reference_tokens=3 * 4096,
+              reference_px=(1024, 1024))
+    plain, kv = memory.estimate(1024, 1024, **kw), memory.estimate(1024, 1024, **kw,
+                                                                   reference_kv=True)
+    held = cfg.reference_kv_bytes(3 * 4096, 1, 2) / memory.GB
+    assert kv["reference_kv"] == pytest.approx(held) and "reference_kv" not in plain
+    assert 3.7 < held < 3.8  # 25 blocks x K and V x 12288 tokens x 3072 x 2 bytes
+    steps, first = (memory.transformer_activation_gb(n, cfg, 1, 2) for n in (4096 + 512,
+                                                                             3 * 4096))
+    assert kv["activations_denoise"] == pytest.approx(max(steps, first) + held)
+    assert kv["activations_denoise"] < plain["activations_denoise"]
+    assert memory._with(kv, quantize=8).inputs.reference_kv

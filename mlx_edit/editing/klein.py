@@ -7,8 +7,12 @@ and Flux2KleinInpaintPipeline (pipeline_flux2_klein_inpaint.py): Qwen3 prompt em
 references shrunk to ~1 MP, centre-cropped to 16 px and appended as tokens with time ids
 10, 20, ... (mlx_edit.conditioning.klein), the empirical schedule shift, no guidance
 embedding; the distilled models ignore `guidance`, the Base models use it as the true-CFG
-scale against an empty prompt (mlx_edit.variants). Images are encoded with the VAE
-posterior mode, as diffusers does.
+scale against an empty prompt (mlx_edit.variants). On a KV folder (klein 9B-KV,
+diffusers Flux2KleinKVPipeline, pipeline_flux2_klein_kv.py) the reference tokens attend
+only to themselves: their keys/values are computed at the first step and reused at every
+later step (`EditJob.reference_kv`, mlx_edit.sampling.compiled.step_inputs); inpainting
+there treats its references (the canvas, the reference) the same way (diffusers has no
+KV inpaint pipeline). Images are encoded with the VAE posterior mode, as diffusers does.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class FluxKlein(FluxPipeline):
     """FLUX.2 [klein] editing and inpainting. Build with `FluxKlein.from_pretrained(
     "black-forest-labs/FLUX.2-klein-4B")` (or a local diffusers / mlx-edit folder)."""
 
-    VARIANTS = ("klein", "klein-base")
+    VARIANTS = ("klein", "klein-base", "klein-kv")
 
     def _options(self, options, overrides, mode: str) -> EditOptions:
         """The options resolved for the loaded variant (its defaults and the options it

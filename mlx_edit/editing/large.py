@@ -97,7 +97,8 @@ def check_memory(models, plan: CropPlan, o: EditOptions | None, num_images: int,
     o = o or EditOptions()
     cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
     refs = dict(reference_tokens=sum((w // TOKEN_PX) * (h // TOKEN_PX) for w, h in references),
-                reference_px=max(references, key=lambda s: s[0] * s[1], default=None))
+                reference_px=max(references, key=lambda s: s[0] * s[1], default=None),
+                reference_kv=models.variant_info.reference_kv)
     est = models.memory_estimate(*plan.model_size, num_images, cache,
                                  windows=windows_for(plan, o), cache_branches=1 + cfg,
                                  text_tokens=o.max_sequence_length, **refs)

@@ -189,6 +189,7 @@ class _Inputs:
     reference_tokens: int = 0
     reference_px: tuple[int, int] | None = None
     family: str = "flux1"
+    reference_kv: bool = False
 
 
 class MemoryEstimate(dict):
@@ -204,7 +205,7 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              segmenter=None, window: tuple[int, int] | None = None,
              cache_branches: int = 1, reference_tokens: int = 0,
              reference_px: tuple[int, int] | None = None, family: str = "flux1",
-             text: Mapping | None = None) -> MemoryEstimate:
+             text: Mapping | None = None, reference_kv: bool = False) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts) of the `family`'s models
@@ -221,6 +222,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     text_tokens: the T5 sequence (max_sequence_length). reference_tokens: packed tokens
     of Kontext references, in every forward next to the image's (and each window's);
     reference_px: (width, height) of the largest reference, its VAE encode counted.
+    reference_kv: the references enter as keys/values computed once (FLUX.2 KV variant):
+    out of the sequence, their cache (`Flux2Config.reference_kv_bytes`, entry
+    `reference_kv`) and the forward computing it counted in the denoise phase instead.
     Returns a MemoryEstimate (a dict of GB); `peak` is max over the phases of resident
     weights + that phase's activations + RUNTIME_GB.
     """
@@ -233,17 +237,22 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     if lora_params:
         w["lora"] = lora_params * size / GB
     transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
-    image_tokens = (height // 16) * (width // 16) + reference_tokens
+    in_sequence = 0 if reference_kv else reference_tokens
+    image_tokens = (height // 16) * (width // 16) + in_sequence
     cache_gb = cache_branches * state_bytes(
         cache, cfgs["transformer"], num_images, image_tokens, text_tokens, size) / GB
-    win = window and (window[0] + reference_tokens, window[1])  # references in each window
+    kv_gb = ref_pass = 0.0
+    if reference_kv:  # one forward over the references alone computes their K/V
+        kv_gb = cfgs["transformer"].reference_kv_bytes(reference_tokens, 1, size) / GB
+        ref_pass = transformer_activation_gb(reference_tokens, cfgs["transformer"], 1, size)
+    win = window and (window[0] + in_sequence, window[1])  # references in each window
     encode_px = max((width, height), reference_px or (0, 0), key=lambda s: s[0] * s[1])
     act = {
         "text_encode": text_activation_gb(cfgs[texts[-1]], text_tokens, size),
         "vae_encode": vae_pass_gb(encode_px[1], encode_px[0], size, decode=False,
                                   config=cfgs["vae"]),
-        "denoise": denoise_gb(image_tokens, text_tokens, cfgs["transformer"],
-                              num_images, size, win) + cache_gb,
+        "denoise": max(denoise_gb(image_tokens, text_tokens, cfgs["transformer"],
+                                  num_images, size, win), ref_pass) + cache_gb + kv_gb,
         "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
     }
     text_w = max(w[t] for t in texts)  # CLIP is freed before T5 loads
@@ -259,13 +268,15 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out.update({f"activations_{k}": v for k, v in act.items()})
     if cache is not None:
         out["cache_state"] = cache_gb
+    if reference_kv:
+        out["reference_kv"] = kv_gb
     for p in act:
         out[f"phase_{p}"] = normal[p] + act[p] + RUNTIME_GB
     out["peak"] = max(out[f"phase_{p}"] for p in act)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
                          cache, segmenter, window, cache_branches, text_tokens,
-                         reference_tokens, reference_px, family)
+                         reference_tokens, reference_px, family, reference_kv)
     return out
 
 
@@ -295,7 +306,8 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
               text={k: v for k, v in i.configs.items() if k not in ("transformer", "vae")},
               lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
               window=i.window, cache_branches=i.cache_branches, text_tokens=i.text_tokens,
-              reference_tokens=i.reference_tokens, reference_px=i.reference_px)
+              reference_tokens=i.reference_tokens, reference_px=i.reference_px,
+              reference_kv=i.reference_kv)
     kw.update(changes)
     return estimate(**kw)
 

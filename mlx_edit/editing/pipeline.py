@@ -331,14 +331,16 @@ class FluxPipeline:
                 ctx, canvas, mask, conditioning, self._encode_region(image, blend, plan, windows),
                 references, reference_resize, o.strength < 1.0 or keep_source,
                 source_reference)
+        kv = m.variant_info.reference_kv and tokens is not None
         sigmas, noise, latents = self._start(o, plan, windows, ctx, noise, image_latents)
         meta = {"prompt": prompt,
                 **self._metadata(o, plan, cfg_scale if negative is not None else None, metadata),
-                **large.metadata(o, plan, windows)}
+                **large.metadata(o, plan, windows), **({"reference_kv": True} if kv else {})}
         job = EditJob(image, plan, blend, latents, channels, embeds, ctx.guidance, sigmas,
                       o.seeds, meta, ip=ip, tokens=tokens, token_ids=token_ids, noise=noise,
                       source=image_latents, negative=negative,
-                      true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows)
+                      true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows,
+                      reference_kv=kv)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
         return job
 
@@ -523,7 +525,7 @@ class FluxPipeline:
                                       negative=job.negative,
                                       true_cfg_scale=job.true_cfg_scale, hook=job.hook,
                                       cache=job.cache, stats=job.stats,
-                                      windows=job.windows):
+                                      windows=job.windows, reference_kv=job.reference_kv):
                 job.latents = latents
                 yield i, latents
             if job.windows is not None and not job.windows.covered.all():

@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_edit.models.flux import BlockPass, FluxTransformer, add_control, cache_units
-from mlx_edit.models.flux2 import Flux2Transformer
+from mlx_edit.models.flux2 import Flux2Transformer, ReferenceKV
 from mlx_edit.sampling.compiled import traced
 
 # diffusers' FLUX.1-dev magnitude ratios for 28 steps (hooks/mag_cache.py FLUX_MAG_RATIOS,
@@ -379,10 +379,12 @@ class Flux2Pieces:
     ignores) FLUX.1's pooled vector, `blocks` builds the blocks' modulations from vec and
     returns a BlockPass whose `raw` is the image stream (FLUX.2 has no ControlNets or
     IP-Adapters). diffusers' hooks wrap the same units of Flux2Transformer2DModel
-    (transformer_blocks[0] the First Block Cache's head)."""
+    (transformer_blocks[0] the First Block Cache's head). kv: the edit's cached reference
+    keys/values (KV variant, `Flux2Transformer.reference_kv`, evaluated), attended to by
+    every block; compiled pieces hold them as constants (a state lives for one edit)."""
 
-    def __init__(self, model: Flux2Transformer):
-        self.model, self.config = model, model.config
+    def __init__(self, model: Flux2Transformer, kv: ReferenceKV | None = None):
+        self.model, self.config, self.kv = model, model.config, kv
         self.double_blocks, self.single_blocks = model.double_blocks, model.single_blocks
 
     @property
@@ -398,7 +400,7 @@ class Flux2Pieces:
             raise ValueError("FLUX.2 step caches take no ControlNets, IP-Adapters or "
                              "TaylorSeer units")
         img, txt = self.model.blocks(x, ctx, self.model.modulations(vec), rope, start=start,
-                                     stop=stop)
+                                     stop=stop, kv=self.kv)
         return BlockPass(img, txt, img, {})
 
     def final(self, x, vec):
@@ -406,11 +408,12 @@ class Flux2Pieces:
 
 
 def start(cache: CacheConfig, model: FluxTransformer | Flux2Transformer, num_steps: int,
-          compile: bool = False) -> StepCache:
+          compile: bool = False, kv: ReferenceKV | None = None) -> StepCache:
     """A fresh per-edit state for `cache` on `model` over `num_steps` denoising steps, its
     pieces under `mx.compile` when `compile`. One state per sequence of evaluations: true
     CFG needs one for the prompt and one for the negative prompt (diffusers'
-    cache_context("cond") / ("uncond")). Raises ValueError for an unknown config or one
+    cache_context("cond") / ("uncond")). kv: FLUX.2 reference keys/values every evaluation
+    attends to (KV variant; `Flux2Pieces`). Raises ValueError for an unknown config or one
     the model cannot run."""
     kinds = {FirstBlockCache: _FirstBlock, TaylorSeer: _Taylor, MagCache: _Mag}
     if type(cache) not in kinds:
@@ -419,7 +422,7 @@ def start(cache: CacheConfig, model: FluxTransformer | Flux2Transformer, num_ste
     if isinstance(model, Flux2Transformer):
         if isinstance(cache, TaylorSeer):
             raise ValueError(TAYLOR_FLUX2)
-        model = Flux2Pieces(model)
+        model = Flux2Pieces(model, kv)
     return kinds[type(cache)](cache, model, num_steps, compile)
 
 

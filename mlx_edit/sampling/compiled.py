@@ -31,6 +31,7 @@ import numpy as np
 
 from mlx_edit.sampling.latents import model_input, text_ids
 from mlx_edit.models.flux import FluxTransformer
+from mlx_edit.models.flux2 import ReferenceKV
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 
 StepFn = Callable[..., mx.array]
@@ -85,24 +86,25 @@ def traced(fn: Callable[..., object], module, compile: bool) -> Callable[..., ob
 
 
 def forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                        rope, controlnet=(), ip=()) -> mx.array:
+                        rope, controlnet=(), ip=(), kv=None) -> mx.array:
     """The transformer's velocity of every token (B, N [+ M], C). A family without a
     pooled text vector (FLUX.2, `pooled` None) has neither ControlNet residuals nor
-    IP-Adapter keys (ValueError when given)."""
+    IP-Adapter keys (ValueError when given); kv: FLUX.2's cached reference keys/values
+    (`ReferenceKV`, or its (double, single) lists) or None."""
     if pooled is not None:
         return transformer(x, img_ids, txt, txt_ids, timestep, pooled, guidance,
                            controlnet=controlnet, ip=ip, rope=rope)
     if controlnet or ip:
         raise ValueError("ControlNets and IP-Adapters are FLUX.1's: not for this model")
-    return transformer(x, img_ids, txt, txt_ids, timestep, guidance, rope=rope)
+    return transformer(x, img_ids, txt, txt_ids, timestep, guidance, rope=rope, kv=kv)
 
 
 def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
               forward: Callable[..., mx.array] | None = None,
               negative_forward: Callable[..., mx.array] | None = None) -> StepFn:
     """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-    rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> latents at the next
-    sigma` (in their dtype).
+    rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None, kv=None) -> latents at
+    the next sigma` (in their dtype).
 
     Shapes as `denoise.denoise`: latents (B, N, 64) packed, conditioning (1|B, N, C),
     img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), timestep (B,) (sigma, model
@@ -110,7 +112,9 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
     txt_ids), dt = `step_dt(sigma, sigma_next)`; controlnet: ControlResiduals per
     ControlNet; ip: IPAdapterKV per adapter; tokens: (1|B, M, 64) reference tokens after
     the latents (velocity kept for the first N); negative: (txt, pooled, scale 0-d) for
-    true CFG, a second forward per step (diffusers `true_cfg_scale`).
+    true CFG, a second forward per step (diffusers `true_cfg_scale`); kv: the references'
+    cached keys/values (FLUX.2 KV variant, `Flux2Transformer.reference_kv`) or None (a
+    step cache's forward holds its own: `cache.start(kv=)`).
 
     compile: None -> `compile_enabled()`; a new ControlNet count or IP-Adapter scale
     retraces. forward / negative_forward (default: forward): step caches' `velocity(img,
@@ -123,14 +127,14 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
     negative_forward = negative_forward or forward
 
     def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
-             dt, tokens, negative, *, controlnet, ip):
+             dt, tokens, negative, kv, *, controlnet, ip):
         x, n = model_input(latents, conditioning, tokens), latents.shape[1]
 
         def velocity(txt, pooled, fwd):
             if fwd is not None:  # a step cache's forward (mlx_edit.sampling.cache)
                 return fwd(x, txt, timestep, pooled, guidance, rope, controlnet, ip)[:, :n]
             return forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep,
-                                       pooled, guidance, rope, controlnet, ip)[:, :n]
+                                       pooled, guidance, rope, controlnet, ip, kv)[:, :n]
 
         v = velocity(txt, pooled, forward)
         if negative is not None:  # true CFG: neg + scale * (pos - neg), as diffusers
@@ -141,9 +145,10 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
     fn = traced(body, transformer, compile and forward is None)
 
     def step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
-             dt, *, controlnet=(), ip=(), tokens=None, negative=None) -> mx.array:
+             dt, *, controlnet=(), ip=(), tokens=None, negative=None, kv=None) -> mx.array:
+        kv = None if kv is None else (list(kv[0]), list(kv[1]))  # mx.compile takes lists
         return fn(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                  rope, dt, tokens, negative, controlnet=controlnet, ip=ip)
+                  rope, dt, tokens, negative, kv, controlnet=controlnet, ip=ip)
 
     step.compiled = compile  # type: ignore[attr-defined]
     return step
@@ -155,7 +160,8 @@ class StepInputs:
     batch of B: img_ids (N, 3), txt (B, L, joint_dim), txt_ids (L, 3), pooled (B, P),
     guidance (B,) or None, rope of [img_ids | token_ids], ip (IPAdapterKV, batch B),
     tokens (1|B, M, 64) with token_ids (M, 3) or None, negative (txt, pooled, scale) for
-    true CFG or None."""
+    true CFG or None; kv: the references' keys/values (`Flux2Transformer.reference_kv`,
+    batch 1|B) in place of tokens (FLUX.2 KV variant) or None."""
 
     img_ids: mx.array
     txt: mx.array
@@ -167,6 +173,7 @@ class StepInputs:
     tokens: mx.array | None = None
     token_ids: mx.array | None = None
     negative: tuple[mx.array, mx.array, mx.array] | None = None
+    kv: ReferenceKV | None = None
 
     def advance(self, step: StepFn, latents: mx.array, conditioning: mx.array | None,
                 timestep: mx.array, dt: mx.array,
@@ -174,7 +181,7 @@ class StepInputs:
         """`step` on these inputs: latents (B, N, 64) at sigma -> at the next sigma."""
         return step(latents, conditioning, self.img_ids, self.txt, self.txt_ids, timestep,
                     self.pooled, self.guidance, self.rope, dt, controlnet=controlnet,
-                    ip=self.ip, tokens=self.tokens, negative=self.negative)
+                    ip=self.ip, tokens=self.tokens, negative=self.negative, kv=self.kv)
 
     def repeated(self, k: int, transformer: FluxTransformer, img_ids: mx.array
                  ) -> StepInputs:
@@ -187,24 +194,31 @@ class StepInputs:
             rep(self.negative[0]), rep(self.negative[1]), self.negative[2])
         ip = [IPAdapterKV([rep(a) for a in kv.k], [rep(a) for a in kv.v], kv.scale)
               for kv in self.ip]
-        tokens = self.tokens if self.tokens is None or self.tokens.shape[0] == 1 \
-            else rep(self.tokens)
+
+        def rep_rows(x):  # batch 1 serves every copy
+            return x if x is None or x.shape[0] == 1 else rep(x)
+        kv = None if self.kv is None else ReferenceKV(
+            *([tuple(map(rep_rows, pair)) for pair in pairs] for pairs in self.kv))
         return replace(self, img_ids=img_ids, rope=_rope(transformer, img_ids, self.token_ids,
                                                       self.txt_ids), txt=rep(self.txt),
                        pooled=rep(self.pooled), guidance=rep(self.guidance), ip=ip,
-                       tokens=tokens, negative=neg)
+                       tokens=rep_rows(self.tokens), negative=neg, kv=kv)
 
 
 def step_inputs(transformer: FluxTransformer, txt: mx.array, pooled: mx.array,
                 img_ids: mx.array, batch: int, guidance: float, *,
                 token_ids: mx.array | None = None, tokens: mx.array | None = None,
                 ip: Sequence[IPAdapterKV] = (),
-                negative: tuple[mx.array, mx.array, float] | None = None) -> StepInputs:
+                negative: tuple[mx.array, mx.array, float] | None = None,
+                reference_kv: bool = False) -> StepInputs:
     """StepInputs for a batch of `batch`: txt (1|batch, L, D) / pooled (1|batch, P) of
     the prompt broadcast (pooled None: a family without one, FLUX.2), text ids with as many
     axes as img_ids (`latents.text_ids`), RoPE of [img_ids | token_ids] built once,
     guidance as (batch,) when the transformer embeds it; negative: (txt, pooled, true CFG
-    scale) or None."""
+    scale) or None. reference_kv (FLUX.2 KV variant, diffusers Flux2KleinKVPipeline): the
+    reference tokens' keys/values are computed here, once per edit (their first step,
+    `Flux2Transformer.reference_kv`), and every step attends to them (`StepInputs.kv`)
+    instead of carrying the tokens."""
     t_ids = text_ids(txt.shape[1], img_ids.shape[-1])
 
     def b(x):
@@ -213,9 +227,14 @@ def step_inputs(transformer: FluxTransformer, txt: mx.array, pooled: mx.array,
         if transformer.config.guidance_embeds else None
     neg = None if negative is None else (
         b(negative[0]), b(negative[1]), mx.array(negative[2], dtype=mx.float32))
+    kv = None
+    if reference_kv and tokens is not None:
+        kv = transformer.reference_kv(tokens, token_ids, None if g is None else g[:1])
+        mx.eval(kv)  # evaluated: compiled step-cache pieces take them as constants
+        tokens = token_ids = None
     return StepInputs(img_ids, b(txt), t_ids, b(pooled), g,
                       _rope(transformer, img_ids, token_ids, t_ids), tuple(ip), tokens,
-                      token_ids, neg)
+                      token_ids, neg, kv)
 
 
 def _rope(transformer: FluxTransformer, img_ids: mx.array, token_ids: mx.array | None,

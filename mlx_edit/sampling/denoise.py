@@ -47,6 +47,8 @@ class EditJob:
     latents: initial packed latents (B, N, 64); conditioning: channels (1|B, N, K) (Fill
     320, Canny/Depth 64) or None; tokens / token_ids: extra sequence tokens (1, M, 64) and
     their position ids (M, 3) appended after the latents (Kontext references) or None;
+    reference_kv: the tokens enter as keys/values computed once (FLUX.2 KV variant,
+    `compiled.step_inputs`), not as sequence tokens;
     cache: the step cache of the loop (None: every step evaluated);
     sigmas: float32 (n+1,); plan / blend: where the canvas maps back into the original.
     """
@@ -75,6 +77,7 @@ class EditJob:
     paste: dict = field(default_factory=dict)  # stitch_back options (color_match, method)
     cache: step_cache.CacheConfig | None = None
     windows: Windows | None = None  # tiled denoising (sampling.tiles) or None
+    reference_kv: bool = False
 
 
 def denoise(
@@ -86,7 +89,7 @@ def denoise(
     true_cfg_scale: float = 1.0, compile: bool | None = None,
     hook: Callable[[int, mx.array], mx.array] | None = None,
     cache: step_cache.CacheConfig | None = None, stats: dict | None = None,
-    windows: Windows | None = None,
+    windows: Windows | None = None, reference_kv: bool = False,
 ) -> Iterator[tuple[int, mx.array]]:
     """The one denoise loop: flow-match Euler over the FLUX transformer.
 
@@ -103,16 +106,19 @@ def denoise(
     compile: the step under `mx.compile` (None: on a GPU only; sampling/compiled.py).
     windows: tiled denoising (sampling.tiles, MultiDiffusion): each step is the weighted
     average of the windows' steps on their crops of latents, conditioning and ControlNet
-    inputs (hooks see the whole canvas). Yields (i, latents at sigmas[i+1]), evaluated,
-    so the caller can report progress, preview or stop. Raises ValueError for a cache
-    the transformer cannot run, or a cache with windows.
+    inputs (hooks see the whole canvas). reference_kv: the tokens' keys/values are
+    computed before the first step and every step attends to them (FLUX.2 KV variant,
+    diffusers Flux2KleinKVPipeline; `compiled.step_inputs`). Yields (i, latents at
+    sigmas[i+1]), evaluated, so the caller can report progress, preview or stop. Raises
+    ValueError for a cache the transformer cannot run, or a cache with windows.
     """
     b, n = latents.shape[0], len(sigmas) - 1
     cfg = _true_cfg(negative, true_cfg_scale, cache, windows)
     inputs = step_inputs(transformer, embeds.txt, embeds.pooled, img_ids, b, guidance,
-                         token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg)
+                         token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg,
+                         reference_kv=reference_kv)
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    step, states = _cached_step(transformer, cache, n, compile, cfg is not None)
+    step, states = _cached_step(transformer, cache, n, compile, cfg is not None, inputs.kv)
     advance = _plain(step, inputs, controls) if windows is None else \
         windowed_advance(step, transformer, inputs, windows, controls)
     for i in range(n):
@@ -151,10 +157,11 @@ def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows
 
 
 def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | None, n: int,
-                 compile: bool | None, cfg: bool):
-    """(the step function, the cache states: none, one, or with true CFG one per branch)."""
+                 compile: bool | None, cfg: bool, kv=None):
+    """(the step function, the cache states: none, one, or with true CFG one per branch;
+    kv: the references' keys/values the states' evaluations attend to)."""
     compile = compile_enabled() if compile is None else compile
-    states = [step_cache.start(cache, transformer, n, compile)
+    states = [step_cache.start(cache, transformer, n, compile, kv)
               for _ in range(0 if cache is None else 1 + cfg)]
     forwards = [s.velocity for s in states] or [None]
     return make_step(transformer, compile=compile, forward=forwards[0],

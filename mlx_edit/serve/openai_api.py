@@ -58,7 +58,7 @@ from mlx_edit.serve.uploads import (
 
 log = logging.getLogger("mlx_edit.serve")
 PREFIXES = ("/v1/images", "/v1/models")  # routes answering errors in OpenAI's shape
-TEXT_TO_IMAGE = ("klein", "klein-base")  # FluxKlein.edit with no image generates
+TEXT_TO_IMAGE = ("klein", "klein-base", "klein-kv")  # FluxKlein.edit with no image generates
 KIND_MODE = {"fill": "inpaint", "kontext": "edit"}
 MAX_INPUT_IMAGES = 8
 POLL_S = 0.05

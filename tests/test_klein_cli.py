@@ -24,9 +24,8 @@ from mlx_edit.weights.core import WeightLoadError
 
 
 @pytest.fixture(scope="module")
-def klein(tmp_path_factory, import_script):
-    out = tmp_path_factory.mktemp("klein-mlx") / "tiny"
-    return import_script("klein_fixtures").build_mlx(out, "tiny")
+def klein(tiny_klein_mlx):
+    return tiny_klein_mlx
 
 
 @pytest.fixture(scope="module")

@@ -203,30 +203,42 @@ def test_memory_estimate_counts_klein_parts(klein):
 
 
 def test_batch_runs_klein_lines(klein, photos, tmp_path):
-    """`mlx-edit batch --model <klein> --edit-model <klein>`: inpaint and edit lines run
-    on FluxKlein with klein's defaults; an outpaint line is refused by name."""
+    """`mlx-edit batch --model <klein> --edit-model <klein>` on scikit-image photos: an
+    edit line with a reference and an inpaint line with one run on FluxKlein with
+    klein's defaults; an outpaint line and an inpaint with two references are refused by
+    name."""
     import json
 
     lines = [{"id": "fix", "image": str(photos / "astronaut.png"),
               "mask": str(photos / "mask.png"), "prompt": "a cup", "steps": 1,
-              "max_sequence_length": 32},
+              "references": ["coffee.png"], "max_sequence_length": 32, "feather": 0},
              {"id": "edit", "mode": "edit", "image": str(photos / "coffee.png"),
-              "prompt": "make it blue", "max_sequence_length": 32},
+              "references": [str(photos / "astronaut.png")],
+              "prompt": "add the astronaut", "max_sequence_length": 32},
              {"id": "out", "mode": "outpaint", "image": str(photos / "coffee.png"),
-              "prompt": "more", "left": 32}]
-    manifest = tmp_path / "m.jsonl"
+              "prompt": "more", "left": 32},
+             {"id": "two", "image": "astronaut.png", "mask": "mask.png", "prompt": "x",
+              "references": ["coffee.png", "coffee.png"]}]
+    manifest = photos / "m.jsonl"  # references relative to the manifest's folder
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     r = invoke("batch", manifest, "--output-dir", tmp_path / "out", "--model", klein,
                "--edit-model", klein, "--no-prompt-cache", "--skip-invalid")
-    assert r.exit_code == 1, r.output  # --skip-invalid: the skipped line is recorded
+    assert r.exit_code == 1, r.output  # --skip-invalid: the skipped lines are recorded
     assert "outpaint needs a FLUX.1 model" in r.output
+    assert "line 4: inpaint takes one reference, got 2" in r.output
     records = [json.loads(x)
                for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted((rec.get("id", f"line {rec.get('line')}"), rec["status"])
                   for rec in records) == [("edit", "ok"), ("fix", "ok"),
-                                          ("line 3", "skipped")], records
+                                          ("line 3", "skipped"), ("line 4", "skipped")], records
     edited = Image.open(tmp_path / "out" / "edit.png")
     assert edited.info["steps"] == "4" and edited.size == (112, 80)  # klein's default steps
+    assert edited.info["references"] == "2"
+    fixed = Image.open(tmp_path / "out" / "fix.png")
+    assert fixed.info["reference"] == "True" and fixed.size == (150, 110)
+    res, src = np.asarray(fixed.convert("RGB")), np.asarray(Image.open(photos / "astronaut.png"))
+    outside = np.asarray(Image.open(photos / "mask.png")) == 0
+    assert np.array_equal(res[outside], src[outside])
 
 
 def test_serve_runs_klein(klein, photos):

@@ -283,6 +283,50 @@ def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypat
     assert np.array_equal(np.array(again.txt), np.array(embeds.txt))
 
 
+def test_prompt_disk_cache_keyed_on_the_encoder(klein, tmp_path, monkeypatch):
+    """A klein prompt is a disk-cache hit on a second run (Qwen3 never loads), and a
+    miss, re-encoded, once the encoder folder changes: new Qwen3 weights, then a new
+    chat template in tokenizer/ (both change the embeddings). Each run is a fresh
+    pipeline and PromptCache, as a new process."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_edit.editing import prompts
+    from mlx_edit.editing.prompt_cache import PromptCache
+
+    folder = tmp_path / "klein"
+    shutil.copytree(klein, folder)
+    loads, load_qwen3 = [], prompts.load_qwen3
+    monkeypatch.setattr(prompts, "load_qwen3",
+                        lambda *a, **k: (loads.append(a), load_qwen3(*a, **k))[1])
+
+    def run():
+        pipe = FluxKlein.from_pretrained(folder, low_memory=True)
+        pipe.disk_prompt_cache = cache = PromptCache(tmp_path / "cache")
+        txt = np.array(pipe.encode_prompt("a red boat", max_sequence_length=64).txt)
+        return txt, (cache.hits, cache.misses, len(loads))
+
+    first, counts = run()
+    assert counts == (0, 1, 1)
+    again, counts = run()
+    assert counts == (1, 0, 1) and np.array_equal(again, first)
+    shard = folder / "text_encoder" / "model-00001-of-00002.safetensors"
+    weights = load_file(shard)
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] * 1.5
+    save_file(weights, shard, metadata={"format": "pt"})
+    new_weights, counts = run()
+    assert counts == (0, 1, 2) and not np.allclose(new_weights, first)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    tok = json.loads(config.read_text())
+    tok["chat_template"] = "Describe an image.\n" + tok["chat_template"]
+    config.write_text(json.dumps(tok))
+    new_template, counts = run()
+    assert counts == (0, 1, 3) and not np.allclose(new_template, new_weights)
+    assert run()[1] == (1, 0, 3)
+
+
 def test_flux1_classes_refuse_a_klein_folder(klein):
     from mlx_edit.editing.fill import FluxFill
     from mlx_edit.editing.kontext import FluxKontext

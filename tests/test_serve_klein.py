@@ -21,9 +21,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from mlx_edit.cli import main  # noqa: E402
 from mlx_edit.imaging.images import InputError  # noqa: E402
+from mlx_edit.imaging.masks import blend_mask  # noqa: E402
+from mlx_edit.options import DEFAULT_FEATHER  # noqa: E402
 from mlx_edit.serve import ServeConfig, create_app  # noqa: E402
 from test_serve import ServerProcess, _free_port, _png, submit, wait  # noqa: E402
 from test_serve_page import (  # noqa: E402, F401  (browser: the module's Chromium)
+    alpha,
     browser,
     line,
     new_page,
@@ -184,12 +187,7 @@ def test_page_drives_klein_edits(browser, tiny_mlx, tiny_klein_mlx, photos, tmp_
         out = run_and_download(page, "a cup of coffee", steps="1")
         assert out.size == SIZE and out.text["mode"] == "inpaint"
         assert out.text["reference"] == "True"
-        painted = page.evaluate("""() => { const d = mask.getContext('2d').getImageData(
-            0, 0, mask.width, mask.height).data; return Array.from(d.filter((_, i) => i % 4 === 3)); }""")
-        from mlx_edit.imaging.masks import blend_mask
-        from mlx_edit.options import DEFAULT_FEATHER
-
-        drawn = (np.array(painted, np.uint8).reshape(SIZE[::-1]) > 0).astype(np.float32)
+        drawn = (alpha(page) > 0).astype(np.float32)
         keep = blend_mask(drawn, 0, DEFAULT_FEATHER) == 0
         src = np.asarray(Image.open(path))
         assert keep.any() and np.array_equal(np.asarray(out.convert("RGB"))[keep], src[keep])

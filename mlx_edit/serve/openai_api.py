@@ -48,11 +48,11 @@ from mlx_edit.serve.schema import (
     json_body,
 )
 from mlx_edit.serve.uploads import (
+    SERVED_MODES,
     EditRequest,
     _options,
     build_request,
     open_image,
-    SERVED_MODES,
     read_fields,
     request_prompt,
     served_variant,

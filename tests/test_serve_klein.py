@@ -129,8 +129,9 @@ def test_klein_next_to_fill_under_a_budget(tiny_mlx, tiny_klein_mlx, photos):
 
 def test_klein_alone(tiny_mlx, tiny_klein_mlx, photos):
     """--klein-model without --model serves klein only (no FLUX.1 download): inpaint
-    and edit run on it, the OpenAI route inpaints on it with a mask; a FLUX.1 folder as
-    --klein-model is one line before anything loads."""
+    runs on it, outpaint is refused; the OpenAI route inpaints on it (the image's
+    transparency, the second image the reference); a FLUX.1 folder as --klein-model is
+    one line before anything loads."""
     config = ServeConfig(klein_model=str(tiny_klein_mlx), local_hosts=("testserver",))
     with TestClient(create_app(config)) as client:
         health = client.get("/v1/health").json()
@@ -142,14 +143,19 @@ def test_klein_alone(tiny_mlx, tiny_klein_mlx, photos):
         assert r.status_code == 400 and "no model for outpaint" in r.text, r.text
         alpha = np.where(photos[1] > 0, 0, 255).astype(np.uint8)
         rgba = Image.merge("RGBA", (*Image.open(photos[0]).split(), Image.fromarray(alpha)))
-        r = client.post("/v1/images/edits", files={"image": ("a.png", _png(rgba))}, data={
+        images = [("image[]", ("a.png", _png(rgba))), ("image[]", ("c.png", photos[3]))]
+        r = client.post("/v1/images/edits", files=images, data={
             "prompt": "a cup", "model": "klein", "options": json.dumps(FAST)})
         assert r.status_code == 200, r.text
         out = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         inside = photos[1] > 0
         src, res = np.asarray(Image.open(photos[0])), np.asarray(out.convert("RGB"))
         assert out.size == SIZE and out.text["mode"] == "inpaint"
+        assert out.text["reference"] == "True"  # the second image
         assert np.array_equal(res[~inside], src[~inside])
+        r = client.post("/v1/images/edits", files=images + images[1:], data={
+            "prompt": "a cup", "model": "klein"})
+        assert r.status_code == 400 and "at most 1 reference" in r.text, r.text
     with pytest.raises(InputError, match="holds a FLUX.1 model"):
         create_app(ServeConfig(klein_model=str(tiny_mlx)))
     r = CliRunner().invoke(main, ["serve", "--klein-model", str(tiny_mlx),

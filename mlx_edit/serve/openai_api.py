@@ -2,7 +2,8 @@
 unchanged (https://platform.openai.com/docs/api-reference/images):
 
     POST /v1/images/edits        multipart: image (or image[], several: the first is
-                                 edited, all are references), mask (PNG: transparent =
+                                 edited, all are references; a klein inpaint: the
+                                 second is its reference), mask (PNG: transparent =
                                  edit), prompt, model, n, size, response_format
     POST /v1/images/generations  JSON: prompt, model, n, size, response_format
     GET  /v1/models              the models served here, by the names `model` takes
@@ -52,6 +53,7 @@ from mlx_edit.serve.uploads import (
     EditRequest,
     _options,
     build_request,
+    max_references,
     open_image,
     read_fields,
     request_prompt,
@@ -220,9 +222,12 @@ def build_edit(fields: dict, files: dict, state) -> EditRequest:
         hint = f"; models that edit without one: {', '.join(others)}" if others else ""
         raise InputError(f"model {served.name} inpaints: send a mask (transparent = "
                          f"edit){hint}")
-    if len(images) > 1 and mode != "edit":
+    most = max_references(mode, served.variant)  # inpaint: klein's one, Fill's none
+    if mode != "edit" and len(images) - 1 > most:
         raise InputError(f"model {served.name} takes one image; several (references) "
-                         "need an instruction model")
+                         "need an instruction model" if not most else
+                         f"model {served.name} inpaints with at most {most} reference: "
+                         f"send at most {most + 1} images")
     size = parse_size(fields.get("size"))
     if mode == "edit":  # the model's own output size, or keep the input's
         extra, size = _output_size(size) or {"keep_size": True}, None

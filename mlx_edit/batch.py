@@ -9,8 +9,10 @@ A manifest line is one JSON object:
 Keys: `image` (path, relative to the manifest's folder), `prompt`, `mode` (inpaint, the
 default; outpaint; edit), `mask` (a path; inpaint needs it, or `mask_points`
 [[x, y], ...] (+ `mask_negative`) / `mask_box` [x0, y0, x1, y1] to segment one with SAM
-2.1), `id` (the output name: letters, digits, `._-`; default: the line number and the
-image's name), and any `EditOptions` field the mode takes (mlx_edit.options.FIELDS).
+2.1), `references` (paths: an edit's further images; a FLUX.2 [klein] inpaint's one
+reference for the repainted area), `id` (the output name: letters, digits, `._-`;
+default: the line number and the image's name), and any `EditOptions` field the mode
+takes (mlx_edit.options.FIELDS).
 Shared defaults (the command's options) apply where a line says nothing. A line without
 a seed gets one from its id, so re-runs and every rank agree.
 
@@ -42,7 +44,7 @@ from mlx_edit.options import FIELDS, MAX_SEED, EditOptions, check_prompt
 
 BATCH_MODES = ("inpaint", "outpaint", "edit")
 RECORD_KEYS = ("id", "image", "mask", "mask_points", "mask_negative", "mask_box", "prompt",
-               "mode")
+               "mode", "references")
 RESULTS = "results.jsonl"
 # Lines per real batch when --batch-size is not given (the memory estimate may allow
 # more): a kill loses the group in flight, and progress moves group by group.
@@ -63,6 +65,7 @@ class Line:
     mask: Any = None  # a Path, a list of segment.Points/Box specs, or None
     size: tuple[int, int] = (0, 0)  # the image's (width, height)
     params: dict = field(default_factory=dict)  # what the parameter hash covers
+    references: list[Path] = field(default_factory=list)  # edit's further images, klein's
 
     @property
     def pixels(self) -> int:
@@ -76,9 +79,9 @@ class Line:
         return [folder / name for name in names]
 
     def inputs(self) -> list[Path]:
-        """Every file the line reads: its image, mask and conditioning images."""
+        """Every file the line reads: its image, mask, references and conditioning images."""
         mask = [self.mask] if isinstance(self.mask, Path) else []
-        return [self.image, *mask, *self.options.input_files()]
+        return [self.image, *mask, *self.references, *self.options.input_files()]
 
     def param_hash(self, run: dict) -> str:
         """SHA-256 of the line's parameters and the run's (model, quantize, LoRAs)."""
@@ -137,6 +140,33 @@ def _mask(d: dict, base: Path, mode: str, size: tuple[int, int]):
     return specs
 
 
+def _references(d: dict, base: Path, mode: str, variant) -> list[Path]:
+    """The line's reference images, checked: paths that open as images; an edit takes
+    several, a FLUX.2 [klein] inpaint one, FLUX.1 inpaint and outpaint none; on klein
+    each (and an edit's image) follows klein's size rules. Raises InputError."""
+    from mlx_edit.imaging.images import load_image
+
+    refs = d.get("references", [])
+    if not isinstance(refs, list):
+        raise InputError("references must be a list of image paths")
+    flux2 = variant is not None and variant.family == "flux2"
+    most = len(refs) if mode == "edit" else 1 if mode == "inpaint" and flux2 else 0
+    if len(refs) > most:
+        raise InputError(f"{mode} takes no references (an edit's further images, or one "
+                         "for a FLUX.2 [klein] inpaint)" if not most else
+                         f"{mode} takes one reference, got {len(refs)}")
+    paths = [_path(base, r, "references") for r in refs]
+    if flux2:
+        from mlx_edit.conditioning.klein import check_reference
+
+        for path in [_path(base, d["image"], "image")] * (mode == "edit") + paths:
+            check_reference(load_image(path), f"image {path.name}")
+    else:
+        for path in paths:
+            load_image(path)
+    return paths
+
+
 def parse_line(text: str, number: int, base: Path, defaults: dict,
                variant_for: Callable | None = None) -> Line:
     """One manifest line -> Line, reading its image and mask now. `defaults`: options
@@ -178,11 +208,13 @@ def parse_line(text: str, number: int, base: Path, defaults: dict,
     options = EditOptions.from_dict(opts, mode, variant)
     size = load_image(image).size
     mask = _mask(d, base, mode, size)
+    refs = _references(d, base, mode, variant)
     params = {"mode": mode, "image": _file_id(image), "prompt": d["prompt"],
               "options": {k: opts[k] for k in sorted(opts)},
               "mask": _file_id(mask) if isinstance(mask, Path) else
-              {k: d[k] for k in ("mask_points", "mask_negative", "mask_box") if k in d}}
-    return Line(number, line_id, mode, image, d["prompt"], options, mask, size, params)
+              {k: d[k] for k in ("mask_points", "mask_negative", "mask_box") if k in d},
+              **({"references": [_file_id(r) for r in refs]} if refs else {})}
+    return Line(number, line_id, mode, image, d["prompt"], options, mask, size, params, refs)
 
 
 def read_manifest(path: Path, defaults: dict | None = None,
@@ -394,13 +426,15 @@ def merge_results(folder: Path, order: list[str], skipped: list[dict] = ()) -> P
 
 def edit_line(pipe, line: Line, progress=None) -> list:
     """Run the line's edit on `pipe` (FluxFill for inpaint/outpaint, FluxKontext for
-    edit); returns its PIL images."""
+    edit; FluxKlein for either on a klein folder); returns its PIL images."""
     if line.mode == "inpaint":
-        return pipe.inpaint(line.image, line.mask, line.prompt, line.options, progress=progress)
+        extra = {"reference": line.references[0]} if line.references else {}  # klein's
+        return pipe.inpaint(line.image, line.mask, line.prompt, line.options,
+                            progress=progress, **extra)
     if line.mode == "outpaint":
         return pipe.outpaint(line.image, line.prompt, line.options, progress=progress)
-    return pipe.edit([line.image], line.prompt, line.options, mask=line.mask,
-                     progress=progress)
+    return pipe.edit([line.image, *line.references], line.prompt, line.options,
+                     mask=line.mask, progress=progress)
 
 
 def write_line(line: Line, images: list, folder: Path) -> list[Path]:

@@ -45,7 +45,8 @@ def stack_key(line: batch.Line) -> tuple | None:
         return None
     return (line.mode, line.size, o.effective_steps, o.effective_guidance, o.strength,
             o.max_sequence_length, o.crop_to_mask, o.left, o.right,
-            o.top, o.bottom, o.overlap, o.width, o.height, o.keep_size, o.auto_resize)
+            o.top, o.bottom, o.overlap, o.width, o.height, o.keep_size, o.auto_resize,
+            len(line.references))
 
 
 def chunks(lines: list[batch.Line], batch_size: int) -> list[list[batch.Line]]:
@@ -69,10 +70,12 @@ def chunks(lines: list[batch.Line], batch_size: int) -> list[list[batch.Line]]:
 def prepare_line(pipe, line: batch.Line) -> EditJob:
     """The line's prepared EditJob (not denoised), on its mode's pipeline."""
     if line.mode == "inpaint":
-        return pipe.inpaint_job(line.image, line.mask, line.prompt, line.options)
+        extra = {"reference": line.references[0]} if line.references else {}  # klein's
+        return pipe.inpaint_job(line.image, line.mask, line.prompt, line.options, **extra)
     if line.mode == "outpaint":
         return pipe.outpaint_job(line.image, line.prompt, line.options)
-    return pipe.edit_job([line.image], line.prompt, line.options, mask=line.mask)
+    return pipe.edit_job([line.image, *line.references], line.prompt, line.options,
+                         mask=line.mask)
 
 
 def paste_back(line: batch.Line) -> bool:

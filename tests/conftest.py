@@ -3,6 +3,8 @@
 - `tiny_mlx`, `small_mlx` (session scope): the folders the non-parity tests use, built
   without torch by `scripts/make_mlx_checkpoint.py` (mlx-edit's own models, MLX random init;
   same presets and layout as below). No torch, diffusers or transformers needed.
+- `tiny_klein_mlx` (session scope): a FLUX.2 [klein] folder (diffusers layout, preset
+  `tiny` of scripts/klein_fixtures.py), built torch-free.
 - `tiny_sam_mlx` (session scope): a SAM 2.1 folder (transformers Sam2Model layout, preset
   `tiny` of scripts/sam_fixtures.py) built torch-free by make_mlx_checkpoint.write_segmenter.
 - `tiny_ckpt`, `small_ckpt`, `wide_ckpt` (session scope, parity tests): Path of a folder
@@ -84,6 +86,14 @@ def tiny_sam_mlx(tmp_path_factory) -> Path:
     """SAM 2.1 preset `tiny` (256 px input), built torch-free (mlx-edit's SamModel)."""
     out = tmp_path_factory.mktemp("sam-mlx") / "tiny"
     return import_script("make_mlx_checkpoint").write_segmenter(out, "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_mlx(tmp_path_factory) -> Path:
+    """FLUX.2 [klein] preset `tiny`, built torch-free (scripts/klein_fixtures.build_mlx).
+    Shared: a test that changes a folder's files copies it first."""
+    out = tmp_path_factory.mktemp("klein-mlx") / "tiny"
+    return import_script("klein_fixtures").build_mlx(out, "tiny")
 
 
 @pytest.fixture(scope="session")

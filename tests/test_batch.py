@@ -91,15 +91,18 @@ def test_bad_lines_named_before_any_model_loads(photos, tmp_path, monkeypatch): 
             {**good, "mode": "outpaint", "id": "o"}, good,
             {k: v for k, v in good.items() if k != "mask"} | {"id": "p",
                                                                "mask_points": [[900, 5]]},
-            {**good, "id": "two", "num_images": 2}, {**good, "id": "two-1"}]
+            {**good, "id": "two", "num_images": 2}, {**good, "id": "two-1"},
+            {**good, "id": "r", "references": [good["image"]]},
+            {**good, "id": "e", "mode": "edit", "references": ["missing.png"]}]
     m = _manifest(tmp_path / "m.jsonl", rows)
     r = invoke("batch", m, "--output-dir", tmp_path / "out", "--no-prompt-cache")
     assert r.exit_code == 2
     for n, word in [(2, "JSON"), (3, "mask"), (4, "colour"), (5, "steps"), (6, "not found"),
                     (7, "needs mask"), (8, "outpaint needs"), (9, "already used on line 1"),
-                    (10, "outside"), (12, "two-1.png is also line 11")]:
+                    (10, "outside"), (12, "two-1.png is also line 11"),
+                    (13, "inpaint takes no references"), (14, "not found")]:
         assert f"line {n}: " in r.output and word in r.output.split(f"line {n}: ")[1]
-    assert "line 1:" not in r.output and "10 invalid line(s)" in r.output
+    assert "line 1:" not in r.output and "12 invalid line(s)" in r.output
     assert not (tmp_path / "out").exists()
 
 

@@ -29,9 +29,8 @@ from mlx_edit.sampling import cache
 
 
 @pytest.fixture(scope="module")
-def klein(tmp_path_factory, import_script):
-    out = tmp_path_factory.mktemp("klein-cache") / "tiny"
-    return import_script("klein_fixtures").build_mlx(out, "tiny")
+def klein(tiny_klein_mlx):
+    return tiny_klein_mlx
 
 
 @pytest.fixture(scope="module")

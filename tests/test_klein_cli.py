@@ -24,9 +24,8 @@ from mlx_edit.weights.core import WeightLoadError
 
 
 @pytest.fixture(scope="module")
-def klein(tmp_path_factory, import_script):
-    out = tmp_path_factory.mktemp("klein-mlx") / "tiny"
-    return import_script("klein_fixtures").build_mlx(out, "tiny")
+def klein(tiny_klein_mlx):
+    return tiny_klein_mlx
 
 
 @pytest.fixture(scope="module")
@@ -204,30 +203,42 @@ def test_memory_estimate_counts_klein_parts(klein):
 
 
 def test_batch_runs_klein_lines(klein, photos, tmp_path):
-    """`mlx-edit batch --model <klein> --edit-model <klein>`: inpaint and edit lines run
-    on FluxKlein with klein's defaults; an outpaint line is refused by name."""
+    """`mlx-edit batch --model <klein> --edit-model <klein>` on scikit-image photos: an
+    edit line with a reference and an inpaint line with one run on FluxKlein with
+    klein's defaults; an outpaint line and an inpaint with two references are refused by
+    name."""
     import json
 
     lines = [{"id": "fix", "image": str(photos / "astronaut.png"),
               "mask": str(photos / "mask.png"), "prompt": "a cup", "steps": 1,
-              "max_sequence_length": 32},
+              "references": ["coffee.png"], "max_sequence_length": 32, "feather": 0},
              {"id": "edit", "mode": "edit", "image": str(photos / "coffee.png"),
-              "prompt": "make it blue", "max_sequence_length": 32},
+              "references": [str(photos / "astronaut.png")],
+              "prompt": "add the astronaut", "max_sequence_length": 32},
              {"id": "out", "mode": "outpaint", "image": str(photos / "coffee.png"),
-              "prompt": "more", "left": 32}]
-    manifest = tmp_path / "m.jsonl"
+              "prompt": "more", "left": 32},
+             {"id": "two", "image": "astronaut.png", "mask": "mask.png", "prompt": "x",
+              "references": ["coffee.png", "coffee.png"]}]
+    manifest = photos / "m.jsonl"  # references relative to the manifest's folder
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     r = invoke("batch", manifest, "--output-dir", tmp_path / "out", "--model", klein,
                "--edit-model", klein, "--no-prompt-cache", "--skip-invalid")
-    assert r.exit_code == 1, r.output  # --skip-invalid: the skipped line is recorded
+    assert r.exit_code == 1, r.output  # --skip-invalid: the skipped lines are recorded
     assert "outpaint needs a FLUX.1 model" in r.output
+    assert "line 4: inpaint takes one reference, got 2" in r.output
     records = [json.loads(x)
                for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted((rec.get("id", f"line {rec.get('line')}"), rec["status"])
                   for rec in records) == [("edit", "ok"), ("fix", "ok"),
-                                          ("line 3", "skipped")], records
+                                          ("line 3", "skipped"), ("line 4", "skipped")], records
     edited = Image.open(tmp_path / "out" / "edit.png")
     assert edited.info["steps"] == "4" and edited.size == (112, 80)  # klein's default steps
+    assert edited.info["references"] == "2"
+    fixed = Image.open(tmp_path / "out" / "fix.png")
+    assert fixed.info["reference"] == "True" and fixed.size == (150, 110)
+    res, src = np.asarray(fixed.convert("RGB")), np.asarray(Image.open(photos / "astronaut.png"))
+    outside = np.asarray(Image.open(photos / "mask.png")) == 0
+    assert np.array_equal(res[outside], src[outside])
 
 
 def test_serve_runs_klein(klein, photos):
@@ -270,6 +281,50 @@ def test_prompt_cache_keeps_embeddings_without_pooled(klein, tmp_path, monkeypat
     again = second.encode_prompt("a red boat", max_sequence_length=32)
     assert not loads and again.pooled is None
     assert np.array_equal(np.array(again.txt), np.array(embeds.txt))
+
+
+def test_prompt_disk_cache_keyed_on_the_encoder(klein, tmp_path, monkeypatch):
+    """A klein prompt is a disk-cache hit on a second run (Qwen3 never loads), and a
+    miss, re-encoded, once the encoder folder changes: new Qwen3 weights, then a new
+    chat template in tokenizer/ (both change the embeddings). Each run is a fresh
+    pipeline and PromptCache, as a new process."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_edit.editing import prompts
+    from mlx_edit.editing.prompt_cache import PromptCache
+
+    folder = tmp_path / "klein"
+    shutil.copytree(klein, folder)
+    loads, load_qwen3 = [], prompts.load_qwen3
+    monkeypatch.setattr(prompts, "load_qwen3",
+                        lambda *a, **k: (loads.append(a), load_qwen3(*a, **k))[1])
+
+    def run():
+        pipe = FluxKlein.from_pretrained(folder, low_memory=True)
+        pipe.disk_prompt_cache = cache = PromptCache(tmp_path / "cache")
+        txt = np.array(pipe.encode_prompt("a red boat", max_sequence_length=64).txt)
+        return txt, (cache.hits, cache.misses, len(loads))
+
+    first, counts = run()
+    assert counts == (0, 1, 1)
+    again, counts = run()
+    assert counts == (1, 0, 1) and np.array_equal(again, first)
+    shard = folder / "text_encoder" / "model-00001-of-00002.safetensors"
+    weights = load_file(shard)
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] * 1.5
+    save_file(weights, shard, metadata={"format": "pt"})
+    new_weights, counts = run()
+    assert counts == (0, 1, 2) and not np.allclose(new_weights, first)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    tok = json.loads(config.read_text())
+    tok["chat_template"] = "Describe an image.\n" + tok["chat_template"]
+    config.write_text(json.dumps(tok))
+    new_template, counts = run()
+    assert counts == (0, 1, 3) and not np.allclose(new_template, new_weights)
+    assert run()[1] == (1, 0, 3)
 
 
 def test_flux1_classes_refuse_a_klein_folder(klein):

@@ -171,7 +171,7 @@ def test_queue_full_is_429_and_queued_jobs_cancel_at_once(make_client, photo):
     ({"options": {"segment_model": "/etc"}}, 400, "names files on the server"),
     ({"options": {"num_images": 9}}, 400, "num_images must be <= 8"),
     ({"options": "[1"}, 400, "options must be JSON"),
-    ({"mode": "edit"}, 400, "no kontext model"),
+    ({"mode": "edit"}, 400, "no model for edit"),
     ({"prompt": ""}, 400, "prompt is required"),
     ({"priority": "urgent"}, 400, "priority must be"),
     ({"points": "[[10, 20]]"}, 400, "this server has no segmenter"),
@@ -298,7 +298,8 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """`mlx-edit serve` as a process on 127.0.0.1 (a free port), cwd `cwd`."""
+    """`mlx-edit serve` as a process on 127.0.0.1 (a free port), cwd `cwd`; `model` the
+    --model (None: none given)."""
 
     def __init__(self, model, cwd, *args):
         import subprocess
@@ -308,7 +309,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from mlx_edit.cli import main; main()", "serve",
-             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+             *(["--model", str(model)] if model else []),
+             "--host", "127.0.0.1", "--port", str(self.port),
              *(args or ("--no-prompt-cache",))],  # never the user's ~/.cache in tests
             cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -30,17 +30,16 @@ FAST = {"options": json.dumps({"steps": 2, "max_sequence_length": 64, "seed": 1}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_mlx, tmp_path_factory, import_script):
+def server(tiny_mlx, tiny_klein_mlx):
     """The URL of a server with Fill (inpaint) and klein (edit, generate), token TOKEN."""
     import uvicorn
 
     from mlx_edit.editing.fill import FluxFill
     from mlx_edit.editing.klein import FluxKlein
 
-    klein = import_script("klein_fixtures").build_mlx(
-        tmp_path_factory.mktemp("klein") / "tiny", "tiny")
     app = create_app(ServeConfig(token=TOKEN), pipelines={
-        "fill": FluxFill.from_pretrained(tiny_mlx), "kontext": FluxKlein.from_pretrained(klein)})
+        "fill": FluxFill.from_pretrained(tiny_mlx),
+        "kontext": FluxKlein.from_pretrained(tiny_klein_mlx)})
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

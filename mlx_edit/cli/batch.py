@@ -159,8 +159,8 @@ def _check_models(lines: list, opts: dict) -> None:
 def batch_command(manifest, output_dir, steps, guidance, seed, max_sequence_length, sets,
                   skip_invalid, overwrite, **opts):
     """Run the edits of MANIFEST (JSON Lines: image, mask or mask_points/mask_box, prompt,
-    optional mode, id and edit options) into OUTPUT_DIR; resumable; under mlx.launch,
-    shared over the ranks."""
+    optional mode, references, id and edit options) into OUTPUT_DIR; resumable; under
+    mlx.launch, shared over the ranks."""
 
     defaults = _defaults(steps, guidance, seed, max_sequence_length, sets)
     output_dir = output_dir.expanduser()

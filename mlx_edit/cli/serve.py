@@ -28,9 +28,14 @@ class RedactToken(logging.Filter):
 
 @click.command("serve", cls=OneLineCommand)
 @click.option("--model", "-m", default=None, show_default="black-forest-labs/FLUX.1-Fill-dev",
-              help="FLUX.1 Fill repo id, diffusers folder or mlx-edit folder.")
+              help="FLUX.1 Fill repo id, diffusers folder or mlx-edit folder (none when "
+                   "--klein-model is given alone).")
 @click.option("--kontext-model", default=None,
               help="Also keep FLUX.1 Kontext loaded (the `edit` mode).")
+@click.option("--klein-model", default=None,
+              help="Also keep FLUX.2 [klein] loaded: instruction edits with reference "
+                   "images, inpainting with an optional reference, text-to-image. Alone "
+                   "(no --model): klein only.")
 @click.option("--segment-model", default=None,
               help="SAM 2.1 checkpoint for masks from clicks/boxes (default: the model "
                    "folder's segmenter/, else clicks are refused).")
@@ -54,8 +59,8 @@ class RedactToken(logging.Filter):
 @click.option("--preview-every", type=click.IntRange(0), default=1, show_default=True,
               help="A JPEG preview in every N-th step event (0: none).")
 @prompt_cache_options
-def serve_command(model, kontext_model, segment_model, quantize, low_memory, host, port,
-                  token, max_queue, max_upload_mb, max_images, max_resident_gb,
+def serve_command(model, kontext_model, klein_model, segment_model, quantize, low_memory,
+                  host, port, token, max_queue, max_upload_mb, max_images, max_resident_gb,
                   preview_every, prompt_cache, prompt_cache_gb, no_prompt_cache):
     """Serve edits over HTTP with the models kept loaded (API docs at /docs)."""
     if token is not None and not token.strip():
@@ -72,7 +77,7 @@ def serve_command(model, kontext_model, segment_model, quantize, low_memory, hos
     except ImportError as e:
         raise click.UsageError(f"serve needs {e.name}: pip install 'mlx-edit[serve]'") \
             from None
-    config = ServeConfig(model=model, kontext_model=kontext_model,
+    config = ServeConfig(model=model, kontext_model=kontext_model, klein_model=klein_model,
                          segment_model=segment_model,
                          quantize=int(quantize) if quantize else None,
                          low_memory=low_memory, token=token, max_queue=max_queue,
@@ -80,7 +85,11 @@ def serve_command(model, kontext_model, segment_model, quantize, low_memory, hos
                          max_resident_gb=max_resident_gb, preview_every=preview_every,
                          prompt_cache=None if no_prompt_cache else str(prompt_cache),
                          prompt_cache_gb=prompt_cache_gb)
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except BaseException:
+        sock.close()
+        raise
     logging.getLogger("uvicorn.access").addFilter(RedactToken())
     click.echo(f"mlx-edit serving on http://{host}:{port}/ (API docs: /docs)", err=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -1,13 +1,18 @@
-"""Prompt embeddings cached on disk, so repeated prompts never pay for T5-XXL again.
+"""Prompt embeddings cached on disk, so repeated prompts never pay for T5-XXL (or Qwen3)
+again.
 
     cache = PromptCache("~/.cache/mlx-edit/prompts", max_bytes=2 * 2**30)
     pipe.disk_prompt_cache = cache        # FluxPipeline.encode_prompt looks here first
 
-One entry is one safetensors file `<key>.safetensors` holding `txt` (1, L, 4096: the T5
-sequence) and `pooled` (1, 768: CLIP's pooled output), in the pipeline's dtype. The key
-is a SHA-256 of: the text encoders' files (name, size, modification time of every file
-in `text_encoder/` and `text_encoder_2/`: a re-converted or replaced encoder misses), the
-dtype, the T5 quantization, the CLIP prompt, the T5 prompt and max_sequence_length.
+One entry is one safetensors file `<key>.safetensors` holding `txt` (FLUX.1: (1, L, 4096),
+the T5 sequence; FLUX.2 [klein]: (1, L, 3 x hidden), Qwen3's stacked hidden states) and,
+for FLUX.1, `pooled` (1, 768: CLIP's pooled output), in the pipeline's dtype. The key is a
+SHA-256 of: the prompt encoder's files (name, size, modification time of every file in
+its encoder and tokenizer folders: `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
+`tokenizer_2/` for FLUX.1, `text_encoder/` and `tokenizer/` (with the chat template) for
+FLUX.2: a re-converted or replaced encoder or template misses), the dtype, the
+quantization, the prompt, the T5 prompt, max_sequence_length and the loaded LoRAs
+that change the text encoder (none for FLUX.2, whose LoRAs are the transformer's).
 Entries are written atomically (temp file, rename), so concurrent processes (batch
 ranks sharing a folder) at worst both encode a prompt once. The folder is bounded:
 after each write the least recently used entries (by modification time, refreshed on

@@ -50,10 +50,11 @@ def check_length(n: int, max_sequence_length: int, encoder: str) -> None:
 class ClipT5Text:
     """FLUX.1's text encoders: CLIP-L (`text_encoder/`, pooled from `prompt`) and T5
     (`text_encoder_2/`, the sequence from `prompt_2 or prompt`). `folders`: the encoders'
-    folders (checked at load, keying the prompt cache). The tokenizers are read when made
-    (WeightLoadError for damaged files)."""
+    folders (checked at load); they and `tokenizers` key the disk prompt cache. The
+    tokenizers are read when made (WeightLoadError for damaged files)."""
 
     folders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
 
     def __init__(self, root: Path):
         self.root = root
@@ -93,9 +94,11 @@ class Qwen3Text:
     """FLUX.2's text encoder: Qwen3 (`text_encoder/`) over the chat-templated prompt
     (`tokenizer/`), the hidden states of its out layers (klein: 9, 18, 27) stacked per
     token (diffusers Flux2KleinPipeline `_get_qwen3_prompt_embeds`; mlx_edit.editing.text_qwen3);
-    no pooled vector. The tokenizer is read when made (WeightLoadError when damaged)."""
+    no pooled vector. The tokenizer (and its chat template) is read when made
+    (WeightLoadError when damaged); `folders` and `tokenizers` key the disk cache."""
 
     folders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
 
     def __init__(self, root: Path):
         self.root = root
@@ -154,7 +157,8 @@ class Prompts:
         second = m.text.check(prompt, prompt_2, max_sequence_length)
         disk, disk_key, embeds = self.disk_cache, None, None
         if disk is not None:  # on disk: the text encoders are not loaded at all on a hit
-            encoders = [component_dir(m.root, c) for c in m.text.folders]
+            encoders = [component_dir(m.root, c)  # weights, tokenizers, chat template
+                        for c in (*m.text.folders, *m.text.tokenizers)]
             disk_key = disk.key(encoders, m.dtype, m.quantize, prompt, second,
                                 max_sequence_length, key[3])
             embeds = disk.get(disk_key)

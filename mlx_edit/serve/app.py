@@ -1,8 +1,9 @@
 """The FastAPI app of `mlx-edit serve`: routes over a JobRunner and resident models
-(serve/resident.py: Fill, Kontext, SAM, evicted LRU by estimated size).
+(serve/resident.py: Fill, Kontext, FLUX.2 [klein], SAM, evicted LRU by estimated size).
 
-    POST   /v1/edits                 multipart (image, mask | points/box, prompt, mode,
-                                     options JSON, priority) or JSON (base64 images)
+    POST   /v1/edits                 multipart (image, mask | points/box, reference(s),
+                                     prompt, mode, model, options JSON, priority) or
+                                     JSON (base64 images)
                                      -> 202 {"id", "state"}
     GET    /v1/jobs/{id}             state, phase, step/total, timings, error
     GET    /v1/jobs/{id}/events      server-sent events: queued, running, phase (model
@@ -66,40 +67,53 @@ from mlx_edit.serve.uploads import (
     UploadTooLarge,
     build_mask_request,
     build_request,
+    kind_model,
     read_fields,
+    served_modes,
 )
+from mlx_edit.weights.sources import read_model_index
 
 EVENT_POLL_S = 0.05  # how often an event stream looks for new events
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing the stream
 
 
 def model_loaders(config: ServeConfig, cache=None) -> dict:
-    """{kind: () -> pipeline} of the configured pipelines: "fill" (always), "kontext"
-    (with kontext_model); the segmenter's is added by `_resident`. Each gets `cache` (a
-    PromptCache) when one is given."""
+    """{kind: () -> pipeline} of the configured pipelines: "fill" (model, or FluxFill's
+    default repo unless klein_model is given), "kontext" (kontext_model), "klein"
+    (klein_model: FluxKlein); the segmenter's is added by `_resident`. Each gets `cache`
+    (a PromptCache) when one is given. Raises InputError when klein_model's
+    model_index.json names a FLUX.1 pipeline (before anything loads)."""
+    from mlx_edit import variants
     from mlx_edit.editing.fill import FluxFill
+    from mlx_edit.editing.klein import FluxKlein
     from mlx_edit.editing.kontext import FluxKontext
 
     kw = {"quantize": config.quantize, "low_memory": config.low_memory}
 
-    def fill():
-        cls = _family_class(config.model, FluxFill)
-        pipe = cls.from_pretrained(config.model, **kw) if config.model \
-            else cls.from_pretrained(**kw)
-        return _with_cache(pipe, cache)
-    loaders = {"fill": fill}
+    def loader(model, flux1_class):
+        def load():
+            cls = _family_class(model, flux1_class)
+            pipe = cls.from_pretrained(model, **kw) if model else cls.from_pretrained(**kw)
+            return _with_cache(pipe, cache)
+        return load
+    loaders = {}
+    if config.model or not config.klein_model:
+        loaders["fill"] = loader(config.model, FluxFill)
     if config.kontext_model:
-        def kontext():
-            cls = _family_class(config.kontext_model, FluxKontext)
-            return _with_cache(cls.from_pretrained(config.kontext_model, **kw), cache)
-        loaders["kontext"] = kontext
+        loaders["kontext"] = loader(config.kontext_model, FluxKontext)
+    if config.klein_model:
+        index = read_model_index(config.klein_model)  # {}: unreadable now (loading says why)
+        if index and variants.family_of(index.get("_class_name")) != "flux2":
+            raise InputError(f"--klein-model {config.klein_model} holds a FLUX.1 model: give "
+                             "a FLUX.2 [klein] folder or repo (FLUX.1 ones go to --model / "
+                             "--kontext-model)")
+        loaders["klein"] = loader(config.klein_model, FluxKlein)
     return loaders
 
 
 def _family_class(model, flux1_class):
     """FluxKlein for a FLUX.2 [klein] folder (its model_index.json), else `flux1_class`."""
     from mlx_edit import variants
-    from mlx_edit.weights.sources import read_model_index
 
     if variants.family_of(read_model_index(model).get("_class_name")) == "flux2":
         from mlx_edit.editing.klein import FluxKlein
@@ -158,26 +172,29 @@ def _run_edit(state, request, progress) -> tuple[list, dict]:
         if config.preview_every:
             progress = state.previewer.for_job(pipe, progress, config.preview_every,
                                                config.preview_max_side)
-        o = request.options
-        if request.mode == "inpaint":
-            images = pipe.inpaint(request.image, mask, request.prompt, o, progress=progress)
+        o, refs = request.options, request.references
+        if request.mode == "inpaint":  # a reference: FLUX.2 [klein]'s (uploads checked)
+            extra = {"reference": refs[0]} if refs else {}
+            images = pipe.inpaint(request.image, mask, request.prompt, o, progress=progress,
+                                  **extra)
         elif request.mode == "outpaint":
             images = pipe.outpaint(request.image, request.prompt, o, progress=progress)
         else:  # image None: text-to-image (FLUX.2 [klein])
-            images = pipe.edit([request.image, *request.references] if request.references
-                               else request.image, request.prompt, o, mask=mask,
-                               progress=progress)
+            images = pipe.edit([request.image, *refs] if refs else request.image,
+                               request.prompt, o, mask=mask, progress=progress)
         # the pipeline's own load_stats are its construction's, paid once, not by this job
         return images, {**{k: v for k, v in pipe.last_stats.items()
                            if k not in pipe.load_stats}, **stats}
 
 
 def _segmenter(config: ServeConfig, preloaded: dict) -> str | None:
-    """The segmenter's checkpoint: segment_model, else the Fill folder's `segmenter/`."""
+    """The segmenter's checkpoint: segment_model, else the `segmenter/` of the Fill (or,
+    without Fill, the klein) folder."""
     if config.segment_model:
         return config.segment_model
-    fill = preloaded.get("fill")
-    own = getattr(fill, "root", None) if fill is not None else config.model
+    pipe = preloaded.get("fill", preloaded.get("klein"))
+    own = getattr(pipe, "root", None) if pipe is not None else \
+        config.model or config.klein_model
     return str(Path(own) / "segmenter") if own and (Path(own) / "segmenter").is_dir() \
         else None
 
@@ -386,18 +403,19 @@ def _source(state, kind: str) -> str:
     model = state.resident.models.get(kind)
     if getattr(model, "source", None):
         return str(model.source)
-    return str({"fill": state.config.model, "kontext": state.config.kontext_model,
-                "segmenter": state.segmenter}.get(kind))
+    return str(state.segmenter if kind == "segmenter" else kind_model(kind, state.config))
 
 
 @router.get("/v1/health")
 def health(request: Request):
-    """Liveness (no token needed): version, the models it serves ({kind: source}), the
-    resident ones with their estimated GB, the prompt cache's hits/misses, the queue."""
+    """Liveness (no token needed): version, the models it serves ({kind: source}), which
+    serve each mode (`uploads.served_modes`: the page's model choice), the resident ones
+    with their estimated GB, the prompt cache's hits/misses, the queue."""
     state = request.app.state
     running, resident, cache = state.runner.running, state.resident, state.prompt_cache
     return {"status": "ok", "version": __version__,
             "models": {k: _source(state, k) for k in sorted(resident.kinds)},
+            "serves": served_modes(state.config, resident.kinds - {"segmenter"}),
             "segmenter": "segmenter" in resident.kinds,
             "resident": {k: round(resident.sizes[k], 3) for k in list(resident.models)},
             "resident_budget_gb": state.config.max_resident_gb,
@@ -448,7 +466,10 @@ def _resident(config: ServeConfig, pipelines: dict | None):
     """(Resident, segmenter checkpoint or None, prompt cache or None) of the app."""
     cache = prompt_cache(config)
     loaders = {} if pipelines is not None else model_loaders(config, cache)
-    preloaded = dict(pipelines) if pipelines is not None else {"fill": loaders["fill"]()}
+    if pipelines is None:  # Fill, else klein, made now: a folder it cannot read fails here
+        first = "fill" if "fill" in loaders else "klein"
+        pipelines = {first: loaders[first]()}
+    preloaded = dict(pipelines)
     segmenter = _segmenter(config, preloaded)
     if segmenter and "segmenter" not in preloaded:
         from mlx_edit.editing.segment import Segmenter
@@ -458,7 +479,8 @@ def _resident(config: ServeConfig, pipelines: dict | None):
         if kind != "segmenter":
             _with_cache(model, cache)
     if cache is None:  # given pipelines may bring their own
-        cache = getattr(preloaded.get("fill"), "disk_prompt_cache", None)
+        cache = next((m.disk_prompt_cache for k, m in preloaded.items()
+                      if k != "segmenter" and m.disk_prompt_cache is not None), None)
     resident = Resident(loaders, _size, config.max_resident_gb, preloaded)
     return resident, segmenter, cache
 

@@ -13,8 +13,13 @@ class ServeConfig:
     """The server's configuration; only the server chooses models (clients never send
     paths).
 
-    model: FLUX.1 Fill repo id or folder (None: FluxFill's default repo).
-    kontext_model: FLUX.1 Kontext repo id or folder; None = no `edit` mode.
+    model: FLUX.1 Fill repo id or folder (the "fill" kind: inpaint, outpaint); None:
+      FluxFill's default repo, or no Fill at all when klein_model is given.
+    kontext_model: FLUX.1 Kontext repo id or folder (the "kontext" kind: `edit` mode);
+      None = none.
+    klein_model: FLUX.2 [klein] repo id or folder (the "klein" kind: `edit` mode with
+      reference images, `inpaint` with an optional reference, text-to-image over the
+      OpenAI API), resident next to (or instead of) the FLUX.1 models; None = none.
     segment_model: SAM 2.1 checkpoint for masks from points/boxes; None = the Fill
       folder's `segmenter/` when it has one, else points/boxes are refused.
     quantize: 4 / 8 bits for the transformers, or None. low_memory: as FluxFill's.
@@ -38,6 +43,7 @@ class ServeConfig:
 
     model: str | None = None
     kontext_model: str | None = None
+    klein_model: str | None = None
     segment_model: str | None = None
     quantize: int | None = None
     low_memory: bool = False

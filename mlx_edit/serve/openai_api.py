@@ -2,7 +2,8 @@
 unchanged (https://platform.openai.com/docs/api-reference/images):
 
     POST /v1/images/edits        multipart: image (or image[], several: the first is
-                                 edited, all are references), mask (PNG: transparent =
+                                 edited, all are references; a klein inpaint: the
+                                 second is its reference), mask (PNG: transparent =
                                  edit), prompt, model, n, size, response_format
     POST /v1/images/generations  JSON: prompt, model, n, size, response_format
     GET  /v1/models              the models served here, by the names `model` takes
@@ -15,12 +16,13 @@ result store (`GET /v1/jobs/{id}/images/{k}`, same token rules). Errors have Ope
 shape, `{"error": {"message", "type", "param", "code"}}`.
 
 Models are looked up in the resident-model table (serve/resident.py kinds): each kind
-serves one mode ("fill": inpaint, "kontext": instruction edit, with a FLUX.1 Kontext or
-FLUX.2 [klein] folder) and is named by its variant (mlx_edit.variants: "fill",
-"kontext", "klein", "klein-base") or its kind. Without `model`, an edit with a mask goes
-to the inpainting model, one without to the instruction model. A variant in
-`TEXT_TO_IMAGE` also generates. Without `size` an edit keeps the input's size; with one,
-the inputs are resized to it first.
+serves its modes ("fill": inpaint, "kontext": instruction edit, with a FLUX.1 Kontext or
+FLUX.2 [klein] folder, "klein": instruction edit, and inpaint with a mask) and is named
+by its variant (mlx_edit.variants: "fill", "kontext", "klein", "klein-base") or its kind.
+Without `model`, an edit with a mask goes to the inpainting model, one without to the
+instruction model (uploads.SERVED_MODES' order). A variant in `TEXT_TO_IMAGE` also
+generates. Without `size` an edit keeps the input's size; with one, the inputs are
+resized to it first.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from mlx_edit.serve.schema import (
     json_body,
 )
 from mlx_edit.serve.uploads import (
+    SERVED_MODES,
     EditRequest,
     _options,
     build_request,
+    max_references,
     open_image,
     read_fields,
     request_prompt,
@@ -59,7 +63,7 @@ from mlx_edit.serve.uploads import (
 log = logging.getLogger("mlx_edit.serve")
 PREFIXES = ("/v1/images", "/v1/models")  # routes answering errors in OpenAI's shape
 TEXT_TO_IMAGE = ("klein", "klein-base", "klein-kv")  # FluxKlein.edit with no image generates
-KIND_MODE = {"fill": "inpaint", "kontext": "edit"}
+KIND_MODES = {"fill": ("inpaint",), "kontext": ("edit",), "klein": ("edit", "inpaint")}
 MAX_INPUT_IMAGES = 8
 POLL_S = 0.05
 STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
@@ -75,27 +79,32 @@ def error_body(status: int, message: str, param: str | None = None,
 
 @dataclass(frozen=True)
 class Served:
-    """A model of the resident table: its name, kind, mode and variant."""
+    """A model of the resident table: its name, kind, modes (the first without a mask)
+    and variant."""
 
     name: str
     kind: str
-    mode: str
+    modes: tuple[str, ...]
     variant: object
 
     @property
     def generates(self) -> bool:
         return self.variant.name in TEXT_TO_IMAGE
 
+    def mode(self, masked: bool) -> str:
+        """The mode of an edit with or without a mask."""
+        return "inpaint" if masked and "inpaint" in self.modes else self.modes[0]
+
 
 def served_models(state) -> dict[str, Served]:
     """{name: Served} of the pipelines this server serves (loaded or not), by variant
     name, and by kind where it differs."""
     table = {}
-    for kind in sorted(state.resident.kinds & set(KIND_MODE)):
-        pipe = state.resident.models.get(kind)
+    for kind in sorted(state.resident.kinds & set(KIND_MODES)):
+        pipe, modes = state.resident.models.get(kind), KIND_MODES[kind]
         variant = pipe.variant_info if pipe is not None else \
-            served_variant(KIND_MODE[kind], state.config)
-        served = Served(variant.name, kind, KIND_MODE[kind], variant)
+            served_variant(kind, modes[0], state.config)
+        served = Served(variant.name, kind, modes, variant)
         table.setdefault(variant.name, served)
         table.setdefault(kind, served)
     return table
@@ -112,7 +121,9 @@ def _pick(state, name: str | None, masked: bool, generate: bool = False) -> Serv
     if generate:
         return next((s for s in table.values() if s.generates), None) or \
             next(iter(table.values()))
-    return table.get("fill" if masked else "kontext") or table[next(iter(table))]
+    wanted = ("inpaint", "edit") if masked else ("edit", "inpaint")
+    return next((table[k] for mode in wanted for k in SERVED_MODES[mode] if k in table),
+                table[next(iter(table))])
 
 
 class ModelNotFound(InputError):
@@ -203,22 +214,26 @@ def build_edit(fields: dict, files: dict, state) -> EditRequest:
     if "mask" in files and mask is None:
         raise InputError("mask must be a PNG with transparent pixels (alpha 0 = edit)")
     served = _pick(state, fields.get("model"), mask is not None)
-    if mask is None and served.mode == "inpaint":
+    if mask is None and "inpaint" in served.modes:
         mask = _alpha_mask(images[0], limit)  # OpenAI: the image's own transparency
-        if mask is None:
-            others = [n for n, s in served_models(state).items() if s.mode == "edit"]
-            hint = f"; models that edit without one: {', '.join(others)}" if others else ""
-            raise InputError(f"model {served.name} inpaints: send a mask (transparent = "
-                             f"edit){hint}")
-    if len(images) > 1 and served.mode != "edit":
+    mode = served.mode(mask is not None)
+    if mask is None and mode == "inpaint":
+        others = [n for n, s in served_models(state).items() if "edit" in s.modes]
+        hint = f"; models that edit without one: {', '.join(others)}" if others else ""
+        raise InputError(f"model {served.name} inpaints: send a mask (transparent = "
+                         f"edit){hint}")
+    most = max_references(mode, served.variant)  # inpaint: klein's one, Fill's none
+    if mode != "edit" and len(images) - 1 > most:
         raise InputError(f"model {served.name} takes one image; several (references) "
-                         "need an instruction model")
+                         "need an instruction model" if not most else
+                         f"model {served.name} inpaints with at most {most} reference: "
+                         f"send at most {most + 1} images")
     size = parse_size(fields.get("size"))
-    if served.mode == "edit":  # the model's own output size, or keep the input's
+    if mode == "edit":  # the model's own output size, or keep the input's
         extra, size = _output_size(size) or {"keep_size": True}, None
-    else:  # Fill keeps its input's size: the inputs are resized
+    else:  # an inpaint keeps its input's size: the inputs are resized
         extra = {}
-    form = {"mode": served.mode, "prompt": fields.get("prompt"),
+    form = {"mode": mode, "prompt": fields.get("prompt"),
             "options": _raw_options(fields, extra)}
     request = build_request(form, {"image": images[0], **({"mask": mask} if mask else {})},
                             state.config, {served.kind}, variant=served.variant)
@@ -235,7 +250,7 @@ def build_generation(fields: dict, state) -> EditRequest:
         able = [n for n, s in served_models(state).items() if s.generates]
         raise InputError(f"model {served.name} does not generate from text alone; "
                          + (f"models that do: {', '.join(able)}" if able else
-                            f"none here does (a FLUX.2 [klein] folder as --kontext-model "
+                            f"none here does (a FLUX.2 [klein] folder as --klein-model "
                             f"does; {', '.join(TEXT_TO_IMAGE)})"))
     prompt = request_prompt(fields)
     extra = _output_size(parse_size(fields.get("size")))
@@ -310,7 +325,8 @@ def models(request: Request):
     """The models served here (OpenAI's list), by the names `model` takes."""
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "mlx-edit",
-         "kind": s.kind, "mode": s.mode, "generates": s.generates}
+         "kind": s.kind, "mode": s.modes[0], "modes": list(s.modes),
+         "generates": s.generates}
         for name, s in served_models(request.app.state).items()]}
 
 

@@ -1,6 +1,7 @@
 """The server's resident models, evicted least recently used by estimated size.
 
-Kinds: "fill" (FluxFill), "kontext" (FluxKontext), "segmenter" (SAM 2.1 `Segmenter`).
+Kinds: "fill" (FluxFill), "kontext" (FluxKontext), "klein" (FluxKlein), "segmenter"
+(SAM 2.1 `Segmenter`).
 Each configured kind has a loader and a size (GB): for a pipeline, what stays loaded
 between edits by mlx_edit.editing.memory's estimate from its configs (transformer + VAE + LoRAs;
 the text encoders are freed after each prompt); for the segmenter its parameter bytes.

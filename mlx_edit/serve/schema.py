@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from mlx_edit.options import FIELDS, EditOptions
-from mlx_edit.serve.uploads import PATH_OPTIONS
+from mlx_edit.serve.uploads import MODEL_KINDS, PATH_OPTIONS
 
 STRICT = ConfigDict(extra="forbid")
 OPENAI_IGNORED = ("quality", "background", "user", "output_format", "output_compression",
@@ -54,10 +54,15 @@ class EditForm(BaseModel):
                                    "in a JSON body.")
     mask: bytes | None = Field(None, description="White = repaint (a file, or base64).")
     reference: list[bytes] | None = Field(None, description="Edit mode: further images "
-                                          "(up to 4; repeat the file field, or a list of "
-                                          "base64 in a JSON body).")
+                                          "(up to 4); a FLUX.2 [klein] inpaint: one, for "
+                                          "the repainted area. Repeat the file field, or "
+                                          "a list of base64 in a JSON body.")
     prompt: str = Field(description="What to paint, or the instruction (edit mode).")
     mode: Literal["inpaint", "outpaint", "edit"] = "inpaint"
+    model: Literal[MODEL_KINDS] | None = Field(
+        None, description="The served model that runs it (GET /v1/health `serves`: the "
+                          "models of each mode). Default: inpaint/outpaint fill, edit "
+                          "kontext, else klein.")
     options: str | dict | None = Field(None, description=OPTIONS_HELP)
     priority: Literal["interactive", "batch"] = "interactive"
     points: str | list | None = Field(None, description="Clicks [[x, y], ...] px (JSON), "

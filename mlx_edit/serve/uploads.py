@@ -39,7 +39,11 @@ MAX_REFERENCES = 4  # `reference` uploads of one edit (edit mode's further image
 MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
 PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
 PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
-SERVED_MODES = {"inpaint": "fill", "outpaint": "fill", "edit": "kontext"}
+# The pipeline kinds (serve/resident.py) that serve each mode, the default first; a
+# request's `model` names one (FLUX.2 [klein] serves instruction edits and inpainting).
+SERVED_MODES = {"inpaint": ("fill", "klein"), "outpaint": ("fill",),
+                "edit": ("kontext", "klein")}
+MODEL_KINDS = ("fill", "kontext", "klein")
 MAX_JSON_DEPTH = 16  # nesting of a JSON body or field (an edit request needs ~4)
 MAX_JSON_TOKENS = 100_000  # brackets and strings in one JSON document
 _JSON_STRING = re.compile(rb'"[^"]*"')  # once escaped quotes are gone
@@ -95,10 +99,11 @@ def parse_json(data: str | bytes, what: str) -> Any:
 @dataclass
 class EditRequest:
     """One checked edit: mode ("inpaint" | "outpaint" | "edit"), the pipeline kind that
-    serves it ("fill" | "kontext"), prompt, image (RGB PIL, upright; None: text-to-image,
-    edit mode), mask (float32 (H, W) in [0, 1], a list of `segment.Points` / `Box`, or
-    None), options (EditOptions resolved for the mode), priority (0 interactive, 1
-    batch), references (edit mode: more RGB PIL images after `image`)."""
+    serves it ("fill" | "kontext" | "klein"), prompt, image (RGB PIL, upright; None:
+    text-to-image, edit mode), mask (float32 (H, W) in [0, 1], a list of
+    `segment.Points` / `Box`, or None), options (EditOptions resolved for the mode),
+    priority (0 interactive, 1 batch), references (edit mode: more RGB PIL images after
+    `image`; FLUX.2 [klein] inpaint: at most one, the repainted area's reference)."""
 
     mode: str
     kind: str
@@ -166,20 +171,77 @@ def _model_index(model: str | None) -> dict:
     return read_model_index(model)
 
 
-def served_variant(mode: str, config: ServeConfig):
-    """The variant (mlx_edit.variants) that serves `mode` here: the model of its kind's
-    model_index.json (FLUX.1 Fill / Kontext, or FLUX.2 [klein]); its defaults and refusals
-    apply to the request's options. InputError when that model does not serve `mode`."""
+def kind_model(kind: str, config: ServeConfig) -> str | None:
+    """The configured folder or repo of a pipeline kind ("fill", "kontext", "klein")."""
+    return {"fill": config.model, "kontext": config.kontext_model,
+            "klein": config.klein_model}[kind]
+
+
+def served_variant(kind: str, mode: str, config: ServeConfig):
+    """The variant (mlx_edit.variants) that serves `mode` on the pipeline `kind` here: the
+    model of its folder's model_index.json (FLUX.1 Fill / Kontext, or FLUX.2 [klein]; the
+    klein kind is klein when its index cannot be read); its defaults and refusals apply
+    to the request's options. InputError when that model does not serve `mode`."""
     from mlx_edit import variants
 
-    model = config.kontext_model if SERVED_MODES[mode] == "kontext" else config.model
+    index = _model_index(kind_model(kind, config))
+    if kind == "klein" and not index:
+        index = {"_class_name": variants.KLEIN_PIPELINES[0]}
     try:
-        return variants.for_folder(_model_index(model), mode)
+        return variants.for_folder(index, mode)
     except ValueError as e:
         raise InputError(str(e)) from None
 
 
-def _options(fields: dict, mode: str, config: ServeConfig, variant=None) -> EditOptions:
+def max_references(mode: str, variant) -> int:
+    """How many `reference` uploads a request of `mode` takes on `variant`: edit mode
+    MAX_REFERENCES, a FLUX.2 [klein] inpaint one, anything else none."""
+    if mode == "edit":
+        return MAX_REFERENCES
+    return 1 if mode == "inpaint" and variant.family == "flux2" else 0
+
+
+def serving_kind(mode: str, model: str | None, config: ServeConfig, kinds: set[str]) -> str:
+    """The pipeline kind that runs a request of `mode`: `model` (a kind) when given, else
+    the first of SERVED_MODES[mode] this server has. InputError when `model` is not
+    served here or does not do `mode`, or no model here does it."""
+    if model is not None:
+        if model not in kinds:
+            raise InputError(f"model must be one of {', '.join(sorted(kinds))} on this "
+                             f"server, got {model!r}")
+        if model not in SERVED_MODES[mode]:
+            able = [k for k in SERVED_MODES[mode] if k in kinds]
+            raise InputError(f"model {model} does not {mode}" + (
+                f"; here {', '.join(able)} does" if able else ""))
+        return model
+    for kind in SERVED_MODES[mode]:
+        if kind in kinds:
+            return kind
+    raise InputError(f"this server has no model for {mode} (start it with "
+                     + ("--kontext-model or --klein-model)" if mode == "edit" else
+                        "--model or --klein-model)"))
+
+
+def served_modes(config: ServeConfig, kinds: set[str]) -> dict[str, dict]:
+    """{mode: {kind: {"title", "references", "refuses"}}} of the pipelines served here
+    (the default kind of each mode first): what the page offers per mode, from each
+    kind's variant (its title, the reference uploads it takes (`max_references`), the
+    EditOptions fields it refuses)."""
+    out = {}
+    for mode, order in SERVED_MODES.items():
+        out[mode] = {}
+        for kind in (k for k in order if k in kinds):
+            try:
+                variant = served_variant(kind, mode, config)
+            except InputError:  # e.g. a klein folder as --model: no outpaint
+                continue
+            out[mode][kind] = {"title": variant.title,
+                               "references": max_references(mode, variant),
+                               "refuses": list(variant.refuses)}
+    return out
+
+
+def _options(fields: dict, mode: str, config: ServeConfig, variant) -> EditOptions:
     raw = _json_field(fields, "options", {}) or {}
     if not isinstance(raw, dict):
         raise InputError(f"options must be a JSON object, got {type(raw).__name__}")
@@ -188,7 +250,7 @@ def _options(fields: dict, mode: str, config: ServeConfig, variant=None) -> Edit
             raise InputError(f"option {name} names files on the server: not accepted over "
                              "HTTP (the server's configuration chooses models)")
     check_fields(raw, [k for k in FIELDS if k not in PATH_OPTIONS], "options")
-    options = EditOptions.from_dict(raw, mode, variant or served_variant(mode, config))
+    options = EditOptions.from_dict(raw, mode, variant)
     if options.num_images > config.max_images:
         raise InputError(f"num_images must be <= {config.max_images} on this server, got "
                          f"{options.num_images}")
@@ -239,19 +301,21 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
                   has_ranker: bool = False, variant=None) -> EditRequest:
     """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
 
-    fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
-    priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
-    clicks, with a segmenter). files: image (required), mask (white = repaint),
-    reference (edit mode only: a list of bytes, the further images).
-    kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
-    `ranker/` (else rank is refused: it would download a CLIP model). variant: the
-    served model's (mlx_edit.variants; None: `served_variant`). Raises InputError,
-    UploadTooLarge."""
+    fields: mode (default inpaint), model (the pipeline kind: "fill", "kontext",
+    "klein"; default the first of SERVED_MODES[mode] served here), prompt, options (a
+    JSON object of EditOptions fields), priority ("interactive" | "batch"), points /
+    labels / box (inpaint/edit masks from clicks, with a segmenter). files: image
+    (required), mask (white = repaint), reference (a list of bytes: edit mode's further
+    images; a FLUX.2 [klein] inpaint's one reference: `max_references`).
+    kinds: the pipelines served ("fill", "kontext", "klein"). has_ranker: the Fill
+    folder has a `ranker/` (else rank is refused: it would download a CLIP model).
+    variant: the served model's (mlx_edit.variants; None: `served_variant`). Raises
+    InputError, UploadTooLarge."""
     mode = fields.get("mode") or "inpaint"
     if mode not in SERVED_MODES:
         raise InputError(f"mode must be one of {', '.join(SERVED_MODES)}, got {mode!r}")
-    if SERVED_MODES[mode] not in kinds:
-        raise InputError(f"this server has no {SERVED_MODES[mode]} model for {mode}")
+    kind = serving_kind(mode, fields.get("model") or None, config, kinds)
+    variant = variant or served_variant(kind, mode, config)
     prompt = request_prompt(fields)
     priority = fields.get("priority") or "interactive"
     if priority not in PRIORITIES:
@@ -262,11 +326,20 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
-    refs = files.get("reference") or []
-    if refs and mode != "edit":
-        raise InputError(f"{mode} takes no reference images (they are edit mode's)")
+    refs, most = files.get("reference") or [], max_references(mode, variant)
+    if len(refs) > most:
+        raise InputError(f"{mode} takes no reference images (they are edit mode's, or "
+                         "one for a FLUX.2 [klein] inpaint)" if not most else
+                         f"{mode} takes at most {most} reference image"
+                         f"{'s' if most > 1 else ''} on {variant.title}, got {len(refs)}")
     refs = [load_image(open_image(b, f"reference {i + 1}", config.max_pixels))
             for i, b in enumerate(refs)]
+    if variant.family == "flux2":  # klein's reference rules, before the job queues
+        from mlx_edit.conditioning.klein import check_reference
+
+        for what, ref in [("image", image)] * (mode == "edit") + [
+                (f"reference {i + 1}", r) for i, r in enumerate(refs)]:
+            check_reference(ref, what)
     mask = _click_mask(fields, segmenter, image.size)
     if mask is not None:
         options = dataclasses.replace(options, segment_model=segmenter)
@@ -280,8 +353,7 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if mode == "outpaint":  # the canvas is allocated by the job: refused before queuing
         check_canvas(image.width + options.left + options.right,
                      image.height + options.top + options.bottom)
-    return EditRequest(mode, SERVED_MODES[mode], prompt, image, mask, options,
-                       PRIORITIES[priority], refs)
+    return EditRequest(mode, kind, prompt, image, mask, options, PRIORITIES[priority], refs)
 
 
 async def read_fields(request, known, where: str = "the request",

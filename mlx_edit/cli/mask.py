@@ -182,12 +182,12 @@ def _text_masks(image: Path, text: str, instances: str, threshold: float, each: 
         threshold = check_threshold(threshold, "--threshold")
         instances = check_instances(instances, "--instances")
         photo = load_image(image)
+        if output.resolve() == image.resolve():
+            raise InputError(f"refusing to write {output}: it is the input image")
         taken = [p for p in sorted(output.parent.glob(f"{output.stem}-*.png"))
                  if p.stem[len(output.stem) + 1:].isdigit()] if each else [output]
         if not overwrite and [p for p in taken if p.exists()]:
             raise InputError(f"{taken[0]} already exists; pass --overwrite to replace it")
-        if output.resolve() == image.resolve():
-            raise InputError(f"refusing to write {output}: it is the input image")
         seg = TextSegmenter.from_pretrained(resolve_sam3(find_text_segmenter(model)))
         seg.set_image(photo)
         masks, scores = _chosen(seg.detect(phrase, threshold=threshold), phrase, instances,

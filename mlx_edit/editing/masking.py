@@ -26,10 +26,10 @@ def mask_or_text(mask, o: EditOptions):
     """An edit's `mask` argument, or the `text_segment.TextMask` of `o.mask_text` when
     `mask` is None (the same spec passes again: a method handing its mask on).
     InputError when both a mask and mask_text are given."""
-    from mlx_edit.editing.text_segment import text_mask
+    from mlx_edit.editing.text_segment import TextMask, text_mask
 
     spec = text_mask(o)
-    if spec is None or mask is None or mask == spec:
+    if spec is None or mask is None or (isinstance(mask, TextMask) and mask == spec):
         return spec if mask is None else mask
     raise InputError("give a mask (or clicks) or mask_text, not both")
 

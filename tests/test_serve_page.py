@@ -381,17 +381,15 @@ def test_click_to_mask(browser, tiny_mlx, tmp_path, tmp_path_factory, import_scr
     assert np.array_equal(res[keep], src[keep]) and not np.array_equal(res[want], src[want])
 
 
-def test_mask_from_words(browser, tiny_mlx, tmp_path, tmp_path_factory, import_script):
+def test_mask_from_words(browser, tiny_mlx, tiny_sam3_mlx, tmp_path):
     """With a text segmenter (SAM 3): type a phrase and "Find": the server's mask of
     every instance (threshold 0: random weights score ~0.2-0.35) becomes the painted
     mask, the same as /v1/masks gives for that text."""
-    sam3 = import_script("make_mlx_checkpoint").write_text_segmenter(
-        tmp_path_factory.mktemp("sam3") / "t", "tiny", seed=70)
     path = tmp_path / "in" / "astronaut.png"
     path.parent.mkdir()
     Image.fromarray(data.astronaut()).resize(SIZE).save(path)
     server = ServerProcess(tiny_mlx, tmp_path, "--no-prompt-cache", "--text-segment-model",
-                           str(sam3))
+                           str(tiny_sam3_mlx))
     try:
         page = new_page(browser, ready(server))
         open_photo(page, path)

@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from PIL import Image
 from skimage import data
 
-from conftest import import_script
 from mlx_edit.cli.main import main
 from mlx_edit.imaging.images import InputError
 from mlx_edit.imaging.masks import blend_mask
@@ -28,15 +27,14 @@ FAST = ["--steps", "1", "--seed", "1", "--max-sequence-length", "16", "--feather
 
 
 @pytest.fixture(scope="module")
-def text_model(tiny_mlx, tmp_path_factory):
-    """The tiny FLUX Fill folder (`tiny_mlx`'s files, linked) with a `text-segmenter/`:
-    what make_mlx_checkpoint's "text-segmenter" extra adds, built without torch."""
+def text_model(tiny_mlx, tiny_sam3_mlx, tmp_path_factory):
+    """The tiny FLUX Fill folder (`tiny_mlx`'s files, linked) with a `text-segmenter/`
+    (`tiny_sam3_mlx`): what make_mlx_checkpoint's "text-segmenter" extra builds."""
     root = tmp_path_factory.mktemp("text") / "model"
     root.mkdir()
-    for entry in tiny_mlx.iterdir():
-        (root / entry.name).symlink_to(entry)
-    import_script("make_mlx_checkpoint").write_text_segmenter(root / "text-segmenter",
-                                                              "tiny", seed=70)
+    for entry in [*tiny_mlx.iterdir(), tiny_sam3_mlx]:
+        name = "text-segmenter" if entry == tiny_sam3_mlx else entry.name
+        (root / name).symlink_to(entry)
     return root
 
 

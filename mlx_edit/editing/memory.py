@@ -15,8 +15,8 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
 - SAM 2.1 (a click/box mask): `segmenter_gb`: its weights from the config, and its image
   embedding's activations, linear in the input pixels and the Hiera width (measured).
 - SAM 3 (a mask from words): `text_segmenter_gb`: its three models' weights from the
-  config, and activations counted from the shapes (a global attention layer's scores,
-  the MLP, the FPN levels and the per-query masks).
+  config, and its backbone's activations, linear in the ViT's patch tokens (measured)
+  plus the per-query mask logits.
 
 The peak is the largest phase: [segmenting (SAM 2.1 or SAM 3),] text encoding, VAE encode, denoising, VAE
 decode. The segmenter is loaded for its phase only (mlx_edit.editing.segment.mask_from_prompts
@@ -57,6 +57,12 @@ PHASES = ("text_encode", "vae_encode", "denoise", "vae_decode")
 # SAM image-embedding activations per input pixel and Hiera stage-0 channel (float32, CPU:
 # 0.66 GB for hiera-tiny at 1024 px, 0.68 for hiera-small; benchmarks/RESULTS.md).
 SAM_ACT_BYTES = 6.6
+# SAM 3 backbone activations per ViT patch token (float32, CPU), at facebook/sam3's widths
+# (FPN 256): 0.39-0.41 MB at 336-672 px, 0.49 MB at 1008 (facebook/sam3's input, fitted
+# there: the smaller inputs are over-estimated by up to 25%); mostly the FPN's
+# convolutions at 4x and 2x (benchmarks/RESULTS.md, bench_sam_memory.py --sam3); other
+# FPN widths scale it.
+SAM3_ACT_BYTES_PER_TOKEN = 4.95e5
 
 
 def _backend() -> str:
@@ -175,14 +181,22 @@ def segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
     return weights, act
 
 
+def sam3_backbone_gb(vision, dtype="float32") -> float:
+    """Activations GB of SAM 3's vision backbone (Sam3VisionConfig) on one image:
+    SAM3_ACT_BYTES_PER_TOKEN per ViT patch token, scaled by the FPN width / 256 and the
+    dtype's size / 4 (measured in float32: bench_sam_memory.py --sam3)."""
+    size = (getattr(mx, dtype) if isinstance(dtype, str) else dtype).size
+    vit = vision.backbone_config
+    tokens = (vit.image_size // vit.patch_size) ** 2
+    return SAM3_ACT_BYTES_PER_TOKEN * tokens * vision.fpn_hidden_size / 256 * size / 4 / GB
+
+
 def text_segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
     """(weights GB, activations GB) of SAM 3's image model (vision backbone, text encoder,
-    heads) from its config.json dict (None / {}: facebook/sam3's) computing in `dtype`.
-    Activations are counted from the shapes, float32 on the CPU (no fused attention): the
-    scores of a global attention layer (heads x L^2, L = (size / patch)^2 tokens) plus
-    three copies of its MLP's widest activation, the FPN levels (4x, 2x, 1x: 21 L x
-    fpn width, with a copy) and two copies of the per-query mask logits at the finest
-    level (queries x 16 L)."""
+    heads) from its config.json dict (None / {}: facebook/sam3's) computing in `dtype`:
+    the backbone's activations (`sam3_backbone_gb`) plus two float32 copies of the
+    per-query mask logits at the finest FPN level (queries x 16 tokens; the heads'
+    other activations are small next to them)."""
     from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
     from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder
     from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel
@@ -195,10 +209,8 @@ def text_segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
     weights = sum(model_nbytes(m, float_dtype) for m in models) / GB
     vit = vision.backbone_config
     tokens = (vit.image_size // vit.patch_size) ** 2
-    attention = vit.num_attention_heads * tokens ** 2 + 3 * tokens * vit.intermediate_size
-    fpn = 2 * 21 * tokens * vision.fpn_hidden_size
-    masks = 2 * heads.detr_decoder.num_queries * 16 * tokens
-    return weights, 4 * (attention + fpn + masks) / GB
+    masks = 2 * heads.detr_decoder.num_queries * 16 * tokens * 4 / GB
+    return weights, sam3_backbone_gb(vision, float_dtype) + masks
 
 
 @dataclass

@@ -9,8 +9,9 @@ A manifest line is one JSON object:
 Keys: `image` (path, relative to the manifest's folder), `prompt`, `mode` (inpaint, the
 default; outpaint; edit), `mask` (a path; inpaint needs it, or `mask_points`
 [[x, y], ...] (+ `mask_negative`) / `mask_box` [x0, y0, x1, y1] to segment one with SAM
-2.1, or `mask_text` "the sky" (+ `mask_threshold`, `mask_instances`): SAM 3), `id` (the output name: letters, digits, `._-`; default: the line number and the
-image's name), and any `EditOptions` field the mode takes (mlx_edit.options.FIELDS).
+2.1, or `mask_text` "the sky" (+ `mask_threshold`, `mask_instances`): SAM 3), `id` (the
+output name: letters, digits, `._-`; default: the line number and the image's name), and
+any `EditOptions` field the mode takes (mlx_edit.options.FIELDS).
 Shared defaults (the command's options) apply where a line says nothing. A line without
 a seed gets one from its id, so re-runs and every rank agree.
 

@@ -18,7 +18,8 @@ import cloup
 # `inpaint --help` holds the first groups: what every edit needs.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Image and mask", ("image", "images", "reference", "mask", "mask_point", "mask_negative",
-                        "mask_box", "mask_text", "mask_threshold", "mask_instances", "left", "right", "top", "bottom", "overlap")),
+                        "mask_box", "mask_text", "mask_threshold", "mask_instances", "left",
+                        "right", "top", "bottom", "overlap")),
     ("Prompt", ("prompt", "negative_prompt", "true_cfg_scale", "prompt_2",
                 "max_sequence_length")),
     ("Output", ("output", "num_images", "seed", "width", "height", "keep_size",

@@ -57,9 +57,10 @@ class RedactToken(logging.Filter):
 @click.option("--preview-every", type=click.IntRange(0), default=1, show_default=True,
               help="A JPEG preview in every N-th step event (0: none).")
 @prompt_cache_options
-def serve_command(model, kontext_model, segment_model, text_segment_model, quantize, low_memory, host, port,
-                  token, max_queue, max_upload_mb, max_images, max_resident_gb,
-                  preview_every, prompt_cache, prompt_cache_gb, no_prompt_cache):
+def serve_command(model, kontext_model, segment_model, text_segment_model, quantize,
+                  low_memory, host, port, token, max_queue, max_upload_mb, max_images,
+                  max_resident_gb, preview_every, prompt_cache, prompt_cache_gb,
+                  no_prompt_cache):
     """Serve edits over HTTP with the models kept loaded (API docs at /docs)."""
     if token is not None and not token.strip():
         raise click.UsageError("--token (or MLX_EDIT_TOKEN) is blank: give a non-empty "

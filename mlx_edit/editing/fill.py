@@ -46,9 +46,10 @@ class FluxFill(FluxPipeline):
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
         differs; or clicks/boxes (`mlx_edit.editing.segment.Points` / `Box`, segmented first with
         SAM 2.1: `user_mask`); or None with mask_text (words, SAM 3: mask_threshold,
-        mask_instances, text_segment_model). options: EditOptions, or its fields as keywords (steps, guidance, seed,
-        num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
-        automatic: edit a ~1 MP window around the mask when the image is large),
+        mask_instances, text_segment_model). options: EditOptions, or its fields as
+        keywords (steps, guidance, seed, num_images, strength, grow_mask, feather (px),
+        paste_back, crop_to_mask (None = automatic: edit a ~1 MP window around the mask
+        when the image is large),
         prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
         the style or subject of reference images), controlnets (ControlNetSpec list:
         structure to keep; several are summed)); defaults and ranges: mlx_edit.options.

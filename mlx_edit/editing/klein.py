@@ -70,8 +70,9 @@ class FluxKlein(FluxPipeline):
         image's own size), seed, num_images, strength (with a mask), grow_mask, feather,
         color_match, blend, soft_mask, crop_to_mask, max_sequence_length (Qwen3 tokens).
         mask: white = edit (path, PIL, array of the first image's size, SAM clicks /
-        boxes, or None with mask_text: words, SAM 3): latents outside it are the image's, re-noised, after every step, and its
-        pixels are kept exactly outside the grown, feathered mask.
+        boxes, or None with mask_text: words, SAM 3): latents outside it are the image's,
+        re-noised, after every step, and its pixels are kept exactly outside the grown,
+        feathered mask.
         noise: optional packed initial noise (num_images, N, 128) (parity tests).
         Returns num_images PIL images with their parameters in `.info`.
         Raises InputError (bad images, options or mask; prompt too long; a mask without
@@ -84,7 +85,7 @@ class FluxKlein(FluxPipeline):
     def edit_job(self, images, instruction: str, options: EditOptions | None = None, *,
                  mask=None, noise: mx.array | None = None, **overrides) -> EditJob:
         """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
-        with `run(job, mask is not None)`. Raises as `edit`."""
+        with `run(job, job.metadata["masked"])`. Raises as `edit`."""
         o = self._options(options, overrides, "edit")
         mask = mask_or_text(mask, o)
         check_prompt(instruction, "instruction")

@@ -73,8 +73,8 @@ class FluxKontext(FluxPipeline):
         grow_mask / feather (px), seed, num_images, ...
         mask: white = edit (path, PIL or array of the first image's size; or clicks/boxes,
         `mlx_edit.editing.segment.Points` / `Box`, segmented first with SAM 2.1; or None
-        with mask_text: words, SAM 3): Kontext
-        inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
+        with mask_text: words, SAM 3): Kontext inpainting (diffusers
+        FluxKontextInpaintPipeline): latents start from the image at
         `strength` and, after every step, outside the mask are the image's re-noised;
         the pixels outside the grown, feathered mask are then the (resized, or with
         keep_size the original) image's exactly.
@@ -90,7 +90,7 @@ class FluxKontext(FluxPipeline):
     def edit_job(self, images, instruction: str, options: EditOptions | None = None, *,
                  mask=None, noise: mx.array | None = None, **overrides) -> EditJob:
         """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
-        with `run(job, mask is not None)`. Raises as `edit`."""
+        with `run(job, job.metadata["masked"])`. Raises as `edit`."""
         o = EditOptions.of(options, overrides, "edit")
         mask = mask_or_text(mask, o)
         check_used(o, masked=mask is not None)

@@ -18,9 +18,10 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
   config, and its backbone's activations, linear in the ViT's patch tokens (measured)
   plus the per-query mask logits.
 
-The peak is the largest phase: [segmenting (SAM 2.1 or SAM 3),] text encoding, VAE encode, denoising, VAE
-decode. The segmenter is loaded for its phase only (mlx_edit.editing.segment.mask_from_prompts
-frees it before anything else runs), next to what a normal run keeps resident. The
+The peak is the largest phase: [segmenting (SAM 2.1 or SAM 3),] text encoding, VAE encode,
+denoising, VAE decode. A segmenter is loaded for its phase only
+(mlx_edit.editing.segment.mask_from_prompts, text_segment.mask_for_edit free it before
+anything else runs), next to what a normal run keeps resident. The
 text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
 mlx_edit.editing.components) only the phase's own model is resident: CLIP or T5, the VAE, the
@@ -208,8 +209,8 @@ def text_segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
               Sam3Heads(heads))  # built lazily: nothing allocated
     weights = sum(model_nbytes(m, float_dtype) for m in models) / GB
     vit = vision.backbone_config
-    tokens = (vit.image_size // vit.patch_size) ** 2
-    masks = 2 * heads.detr_decoder.num_queries * 16 * tokens * 4 / GB
+    finest = 16 * (vit.image_size // vit.patch_size) ** 2  # the FPN's 4x level
+    masks = 2 * heads.detr_decoder.num_queries * finest * 4 / GB
     return weights, sam3_backbone_gb(vision, float_dtype) + masks
 
 
@@ -312,8 +313,8 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak"] = max(out[f"phase_{p}"] for p in act)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache, segmenter, window, text_segmenter, cache_branches, text_tokens,
-                         reference_tokens, reference_px, family)
+                         cache, segmenter, window, text_segmenter, cache_branches,
+                         text_tokens, reference_tokens, reference_px, family)
     return out
 
 

@@ -102,8 +102,9 @@ class EditRequest:
     """One checked edit: mode ("inpaint" | "outpaint" | "edit"), the pipeline kind that
     serves it ("fill" | "kontext"), prompt, image (RGB PIL, upright; None: text-to-image,
     edit mode), mask (float32 (H, W) in [0, 1], a list of `segment.Points` / `Box`, a
-    `text_segment.TextMask`, or None), options (EditOptions resolved for the mode), priority (0 interactive, 1
-    batch), references (edit mode: more RGB PIL images after `image`)."""
+    `text_segment.TextMask`, or None), options (EditOptions resolved for the mode),
+    priority (0 interactive, 1 batch), references (edit mode: more RGB PIL images after
+    `image`)."""
 
     mode: str
     kind: str
@@ -264,8 +265,9 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
 
     fields: mode (default inpaint), prompt, options (a JSON object of EditOptions fields),
     priority ("interactive" | "batch"), points / labels / box (inpaint/edit masks from
-    clicks, with a segmenter); options' mask_text needs a text segmenter. files: image (required), mask (white = repaint),
-    reference (edit mode only: a list of bytes, the further images).
+    clicks, with a segmenter); options' mask_text needs a text segmenter. files: image
+    (required), mask (white = repaint), reference (edit mode only: a list of bytes, the
+    further images).
     kinds: the pipelines loaded ("fill", "kontext"). has_ranker: the Fill folder has a
     `ranker/` (else rank is refused: it would download a CLIP model). variant: the
     served model's (mlx_edit.variants; None: `served_variant`). Raises InputError,

@@ -248,6 +248,12 @@ class TextMask:
         return TextMask(check_phrase(self.phrase), check_threshold(self.threshold),
                         parse_instances(self.instances), self.model)
 
+    def mask(self, segmenter: TextSegmenter, image) -> np.ndarray:
+        """(H, W) float32 in {0, 1}: the chosen instances of `image` found by `segmenter`,
+        merged. InputError as `TextSegmenter.masks` (no instance of the phrase...)."""
+        masks, _ = segmenter.masks(image, self.phrase, self.instances, self.threshold)
+        return masks.any(axis=0).astype(np.float32)
+
 
 def text_mask(options) -> TextMask | None:
     """The TextMask of EditOptions `options` (mask_text, mask_threshold, mask_instances,
@@ -289,8 +295,7 @@ def mask_for_edit(image: Image.Image, spec: TextMask, root: str | Path | None,
         seg = TextSegmenter.from_pretrained(folder)
     try:
         with Phase(stats, "text_segment"):
-            masks, _ = seg.masks(image, spec.phrase, spec.instances, spec.threshold)
-        return masks.any(axis=0).astype(np.float32)
+            return spec.mask(seg, image)
     finally:
         del seg
         mx.clear_cache()

@@ -138,8 +138,7 @@ def segment_mask(resident: Resident, image, prompts) -> np.ndarray:
 
     if isinstance(prompts, TextMask):
         with resident.using("text_segmenter") as seg:
-            masks, _ = seg.masks(image, prompts.phrase, prompts.instances, prompts.threshold)
-            return masks.any(axis=0).astype(np.float32)
+            return prompts.mask(seg, image)
     with resident.using("segmenter") as seg:
         seg.set_image(image)
         return seg.best_mask(**prompts_from_specs(prompts)).astype(np.float32)

@@ -9,10 +9,10 @@ A manifest line is one JSON object:
 Keys: `image` (path, relative to the manifest's folder), `prompt`, `mode` (inpaint, the
 default; outpaint; edit), `mask` (a path; inpaint needs it, or `mask_points`
 [[x, y], ...] (+ `mask_negative`) / `mask_box` [x0, y0, x1, y1] to segment one with SAM
-2.1), `references` (paths: an edit's further images; a FLUX.2 [klein] inpaint's one
-reference for the repainted area), `id` (the output name: letters, digits, `._-`;
-default: the line number and the image's name), and any `EditOptions` field the mode
-takes (mlx_edit.options.FIELDS).
+2.1, or `mask_text` "the sky" (+ `mask_threshold`, `mask_instances`): SAM 3), `references`
+(paths: an edit's further images; a FLUX.2 [klein] inpaint's one reference for the
+repainted area), `id` (the output name: letters, digits, `._-`; default: the line number
+and the image's name), and any `EditOptions` field the mode takes (mlx_edit.options.FIELDS).
 Shared defaults (the command's options) apply where a line says nothing. A line without
 a seed gets one from its id, so re-runs and every rank agree.
 
@@ -62,7 +62,7 @@ class Line:
     image: Path
     prompt: str
     options: EditOptions
-    mask: Any = None  # a Path, a list of segment.Points/Box specs, or None
+    mask: Any = None  # a Path, a list of segment.Points/Box specs, a TextMask, or None
     size: tuple[int, int] = (0, 0)  # the image's (width, height)
     params: dict = field(default_factory=dict)  # what the parameter hash covers
     references: list[Path] = field(default_factory=list)  # edit's further images, klein's
@@ -105,15 +105,20 @@ def _path(base: Path, value: Any, key: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _mask(d: dict, base: Path, mode: str, size: tuple[int, int]):
-    """The line's mask: a checked path, click specs checked against the image, or None."""
+def _mask(d: dict, base: Path, mode: str, size: tuple[int, int], options: EditOptions):
+    """The line's mask: a checked path, click specs checked against the image, the
+    text_segment.TextMask of its mask_text (SAM 3), or None."""
     from mlx_edit.imaging.images import load_mask
 
     clicks = [k for k in ("mask_points", "mask_negative", "mask_box") if k in d]
-    if "mask" in d and clicks:
-        raise InputError("give mask or mask_points/mask_box, not both")
+    if sum(["mask" in d, bool(clicks), options.mask_text is not None]) > 1:
+        raise InputError("give one of mask, mask_points/mask_box or mask_text")
     if mode == "outpaint" and ("mask" in d or clicks):
         raise InputError("outpaint takes no mask")
+    if options.mask_text is not None:
+        from mlx_edit.editing.text_segment import text_mask
+
+        return text_mask(options)
     if "mask" in d:
         path = _path(base, d["mask"], "mask")
         with warnings.catch_warnings():  # the edit itself warns about a resized mask
@@ -122,7 +127,7 @@ def _mask(d: dict, base: Path, mode: str, size: tuple[int, int]):
         return path
     if not clicks:
         if mode == "inpaint":
-            raise InputError("inpaint needs mask (or mask_points / mask_box)")
+            raise InputError("inpaint needs mask (or mask_points / mask_box, or mask_text)")
         return None
     from mlx_edit.editing.segment import Box, Points, prompt_arrays, prompts_from_specs
 
@@ -207,7 +212,7 @@ def parse_line(text: str, number: int, base: Path, defaults: dict,
         raise InputError(str(e)) from None
     options = EditOptions.from_dict(opts, mode, variant)
     size = load_image(image).size
-    mask = _mask(d, base, mode, size)
+    mask = _mask(d, base, mode, size, options)
     refs = _references(d, base, mode, variant)
     params = {"mode": mode, "image": _file_id(image), "prompt": d["prompt"],
               "options": {k: opts[k] for k in sorted(opts)},

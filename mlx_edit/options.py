@@ -50,6 +50,8 @@ MODEL_PIXELS_RANGE = (256 * 256, 4096 * 4096)
 TILE_OVERLAP = 256  # px shared by neighbouring windows (a quarter of a 1 MP window)
 GLOBAL_PASS_STRENGTH = 0.5  # refinement of a global pass: keeps its layout, redraws detail
 MAX_TILE_OVERLAP = 2048
+MASK_THRESHOLD = 0.3  # SAM 3 instance score threshold (transformers' default)
+MASK_INSTANCES = ("all", "best")  # or an index >= 0, highest score first
 
 
 def _int(name: str, v: Any, lo: int, hi: int) -> int:
@@ -102,6 +104,40 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str:
     """The prompt as given, or InputError (not a string, NUL characters, over
     MAX_PROMPT_BYTES UTF-8 bytes)."""
     return _text(name, prompt)
+
+
+def check_phrase(phrase: Any, name: str = "the text prompt") -> str:
+    """A non-empty phrase (a SAM 3 text prompt), stripped; InputError otherwise (also
+    for NUL characters or more than MAX_PROMPT_BYTES)."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise InputError(f"{name} must be a non-empty phrase, got {phrase!r}")
+    return _text(name, phrase).strip()
+
+
+def check_threshold(threshold: Any, name: str = "threshold") -> float:
+    """A SAM 3 score threshold in [0, 1) as float (scores are in [0, 1] and kept when
+    above it); InputError otherwise."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        t = math.nan
+    if isinstance(threshold, bool) or not 0.0 <= t < 1.0:
+        raise InputError(f"{name} must be a number in [0, 1), got {threshold!r}")
+    return t
+
+
+def check_instances(spec: Any, name: str = "instances") -> str | int:
+    """"all", "best" or an index >= 0 (int or digits) -> "all" | "best" | int;
+    InputError otherwise."""
+    if isinstance(spec, str) and spec.strip().lower() in MASK_INSTANCES:
+        return spec.strip().lower()
+    try:
+        index = int(spec)
+    except (TypeError, ValueError):
+        index = -1
+    if index < 0 or isinstance(spec, (bool, float)):
+        raise InputError(f"{name} must be 'all', 'best' or an index >= 0, got {spec!r}")
+    return index
 
 
 def _cache(v: Any):
@@ -205,6 +241,15 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "segment_model": (("inpaint", "edit"), "SAM 2.1 checkpoint for --mask-point/--mask-box "
                                            "(default: the model folder's segmenter/, else "
                                            "facebook/sam2.1-hiera-large)."),
+    "mask_text": (("inpaint", "edit"), "Segment every instance of this phrase as the mask "
+                                       "(SAM 3: 'the sky', 'all the people')."),
+    "mask_threshold": (("inpaint", "edit"), "With --mask-text: keep instances scoring above "
+                                            "this, [0, 1)."),
+    "mask_instances": (("inpaint", "edit"), "With --mask-text: all (merged), best, or an "
+                                            "index N (0 = highest score)."),
+    "text_segment_model": (("inpaint", "edit"), "SAM 3 checkpoint for --mask-text (default: "
+                                                "the model folder's text-segmenter/, else "
+                                                "facebook/sam3)."),
     "negative_prompt": (("edit",), "Negative prompt for true CFG (with --true-cfg > 1)."),
     "true_cfg_scale": (("edit",), f"True classifier-free guidance scale (1..{MAX_CFG:g}; "
                                   "1 = off; > 1 doubles the work per step)."),
@@ -244,6 +289,9 @@ class EditOptions:
     Large canvases (mlx_edit.editing.large): tile_mode auto|off|on, max_model_pixels
     65536..16777216, tile_overlap 0..2048 px, window_batch 1..64 or None, detail_pass
     [0, 1] (0 = off), global_pass; tile_mode on refuses a step cache.
+    Masks from words (SAM 3, mlx_edit.editing.text_segment): mask_text a non-empty phrase,
+    mask_threshold [0, 1), mask_instances "all" | "best" | an index >= 0 (both need
+    mask_text).
     Integers must be ints (not bools, floats or strings); numbers must be real numbers.
     Which fields each mode takes: `FIELDS`.
     """
@@ -278,6 +326,10 @@ class EditOptions:
     keep_best: int | None = None
     rank_model: str | None = None
     segment_model: str | None = None
+    mask_text: str | None = None
+    mask_threshold: float = MASK_THRESHOLD
+    mask_instances: str | int = "all"
+    text_segment_model: str | None = None
     cache: Any = None  # a step cache config (mlx_edit.sampling.cache) or its spec string
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
@@ -362,7 +414,21 @@ class EditOptions:
             raise InputError("keep_best needs rank clip")
         set_("rank_model", _optional(_text, "rank_model", self.rank_model))
         set_("segment_model", _optional(_text, "segment_model", self.segment_model))
+        self._check_mask_text(set_)
         set_("cache", _cache(self.cache))
+
+    def _check_mask_text(self, set_) -> None:
+        if self.mask_text is not None:
+            set_("mask_text", check_phrase(self.mask_text, "mask_text"))
+        set_("mask_threshold", check_threshold(self.mask_threshold, "mask_threshold"))
+        set_("mask_instances", check_instances(self.mask_instances, "mask_instances"))
+        set_("text_segment_model", _optional(_text, "text_segment_model",
+                                             self.text_segment_model))
+        if self.mask_text is None and (self.mask_threshold != MASK_THRESHOLD
+                                       or self.mask_instances != "all"):
+            name = "mask_threshold" if self.mask_threshold != MASK_THRESHOLD \
+                else "mask_instances"
+            raise InputError(f"{name} chooses the instances of mask_text: give mask_text too")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], mode: str | None = None,

@@ -8,6 +8,8 @@ phase="denoise", still with the job when it `wants_job`):
 
     load / load_<model>   model weights read (from_pretrained; low_memory reloads)
     segment               SAM 2.1: the mask from clicks or boxes (load + image + masks)
+    load_text_segmenter   SAM 3 loaded for a mask from words (freed after text_segment)
+    text_segment          SAM 3: the mask from words (image + phrase + instances)
     text_encode           CLIP-L then T5 (done 1, 2), or a cached prompt
     vae_encode            per VAE tile (mlx_edit.editing.tiling), or one pass
     denoise               windows x steps
@@ -36,7 +38,8 @@ _label: ContextVar[str] = ContextVar("mlx_edit_progress_label", default="")
 
 # stats keys that time a phase of an edit (seconds), in the order of an edit; their sum
 # and the wall time give "other" (what no phase timed: mask preparation, planning...).
-PHASE_KEYS = ("load_s", "load_transformer_s", "load_vae_s", "segment_s", "text_encode_s",
+PHASE_KEYS = ("load_s", "load_transformer_s", "load_vae_s", "segment_s",
+              "load_text_segmenter_s", "text_segment_s", "text_encode_s",
               "image_prompts_s", "vae_encode_s", "control_prepare_s", "denoise_s",
               "vae_decode_s", "paste_back_s", "rank_s", "write_s")
 

@@ -1,7 +1,8 @@
 """Build a FLUX.1-Fill-dev checkpoint folder with random weights, without torch.
 
     python scripts/make_mlx_checkpoint.py OUT --preset tiny|small|wide [--seed 0] [--overwrite]
-        [--extras controlnet,control-model,kontext-model,dev-model,ip-adapter,redux,segmenter]
+        [--extras controlnet,control-model,kontext-model,dev-model,ip-adapter,redux,segmenter,
+                  text-segmenter]
     python scripts/make_mlx_checkpoint.py OUT --sam tiny|tiny-b|hiera-tiny|...   # SAM 2.1 only
     python scripts/make_mlx_checkpoint.py OUT --family klein [--preset tiny|wide] [--kv]  # FLUX.2
 
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import controlnet_fixtures as cf  # noqa: E402  (ControlNet configs; imports no torch)
 import image_prompt_fixtures as ipf  # noqa: E402  (vision configs; imports no torch)
 import make_tiny_checkpoint as mtc  # noqa: E402  (presets and configs; imports no torch)
+import sam3_fixtures as sf3  # noqa: E402  (SAM 3 configs and side files; imports no torch)
 import sam_fixtures as sf  # noqa: E402  (SAM 2.1 configs; imports no torch)
 
 from mlx_edit.models.clip import (  # noqa: E402
@@ -62,11 +64,15 @@ from mlx_edit.models.redux import (  # noqa: E402
     SiglipVisionModel,
 )
 from mlx_edit.models.sam import SamConfig, SamModel  # noqa: E402
+from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig  # noqa: E402
+from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder  # noqa: E402
+from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel  # noqa: E402
 from mlx_edit.models.t5 import T5Config, T5Encoder  # noqa: E402
 from mlx_edit.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from mlx_edit.weights import controlnet as controlnet_keys  # noqa: E402
 from mlx_edit.weights import flux as flux_keys  # noqa: E402
 from mlx_edit.weights import sam as sam_keys  # noqa: E402
+from mlx_edit.weights import sam3 as sam3_keys  # noqa: E402
 from mlx_edit.weights import text as text_keys  # noqa: E402
 from mlx_edit.weights import vae as vae_keys  # noqa: E402
 from mlx_edit.weights import vision as vision_keys  # noqa: E402
@@ -84,7 +90,7 @@ COMPONENTS = {
                        {"architectures": ["T5EncoderModel"], "model_type": "t5"}),
 }
 EXTRAS = ("controlnet", "control-model", "kontext-model", "dev-model", "ip-adapter", "redux",
-          "segmenter")
+          "segmenter", "text-segmenter")
 SHARDED = ("transformer", "text_encoder_2")  # >= 2 shards + index, as the reference folders
 
 
@@ -351,12 +357,48 @@ def write_segmenter(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
     return out
 
 
+# SAM 3's sub-models: (config class, model class, transformers key rules, the width of
+# each of a fused q/k/v's parts)
+SAM3_PARTS = (
+    (Sam3VisionConfig, Sam3VisionModel, sam3_keys.VISION_HF_RULES,
+     lambda c: c.backbone_config.hidden_size),
+    (Sam3TextConfig, Sam3TextEncoder, sam3_keys.TEXT_HF_RULES, lambda c: c.hidden_size),
+    (Sam3HeadsConfig, Sam3Heads, sam3_keys.SAM3_HEAD_RULES, lambda c: 0),
+)
+
+
+def write_text_segmenter(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """sam3_fixtures.build_sam3's folder (transformers `Sam3Model` layout: config.json,
+    model.safetensors, the CLIP tokenizer, preprocessor_config.json) for `preset`,
+    torch-free: our three SAM 3 models with MLX's init (`random_params`), written through
+    weights/sam3.py's transformers rules run backwards. Returns `out`."""
+    out = Path(out)
+    given = sf3.sam3_config(preset)
+    tensors = {}
+    for offset, (config_cls, model_cls, rules, unit) in enumerate(SAM3_PARTS):
+        config = config_cls.from_dict(given)
+        params = random_params(model_cls, config, seed + offset)
+        tensors.update(to_checkpoint(params, rules, unit(config)))
+    text = Sam3TextConfig.from_dict(given)  # CLIP's pooled projection: unused, not loaded,
+    shape = (given["text_config"]["projection_dim"], text.hidden_size)  # but transformers'
+    tensors[sam3_keys.NOT_WEIGHTS[0]] = np.random.default_rng(seed).standard_normal(
+        shape).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(tensors, out / "model.safetensors")
+    _write_json(out / "config.json", {"architectures": ["Sam3Model"], "model_type": "sam3",
+                                      **given})
+    image_size = Sam3VisionConfig.from_dict(given).backbone_config.image_size
+    sf3.write_side_files(out, image_size)
+    return out
+
+
 def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
           extras: tuple[str, ...] = ()) -> Path:
     """Build the folder `out` (module doc) and return its Path; float32 only. Built next to
     `out` and renamed into place. extras: "controlnet" (controlnets/, `write_controlnets`),
     "control-model" / "kontext-model" / "dev-model" (`write_variant_model`), "ip-adapter",
     "redux" (`write_image_prompt_fixtures`), "segmenter" (`segmenter/`: `write_segmenter`, SAM
+    preset `tiny`), "text-segmenter" (`text-segmenter/`: `write_text_segmenter`, SAM 3
     preset `tiny`), seeds as make_tiny_checkpoint.
     Raises KeyError for an unknown preset or extra, FileExistsError as
     make_tiny_checkpoint.build does."""
@@ -389,6 +431,8 @@ def build(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool 
             write_image_prompt_fixtures(tmp, cfgs["transformer"], preset, seed + 20, kinds)
         if "segmenter" in extras:
             write_segmenter(tmp / "segmenter", "tiny", seed + 50)
+        if "text-segmenter" in extras:
+            write_text_segmenter(tmp / "text-segmenter", "tiny", seed + 70)
         _write_json(tmp / "model_index.json", mtc.MODEL_INDEX)
         for offset, kind in ((30, "control-model"), (40, "kontext-model"), (60, "dev-model")):
             if kind in extras:  # after model_index.json: it copies its entries

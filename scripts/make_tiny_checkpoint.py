@@ -17,6 +17,8 @@ by diffusers / transformers themselves from a config under `torch.manual_seed`:
     tokenizer/  tokenizer_2/             written by scripts/tokenizer_files.py
     ranker/                              CLIPModel + tokenizer for `--rank clip` (not in
                                          `wide`; scripts/ranker_fixtures.py)
+    text-segmenter/                      with --extras text-segmenter: SAM 3 (Sam3Model,
+                                         preset tiny of scripts/sam3_fixtures.py)
     flux1-fill-dev.safetensors           the transformer with BFL keys (scripts/bfl_keys.py)
     ae.safetensors                       the VAE with BFL keys
 
@@ -409,6 +411,11 @@ def build(
 
             image_prompt_fixtures.write_image_prompt_fixtures(
                 tmp, cfgs["transformer"], preset, seed + 20, torch_dtype, kinds=kinds)
+        # --- extras: --extras text-segmenter (scripts/sam3_fixtures.py, SAM 3 tiny) ---
+        if "text-segmenter" in extras:
+            import sam3_fixtures
+
+            sam3_fixtures.build_sam3(tmp / "text-segmenter", "tiny", seed + 70)
         # --- end extras ---
         _write_model_index(tmp)
         for offset, kind in ((30, "control-model"), (40, "kontext-model"), (60, "dev-model")):
@@ -448,10 +455,12 @@ def main(argv: list[str] | None = None) -> int:
                          "InstantX, Union, XLabs, x-flux file), control-model (control-model/: "
                          "FLUX.1-Canny-dev layout), kontext-model (kontext-model/: "
                          "FLUX.1-Kontext-dev layout), dev-model (dev-model/: FLUX.1-dev), "
-                         "ip-adapter, redux")
+                         "ip-adapter, redux, text-segmenter (text-segmenter/: SAM 3, "
+                         "transformers Sam3Model layout)")
     args = ap.parse_args(argv)
     args.extras = [e for group in args.extras for e in group.split(",") if e]
-    known = {"controlnet", "control-model", "kontext-model", "dev-model", "ip-adapter", "redux"}
+    known = {"controlnet", "control-model", "kontext-model", "dev-model", "ip-adapter", "redux",
+             "text-segmenter"}
     unknown = sorted(set(args.extras) - known)
     if unknown:
         ap.error(f"unknown --extras {unknown}: choose from {', '.join(sorted(known))}")

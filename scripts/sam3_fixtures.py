@@ -107,14 +107,20 @@ def write_folder(model, out: str | Path) -> Path:
     with the CLIP tokenizer (max length 32) and preprocessor_config.json; returns `out`."""
     out = Path(out)
     model.save_pretrained(out)
+    write_side_files(out, model.config.vision_config.backbone_config.image_size)
+    return out
+
+
+def write_side_files(out: Path, image_size: int) -> None:
+    """The files beside a SAM 3 folder's weights: the CLIP tokenizer (max length 32) and
+    preprocessor_config.json for a square input of `image_size` px (no torch)."""
     write_clip_tokenizer(out)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["model_max_length"] = TEXT_MAX_LENGTH
     cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    size = model.config.vision_config.backbone_config.image_size
-    (out / "preprocessor_config.json").write_text(json.dumps(processor_config(size), indent=2))
-    return out
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(processor_config(image_size), indent=2))
 
 
 def build_sam3(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:

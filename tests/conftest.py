@@ -7,6 +7,9 @@
   `tiny` of scripts/klein_fixtures.py), built torch-free.
 - `tiny_sam_mlx` (session scope): a SAM 2.1 folder (transformers Sam2Model layout, preset
   `tiny` of scripts/sam_fixtures.py) built torch-free by make_mlx_checkpoint.write_segmenter.
+- `tiny_sam3_mlx` (session scope): a SAM 3 folder (transformers Sam3Model layout, preset
+  `tiny` of scripts/sam3_fixtures.py, 84 px input) built torch-free by
+  make_mlx_checkpoint.write_text_segmenter (seed 70: the "text-segmenter" extra's).
 - `tiny_ckpt`, `small_ckpt`, `wide_ckpt` (session scope, parity tests): Path of a folder
   built once per session by `scripts/make_tiny_checkpoint.py`'s `build(out, preset, seed=0,
   dtype="float32")` (real FLUX.1-Fill-dev diffusers layout plus BFL single files, every
@@ -94,6 +97,13 @@ def tiny_klein_mlx(tmp_path_factory) -> Path:
     Shared: a test that changes a folder's files copies it first."""
     out = tmp_path_factory.mktemp("klein-mlx") / "tiny"
     return import_script("klein_fixtures").build_mlx(out, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sam3_mlx(tmp_path_factory) -> Path:
+    """SAM 3 preset `tiny`, built torch-free (mlx-edit's three SAM 3 models)."""
+    out = tmp_path_factory.mktemp("sam3-mlx") / "tiny"
+    return import_script("make_mlx_checkpoint").write_text_segmenter(out, "tiny", seed=70)
 
 
 @pytest.fixture(scope="session")

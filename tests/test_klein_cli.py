@@ -65,6 +65,26 @@ def test_edit_and_inpaint_cli(klein, photos, tmp_path):
     assert not np.array_equal(res[~outside], src[~outside])
 
 
+def test_edit_with_a_mask_from_words(klein, photos, tiny_sam3_mlx, tmp_path):
+    """`edit --mask-text` on klein (SAM 3 first, --text-segment-model): with --keep-size
+    the pixels away from the phrase's feathered mask are the photo's exactly."""
+    from mlx_edit.editing.text_segment import TextSegmenter
+    from mlx_edit.imaging.masks import blend_mask
+
+    photo = photos / "astronaut.png"
+    r = invoke("edit", "--model", klein, "-i", photo, "-p", "make it gold", "--steps", 1,
+               "--max-sequence-length", 48, "--mask-text", "a person", "--mask-threshold", 0,
+               "--mask-instances", "best", "--text-segment-model", tiny_sam3_mlx,
+               "--keep-size", "--feather", 4, "-o", tmp_path / "gold.png")
+    assert r.exit_code == 0, r.output
+    out = Image.open(tmp_path / "gold.png")
+    assert out.info["masked"] == "True" and out.info["mask_text"] == "a person"
+    want, _ = TextSegmenter.from_pretrained(tiny_sam3_mlx).masks(photo, "a person", "best", 0.0)
+    far = blend_mask(want[0].astype(np.float32), 12, 0) == 0  # the resize's reach too
+    src = np.asarray(Image.open(photo).convert("RGB"))
+    assert far.any() and np.array_equal(np.asarray(out.convert("RGB"))[far], src[far])
+
+
 @pytest.mark.parametrize("args, says", [
     (["inpaint", "--reference", "small.png"], "at least 64 px"),
     (["edit", "-i", "small.png"], "at least 64 px"),

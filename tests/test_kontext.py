@@ -286,6 +286,22 @@ def test_kontext_mask_keeps_the_photo_outside(pipe, photo):
         assert np.array_equal(np.asarray(out)[far], np.asarray(base.convert("RGB"))[far])
 
 
+def test_kontext_mask_from_words_keeps_the_photo_outside(pipe, photo, tiny_sam3_mlx):
+    """edit with mask_text (SAM 3 from text_segment_model): the mask is every instance of
+    the phrase; with keep_size the pixels away from it are the photo's exactly."""
+    from mlx_edit.editing.text_segment import TextSegmenter
+    from mlx_edit.imaging.masks import blend_mask
+
+    want, _ = TextSegmenter.from_pretrained(tiny_sam3_mlx).masks(photo, "a person", "all", 0.0)
+    out = pipe.edit(photo, PROMPT, steps=1, max_sequence_length=32, auto_resize=False,
+                    keep_size=True, feather=4, mask_text="a person", mask_threshold=0.0,
+                    text_segment_model=str(tiny_sam3_mlx))[0]
+    assert out.info["masked"] == "True" and out.info["mask_text"] == "a person"
+    far = blend_mask(want[0].astype(np.float32), 12, 0) == 0
+    assert far.any() and np.array_equal(np.asarray(out)[far],
+                                        np.asarray(photo.convert("RGB"))[far])
+
+
 def test_edit_cli_end_to_end(ckpt, photo, tmp_path):
     """`mlx-edit edit` on a real photo: the size asked for, --keep-size, a second
     reference and a mask; bad input is one line with exit status 2 and writes nothing."""

@@ -39,9 +39,11 @@ HUB = {
     "InstantX/FLUX.1-dev-Controlnet-Union": "controlnets/union",
     "XLabs-AI/flux-ip-adapter": "ip-adapter",
     "facebook/sam2.1-hiera-large": "segmenter",
+    "facebook/sam3": "text-segmenter",
     "black-forest-labs/FLUX.2-klein-4B": "../klein",  # built beside the FLUX.1 fixture
 }
-EXTRAS = ("controlnet", "control-model", "kontext-model", "ip-adapter", "redux", "segmenter")
+EXTRAS = ("controlnet", "control-model", "kontext-model", "ip-adapter", "redux", "segmenter",
+          "text-segmenter")
 
 
 def blocks(text: str) -> list[tuple[str, str]]:

@@ -103,3 +103,20 @@ def test_half_precision_masks_stay_close_to_float32(sam3, dtype):
     assert min(ious) >= HALF_IOU[dtype], ious
     diff = np.abs(np.array(out.scores.astype(mx.float32)) - np.array(ref.scores)).max()
     assert diff <= 2e-3
+
+
+def test_torch_free_fixture_loads_strictly_in_transformers(tmp_path):
+    """make_mlx_checkpoint's `text-segmenter/` (our models' MLX init written through our
+    transformers key rules run backwards) is a complete Sam3Model folder: transformers
+    loads every tensor, none missing or unexpected, with our loader's values."""
+    from mlx.utils import tree_flatten
+    from transformers import Sam3Model
+
+    from mlx_edit.weights.sam3 import load_sam3_heads
+
+    folder = import_script("make_mlx_checkpoint").write_text_segmenter(tmp_path / "t", "tiny")
+    ref, info = Sam3Model.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    ours = dict(tree_flatten(load_sam3_heads(folder, mx.float32).parameters()))
+    name = "detr_decoder.query_embed.weight"
+    assert np.array_equal(np.array(ours[name]), ref.state_dict()[name].numpy())

@@ -424,6 +424,8 @@ def test_sam_benchmarks_run(repo_root):
     assert m and 0 < float(m.group(2)) <= float(m.group(1)) <= 1, line
     line = last_line("bench_sam_memory.py", "--cases", "tiny:256")
     assert re.fullmatch(r"tiny\s+256\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line), line
+    line = last_line("bench_sam_memory.py", "--sam3", "--cases", "tiny:168")
+    assert re.fullmatch(r"tiny\s+168\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line), line
 
 
 def test_mask_cli_uses_a_model_folders_segmenter(tmp_path, click_model):

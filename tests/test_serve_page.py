@@ -379,3 +379,31 @@ def test_click_to_mask(browser, tiny_mlx, tmp_path, tmp_path_factory, import_scr
     res, src = np.asarray(out.convert("RGB")), np.asarray(img)
     assert out.size == size and keep.any()
     assert np.array_equal(res[keep], src[keep]) and not np.array_equal(res[want], src[want])
+
+
+def test_mask_from_words(browser, tiny_mlx, tiny_sam3_mlx, tmp_path):
+    """With a text segmenter (SAM 3): type a phrase and "Find": the server's mask of
+    every instance (threshold 0: random weights score ~0.2-0.35) becomes the painted
+    mask, the same as /v1/masks gives for that text."""
+    path = tmp_path / "in" / "astronaut.png"
+    path.parent.mkdir()
+    Image.fromarray(data.astronaut()).resize(SIZE).save(path)
+    server = ServerProcess(tiny_mlx, tmp_path, "--no-prompt-cache", "--text-segment-model",
+                           str(tiny_sam3_mlx))
+    try:
+        page = new_page(browser, ready(server))
+        open_photo(page, path)
+        page.wait_for_selector("div.sam3:not(.hidden)")
+        page.fill("#mask-text", "a person")
+        page.fill("#mask-threshold", "0")
+        page.click("#text-mask")
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('mask of')")
+        painted = alpha(page) > 0
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            r = client.post("/v1/masks", files={"image": ("a.png", path.read_bytes())},
+                            data={"text": "a person", "threshold": "0"})
+    finally:
+        server.stop()
+    want = np.asarray(Image.open(io.BytesIO(r.content))) > 0
+    assert want.any() and not want.all() and np.array_equal(painted, want)

@@ -18,12 +18,14 @@ import cloup
 # `inpaint --help` holds the first groups: what every edit needs.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Image and mask", ("image", "images", "reference", "mask", "mask_point", "mask_negative",
-                        "mask_box", "left", "right", "top", "bottom", "overlap")),
+                        "mask_box", "mask_text", "mask_threshold", "mask_instances", "left",
+                        "right", "top", "bottom", "overlap")),
     ("Prompt", ("prompt", "negative_prompt", "true_cfg_scale", "prompt_2",
                 "max_sequence_length")),
     ("Output", ("output", "num_images", "seed", "width", "height", "keep_size",
                 "auto_resize", "metadata", "overwrite")),
-    ("Model", ("model", "transformer", "lora", "quantize", "segment_model")),
+    ("Model", ("model", "transformer", "lora", "quantize", "segment_model",
+               "text_segment_model")),
     ("Quality", ("steps", "guidance", "strength", "grow_mask", "feather", "soft_mask",
                  "paste_back", "color_match", "blend", "seam_fix", "rank", "keep_best",
                  "rank_model")),

@@ -35,7 +35,8 @@ SPEC_FIELDS = ("ip_adapters", "redux", "controlnets")  # from conditioning_optio
 # fields whose library default is None
 _TYPES = {"guidance": float, "prompt_2": str, "steps": int, "negative_prompt": str,
           "width": int, "height": int, "rank": str, "keep_best": int, "rank_model": str,
-          "segment_model": str, "window_batch": int}
+          "segment_model": str, "window_batch": int, "mask_text": str,
+          "text_segment_model": str}
 _SHORT = {"num_images": "-n"}
 _METAVAR = {int: "N", float: "F", str: "TEXT"}
 _CHOICES = {"control_type": RESTYLE_CONTROL_TYPES, "tile_mode": TILE_MODES,
@@ -197,14 +198,18 @@ def check_inputs(image: Path, mask: Path | None, others: list[Path]) -> tuple[in
 def click_mask(opts: dict, mask: Path | None, required: bool):
     """The edit's mask: the --mask path, or the --mask-point/--mask-negative/--mask-box
     clicks as segment.Points/Box prompts (popped from opts), or None when neither was
-    given and none is `required`. Raises click.UsageError for both or (required) none."""
+    given (--mask-text, an option, is segmented by the edit itself) and none is
+    `required`. Raises click.UsageError for two kinds of mask or (required) none."""
     points, negatives, boxes = (opts.pop(k) for k in ("mask_point", "mask_negative",
                                                       "mask_box"))
-    if mask is not None and (points or negatives or boxes):
-        raise click.UsageError("give --mask or --mask-point/--mask-box, not both")
-    if mask is not None or not (points or negatives or boxes):
-        if required and mask is None:
-            raise click.UsageError("give --mask, or --mask-point/--mask-box to segment one")
+    given = [mask is not None, bool(points or negatives or boxes),
+             opts.get("mask_text") is not None]
+    if sum(given) > 1:
+        raise click.UsageError("give one of --mask, --mask-point/--mask-box or --mask-text")
+    if not given[1]:
+        if required and not any(given):
+            raise click.UsageError("give --mask, or --mask-point/--mask-box or --mask-text "
+                                   "to segment one")
         return mask
     from mlx_edit.editing.segment import Box, Points
 
@@ -292,7 +297,8 @@ def _check_edit(mode: str, mask, clicks, opts: dict, specs: dict,
         from mlx_edit.imaging.images import InputError
 
         try:
-            check_used(options, masked=mask is not None or clicks is not None)
+            check_used(options, masked=mask is not None or clicks is not None
+                       or options.mask_text is not None)
         except InputError as e:
             raise _flagged(e) from None
     opts["lora"] = parse_lora_specs(opts.get("lora", ()))  # scales, local files: now
@@ -428,7 +434,8 @@ _IMAGE = click.Path(path_type=Path, dir_okay=False)
 @mask_prompt_options
 def inpaint(image, mask, **opts):
     """Repaint the white area of MASK in IMAGE following PROMPT (or the object under
-    --mask-point / in --mask-box, segmented with SAM 2.1)."""
+    --mask-point / in --mask-box, segmented with SAM 2.1, or the instances of
+    --mask-text, SAM 3)."""
     mask = click_mask(opts, mask, required=True)
     _run("inpaint", image, mask, opts, pop_conditioning(opts))
 

@@ -3,6 +3,8 @@
     mlx-edit mask --image IMG --point X,Y [--point X,Y ...] [--negative X,Y ...]
         [--box X0,Y0,X1,Y1 ...] [--model REPO_OR_PATH] --output mask.png [--overwrite]
     mlx-edit mask --image IMG --all [--points-per-side 32] --output masks.png
+    mlx-edit mask --image IMG --text "the red car" [--instances all|best|N]
+        [--threshold 0.3] [--each] [--model SAM3_FOLDER] --output mask.png
 
 
 The points (and at most one box) describe one object; several boxes without points are
@@ -12,6 +14,11 @@ keeps the best by predicted IoU; more prompts ask for one mask (SAM's advice). T
 for `mlx-edit inpaint --mask`. `--all` runs the automatic mask generator
 (mlx_edit.editing.automask) instead and writes `masks-0.png, masks-1.png, ...` (largest first)
 and `masks.json` (file, bbox, area, predicted_iou, stability_score, point per mask).
+`--text` finds the instances of a phrase with SAM 3 (mlx_edit.editing.text_segment): all
+merged (default), the best, or the N-th by score, those scoring above --threshold; with
+`--each`, one file per chosen instance, `mask-0.png, mask-1.png, ...` (highest score
+first). No instance above the threshold is a one-line error naming the phrase and the
+best score.
 Exit status: 0 done, 2 a usage error (bad prompt, bad
 image, unusable model; nothing is written).
 """
@@ -50,9 +57,18 @@ def _coords(n: int):
               help="A pixel not on the object (repeatable).")
 @click.option("--box", "boxes", multiple=True, callback=_coords(4), metavar="X0,Y0,X1,Y1",
               help="A box around the object (repeatable without --point: one object each).")
+@click.option("--text", "-t", default=None, metavar="PHRASE",
+              help="Segment every instance of this phrase (SAM 3), e.g. 'the sky'.")
+@click.option("--instances", default="all", show_default=True, metavar="all|best|N",
+              help="With --text: all instances merged, the best, or the N-th by score.")
+@click.option("--threshold", type=float, default=0.3, show_default=True,
+              help="With --text: keep instances scoring above this, [0, 1).")
+@click.option("--each", is_flag=True,
+              help="With --text: one file per instance (OUTPUT-0.png, OUTPUT-1.png, ...).")
 @click.option("--model", "-m", default=None, show_default=DEFAULT_SEGMENTER,
-              help="SAM 2.1 checkpoint: Hugging Face repo id or transformers folder, or a "
-                   "model folder with a segmenter/ (as inpaint --model).")
+              help="SAM 2.1 checkpoint (SAM 3 with --text, default facebook/sam3): Hugging "
+                   "Face repo id or transformers folder, or a model folder with a "
+                   "segmenter/ (text-segmenter/) as inpaint --model.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Output mask PNG.")
 @click.option("--all", "all_masks", is_flag=True,
@@ -60,9 +76,10 @@ def _coords(n: int):
 @click.option("--points-per-side", type=click.IntRange(1, 128), default=32, show_default=True,
               help="With --all: the click grid is N x N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def mask_command(image, points, negatives, boxes, model, output, all_masks, points_per_side,
-                 overwrite):
-    """Segment an object of IMAGE from clicks and boxes and write its mask as a PNG."""
+def mask_command(image, points, negatives, boxes, text, instances, threshold, each, model,
+                 output, all_masks, points_per_side, overwrite):
+    """Segment an object of IMAGE from clicks and boxes (or every instance of a phrase:
+    --text) and write its mask as a PNG."""
     from PIL import Image
 
     from mlx_edit.imaging.images import InputError, save_png
@@ -70,9 +87,17 @@ def mask_command(image, points, negatives, boxes, model, output, all_masks, poin
 
     from mlx_edit.editing.segment import find_segmenter
 
-    model = find_segmenter(model)
     if output.suffix.lower() != ".png":
         raise click.UsageError(f"output {output} must end in .png")
+    if text is not None:
+        if points or negatives or boxes or all_masks:
+            raise click.UsageError("--text finds the objects itself: give no "
+                                   "--point/--negative/--box/--all")
+        return _text_masks(image, text, instances, threshold, each, model, output, overwrite)
+    if each or instances != "all" or threshold != 0.3:
+        raise click.UsageError("--instances, --threshold and --each choose the instances of "
+                               "--text: give --text too")
+    model = find_segmenter(model)
     if all_masks:
         if points or negatives or boxes:
             raise click.UsageError("--all finds every object: give no --point/--negative/--box")
@@ -137,3 +162,52 @@ def _all_masks(image: Path, model: str, output: Path, points_per_side: int,
     except InputError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {len(entries)} masks and {index_path}")
+
+
+def _text_masks(image: Path, text: str, instances: str, threshold: float, each: bool,
+                model: str | None, output: Path, overwrite: bool) -> None:
+    """`--text`: the chosen instances of a phrase (SAM 3), merged into `output`, or one
+    file each (`--each`: `{stem}-{i}.png`); every value and output checked before the
+    model loads, the files written together."""
+    from PIL import Image
+
+    from mlx_edit.editing.text_segment import TextSegmenter, find_text_segmenter
+    from mlx_edit.imaging.images import InputError, load_image, png_writer, write_together
+    from mlx_edit.options import check_instances, check_phrase, check_threshold
+    from mlx_edit.weights.core import WeightLoadError
+    from mlx_edit.weights.sam3 import resolve_sam3
+
+    try:
+        phrase = check_phrase(text, "--text")
+        threshold = check_threshold(threshold, "--threshold")
+        instances = check_instances(instances, "--instances")
+        photo = load_image(image)
+        if output.resolve() == image.resolve():
+            raise InputError(f"refusing to write {output}: it is the input image")
+        taken = [p for p in sorted(output.parent.glob(f"{output.stem}-*.png"))
+                 if p.stem[len(output.stem) + 1:].isdigit()] if each else [output]
+        if not overwrite and [p for p in taken if p.exists()]:
+            raise InputError(f"{taken[0]} already exists; pass --overwrite to replace it")
+        seg = TextSegmenter.from_pretrained(resolve_sam3(find_text_segmenter(model)))
+        seg.set_image(photo)
+        masks, scores = _chosen(seg.detect(phrase, threshold=threshold), phrase, instances,
+                                threshold, each)
+        paths = [output.with_name(f"{output.stem}-{i}.png") for i in range(len(masks))] \
+            if each else [output]
+        write_together([(p, png_writer(Image.fromarray(m.astype("uint8") * 255, "L")))
+                        for p, m in zip(paths, masks)], overwrite=overwrite, protect=[image])
+    except (InputError, WeightLoadError) as e:
+        raise click.UsageError(" ".join(str(e).split())) from None
+    for path, m, score in zip(paths, masks, scores):
+        click.echo(f"wrote {path} (score {score:.3f}, {m.mean():.1%} of the image)")
+
+
+def _chosen(found, phrase: str, instances, threshold: float, each: bool):
+    """(masks (M, H, W) bool, scores (M,)): `select_instances`, or with `each` and
+    instances "all" every instance found."""
+    from mlx_edit.editing.text_segment import select_instances
+
+    masks, scores = select_instances(found, phrase, instances, threshold)
+    if each and instances == "all":
+        return found.masks, found.scores
+    return masks, scores

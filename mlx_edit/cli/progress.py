@@ -11,7 +11,8 @@ from mlx_edit.progress import PHASE_KEYS, phase_seconds
 
 UNITS = {"denoise": "step", "vae_encode": "part", "vae_decode": "part"}  # tiles or layers
 LABELS = {"load_s": "load", "load_transformer_s": "load-transformer", "load_vae_s": "load-vae",
-          "segment_s": "segment", "text_encode_s": "text", "image_prompts_s": "image-prompts",
+          "segment_s": "segment", "load_text_segmenter_s": "load-sam3",
+          "text_segment_s": "sam3", "text_encode_s": "text", "image_prompts_s": "image-prompts",
           "vae_encode_s": "vae-enc", "control_prepare_s": "control", "denoise_s": "denoise",
           "vae_decode_s": "vae-dec", "paste_back_s": "paste", "rank_s": "rank",
           "write_s": "write"}

@@ -39,6 +39,9 @@ class RedactToken(logging.Filter):
 @click.option("--segment-model", default=None,
               help="SAM 2.1 checkpoint for masks from clicks/boxes (default: the model "
                    "folder's segmenter/, else clicks are refused).")
+@click.option("--text-segment-model", default=None,
+              help="SAM 3 checkpoint for masks from words (default: the model folder's "
+                   "text-segmenter/, else text masks are refused).")
 @click.option("--quantize", "-q", type=click.Choice(["4", "8"]), default=None,
               help="Quantize the transformers at load (bits).")
 @click.option("--low-memory", is_flag=True, help="Load one model at a time per edit.")
@@ -59,9 +62,10 @@ class RedactToken(logging.Filter):
 @click.option("--preview-every", type=click.IntRange(0), default=1, show_default=True,
               help="A JPEG preview in every N-th step event (0: none).")
 @prompt_cache_options
-def serve_command(model, kontext_model, klein_model, segment_model, quantize, low_memory,
-                  host, port, token, max_queue, max_upload_mb, max_images, max_resident_gb,
-                  preview_every, prompt_cache, prompt_cache_gb, no_prompt_cache):
+def serve_command(model, kontext_model, klein_model, segment_model, text_segment_model,
+                  quantize, low_memory, host, port, token, max_queue, max_upload_mb,
+                  max_images, max_resident_gb, preview_every, prompt_cache,
+                  prompt_cache_gb, no_prompt_cache):
     """Serve edits over HTTP with the models kept loaded (API docs at /docs)."""
     if token is not None and not token.strip():
         raise click.UsageError("--token (or MLX_EDIT_TOKEN) is blank: give a non-empty "
@@ -79,6 +83,7 @@ def serve_command(model, kontext_model, klein_model, segment_model, quantize, lo
             from None
     config = ServeConfig(model=model, kontext_model=kontext_model, klein_model=klein_model,
                          segment_model=segment_model,
+                         text_segment_model=text_segment_model,
                          quantize=int(quantize) if quantize else None,
                          low_memory=low_memory, token=token, max_queue=max_queue,
                          max_upload_bytes=max_upload_mb * MB, max_images=max_images,

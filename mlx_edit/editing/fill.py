@@ -44,9 +44,11 @@ class FluxFill(FluxPipeline):
         image: path, PIL image or uint8 (H, W, 3); any size (EXIF orientation honoured).
         mask: path, PIL or array, white = repaint; resized (with a warning) if its size
         differs; or clicks/boxes (`mlx_edit.editing.segment.Points` / `Box`, segmented first with
-        SAM 2.1: `user_mask`). options: EditOptions, or its fields as keywords (steps, guidance, seed,
-        num_images, strength, grow_mask, feather (px), paste_back, crop_to_mask (None =
-        automatic: edit a ~1 MP window around the mask when the image is large),
+        SAM 2.1: `user_mask`); or None with mask_text (words, SAM 3: mask_threshold,
+        mask_instances, text_segment_model). options: EditOptions, or its fields as
+        keywords (steps, guidance, seed, num_images, strength, grow_mask, feather (px),
+        paste_back, crop_to_mask (None = automatic: edit a ~1 MP window around the mask
+        when the image is large),
         prompt_2, max_sequence_length, ip_adapters / redux (IPAdapterSpec / ReduxSpec:
         the style or subject of reference images), controlnets (ControlNetSpec list:
         structure to keep; several are summed)); defaults and ranges: mlx_edit.options.
@@ -64,6 +66,7 @@ class FluxFill(FluxPipeline):
         Canny/Depth transformer loaded instead of Fill), before any model loads.
         """
         o = EditOptions.of(options, overrides, "inpaint")
+        mask = masking.mask_or_text(mask, o)
         if large.refine_strength(o):  # two runs: shrunk, then refined at full resolution
             image = load_image(image)
             user_mask = self.user_mask(image, mask, o.segment_model)
@@ -91,6 +94,7 @@ class FluxFill(FluxPipeline):
         with `run(job, options.paste_back)` (seam_fix, rank and the two-pass options
         detail_pass / global_pass are `inpaint`'s own runs around it). Raises as `inpaint`."""
         o = EditOptions.of(options, overrides, "inpaint")
+        mask = masking.mask_or_text(mask, o)
         check_prompt(prompt)
         self.models.require("inpaint")
         image = load_image(image)

@@ -27,6 +27,7 @@ from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.editing import masking
 from mlx_edit.editing.kontext import requested_size
 from mlx_edit.options import EditOptions, check_prompt
+from mlx_edit.editing.masking import mask_or_text
 from mlx_edit.editing.pipeline import FluxPipeline
 from mlx_edit.sampling.denoise import EditJob
 from mlx_edit.sampling.latents_flux2 import image_sizes
@@ -73,9 +74,10 @@ class FluxKlein(FluxPipeline):
         image's size shrunk to ~1 MP, or 1024 x 1024), keep_size (returned at the first
         image's own size), seed, num_images, strength (with a mask), grow_mask, feather,
         color_match, blend, soft_mask, crop_to_mask, max_sequence_length (Qwen3 tokens).
-        mask: white = edit (path, PIL, array of the first image's size, or SAM clicks /
-        boxes): latents outside it are the image's, re-noised, after every step, and its
-        pixels are kept exactly outside the grown, feathered mask.
+        mask: white = edit (path, PIL, array of the first image's size, SAM clicks /
+        boxes, or None with mask_text: words, SAM 3): latents outside it are the image's,
+        re-noised, after every step, and its pixels are kept exactly outside the grown,
+        feathered mask.
         noise: optional packed initial noise (num_images, N, 128) (parity tests).
         Returns num_images PIL images with their parameters in `.info`.
         Raises InputError (bad images, options or mask; prompt too long; a mask without
@@ -83,13 +85,14 @@ class FluxKlein(FluxPipeline):
         """
         job = self.edit_job(images, instruction, options, mask=mask, noise=noise,
                             **overrides)
-        return self.run(job, mask is not None, progress)
+        return self.run(job, job.metadata["masked"], progress)
 
     def edit_job(self, images, instruction: str, options: EditOptions | None = None, *,
                  mask=None, noise: mx.array | None = None, **overrides) -> EditJob:
         """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
-        with `run(job, mask is not None)`. Raises as `edit`."""
+        with `run(job, job.metadata["masked"])`. Raises as `edit`."""
         o = self._options(options, overrides, "edit")
+        mask = mask_or_text(mask, o)
         check_prompt(instruction, "instruction")
         self.models.require("edit")
         refs = [load_image(im) for im in _as_list(images)]
@@ -129,6 +132,7 @@ class FluxKlein(FluxPipeline):
         """The prepared EditJob of `inpaint` (arguments as there), not yet denoised: run
         it with `run(job, options.paste_back)`. Raises as `inpaint`."""
         o = self._options(options, overrides, "inpaint")
+        mask = mask_or_text(mask, o)
         check_prompt(prompt)
         self.models.require("inpaint")
         image = load_image(image)

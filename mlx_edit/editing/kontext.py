@@ -18,6 +18,7 @@ from PIL import Image
 from mlx_edit.conditioning.kontext import MULTIPLE, reference_size
 from mlx_edit.imaging.images import InputError, load_image
 from mlx_edit.options import EditOptions, check_prompt, check_used
+from mlx_edit.editing.masking import mask_or_text
 from mlx_edit.editing.pipeline import FluxPipeline
 from mlx_edit.progress import reports_progress
 from mlx_edit.sampling.denoise import EditJob
@@ -71,8 +72,9 @@ class FluxKontext(FluxPipeline):
         guidance when the scale is above 1: two transformer passes per step), strength,
         grow_mask / feather (px), seed, num_images, ...
         mask: white = edit (path, PIL or array of the first image's size; or clicks/boxes,
-        `mlx_edit.editing.segment.Points` / `Box`, segmented first with SAM 2.1): Kontext
-        inpainting (diffusers FluxKontextInpaintPipeline): latents start from the image at
+        `mlx_edit.editing.segment.Points` / `Box`, segmented first with SAM 2.1; or None
+        with mask_text: words, SAM 3): Kontext inpainting (diffusers
+        FluxKontextInpaintPipeline): latents start from the image at
         `strength` and, after every step, outside the mask are the image's re-noised;
         the pixels outside the grown, feathered mask are then the (resized, or with
         keep_size the original) image's exactly.
@@ -83,13 +85,14 @@ class FluxKontext(FluxPipeline):
         """
         job = self.edit_job(images, instruction, options, mask=mask, noise=noise,
                             **overrides)
-        return self.run(job, mask is not None, progress)
+        return self.run(job, job.metadata["masked"], progress)
 
     def edit_job(self, images, instruction: str, options: EditOptions | None = None, *,
                  mask=None, noise: mx.array | None = None, **overrides) -> EditJob:
         """The prepared EditJob of `edit` (arguments as there), not yet denoised: run it
-        with `run(job, mask is not None)`. Raises as `edit`."""
+        with `run(job, job.metadata["masked"])`. Raises as `edit`."""
         o = EditOptions.of(options, overrides, "edit")
+        mask = mask_or_text(mask, o)
         check_used(o, masked=mask is not None)
         check_prompt(instruction, "instruction")
         self.models.require("edit")

@@ -1,9 +1,10 @@
-"""The masks of an edit, as functions of what they use: the user's mask (a file, an array
-or SAM prompts), the model mask and paste-back blend derived from it, and the paste-back /
-soft-mask settings of a job.
+"""The masks of an edit, as functions of what they use: the user's mask (a file, an array,
+SAM 2.1 clicks/boxes or SAM 3 words), the model mask and paste-back blend derived from it,
+and the paste-back / soft-mask settings of a job.
 
 The pixel operations live in mlx_edit.imaging (masks, stitch); segmentation in
-mlx_edit.editing.segment; the soft-mask step hook in mlx_edit.sampling.soft_mask.
+mlx_edit.editing.segment (clicks) and text_segment (words); the soft-mask step hook in
+mlx_edit.sampling.soft_mask.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.imaging import masks
-from mlx_edit.imaging.images import load_mask, to_array
+from mlx_edit.imaging.images import InputError, load_mask, to_array
 from mlx_edit.imaging.stitch import crop_for_model
 from mlx_edit.options import EditOptions
 from mlx_edit.progress import Phase
@@ -26,6 +27,18 @@ if TYPE_CHECKING:
     from mlx_edit.editing.components import Models
 
 
+def mask_or_text(mask, o: EditOptions):
+    """An edit's `mask` argument, or the `text_segment.TextMask` of `o.mask_text` when
+    `mask` is None (the same spec passes again: a method handing its mask on).
+    InputError when both a mask and mask_text are given."""
+    from mlx_edit.editing.text_segment import TextMask, text_mask
+
+    spec = text_mask(o)
+    if spec is None or mask is None or (isinstance(mask, TextMask) and mask == spec):
+        return spec if mask is None else mask
+    raise InputError("give a mask (or clicks) or mask_text, not both")
+
+
 def user_mask(image: Image.Image, mask, segment_model: str | None, models: Models,
               stats: dict) -> np.ndarray:
     """The edit mask (H, W) float32 in [0, 1] of `image`: `mask` as a path, PIL or array
@@ -33,9 +46,19 @@ def user_mask(image: Image.Image, mask, segment_model: str | None, models: Model
     prompts (one or a list), segmented first with SAM 2.1 (`segment_model`, default the
     model folder's (`models.root`) `segmenter/` when present, else
     facebook/sam2.1-hiera-large; its memory checked with `models.memory_estimate`) and
-    freed before anything else loads (the "segment" phase's time into `stats`). Raises
-    InputError (bad mask or prompt, memory) and WeightLoadError (segmenter)."""
+    freed before anything else loads (the "segment" phase's time into `stats`); or a
+    `text_segment.TextMask` (words, SAM 3: the model folder's `text-segmenter/` unless the
+    spec names one; its own phases "load_text_segmenter" and "text_segment" into `stats`).
+    Raises InputError (bad mask or prompt, memory, no instance of the phrase) and
+    WeightLoadError (segmenter)."""
     from mlx_edit.editing.segment import Box, Points
+    from mlx_edit.editing.text_segment import TextMask
+
+    if isinstance(mask, TextMask):
+        from mlx_edit.editing import text_segment
+
+        return text_segment.mask_for_edit(image, mask, models.root, models.memory_estimate,
+                                          models.low_memory, stats)
 
     prompts = mask if isinstance(mask, (list, tuple)) else [mask]
     if not (prompts and all(isinstance(p, (Points, Box)) for p in prompts)):

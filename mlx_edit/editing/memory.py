@@ -14,10 +14,14 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
 
 - SAM 2.1 (a click/box mask): `segmenter_gb`: its weights from the config, and its image
   embedding's activations, linear in the input pixels and the Hiera width (measured).
+- SAM 3 (a mask from words): `text_segmenter_gb`: its three models' weights from the
+  config, and its backbone's activations, linear in the ViT's patch tokens (measured)
+  plus the per-query mask logits.
 
-The peak is the largest phase: [segmenting,] text encoding, VAE encode, denoising, VAE
-decode. The segmenter is loaded for its phase only (mlx_edit.editing.segment.mask_from_prompts
-frees it before anything else runs), next to what a normal run keeps resident. The
+The peak is the largest phase: [segmenting (SAM 2.1 or SAM 3),] text encoding, VAE encode,
+denoising, VAE decode. A segmenter is loaded for its phase only
+(mlx_edit.editing.segment.mask_from_prompts, text_segment.mask_for_edit free it before
+anything else runs), next to what a normal run keeps resident. The
 text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
 mlx_edit.editing.components) only the phase's own model is resident: CLIP or T5, the VAE, the
@@ -54,6 +58,12 @@ PHASES = ("text_encode", "vae_encode", "denoise", "vae_decode")
 # SAM image-embedding activations per input pixel and Hiera stage-0 channel (float32, CPU:
 # 0.66 GB for hiera-tiny at 1024 px, 0.68 for hiera-small; benchmarks/RESULTS.md).
 SAM_ACT_BYTES = 6.6
+# SAM 3 backbone activations per ViT patch token (float32, CPU), at facebook/sam3's widths
+# (FPN 256): 0.39-0.41 MB at 336-672 px, 0.49 MB at 1008 (facebook/sam3's input, fitted
+# there: the smaller inputs are over-estimated by up to 25%); mostly the FPN's
+# convolutions at 4x and 2x (benchmarks/RESULTS.md, bench_sam_memory.py --sam3); other
+# FPN widths scale it.
+SAM3_ACT_BYTES_PER_TOKEN = 4.95e5
 
 
 def _backend() -> str:
@@ -172,6 +182,38 @@ def segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
     return weights, act
 
 
+def sam3_backbone_gb(vision, dtype="float32") -> float:
+    """Activations GB of SAM 3's vision backbone (Sam3VisionConfig) on one image:
+    SAM3_ACT_BYTES_PER_TOKEN per ViT patch token, scaled by the FPN width / 256 and the
+    dtype's size / 4 (measured in float32: bench_sam_memory.py --sam3)."""
+    size = (getattr(mx, dtype) if isinstance(dtype, str) else dtype).size
+    vit = vision.backbone_config
+    tokens = (vit.image_size // vit.patch_size) ** 2
+    return SAM3_ACT_BYTES_PER_TOKEN * tokens * vision.fpn_hidden_size / 256 * size / 4 / GB
+
+
+def text_segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
+    """(weights GB, activations GB) of SAM 3's image model (vision backbone, text encoder,
+    heads) from its config.json dict (None / {}: facebook/sam3's) computing in `dtype`:
+    the backbone's activations (`sam3_backbone_gb`) plus two float32 copies of the
+    per-query mask logits at the finest FPN level (queries x 16 tokens; the heads'
+    other activations are small next to them)."""
+    from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
+    from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder
+    from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel
+
+    d = dict(config or {})
+    vision, heads = Sam3VisionConfig.from_dict(d), Sam3HeadsConfig.from_dict(d)
+    float_dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+    models = (Sam3VisionModel(vision), Sam3TextEncoder(Sam3TextConfig.from_dict(d)),
+              Sam3Heads(heads))  # built lazily: nothing allocated
+    weights = sum(model_nbytes(m, float_dtype) for m in models) / GB
+    vit = vision.backbone_config
+    finest = 16 * (vit.image_size // vit.patch_size) ** 2  # the FPN's 4x level
+    masks = 2 * heads.detr_decoder.num_queries * finest * 4 / GB
+    return weights, sam3_backbone_gb(vision, float_dtype) + masks
+
+
 @dataclass
 class _Inputs:
     width: int
@@ -184,6 +226,7 @@ class _Inputs:
     cache: object = None
     segmenter: object = None
     window: tuple[int, int] | None = None
+    text_segmenter: object = None
     cache_branches: int = 1
     text_tokens: int = TEXT_TOKENS
     reference_tokens: int = 0
@@ -205,7 +248,8 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              segmenter=None, window: tuple[int, int] | None = None,
              cache_branches: int = 1, reference_tokens: int = 0,
              reference_px: tuple[int, int] | None = None, family: str = "flux1",
-             text: Mapping | None = None, reference_kv: bool = False) -> MemoryEstimate:
+             text: Mapping | None = None, text_segmenter=None, reference_kv: bool = False
+             ) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts) of the `family`'s models
@@ -217,7 +261,9 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     cache_branches: 2 with true CFG) is `cache_state`, counted in the denoise phase.
     segmenter: the SAM 2.1 config (SamConfig or config.json dict) of a click/box mask, or
     None; adds the phase "segment" (its weights and activations next to the resident
-    models, `segmenter_gb`), gone before denoising.
+    models, `segmenter_gb`), gone before denoising. text_segmenter: the SAM 3 config.json
+    dict of a mask from words ({}: facebook/sam3's), or None; adds the phase
+    "text_segment" the same way (`text_segmenter_gb`).
     window: (tokens of one window, windows per batch) of tiled denoising: `denoise_gb`.
     text_tokens: the T5 sequence (max_sequence_length). reference_tokens: packed tokens
     of Kontext references, in every forward next to the image's (and each window's);
@@ -264,6 +310,10 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     if segmenter is not None:
         w["segmenter"], act["segment"] = segmenter_gb(segmenter)
         normal["segment"], low["segment"] = resident + w["segmenter"], w["segmenter"]
+    if text_segmenter is not None:
+        w["text_segmenter"], act["text_segment"] = text_segmenter_gb(text_segmenter)
+        normal["text_segment"] = resident + w["text_segmenter"]
+        low["text_segment"] = w["text_segmenter"]
     out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
     out.update({f"activations_{k}": v for k, v in act.items()})
     if cache is not None:
@@ -275,8 +325,8 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     out["peak"] = max(out[f"phase_{p}"] for p in act)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
     out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache, segmenter, window, cache_branches, text_tokens,
-                         reference_tokens, reference_px, family, reference_kv)
+                         cache, segmenter, window, text_segmenter, cache_branches,
+                         text_tokens, reference_tokens, reference_px, family, reference_kv)
     return out
 
 
@@ -305,6 +355,7 @@ def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
               vae=i.configs["vae"], family=i.family,
               text={k: v for k, v in i.configs.items() if k not in ("transformer", "vae")},
               lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
+              text_segmenter=i.text_segmenter,
               window=i.window, cache_branches=i.cache_branches, text_tokens=i.text_tokens,
               reference_tokens=i.reference_tokens, reference_px=i.reference_px,
               reference_kv=i.reference_kv)
@@ -368,23 +419,30 @@ def check_fits(est: MemoryEstimate, available: float | None = None,
     )
 
 
+# the segment phases: phase -> (weights key, model, its activations, what else to use)
+SEGMENT_PHASES = {
+    "segment": ("segmenter", "SAM", "image embedding", "a smaller SAM 2.1 checkpoint"),
+    "text_segment": ("text_segmenter", "SAM 3", "activations", "clicks (--mask-point)")}
+
+
 def check_segmenter_fits(est: MemoryEstimate, low_memory: bool = False,
-                         available: float | None = None) -> None:
-    """Raise InputError when the segment phase of `est` (an estimate with a segmenter)
-    exceeds `available` GB (None: `available_memory()`); checked before SAM loads, as the
-    canvas of the later phases is known only from the mask (they are `check_fits`'s)."""
+                         available: float | None = None, phase: str = "segment") -> None:
+    """Raise InputError when the segment `phase` of `est` ("segment": SAM 2.1,
+    "text_segment": SAM 3; an estimate with that model) exceeds `available` GB (None:
+    `available_memory()`); checked before the model loads, as the canvas of the later
+    phases is known only from the mask (they are `check_fits`'s)."""
     available = available_memory() / GB if available is None else float(available)
-    resident = 0.0 if low_memory else est["phase_segment"] - est["activations_segment"] \
-        - est["weights_segmenter"] - RUNTIME_GB
-    need = resident + est["weights_segmenter"] + est["activations_segment"] + RUNTIME_GB
+    key, model, noun, other = SEGMENT_PHASES[phase]
+    weights, act = est[f"weights_{key}"], est[f"activations_{phase}"]
+    resident = 0.0 if low_memory else est[f"phase_{phase}"] - act - weights - RUNTIME_GB
+    need = resident + weights + act + RUNTIME_GB
     if need <= available:
         return
     advice = "" if low_memory else "; --low-memory frees the FLUX models while segmenting"
     raise InputError(
-        f"segmenting the mask needs about {need:.1f} GB (SAM weights "
-        f"{est['weights_segmenter']:.2f}, image embedding {est['activations_segment']:.2f}, "
-        f"resident models {resident:.1f}) but this machine has {available:.1f} GB: draw the "
-        f"mask instead (--mask) or use a smaller SAM 2.1 checkpoint{advice}")
+        f"segmenting the mask needs about {need:.1f} GB ({model} weights {weights:.2f}, "
+        f"{noun} {act:.2f}, resident models {resident:.1f}) but this machine has "
+        f"{available:.1f} GB: draw the mask instead (--mask) or use {other}{advice}")
 
 
 def summary(est: Mapping[str, float]) -> str:

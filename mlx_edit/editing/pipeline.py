@@ -487,6 +487,8 @@ class FluxPipeline:
             "loras": [[n, x.source, x.scale] for n, x in self.loras.items()] or None,
             "negative_prompt": o.negative_prompt if cfg else None,
             "true_cfg_scale": cfg,
+            **({"mask_text": o.mask_text, "mask_threshold": o.mask_threshold,
+                "mask_instances": o.mask_instances} if o.mask_text else {}),
             **(extra or {}),
         }
 

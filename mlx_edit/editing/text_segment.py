@@ -20,11 +20,16 @@ image size and binarised at `mask_threshold`; boxes are scaled from [0, 1] to pi
 `select_instances` turns the kept instances into the mask an edit uses: all of them
 merged (default), the best, or one by index (0 = highest score); no instance is an
 InputError naming the phrase and the best score, never an empty mask.
+
+For edits: a `TextMask` spec (an edit's `mask`, or EditOptions.mask_text) is segmented by
+`mask_for_edit`: checked, its memory phase checked (memory.check_segmenter_fits), the
+model loaded (phase "load_text_segmenter"), run (phase "text_segment") and freed before
+anything else loads. The checks of phrases, thresholds and instance choices are
+mlx_edit.options' (one check per kind of value).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +38,14 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.imaging.images import InputError, load_image
+from mlx_edit.options import MASK_THRESHOLD as SCORE_THRESHOLD  # transformers' default
+from mlx_edit.options import check_instances as parse_instances
+from mlx_edit.options import check_phrase, check_threshold
 from mlx_edit.models.sam3_heads import Sam3Heads, Sam3Outputs
 from mlx_edit.models.sam3_text import Sam3TextEncoder
 from mlx_edit.models.sam3_vision import Sam3VisionModel
 from mlx_edit.editing.segment import _check_box, upscale_logits
 
-SCORE_THRESHOLD = 0.3  # transformers' default instance threshold
 MASK_THRESHOLD = 0.5  # on mask probabilities
 SAM3_MEAN = SAM3_STD = (0.5, 0.5, 0.5)
 
@@ -93,19 +100,6 @@ def post_process_instances(out: Sam3Outputs, threshold: float = SCORE_THRESHOLD,
     return results
 
 
-def parse_instances(spec) -> str | int:
-    """"all", "best" or a non-negative index (int or digits) -> the same; InputError else."""
-    if isinstance(spec, str) and spec.strip().lower() in ("all", "best"):
-        return spec.strip().lower()
-    try:
-        index = int(spec)
-    except (TypeError, ValueError):
-        index = -1
-    if index < 0 or isinstance(spec, (bool, float)):
-        raise InputError(f"instances must be 'all', 'best' or an index >= 0, got {spec!r}")
-    return index
-
-
 def select_instances(found: Instances, phrase: str, instances="all",
                      threshold: float = SCORE_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """The chosen instances of `found` (sorted by score) -> (masks (M, H, W) bool,
@@ -125,24 +119,6 @@ def select_instances(found: Instances, phrase: str, instances="all",
         raise InputError(f'instance {index} of "{phrase}" does not exist: {n} found '
                          f"(indices 0..{n - 1}, highest score first)")
     return found.masks[index:index + 1], found.scores[index:index + 1]
-
-
-def check_threshold(threshold: float) -> float:
-    """A score threshold in [0, 1) as float; InputError otherwise."""
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        t = math.nan
-    if not 0.0 <= t < 1.0:
-        raise InputError(f"threshold must be a number in [0, 1), got {threshold!r}")
-    return t
-
-
-def check_phrase(phrase) -> str:
-    """A non-empty text prompt, stripped; InputError otherwise."""
-    if not isinstance(phrase, str) or not phrase.strip():
-        raise InputError(f"the text prompt must be a non-empty phrase, got {phrase!r}")
-    return phrase.strip()
 
 
 def exemplar_arrays(boxes, labels, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -239,3 +215,87 @@ class TextSegmenter:
         self.set_image(image)
         found = self.detect(phrase, boxes, box_labels, threshold)
         return select_instances(found, phrase, instances, threshold)
+
+
+DEFAULT_TEXT_SEGMENTER = "facebook/sam3"
+SUBFOLDER = "text-segmenter"  # of a FLUX model folder, as `segmenter/` for SAM 2.1
+
+
+def find_text_segmenter(model: str | Path | None = None, root: str | Path | None = None
+                        ) -> str | Path:
+    """The SAM 3 checkpoint to load: `model` (a FLUX model folder holding `text-segmenter/`
+    means that sub-folder), else `root/text-segmenter/` when present (a pipeline's model
+    folder), else DEFAULT_TEXT_SEGMENTER. Nothing is loaded or downloaded."""
+    for folder in (model, None if model is not None else root):
+        if folder is not None and (Path(folder).expanduser() / SUBFOLDER).is_dir():
+            return Path(folder).expanduser() / SUBFOLDER
+    return model if model is not None else DEFAULT_TEXT_SEGMENTER
+
+
+@dataclass(frozen=True)
+class TextMask:
+    """A mask prompt in words for an edit (SAM 3): the instances of `phrase` scoring above
+    `threshold`, all merged, the best, or one by index (`instances`); `model`: the SAM 3
+    checkpoint (None: the model folder's text-segmenter/, else facebook/sam3)."""
+
+    phrase: str
+    threshold: float = SCORE_THRESHOLD
+    instances: str | int = "all"
+    model: str | None = None
+
+    def checked(self) -> TextMask:
+        """The spec with its values checked and normalised; InputError naming the bad one."""
+        return TextMask(check_phrase(self.phrase), check_threshold(self.threshold),
+                        parse_instances(self.instances), self.model)
+
+    def mask(self, segmenter: TextSegmenter, image) -> np.ndarray:
+        """(H, W) float32 in {0, 1}: the chosen instances of `image` found by `segmenter`,
+        merged. InputError as `TextSegmenter.masks` (no instance of the phrase...)."""
+        masks, _ = segmenter.masks(image, self.phrase, self.instances, self.threshold)
+        return masks.any(axis=0).astype(np.float32)
+
+
+def text_mask(options) -> TextMask | None:
+    """The TextMask of EditOptions `options` (mask_text, mask_threshold, mask_instances,
+    text_segment_model), or None without mask_text."""
+    if options.mask_text is None:
+        return None
+    return TextMask(options.mask_text, options.mask_threshold, options.mask_instances,
+                    options.text_segment_model)
+
+
+def text_segmenter_config(folder: str | Path) -> dict:
+    """config.json of a SAM 3 folder ({} for a Meta-named file: the released config)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def mask_for_edit(image: Image.Image, spec: TextMask, root: str | Path | None,
+                  memory_estimate, low_memory: bool = False, stats: dict | None = None
+                  ) -> np.ndarray:
+    """An edit's mask (H, W) float32 in {0, 1} from a TextMask: the spec checked, the
+    checkpoint found (`find_text_segmenter(spec.model, root)`, resolved: a download for a
+    repo id), the text-segment phase's memory (`memory_estimate(width, height,
+    text_segmenter=config)`, memory.check_segmenter_fits), then load (phase
+    "load_text_segmenter") and run (phase "text_segment"), timed into `stats`; SAM 3 is
+    freed before returning. Raises InputError (spec, memory, no instance: naming the
+    phrase and the best score), WeightLoadError."""
+    from mlx_edit.editing.memory import check_segmenter_fits
+    from mlx_edit.progress import Phase
+    from mlx_edit.weights.sam3 import resolve_sam3
+
+    spec = spec.checked()
+    folder = resolve_sam3(find_text_segmenter(spec.model, root))
+    est = memory_estimate(image.width, image.height,
+                          text_segmenter=text_segmenter_config(folder))
+    check_segmenter_fits(est, low_memory, phase="text_segment")
+    with Phase(stats, "load_text_segmenter"):
+        seg = TextSegmenter.from_pretrained(folder)
+    try:
+        with Phase(stats, "text_segment"):
+            return spec.mask(seg, image)
+    finally:
+        del seg
+        mx.clear_cache()

@@ -10,7 +10,8 @@
                                      load, segment, text encode, VAE tiles...: name,
                                      done, total), step (with a JPEG preview every
                                      --preview-every steps), done | failed | cancelled
-    POST   /v1/masks                 image + points/labels/box -> the segmenter's mask PNG
+    POST   /v1/masks                 image + points/labels/box (SAM 2.1) or text
+                                     [+ threshold, instances] (SAM 3) -> the mask PNG
     GET    /v1/jobs/{id}/images/{k}  PNG k (metadata in text chunks)
     DELETE /v1/jobs/{id}             cancel (a running edit stops after its current step)
     POST   /v1/images/edits, /v1/images/generations, GET /v1/models
@@ -138,14 +139,20 @@ def _with_cache(pipe, cache):
 
 
 def _size(kind: str, model) -> float:
-    return segmenter_gb(model) if kind == "segmenter" else pipeline_gb(model)
+    return segmenter_gb(model) if kind.endswith("segmenter") else pipeline_gb(model)
 
 
-def segment_mask(resident: Resident, image, prompts: list) -> np.ndarray:
+def segment_mask(resident: Resident, image, prompts) -> np.ndarray:
     """(H, W) float32 mask of `image` from `segment.Points` / `Box` prompts, with the
-    resident segmenter (worker thread). Raises InputError (a point outside the image...)."""
+    resident segmenter, or from a `text_segment.TextMask` with the resident text
+    segmenter (worker thread). Raises InputError (a point outside the image, no instance
+    of the phrase...)."""
     from mlx_edit.editing.segment import prompts_from_specs
+    from mlx_edit.editing.text_segment import TextMask
 
+    if isinstance(prompts, TextMask):
+        with resident.using("text_segmenter") as seg:
+            return prompts.mask(seg, image)
     with resident.using("segmenter") as seg:
         seg.set_image(image)
         return seg.best_mask(**prompts_from_specs(prompts)).astype(np.float32)
@@ -162,8 +169,8 @@ def run_edit(state, request, progress) -> tuple[list, dict]:
 
 def _run_edit(state, request, progress) -> tuple[list, dict]:
     resident, config, mask, stats = state.resident, state.config, request.mask, {}
-    if isinstance(mask, list):
-        with Phase(stats, "segment"):
+    if mask is not None and not isinstance(mask, np.ndarray):  # clicks, or words
+        with Phase(stats, "segment" if isinstance(mask, list) else "text_segment"):
             mask = segment_mask(resident, request.image, mask)
     loaded, t0 = request.kind in resident.models, time.perf_counter()
     with resident.using(request.kind) as pipe:
@@ -187,16 +194,16 @@ def _run_edit(state, request, progress) -> tuple[list, dict]:
                            if k not in pipe.load_stats}, **stats}
 
 
-def _segmenter(config: ServeConfig, preloaded: dict) -> str | None:
-    """The segmenter's checkpoint: segment_model, else the `segmenter/` of the Fill (or,
-    without Fill, the klein) folder."""
-    if config.segment_model:
-        return config.segment_model
+def _segmenter(config: ServeConfig, preloaded: dict, sub: str = "segmenter") -> str | None:
+    """A segmenter's checkpoint: segment_model (sub "text-segmenter": text_segment_model),
+    else the `sub/` folder of the Fill (or, without Fill, the klein) folder."""
+    given = config.segment_model if sub == "segmenter" else config.text_segment_model
+    if given:
+        return given
     pipe = preloaded.get("fill", preloaded.get("klein"))
     own = getattr(pipe, "root", None) if pipe is not None else \
         config.model or config.klein_model
-    return str(Path(own) / "segmenter") if own and (Path(own) / "segmenter").is_dir() \
-        else None
+    return str(Path(own) / sub) if own and (Path(own) / sub).is_dir() else None
 
 
 class BodyLimit:
@@ -322,8 +329,8 @@ async def submit(request: Request):
                                       repeated=("reference",),
                                       max_files=len(FILE_FIELDS) + MAX_REFERENCES)
     req = await run_in_threadpool(build_request, fields, files, state.config,
-                                  state.resident.kinds - {"segmenter"}, state.segmenter,
-                                  state.has_ranker)
+                                  state.resident.kinds - {"segmenter", "text_segmenter"},
+                                  state.segmenter, state.has_ranker, state.text_segmenter)
     job = state.runner.submit(req)
     return JSONResponse({"id": job.id, "state": job.state}, 202,
                         headers={"Location": f"/v1/jobs/{job.id}"})
@@ -331,14 +338,16 @@ async def submit(request: Request):
 
 @api.post("/masks", openapi_extra=form_body(MaskForm, json_too=True))
 async def masks(request: Request):
-    """Segment without editing (to preview a mask from clicks): multipart image and
-    points ([[x, y], ...] px) / labels ([1 | 0, ...]) / box ([x0, y0, x1, y1]) as JSON, or
-    a JSON body with a base64 image. Returns the mask PNG (white = the object) at the
+    """Segment without editing (to preview a mask from clicks or words): multipart image
+    and points ([[x, y], ...] px) / labels ([1 | 0, ...]) / box ([x0, y0, x1, y1]) as
+    JSON, or text (a phrase; threshold, instances: all | best | N), or a JSON body with a
+    base64 image. Returns the mask PNG (white = the object) at the
     image's size. Runs on the worker, between two steps of a running edit."""
     state = request.app.state
     fields, files = await read_fields(request, MaskForm.model_fields)
     image, prompts = await run_in_threadpool(build_mask_request, fields, files,
-                                             state.config, state.segmenter)
+                                             state.config, state.segmenter,
+                                             state.text_segmenter)
     mask = await asyncio.wrap_future(state.runner.call(
         lambda: segment_mask(state.resident, image, prompts)))
     buf = io.BytesIO()
@@ -403,7 +412,9 @@ def _source(state, kind: str) -> str:
     model = state.resident.models.get(kind)
     if getattr(model, "source", None):
         return str(model.source)
-    return str(state.segmenter if kind == "segmenter" else kind_model(kind, state.config))
+    if kind in ("segmenter", "text_segmenter"):
+        return str(getattr(state, kind))
+    return str(kind_model(kind, state.config))
 
 
 @router.get("/v1/health")
@@ -415,8 +426,10 @@ def health(request: Request):
     running, resident, cache = state.runner.running, state.resident, state.prompt_cache
     return {"status": "ok", "version": __version__,
             "models": {k: _source(state, k) for k in sorted(resident.kinds)},
-            "serves": served_modes(state.config, resident.kinds - {"segmenter"}),
+            "serves": served_modes(state.config,
+                                  resident.kinds - {"segmenter", "text_segmenter"}),
             "segmenter": "segmenter" in resident.kinds,
+            "text_segmenter": "text_segmenter" in resident.kinds,
             "resident": {k: round(resident.sizes[k], 3) for k in list(resident.models)},
             "resident_budget_gb": state.config.max_resident_gb,
             "prompt_cache": None if cache is None else {
@@ -463,26 +476,40 @@ def _docs(app: FastAPI) -> None:
 
 
 def _resident(config: ServeConfig, pipelines: dict | None):
-    """(Resident, segmenter checkpoint or None, prompt cache or None) of the app."""
+    """(Resident, segmenter checkpoints {kind: checkpoint or None}, prompt cache or None)
+    of the app."""
     cache = prompt_cache(config)
     loaders = {} if pipelines is not None else model_loaders(config, cache)
     if pipelines is None:  # Fill, else klein, made now: a folder it cannot read fails here
         first = "fill" if "fill" in loaders else "klein"
         pipelines = {first: loaders[first]()}
     preloaded = dict(pipelines)
-    segmenter = _segmenter(config, preloaded)
-    if segmenter and "segmenter" not in preloaded:
-        from mlx_edit.editing.segment import Segmenter
-
-        loaders["segmenter"] = lambda: Segmenter.from_pretrained(segmenter)
+    segmenters = {"segmenter": _segmenter(config, preloaded),
+                  "text_segmenter": _segmenter(config, preloaded, "text-segmenter")}
+    for kind, checkpoint in segmenters.items():
+        if checkpoint and kind not in preloaded:
+            loaders[kind] = _segmenter_loader(kind, checkpoint)
     for kind, model in preloaded.items():
-        if kind != "segmenter":
+        if not kind.endswith("segmenter"):
             _with_cache(model, cache)
     if cache is None:  # given pipelines may bring their own
         cache = next((m.disk_prompt_cache for k, m in preloaded.items()
-                      if k != "segmenter" and m.disk_prompt_cache is not None), None)
+                      if not k.endswith("segmenter") and m.disk_prompt_cache is not None),
+                     None)
     resident = Resident(loaders, _size, config.max_resident_gb, preloaded)
-    return resident, segmenter, cache
+    return resident, segmenters, cache
+
+
+def _segmenter_loader(kind: str, checkpoint: str):
+    """The loader of a resident SAM 2.1 `Segmenter` or SAM 3 `TextSegmenter`."""
+    if kind == "segmenter":
+        from mlx_edit.editing.segment import Segmenter
+
+        return lambda: Segmenter.from_pretrained(checkpoint)
+    from mlx_edit.editing.text_segment import TextSegmenter
+    from mlx_edit.weights.sam3 import resolve_sam3
+
+    return lambda: TextSegmenter.from_pretrained(resolve_sam3(checkpoint))
 
 
 def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
@@ -500,9 +527,10 @@ def create_app(config: ServeConfig, pipelines: dict | None = None) -> FastAPI:
                   redoc_url=None)
     state = app.state
     state.config, state.previewer = config, Previewer()
-    state.resident, segmenter, state.prompt_cache = _resident(config, pipelines)
-    state.segmenter = segmenter or ("resident" if "segmenter" in state.resident.models
-                                    else None)
+    state.resident, segmenters, state.prompt_cache = _resident(config, pipelines)
+    state.segmenter, state.text_segmenter = (
+        segmenters[k] or ("resident" if k in state.resident.models else None)
+        for k in ("segmenter", "text_segmenter"))
     fill = state.resident.models.get("fill")
     root = getattr(fill, "root", None)
     state.has_ranker = bool(root) and (Path(root) / "ranker").is_dir()

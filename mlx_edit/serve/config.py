@@ -22,6 +22,8 @@ class ServeConfig:
       OpenAI API), resident next to (or instead of) the FLUX.1 models; None = none.
     segment_model: SAM 2.1 checkpoint for masks from points/boxes; None = the Fill
       folder's `segmenter/` when it has one, else points/boxes are refused.
+    text_segment_model: SAM 3 checkpoint for masks from words; None = the Fill folder's
+      `text-segmenter/` when it has one, else text masks are refused.
     quantize: 4 / 8 bits for the transformers, or None. low_memory: as FluxFill's.
     token: when set, every /v1 route but health needs `Authorization: Bearer <token>`
       (or `?token=`, for EventSource and image links).
@@ -45,6 +47,7 @@ class ServeConfig:
     kontext_model: str | None = None
     klein_model: str | None = None
     segment_model: str | None = None
+    text_segment_model: str | None = None
     quantize: int | None = None
     low_memory: bool = False
     token: str | None = None

@@ -1,7 +1,7 @@
 """The server's resident models, evicted least recently used by estimated size.
 
 Kinds: "fill" (FluxFill), "kontext" (FluxKontext), "klein" (FluxKlein), "segmenter"
-(SAM 2.1 `Segmenter`).
+(SAM 2.1 `Segmenter`), "text_segmenter" (SAM 3 `TextSegmenter`).
 Each configured kind has a loader and a size (GB): for a pipeline, what stays loaded
 between edits by mlx_edit.editing.memory's estimate from its configs (transformer + VAE + LoRAs;
 the text encoders are freed after each prompt); for the segmenter its parameter bytes.
@@ -35,10 +35,12 @@ def pipeline_gb(pipe) -> float:
 
 
 def segmenter_gb(segmenter) -> float:
-    """Parameter GB of a `Segmenter`'s SAM model."""
+    """Parameter GB of a `Segmenter`'s SAM model, or of a `TextSegmenter`'s three."""
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(segmenter.model.parameters())) / GB
+    models = [segmenter.model] if hasattr(segmenter, "model") else \
+        [segmenter.vision, segmenter.text_encoder, segmenter.heads]
+    return sum(v.nbytes for m in models for _, v in tree_flatten(m.parameters())) / GB
 
 
 class Resident:

@@ -73,13 +73,19 @@ class EditForm(BaseModel):
 
 
 class MaskForm(BaseModel):
-    """`POST /v1/masks`: an image and clicks or a box."""
+    """`POST /v1/masks`: an image and clicks or a box (SAM 2.1), or a phrase (SAM 3)."""
 
     model_config = STRICT
     image: bytes = Field(description="The photo: a file, or base64 in a JSON body.")
     points: str | list | None = None
     labels: str | list | None = None
     box: str | list | None = None
+    text: str | None = Field(None, description="Every instance of this phrase (SAM 3), "
+                                               "with a text segmenter.")
+    threshold: str | float | None = Field(None, description="With text: keep instances "
+                                                            "scoring above this, [0, 1).")
+    instances: str | int | None = Field(None, description="With text: all (merged), best, "
+                                                          "or an index N by score.")
 
 
 _IGNORED_HELP = "OpenAI's; accepted and ignored (named in the X-Ignored-Fields header)."

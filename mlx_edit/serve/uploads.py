@@ -26,10 +26,14 @@ from PIL import Image, UnidentifiedImageError
 from mlx_edit.imaging.images import InputError, load_image, load_mask
 from mlx_edit.options import (
     FIELDS,
+    MASK_THRESHOLD,
     MAX_PROMPT_BYTES,
     EditOptions,
     check_canvas,
+    check_instances,
+    check_phrase,
     check_prompt,
+    check_threshold,
 )
 from mlx_edit.serve.config import ServeConfig
 
@@ -37,7 +41,8 @@ FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and cameras send; TIFF/HEIC s
 FILE_FIELDS = ("image", "mask")
 MAX_REFERENCES = 4  # `reference` uploads of one edit (edit mode's further images)
 MAX_FIELD_BYTES = 2**20  # a form field that is not a file (prompt, options, points...)
-PATH_OPTIONS = ("segment_model", "rank_model", "ip_adapters", "redux", "controlnets")
+PATH_OPTIONS = ("segment_model", "text_segment_model", "rank_model", "ip_adapters", "redux",
+                "controlnets")
 PRIORITIES = {"interactive": 0, "batch": 1}  # lower runs first
 # The pipeline kinds (serve/resident.py) that serve each mode, the default first; a
 # request's `model` names one (FLUX.2 [klein] serves instruction edits and inpainting).
@@ -101,9 +106,10 @@ class EditRequest:
     """One checked edit: mode ("inpaint" | "outpaint" | "edit"), the pipeline kind that
     serves it ("fill" | "kontext" | "klein"), prompt, image (RGB PIL, upright; None:
     text-to-image, edit mode), mask (float32 (H, W) in [0, 1], a list of
-    `segment.Points` / `Box`, or None), options (EditOptions resolved for the mode),
-    priority (0 interactive, 1 batch), references (edit mode: more RGB PIL images after
-    `image`; FLUX.2 [klein] inpaint: at most one, the repainted area's reference)."""
+    `segment.Points` / `Box`, a `text_segment.TextMask`, or None), options (EditOptions
+    resolved for the mode), priority (0 interactive, 1 batch), references (edit mode: more
+    RGB PIL images after `image`; FLUX.2 [klein] inpaint: at most one, the repainted
+    area's reference)."""
 
     mode: str
     kind: str
@@ -284,6 +290,23 @@ def _click_mask(fields: dict, segmenter: str | None, image_size: tuple[int, int]
     return prompts
 
 
+NO_TEXT_SEGMENTER = ("this server has no text segmenter: send a mask image or clicks (or "
+                     "start it with --text-segment-model)")
+
+
+def _text_mask(options: EditOptions, text_segmenter: str | None):
+    """(the `text_segment.TextMask` of options.mask_text or None, the options without
+    it: the server segments it with its resident SAM 3). InputError without one."""
+    if options.mask_text is None:
+        return None, options
+    if text_segmenter is None:
+        raise InputError(NO_TEXT_SEGMENTER)
+    from mlx_edit.editing.text_segment import text_mask
+
+    return text_mask(options), dataclasses.replace(
+        options, mask_text=None, mask_threshold=MASK_THRESHOLD, mask_instances="all")
+
+
 def request_prompt(fields: dict) -> str:
     """The checked `prompt` field. Raises InputError (missing, bad characters),
     UploadTooLarge (over MAX_PROMPT_BYTES)."""
@@ -298,15 +321,17 @@ def request_prompt(fields: dict) -> str:
 
 def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
                   kinds: set[str], segmenter: str | None = None,
-                  has_ranker: bool = False, variant=None) -> EditRequest:
+                  has_ranker: bool = False, text_segmenter: str | None = None,
+                  variant=None) -> EditRequest:
     """A checked EditRequest from form/JSON `fields` and uploaded `files` (bytes).
 
     fields: mode (default inpaint), model (the pipeline kind: "fill", "kontext",
     "klein"; default the first of SERVED_MODES[mode] served here), prompt, options (a
-    JSON object of EditOptions fields), priority ("interactive" | "batch"), points /
-    labels / box (inpaint/edit masks from clicks, with a segmenter). files: image
-    (required), mask (white = repaint), reference (a list of bytes: edit mode's further
-    images; a FLUX.2 [klein] inpaint's one reference: `max_references`).
+    JSON object of EditOptions fields; mask_text needs a text segmenter), priority
+    ("interactive" | "batch"), points / labels / box (inpaint/edit masks from clicks, with
+    a segmenter). files: image (required), mask (white = repaint), reference (a list of
+    bytes: edit mode's further images; a FLUX.2 [klein] inpaint's one reference:
+    `max_references`).
     kinds: the pipelines served ("fill", "kontext", "klein"). has_ranker: the Fill
     folder has a `ranker/` (else rank is refused: it would download a CLIP model).
     variant: the served model's (mlx_edit.variants; None: `served_variant`). Raises
@@ -341,13 +366,19 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
                 (f"reference {i + 1}", r) for i, r in enumerate(refs)]:
             check_reference(ref, what)
     mask = _click_mask(fields, segmenter, image.size)
+    text, options = _text_mask(options, text_segmenter)
+    if text is not None and (mask is not None or "mask" in files):
+        raise InputError("send one of mask, points/box or options.mask_text")
     if mask is not None:
         options = dataclasses.replace(options, segment_model=segmenter)
+    elif text is not None:
+        mask = text
     elif "mask" in files:
         mask = load_mask(open_image(files["mask"], "mask", config.max_pixels), image.size)
         mask = np.asarray(mask, np.float32)
     if mode == "inpaint" and mask is None:
-        raise InputError("inpaint needs a mask (an image, white = repaint) or points/box")
+        raise InputError("inpaint needs a mask (an image, white = repaint), points/box or "
+                         "options.mask_text")
     if mode == "outpaint" and mask is not None:
         raise InputError("outpaint takes no mask: set left/right/top/bottom in options")
     if mode == "outpaint":  # the canvas is allocated by the job: refused before queuing
@@ -408,13 +439,26 @@ async def read_fields(request, known, where: str = "the request",
 
 
 def build_mask_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
-                       segmenter: str | None) -> tuple[Image.Image, list]:
-    """(image, `segment.Points` / `Box` prompts) of a `/v1/masks` request: an image
-    upload and points / labels / box fields. Raises InputError (no segmenter, no image,
-    no prompt), UploadTooLarge."""
+                       segmenter: str | None, text_segmenter: str | None = None
+                       ) -> tuple[Image.Image, Any]:
+    """(image, `segment.Points` / `Box` prompts or a `text_segment.TextMask`) of a
+    `/v1/masks` request: an image upload and points / labels / box fields, or text
+    (+ threshold, instances). Raises InputError (no segmenter, no image, no prompt, a
+    bad threshold or instances), UploadTooLarge."""
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
+    if any(k in fields for k in ("text", "threshold", "instances")):
+        if any(k in fields for k in ("points", "labels", "box")):
+            raise InputError("send points/box or text, not both")
+        if text_segmenter is None:
+            raise InputError(NO_TEXT_SEGMENTER)
+        from mlx_edit.editing.text_segment import TextMask
+
+        return image, TextMask(
+            check_phrase(fields.get("text"), "text"),
+            check_threshold(_json_field(fields, "threshold", MASK_THRESHOLD), "threshold"),
+            check_instances(fields.get("instances", "all"), "instances"))
     prompts = _click_mask(fields, segmenter, image.size)
     if prompts is None:
         raise InputError("send points ([[x, y], ...], labels [1 | 0, ...]) or a box "

@@ -31,6 +31,7 @@ from mlx_edit.models.sam3_text import Sam3TextEncoder
 from mlx_edit.models.sam3_vision import Sam3VisionModel
 from mlx_edit.weights import loader
 from mlx_edit.weights.core import Rule, rename
+from mlx_edit.weights.sources import download, local_or_remote
 from mlx_edit.weights.text import CLIP_TEXT_RULES
 
 WRAPPER_PREFIXES = ("detector.", "detector_model.")  # Meta release, transformers video model
@@ -111,6 +112,22 @@ TEXT_META_RULES: tuple[Rule, ...] = (
         "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}),
     *(rename(f"{META_TEXT}resizer.{p}", f"text_projection.{p}") for p in _WB),
 )
+
+
+# what a SAM 3 hub repo (facebook/sam3) holds that TextSegmenter reads
+SAM3_FILES = ("config.json", "model.safetensors", "preprocessor_config.json",
+              "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json")
+
+
+def resolve_sam3(repo_or_path: str | Path) -> Path:
+    """A local SAM 3 folder: the path itself or a hub snapshot of a repo id (only
+    `SAM3_FILES`). Raises WeightLoadError for a missing path or a failed download."""
+    path, remote = local_or_remote(repo_or_path)
+    if not remote:
+        return path
+    return download(str(repo_or_path), list(SAM3_FILES), what="SAM 3",
+                    hint="; pass a local folder instead")
 
 
 def selector(prefixes: tuple[str, ...]):

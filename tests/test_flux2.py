@@ -238,3 +238,20 @@ def test_quantized_load_and_conversion(tiny, tmp_path, bits):
     again = load_flux2_transformer(tmp_path / "q")
     assert {p for p, _ in quantized_layers(again)} == done
     np.testing.assert_array_equal(run_ours(again, x), out)
+
+
+def test_wide_forward_with_references_matches_diffusers(tmp_path):
+    """klein 4B's widths (hidden 3072, 24 heads, Qwen3 width 7680, SwiGLU 3x) with one
+    block of each kind (scripts/klein_fixtures.py preset `wide`): the forward with two
+    references, float32, within the tiny test's tolerance."""
+    from conftest import import_script
+
+    cfg = dict(import_script("klein_fixtures").PRESETS["wide"]["transformer"])
+    ref = build_reference(cfg)
+    x = make_inputs(cfg, guidance=False, batch=1, n_txt=5)
+    expected = run_reference(ref, x)
+    ours = load_flux2_transformer(save_diffusers(ref, tmp_path / "transformer"), mx.float32)
+    del ref
+    out = run_ours(ours, x)
+    assert out.shape == expected.shape == (1, x["img"].shape[1], 128)
+    assert rel_err(out, expected) <= 1e-4

@@ -15,9 +15,9 @@ tiled; FPN width 16; CLIP text width 32, 2 layers, the real 49408-id vocabulary;
 width 16, one layer each, 8 queries), `real-widths-2-layers` (facebook/sam3's vision and
 text widths at 504 px, two layers each, tiny heads but for the text projection's
 256 outputs). `sam3` is the released facebook/sam3 config
-(transformers' `Sam3Config()` defaults; for benchmarks only). Weights: torch's default
-inits, then seeded noise on every constant tensor (`sam_fixtures._perturb`: norm weights,
-zero biases) so a miswired one fails parity.
+(transformers' `Sam3Config()` defaults; for benchmarks only), `sam3-504` the same at
+504 px. Weights: torch's default inits, then seeded noise on every constant tensor
+(`sam_fixtures._perturb`: norm weights, zero biases) so a miswired one fails parity.
 
 Files beside the weights: the CLIP BPE tokenizer (`tokenizer_files.write_clip_tokenizer`,
 the vocabulary Sam3Processor uses, max length 32) and `preprocessor_config.json` with the
@@ -75,7 +75,13 @@ REAL_WIDTHS_2_LAYERS = dict(
     detr_encoder_config=dict(num_layers=1, **dict(_HEADS, hidden_size=256)),
 )
 
-PRESETS = {"tiny": TINY, "real-widths-2-layers": REAL_WIDTHS_2_LAYERS, "sam3": {}}
+# The released config, every layer, at 504 px (the precision benchmark's model: a quarter
+# of the 1008 px tokens).
+SAM3_504 = dict(vision_config=dict(backbone_config=dict(image_size=504),
+                                   backbone_feature_sizes=[[144, 144], [72, 72], [36, 36]]))
+
+PRESETS = {"tiny": TINY, "real-widths-2-layers": REAL_WIDTHS_2_LAYERS, "sam3": {},
+           "sam3-504": SAM3_504}
 
 
 def sam3_config(preset: str = "tiny") -> dict:

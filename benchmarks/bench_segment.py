@@ -21,7 +21,9 @@ processes, one framework per process so only one copy of the weights is resident
 boxes). Time per image is one full forward (vision + text + detector heads; pre- and
 post-processing excluded), `--reps` timed after `--warmup` per worker; the workers
 alternate in ABBA order over `--rounds` so the order cannot decide the ratio. Peak
-memory is each worker's peak RSS (weights included) and MLX's own peak. Outputs are
+memory is each worker's peak RSS (weights included: transformers' are copied out of the
+memory-mapped file, as MLX's are, so neither is paged back in from disk) and MLX's own
+peak. Outputs are
 compared: score relative error and per-query mask IoU (logits > 0).
 """
 
@@ -136,6 +138,8 @@ def torch_sam3(folder: Path):
     from transformers import Sam3Model
 
     model = Sam3Model.from_pretrained(folder, dtype=torch.float32).eval()
+    for p in model.parameters():  # own memory, as MLX's loaded arrays: not pages of the
+        p.data = p.data.clone()   # mapped file, which a loaded machine evicts mid-forward
 
     def forward(pixels, ids, mask):
         with torch.no_grad():

@@ -120,3 +120,44 @@ def test_torch_free_fixture_loads_strictly_in_transformers(tmp_path):
     ours = dict(tree_flatten(load_sam3_heads(folder, mx.float32).parameters()))
     name = "detr_decoder.query_embed.weight"
     assert np.array_equal(np.array(ours[name]), ref.state_dict()[name].numpy())
+
+
+def test_converted_folder_segments_identically(sam3, tmp_path):
+    """`convert_sam3` of the transformers folder (float32): our names, loaded by the
+    `mlx` format, give the very same scores, boxes and masks."""
+    from mlx_edit.editing.text_segment import TextSegmenter
+    from mlx_edit.weights.sam3_convert import convert_sam3
+
+    _, seg, photo, folder = sam3
+    dest = tmp_path / "converted"
+    convert_sam3(folder, dest, "float32")
+    ours = TextSegmenter.from_pretrained(dest, mx.float32)
+    ours.set_image(photo)
+    box = [(120, 40, 330, 280)]
+    a, b = seg.detect("a cat", box, threshold=0.0), ours.detect("a cat", box, threshold=0.0)
+    for x, y in ((a.scores, b.scores), (a.boxes, b.boxes), (a.masks, b.masks)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sam3_benchmarks_run(repo_root):
+    """bench_segment.py --text and bench_sam3_quantize.py end to end at the tiny preset
+    (their figures at the released config are in benchmarks/RESULTS.md)."""
+    import re
+    import subprocess
+    import sys
+
+    def last_line(script, *args):
+        proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / script), *args],
+                              cwd=repo_root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1]
+
+    line = last_line("bench_segment.py", "--text", "--preset", "tiny", "--rounds", "1",
+                     "--reps", "1", "--warmup", "0")
+    assert re.fullmatch(r"sam3 ratios mlx/transformers \(tiny, 84 px\): time [\d.]+, "
+                        r"peak RSS [\d.]+", line), line
+    line = last_line("bench_sam3_quantize.py", "--preset", "tiny", "--variants", "bf16,q8",
+                     "--photos", "chelsea:a cat", "--group-size", "32")
+    assert re.fullmatch(r"sam3 precision vs float32 \(tiny, group 32\): bf16 mean [\d.]+ min "
+                        r"[\d.]+ score [\d.e+-]+; q8 mean [\d.]+ min [\d.]+ score [\d.e+-]+",
+                        line), line

@@ -31,7 +31,9 @@ FluxControlNetModel folder or repo id, XLabs x-flux .safetensors) is detected an
 on its own (--dtype, --quantize, --group-size; --transformer-config gives its config).
 A SAM 2.1 folder (transformers Sam2Model, Meta's names, or mlx-edit) is converted on its own
 too (--dtype; --quantize is refused, quoting the measured mask IoU vs float, while no bit
-width measured harmless: benchmarks/RESULTS.md).
+width measured harmless: benchmarks/RESULTS.md). So is a SAM 3 folder (transformers Sam3Model
+or mlx-edit): --dtype only where its masks measured unchanged vs float32, --quantize
+refused, each refusal quoting the measurement.
 
 --quantize N quantizes the transformer and T5 (their attention and MLP layers; the
 embedders, final layer, VAE and CLIP stay in full precision); --component-bits sets

@@ -3,7 +3,8 @@ not, streaming (the family from the source's model_index.json: its components,
 `specs.FAMILY_COMPONENT_KINDS`, and tokenizers).
 A FLUX ControlNet source (diffusers folder, repo id, x-flux file) is detected and converted
 by `weights.controlnet.convert_controlnet` instead (`convert_controlnet_source`), a SAM 2.1
-folder by `weights.sam.convert_sam` (`_convert_sam`).
+folder by `weights.sam.convert_sam` and a SAM 3 folder by `weights.sam3_convert.convert_sam3`
+(`_convert_sam`).
 
 Sources: a diffusers pipeline folder (or a Hugging Face repo id, downloaded through
 `mlx_edit.weights.sources.resolve`), a BFL single file (`flux1-fill-dev.safetensors`,
@@ -40,6 +41,7 @@ from mlx_edit import __version__, variants
 from mlx_edit.weights import controlnet as controlnet_w
 from mlx_edit.weights import lora as lora_w
 from mlx_edit.weights import sam as sam_w
+from mlx_edit.weights import sam3_convert
 from mlx_edit.weights import save
 from mlx_edit.weights.core import Rule, WeightLoadError, apply_op, checked_plan, read_config
 from mlx_edit.weights.text import read_text_tools
@@ -343,10 +345,12 @@ def convert_checkpoint(
             source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
             config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
             log=log)
-    if sam_w.is_sam_source(source):
-        _refuse_pipeline_options(source, {**given, "--transformer-config": transformer_config},
-                                 "a SAM 2.1 checkpoint")
-        return _convert_sam(source, dest, dtype, quantize, group_size, overwrite, log)
+    for is_source, what in ((sam_w.is_sam_source, "a SAM 2.1 checkpoint"),
+                            (sam3_convert.is_sam3_source, "a SAM 3 checkpoint")):
+        if is_source(source):
+            _refuse_pipeline_options(source, {**given, "--transformer-config":
+                                              transformer_config}, what)
+            return _convert_sam(source, dest, dtype, quantize, group_size, overwrite, log)
     family = _family(source, text_encoders)
     kinds = FAMILY_COMPONENT_KINDS[family]
     bits = _component_bits(quantize, component_bits_override, family)
@@ -445,8 +449,12 @@ def _refuse_pipeline_options(source: str | Path, given: Mapping[str, object],
 
 def _convert_sam(source, dest, dtype: str, quantize: int | None, group_size: int,
                  overwrite: bool, log: Callable[[str], None]) -> dict:
-    """`sam.convert_sam` (SAM 2.1 sources) with its refusals as ConversionError."""
+    """`sam.convert_sam` (SAM 2.1 sources) or `sam3_convert.convert_sam3` (SAM 3 folders)
+    with their refusals as ConversionError."""
     try:
+        if sam3_convert.is_sam3_source(source):
+            return sam3_convert.convert_sam3(source, dest, dtype, quantize, group_size,
+                                             overwrite=overwrite, log=log)
         return sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
                                  overwrite=overwrite, log=log)
     except (FileExistsError, sam_w.SamQuantizationRefused) as e:

@@ -13,6 +13,9 @@ Two checkpoint layouts, each a whole-model file from which a kind selects its te
   class-token row (dropped), the FPN as `convs.N.{dconv_2x2[_0|_1],conv_1x1,conv_3x3}`.
   These files carry no config.json: the config is the released one (the dataclass
   defaults) updated by the `config` argument.
+- mlx-edit SAM 3 folders (`weights/sam3_convert.py`, `mlx-edit convert`): our names and
+  layouts under one prefix per sub-model (`MLX_PREFIXES`), the transformers config.json
+  marked `_mlx_edit_version`; recognised by that marker, loaded by prefix renames only.
 Not weights, dropped by name: CLIP's own pooled projection (unused by SAM 3), the
 `position_ids` buffer and Meta's precomputed RoPE `freqs_cis`. Anything else missing,
 unexpected or mis-shaped is a WeightLoadError (`core.load_into`).
@@ -41,8 +44,11 @@ META_TRUNK, META_CONVS = META_VISION + "trunk.", META_VISION + "convs.{n}."
 HF_TEXT, META_TEXT = "text_encoder.", "backbone.language_backbone."
 META_CLIP = META_TEXT + "encoder."
 
-VISION_SELECT = (HF_VISION, META_TRUNK, META_VISION + "convs.")
-TEXT_SELECT = (HF_TEXT, "text_projection.", META_TEXT)
+# mlx-edit folders: our names under one prefix per kind (none is a transformers or Meta one)
+MLX_PREFIXES = {"sam3_vision": "vision.", "sam3_text": "text.", "sam3_heads": "heads."}
+
+VISION_SELECT = (HF_VISION, META_TRUNK, META_VISION + "convs.", MLX_PREFIXES["sam3_vision"])
+TEXT_SELECT = (HF_TEXT, "text_projection.", META_TEXT, MLX_PREFIXES["sam3_text"])
 NOT_WEIGHTS = ("text_encoder.text_projection.weight", META_CLIP + "text_projection",
                "text_encoder.text_model.embeddings.position_ids")
 _WB = ("weight", "bias")
@@ -137,6 +143,11 @@ def selector(prefixes: tuple[str, ...]):
         return {k: v for k, v in tensors.items() if k.startswith(prefixes)
                 and k not in NOT_WEIGHTS and not k.endswith(".attn.freqs_cis")}
     return select
+
+
+def mlx_rules(kind: str) -> tuple[Rule, ...]:
+    """The key map of an mlx-edit SAM 3 folder for `kind`: its prefix dropped."""
+    return (rename(MLX_PREFIXES[kind] + "{rest}", "{rest}"),)
 
 
 def has_prefix(prefix: str):
@@ -275,7 +286,8 @@ def select_heads(tensors: dict) -> dict:
     (`META_HEAD_SOURCES`) renamed to ours first (`meta_head_tensors`)."""
     if any(k.startswith(META_HEAD_SIGN) for k in tensors):
         tensors = meta_head_tensors(tensors)
-    return {k: v for k, v in tensors.items() if k.startswith(HEAD_PREFIXES)}
+    return {k: v for k, v in tensors.items()
+            if k.startswith((*HEAD_PREFIXES, MLX_PREFIXES["sam3_heads"]))}
 
 
 def load_sam3_heads(path: str | Path, dtype: mx.Dtype | None = None, *,

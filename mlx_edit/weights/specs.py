@@ -14,9 +14,9 @@ reads. Every `load_*` function of this package is one call of it.
     siglip_vision  transformers                           so400m-patch14-384 defaults
     ip_adapter     xlabs (and diffusers' names)           from shapes
     redux          diffusers, bfl                         bfl: from shapes
-    sam3_vision    transformers, meta                     meta: SAM 3 defaults + overrides
-    sam3_text      transformers, meta                     meta: SAM 3 defaults + overrides
-    sam3_heads     transformers, meta                     meta: SAM 3 defaults + overrides
+    sam3_vision    mlx, transformers, meta                meta: SAM 3 defaults + overrides
+    sam3_text      mlx, transformers, meta                meta: SAM 3 defaults + overrides
+    sam3_heads     mlx, transformers, meta                meta: SAM 3 defaults + overrides
 
 To add a format: one entry here, in the `formats` of its kind: a `Format(detect, rules,
 infer)` with its key map (a tuple of `core.Rule`, kept beside the kind's other maps in
@@ -57,6 +57,7 @@ from mlx_edit.weights.loader import (
     has_config,
     mlx_format,
 )
+from mlx_edit.weights.quantize import is_mlx_layout
 
 
 def _axes(overrides: dict):
@@ -175,7 +176,14 @@ REDUX = Spec(
 )
 
 
-def _sam3(label: str, config_class, model_class, select, hf: tuple, meta: tuple) -> Spec:
+def _sam3_mlx(kind: str) -> Format:
+    """An mlx-edit SAM 3 folder (weights/sam3.py: our names under the kind's prefix)."""
+    return Format(lambda _names, config: is_mlx_layout(config), sam3.mlx_rules(kind),
+                  sign="an mlx-edit config.json")
+
+
+def _sam3(kind: str, label: str, config_class, model_class, select, hf: tuple,
+          meta: tuple) -> Spec:
     """A SAM 3 sub-model: its tensors selected from a whole Sam3Model file, in
     transformers' or Meta's names (weights/sam3.py); Meta files carry no config.json (the
     released config, updated by the `config` argument)."""
@@ -183,6 +191,7 @@ def _sam3(label: str, config_class, model_class, select, hf: tuple, meta: tuple)
         label, config_class, model_class, file_or_folder(label), select=select,
         prefixes=sam3.WRAPPER_PREFIXES, class_name="Sam3Model",
         formats={
+            "mlx": _sam3_mlx(kind),
             "transformers": Format(sam3.has_prefix(hf[0]), hf[1], sign=hf[0] + "*"),
             "meta": Format(sam3.has_prefix(meta[0]), meta[1], sign=meta[0] + "*",
                            infer=lambda _t, o: config_class.from_dict(o)),
@@ -190,11 +199,11 @@ def _sam3(label: str, config_class, model_class, select, hf: tuple, meta: tuple)
     )
 
 
-SAM3_VISION = _sam3("SAM 3 vision backbone", Sam3VisionConfig, Sam3VisionModel,
+SAM3_VISION = _sam3("sam3_vision", "SAM 3 vision backbone", Sam3VisionConfig, Sam3VisionModel,
                     sam3.selector(sam3.VISION_SELECT),
                     (sam3.HF_VISION, sam3.VISION_HF_RULES),
                     (sam3.META_TRUNK, sam3.VISION_META_RULES))
-SAM3_TEXT = _sam3("SAM 3 text encoder", Sam3TextConfig, Sam3TextEncoder,
+SAM3_TEXT = _sam3("sam3_text", "SAM 3 text encoder", Sam3TextConfig, Sam3TextEncoder,
                   sam3.selector(sam3.TEXT_SELECT),
                   (sam3.HF_TEXT, sam3.TEXT_HF_RULES), (sam3.META_TEXT, sam3.TEXT_META_RULES))
 
@@ -204,6 +213,7 @@ SAM3_HEADS = Spec(
     "SAM 3 heads", Sam3HeadsConfig, Sam3Heads, file_or_folder("SAM 3 heads"),
     select=sam3.select_heads, prefixes=sam3.WRAPPER_PREFIXES, class_name="Sam3Model",
     formats={
+        "mlx": _sam3_mlx("sam3_heads"),  # first: its config.json would match transformers'
         "transformers": Format(has_config, sam3.SAM3_HEAD_RULES, sign="detr_decoder.*"),
         "meta": Format(always, sam3.SAM3_HEAD_RULES, sign="transformer.decoder.*",
                        infer=lambda _t, o: Sam3HeadsConfig.from_dict(o)),

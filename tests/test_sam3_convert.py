@@ -97,7 +97,7 @@ def test_convert_sam3_refusals_before_any_work(tiny_sam3, tmp_path, monkeypatch)
     assert res.exit_code == 2 and "is a SAM 3 checkpoint: --vae apply to pipeline" in res.output
     monkeypatch.setitem(conv.PRECISION_IOU, "bfloat16", ("test", None, 0.95, 0.5, 2e-3))
     with pytest.raises(conv.Sam3PrecisionRefused, match="0.950 mean, 0.500 min.*--dtype float32"):
-        conv.convert_sam3(tmp_path / "absent", tmp_path / "x", "bfloat16")  # before the load
+        conv.convert_sam3(tmp_path / "absent", tmp_path / "x", mx.bfloat16)  # before the load
     monkeypatch.setitem(conv.PRECISION_IOU, "bfloat16", ("test", None, 0.999, 0.995, 1e-4))
     res = _convert_cli(tiny_sam3, tmp_path / "bf16", "--dtype", "bfloat16")
     assert res.exit_code == 0 and "0.999 mean, 0.995 min" in res.output, res.output

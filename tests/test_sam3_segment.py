@@ -130,7 +130,7 @@ def test_converted_folder_segments_identically(sam3, tmp_path):
 
     _, seg, photo, folder = sam3
     dest = tmp_path / "converted"
-    convert_sam3(folder, dest, "float32")
+    convert_sam3(folder, dest, mx.float32)
     ours = TextSegmenter.from_pretrained(dest, mx.float32)
     ours.set_image(photo)
     box = [(120, 40, 330, 280)]

@@ -345,12 +345,12 @@ def convert_checkpoint(
             source, dest, dtype=dtype, quantize=quantize, group_size=group_size,
             config=transformer_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
             log=log)
-    for is_source, what in ((sam_w.is_sam_source, "a SAM 2.1 checkpoint"),
-                            (sam3_convert.is_sam3_source, "a SAM 3 checkpoint")):
+    for is_source, convert, what in SAM_CONVERTERS:
         if is_source(source):
             _refuse_pipeline_options(source, {**given, "--transformer-config":
                                               transformer_config}, what)
-            return _convert_sam(source, dest, dtype, quantize, group_size, overwrite, log)
+            return _convert_sam(convert, source, dest, dtype, quantize, group_size,
+                                overwrite, log)
     family = _family(source, text_encoders)
     kinds = FAMILY_COMPONENT_KINDS[family]
     bits = _component_bits(quantize, component_bits_override, family)
@@ -447,16 +447,18 @@ def _refuse_pipeline_options(source: str | Path, given: Mapping[str, object],
                               "pipeline checkpoints only")
 
 
-def _convert_sam(source, dest, dtype: str, quantize: int | None, group_size: int,
+# (is this source, its converter, what it is): SAM 2.1 and SAM 3, converted on their own
+SAM_CONVERTERS = ((sam_w.is_sam_source, sam_w.convert_sam, "a SAM 2.1 checkpoint"),
+                  (sam3_convert.is_sam3_source, sam3_convert.convert_sam3, "a SAM 3 checkpoint"))
+
+
+def _convert_sam(convert, source, dest, dtype: str, quantize: int | None, group_size: int,
                  overwrite: bool, log: Callable[[str], None]) -> dict:
-    """`sam.convert_sam` (SAM 2.1 sources) or `sam3_convert.convert_sam3` (SAM 3 folders)
-    with their refusals as ConversionError."""
+    """`convert` (`sam.convert_sam`, `sam3_convert.convert_sam3`) with its refusals as
+    ConversionError."""
     try:
-        if sam3_convert.is_sam3_source(source):
-            return sam3_convert.convert_sam3(source, dest, dtype, quantize, group_size,
-                                             overwrite=overwrite, log=log)
-        return sam_w.convert_sam(source, dest, DTYPES[dtype], quantize, group_size,
-                                 overwrite=overwrite, log=log)
+        return convert(source, dest, DTYPES[dtype], quantize, group_size,
+                       overwrite=overwrite, log=log)
     except (FileExistsError, sam_w.SamQuantizationRefused) as e:
         raise ConversionError(str(e)) from e
 

@@ -138,17 +138,19 @@ def _write(folder: Path, source: Path, dtype: mx.Dtype) -> None:
             shutil.copyfile(extra, folder / extra.name)
 
 
-def convert_sam3(source: str | Path, dest: str | Path, dtype: str = "float16",
+def convert_sam3(source: str | Path, dest: str | Path, dtype: mx.Dtype = mx.float16,
                  bits: int | None = None, group_size: int = 64, *, overwrite: bool = False,
                  log=None) -> dict:
     """Convert the SAM 3 folder `source` (transformers Sam3Model or mlx-edit) into the
-    mlx-edit folder `dest` (module doc), floating tensors in `dtype` ("float32",
-    "float16", "bfloat16"), written next to `dest` and renamed into place when complete.
+    mlx-edit folder `dest` (module doc), floating tensors in `dtype` (float32, float16;
+    others as `check_sam3_precision` says), written next to `dest` and renamed into place
+    when complete (the arguments of `sam.convert_sam`).
     `log`: a callable for the one-line summary. Returns {"format", "kind", "source",
     "dtype", "bits", "group_size", "bytes", "iou"}. Raises Sam3PrecisionRefused (a
     precision `check_sam3_precision` refuses; any `bits`), FileExistsError (dest in the
     way), WeightLoadError (not a SAM 3 folder, missing or mis-shaped tensors)."""
-    note = check_sam3_precision(dtype, bits, group_size)
+    name = str(dtype).split(".")[-1]
+    note = check_sam3_precision(name, bits, group_size)
     if bits is not None:  # none measured harmless: quantized SAM 3 folders are not written
         raise Sam3PrecisionRefused(f"SAM 3 quantization is not supported ({note})")
     source, dest, t0 = Path(source).expanduser(), Path(dest).expanduser(), time.perf_counter()
@@ -158,14 +160,14 @@ def convert_sam3(source: str | Path, dest: str | Path, dtype: str = "float16",
     remove_stale_temps(dest)
     tmp = temp_folder_for(dest)
     try:
-        _write(tmp, source, getattr(mx, dtype))
+        _write(tmp, source, dtype)
         publish(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     size = folder_bytes(dest)
     if log is not None:
-        log(f"wrote SAM 3 {dest}: {dtype} ({note}), {size / 1e6:.1f} MB, "
+        log(f"wrote SAM 3 {dest}: {name} ({note}), {size / 1e6:.1f} MB, "
             f"{time.perf_counter() - t0:.1f} s")
     return {"format": "mlx-edit", "kind": "text-segmenter", "source": str(source),
-            "dtype": dtype, "bits": bits, "group_size": group_size, "bytes": size, "iou": note}
+            "dtype": name, "bits": bits, "group_size": group_size, "bytes": size, "iou": note}

@@ -1,7 +1,8 @@
 """SAM 3 to an mlx-edit folder (weights/sam3_convert.py), torch-free: a random tiny SAM 3
-(our MLX models at scripts/sam3_fixtures.py's `tiny` config) written by `save_sam3`,
-converted by `mlx-edit convert`; precisions measured harmful and every quantization are
-refused in one line before any work. From a transformers folder: tests/test_sam3_segment.py.
+transformers folder (make_mlx_checkpoint.write_text_segmenter) converted by `mlx-edit
+convert`; precisions measured harmful and every quantization are refused in one line
+before any work. Segmenting with a converted folder vs transformers' own folder:
+tests/test_sam3_segment.py.
 """
 
 from __future__ import annotations
@@ -19,26 +20,15 @@ from conftest import import_script
 from mlx_edit.weights.core import WeightLoadError
 from mlx_edit.weights.sam3 import load_sam3_heads, load_sam3_text, load_sam3_vision
 
-fx = import_script("sam3_fixtures")
 LOADERS = {"vision.": load_sam3_vision, "text.": load_sam3_text, "heads.": load_sam3_heads}
 
 
 @pytest.fixture(scope="module")
 def tiny_sam3(tmp_path_factory):
-    """An mlx-edit SAM 3 folder, float32, random MLX weights at the tiny config."""
-    from mlx_edit.models.sam3_heads import Sam3Heads, Sam3HeadsConfig
-    from mlx_edit.models.sam3_text import Sam3TextConfig, Sam3TextEncoder
-    from mlx_edit.models.sam3_vision import Sam3VisionConfig, Sam3VisionModel
-    from mlx_edit.weights.sam3_convert import save_sam3
-
-    config = {**fx.sam3_config("tiny"), "model_type": "sam3"}
+    """A transformers Sam3Model folder (tokenizer, preprocessor config), float32, random
+    MLX weights at the tiny config, written torch-free (make_mlx_checkpoint)."""
     folder = tmp_path_factory.mktemp("sam3-convert") / "tiny"
-    mx.random.seed(0)
-    save_sam3(Sam3VisionModel(Sam3VisionConfig.from_dict(config)),
-              Sam3TextEncoder(Sam3TextConfig.from_dict(config)),
-              Sam3Heads(Sam3HeadsConfig.from_dict(config)), folder, config)
-    (folder / "preprocessor_config.json").write_text(json.dumps(fx.processor_config(84)))
-    return folder
+    return import_script("make_mlx_checkpoint").write_text_segmenter(folder, "tiny")
 
 
 def _convert_cli(*args):
@@ -71,6 +61,16 @@ def test_convert_sam3_to_float16(tiny_sam3, tmp_path):
             assert got[key].dtype == mx.float32  # a half folder computes in float32 on the CPU
             np.testing.assert_array_equal(np.array(got[key]),
                                           np.array(value.astype(mx.float16).astype(mx.float32)))
+    back = tmp_path / "sam3-f32"  # an mlx-edit folder converts again (mlx format)
+    assert _convert_cli(dest, back, "--dtype", "float32").exit_code == 0
+    w32 = mx.load(str(back / "model.safetensors"))
+    assert all(np.array_equal(np.array(w32[k]), np.array(v.astype(mx.float32)))
+               for k, v in w.items())
+    from mlx_edit.editing.text_segment import TextSegmenter
+
+    seg = TextSegmenter.from_pretrained(back)  # tokenizer and preprocessor copied
+    seg.set_image(np.zeros((40, 60, 3), np.uint8))
+    assert seg.run("a cat").scores.shape == (1, 8)
     again = _convert_cli(tiny_sam3, dest, "--dtype", "float16")
     assert again.exit_code == 2 and "--overwrite" in again.output
     w.pop("heads.detr_decoder.query_embed.weight")

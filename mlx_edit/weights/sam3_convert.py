@@ -1,6 +1,6 @@
 """mlx-edit SAM 3 folders: a transformers `Sam3Model` folder (or an earlier mlx-edit SAM 3
-folder) converted to our names in float16, bfloat16 or float32, and the precision policy
-measured for it (benchmarks/bench_sam3_quantize.py, benchmarks/RESULTS.md).
+folder) converted to our names in the precisions measured harmless (float32, float16),
+and that precision policy (benchmarks/bench_sam3_quantize.py, benchmarks/RESULTS.md).
 
 The folder (read back by `weights/sam3.py`'s `mlx` format): `model.safetensors` with each
 sub-model's parameters under its prefix (`sam3.MLX_PREFIXES`: `vision.`, `text.`,

@@ -193,14 +193,16 @@ def test_memory_estimate_counts_the_cache():
 
 
 def test_edit_memory_check_counts_a_cache_state_per_cfg_branch(monkeypatch):
+    from mlx_edit import variants
     from mlx_edit.editing import large, memory
     from mlx_edit.imaging.stitch import CropPlan
     from mlx_edit.options import EditOptions
 
     asked = []
 
-    class Pipe:
+    class Models:  # what check_memory reads of a pipeline's Models
         low_memory = False
+        variant_info = variants.VARIANTS["fill"]
 
         def memory_estimate(self, *args, **kw):
             asked.append(kw["cache_branches"])
@@ -210,7 +212,7 @@ def test_edit_memory_check_counts_a_cache_state_per_cfg_branch(monkeypatch):
     plan = CropPlan((64, 64), (0, 0, 64, 64), (64, 64), False)
     for o in (EditOptions(), EditOptions(negative_prompt="blur", true_cfg_scale=3.0),
               EditOptions(negative_prompt="blur")):
-        large.check_memory(Pipe(), plan, o, 1, FirstBlockCache(0.1))
+        large.check_memory(Models(), plan, o, 1, FirstBlockCache(0.1))
     assert asked == [1, 2, 1]
 
 

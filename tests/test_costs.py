@@ -112,7 +112,7 @@ def test_decode_runs_only_tiles_near_the_blend_and_the_result_is_unchanged(
     skipped = Counter()
     with reporting(skipped):
         got = pipe.inpaint(img, m, "x", **kw)[0]
-    monkeypatch.setattr(FluxFill, "_decode_region", staticmethod(lambda job: (None, None)))
+    monkeypatch.setattr("mlx_edit.editing.running.decode_region", lambda job: (None, None))
     full = Counter()
     with reporting(full):
         want = pipe.inpaint(img, m, "x", **kw)[0]
@@ -142,8 +142,8 @@ def test_encode_runs_only_tiles_the_windows_and_the_decode_need(pipe, monkeypatc
     runs = {}
     for name in ("skipping", "every tile"):
         if name == "every tile":
-            monkeypatch.setattr(FluxFill, "_decode_region", staticmethod(lambda job: (None, None)))
-            monkeypatch.setattr(FluxFill, "_encode_region", lambda *a: None)
+            monkeypatch.setattr("mlx_edit.editing.running.decode_region", lambda job: (None, None))
+            monkeypatch.setattr("mlx_edit.editing.running.encode_region", lambda *a: None)
         counter = Counter()
         with reporting(counter):
             runs[name] = np.asarray(pipe.inpaint(img, m, "x", **kw)[0])

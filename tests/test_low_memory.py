@@ -21,7 +21,7 @@ from conftest import import_script
 from mlx.utils import tree_flatten
 from PIL import Image
 
-import mlx_edit.editing.pipeline as pipeline_module
+import mlx_edit.editing.running as running
 from mlx_edit.editing import components, memory, prompts
 from mlx_edit.imaging import masks
 from mlx_edit.cli import main
@@ -122,7 +122,7 @@ def test_each_phase_holds_only_its_model(small_mlx, monkeypatch):
         monkeypatch.setattr(module, name, wrapped)
 
     for phase, module, name in (("text", prompts, "load_t5"), ("encode", components, "encode_auto"),
-                                ("denoise", pipeline_module, "denoise"),
+                                ("denoise", running, "denoise"),
                                 ("decode", components, "decode_auto")):
         spy(phase, module, name)
     image, mask = _photo()

@@ -10,9 +10,9 @@ denoise loop evaluates overlapping windows of the budget's size (`windows_for`).
 schedule's shift follows the window's token count (what the model sees per evaluation).
 Windows holding no mask token are skipped (their tokens end as the canvas's latents:
 `fill_uncovered`), and the tiled VAE passes run only the tiles the kept windows and the
-paste-back read (pipeline `_encode_region` / `_decode_region`). A mask small enough to
-fit one budget-size window with 64 px of context is edited in that one window at full
-resolution (`edit_plan`).
+paste-back read (mlx_edit.editing.running: `encode_region`, `decode_region`). A mask
+small enough to fit one budget-size window with 64 px of context is edited in that one
+window at full resolution (`edit_plan`).
 """
 
 from __future__ import annotations

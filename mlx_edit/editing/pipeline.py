@@ -12,7 +12,6 @@ choice, and deterministic) instead of a sample.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
@@ -26,7 +25,7 @@ from PIL import Image
 from mlx_edit import __version__
 
 from mlx_edit.editing import large
-from mlx_edit.editing import masking
+from mlx_edit.editing import masking, running
 from mlx_edit.editing.components import Models, limit_cache
 from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
 from mlx_edit.conditioning.context import Conditioner, ConditioningContext
@@ -38,8 +37,8 @@ from mlx_edit.conditioning.image_prompts import (  # noqa: F401  (specs: public 
     prepare_ip_adapters,
     prepare_redux,
 )
-from mlx_edit.imaging.images import InputError, from_array, to_array
-from mlx_edit.imaging.stitch import CropPlan, crop_for_model, resize_with_mask, stitch_back
+from mlx_edit.imaging.images import InputError, to_array
+from mlx_edit.imaging.stitch import CropPlan, crop_for_model, resize_with_mask
 from mlx_edit.editing.loras import LoRAs
 from mlx_edit.editing.memory import MemoryEstimate
 from mlx_edit.models.layers import IPAdapterKV
@@ -55,21 +54,16 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
     check_prompt,
 )
 from mlx_edit.editing.prompts import PROMPT_CACHE_SIZE, Prompts  # noqa: F401  (public name)
-from mlx_edit.sampling.cache import CacheConfig, cache_metadata
+from mlx_edit.sampling.cache import CacheConfig
 from mlx_edit.progress import Phase, denoise_step, labelled, report
-from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, denoise, initial_noise
+from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, initial_noise
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
-from mlx_edit.sampling.latents import image_ids, token_grid
+from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
-from mlx_edit.editing.tiling import decode_reach, dilate
 from mlx_edit.weights.core import default_dtype
 from mlx_edit.weights.sources import COMPONENTS, DEFAULT_MODEL, component_dir, resolve
 
 _Pipeline = TypeVar("_Pipeline", bound="FluxPipeline")
-
-# px around the blend that a decode must reproduce exactly: paste-back reads the blend,
-# colour match a RING_PX (16) ring outside it, Poisson the blend's border
-DECODE_CONTEXT = 64
 
 
 def _of_models(name: str) -> property:
@@ -326,9 +320,10 @@ class FluxPipeline:
         stats, self.pending_stats = self.pending_stats, {}
         cfg_scale = self.true_cfg_scale(o)
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats, cfg_scale)
+        needed = running.encode_region(m, image, blend, plan, windows)
         with m.components.using("vae", stats), Phase(stats, "vae_encode"):
             channels, image_latents, tokens, token_ids = self._encode_canvas(
-                ctx, canvas, mask, conditioning, self._encode_region(image, blend, plan, windows),
+                ctx, canvas, mask, conditioning, needed,
                 references, reference_resize, o.strength < 1.0 or keep_source,
                 source_reference)
         kv = m.variant_info.reference_kv and tokens is not None
@@ -363,7 +358,7 @@ class FluxPipeline:
         """(channel conditioning, the canvas's latents (when `want_latents` or
         `source_reference`, else None), reference tokens and their ids (None without
         references)) of an edit, evaluated; the VAE must be loaded (`components.using`).
-        needed: the latent pixels the canvas's encodes must give (`_encode_region`)."""
+        needed: the latent pixels the canvas's encodes must give (`running.encode_region`)."""
         pixels = to_array(canvas)
         encode = partial(self.models.encode_image, needed=needed)  # the canvas's encodes
         channels = self._channels(replace(ctx, encode_image=encode), conditioning, pixels,
@@ -510,96 +505,15 @@ class FluxPipeline:
     # ------------------------------------------------------------------ run
 
     def steps(self, job: EditJob) -> Iterator[tuple[int, mx.array]]:
-        """Run the denoise loop for `job`, yielding (step, latents); keeps the last latents.
-
-        With low_memory the transformer is loaded first (`load_transformer_s`) and freed
-        when the loop ends or the generator is closed; after a completed loop the job's
-        ControlNets are dropped too (decoding does not need them)."""
-        w, h = job.plan.model_size
-        ids = image_ids(*token_grid(h, w), self.models.family.id_axes)
-        with self.models.components.using("transformer", job.stats):
-            t0 = time.perf_counter()
-            mx.reset_peak_memory()
-            for i, latents in denoise(self.models.transformer, job.latents, job.conditioning, ids,
-                                      job.embeds, job.sigmas, job.guidance,
-                                      controls=job.controls, ip=job.ip, tokens=job.tokens,
-                                      token_ids=job.token_ids, after_step=job.after_step,
-                                      negative=job.negative,
-                                      true_cfg_scale=job.true_cfg_scale, hook=job.hook,
-                                      cache=job.cache, stats=job.stats,
-                                      windows=job.windows, reference_kv=job.reference_kv):
-                job.latents = latents
-                yield i, latents
-            if job.windows is not None and not job.windows.covered.all():
-                source = job.source if job.source is not None else \
-                    job.conditioning[..., : job.latents.shape[-1]]  # Fill: masked image's
-                job.latents = large.fill_uncovered(job.latents, job.windows, source)
-            n = len(job.sigmas) - 1
-            job.stats["denoise_s"] = time.perf_counter() - t0
-            job.stats["step_s"] = job.stats["denoise_s"] / n
-            job.stats["denoise_peak_gb"] = mx.get_peak_memory() / 1e9
-            job.metadata.update(cache_metadata(job.cache, job.stats))
-            if self.models.low_memory:
-                job.controls = ()
+        """Run the denoise loop for `job`, yielding (step, latents)
+        (`running.denoise_job` with this pipeline's models; closing it frees a low_memory
+        transformer)."""
+        yield from running.denoise_job(self.models, job)
 
     def finish(self, job: EditJob, paste_back: bool = True) -> list[Image.Image]:
-        """Decode the job's latents and map them back into the original image.
-
-        With paste_back, pixels where the blend is 0 are the original's exactly; without
-        it the whole model window replaces the original (outside the window it stays).
-        Each returned image carries its metadata in `.info` (str values).
-        """
-        w, h = job.plan.model_size
-        with self.models.components.using("vae", job.stats), Phase(job.stats, "vae_decode"):
-            needed, fill = self._decode_region(job) if paste_back else (None, None)
-            images = []
-            for b in range(job.latents.shape[0]):  # one at a time: decode memory is large
-                px = self.models.decode(job.latents[b : b + 1], w, h, needed, fill)
-                mx.eval(px)
-                images.append(from_array(np.array(px[0])))
-        blend = job.blend
-        if not paste_back:
-            blend = np.zeros_like(job.blend)
-            x0, y0, x1, y1 = job.plan.box
-            blend[y0:y1, x0:x1] = 1.0
-        out = []
-        with Phase(job.stats, "paste_back"):
-            for seed, edited in zip(job.seeds, images):
-                result = stitch_back(job.original, edited, job.plan, blend,
-                                     **(job.paste if paste_back else {}))
-                meta = {**job.metadata, "seed": seed, "paste_back": paste_back}
-                result.info.update({k: str(v) for k, v in meta.items() if v is not None})
-                out.append(result)
-        return out
-
-    @staticmethod
-    def _decode_region(job: EditJob) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(needed, fill) of a 1:1 plan's decode: the canvas pixels within DECODE_CONTEXT
-        px of the blend (all that paste-back, colour match and Poisson read) and the
-        canvas's own pixels in [-1, 1] for the VAE tiles that reach none of them; (None,
-        None) for a resized plan (its canvas is model-size: decoded whole)."""
-        if job.plan.resized:
-            return None, None
-        canvas, blend = crop_for_model(job.original, job.blend, job.plan, binarize=False)
-        return dilate(blend > 0, DECODE_CONTEXT), to_array(canvas).astype(np.float32)
-
-    def _encode_region(self, image: Image.Image, blend: np.ndarray, plan: CropPlan,
-                       windows: large.Windows | None) -> np.ndarray | None:
-        """(h, w) bool latent pixels of the canvas that an encode must give exactly when
-        windows were skipped: the windows' tokens, and the tiles the decode will run
-        (`tiling.decode_reach` of `_decode_region`); None (all) otherwise."""
-        if windows is None or windows.covered.all() or plan.resized:
-            return None
-        cfg = self.models.vae_config
-        f = cfg.scale_factor
-        _, canvas_blend = crop_for_model(image, blend, plan, binarize=False)
-        reach = decode_reach(dilate(canvas_blend > 0, DECODE_CONTEXT), cfg, self.models.dtype.size,
-                             self.models.tile_threshold_gb)  # the decode's tiles
-        h, w = reach.shape
-        reach = reach.reshape(h // f, f, w // f, f).any(axis=(1, 3))
-        per_token = large.TOKEN_PX // f  # latent pixels per packed token side
-        covered = np.kron(windows.covered, np.ones((per_token, per_token), bool))
-        return reach | covered
+        """Decode the job's latents and map them back into the original image
+        (`running.finish_job` with this pipeline's models)."""
+        return running.finish_job(self.models, job, paste_back)
 
     def run(self, job: EditJob, paste_back: bool = True,
             progress: Callable[..., None] | None = None) -> list[Image.Image]:

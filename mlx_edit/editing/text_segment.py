@@ -152,13 +152,15 @@ class TextSegmenter:
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None) -> TextSegmenter:
         """Load a transformers Sam3Model folder (weights, tokenizer files and
-        preprocessor_config.json). Raises WeightLoadError."""
+        preprocessor_config.json) in `dtype`, float32 unless given: bfloat16 weights moved
+        masks (minimum IoU 0.970 against float32: benchmarks/RESULTS.md, "SAM 3 precision"),
+        so the bfloat16 default of the FLUX models does not apply. Raises WeightLoadError."""
         import json
 
         from mlx_edit.editing.text import Sam3Tokenizer
         from mlx_edit.weights.sam3 import load_sam3_heads, load_sam3_text, load_sam3_vision
 
-        folder = Path(folder)
+        folder, dtype = Path(folder), dtype or mx.float32
         pre = folder / "preprocessor_config.json"
         cfg = json.loads(pre.read_text(encoding="utf-8")) if pre.is_file() else {}
         return cls(load_sam3_vision(folder, dtype), load_sam3_text(folder, dtype),

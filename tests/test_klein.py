@@ -155,3 +155,48 @@ def test_inpaint_with_reference_matches_diffusers(ckpt, photo, second, monkeypat
         "Flux2KleinInpaintPipeline", ckpt, image=photo, image_reference=second,
         mask_image=Image.fromarray((mask * 255).astype(np.uint8)), strength=0.6,
         num_inference_steps=4))
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory, import_script):
+    """Preset `wide` (klein 4B's transformer widths with one block of each kind, the real
+    FLUX.2 VAE, Qwen3-4B widths with 2 layers; ~3.2 GB float32), built once, or the folder
+    MLX_EDIT_KLEIN_WIDE_CKPT names; removed after the module."""
+    import os
+    from pathlib import Path
+
+    given = os.environ.get("MLX_EDIT_KLEIN_WIDE_CKPT")
+    if given:
+        yield Path(given)
+        return
+    out = tmp_path_factory.mktemp("klein-wide") / "wide"
+    yield import_script("klein_fixtures").build_diffusers(out, "wide")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_wide_edit_and_inpaint_match_diffusers(wide_ckpt, photo, second, monkeypatch,
+                                               import_script):
+    """At the real widths: an edit with two references, then an inpaint with a reference
+    (2 steps each, the tolerances of the tiny cases)."""
+    from diffusers.pipelines.flux2 import pipeline_flux2_klein_inpaint as module
+
+    layers = import_script("klein_fixtures").out_layers("wide")  # diffusers is told them
+
+    pipe = FluxKlein.from_pretrained(wide_ckpt, mx.float32)
+    noise = _noise(5)
+    job = pipe.edit_job([photo, second], PROMPT, steps=2, seed=0, max_sequence_length=SEQ,
+                        noise=mx.array(noise))
+    _check(_ours(pipe, job), _reference("Flux2KleinPipeline", wide_ckpt,
+                                        image=[photo, second], num_inference_steps=2,
+                                        latents=_nchw(noise), text_encoder_out_layers=layers))
+    mask = np.zeros((H, W), np.float32)
+    mask[16:80, 32:112] = 1.0
+    noise = _noise(6)
+    job = pipe.inpaint_job(photo, mask, PROMPT, reference=second, steps=2, strength=1.0,
+                           seed=0, max_sequence_length=SEQ, crop_to_mask=False,
+                           noise=mx.array(noise))
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: _nchw(noise))
+    _check(_ours(pipe, job), _reference(
+        "Flux2KleinInpaintPipeline", wide_ckpt, image=photo, image_reference=second,
+        mask_image=Image.fromarray((mask * 255).astype(np.uint8)), strength=1.0,
+        num_inference_steps=2, text_encoder_out_layers=layers))

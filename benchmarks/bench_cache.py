@@ -5,8 +5,10 @@
     python benchmarks/bench_cache.py --family flux2 --preset wide --steps 4 ...
 
 FLUX.2 [klein] (`--family flux2`, presets tiny|wide of bench_flux2.py): our
-Flux2Transformer with MLX's random initialisation (no torch), random target tokens and Qwen3
-embeddings, klein's schedule (empirical mu) and no guidance; TaylorSeer is FLUX.1's only.
+Flux2Transformer with MLX's random initialisation (no torch), or with `--ckpt` the
+transformer of a klein folder (the wide klein fixture: diffusers' init), random target
+tokens and Qwen3 embeddings, klein's schedule (empirical mu) and no guidance; TaylorSeer
+is FLUX.1's only.
 
 RANDOM WEIGHTS: diffusers' FluxTransformer2DModel built from the preset's config under
 torch.manual_seed (as bench_transformer.py), loaded into ours; Fill inputs are random
@@ -64,6 +66,9 @@ def parse_args(argv=None):
                     help="a --cache spec (repeatable); default: the reference and "
                          "fixture-scaled settings")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt", type=Path, default=None,
+                    help="--family flux2: a klein folder whose transformer to run (the wide "
+                         "klein fixture) instead of random MLX weights at --preset widths")
     return ap.parse_args(argv)
 
 
@@ -87,15 +92,21 @@ def run(model, inp: dict, sigmas: np.ndarray, guidance: float, cache) -> tuple[d
 
 
 def flux2_setup(args) -> tuple:
-    """(model, config, inputs, sigmas) for `--family flux2`: random MLX weights."""
+    """(model, config, inputs, sigmas) for `--family flux2`: random MLX weights, or the
+    transformer of the klein folder --ckpt."""
     import bench_flux2
 
     from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
     from mlx_edit.sampling.latents_flux2 import latent_ids
+    from mlx_edit.weights.flux2 import load_flux2_transformer
 
     mx.random.seed(args.seed)
-    cfg = Flux2Config.from_dict(bench_flux2.config(args.preset, args.double, args.single))
-    model = Flux2Transformer(cfg)
+    if args.ckpt is not None:
+        model = load_flux2_transformer(args.ckpt / "transformer", mx.float32)
+    else:
+        model = Flux2Transformer(Flux2Config.from_dict(
+            bench_flux2.config(args.preset, args.double, args.single)))
+    cfg = model.config
     mx.eval(model.parameters())
     side = int(round(args.image_tokens ** 0.5))
     rng = np.random.default_rng(args.seed)
@@ -123,8 +134,9 @@ def main(argv=None) -> int:
     print("\n".join(common.machine_header(" ".join(["python"] + sys.argv))))
     setup = flux2_setup if args.family == "flux2" else flux1_setup
     model, cfg, inp, sigmas = setup(args)
-    print(f"RANDOM WEIGHTS, {args.family} preset {args.preset}: hidden {cfg.hidden_size}, {args.double} "
-          f"double + {args.single} single blocks; {args.image_tokens} image + "
+    weights = f"{args.ckpt}'s transformer" if args.ckpt else f"RANDOM WEIGHTS, preset {args.preset}"
+    print(f"{weights}, {args.family}: hidden {cfg.hidden_size}, {cfg.num_layers} double + "
+          f"{cfg.num_single_layers} single blocks; {args.image_tokens} image + "
           f"{args.text_tokens} text tokens; {args.steps} steps; float32")
     specs = args.cache or [s for s in (*REFERENCE_SETTINGS, *FIXTURE_SETTINGS)
                            if args.family == "flux1" or not s.startswith("taylorseer")]

@@ -7,6 +7,7 @@
     python benchmarks/bench_lora.py --layer [--image-tokens 384 --ranks 64]   # one linear1
     python benchmarks/bench_lora.py --family flux2 [--double 1 --single 2] ...  # FLUX.2 [klein]
     MLX_EDIT_WIDE_CKPT=/work/fixtures/wide python benchmarks/bench_lora.py ...  # its weights
+    python benchmarks/bench_lora.py --family flux2 --ckpt <wide klein folder> ...  # klein's
 
 Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
 default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks;
@@ -19,7 +20,9 @@ to_q/k/v, proj_mlp and proj_out; as ai-toolkit trains them), converted by our lo
 (separate q/k/v downs stacked into the fused layers). --family flux2: FLUX.2 [klein] 4B
 widths (hidden 3072, SwiGLU MLP 3x, joint_attention_dim 7680, random weights) and its
 diffusers names (to_q/k/v, to_out.0, add_*_proj, to_add_out, ff(_context).linear_in/out,
-the single block's fused attn.to_qkv_mlp_proj and attn.to_out). Reported per row: median forward
+the single block's fused attn.to_qkv_mlp_proj and attn.to_out); with --ckpt the
+transformer of that klein folder (scripts/make_tiny_checkpoint.py --family klein --preset
+wide: klein 4B widths, 1 double + 1 single block). Reported per row: median forward
 seconds (rows interleaved round by round, so load changes hit all of them; one warm-up
 per row and round) and the overhead against no LoRA; the ideal LoRA FLOPs as a share of
 the LoRA'd layers' FLOPs. Last line:
@@ -70,10 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--quantize", type=int, default=None, help="4 or 8: quantized base")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layer", action="store_true", help="time one linear1 layer only")
-    p.add_argument("--ckpt", type=Path, default=os.environ.get("MLX_EDIT_WIDE_CKPT") or None,
+    p.add_argument("--ckpt", type=Path, default=None,
                    help="a checkpoint folder whose transformer to time (default: random "
-                        "weights; $MLX_EDIT_WIDE_CKPT)")
-    return p.parse_args(argv)
+                        "weights; FLUX.1: $MLX_EDIT_WIDE_CKPT; --family flux2: a klein "
+                        "folder, e.g. the wide klein fixture)")
+    args = p.parse_args(argv)
+    if args.ckpt is None and args.family == "flux1" and os.environ.get("MLX_EDIT_WIDE_CKPT"):
+        args.ckpt = Path(os.environ["MLX_EDIT_WIDE_CKPT"])
+    return args
 
 
 def module_shapes(cfg: FluxConfig | Flux2Config) -> dict[str, tuple[int, int]]:
@@ -135,8 +142,11 @@ def layer_overhead(args, cfg: FluxConfig) -> None:
 
 
 def build_model(args) -> FluxTransformer | Flux2Transformer:
-    """The timed transformer: --ckpt's (float32; FLUX.1), or random at the requested
-    widths."""
+    """The timed transformer: --ckpt's (float32), or random at the requested widths."""
+    if args.family == "flux2" and args.ckpt is not None:
+        from mlx_edit.weights.flux2 import load_flux2_transformer
+
+        return load_flux2_transformer(Path(args.ckpt) / "transformer", mx.float32)
     if args.family == "flux2":
         model = Flux2Transformer(Flux2Config.from_dict(dict(
             in_channels=128, num_layers=args.double, num_single_layers=args.single,
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
         return 0
     model = build_model(args)
     cfg = model.config
-    source = args.ckpt if args.family == "flux1" and args.ckpt else f"random {args.family}"
+    source = args.ckpt or f"random {args.family}"
     print(f"transformer: {source} ({cfg.num_layers} double + "
           f"{cfg.num_single_layers} single blocks, hidden {cfg.hidden_size})")
     if args.quantize:

@@ -84,8 +84,12 @@ class Family:
     (width, height) px a reference image is encoded at (for the memory estimate).
     mu(image_seq_len, steps, scheduler config): the
     schedule's shift. memory_parts(configs) -> {component: lazily built model} for the
-    weights estimate (nothing is allocated). quantized: the components `quantize` applies
-    to, with their quantization policy (mlx_edit.weights.quantize.FULL_PRECISION key).
+    weights estimate (nothing is allocated). activation_width: the widest projection of
+    a transformer forward, the single blocks' fused input projection (attention q, k, v
+    and the MLP's input), as (multiple of hidden_size, multiple of mlp_hidden): the
+    activation term of the memory estimate (`memory.transformer_activation_gb`).
+    quantized: the components `quantize` applies to, with their quantization policy
+    (mlx_edit.weights.quantize.FULL_PRECISION key).
     """
 
     name: str
@@ -103,6 +107,7 @@ class Family:
     reference_size: Callable[[int, int, bool], tuple[int, int]]
     mu: Callable[[int, int, SchedulerConfig], float]
     memory_parts: Callable[[dict], dict]
+    activation_width: tuple[int, int]
     quantized: dict[str, str]
 
 
@@ -155,6 +160,7 @@ FLUX1 = Family(
     reference_size=kontext_reference_size,
     mu=lambda image_seq_len, steps, cfg: compute_mu(image_seq_len, cfg),
     memory_parts=_flux1_memory,
+    activation_width=(3, 1),  # linear1: q, k, v + the GELU MLP's input (mlp_hidden)
     quantized={c: c for c in QUANTIZED_BY_DEFAULT},  # the transformer and T5
 )
 
@@ -202,6 +208,7 @@ FLUX2 = Family(
     reference_size=klein.reference_size,
     mu=lambda image_seq_len, steps, cfg: empirical_mu(image_seq_len, steps),
     memory_parts=_flux2_memory,
+    activation_width=(3, 2),  # to_qkv_mlp_proj: q, k, v + SwiGLU's two halves (2 x mlp)
     quantized={"transformer": "transformer", "text_encoder": "qwen3"},
 )
 

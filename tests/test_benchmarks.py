@@ -120,6 +120,21 @@ def test_bench_cache_flux2_reports_evaluations(repo_root):
     assert re.fullmatch(r"cache mag:0.12: evals 2/4 speed-up [\d.]+ psnr [\d.]+ dB", last), last
 
 
+def test_bench_lora_and_cache_on_a_klein_folder(repo_root, tmp_path, import_script):
+    """--family flux2 --ckpt: the folder's transformer (the wide klein fixture's figures)."""
+    folder = import_script("klein_fixtures").build_mlx(tmp_path / "klein", "tiny")
+    out = _stdout(repo_root, "bench_lora.py", "--family", "flux2", "--ckpt", str(folder),
+                  "--image-tokens", "16", "--text-tokens", "8", "--ranks", "4",
+                  "--counts", "1", "--reps", "1")
+    assert f"transformer: {folder} (1 double + 1 single blocks, hidden 32)" in out, out
+    assert re.search(r"^lora rank 4 x1 unfused overhead: -?[\d.]+%", out, re.M), out
+    out = _stdout(repo_root, "bench_cache.py", "--family", "flux2", "--ckpt", str(folder),
+                  "--image-tokens", "16", "--text-tokens", "8", "--steps", "4",
+                  "--cache", "mag:0.12")
+    assert f"{folder}'s transformer, flux2: hidden 32, 1 double + 1 single" in out, out
+    assert out.splitlines()[-1].startswith("cache mag:0.12: evals 2/4 "), out
+
+
 def test_bench_large_tiled_vs_shrunk(repo_root, tiny_mlx):
     last = _run(repo_root, "bench_large.py", "--model", str(tiny_mlx), "--size", "352x224",
                 "--max-model-pixels", "65536", "--max-sequence-length", "16")

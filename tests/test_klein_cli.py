@@ -222,6 +222,34 @@ def test_memory_estimate_counts_klein_parts(klein):
     assert q[1]["weights_text_encoder"] < 0.4 * q[0]["weights_text_encoder"]
 
 
+def test_memory_check_counts_the_source_reference(klein, photos, monkeypatch):
+    """klein inpainting appends the whole canvas as reference tokens: the memory check
+    (before any model loads) estimates them with the reference's; an edit has none."""
+    from mlx_edit.editing import memory
+
+    seen = []
+
+    def check_fits(est, available=None, low_memory=False):
+        seen.append(est)
+        raise InputError("stop")
+    monkeypatch.setattr(memory, "check_fits", check_fits)
+    pipe = FluxKlein.from_pretrained(klein)
+    with pytest.raises(InputError, match="stop"):
+        pipe.inpaint_job(photos / "astronaut.png", photos / "mask.png", "a cup",
+                         reference=photos / "coffee.png", crop_to_mask=False)
+    with pytest.raises(InputError, match="stop"):
+        pipe.edit_job([photos / "astronaut.png"], "make it blue")
+    inpaint, edit = (e.inputs for e in seen)
+    assert inpaint.source_reference and inpaint.reference_tokens == (120 // 16) * (90 // 16)
+    assert not edit.source_reference and edit.reference_tokens == (144 // 16) * (96 // 16)
+    canvas = (inpaint.width // 16) * (inpaint.height // 16)
+    alone = memory._with(seen[0], source_reference=False)
+    assert seen[0]["activations_denoise"] > alone["activations_denoise"]
+    assert seen[0]["activations_denoise"] == pytest.approx(memory.denoise_gb(
+        canvas, inpaint.text_tokens, inpaint.configs["transformer"], 1, 4,
+        family="flux2", reference_tokens=canvas + inpaint.reference_tokens))
+
+
 def test_batch_runs_klein_lines(klein, photos, tmp_path):
     """`mlx-edit batch --model <klein> --edit-model <klein>` on scikit-image photos: an
     edit line with a reference and an inpaint line with one run on FluxKlein with

@@ -269,7 +269,7 @@ class Models:
         with this pipeline's models, dtype, quantization, step cache (and SAM config;
         windows: the sampling.tiles.Windows of a tiled run, one window batch at a time;
         cache_branches: 2 with true CFG, one cache state per branch; tokens: estimate's
-        text_tokens, reference_tokens, reference_px, reference_kv)."""
+        text_tokens, reference_tokens, reference_px, reference_kv, source_reference)."""
         return estimate(
             width, height, num_images, self.dtype, self.transformer_bits, cache=cache,
             window=None if windows is None else (windows.tokens, windows.batch),

@@ -30,7 +30,7 @@ from mlx_edit.progress import add_run, labelled
 from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.tiles import Windows, plan_windows, rank_group, share
 
-__all__ = ["Windows", "check_memory", "edit_plan", "first_pass", "job_windows", "metadata", "refine", "refine_strength",
+__all__ = ["Windows", "check_memory", "edit_estimate", "edit_plan", "first_pass", "job_windows", "metadata", "refine", "refine_strength",
            "schedule_tokens", "tiled_plan", "windows_for"]
 
 MAX_WINDOW_BATCH = 4  # windows stacked per evaluation when memory allows
@@ -87,22 +87,33 @@ def edit_plan(image_size: tuple[int, int], blend, crop_to_mask: bool | None,
 
 
 def check_memory(models, plan: CropPlan, o: EditOptions | None, num_images: int,
-                 cache, references: Sequence[tuple[int, int]] = ()) -> None:
+                 cache, references: Sequence[tuple[int, int]] = (),
+                 source_reference: bool = False) -> None:
     """`memory.check_fits` for an edit on `plan` (one window at a time when windowed) with
     `models` (a pipeline's mlx_edit.editing.components.Models: `memory_estimate`,
-    `low_memory`), o.max_sequence_length text tokens and Kontext references of
-    these encoded (width, height) px; InputError listing options that fit."""
+    `low_memory`; `edit_estimate`); InputError listing options that fit."""
     from mlx_edit.editing.memory import check_fits
 
     o = o or EditOptions()
-    cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
-    refs = dict(reference_tokens=sum((w // TOKEN_PX) * (h // TOKEN_PX) for w, h in references),
-                reference_px=max(references, key=lambda s: s[0] * s[1], default=None),
-                reference_kv=models.variant_info.reference_kv)
-    est = models.memory_estimate(*plan.model_size, num_images, cache,
-                                 windows=windows_for(plan, o), cache_branches=1 + cfg,
-                                 text_tokens=o.max_sequence_length, **refs)
+    est = edit_estimate(models, plan, o, num_images, cache, windows_for(plan, o), references,
+                        source_reference)
     check_fits(est, low_memory=models.low_memory)
+
+
+def edit_estimate(models, plan: CropPlan, o: EditOptions, num_images: int, cache,
+                  windows: Windows | None, references: Sequence[tuple[int, int]] = (),
+                  source_reference: bool = False):
+    """`models.memory_estimate` of an edit on `plan` in `windows` (None: whole) with
+    o.max_sequence_length text tokens, a cache state per true-CFG branch, reference images
+    encoded at these (width, height) px (as keys/values with a KV variant) and, with
+    `source_reference`, the canvas's own tokens as a reference (klein inpainting)."""
+    cfg = o.negative_prompt is not None and o.true_cfg_scale > 1.0  # a cache state per branch
+    return models.memory_estimate(
+        *plan.model_size, num_images, cache, windows=windows, cache_branches=1 + cfg,
+        text_tokens=o.max_sequence_length,
+        reference_tokens=sum((w // TOKEN_PX) * (h // TOKEN_PX) for w, h in references),
+        reference_px=max(references, key=lambda s: s[0] * s[1], default=None),
+        reference_kv=models.variant_info.reference_kv, source_reference=source_reference)
 
 
 def windows_for(plan: CropPlan, o: EditOptions, batch: int = 1,
@@ -150,11 +161,12 @@ def window_batch(windows: Windows, o: EditOptions, fits) -> int:
     return best
 
 
-def job_windows(models, plan: CropPlan, o: EditOptions, keep: np.ndarray | None = None
+def job_windows(models, plan: CropPlan, o: EditOptions, keep: np.ndarray | None = None,
+                references: Sequence[tuple[int, int]] = (), source_reference: bool = False
                 ) -> Windows | None:
     """`windows_for` the plan (windows without `keep` tokens skipped), batched as the
     memory allows (`window_batch`; `models`: a pipeline's
-    mlx_edit.editing.components.Models, its `memory_estimate` and `low_memory`)."""
+    mlx_edit.editing.components.Models, `edit_estimate` with these references)."""
     windows = windows_for(plan, o, keep=keep)
     if windows is None or windows.count == 1:
         return windows
@@ -164,8 +176,8 @@ def job_windows(models, plan: CropPlan, o: EditOptions, keep: np.ndarray | None 
     available = available_memory() / GB
 
     def fits(k: int) -> bool:
-        est = models.memory_estimate(*plan.model_size, o.num_images, o.cache,
-                                     windows=replace(windows, batch=k))
+        est = edit_estimate(models, plan, o, o.num_images, o.cache,
+                            replace(windows, batch=k), references, source_reference)
         return est[key] <= available
     return replace(windows, batch=window_batch(windows, o, fits))
 

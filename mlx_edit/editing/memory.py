@@ -7,8 +7,9 @@ per-pixel costs measured on the CPU backend (benchmarks/RESULTS.md, "memory mode
 
 - transformer: on the CPU backend attention has no fused kernel, so it materialises its
   scores, B*H*L^2*4 bytes (x ACT_SCORE_COPIES); plus ACT_LINEAR_COPIES copies of the
-  widest projection (L x (3*hidden + mlp_hidden)) per image. On Metal/CUDA the fused
-  kernel drops the L^2 term.
+  widest projection per image, the single blocks' fused input projection, whose width is
+  the family's (`Family.activation_width`: FLUX.1 3*hidden + mlp_hidden, FLUX.2
+  3*hidden + 2*mlp_hidden for SwiGLU). On Metal/CUDA the fused kernel drops the L^2 term.
 - VAE: `tiling.vae_activation_gb` (bytes per pixel, measured) for the image, or for one
   tile plus the host accumulators when `tiling.should_tile` says the pass is tiled.
 
@@ -26,10 +27,11 @@ text encoders are loaded one at a time (CLIP, freed, then T5) in both modes; the
 transformer and VAE stay resident in a normal run. With `low_memory` (FluxFill,
 mlx_edit.editing.components) only the phase's own model is resident: CLIP or T5, the VAE, the
 transformer, the VAE. Quantized components count at their quantized size in both modes,
-as the loaders quantize layer by layer (weights/core.py `load_into`). Kontext reference
+as the loaders quantize layer by layer (weights/core.py `load_into`). Kontext and klein reference
 images are tokens in the transformer's sequence (`reference_tokens`: their attention
-grows with the square of the total), encoded one at a time by the VAE; the text is
-max_sequence_length T5 tokens (`text_tokens`). ControlNets and image-prompt models are
+grows with the square of the total), encoded one at a time by the VAE; klein inpainting
+also appends the canvas itself, encoded whole (`source_reference`); the text is
+max_sequence_length T5 / Qwen3 tokens (`text_tokens`). ControlNets and image-prompt models are
 not counted.
 """
 
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
@@ -49,7 +51,8 @@ from mlx_edit.sampling.cache import state_bytes
 from mlx_edit.weights.quantize import model_nbytes, quantize_component
 
 GB = 1e9
-# Fitted to measured peaks of a wide forward at 512, 1536 and 2560 tokens (within 2%):
+# Fitted to measured peaks of a wide FLUX.1 forward at 512, 1536 and 2560 tokens (within
+# 2%, 2026-11-22); with FLUX.2's width they bound klein's 12-13% above (benchmarks/RESULTS.md):
 ACT_SCORE_COPIES = 1.2  # the scores (softmax runs in place), float32, CPU SDPA fallback
 ACT_LINEAR_COPIES = 4.3  # widest projection (linear1 out), gelu, concat, residuals
 RUNTIME_GB = 0.6  # Python, MLX, tokenizers, prompt embeddings, small buffers
@@ -84,16 +87,23 @@ def weights_gb(transformer=None, vae=None, clip=None, t5=None, dtype="float32",
     encoder folder: config} (FLUX.1: clip / t5 are text_encoder / text_encoder_2).
     `quantize` 4/8 applies the package policy (FLUX.1: transformer and T5 quantized,
     embedders/VAE/CLIP not)."""
-    return _weights(_parts(family, transformer, vae, text, clip, t5), dtype, quantize, family)
+    return _weights(_parts(family, _configs(transformer, vae, text, clip, t5)), dtype,
+                    quantize, family)
 
 
-def _parts(family: str, transformer, vae, text: Mapping | None, clip=None, t5=None) -> dict:
+def _configs(transformer, vae, text: Mapping | None, clip=None, t5=None) -> dict:
+    """{component: config or None}: the transformer, the VAE, then the text encoders
+    (`text`, else FLUX.1's clip / t5 as text_encoder / text_encoder_2)."""
+    return {"transformer": transformer, "vae": vae,
+            **dict(text or {"text_encoder": clip, "text_encoder_2": t5})}
+
+
+def _parts(family: str, configs: dict) -> dict:
     """{component: model built lazily from its config (nothing is allocated)}; the text
     encoders last, in the family's order."""
     from mlx_edit import families
 
-    text = dict(text or {"text_encoder": clip, "text_encoder_2": t5})
-    return families.get(family).memory_parts({"transformer": transformer, "vae": vae, **text})
+    return families.get(family).memory_parts(configs)
 
 
 def _weights(models: dict, dtype, quantize: int | None, family: str = "flux1"
@@ -122,25 +132,37 @@ def text_activation_gb(cfg, tokens: int, dtype_size: int) -> float:
     return 4 * tokens * width * dtype_size / GB + 2 * heads * tokens**2 * 4 / GB
 
 
-def transformer_activation_gb(tokens: int, cfg: FluxConfig, batch: int, dtype_size: int,
-                              fused_attention: bool | None = None) -> float:
-    """Peak activations of one transformer forward over `tokens` = image + text tokens."""
+def transformer_activation_gb(tokens: int, cfg, batch: int, dtype_size: int,
+                              fused_attention: bool | None = None, family: str = "flux1"
+                              ) -> float:
+    """Peak activations (GB) of one transformer forward over `tokens` = image + reference +
+    text tokens of a `family` transformer config (FluxConfig / Flux2Config): copies of
+    its widest projection (`Family.activation_width`: the single blocks' fused input
+    projection) and, without a fused attention kernel (None: the CPU backend), the
+    attention scores."""
+    from mlx_edit import families
+
     if fused_attention is None:
         fused_attention = _backend() == "gpu"
-    linear = ACT_LINEAR_COPIES * tokens * (3 * cfg.hidden_size + cfg.mlp_hidden) * dtype_size
+    per_hidden, per_mlp = families.get(family).activation_width
+    width = per_hidden * cfg.hidden_size + per_mlp * cfg.mlp_hidden
+    linear = ACT_LINEAR_COPIES * tokens * width * dtype_size
     scores = 0.0 if fused_attention else (
         ACT_SCORE_COPIES * cfg.num_attention_heads * tokens**2 * dtype_size)
     return batch * (linear + scores) / GB
 
 
-def denoise_gb(image_tokens: int, text_tokens: int, cfg: FluxConfig, batch: int,
-               dtype_size: int, window: tuple[int, int] | None = None) -> float:
-    """Denoising activations (GB): one forward over the canvas, or with `window` (image
-    tokens of one window, windows per batch) one window batch plus the canvas latents."""
+def denoise_gb(image_tokens: int, text_tokens: int, cfg, batch: int, dtype_size: int,
+               window: tuple[int, int] | None = None, family: str = "flux1",
+               reference_tokens: int = 0) -> float:
+    """Denoising activations (GB): one forward over the canvas's image tokens, the
+    reference tokens and the text, or with `window` (image tokens of one window, windows
+    per batch) one window batch (each with the references) plus the canvas latents."""
     if window is None:
-        return transformer_activation_gb(image_tokens + text_tokens, cfg, batch, dtype_size)
-    return transformer_activation_gb(window[0] + text_tokens, cfg, batch * window[1],
-                                     dtype_size) \
+        return transformer_activation_gb(image_tokens + reference_tokens + text_tokens, cfg,
+                                         batch, dtype_size, family=family)
+    return transformer_activation_gb(window[0] + reference_tokens + text_tokens, cfg,
+                                     batch * window[1], dtype_size, family=family) \
         + canvas_latents_gb(image_tokens, cfg, batch, dtype_size)
 
 
@@ -214,8 +236,11 @@ def text_segmenter_gb(config=None, dtype="float32") -> tuple[float, float]:
     return weights, sam3_backbone_gb(vision, float_dtype) + masks
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Inputs:
+    """An estimate's request (`estimate`'s arguments; configs: {component: config},
+    resolved to the family's config dataclasses)."""
+
     width: int
     height: int
     num_images: int
@@ -231,6 +256,7 @@ class _Inputs:
     text_tokens: int = TEXT_TOKENS
     reference_tokens: int = 0
     reference_px: tuple[int, int] | None = None
+    source_reference: bool = False
     family: str = "flux1"
     reference_kv: bool = False
 
@@ -247,14 +273,14 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
              text_tokens: int = TEXT_TOKENS, lora_params: int = 0, cache=None,
              segmenter=None, window: tuple[int, int] | None = None,
              cache_branches: int = 1, reference_tokens: int = 0,
-             reference_px: tuple[int, int] | None = None, family: str = "flux1",
-             text: Mapping | None = None, text_segmenter=None, reference_kv: bool = False
-             ) -> MemoryEstimate:
+             reference_px: tuple[int, int] | None = None, source_reference: bool = False,
+             family: str = "flux1", text: Mapping | None = None, text_segmenter=None,
+             reference_kv: bool = False) -> MemoryEstimate:
     """Estimate the peak memory (GB) of an edit at width x height px (the model canvas).
 
     Components: configs (dataclasses or config.json dicts) of the `family`'s models
-    (mlx_edit.families); None = FLUX.1 Fill-dev. text: {text encoder folder: config}
-    (FLUX.1: or clip / t5).
+    (mlx_edit.families); None = the family's defaults (FLUX.1: Fill-dev). text: {text
+    encoder folder: config} (FLUX.1: or clip / t5).
     dtype: "float32" / "bfloat16" (or an mx.Dtype); quantize: None, 4 or 8.
     lora_params: LoRA parameters applied unfused (in `dtype`, any quantization).
     cache: the edit's step cache config (sampling.cache) or None; its state (x
@@ -265,9 +291,11 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     dict of a mask from words ({}: facebook/sam3's), or None; adds the phase
     "text_segment" the same way (`text_segmenter_gb`).
     window: (tokens of one window, windows per batch) of tiled denoising: `denoise_gb`.
-    text_tokens: the T5 sequence (max_sequence_length). reference_tokens: packed tokens
-    of Kontext references, in every forward next to the image's (and each window's);
-    reference_px: (width, height) of the largest reference, its VAE encode counted.
+    text_tokens: the text sequence (max_sequence_length). reference_tokens: packed tokens
+    of reference images (Kontext, klein), in every forward next to the image's (and each
+    window's); reference_px: (width, height) of the largest reference, its VAE encode
+    counted. source_reference: the canvas's own tokens are a reference too (klein
+    inpainting: the whole canvas, encoded whole, appended to every forward and window).
     reference_kv: the references enter as keys/values computed once (FLUX.2 KV variant):
     out of the sequence, their cache (`Flux2Config.reference_kv_bytes`, entry
     `reference_kv`) and the forward computing it counted in the denoise phase instead.
@@ -275,59 +303,83 @@ def estimate(width: int, height: int, num_images: int = 1, dtype="float32",
     weights + that phase's activations + RUNTIME_GB.
     """
     dtype_name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
-    size = _dtype_size(dtype_name)
-    models = _parts(family, transformer, vae, text, clip, t5)
-    cfgs = {name: m.config for name, m in models.items()}
-    w = _weights(models, dtype_name, quantize, family)
-    texts = list(cfgs)[2:]  # the text encoders, loaded one at a time (CLIP, freed, T5)
-    if lora_params:
-        w["lora"] = lora_params * size / GB
-    transformer_w = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
-    in_sequence = 0 if reference_kv else reference_tokens
-    image_tokens = (height // 16) * (width // 16) + in_sequence
-    cache_gb = cache_branches * state_bytes(
-        cache, cfgs["transformer"], num_images, image_tokens, text_tokens, size) / GB
-    kv_gb = ref_pass = 0.0
-    if reference_kv:  # one forward over the references alone computes their K/V
-        kv_gb = cfgs["transformer"].reference_kv_bytes(reference_tokens, 1, size) / GB
-        ref_pass = transformer_activation_gb(reference_tokens, cfgs["transformer"], 1, size)
-    win = window and (window[0] + in_sequence, window[1])  # references in each window
-    encode_px = max((width, height), reference_px or (0, 0), key=lambda s: s[0] * s[1])
-    act = {
-        "text_encode": text_activation_gb(cfgs[texts[-1]], text_tokens, size),
-        "vae_encode": vae_pass_gb(encode_px[1], encode_px[0], size, decode=False,
-                                  config=cfgs["vae"]),
-        "denoise": max(denoise_gb(image_tokens, text_tokens, cfgs["transformer"],
-                                  num_images, size, win), ref_pass) + cache_gb + kv_gb,
-        "vae_decode": vae_pass_gb(height, width, size, decode=True, config=cfgs["vae"]),
-    }
-    text_w = max(w[t] for t in texts)  # CLIP is freed before T5 loads
-    resident = transformer_w + w["vae"]
-    normal = {"text_encode": resident + text_w, "vae_encode": resident,
-              "denoise": resident, "vae_decode": resident}
-    low = {"text_encode": text_w, "vae_encode": w["vae"], "denoise": transformer_w,
-           "vae_decode": w["vae"]}
-    if segmenter is not None:
-        w["segmenter"], act["segment"] = segmenter_gb(segmenter)
-        normal["segment"], low["segment"] = resident + w["segmenter"], w["segmenter"]
-    if text_segmenter is not None:
-        w["text_segmenter"], act["text_segment"] = text_segmenter_gb(text_segmenter)
-        normal["text_segment"] = resident + w["text_segmenter"]
-        low["text_segment"] = w["text_segmenter"]
+    return _estimate(_Inputs(
+        width, height, num_images, dtype_name, quantize,
+        _configs(transformer, vae, text, clip, t5), lora_params, cache, segmenter, window,
+        text_segmenter, cache_branches, text_tokens, reference_tokens, reference_px,
+        source_reference, family, reference_kv))
+
+
+def _estimate(i: _Inputs) -> MemoryEstimate:
+    """`estimate` of a request: weights, activations per phase, what is resident in each
+    phase (normal and low-memory), then the totals."""
+    models = _parts(i.family, i.configs)
+    i = replace(i, configs={name: m.config for name, m in models.items()})
+    w = _weights(models, i.dtype, i.quantize, i.family)
+    if i.lora_params:
+        w["lora"] = i.lora_params * _dtype_size(i.dtype) / GB
+    act, held = _activations(i)
+    if i.segmenter is not None:
+        w["segmenter"], act["segment"] = segmenter_gb(i.segmenter)
+    if i.text_segmenter is not None:
+        w["text_segmenter"], act["text_segment"] = text_segmenter_gb(i.text_segmenter)
+    normal, low = _resident(w, texts=list(i.configs)[2:])
     out = MemoryEstimate({f"weights_{k}": v for k, v in w.items()})
     out.update({f"activations_{k}": v for k, v in act.items()})
-    if cache is not None:
-        out["cache_state"] = cache_gb
-    if reference_kv:
-        out["reference_kv"] = kv_gb
+    out.update(held)
     for p in act:
         out[f"phase_{p}"] = normal[p] + act[p] + RUNTIME_GB
     out["peak"] = max(out[f"phase_{p}"] for p in act)
     out["peak_low_memory"] = max(low[p] + act[p] + RUNTIME_GB for p in act)
-    out.inputs = _Inputs(width, height, num_images, dtype_name, quantize, cfgs, lora_params,
-                         cache, segmenter, window, text_segmenter, cache_branches,
-                         text_tokens, reference_tokens, reference_px, family, reference_kv)
+    out.inputs = i
     return out
+
+
+def _activations(i: _Inputs) -> tuple[dict[str, float], dict[str, float]]:
+    """({phase: activations GB} of the text encode (the last, largest text encoder),
+    VAE encode (the canvas or the largest reference), denoise (with what the denoise
+    phase holds) and VAE decode; {"cache_state" (with a step cache), "reference_kv" (KV
+    variant): GB held through the denoise phase})."""
+    size, cfgs, family = _dtype_size(i.dtype), i.configs, i.family
+    image_tokens = (i.height // 16) * (i.width // 16)
+    refs = i.reference_tokens + (image_tokens if i.source_reference else 0)
+    in_sequence = 0 if i.reference_kv else refs
+    held = {"cache_state": i.cache_branches * state_bytes(
+        i.cache, cfgs["transformer"], i.num_images, image_tokens + in_sequence,
+        i.text_tokens, size) / GB} if i.cache is not None else {}
+    ref_pass = 0.0
+    if i.reference_kv:  # one forward over the references alone computes their K/V
+        held["reference_kv"] = cfgs["transformer"].reference_kv_bytes(refs, 1, size) / GB
+        ref_pass = transformer_activation_gb(refs, cfgs["transformer"], 1, size, family=family)
+    encode_px = max((i.width, i.height), i.reference_px or (0, 0), key=lambda s: s[0] * s[1])
+    steps = denoise_gb(image_tokens, i.text_tokens, cfgs["transformer"], i.num_images, size,
+                       i.window, family, in_sequence)
+    return {
+        "text_encode": text_activation_gb(cfgs[list(cfgs)[-1]], i.text_tokens, size),
+        "vae_encode": vae_pass_gb(encode_px[1], encode_px[0], size, decode=False,
+                                  config=cfgs["vae"]),
+        "denoise": max(steps, ref_pass) + sum(held.values()),
+        "vae_decode": vae_pass_gb(i.height, i.width, size, decode=True, config=cfgs["vae"]),
+    }, held
+
+
+def _resident(w: dict[str, float], texts: list[str]) -> tuple[dict, dict]:
+    """GB of weights resident in each phase: ({phase: GB} of a normal run: the
+    transformer (with its LoRAs) and VAE throughout, plus the largest text encoder while
+    encoding (they load one at a time: CLIP, freed, then T5), {phase: GB} with
+    low_memory: the phase's own model only); with a segmenter (SAM 2.1 "segmenter", SAM 3
+    "text_segmenter") its phase too, next to what a normal run keeps resident."""
+    transformer = w["transformer"] + w.get("lora", 0.0)  # LoRAs live with the transformer
+    text = max(w[t] for t in texts)
+    resident = transformer + w["vae"]
+    normal = {"text_encode": resident + text, "vae_encode": resident,
+              "denoise": resident, "vae_decode": resident}
+    low = {"text_encode": text, "vae_encode": w["vae"], "denoise": transformer,
+           "vae_decode": w["vae"]}
+    for name, phase in (("segmenter", "segment"), ("text_segmenter", "text_segment")):
+        if name in w:
+            normal[phase], low[phase] = resident + w[name], w[name]
+    return normal, low
 
 
 def tile_threshold_gb() -> float:
@@ -349,18 +401,8 @@ def available_memory() -> int:
 
 
 def _with(est: MemoryEstimate, **changes) -> MemoryEstimate:
-    i = est.inputs
-    kw = dict(width=i.width, height=i.height, num_images=i.num_images, dtype=i.dtype,
-              quantize=i.quantize, transformer=i.configs["transformer"],
-              vae=i.configs["vae"], family=i.family,
-              text={k: v for k, v in i.configs.items() if k not in ("transformer", "vae")},
-              lora_params=i.lora_params, cache=i.cache, segmenter=i.segmenter,
-              text_segmenter=i.text_segmenter,
-              window=i.window, cache_branches=i.cache_branches, text_tokens=i.text_tokens,
-              reference_tokens=i.reference_tokens, reference_px=i.reference_px,
-              reference_kv=i.reference_kv)
-    kw.update(changes)
-    return estimate(**kw)
+    """`est` again with some of its request's fields changed."""
+    return _estimate(replace(est.inputs, **changes))
 
 
 def _smaller_size(est: MemoryEstimate, limit: float, key: str) -> tuple[int, int] | None:

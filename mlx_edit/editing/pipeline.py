@@ -263,15 +263,17 @@ class FluxPipeline:
     def plan(self, image: Image.Image, model_mask: np.ndarray, blend: np.ndarray,
              crop_to_mask: bool | None, num_images: int = 1, plan: CropPlan | None = None,
              cache: CacheConfig | None = None, options: EditOptions | None = None,
-             references: Sequence[tuple[int, int]] = ()
+             references: Sequence[tuple[int, int]] = (), source_reference: bool = False
              ) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(crop plan, model canvas, binary model mask at the canvas size) of an edit, its memory
         checked (`plan` given: used as it is; 1:1 when `options` allow windows: mlx_edit.editing.large;
-        references: the encoded (width, height) of Kontext references, in the estimate).
+        references: the encoded (width, height) of reference images, in the estimate, as
+        the canvas itself with `source_reference`: `large.edit_estimate`).
         Raises InputError (mask empty at the model's resolution, or an edit that would not
         fit in memory: the message lists options that do)."""
         plan = large.edit_plan(image.size, blend, crop_to_mask, plan, options)
-        large.check_memory(self.models, plan, options, num_images, cache, references)
+        large.check_memory(self.models, plan, options, num_images, cache, references,
+                           source_reference)
         canvas, mask = crop_for_model(image, model_mask, plan)
         if not mask.any():
             raise InputError(
@@ -314,9 +316,10 @@ class FluxPipeline:
         m = self.models
         refs = [m.family.reference_size(*im.size, reference_resize) for im in references]
         plan, canvas, mask = self.plan(image, model_mask, blend, o.crop_to_mask,
-                                       o.num_images, plan, o.cache, o, refs)
+                                       o.num_images, plan, o.cache, o, refs, source_reference)
         windows = self._windows(plan, o, mask, keep_source or (
-            conditioning is None and m.variant_info.conditioner == "fill"))
+            conditioning is None and m.variant_info.conditioner == "fill"), refs,
+            source_reference)
         stats, self.pending_stats = self.pending_stats, {}
         cfg_scale = self.true_cfg_scale(o)
         embeds, negative, ip, ctx = self._prompts(prompt, o, plan, inner, stats, cfg_scale)
@@ -340,14 +343,17 @@ class FluxPipeline:
         return job
 
     def _windows(self, plan: CropPlan, o: EditOptions, mask: np.ndarray,
-                 latents_at_hand: bool) -> large.Windows | None:
+                 latents_at_hand: bool, references: Sequence[tuple[int, int]] = (),
+                 source_reference: bool = False) -> large.Windows | None:
         """The job's windows (mlx_edit.editing.large; None: one pass over the canvas).
         Windows without mask tokens are skipped where the canvas's latents are at hand to
         fill their tokens after the loop (`latents_at_hand`: the source kept, or Fill's
-        masked image's; or strength < 1), never with a soft mask."""
+        masked image's; or strength < 1), never with a soft mask. references /
+        source_reference: as `plan`'s, in the window batch's memory estimate."""
         skip = not o.soft_mask and (latents_at_hand or o.strength < 1.0)
         return large.job_windows(self.models, plan, o,
-                                 large.keep_tokens(mask) if skip else None)
+                                 large.keep_tokens(mask) if skip else None, references,
+                                 source_reference)
 
     def _encode_canvas(self, ctx: ConditioningContext, canvas: Image.Image, mask: np.ndarray,
                        conditioning: Conditioner | None, needed: np.ndarray | None,

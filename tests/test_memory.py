@@ -164,8 +164,8 @@ def test_klein_kv_references_are_a_cache_not_tokens():
     held = cfg.reference_kv_bytes(3 * 4096, 1, 2) / memory.GB
     assert kv["reference_kv"] == pytest.approx(held) and "reference_kv" not in plain
     assert 3.7 < held < 3.8  # 25 blocks x K and V x 12288 tokens x 3072 x 2 bytes
-    steps, first = (memory.transformer_activation_gb(n, cfg, 1, 2) for n in (4096 + 512,
-                                                                             3 * 4096))
+    steps, first = (memory.transformer_activation_gb(n, cfg, 1, 2, family="flux2")
+                    for n in (4096 + 512, 3 * 4096))
     assert kv["activations_denoise"] == pytest.approx(max(steps, first) + held)
     assert kv["activations_denoise"] < plain["activations_denoise"]
     assert memory._with(kv, quantize=8).inputs.reference_kv

@@ -186,7 +186,7 @@ def test_denoise_estimate_bounds_the_measured_peak(family, import_script, repo_r
     fixtures' transformers (CPU: attention scores materialised), a 512x512 canvas with
     1024 reference tokens: FLUX.1 a Kontext reference, klein inpainting the canvas itself
     (source_reference). An upper bound within 25% for both families (measured 1.14x /
-    1.17x; at klein 4B widths 1.12-1.13x, benchmarks/RESULTS.md "memory model")."""
+    1.17x; at klein 4B widths 1.11-1.13x, benchmarks/RESULTS.md "memory model")."""
     from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer
 
     if family == "flux1":

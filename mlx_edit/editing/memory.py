@@ -52,7 +52,7 @@ from mlx_edit.weights.quantize import model_nbytes, quantize_component
 
 GB = 1e9
 # Fitted to measured peaks of a wide FLUX.1 forward at 512, 1536 and 2560 tokens (within
-# 2%, 2026-11-22); with FLUX.2's width they bound klein's 12-13% above (benchmarks/RESULTS.md):
+# 2%, 2026-11-22); with FLUX.2's width they bound klein's 11-13% above (benchmarks/RESULTS.md):
 ACT_SCORE_COPIES = 1.2  # the scores (softmax runs in place), float32, CPU SDPA fallback
 ACT_LINEAR_COPIES = 4.3  # widest projection (linear1 out), gelu, concat, residuals
 RUNTIME_GB = 0.6  # Python, MLX, tokenizers, prompt embeddings, small buffers

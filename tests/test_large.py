@@ -79,8 +79,8 @@ def test_4k_outpaint_strip_is_generated_at_full_resolution(pipe, monkeypatch):
     seen = []
     real = large.job_windows
 
-    def record(p, plan, o, keep=None):
-        seen.append((plan, real(p, plan, o, keep)))
+    def record(p, plan, o, keep=None, *references):
+        seen.append((plan, real(p, plan, o, keep, *references)))
         raise Stop("seen")
     monkeypatch.setattr(large, "job_windows", record)
     img = Image.new("RGB", (3840, 2160), (90, 120, 150))

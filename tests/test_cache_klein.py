@@ -4,8 +4,8 @@
   denoise loop, on the tiny torch-free klein folder; `--cache fbc:...` from the CLI
   records its decisions; TaylorSeer that never predicts equals it exactly too.
 - TaylorSeer: per-call decisions and outputs equal diffusers' TaylorSeerCacheConfig hooks
-  on Flux2Transformer2DModel (attention units, lite mode, single-block attention, bfloat16
-  factors).
+  on Flux2Transformer2DModel (attention units, lite mode, block units, a skipped unit,
+  bfloat16 factors).
 - MagCache: per-call decisions and outputs equal diffusers' MagCacheConfig hooks on
   Flux2Transformer2DModel (same weights, float32). (As diffusers', its threshold 0 still
   skips a step whose interpolated magnitude ratio is exactly 1.0: err <= threshold.)
@@ -150,10 +150,14 @@ TAYLOR = {
                                   taylor_factors_dtype=mx.float32),
     "lite": cache.TaylorSeer(cache_interval=3, disable_cache_before_step=2, max_order=2,
                              taylor_factors_dtype=mx.float32, use_lite_mode=True),
-    "single_attn": cache.TaylorSeer(cache_interval=2, disable_cache_before_step=3,
-                                    max_order=2, taylor_factors_dtype=mx.float32,
-                                    cache_identifiers=["^transformer_blocks\\.0\\.attn",
-                                                       "^single_transformer_blocks\\.0\\.attn"]),
+    "blocks": cache.TaylorSeer(cache_interval=2, disable_cache_before_step=3, max_order=2,
+                               taylor_factors_dtype=mx.float32,
+                               cache_identifiers=["^transformer_blocks\\.0\\.attn",
+                                                  "^single_transformer_blocks\\.0$"]),
+    "skip": cache.TaylorSeer(cache_interval=2, disable_cache_before_step=2, max_order=1,
+                             taylor_factors_dtype=mx.float32,
+                             cache_identifiers=["^transformer_blocks\\.0$"],
+                             skip_predict_identifiers=["^single_transformer_blocks\\.0\\.attn"]),
     "bfloat16": cache.TaylorSeer(cache_interval=3, disable_cache_before_step=1,
                                  disable_cache_after_step=6),
 }

@@ -70,7 +70,10 @@ class TaylorSeer:
     (default: every block's attention) are predicted, `skip_predict_identifiers` return
     zeros; `use_lite_mode` predicts proj_out and zeroes the blocks. Only block, attention
     and proj_out names can be hooked here (`mlx_edit.models.flux.cache_units`; FLUX.2's
-    units: `Flux2Transformer.blocks`)."""
+    units: `Flux2Transformer.blocks`). On klein KV the references never enter the
+    sequence (`reference_kv`), while diffusers' extract call returns them and so restarts
+    its image factors at the next call: the two agree when disable_cache_before_step >=
+    max_order + 2 (the default 3 / 1 does; tests/test_flux2_kv.py)."""
 
     cache_interval: int = 5
     disable_cache_before_step: int = 3

@@ -64,6 +64,10 @@ def test_cli_cache(klein, tmp_path):
     assert r.exit_code == 0, r.output
     info = Image.open(tmp_path / "out.png").info
     assert info["cache"] == "FirstBlockCache(threshold=0.1)" and info["cache_steps"][0] == "C"
+    r = CliRunner().invoke(main, [str(a) for a in [*args, "--overwrite", "--cache",
+                                                  "taylorseer:2,before=1"]])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "out.png").info["cache_steps"] == "CsC"
 
 
 def _inputs(k: int):

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_flux2_kv.py [--preset wide] [--refs 1,3] [--image-tokens 1024] \
         [--ref-tokens 1024] [--text-tokens 512] [--double 1 --single 2] \
-        [--dtype float32|bfloat16] [--reps 3]
+        [--dtype float32|bfloat16] [--reps 3] [--model DIR]
 
 Rows per reference count R (each reference `--ref-tokens` tokens):
 - plain: one call over target + R x reference tokens, all attending to all (the klein
@@ -14,7 +14,8 @@ Rows per reference count R (each reference `--ref-tokens` tokens):
 - kv refs alone: `reference_kv` only.
 Widths: bench_flux2's presets (`wide` = FLUX.2 [klein] 4B's: hidden 3072, SwiGLU MLP
 3x, joint_attention_dim 7680) at the given depth; random MLX weights (time does not
-depend on the values). Rows interleave round by round after one warm-up each, so a
+depend on the values), or `--model DIR`: the transformer of a klein folder (diffusers
+layout, e.g. the wide klein fixture; --preset/--double/--single then unused). Rows interleave round by round after one warm-up each, so a
 change of the machine's load hits every row; medians, and per-round ratios to plain.
 Last line per R: `kv R refs: later/plain X  first/plain Y  (4-step edit: Z)`, where
 Z = (first + 3 later) / (4 plain), the per-edit ratio of a 4-step klein edit.
@@ -34,6 +35,7 @@ import numpy as np  # noqa: E402
 from bench_flux2 import PRESETS, config  # noqa: E402
 
 from mlx_edit.models.flux2 import Flux2Config, Flux2Transformer  # noqa: E402
+from mlx_edit.weights.flux2 import load_flux2_transformer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,6 +49,7 @@ def parse_args(argv=None):
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model", type=Path, help="a klein folder whose transformer/ is timed")
     return ap.parse_args(argv)
 
 
@@ -98,12 +101,17 @@ def main(argv=None) -> int:
     print("\n".join(common.machine_header(
         " ".join(["python benchmarks/bench_flux2_kv.py", *(argv or sys.argv[1:])]))))
     dt = getattr(mx, args.dtype)
-    model = Flux2Transformer(Flux2Config.from_dict(config(args.preset, args.double, args.single)))
-    model.set_dtype(dt)
+    if args.model:
+        model = load_flux2_transformer(args.model / "transformer", dt)
+    else:
+        model = Flux2Transformer(Flux2Config.from_dict(config(args.preset, args.double,
+                                                              args.single)))
+        model.set_dtype(dt)
     mx.eval(model.parameters())
     cfg = model.config
-    print(f"FLUX.2 preset {args.preset}: hidden {cfg.hidden_size}, {args.double} double + "
-          f"{args.single} single blocks; {args.image_tokens} image + {args.text_tokens} text "
+    print(f"FLUX.2 {args.model or 'preset ' + args.preset}: hidden {cfg.hidden_size}, "
+          f"{cfg.num_layers} double + {cfg.num_single_layers} single blocks; "
+          f"{args.image_tokens} image + {args.text_tokens} text "
           f"tokens, {args.ref_tokens} tokens per reference; {args.dtype}")
     rows = {r: calls(model, args, r, dt) for r in (int(x) for x in args.refs.split(","))}
     for fns in rows.values():

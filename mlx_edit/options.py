@@ -471,10 +471,6 @@ class EditOptions:
         for name in variant.refuses:
             if getattr(self, name) != getattr(defaults, name):
                 raise InputError(f"{name} is not available with {variant.title}")
-        if variant.family == "flux2" and self.cache is not None:
-            from mlx_edit.sampling import cache  # imports mlx: only when a cache is asked for
-            if isinstance(self.cache, cache.TaylorSeer):
-                raise InputError(cache.TAYLOR_FLUX2)
         steps = variant.steps if self.steps is None else self.steps
         guidance = self.guidance
         if guidance is None:

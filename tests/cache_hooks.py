@@ -25,15 +25,18 @@ def diffusers_config(cfg, steps: int):
     return hooks.TaylorSeerCacheConfig(
         cache_interval=cfg.cache_interval, disable_cache_before_step=cfg.disable_cache_before_step,
         disable_cache_after_step=cfg.disable_cache_after_step, max_order=cfg.max_order,
-        taylor_factors_dtype=dtype, use_lite_mode=cfg.use_lite_mode)
+        taylor_factors_dtype=dtype, use_lite_mode=cfg.use_lite_mode,
+        cache_identifiers=cfg.cache_identifiers,
+        skip_predict_identifiers=cfg.skip_predict_identifiers)
 
 
 def decision(transformer, cfg) -> bool:
     """Whether the hooks computed the call that just ran, read from their state in the
     current cache context (call it inside the transformer's `cache_context`)."""
     if isinstance(cfg, TaylorSeer):
-        module = transformer.proj_out if cfg.use_lite_mode else transformer.transformer_blocks[0].attn
-        state = module._diffusers_hook.get_hook("taylorseer_cache").state_manager.get_state()
+        hook = next(h for m in transformer.modules() if getattr(m, "_diffusers_hook", None)
+                    and (h := m._diffusers_hook.get_hook("taylorseer_cache")))
+        state = hook.state_manager.get_state()  # every hooked unit decides alike
         return state.last_update_step == state.current_step
     name = "fbc_leader_block_hook" if isinstance(cfg, FirstBlockCache) else "mag_cache_leader_block_hook"
     hook = transformer.transformer_blocks[0]._diffusers_hook.get_hook(name)

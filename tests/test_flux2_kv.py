@@ -128,3 +128,49 @@ def test_references_matter_and_bytes(case):
     _, kv = run_ours(ours, x)
     held = sum(a.nbytes for pair in kv.double + kv.single for a in pair)
     assert held == ours.config.reference_kv_bytes(x["ref"].shape[1], batch=2, itemsize=4)
+
+
+def test_taylorseer_on_cached_references_matches_diffusers_hooks(case):
+    """TaylorSeer (diffusers' TaylorSeerCacheConfig hooks on the KV transformer: the first
+    call extracts, later calls attend to the cache) vs ours with `reference_kv`'s K/V:
+    the same computed / predicted calls, outputs <= 1e-4 relative. diffusers' extract call
+    returns reference + target tokens, so its image factors restart at the next call
+    (a shape change); ours never see the references, so the two agree once every factor
+    comes from calls after the first: disable_cache_before_step >= max_order + 2."""
+    from cache_hooks import decision, diffusers_config, pattern
+
+    from mlx_edit.sampling import cache as step_cache
+    cfg, ours, x, _ = case
+    ref = kv_reference(cfg)  # the case's weights again (seeded)
+    config = step_cache.TaylorSeer(cache_interval=2, disable_cache_before_step=3, max_order=1,
+                                   taylor_factors_dtype=mx.float32)
+    g = np.random.default_rng(7)
+    base, _ = x["steps"][0]
+    calls = [(base + 0.05 * i * g.standard_normal(base.shape).astype(np.float32),
+              np.full(base.shape[0], 1.0 - 0.12 * i, np.float32)) for i in range(7)]
+    t = {k: torch.from_numpy(v) for k, v in x.items() if isinstance(v, np.ndarray)}
+    common = dict(encoder_hidden_states=t["txt"], txt_ids=t["txt_ids"],
+                  guidance=t.get("guidance"), return_dict=False)
+    a = {k: mx.array(v) for k, v in x.items() if isinstance(v, np.ndarray)}
+    kv = ours.reference_kv(a["ref"], a["ref_ids"], a.get("guidance"))
+    rope = ours.rope(a["img_ids"], a["txt_ids"])
+    state = step_cache.start(config, ours, len(calls), kv=kv)
+    ref.enable_cache(diffusers_config(config, len(calls)))
+    theirs, kv_cache = [], None
+    with torch.no_grad(), ref.cache_context("cond"):
+        for i, (img, ts) in enumerate(calls):
+            if i == 0:
+                want, kv_cache = ref(hidden_states=torch.cat([t["ref"], torch.from_numpy(img)], 1),
+                                     timestep=torch.from_numpy(ts), kv_cache_mode="extract",
+                                     img_ids=torch.cat([t["ref_ids"], t["img_ids"]], 1),
+                                     num_ref_tokens=t["ref"].shape[1], **common)
+            else:
+                want = ref(hidden_states=torch.from_numpy(img), timestep=torch.from_numpy(ts),
+                           img_ids=t["img_ids"], kv_cache=kv_cache, kv_cache_mode="cached",
+                           **common)[0]
+            theirs.append(decision(ref, config))
+            got = np.array(state.velocity(mx.array(img), a["txt"], mx.array(ts), None,
+                                          a.get("guidance"), rope, (), ()))
+            want = want.numpy()
+            assert np.abs(got - want).max() <= TOL * np.abs(want).max(), i
+    assert pattern(state.computed) == pattern(theirs) and "s" in pattern(theirs)

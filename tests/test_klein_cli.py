@@ -92,7 +92,6 @@ def test_edit_with_a_mask_from_words(klein, photos, tiny_sam3_mlx, tmp_path):
     (["edit", "--negative-prompt", "blurry"], "--negative-prompt is not available"),
     (["edit", "--true-cfg-scale", "2"], "--true-cfg-scale is not available"),
     (["edit", "--no-auto-resize"], "--auto-resize is not available"),
-    (["inpaint", "--cache", "taylorseer:2"], "TaylorSeer is not available for FLUX.2"),
     (["outpaint", "--left", "32"], "outpaint needs a FLUX.1 model"),
 ])
 def test_bad_input_is_one_line(klein, photos, tmp_path, args, says, monkeypatch):

@@ -26,6 +26,7 @@ diffusers' separate projections into it (mlx_edit/weights/flux2.py).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -141,14 +142,25 @@ class Flux2SingleBlock(QKNorm):
         kv: the block's cached reference (k, v) (`ReferenceKV`), attended to by every token."""
         return self.forward(x, mods, rope, kv)[0]
 
-    def forward(self, x: mx.array, mods, rope: mx.array, kv=None):
+    def forward(self, x: mx.array, mods, rope: mx.array, kv=None, attn: mx.array | None = None):
         """(x after the block, the (k, v) (B, H, L + N, D) of x's tokens after QK norm
-        and RoPE); see `__call__`."""
-        shift, scale, gate = mods
+        and RoPE, `attend`'s output); see `__call__`. attn: a given `attend` output
+        (B, L + N, hidden) (a step cache's prediction) used instead: nothing else runs
+        and (k, v) is None."""
+        k_v = None
+        if attn is None:
+            attn, k_v = self.attend(x, mods, rope, kv)
+        return x + mods[2][:, None] * attn, k_v, attn
+
+    def attend(self, x: mx.array, mods, rope: mx.array, kv=None):
+        """(diffusers `single_transformer_blocks.i.attn`, Flux2ParallelSelfAttention: the
+        fused attention + SwiGLU MLP after the output projection (B, L + N, hidden), the
+        (k, v) of x's tokens); arguments as `__call__`."""
+        shift, scale, _ = mods
         qkv, mlp = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden], axis=-1)
         q, k, v = self.rotated_heads(qkv, self.heads, rope)
         out = mx.concatenate([attention(q, *append_kv(k, v, kv)), swiglu(mlp)], axis=-1)
-        return x + gate[:, None] * self.linear2(out), (k, v)
+        return self.linear2(out), (k, v)
 
 
 def positions(ids: mx.array) -> mx.array:
@@ -240,27 +252,54 @@ class Flux2Transformer(nn.Module):
             x, kv = block.reference(x, mods.double[0], rope)
             double.append(kv)
         for block in self.single_blocks:
-            x, kv = block.forward(x, mods.single, rope)
+            x, kv, _ = block.forward(x, mods.single, rope)
             single.append(kv)
         return ReferenceKV(double, single)
 
     def blocks(self, x: mx.array, ctx: mx.array, mods: Flux2Mods, rope: mx.array, *,
-               start: int = 0, stop: int | None = None,
-               kv: ReferenceKV | None = None) -> tuple[mx.array, mx.array]:
+               start: int = 0, stop: int | None = None, kv: ReferenceKV | None = None,
+               replace: Mapping[str, tuple[mx.array, ...]] | None = None,
+               record: Collection[str] = (), taps: dict | None = None,
+               ) -> tuple[mx.array, mx.array]:
         """Blocks `start` to `stop` (exclusive) of the stack (double blocks, then single
         blocks): x (B, N, hidden) and ctx (B, L, hidden) entering block `start` ->
-        (image stream, text stream) after block `stop - 1`; kv: `reference_kv`'s."""
+        (image stream, text stream) after block `stop - 1`; kv: `reference_kv`'s.
+
+        Step-cache units by diffusers' Flux2Transformer2DModel names: replace maps a unit
+        to outputs standing in for it, the units in record have their outputs put in
+        `taps` (in place). Outputs: `transformer_blocks.i` (text, image),
+        `transformer_blocks.i.attn` (image, text) after the output projections,
+        `single_transformer_blocks.i` (joint,), `single_transformer_blocks.i.attn`
+        (joint,) (the fused attention + MLP before the gate)."""
         n_double = len(self.double_blocks)
         stop = n_double + len(self.single_blocks) if stop is None else stop
         kv_double, kv_single = kv or ([None] * n_double, [None] * len(self.single_blocks))
+        replace, taps = replace or {}, {} if taps is None else taps
         for i in range(start, min(stop, n_double)):
-            x, ctx = self.double_blocks[i](x, ctx, mods.double, rope, kv_double[i])
+            name = f"transformer_blocks.{i}"
+            if name in replace:
+                ctx, x = replace[name]
+            else:
+                block = self.double_blocks[i]
+                outs = replace.get(f"{name}.attn") or block.attend(x, ctx, mods.double, rope,
+                                                                   kv=kv_double[i])
+                _tap(taps, record, f"{name}.attn", outs)
+                x, ctx = block.finish(x, ctx, mods.double, outs)
+            _tap(taps, record, name, (ctx, x))
         if stop <= n_double:
             return x, ctx
         n_txt = ctx.shape[1]
         joint = mx.concatenate([ctx, x], axis=1)
         for j in range(max(start - n_double, 0), stop - n_double):
-            joint = self.single_blocks[j](joint, mods.single, rope, kv_single[j])
+            name = f"single_transformer_blocks.{j}"
+            if name in replace:
+                joint = replace[name][0]
+            else:
+                given = replace.get(f"{name}.attn", (None,))[0]
+                joint, _, attn = self.single_blocks[j].forward(joint, mods.single, rope,
+                                                               kv_single[j], given)
+                _tap(taps, record, f"{name}.attn", (attn,))
+            _tap(taps, record, name, (joint,))
         return joint[:, n_txt:], joint[:, :n_txt]
 
     def final(self, x: mx.array, vec: mx.array) -> mx.array:
@@ -320,3 +359,8 @@ class ReferenceKV(NamedTuple):
 
     double: list[tuple[mx.array, mx.array]]
     single: list[tuple[mx.array, mx.array]]
+
+
+def _tap(taps: dict, record: Collection[str], name: str, outputs: tuple) -> None:
+    if name in record:
+        taps[name] = outputs

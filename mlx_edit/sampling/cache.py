@@ -4,9 +4,9 @@ The configs carry diffusers' parameters with diffusers' meaning (hooks/first_blo
 FirstBlockCacheConfig, hooks/taylorseer_cache.py TaylorSeerCacheConfig, hooks/mag_cache.py
 MagCacheConfig), so a setting tuned there means the same here; tests/test_cache.py checks the
 per-step skip decisions and the latents against those hooks on FluxTransformer2DModel;
-tests/test_cache_klein.py MagCache's against diffusers' on Flux2Transformer2DModel (FLUX.2
-[klein] runs First Block Cache and MagCache through `Flux2Pieces`; diffusers' First Block
-Cache fails on FLUX.2, its issue 14280; TaylorSeer is FLUX.1's only so far).
+tests/test_cache_klein.py MagCache's and TaylorSeer's against diffusers' on
+Flux2Transformer2DModel (FLUX.2 [klein] runs all three through `Flux2Pieces`; diffusers'
+First Block Cache fails on FLUX.2, its issue 14280).
 
 `start(cache, transformer, num_steps, compile)` returns the per-edit state: a `StepCache`
 whose `velocity(...)` replaces one transformer call in the denoise loop (true CFG: one
@@ -47,8 +47,6 @@ _ATTENTION_UNITS = ("^blocks.*attn", "^transformer_blocks.*attn",
                     "^single_transformer_blocks.*attn", "^temporal_transformer_blocks.*attn")
 _LITE_SKIP = ("^[^.]*block[^.]*\\.[^.]+$",)
 _LITE_CACHE = ("^proj_out$",)
-TAYLOR_FLUX2 = ("TaylorSeer is not available for FLUX.2 [klein] yet (its attention units are "
-                "not hooked): use --cache fbc:T or mag:T")
 
 
 @dataclass
@@ -71,7 +69,11 @@ class TaylorSeer:
     (None: the model's). Units (diffusers names, re.fullmatch): `cache_identifiers`
     (default: every block's attention) are predicted, `skip_predict_identifiers` return
     zeros; `use_lite_mode` predicts proj_out and zeroes the blocks. Only block, attention
-    and proj_out names can be hooked here (`mlx_edit.models.flux.cache_units`)."""
+    and proj_out names can be hooked here (`mlx_edit.models.flux.cache_units`; FLUX.2's
+    units: `Flux2Transformer.blocks`). On klein KV the references never enter the
+    sequence (`reference_kv`), while diffusers' extract call returns them and so restarts
+    its image factors at the next call: the two agree when disable_cache_before_step >=
+    max_order + 2 (the default 3 / 1 does; tests/test_flux2_kv.py)."""
 
     cache_interval: int = 5
     disable_cache_before_step: int = 3
@@ -377,9 +379,10 @@ class Flux2Pieces:
     """A Flux2Transformer seen through FluxTransformer's hook points (`embed`, `blocks`,
     `final`), so the caches above run on FLUX.2 [klein] unchanged: `embed` takes (and
     ignores) FLUX.1's pooled vector, `blocks` builds the blocks' modulations from vec and
-    returns a BlockPass whose `raw` is the image stream (FLUX.2 has no ControlNets or
-    IP-Adapters). diffusers' hooks wrap the same units of Flux2Transformer2DModel
-    (transformer_blocks[0] the First Block Cache's head). kv: the edit's cached reference
+    returns a BlockPass whose `raw` is the image stream and whose taps are TaylorSeer's
+    recorded units (FLUX.2 has no ControlNets or IP-Adapters). diffusers' hooks wrap the
+    same units of Flux2Transformer2DModel (transformer_blocks[0] the First Block Cache's
+    head). kv: the edit's cached reference
     keys/values (KV variant, `Flux2Transformer.reference_kv`, evaluated), attended to by
     every block; compiled pieces hold them as constants (a state lives for one edit)."""
 
@@ -396,12 +399,13 @@ class Flux2Pieces:
 
     def blocks(self, x, ctx, vec, rope, *, start=0, stop=None, controlnet=(), ip=(),
                record=None, replace=None):
-        if controlnet or ip or record or replace:
-            raise ValueError("FLUX.2 step caches take no ControlNets, IP-Adapters or "
-                             "TaylorSeer units")
+        if controlnet or ip:
+            raise ValueError("FLUX.2 step caches take no ControlNets or IP-Adapters")
+        taps = {}
         img, txt = self.model.blocks(x, ctx, self.model.modulations(vec), rope, start=start,
-                                     stop=stop, kv=self.kv)
-        return BlockPass(img, txt, img, {})
+                                     stop=stop, kv=self.kv, replace=replace,
+                                     record=record or (), taps=taps)
+        return BlockPass(img, txt, img, taps)
 
     def final(self, x, vec):
         return self.model.final(x, vec)
@@ -420,8 +424,6 @@ def start(cache: CacheConfig, model: FluxTransformer | Flux2Transformer, num_ste
         raise ValueError(f"unknown step cache {cache!r}: use FirstBlockCache, TaylorSeer "
                          "or MagCache")
     if isinstance(model, Flux2Transformer):
-        if isinstance(cache, TaylorSeer):
-            raise ValueError(TAYLOR_FLUX2)
         model = Flux2Pieces(model, kv)
     return kinds[type(cache)](cache, model, num_steps, compile)
 

@@ -81,6 +81,14 @@ def test_mask_text_writes_the_segmenters_masks(text_model, photo, segmenter, tmp
     assert r.exit_code == 0 and "score" in r.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one-0.png")) == 255, found.masks[1])
     assert not (tmp_path / "one-1.png").exists()
+    # --box with --text: exemplar boxes of what the phrase means (text + box prompt)
+    box = (10, 8, 70, 60)
+    want, _ = segmenter.masks(photo, "a person", "all", 0.0, boxes=[box])
+    r = cli("mask", "--image", photo, "--text", "a person", "--box", ",".join(map(str, box)),
+            "--threshold", "0", "--model", text_model, "-o", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+    got = np.asarray(Image.open(tmp_path / "x.png")) == 255
+    assert np.array_equal(got, want[0]) and not np.array_equal(got, merged[0])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -90,6 +98,7 @@ def test_mask_text_writes_the_segmenters_masks(text_model, photo, segmenter, tmp
     (["--text", "a person", "--instances", "most"], "--instances must be 'all', 'best'"),
     (["--text", "  "], "--text must be a non-empty phrase"),
     (["--text", "a person", "--point", "3,4"], "--text finds the objects itself"),
+    (["--text", "a person", "--box", "200,0,300,20"], "lies outside the 120x96 image"),
     (["--each", "--point", "3,4"], "give --text too"),
     (["--text", "a person", "--threshold", "0", "--instances", "99"], "instance 99 of"),
 ])

@@ -3,8 +3,9 @@
     mlx-edit mask --image IMG --point X,Y [--point X,Y ...] [--negative X,Y ...]
         [--box X0,Y0,X1,Y1 ...] [--model REPO_OR_PATH] --output mask.png [--overwrite]
     mlx-edit mask --image IMG --all [--points-per-side 32] --output masks.png
-    mlx-edit mask --image IMG --text "the red car" [--instances all|best|N]
-        [--threshold 0.3] [--each] [--model SAM3_FOLDER] --output mask.png
+    mlx-edit mask --image IMG --text "the red car" [--box X0,Y0,X1,Y1 ...]
+        [--instances all|best|N] [--threshold 0.3] [--each] [--model SAM3_FOLDER]
+        --output mask.png
 
 
 The points (and at most one box) describe one object; several boxes without points are
@@ -14,7 +15,8 @@ keeps the best by predicted IoU; more prompts ask for one mask (SAM's advice). T
 for `mlx-edit inpaint --mask`. `--all` runs the automatic mask generator
 (mlx_edit.editing.automask) instead and writes `masks-0.png, masks-1.png, ...` (largest first)
 and `masks.json` (file, bbox, area, predicted_iou, stability_score, point per mask).
-`--text` finds the instances of a phrase with SAM 3 (mlx_edit.editing.text_segment): all
+`--text` finds the instances of a phrase with SAM 3 (mlx_edit.editing.text_segment), with
+`--box`es as positive exemplars of what the phrase means (SAM 3's text + box prompt): all
 merged (default), the best, or the N-th by score, those scoring above --threshold; with
 `--each`, one file per chosen instance, `mask-0.png, mask-1.png, ...` (highest score
 first). No instance above the threshold is a one-line error naming the phrase and the
@@ -56,7 +58,8 @@ def _coords(n: int):
 @click.option("--negative", "negatives", multiple=True, callback=_coords(2), metavar="X,Y",
               help="A pixel not on the object (repeatable).")
 @click.option("--box", "boxes", multiple=True, callback=_coords(4), metavar="X0,Y0,X1,Y1",
-              help="A box around the object (repeatable without --point: one object each).")
+              help="A box around the object (repeatable without --point: one object each; "
+                   "with --text, an example of what the phrase means).")
 @click.option("--text", "-t", default=None, metavar="PHRASE",
               help="Segment every instance of this phrase (SAM 3), e.g. 'the sky'.")
 @click.option("--instances", default="all", show_default=True, metavar="all|best|N",
@@ -90,10 +93,11 @@ def mask_command(image, points, negatives, boxes, text, instances, threshold, ea
     if output.suffix.lower() != ".png":
         raise click.UsageError(f"output {output} must end in .png")
     if text is not None:
-        if points or negatives or boxes or all_masks:
+        if points or negatives or all_masks:
             raise click.UsageError("--text finds the objects itself: give no "
-                                   "--point/--negative/--box/--all")
-        return _text_masks(image, text, instances, threshold, each, model, output, overwrite)
+                                   "--point/--negative/--all (--box: exemplars)")
+        return _text_masks(image, text, list(boxes), instances, threshold, each, model,
+                           output, overwrite)
     if each or instances != "all" or threshold != 0.3:
         raise click.UsageError("--instances, --threshold and --each choose the instances of "
                                "--text: give --text too")
@@ -164,14 +168,15 @@ def _all_masks(image: Path, model: str, output: Path, points_per_side: int,
     click.echo(f"wrote {len(entries)} masks and {index_path}")
 
 
-def _text_masks(image: Path, text: str, instances: str, threshold: float, each: bool,
-                model: str | None, output: Path, overwrite: bool) -> None:
-    """`--text`: the chosen instances of a phrase (SAM 3), merged into `output`, or one
-    file each (`--each`: `{stem}-{i}.png`); every value and output checked before the
-    model loads, the files written together."""
+def _text_masks(image: Path, text: str, boxes: list, instances: str, threshold: float,
+                each: bool, model: str | None, output: Path, overwrite: bool) -> None:
+    """`--text`: the chosen instances of a phrase (SAM 3; `boxes`: positive exemplar boxes
+    in pixels), merged into `output`, or one file each (`--each`: `{stem}-{i}.png`); every
+    value, box and output checked before the model loads, the files written together."""
     from PIL import Image
 
-    from mlx_edit.editing.text_segment import TextSegmenter, find_text_segmenter
+    from mlx_edit.editing.text_segment import (
+        TextSegmenter, exemplar_arrays, find_text_segmenter)
     from mlx_edit.imaging.images import InputError, load_image, png_writer, write_together
     from mlx_edit.options import check_instances, check_phrase, check_threshold
     from mlx_edit.weights.core import WeightLoadError
@@ -182,6 +187,8 @@ def _text_masks(image: Path, text: str, instances: str, threshold: float, each: 
         threshold = check_threshold(threshold, "--threshold")
         instances = check_instances(instances, "--instances")
         photo = load_image(image)
+        if boxes:
+            exemplar_arrays(boxes, None, (photo.height, photo.width))
         if output.resolve() == image.resolve():
             raise InputError(f"refusing to write {output}: it is the input image")
         taken = [p for p in sorted(output.parent.glob(f"{output.stem}-*.png"))
@@ -190,8 +197,8 @@ def _text_masks(image: Path, text: str, instances: str, threshold: float, each: 
             raise InputError(f"{taken[0]} already exists; pass --overwrite to replace it")
         seg = TextSegmenter.from_pretrained(resolve_sam3(find_text_segmenter(model)))
         seg.set_image(photo)
-        masks, scores = _chosen(seg.detect(phrase, threshold=threshold), phrase, instances,
-                                threshold, each)
+        masks, scores = _chosen(seg.detect(phrase, boxes or None, threshold=threshold),
+                                phrase, instances, threshold, each)
         paths = [output.with_name(f"{output.stem}-{i}.png") for i in range(len(masks))] \
             if each else [output]
         write_together([(p, png_writer(Image.fromarray(m.astype("uint8") * 255, "L")))

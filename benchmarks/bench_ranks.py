@@ -16,17 +16,17 @@ import numpy as np
 from PIL import Image
 
 from mlx_edit.editing.fill import FluxFill
-from mlx_edit.sampling.tiles import rank_group, share
+from mlx_edit.sampling.ranks import rank_group, share
 
 W, H, RIGHT, BUDGET, STEPS = 1280, 720, 512, 256 * 256, 4
 calls = {"n": 0, "bytes": 0, "s": 0.0}
-all_sum = mx.distributed.all_sum
+all_gather = mx.distributed.all_gather
 
 
-def timed_all_sum(x, *args, **kwargs):  # what tiles.windowed_advance calls
+def timed_all_gather(x, *args, **kwargs):  # what ranks.all_gather calls
     mx.eval(x)  # the windows' compute finishes first: the exchange alone is timed
     t = time.perf_counter()
-    y = all_sum(x, *args, **kwargs)
+    y = all_gather(x, *args, **kwargs)
     mx.eval(y)
     calls["s"] += time.perf_counter() - t
     calls["n"] += 1
@@ -34,7 +34,7 @@ def timed_all_sum(x, *args, **kwargs):  # what tiles.windowed_advance calls
     return y
 
 
-mx.distributed.all_sum = timed_all_sum
+mx.distributed.all_gather = timed_all_gather
 pipe = FluxFill.from_pretrained(sys.argv[1])
 img = Image.fromarray((np.indices((H, W, 3)).sum(0) % 251).astype(np.uint8))
 job = pipe.outpaint_job(img, "x", right=RIGHT, tile_mode="on", max_model_pixels=BUDGET,

@@ -218,7 +218,7 @@ def _run(lines: list, folder: Path, opts: dict, skipped: list) -> int:
     import mlx.core as mx
 
     from mlx_edit import batch
-    from mlx_edit.sampling.tiles import local_windows
+    from mlx_edit.sampling.ranks import local_edits
 
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
@@ -234,7 +234,7 @@ def _run(lines: list, folder: Path, opts: dict, skipped: list) -> int:
     mine = [pending[i] for i in share]  # run order and groups: batch_groups.chunks
     pipes = _pipes(opts, open_prompt_cache(opts))
     batch_size = opts["batch_size"] or batch.DEFAULT_GROUP_LINES
-    with local_windows():  # each rank edits its own lines: their windows stay local
+    with local_edits():  # each rank edits its own lines: windows, CFG stay local
         failed = _work(mine, pipes, folder, digests, group, (lines, pending, records,
                                                              batch_size))
     _barrier(group)

@@ -266,9 +266,11 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
     kept = min(options.keep_best or options.num_images, options.num_images)  # --rank
     outputs = _check_outputs(image, kept, opts, inputs)
     cache = open_prompt_cache(opts)  # a folder that cannot be made fails before any load
-    from mlx_edit.sampling.tiles import rank_group
+    from mlx_edit.sampling.ranks import rank_group, stop_together
 
     ranks = rank_group()  # mlx.launch: rank 0 shows the progress and writes the outputs
+    if ranks is not None:
+        stop_together()  # mlx.launch stopping this rank (another failed): one line
     bars = PhaseBars(None if ranks is None or ranks.rank() == 0 else open(os.devnull, "w"))
     try:
         with reporting(bars):

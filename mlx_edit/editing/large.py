@@ -28,7 +28,7 @@ from mlx_edit.imaging.stitch import CropPlan, plan_crop, plan_native_window
 from mlx_edit.options import GLOBAL_PASS_STRENGTH, EditOptions
 from mlx_edit.progress import add_run, labelled
 from mlx_edit.sampling.latents import token_grid
-from mlx_edit.sampling.tiles import Windows, plan_windows, rank_group, share
+from mlx_edit.sampling.tiles import Windows, plan_windows
 
 __all__ = ["Windows", "check_memory", "edit_estimate", "edit_plan", "first_pass", "job_windows", "metadata", "refine", "refine_strength",
            "schedule_tokens", "tiled_plan", "windows_for"]
@@ -194,8 +194,7 @@ def schedule_tokens(plan: CropPlan, windows: Windows | None) -> int:
 def metadata(o: EditOptions, plan: CropPlan, windows: Windows | None) -> dict:
     """What an output records of the tiling: mode, budget, and the windows (count
     evaluated, columns x rows of the whole plan, skipped: those without mask tokens,
-    window size and overlap in px, windows per batch; under `mlx.launch` with several
-    ranks also `ranks` and `per_rank`: windows each rank evaluates) or None."""
+    window size and overlap in px, windows per batch) or None."""
     meta = {"tile_mode": o.tile_mode, "max_model_pixels": o.max_model_pixels,
             "windows": None}
     if windows is not None:
@@ -206,20 +205,7 @@ def metadata(o: EditOptions, plan: CropPlan, windows: Windows | None) -> dict:
                            "skipped": full.count - windows.count,
                            "size": [w * TOKEN_PX, h * TOKEN_PX],
                            "overlap": o.tile_overlap, "batch": windows.batch}
-        if (ranks := rank_group()) is not None:
-            meta["windows"].update(ranks=ranks.size(), per_rank=[
-                len(s) for s in share(windows.count, ranks.size())])
     return meta
-
-
-def rank_label(windows: Windows | None) -> str:
-    """The progress label of a windowed run under `mlx.launch` with several ranks:
-    "2 ranks (windows 2+2)", the windows each rank evaluates per step; else ""."""
-    ranks = rank_group()
-    if windows is None or ranks is None:
-        return ""
-    per = "+".join(str(len(s)) for s in share(windows.count, ranks.size()))
-    return f"{ranks.size()} ranks (windows {per})"
 
 
 def generated_ratio(plan: CropPlan, windows: Windows | None) -> float:

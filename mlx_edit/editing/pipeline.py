@@ -56,7 +56,7 @@ from mlx_edit.options import (  # noqa: F401  (DEFAULT_* re-exported: public nam
 from mlx_edit.editing.prompts import PROMPT_CACHE_SIZE, Prompts  # noqa: F401  (public name)
 from mlx_edit.sampling.cache import CacheConfig
 from mlx_edit.progress import Phase, denoise_step, labelled, report
-from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, initial_noise
+from mlx_edit.sampling.denoise import EditJob, PromptEmbeds, initial_noise, rank_split
 from mlx_edit.sampling.denoise import keep_source as keep_source_hook
 from mlx_edit.sampling.latents import token_grid
 from mlx_edit.sampling.sampler import flux_sigmas, noise_latents
@@ -340,6 +340,8 @@ class FluxPipeline:
                       true_cfg_scale=cfg_scale, stats=stats, cache=o.cache, windows=windows,
                       reference_kv=kv)
         self._attach_hooks(job, ctx, o, mask if keep_source else None)
+        if (shared := rank_split(job)) is not None:  # mlx.launch: what each rank runs
+            job.metadata.update(shared.metadata())
         return job
 
     def _windows(self, plan: CropPlan, o: EditOptions, mask: np.ndarray,
@@ -526,7 +528,8 @@ class FluxPipeline:
         """Denoise a prepared job to the end and finish it: `progress(step, total[, job])`."""
         k = job.windows.count if job.windows else 1  # progress counts windows x steps
         total = (len(job.sigmas) - 1) * k
-        with labelled(large.rank_label(job.windows)):  # mlx.launch: ranks, windows each
+        shared = rank_split(job)
+        with labelled("" if shared is None else shared.label()):  # mlx.launch: ranks
             report("denoise", 0, total)  # the phase starts (wants_phases only)
             for i, _ in self.steps(job):  # `wants_job`: the job too (its latents: previews)
                 denoise_step(progress, (i + 1) * k, total, job)

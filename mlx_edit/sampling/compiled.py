@@ -33,6 +33,7 @@ from mlx_edit.sampling.latents import model_input, text_ids
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.flux2 import ReferenceKV
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
+from mlx_edit.sampling.ranks import all_gather
 
 StepFn = Callable[..., mx.array]
 
@@ -56,6 +57,15 @@ def _euler(latents: mx.array, velocity: mx.array, dt: mx.array) -> mx.array:
     # sampler.euler_step with dt as an array (a Python float would retrace every step).
     out = latents.astype(mx.float32) + dt * velocity.astype(mx.float32)
     return out.astype(latents.dtype)
+
+
+def _guided_euler(latents: mx.array, v: mx.array, v_neg: mx.array | None, negative,
+                  dt: mx.array) -> mx.array:
+    """The Euler step with velocity v, or with true CFG (negative: (txt, pooled, scale))
+    `v_neg + scale * (v - v_neg)`, as diffusers."""
+    if v_neg is not None:
+        v = v_neg + negative[2].astype(v.dtype) * (v - v_neg)
+    return _euler(latents, v, dt)
 
 
 def traced(fn: Callable[..., object], module, compile: bool) -> Callable[..., object]:
@@ -101,7 +111,8 @@ def forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep, pooled,
 
 def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
               forward: Callable[..., mx.array] | None = None,
-              negative_forward: Callable[..., mx.array] | None = None) -> StepFn:
+              negative_forward: Callable[..., mx.array] | None = None,
+              branches=None) -> StepFn:
     """Build `step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
     rope, dt, *, controlnet=(), ip=(), tokens=None, negative=None, kv=None) -> latents at
     the next sigma` (in their dtype).
@@ -122,12 +133,17 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
     prompt in place of the transformer call. Their skip decisions are made in Python
     between pieces, so the step itself then runs eager and the caches compile their
     pieces (`cache.start(..., compile=)`); `step.compiled` says whether either is.
+    branches: the `mx.distributed` group of an mlx.launch run sharing true CFG's branches
+    (sampling/ranks.py `split`) or None: with true CFG on, rank 0 evaluates the prompt's
+    velocity, rank 1 the negative prompt's (ranks past 1 none), the velocities are
+    exchanged (`ranks.all_gather`) and every rank combines them as one process does (the
+    same latents bit for bit when the step is not compiled).
     """
     compile = compile_enabled() if compile is None else compile
     negative_forward = negative_forward or forward
 
     def body(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
-             dt, tokens, negative, kv, *, controlnet, ip):
+             dt, tokens, negative, kv, branch, *, controlnet, ip):
         x, n = model_input(latents, conditioning, tokens), latents.shape[1]
 
         def velocity(txt, pooled, fwd):
@@ -136,19 +152,28 @@ def make_step(transformer: FluxTransformer, *, compile: bool | None = None,
             return forward_transformer(transformer, x, img_ids, txt, txt_ids, timestep,
                                        pooled, guidance, rope, controlnet, ip, kv)[:, :n]
 
+        if branch is not None:  # one true-CFG branch of a split over ranks: its velocity
+            return velocity(txt, pooled, forward) if branch == 0 else \
+                velocity(negative[0], negative[1], negative_forward)
         v = velocity(txt, pooled, forward)
-        if negative is not None:  # true CFG: neg + scale * (pos - neg), as diffusers
-            v_neg = velocity(negative[0], negative[1], negative_forward)
-            v = v_neg + negative[2].astype(v.dtype) * (v - v_neg)
-        return _euler(latents, v, dt)
+        v_neg = None if negative is None else \
+            velocity(negative[0], negative[1], negative_forward)
+        return _guided_euler(latents, v, v_neg, negative, dt)
 
     fn = traced(body, transformer, compile and forward is None)
 
     def step(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance, rope,
              dt, *, controlnet=(), ip=(), tokens=None, negative=None, kv=None) -> mx.array:
         kv = None if kv is None else (list(kv[0]), list(kv[1]))  # mx.compile takes lists
-        return fn(latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
-                  rope, dt, tokens, negative, kv, controlnet=controlnet, ip=ip)
+        args = (latents, conditioning, img_ids, txt, txt_ids, timestep, pooled, guidance,
+                rope, dt, tokens, negative, kv)
+        if branches is None or negative is None:
+            return fn(*args, None, controlnet=controlnet, ip=ip)
+        rank = branches.rank()
+        mine = fn(*args, rank, controlnet=controlnet, ip=ip) if rank < 2 else \
+            mx.zeros(latents.shape, latents.dtype)  # a rank past the two branches: idle
+        both = all_gather(mine[None], branches)  # (size, B, N, C): the ranks' velocities
+        return _guided_euler(latents, both[0], both[1], negative, dt)
 
     step.compiled = compile  # type: ignore[attr-defined]
     return step

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mlx_edit.imaging.stitch import CropPlan
 from mlx_edit.sampling import cache as step_cache
+from mlx_edit.sampling import ranks
 from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals, IPAdapterKV
 from mlx_edit.sampling.compiled import compile_enabled, make_step, step_dt, step_inputs
@@ -80,6 +81,14 @@ class EditJob:
     reference_kv: bool = False
 
 
+def rank_split(job: EditJob) -> ranks.Split | None:
+    """How the ranks of an mlx.launch run share `job` (sampling/ranks.py `split`, as
+    `denoise` decides it), or None for one process."""
+    return ranks.split(None if job.windows is None else job.windows.count,
+                       job.negative is not None and job.true_cfg_scale > 1.0,
+                       job.cache is not None)
+
+
 def denoise(
     transformer: FluxTransformer, latents: mx.array, conditioning: mx.array | None,
     img_ids: mx.array, embeds: PromptEmbeds, sigmas: np.ndarray, guidance: float, *,
@@ -108,9 +117,12 @@ def denoise(
     average of the windows' steps on their crops of latents, conditioning and ControlNet
     inputs (hooks see the whole canvas). reference_kv: the tokens' keys/values are
     computed before the first step and every step attends to them (FLUX.2 KV variant,
-    diffusers Flux2KleinKVPipeline; `compiled.step_inputs`). Yields (i, latents at
-    sigmas[i+1]), evaluated, so the caller can report progress, preview or stop. Raises
-    ValueError for a cache the transformer cannot run, or a cache with windows.
+    diffusers Flux2KleinKVPipeline; `compiled.step_inputs`). Under mlx.launch with
+    several ranks the windows, or without windows true CFG's branches, are shared over
+    the ranks (sampling/ranks.py `split`; every rank ends each step with the same
+    latents). Yields (i, latents at sigmas[i+1]), evaluated, so the caller can report
+    progress, preview or stop. Raises ValueError for a cache the transformer cannot run,
+    or a cache with windows.
     """
     b, n = latents.shape[0], len(sigmas) - 1
     cfg = _true_cfg(negative, true_cfg_scale, cache, windows)
@@ -118,9 +130,14 @@ def denoise(
                          token_ids=token_ids, tokens=tokens, ip=ip, negative=cfg,
                          reference_kv=reference_kv)
     timesteps = model_timesteps(sigmas[:-1], dtype=latents.dtype)
-    step, states = _cached_step(transformer, cache, n, compile, cfg is not None, inputs.kv)
+    shared = ranks.split(None if windows is None else windows.count, cfg is not None,
+                         cache is not None)
+    kind, group = (None, None) if shared is None else (shared.kind, shared.group)
+    step, states = _cached_step(transformer, cache, n, compile, cfg is not None, inputs.kv,
+                                group if kind == "true_cfg" else None)
     advance = _plain(step, inputs, controls) if windows is None else \
-        windowed_advance(step, transformer, inputs, windows, controls)
+        windowed_advance(step, transformer, inputs, windows, controls,
+                         group if kind == "windows" else None)
     for i in range(n):
         t = mx.broadcast_to(timesteps[i], (b,))
         if hook is not None:
@@ -157,15 +174,16 @@ def _true_cfg(negative: PromptEmbeds | None, scale: float, cache, windows
 
 
 def _cached_step(transformer: FluxTransformer, cache: step_cache.CacheConfig | None, n: int,
-                 compile: bool | None, cfg: bool, kv=None):
+                 compile: bool | None, cfg: bool, kv=None, branches=None):
     """(the step function, the cache states: none, one, or with true CFG one per branch;
-    kv: the references' keys/values the states' evaluations attend to)."""
+    kv: the references' keys/values the states' evaluations attend to; branches: the
+    ranks sharing true CFG's branches (`make_step`) or None)."""
     compile = compile_enabled() if compile is None else compile
     states = [step_cache.start(cache, transformer, n, compile, kv)
               for _ in range(0 if cache is None else 1 + cfg)]
     forwards = [s.velocity for s in states] or [None]
     return make_step(transformer, compile=compile, forward=forwards[0],
-                     negative_forward=forwards[-1]), states
+                     negative_forward=forwards[-1], branches=branches), states
 
 
 def _count(stats: dict, i: int, states: list[step_cache.StepCache], cfg: bool,

@@ -18,8 +18,7 @@ evaluation the one denoise loop (`sampling.denoise.denoise(windows=...)`) calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -29,6 +28,7 @@ from mlx_edit.models.flux import FluxTransformer
 from mlx_edit.models.layers import ControlResiduals
 from mlx_edit.sampling.compiled import StepFn, StepInputs
 from mlx_edit.sampling.latents import image_ids
+from mlx_edit.sampling.ranks import all_gather, share
 
 RAMPS = ("cosine", "linear")
 MAX_ASPECT = 2.0  # windows no more elongated than this (FLUX degrades on extreme aspects)
@@ -140,36 +140,6 @@ class Windows:
         return total
 
 
-def share(count: int, size: int) -> list[list[int]]:
-    """The window indices 0..count-1 of each of `size` ranks: contiguous runs whose
-    lengths differ by at most one (every window has the same token count, so this
-    balances the tokens; a rank beyond the window count gets none)."""
-    return [list(map(int, part)) for part in np.array_split(np.arange(count), size)]
-
-
-_SPLIT = {"windows": True}  # False: every rank runs its own edits (`local_windows`)
-
-
-@contextmanager
-def local_windows() -> Iterator[None]:
-    """Within: windows are not shared over ranks (`mlx-edit batch` under mlx.launch, where
-    each rank edits its own lines: `rank_group` is None)."""
-    before, _SPLIT["windows"] = _SPLIT["windows"], False
-    try:
-        yield
-    finally:
-        _SPLIT["windows"] = before
-
-
-def rank_group():
-    """The `mx.distributed` group of an `mlx.launch` run with several ranks whose edit is
-    shared, else None (one process, or `local_windows`: nothing is exchanged)."""
-    if not (_SPLIT["windows"] and mx.distributed.is_available()):
-        return None
-    group = mx.distributed.init()
-    return group if group.size() > 1 else None
-
-
 def plan_windows(grid: tuple[int, int], max_tokens: int, overlap: int,
                  kind: str = "cosine", batch: int = 1, keep: np.ndarray | None = None
                  ) -> Windows:
@@ -209,7 +179,7 @@ def crop(x: mx.array, grid: tuple[int, int], origin: tuple[int, int],
 
 
 def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInputs,
-                     windows: Windows, controls: Sequence[Callable] = ()
+                     windows: Windows, controls: Sequence[Callable] = (), group=None
                      ) -> Callable[..., mx.array]:
     """`advance(latents (B, N, 64), conditioning (1|B, N, K) | None, timestep (B,), dt,
     i) -> latents at the next sigma`: every window's step on its crops, with 0-based ids
@@ -218,13 +188,12 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     `window=(grid, origin, size)` (ControlNets crop their control term and ids). Each
     group of `windows.batch` windows is evaluated before the next is built, so the peak
     is one window batch plus the canvas latents.
-    Under `mlx.launch` (several ranks: `rank_group`) each rank evaluates its `share` of
-    the windows and the weighted updates are summed over the ranks (`all_sum` of the
-    canvas, float32), so every rank holds the same latents after each step; one rank
-    evaluates every window and exchanges nothing."""
+    group: the `mx.distributed` group of an mlx.launch run sharing the windows
+    (sampling/ranks.py `split`) or None: each rank evaluates its `share`, the weighted
+    updates of every window are gathered (`ranks.all_gather`, float32) and every rank
+    adds them up in window order, as one process does: the same latents bit for bit."""
     h, w = windows.size
-    ranks = rank_group()
-    rank, size = (0, 1) if ranks is None else (ranks.rank(), ranks.size())
+    rank, size = (0, 1) if group is None else (group.rank(), group.size())
     ids = image_ids(h, w, inputs.img_ids.shape[-1])  # the family's id axes
     per_k: dict[int, StepInputs] = {}
     weights = mx.array(windows.weights)[..., None]  # (n, h*w, 1)
@@ -232,33 +201,53 @@ def windowed_advance(step: StepFn, transformer: FluxTransformer, inputs: StepInp
     # skipped windows (plan_windows(keep=...)): tokens no window covers keep their latents
     frozen = None if covered.all() else mx.array(~covered.reshape(1, -1, 1))
 
+    def place(out, j, part):  # window j's weighted update (B, h*w, C) onto the canvas
+        (top, left), (b, _, c) = windows.origins[j], part.shape
+        return out.at[:, top : top + h, left : left + w].add(part.reshape(b, h, w, c))
+
     def advance(latents, conditioning, timestep, dt, i):
         b, _, c = latents.shape
         out = mx.zeros((b, *windows.grid, c), dtype=mx.float32)
-        for group in windows.groups(rank, size):
-            k = len(group)
+        mine = []  # with ranks: this rank's weighted updates, exchanged after its share
+        for idx in windows.groups(rank, size):
+            k = len(idx)
             if k not in per_k:
                 per_k[k] = inputs.repeated(k, transformer, ids)
-            crops = [crop(latents, windows.grid, windows.origins[j], (h, w)) for j in group]
+            crops = [crop(latents, windows.grid, windows.origins[j], (h, w)) for j in idx]
             cond = None if conditioning is None else mx.concatenate(
                 [mx.broadcast_to(crop(conditioning, windows.grid, windows.origins[j],
                                       (h, w)), (b, h * w, conditioning.shape[-1]))
-                 for j in group], axis=0)
+                 for j in idx], axis=0)
             t = mx.concatenate([timestep] * k, axis=0) if k > 1 else timestep
-            residuals = _residuals(controls, crops, t[:b], i, windows, group)
+            residuals = _residuals(controls, crops, t[:b], i, windows, idx)
             y = per_k[k].advance(step, mx.concatenate(crops, axis=0), cond, t, dt,
                                  residuals).astype(mx.float32)
-            for n, j in enumerate(group):
-                top, left = windows.origins[j]
-                part = (weights[j] * y[n * b : (n + 1) * b]).reshape(b, h, w, c)
-                out = out.at[:, top : top + h, left : left + w].add(part)
-            mx.eval(out)  # bound the graph: one window batch alive at a time
-        if size > 1:  # every rank's weighted windows, summed: the same canvas on each
-            out = mx.distributed.all_sum(out, group=ranks)
+            parts = [weights[j] * y[n * b : (n + 1) * b] for n, j in enumerate(idx)]
+            if size > 1:
+                mine += parts
+            else:
+                for j, part in zip(idx, parts):
+                    out = place(out, j, part)
+            mx.eval(out, mine)  # bound the graph: one window batch alive at a time
+        if size > 1:
+            for j, update in enumerate(_every_window(mine, windows, group, (b, h * w, c))):
+                out = place(out, j, update)
         out = out.reshape(b, -1, c).astype(latents.dtype)
         return out if frozen is None else mx.where(frozen, latents, out)
 
     return advance
+
+
+def _every_window(mine: list[mx.array], windows: Windows, group, shape: tuple[int, ...]
+                  ) -> list[mx.array]:
+    """Every window's weighted update `shape` (B, h*w, C), in window order, from each
+    rank's own (`mine`: its `share`, padded with zeros to the longest share for the
+    exchange, `ranks.all_gather`)."""
+    shares = share(windows.count, group.size())
+    k = max(map(len, shares))
+    pad = [mx.zeros(shape, mx.float32)] * (k - len(mine))
+    every = all_gather(mx.stack(mine + pad), group)  # (size * k, B, h*w, C), rank-major
+    return [every[r * k + s] for r, part in enumerate(shares) for s in range(len(part))]
 
 
 def _residuals(controls, crops, timestep, i, windows: Windows, group) -> list:

@@ -9,6 +9,7 @@ import mlx_edit  # noqa: F401  (loads OpenBLAS before mlx)
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from skimage import data
-from test_batch import close_images
 
 from mlx_edit.editing import large
 from mlx_edit.cli import main
@@ -218,44 +218,96 @@ def test_memory_estimate_counts_one_window_batch_plus_the_canvas():
     assert canvas < 0.1  # latents, noise, conditioning, accumulator: ~10 MB per MP
 
 
-@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
-def test_two_ranks_split_the_windows_and_match_one_process(tiny_mlx, tmp_path):
-    """`mlx.launch --backend ring -n 2` on localhost: each rank evaluates half of the
-    windows of a 4-window inpaint (tests/ranks_inpaint.py), the updates are summed with
-    all_sum, and rank 0's latents equal one process's (<= 1e-6 relative; the sums run in
-    another order, as window batches of another size already do in one process), its
-    image equal up to that rounding."""
-    script = Path(__file__).with_name("ranks_inpaint.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
-    run = dict(env=env, capture_output=True, text=True, timeout=300)
-    one = subprocess.run([sys.executable, script, tiny_mlx, tmp_path / "one"], **run)
-    assert one.returncode == 0, one.stderr
-    port = 20000 + (os.getpid() + 7) % 20000  # agents sharing a machine: not the default
-    two = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
-                          str(port), "--python", sys.executable, str(script), str(tiny_mlx),
-                          str(tmp_path / "two")], **run)
-    assert two.returncode == 0, two.stdout + two.stderr
-    a, b = (np.load(tmp_path / d / "latents.npy") for d in ("one", "two"))
-    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
-    assert close_images(*(Image.open(tmp_path / d / "out.png") for d in ("one", "two")))
-    meta = json.loads((tmp_path / "two" / "windows.json").read_text())
-    assert meta["count"] == 4 and meta["ranks"] == 2 and meta["per_rank"] == [2, 2]
-    assert "ranks" not in json.loads((tmp_path / "one" / "windows.json").read_text())
+def _launch(n: int, script: str, *args, env: dict | None = None, timeout: int = 300):
+    """`mlx.launch --backend ring -n n` of tests/`script` on localhost (a port of its own:
+    agents share this machine), or the script alone for n = 0; the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1]), **(env or {})}
+    port = 20000 + (os.getpid() * 7 + n * 101 + len(args)) % 20000
+    launch = [] if n == 0 else ["mlx.launch", "--backend", "ring", "-n", str(n),
+                                "--starting-port", str(port), "--python"]
+    return subprocess.run([*launch, sys.executable, str(Path(__file__).with_name(script)),
+                           *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+EDITS = ("inpaint", "outpaint", "inpaint_controlnet", "outpaint_controlnet", "kontext_cfg",
+         "kontext_cfg_windows")
+
+
+@pytest.fixture(scope="module")
+def one_process(import_script, tmp_path_factory):
+    """tests/ranks_edits.py's edits in one process: the results ranks must equal."""
+    model = tmp_path_factory.mktemp("ranks") / "tiny"
+    import_script("make_mlx_checkpoint").build(model, "tiny",
+                                               extras=("controlnet", "kontext-model"))
+    out = model.parent / "one"
+    r = _launch(0, "ranks_edits.py", model, out, *EDITS)
+    assert r.returncode == 0, r.stderr
+    return model, out
+
+
+def _same(one: Path, many: Path, case: str) -> dict:
+    """Rank 0's latents and PNG of `case` equal one process's bit for bit; its metadata."""
+    a, b = (np.load(d / f"{case}.npy") for d in (one, many))
+    assert np.array_equal(a, b), (case, np.abs(a - b).max() / np.abs(a).max())
+    assert np.array_equal(*(np.asarray(Image.open(d / f"{case}.png")) for d in (one, many)))
+    assert json.loads((one / f"{case}.json").read_text())["ranks"] is None
+    return json.loads((many / f"{case}.json").read_text())
 
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
-def test_a_dead_rank_ends_the_windowed_edit_without_output(tiny_mlx, big, tmp_path):
-    """Rank 1 dies at its first all_sum (tests/ranks_die.py): mlx.launch ends rank 0 too,
-    within the timeout (no hang), and no output is written. (mlx.launch itself exits 0
-    and prints one warning naming the rank it stopped: not asserted, its behaviour.)"""
-    env = {**os.environ, "PYTHONPATH": str(Path(mlx_edit.__file__).parents[1])}
-    port = 20000 + (os.getpid() + 13) % 20000
+def test_three_ranks_give_one_process_results(one_process, tmp_path):
+    """`mlx.launch -n 3`: inpaint and outpaint with and without ControlNet, Kontext true
+    CFG with windows (4 windows split 2+1+1; each rank both branches of its windows) and
+    without (the branches split; rank 2 idle): the latents and PNGs of one process, bit
+    for bit (each rank's updates gathered and added in window order; window_batch 1: a
+    batch of other windows rounds its matrix products otherwise)."""
+    model, one = one_process
+    r = _launch(3, "ranks_edits.py", model, tmp_path, *EDITS)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for case in EDITS:
+        meta = _same(one, tmp_path, case)["ranks"]
+        if case == "kontext_cfg":
+            assert meta == {"count": 3, "split": "true_cfg",
+                            "per_rank": ["prompt", "negative_prompt", ""]}
+        else:
+            assert meta == {"count": 3, "split": "windows", "per_rank": [2, 1, 1]}
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_two_ranks_split_true_cfg_and_windows(one_process, tmp_path):
+    """`mlx.launch -n 2`: true CFG's branches on two ranks (conditional on rank 0,
+    unconditional on rank 1) and a windowed inpaint (2+2): one process's results."""
+    model, one = one_process
+    r = _launch(2, "ranks_edits.py", model, tmp_path, "kontext_cfg", "inpaint")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _same(one, tmp_path, "kontext_cfg")["ranks"]["per_rank"] == ["prompt",
+                                                                        "negative_prompt"]
+    assert _same(one, tmp_path, "inpaint")["ranks"]["per_rank"] == [2, 2]
+
+
+def _errors(text: str) -> list[str]:
+    """The one-line errors in `text` (the ranks' stderr, progress bars interleaved)."""
+    return re.findall(r"Error: [^\r\n]*", text)
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_lost_rank_ends_the_windowed_edit_without_output(tiny_mlx, big, tmp_path, mode):
+    """Rank 1 dies at its first exchange, or hangs at its second (tests/ranks_die.py):
+    rank 0 ends with one line, status 2 (the ring's lost connection; the watchdog after
+    MLX_EDIT_RANK_TIMEOUT plus twice its own step; or mlx.launch's SIGTERM once rank 1
+    exited), within the timeout, and no output is written. (mlx.launch itself exits 0,
+    and its notes of the ranks' statuses race with its SIGTERM: not asserted.)"""
     out = tmp_path / "out.png"
-    subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port",
-                    str(port), "--python", sys.executable,
-                    str(Path(__file__).with_name("ranks_die.py")), "outpaint", "--model",
-                    str(tiny_mlx), "--image", str(big / "big.jpg"), "--right", "256",
-                    "--prompt", "x", "--tile-mode", "on", "--max-model-pixels", str(BUDGET),
-                    "--steps", "2", "--max-sequence-length", "16", "--output", str(out)],
-                   env=env, capture_output=True, text=True, timeout=120)
+    env = {"RANKS_DIE_MODE": mode, "RANKS_DIE_AT": "1" if mode == "die" else "2",
+           "MLX_EDIT_RANK_TIMEOUT": "3"}
+    r = _launch(2, "ranks_die.py", "outpaint", "--model", tiny_mlx, "--image",
+                big / "big.jpg", "--right", "256", "--prompt", "x", "--tile-mode", "on",
+                "--max-model-pixels", BUDGET, "--steps", "3", "--max-sequence-length", "16",
+                "--output", out, env=env, timeout=120)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    errors = _errors(r.stderr)
+    want = "another rank of the run ended" if mode == "die" else "no answer from the other"
+    first = [e for e in errors if e.startswith("Error: rank 0: ")]
+    assert len(first) == 1 and want in first[0], r.stderr  # rank 0: one line

@@ -270,7 +270,7 @@ def _run(mode: str, image: Path, mask, opts: dict, specs: dict,
 
     ranks = rank_group()  # mlx.launch: rank 0 shows the progress and writes the outputs
     if ranks is not None:
-        stop_together()  # mlx.launch stopping this rank (another failed): one line
+        stop_together(ranks)  # mlx.launch stopping this rank (another failed): one line
     bars = PhaseBars(None if ranks is None or ranks.rank() == 0 else open(os.devnull, "w"))
     try:
         with reporting(bars):

@@ -159,14 +159,14 @@ def all_gather(x: mx.array, group) -> mx.array:
 
 
 def _silent_peers(rank: int, limit: float) -> None:
-    sys.stderr.write(f"Error: rank {rank}: no answer from the other ranks in {limit:.0f} s "
+    sys.stderr.write(f"\nError: rank {rank}: no answer from the other ranks in {limit:.0f} s "
                      f"(a rank hangs or its host left the network; {TIMEOUT_ENV} sets the "
                      "wait); the edit is stopped, nothing written\n")
     sys.stderr.flush()
     os._exit(EXIT_STATUS)  # the main thread is blocked in the collective
 
 
-def stop_together() -> None:
+def stop_together(group) -> None:
     """From now on (main thread; the CLI's edit under mlx.launch with several ranks),
     SIGTERM, how mlx.launch stops the other ranks when one exits with an error, raises
     RankLost: one line, status 2, outputs not yet committed not written. A SIGTERM after
@@ -174,7 +174,7 @@ def stop_together() -> None:
     def on_term(signum, frame):
         if not _STATE["ending"]:
             _STATE["ending"] = True
-            raise RankLost("stopped by the launcher: another rank of the run ended; "
-                           "nothing written")
+            raise RankLost(f"rank {group.rank()}: stopped by the launcher: another rank "
+                           "of the run ended; nothing written")
 
     signal.signal(signal.SIGTERM, on_term)

@@ -15,8 +15,15 @@ projection, while most LoRA files hold one (A, B) per separate projection. `comb
 turns per-projection parts into one exact adapter of the fused layer: the A's stacked
 along the rank (or shared, when every part has the same A, as kohya/XLabs files do) and
 the B's placed block-diagonally at their output rows; no approximation.
+
+LoKr adapters (`KronUpdate`) are Kronecker products instead: output rows
+[offset, offset + l*k) get scale * x @ kron(w1, w2).T for w1 (l, m), w2 (k, n), m*n the
+layer's inputs, computed unfused as w1 @ X @ w2.T on X = x reshaped (..., m, n). The file's
+factor products (w1_a @ w1_b) and alpha/rank are folded into w1/w2 when read
+(`mlx_edit/weights/lora.py`).
 Reference: PEFT `tuners/lora/layer.py` (Linear.forward: base + lora_B(lora_A(x)) *
-scaling), diffusers `loaders/lora_pipeline.py` (set_adapters weights multiply scaling).
+scaling), PEFT `tuners/lokr/layer.py` (get_delta_weight: make_kron(w1, w2, scaling)),
+diffusers `loaders/lora_pipeline.py` (set_adapters weights multiply scaling).
 """
 
 from __future__ import annotations
@@ -42,6 +49,74 @@ class Part:
     b: np.ndarray
     bias: np.ndarray | None = None
 
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.a.size + self.b.size + (0 if self.bias is None else self.bias.size)
+
+
+@dataclass
+class KronPart:
+    """One LoKr update of output rows [offset, offset + l*k) of a layer: kron(w1, w2),
+    w1 (l, m), w2 (k, n), alpha/rank folded into w1; numpy float32. `offset` is in rows
+    once placed (`kron_update`), in hidden-size units as read from a file."""
+
+    offset: int
+    w1: np.ndarray
+    w2: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return self.w1.shape[0] * self.w2.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.w1.shape[1] * self.w2.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.w1.size + self.w2.size
+
+
+@dataclass
+class KronUpdate:
+    """The LoKr update of one whole layer: Kronecker parts at their output rows (rows no
+    part covers get 0). `dense()` is the (out, in) delta weight."""
+
+    parts: list[KronPart]
+    in_features: int
+    out_features: int
+    bias = None
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    def dense(self) -> np.ndarray:
+        delta = np.zeros((self.out_features, self.in_features), np.float32)
+        for p in self.parts:
+            delta[p.offset:p.offset + p.rows] = np.kron(p.w1, p.w2)
+        return delta
+
+
+def kron_update(parts: Sequence[KronPart], in_features: int, out_features: int) -> KronUpdate:
+    """The KronUpdate of a layer from its parts (offsets in rows). Raises ValueError for
+    a part whose input width is not `in_features` and for overlapping or out-of-range rows."""
+    parts = sorted(parts, key=lambda p: p.offset)
+    end = 0
+    for p in parts:
+        if p.in_features != in_features:
+            raise ValueError(f"LoKr factors {p.w1.shape} x {p.w2.shape} do not fit a layer "
+                             f"with {in_features} inputs")
+        if p.offset < end or p.offset + p.rows > out_features:
+            raise ValueError(f"LoKr rows {p.offset}:{p.offset + p.rows} overlap or exceed "
+                             f"{out_features}")
+        end = p.offset + p.rows
+    return KronUpdate(list(parts), in_features, out_features)
+
 
 @dataclass
 class LayerUpdate:
@@ -55,6 +130,14 @@ class LayerUpdate:
     layout: list[tuple[int, int]]  # (row_i, col_i) per block, rows increasing
     out_features: int
     bias: np.ndarray | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[0]
+
+    def dense(self) -> np.ndarray:
+        """The (out, in) delta weight A @ B transposed."""
+        return (self.a @ self.b).T
 
     @property
     def b(self) -> np.ndarray:
@@ -143,21 +226,43 @@ class LoRALinear(nn.Module):
         """(out_features, in_features) of the base layer."""
         return linear_shape(self.base)
 
-    def add(self, name: str, update: LayerUpdate, scale: float, dtype: mx.Dtype) -> None:
+    def add(self, name: str, update: LayerUpdate | KronUpdate, scale: float,
+            dtype: mx.Dtype) -> None:
         """Add adapter `name` (ValueError if present or mis-shaped)."""
         out, inp = self.shape
         if name in self.adapters:
             raise ValueError(f"a LoRA named {name!r} is already applied")
-        if update.a.shape[0] != inp or update.out_features != out:
-            raise ValueError(f"LoRA ({update.a.shape[0]} -> {update.out_features}) does not "
+        if update.in_features != inp or update.out_features != out:
+            raise ValueError(f"LoRA ({update.in_features} -> {update.out_features}) does not "
                              f"fit a {inp} -> {out} layer")
-        entry = {"a": mx.array(update.a, dtype=dtype),
-                 "b": [mx.array(blk, dtype=dtype) for blk in update.blocks],
-                 "scale": mx.array(scale, dtype=mx.float32)}
+        entry = {"scale": mx.array(scale, dtype=mx.float32)}
+        if isinstance(update, KronUpdate):
+            entry["w1"] = [mx.array(p.w1, dtype=dtype) for p in update.parts]
+            entry["w2"] = [mx.array(p.w2, dtype=dtype) for p in update.parts]
+            self._layouts[name] = [(p.offset, p.rows) for p in update.parts]
+            self.adapters[name] = entry
+            return
+        entry["a"] = mx.array(update.a, dtype=dtype)
+        entry["b"] = [mx.array(blk, dtype=dtype) for blk in update.blocks]
         if update.bias is not None:
             entry["bias"] = mx.array(update.bias, dtype=dtype)
         self.adapters[name] = entry
         self._layouts[name] = list(update.layout)
+
+    def _kron(self, name: str, x: mx.array) -> mx.array:
+        """x (..., in) through LoKr adapter `name`, unscaled -> (..., out): per part
+        w1 @ X @ w2.T on X = x as (..., m, n), zeros on rows no part covers."""
+        entry, out = self.adapters[name], self.shape[0]
+        pieces, row = [], 0
+        for (r0, rows), w1, w2 in zip(self._layouts[name], entry["w1"], entry["w2"]):
+            if r0 > row:
+                pieces.append(mx.zeros((*x.shape[:-1], r0 - row), x.dtype))
+            xm = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+            pieces.append(((w1 @ xm) @ w2.T).reshape(*x.shape[:-1], rows))
+            row = r0 + rows
+        if row < out:
+            pieces.append(mx.zeros((*x.shape[:-1], out - row), x.dtype))
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
 
     def _through_b(self, name: str, xa: mx.array, y: mx.array | None = None) -> mx.array:
         """xa (..., R) = x @ A through the blocks of B -> (..., out), added to `y` when
@@ -190,6 +295,9 @@ class LoRALinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
         for name, entry in self.adapters.items():
+            if "w1" in entry:
+                y = y + self._kron(name, (x * entry["scale"]).astype(y.dtype))
+                continue
             # the strength scales x @ A (..., R), not the (..., out) output: a smaller pass
             xa = ((x @ entry["a"]) * entry["scale"]).astype(y.dtype)
             y = self._through_b(name, xa, y)
@@ -202,6 +310,10 @@ class LoRALinear(nn.Module):
         out, inp = self.shape
         total = mx.zeros((out, inp), dtype=mx.float32)
         for name, e in self.adapters.items():
+            if "w1" in e:  # x = the identity: (in, out)
+                eye = mx.eye(inp, dtype=mx.float32)
+                total = total + e["scale"] * self._kron(name, eye).astype(mx.float32).T
+                continue
             # A (in, R) is x @ A for x = the identity: (in, out) = (A @ B)
             total = total + e["scale"] * self._through_b(name, e["a"]).astype(mx.float32).T
         return total
@@ -241,7 +353,7 @@ def find_layer(model: nn.Module, path: str):
     return parent, key, node
 
 
-def check_targets(model: nn.Module, updates: Mapping[str, LayerUpdate]) -> list[str]:
+def check_targets(model: nn.Module, updates: Mapping[str, LayerUpdate | KronUpdate]) -> list[str]:
     """Problems (one string per layer) applying `updates` to `model`; [] when all fit."""
     problems = []
     for path, update in updates.items():
@@ -254,8 +366,8 @@ def check_targets(model: nn.Module, updates: Mapping[str, LayerUpdate]) -> list[
             problems.append(f"{path} (a {type(layer).__name__}, not a linear layer)")
             continue
         out, inp = linear_shape(layer.base if isinstance(layer, LoRALinear) else layer)
-        if update.a.shape[0] != inp or update.out_features != out:
-            problems.append(f"{path} (LoRA {update.a.shape[0]} -> {update.out_features}, "
+        if update.in_features != inp or update.out_features != out:
+            problems.append(f"{path} (LoRA {update.in_features} -> {update.out_features}, "
                             f"layer {inp} -> {out})")
     return problems
 

@@ -41,11 +41,14 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_edit.models.lora import (
+    KronPart,
+    KronUpdate,
     LayerUpdate,
     Part,
     check_targets,
     combine,
     find_layer,
+    kron_update,
     linear_shape,
 )
 from mlx_edit.weights import lora_control as control
@@ -164,6 +167,9 @@ SCHEMES: tuple[Scheme, ...] = (
     # ai-toolkit FLUX.2 files may carry diffusers block names under BFL prefixes
     # (diffusers `_convert_non_diffusers_flux2_lora_to_diffusers`)
     Scheme("bfl", _BFL_PREFIXES[:3], FLUX2_DIFFUSERS_NAMES),
+    # LyCORIS LoKr on FLUX.2: diffusers module names with '_' (diffusers
+    # `_convert_lycoris_flux2_lokr_to_diffusers`)
+    Scheme("lycoris", ("lycoris_",), FLUX2_DIFFUSERS_NAMES, "_"),
     Scheme("kohya", text.KOHYA_PREFIXES, text.CLIP_NAMES, "_"),
     Scheme("diffusers", text.PEFT_PREFIXES, text.CLIP_NAMES),
 )
@@ -173,7 +179,9 @@ ROLES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_B.bias", "bias"),
     (".lora_down.weight", "a"), (".lora_up.weight", "b"),
     (".down.weight", "a"), (".up.weight", "b"), (".alpha", "alpha"),
+    *((f".lokr_{w}", w) for w in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")),
 )
+KRON_ROLES = ("w1", "w1_a", "w2", "w2_a")
 
 # Keys we knowingly do not apply (warned about, not errors): T5 LoRAs (kohya lora_te3_
 # (lora_te2_ in older files), diffusers text_encoder_2, ComfyUI text_encoders.), DoRA
@@ -274,8 +282,7 @@ class LoRAFile:
     @property
     def parameter_count(self) -> int:
         """LoRA parameters once applied (upper bound: stacked downs are counted per part)."""
-        return sum(p.a.size + p.b.size + (0 if p.bias is None else p.bias.size)
-                   for parts in self.parts.values() for p in parts)
+        return sum(p.size for parts in self.parts.values() for p in parts)
 
     def updates(self, model) -> dict[str, LayerUpdate]:
         """Exact per-layer updates of the FLUX transformer `model` (see models/lora.combine).
@@ -301,16 +308,28 @@ def _updates(model, all_parts: Mapping[str, list[Part]]) -> dict[str, LayerUpdat
     updates = {}
     for path, parts in all_parts.items():
         out, inp = shaped[path]
-        placed = [Part(p.offset * hidden, control.pad_inputs(p.a, path, inp), p.b, p.bias)
-                  for p in parts]
         try:
-            updates[path] = combine(placed, placed[0].a.shape[1], out)
+            updates[path] = _layer_update(path, parts, hidden, inp, out)
         except ValueError as e:
             raise WeightLoadError(f"LoRA for {path}: {e}") from None
     problems = check_targets(model, updates)
     if problems:
         raise WeightLoadError("LoRA does not fit this model: " + "; ".join(problems))
     return updates
+
+
+def _layer_update(path: str, parts: list, hidden: int, inp: int,
+                  out: int) -> LayerUpdate | KronUpdate:
+    """One layer's update from its parts (offsets in hidden units); ValueError when they
+    do not fit or mix LoRA and LoKr."""
+    kron = [p for p in parts if isinstance(p, KronPart)]
+    if kron and len(kron) != len(parts):
+        raise ValueError("LoRA and LoKr parts on one layer")
+    if kron:
+        return kron_update([KronPart(p.offset * hidden, p.w1, p.w2) for p in kron], inp, out)
+    placed = [Part(p.offset * hidden, control.pad_inputs(p.a, path, inp), p.b, p.bias)
+              for p in parts]
+    return combine(placed, placed[0].a.shape[1], out)
 
 
 def _layer_shape(model, path: str) -> tuple[int, int] | None:
@@ -342,8 +361,9 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
 
 # Whole kinds of file we recognise but cannot apply: (key pattern, why / what to do).
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    (r"\.(lokr_w1|lokr_w1_a|hada_w1_a)$", "a LyCORIS LoKr/LoHa file, not supported "
-     "(diffusers reads LoKr for FLUX.2 only; mlx-edit applies low-rank LoRAs only)"),
+    (r"\.hada_w1_a$", "a LyCORIS LoHa file, not supported (mlx-edit applies LoRA and "
+     "LoKr adapters)"),
+    (r"\.lokr_t2$", "a LyCORIS LoKr with a Tucker (conv) factor, not supported"),
     (r"lora_magnitude_vector", "a DoRA adapter (magnitude vectors), not supported"),
 )
 
@@ -366,6 +386,36 @@ def _factor(roles, fmt: str, module: str, path: str, rank: int, scaling) -> floa
     return 1.0
 
 
+def _factor_matrix(roles, w: str) -> tuple[np.ndarray | None, int | None]:
+    """LoKr factor `w` ("w1"/"w2"): the full matrix or the product w_a @ w_b, and the rank
+    of that product (None when full); (None, None) when absent or half given."""
+    if w in roles:
+        return roles[w].astype(np.float32), None
+    if f"{w}_a" in roles and f"{w}_b" in roles:
+        a, b = roles[f"{w}_a"].astype(np.float32), roles[f"{w}_b"].astype(np.float32)
+        if a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]:
+            return a @ b, b.shape[0]
+    return None, None
+
+
+def _kron_part(module: str, roles, offset: int, swap: bool) -> KronPart | str:
+    """A LoKr module's KronPart, or a string naming what is wrong with it. alpha/rank
+    scales w1 when a factor is a product (rank: w2's, else w1's), else nothing
+    (diffusers `_bake_lokr_alpha_`, PEFT LoKr scaling)."""
+    (w1, r1), (w2, r2) = _factor_matrix(roles, "w1"), _factor_matrix(roles, "w2")
+    if w1 is None or w2 is None or w1.ndim != 2 or w2.ndim != 2 or \
+            set(roles) - {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "alpha"}:
+        return f"{module} (LoKr factors {sorted(roles)})"
+    rank = r2 or r1
+    if rank and "alpha" in roles:
+        w1 = w1 * (float(np.asarray(roles["alpha"]).reshape(-1)[0]) / rank)
+    if swap:  # BFL's [shift; scale] rows: the halves of w1's rows (l even)
+        if w1.shape[0] % 2:
+            return f"{module} (LoKr on BFL's final modulation with odd w1 rows {w1.shape})"
+        w1 = np.concatenate(np.split(w1, 2)[::-1])
+    return KronPart(offset, w1, w2)
+
+
 def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
             *, name: str = "LoRA") -> LoRAFile:
     """Convert a LoRA state dict (numpy arrays) to parts of our layers (FLUX transformer
@@ -383,12 +433,22 @@ def convert(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     bad = list(unknown)
     for module, named in modules.items():
         target = resolve_module(module)
-        if target is None or "a" not in named or "b" not in named:
+        if target is None:
             bad.extend(key for key, _ in named.values())
             continue
         roles = {role: value for role, (_, value) in named.items()}
         fmt, path, offset, swap = target
         formats.add(fmt)
+        if any(r in roles for r in KRON_ROLES):
+            part = _kron_part(module, roles, offset, swap)
+            if isinstance(part, str):
+                bad.append(part)
+            else:
+                parts.setdefault(path, []).append(part)
+            continue
+        if "a" not in named or "b" not in named:
+            bad.extend(key for key, _ in named.values())
+            continue
         a, b = roles["a"].astype(np.float32), roles["b"].astype(np.float32)
         a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # conv-shaped (r, in, 1, 1)
         rank = a.shape[0]
@@ -501,8 +561,8 @@ def baker(model, loras: Sequence[tuple[str | Path, float]]):
         total = value.astype(mx.float32)
         for update, scale in deltas[layer]:
             if leaf == "weight":
-                total = total + scale * (mx.array(update.a) @ mx.array(update.b)).T
-            elif update.bias is not None:
+                total = total + scale * mx.array(update.dense())
+            elif update.bias is not None:  # LoKr updates have none
                 total = total + scale * mx.array(update.bias)
         return total.astype(value.dtype)
 

@@ -81,7 +81,7 @@ def split_norms(tensors: Mapping[str, np.ndarray]
 def input_widths(parts: Mapping[str, list]) -> dict[str, int]:
     """{widenable layer: the widest LoRA A input} of a file's parts (mlx_edit.models.lora
     Part lists by layer path)."""
-    return {path: max(p.a.shape[1] for p in parts[path]) for path in WIDENABLE if path in parts}
+    return {path: max(p.in_features for p in parts[path]) for path in WIDENABLE if path in parts}
 
 
 def pad_inputs(a: np.ndarray, path: str, in_features: int) -> np.ndarray:

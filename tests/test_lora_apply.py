@@ -184,7 +184,8 @@ def test_quantized_lora_delta_matches_float(tmp_path, bits, tol):
 
 @pytest.mark.parametrize("key, match", [
     ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA"),
-    ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "LyCORIS"),
+    ("lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a", "LoHa"),
+    ("lycoris_transformer_blocks_0_attn_to_q.lokr_t2", "Tucker"),
 ])
 def test_unsupported_kinds_are_named(tmp_path, key, match):
     keys = {**pair("double_blocks.0.img_attn.qkv", 192, 64), key: (32,)}

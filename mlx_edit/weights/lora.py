@@ -18,6 +18,16 @@ any layer a model lacks):
 - ``xlabs``: `double_blocks.N.processor.qkv_lora1.down.weight` (1 = image stream,
   2 = text), `single_blocks.N.processor.proj_lora.up.weight`.
 
+LoKr files (FLUX.2; diffusers `_convert_lycoris_flux2_lokr_to_diffusers`,
+`_convert_non_diffusers_flux2_lokr_to_diffusers`, `_convert_non_diffusers_lokr_to_diffusers`)
+use the same tables with `.lokr_w1`/`.lokr_w1_a`/`_b`/`.lokr_w2`/`_a`/`_b` (+ `.alpha`)
+tensors: ``lycoris`` (`lycoris_transformer_blocks_N_attn_to_q`, diffusers names with '_'),
+ai-toolkit under ``bfl`` (`diffusion_model.double_blocks.N.img_attn.qkv`) and SimpleTuner
+under ``diffusers`` (bare `transformer_blocks.N.attn.to_q`). Each module becomes a
+`KronPart` (w1 with alpha/rank folded in when a factor is a product, as diffusers'
+`_bake_lokr_alpha_`); a Kronecker delta cannot be split, so BFL's fused qkv is one part
+of our fused layer and diffusers' separate q, k, v are parts at their row offsets.
+
 BFL names address our fused layers whole (our layout is BFL's). diffusers' separate q, k,
 v (and the single block's proj_mlp) become parts at their row offset, which
 `mlx_edit.models.lora.combine` merges exactly. alpha/rank (PEFT: lora_alpha/r) is folded

@@ -126,3 +126,29 @@ def test_lokr_bad_keys_are_named(tiny, tmp_path):
     with pytest.raises(WeightLoadError, match=r"img_attn\.proj"):
         load_lora_file(_save(wrong, tmp_path / "wrong.safetensors")).updates(ours)
     assert TINY["num_attention_heads"] * TINY["attention_head_dim"] == 64
+
+
+def test_lokr_on_bfl_final_layer_follows_bfl_row_order(tiny, x, tmp_path):
+    """An ai-toolkit LoKr on final_layer.adaLN_modulation.1 (BFL rows [shift; scale]) and a
+    modulation equals merging kron(w1, w2) into the BFL checkpoint and loading that (diffusers'
+    LoKr converter maps it without the swap, as for LoRA: see test_lora_flux2)."""
+    from safetensors.torch import save_file
+    from test_flux2 import bfl_state_dict
+
+    ref, ours = fresh_reference(tiny), load_flux2_transformer(tiny, mx.float32)
+    modules = {n: s for n, s in bfl_modules(ours, (), BFL_NAMES + FLUX2_BFL_NAMES).items()
+               if n in ("final_layer.adaLN_modulation.1", "single_stream_modulation.lin")}
+    sd = lokr_file(modules, 14, lambda n: "diffusion_model." + n, alpha=1)
+    merged = bfl_state_dict(ref)
+    for name in modules:
+        f = {k.rpartition(".")[2]: v for k, v in sd.items()
+             if k.startswith(f"diffusion_model.{name}.")}
+        w2 = f["lokr_w2_a"] @ f["lokr_w2_b"] / f["lokr_w2_b"].shape[0]  # alpha 1 / rank
+        merged[f"{name}.weight"] = merged[f"{name}.weight"] + 0.6 * torch.kron(f["lokr_w1"], w2)
+    save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_path / "m.safetensors"))
+    want = run_ours(load_flux2_transformer(tmp_path / "m.safetensors", mx.float32,
+                                           config={"axes_dims_rope": [4, 4, 4, 4]}), x)
+    base = run_ours(ours, x)
+    L.attach(ours, "k", load_lora_file(_save(sd, tmp_path / "k.safetensors")).updates(ours), 0.6)
+    assert rel_err(want, base) > 1e-2
+    assert rel_err(run_ours(ours, x), want) <= TOL

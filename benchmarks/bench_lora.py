@@ -8,6 +8,7 @@
     python benchmarks/bench_lora.py --family flux2 [--double 1 --single 2] ...  # FLUX.2 [klein]
     MLX_EDIT_WIDE_CKPT=/work/fixtures/wide python benchmarks/bench_lora.py ...  # its weights
     python benchmarks/bench_lora.py --family flux2 --ckpt <wide klein folder> ...  # klein's
+    python benchmarks/bench_lora.py --family flux2 --lokr [--ranks 16] ...  # LoKr adapters
 
 Weights: random (MLX init; the time does not depend on the values) at real FLUX widths by
 default (24 heads x 128 = 3072 hidden, MLP 12288, T5 4096), 1 double + 2 single blocks;
@@ -27,6 +28,10 @@ seconds (rows interleaved round by round, so load changes hit all of them; one w
 per row and round) and the overhead against no LoRA; the ideal LoRA FLOPs as a share of
 the LoRA'd layers' FLOPs. Last line:
 `lora rank R x1 unfused overhead: X%  (FLOP share Y%)` for the largest rank.
+--lokr: LoKr files instead (SimpleTuner naming, the same modules; w1 (l, m) full and w2
+= w2_a @ w2_b of the given rank, l*k = out, m*n = in split near the square root as PEFT's
+factorization(-1) does), applied unfused as w1 @ X @ w2.T (mlx_edit.models.lora);
+their FLOP share is l*n*(m + k) per token and module.
 --layer times one single block's fused input projection (3072 -> 21504) alone, with one
 LoRA whose q, k, v and MLP parts have their own downs (the stacked case).
 """
@@ -73,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", type=int, default=None, help="4 or 8: quantized base")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layer", action="store_true", help="time one linear1 layer only")
+    p.add_argument("--lokr", action="store_true", help="LoKr (Kronecker) files, not LoRAs")
     p.add_argument("--ckpt", type=Path, default=None,
                    help="a checkpoint folder whose transformer to time (default: random "
                         "weights; FLUX.1: $MLX_EDIT_WIDE_CKPT; --family flux2: a klein "
@@ -104,20 +110,40 @@ def module_shapes(cfg: FluxConfig | Flux2Config) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def random_lora(cfg: FluxConfig, rank: int, seed: int):
+def near_square(dim: int) -> tuple[int, int]:
+    """(a, b), a * b = dim, a <= b, a the largest divisor <= sqrt(dim)."""
+    a = max(d for d in range(1, int(np.sqrt(dim)) + 1) if dim % d == 0)
+    return a, dim // a
+
+
+def random_lora(cfg: FluxConfig, rank: int, seed: int, lokr: bool = False):
     g = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return (g.standard_normal(shape) * 0.01).astype(np.float32)
+
     tensors = {}
     for name, (out, inp) in module_shapes(cfg).items():
-        tensors[f"{name}.lora_A.weight"] = (g.standard_normal((rank, inp)) * 0.01).astype(np.float32)
-        tensors[f"{name}.lora_B.weight"] = (g.standard_normal((out, rank)) * 0.01).astype(np.float32)
+        if lokr:
+            (l1, k), (m, n) = near_square(out), near_square(inp)
+            tensors.update({f"{name}.lokr_w1": rand(l1, m), f"{name}.lokr_w2_a": rand(k, rank),
+                            f"{name}.lokr_w2_b": rand(rank, n)})
+        else:
+            tensors[f"{name}.lora_A.weight"] = rand(rank, inp)
+            tensors[f"{name}.lora_B.weight"] = rand(out, rank)
     return convert(tensors, name=f"rank{rank}")
 
 
-def flop_share(cfg: FluxConfig, rank: int) -> float:
-    """Ideal LoRA FLOPs (rank r per separate projection) / the LoRA'd layers' FLOPs (both
-    per token)."""
+def flop_share(cfg: FluxConfig, rank: int, lokr: bool = False) -> float:
+    """Ideal adapter FLOPs (LoRA: rank r per separate projection; LoKr: w1 @ X @ w2.T) /
+    the adapted layers' FLOPs (both per token)."""
     shapes = module_shapes(cfg).values()
-    return sum(rank * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
+    if lokr:
+        cost = sum(near_square(o)[0] * near_square(i)[1] * (near_square(i)[0] + near_square(o)[1])
+                   for o, i in shapes)
+    else:
+        cost = sum(rank * (o + i) for o, i in shapes)
+    return cost / sum(o * i for o, i in shapes)
 
 
 def layer_overhead(args, cfg: FluxConfig) -> None:
@@ -206,7 +232,7 @@ def main(argv=None) -> int:
 
     ranks = [int(r) for r in args.ranks.split(",")]
     counts = [int(c) for c in args.counts.split(",")]
-    files = {r: [random_lora(cfg, r, s) for s in range(max(counts))] for r in ranks}
+    files = {r: [random_lora(cfg, r, s, args.lokr) for s in range(max(counts))] for r in ranks}
     configs = [(0, 0)] + [(r, c) for r in ranks for c in counts]
     times = {k: [] for k in configs}
     forward()  # warm-up
@@ -223,11 +249,11 @@ def main(argv=None) -> int:
         s = common.med(times[(rank, count)])
         overhead[(rank, count)] = s / base - 1
         rows.append([f"{count} x rank {rank}, unfused", f"{s:.3f}", f"{100 * (s / base - 1):+.1f}%",
-                     f"{100 * count * flop_share(cfg, rank):.1f}%"])
+                     f"{100 * count * flop_share(cfg, rank, args.lokr):.1f}%"])
     print(common.table(rows, ["LoRAs", "median s", "vs none", "ideal FLOP share"]))
-    top = max(ranks)
-    print(f"lora rank {top} x1 unfused overhead: {100 * overhead[(top, min(counts))]:.1f}%  "
-          f"(FLOP share {100 * flop_share(cfg, top):.1f}%)")
+    top, kind = max(ranks), "lokr" if args.lokr else "lora"
+    print(f"{kind} rank {top} x1 unfused overhead: {100 * overhead[(top, min(counts))]:.1f}%  "
+          f"(FLOP share {100 * flop_share(cfg, top, args.lokr):.1f}%)")
     return 0
 
 

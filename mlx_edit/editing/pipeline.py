@@ -3,8 +3,9 @@
 encode prompt (then free the text encoders) -> plan the canvas -> conditioning prepared
 before the loop (mlx_edit.conditioning: channels, sequence tokens, hooks) -> the one
 denoise loop (a generator, mlx_edit.sampling.denoise) -> decode -> paste back / stitch.
-The edits are subclasses: FluxFill (mlx_edit.editing.fill: inpaint, outpaint, restyle) and
-FluxKontext (mlx_edit.editing.kontext: edit). Numerics follow diffusers' Flux pipelines
+The edits are subclasses: FluxFill (mlx_edit.editing.fill: inpaint, outpaint, restyle),
+FluxKontext (mlx_edit.editing.kontext: edit) and FluxKlein (mlx_edit.editing.klein: FLUX.2
+[klein] edit and inpaint, through the family table mlx_edit.families). Numerics follow diffusers' Flux pipelines
 (pipelines/flux/), except that images are encoded with the VAE posterior mode (BFL's
 choice, and deterministic) instead of a sample.
 """
@@ -24,8 +25,7 @@ from PIL import Image
 
 from mlx_edit import __version__
 
-from mlx_edit.editing import large
-from mlx_edit.editing import masking, running
+from mlx_edit.editing import large, masking, running
 from mlx_edit.editing.components import Models, limit_cache
 from mlx_edit.conditioning.bfl_control import BFL_CANNY, bfl_conditioner  # noqa: F401
 from mlx_edit.conditioning.context import Conditioner, ConditioningContext

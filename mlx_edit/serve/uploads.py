@@ -351,20 +351,7 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
     if "image" not in files:
         raise InputError("image is required (a PNG, JPEG or WebP upload)")
     image = load_image(open_image(files["image"], "image", config.max_pixels))
-    refs, most = files.get("reference") or [], max_references(mode, variant)
-    if len(refs) > most:
-        raise InputError(f"{mode} takes no reference images (they are edit mode's, or "
-                         "one for a FLUX.2 [klein] inpaint)" if not most else
-                         f"{mode} takes at most {most} reference image"
-                         f"{'s' if most > 1 else ''} on {variant.title}, got {len(refs)}")
-    refs = [load_image(open_image(b, f"reference {i + 1}", config.max_pixels))
-            for i, b in enumerate(refs)]
-    if variant.family == "flux2":  # klein's reference rules, before the job queues
-        from mlx_edit.conditioning.klein import check_reference
-
-        for what, ref in [("image", image)] * (mode == "edit") + [
-                (f"reference {i + 1}", r) for i, r in enumerate(refs)]:
-            check_reference(ref, what)
+    refs = _references(files.get("reference") or [], image, mode, variant, config)
     mask = _click_mask(fields, segmenter, image.size)
     text, options = _text_mask(options, text_segmenter)
     if text is not None and (mask is not None or "mask" in files):
@@ -385,6 +372,29 @@ def build_request(fields: dict, files: dict[str, bytes], config: ServeConfig,
         check_canvas(image.width + options.left + options.right,
                      image.height + options.top + options.bottom)
     return EditRequest(mode, kind, prompt, image, mask, options, PRIORITIES[priority], refs)
+
+
+def _references(uploads: list[bytes], image, mode: str, variant,
+                config: ServeConfig) -> list:
+    """The reference uploads of a `mode` request as RGB PIL images, at most
+    `max_references(mode, variant)`; on FLUX.2 [klein] the image (edit mode) and each
+    reference checked by klein's rules (conditioning.klein.check_reference) before the job
+    queues. Raises InputError, UploadTooLarge."""
+    most = max_references(mode, variant)
+    if len(uploads) > most:
+        raise InputError(f"{mode} takes no reference images (they are edit mode's, or "
+                         "one for a FLUX.2 [klein] inpaint)" if not most else
+                         f"{mode} takes at most {most} reference image"
+                         f"{'s' if most > 1 else ''} on {variant.title}, got {len(uploads)}")
+    refs = [load_image(open_image(b, f"reference {i + 1}", config.max_pixels))
+            for i, b in enumerate(uploads)]
+    if variant.family == "flux2":  # klein's reference rules, before the job queues
+        from mlx_edit.conditioning.klein import check_reference
+
+        for what, ref in [("image", image)] * (mode == "edit") + [
+                (f"reference {i + 1}", r) for i, r in enumerate(refs)]:
+            check_reference(ref, what)
+    return refs
 
 
 async def read_fields(request, known, where: str = "the request",
